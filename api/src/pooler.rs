@@ -1,0 +1,131 @@
+//! Pooler: a PgBouncer deployment in front of a PostgresCluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::ClusterReference;
+
+/// PgBouncer in front of a cluster's read-write or read-only Service.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "postgres.keiailab.io",
+    version = "v1alpha1",
+    kind = "Pooler",
+    namespaced,
+    status = "PoolerStatus",
+    shortname = "pgpooler",
+    category = "postgres",
+    printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.cluster.name"}"#,
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.type"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.pgbouncer.poolMode"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyInstances"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolerSpec {
+    /// Cluster to pool connections for.
+    pub cluster: ClusterReference,
+    /// `rw` pools to the primary, `ro` to the replicas.
+    #[serde(default, rename = "type")]
+    pub type_: PoolerType,
+    /// Number of PgBouncer pods.
+    #[serde(default = "default_instances")]
+    #[schemars(range(min = 1, max = 100))]
+    pub instances: i32,
+    /// PgBouncer settings.
+    #[serde(default)]
+    pub pgbouncer: PgBouncerSpec,
+    /// Resources of the PgBouncer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_instances() -> i32 {
+    2
+}
+
+/// Which Service of the cluster the pooler targets.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolerType {
+    /// The primary.
+    #[default]
+    Rw,
+    /// The replicas.
+    Ro,
+}
+
+/// PgBouncer settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.maxClientConn >= self.defaultPoolSize", "message": "pgbouncer.maxClientConn must be at least defaultPoolSize"}
+]))]
+pub struct PgBouncerSpec {
+    /// `session`, `transaction` or `statement`.
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Server connections per user/database pair.
+    #[serde(default = "default_pool_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub default_pool_size: i32,
+    /// Largest number of client connections.
+    #[serde(default = "default_max_client_conn")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_client_conn: i32,
+    /// Other pgbouncer.ini settings of the [pgbouncer] section.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub parameters: BTreeMap<String, String>,
+}
+
+impl Default for PgBouncerSpec {
+    fn default() -> Self {
+        Self {
+            pool_mode: PoolMode::default(),
+            default_pool_size: default_pool_size(),
+            max_client_conn: default_max_client_conn(),
+            parameters: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_pool_size() -> i32 {
+    20
+}
+
+fn default_max_client_conn() -> i32 {
+    1000
+}
+
+/// PgBouncer pool mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection per client session.
+    Session,
+    /// A server connection per transaction.
+    #[default]
+    Transaction,
+    /// A server connection per statement.
+    Statement,
+}
+
+/// Observed state of a Pooler.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolerStatus {
+    /// Ready PgBouncer pods.
+    #[serde(default)]
+    pub ready_instances: i32,
+    /// Conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

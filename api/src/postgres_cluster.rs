@@ -1,0 +1,689 @@
+//! PostgresCluster: a highly available PostgreSQL 18+ cluster (one primary, N replicas), optionally sharded.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{LocalObjectReference, S3Store, StorageSpec, default_true};
+
+/// Annotation that asks the instance managers for a switchover to the named instance (pod name).
+pub const SWITCHOVER_ANNOTATION: &str = "postgres.keiailab.io/switchover-to";
+/// Annotation on a cluster or a pod that fences instances: `"*"` or a comma-separated list of pod names.
+pub const FENCED_ANNOTATION: &str = "postgres.keiailab.io/fenced";
+/// Annotation that hibernates a cluster (`"on"`), as `spec.hibernation` does.
+pub const HIBERNATION_ANNOTATION: &str = "postgres.keiailab.io/hibernation";
+
+/// Desired state of a PostgresCluster.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "postgres.keiailab.io",
+    version = "v1alpha1",
+    kind = "PostgresCluster",
+    namespaced,
+    status = "PostgresClusterStatus",
+    shortname = "pgc",
+    category = "postgres",
+    printcolumn = r#"{"name":"Instances","type":"integer","jsonPath":".spec.instances"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyInstances"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Primary","type":"string","jsonPath":".status.currentPrimary"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.image) != has(self.imageCatalogRef)",
+        "message": "set exactly one of image or imageCatalogRef: image names the PostgreSQL image directly, imageCatalogRef picks it from an ImageCatalog by postgresVersion"
+    },
+    {
+        "rule": "!has(self.replication) || !has(self.replication.synchronous) || self.replication.synchronous.number < self.instances",
+        "message": "replication.synchronous.number must be lower than instances: each synchronous standby is a replica, and the primary is not one of them"
+    },
+    {
+        "rule": "!has(oldSelf.sharding) || (has(self.sharding) && (self.sharding.shards == oldSelf.sharding.shards || has(self.sharding.reshardingJob)))",
+        "message": "sharding.shards cannot be changed directly (nor sharding removed): create a ShardSplitJob, which moves the data and sets the shard count"
+    },
+    {
+        "rule": "has(oldSelf.sharding) || !has(self.sharding)",
+        "message": "sharding cannot be turned on for an existing cluster: create a sharded cluster and move the data"
+    },
+    {
+        "rule": "self.postgresVersion == oldSelf.postgresVersion || self.postgresVersion == oldSelf.postgresVersion + 1",
+        "message": "postgresVersion can only move up by one major version at a time, and never down"
+    }
+]))]
+pub struct PostgresClusterSpec {
+    /// Number of PostgreSQL instances: one primary and `instances - 1` streaming replicas (per shard when sharded).
+    #[serde(default = "default_instances")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self >= 1", "message": "instances must be at least 1"},
+        {"rule": "self <= 32", "message": "instances must be at most 32"}
+    ]))]
+    pub instances: i32,
+
+    /// PostgreSQL major version. 18 or newer; with imageCatalogRef it selects the catalog's image.
+    #[serde(default = "default_postgres_version")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self >= 18", "message": "PostgreSQL major versions below 18 are not supported: set postgresVersion to 18 or newer"}
+    ]))]
+    pub postgres_version: i32,
+
+    /// PostgreSQL container image. Exactly one of image and imageCatalogRef must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// ImageCatalog or ClusterImageCatalog that maps postgresVersion to an image. Changing the
+    /// catalog's image rolls the cluster (minor upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_catalog_ref: Option<ImageCatalogRef>,
+
+    /// Volume for the data directory (PGDATA).
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// Separate volume for the write-ahead log; WAL lives on the data volume when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_storage: Option<StorageSpec>,
+
+    /// CPU and memory requests and limits of the PostgreSQL container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// PostgreSQL configuration: parameters and pg_hba rules.
+    #[serde(default)]
+    pub postgresql: PostgresConfiguration,
+
+    /// Streaming replication between the primary and its replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationSpec>,
+
+    /// Failover and switchover timing.
+    #[serde(default)]
+    pub failover: FailoverSpec,
+
+    /// How the cluster's data comes to be: a new database (initdb) or a recovery from a backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
+
+    /// Where WAL archives and base backups go, and how long they are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupRepositorySpec>,
+
+    /// TLS for client and replication connections.
+    #[serde(default)]
+    pub tls: TlsSpec,
+
+    /// Metrics and alerting.
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+
+    /// Hibernation scales the cluster to zero pods and keeps its volumes; turning it off brings the same data back.
+    #[serde(default)]
+    pub hibernation: bool,
+
+    /// Ask for a switchover to the named instance (pod name). The instance managers carry it out;
+    /// the annotation `postgres.keiailab.io/switchover-to` does the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub switchover_to: Option<String>,
+
+    /// Instances to fence: PostgreSQL is stopped on them and kept stopped until they leave this list.
+    /// `"*"` fences every instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub fenced_instances: Vec<String>,
+
+    /// Pod placement: affinity, tolerations, topology spread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<SchedulingSpec>,
+
+    /// Sharding: number of shards and the pg-router in front of them. Unset for a single-shard cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharding: Option<ShardingSpec>,
+
+    /// Delete the PersistentVolumeClaims when the cluster is deleted. By default they are kept.
+    #[serde(default)]
+    pub delete_volumes_on_deletion: bool,
+}
+
+fn default_instances() -> i32 {
+    1
+}
+
+fn default_postgres_version() -> i32 {
+    crate::common::MIN_POSTGRES_MAJOR
+}
+
+/// Reference to an ImageCatalog (namespaced) or ClusterImageCatalog.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageCatalogRef {
+    /// `ImageCatalog` (same namespace) or `ClusterImageCatalog`.
+    #[serde(default)]
+    pub kind: ImageCatalogKind,
+    /// Name of the catalog.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Kind of image catalog.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ImageCatalogKind {
+    /// A namespaced ImageCatalog.
+    #[default]
+    ImageCatalog,
+    /// A cluster-scoped ClusterImageCatalog.
+    ClusterImageCatalog,
+}
+
+/// PostgreSQL parameters and host-based authentication.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresConfiguration {
+    /// postgresql.conf parameters. Parameters that only need a reload are applied without a restart;
+    /// the others roll the cluster (replicas first). The operator owns listen_addresses, port,
+    /// data_directory, hba_file, ident_file, primary_conninfo, primary_slot_name, restore_command,
+    /// archive_command and synchronous_standby_names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 256,
+        "x-kubernetes-validations" = [{
+            "rule": "['listen_addresses', 'port', 'data_directory', 'hba_file', 'ident_file', 'primary_conninfo', 'primary_slot_name', 'restore_command', 'archive_command', 'synchronous_standby_names'].all(k, !(k in self))",
+            "message": "postgresql.parameters may not set settings the operator manages: listen_addresses, port, data_directory, hba_file, ident_file, primary_conninfo, primary_slot_name, restore_command, archive_command, synchronous_standby_names"
+        }]
+    ))]
+    pub parameters: BTreeMap<String, String>,
+
+    /// Extra pg_hba.conf lines, placed before the operator's own rules (which allow replication and
+    /// SCRAM-SHA-256 connections from the pod network).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), extend("items" = {
+        "type": "string",
+        "maxLength": 1024,
+        "x-kubernetes-validations": [{
+            "rule": "self.matches('^\\\\s*(local|host|hostssl|hostnossl|hostgssenc|hostnogssenc)\\\\s+\\\\S+')",
+            "message": "each pg_hba line must start with local, host, hostssl, hostnossl, hostgssenc or hostnogssenc followed by the database"
+        }]
+    }))]
+    pub pg_hba: Vec<String>,
+}
+
+/// Streaming replication settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationSpec {
+    /// Synchronous replication; replication is asynchronous when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synchronous: Option<SynchronousReplication>,
+    /// Largest replication lag, in bytes, for a replica to count as ready and to be eligible for promotion.
+    #[serde(default = "default_max_lag_bytes")]
+    #[schemars(range(min = 0))]
+    pub max_lag_bytes: i64,
+}
+
+fn default_max_lag_bytes() -> i64 {
+    16 * 1024 * 1024
+}
+
+/// Synchronous replication: commits wait for `number` standbys.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SynchronousReplication {
+    /// `any` (quorum: any `number` of the replicas) or `first` (priority order).
+    #[serde(default)]
+    pub method: SynchronousMethod,
+    /// How many standbys must confirm each commit. Must be lower than instances.
+    #[serde(default = "default_sync_number")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self >= 1", "message": "replication.synchronous.number must be at least 1"}
+    ]))]
+    pub number: i32,
+    /// `required`: writes wait when too few standbys are healthy (no acknowledged commit is ever lost).
+    /// `preferred`: the operator lowers the number to the healthy standbys so that writes go on.
+    #[serde(default)]
+    pub data_durability: DataDurability,
+}
+
+fn default_sync_number() -> i32 {
+    1
+}
+
+/// Synchronous standby selection.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SynchronousMethod {
+    /// `ANY n (...)`: quorum commit.
+    #[default]
+    Any,
+    /// `FIRST n (...)`: priority commit.
+    First,
+}
+
+/// What wins when too few synchronous standbys are healthy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DataDurability {
+    /// Durability wins: writes wait.
+    #[default]
+    Required,
+    /// Availability wins: the required number drops to the healthy standbys.
+    Preferred,
+}
+
+/// Failover and switchover timing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.renewDeadlineSeconds < self.leaseDurationSeconds", "message": "failover.renewDeadlineSeconds must be lower than leaseDurationSeconds, so that a primary that cannot renew fences itself before anyone else may take the lease"}
+]))]
+pub struct FailoverSpec {
+    /// Duration of the primary's Lease. A replica may take over this long after the last renewal.
+    #[serde(default = "default_lease_duration")]
+    #[schemars(range(min = 2, max = 300))]
+    pub lease_duration_seconds: i32,
+    /// A primary that has not renewed its Lease for this long fences itself (stops accepting writes).
+    #[serde(default = "default_renew_deadline")]
+    #[schemars(range(min = 1, max = 299))]
+    pub renew_deadline_seconds: i32,
+    /// Extra wait after the Lease expired before a replica promotes.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub failover_delay_seconds: i32,
+    /// Longest time a switchover waits for the target to catch up before it gives up.
+    #[serde(default = "default_switchover_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub switchover_timeout_seconds: i32,
+}
+
+impl Default for FailoverSpec {
+    fn default() -> Self {
+        Self {
+            lease_duration_seconds: default_lease_duration(),
+            renew_deadline_seconds: default_renew_deadline(),
+            failover_delay_seconds: 0,
+            switchover_timeout_seconds: default_switchover_timeout(),
+        }
+    }
+}
+
+fn default_lease_duration() -> i32 {
+    4
+}
+
+fn default_renew_deadline() -> i32 {
+    2
+}
+
+fn default_switchover_timeout() -> i32 {
+    60
+}
+
+/// How the cluster's data comes to be. Exactly one of initdb and recovery.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(has(self.initdb) && has(self.recovery))", "message": "bootstrap takes either initdb or recovery, not both"},
+    {"rule": "self == oldSelf", "message": "bootstrap is immutable: it only describes how the cluster was first created"}
+]))]
+pub struct BootstrapSpec {
+    /// Create a new database cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initdb: Option<InitdbBootstrap>,
+    /// Restore from a backup, optionally to a point in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryBootstrap>,
+}
+
+/// initdb options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InitdbBootstrap {
+    /// Application database to create.
+    #[serde(default = "default_app_name")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z_][a-z0-9_]*$"))]
+    pub database: String,
+    /// Owner of the application database; a login role with a generated password in `<cluster>-app`.
+    #[serde(default = "default_app_name")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z_][a-z0-9_]*$"))]
+    pub owner: String,
+    /// Secret (keys `username`, `password`) for the owner; generated when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<LocalObjectReference>,
+    /// Enable data page checksums.
+    #[serde(default = "default_true")]
+    pub data_checksums: bool,
+    /// Database encoding.
+    #[serde(default = "default_encoding")]
+    #[schemars(length(max = 32))]
+    pub encoding: String,
+    /// Locale of the new cluster.
+    #[serde(default = "default_locale")]
+    #[schemars(length(max = 64))]
+    pub locale: String,
+}
+
+impl Default for InitdbBootstrap {
+    fn default() -> Self {
+        Self {
+            database: default_app_name(),
+            owner: default_app_name(),
+            secret: None,
+            data_checksums: true,
+            encoding: default_encoding(),
+            locale: default_locale(),
+        }
+    }
+}
+
+fn default_app_name() -> String {
+    "app".to_string()
+}
+
+fn default_encoding() -> String {
+    "UTF8".to_string()
+}
+
+fn default_locale() -> String {
+    "C".to_string()
+}
+
+/// Recovery from a backup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryBootstrap {
+    /// Object store holding the source cluster's backups and WAL.
+    pub source: S3Store,
+    /// Name of the source cluster in that store.
+    #[schemars(length(min = 1, max = 63))]
+    pub source_cluster: String,
+    /// Backup label to restore; the latest suitable backup when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub backup_id: Option<String>,
+    /// Point-in-time recovery target; recovers to the end of the archived WAL when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<RecoveryTarget>,
+}
+
+/// A point-in-time recovery target: exactly one of time, lsn, xid, name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "[has(self.time), has(self.lsn), has(self.xid), has(self.name)].filter(x, x).size() == 1", "message": "a recovery target takes exactly one of time, lsn, xid or name"}
+]))]
+pub struct RecoveryTarget {
+    /// RFC 3339 timestamp, for example `2026-11-24T10:00:00Z`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), extend("x-kubernetes-validations" = [
+        {"rule": "self.matches('^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$')", "message": "target.time must be an RFC 3339 timestamp such as 2026-11-24T10:00:00Z"}
+    ]))]
+    pub time: Option<String>,
+    /// WAL location, for example `0/3000060`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+    )]
+    pub lsn: Option<String>,
+    /// Transaction id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 3))]
+    pub xid: Option<i64>,
+    /// Restore point created with pg_create_restore_point().
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub name: Option<String>,
+    /// Stop just after (true) or just before (false) the target.
+    #[serde(default = "default_true")]
+    pub inclusive: bool,
+}
+
+/// Where WAL archives and base backups go.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRepositorySpec {
+    /// S3-compatible object store.
+    pub s3: S3Store,
+    /// Archive WAL continuously (required for point-in-time recovery).
+    #[serde(default = "default_true")]
+    pub wal_archiving: bool,
+    /// How long backups are kept, as `<n>d`, `<n>w` or `<n>m` (days, weeks, months).
+    #[serde(default = "default_retention")]
+    #[schemars(length(max = 8), regex(pattern = r"^[1-9][0-9]*[dwm]$"))]
+    pub retention: String,
+}
+
+fn default_retention() -> String {
+    "30d".to_string()
+}
+
+/// TLS for client and replication connections.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.mode != 'CertManager' || has(self.certManager)", "message": "tls.mode CertManager needs tls.certManager.issuerRef"}
+]))]
+pub struct TlsSpec {
+    /// `OperatorCA` (the operator's own CA signs the server certificate), `CertManager`, or `Disabled`.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// cert-manager issuer, for mode CertManager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_manager: Option<CertManagerTls>,
+}
+
+/// Who issues the server certificate.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TlsMode {
+    /// A CA the operator creates per cluster.
+    #[default]
+    OperatorCA,
+    /// A cert-manager Issuer or ClusterIssuer.
+    CertManager,
+    /// No TLS (not recommended outside tests).
+    Disabled,
+}
+
+/// cert-manager issuer reference.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertManagerTls {
+    /// Issuer reference.
+    pub issuer_ref: IssuerRef,
+}
+
+/// A cert-manager Issuer or ClusterIssuer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// Issuer name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// `Issuer` or `ClusterIssuer`.
+    #[serde(default = "default_issuer_kind")]
+    #[schemars(regex(pattern = r"^(Issuer|ClusterIssuer)$"))]
+    pub kind: String,
+}
+
+fn default_issuer_kind() -> String {
+    "Issuer".to_string()
+}
+
+/// Metrics and alerting.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Serve Prometheus metrics from every instance.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Create a PodMonitor (Prometheus Operator).
+    #[serde(default)]
+    pub pod_monitor: bool,
+    /// Create a PrometheusRule with the default alerts.
+    #[serde(default)]
+    pub prometheus_rule: bool,
+}
+
+impl Default for MonitoringSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            pod_monitor: false,
+            prometheus_rule: false,
+        }
+    }
+}
+
+/// Pod placement.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// Node selector.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Affinity rules; the operator adds a preferred anti-affinity between instances when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Tolerations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Topology spread constraints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// PriorityClass of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// Sharding: the cluster is `shards` shards, each a primary with replicas, behind pg-router.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardingSpec {
+    /// Number of shards. Changed only by a ShardSplitJob.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self >= 1 && self <= 256", "message": "sharding.shards must be between 1 and 256"}
+    ]))]
+    pub shards: i32,
+    /// Name of the ShardSplitJob that is changing the shard count; set by that job only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resharding_job: Option<String>,
+    /// pg-router deployment.
+    #[serde(default)]
+    pub router: RouterSpec,
+}
+
+/// pg-router deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    /// Number of pg-router pods (stateless).
+    #[serde(default = "default_router_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    /// pg-router image; the operator's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resources of the router container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Eq for RouterSpec {}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_router_replicas(),
+            image: None,
+            resources: None,
+        }
+    }
+}
+
+fn default_router_replicas() -> i32 {
+    2
+}
+
+/// Observed state of a PostgresCluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresClusterStatus {
+    /// Coarse state: Creating, Healthy, Degraded, Upgrading, SwitchingOver, Hibernated, Deleting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Instances that are running and ready.
+    #[serde(default)]
+    pub ready_instances: i32,
+    /// Pod name of the current primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_primary: Option<String>,
+    /// Timeline of the current primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<i64>,
+    /// Image the instances run (resolved from the catalog when one is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Per-instance state as the instance managers report it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceStatus>,
+    /// Ready, Progressing and Degraded conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One instance's reported state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// Pod name.
+    pub name: String,
+    /// primary, replica, fenced, starting, or unknown.
+    pub role: String,
+    /// Whether the instance is ready.
+    #[serde(default)]
+    pub ready: bool,
+    /// PostgreSQL timeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<i64>,
+    /// Replication lag in bytes (replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<i64>,
+}
+
+impl PostgresClusterSpec {
+    /// A minimal valid spec with `instances` instances of `image`.
+    pub fn with_image(instances: i32, image: &str) -> Self {
+        Self {
+            instances,
+            postgres_version: crate::common::MIN_POSTGRES_MAJOR,
+            image: Some(image.to_string()),
+            image_catalog_ref: None,
+            storage: StorageSpec::default(),
+            wal_storage: None,
+            resources: None,
+            postgresql: PostgresConfiguration::default(),
+            replication: None,
+            failover: FailoverSpec::default(),
+            bootstrap: None,
+            backup: None,
+            tls: TlsSpec::default(),
+            monitoring: MonitoringSpec::default(),
+            hibernation: false,
+            switchover_to: None,
+            fenced_instances: Vec::new(),
+            scheduling: None,
+            sharding: None,
+            delete_volumes_on_deletion: false,
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! PostgresUser: a declarative role with attributes, memberships and a password kept in a Secret.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{ClusterReference, default_true};
+
+/// A role inside a PostgresCluster, kept as declared.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "postgres.keiailab.io",
+    version = "v1alpha1",
+    kind = "PostgresUser",
+    namespaced,
+    status = "PostgresUserStatus",
+    shortname = "pguser",
+    category = "postgres",
+    printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.cluster.name"}"#,
+    printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.roleName"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresUserSpec {
+    /// Cluster that holds the role.
+    pub cluster: ClusterReference,
+    /// Role name. Immutable.
+    #[schemars(length(min = 1, max = 63), extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "roleName is immutable: create another PostgresUser to get a role of another name"},
+        {"rule": "!self.startsWith('pg_')", "message": "role names starting with pg_ are reserved by PostgreSQL"},
+        {"rule": "!(self in ['postgres', 'streaming_replica'])", "message": "roleName may not be postgres or streaming_replica: those roles belong to the operator"}
+    ]))]
+    pub role_name: String,
+    /// Role attributes.
+    #[serde(default)]
+    pub attributes: RoleAttributes,
+    /// Roles this role is a member of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub member_of: Vec<String>,
+    /// Where the password lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<PasswordSpec>,
+    /// Password expiry (`VALID UNTIL`), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub valid_until: Option<String>,
+    /// `Retain` keeps the role when this object is deleted; `Delete` drops it.
+    #[serde(default)]
+    pub reclaim_policy: crate::postgres_database::ReclaimPolicy,
+}
+
+/// Role attributes (CREATE ROLE options).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleAttributes {
+    /// LOGIN.
+    #[serde(default = "default_true")]
+    pub login: bool,
+    /// SUPERUSER.
+    #[serde(default)]
+    pub superuser: bool,
+    /// CREATEDB.
+    #[serde(default)]
+    pub create_db: bool,
+    /// CREATEROLE.
+    #[serde(default)]
+    pub create_role: bool,
+    /// REPLICATION.
+    #[serde(default)]
+    pub replication: bool,
+    /// BYPASSRLS.
+    #[serde(default)]
+    pub bypass_rls: bool,
+    /// INHERIT.
+    #[serde(default = "default_true")]
+    pub inherit: bool,
+    /// CONNECTION LIMIT; -1 for no limit.
+    #[serde(default = "default_connection_limit")]
+    #[schemars(range(min = -1))]
+    pub connection_limit: i32,
+}
+
+impl Default for RoleAttributes {
+    fn default() -> Self {
+        Self {
+            login: true,
+            superuser: false,
+            create_db: false,
+            create_role: false,
+            replication: false,
+            bypass_rls: false,
+            inherit: true,
+            connection_limit: -1,
+        }
+    }
+}
+
+fn default_connection_limit() -> i32 {
+    -1
+}
+
+/// Password source and rotation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.rotationDays) || self.generate", "message": "password.rotationDays needs generate: true (the operator can only rotate a password it generates)"}
+]))]
+pub struct PasswordSpec {
+    /// Secret with the keys `username` and `password`. With `generate`, the operator writes it;
+    /// otherwise it reads the password from it.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Generate a strong password into the Secret when it does not exist.
+    #[serde(default)]
+    pub generate: bool,
+    /// Rotate the generated password every this many days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub rotation_days: Option<i32>,
+}
+
+/// Observed state of a PostgresUser.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresUserStatus {
+    /// When the password was last set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_set_at: Option<Time>,
+    /// Conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

