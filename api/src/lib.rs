@@ -5,6 +5,7 @@
 
 pub mod backup;
 pub mod common;
+pub mod contract;
 pub mod image_catalog;
 pub mod pooler;
 pub mod postgres_cluster;

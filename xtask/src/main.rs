@@ -1,6 +1,7 @@
 //! `cargo xtask`: the only place that writes generated files, installs the test bed, runs the
 //! whole test suite and the local demo.
 
+mod bench;
 mod demo;
 mod generate;
 mod setup;
@@ -36,6 +37,12 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Run a benchmark and print its figures as `name=value` lines.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum)]
+        name: bench::Bench,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Test => test(),
         Task::Demo { once } => demo::run(once),
+        Task::Bench { name } => bench::run(name),
     }
 }
 

@@ -1,0 +1,105 @@
+//! The contract between the operator (controllers) and the instance manager (pg-instance): labels,
+//! annotations, object names, ports and environment variables both sides agree on.
+
+/// Label with the PostgresCluster name, on every object the operator creates for a cluster.
+pub const LABEL_CLUSTER: &str = "postgres.keiailab.io/cluster";
+/// Label with the instance (pod) name, on instance pods.
+pub const LABEL_INSTANCE: &str = "postgres.keiailab.io/instance";
+/// Label the instance manager sets on its own pod: `primary`, `replica` or `fenced`.
+/// The `<cluster>-rw` Service selects `primary`, `<cluster>-ro` selects `replica`.
+pub const LABEL_ROLE: &str = "postgres.keiailab.io/role";
+/// Label with the shard name, on pods of a sharded cluster.
+pub const LABEL_SHARD: &str = "postgres.keiailab.io/shard";
+/// Common `app.kubernetes.io/managed-by` value.
+pub const MANAGED_BY: &str = "postgres-operator";
+
+/// Values of [`LABEL_ROLE`].
+pub mod role {
+    /// The instance that holds the Lease and accepts writes.
+    pub const PRIMARY: &str = "primary";
+    /// A streaming replica.
+    pub const REPLICA: &str = "replica";
+    /// An instance whose PostgreSQL is stopped on request or by self-fencing.
+    pub const FENCED: &str = "fenced";
+}
+
+/// Annotation the instance manager writes on its own pod: JSON of its `/status` (role, timeline,
+/// LSNs, lag), so that peers and the operator can read it without reaching the pod.
+pub const ANNOTATION_INSTANCE_STATUS: &str = "postgres.keiailab.io/instance-status";
+/// Annotation on the cluster's Lease naming the pod a switchover should promote; set by the
+/// operator (from `spec.switchoverTo` or the cluster annotation), cleared by the instance managers.
+pub const ANNOTATION_SWITCHOVER_TO: &str = crate::postgres_cluster::SWITCHOVER_ANNOTATION;
+/// Annotation on a pod (value `"true"`) or on the cluster (`"*"` or pod names, comma-separated)
+/// that fences instances.
+pub const ANNOTATION_FENCED: &str = crate::postgres_cluster::FENCED_ANNOTATION;
+/// Annotation on a pod asking its instance manager to restart PostgreSQL (rolling updates); the
+/// value is a token the instance manager echoes in its status when done.
+pub const ANNOTATION_RESTART: &str = "postgres.keiailab.io/restart";
+
+/// Name of the cluster's leader Lease (`coordination.k8s.io/v1`), held by the primary.
+pub fn lease_name(cluster: &str) -> String {
+    format!("{cluster}-primary")
+}
+
+/// Name of the read-write Service (the primary).
+pub fn rw_service(cluster: &str) -> String {
+    format!("{cluster}-rw")
+}
+
+/// Name of the read-only Service (the replicas).
+pub fn ro_service(cluster: &str) -> String {
+    format!("{cluster}-ro")
+}
+
+/// Name of the Service that selects every instance.
+pub fn any_service(cluster: &str) -> String {
+    format!("{cluster}-r")
+}
+
+/// Secret with the superuser's `username` and `password`.
+pub fn superuser_secret(cluster: &str) -> String {
+    format!("{cluster}-superuser")
+}
+
+/// Secret with the application owner's `username` and `password`.
+pub fn app_secret(cluster: &str) -> String {
+    format!("{cluster}-app")
+}
+
+/// Secret with the replication user's `username` and `password`.
+pub fn replication_secret(cluster: &str) -> String {
+    format!("{cluster}-replication")
+}
+
+/// ConfigMap with the PostgreSQL parameters (key `postgresql.conf` holds `name = 'value'` lines).
+pub fn config_map(cluster: &str) -> String {
+    format!("{cluster}-config")
+}
+
+/// Name of the replication role.
+pub const REPLICATION_USER: &str = "streaming_replica";
+/// Name of the superuser role.
+pub const SUPERUSER: &str = "postgres";
+
+/// PostgreSQL port in the pod.
+pub const POSTGRES_PORT: u16 = 5432;
+/// Instance manager HTTP port (`/healthz`, `/readyz`, `/status`, `/metrics`).
+pub const INSTANCE_HTTP_PORT: u16 = 8000;
+
+/// Environment variables the operator sets on the instance manager container.
+pub mod env {
+    /// Pod name (downward API).
+    pub const POD_NAME: &str = "POD_NAME";
+    /// Namespace (downward API).
+    pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+    /// Pod IP (downward API).
+    pub const POD_IP: &str = "POD_IP";
+    /// PostgresCluster name.
+    pub const CLUSTER_NAME: &str = "CLUSTER_NAME";
+    /// Data directory.
+    pub const PGDATA: &str = "PGDATA";
+    /// WAL directory (when WAL has its own volume).
+    pub const PGWAL: &str = "PGWAL";
+    /// Folder with the PostgreSQL binaries.
+    pub const PG_BIN: &str = "PG_BIN";
+}

@@ -1,0 +1,32 @@
+//! `cargo xtask bench <name>`: each benchmark lives in its crate as a `harness = false` bench
+//! target that prints `name=value` lines; this only installs the test bed and runs it.
+
+use clap::ValueEnum;
+
+/// The benchmarks, by the crate that owns them.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Bench {
+    /// Instance manager: failover and switchover times (kill the primary N times).
+    Failover,
+    /// Operator: reconcile 1000 PostgresClusters on the real API server.
+    Operator,
+    /// pg-router: pgbench direct vs router vs PgBouncer.
+    Router,
+}
+
+impl Bench {
+    fn target(self) -> (&'static str, &'static str) {
+        match self {
+            Bench::Failover => ("instance", "failover"),
+            Bench::Operator => ("controllers", "operator"),
+            Bench::Router => ("router", "router"),
+        }
+    }
+}
+
+/// Runs one benchmark.
+pub fn run(bench: Bench) -> anyhow::Result<()> {
+    crate::setup::run()?;
+    let (package, target) = bench.target();
+    crate::cargo(&["bench", "--package", package, "--bench", target])
+}
