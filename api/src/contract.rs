@@ -103,3 +103,44 @@ pub mod env {
     /// Folder with the PostgreSQL binaries.
     pub const PG_BIN: &str = "PG_BIN";
 }
+
+/// Annotation on the StatefulSet's pod template (and so on every pod made from it): a hash of
+/// everything that needs a PostgreSQL restart to change (image, restart-only parameters). The
+/// operator rolls pods whose value differs from the template's: replicas first, then a switchover,
+/// then the old primary.
+pub const ANNOTATION_SPEC_HASH: &str = "postgres.keiailab.io/spec-hash";
+
+/// ServiceAccount the instance managers of a cluster run as.
+pub fn service_account(cluster: &str) -> String {
+    format!("{cluster}-instance")
+}
+
+/// Key of the cluster ConfigMap with `name = 'value'` lines for postgresql.conf. A change that only
+/// needs a reload reaches the pods through this ConfigMap alone (mounted at [`CONFIG_MOUNT_PATH`]
+/// and readable through the API): the instance manager reloads PostgreSQL when it changes.
+pub const CONFIG_KEY_POSTGRESQL: &str = "postgresql.conf";
+/// Key of the cluster ConfigMap with the user's pg_hba.conf lines (before the operator's own rules).
+pub const CONFIG_KEY_PG_HBA: &str = "pg_hba.conf";
+/// Where the cluster ConfigMap is mounted in the PostgreSQL container.
+pub const CONFIG_MOUNT_PATH: &str = "/etc/postgres-operator/config";
+/// Where the superuser, replication and application Secrets are mounted, one folder each
+/// (`superuser/`, `replication/`, `app/`, each with `username` and `password`).
+pub const SECRETS_MOUNT_PATH: &str = "/etc/postgres-operator/secrets";
+/// Mount path of the data volume; PGDATA is its `pgdata` subfolder.
+pub const DATA_MOUNT_PATH: &str = "/var/lib/postgresql/data";
+/// Mount path of the WAL volume when the cluster has one; PGWAL is its `pg_wal` subfolder.
+pub const WAL_MOUNT_PATH: &str = "/var/lib/postgresql/wal";
+/// Where the init container copies the instance manager binary (`pg-instance`) so that it runs in
+/// the PostgreSQL image.
+pub const INSTANCE_MANAGER_MOUNT_PATH: &str = "/controller";
+
+/// Name of the PostgreSQL container port on instance pods; the instance manager reads the port a
+/// peer's PostgreSQL listens on from it (5432 when the pod has no port of that name).
+pub const PORT_NAME_POSTGRES: &str = "postgresql";
+/// Name of the instance manager's HTTP container port on instance pods (8000 when absent); peers
+/// ask it for `/status` before a promotion and before self-fencing.
+pub const PORT_NAME_STATUS: &str = "status";
+/// Annotation the old primary sets on the Lease when it hands it over in a switchover: the WAL
+/// position (`X/Y`) of its shutdown checkpoint, which the target must have received before it
+/// promotes.
+pub const ANNOTATION_SWITCHOVER_LSN: &str = "postgres.keiailab.io/switchover-lsn";
