@@ -26,7 +26,7 @@ impl Bench {
 
 /// Runs one benchmark.
 pub fn run(bench: Bench) -> anyhow::Result<()> {
-    crate::setup::run()?;
+    crate::setup::install_servers()?;
     let (package, target) = bench.target();
     crate::cargo(&["bench", "--package", package, "--bench", target])
 }

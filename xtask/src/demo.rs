@@ -7,7 +7,7 @@ use testbed::{ApiServer, manifests, paths};
 
 /// Runs the demo; with `once` it exits after printing, else it serves until Ctrl-C.
 pub fn run(once: bool) -> anyhow::Result<()> {
-    crate::setup::run()?;
+    crate::setup::install_servers()?;
     tokio::runtime::Runtime::new()?.block_on(async move {
         crate::step("starting etcd and kube-apiserver on loopback");
         let server = ApiServer::start().await?;

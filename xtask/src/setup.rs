@@ -11,6 +11,12 @@ use testbed::{paths, versions};
 
 /// Installs whatever is missing.
 pub fn run() -> anyhow::Result<()> {
+    install_servers()?;
+    install_delivery_tools()
+}
+
+/// Installs only the servers (PostgreSQL, kube-apiserver, etcd): what the demo and the benchmarks need.
+pub fn install_servers() -> anyhow::Result<()> {
     install_postgres()?;
     let user = testbed::process::unprivileged_ids()?;
     if let Some((uid, _)) = user {
@@ -27,9 +33,7 @@ pub fn run() -> anyhow::Result<()> {
         &kube_ldflags(),
         "selinux,notest,grpcnotrace",
     )?;
-    build_go_binary("etcd", &paths::etcd(), "testbed/etcd", ".", "-s -w", "")?;
-    install_delivery_tools()?;
-    Ok(())
+    build_go_binary("etcd", &paths::etcd(), "testbed/etcd", ".", "-s -w", "")
 }
 
 /// helm, kustomize, kubeconform and cosign: the real tools the delivery tests check our chart,
