@@ -1,20 +1,20 @@
-//! `postgres-operator`: The operator manager: reconciles PostgresCluster and friends into running PostgreSQL.
+//! `postgres-operator`: the operator manager. Parses the configuration and starts the run loop.
 
 use clap::Parser;
+use controllers::operator::{self, Config};
 
-/// The operator manager: reconciles PostgresCluster and friends into running PostgreSQL.
-#[derive(Parser, Debug)]
-#[command(name = "postgres-operator", version, about)]
-struct Cli {
-    /// Log filter, in the syntax of RUST_LOG (for example `info` or `controllers=debug`).
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
-    log_level: String,
-}
-
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
-        .init();
-    anyhow::bail!("postgres-operator: the run loop is not built yet (see the open issues)")
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    if config.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    operator::run(config).await?;
+    Ok(())
 }

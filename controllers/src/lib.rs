@@ -1,0 +1,8 @@
+//! postgres-operator, the operator manager: one reconciler per kind, the leader election and the
+//! HTTP endpoints of the binary. `main.rs` only parses the configuration and calls
+//! [`operator::run`].
+
+pub mod leader;
+pub mod metrics;
+pub mod operator;
+pub mod postgres_cluster;

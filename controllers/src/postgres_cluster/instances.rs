@@ -1,0 +1,159 @@
+//! What the instance pods say about themselves: role label, readiness, spec hash and the status
+//! annotation their instance manager writes. Pure conversions from Pod objects.
+
+use api::contract;
+use k8s_openapi::api::core::v1::Pod;
+
+/// One instance pod as the operator sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstanceView {
+    /// Pod name.
+    pub name: String,
+    /// Ordinal from the StatefulSet name (`<cluster>-<ordinal>`).
+    pub ordinal: i32,
+    /// Role label the instance manager set, if any.
+    pub role: Option<String>,
+    /// Pod condition Ready is True.
+    pub ready: bool,
+    /// The pod is being deleted.
+    pub terminating: bool,
+    /// Spec hash of the template the pod was made from.
+    pub spec_hash: Option<String>,
+    /// The pod carries the fenced annotation.
+    pub fenced: bool,
+    /// Timeline from the instance manager's status annotation.
+    pub timeline: Option<i64>,
+    /// Replication lag (bytes) from the instance manager's status annotation.
+    pub lag_bytes: Option<i64>,
+}
+
+impl InstanceView {
+    /// Reads a pod of `cluster`.
+    pub fn from_pod(cluster: &str, pod: &Pod) -> Self {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let ordinal = name
+            .strip_prefix(cluster)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.parse().ok())
+            .unwrap_or(-1);
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|status| status.conditions.as_ref())
+            .is_some_and(|conditions| {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+        let report: serde_json::Value = annotations
+            .get(contract::ANNOTATION_INSTANCE_STATUS)
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default();
+        let number = |keys: &[&str]| keys.iter().find_map(|key| report.get(*key)?.as_i64());
+        Self {
+            name,
+            ordinal,
+            role: labels.get(contract::LABEL_ROLE).cloned(),
+            ready,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            spec_hash: annotations.get(contract::ANNOTATION_SPEC_HASH).cloned(),
+            fenced: annotations
+                .get(contract::ANNOTATION_FENCED)
+                .is_some_and(|value| value == "true"),
+            timeline: number(&["timeline"]),
+            lag_bytes: number(&["lagBytes", "lag_bytes", "replicationLagBytes"]),
+        }
+    }
+
+    /// Whether the instance manager labelled this pod the primary.
+    pub fn is_primary(&self) -> bool {
+        self.role.as_deref() == Some(contract::role::PRIMARY)
+    }
+}
+
+/// The pod labelled primary (the first one, should two briefly claim it).
+pub fn primary(instances: &[InstanceView]) -> Option<&InstanceView> {
+    instances.iter().find(|instance| instance.is_primary())
+}
+
+/// Instances to fence, from `spec.fencedInstances` and the cluster's fenced annotation (`"*"` or
+/// comma-separated pod names).
+pub fn fenced_names(
+    spec_list: &[String],
+    annotation: Option<&str>,
+    pods: &[String],
+) -> Vec<String> {
+    let mut requested: Vec<String> = spec_list.to_vec();
+    if let Some(value) = annotation {
+        requested.extend(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_string),
+        );
+    }
+    if requested.iter().any(|name| name == "*") {
+        return pods.to_vec();
+    }
+    pods.iter()
+        .filter(|pod| requested.contains(pod))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn reads_role_readiness_hash_and_reported_timeline() {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("db-2".into()),
+                labels: Some(BTreeMap::from([(
+                    contract::LABEL_ROLE.into(),
+                    "primary".into(),
+                )])),
+                annotations: Some(BTreeMap::from([
+                    (contract::ANNOTATION_SPEC_HASH.into(), "abc".into()),
+                    (
+                        contract::ANNOTATION_INSTANCE_STATUS.into(),
+                        r#"{"role":"primary","timeline":3,"lsn":"0/3000060"}"#.into(),
+                    ),
+                ])),
+                ..ObjectMeta::default()
+            },
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..PodCondition::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        let view = InstanceView::from_pod("db", &pod);
+        assert_eq!(view.ordinal, 2);
+        assert!(view.is_primary() && view.ready && !view.terminating && !view.fenced);
+        assert_eq!(view.spec_hash.as_deref(), Some("abc"));
+        assert_eq!(view.timeline, Some(3));
+    }
+
+    #[test]
+    fn fencing_takes_names_from_spec_and_annotation_and_star_means_all() {
+        let pods = vec!["db-0".to_string(), "db-1".to_string(), "db-2".to_string()];
+        assert_eq!(
+            fenced_names(&["db-1".into()], Some("db-2, nope"), &pods),
+            ["db-1", "db-2"]
+        );
+        assert_eq!(fenced_names(&[], Some("*"), &pods), pods);
+        assert!(fenced_names(&[], None, &pods).is_empty());
+    }
+}

@@ -1,0 +1,229 @@
+//! PostgresCluster reconciler: owned objects by server-side apply, status and conditions, rolling
+//! updates, image catalogs, hibernation, switchover and fencing passthrough, deletion with a
+//! finalizer.
+//!
+//! Decide, then act: [`builders`], [`parameters`], [`instances`], [`rolling`], [`status`] and
+//! [`volumes`] are pure; [`reconcile`] talks to the API server.
+
+pub mod builders;
+pub mod instances;
+pub mod parameters;
+pub mod reconcile;
+pub mod rolling;
+pub mod status;
+pub mod volumes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::contract;
+use api::postgres_cluster::{ImageCatalogKind, PostgresCluster};
+use api::{ClusterImageCatalog, ImageCatalog};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::metrics::Metrics;
+
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "postgres-operator";
+/// Finalizer the operator puts on every PostgresCluster.
+pub const FINALIZER: &str = "postgres.keiailab.io/finalizer";
+/// Name of this controller in metrics and logs.
+pub const CONTROLLER: &str = "postgrescluster";
+
+/// Settings of the reconciler that do not come from a cluster's spec.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Image that carries the instance manager binary.
+    pub instance_manager_image: String,
+    /// Requeue interval of a healthy cluster (periodic resync).
+    pub resync: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            instance_manager_image: "ghcr.io/keiailab/postgres-operator/pg-instance:latest"
+                .to_string(),
+            resync: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What every reconciliation shares.
+pub struct Context {
+    /// Client of the API server.
+    pub client: Client,
+    /// Publishes Kubernetes events.
+    pub recorder: Recorder,
+    /// Operator metrics.
+    pub metrics: Arc<Metrics>,
+    /// Reconciler settings.
+    pub settings: Settings,
+}
+
+/// Errors of a reconciliation. Problems in the user's surroundings (a missing Secret) are not
+/// errors: they show as the Degraded condition.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("{what} failed: {source}")]
+    Kube {
+        /// What the operator was doing, on which object.
+        what: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Adding, running or removing the finalizer failed.
+    #[error("finalizer of PostgresCluster {name}: {source}")]
+    Finalizer {
+        /// Cluster name.
+        name: String,
+        /// The finalizer error.
+        #[source]
+        source: Box<kube::runtime::finalizer::Error<Error>>,
+    },
+    /// The object has no namespace (PostgresCluster is namespaced, so this is a bug).
+    #[error("PostgresCluster {0} has no namespace")]
+    NoNamespace(String),
+}
+
+/// Wraps a client error with what was being done.
+pub(crate) fn kube_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Kube { what, source }
+}
+
+/// Retry after an error: soon, since most are conflicts or a busy API server.
+pub fn error_policy(cluster: Arc<PostgresCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(
+        cluster = %cluster.name_any(),
+        namespace = cluster.namespace().unwrap_or_default(),
+        error = %error,
+        "reconcile failed; retrying"
+    );
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Clusters in `store` that use the image catalog `(kind, namespace, name)`.
+fn clusters_using_catalog(
+    store: &Store<PostgresCluster>,
+    kind: ImageCatalogKind,
+    namespace: Option<String>,
+    name: String,
+) -> Vec<ObjectRef<PostgresCluster>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|cluster| {
+            cluster
+                .spec
+                .image_catalog_ref
+                .as_ref()
+                .is_some_and(|reference| {
+                    reference.kind == kind
+                        && reference.name == name
+                        && (kind == ImageCatalogKind::ClusterImageCatalog
+                            || cluster.namespace() == namespace)
+                })
+        })
+        .map(|cluster| ObjectRef::from(cluster.as_ref()))
+        .collect()
+}
+
+/// Runs the PostgresCluster controller until `shutdown` resolves. With `namespace`, only that
+/// namespace is watched; otherwise every namespace.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    concurrency: u16,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let namespace = namespace.as_deref();
+    let managed = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={}",
+        contract::MANAGED_BY
+    ));
+    let controller = Controller::new(
+        scoped::<PostgresCluster>(&client, namespace),
+        watcher::Config::default().any_semantic(),
+    );
+    let store = controller.store();
+    let cluster_catalog_store = store.clone();
+    controller
+        .owns(scoped::<StatefulSet>(&client, namespace), managed.clone())
+        .owns(scoped::<Service>(&client, namespace), managed.clone())
+        .owns(scoped::<ConfigMap>(&client, namespace), managed.clone())
+        .owns(scoped::<Secret>(&client, namespace), managed)
+        .watches(
+            scoped::<Pod>(&client, namespace),
+            watcher::Config::default().labels(contract::LABEL_CLUSTER),
+            |pod: Pod| {
+                let cluster = pod.labels().get(contract::LABEL_CLUSTER).cloned();
+                let namespace = pod.namespace();
+                cluster.map(|cluster| {
+                    let reference = ObjectRef::<PostgresCluster>::new(&cluster);
+                    match namespace {
+                        Some(namespace) => reference.within(&namespace),
+                        None => reference,
+                    }
+                })
+            },
+        )
+        .watches(
+            scoped::<ImageCatalog>(&client, namespace),
+            watcher::Config::default(),
+            move |catalog: ImageCatalog| {
+                clusters_using_catalog(
+                    &store,
+                    ImageCatalogKind::ImageCatalog,
+                    catalog.namespace(),
+                    catalog.name_any(),
+                )
+            },
+        )
+        .watches(
+            Api::<ClusterImageCatalog>::all(client.clone()),
+            watcher::Config::default(),
+            move |catalog: ClusterImageCatalog| {
+                clusters_using_catalog(
+                    &cluster_catalog_store,
+                    ImageCatalogKind::ClusterImageCatalog,
+                    None,
+                    catalog.name_any(),
+                )
+            },
+        )
+        .with_config(
+            ControllerConfig::default()
+                .debounce(Duration::from_millis(200))
+                .concurrency(concurrency),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "controller event");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,368 @@
+//! The status a cluster should report, computed from what was observed (pure).
+
+use api::common::{condition, new_condition, set_condition};
+use api::postgres_cluster::{InstanceStatus, PostgresCluster, PostgresClusterStatus};
+
+use super::instances::{InstanceView, primary};
+use super::rolling::RollingStep;
+
+/// Coarse state of a cluster (`status.phase`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Instances are being created for the first time.
+    Creating,
+    /// Every instance is ready and a primary serves.
+    Healthy,
+    /// Something needs attention: the Degraded condition says what.
+    Degraded,
+    /// A rolling update is under way.
+    Upgrading,
+    /// A switchover is under way.
+    SwitchingOver,
+    /// Scaled to zero pods; volumes kept.
+    Hibernated,
+}
+
+impl Phase {
+    /// The phase as written into the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Creating => "Creating",
+            Phase::Healthy => "Healthy",
+            Phase::Degraded => "Degraded",
+            Phase::Upgrading => "Upgrading",
+            Phase::SwitchingOver => "SwitchingOver",
+            Phase::Hibernated => "Hibernated",
+        }
+    }
+}
+
+/// A problem in the spec's surroundings that the API server could not reject (a missing Secret,
+/// a catalog without the requested version): the cluster is Degraded until it is fixed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Condition reason (CamelCase).
+    pub reason: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// Everything the status is computed from.
+#[derive(Clone, Debug)]
+pub struct Observation<'a> {
+    /// The cluster.
+    pub cluster: &'a PostgresCluster,
+    /// The instance pods that exist.
+    pub instances: &'a [InstanceView],
+    /// Resolved image, when it could be resolved.
+    pub image: Option<String>,
+    /// A problem that blocks the desired state.
+    pub problem: Option<Problem>,
+    /// The rolling update's next step.
+    pub step: RollingStep,
+    /// Target of a switchover in flight (from the Lease annotation).
+    pub switchover_to: Option<String>,
+    /// Whether the cluster is hibernated.
+    pub hibernated: bool,
+}
+
+/// The status for `observation`, keeping condition transition times of `previous`.
+pub fn desired_status(
+    previous: Option<&PostgresClusterStatus>,
+    observation: &Observation<'_>,
+) -> PostgresClusterStatus {
+    let cluster = observation.cluster;
+    let generation = cluster.metadata.generation;
+    let instances = cluster.spec.instances;
+    let live: Vec<&InstanceView> = observation
+        .instances
+        .iter()
+        .filter(|i| !i.terminating)
+        .collect();
+    let ready = live.iter().filter(|i| i.ready).count() as i32;
+    let current_primary = primary(observation.instances);
+    let previous_primary = previous.and_then(|status| status.current_primary.clone());
+    let all_ready = ready >= instances && current_primary.is_some_and(|p| p.ready);
+
+    // (phase, ready, progressing, degraded), each condition with its reason and message.
+    type Cond = (bool, &'static str, String);
+    let (phase, ready_cond, progressing, degraded): (Phase, Cond, Cond, Cond) =
+        if let Some(problem) = &observation.problem {
+            (
+                Phase::Degraded,
+                (false, "Degraded", problem.message.clone()),
+                (false, "Blocked", problem.message.clone()),
+                (true, leak_reason(&problem.reason), problem.message.clone()),
+            )
+        } else if observation.hibernated {
+            let message = "hibernated: no pods run, the volumes are kept".to_string();
+            (
+                Phase::Hibernated,
+                (false, "Hibernated", message.clone()),
+                (false, "Hibernated", message.clone()),
+                (false, "Hibernated", message),
+            )
+        } else if let Some(target) = &observation.switchover_to {
+            let message = format!("switchover to {target} in progress");
+            (
+                Phase::SwitchingOver,
+                (all_ready, "Switchover", message.clone()),
+                (true, "Switchover", message),
+                (false, "AsExpected", "no problem found".to_string()),
+            )
+        } else if observation.step.is_rolling() {
+            let message = match &observation.step {
+                RollingStep::Wait { reason } => format!("rolling update: {reason}"),
+                RollingStep::RecreateReplica { pod } => {
+                    format!("rolling update: recreating replica {pod}")
+                }
+                RollingStep::Switchover { to, .. } => {
+                    format!("rolling update: switching over to {to}")
+                }
+                RollingStep::RecreatePrimary { pod } => {
+                    format!("rolling update: recreating primary {pod}")
+                }
+                RollingStep::UpToDate => String::new(),
+            };
+            (
+                Phase::Upgrading,
+                (all_ready, "RollingUpdate", message.clone()),
+                (true, "RollingUpdate", message),
+                (false, "AsExpected", "no problem found".to_string()),
+            )
+        } else if all_ready {
+            (
+                Phase::Healthy,
+                (
+                    true,
+                    "AllInstancesReady",
+                    format!("{ready} of {instances} instances ready"),
+                ),
+                (
+                    false,
+                    "UpToDate",
+                    "every instance runs the current spec".to_string(),
+                ),
+                (false, "AsExpected", "no problem found".to_string()),
+            )
+        } else if previous_primary.is_none() && current_primary.is_none() {
+            let message = format!("creating instances: {ready} of {instances} ready");
+            (
+                Phase::Creating,
+                (false, "InstancesNotReady", message.clone()),
+                (true, "CreatingInstances", message),
+                (false, "AsExpected", "no problem found".to_string()),
+            )
+        } else {
+            let message = match current_primary {
+                None => format!("no primary: {ready} of {instances} instances ready"),
+                Some(_) => format!("{ready} of {instances} instances ready"),
+            };
+            let reason = if current_primary.is_none() {
+                "NoPrimary"
+            } else {
+                "InstancesNotReady"
+            };
+            (
+                Phase::Degraded,
+                (false, reason, message.clone()),
+                (false, "WaitingForInstances", message.clone()),
+                (true, reason, message),
+            )
+        };
+
+    let mut conditions = previous.map(|s| s.conditions.clone()).unwrap_or_default();
+    for (type_, (status, reason, message)) in [
+        (condition::READY, ready_cond),
+        (condition::PROGRESSING, progressing),
+        (condition::DEGRADED, degraded),
+    ] {
+        set_condition(
+            &mut conditions,
+            new_condition(type_, status, reason, message, generation),
+        );
+    }
+
+    let mut reported: Vec<InstanceStatus> = live
+        .iter()
+        .map(|instance| InstanceStatus {
+            name: instance.name.clone(),
+            role: instance.role.clone().unwrap_or_else(|| {
+                if instance.ready {
+                    "unknown"
+                } else {
+                    "starting"
+                }
+                .to_string()
+            }),
+            ready: instance.ready,
+            timeline: instance.timeline,
+            lag_bytes: instance.lag_bytes,
+        })
+        .collect();
+    reported.sort_by_key(|instance| instance.name.clone());
+
+    PostgresClusterStatus {
+        phase: Some(phase.as_str().to_string()),
+        ready_instances: ready,
+        current_primary: current_primary
+            .map(|p| p.name.clone())
+            .or(if observation.hibernated {
+                None
+            } else {
+                previous_primary
+            }),
+        timeline: current_primary
+            .and_then(|p| p.timeline)
+            .or(previous.and_then(|s| s.timeline)),
+        image: observation
+            .image
+            .clone()
+            .or(previous.and_then(|s| s.image.clone())),
+        instances: reported,
+        conditions,
+        observed_generation: generation,
+    }
+}
+
+/// Reasons come from a small fixed set; this keeps `Problem` owned while the tuple above wants
+/// `&'static str`.
+fn leak_reason(reason: &str) -> &'static str {
+    match reason {
+        "SecretNotFound" => "SecretNotFound",
+        "SecretInvalid" => "SecretInvalid",
+        "ImageCatalogNotFound" => "ImageCatalogNotFound",
+        "ImageNotInCatalog" => "ImageNotInCatalog",
+        _ => "Blocked",
+    }
+}
+
+/// Whether two statuses differ in anything but condition timestamps.
+pub fn differs(a: &PostgresClusterStatus, b: &PostgresClusterStatus) -> bool {
+    let strip = |status: &PostgresClusterStatus| {
+        let mut status = status.clone();
+        for condition in &mut status.conditions {
+            condition.last_transition_time =
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default());
+        }
+        status
+    };
+    strip(a) != strip(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::common::find_condition;
+    use api::postgres_cluster::PostgresClusterSpec;
+
+    fn cluster() -> PostgresCluster {
+        let mut cluster = PostgresCluster::new("db", PostgresClusterSpec::with_image(2, "pg:18"));
+        cluster.metadata.generation = Some(4);
+        cluster
+    }
+
+    fn instance(ordinal: i32, role: &str, ready: bool) -> InstanceView {
+        InstanceView {
+            name: format!("db-{ordinal}"),
+            ordinal,
+            role: Some(role.to_string()),
+            ready,
+            timeline: Some(2),
+            ..InstanceView::default()
+        }
+    }
+
+    fn observe<'a>(cluster: &'a PostgresCluster, instances: &'a [InstanceView]) -> Observation<'a> {
+        Observation {
+            cluster,
+            instances,
+            image: Some("pg:18".into()),
+            problem: None,
+            step: RollingStep::UpToDate,
+            switchover_to: None,
+            hibernated: false,
+        }
+    }
+
+    fn condition_of(status: &PostgresClusterStatus, type_: &str) -> (String, String) {
+        let c = find_condition(&status.conditions, type_).unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn a_new_cluster_is_creating_and_then_healthy() {
+        let cluster = cluster();
+        let status = desired_status(None, &observe(&cluster, &[]));
+        assert_eq!(status.phase.as_deref(), Some("Creating"));
+        assert_eq!(status.observed_generation, Some(4));
+        assert_eq!(condition_of(&status, "Progressing").0, "True");
+        assert_eq!(condition_of(&status, "Ready").0, "False");
+
+        let pods = [instance(0, "primary", true), instance(1, "replica", true)];
+        let status = desired_status(Some(&status), &observe(&cluster, &pods));
+        assert_eq!(status.phase.as_deref(), Some("Healthy"));
+        assert_eq!(status.ready_instances, 2);
+        assert_eq!(status.current_primary.as_deref(), Some("db-0"));
+        assert_eq!(status.timeline, Some(2));
+        assert_eq!(
+            condition_of(&status, "Ready"),
+            ("True".into(), "AllInstancesReady".into())
+        );
+        assert_eq!(condition_of(&status, "Degraded").0, "False");
+    }
+
+    #[test]
+    fn a_problem_is_a_degraded_condition_with_its_reason() {
+        let cluster = cluster();
+        let mut observation = observe(&cluster, &[]);
+        observation.problem = Some(Problem {
+            reason: "SecretNotFound".into(),
+            message: "Secret mine not found".into(),
+        });
+        let status = desired_status(None, &observation);
+        assert_eq!(status.phase.as_deref(), Some("Degraded"));
+        assert_eq!(
+            condition_of(&status, "Degraded"),
+            ("True".into(), "SecretNotFound".into())
+        );
+    }
+
+    #[test]
+    fn losing_the_primary_after_it_existed_is_degraded() {
+        let cluster = cluster();
+        let pods = [instance(0, "primary", true), instance(1, "replica", true)];
+        let healthy = desired_status(None, &observe(&cluster, &pods));
+        let pods = [instance(1, "replica", true)];
+        let status = desired_status(Some(&healthy), &observe(&cluster, &pods));
+        assert_eq!(status.phase.as_deref(), Some("Degraded"));
+        assert_eq!(
+            condition_of(&status, "Degraded"),
+            ("True".into(), "NoPrimary".into())
+        );
+        assert!(!differs(
+            &status,
+            &desired_status(Some(&status), &observe(&cluster, &pods))
+        ));
+    }
+
+    #[test]
+    fn hibernation_and_rolling_updates_have_their_phases() {
+        let cluster = cluster();
+        let mut observation = observe(&cluster, &[]);
+        observation.hibernated = true;
+        assert_eq!(
+            desired_status(None, &observation).phase.as_deref(),
+            Some("Hibernated")
+        );
+        let pods = [instance(0, "primary", true), instance(1, "replica", true)];
+        let mut observation = observe(&cluster, &pods);
+        observation.step = RollingStep::RecreateReplica { pod: "db-1".into() };
+        let status = desired_status(None, &observation);
+        assert_eq!(status.phase.as_deref(), Some("Upgrading"));
+        assert_eq!(
+            condition_of(&status, "Progressing"),
+            ("True".into(), "RollingUpdate".into())
+        );
+    }
+}
