@@ -1,20 +1,25 @@
-//! `pg-instance`: The instance manager: supervises PostgreSQL in one pod (election, failover, fencing).
+//! `pg-instance`: the instance manager that supervises PostgreSQL in one pod (election,
+//! failover, fencing). This file only parses the configuration and starts the run loop.
 
 use clap::Parser;
 
-/// The instance manager: supervises PostgreSQL in one pod (election, failover, fencing).
-#[derive(Parser, Debug)]
-#[command(name = "pg-instance", version, about)]
-struct Cli {
-    /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
-    log_level: String,
-}
-
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let config = instance::Config::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_level))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    anyhow::bail!("pg-instance: the run loop is not built yet (see the open issues)")
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let span = tracing::info_span!(
+        "instance",
+        cluster = %config.cluster,
+        namespace = %config.namespace,
+        instance = %config.pod_name
+    );
+    let _entered = span.enter();
+    runtime.block_on(instance::run(config))?;
+    Ok(())
 }

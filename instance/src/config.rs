@@ -1,0 +1,114 @@
+//! Configuration of one instance manager: flags, each with the environment variable the operator
+//! sets on the container.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use api::contract::{INSTANCE_HTTP_PORT, POSTGRES_PORT, env};
+use clap::Parser;
+
+/// The instance manager: supervises PostgreSQL in one pod (election, failover, fencing).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "pg-instance", version, about)]
+pub struct Config {
+    /// Name of this instance's pod (downward API).
+    #[arg(long, env = env::POD_NAME)]
+    pub pod_name: String,
+    /// Namespace of the pod and of the cluster.
+    #[arg(long, env = env::POD_NAMESPACE, default_value = "default")]
+    pub namespace: String,
+    /// PostgresCluster name (Lease `<cluster>-primary`, Secrets `<cluster>-superuser`, ...).
+    #[arg(long, env = env::CLUSTER_NAME)]
+    pub cluster: String,
+    /// PostgreSQL data directory.
+    #[arg(long, env = env::PGDATA)]
+    pub pgdata: PathBuf,
+    /// WAL directory on its own volume (passed to initdb and pg_basebackup as `--waldir`).
+    #[arg(long, env = env::PGWAL)]
+    pub pgwal: Option<PathBuf>,
+    /// Folder with the PostgreSQL 18 binaries.
+    #[arg(long, env = env::PG_BIN, default_value = "/usr/lib/postgresql/18/bin")]
+    pub pg_bin: PathBuf,
+    /// Folder for the Unix socket and the password file (private to the pod); defaults to
+    /// `<pgdata>/../run`.
+    #[arg(long, env = "PG_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Address PostgreSQL listens on.
+    #[arg(long, env = "PG_LISTEN_ADDRESS", default_value = "*")]
+    pub listen_address: String,
+    /// Port PostgreSQL listens on.
+    #[arg(long, env = "PG_PORT", default_value_t = POSTGRES_PORT)]
+    pub port: u16,
+    /// Address of the HTTP endpoints (`/healthz`, `/readyz`, `/status`, `/metrics`).
+    #[arg(long, env = "HTTP_ADDRESS", default_value_t = SocketAddr::from(([0, 0, 0, 0], INSTANCE_HTTP_PORT)))]
+    pub http_address: SocketAddr,
+    /// Kubeconfig file; in-cluster configuration when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Unix user that runs PostgreSQL when the instance manager runs as root (PostgreSQL refuses
+    /// to run as root). Ignored when not root.
+    #[arg(long, env = "PG_RUN_AS_USER")]
+    pub run_as_user: Option<String>,
+    /// Lease duration in seconds (`spec.failover.leaseDurationSeconds`).
+    #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 4)]
+    pub lease_duration_seconds: u64,
+    /// A primary that could not renew its Lease for this long fences itself
+    /// (`spec.failover.renewDeadlineSeconds`).
+    #[arg(long, env = "RENEW_DEADLINE_SECONDS", default_value_t = 2)]
+    pub renew_deadline_seconds: u64,
+    /// Number of synchronous standbys (`ANY n`); 0 for asynchronous replication.
+    #[arg(long, env = "SYNCHRONOUS_STANDBYS", default_value_t = 0)]
+    pub synchronous_standbys: u32,
+    /// Replication lag (bytes) under which a replica reports ready.
+    #[arg(long, env = "MAX_LAG_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_lag_bytes: u64,
+    /// Largest time a switchover may take before it is abandoned, in seconds.
+    #[arg(long, env = "SWITCHOVER_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub switchover_timeout_seconds: u64,
+    /// Period of the control loop, in milliseconds.
+    #[arg(long, env = "TICK_MILLIS", default_value_t = 250)]
+    pub tick_millis: u64,
+    /// Extra PostgreSQL settings `name=value` (repeatable), written to the managed configuration.
+    #[arg(long = "postgres-setting", value_name = "NAME=VALUE")]
+    pub postgres_settings: Vec<String>,
+    /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Config {
+    /// Lease duration.
+    pub fn lease_duration(&self) -> Duration {
+        Duration::from_secs(self.lease_duration_seconds)
+    }
+
+    /// Renew deadline.
+    pub fn renew_deadline(&self) -> Duration {
+        Duration::from_secs(self.renew_deadline_seconds)
+    }
+
+    /// Control loop period.
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_millis)
+    }
+
+    /// Folder of the socket and password file.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir.clone().unwrap_or_else(|| {
+            self.pgdata
+                .parent()
+                .map(|parent| parent.join("run"))
+                .unwrap_or_else(|| PathBuf::from("/tmp/pg-instance-run"))
+        })
+    }
+
+    /// The extra settings as (name, value) pairs; entries without `=` are ignored.
+    pub fn extra_settings(&self) -> Vec<(String, String)> {
+        self.postgres_settings
+            .iter()
+            .filter_map(|entry| entry.split_once('='))
+            .map(|(name, value)| (name.trim().to_string(), value.trim().to_string()))
+            .collect()
+    }
+}

@@ -1,0 +1,659 @@
+//! High availability on real PostgreSQL 18 and a real kube-apiserver: each instance is a
+//! `pg-instance` process on loopback (see `support`).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use api::contract;
+use support::{TestCluster, connect_port, eventually};
+
+const STARTUP: Duration = Duration::from_secs(120);
+const FAILOVER: Duration = Duration::from_secs(60);
+
+/// Inserts ids from `first` through `client` with synchronous commit until an insert fails or
+/// `stop` is set; counts acknowledgements in `progress`; returns the acknowledged ids.
+async fn write_until_failure(
+    client: tokio_postgres::Client,
+    first: i64,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicUsize>,
+) -> Vec<i64> {
+    let mut acknowledged = Vec::new();
+    let mut id = first;
+    while !stop.load(Ordering::SeqCst) {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+        let insert = client.execute("INSERT INTO acked (id) VALUES ($1)", &params);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), insert).await;
+        match outcome {
+            Ok(Ok(_)) => {
+                acknowledged.push(id);
+                progress.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => break,
+        }
+        id += 1;
+    }
+    acknowledged
+}
+
+/// Waits until `progress` reached `count`.
+async fn wait_for_progress(progress: &Arc<AtomicUsize>, count: usize) {
+    eventually("the writer got acknowledgements", FAILOVER, || {
+        let progress = progress.clone();
+        async move { progress.load(Ordering::SeqCst) >= count }
+    })
+    .await
+    .unwrap();
+}
+
+async fn count_present(cluster: &TestCluster, index: usize, ids: &[i64]) -> anyhow::Result<i64> {
+    let client = cluster.connect(index).await?;
+    let row = client
+        .query_one("SELECT count(*) FROM acked WHERE id = ANY($1)", &[&ids])
+        .await?;
+    Ok(row.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_bootstrap_fail_over_without_losing_commits_and_rejoin_with_rewind() {
+    let mut cluster = TestCluster::start("ha", 3, 1).await.unwrap();
+
+    // Bootstrap: one primary (initdb) and two replicas (pg_basebackup) streaming from it.
+    let primary = cluster
+        .wait_for_primary_with_replicas(2, STARTUP)
+        .await
+        .unwrap();
+    let old_primary = cluster.instances[primary].name.clone();
+    for index in 0..3 {
+        let role = if index == primary {
+            contract::role::PRIMARY
+        } else {
+            contract::role::REPLICA
+        };
+        let status = cluster.wait_for_role(index, role, STARTUP).await.unwrap();
+        let expected_join = if index == primary {
+            "initdb"
+        } else {
+            "basebackup"
+        };
+        assert_eq!(status.last_join.as_deref(), Some(expected_join));
+        eventually(
+            "role label and status annotation on the pod",
+            STARTUP,
+            || {
+                let cluster = &cluster;
+                async move {
+                    cluster
+                        .pod_metadata(index)
+                        .await
+                        .is_ok_and(|(labels, annotations)| {
+                            labels.get(contract::LABEL_ROLE).map(String::as_str) == Some(role)
+                                && annotations.contains_key(contract::ANNOTATION_INSTANCE_STATUS)
+                        })
+                }
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let primary_client = cluster.connect(primary).await.unwrap();
+    let slots: i64 = primary_client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE active",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 2, "each replica streams through its physical slot");
+    let app: i64 = primary_client
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname IN ('app', 'streaming_replica')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(app, 2, "roles from the Secrets exist");
+    eventually("synchronous replication is on", STARTUP, || {
+        let client = &primary_client;
+        async move {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'quorum'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == 2)
+        }
+    })
+    .await
+    .unwrap();
+    primary_client
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    // HTTP endpoints of the primary and of a replica.
+    let replica = (0..3).find(|index| *index != primary).unwrap();
+    assert_eq!(cluster.http_get(primary, "/healthz").await.unwrap().0, 200);
+    assert_eq!(cluster.http_get(primary, "/readyz").await.unwrap().0, 200);
+    let (code, metrics) = cluster.http_get(replica, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("pg_instance_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("pg_instance_role{role=\"replica\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pg_instance_replication_lag_bytes"),
+        "{metrics}"
+    );
+    let status = cluster.status(replica).await.unwrap();
+    assert_eq!(status.in_recovery, Some(true));
+    assert!(status.received_lsn.is_some() && status.timeline == Some(1));
+
+    // A writer runs synchronous commits; kill -9 of the primary's postgres and pg-instance.
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_until_failure(
+        cluster.connect(primary).await.unwrap(),
+        1,
+        stop.clone(),
+        progress.clone(),
+    ));
+    wait_for_progress(&progress, 20).await;
+    cluster.kill_instance(primary);
+    let acknowledged = writer.await.unwrap();
+    assert!(acknowledged.len() >= 20);
+
+    // A replica becomes a writable primary that holds every acknowledged row.
+    let new_primary = cluster
+        .wait_for_new_primary(&old_primary, FAILOVER)
+        .await
+        .unwrap();
+    assert_ne!(new_primary, primary);
+    assert_eq!(
+        count_present(&cluster, new_primary, &acknowledged)
+            .await
+            .unwrap(),
+        acknowledged.len() as i64,
+        "every acknowledged synchronous commit survives the failover"
+    );
+    let status = cluster
+        .wait_for_role(new_primary, contract::role::PRIMARY, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(status.timeline, Some(2));
+
+    // The old primary comes back, rewinds, and replicates new writes.
+    cluster.start_instance(primary).unwrap();
+    let status = cluster
+        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(
+        status.last_join.as_deref(),
+        Some("rewind"),
+        "{}",
+        cluster.logs()
+    );
+    assert!(cluster.instances[primary].log().contains("pg_rewind done"));
+    let client = cluster.connect(new_primary).await.unwrap();
+    client
+        .execute("INSERT INTO acked (id) VALUES (-1)", &[])
+        .await
+        .unwrap();
+    eventually(
+        "the rejoined instance replicates new writes",
+        FAILOVER,
+        || {
+            let cluster = &cluster;
+            async move {
+                count_present(cluster, primary, &[-1])
+                    .await
+                    .is_ok_and(|n| n == 1)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count_present(&cluster, primary, &acknowledged)
+            .await
+            .unwrap(),
+        acknowledged.len() as i64
+    );
+    // A replica promoted behind the instance manager's back (split brain in the making) is
+    // stopped at once, rewound and made a replica again.
+    let rogue = (0..3)
+        .find(|index| *index != primary && *index != new_primary)
+        .unwrap();
+    let rogue_client = cluster.connect(rogue).await.unwrap();
+    // The instance manager may stop the server before pg_promote even returns.
+    let _ = rogue_client
+        .query_one("SELECT pg_promote(true, 30)", &[])
+        .await;
+    eventually(
+        "the rogue primary is rewound into a replica",
+        FAILOVER,
+        || {
+            let cluster = &cluster;
+            async move {
+                cluster.status(rogue).await.is_some_and(|status| {
+                    status.role == contract::role::REPLICA
+                        && status.in_recovery == Some(true)
+                        && status.streaming
+                        && status.last_join.as_deref() == Some("rewind")
+                })
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        cluster.lease_holder().await.unwrap().as_deref(),
+        Some(cluster.instances[new_primary].name.as_str())
+    );
+    client
+        .execute("INSERT INTO acked (id) VALUES (-2)", &[])
+        .await
+        .unwrap();
+    eventually(
+        "the rewound replica replicates new writes",
+        FAILOVER,
+        || {
+            let cluster = &cluster;
+            async move {
+                count_present(cluster, rogue, &[-2])
+                    .await
+                    .is_ok_and(|n| n == 1)
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_to_a_named_replica_keeps_every_write_and_fencing_stops_an_instance() {
+    let cluster = TestCluster::start("so", 3, 1).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(2, STARTUP)
+        .await
+        .unwrap();
+    let old_primary = cluster.instances[primary].name.clone();
+    let target = (0..3).find(|index| *index != primary).unwrap();
+    let target_name = cluster.instances[target].name.clone();
+    cluster
+        .connect(primary)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    // Supervision: a crashed postgres is restarted by its instance manager, still primary.
+    let postmaster = cluster.instances[primary].postmaster_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("postgres restarted after a crash", FAILOVER, || {
+        let cluster = &cluster;
+        async move {
+            cluster.status(primary).await.is_some_and(|status| {
+                status.postgres_restarts >= 1
+                    && status.postgres_ready
+                    && status.role == contract::role::PRIMARY
+            })
+        }
+    })
+    .await
+    .unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(2, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(cluster.instances[primary].name, old_primary);
+
+    // Writes before the switchover, then the operator's request on the Lease.
+    let stop_first = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let first_writer = tokio::spawn(write_until_failure(
+        cluster.connect(primary).await.unwrap(),
+        1,
+        stop_first.clone(),
+        progress.clone(),
+    ));
+    wait_for_progress(&progress, 20).await;
+    stop_first.store(true, Ordering::SeqCst);
+    let acknowledged = first_writer.await.unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_until_failure(
+        cluster.connect(primary).await.unwrap(),
+        1_000_000,
+        Arc::new(AtomicBool::new(false)),
+        progress.clone(),
+    ));
+    wait_for_progress(&progress, 5).await;
+    cluster
+        .annotate_lease(contract::ANNOTATION_SWITCHOVER_TO, &target_name)
+        .await
+        .unwrap();
+    let new_primary = cluster
+        .wait_for_new_primary(&old_primary, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(new_primary, target, "the named replica is promoted");
+    let during = writer.await.unwrap();
+    let all: Vec<i64> = acknowledged.iter().chain(during.iter()).copied().collect();
+    assert_eq!(
+        count_present(&cluster, target, &all).await.unwrap(),
+        all.len() as i64,
+        "every acknowledged write survives the switchover"
+    );
+    let status = cluster
+        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(status.last_join.as_deref(), Some("switchover"));
+    cluster
+        .connect(target)
+        .await
+        .unwrap()
+        .execute("INSERT INTO acked (id) VALUES (-1)", &[])
+        .await
+        .unwrap();
+    eventually(
+        "the old primary replicates from the new one",
+        FAILOVER,
+        || {
+            let cluster = &cluster;
+            async move {
+                count_present(cluster, primary, &[-1])
+                    .await
+                    .is_ok_and(|n| n == 1)
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // Fencing by annotation: the fenced replica stops and stays stopped until the annotation goes.
+    let fenced = (0..3).find(|index| *index != target).unwrap();
+    cluster
+        .annotate_pod(fenced, contract::ANNOTATION_FENCED, Some("true"))
+        .await
+        .unwrap();
+    cluster
+        .wait_for_role(fenced, contract::role::FENCED, FAILOVER)
+        .await
+        .unwrap();
+    eventually("the fenced instance refuses connections", FAILOVER, || {
+        let cluster = &cluster;
+        async move { cluster.connect(fenced).await.is_err() }
+    })
+    .await
+    .unwrap();
+    // Longer than a Lease duration: still down, and the label says so.
+    tokio::time::sleep(Duration::from_secs(support::LEASE_DURATION_SECONDS * 2)).await;
+    assert!(
+        cluster.connect(fenced).await.is_err(),
+        "a fenced instance stays down"
+    );
+    let status = cluster.status(fenced).await.unwrap();
+    assert!(status.fenced && !status.postgres_ready);
+    let (labels, _) = cluster.pod_metadata(fenced).await.unwrap();
+    assert_eq!(
+        labels.get(contract::LABEL_ROLE).map(String::as_str),
+        Some(contract::role::FENCED)
+    );
+    assert_eq!(cluster.http_get(fenced, "/readyz").await.unwrap().0, 503);
+    assert_eq!(
+        cluster.lease_holder().await.unwrap().as_deref(),
+        Some(target_name.as_str())
+    );
+
+    cluster
+        .annotate_pod(fenced, contract::ANNOTATION_FENCED, None)
+        .await
+        .unwrap();
+    cluster
+        .wait_for_role(fenced, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(count_present(&cluster, fenced, &[-1]).await.unwrap(), 1);
+
+    // A restart request (rolling update): PostgreSQL restarts and the token is echoed.
+    let before = cluster.instances[fenced].postmaster_pid();
+    cluster
+        .annotate_pod(fenced, contract::ANNOTATION_RESTART, Some("token-1"))
+        .await
+        .unwrap();
+    eventually(
+        "the restart token is echoed in the status",
+        FAILOVER,
+        || {
+            let cluster = &cluster;
+            async move {
+                cluster.status(fenced).await.is_some_and(|status| {
+                    status.restart_token.as_deref() == Some("token-1") && status.postgres_ready
+                })
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_ne!(
+        cluster.instances[fenced].postmaster_pid(),
+        before,
+        "PostgreSQL restarted"
+    );
+    cluster
+        .wait_for_role(fenced, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+}
+
+/// Writes to every instance each round and records which accepted the write in `rounds` (one
+/// entry per instance, true when the write was acknowledged).
+async fn check_single_writer(
+    ports: Vec<u16>,
+    stop: Arc<AtomicBool>,
+    rounds: Arc<std::sync::Mutex<Vec<Vec<bool>>>>,
+) {
+    let mut clients: Vec<Option<tokio_postgres::Client>> = ports.iter().map(|_| None).collect();
+    let mut id: i64 = 10_000_000;
+    while !stop.load(Ordering::SeqCst) {
+        let mut round = Vec::new();
+        for (slot, port) in clients.iter_mut().zip(&ports) {
+            if slot.as_ref().is_none_or(|client| client.is_closed()) {
+                *slot = tokio::time::timeout(Duration::from_secs(2), connect_port(*port))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            }
+            let accepted = match slot {
+                Some(client) => {
+                    id += 1;
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                    let insert = client.execute("INSERT INTO checker (id) VALUES ($1)", &params);
+                    matches!(
+                        tokio::time::timeout(Duration::from_millis(1500), insert).await,
+                        Ok(Ok(1))
+                    )
+                }
+                None => false,
+            };
+            if !accepted {
+                *slot = None;
+            }
+            round.push(accepted);
+        }
+        rounds.lock().unwrap().push(round);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_the_api_server_fences_itself_before_another_is_promoted() {
+    let cluster = TestCluster::start("part", 3, 1).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(2, STARTUP)
+        .await
+        .unwrap();
+    let old_primary = cluster.instances[primary].name.clone();
+    cluster
+        .connect(primary)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE checker (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let ports: Vec<u16> = cluster.instances.iter().map(|i| i.pg_port).collect();
+
+    // An API-server outage that every instance sees does not stop writes.
+    for instance in &cluster.instances {
+        instance.proxy.cut();
+    }
+    tokio::time::sleep(Duration::from_secs(support::LEASE_DURATION_SECONDS * 2)).await;
+    let client = cluster.connect(primary).await.unwrap();
+    let insert = client.execute("INSERT INTO checker (id) VALUES (1)", &[]);
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), insert).await,
+            Ok(Ok(1))
+        ),
+        "the primary keeps serving while its peers confirm they cannot reach the API server\n{}",
+        cluster.logs()
+    );
+    for instance in &cluster.instances {
+        instance.proxy.restore();
+    }
+    tokio::time::sleep(Duration::from_secs(support::LEASE_DURATION_SECONDS)).await;
+    assert_eq!(
+        cluster.lease_holder().await.unwrap().as_deref(),
+        Some(old_primary.as_str())
+    );
+
+    // Partition the primary alone from the API server, with a checker writing to every instance.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let checker = tokio::spawn(check_single_writer(ports, stop.clone(), rounds.clone()));
+    eventually("the checker wrote to the primary", FAILOVER, || {
+        let rounds = rounds.clone();
+        async move { rounds.lock().unwrap().iter().any(|round| round[primary]) }
+    })
+    .await
+    .unwrap();
+    cluster.instances[primary].proxy.cut();
+    let new_primary = cluster
+        .wait_for_new_primary(&old_primary, FAILOVER)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    checker.await.unwrap();
+    let rounds = rounds.lock().unwrap().clone();
+
+    for (number, round) in rounds.iter().enumerate() {
+        assert!(
+            round.iter().filter(|accepted| **accepted).count() <= 1,
+            "round {number}: two instances accepted writes: {round:?}"
+        );
+    }
+    let last_old = rounds.iter().rposition(|round| round[primary]);
+    let first_new = rounds.iter().position(|round| round[new_primary]);
+    assert!(
+        last_old.is_some(),
+        "the old primary accepted writes before the cut"
+    );
+    assert!(first_new.is_some(), "the new primary accepted writes");
+    assert!(
+        last_old < first_new,
+        "the old primary stopped accepting writes before the new one started"
+    );
+    let status = cluster.status(primary).await.unwrap();
+    assert!(
+        status.fenced,
+        "the partitioned primary fenced itself: {status:?}"
+    );
+
+    // The partition heals: the old primary rejoins as a replica.
+    cluster.instances[primary].proxy.restore();
+    let status = cluster
+        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert!(matches!(
+        status.last_join.as_deref(),
+        Some("rewind" | "reclone")
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_pair_fails_over_to_its_replica() {
+    let mut cluster = TestCluster::start("async", 2, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(1, STARTUP)
+        .await
+        .unwrap();
+    let old_primary = cluster.instances[primary].name.clone();
+    let client = cluster.connect(primary).await.unwrap();
+    let names: String = client
+        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(names, "", "asynchronous replication");
+    client
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY); INSERT INTO acked VALUES (1)")
+        .await
+        .unwrap();
+    let replica = 1 - primary;
+    eventually("the row reached the replica", FAILOVER, || {
+        let cluster = &cluster;
+        async move {
+            count_present(cluster, replica, &[1])
+                .await
+                .is_ok_and(|n| n == 1)
+        }
+    })
+    .await
+    .unwrap();
+
+    cluster.kill_instance(primary);
+    let new_primary = cluster
+        .wait_for_new_primary(&old_primary, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(new_primary, replica);
+    assert_eq!(count_present(&cluster, replica, &[1]).await.unwrap(), 1);
+
+    cluster.start_instance(primary).unwrap();
+    cluster
+        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+
+    // A graceful stop (SIGTERM, as a pod deletion) of the primary: its replica takes over and
+    // holds every row written before.
+    let client = cluster.connect(replica).await.unwrap();
+    client
+        .execute("INSERT INTO acked (id) VALUES (2)", &[])
+        .await
+        .unwrap();
+    let stopped = cluster.instances[replica].name.clone();
+    cluster.stop_instance(replica);
+    let newest = cluster
+        .wait_for_new_primary(&stopped, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(newest, primary);
+    assert_eq!(count_present(&cluster, primary, &[1, 2]).await.unwrap(), 2);
+}

@@ -1,0 +1,520 @@
+//! A PostgreSQL cluster of `pg-instance` processes for one test: a real kube-apiserver, one Pod
+//! object per instance (no kubelet: the test sets `status.podIP = 127.0.0.1`, and the pod's
+//! container ports `postgresql` and `status` carry each instance's loopback ports), Secrets, and
+//! one `pg-instance` OS process per instance (started as root with `--run-as-user pgtest`, or as
+//! the current user when not root). Each instance reaches the API server through its own
+//! [`TcpProxy`], so that a test can partition it.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use testbed::ApiServer;
+use testbed::process::{ChildGuard, die_with_parent, unprivileged_ids};
+use testbed::tcp_proxy::TcpProxy;
+
+use api::contract;
+use instance::status::InstanceStatus;
+
+/// Password of the superuser in test clusters.
+pub const SUPERUSER_PASSWORD: &str = "super'secret";
+
+/// Lease settings of test clusters (the spec's defaults).
+pub const LEASE_DURATION_SECONDS: u64 = 4;
+/// Renew deadline of test clusters.
+pub const RENEW_DEADLINE_SECONDS: u64 = 2;
+
+/// One `pg-instance` and its files.
+pub struct Instance {
+    pub name: String,
+    pub pg_port: u16,
+    pub http_port: u16,
+    pub dir: PathBuf,
+    pub proxy: TcpProxy,
+    kubeconfig: PathBuf,
+    process: Option<ChildGuard>,
+}
+
+impl Instance {
+    pub fn pgdata(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("pg-instance.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Pid of the postmaster, from postmaster.pid.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        fs::read_to_string(self.pgdata().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+/// A test cluster.
+pub struct TestCluster {
+    pub name: String,
+    pub namespace: String,
+    pub instances: Vec<Instance>,
+    pub client: kube::Client,
+    synchronous: u32,
+    // Dropped after the instances (their processes stop first).
+    dir: tempfile::TempDir,
+    pub api: ApiServer,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for instance in &mut self.instances {
+            if let Some(mut process) = instance.process.take() {
+                process.stop();
+            }
+        }
+        if std::thread::panicking() {
+            for instance in &self.instances {
+                eprintln!(
+                    "===== log of {} =====\n{}",
+                    instance.name,
+                    tail(&instance.log(), 120)
+                );
+            }
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl TestCluster {
+    /// API server, Secrets, `count` pods, and one running `pg-instance` per pod.
+    pub async fn start(name: &str, count: usize, synchronous: u32) -> anyhow::Result<Self> {
+        let api = ApiServer::start().await?;
+        let client = api.client().await?;
+        let namespace = "default".to_string();
+        let dir = tempfile::Builder::new().prefix("pg-instance-").tempdir()?;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
+        unprivileged_ids()?;
+
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+        for (secret, user, password) in [
+            (
+                contract::superuser_secret(name),
+                "postgres",
+                SUPERUSER_PASSWORD,
+            ),
+            (
+                contract::replication_secret(name),
+                contract::REPLICATION_USER,
+                "repl-pass",
+            ),
+            (contract::app_secret(name), "app", "app-pass"),
+        ] {
+            let object: Secret = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": secret},
+                "stringData": {"username": user, "password": password},
+            }))?;
+            secrets.create(&PostParams::default(), &object).await?;
+        }
+
+        let apiserver_address: std::net::SocketAddr = ([127, 0, 0, 1], api.port()).into();
+        let kubeconfig_text = fs::read_to_string(api.kubeconfig_path())?;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        let mut instances = Vec::new();
+        for index in 1..=count {
+            let instance_name = format!("{name}-{index}");
+            let pg_port = testbed::free_port();
+            let http_port = testbed::free_port();
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": instance_name,
+                    "labels": {
+                        contract::LABEL_CLUSTER: name,
+                        contract::LABEL_INSTANCE: instance_name,
+                    },
+                },
+                "spec": {"containers": [{
+                    "name": "postgres",
+                    "image": "postgres:18",
+                    "ports": [
+                        {"name": contract::PORT_NAME_POSTGRES, "containerPort": pg_port},
+                        {"name": contract::PORT_NAME_STATUS, "containerPort": http_port},
+                    ],
+                }]},
+            }))?;
+            pods.create(&PostParams::default(), &pod).await?;
+            let status = serde_json::json!({
+                "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}
+            });
+            pods.patch_status(
+                &instance_name,
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await?;
+
+            let instance_dir = dir.path().join(&instance_name);
+            fs::create_dir_all(&instance_dir)?;
+            fs::set_permissions(&instance_dir, fs::Permissions::from_mode(0o755))?;
+            let proxy = TcpProxy::start(apiserver_address)?;
+            let kubeconfig = instance_dir.join("kubeconfig");
+            fs::write(
+                &kubeconfig,
+                kubeconfig_text.replace(
+                    &format!("https://127.0.0.1:{}", api.port()),
+                    &format!("https://127.0.0.1:{}", proxy.port()),
+                ),
+            )?;
+            instances.push(Instance {
+                name: instance_name,
+                pg_port,
+                http_port,
+                dir: instance_dir,
+                proxy,
+                kubeconfig,
+                process: None,
+            });
+        }
+        let mut cluster = Self {
+            name: name.to_string(),
+            namespace,
+            instances,
+            client,
+            synchronous,
+            dir,
+            api,
+        };
+        for index in 0..count {
+            cluster.start_instance(index)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts (or restarts) the `pg-instance` process of instance `index`.
+    pub fn start_instance(&mut self, index: usize) -> anyhow::Result<()> {
+        let synchronous = self.synchronous;
+        let name = self.name.clone();
+        let instance = &mut self.instances[index];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(instance.log_path())?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pg-instance"));
+        command
+            .arg(format!("--pod-name={}", instance.name))
+            .arg("--namespace=default")
+            .arg(format!("--cluster={name}"))
+            .arg(format!("--pgdata={}", instance.pgdata().display()))
+            .arg(format!("--pg-bin={}", testbed::paths::pg_bin().display()))
+            .arg("--listen-address=127.0.0.1")
+            .arg(format!("--port={}", instance.pg_port))
+            .arg(format!("--http-address=127.0.0.1:{}", instance.http_port))
+            .arg(format!("--kubeconfig={}", instance.kubeconfig.display()))
+            .arg(format!(
+                "--run-as-user={}",
+                testbed::process::UNPRIVILEGED_USER
+            ))
+            .arg(format!("--lease-duration-seconds={LEASE_DURATION_SECONDS}"))
+            .arg(format!("--renew-deadline-seconds={RENEW_DEADLINE_SECONDS}"))
+            .arg(format!("--synchronous-standbys={synchronous}"))
+            .arg("--postgres-setting=fsync=off")
+            .arg("--postgres-setting=shared_buffers=16MB")
+            .arg("--postgres-setting=max_connections=40")
+            .arg("--log-level=info,instance=debug")
+            .env_remove("PGDATA")
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        die_with_parent(&mut command);
+        let child = command.spawn().context("spawning pg-instance")?;
+        instance.process = Some(ChildGuard::new(
+            child,
+            Signal::SIGTERM,
+            Duration::from_secs(20),
+        ));
+        Ok(())
+    }
+
+    /// Stops the `pg-instance` of instance `index` with SIGTERM (a pod deletion) and waits.
+    pub fn stop_instance(&mut self, index: usize) {
+        if let Some(mut process) = self.instances[index].process.take() {
+            process.stop();
+        }
+    }
+
+    /// `kill -9` of the instance's postmaster and of its `pg-instance`.
+    pub fn kill_instance(&mut self, index: usize) {
+        let instance = &mut self.instances[index];
+        if let Some(pid) = instance.postmaster_pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if let Some(mut process) = instance.process.take() {
+            process.kill_hard();
+        }
+    }
+
+    pub fn index_of(&self, name: &str) -> usize {
+        self.instances
+            .iter()
+            .position(|instance| instance.name == name)
+            .expect("instance exists")
+    }
+
+    /// Lease holder, as the API server says.
+    pub async fn lease_holder(&self) -> anyhow::Result<Option<String>> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
+        Ok(leases
+            .get_opt(&contract::lease_name(&self.name))
+            .await?
+            .and_then(|lease| lease.spec)
+            .and_then(|spec| spec.holder_identity))
+    }
+
+    /// The `/status` of instance `index`.
+    pub async fn status(&self, index: usize) -> Option<InstanceStatus> {
+        instance::http::peer_status(
+            "127.0.0.1",
+            self.instances[index].http_port,
+            Duration::from_secs(2),
+        )
+        .await
+    }
+
+    /// A raw HTTP GET on instance `index`: (status code, body).
+    pub async fn http_get(&self, index: usize, path: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream =
+            tokio::net::TcpStream::connect(("127.0.0.1", self.instances[index].http_port)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// A connection to instance `index` as the superuser (TCP, SCRAM).
+    pub async fn connect(&self, index: usize) -> anyhow::Result<tokio_postgres::Client> {
+        connect_port(self.instances[index].pg_port).await
+    }
+
+    /// Pod labels and annotations of instance `index`.
+    pub async fn pod_metadata(
+        &self,
+        index: usize,
+    ) -> anyhow::Result<(BTreeMap<String, String>, BTreeMap<String, String>)> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let pod = pods.get(&self.instances[index].name).await?;
+        Ok((
+            pod.metadata.labels.unwrap_or_default(),
+            pod.metadata.annotations.unwrap_or_default(),
+        ))
+    }
+
+    /// Sets (`Some`) or removes (`None`) an annotation on the pod of instance `index`.
+    pub async fn annotate_pod(
+        &self,
+        index: usize,
+        key: &str,
+        value: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+        pods.patch(
+            &self.instances[index].name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets an annotation on the cluster's Lease (as the operator does for a switchover).
+    pub async fn annotate_lease(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+        leases
+            .patch(
+                &contract::lease_name(&self.name),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until one instance is primary (holds the Lease and accepts writes) and `replicas`
+    /// others stream from it; returns the primary's index.
+    pub async fn wait_for_primary_with_replicas(
+        &self,
+        replicas: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(holder)) = self.lease_holder().await {
+                let index = self.index_of(&holder);
+                if let Ok(client) = self.connect(index).await
+                    && let Ok(row) = client
+                        .query_one(
+                            "SELECT NOT pg_is_in_recovery(), (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND application_name <> 'pg_basebackup')",
+                            &[],
+                        )
+                        .await
+                {
+                    let writable: bool = row.get(0);
+                    let streaming: i64 = row.get(1);
+                    if writable && streaming as usize >= replicas {
+                        for other in (0..self.instances.len()).filter(|other| *other != index) {
+                            self.wait_for_role(other, contract::role::REPLICA, timeout).await?;
+                        }
+                        return Ok(index);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no primary with {replicas} streaming replicas after {timeout:?}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until an instance other than `old` holds the Lease and accepts a write.
+    pub async fn wait_for_new_primary(
+        &self,
+        old: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(holder)) = self.lease_holder().await
+                && holder != old
+            {
+                let index = self.index_of(&holder);
+                if let Ok(client) = self.connect(index).await
+                    && let Ok(Ok(())) = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        client.batch_execute(
+                            "CREATE TABLE IF NOT EXISTS probe (x int); INSERT INTO probe VALUES (1)",
+                        ),
+                    )
+                    .await
+                {
+                    return Ok(index);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no new primary after {timeout:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until instance `index` reports `role` and, for a replica, streams.
+    pub async fn wait_for_role(
+        &self,
+        index: usize,
+        role: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<InstanceStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.status(index).await
+                && status.role == role
+                && (role != contract::role::REPLICA || (status.streaming && status.postgres_ready))
+            {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} is not {role} after {timeout:?}: {:?}\n{}",
+                    self.instances[index].name,
+                    self.status(index).await,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The last lines of every instance's log.
+    pub fn logs(&self) -> String {
+        self.instances
+            .iter()
+            .map(|instance| {
+                format!(
+                    "===== {} =====\n{}\n",
+                    instance.name,
+                    tail(&instance.log(), 60)
+                )
+            })
+            .collect()
+    }
+}
+
+/// A connection to 127.0.0.1:`port` as the superuser.
+pub async fn connect_port(port: u16) -> anyhow::Result<tokio_postgres::Client> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .password(SUPERUSER_PASSWORD)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Polls `check` until it returns true.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{what}: not true after {timeout:?}")
+}
