@@ -49,7 +49,14 @@ pub fn python_clients() -> anyhow::Result<PathBuf> {
     }
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
     let status = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
         .arg(&target)
         .arg(format!("psycopg[binary]=={PSYCOPG}"))
         .arg(format!("asyncpg=={ASYNCPG}"))

@@ -1,0 +1,307 @@
+//! `cargo xtask bench router`: pgbench with the same clients and duration, in one run, against
+//! (a) one shard directly, (b) pg-router (release build) in front of it, (c) PgBouncer
+//! (transaction pooling) in front of it; select-only (`-S`) and TPC-B-like. Prints
+//! `name=value` lines: TPS ratios and p50/p99 latencies.
+//!
+//! The three targets run interleaved for `BENCH_ROUNDS` rounds (noisy shared machines): TPS is
+//! the median over rounds, latency percentiles are over every transaction of every round.
+//!
+//! Knobs: `BENCH_CLIENTS` (default 8), `BENCH_SECONDS` per run (default 6), `BENCH_ROUNDS`
+//! (default 3), `BENCH_SCALE` (default 5); `PG_ROUTER_WORKER_THREADS` reaches the router.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use testbed::Postgres;
+use testbed::process::{chown_to_unprivileged, unprivileged_command};
+
+fn env_or(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn pgbouncer_binary() -> anyhow::Result<PathBuf> {
+    for candidate in ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"] {
+        if Path::new(candidate).exists() {
+            return Ok(candidate.into());
+        }
+    }
+    eprintln!("pgbouncer not found: installing Debian's package (apt-get install -y pgbouncer)");
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "pgbouncer"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install pgbouncer failed ({status})");
+    }
+    Ok("/usr/sbin/pgbouncer".into())
+}
+
+fn start_router(shard_port: u16, dir: &Path) -> anyhow::Result<(Guard, u16)> {
+    let port = testbed::free_port();
+    let config = format!(
+        r#"listen = "127.0.0.1:{port}"
+[backend]
+pool_size = 64
+[[shards]]
+name = "s0"
+port = {shard_port}
+[[table_groups]]
+name = "accounts"
+[[table_groups]]
+name = "tellers"
+[[table_groups]]
+name = "branches"
+[[sharded_tables]]
+name = "pgbench_accounts"
+table_group = "accounts"
+shard_key = "aid"
+[[sharded_tables]]
+name = "pgbench_history"
+table_group = "accounts"
+shard_key = "aid"
+[[sharded_tables]]
+name = "pgbench_tellers"
+table_group = "tellers"
+shard_key = "tid"
+[[sharded_tables]]
+name = "pgbench_branches"
+table_group = "branches"
+shard_key = "bid"
+"#
+    );
+    let path = dir.join("router.toml");
+    std::fs::write(&path, config)?;
+    let child = Command::new(env!("CARGO_BIN_EXE_pg-router"))
+        .arg("--config")
+        .arg(&path)
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting pg-router")?;
+    let guard = Guard(child);
+    wait_for_port(port)?;
+    Ok((guard, port))
+}
+
+fn start_pgbouncer(shard_port: u16, dir: &Path, clients: u32) -> anyhow::Result<(Guard, u16)> {
+    let binary = pgbouncer_binary()?;
+    let port = testbed::free_port();
+    let bouncer_dir = dir.join("pgbouncer");
+    std::fs::create_dir_all(&bouncer_dir)?;
+    let ini = format!(
+        "[databases]\npostgres = host=127.0.0.1 port={shard_port} dbname=postgres user=postgres\n\
+         [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir = {}\n\
+         auth_type = trust\nauth_file = {}\npool_mode = transaction\nmax_client_conn = 500\n\
+         default_pool_size = {}\nlogfile = {}\npidfile = {}\n",
+        bouncer_dir.display(),
+        bouncer_dir.join("users.txt").display(),
+        clients.max(8),
+        bouncer_dir.join("pgbouncer.log").display(),
+        bouncer_dir.join("pgbouncer.pid").display(),
+    );
+    std::fs::write(bouncer_dir.join("users.txt"), "\"postgres\" \"\"\n")?;
+    std::fs::write(bouncer_dir.join("pgbouncer.ini"), ini)?;
+    chown_to_unprivileged(&bouncer_dir)?;
+    let child = unprivileged_command(&binary)?
+        .arg(bouncer_dir.join("pgbouncer.ini"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting pgbouncer")?;
+    let guard = Guard(child);
+    wait_for_port(port)?;
+    Ok((guard, port))
+}
+
+/// One pgbench run: TPS and per-transaction latencies (microseconds).
+struct Run {
+    tps: f64,
+    latencies_us: Vec<u64>,
+}
+
+fn pgbench(
+    port: u16,
+    select_only: bool,
+    clients: u32,
+    seconds: u32,
+    dir: &Path,
+    label: &str,
+) -> anyhow::Result<Run> {
+    let log_dir = dir.join(format!("log-{label}"));
+    std::fs::create_dir_all(&log_dir)?;
+    let mut command = Command::new(testbed::paths::pg_bin().join("pgbench"));
+    command
+        .args(["-n", "-h", "127.0.0.1", "-U", "postgres", "-M", "simple"])
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-c")
+        .arg(clients.to_string())
+        .arg("-j")
+        .arg(clients.min(4).to_string())
+        .arg("-T")
+        .arg(seconds.to_string())
+        .arg("-l")
+        .arg(format!(
+            "--log-prefix={}",
+            log_dir.join("pgbench").display()
+        ));
+    if select_only {
+        command.arg("-S");
+    }
+    command.arg("postgres");
+    let output = command.output().context("running pgbench")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "pgbench against {label} failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let tps = stdout
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("no tps in pgbench output: {stdout}"))?;
+    // Per-transaction log lines: client_id transaction_no time_us script_no time_epoch time_us.
+    let mut latencies_us: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(&log_dir)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        latencies_us.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()),
+        );
+        std::fs::remove_file(path)?;
+    }
+    Ok(Run { tps, latencies_us })
+}
+
+/// Median TPS and latency percentiles (ms) of several runs.
+struct Summary {
+    tps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn summarize(runs: &[Run]) -> Summary {
+    let mut tps: Vec<f64> = runs.iter().map(|r| r.tps).collect();
+    tps.sort_by(f64::total_cmp);
+    let mut latencies: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.latencies_us.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+    let percentile = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies[index] as f64 / 1000.0
+    };
+    Summary {
+        tps: tps[tps.len() / 2],
+        p50_ms: percentile(0.50),
+        p99_ms: percentile(0.99),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let clients = env_or("BENCH_CLIENTS", 8);
+    let seconds = env_or("BENCH_SECONDS", 6);
+    let rounds = env_or("BENCH_ROUNDS", 3).max(1);
+    let scale = env_or("BENCH_SCALE", 5);
+    let shard = Postgres::start_with(
+        testbed::PostgresOptions::default()
+            .setting("max_connections", 200)
+            .setting("shared_buffers", "128MB"),
+    )?;
+    let init = Command::new(testbed::paths::pg_bin().join("pgbench"))
+        .args(["-i", "-q", "-h", "127.0.0.1", "-U", "postgres", "-s"])
+        .arg(scale.to_string())
+        .arg("-p")
+        .arg(shard.port().to_string())
+        .arg("postgres")
+        .output()
+        .context("pgbench -i")?;
+    if !init.status.success() {
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let (_router, router_port) = start_router(shard.port(), dir.path())?;
+    let (_bouncer, bouncer_port) = start_pgbouncer(shard.port(), dir.path(), clients)?;
+    println!(
+        "machine_cpus={}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "pgbench_clients={clients} pgbench_seconds={seconds} pgbench_rounds={rounds} pgbench_scale={scale} protocol=simple"
+    );
+    for (name, select_only) in [("select", true), ("tpcb", false)] {
+        let targets = [
+            ("direct", shard.port()),
+            ("router", router_port),
+            ("pgbouncer", bouncer_port),
+        ];
+        let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds {
+            for (i, (target, port)) in targets.iter().enumerate() {
+                runs[i].push(pgbench(
+                    *port,
+                    select_only,
+                    clients,
+                    seconds,
+                    dir.path(),
+                    &format!("{target}-{name}-{round}"),
+                )?);
+            }
+        }
+        let summaries: Vec<Summary> = runs.iter().map(|r| summarize(r)).collect();
+        for ((target, _), summary) in targets.iter().zip(&summaries) {
+            println!("{target}_{name}_tps={:.1}", summary.tps);
+            println!("{target}_{name}_latency_p50_ms={:.3}", summary.p50_ms);
+            println!("{target}_{name}_latency_p99_ms={:.3}", summary.p99_ms);
+        }
+        println!(
+            "router_vs_direct_tps_ratio_{name}={:.3}",
+            summaries[1].tps / summaries[0].tps
+        );
+        println!(
+            "router_vs_pgbouncer_tps_ratio_{name}={:.3}",
+            summaries[1].tps / summaries[2].tps
+        );
+    }
+    Ok(())
+}

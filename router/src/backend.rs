@@ -1,0 +1,705 @@
+//! One connection to a shard, speaking the PostgreSQL protocol v3 directly (the extended query
+//! protocol for every statement), so result rows pass through as the shard's bytes in the
+//! format the client asked for.
+
+use std::collections::HashMap;
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{self, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::topology::{BackendConfig, Endpoint};
+
+/// A PostgreSQL error or notice, with its fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerError {
+    /// Severity (`ERROR`, `FATAL`, ...).
+    pub severity: String,
+    /// SQLSTATE.
+    pub code: String,
+    /// Primary message.
+    pub message: String,
+    /// Detail.
+    pub detail: Option<String>,
+    /// Hint.
+    pub hint: Option<String>,
+    /// Cursor position.
+    pub position: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)
+    }
+}
+
+/// Errors talking to a shard.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The connection failed or broke.
+    #[error("shard {shard}: connection failed: {source}")]
+    Io {
+        /// Shard name.
+        shard: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The shard answered with an error.
+    #[error("shard {shard}: {error}")]
+    Server {
+        /// Shard name.
+        shard: String,
+        /// The error it sent.
+        error: Box<ServerError>,
+    },
+    /// The shard sent something the router did not expect.
+    #[error("shard {shard}: protocol violation: {message}")]
+    Protocol {
+        /// Shard name.
+        shard: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl BackendError {
+    /// Is the connection unusable after this error?
+    pub fn is_connection_lost(&self) -> bool {
+        !matches!(self, BackendError::Server { .. })
+    }
+}
+
+/// A column of a result, as the shard described it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// Table OID (0 if none).
+    pub table_oid: u32,
+    /// Column number in the table (0 if none).
+    pub column_id: i16,
+    /// Type OID.
+    pub type_oid: u32,
+    /// Type size.
+    pub type_size: i16,
+    /// Type modifier.
+    pub type_modifier: i32,
+    /// Format code (0 text, 1 binary).
+    pub format: i16,
+}
+
+/// What a shard says about a statement (Describe).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Description {
+    /// Parameter type OIDs.
+    pub params: Vec<u32>,
+    /// Result columns; `None` if the statement returns no rows.
+    pub columns: Option<Vec<Column>>,
+}
+
+/// A message from the shard, decoded as far as the router needs.
+#[derive(Debug)]
+pub enum BackendMessage {
+    /// RowDescription.
+    RowDescription(Vec<Column>),
+    /// NoData.
+    NoData,
+    /// DataRow: the number of fields and the raw field bytes (length-prefixed values).
+    DataRow(i16, BytesMut),
+    /// CommandComplete with its tag.
+    CommandComplete(String),
+    /// EmptyQueryResponse.
+    EmptyQuery,
+    /// ErrorResponse.
+    Error(ServerError),
+    /// ReadyForQuery with the transaction status byte.
+    ReadyForQuery(u8),
+    /// ParameterDescription.
+    ParameterDescription(Vec<u32>),
+    /// NoticeResponse (NOTICE, WARNING, ...).
+    Notice(ServerError),
+    /// Anything else the router skips (ParseComplete, BindComplete, ...).
+    Other(u8),
+}
+
+/// One statement execution request.
+#[derive(Debug, Clone, Default)]
+pub struct Execution<'a> {
+    /// SQL text.
+    pub sql: &'a str,
+    /// Parameter type OIDs (0 = let the shard infer).
+    pub param_types: &'a [u32],
+    /// Parameter values (raw bytes in their format).
+    pub params: &'a [Option<Bytes>],
+    /// Parameter format codes (empty = all text; one = for all).
+    pub param_formats: &'a [i16],
+    /// Result format codes (empty = all text; one = for all).
+    pub result_formats: &'a [i16],
+    /// Cache the statement on this connection under a name (prepared-statement fast path).
+    pub cache: bool,
+}
+
+/// A live connection to one shard.
+#[derive(Debug)]
+pub struct BackendConnection {
+    shard: String,
+    stream: TcpStream,
+    read: BytesMut,
+    write: BytesMut,
+    /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
+    pub status: u8,
+    /// Statements prepared on this connection: (SQL, parameter types) -> statement name.
+    prepared: HashMap<(String, Vec<u32>), String>,
+    /// Fingerprint of the session settings (SET) applied to this connection.
+    pub settings_tag: u64,
+    /// Messages still to read before the connection is idle (an abandoned result).
+    pub pending: bool,
+    next_statement: u64,
+    /// Where and how to cancel this backend's running statement.
+    pub cancel_target: Option<crate::cancel::CancelTarget>,
+    /// Transaction start (BEGIN and replayed SAVEPOINTs, with their count) not sent yet: it
+    /// goes in front of the next statement, saving a round trip.
+    pub begin_pending: Option<(String, u32)>,
+    /// Command completions of a sent BEGIN prefix still to swallow.
+    skip_commands: u32,
+}
+
+fn read_cstr(buf: &mut BytesMut) -> String {
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.advance((end + 1).min(buf.len()));
+    text
+}
+
+fn parse_error_fields(mut body: BytesMut) -> ServerError {
+    let mut error = ServerError::default();
+    while body.has_remaining() {
+        let field = body.get_u8();
+        if field == 0 {
+            break;
+        }
+        let value = read_cstr(&mut body);
+        match field {
+            b'V' => error.severity = value,
+            b'S' if error.severity.is_empty() => error.severity = value,
+            b'C' => error.code = value,
+            b'M' => error.message = value,
+            b'D' => error.detail = Some(value),
+            b'H' => error.hint = Some(value),
+            b'P' => error.position = Some(value),
+            _ => {}
+        }
+    }
+    error
+}
+
+impl BackendConnection {
+    /// Connects and authenticates (trust, cleartext, MD5 or SCRAM-SHA-256).
+    pub async fn connect(
+        endpoint: &Endpoint,
+        config: &BackendConfig,
+    ) -> Result<Self, BackendError> {
+        let io = |source| BackendError::Io {
+            shard: endpoint.name.clone(),
+            source,
+        };
+        let stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        let mut connection = Self {
+            shard: endpoint.name.clone(),
+            stream,
+            read: BytesMut::with_capacity(16 * 1024),
+            write: BytesMut::with_capacity(4 * 1024),
+            status: b'I',
+            prepared: HashMap::new(),
+            settings_tag: 0,
+            pending: false,
+            next_statement: 0,
+            cancel_target: None,
+            begin_pending: None,
+            skip_commands: 0,
+        };
+        frontend::startup_message(
+            [
+                ("user", config.user.as_str()),
+                ("database", config.database.as_str()),
+                ("application_name", "pg-router"),
+                ("client_encoding", "UTF8"),
+            ],
+            &mut connection.write,
+        )
+        .map_err(io)?;
+        connection.flush().await?;
+        connection.authenticate(config).await?;
+        loop {
+            match connection.read_raw().await? {
+                (b'Z', body) => {
+                    connection.status = body.first().copied().unwrap_or(b'I');
+                    return Ok(connection);
+                }
+                (b'E', body) => return Err(connection.server_error(parse_error_fields(body))),
+                (b'K', mut body) if body.len() >= 8 => {
+                    let pid = body.get_i32();
+                    let secret = body.get_i32();
+                    connection.cancel_target = Some(crate::cancel::CancelTarget {
+                        host: endpoint.host.clone(),
+                        port: endpoint.port,
+                        pid,
+                        secret,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, config: &BackendConfig) -> Result<(), BackendError> {
+        let password = config.password.clone().unwrap_or_default();
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (kind, mut body) = self.read_raw().await?;
+            match kind {
+                b'E' => return Err(self.server_error(parse_error_fields(body))),
+                b'R' => {
+                    let code = body.get_i32();
+                    match code {
+                        0 => return Ok(()),
+                        3 => {
+                            frontend::password_message(password.as_bytes(), &mut self.write)
+                                .map_err(|e| self.io(e))?;
+                        }
+                        5 => {
+                            let salt = [body[0], body[1], body[2], body[3]];
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                config.user.as_bytes(),
+                                password.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut self.write)
+                                .map_err(|e| self.io(e))?;
+                        }
+                        10 => {
+                            let client = ScramSha256::new(
+                                password.as_bytes(),
+                                sasl::ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                sasl::SCRAM_SHA_256,
+                                client.message(),
+                                &mut self.write,
+                            )
+                            .map_err(|e| self.io(e))?;
+                            scram = Some(client);
+                        }
+                        11 => {
+                            let client = scram
+                                .as_mut()
+                                .ok_or_else(|| self.protocol("SASL continue before start"))?;
+                            client.update(&body).map_err(|e| self.io(e))?;
+                            let message = client.message().to_vec();
+                            frontend::sasl_response(&message, &mut self.write)
+                                .map_err(|e| self.io(e))?;
+                        }
+                        12 => {
+                            let client = scram
+                                .as_mut()
+                                .ok_or_else(|| self.protocol("SASL final before start"))?;
+                            client.finish(&body).map_err(|e| self.io(e))?;
+                            continue;
+                        }
+                        other => {
+                            return Err(self
+                                .protocol(&format!("unsupported authentication request {other}")));
+                        }
+                    }
+                    self.flush().await?;
+                }
+                other => {
+                    return Err(self.protocol(&format!(
+                        "unexpected message {:?} during authentication",
+                        other as char
+                    )));
+                }
+            }
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> BackendError {
+        BackendError::Io {
+            shard: self.shard.clone(),
+            source,
+        }
+    }
+
+    fn protocol(&self, message: &str) -> BackendError {
+        BackendError::Protocol {
+            shard: self.shard.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    fn server_error(&self, error: ServerError) -> BackendError {
+        BackendError::Server {
+            shard: self.shard.clone(),
+            error: Box::new(error),
+        }
+    }
+
+    /// The shard's name.
+    pub fn shard(&self) -> &str {
+        &self.shard
+    }
+
+    /// Can this connection go back to the pool (idle, nothing left to read)?
+    pub fn is_reusable(&self) -> bool {
+        self.status == b'I' && !self.pending
+    }
+
+    /// Health check of an idle connection without a round trip: an idle backend sends nothing,
+    /// so readable data (a FATAL from a shutdown) or EOF means the connection is dead.
+    pub fn is_stale(&mut self) -> bool {
+        let mut probe = [0u8; 64];
+        match self.stream.try_read(&mut probe) {
+            Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
+            Ok(_) => true,
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), BackendError> {
+        let data = self.write.split();
+        self.stream.write_all(&data).await.map_err(|e| self.io(e))
+    }
+
+    async fn read_raw(&mut self) -> Result<(u8, BytesMut), BackendError> {
+        loop {
+            if self.read.len() >= 5 {
+                let len =
+                    u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]])
+                        as usize;
+                if len < 4 {
+                    return Err(self.protocol("message length below 4"));
+                }
+                if self.read.len() > len {
+                    let kind = self.read[0];
+                    let mut frame = self.read.split_to(len + 1);
+                    frame.advance(5);
+                    return Ok((kind, frame));
+                }
+                self.read.reserve(len + 1 - self.read.len());
+            } else {
+                self.read.reserve(8 * 1024);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read)
+                .await
+                .map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Err(self.io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the shard closed the connection",
+                )));
+            }
+        }
+    }
+
+    /// Reads and decodes the next message.
+    pub async fn next_message(&mut self) -> Result<BackendMessage, BackendError> {
+        let (kind, mut body) = loop {
+            let (kind, body) = self.read_raw().await?;
+            match kind {
+                // The completion of a BEGIN sent in front of the statement.
+                b'C' if self.skip_commands > 0 => self.skip_commands -= 1,
+                b'E' | b'Z' => {
+                    self.skip_commands = 0;
+                    break (kind, body);
+                }
+                _ => break (kind, body),
+            }
+        };
+        Ok(match kind {
+            b'D' => {
+                let count = body.get_i16();
+                BackendMessage::DataRow(count, body)
+            }
+            b'T' => {
+                let count = body.get_i16();
+                let mut columns = Vec::with_capacity(count.max(0) as usize);
+                for _ in 0..count {
+                    let name = read_cstr(&mut body);
+                    columns.push(Column {
+                        name,
+                        table_oid: body.get_u32(),
+                        column_id: body.get_i16(),
+                        type_oid: body.get_u32(),
+                        type_size: body.get_i16(),
+                        type_modifier: body.get_i32(),
+                        format: body.get_i16(),
+                    });
+                }
+                BackendMessage::RowDescription(columns)
+            }
+            b'n' => BackendMessage::NoData,
+            b'C' => BackendMessage::CommandComplete(read_cstr(&mut body)),
+            b'I' => BackendMessage::EmptyQuery,
+            b'E' => BackendMessage::Error(parse_error_fields(body)),
+            b'N' => BackendMessage::Notice(parse_error_fields(body)),
+            b'Z' => {
+                self.status = body.first().copied().unwrap_or(b'I');
+                self.pending = false;
+                BackendMessage::ReadyForQuery(self.status)
+            }
+            b't' => {
+                let count = body.get_i16();
+                BackendMessage::ParameterDescription((0..count).map(|_| body.get_u32()).collect())
+            }
+            other => BackendMessage::Other(other),
+        })
+    }
+
+    /// Sends Parse (unless cached) / Bind / Describe portal / Execute / Sync. The caller then
+    /// reads the result with [`next_message`](Self::next_message) up to ReadyForQuery.
+    pub async fn send_execution(&mut self, execution: &Execution<'_>) -> Result<(), BackendError> {
+        if !execution.cache
+            && execution.params.is_empty()
+            && execution.param_types.is_empty()
+            && execution.result_formats.iter().all(|f| *f == 0)
+        {
+            // No parameters, text results: the simple protocol is one message and the cheapest
+            // for the shard (no separate parse/bind/describe steps). A pending BEGIN rides in the
+            // same query string: if it fails, PostgreSQL skips the statement.
+            match self.begin_pending.take() {
+                Some((begin, commands)) => {
+                    let text = format!("{begin}; {}", execution.sql);
+                    frontend::query(&text, &mut self.write).map_err(|e| self.io(e))?;
+                    self.skip_commands = commands;
+                }
+                None => frontend::query(execution.sql, &mut self.write).map_err(|e| self.io(e))?,
+            }
+            self.pending = true;
+            return self.flush().await;
+        }
+        if let Some((begin, _)) = self.begin_pending.take() {
+            self.query_text(&begin).await?;
+        }
+        let statement_name = if execution.cache {
+            let key = (execution.sql.to_string(), execution.param_types.to_vec());
+            match self.prepared.get(&key) {
+                Some(name) => name.clone(),
+                None => {
+                    self.next_statement += 1;
+                    let name = format!("pgr_{}", self.next_statement);
+                    frontend::parse(
+                        &name,
+                        execution.sql,
+                        execution.param_types.iter().copied(),
+                        &mut self.write,
+                    )
+                    .map_err(|e| self.io(e))?;
+                    self.prepared.insert(key, name.clone());
+                    name
+                }
+            }
+        } else {
+            frontend::parse(
+                "",
+                execution.sql,
+                execution.param_types.iter().copied(),
+                &mut self.write,
+            )
+            .map_err(|e| self.io(e))?;
+            String::new()
+        };
+        let result = frontend::bind(
+            "",
+            &statement_name,
+            execution.param_formats.iter().copied(),
+            execution.params.iter(),
+            |value, buf| match value {
+                Some(bytes) => {
+                    buf.extend_from_slice(bytes);
+                    Ok(postgres_protocol::IsNull::No)
+                }
+                None => Ok(postgres_protocol::IsNull::Yes),
+            },
+            execution.result_formats.iter().copied(),
+            &mut self.write,
+        );
+        if result.is_err() {
+            return Err(self.protocol("encoding Bind failed"));
+        }
+        frontend::describe(b'P', "", &mut self.write).map_err(|e| self.io(e))?;
+        frontend::execute("", 0, &mut self.write).map_err(|e| self.io(e))?;
+        frontend::sync(&mut self.write);
+        self.pending = true;
+        self.flush().await
+    }
+
+    /// Starts `COPY ... FROM STDIN` (simple protocol); returns the number of columns.
+    pub async fn start_copy_in(&mut self, sql: &str) -> Result<i16, BackendError> {
+        let sql = match self.begin_pending.take() {
+            Some((begin, commands)) => {
+                self.skip_commands = commands;
+                format!("{begin}; {sql}")
+            }
+            None => sql.to_string(),
+        };
+        frontend::query(&sql, &mut self.write).map_err(|e| self.io(e))?;
+        self.pending = true;
+        self.flush().await?;
+        loop {
+            let (kind, mut body) = self.read_raw().await?;
+            match kind {
+                b'G' => {
+                    let _format = body.get_i8();
+                    return Ok(body.get_i16());
+                }
+                b'C' if self.skip_commands > 0 => self.skip_commands -= 1,
+                b'E' => {
+                    let error = parse_error_fields(body);
+                    self.skip_commands = 0;
+                    self.drain().await?;
+                    return Err(self.server_error(error));
+                }
+                b'Z' => {
+                    self.pending = false;
+                    return Err(self.protocol("COPY ended before CopyInResponse"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends rows (text format lines) of a running COPY.
+    pub async fn copy_data(&mut self, data: &[u8]) -> Result<(), BackendError> {
+        use bytes::BufMut;
+        self.write.put_u8(b'd');
+        self.write.put_i32(data.len() as i32 + 4);
+        self.write.put_slice(data);
+        self.flush().await
+    }
+
+    /// Ends a running COPY (CopyDone, or CopyFail with `failure`); returns the command tag.
+    pub async fn finish_copy(&mut self, failure: Option<&str>) -> Result<String, BackendError> {
+        match failure {
+            None => frontend::copy_done(&mut self.write),
+            Some(message) => {
+                frontend::copy_fail(message, &mut self.write).map_err(|e| self.io(e))?
+            }
+        }
+        self.flush().await?;
+        let mut tag = String::new();
+        let mut failed = None;
+        loop {
+            match self.next_message().await? {
+                BackendMessage::CommandComplete(t) => tag = t,
+                BackendMessage::Error(error) => failed = Some(error),
+                BackendMessage::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match failed {
+            Some(error) => Err(self.server_error(error)),
+            None => Ok(tag),
+        }
+    }
+
+    /// Forgets a cached statement whose Parse failed (so the next use parses again).
+    pub fn forget_statement(&mut self, sql: &str) {
+        self.prepared.retain(|(cached, _), _| cached != sql);
+    }
+
+    /// Describes `sql`: parameter types and result columns.
+    pub async fn describe(
+        &mut self,
+        sql: &str,
+        param_types: &[u32],
+    ) -> Result<Description, BackendError> {
+        frontend::parse("", sql, param_types.iter().copied(), &mut self.write)
+            .map_err(|e| self.io(e))?;
+        frontend::describe(b'S', "", &mut self.write).map_err(|e| self.io(e))?;
+        frontend::sync(&mut self.write);
+        self.pending = true;
+        self.flush().await?;
+        let mut description = Description::default();
+        let mut failure = None;
+        loop {
+            match self.next_message().await? {
+                BackendMessage::ParameterDescription(params) => description.params = params,
+                BackendMessage::RowDescription(columns) => description.columns = Some(columns),
+                BackendMessage::Error(error) => failure = Some(error),
+                BackendMessage::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match failure {
+            Some(error) => Err(self.server_error(error)),
+            None => Ok(description),
+        }
+    }
+
+    /// Runs `sql` (no parameters, text results) and collects its rows as text. For the router's
+    /// own bookkeeping statements, not for client queries.
+    pub async fn query_text(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+        let sql = match self.begin_pending.take() {
+            Some((begin, _)) => format!("{begin}; {sql}"),
+            None => sql.to_string(),
+        };
+        frontend::query(&sql, &mut self.write).map_err(|e| self.io(e))?;
+        self.pending = true;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            match self.next_message().await? {
+                BackendMessage::DataRow(_, body) => rows.push(crate::values::split_text_row(&body)),
+                BackendMessage::Error(error) => failure = Some(error),
+                BackendMessage::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match failure {
+            Some(error) => Err(self.server_error(error)),
+            None => Ok(rows),
+        }
+    }
+
+    /// Reads until ReadyForQuery, dropping everything (after an abandoned result).
+    pub async fn drain(&mut self) -> Result<(), BackendError> {
+        while self.pending {
+            self.next_message().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends Terminate (best effort).
+    pub async fn terminate(mut self) {
+        frontend::terminate(&mut self.write);
+        let _ = self.flush().await;
+    }
+}
+
+/// Splits a DataRow body into its fields (without copying).
+pub fn split_fields(body: &[u8]) -> Vec<Option<&[u8]>> {
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let len = i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+        at += 4;
+        if len < 0 {
+            fields.push(None);
+        } else {
+            let end = (at + len as usize).min(body.len());
+            fields.push(Some(&body[at..end]));
+            at = end;
+        }
+    }
+    fields
+}

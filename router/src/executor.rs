@@ -1,0 +1,309 @@
+//! The executor: runs statements on backend connections and exposes each shard's result as a
+//! cursor of raw rows (the shard's bytes, passed through).
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::backend::{BackendConnection, BackendError, BackendMessage, Column, Execution};
+use crate::error::RouterError;
+use crate::pool::Leased;
+
+/// One result row: field count and the length-prefixed field bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    /// Number of fields.
+    pub fields: i16,
+    /// Field bytes as in a DataRow body after the count.
+    pub data: BytesMut,
+}
+
+/// A backend connection a statement runs on: from the pool (autocommit) or the one a
+/// transaction holds.
+#[derive(Debug)]
+pub struct BackendHandle(Option<HandleInner>);
+
+#[derive(Debug)]
+enum HandleInner {
+    Pooled(Box<Leased>),
+    Transaction(OwnedMutexGuard<Leased>),
+}
+
+impl BackendHandle {
+    /// A pooled connection.
+    pub fn pooled(leased: Leased) -> Self {
+        Self(Some(HandleInner::Pooled(Box::new(leased))))
+    }
+
+    /// A transaction's connection (locked while the statement runs). A result still being
+    /// read on it (a suspended portal) makes this wait; after 30 s it is an error, not a hang.
+    pub async fn transaction(connection: &Arc<Mutex<Leased>>) -> Result<Self, RouterError> {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            connection.clone().lock_owned(),
+        )
+        .await
+        {
+            Ok(guard) => Ok(Self(Some(HandleInner::Transaction(guard)))),
+            Err(_) => Err(RouterError::session(
+                "55000",
+                "another result of this transaction is still open on the same shard; \
+                 read it to the end or close its portal first",
+            )),
+        }
+    }
+
+    /// Shard index.
+    pub fn shard_index(&self) -> usize {
+        match self.0.as_ref().expect("handle") {
+            HandleInner::Pooled(l) => l.shard_index(),
+            HandleInner::Transaction(l) => l.shard_index(),
+        }
+    }
+
+    fn leased(&mut self) -> &mut Leased {
+        match self.0.as_mut().expect("handle") {
+            HandleInner::Pooled(l) => l,
+            HandleInner::Transaction(l) => l,
+        }
+    }
+
+    /// Marks the connection broken so it is not reused.
+    pub fn discard(&mut self) {
+        self.leased().discard();
+    }
+}
+
+impl std::ops::Deref for BackendHandle {
+    type Target = BackendConnection;
+    fn deref(&self) -> &BackendConnection {
+        match self.0.as_ref().expect("handle") {
+            HandleInner::Pooled(l) => l,
+            HandleInner::Transaction(l) => l,
+        }
+    }
+}
+
+impl std::ops::DerefMut for BackendHandle {
+    fn deref_mut(&mut self) -> &mut BackendConnection {
+        self.leased()
+    }
+}
+
+impl Drop for BackendHandle {
+    fn drop(&mut self) {
+        let Some(inner) = self.0.take() else { return };
+        let pending = match &inner {
+            HandleInner::Pooled(l) => l.pending,
+            HandleInner::Transaction(l) => l.pending,
+        };
+        if pending && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // The client stopped reading (LIMIT reached, connection closed): read the rest of
+            // the result in the background so the connection can be reused.
+            runtime.spawn(async move {
+                let mut inner = inner;
+                let leased: &mut Leased = match &mut inner {
+                    HandleInner::Pooled(l) => l,
+                    HandleInner::Transaction(l) => l,
+                };
+                if leased.drain().await.is_err() {
+                    leased.discard();
+                }
+            });
+        }
+    }
+}
+
+/// Parameters of one execution (owned, so a plan can be re-run per shard).
+#[derive(Clone, Debug, Default)]
+pub struct Params {
+    /// Type OIDs (0 = unspecified).
+    pub types: Vec<u32>,
+    /// Values.
+    pub values: Vec<Option<Bytes>>,
+    /// Format codes.
+    pub formats: Vec<i16>,
+}
+
+impl Params {
+    /// The format of parameter `index` (0-based).
+    pub fn format_of(&self, index: usize) -> i16 {
+        match self.formats.len() {
+            0 => 0,
+            1 => self.formats[0],
+            _ => self.formats.get(index).copied().unwrap_or(0),
+        }
+    }
+
+    /// A subset of the parameters (0-based indexes), for a split statement.
+    pub fn subset(&self, indexes: &[usize]) -> Params {
+        Params {
+            types: indexes
+                .iter()
+                .map(|i| self.types.get(*i).copied().unwrap_or(0))
+                .collect(),
+            values: indexes
+                .iter()
+                .map(|i| self.values.get(*i).cloned().flatten())
+                .collect(),
+            formats: indexes.iter().map(|i| self.format_of(*i)).collect(),
+        }
+    }
+}
+
+/// The result of one statement on one shard, read row by row.
+#[derive(Debug)]
+pub struct ShardCursor {
+    handle: BackendHandle,
+    /// Result columns; `None` for a statement without rows.
+    pub columns: Option<Vec<Column>>,
+    /// Command tag, once the statement completed.
+    pub tag: Option<String>,
+    finished: bool,
+    cancel: Option<crate::cancel::CancelGuard>,
+    /// Notices the shard sent so far (those before the first row reach the client).
+    pub notices: Vec<crate::backend::ServerError>,
+}
+
+impl ShardCursor {
+    /// Starts `sql` on `handle` and reads up to the first row (or the end, without rows).
+    pub async fn open(
+        cancel: Option<&Arc<crate::cancel::SessionCancel>>,
+        mut handle: BackendHandle,
+        sql: &str,
+        params: &Params,
+        result_formats: &[i16],
+        cache: bool,
+    ) -> Result<Self, RouterError> {
+        let execution = Execution {
+            sql,
+            param_types: &params.types,
+            params: &params.values,
+            param_formats: &params.formats,
+            result_formats,
+            cache,
+        };
+        if let Err(error) = handle.send_execution(&execution).await {
+            handle.discard();
+            return Err(error.into());
+        }
+        let guard = match (cancel, handle.cancel_target.clone()) {
+            (Some(session), Some(target)) => Some(session.register(target)),
+            _ => None,
+        };
+        let mut cursor = Self {
+            handle,
+            columns: None,
+            tag: None,
+            finished: false,
+            cancel: guard,
+            notices: Vec::new(),
+        };
+        loop {
+            match cursor.read().await? {
+                BackendMessage::RowDescription(columns) => {
+                    cursor.columns = Some(columns);
+                    return Ok(cursor);
+                }
+                BackendMessage::NoData => {
+                    // No rows: read to the end now so the tag is known.
+                    while cursor.next_row().await?.is_some() {}
+                    return Ok(cursor);
+                }
+                BackendMessage::Error(error) => return Err(cursor.fail(error, sql, cache).await),
+                // The simple protocol has no NoData: a statement without rows completes here.
+                BackendMessage::CommandComplete(tag) => cursor.tag = Some(tag),
+                BackendMessage::EmptyQuery => cursor.tag = Some(String::new()),
+                BackendMessage::Notice(notice) => cursor.notices.push(notice),
+                BackendMessage::ReadyForQuery(_) => {
+                    cursor.finished = true;
+                    cursor.cancel = None;
+                    return Ok(cursor);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn read(&mut self) -> Result<BackendMessage, RouterError> {
+        match self.handle.next_message().await {
+            Ok(message) => Ok(message),
+            Err(error) => {
+                self.handle.discard();
+                self.finished = true;
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn fail(
+        &mut self,
+        error: crate::backend::ServerError,
+        sql: &str,
+        cache: bool,
+    ) -> RouterError {
+        if cache {
+            self.handle.forget_statement(sql);
+        }
+        if self.handle.drain().await.is_err() {
+            self.handle.discard();
+        }
+        self.finished = true;
+        // Done: the backend may serve someone else now, it must not be cancelled for us.
+        self.cancel = None;
+        RouterError::Backend(BackendError::Server {
+            shard: self.handle.shard().to_string(),
+            error: Box::new(error),
+        })
+    }
+
+    /// The next row, or `None` at the end.
+    pub async fn next_row(&mut self) -> Result<Option<Row>, RouterError> {
+        while !self.finished {
+            match self.read().await? {
+                BackendMessage::DataRow(fields, data) => return Ok(Some(Row { fields, data })),
+                BackendMessage::CommandComplete(tag) => self.tag = Some(tag),
+                BackendMessage::EmptyQuery => self.tag = Some(String::new()),
+                BackendMessage::Notice(notice) => self.notices.push(notice),
+                BackendMessage::Error(error) => return Err(self.fail(error, "", false).await),
+                BackendMessage::ReadyForQuery(_) => self.finished = true,
+                _ => {}
+            }
+        }
+        self.cancel = None;
+        Ok(None)
+    }
+
+    /// Reads all remaining rows.
+    pub async fn collect(&mut self) -> Result<Vec<Row>, RouterError> {
+        let mut rows = Vec::new();
+        while let Some(row) = self.next_row().await? {
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
+    /// Shard index.
+    pub fn shard_index(&self) -> usize {
+        self.handle.shard_index()
+    }
+
+    /// Records which session settings the connection now carries.
+    pub fn set_settings_tag(&mut self, tag: u64) {
+        self.handle.settings_tag = tag;
+    }
+}
+
+/// Rows affected according to a command tag (`INSERT 0 5` -> 5, `UPDATE 3` -> 3).
+pub fn tag_rows(tag: &str) -> Option<u64> {
+    tag.rsplit(' ').next().and_then(|n| n.parse().ok())
+}
+
+/// The command word(s) of a tag without the counts (`INSERT 0 5` -> `INSERT`).
+pub fn tag_command(tag: &str) -> String {
+    tag.split(' ')
+        .filter(|part| part.parse::<u64>().is_err())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,27 @@
+//! pg-router: a stateless PostgreSQL wire-protocol router over PostgreSQL 18 shards.
+//!
+//! Layers, each in its module: [`frontend`] (pgwire: protocol, authentication) -> [`session`]
+//! (transactions, settings) -> [`planner`] (SQL to a [`planner::Plan`], pure) -> [`executor`]
+//! (backend connections from [`pool`], raw protocol in [`backend`]) -> [`merger`]
+//! (scatter-gather results). [`topology`] and [`vindex`] decide placement; [`twophase`] commits
+//! cross-shard transactions; [`server`] is the run loop; [`metrics`] the Prometheus endpoint.
+
+pub mod backend;
+pub mod cancel;
+pub mod error;
+pub mod executor;
+pub mod frontend;
+pub mod merger;
+pub mod metrics;
+pub mod plan_cache;
+pub mod planner;
+pub mod pool;
+pub mod server;
+pub mod session;
+pub mod topology;
+pub mod twophase;
+pub mod values;
+pub mod vindex;
+
+pub use server::Router;
+pub use topology::RouterConfig;

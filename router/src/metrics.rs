@@ -1,0 +1,129 @@
+//! Prometheus metrics: queries by plan kind, latency histograms, pool usage, 2PC outcomes.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+}
+
+/// All metrics of one router process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    queries: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram, fn() -> Histogram>,
+    pool_in_use: Family<Labels, Gauge>,
+    two_phase: Family<Labels, Counter>,
+    query_handles: std::sync::RwLock<Vec<(&'static str, Counter, Histogram)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pg_router");
+        let queries = Family::<Labels, Counter>::default();
+        let errors = Family::<Labels, Counter>::default();
+        let latency: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        let pool_in_use = Family::<Labels, Gauge>::default();
+        let two_phase = Family::<Labels, Counter>::default();
+        registry.register(
+            "queries",
+            "Statements routed, by plan kind",
+            queries.clone(),
+        );
+        registry.register(
+            "errors",
+            "Statements that failed, by SQLSTATE class",
+            errors.clone(),
+        );
+        registry.register(
+            "query_duration_seconds",
+            "Time to plan and run a statement, by plan kind",
+            latency.clone(),
+        );
+        registry.register(
+            "pool_connections_in_use",
+            "Backend connections checked out, by shard",
+            pool_in_use.clone(),
+        );
+        registry.register(
+            "two_phase_commits",
+            "Multi-shard transactions by outcome (committed, aborted, in_doubt, recovered_commit, recovered_abort)",
+            two_phase.clone(),
+        );
+        Self {
+            registry,
+            queries,
+            errors,
+            latency,
+            pool_in_use,
+            two_phase,
+            query_handles: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Counts a routed statement and its latency.
+    pub fn observe_query(&self, plan: &'static str, seconds: f64) {
+        // Handles are cached per plan kind: no label allocation on the hot path.
+        {
+            let cache = self.query_handles.read().expect("metrics lock");
+            if let Some((_, counter, histogram)) = cache.iter().find(|(kind, _, _)| *kind == plan) {
+                counter.inc();
+                histogram.observe(seconds);
+                return;
+            }
+        }
+        let labels = vec![("plan".to_string(), plan.to_string())];
+        let counter = self.queries.get_or_create_owned(&labels);
+        let histogram = self.latency.get_or_create_owned(&labels);
+        counter.inc();
+        histogram.observe(seconds);
+        self.query_handles
+            .write()
+            .expect("metrics lock")
+            .push((plan, counter, histogram));
+    }
+
+    /// Counts a failed statement.
+    pub fn observe_error(&self, sqlstate: &str) {
+        let class = sqlstate.get(..2).unwrap_or("XX").to_string();
+        self.errors
+            .get_or_create(&vec![("class".to_string(), class)])
+            .inc();
+    }
+
+    /// The in-use gauge of a shard's pool (kept by the pool).
+    pub fn pool_gauge(&self, shard: usize) -> Gauge {
+        self.pool_in_use
+            .get_or_create_owned(&vec![("shard".to_string(), shard.to_string())])
+    }
+
+    /// Counts a 2PC outcome.
+    pub fn two_phase(&self, outcome: &str) {
+        self.two_phase
+            .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
+            .inc();
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("encoding metrics into a String");
+        out
+    }
+}

@@ -1,0 +1,1811 @@
+//! The planner: SQL text to a [`Plan`] (single shard, scatter-gather, broadcast, split insert,
+//! transaction control, session setting) or a clear "unsupported" error. Pure: it never touches
+//! a socket; it sees only the SQL and the [`Topology`].
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    BinaryOperator, Distinct, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
+    Ident, Insert, JoinConstraint, JoinOperator, LimitClause, ObjectName, ObjectNamePart, Offset,
+    OrderByKind, Query, Select, SelectItem, SetExpr, Statement, TableFactor, TableObject,
+    UnaryOperator, Value, visit_expressions_mut, visit_relations,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use crate::topology::{KeyType, Topology};
+use crate::values;
+use crate::vindex::KeyValue;
+
+/// Why a statement cannot be planned.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// The SQL does not parse.
+    #[error("syntax error: {0}")]
+    Syntax(String),
+    /// The SQL parses but the router cannot run it over shards.
+    #[error("pg-router does not support {0}")]
+    Unsupported(String),
+    /// A shard key value has no shard.
+    #[error("{0}")]
+    NoShard(String),
+}
+
+impl PlanError {
+    /// SQLSTATE for the client.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            PlanError::Syntax(_) => "42601",
+            PlanError::Unsupported(_) => "0A000",
+            PlanError::NoShard(_) => "22023",
+        }
+    }
+}
+
+/// A shard-key value in a statement: a literal, or a `$n` parameter (1-based).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyExpr {
+    /// A literal key.
+    Literal(KeyValue),
+    /// A bind parameter; its value is hashed at Bind time.
+    Param(usize),
+}
+
+/// Where a single-shard statement runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A known shard.
+    Shard(usize),
+    /// The shard of the key in parameter `param` (1-based) of table group `group`.
+    Param {
+        /// Parameter number.
+        param: usize,
+        /// Table group index.
+        group: usize,
+    },
+    /// Any shard (reference-table reads, table-less queries).
+    Any,
+    /// The shard found through a lookup vindex: the key is read from `lookup_table` (on shard
+    /// 0) by a secondary column's value.
+    Lookup {
+        /// Lookup table (`value`, `key` columns).
+        lookup_table: String,
+        /// The looked-up value.
+        value: LookupValue,
+        /// Table group of the sharded table.
+        group: usize,
+    },
+}
+
+/// A value to look up in a lookup vindex.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LookupValue {
+    /// A literal, as text.
+    Literal(String),
+    /// A bind parameter (1-based).
+    Param(usize),
+}
+
+/// SQL that reads the shard key for a lookup value (`$1`).
+pub fn lookup_query(lookup_table: &str) -> String {
+    format!(
+        "SELECT {} FROM {} WHERE {} = $1 LIMIT 1",
+        quote_ident("key"),
+        quote_ident(lookup_table),
+        quote_ident("value")
+    )
+}
+
+fn lookup_value(expr: &Expr) -> Option<LookupValue> {
+    match expr {
+        Expr::Nested(inner) | Expr::Cast { expr: inner, .. } => lookup_value(inner),
+        Expr::Value(value) => match &value.value {
+            Value::Placeholder(p) => p.strip_prefix('$')?.parse().ok().map(LookupValue::Param),
+            Value::Number(n, _) => Some(LookupValue::Literal(n.clone())),
+            Value::SingleQuotedString(s) => Some(LookupValue::Literal(s.clone())),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A lookup-vindex restriction in WHERE: `lookup_column = value` for a sharded table whose
+/// name or alias is in `aliases`.
+fn lookup_restriction(
+    topology: &Topology,
+    selection: &Expr,
+    table: &str,
+    aliases: &[String],
+    group: usize,
+) -> Option<Target> {
+    let sharded = topology.tables.get(table)?;
+    if sharded.lookups.is_empty() {
+        return None;
+    }
+    let column_of = |expr: &Expr| -> Option<String> {
+        match expr {
+            Expr::Identifier(ident) => Some(normalize(ident)),
+            Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
+                let qualifier = normalize(&parts[parts.len() - 2]);
+                aliases
+                    .contains(&qualifier)
+                    .then(|| normalize(&parts[parts.len() - 1]))
+            }
+            _ => None,
+        }
+    };
+    for conjunct in conjuncts(selection) {
+        if let Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } = conjunct
+        {
+            for (column, value) in [(left, right), (right, left)] {
+                if let Some(name) = column_of(column)
+                    && let Some(lookup_table) = sharded.lookups.get(&name)
+                    && let Some(value) = lookup_value(value)
+                {
+                    return Some(Target::Lookup {
+                        lookup_table: lookup_table.clone(),
+                        value,
+                        group,
+                    });
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A column of the shard results, counted from the front or from the back (hidden columns
+/// appended after a `*` projection are only known from the back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColumnRef {
+    /// Index from the first column.
+    Front(usize),
+    /// Index from the end: 1 is the last column.
+    Back(usize),
+}
+
+impl ColumnRef {
+    /// The absolute index in a row of `width` columns.
+    pub fn resolve(self, width: usize) -> usize {
+        match self {
+            ColumnRef::Front(i) => i,
+            ColumnRef::Back(i) => width.saturating_sub(i),
+        }
+    }
+}
+
+/// One ORDER BY key of the merge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SortKey {
+    /// Column.
+    pub column: ColumnRef,
+    /// DESC?
+    pub descending: bool,
+    /// NULLS FIRST?
+    pub nulls_first: bool,
+}
+
+/// How an output column of an aggregate query is merged across shards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ColumnMerge {
+    /// A GROUP BY key (the same on every shard's row of the group).
+    Group,
+    /// count(...): sum of the shard counts.
+    Count,
+    /// sum(...): sum of the shard sums.
+    Sum,
+    /// min(...).
+    Min,
+    /// max(...).
+    Max,
+    /// avg(...): the column holds the shard sum; `count` holds the shard count.
+    Avg {
+        /// Column with the count.
+        count: usize,
+    },
+    /// A hidden helper column (avg counts).
+    Helper,
+}
+
+/// A comparison in HAVING, over merged columns.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Having {
+    /// Both.
+    And(Box<Having>, Box<Having>),
+    /// Either.
+    Or(Box<Having>, Box<Having>),
+    /// Negation.
+    Not(Box<Having>),
+    /// `left op right`.
+    Compare(Operand, BinaryOperator, Operand),
+}
+
+/// A HAVING operand.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Operand {
+    /// A merged column.
+    Column(usize),
+    /// A constant.
+    Literal(values::Value),
+}
+
+/// Grouping and aggregation done by the merger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Aggregation {
+    /// How each column of the shard result merges.
+    pub columns: Vec<ColumnMerge>,
+    /// HAVING over the merged groups.
+    pub having: Option<Having>,
+}
+
+/// What the merger does with the shards' results of a scatter-gather query.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MergeSpec {
+    /// Trailing helper columns to strip before sending rows.
+    pub hidden: usize,
+    /// ORDER BY of the merged result.
+    pub order: Vec<SortKey>,
+    /// GROUP BY / aggregates.
+    pub aggregation: Option<Aggregation>,
+    /// SELECT DISTINCT.
+    pub distinct: bool,
+    /// LIMIT.
+    pub limit: Option<u64>,
+    /// OFFSET.
+    pub offset: u64,
+}
+
+/// Transaction control.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransactionControl {
+    /// BEGIN / START TRANSACTION (the text is replayed on each shard that joins).
+    Begin,
+    /// COMMIT / END.
+    Commit,
+    /// ROLLBACK / ABORT.
+    Rollback,
+}
+
+/// A savepoint command (sent to every shard of the transaction; replayed on shards that join
+/// later, so ROLLBACK TO undoes their work too).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SavepointOp {
+    /// SAVEPOINT name.
+    Create(String),
+    /// RELEASE SAVEPOINT name.
+    Release(String),
+    /// ROLLBACK TO SAVEPOINT name.
+    RollbackTo(String),
+}
+
+/// A multi-row INSERT into a sharded table, to split by shard at execution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InsertSplit {
+    /// Table group of the table.
+    pub group: usize,
+    /// The shard key of each VALUES row.
+    pub keys: Vec<KeyExpr>,
+    /// The statement (its VALUES rows are subset per shard).
+    pub template: Box<Insert>,
+    /// Lookup vindexes to maintain: (column position in the VALUES rows, lookup table).
+    pub lookups: Vec<(usize, String)>,
+    /// Position of the shard key in the VALUES rows.
+    pub key_position: usize,
+}
+
+/// The plan for one statement.
+// One plan per statement (cached per prepared statement): size does not matter here.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// Transaction control, handled by the session.
+    Transaction(TransactionControl),
+    /// SET / RESET / DISCARD: remembered by the session and replayed on pooled backends.
+    Setting,
+    /// Runs on one shard as written.
+    Single(Target),
+    /// Runs on several shards (all if `shards` is `None`) and merges.
+    Scatter {
+        /// Shard subset, if the WHERE clause restricts the key to a list.
+        shards: Option<Vec<usize>>,
+        /// How to merge.
+        merge: MergeSpec,
+        /// A write (UPDATE/DELETE): runs in a (two-phase) transaction.
+        write: bool,
+    },
+    /// Same statement on every shard (DDL, reference-table writes); one result returned.
+    Broadcast,
+    /// Multi-row INSERT split by shard.
+    Insert(InsertSplit),
+    /// DEALLOCATE: answered by the router.
+    Deallocate,
+    /// Savepoints.
+    Savepoint(SavepointOp),
+    /// COPY ... FROM STDIN: rows are routed line by line.
+    CopyIn(CopyDestination),
+}
+
+/// Where the rows of a COPY FROM STDIN go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopyDestination {
+    /// Each row to the shard of its key (field `key_position` of the text format).
+    ByKey {
+        /// Field of the shard key; `None` (no column list): looked up in the catalog.
+        key_position: Option<usize>,
+        /// The table.
+        table: String,
+        /// Its shard-key column.
+        key_column: String,
+        /// Table group.
+        group: usize,
+    },
+    /// Every row to every shard (reference table).
+    Everywhere,
+    /// Every row to the first shard (a table the router does not shard).
+    FirstShard,
+}
+
+impl Plan {
+    /// A short name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Plan::Transaction(_) => "transaction",
+            Plan::Setting => "setting",
+            Plan::Single(_) => "single_shard",
+            Plan::Scatter { .. } => "scatter_gather",
+            Plan::Broadcast => "broadcast",
+            Plan::Insert(_) => "split_insert",
+            Plan::Deallocate => "deallocate",
+            Plan::Savepoint(_) => "savepoint",
+            Plan::CopyIn(_) => "copy_in",
+        }
+    }
+}
+
+/// A statement and its plan. `sql` is what the shards run (rewritten for scatter-gather).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Planned {
+    /// SQL sent to the shards.
+    pub sql: String,
+    /// The plan.
+    pub plan: Plan,
+    /// Does the statement return rows (for Describe-less clients)?
+    pub returns_rows: bool,
+}
+
+fn unsupported<T>(what: impl Into<String>) -> Result<T, PlanError> {
+    Err(PlanError::Unsupported(what.into()))
+}
+
+/// Quotes an identifier for SQL the router generates.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL the router generates.
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Splits and plans a query string (one or more statements).
+pub fn plan_sql(topology: &Topology, sql: &str) -> Result<Vec<Planned>, PlanError> {
+    let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(statements) => statements,
+        // sqlparser wants `FREEZE true` where PostgreSQL (and pgbench) also write `FREEZE on`;
+        // only the parse sees the rewrite, the shards get the client's text.
+        Err(error) if first_keyword(sql) == "COPY" => {
+            let rewritten = sql
+                .replace("freeze on", "freeze true")
+                .replace("FREEZE ON", "FREEZE TRUE")
+                .replace("freeze off", "freeze false")
+                .replace("FREEZE OFF", "FREEZE FALSE");
+            let statements = Parser::parse_sql(&PostgreSqlDialect {}, &rewritten)
+                .map_err(|_| PlanError::Syntax(error.to_string()))?;
+            if statements.len() != 1 {
+                return Err(PlanError::Syntax(error.to_string()));
+            }
+            statements
+        }
+        // Maintenance commands sqlparser does not know run on every shard as written.
+        Err(_)
+            if matches!(
+                first_keyword(sql).as_str(),
+                "VACUUM" | "ANALYZE" | "REINDEX" | "CLUSTER" | "CHECKPOINT"
+            ) && !sql.trim().trim_end_matches(';').contains(';') =>
+        {
+            return Ok(vec![Planned {
+                sql: sql.trim().trim_end_matches(';').to_string(),
+                plan: Plan::Broadcast,
+                returns_rows: false,
+            }]);
+        }
+        Err(error) => return Err(PlanError::Syntax(error.to_string())),
+    };
+    let single = statements.len() == 1;
+    statements
+        .into_iter()
+        .map(|statement| {
+            // One statement goes to the shard as the client wrote it; several are re-rendered.
+            let text = if single {
+                sql.trim().trim_end_matches(';').to_string()
+            } else {
+                statement.to_string()
+            };
+            plan_statement(topology, statement, text)
+        })
+        .collect()
+}
+
+fn last_name(name: &ObjectName) -> String {
+    match name.0.last() {
+        Some(ObjectNamePart::Identifier(ident)) => normalize(ident),
+        _ => String::new(),
+    }
+}
+
+fn normalize(ident: &Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// Tables a statement references, by kind.
+#[derive(Default, Debug)]
+struct TableUse {
+    sharded: Vec<String>,
+    reference: usize,
+    other: usize,
+}
+
+fn table_use(topology: &Topology, node: &impl sqlparser::ast::Visit) -> TableUse {
+    let mut usage = TableUse::default();
+    let _ = visit_relations(node, |name| {
+        let table = last_name(name);
+        let schema = if name.0.len() > 1 {
+            match &name.0[0] {
+                ObjectNamePart::Identifier(ident) => normalize(ident),
+                _ => String::new(),
+            }
+        } else {
+            String::new()
+        };
+        let catalog = schema == "pg_catalog" || schema == "information_schema";
+        if !catalog && topology.tables.contains_key(&table) {
+            usage.sharded.push(table);
+        } else if !catalog && topology.is_reference(&table) {
+            usage.reference += 1;
+        } else {
+            usage.other += 1;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    usage
+}
+
+fn first_keyword(sql: &str) -> String {
+    sql.trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase()
+}
+
+/// Plans one parsed statement; `text` is its SQL.
+pub fn plan_statement(
+    topology: &Topology,
+    statement: Statement,
+    text: String,
+) -> Result<Planned, PlanError> {
+    let plain = |plan: Plan, returns_rows: bool| Planned {
+        sql: text.clone(),
+        plan,
+        returns_rows,
+    };
+    match statement {
+        Statement::StartTransaction { .. } => {
+            Ok(plain(Plan::Transaction(TransactionControl::Begin), false))
+        }
+        Statement::Commit { chain: false, .. } => {
+            Ok(plain(Plan::Transaction(TransactionControl::Commit), false))
+        }
+        Statement::Rollback {
+            chain: false,
+            savepoint: None,
+        } => Ok(plain(
+            Plan::Transaction(TransactionControl::Rollback),
+            false,
+        )),
+        Statement::Rollback {
+            chain: false,
+            savepoint: Some(name),
+        } => Ok(plain(
+            Plan::Savepoint(SavepointOp::RollbackTo(normalize(&name))),
+            false,
+        )),
+        Statement::Commit { .. } | Statement::Rollback { .. } => {
+            unsupported("COMMIT AND CHAIN / ROLLBACK AND CHAIN")
+        }
+        Statement::Savepoint { name } => Ok(plain(
+            Plan::Savepoint(SavepointOp::Create(normalize(&name))),
+            false,
+        )),
+        Statement::ReleaseSavepoint { name } => Ok(plain(
+            Plan::Savepoint(SavepointOp::Release(normalize(&name))),
+            false,
+        )),
+        Statement::Set(_) | Statement::Discard { .. } => Ok(plain(Plan::Setting, false)),
+        Statement::ShowVariable { .. } => Ok(plain(Plan::Single(Target::Any), true)),
+        Statement::Copy {
+            source:
+                sqlparser::ast::CopySource::Table {
+                    table_name,
+                    columns,
+                },
+            to: false,
+            target: sqlparser::ast::CopyTarget::Stdin,
+            options,
+            legacy_options,
+            ..
+        } => {
+            let text_format = options.iter().all(|o| match o {
+                sqlparser::ast::CopyOption::Format(f) => f.value.eq_ignore_ascii_case("text"),
+                sqlparser::ast::CopyOption::Delimiter(d) => *d == '\t',
+                sqlparser::ast::CopyOption::Freeze(_) | sqlparser::ast::CopyOption::Null(_) => true,
+                _ => false,
+            }) && legacy_options.is_empty();
+            if !text_format {
+                return unsupported(
+                    "COPY FROM STDIN in a format other than text with tab delimiters",
+                );
+            }
+            let table = last_name(&table_name);
+            let destination = if topology.is_reference(&table) {
+                CopyDestination::Everywhere
+            } else if let Some(sharded) = topology.tables.get(&table) {
+                // Without a column list the key's position comes from the catalog at COPY start.
+                let key_position = if columns.is_empty() {
+                    None
+                } else {
+                    match columns
+                        .iter()
+                        .position(|c| normalize(c) == sharded.shard_key)
+                    {
+                        Some(position) => Some(position),
+                        None => {
+                            return unsupported(format!(
+                                "COPY into sharded table {table} without its shard key column {} in the column list",
+                                sharded.shard_key
+                            ));
+                        }
+                    }
+                };
+                if !sharded.lookups.is_empty() {
+                    return unsupported("COPY into a table with a lookup vindex");
+                }
+                CopyDestination::ByKey {
+                    key_position,
+                    table: table.clone(),
+                    key_column: sharded.shard_key.clone(),
+                    group: sharded.group,
+                }
+            } else {
+                CopyDestination::FirstShard
+            };
+            Ok(plain(Plan::CopyIn(destination), false))
+        }
+        Statement::Copy { .. } => unsupported("COPY other than COPY table FROM STDIN"),
+        // Client statements live in the router's session, backend ones per pooled connection:
+        // DEALLOCATE has nothing to free on the shards.
+        Statement::Deallocate { .. } => Ok(plain(Plan::Deallocate, false)),
+        Statement::Prepare { .. } | Statement::Execute { .. } => {
+            unsupported("SQL-level PREPARE/EXECUTE (use the extended query protocol)")
+        }
+        Statement::Query(query) => plan_query(topology, *query, text),
+        Statement::Insert(insert) => plan_insert(topology, insert, text),
+        Statement::Update(update) => {
+            let usage = table_use(topology, &update);
+            let returns_rows = update.returning.is_some();
+            plan_write(
+                topology,
+                usage,
+                &update.table,
+                update.selection.as_ref(),
+                text,
+                returns_rows,
+            )
+        }
+        Statement::Delete(delete) => {
+            let usage = table_use(topology, &delete);
+            let returns_rows = delete.returning.is_some();
+            let tables = match &delete.from {
+                sqlparser::ast::FromTable::WithFromKeyword(t)
+                | sqlparser::ast::FromTable::WithoutKeyword(t) => t.clone(),
+            };
+            match tables.first() {
+                Some(table) => plan_write(
+                    topology,
+                    usage,
+                    table,
+                    delete.selection.as_ref(),
+                    text,
+                    returns_rows,
+                ),
+                None => unsupported("DELETE without a table"),
+            }
+        }
+        Statement::Explain { statement, .. } => {
+            let inner = plan_statement(topology, *statement, String::new())?;
+            match inner.plan {
+                Plan::Single(target) => Ok(plain(Plan::Single(target), true)),
+                _ => unsupported("EXPLAIN of a multi-shard statement"),
+            }
+        }
+        _ => {
+            let keyword = first_keyword(&text);
+            match keyword.as_str() {
+                "CREATE" | "ALTER" | "DROP" | "TRUNCATE" | "GRANT" | "REVOKE" | "COMMENT" => {
+                    Ok(plain(Plan::Broadcast, false))
+                }
+                "VACUUM" | "ANALYZE" => Ok(plain(Plan::Broadcast, false)),
+                "RESET" => Ok(plain(Plan::Setting, false)),
+                _ => unsupported(format!("the {keyword} statement")),
+            }
+        }
+    }
+}
+
+fn plan_write(
+    topology: &Topology,
+    usage: TableUse,
+    table: &sqlparser::ast::TableWithJoins,
+    selection: Option<&Expr>,
+    text: String,
+    returns_rows: bool,
+) -> Result<Planned, PlanError> {
+    let planned = |plan| {
+        Ok(Planned {
+            sql: text.clone(),
+            plan,
+            returns_rows,
+        })
+    };
+    let TableFactor::Table { name, .. } = &table.relation else {
+        return unsupported("UPDATE/DELETE of a derived table");
+    };
+    let target = last_name(name);
+    if topology.is_reference(&target) {
+        if !usage.sharded.is_empty() {
+            return unsupported("writing a reference table from a sharded table");
+        }
+        return planned(Plan::Broadcast);
+    }
+    let Some(sharded) = topology.tables.get(&target) else {
+        if !usage.sharded.is_empty() {
+            return unsupported("writing an unsharded table from a sharded table");
+        }
+        return planned(Plan::Single(Target::Shard(0)));
+    };
+    if usage.sharded.len() > 1 {
+        return unsupported("UPDATE/DELETE joining several sharded tables");
+    }
+    let group = sharded.group;
+    let mut keys = Vec::new();
+    if let Some(selection) = selection {
+        let mut columns = HashMap::new();
+        columns.insert(target.clone(), sharded.shard_key.clone());
+        if let TableFactor::Table {
+            alias: Some(alias), ..
+        } = &table.relation
+        {
+            columns.insert(normalize(&alias.name), sharded.shard_key.clone());
+        }
+        keys = key_restriction(selection, &columns, topology.groups[group].key_type);
+        if keys.is_empty() {
+            let aliases: Vec<String> = columns.keys().cloned().collect();
+            if let Some(lookup) = lookup_restriction(topology, selection, &target, &aliases, group)
+            {
+                return planned(Plan::Single(lookup));
+            }
+        }
+    }
+    route_keys(
+        topology,
+        group,
+        keys,
+        |target| planned(Plan::Single(target)),
+        |shards| {
+            planned(Plan::Scatter {
+                shards,
+                merge: MergeSpec::default(),
+                write: true,
+            })
+        },
+    )
+}
+
+fn route_keys<T>(
+    topology: &Topology,
+    group: usize,
+    keys: Vec<KeyExpr>,
+    single: impl FnOnce(Target) -> Result<T, PlanError>,
+    scatter: impl FnOnce(Option<Vec<usize>>) -> Result<T, PlanError>,
+) -> Result<T, PlanError> {
+    match keys.as_slice() {
+        [] => scatter(None),
+        [KeyExpr::Param(param)] => single(Target::Param {
+            param: *param,
+            group,
+        }),
+        _ => {
+            let mut shards = Vec::new();
+            for key in &keys {
+                match key {
+                    KeyExpr::Literal(value) => {
+                        let shard = shard_of(topology, group, value)?;
+                        if !shards.contains(&shard) {
+                            shards.push(shard);
+                        }
+                    }
+                    KeyExpr::Param(_) => return scatter(None),
+                }
+            }
+            if shards.len() == 1 {
+                single(Target::Shard(shards[0]))
+            } else {
+                shards.sort();
+                scatter(Some(shards))
+            }
+        }
+    }
+}
+
+/// The shard of `value` in table group `group`.
+pub fn shard_of(topology: &Topology, group: usize, value: &KeyValue) -> Result<usize, PlanError> {
+    topology.groups[group]
+        .vindex
+        .shard_for(value)
+        .map_err(|e| PlanError::NoShard(e.to_string()))
+}
+
+/// A literal or parameter as a key of type `key_type`.
+fn key_expr(expr: &Expr, key_type: KeyType) -> Option<KeyExpr> {
+    match expr {
+        Expr::Nested(inner) => key_expr(inner, key_type),
+        Expr::Cast { expr, .. } => key_expr(expr, key_type),
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => match key_expr(expr, key_type)? {
+            KeyExpr::Literal(KeyValue::Int(v)) => Some(KeyExpr::Literal(KeyValue::Int(-v))),
+            _ => None,
+        },
+        Expr::Value(value) => match &value.value {
+            Value::Placeholder(p) => p.strip_prefix('$')?.parse().ok().map(KeyExpr::Param),
+            Value::Number(n, _) if key_type == KeyType::Bigint => {
+                n.parse().ok().map(|v| KeyExpr::Literal(KeyValue::Int(v)))
+            }
+            Value::SingleQuotedString(s) => match key_type {
+                KeyType::Bigint => s
+                    .trim()
+                    .parse()
+                    .ok()
+                    .map(|v| KeyExpr::Literal(KeyValue::Int(v))),
+                KeyType::Text => Some(KeyExpr::Literal(KeyValue::Text(s.clone()))),
+            },
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Is `expr` a reference to a shard-key column? `columns` maps table names and aliases to
+/// their shard key.
+fn is_key_column(expr: &Expr, columns: &HashMap<String, String>) -> bool {
+    match expr {
+        Expr::Nested(inner) => is_key_column(inner, columns),
+        Expr::Identifier(ident) => {
+            let name = normalize(ident);
+            columns.values().any(|key| *key == name)
+        }
+        Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
+            let table = normalize(&parts[parts.len() - 2]);
+            let column = normalize(&parts[parts.len() - 1]);
+            columns.get(&table).is_some_and(|key| *key == column)
+        }
+        _ => false,
+    }
+}
+
+fn conjuncts(expr: &Expr) -> Vec<&Expr> {
+    match expr {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            let mut out = conjuncts(left);
+            out.extend(conjuncts(right));
+            out
+        }
+        Expr::Nested(inner) => conjuncts(inner),
+        other => vec![other],
+    }
+}
+
+/// Shard-key values the WHERE clause restricts the rows to (empty: no restriction).
+fn key_restriction(
+    selection: &Expr,
+    columns: &HashMap<String, String>,
+    key_type: KeyType,
+) -> Vec<KeyExpr> {
+    for conjunct in conjuncts(selection) {
+        match conjunct {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } => {
+                if is_key_column(left, columns)
+                    && let Some(key) = key_expr(right, key_type)
+                {
+                    return vec![key];
+                }
+                if is_key_column(right, columns)
+                    && let Some(key) = key_expr(left, key_type)
+                {
+                    return vec![key];
+                }
+            }
+            Expr::In {
+                expr,
+                target: sqlparser::ast::InTarget::List(list),
+                negated: false,
+                ..
+            } if is_key_column(expr, columns) => {
+                let keys: Option<Vec<KeyExpr>> =
+                    list.iter().map(|e| key_expr(e, key_type)).collect();
+                if let Some(keys) = keys
+                    && !keys.is_empty()
+                {
+                    return keys;
+                }
+            }
+            _ => {}
+        }
+    }
+    Vec::new()
+}
+
+fn plan_insert(topology: &Topology, insert: Insert, text: String) -> Result<Planned, PlanError> {
+    let TableObject::TableName(name) = &insert.table else {
+        return unsupported("INSERT into a table function");
+    };
+    let table = last_name(name);
+    let returns_rows = insert.returning.is_some();
+    let planned = |plan| {
+        Ok(Planned {
+            sql: text.clone(),
+            plan,
+            returns_rows,
+        })
+    };
+    let source_usage = insert
+        .source
+        .as_ref()
+        .map(|s| table_use(topology, s.as_ref()));
+    if let Some(usage) = &source_usage
+        && !usage.sharded.is_empty()
+    {
+        return unsupported("INSERT ... SELECT from a sharded table");
+    }
+    if topology.is_reference(&table) {
+        return planned(Plan::Broadcast);
+    }
+    let Some(sharded) = topology.tables.get(&table) else {
+        return planned(Plan::Single(Target::Shard(0)));
+    };
+    let group = sharded.group;
+    let key_type = topology.groups[group].key_type;
+    let Some(position) = insert
+        .columns
+        .iter()
+        .position(|c| last_name(c) == sharded.shard_key)
+    else {
+        return unsupported(format!(
+            "INSERT into sharded table {table} without its shard key column {} in the column list",
+            sharded.shard_key
+        ));
+    };
+    let Some(source) = &insert.source else {
+        return unsupported("INSERT without VALUES into a sharded table");
+    };
+    let SetExpr::Values(values) = source.body.as_ref() else {
+        return unsupported("INSERT ... SELECT into a sharded table");
+    };
+    let mut keys = Vec::with_capacity(values.rows.len());
+    for row in &values.rows {
+        let Some(expr) = row.get(position) else {
+            return unsupported("a VALUES row shorter than the column list");
+        };
+        match key_expr(expr, key_type) {
+            Some(key) => keys.push(key),
+            None => {
+                return unsupported(format!(
+                    "a shard key value that is not a literal or a parameter ({expr})"
+                ));
+            }
+        }
+    }
+    let mut lookups = Vec::new();
+    for (column, lookup_table) in &sharded.lookups {
+        match insert.columns.iter().position(|c| last_name(c) == *column) {
+            Some(position) => lookups.push((position, lookup_table.clone())),
+            None => {
+                return unsupported(format!(
+                    "INSERT into {table} without its lookup vindex column {column}"
+                ));
+            }
+        }
+    }
+    lookups.sort();
+    if !lookups.is_empty() && insert.on.is_some() {
+        return unsupported("ON CONFLICT on a table with a lookup vindex");
+    }
+    if let [KeyExpr::Param(param)] = keys.as_slice()
+        && lookups.is_empty()
+    {
+        return planned(Plan::Single(Target::Param {
+            param: *param,
+            group,
+        }));
+    }
+    if lookups.is_empty() && keys.iter().all(|k| matches!(k, KeyExpr::Literal(_))) {
+        let mut shards = Vec::new();
+        for key in &keys {
+            if let KeyExpr::Literal(value) = key {
+                let shard = shard_of(topology, group, value)?;
+                if !shards.contains(&shard) {
+                    shards.push(shard);
+                }
+            }
+        }
+        if shards.len() == 1 {
+            return planned(Plan::Single(Target::Shard(shards[0])));
+        }
+    }
+    planned(Plan::Insert(InsertSplit {
+        group,
+        keys,
+        template: Box::new(insert),
+        lookups,
+        key_position: position,
+    }))
+}
+
+/// The per-shard statements of a split INSERT: `rows_by_shard` gives each shard's row indexes.
+/// Parameters are renumbered per statement; the result gives, per shard, the SQL and the
+/// (0-based) indexes of the original parameters it uses, in their new order.
+pub fn render_insert_part(template: &Insert, rows: &[usize]) -> (String, Vec<usize>) {
+    let mut insert = template.clone();
+    let mut used: Vec<usize> = Vec::new();
+    if let Some(source) = insert.source.as_mut()
+        && let SetExpr::Values(values) = source.body.as_mut()
+    {
+        let kept: Vec<_> = rows.iter().map(|i| values.rows[*i].clone()).collect();
+        values.rows = kept;
+        let mut renumber: HashMap<usize, usize> = HashMap::new();
+        let _ = visit_expressions_mut(&mut values.rows, |expr| {
+            if let Expr::Value(value) = expr
+                && let Value::Placeholder(p) = &mut value.value
+                && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
+            {
+                let next = renumber.len() + 1;
+                let new = *renumber.entry(n).or_insert_with(|| {
+                    used.push(n - 1);
+                    next
+                });
+                *p = format!("${new}");
+            }
+            ControlFlow::<()>::Continue(())
+        });
+    }
+    (Statement::Insert(insert).to_string(), used)
+}
+
+/// The INSERT that records the rows of a split insert in a lookup table: `(value, key)` from
+/// the given VALUES positions; parameters renumbered as in [`render_insert_part`].
+pub fn render_lookup_insert(
+    split: &InsertSplit,
+    value_position: usize,
+    lookup_table: &str,
+) -> (String, Vec<usize>) {
+    let mut insert = (*split.template).clone();
+    insert.table =
+        TableObject::TableName(ObjectName::from(vec![Ident::with_quote('"', lookup_table)]));
+    insert.columns = vec![
+        ObjectName::from(vec![Ident::with_quote('"', "value")]),
+        ObjectName::from(vec![Ident::with_quote('"', "key")]),
+    ];
+    insert.returning = None;
+    insert.on = None;
+    if let Some(source) = insert.source.as_mut()
+        && let SetExpr::Values(values) = source.body.as_mut()
+    {
+        for row in values.rows.iter_mut() {
+            let value = row.get(value_position).cloned();
+            let key = row.get(split.key_position).cloned();
+            if let (Some(value), Some(key)) = (value, key) {
+                row.content = vec![value, key];
+            }
+        }
+    }
+    let rows: Vec<usize> = (0..split.keys.len()).collect();
+    render_insert_part(&insert, &rows)
+}
+
+fn is_aggregate_name(name: &str) -> Option<&'static str> {
+    match name {
+        "count" => Some("count"),
+        "sum" => Some("sum"),
+        "min" => Some("min"),
+        "max" => Some("max"),
+        "avg" => Some("avg"),
+        _ => None,
+    }
+}
+
+fn contains_aggregate(expr: &Expr) -> bool {
+    let mut found = false;
+    let mut copy = expr.clone();
+    let _ = visit_expressions_mut(&mut copy, |e| {
+        if let Expr::Function(f) = e
+            && (is_aggregate_name(&last_name(&f.name)).is_some() || f.over.is_some())
+        {
+            found = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
+}
+
+/// An aggregate call at the top of an expression: (name, distinct?).
+fn top_aggregate(expr: &Expr) -> Option<(&'static str, bool)> {
+    let Expr::Function(function) = expr else {
+        return None;
+    };
+    let name = is_aggregate_name(&last_name(&function.name))?;
+    if function.over.is_some() || function.filter.is_some() {
+        return None;
+    }
+    let distinct = matches!(
+        &function.args,
+        FunctionArguments::List(list) if list.duplicate_treatment == Some(sqlparser::ast::DuplicateTreatment::Distinct)
+    );
+    Some((name, distinct))
+}
+
+fn with_function_name(expr: &Expr, name: &str) -> Expr {
+    let mut expr = expr.clone();
+    if let Expr::Function(function) = &mut expr {
+        function.name = ObjectName::from(vec![Ident::new(name)]);
+    }
+    expr
+}
+
+fn count_of(expr: &Expr) -> Expr {
+    let mut expr = with_function_name(expr, "count");
+    if let Expr::Function(function) = &mut expr
+        && let FunctionArguments::List(list) = &mut function.args
+        && list.args.is_empty()
+    {
+        list.args
+            .push(FunctionArg::Unnamed(FunctionArgExpr::Wildcard));
+    }
+    expr
+}
+
+fn literal_u64(expr: &Expr) -> Option<u64> {
+    match expr {
+        Expr::Value(value) => match &value.value {
+            Value::Number(n, _) => n.parse().ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn literal_value(expr: &Expr) -> Option<values::Value> {
+    match expr {
+        Expr::Nested(inner) => literal_value(inner),
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => match literal_value(expr)? {
+            values::Value::Int(v) => Some(values::Value::Int(-v)),
+            values::Value::Numeric(mut d) => {
+                d.mantissa = -d.mantissa;
+                Some(values::Value::Numeric(d))
+            }
+            _ => None,
+        },
+        Expr::Value(value) => match &value.value {
+            Value::Number(n, _) => n
+                .parse::<i64>()
+                .ok()
+                .map(values::Value::Int)
+                .or_else(|| values::Decimal::parse(n).map(values::Value::Numeric)),
+            Value::SingleQuotedString(s) => Some(values::Value::Bytes(s.clone().into_bytes())),
+            Value::Boolean(b) => Some(values::Value::Bool(*b)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Builder of the rewritten projection of a scatter-gather aggregate query.
+struct AggregateRewrite {
+    projection: Vec<SelectItem>,
+    merges: Vec<ColumnMerge>,
+    hidden: usize,
+    /// Expression text -> column, for ORDER BY / HAVING resolution.
+    by_text: HashMap<String, usize>,
+}
+
+impl AggregateRewrite {
+    fn push_hidden(&mut self, expr: Expr, merge: ColumnMerge) -> usize {
+        let index = self.projection.len();
+        self.by_text.insert(expr.to_string(), index);
+        self.projection.push(SelectItem::ExprWithAlias {
+            expr,
+            alias: Ident::new(format!("__pgr_{index}")),
+        });
+        self.merges.push(merge);
+        self.hidden += 1;
+        index
+    }
+
+    /// The column of a HAVING / ORDER BY expression, adding a hidden one if needed.
+    fn column_for(&mut self, expr: &Expr, groups: &[String]) -> Result<usize, PlanError> {
+        if let Some(index) = self.by_text.get(&expr.to_string()) {
+            return Ok(*index);
+        }
+        match top_aggregate(expr) {
+            Some((_, true)) => unsupported("DISTINCT aggregates across shards"),
+            Some(("avg", _)) => unsupported("avg() in HAVING/ORDER BY unless it is also selected"),
+            Some((name, _)) => {
+                let merge = match name {
+                    "count" => ColumnMerge::Count,
+                    "sum" => ColumnMerge::Sum,
+                    "min" => ColumnMerge::Min,
+                    _ => ColumnMerge::Max,
+                };
+                Ok(self.push_hidden(expr.clone(), merge))
+            }
+            None if groups.contains(&expr.to_string()) => {
+                Ok(self.push_hidden(expr.clone(), ColumnMerge::Group))
+            }
+            None => unsupported(format!(
+                "the expression {expr} over aggregates across shards"
+            )),
+        }
+    }
+}
+
+fn having_of(
+    expr: &Expr,
+    rewrite: &mut AggregateRewrite,
+    groups: &[String],
+) -> Result<Having, PlanError> {
+    match expr {
+        Expr::Nested(inner) => having_of(inner, rewrite, groups),
+        Expr::UnaryOp {
+            op: UnaryOperator::Not,
+            expr,
+        } => Ok(Having::Not(Box::new(having_of(expr, rewrite, groups)?))),
+        Expr::BinaryOp { left, op, right } => match op {
+            BinaryOperator::And => Ok(Having::And(
+                Box::new(having_of(left, rewrite, groups)?),
+                Box::new(having_of(right, rewrite, groups)?),
+            )),
+            BinaryOperator::Or => Ok(Having::Or(
+                Box::new(having_of(left, rewrite, groups)?),
+                Box::new(having_of(right, rewrite, groups)?),
+            )),
+            BinaryOperator::Eq
+            | BinaryOperator::NotEq
+            | BinaryOperator::Lt
+            | BinaryOperator::LtEq
+            | BinaryOperator::Gt
+            | BinaryOperator::GtEq => {
+                let operand =
+                    |e: &Expr, rewrite: &mut AggregateRewrite| -> Result<Operand, PlanError> {
+                        match literal_value(e) {
+                            Some(value) => Ok(Operand::Literal(value)),
+                            None => Ok(Operand::Column(rewrite.column_for(e, groups)?)),
+                        }
+                    };
+                let l = operand(left, rewrite)?;
+                let r = operand(right, rewrite)?;
+                Ok(Having::Compare(l, op.clone(), r))
+            }
+            _ => unsupported(format!("the HAVING operator {op} across shards")),
+        },
+        _ => unsupported(format!("the HAVING condition {expr} across shards")),
+    }
+}
+
+struct FromAnalysis {
+    /// Sharded table name or alias -> shard key.
+    key_columns: HashMap<String, String>,
+    /// Table group of the sharded tables.
+    group: usize,
+}
+
+/// Checks that all sharded tables of the FROM clause are one table group, joined on their
+/// shard keys (co-located), and returns their names/aliases.
+fn analyze_from(topology: &Topology, select: &Select) -> Result<FromAnalysis, PlanError> {
+    let mut aliases: Vec<(String, String, usize)> = Vec::new(); // (alias, key, group)
+    let mut join_conditions: Vec<&Expr> = Vec::new();
+    let visit_factor = |factor: &TableFactor,
+                        aliases: &mut Vec<(String, String, usize)>|
+     -> Result<(), PlanError> {
+        match factor {
+            TableFactor::Table { name, alias, .. } => {
+                let table = last_name(name);
+                if let Some(sharded) = topology.tables.get(&table) {
+                    let alias = alias.as_ref().map(|a| normalize(&a.name)).unwrap_or(table);
+                    aliases.push((alias, sharded.shard_key.clone(), sharded.group));
+                }
+                Ok(())
+            }
+            TableFactor::Derived { subquery, .. } => {
+                if table_use(topology, subquery.as_ref()).sharded.is_empty() {
+                    Ok(())
+                } else {
+                    unsupported("a subquery over a sharded table in FROM of a multi-shard query")
+                }
+            }
+            _ => Ok(()),
+        }
+    };
+    for table in &select.from {
+        visit_factor(&table.relation, &mut aliases)?;
+        for join in &table.joins {
+            visit_factor(&join.relation, &mut aliases)?;
+            let constraint = match &join.join_operator {
+                JoinOperator::Join(c)
+                | JoinOperator::Inner(c)
+                | JoinOperator::Left(c)
+                | JoinOperator::LeftOuter(c)
+                | JoinOperator::Right(c)
+                | JoinOperator::RightOuter(c)
+                | JoinOperator::FullOuter(c) => Some(c),
+                _ => None,
+            };
+            if let Some(JoinConstraint::On(expr)) = constraint {
+                join_conditions.push(expr);
+            }
+        }
+    }
+    let Some((_, _, group)) = aliases.first().cloned() else {
+        return unsupported("a query without sharded tables in FROM");
+    };
+    if aliases.iter().any(|(_, _, g)| *g != group) {
+        return unsupported("a join of sharded tables from different table groups");
+    }
+    if aliases.len() > 1 {
+        // Union-find over aliases connected by key = key equalities.
+        let mut parent: Vec<usize> = (0..aliases.len()).collect();
+        fn find(parent: &mut Vec<usize>, i: usize) -> usize {
+            if parent[i] != i {
+                let root = find(parent, parent[i]);
+                parent[i] = root;
+            }
+            parent[i]
+        }
+        let alias_of = |expr: &Expr| -> Option<usize> {
+            if let Expr::CompoundIdentifier(parts) = expr
+                && parts.len() >= 2
+            {
+                let table = normalize(&parts[parts.len() - 2]);
+                let column = normalize(&parts[parts.len() - 1]);
+                return aliases
+                    .iter()
+                    .position(|(a, k, _)| *a == table && *k == column);
+            }
+            None
+        };
+        let mut all: Vec<&Expr> = Vec::new();
+        for condition in &join_conditions {
+            all.extend(conjuncts(condition));
+        }
+        if let Some(selection) = &select.selection {
+            all.extend(conjuncts(selection));
+        }
+        for expr in all {
+            if let Expr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } = expr
+                && let (Some(a), Some(b)) = (alias_of(left), alias_of(right))
+            {
+                let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+                parent[ra] = rb;
+            }
+        }
+        let root = find(&mut parent, 0);
+        for i in 1..aliases.len() {
+            if find(&mut parent, i) != root {
+                return unsupported(
+                    "a join of sharded tables that is not on their shard keys (co-located joins need a.key = b.key)",
+                );
+            }
+        }
+    }
+    Ok(FromAnalysis {
+        key_columns: aliases.into_iter().map(|(a, k, _)| (a, k)).collect(),
+        group,
+    })
+}
+
+fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned, PlanError> {
+    let usage = table_use(topology, &query);
+    let single = |target| {
+        Ok(Planned {
+            sql: text.clone(),
+            plan: Plan::Single(target),
+            returns_rows: true,
+        })
+    };
+    if query.locks.is_empty() && usage.sharded.is_empty() {
+        return if usage.other > 0 {
+            single(Target::Shard(0))
+        } else {
+            single(Target::Any)
+        };
+    }
+    if usage.sharded.is_empty() {
+        return single(if usage.other > 0 {
+            Target::Shard(0)
+        } else {
+            Target::Any
+        });
+    }
+    if usage.other > 0 {
+        return unsupported("a query joining sharded tables with tables the router does not know");
+    }
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return unsupported("UNION/INTERSECT/EXCEPT over sharded tables");
+    };
+    if query.with.is_some() {
+        return unsupported("WITH over sharded tables");
+    }
+    let from = analyze_from(topology, select)?;
+    // Sharded tables must all be in the top-level FROM (no sharded subqueries elsewhere).
+    let top_level = from.key_columns.len();
+    if usage.sharded.len() != top_level {
+        return unsupported("a subquery over a sharded table");
+    }
+    let key_type = topology.groups[from.group].key_type;
+    let keys = select
+        .selection
+        .as_ref()
+        .map(|s| key_restriction(s, &from.key_columns, key_type))
+        .unwrap_or_default();
+    if keys.is_empty()
+        && usage.sharded.len() == 1
+        && let Some(selection) = &select.selection
+    {
+        let aliases: Vec<String> = from.key_columns.keys().cloned().collect();
+        if let Some(lookup) =
+            lookup_restriction(topology, selection, &usage.sharded[0], &aliases, from.group)
+        {
+            return single(lookup);
+        }
+    }
+    let shards = match route_keys(
+        topology,
+        from.group,
+        keys,
+        |target| Ok(Err(target)),
+        |shards| Ok(Ok(shards)),
+    )? {
+        Err(target) => return single(target),
+        Ok(shards) => shards,
+    };
+    plan_scatter_select(query, shards)
+}
+
+fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<Planned, PlanError> {
+    let (limit, offset) = match &query.limit_clause {
+        None => (None, 0),
+        Some(LimitClause::LimitOffset {
+            limit,
+            offset,
+            limit_by,
+        }) => {
+            if !limit_by.is_empty() {
+                return unsupported("LIMIT BY");
+            }
+            let limit = match limit {
+                None => None,
+                Some(expr) => Some(literal_u64(expr).ok_or_else(|| {
+                    PlanError::Unsupported(
+                        "a LIMIT that is not a number in a multi-shard query".into(),
+                    )
+                })?),
+            };
+            let offset = match offset {
+                None => 0,
+                Some(Offset { value, .. }) => literal_u64(value).ok_or_else(|| {
+                    PlanError::Unsupported(
+                        "an OFFSET that is not a number in a multi-shard query".into(),
+                    )
+                })?,
+            };
+            (limit, offset)
+        }
+        Some(LimitClause::OffsetCommaLimit { .. }) => return unsupported("LIMIT offset, count"),
+    };
+    if query.fetch.is_some() {
+        return unsupported("FETCH FIRST in a multi-shard query");
+    }
+    let order_exprs = match &query.order_by {
+        None => Vec::new(),
+        Some(order) => match &order.kind {
+            OrderByKind::Expressions(exprs) => exprs.clone(),
+            OrderByKind::All(_) => return unsupported("ORDER BY ALL"),
+        },
+    };
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return unsupported("a set operation");
+    };
+    let groups: Vec<Expr> = match &select.group_by {
+        GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => exprs.clone(),
+        GroupByExpr::Expressions(..) => {
+            return unsupported("GROUP BY ROLLUP/CUBE/GROUPING SETS across shards");
+        }
+        GroupByExpr::All(_) => return unsupported("GROUP BY ALL"),
+    };
+    let has_aggregates = select.projection.iter().any(|item| match item {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+            contains_aggregate(e)
+        }
+        _ => false,
+    }) || select.having.is_some();
+    let distinct = match &select.distinct {
+        None | Some(Distinct::All) => false,
+        Some(Distinct::Distinct) => true,
+        Some(Distinct::On(_)) => return unsupported("DISTINCT ON across shards"),
+    };
+    let mut merge = MergeSpec {
+        limit,
+        offset,
+        distinct,
+        ..MergeSpec::default()
+    };
+    let wildcard = select.projection.iter().any(|item| {
+        matches!(
+            item,
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+        )
+    });
+
+    if has_aggregates || !groups.is_empty() {
+        if wildcard {
+            return unsupported("* with GROUP BY or aggregates across shards");
+        }
+        let group_texts: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let mut rewrite = AggregateRewrite {
+            projection: Vec::new(),
+            merges: Vec::new(),
+            hidden: 0,
+            by_text: HashMap::new(),
+        };
+        let mut avg_columns = Vec::new();
+        let mut aliases: HashMap<String, usize> = HashMap::new();
+        for item in &select.projection {
+            let (expr, alias) = match item {
+                SelectItem::UnnamedExpr(e) => (e, None),
+                SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.clone())),
+                _ => return unsupported("this projection across shards"),
+            };
+            let index = rewrite.projection.len();
+            if let Some(alias) = &alias {
+                aliases.insert(normalize(alias), index);
+            }
+            rewrite.by_text.insert(expr.to_string(), index);
+            let (shard_expr, merge_kind) = match top_aggregate(expr) {
+                Some((_, true)) => {
+                    return unsupported("DISTINCT aggregates (count(DISTINCT ...)) across shards");
+                }
+                Some(("count", _)) => (expr.clone(), ColumnMerge::Count),
+                Some(("sum", _)) => (expr.clone(), ColumnMerge::Sum),
+                Some(("min", _)) => (expr.clone(), ColumnMerge::Min),
+                Some(("max", _)) => (expr.clone(), ColumnMerge::Max),
+                Some(_) => {
+                    avg_columns.push((index, count_of(expr)));
+                    (
+                        with_function_name(expr, "sum"),
+                        ColumnMerge::Avg { count: 0 },
+                    )
+                }
+                None if group_texts.contains(&expr.to_string()) => {
+                    (expr.clone(), ColumnMerge::Group)
+                }
+                None if contains_aggregate(expr) => {
+                    return unsupported(format!(
+                        "the expression {expr} over aggregates across shards"
+                    ));
+                }
+                None => {
+                    return unsupported(format!("{expr} is neither grouped nor aggregated"));
+                }
+            };
+            // Keep the client's column name: `sum(x)` for `avg(x)` would rename the column.
+            let alias = alias.unwrap_or_else(|| Ident::with_quote('"', default_column_name(expr)));
+            rewrite.projection.push(SelectItem::ExprWithAlias {
+                expr: shard_expr,
+                alias,
+            });
+            rewrite.merges.push(merge_kind);
+        }
+        for (index, count_expr) in avg_columns {
+            let count = rewrite.push_hidden(count_expr, ColumnMerge::Helper);
+            rewrite.merges[index] = ColumnMerge::Avg { count };
+        }
+        for group in &groups {
+            if !rewrite.by_text.contains_key(&group.to_string()) {
+                rewrite.push_hidden(group.clone(), ColumnMerge::Group);
+            }
+        }
+        let having = match select.having.take() {
+            Some(expr) => Some(having_of(&expr, &mut rewrite, &group_texts)?),
+            None => None,
+        };
+        let mut order = Vec::new();
+        for item in &order_exprs {
+            let column = match literal_u64(&item.expr) {
+                Some(n) if n >= 1 && (n as usize) <= select.projection.len() => n as usize - 1,
+                _ => match &item.expr {
+                    Expr::Identifier(ident) if aliases.contains_key(&normalize(ident)) => {
+                        aliases[&normalize(ident)]
+                    }
+                    expr => rewrite.column_for(expr, &group_texts)?,
+                },
+            };
+            order.push(sort_key(ColumnRef::Front(column), item));
+        }
+        merge.hidden = rewrite.hidden;
+        merge.order = order;
+        merge.aggregation = Some(Aggregation {
+            columns: rewrite.merges,
+            having,
+        });
+        select.projection = rewrite.projection;
+        query.order_by = None;
+        query.limit_clause = None;
+    } else {
+        // Plain rows: shards sort and limit (to limit + offset); the merger merges sorted
+        // streams and applies OFFSET/LIMIT.
+        let visible = select.projection.len();
+        let mut hidden_exprs: Vec<Expr> = Vec::new();
+        let mut order = Vec::new();
+        for item in &order_exprs {
+            let position = match literal_u64(&item.expr) {
+                Some(n) if !wildcard && n >= 1 && (n as usize) <= visible => Some(n as usize - 1),
+                _ => select.projection.iter().position(|p| match p {
+                    SelectItem::UnnamedExpr(e) => !wildcard && *e == item.expr,
+                    SelectItem::ExprWithAlias { expr, alias } => {
+                        !wildcard
+                            && (*expr == item.expr
+                                || matches!(&item.expr, Expr::Identifier(i) if normalize(i) == normalize(alias)))
+                    }
+                    _ => false,
+                }),
+            };
+            let column = match position {
+                Some(i) => ColumnRef::Front(i),
+                None => {
+                    hidden_exprs.push(item.expr.clone());
+                    ColumnRef::Back(0) // fixed below
+                }
+            };
+            order.push((column, item.clone()));
+        }
+        let hidden = hidden_exprs.len();
+        let mut next_hidden = 0;
+        merge.order = order
+            .into_iter()
+            .map(|(column, item)| {
+                let column = match column {
+                    ColumnRef::Back(_) => {
+                        next_hidden += 1;
+                        ColumnRef::Back(hidden - next_hidden + 1)
+                    }
+                    front => front,
+                };
+                sort_key(column, &item)
+            })
+            .collect();
+        merge.hidden = hidden;
+        if distinct && hidden > 0 {
+            return unsupported("SELECT DISTINCT ordered by a column that is not selected");
+        }
+        for (i, expr) in hidden_exprs.into_iter().enumerate() {
+            select.projection.push(SelectItem::ExprWithAlias {
+                expr,
+                alias: Ident::new(format!("__pgr_order_{i}")),
+            });
+        }
+        // Rewrite ORDER BY to positions of the (possibly hidden) columns only if we added
+        // hidden columns: shards still sort by the original expressions.
+        if let Some(limit) = limit {
+            query.limit_clause = Some(LimitClause::LimitOffset {
+                limit: Some(Expr::value(Value::Number(
+                    (limit + offset).to_string(),
+                    false,
+                ))),
+                offset: None,
+                limit_by: Vec::new(),
+            });
+        } else {
+            query.limit_clause = None;
+        }
+    }
+    Ok(Planned {
+        sql: query.to_string(),
+        plan: Plan::Scatter {
+            shards,
+            merge,
+            write: false,
+        },
+        returns_rows: true,
+    })
+}
+
+fn sort_key(column: ColumnRef, item: &sqlparser::ast::OrderByExpr) -> SortKey {
+    let descending = matches!(item.options.sort, Some(sqlparser::ast::OrderBySort::Desc));
+    SortKey {
+        column,
+        descending,
+        nulls_first: item.options.nulls_first.unwrap_or(descending),
+    }
+}
+
+/// The column name PostgreSQL gives an unaliased expression (function name, column name).
+fn default_column_name(expr: &Expr) -> String {
+    match expr {
+        Expr::Function(function) => last_name(&function.name),
+        Expr::Identifier(ident) => normalize(ident),
+        Expr::CompoundIdentifier(parts) => parts.last().map(normalize).unwrap_or_default(),
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => default_column_name(expr),
+        _ => "?column?".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::RouterConfig;
+
+    fn topology() -> Topology {
+        let config = RouterConfig::from_toml(
+            r#"
+            reference_tables = ["countries"]
+            [[shards]]
+            name = "a"
+            port = 1
+            [[shards]]
+            name = "b"
+            port = 2
+            [[table_groups]]
+            name = "customers"
+            [[sharded_tables]]
+            name = "customers"
+            table_group = "customers"
+            shard_key = "id"
+            [[sharded_tables]]
+            name = "orders"
+            table_group = "customers"
+            shard_key = "customer_id"
+            "#,
+        )
+        .unwrap();
+        Topology::from_config(&config).unwrap()
+    }
+
+    fn plan(sql: &str) -> Result<Planned, PlanError> {
+        plan_sql(&topology(), sql).map(|mut p| p.remove(0))
+    }
+
+    #[test]
+    fn key_literal_is_single_shard() {
+        let planned = plan("SELECT * FROM orders WHERE customer_id = 42 AND total > 3").unwrap();
+        let expected = shard_of(&topology(), 0, &KeyValue::Int(42)).unwrap();
+        assert_eq!(planned.plan, Plan::Single(Target::Shard(expected)));
+    }
+
+    #[test]
+    fn key_parameter_is_routed_at_bind() {
+        let planned = plan("SELECT * FROM orders o WHERE o.customer_id = $2").unwrap();
+        assert_eq!(
+            planned.plan,
+            Plan::Single(Target::Param { param: 2, group: 0 })
+        );
+    }
+
+    #[test]
+    fn no_key_is_scatter_with_rewritten_limit() {
+        let planned = plan("SELECT id FROM customers ORDER BY id DESC LIMIT 5 OFFSET 2").unwrap();
+        let Plan::Scatter { merge, .. } = &planned.plan else {
+            panic!("{planned:?}")
+        };
+        assert_eq!(merge.limit, Some(5));
+        assert_eq!(merge.offset, 2);
+        assert!(merge.order[0].descending);
+        assert!(planned.sql.contains("LIMIT 7"), "{}", planned.sql);
+    }
+
+    #[test]
+    fn avg_becomes_sum_and_count() {
+        let planned = plan("SELECT region, avg(total) FROM orders GROUP BY region").unwrap();
+        assert!(
+            planned.sql.contains("sum(total) AS \"avg\""),
+            "{}",
+            planned.sql
+        );
+        assert!(planned.sql.contains("count(total)"), "{}", planned.sql);
+    }
+
+    #[test]
+    fn colocated_join_is_pushed_down() {
+        let planned =
+            plan("SELECT c.id, o.total FROM customers c JOIN orders o ON o.customer_id = c.id")
+                .unwrap();
+        assert!(matches!(planned.plan, Plan::Scatter { .. }));
+        let error = plan("SELECT * FROM customers c JOIN orders o ON o.total = c.id").unwrap_err();
+        assert_eq!(error.sqlstate(), "0A000");
+    }
+
+    #[test]
+    fn multi_row_insert_is_split() {
+        let planned = plan("INSERT INTO orders (customer_id, total) VALUES (1, 10), (2, 20), (3, $1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1)").unwrap();
+        let Plan::Insert(split) = &planned.plan else {
+            panic!("{planned:?}")
+        };
+        let (sql, params) = render_insert_part(&split.template, &[2]);
+        assert_eq!(
+            sql,
+            "INSERT INTO orders (customer_id, total) VALUES (3, $1)"
+        );
+        assert_eq!(params, vec![0]);
+    }
+
+    #[test]
+    fn reference_writes_broadcast_and_ddl_broadcasts() {
+        assert_eq!(
+            plan("UPDATE countries SET name = 'x'").unwrap().plan,
+            Plan::Broadcast
+        );
+        assert_eq!(
+            plan("CREATE TABLE t (id int)").unwrap().plan,
+            Plan::Broadcast
+        );
+    }
+
+    #[test]
+    fn unsupported_sql_is_a_clear_error() {
+        let error = plan("SELECT count(DISTINCT total) FROM orders").unwrap_err();
+        assert_eq!(error.sqlstate(), "0A000");
+        assert_eq!(plan("SELEC 1").unwrap_err().sqlstate(), "42601");
+    }
+}

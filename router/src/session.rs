@@ -1,0 +1,1239 @@
+//! A client session: its transaction (the shards it joined), its settings (replayed on pooled
+//! backends) and the execution of planned statements.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use futures::StreamExt;
+use tokio::sync::Mutex;
+
+use crate::backend::Column;
+use crate::error::RouterError;
+use crate::executor::{BackendHandle, Params, Row, ShardCursor, tag_command, tag_rows};
+use crate::merger::{self, RowStream};
+use crate::metrics::Metrics;
+use crate::planner::CopyDestination;
+use crate::planner::{
+    self, InsertSplit, KeyExpr, LookupValue, Plan, Planned, SavepointOp, Target, TransactionControl,
+};
+use crate::pool::{Leased, Pools};
+use crate::topology::{BackendConfig, KeyType, Topology};
+use crate::twophase::{self, GxidSource};
+use crate::vindex::KeyValue;
+
+/// A topology with the pools that reach its shards (swapped together on reload).
+#[derive(Debug)]
+pub struct Runtime {
+    /// The topology.
+    pub topology: Arc<Topology>,
+    /// Pools by shard index.
+    pub pools: Arc<Pools>,
+    /// Bumped on every reload (cached plans of prepared statements are re-made).
+    pub version: u64,
+    /// Plans of simple-protocol statement shapes, for this topology.
+    pub plan_cache: crate::plan_cache::PlanCache,
+}
+
+/// State shared by all sessions of a router process.
+#[derive(Debug)]
+pub struct RouterState {
+    runtime: std::sync::RwLock<Arc<Runtime>>,
+    backend: BackendConfig,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Global transaction ids.
+    pub gxids: GxidSource,
+    versions: AtomicU64,
+    round_robin: AtomicUsize,
+    /// Client sessions by BackendKeyData, for cancel requests.
+    pub cancels: crate::cancel::CancelRegistry,
+}
+
+impl RouterState {
+    /// State for `topology`.
+    pub fn new(topology: Topology, backend: BackendConfig, metrics: Arc<Metrics>) -> Self {
+        let pools = Arc::new(Pools::new(&topology.shards, &backend, metrics.clone()));
+        Self {
+            runtime: std::sync::RwLock::new(Arc::new(Runtime {
+                topology: Arc::new(topology),
+                pools,
+                version: 0,
+                plan_cache: Default::default(),
+            })),
+            backend,
+            metrics,
+            gxids: GxidSource::default(),
+            versions: AtomicU64::new(0),
+            round_robin: AtomicUsize::new(0),
+            cancels: crate::cancel::CancelRegistry::default(),
+        }
+    }
+
+    /// The current topology and pools.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.read().expect("runtime lock").clone()
+    }
+
+    /// Swaps in a new topology; pools are kept when the shard endpoints did not change.
+    pub fn reload(&self, topology: Topology) {
+        let current = self.runtime();
+        let pools = if current.topology.shards == topology.shards {
+            current.pools.clone()
+        } else {
+            Arc::new(Pools::new(
+                &topology.shards,
+                &self.backend,
+                self.metrics.clone(),
+            ))
+        };
+        let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.runtime.write().expect("runtime lock") = Arc::new(Runtime {
+            topology: Arc::new(topology),
+            pools,
+            version,
+            plan_cache: Default::default(),
+        });
+        tracing::info!(version, "topology reloaded");
+    }
+}
+
+/// Settings tag of a connection whose session settings are unknown: every session resets and
+/// replays its own on checkout.
+const DIRTY_SETTINGS: u64 = u64::MAX;
+
+/// What a statement produced.
+pub enum Outcome {
+    /// Rows (streamed).
+    Rows {
+        /// Columns.
+        columns: Vec<Column>,
+        /// Rows.
+        rows: RowStream,
+        /// Command word for the tag (`SELECT`, `INSERT 0`, ...).
+        command: String,
+    },
+    /// A command without rows, with its full tag.
+    Command(String),
+    /// The transaction began.
+    Begin,
+    /// The transaction ended with this tag (`COMMIT` or `ROLLBACK`).
+    End(String),
+    /// An empty query.
+    Empty,
+    /// COPY FROM STDIN started; the client sends rows (this many columns).
+    CopyIn(i16),
+}
+
+/// A running COPY FROM STDIN.
+struct CopyIn {
+    destination: CopyDestination,
+    shards: Vec<usize>,
+    implicit: bool,
+    partial: Vec<u8>,
+    buffers: BTreeMap<usize, Vec<u8>>,
+    failure: Option<(&'static str, String)>,
+}
+
+/// Rows buffered per shard before they are sent.
+const COPY_CHUNK: usize = 64 * 1024;
+
+/// The text-format field `index` of a COPY line, unescaped; `None` for `\N`.
+fn copy_field(line: &[u8], index: usize) -> Result<Option<String>, RouterError> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let raw = line.split(|b| *b == b'\t').nth(index).ok_or_else(|| {
+        RouterError::session("22P04", format!("COPY row has no column {}", index + 1))
+    })?;
+    if raw == b"\\N" {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.iter();
+    while let Some(b) = bytes.next() {
+        if *b != b'\\' {
+            out.push(*b);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b'b') => out.push(8),
+            Some(b'f') => out.push(12),
+            Some(b'v') => out.push(11),
+            Some(other) => out.push(*other),
+            None => {}
+        }
+    }
+    String::from_utf8(out)
+        .map(Some)
+        .map_err(|_| RouterError::session("22021", "COPY shard key is not valid UTF-8"))
+}
+
+struct Transaction {
+    runtime: Arc<Runtime>,
+    begin_sql: String,
+    /// Open savepoints, oldest first (replayed on shards that join later).
+    savepoints: Vec<String>,
+    participants: BTreeMap<usize, Arc<Mutex<Leased>>>,
+    failed: bool,
+}
+
+/// One client's session.
+pub struct Session {
+    state: Arc<RouterState>,
+    settings: Vec<String>,
+    settings_tag: u64,
+    transaction: Option<Transaction>,
+    /// Set by a row stream that failed after it was handed to the client.
+    stream_failed: Arc<AtomicBool>,
+    /// Backends running this session's statement, for cancel requests.
+    cancel: Option<Arc<crate::cancel::SessionCancel>>,
+    /// Notices from the shards for the client, sent before the statement's result.
+    notices: Vec<crate::backend::ServerError>,
+    /// A COPY FROM STDIN in progress.
+    copy: Option<CopyIn>,
+}
+
+fn command_for(sql: &str) -> String {
+    let keyword = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    match keyword.as_str() {
+        "INSERT" => "INSERT 0".into(),
+        "UPDATE" | "DELETE" | "MERGE" | "FETCH" | "MOVE" => keyword,
+        _ => "SELECT".into(),
+    }
+}
+
+fn non_transactional(sql: &str) -> bool {
+    let upper = sql.to_ascii_uppercase();
+    upper.starts_with("VACUUM")
+        || upper.starts_with("CLUSTER")
+        || upper.starts_with("REINDEX")
+        || upper.starts_with("CHECKPOINT")
+        || upper.contains("CONCURRENTLY")
+        || upper.starts_with("CREATE DATABASE")
+        || upper.starts_with("DROP DATABASE")
+        || upper.starts_with("ALTER SYSTEM")
+}
+
+/// Decodes a shard-key parameter.
+pub fn key_from_param(
+    params: &Params,
+    param: usize,
+    key_type: KeyType,
+) -> Result<KeyValue, RouterError> {
+    let index = param
+        .checked_sub(1)
+        .ok_or_else(|| RouterError::session("08P01", "parameter $0"))?;
+    let value = params.values.get(index).ok_or_else(|| {
+        RouterError::session(
+            "08P01",
+            format!("the shard key parameter ${param} was not bound"),
+        )
+    })?;
+    let Some(bytes) = value else {
+        return Err(RouterError::session(
+            "22004",
+            format!("the shard key parameter ${param} is NULL; it must have a value"),
+        ));
+    };
+    let bad = || RouterError::session("22P02", format!("invalid shard key in parameter ${param}"));
+    match (params.format_of(index), key_type) {
+        (1, KeyType::Bigint) => match bytes.len() {
+            2 => Ok(KeyValue::Int(
+                i16::from_be_bytes([bytes[0], bytes[1]]) as i64
+            )),
+            4 => Ok(KeyValue::Int(
+                i32::from_be_bytes(bytes[..4].try_into().unwrap()) as i64,
+            )),
+            8 => Ok(KeyValue::Int(i64::from_be_bytes(
+                bytes[..8].try_into().unwrap(),
+            ))),
+            _ => Err(bad()),
+        },
+        (_, KeyType::Bigint) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .map(KeyValue::Int)
+            .ok_or_else(bad),
+        (_, KeyType::Text) => std::str::from_utf8(bytes)
+            .map(|t| KeyValue::Text(t.to_string()))
+            .map_err(|_| bad()),
+    }
+}
+
+async fn rows_outcome(
+    mut cursor: ShardCursor,
+    sql: &str,
+    failed: Arc<AtomicBool>,
+) -> Result<Outcome, RouterError> {
+    match cursor.columns.take() {
+        Some(columns) => {
+            let rows = futures::stream::unfold(Some(cursor), |state| async move {
+                let mut cursor = state?;
+                match cursor.next_row().await {
+                    Ok(Some(row)) => Some((Ok(row), Some(cursor))),
+                    Ok(None) => None,
+                    Err(error) => Some((Err(error), None)),
+                }
+            })
+            .boxed();
+            Ok(Outcome::Rows {
+                columns,
+                rows: watch_failures(rows, failed),
+                command: command_for(sql),
+            })
+        }
+        None => match cursor.tag.take() {
+            Some(tag) if tag.is_empty() => Ok(Outcome::Empty),
+            Some(tag) => Ok(Outcome::Command(tag)),
+            None => Ok(Outcome::Empty),
+        },
+    }
+}
+
+fn watch_failures(rows: RowStream, failed: Arc<AtomicBool>) -> RowStream {
+    rows.inspect(move |row| {
+        if row.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+    })
+    .boxed()
+}
+
+impl Session {
+    /// A new session.
+    pub fn new(state: Arc<RouterState>) -> Self {
+        Self {
+            state,
+            settings: Vec::new(),
+            settings_tag: 0,
+            transaction: None,
+            stream_failed: Arc::new(AtomicBool::new(false)),
+            cancel: None,
+            notices: Vec::new(),
+            copy: None,
+        }
+    }
+
+    /// Describes `sql` (parameter types, result columns) on a shard, with this session's
+    /// settings (and inside its transaction, if one is open).
+    pub async fn describe(
+        &mut self,
+        sql: &str,
+        param_types: &[u32],
+    ) -> Result<crate::backend::Description, RouterError> {
+        let runtime = match &self.transaction {
+            Some(transaction) => transaction.runtime.clone(),
+            None => self.state.runtime(),
+        };
+        // Inside a transaction, a shard it already uses (its uncommitted DDL is visible there);
+        // otherwise a pooled connection to the first shard, without joining a transaction.
+        let joined = self
+            .transaction
+            .as_ref()
+            .and_then(|t| t.participants.values().next().cloned());
+        let mut handle = match joined {
+            Some(connection) => BackendHandle::transaction(&connection).await?,
+            None => BackendHandle::pooled(self.checkout(&runtime, 0).await?),
+        };
+        let result = handle.describe(sql, param_types).await;
+        if let Err(error) = &result
+            && error.is_connection_lost()
+        {
+            handle.discard();
+        }
+        Ok(result?)
+    }
+
+    async fn start_copy(
+        &mut self,
+        runtime: &Runtime,
+        destination: &CopyDestination,
+        sql: &str,
+    ) -> Result<Outcome, RouterError> {
+        let shards: Vec<usize> = match destination {
+            CopyDestination::FirstShard => vec![0],
+            _ => (0..runtime.topology.shards.len()).collect(),
+        };
+        let mut destination = destination.clone();
+        if let CopyDestination::ByKey {
+            key_position: key_position @ None,
+            table,
+            key_column,
+            ..
+        } = &mut destination
+        {
+            // COPY without a column list: rows carry every column in table order.
+            let sql = format!(
+                "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass({}) \
+                 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                planner::quote_literal(&planner::quote_ident(table))
+            );
+            // In the client's transaction if there is one (the table may be new in it).
+            let rows = if self.transaction.is_some() {
+                let connection = self.participant(runtime, 0).await?;
+                let mut guard = connection.lock().await;
+                guard.query_text(&sql).await?
+            } else {
+                self.checkout(runtime, 0).await?.query_text(&sql).await?
+            };
+            let position = rows
+                .iter()
+                .position(|r| r.first().cloned().flatten().as_deref() == Some(key_column.as_str()))
+                .ok_or_else(|| {
+                    RouterError::session(
+                        "42703",
+                        format!("column {key_column} of table {table} not found"),
+                    )
+                })?;
+            *key_position = Some(position);
+        }
+        let destination = &destination;
+        // COPY always runs in a transaction: the client's, or an implicit one committed (with
+        // 2PC across shards) when the rows are in.
+        let implicit = self.transaction.is_none();
+        if implicit {
+            self.transaction = Some(Transaction {
+                runtime: self.state.runtime(),
+                begin_sql: "BEGIN".into(),
+                savepoints: Vec::new(),
+                participants: BTreeMap::new(),
+                failed: false,
+            });
+        }
+        let mut columns = 0;
+        for shard in &shards {
+            let started = async {
+                let connection = self.participant(runtime, *shard).await?;
+                let mut guard = connection.lock().await;
+                Ok::<_, RouterError>(guard.start_copy_in(sql).await?)
+            }
+            .await;
+            match started {
+                Ok(n) => columns = n,
+                Err(error) => {
+                    // Shards where COPY started are ended with CopyFail by the rollback.
+                    for connection in self
+                        .transaction
+                        .as_ref()
+                        .map(|t| t.participants.values().cloned().collect::<Vec<_>>())
+                        .unwrap_or_default()
+                    {
+                        let mut guard = connection.lock().await;
+                        if guard.pending {
+                            let _ = guard.finish_copy(Some("COPY aborted by the router")).await;
+                        }
+                    }
+                    if implicit && let Some(transaction) = self.transaction.take() {
+                        rollback(transaction.participants).await;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        self.copy = Some(CopyIn {
+            destination: destination.clone(),
+            shards,
+            implicit,
+            partial: Vec::new(),
+            buffers: BTreeMap::new(),
+            failure: None,
+        });
+        Ok(Outcome::CopyIn(columns))
+    }
+
+    fn route_copy_line(&mut self, line: Vec<u8>) -> Result<(), RouterError> {
+        let copy = self.copy.as_mut().expect("copy in progress");
+        if line == b"\\.\n" || line == b"\\." {
+            return Ok(());
+        }
+        let runtime = self
+            .transaction
+            .as_ref()
+            .map(|t| t.runtime.clone())
+            .unwrap_or_else(|| self.state.runtime());
+        match &copy.destination {
+            CopyDestination::ByKey {
+                key_position,
+                group,
+                ..
+            } => {
+                let Some(text) = copy_field(&line, key_position.unwrap_or(0))? else {
+                    return Err(RouterError::session(
+                        "22004",
+                        "COPY row has a NULL shard key",
+                    ));
+                };
+                let key = match runtime.topology.groups[*group].key_type {
+                    KeyType::Bigint => KeyValue::Int(text.trim().parse().map_err(|_| {
+                        RouterError::session(
+                            "22P02",
+                            format!("invalid shard key {text:?} in COPY row"),
+                        )
+                    })?),
+                    KeyType::Text => KeyValue::Text(text),
+                };
+                let shard = planner::shard_of(&runtime.topology, *group, &key)?;
+                copy.buffers
+                    .entry(shard)
+                    .or_default()
+                    .extend_from_slice(&line);
+            }
+            CopyDestination::Everywhere => {
+                for shard in copy.shards.clone() {
+                    copy.buffers
+                        .entry(shard)
+                        .or_default()
+                        .extend_from_slice(&line);
+                }
+            }
+            CopyDestination::FirstShard => {
+                copy.buffers.entry(0).or_default().extend_from_slice(&line)
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_copy(&mut self, all: bool) -> Result<(), RouterError> {
+        let ready: Vec<(usize, Vec<u8>)> = {
+            let copy = self.copy.as_mut().expect("copy in progress");
+            let shards: Vec<usize> = copy
+                .buffers
+                .iter()
+                .filter(|(_, b)| !b.is_empty() && (all || b.len() >= COPY_CHUNK))
+                .map(|(s, _)| *s)
+                .collect();
+            shards
+                .into_iter()
+                .map(|s| (s, std::mem::take(copy.buffers.get_mut(&s).expect("buffer"))))
+                .collect()
+        };
+        for (shard, data) in ready {
+            let connection = self
+                .transaction
+                .as_ref()
+                .and_then(|t| t.participants.get(&shard).cloned())
+                .ok_or_else(|| RouterError::session("XX000", "COPY lost its shard connection"))?;
+            connection.lock().await.copy_data(&data).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes rows of a running COPY FROM STDIN. Errors are kept for the end of the COPY (the
+    /// protocol reports them after CopyDone).
+    pub async fn copy_data(&mut self, data: &[u8]) {
+        let Some(copy) = self.copy.as_mut() else {
+            return;
+        };
+        if copy.failure.is_some() {
+            return;
+        }
+        copy.partial.extend_from_slice(data);
+        let mut lines = Vec::new();
+        let mut start = 0;
+        while let Some(offset) = copy.partial[start..].iter().position(|b| *b == b'\n') {
+            let end = start + offset + 1;
+            lines.push(copy.partial[start..end].to_vec());
+            start = end;
+        }
+        copy.partial.drain(..start);
+        let mut result = Ok(());
+        for line in lines {
+            result = self.route_copy_line(line);
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = self.flush_copy(false).await;
+        }
+        if let Err(error) = result {
+            let info = error.to_server_error();
+            let code = match info.code.as_str() {
+                "22004" => "22004",
+                "22P02" => "22P02",
+                "22P04" => "22P04",
+                _ => "XX000",
+            };
+            if let Some(copy) = self.copy.as_mut() {
+                copy.failure = Some((code, info.message));
+            }
+        }
+    }
+
+    /// Ends a COPY FROM STDIN: the client sent CopyDone (`failure` None) or CopyFail. Returns
+    /// the number of rows copied.
+    pub async fn finish_copy(&mut self, failure: Option<String>) -> Result<u64, RouterError> {
+        let Some(mut copy) = self.copy.take() else {
+            return Err(RouterError::session("08P01", "no COPY in progress"));
+        };
+        if failure.is_none() && copy.failure.is_none() && !copy.partial.is_empty() {
+            let mut line = std::mem::take(&mut copy.partial);
+            line.push(b'\n');
+            self.copy = Some(copy);
+            let routed = self.route_copy_line(line);
+            copy = self.copy.take().expect("copy in progress");
+            if let Err(error) = routed {
+                let info = error.to_server_error();
+                copy.failure = Some(("22P04", info.message));
+            }
+        }
+        let shards = copy.shards.clone();
+        let implicit = copy.implicit;
+        // A reference table gets every row on every shard: report them once.
+        let everywhere = copy.destination == CopyDestination::Everywhere;
+        let mut failure = failure
+            .map(|m| ("57014", format!("COPY from stdin failed: {m}")))
+            .or(copy.failure.take());
+        if failure.is_none() {
+            self.copy = Some(copy);
+            let flushed = self.flush_copy(true).await;
+            self.copy = None;
+            if let Err(error) = flushed {
+                failure = Some(("XX000", error.to_string()));
+            }
+        }
+        let mut total = 0u64;
+        let mut first: Option<u64> = None;
+        let mut shard_error = None;
+        for shard in &shards {
+            let Some(connection) = self
+                .transaction
+                .as_ref()
+                .and_then(|t| t.participants.get(shard).cloned())
+            else {
+                continue;
+            };
+            let mut guard = connection.lock().await;
+            match guard
+                .finish_copy(failure.as_ref().map(|(_, m)| m.as_str()))
+                .await
+            {
+                Ok(tag) => {
+                    let rows = tag_rows(&tag).unwrap_or(0);
+                    total += rows;
+                    first.get_or_insert(rows);
+                }
+                Err(error) => {
+                    if shard_error.is_none() {
+                        shard_error = Some(error);
+                    }
+                }
+            }
+        }
+        let outcome = match (failure, shard_error) {
+            (Some((code, message)), _) => Err(RouterError::session(code, message)),
+            (None, Some(error)) => Err(error.into()),
+            (None, None) => Ok(if everywhere {
+                first.unwrap_or(0)
+            } else {
+                total
+            }),
+        };
+        if implicit && let Some(transaction) = self.transaction.take() {
+            match &outcome {
+                Ok(_) => {
+                    let participants: Vec<_> = transaction.participants.into_iter().collect();
+                    twophase::commit(participants, &self.state.gxids, &self.state.metrics).await?;
+                }
+                Err(_) => rollback(transaction.participants).await,
+            }
+        } else if outcome.is_err()
+            && let Some(transaction) = self.transaction.as_mut()
+        {
+            transaction.failed = true;
+        }
+        outcome
+    }
+
+    /// Notices collected while running the last statement.
+    pub fn take_notices(&mut self) -> Vec<crate::backend::ServerError> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Makes this session's statements cancellable through `cancel`.
+    pub fn set_cancel(&mut self, cancel: Arc<crate::cancel::SessionCancel>) {
+        self.cancel = Some(cancel);
+    }
+
+    /// Is a transaction open?
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
+    }
+
+    /// Runs one planned statement.
+    #[tracing::instrument(level = "debug", name = "routed_query", skip_all, fields(plan = planned.plan.kind()))]
+    pub async fn execute(
+        &mut self,
+        planned: &Planned,
+        params: &Params,
+        result_formats: &[i16],
+        cache: bool,
+    ) -> Result<Outcome, RouterError> {
+        let started = Instant::now();
+        if self.stream_failed.swap(false, Ordering::Relaxed)
+            && let Some(transaction) = self.transaction.as_mut()
+        {
+            transaction.failed = true;
+        }
+        let result = self
+            .execute_plan(planned, params, result_formats, cache)
+            .await;
+        let metrics = &self.state.metrics;
+        metrics.observe_query(planned.plan.kind(), started.elapsed().as_secs_f64());
+        if let Err(error) = &result {
+            metrics.observe_error(&error.to_server_error().code);
+            if let Some(transaction) = self.transaction.as_mut() {
+                transaction.failed = true;
+            }
+        }
+        result
+    }
+
+    async fn execute_plan(
+        &mut self,
+        planned: &Planned,
+        params: &Params,
+        result_formats: &[i16],
+        cache: bool,
+    ) -> Result<Outcome, RouterError> {
+        let cancel = self.cancel.clone();
+        if let Some(transaction) = &self.transaction
+            && transaction.failed
+            && !matches!(
+                planned.plan,
+                Plan::Transaction(TransactionControl::Commit | TransactionControl::Rollback)
+                    | Plan::Savepoint(SavepointOp::RollbackTo(_))
+            )
+        {
+            return Err(RouterError::session(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+        }
+        let runtime = match &self.transaction {
+            Some(transaction) => transaction.runtime.clone(),
+            None => self.state.runtime(),
+        };
+        match &planned.plan {
+            Plan::Transaction(TransactionControl::Begin) => {
+                if self.transaction.is_none() {
+                    self.transaction = Some(Transaction {
+                        runtime,
+                        begin_sql: planned.sql.clone(),
+                        savepoints: Vec::new(),
+                        participants: BTreeMap::new(),
+                        failed: false,
+                    });
+                }
+                Ok(Outcome::Begin)
+            }
+            Plan::Transaction(TransactionControl::Commit) => match self.transaction.take() {
+                None => Ok(Outcome::End("COMMIT".into())),
+                Some(transaction) if transaction.failed => {
+                    rollback(transaction.participants).await;
+                    Ok(Outcome::End("ROLLBACK".into()))
+                }
+                Some(transaction) => {
+                    let participants: Vec<_> = transaction.participants.into_iter().collect();
+                    twophase::commit(participants, &self.state.gxids, &self.state.metrics).await?;
+                    Ok(Outcome::End("COMMIT".into()))
+                }
+            },
+            Plan::Transaction(TransactionControl::Rollback) => {
+                if let Some(transaction) = self.transaction.take() {
+                    rollback(transaction.participants).await;
+                }
+                Ok(Outcome::End("ROLLBACK".into()))
+            }
+            Plan::Setting => self.apply_setting(&runtime, &planned.sql).await,
+            Plan::Savepoint(op) => self.savepoint(op, &planned.sql).await,
+            Plan::CopyIn(destination) => self.start_copy(&runtime, destination, &planned.sql).await,
+            Plan::Deallocate => Ok(Outcome::Command(
+                if planned.sql.to_ascii_uppercase().contains("ALL") {
+                    "DEALLOCATE ALL"
+                } else {
+                    "DEALLOCATE"
+                }
+                .into(),
+            )),
+            Plan::Single(target) => {
+                let shard = match target {
+                    Target::Lookup {
+                        lookup_table,
+                        value,
+                        group,
+                    } => {
+                        self.lookup_shard(&runtime, lookup_table, value, *group, params)
+                            .await?
+                    }
+                    other => self.resolve_target(&runtime, other, params)?,
+                };
+                let handle = self.handle_for(&runtime, shard).await?;
+                let cursor = ShardCursor::open(
+                    cancel.as_ref(),
+                    handle,
+                    &planned.sql,
+                    params,
+                    result_formats,
+                    cache,
+                )
+                .await?;
+                let mut cursor = cursor;
+                self.notices.append(&mut cursor.notices);
+                rows_outcome(cursor, &planned.sql, self.stream_failed.clone()).await
+            }
+            Plan::Scatter {
+                shards,
+                merge,
+                write,
+            } => {
+                let shards: Vec<usize> = shards
+                    .clone()
+                    .unwrap_or_else(|| (0..runtime.topology.shards.len()).collect());
+                if *write {
+                    let parts = shards
+                        .iter()
+                        .map(|s| (*s, planned.sql.clone(), params.clone()))
+                        .collect();
+                    return self
+                        .run_parts(&runtime, parts, true, false, result_formats)
+                        .await;
+                }
+                let mut handles = Vec::with_capacity(shards.len());
+                for shard in &shards {
+                    handles.push(self.handle_for(&runtime, *shard).await?);
+                }
+                let opens = handles.into_iter().map(|handle| {
+                    ShardCursor::open(
+                        cancel.as_ref(),
+                        handle,
+                        &planned.sql,
+                        params,
+                        result_formats,
+                        cache,
+                    )
+                });
+                let mut cursors = futures::future::try_join_all(opens).await?;
+                let columns = cursors
+                    .iter_mut()
+                    .find_map(|c| c.columns.clone())
+                    .unwrap_or_default();
+                let output = merger::output_columns(&columns, merge);
+                let rows = merger::merge(cursors, columns, merge.clone());
+                Ok(Outcome::Rows {
+                    columns: output,
+                    rows: watch_failures(rows, self.stream_failed.clone()),
+                    command: "SELECT".into(),
+                })
+            }
+            Plan::Broadcast => {
+                let parts = (0..runtime.topology.shards.len())
+                    .map(|s| (s, planned.sql.clone(), params.clone()))
+                    .collect();
+                let atomic = !non_transactional(&planned.sql);
+                self.run_parts(&runtime, parts, atomic, true, result_formats)
+                    .await
+            }
+            Plan::Insert(split) => {
+                let parts = split_insert(&runtime.topology, split, params)?;
+                self.run_parts(&runtime, parts, true, false, result_formats)
+                    .await
+            }
+        }
+    }
+
+    fn resolve_target(
+        &self,
+        runtime: &Runtime,
+        target: &Target,
+        params: &Params,
+    ) -> Result<usize, RouterError> {
+        match target {
+            Target::Shard(shard) => Ok(*shard),
+            Target::Param { param, group } => {
+                let key_type = runtime.topology.groups[*group].key_type;
+                let key = key_from_param(params, *param, key_type)?;
+                Ok(planner::shard_of(&runtime.topology, *group, &key)?)
+            }
+            Target::Lookup { .. } => Err(RouterError::session(
+                "XX000",
+                "a lookup target needs a lookup",
+            )),
+            Target::Any => {
+                if let Some(transaction) = &self.transaction
+                    && let Some(shard) = transaction.participants.keys().next()
+                {
+                    return Ok(*shard);
+                }
+                let n = runtime.topology.shards.len();
+                Ok(self.state.round_robin.fetch_add(1, Ordering::Relaxed) % n)
+            }
+        }
+    }
+
+    /// Reads a shard key from a lookup table (on shard 0) and returns its shard. A value that is
+    /// not in the lookup table has no row anywhere: any shard answers (with no rows).
+    async fn lookup_shard(
+        &mut self,
+        runtime: &Runtime,
+        lookup_table: &str,
+        value: &LookupValue,
+        group: usize,
+        params: &Params,
+    ) -> Result<usize, RouterError> {
+        let cancel = self.cancel.clone();
+        let lookup_params = match value {
+            LookupValue::Literal(text) => Params {
+                types: vec![0],
+                values: vec![Some(bytes::Bytes::from(text.clone().into_bytes()))],
+                formats: vec![0],
+            },
+            LookupValue::Param(n) => params.subset(&[n - 1]),
+        };
+        let handle = self.handle_for(runtime, 0).await?;
+        let sql = planner::lookup_query(lookup_table);
+        let mut cursor =
+            ShardCursor::open(cancel.as_ref(), handle, &sql, &lookup_params, &[], true).await?;
+        let rows = cursor.collect().await?;
+        let Some(row) = rows.first() else {
+            return Ok(0);
+        };
+        let key_text = crate::values::split_text_row(&row.data)
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or_else(|| {
+                RouterError::session("22004", format!("NULL key in lookup table {lookup_table}"))
+            })?;
+        let key = match runtime.topology.groups[group].key_type {
+            KeyType::Bigint => KeyValue::Int(key_text.trim().parse().map_err(|_| {
+                RouterError::session(
+                    "22P02",
+                    format!("lookup table {lookup_table} holds a non-integer key"),
+                )
+            })?),
+            KeyType::Text => KeyValue::Text(key_text),
+        };
+        Ok(planner::shard_of(&runtime.topology, group, &key)?)
+    }
+
+    async fn replay_settings(&self, leased: &mut Leased) -> Result<(), RouterError> {
+        if leased.settings_tag == self.settings_tag {
+            return Ok(());
+        }
+        let mut sql = String::from("RESET ALL");
+        for setting in &self.settings {
+            sql.push_str("; ");
+            sql.push_str(setting);
+        }
+        leased.query_text(&sql).await?;
+        leased.settings_tag = self.settings_tag;
+        Ok(())
+    }
+
+    async fn checkout(&self, runtime: &Runtime, shard: usize) -> Result<Leased, RouterError> {
+        let pool = runtime
+            .pools
+            .shards
+            .get(shard)
+            .ok_or_else(|| RouterError::session("XX000", format!("no shard {shard}")))?;
+        let mut leased = pool.get().await?;
+        if let Err(error) = self.replay_settings(&mut leased).await {
+            leased.discard();
+            return Err(error);
+        }
+        Ok(leased)
+    }
+
+    async fn participant(
+        &mut self,
+        runtime: &Runtime,
+        shard: usize,
+    ) -> Result<Arc<Mutex<Leased>>, RouterError> {
+        let transaction = self.transaction.as_ref().expect("in a transaction");
+        if let Some(connection) = transaction.participants.get(&shard) {
+            return Ok(connection.clone());
+        }
+        let mut begin = transaction.begin_sql.clone();
+        for savepoint in &transaction.savepoints {
+            begin.push_str("; SAVEPOINT ");
+            begin.push_str(&planner::quote_ident(savepoint));
+        }
+        let commands = 1 + transaction.savepoints.len() as u32;
+        let mut leased = self.checkout(runtime, shard).await?;
+        // Sent in front of the first statement on this shard (no extra round trip).
+        leased.begin_pending = Some((begin, commands));
+        let connection = Arc::new(Mutex::new(leased));
+        self.transaction
+            .as_mut()
+            .expect("in a transaction")
+            .participants
+            .insert(shard, connection.clone());
+        Ok(connection)
+    }
+
+    async fn handle_for(
+        &mut self,
+        runtime: &Runtime,
+        shard: usize,
+    ) -> Result<BackendHandle, RouterError> {
+        if self.transaction.is_some() {
+            let connection = self.participant(runtime, shard).await?;
+            BackendHandle::transaction(&connection).await
+        } else {
+            Ok(BackendHandle::pooled(self.checkout(runtime, shard).await?))
+        }
+    }
+
+    async fn savepoint(&mut self, op: &SavepointOp, sql: &str) -> Result<Outcome, RouterError> {
+        let Some(transaction) = self.transaction.as_mut() else {
+            return Err(RouterError::session(
+                "25P01",
+                "SAVEPOINT can only be used in transaction blocks",
+            ));
+        };
+        let position = |name: &str, list: &Vec<String>| list.iter().rposition(|s| s == name);
+        let tag = match op {
+            SavepointOp::Create(name) => {
+                transaction.savepoints.push(name.clone());
+                "SAVEPOINT"
+            }
+            SavepointOp::Release(name) | SavepointOp::RollbackTo(name) => {
+                let Some(index) = position(name, &transaction.savepoints) else {
+                    return Err(RouterError::session(
+                        "3B001",
+                        format!("savepoint \"{name}\" does not exist"),
+                    ));
+                };
+                if matches!(op, SavepointOp::Release(_)) {
+                    transaction.savepoints.truncate(index);
+                    "RELEASE"
+                } else {
+                    transaction.savepoints.truncate(index + 1);
+                    transaction.failed = false;
+                    "ROLLBACK"
+                }
+            }
+        };
+        let participants: Vec<_> = transaction.participants.values().cloned().collect();
+        for connection in participants {
+            let mut guard = connection.lock().await;
+            guard.query_text(sql).await?;
+        }
+        Ok(Outcome::Command(tag.into()))
+    }
+
+    async fn apply_setting(
+        &mut self,
+        runtime: &Runtime,
+        sql: &str,
+    ) -> Result<Outcome, RouterError> {
+        let cancel = self.cancel.clone();
+        let upper = sql.trim().to_ascii_uppercase();
+        let clears = upper.starts_with("RESET ALL") || upper.starts_with("DISCARD");
+        let mut settings = self.settings.clone();
+        if clears {
+            settings.clear();
+        } else {
+            settings.push(sql.trim().trim_end_matches(';').to_string());
+        }
+        let settings_tag = if settings.is_empty() {
+            0
+        } else {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            settings.hash(&mut hasher);
+            hasher.finish() | 1
+        };
+        let mut tag = None;
+        if let Some(transaction) = &self.transaction {
+            let participants: Vec<_> = transaction.participants.values().cloned().collect();
+            for connection in participants {
+                // A rollback would undo the SET on this connection: make the next checkout
+                // reset and replay whatever happens.
+                connection.lock().await.settings_tag = DIRTY_SETTINGS;
+                let handle = BackendHandle::transaction(&connection).await?;
+                let mut cursor =
+                    ShardCursor::open(cancel.as_ref(), handle, sql, &Params::default(), &[], false)
+                        .await?;
+                cursor.collect().await?;
+                tag = cursor.tag.take();
+            }
+        }
+        if tag.is_none() {
+            let shard = self.resolve_target(runtime, &Target::Any, &Params::default())?;
+            let mut leased = self.checkout(runtime, shard).await?;
+            // Until it succeeds, the connection's settings are unknown.
+            leased.settings_tag = DIRTY_SETTINGS;
+            let handle = BackendHandle::pooled(leased);
+            let mut cursor =
+                ShardCursor::open(cancel.as_ref(), handle, sql, &Params::default(), &[], false)
+                    .await?;
+            cursor.collect().await?;
+            cursor.set_settings_tag(settings_tag);
+            tag = cursor.tag.take();
+        }
+        self.settings = settings;
+        self.settings_tag = settings_tag;
+        Ok(Outcome::Command(tag.unwrap_or_else(|| "SET".into())))
+    }
+
+    /// Runs statement parts on several shards: inside the client's transaction, or (if `atomic`
+    /// and several shards) in an implicit two-phase transaction, or one by one.
+    async fn run_parts(
+        &mut self,
+        runtime: &Runtime,
+        parts: Vec<(usize, String, Params)>,
+        atomic: bool,
+        broadcast: bool,
+        result_formats: &[i16],
+    ) -> Result<Outcome, RouterError> {
+        let mut distinct: Vec<usize> = parts.iter().map(|p| p.0).collect();
+        distinct.sort();
+        distinct.dedup();
+        let implicit =
+            self.transaction.is_none() && atomic && (distinct.len() > 1 || parts.len() > 1);
+        if implicit {
+            self.transaction = Some(Transaction {
+                runtime: Arc::new(Runtime {
+                    topology: runtime.topology.clone(),
+                    pools: runtime.pools.clone(),
+                    version: runtime.version,
+                    plan_cache: Default::default(),
+                }),
+                begin_sql: "BEGIN".into(),
+                savepoints: Vec::new(),
+                participants: BTreeMap::new(),
+                failed: false,
+            });
+        }
+        let result = self
+            .run_parts_inner(runtime, &parts, broadcast, result_formats)
+            .await;
+        if implicit {
+            let transaction = self.transaction.take().expect("implicit transaction");
+            match &result {
+                Ok(_) => {
+                    let participants: Vec<_> = transaction.participants.into_iter().collect();
+                    twophase::commit(participants, &self.state.gxids, &self.state.metrics).await?;
+                }
+                Err(_) => rollback(transaction.participants).await,
+            }
+        }
+        result
+    }
+
+    async fn run_parts_inner(
+        &mut self,
+        runtime: &Runtime,
+        parts: &[(usize, String, Params)],
+        broadcast: bool,
+        result_formats: &[i16],
+    ) -> Result<Outcome, RouterError> {
+        let cancel = self.cancel.clone();
+        let mut columns: Option<Vec<Column>> = None;
+        let mut rows: Vec<Row> = Vec::new();
+        let mut first_tag: Option<String> = None;
+        let mut total: u64 = 0;
+        for (i, (shard, sql, params)) in parts.iter().enumerate() {
+            let bookkeeping = sql.starts_with(BOOKKEEPING);
+            let handle = self.handle_for(runtime, *shard).await?;
+            if bookkeeping {
+                let mut cursor =
+                    ShardCursor::open(cancel.as_ref(), handle, sql, params, &[], false).await?;
+                cursor.collect().await?;
+                continue;
+            }
+            let mut cursor =
+                ShardCursor::open(cancel.as_ref(), handle, sql, params, result_formats, false)
+                    .await?;
+            let part_rows = cursor.collect().await?;
+            if i == 0 || !broadcast {
+                self.notices.append(&mut cursor.notices);
+            }
+            if i == 0 || !broadcast {
+                if columns.is_none() {
+                    columns = cursor.columns.take();
+                }
+                rows.extend(part_rows);
+            }
+            let tag = cursor.tag.take().unwrap_or_default();
+            total += tag_rows(&tag).unwrap_or(0);
+            if first_tag.is_none() {
+                first_tag = Some(tag);
+            }
+        }
+        let first_tag = first_tag.unwrap_or_default();
+        let command = tag_command(&first_tag);
+        if let Some(columns) = columns {
+            let command = if command == "INSERT" {
+                "INSERT 0".into()
+            } else {
+                command
+            };
+            return Ok(Outcome::Rows {
+                columns,
+                rows: futures::stream::iter(rows.into_iter().map(Ok)).boxed(),
+                command,
+            });
+        }
+        if broadcast || tag_rows(&first_tag).is_none() {
+            return Ok(Outcome::Command(first_tag));
+        }
+        Ok(Outcome::Command(match command.as_str() {
+            "INSERT" => format!("INSERT 0 {total}"),
+            other => format!("{other} {total}"),
+        }))
+    }
+}
+
+/// Marks statement parts that maintain lookup tables (not part of the client's result).
+const BOOKKEEPING: &str = "/* pg-router lookup */ ";
+
+/// Splits a multi-row INSERT into per-shard statements (plus lookup-table inserts).
+pub fn split_insert(
+    topology: &Topology,
+    split: &InsertSplit,
+    params: &Params,
+) -> Result<Vec<(usize, String, Params)>, RouterError> {
+    let key_type = topology.groups[split.group].key_type;
+    let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (row, key) in split.keys.iter().enumerate() {
+        let value = match key {
+            KeyExpr::Literal(value) => value.clone(),
+            KeyExpr::Param(param) => key_from_param(params, *param, key_type)?,
+        };
+        let shard = planner::shard_of(topology, split.group, &value)?;
+        by_shard.entry(shard).or_default().push(row);
+    }
+    let mut parts: Vec<(usize, String, Params)> = by_shard
+        .into_iter()
+        .map(|(shard, rows)| {
+            let (sql, used) = planner::render_insert_part(&split.template, &rows);
+            (shard, sql, params.subset(&used))
+        })
+        .collect();
+    for (position, lookup_table) in &split.lookups {
+        let (sql, used) = planner::render_lookup_insert(split, *position, lookup_table);
+        parts.push((0, format!("{BOOKKEEPING}{sql}"), params.subset(&used)));
+    }
+    Ok(parts)
+}
+
+async fn rollback(participants: BTreeMap<usize, Arc<Mutex<Leased>>>) {
+    for connection in participants.into_values() {
+        let mut guard = connection.lock().await;
+        if guard.query_text("ROLLBACK").await.is_err() {
+            guard.discard();
+        }
+    }
+}
