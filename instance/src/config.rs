@@ -103,6 +103,16 @@ impl Config {
         })
     }
 
+    /// Files named by the `include` and `include_if_exists` extra settings: the configuration
+    /// the operator mounts from its ConfigMap, watched for changes.
+    pub fn included_config_files(&self) -> Vec<PathBuf> {
+        self.extra_settings()
+            .into_iter()
+            .filter(|(name, _)| name == "include" || name == "include_if_exists")
+            .map(|(_, value)| PathBuf::from(value.trim_matches('\'')))
+            .collect()
+    }
+
     /// The extra settings as (name, value) pairs; entries without `=` are ignored.
     pub fn extra_settings(&self) -> Vec<(String, String)> {
         self.postgres_settings

@@ -94,6 +94,7 @@ pub async fn run(config: Config) -> Result<()> {
         restart_token: None,
         not_streaming_since: None,
         rewound_while_stuck: false,
+        included_config: None,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -202,6 +203,8 @@ struct Manager {
     not_streaming_since: Option<Instant>,
     /// Whether a rewind already ran for the current stall (the next remedy is a new clone).
     rewound_while_stuck: bool,
+    /// Contents of the included configuration files (the operator's ConfigMap) last loaded.
+    included_config: Option<Vec<Option<String>>>,
 }
 
 impl Manager {
@@ -216,6 +219,7 @@ impl Manager {
             self.observe_members().await;
         }
         self.restart_on_request().await;
+        self.reload_on_config_change();
         self.supervise().await;
         self.local = self.query_local().await;
 
@@ -407,6 +411,29 @@ impl Manager {
         }
         self.roles_ensured = false;
         self.restart_token = Some(requested);
+    }
+
+    /// Reloads PostgreSQL (SIGHUP) when an included configuration file changed, so that
+    /// parameters which only need a reload apply without a restart (the operator rewrites the
+    /// ConfigMap; the kubelet swaps the mounted file).
+    fn reload_on_config_change(&mut self) {
+        let contents: Vec<Option<String>> = self
+            .config
+            .included_config_files()
+            .iter()
+            .map(|path| std::fs::read_to_string(path).ok())
+            .collect();
+        match &self.included_config {
+            None => self.included_config = Some(contents),
+            Some(loaded) if *loaded == contents => {}
+            Some(_) => {
+                if self.postgres.pid().is_some() {
+                    info!("included configuration changed: reloading PostgreSQL");
+                    self.postgres.signal(Signal::SIGHUP);
+                }
+                self.included_config = Some(contents);
+            }
+        }
     }
 
     fn member(&self, name: &str) -> Option<&Member> {

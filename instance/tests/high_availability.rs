@@ -657,3 +657,42 @@ async fn an_asynchronous_pair_fails_over_to_its_replica() {
     assert_eq!(newest, primary);
     assert_eq!(count_present(&cluster, primary, &[1, 2]).await.unwrap(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_included_configuration_is_reloaded_without_a_restart() {
+    let cluster = TestCluster::start("reload", 1, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(0, STARTUP)
+        .await
+        .unwrap();
+    let client = cluster.connect(primary).await.unwrap();
+    let started: String = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    // The operator rewrites its ConfigMap; the kubelet swaps the mounted file.
+    std::fs::write(
+        cluster.instances[primary].included_config(),
+        "work_mem = '7MB'\n",
+    )
+    .unwrap();
+    eventually("work_mem reloaded to 7MB", FAILOVER, || {
+        let client = &client;
+        async move {
+            client
+                .query_one("SHOW work_mem", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, String>(0) == "7MB")
+        }
+    })
+    .await
+    .unwrap();
+    let still: String = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(started, still, "a reload, not a restart");
+}

@@ -55,6 +55,11 @@ impl Instance {
         self.dir.join("pg-instance.log")
     }
 
+    /// The file the instance includes as the operator's ConfigMap would be mounted.
+    pub fn included_config(&self) -> PathBuf {
+        self.dir.join("operator.conf")
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
@@ -241,6 +246,10 @@ impl TestCluster {
             .arg("--postgres-setting=fsync=off")
             .arg("--postgres-setting=shared_buffers=16MB")
             .arg("--postgres-setting=max_connections=40")
+            .arg(format!(
+                "--postgres-setting=include_if_exists={}",
+                instance.included_config().display()
+            ))
             .arg("--log-level=info,instance=debug")
             .env_remove("PGDATA")
             .env_remove("KUBECONFIG")
