@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod generate;
 mod licenses;
+mod local_kubelet;
 mod olm;
 mod operator_install;
 mod release;
@@ -37,9 +38,9 @@ enum Task {
     Setup,
     /// Everything CI runs: set-up, fmt, clippy -D warnings, gen --check and every test.
     Test,
-    /// Start a local control plane, install the CRDs, apply examples/ and show what the API server stored.
+    /// Start a local control plane, the operator and the examples: a real PostgreSQL cluster to psql into.
     Demo {
-        /// Exit after showing the objects instead of serving until Ctrl-C.
+        /// Exit once the cluster is Healthy and shown, instead of serving until Ctrl-C.
         #[arg(long)]
         once: bool,
     },
@@ -134,6 +135,8 @@ fn test() -> anyhow::Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace", "--no-fail-fast"])?;
+    step("cargo xtask demo --once (the operator and a three-instance cluster, end to end)");
+    demo::run(true)?;
     step(&format!(
         "all checks and tests passed in {:.0} s",
         started.elapsed().as_secs_f64()
