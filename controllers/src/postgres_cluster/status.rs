@@ -83,6 +83,10 @@ pub fn desired_status(
     let current_primary = primary(observation.instances);
     let previous_primary = previous.and_then(|status| status.current_primary.clone());
     let all_ready = ready >= instances && current_primary.is_some_and(|p| p.ready);
+    // A cluster that has never been ready is being created, not degraded: its replicas clone one
+    // after the other once the primary is up.
+    let still_creating =
+        previous.is_none_or(|status| matches!(status.phase.as_deref(), None | Some("Creating")));
 
     // (phase, ready, progressing, degraded), each condition with its reason and message.
     type Cond = (bool, &'static str, String);
@@ -145,7 +149,7 @@ pub fn desired_status(
                 ),
                 (false, "AsExpected", "no problem found".to_string()),
             )
-        } else if previous_primary.is_none() && current_primary.is_none() {
+        } else if still_creating || (previous_primary.is_none() && current_primary.is_none()) {
             let message = format!("creating instances: {ready} of {instances} ready");
             (
                 Phase::Creating,
@@ -310,6 +314,24 @@ mod tests {
             ("True".into(), "AllInstancesReady".into())
         );
         assert_eq!(condition_of(&status, "Degraded").0, "False");
+    }
+
+    #[test]
+    fn a_cluster_whose_replicas_are_still_cloning_is_creating_not_degraded() {
+        let cluster = cluster();
+        let creating = desired_status(None, &observe(&cluster, &[]));
+        let pods = [instance(0, "primary", true), instance(1, "replica", false)];
+        let status = desired_status(Some(&creating), &observe(&cluster, &pods));
+        assert_eq!(status.phase.as_deref(), Some("Creating"));
+        assert_eq!(condition_of(&status, "Degraded").0, "False");
+        assert_eq!(status.current_primary.as_deref(), Some("db-0"));
+
+        // Once it has been healthy, an instance that is not ready is a degradation.
+        let healthy_pods = [instance(0, "primary", true), instance(1, "replica", true)];
+        let healthy = desired_status(Some(&status), &observe(&cluster, &healthy_pods));
+        assert_eq!(healthy.phase.as_deref(), Some("Healthy"));
+        let status = desired_status(Some(&healthy), &observe(&cluster, &pods));
+        assert_eq!(status.phase.as_deref(), Some("Degraded"));
     }
 
     #[test]
