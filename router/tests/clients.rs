@@ -27,7 +27,6 @@ async fn psql_tokio_postgres_psycopg_asyncpg_and_jdbc_work_through_the_router() 
     let cluster = Cluster::start(2).await;
     cluster.create_schema().await;
     let port = cluster.router.address().port().to_string();
-    let bin = testbed::paths::pg_bin();
 
     // psql: simple protocol, a multi-statement string, a transaction, \bind (extended protocol).
     let dir = tempfile::tempdir().unwrap();
@@ -38,8 +37,8 @@ async fn psql_tokio_postgres_psycopg_asyncpg_and_jdbc_work_through_the_router() 
     )
     .unwrap();
     let out = run(
-        Command::new(bin.join("psql"))
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres"])
+        common::psql(&port)
+            .args(["-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .args(["-c", "INSERT INTO customers (id, name, score) VALUES (1, 'one', 10), (2, 'two', 20), (3, 'three', 30)"])
             .args(["-c", "BEGIN; UPDATE customers SET score = score + 1 WHERE id = 1; UPDATE customers SET score = score + 1 WHERE id = 2; COMMIT;"])
             .args(["-c", "SELECT sum(score) FROM customers"])
@@ -51,22 +50,8 @@ async fn psql_tokio_postgres_psycopg_asyncpg_and_jdbc_work_through_the_router() 
     assert!(lines.contains(&"62"), "psql output: {out}");
     assert!(lines.contains(&"three"), "psql output: {out}");
     // psql reports unsupported SQL with its SQLSTATE and goes on.
-    let output = Command::new(bin.join("psql"))
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "VERBOSITY=verbose",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
+    let output = common::psql(&port)
+        .args(["-A", "-t", "-v", "VERBOSITY=verbose"])
         .args([
             "-c",
             "SELECT count(DISTINCT score) FROM customers",
@@ -83,20 +68,8 @@ async fn psql_tokio_postgres_psycopg_asyncpg_and_jdbc_work_through_the_router() 
         String::from_utf8_lossy(&output.stdout)
     );
     // Notices from the shards reach the client.
-    let output = Command::new(bin.join("psql"))
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
+    let output = common::psql(&port)
+        .args(["-A", "-t"])
         .args(["-c", "DROP TABLE IF EXISTS no_such_table_here"])
         .output()
         .unwrap();

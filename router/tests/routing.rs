@@ -468,21 +468,8 @@ async fn copy_from_stdin_routes_rows_by_shard_key() {
     }
     text.push_str("\\.\nCOPY countries (code, name) FROM STDIN;\nfr\tFrance\nde\tGermany\n\\.\n");
     std::fs::write(&script, text).unwrap();
-    let output = std::process::Command::new(testbed::paths::pg_bin().join("psql"))
-        .args([
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-f",
-        ])
+    let output = common::psql(&port)
+        .args(["-v", "ON_ERROR_STOP=1", "-f"])
         .arg(&script)
         .output()
         .unwrap();

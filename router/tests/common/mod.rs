@@ -186,3 +186,21 @@ pub async fn text_rows(
         })
         .collect())
 }
+
+/// psql (`-X`, no psqlrc) connected as `postgres` to the `postgres` database through 127.0.0.1:`port`;
+/// callers add their own options and commands.
+pub fn psql(port: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(testbed::paths::pg_bin().join("psql"));
+    command.args([
+        "-X",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+    ]);
+    command
+}
