@@ -1,6 +1,6 @@
 //! pg-router: a stateless PostgreSQL wire-protocol router over PostgreSQL 18 shards.
 //!
-//! Layers, each in its module: [`frontend`] (pgwire: protocol, authentication) -> [`session`]
+//! Layers, each in its module: [`frontend`] (protocol v3 with clients, TLS, SCRAM) -> [`session`]
 //! (transactions, settings) -> [`planner`] (SQL to a [`planner::Plan`], pure) -> [`executor`]
 //! (backend connections from [`pool`], raw protocol in [`backend`]) -> [`merger`]
 //! (scatter-gather results). [`topology`] and [`vindex`] decide placement; [`twophase`] commits

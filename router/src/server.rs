@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
-use crate::frontend::ConnectionHandlers;
+use crate::frontend::Frontend;
 use crate::metrics::Metrics;
 use crate::session::RouterState;
 use crate::topology::{RouterConfig, Topology, TopologyError};
@@ -39,12 +40,10 @@ pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(2);
 /// A prepared transaction younger than this is left to its coordinator.
 pub const IN_DOUBT_AGE: Duration = Duration::from_secs(2);
 
-fn tls_acceptor(
-    config: &crate::topology::TlsConfig,
-) -> Result<pgwire::tokio::TlsAcceptor, ServerError> {
-    use pgwire::tokio::tokio_rustls::rustls;
+fn tls_acceptor(config: &crate::topology::TlsConfig) -> Result<TlsAcceptor, ServerError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
     let error = |what: &str, e: &dyn std::fmt::Display| ServerError::Tls(format!("{what}: {e}"));
     let certs = CertificateDer::pem_file_iter(&config.cert_file)
         .map_err(|e| error(&config.cert_file.display().to_string(), &e))?
@@ -60,7 +59,7 @@ fn tls_acceptor(
         .with_single_cert(certs, key)
         .map_err(|e| error("certificate", &e))?;
     server.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(pgwire::tokio::TlsAcceptor::from(Arc::new(server)))
+    Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
 /// A running router.
@@ -101,21 +100,14 @@ impl Router {
             None => None,
         };
         let mut tasks = Vec::new();
-        let auth = config.auth.clone();
-        let accept_state = state.clone();
+        let frontend = Arc::new(Frontend::new(state.clone(), &config.auth, tls));
         tasks.push(tokio::spawn(async move {
             loop {
-                let Ok((socket, peer)) = listener.accept().await else {
+                let Ok((socket, _)) = listener.accept().await else {
                     continue;
                 };
                 let _ = socket.set_nodelay(true);
-                let handlers = ConnectionHandlers::new(accept_state.clone(), auth.clone());
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    if let Err(error) = pgwire::tokio::process_socket(socket, tls, handlers).await {
-                        tracing::debug!(%peer, %error, "client connection ended with an error");
-                    }
-                });
+                tokio::spawn(crate::frontend::serve(socket, frontend.clone()));
             }
         }));
         let mut metrics_address = None;

@@ -670,6 +670,27 @@ impl Session {
         self.transaction.is_some()
     }
 
+    /// Transaction status for ReadyForQuery: idle (`I`), in a transaction (`T`), or in a
+    /// failed one (`E`).
+    pub fn transaction_status(&self) -> u8 {
+        match &self.transaction {
+            None => b'I',
+            Some(transaction)
+                if transaction.failed || self.stream_failed.load(Ordering::Relaxed) =>
+            {
+                b'E'
+            }
+            Some(_) => b'T',
+        }
+    }
+
+    /// Applies the client's startup settings (`SET ... ; SET ...`, quoted by the caller) as
+    /// session settings, checked on a shard now.
+    pub async fn apply_startup_settings(&mut self, sql: &str) -> Result<(), RouterError> {
+        let runtime = self.state.runtime();
+        self.apply_setting(&runtime, sql).await.map(|_| ())
+    }
+
     /// Runs one planned statement.
     #[tracing::instrument(level = "debug", name = "routed_query", skip_all, fields(plan = planned.plan.kind()))]
     pub async fn execute(

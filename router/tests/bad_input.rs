@@ -146,6 +146,19 @@ async fn malformed_messages_get_errors_and_the_router_stays_up() {
     let seen = read_until(&mut stream, b'Z').await;
     assert!(seen.contains(&b'D'), "no row after the error: {seen:?}");
 
+    // A Parse that fails, then Flush (asyncpg waits there, without Sync): the error arrives.
+    let sql = b"\0SELECT count(DISTINCT no_such_column) FROM customers\0";
+    let mut parse = vec![b'P'];
+    parse.extend_from_slice(&((sql.len() + 2 + 4) as i32).to_be_bytes());
+    parse.extend_from_slice(sql);
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    stream.write_all(&parse).await.unwrap();
+    stream.write_all(&[b'H', 0, 0, 0, 4]).await.unwrap();
+    let seen = read_until(&mut stream, b'E').await;
+    assert_eq!(seen, vec![b'E']);
+    stream.write_all(&[b'S', 0, 0, 0, 4]).await.unwrap();
+    assert_eq!(read_until(&mut stream, b'Z').await, vec![b'Z']);
+
     // Garbage: an unknown message type and a truncated message. The router may close that
     // connection, but it stays up for others.
     let mut stream = raw_session(&cluster).await;
