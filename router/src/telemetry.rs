@@ -65,6 +65,14 @@ pub enum TelemetryError {
         /// Why.
         source: opentelemetry_otlp::ExporterBuildError,
     },
+    /// An `https://` endpoint: the exporter speaks plain HTTP only (no TLS stack is built in).
+    #[error(
+        "OTLP endpoint {endpoint}: only http:// is supported; export to a collector or agent nearby over plain HTTP"
+    )]
+    Https {
+        /// The traces URL.
+        endpoint: String,
+    },
     /// Another global subscriber is installed already.
     #[error("installing the tracing subscriber: {0}")]
     Install(#[from] tracing_subscriber::util::TryInitError),
@@ -104,6 +112,12 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         tracing_subscriber::registry().with(logs).try_init()?;
         return Ok(Telemetry { provider: None });
     };
+    if endpoint
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    {
+        return Err(TelemetryError::Https { endpoint });
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
