@@ -4,7 +4,8 @@
 //! (transactions, settings) -> [`planner`] (SQL to a [`planner::Plan`], pure) -> [`executor`]
 //! (backend connections from [`pool`], raw protocol in [`backend`]) -> [`merger`]
 //! (scatter-gather results). [`topology`] and [`vindex`] decide placement; [`twophase`] commits
-//! cross-shard transactions; [`server`] is the run loop; [`metrics`] the Prometheus endpoint.
+//! cross-shard transactions; [`server`] is the run loop; [`metrics`] the Prometheus endpoint;
+//! [`telemetry`] the logs and the OpenTelemetry traces.
 
 pub mod backend;
 pub mod cancel;
@@ -18,6 +19,7 @@ pub mod planner;
 pub mod pool;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 pub mod topology;
 pub mod twophase;
 pub mod values;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use router::telemetry::{self, TelemetryConfig};
 use router::{Router, RouterConfig};
 
 /// The distributed-SQL router: speaks the PostgreSQL protocol and routes to shards.
@@ -20,18 +21,39 @@ struct Cli {
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `router=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// OTLP/HTTP endpoint to export traces to (for example `http://otel-collector:4318`; spans
+    /// go to its `/v1/traces`). Unset: no trace export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Full OTLP/HTTP traces URL; wins over `--otlp-endpoint`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    otlp_traces_endpoint: Option<String>,
+    /// `service.name` of the exported traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = telemetry::DEFAULT_SERVICE_NAME)]
+    service_name: String,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
-        .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
     if cli.worker_threads > 0 {
-        runtime.worker_threads(cli.worker_threads);
+        builder.worker_threads(cli.worker_threads);
     }
-    runtime.enable_all().build()?.block_on(run(cli))
+    let runtime = builder.enable_all().build()?;
+    let telemetry = {
+        // The trace exporter is a task on this runtime.
+        let _entered = runtime.enter();
+        telemetry::init(&TelemetryConfig {
+            log_filter: cli.log_level.clone(),
+            otlp_endpoint: cli.otlp_endpoint.clone(),
+            otlp_traces_endpoint: cli.otlp_traces_endpoint.clone(),
+            service_name: cli.service_name.clone(),
+        })?
+    };
+    let outcome = runtime.block_on(run(cli));
+    // After the run loop, with the runtime still up: the last spans are exported before exit.
+    telemetry.shutdown();
+    outcome
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

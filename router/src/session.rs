@@ -692,7 +692,21 @@ impl Session {
     }
 
     /// Runs one planned statement.
-    #[tracing::instrument(level = "debug", name = "routed_query", skip_all, fields(plan = planned.plan.kind()))]
+    #[tracing::instrument(
+        level = "debug",
+        name = "routed_query",
+        skip_all,
+        fields(
+            otel.kind = "server",
+            db.system.name = "postgresql",
+            db.query.text = crate::telemetry::query_text(&planned.sql),
+            pg_router.plan = planned.plan.kind(),
+            pg_router.shards = tracing::field::Empty,
+            db.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    )]
     pub async fn execute(
         &mut self,
         planned: &Planned,
@@ -701,6 +715,15 @@ impl Session {
         cache: bool,
     ) -> Result<Outcome, RouterError> {
         let started = Instant::now();
+        if !tracing::Span::current().is_disabled() {
+            let runtime = match &self.transaction {
+                Some(transaction) => transaction.runtime.clone(),
+                None => self.state.runtime(),
+            };
+            let shards =
+                crate::telemetry::shards_touched(&planned.plan, runtime.topology.shards.len());
+            tracing::Span::current().record("pg_router.shards", shards);
+        }
         if self.stream_failed.swap(false, Ordering::Relaxed)
             && let Some(transaction) = self.transaction.as_mut()
         {
@@ -712,7 +735,9 @@ impl Session {
         let metrics = &self.state.metrics;
         metrics.observe_query(planned.plan.kind(), started.elapsed().as_secs_f64());
         if let Err(error) = &result {
-            metrics.observe_error(&error.to_server_error().code);
+            let code = error.to_server_error().code;
+            metrics.observe_error(&code);
+            crate::telemetry::record_error(&code);
             if let Some(transaction) = self.transaction.as_mut() {
                 transaction.failed = true;
             }
