@@ -35,8 +35,10 @@ pub struct Options {
     /// Folder for the artifacts (emptied first); default `target/release-artifacts`.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PKCS#8 PEM P-256 private key to sign with (also `$RELEASE_SIGNING_KEY`). Without one, a new
-    /// key pair is written to `target/release-signing/` (the private key never enters `--out`).
+    /// P-256 private key to sign with (also `$RELEASE_SIGNING_KEY`): the `cosign.key` of `cosign
+    /// generate-key-pair`, opened with the password in `$COSIGN_PASSWORD`, or an unencrypted PKCS#8
+    /// PEM. Without one, a new key pair is written to `target/release-signing/` (the private key
+    /// never enters `--out`).
     #[arg(long, env = "RELEASE_SIGNING_KEY")]
     pub key: Option<PathBuf>,
     /// Do not build and ship the binaries (`cargo build --release`), for a quick artifact check.
@@ -64,6 +66,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| root.join("target").join("release-artifacts"));
+    // Before any work: a wrong key or COSIGN_PASSWORD fails in a second, not after a build.
+    let key = signing_key(&root, options.key.as_deref())?;
     let mut progress = Progress { step: 0, total: 8 };
 
     progress.next("checking that generated files match the typed API");
@@ -115,7 +119,6 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
 
     progress.next("writing the manifest and signing every artifact");
-    let key = signing_key(&root, options.key.as_deref())?;
     fs::write(out.join("cosign.pub"), key.public_pem())?;
     let release_manifest = out.join("release-manifest.json");
     fs::write(

@@ -22,8 +22,13 @@ fn root() -> PathBuf {
 }
 
 fn xtask(args: &[&str]) -> std::process::Output {
+    xtask_with_env(args, &[])
+}
+
+fn xtask_with_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(XTASK)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root())
         .output()
         .expect("running the xtask binary")
@@ -1077,4 +1082,88 @@ fn release_writes_signed_artifacts_that_cosign_verifies_and_a_valid_sbom() {
     let refused = xtask(&["validate-sbom", &broken_path.display().to_string()]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("spaceship"));
+}
+
+#[test]
+fn release_signs_with_a_key_pair_from_cosign_generate_key_pair() {
+    // Arrange: a key pair as release engineers make it, with real cosign and a password.
+    let work = tempfile::tempdir().unwrap();
+    let password = "release engineers' passphrase";
+    let generated = Command::new(paths::cosign())
+        .arg("generate-key-pair")
+        .env("COSIGN_PASSWORD", password)
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let key = work.path().join("cosign.key");
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .starts_with("-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----")
+    );
+    let out = work.path().join("artifacts");
+    let release = |password: &str| {
+        xtask_with_env(
+            &[
+                "release",
+                "--skip-binaries",
+                "--out",
+                &out.display().to_string(),
+                "--key",
+                &key.display().to_string(),
+            ],
+            &[("COSIGN_PASSWORD", password)],
+        )
+    };
+
+    // Act + assert: a wrong password is refused before any work, and never shown.
+    let refused = release("not the passphrase");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("wrong COSIGN_PASSWORD or corrupt key"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not the passphrase"), "{stderr}");
+    assert!(
+        !out.exists(),
+        "nothing released with a key that did not open"
+    );
+
+    // Act: release with the right password.
+    let output = release(password);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Assert: cosign verifies our signatures with its own public key, and rejects a tampered file.
+    std::fs::copy(
+        work.path().join("cosign.pub"),
+        out.join("cosign-generated.pub"),
+    )
+    .unwrap();
+    for artifact in ["release-manifest.json", "postgres-operator-crds.yaml"] {
+        let verified = cosign_verify(&out, "cosign-generated.pub", artifact);
+        assert!(
+            verified.status.success(),
+            "cosign verify-blob {artifact}: {}",
+            String::from_utf8_lossy(&verified.stderr)
+        );
+    }
+    let manifest = out.join("release-manifest.json");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push('\n');
+    std::fs::write(&manifest, text).unwrap();
+    let tampered = cosign_verify(&out, "cosign-generated.pub", "release-manifest.json");
+    assert!(
+        !tampered.status.success(),
+        "cosign must reject a tampered artifact"
+    );
 }
