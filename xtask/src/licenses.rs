@@ -8,10 +8,7 @@
 //! when one branch passes (we pick the permissive one); an `AND` expression needs every part.
 //! MIT-0 (MIT without the attribution clause) is allowed too.
 //!
-//! MPL-2.0 is weak copyleft (file-level) and is refused, with one reviewed exception per package
-//! in [`EXCEPTIONS`]: `x509-certificate`, which pgwire's SCRAM/TLS server feature (`pg-router`)
-//! requires. We ship it unmodified, so MPL-2.0 asks nothing of our own files; replacing it is
-//! tracked. Any other MPL crate, or a new version of an excepted one, fails the check.
+//! MPL-2.0 is weak copyleft (file-level) and is refused like the rest, without exceptions.
 
 use std::path::Path;
 
@@ -35,13 +32,6 @@ pub const ALLOWED: &[&str] = &[
     "CDLA-Permissive-2.0",
     "MIT-0",
 ];
-
-/// Reviewed exceptions: (package, exact license expression, why).
-pub const EXCEPTIONS: &[(&str, &str, &str)] = &[(
-    "x509-certificate",
-    "MPL-2.0",
-    "required by pgwire's SCRAM/TLS server API (pg-router); unmodified, file-level copyleft",
-)];
 
 /// SPDX exceptions we accept after `WITH`.
 pub const ALLOWED_EXCEPTIONS: &[&str] = &["LLVM-exception"];
@@ -78,16 +68,6 @@ pub fn check(manifest_path: &Path) -> anyhow::Result<usize> {
         .iter()
         .filter(|p| included.contains(&p.id))
     {
-        let excepted = EXCEPTIONS.iter().find(|(name, license, _)| {
-            package.name.as_str() == *name && package.license.as_deref() == Some(*license)
-        });
-        if let Some((name, license, why)) = excepted {
-            crate::step(&format!(
-                "license exception: {name} {} is {license}: {why}",
-                package.version
-            ));
-            continue;
-        }
         let verdict = match sbom::license_expression(package) {
             None => Err("no SPDX `license` field".to_string()),
             Some(expression) => match allowed(&expression) {
