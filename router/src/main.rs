@@ -15,7 +15,9 @@ struct Cli {
     /// tables. Re-read on SIGHUP.
     #[arg(long, env = "PG_ROUTER_CONFIG")]
     config: PathBuf,
-    /// Worker threads of the async runtime (0: one per CPU).
+    /// Worker threads of the async runtime. 1: a single-threaded runtime (no cross-thread
+    /// wake-ups); 0 (auto): single-threaded on up to 2 CPUs, where the router shares the cores with
+    /// its clients and shards and measured fastest that way, else one worker per CPU.
     #[arg(long, env = "PG_ROUTER_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `router=debug`).
@@ -35,8 +37,14 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if cli.worker_threads > 0 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let single = cli.worker_threads == 1 || (cli.worker_threads == 0 && cpus <= 2);
+    let mut builder = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if cli.worker_threads > 1 {
         builder.worker_threads(cli.worker_threads);
     }
     let runtime = builder.enable_all().build()?;
