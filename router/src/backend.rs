@@ -164,6 +164,17 @@ pub struct BackendConnection {
     pub begin_pending: Option<(String, u32)>,
     /// Command completions of a sent BEGIN prefix still to swallow.
     skip_commands: u32,
+    /// Rows of the last COPY TO STDOUT.
+    copied: u64,
+}
+
+/// What a running COPY TO STDOUT gives next.
+#[derive(Debug)]
+pub enum CopyOutData {
+    /// One CopyData message's bytes (a row, or the CSV header).
+    Row(Bytes),
+    /// The end, with the number of rows copied.
+    Done(u64),
 }
 
 fn read_cstr(buf: &mut BytesMut) -> String {
@@ -222,6 +233,7 @@ impl BackendConnection {
             cancel_target: None,
             begin_pending: None,
             skip_commands: 0,
+            copied: 0,
         };
         frontend::startup_message(
             [
@@ -568,6 +580,72 @@ impl BackendConnection {
                 b'Z' => {
                     self.pending = false;
                     return Err(self.protocol("COPY ended before CopyInResponse"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts `COPY ... TO STDOUT` (simple protocol); returns the overall format (0 text, 1
+    /// binary) and the column formats. Read the data with [`copy_out_data`](Self::copy_out_data).
+    pub async fn start_copy_out(&mut self, sql: &str) -> Result<(i8, Vec<i16>), BackendError> {
+        let sql = match self.begin_pending.take() {
+            Some((begin, commands)) => {
+                self.skip_commands = commands;
+                format!("{begin}; {sql}")
+            }
+            None => sql.to_string(),
+        };
+        frontend::query(&sql, &mut self.write).map_err(|e| self.io(e))?;
+        self.pending = true;
+        self.flush().await?;
+        loop {
+            let (kind, mut body) = self.read_raw().await?;
+            match kind {
+                b'H' => {
+                    let format = body.get_i8();
+                    let count = body.get_i16();
+                    let formats = (0..count).map(|_| body.get_i16()).collect();
+                    return Ok((format, formats));
+                }
+                b'C' if self.skip_commands > 0 => self.skip_commands -= 1,
+                b'E' => {
+                    let error = parse_error_fields(body);
+                    self.skip_commands = 0;
+                    self.drain().await?;
+                    return Err(self.server_error(error));
+                }
+                b'Z' => {
+                    self.pending = false;
+                    return Err(self.protocol("COPY ended before CopyOutResponse"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next row of a running COPY TO STDOUT, or its end with the number of rows copied.
+    pub async fn copy_out_data(&mut self) -> Result<CopyOutData, BackendError> {
+        let mut failed = None;
+        loop {
+            let (kind, body) = self.read_raw().await?;
+            match kind {
+                b'd' => return Ok(CopyOutData::Row(body.freeze())),
+                b'C' => {
+                    let mut body = body;
+                    let tag = read_cstr(&mut body);
+                    if failed.is_none() {
+                        self.copied = crate::executor::tag_rows(&tag).unwrap_or(0);
+                    }
+                }
+                b'E' => failed = Some(parse_error_fields(body)),
+                b'Z' => {
+                    self.status = body.first().copied().unwrap_or(b'I');
+                    self.pending = false;
+                    return match failed {
+                        Some(error) => Err(self.server_error(error)),
+                        None => Ok(CopyOutData::Done(self.copied)),
+                    };
                 }
                 _ => {}
             }

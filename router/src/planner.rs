@@ -328,6 +328,17 @@ pub enum Plan {
     Savepoint(SavepointOp),
     /// COPY ... FROM STDIN: rows are routed line by line.
     CopyIn(CopyDestination),
+    /// COPY ... TO STDOUT: the shards' rows, one shard after the other.
+    CopyOut(CopyOut),
+}
+
+/// A COPY TO STDOUT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyOut {
+    /// The shards it reads: every one (`None`), or one.
+    pub shard: Option<Target>,
+    /// CSV with HEADER: the header line is kept from the first shard only.
+    pub header: bool,
 }
 
 /// Where the rows of a COPY FROM STDIN go.
@@ -363,6 +374,7 @@ impl Plan {
             Plan::Deallocate => "deallocate",
             Plan::Savepoint(_) => "savepoint",
             Plan::CopyIn(_) => "copy_in",
+            Plan::CopyOut(_) => "copy_out",
         }
     }
 }
@@ -600,7 +612,64 @@ pub fn plan_statement(
             };
             Ok(plain(Plan::CopyIn(destination), false))
         }
-        Statement::Copy { .. } => unsupported("COPY other than COPY table FROM STDIN"),
+        Statement::Copy {
+            source,
+            to: true,
+            target: sqlparser::ast::CopyTarget::Stdout,
+            options,
+            legacy_options,
+            ..
+        } => {
+            let binary = options.iter().any(|o| {
+                matches!(o, sqlparser::ast::CopyOption::Format(f) if f.value.eq_ignore_ascii_case("binary"))
+            }) || legacy_options
+                .iter()
+                .any(|o| matches!(o, sqlparser::ast::CopyLegacyOption::Binary));
+            let header = options.iter().any(|o| {
+                matches!(o, sqlparser::ast::CopyOption::Header(true))
+            }) || legacy_options.iter().any(|o| {
+                matches!(o, sqlparser::ast::CopyLegacyOption::Csv(csv) if csv.iter().any(|c| matches!(c, sqlparser::ast::CopyLegacyCsvOption::Header)))
+            });
+            let shard = match source {
+                sqlparser::ast::CopySource::Table { table_name, .. } => {
+                    let table = last_name(&table_name);
+                    if topology.is_reference(&table) {
+                        Some(Target::Any)
+                    } else if topology.tables.contains_key(&table) {
+                        None
+                    } else {
+                        Some(Target::Shard(0))
+                    }
+                }
+                sqlparser::ast::CopySource::Query(query) => {
+                    let inner = plan_sql(topology, &query.to_string())?;
+                    match inner.into_iter().next().map(|p| p.plan) {
+                        Some(Plan::Single(target @ (Target::Shard(_) | Target::Any))) => {
+                            Some(target)
+                        }
+                        Some(Plan::Scatter {
+                            shards: None,
+                            merge,
+                            write: false,
+                        }) if merge == MergeSpec::default() => None,
+                        _ => {
+                            return unsupported(
+                                "COPY (query) TO STDOUT whose query needs merging across shards \
+                                 (ORDER BY, LIMIT, aggregates, DISTINCT) or bind parameters; \
+                                 run the query instead",
+                            );
+                        }
+                    }
+                }
+            };
+            if binary && shard.is_none() {
+                return unsupported(
+                    "COPY TO STDOUT in binary format across shards (use text or csv)",
+                );
+            }
+            Ok(plain(Plan::CopyOut(CopyOut { shard, header }), false))
+        }
+        Statement::Copy { .. } => unsupported("COPY other than FROM STDIN or TO STDOUT"),
         // Client statements live in the router's session, backend ones per pooled connection:
         // DEALLOCATE has nothing to free on the shards.
         Statement::Deallocate { .. } => Ok(plain(Plan::Deallocate, false)),

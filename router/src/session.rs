@@ -10,7 +10,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio::sync::Mutex;
 
-use crate::backend::Column;
+use crate::backend::{Column, CopyOutData};
 use crate::error::RouterError;
 use crate::executor::{BackendHandle, Params, Row, ShardCursor, tag_command, tag_rows};
 use crate::merger::{self, RowStream};
@@ -125,6 +125,16 @@ pub enum Outcome {
     Empty,
     /// COPY FROM STDIN started; the client sends rows (this many columns).
     CopyIn(i16),
+    /// COPY TO STDOUT: the overall format (0 text, 1 binary), column formats, and the rows of
+    /// each shard in turn, ending with the total count.
+    CopyOut {
+        /// Overall format.
+        format: i8,
+        /// Column formats.
+        formats: Vec<i16>,
+        /// CopyData payloads, then `Done`.
+        data: futures::stream::BoxStream<'static, Result<CopyOutData, RouterError>>,
+    },
 }
 
 /// A running COPY FROM STDIN.
@@ -298,6 +308,59 @@ async fn rows_outcome(
             None => Ok(Outcome::Empty),
         },
     }
+}
+
+/// The rows of a COPY TO STDOUT from each shard in turn (a CSV header from the first only),
+/// then the total row count.
+fn copy_out_stream(
+    first: BackendHandle,
+    rest: std::collections::VecDeque<BackendHandle>,
+    sql: String,
+    header: bool,
+) -> futures::stream::BoxStream<'static, Result<CopyOutData, RouterError>> {
+    struct State {
+        current: BackendHandle,
+        rest: std::collections::VecDeque<BackendHandle>,
+        sql: String,
+        header: bool,
+        skip_header: bool,
+        total: u64,
+    }
+    let state = State {
+        current: first,
+        rest,
+        sql,
+        header,
+        skip_header: false,
+        total: 0,
+    };
+    futures::stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        loop {
+            match state.current.copy_out_data().await {
+                Ok(CopyOutData::Row(_)) if state.skip_header => state.skip_header = false,
+                Ok(row @ CopyOutData::Row(_)) => return Some((Ok(row), Some(state))),
+                Ok(CopyOutData::Done(rows)) => {
+                    state.total += rows;
+                    let Some(mut next) = state.rest.pop_front() else {
+                        return Some((Ok(CopyOutData::Done(state.total)), None));
+                    };
+                    if let Err(error) = next.start_copy_out(&state.sql).await {
+                        return Some((Err(error.into()), None));
+                    }
+                    state.current = next;
+                    state.skip_header = state.header;
+                }
+                Err(error) => {
+                    if error.is_connection_lost() {
+                        state.current.discard();
+                    }
+                    return Some((Err(error.into()), None));
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 fn watch_failures(rows: RowStream, failed: Arc<AtomicBool>) -> RowStream {
@@ -804,6 +867,32 @@ impl Session {
             Plan::Setting => self.apply_setting(&runtime, &planned.sql).await,
             Plan::Savepoint(op) => self.savepoint(op, &planned.sql).await,
             Plan::CopyIn(destination) => self.start_copy(&runtime, destination, &planned.sql).await,
+            Plan::CopyOut(copy) => {
+                let shards: Vec<usize> = match &copy.shard {
+                    Some(target) => vec![self.resolve_target(&runtime, target, params)?],
+                    None => (0..runtime.topology.shards.len()).collect(),
+                };
+                let mut handles = std::collections::VecDeque::with_capacity(shards.len());
+                for shard in shards {
+                    handles.push_back(self.handle_for(&runtime, shard).await?);
+                }
+                let mut first = handles.pop_front().expect("at least one shard");
+                // The first shard starts now: a bad statement fails before any data is sent.
+                let (format, formats) = match first.start_copy_out(&planned.sql).await {
+                    Ok(started) => started,
+                    Err(error) => {
+                        if error.is_connection_lost() {
+                            first.discard();
+                        }
+                        return Err(error.into());
+                    }
+                };
+                Ok(Outcome::CopyOut {
+                    format,
+                    formats,
+                    data: copy_out_stream(first, handles, planned.sql.clone(), copy.header),
+                })
+            }
             Plan::Deallocate => Ok(Outcome::Command(
                 if planned.sql.to_ascii_uppercase().contains("ALL") {
                     "DEALLOCATE ALL"

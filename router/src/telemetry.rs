@@ -209,6 +209,7 @@ pub fn shards_touched(plan: &Plan, shard_count: usize) -> Option<usize> {
         Plan::Single(_) => Some(1),
         Plan::Scatter { shards, .. } => Some(shards.as_ref().map_or(shard_count, Vec::len)),
         Plan::Broadcast => Some(shard_count),
+        Plan::CopyOut(copy) => Some(if copy.shard.is_some() { 1 } else { shard_count }),
         Plan::Transaction(_)
         | Plan::Setting
         | Plan::Insert(_)

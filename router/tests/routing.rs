@@ -549,3 +549,95 @@ async fn copy_from_stdin_routes_rows_by_shard_key() {
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 }
+
+/// Everything a `COPY ... TO STDOUT` sends, as text.
+async fn copy_out(client: &tokio_postgres::Client, sql: &str) -> String {
+    use futures::TryStreamExt;
+    let chunks: Vec<bytes::Bytes> = client
+        .copy_out(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .try_collect()
+        .await
+        .unwrap();
+    String::from_utf8(chunks.concat()).unwrap()
+}
+
+fn sorted_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_stdout_reads_every_shard_once() {
+    let cluster = Cluster::start(3).await;
+    cluster.create_schema().await;
+    let client = cluster.client().await;
+    for id in 1..=60i64 {
+        client
+            .execute(
+                "INSERT INTO customers (id, name, region, score) VALUES ($1, $2, 'eu', $3)",
+                &[&id, &format!("c,{id}"), &((id % 7) as i32)],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(
+            "INSERT INTO countries (code, name) VALUES ('fr', 'France'), ('jp', 'Japan')",
+        )
+        .await
+        .unwrap();
+
+    // A sharded table: the union of the shards, each row once.
+    let mut direct = String::new();
+    for shard in &cluster.shards {
+        let shard_client = shard.client().await.unwrap();
+        direct.push_str(&copy_out(&shard_client, "COPY customers TO STDOUT").await);
+    }
+    assert_eq!(direct.lines().count(), 60, "rows spread over the shards");
+    let routed = copy_out(&client, "COPY customers TO STDOUT").await;
+    assert_eq!(sorted_lines(&routed), sorted_lines(&direct));
+
+    // CSV with a header: one header line, first.
+    let csv = copy_out(
+        &client,
+        "COPY customers (id, name) TO STDOUT WITH (FORMAT csv, HEADER)",
+    )
+    .await;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "id,name");
+    assert_eq!(lines.len(), 61);
+    assert!(lines.contains(&"7,\"c,7\""), "CSV quoting kept: {csv}");
+
+    // A reference table is read from one shard only; a keyed query from its shard.
+    let countries = copy_out(&client, "COPY countries TO STDOUT").await;
+    assert_eq!(sorted_lines(&countries), vec!["fr\tFrance", "jp\tJapan"]);
+    let one = copy_out(
+        &client,
+        "COPY (SELECT id, name FROM customers WHERE id = 42) TO STDOUT",
+    )
+    .await;
+    assert_eq!(one, "42\tc,42\n");
+
+    // What cannot be streamed shard by shard is refused with a clear error; the session goes on.
+    let error = client
+        .copy_out("COPY (SELECT id FROM customers ORDER BY id) TO STDOUT")
+        .await
+        .err()
+        .expect("a merged COPY query is refused");
+    assert_eq!(error.code().unwrap().code(), "0A000", "{error:?}");
+    let error = client
+        .copy_out("COPY customers TO STDOUT (FORMAT binary)")
+        .await
+        .err()
+        .expect("binary COPY across shards is refused");
+    assert_eq!(error.code().unwrap().code(), "0A000", "{error:?}");
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 60);
+}

@@ -922,10 +922,9 @@ fn release_writes_signed_artifacts_that_cosign_verifies_and_a_valid_sbom() {
         );
     }
 
-    // Act
+    // Act: the whole release, binaries included (`cargo build --release`).
     let output = xtask(&[
         "release",
-        "--skip-binaries",
         "--out",
         &out.display().to_string(),
         "--key",
@@ -959,8 +958,24 @@ fn release_writes_signed_artifacts_that_cosign_verifies_and_a_valid_sbom() {
         "sbom/postgres-operator.cdx.json",
         "sbom/pg-instance.cdx.json",
         "sbom/pg-router.cdx.json",
+        "bin/postgres-operator",
+        "bin/pg-instance",
+        "bin/pg-router",
     ] {
         assert!(names.contains(&expected), "{expected} in {names:?}");
+    }
+    // The shipped binaries run and say which version they are.
+    for binary in ["postgres-operator", "pg-instance", "pg-router"] {
+        let version = std::process::Command::new(out.join("bin").join(binary))
+            .arg("--version")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&version.stdout);
+        assert!(
+            version.status.success() && stdout.contains(env!("CARGO_PKG_VERSION")),
+            "{binary} --version: {stdout}{}",
+            String::from_utf8_lossy(&version.stderr)
+        );
     }
     assert!(names.iter().any(|n| n.ends_with(".tgz")));
     assert!(

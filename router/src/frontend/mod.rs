@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::backend::{Description, ServerError};
+use crate::backend::{CopyOutData, Description, ServerError};
 use crate::error::RouterError;
 use crate::executor::Params;
 use crate::merger::RowStream;
@@ -707,6 +707,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             Outcome::Empty => wire::empty(&mut self.output, b'I'),
             Outcome::CopyIn(columns) => return Ok(self.copy_in(columns).await),
+            Outcome::CopyOut {
+                format,
+                formats,
+                mut data,
+            } => {
+                wire::copy_out_response(&mut self.output, format, &formats);
+                while let Some(item) = data.next().await {
+                    match item {
+                        Ok(CopyOutData::Row(row)) => {
+                            wire::copy_data(&mut self.output, &row);
+                            if self.output.len() >= FLUSH_AT {
+                                self.flush().await?;
+                            }
+                        }
+                        Ok(CopyOutData::Done(rows)) => {
+                            wire::empty(&mut self.output, b'c');
+                            wire::command_complete(&mut self.output, &format!("COPY {rows}"));
+                        }
+                        Err(error) => return Ok(Err(error)),
+                    }
+                }
+            }
         }
         Ok(Ok(None))
     }

@@ -332,6 +332,24 @@ pub fn copy_in_response(out: &mut BytesMut, columns: i16) {
     end(out, at);
 }
 
+/// `CopyOutResponse`.
+pub fn copy_out_response(out: &mut BytesMut, format: i8, formats: &[i16]) {
+    let at = begin(out, b'H');
+    out.put_i8(format);
+    out.put_i16(formats.len() as i16);
+    for code in formats {
+        out.put_i16(*code);
+    }
+    end(out, at);
+}
+
+/// `CopyData`.
+pub fn copy_data(out: &mut BytesMut, data: &[u8]) {
+    out.put_u8(b'd');
+    out.put_i32(4 + data.len() as i32);
+    out.put_slice(data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
