@@ -59,8 +59,10 @@ fn main() -> anyhow::Result<()> {
         })?
     };
     let outcome = runtime.block_on(run(cli));
-    // After the run loop, with the runtime still up: the last spans are exported before exit.
-    telemetry.shutdown();
+    // After the run loop, with the runtime still driven: the shutdown blocks until the batch
+    // task (on this runtime, which may be single-threaded) has exported the last spans.
+    let _ =
+        runtime.block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await });
     outcome
 }
 
