@@ -31,7 +31,7 @@ async fn unsupported_sql_is_an_error_and_the_connection_stays_usable() {
             "SELECT id FROM customers UNION SELECT customer_id FROM orders",
             "0A000",
         ),
-        ("COPY customers TO STDOUT", "0A000"),
+        ("COPY customers TO STDOUT (FORMAT binary)", "0A000"),
         (
             "COPY customers (id, name) FROM STDIN WITH (FORMAT csv)",
             "0A000",
