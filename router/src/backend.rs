@@ -35,6 +35,9 @@ impl std::fmt::Display for ServerError {
     }
 }
 
+/// Most statements one backend connection keeps prepared.
+const MAX_PREPARED: usize = 256;
+
 /// Errors talking to a shard.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -503,6 +506,15 @@ impl BackendConnection {
             match self.prepared.get(&key) {
                 Some(name) => name.clone(),
                 None => {
+                    if self.prepared.len() >= MAX_PREPARED {
+                        // Bounded per connection (auto-prepared shapes are many): close them
+                        // all, pipelined in front of this statement; their CloseComplete
+                        // answers are skipped by the readers like any other bookkeeping.
+                        for name in std::mem::take(&mut self.prepared).into_values() {
+                            frontend::close(b'S', &name, &mut self.write)
+                                .map_err(|e| self.io(e))?;
+                        }
+                    }
                     self.next_statement += 1;
                     let name = format!("pgr_{}", self.next_statement);
                     frontend::parse(

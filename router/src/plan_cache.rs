@@ -2,10 +2,18 @@
 //! (`... WHERE aid = 17`, `... WHERE aid = 42`) share one plan. The SQL is normalized by
 //! replacing integer and string literals with `$n`; a shape that plans to one shard is cached
 //! with the position of its key literal, so later statements skip parsing and planning.
+//!
+//! Auto-prepare: a cached single-shard `SELECT`/`INSERT`/`UPDATE`/`DELETE` whose literals all sit
+//! where a typed parameter means exactly what the literal means ([`literals_are_values`]) goes to
+//! the shard as its shape, prepared once per backend connection, with the literals bound as
+//! parameters typed as PostgreSQL types the literals themselves (an integer is `int4`, `int8` or
+//! `numeric` by size; a string stays `unknown`). The shard then skips parsing and analysis, as for
+//! a client's own prepared statement; the client still sees the simple protocol's answer.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::executor::Params;
 use crate::planner::{self, Plan, PlanError, Planned, Target};
 use crate::topology::{KeyType, Topology};
 use crate::vindex::KeyValue;
@@ -22,13 +30,44 @@ pub enum Literal {
     Text(String),
 }
 
+/// Where a literal stood in the client's text and where its placeholder stands in the shape
+/// (byte ranges).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// In the client's statement.
+    pub original: std::ops::Range<usize>,
+    /// In the shape.
+    pub shape: std::ops::Range<usize>,
+}
+
+/// A statement split into its shape and its literals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Normalized {
+    /// The statement with each literal replaced by `$1`, `$2`, ...
+    pub shape: String,
+    /// The literals, in order.
+    pub literals: Vec<Literal>,
+    /// Where each literal was and where its placeholder is.
+    pub spans: Vec<Span>,
+}
+
 /// Splits `sql` into its shape (literals replaced by `$1`, `$2`, ...) and the literals. `None`
 /// when the text has anything the simple scanner does not handle exactly (comments, parameters,
 /// escape strings, dollar quoting, non-integer numbers, several statements).
-pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
+pub fn normalize(sql: &str) -> Option<Normalized> {
     let bytes = sql.as_bytes();
     let mut shape = String::with_capacity(sql.len());
     let mut literals = Vec::new();
+    let mut spans = Vec::new();
+    let mut placeholder = |shape: &mut String, original: std::ops::Range<usize>, count: usize| {
+        let start = shape.len();
+        shape.push('$');
+        shape.push_str(&count.to_string());
+        spans.push(Span {
+            original,
+            shape: start..shape.len(),
+        });
+    };
     let mut i = 0;
     let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     while i < bytes.len() {
@@ -49,6 +88,7 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                 i = end + 1;
             }
             b'\'' => {
+                let start = i;
                 if i > 0 && is_word(bytes[i - 1]) {
                     // E'...', B'...', X'...', U&'...': not a plain string.
                     return None;
@@ -67,7 +107,7 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                     }
                 }
                 literals.push(Literal::Text(value));
-                shape.push_str(&format!("${}", literals.len()));
+                placeholder(&mut shape, start..i, literals.len());
             }
             b'0'..=b'9' if i == 0 || !(is_word(bytes[i - 1]) || bytes[i - 1] == b'.') => {
                 let start = i;
@@ -78,7 +118,7 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                     return None;
                 }
                 literals.push(Literal::Integer(sql[start..i].to_string()));
-                shape.push_str(&format!("${}", literals.len()));
+                placeholder(&mut shape, start..i, literals.len());
             }
             _ => {
                 let c = sql[i..].chars().next()?;
@@ -87,7 +127,11 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
             }
         }
     }
-    Some((shape, literals))
+    Some(Normalized {
+        shape,
+        literals,
+        spans,
+    })
 }
 
 /// The cached route of a shape.
@@ -101,17 +145,263 @@ enum Route {
     Fixed(Target),
 }
 
+/// What the cache keeps of a shape.
+#[derive(Clone, Debug)]
+struct Entry {
+    route: Route,
+    returns_rows: bool,
+    /// Whether the shape may go to the shard auto-prepared (see the module documentation).
+    prepare: bool,
+}
+
+/// A simple-protocol statement, planned.
+#[derive(Debug)]
+pub struct SimplePlan {
+    /// The statements to run, in order.
+    pub planned: Vec<Planned>,
+    /// Set when the (single) statement goes to its shard auto-prepared: `planned[0].sql` is then
+    /// the shape, and this holds its parameters.
+    pub prepared: Option<AutoPrepared>,
+}
+
+/// The parameters of an auto-prepared statement, and how to map positions in the shape (of a
+/// shard's error) back to the client's text.
+#[derive(Debug)]
+pub struct AutoPrepared {
+    /// The literals as typed text parameters.
+    pub params: Params,
+    spans: Vec<Span>,
+}
+
+impl AutoPrepared {
+    /// Maps an error position in the shape (1-based, in characters, as PostgreSQL reports it)
+    /// to the same place in the client's statement `original`, given the `shape`.
+    pub fn client_position(&self, shape: &str, original: &str, position: usize) -> usize {
+        let Some((shape_byte, _)) = shape.char_indices().nth(position.saturating_sub(1)) else {
+            return position;
+        };
+        let mut original_byte = shape_byte;
+        for span in &self.spans {
+            if shape_byte >= span.shape.end {
+                original_byte = span.original.end + (shape_byte - span.shape.end);
+            } else {
+                if shape_byte >= span.shape.start {
+                    original_byte = span.original.start;
+                }
+                break;
+            }
+        }
+        original
+            .get(..original_byte)
+            .map_or(position, |before| before.chars().count() + 1)
+    }
+}
+
+/// The PostgreSQL type of a literal as the parser types it, as a parameter type OID: an integer
+/// is `int4` if it fits, else `int8`, else `numeric`; a string is `unknown` (0), resolved from
+/// its context as the literal would be.
+fn literal_type(literal: &Literal) -> u32 {
+    const INT4: u32 = 23;
+    const INT8: u32 = 20;
+    const NUMERIC: u32 = 1700;
+    match literal {
+        Literal::Integer(text) if text.parse::<i32>().is_ok() => INT4,
+        Literal::Integer(text) if text.parse::<i64>().is_ok() => INT8,
+        Literal::Integer(_) => NUMERIC,
+        Literal::Text(_) => 0,
+    }
+}
+
+/// The literals as text-format parameters with their literal types.
+fn literal_params(literals: &[Literal]) -> Params {
+    Params {
+        types: literals.iter().map(literal_type).collect(),
+        values: literals
+            .iter()
+            .map(|literal| match literal {
+                Literal::Integer(text) | Literal::Text(text) => {
+                    Some(bytes::Bytes::copy_from_slice(text.as_bytes()))
+                }
+            })
+            .collect(),
+        formats: Vec::new(),
+    }
+}
+
+/// A token of a shape, as far as [`literals_are_values`] needs to tell them apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token<'a> {
+    /// A keyword or an unquoted identifier (as written).
+    Word(&'a str),
+    /// A quoted identifier.
+    Quoted,
+    /// `$n`.
+    Placeholder,
+    /// An operator (`=`, `<=`, `::`, `+`, ...).
+    Operator(&'a str),
+    /// `(`, `)`, `,`, `.`, `;`, `[`, `]`, or anything else of one character.
+    Punctuation(char),
+}
+
+/// Splits a shape into tokens. `None` for anything unexpected (the caller then does not
+/// auto-prepare).
+fn tokens(shape: &str) -> Option<Vec<Token<'_>>> {
+    let bytes = shape.as_bytes();
+    let mut tokens = Vec::new();
+    let mut i = 0;
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let start = i;
+        if b.is_ascii_whitespace() {
+            i += 1;
+        } else if b == b'"' {
+            i += shape[i + 1..].find('"')? + 2;
+            tokens.push(Token::Quoted);
+        } else if b == b'$' {
+            i += 1;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            tokens.push(Token::Placeholder);
+        } else if is_word(b) {
+            while i < bytes.len() && (is_word(bytes[i]) || bytes[i] == b'$') {
+                i += 1;
+            }
+            tokens.push(Token::Word(&shape[start..i]));
+        } else if b"=<>!+-*/%^|&~#@?:".contains(&b) {
+            while i < bytes.len() && b"=<>!+-*/%^|&~#@?:".contains(&bytes[i]) {
+                i += 1;
+            }
+            tokens.push(Token::Operator(&shape[start..i]));
+        } else if b.is_ascii() {
+            i += 1;
+            tokens.push(Token::Punctuation(char::from(b)));
+        } else {
+            return None;
+        }
+    }
+    Some(tokens)
+}
+
+/// Whether every placeholder of `shape` stands where a parameter of the literal's own type means
+/// what the literal meant, so the shape can run as a prepared statement with the literals bound.
+///
+/// Accepted, in a `SELECT`, `INSERT`, `UPDATE` or `DELETE`: a comparison with a column
+/// (`col = $1`, `t.col <= $2`, also `SET col = $3`), an `IN ($1, $2)` list, the row values of
+/// `INSERT ... VALUES`, and `LIMIT`/`OFFSET`. Anything else (a literal in the select list, in
+/// `ORDER BY 1`, in arithmetic, a typed literal such as `DATE '...'`, a cast) keeps the statement
+/// on the simple protocol, where the literal is parsed as the client wrote it.
+pub fn literals_are_values(shape: &str) -> bool {
+    let Some(tokens) = tokens(shape) else {
+        return false;
+    };
+    let keyword = |token: Option<&Token<'_>>, word: &str| matches!(token, Some(Token::Word(w)) if w.eq_ignore_ascii_case(word));
+    let is_insert = keyword(tokens.first(), "insert");
+    if !(["select", "insert", "update", "delete"]
+        .iter()
+        .any(|word| keyword(tokens.first(), word)))
+    {
+        return false;
+    }
+    #[derive(Clone, Copy, PartialEq)]
+    enum Paren {
+        InList,
+        ValuesRow,
+        Other,
+    }
+    let mut parens: Vec<Paren> = Vec::new();
+    let mut after_values = false;
+    for (i, token) in tokens.iter().enumerate() {
+        let previous = i.checked_sub(1).and_then(|j| tokens.get(j));
+        match token {
+            Token::Punctuation('(') => {
+                let kind = if keyword(previous, "in") {
+                    Paren::InList
+                } else if after_values && parens.is_empty() {
+                    Paren::ValuesRow
+                } else {
+                    Paren::Other
+                };
+                parens.push(kind);
+            }
+            Token::Punctuation(')') => {
+                parens.pop();
+            }
+            Token::Word(word) if word.eq_ignore_ascii_case("values") => {
+                after_values = is_insert && parens.is_empty();
+            }
+            Token::Placeholder => {
+                let next = tokens.get(i + 1);
+                let ends_value = |extra: &[&str]| match next {
+                    None | Some(Token::Punctuation(')' | ',' | ';')) => true,
+                    Some(Token::Word(word)) => extra.iter().any(|e| word.eq_ignore_ascii_case(e)),
+                    _ => false,
+                };
+                let in_list = matches!(parens.last(), Some(Paren::InList | Paren::ValuesRow))
+                    && matches!(previous, Some(Token::Punctuation('(' | ',')))
+                    && matches!(next, Some(Token::Punctuation(',' | ')')));
+                let compared = matches!(
+                    previous,
+                    Some(Token::Operator("=" | "<>" | "!=" | "<" | ">" | "<=" | ">="))
+                ) && matches!(
+                    i.checked_sub(2).and_then(|j| tokens.get(j)),
+                    Some(Token::Word(_) | Token::Quoted)
+                ) && ends_value(&[
+                    "and",
+                    "or",
+                    "where",
+                    "order",
+                    "group",
+                    "limit",
+                    "offset",
+                    "returning",
+                    "for",
+                ]);
+                let limit = (keyword(previous, "limit") || keyword(previous, "offset"))
+                    && ends_value(&["limit", "offset", "for"]);
+                if !(in_list || compared || limit) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Shapes and their routes, for one topology version.
 #[derive(Debug, Default)]
 pub struct PlanCache {
-    routes: Mutex<HashMap<String, (Route, bool)>>,
+    routes: Mutex<HashMap<String, Entry>>,
 }
 
 impl PlanCache {
     /// Plans `sql` (one or more statements) using the cache when it can.
     pub fn plan(&self, topology: &Topology, sql: &str) -> Result<Vec<Planned>, PlanError> {
-        let Some((shape, literals)) = normalize(sql) else {
-            return planner::plan_sql(topology, sql);
+        self.plan_simple(topology, sql, false)
+            .map(|simple| simple.planned)
+    }
+
+    /// Plans a simple-protocol `sql` using the cache when it can; with `auto_prepare`, a
+    /// statement that allows it is returned as its shape with its literals as parameters.
+    pub fn plan_simple(
+        &self,
+        topology: &Topology,
+        sql: &str,
+        auto_prepare: bool,
+    ) -> Result<SimplePlan, PlanError> {
+        let unprepared = |planned| SimplePlan {
+            planned,
+            prepared: None,
+        };
+        let Some(Normalized {
+            shape,
+            literals,
+            spans,
+        }) = normalize(sql)
+        else {
+            return planner::plan_sql(topology, sql).map(unprepared);
         };
         let cached = self
             .routes
@@ -119,7 +409,7 @@ impl PlanCache {
             .expect("plan cache lock")
             .get(&shape)
             .cloned();
-        let (route, returns_rows) = match cached {
+        let entry = match cached {
             Some(entry) => entry,
             None => {
                 let entry = match planner::plan_sql(topology, &shape) {
@@ -135,20 +425,28 @@ impl PlanCache {
                             }
                             _ => Route::Uncached,
                         };
-                        (route, planned.returns_rows)
+                        Entry {
+                            prepare: route != Route::Uncached && literals_are_values(&shape),
+                            route,
+                            returns_rows: planned.returns_rows,
+                        }
                     }
-                    _ => (Route::Uncached, false),
+                    _ => Entry {
+                        route: Route::Uncached,
+                        returns_rows: false,
+                        prepare: false,
+                    },
                 };
                 let mut routes = self.routes.lock().expect("plan cache lock");
                 if routes.len() >= CAPACITY {
                     routes.clear();
                 }
-                routes.insert(shape, entry.clone());
+                routes.insert(shape.clone(), entry.clone());
                 entry
             }
         };
-        let target = match route {
-            Route::Uncached => return planner::plan_sql(topology, sql),
+        let target = match entry.route {
+            Route::Uncached => return planner::plan_sql(topology, sql).map(unprepared),
             Route::Fixed(target) => target,
             Route::Key { literal, group } => {
                 let key = match (literals.get(literal), topology.groups[group].key_type) {
@@ -165,15 +463,27 @@ impl PlanCache {
                 };
                 match key {
                     Some(key) => Target::Shard(planner::shard_of(topology, group, &key)?),
-                    None => return planner::plan_sql(topology, sql),
+                    None => return planner::plan_sql(topology, sql).map(unprepared),
                 }
             }
         };
-        Ok(vec![Planned {
-            sql: sql.trim().trim_end_matches(';').to_string(),
-            plan: Plan::Single(target),
-            returns_rows,
-        }])
+        let (sql, prepared) = if auto_prepare && entry.prepare {
+            let prepared = AutoPrepared {
+                params: literal_params(&literals),
+                spans,
+            };
+            (shape, Some(prepared))
+        } else {
+            (sql.trim().trim_end_matches(';').to_string(), None)
+        };
+        Ok(SimplePlan {
+            planned: vec![Planned {
+                sql,
+                plan: Plan::Single(target),
+                returns_rows: entry.returns_rows,
+            }],
+            prepared,
+        })
     }
 }
 
@@ -184,8 +494,11 @@ mod tests {
 
     #[test]
     fn literals_are_taken_out() {
-        let (shape, literals) =
-            normalize("UPDATE t SET b = b + -12, s = 'it''s' WHERE \"id2\" = 7;").unwrap();
+        let Normalized {
+            shape,
+            literals,
+            spans,
+        } = normalize("UPDATE t SET b = b + -12, s = 'it''s' WHERE \"id2\" = 7;").unwrap();
         assert_eq!(shape, "UPDATE t SET b = b + -$1, s = $2 WHERE \"id2\" = $3");
         assert_eq!(
             literals,
@@ -195,6 +508,14 @@ mod tests {
                 Literal::Integer("7".into())
             ]
         );
+        let original = "UPDATE t SET b = b + -12, s = 'it''s' WHERE \"id2\" = 7;";
+        let taken: Vec<&str> = spans
+            .iter()
+            .map(|s| &original[s.original.clone()])
+            .collect();
+        assert_eq!(taken, ["12", "'it''s'", "7"]);
+        let placed: Vec<&str> = spans.iter().map(|s| &shape[s.shape.clone()]).collect();
+        assert_eq!(placed, ["$1", "$2", "$3"]);
         assert!(normalize("SELECT 1.5").is_none());
         assert!(normalize("SELECT E'x'").is_none());
         assert!(normalize("SELECT 1; SELECT 2").is_none());
@@ -223,5 +544,121 @@ mod tests {
                 assert_eq!(cached[0].sql, full[0].sql, "{sql}");
             }
         }
+    }
+
+    #[test]
+    fn literals_in_value_positions_allow_auto_prepare() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 17",
+            "select * from t where t.id >= 3 and \"Name\" <> 'x' order by id limit 10 offset 5",
+            "SELECT * FROM t WHERE id IN (1, 2, 3) AND x = 'a'",
+            "INSERT INTO t (id, x) VALUES (1, 'a'), (2, 'b') RETURNING id",
+            "UPDATE t SET x = 'b', y = 2 WHERE id = 7",
+            "DELETE FROM t WHERE id = 7;",
+            "SELECT count(*) FROM t",
+            "SELECT * FROM t WHERE id = 1 FOR UPDATE",
+        ] {
+            let shape = normalize(sql).unwrap().shape;
+            assert!(literals_are_values(&shape), "{sql} -> {shape}");
+        }
+    }
+
+    #[test]
+    fn literals_whose_meaning_depends_on_being_literals_keep_the_simple_protocol() {
+        for sql in [
+            "SELECT 1",
+            "SELECT 'a' FROM t WHERE id = 1",
+            "SELECT * FROM t ORDER BY 1",
+            "SELECT x, count(*) FROM t GROUP BY 1",
+            "UPDATE t SET b = b + 1 WHERE id = 2",
+            "SELECT * FROM t WHERE d = DATE '2020-01-01'",
+            "SELECT * FROM t WHERE id = 1::bigint",
+            "SELECT * FROM t WHERE x = 'a' || y",
+            "SELECT * FROM t WHERE id = -1",
+            "SELECT * FROM (VALUES (1, 'a')) v(id, x) WHERE id = 1",
+            "SELECT * FROM t WHERE f(id) = 1 AND id = 2 IS TRUE",
+            "SET work_mem = 64",
+            "CREATE TABLE t (x varchar(10))",
+            "WITH w AS (SELECT 1) SELECT * FROM w",
+            "SELECT * FROM t WHERE x LIKE 'a%'",
+        ] {
+            let shape = normalize(sql).unwrap().shape;
+            assert!(!literals_are_values(&shape), "{sql} -> {shape}");
+        }
+    }
+
+    #[test]
+    fn literals_become_parameters_of_their_own_types() {
+        let literals = [
+            Literal::Integer("2147483647".into()),
+            Literal::Integer("2147483648".into()),
+            Literal::Integer("99999999999999999999".into()),
+            Literal::Text("it's".into()),
+        ];
+        let params = literal_params(&literals);
+        assert_eq!(params.types, [23, 20, 1700, 0]);
+        assert_eq!(params.values[3].as_deref(), Some(&b"it's"[..]));
+        assert!(params.formats.is_empty(), "text format");
+    }
+
+    #[test]
+    fn error_positions_map_back_to_the_clients_text() {
+        let original = "SELECT nope FROM t WHERE s = 'a long literal' AND é = 12345 AND zz";
+        let normalized = normalize(original).unwrap();
+        let prepared = AutoPrepared {
+            params: literal_params(&normalized.literals),
+            spans: normalized.spans,
+        };
+        let shape = &normalized.shape;
+        let position_of =
+            |text: &str, needle: &str| text[..text.find(needle).unwrap()].chars().count() + 1;
+        for needle in ["nope", "AND é", "zz"] {
+            assert_eq!(
+                prepared.client_position(shape, original, position_of(shape, needle)),
+                position_of(original, needle),
+                "{needle}"
+            );
+        }
+        // Inside a placeholder: the start of its literal.
+        assert_eq!(
+            prepared.client_position(shape, original, position_of(shape, "$2") + 1),
+            position_of(original, "12345")
+        );
+    }
+
+    #[test]
+    fn auto_prepared_statements_carry_the_shape_and_typed_literals() {
+        let config = RouterConfig::from_toml(
+            "[[shards]]\nname='a'\nport=1\n[[shards]]\nname='b'\nport=2\n[[table_groups]]\nname='g'\n\
+             [[sharded_tables]]\nname='t'\ntable_group='g'\nshard_key='id'\n",
+        )
+        .unwrap();
+        let topology = Topology::from_config(&config).unwrap();
+        let cache = PlanCache::default();
+        for id in 0..20 {
+            let sql = format!("SELECT * FROM t WHERE id = {id} AND x = 'v'");
+            let full = planner::plan_sql(&topology, &sql).unwrap();
+            let simple = cache.plan_simple(&topology, &sql, true).unwrap();
+            assert_eq!(simple.planned[0].plan, full[0].plan, "{sql}");
+            assert_eq!(
+                simple.planned[0].sql,
+                "SELECT * FROM t WHERE id = $1 AND x = $2"
+            );
+            let prepared = simple.prepared.unwrap();
+            assert_eq!(prepared.params.types, [23, 0]);
+            assert_eq!(
+                prepared.params.values[0].as_deref(),
+                Some(id.to_string().as_bytes())
+            );
+
+            let off = cache.plan_simple(&topology, &sql, false).unwrap();
+            assert!(off.prepared.is_none());
+            assert_eq!(off.planned[0].sql, sql);
+        }
+        let kept = cache
+            .plan_simple(&topology, "SELECT id, 1 FROM t WHERE id = 3", true)
+            .unwrap();
+        assert!(kept.prepared.is_none());
+        assert_eq!(kept.planned[0].sql, "SELECT id, 1 FROM t WHERE id = 3");
     }
 }

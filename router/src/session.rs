@@ -72,6 +72,11 @@ impl RouterState {
         }
     }
 
+    /// Whether simple-protocol statements may be auto-prepared on the shards.
+    pub fn auto_prepare(&self) -> bool {
+        self.backend.auto_prepare
+    }
+
     /// The current topology and pools.
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.read().expect("runtime lock").clone()

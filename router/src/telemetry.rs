@@ -187,7 +187,7 @@ pub fn query_text(sql: &str) -> Option<String> {
         rest = after;
     }
     hidden.push_str(rest);
-    let (shape, _literals) = plan_cache::normalize(&hidden)?;
+    let shape = plan_cache::normalize(&hidden)?.shape;
     // The shape's own `$n` are the removed literals.
     let mut text = String::with_capacity(shape.len());
     let mut chars = shape.chars().peekable();

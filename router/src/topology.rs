@@ -134,6 +134,11 @@ pub struct BackendConfig {
     /// Most connections per shard.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// Send simple-protocol statements whose literals are plain values (`WHERE id = 17`) to
+    /// the shard prepared once per connection, with the literals bound as typed parameters, so
+    /// the shard skips parsing them (see `plan_cache`). On by default.
+    #[serde(default = "default_auto_prepare")]
+    pub auto_prepare: bool,
 }
 
 impl Default for BackendConfig {
@@ -143,6 +148,7 @@ impl Default for BackendConfig {
             password: None,
             database: default_database(),
             pool_size: default_pool_size(),
+            auto_prepare: default_auto_prepare(),
         }
     }
 }
@@ -153,10 +159,14 @@ impl std::fmt::Debug for BackendConfig {
             .field("user", &self.user)
             .field("database", &self.database)
             .field("pool_size", &self.pool_size)
+            .field("auto_prepare", &self.auto_prepare)
             .finish_non_exhaustive()
     }
 }
 
+fn default_auto_prepare() -> bool {
+    true
+}
 fn default_user() -> String {
     "postgres".to_string()
 }

@@ -238,16 +238,18 @@ async fn routed_queries_are_exported_as_spans_without_literals() {
     assert_eq!(create.attributes["pg_router.plan"], "broadcast");
     assert_eq!(create.attributes["pg_router.shards"], "2");
 
+    // Auto-prepared statements (their literals are plain values) carry the shape the shard ran,
+    // with the literals as bind parameters; the others have their literals replaced by `?`.
     let insert = span_with_text(
         &spans,
-        "INSERT INTO customers (id, name, region) VALUES (?, ?, ?)",
+        "INSERT INTO customers (id, name, region) VALUES ($1, $2, $3)",
     );
     assert_eq!(insert.attributes["pg_router.plan"], "single_shard");
     assert_eq!(insert.attributes["pg_router.shards"], "1");
 
     let single = span_with_text(
         &spans,
-        "SELECT name FROM customers WHERE id = ? AND name = ?",
+        "SELECT name FROM customers WHERE id = $1 AND name = $2",
     );
     assert_eq!(single.attributes["pg_router.plan"], "single_shard");
     assert_eq!(single.attributes["pg_router.shards"], "1");

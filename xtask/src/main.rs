@@ -59,7 +59,8 @@ enum Task {
         #[arg(long)]
         manifest_path: Option<std::path::PathBuf>,
     },
-    /// Write a new signing key pair for `release --key`: cosign.key (PKCS#8 PEM, P-256) and cosign.pub.
+    /// Write a new signing key pair for `release --key`: cosign.key (P-256; encrypted as `cosign
+    /// generate-key-pair` does when COSIGN_PASSWORD is set, else a PKCS#8 PEM) and cosign.pub.
     Keygen {
         /// Folder for the two files (created; existing files are not overwritten).
         #[arg(long)]

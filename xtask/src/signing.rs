@@ -1,102 +1,100 @@
-//! Cosign-compatible blob signatures with a key pair.
+//! Cosign-compatible blob signatures with a key pair, made with the `sigstore` crate.
 //!
 //! `cosign sign-blob --key` signs the SHA-256 digest of a file with an ECDSA P-256 key and writes
 //! the ASN.1 DER signature in base64; `cosign verify-blob --key cosign.pub --signature file.sig`
-//! checks it against a PEM (SPKI) public key. We produce exactly that with `ring` (already in our
-//! tree through rustls).
+//! checks it against a PEM (SPKI) public key. The `sigstore` crate's key-pair API
+//! (`crypto::signing_key`) does exactly that, and reads and writes cosign's encrypted private keys.
 //!
-//! Why not the `sigstore` crate: its cryptography needs either `aws-lc-rs`, whose metadata drags in
-//! `aws-lc-fips-sys` with an OpenSSL license that fails our license policy (see `licenses.rs`), or
-//! `openssl`, a C library we do not want to build or link. And its signing features pull in
-//! Fulcio, Rekor, OAuth and an HTTP stack (reqwest, openidconnect, tough) that keyless signing needs
-//! but a key pair does not, and that cannot reach anything offline.
+//! The crate is used without its default features: with them it would pull in keyless signing
+//! (Fulcio, Rekor, OAuth, TUF) and an HTTP stack that cannot reach anything offline, and, from
+//! sigstore 0.14 on, `aws-lc-rs`, whose C sources carry the OpenSSL license our policy refuses
+//! (see `licenses.rs`). Version 0.13 without features is pure Rust (RustCrypto `p256`, `scrypt`,
+//! `crypto_secretbox`).
 //!
 //! Two kinds of private key are accepted:
 //! - the key pairs of `cosign generate-key-pair`: an `ENCRYPTED SIGSTORE PRIVATE KEY` PEM (older
-//!   cosign: `ENCRYPTED COSIGN PRIVATE KEY`) whose body is JSON with a PKCS#8 key encrypted with
-//!   NaCl secretbox under a key derived by scrypt from the password in `COSIGN_PASSWORD` (as cosign
-//!   itself reads it; set it empty for a key without a password). We open it with the pure Rust
-//!   `scrypt` and `crypto_secretbox` crates, as cosign's `go-securesystemslib/encrypted` seals it;
-//! - an unencrypted PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, as `cargo xtask keygen` or
-//!   `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256` writes).
+//!   cosign: `ENCRYPTED COSIGN PRIVATE KEY`), a PKCS#8 key sealed with NaCl secretbox under a key
+//!   derived by scrypt from the password in `COSIGN_PASSWORD` (as cosign itself reads it; set it
+//!   empty for a key without a password). Only cosign's own scrypt costs are accepted, so a corrupt
+//!   or hostile key cannot make us allocate gigabytes;
+//! - an unencrypted PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, as `cargo xtask keygen` without a
+//!   password or `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256` writes).
 //!
 //! Either way the key is ECDSA P-256; keep it in a secret store.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use crypto_secretbox::aead::{Aead, KeyInit};
-use crypto_secretbox::{Nonce, XSalsa20Poly1305};
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
-use serde::Deserialize;
-
-/// PEM labels of a private key encrypted by `cosign generate-key-pair` (current, then older cosign).
-const COSIGN_LABELS: [&str; 2] = [
-    "ENCRYPTED SIGSTORE PRIVATE KEY",
-    "ENCRYPTED COSIGN PRIVATE KEY",
-];
+use sigstore::crypto::SigningScheme;
+use sigstore::crypto::signing_key::ecdsa::{ECDSAKeys, EllipticCurve};
+use sigstore::crypto::signing_key::{
+    COSIGN_PRIVATE_KEY_PEM_LABEL, SIGSTORE_PRIVATE_KEY_PEM_LABEL, SigStoreKeyPair, SigStoreSigner,
+};
 
 /// Where cosign, and so we, read the password of an encrypted private key.
 pub const PASSWORD_VARIABLE: &str = "COSIGN_PASSWORD";
 
-/// Largest scrypt cost we accept (2^20: 1 GiB of memory at r = 8). Cosign writes 2^15 or 2^16; a
-/// larger one is more likely a corrupt key than a careful one, and would exhaust the machine.
-const MAX_SCRYPT_LOG_N: u8 = 20;
+/// The signature scheme of `cosign sign-blob --key` with a P-256 key.
+const SCHEME: SigningScheme = SigningScheme::ECDSA_P256_SHA256_ASN1;
 
 /// A P-256 signing key.
 pub struct SigningKey {
-    pair: EcdsaKeyPair,
-    rng: SystemRandom,
+    signer: SigStoreSigner,
     public_pem: String,
 }
 
 impl SigningKey {
-    /// Generates a new key pair; returns it with its private PKCS#8 PEM.
-    pub fn generate() -> anyhow::Result<(Self, String)> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .context("generating a P-256 key")?;
-        let pem = key.serialize_pem();
-        Ok((Self::from_pem(&pem)?, pem))
+    /// Generates a new key pair; returns it with the pair itself, to export the private key.
+    fn generate() -> anyhow::Result<(Self, SigStoreKeyPair)> {
+        let keys = SigStoreKeyPair::ECDSA(
+            ECDSAKeys::new(EllipticCurve::P256).context("generating a P-256 key")?,
+        );
+        Ok((Self::from_keys(&keys)?, keys))
     }
 
     /// Loads an unencrypted PKCS#8 PEM private key (P-256). An encrypted cosign key needs its
     /// password: use [`SigningKey::from_cosign_pem`] or [`SigningKey::load`].
     pub fn from_pem(pem: &str) -> anyhow::Result<Self> {
-        if cosign_label(pem).is_some() {
+        if is_cosign_encrypted(pem) {
             bail!(
                 "the private key is encrypted by cosign: it needs its password (in {PASSWORD_VARIABLE})"
             );
         }
-        let key = rcgen::KeyPair::from_pem(pem).context("parsing the PKCS#8 PEM private key")?;
-        Self::from_key_pair(&key)
+        let keys = ECDSAKeys::from_pem(pem.as_bytes())
+            .context("the private key is not an ECDSA P-256 key in a PKCS#8 PEM")?;
+        Self::from_keys(&SigStoreKeyPair::ECDSA(keys))
     }
 
     /// Loads a private key written by `cosign generate-key-pair` (`ENCRYPTED SIGSTORE PRIVATE
     /// KEY`), decrypting it with `password` (empty for a key without one).
     pub fn from_cosign_pem(pem: &str, password: &str) -> anyhow::Result<Self> {
-        let label = cosign_label(pem).context(
-            "not a cosign private key: expected -----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----",
-        )?;
-        let body = pem_body(pem, label)?;
-        let envelope: CosignEnvelope = serde_json::from_slice(&body)
-            .context("the cosign private key is not the JSON cosign writes")?;
-        let der = envelope.open(password.as_bytes())?;
-        let key = rcgen::KeyPair::try_from(der.as_slice())
-            .context("the decrypted cosign private key is not a PKCS#8 key")?;
-        Self::from_key_pair(&key)
+        anyhow::ensure!(
+            is_cosign_encrypted(pem),
+            "not a cosign private key: expected -----BEGIN {SIGSTORE_PRIVATE_KEY_PEM_LABEL}-----"
+        );
+        // sigstore's error says which step failed; it never contains the password.
+        let keys =
+            ECDSAKeys::from_encrypted_pem(pem.as_bytes(), password.as_bytes()).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot decrypt the cosign private key: wrong {PASSWORD_VARIABLE} or corrupt \
+                     key ({e})"
+                )
+            })?;
+        Self::from_keys(&SigStoreKeyPair::ECDSA(keys))
     }
 
-    fn from_key_pair(key: &rcgen::KeyPair) -> anyhow::Result<Self> {
-        let rng = SystemRandom::new();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der(), &rng)
-                .map_err(|e| anyhow::anyhow!("the signing key is not an ECDSA P-256 key: {e}"))?;
+    fn from_keys(keys: &SigStoreKeyPair) -> anyhow::Result<Self> {
+        let signer = keys.to_sigstore_signer(&SCHEME).map_err(|_| {
+            anyhow::anyhow!(
+                "the signing key is {keys}, not P-256: cosign key pairs are ECDSA P-256"
+            )
+        })?;
         Ok(Self {
-            pair,
-            rng,
-            public_pem: key.public_key_pem(),
+            signer,
+            public_pem: keys
+                .public_key_to_pem()
+                .context("exporting the public key")?,
         })
     }
 
@@ -105,20 +103,15 @@ impl SigningKey {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let pem = std::fs::read_to_string(path)
             .with_context(|| format!("reading the signing key {}", path.display()))?;
-        let key = if cosign_label(&pem).is_some() {
-            // The error of `env::var` is not shown: for a value that is not UTF-8 it holds it.
-            let password = match std::env::var(PASSWORD_VARIABLE) {
-                Ok(password) => password,
-                Err(std::env::VarError::NotPresent) => bail!(
+        let key = if is_cosign_encrypted(&pem) {
+            match cosign_password()? {
+                Some(password) => Self::from_cosign_pem(&pem, &password),
+                None => bail!(
                     "{} is encrypted by cosign: set {PASSWORD_VARIABLE} to its password (empty \
                      for none)",
                     path.display()
                 ),
-                Err(std::env::VarError::NotUnicode(_)) => {
-                    bail!("{PASSWORD_VARIABLE} is not UTF-8; cosign passwords are text")
-                }
-            };
-            Self::from_cosign_pem(&pem, &password)
+            }
         } else {
             Self::from_pem(&pem)
         };
@@ -132,130 +125,43 @@ impl SigningKey {
 
     /// Signature of `data` as cosign writes it: base64 of the ASN.1 DER ECDSA signature over SHA-256.
     pub fn sign(&self, data: &[u8]) -> anyhow::Result<String> {
-        let signature = self
-            .pair
-            .sign(&self.rng, data)
-            .map_err(|e| anyhow::anyhow!("signing failed: {e}"))?;
-        Ok(base64::engine::general_purpose::STANDARD.encode(signature.as_ref()))
+        let signature = self.signer.sign(data).context("signing failed")?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(signature))
     }
 
     /// Writes `<file>.sig` next to `file`; returns its path.
-    pub fn sign_file(&self, file: &Path) -> anyhow::Result<std::path::PathBuf> {
+    pub fn sign_file(&self, file: &Path) -> anyhow::Result<PathBuf> {
         let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let mut name = file.as_os_str().to_owned();
         name.push(".sig");
-        let signature_path = std::path::PathBuf::from(name);
+        let signature_path = PathBuf::from(name);
         std::fs::write(&signature_path, self.sign(&data)?)?;
         Ok(signature_path)
     }
 }
 
-/// The cosign PEM label `pem` opens with, if it is an encrypted cosign private key.
-fn cosign_label(pem: &str) -> Option<&'static str> {
-    COSIGN_LABELS
-        .into_iter()
-        .find(|label| pem.contains(&format!("-----BEGIN {label}-----")))
-}
-
-/// The base64-decoded body between `-----BEGIN label-----` and `-----END label-----`.
-fn pem_body(pem: &str, label: &str) -> anyhow::Result<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let body = pem
-        .split_once(&begin)
-        .and_then(|(_, rest)| rest.split_once(&end))
-        .map(|(body, _)| body)
-        .with_context(|| format!("the PEM block {label} has no {end} line"))?;
-    let text: String = body.split_whitespace().collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .with_context(|| format!("the PEM block {label} is not base64"))
-}
-
-/// The JSON body of a cosign private key (go-securesystemslib `encrypted`): a secretbox sealed
-/// under an scrypt-derived key. Go writes its byte fields as standard, padded base64.
-#[derive(Deserialize)]
-struct CosignEnvelope {
-    kdf: CosignKdf,
-    cipher: CosignCipher,
-    ciphertext: String,
-}
-
-#[derive(Deserialize)]
-struct CosignKdf {
-    name: String,
-    params: ScryptParams,
-    salt: String,
-}
-
-#[derive(Deserialize)]
-struct ScryptParams {
-    #[serde(rename = "N")]
-    n: u64,
-    r: u32,
-    p: u32,
-}
-
-#[derive(Deserialize)]
-struct CosignCipher {
-    name: String,
-    nonce: String,
-}
-
-impl CosignEnvelope {
-    /// Derives the key from `password` and opens the secretbox: the PKCS#8 DER private key.
-    fn open(&self, password: &[u8]) -> anyhow::Result<Vec<u8>> {
-        let base64 = base64::engine::general_purpose::STANDARD;
-        anyhow::ensure!(
-            self.kdf.name == "scrypt",
-            "the cosign private key uses the key derivation {:?}; only scrypt is supported",
-            self.kdf.name
-        );
-        anyhow::ensure!(
-            self.cipher.name == "nacl/secretbox",
-            "the cosign private key uses the cipher {:?}; only nacl/secretbox is supported",
-            self.cipher.name
-        );
-        let ScryptParams { n, r, p } = self.kdf.params;
-        anyhow::ensure!(
-            n.is_power_of_two() && n > 1 && n.trailing_zeros() <= u32::from(MAX_SCRYPT_LOG_N),
-            "the cosign private key has an scrypt cost N = {n}: expected a power of two up to \
-             2^{MAX_SCRYPT_LOG_N}"
-        );
-        let log_n = u8::try_from(n.trailing_zeros()).expect("checked above");
-        let params = scrypt::Params::new(log_n, r, p)
-            .map_err(|e| anyhow::anyhow!("invalid scrypt parameters N={n} r={r} p={p}: {e}"))?;
-        let salt = base64
-            .decode(&self.kdf.salt)
-            .context("the salt of the cosign private key is not base64")?;
-        let nonce = base64
-            .decode(&self.cipher.nonce)
-            .context("the nonce of the cosign private key is not base64")?;
-        anyhow::ensure!(
-            nonce.len() == 24,
-            "the secretbox nonce of the cosign private key has {} bytes, not 24",
-            nonce.len()
-        );
-        let ciphertext = base64
-            .decode(&self.ciphertext)
-            .context("the ciphertext of the cosign private key is not base64")?;
-
-        let mut key = [0u8; 32];
-        scrypt::scrypt(password, &salt, &params, &mut key)
-            .map_err(|e| anyhow::anyhow!("deriving the key of the cosign private key: {e}"))?;
-        let cipher = XSalsa20Poly1305::new(&key.into());
-        key.fill(0);
-        cipher
-            .decrypt(Nonce::from_slice(&nonce), ciphertext.as_slice())
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "cannot decrypt the cosign private key: wrong {PASSWORD_VARIABLE} or corrupt key"
-                )
-            })
+/// The password in `COSIGN_PASSWORD`, if set.
+fn cosign_password() -> anyhow::Result<Option<String>> {
+    // The error of `env::var` is not shown: for a value that is not UTF-8 it holds it.
+    match std::env::var(PASSWORD_VARIABLE) {
+        Ok(password) => Ok(Some(password)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            bail!("{PASSWORD_VARIABLE} is not UTF-8; cosign passwords are text")
+        }
     }
 }
 
-/// Writes a new key pair into `folder`: `cosign.key` (mode 0600) and `cosign.pub`.
+/// Whether `pem` is a private key encrypted by cosign (current or older label).
+fn is_cosign_encrypted(pem: &str) -> bool {
+    [SIGSTORE_PRIVATE_KEY_PEM_LABEL, COSIGN_PRIVATE_KEY_PEM_LABEL]
+        .into_iter()
+        .any(|label| pem.contains(&format!("-----BEGIN {label}-----")))
+}
+
+/// Writes a new key pair into `folder`: `cosign.key` (mode 0600) and `cosign.pub`. With
+/// `COSIGN_PASSWORD` set, the private key is encrypted with it exactly as `cosign
+/// generate-key-pair` does; without, it is an unencrypted PKCS#8 PEM.
 pub fn write_key_pair(folder: &Path) -> anyhow::Result<SigningKey> {
     let private = folder.join("cosign.key");
     anyhow::ensure!(
@@ -263,9 +169,14 @@ pub fn write_key_pair(folder: &Path) -> anyhow::Result<SigningKey> {
         "{} exists; not overwriting a signing key",
         private.display()
     );
-    let (key, pem) = SigningKey::generate()?;
+    let (key, keys) = SigningKey::generate()?;
+    let pem = match cosign_password()? {
+        Some(password) => keys.private_key_to_encrypted_pem(password.as_bytes()),
+        None => keys.private_key_to_pem(),
+    }
+    .context("exporting the private key")?;
     std::fs::create_dir_all(folder)?;
-    std::fs::write(&private, pem)?;
+    std::fs::write(&private, pem.as_bytes())?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -279,57 +190,38 @@ pub fn write_key_pair(folder: &Path) -> anyhow::Result<SigningKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+    use sigstore::crypto::CosignVerificationKey;
+
+    fn verify(public_pem: &str, data: &[u8], signature: &str) -> bool {
+        let signature = base64::engine::general_purpose::STANDARD
+            .decode(signature)
+            .unwrap();
+        let key = CosignVerificationKey::from_pem(public_pem.as_bytes(), &SCHEME).unwrap();
+        key.verify_signature(sigstore::crypto::Signature::Raw(&signature), data)
+            .is_ok()
+    }
 
     #[test]
     fn signatures_verify_with_the_public_key_and_fail_on_other_data() {
-        let (key, pem) = SigningKey::generate().unwrap();
+        let (key, keys) = SigningKey::generate().unwrap();
+        let pem = keys.private_key_to_pem().unwrap();
         let reloaded = SigningKey::from_pem(&pem).unwrap();
         assert_eq!(reloaded.public_pem(), key.public_pem());
-        let signature = base64::engine::general_purpose::STANDARD
-            .decode(key.sign(b"artifact").unwrap())
-            .unwrap();
-        let spki = rcgen::KeyPair::from_pem(&pem)
-            .unwrap()
-            .public_key_raw()
-            .to_vec();
-        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki);
-        public.verify(b"artifact", &signature).unwrap();
-        assert!(public.verify(b"artifacT", &signature).is_err());
-    }
 
-    /// Seals `pkcs8_pem` as cosign does (go-securesystemslib `encrypted`), with a cheap scrypt cost.
-    fn cosign_pem(pkcs8_pem: &str, password: &str) -> String {
-        let base64 = base64::engine::general_purpose::STANDARD;
-        let der = rcgen::KeyPair::from_pem(pkcs8_pem).unwrap().serialize_der();
-        let (salt, nonce) = ([7u8; 32], [9u8; 24]);
-        let params = scrypt::Params::new(10, 8, 1).unwrap();
-        let mut key = [0u8; 32];
-        scrypt::scrypt(password.as_bytes(), &salt, &params, &mut key).unwrap();
-        let ciphertext = XSalsa20Poly1305::new(&key.into())
-            .encrypt(Nonce::from_slice(&nonce), der.as_slice())
-            .unwrap();
-        let json = serde_json::json!({
-            "kdf": {"name": "scrypt", "params": {"N": 1024, "r": 8, "p": 1}, "salt": base64.encode(salt)},
-            "cipher": {"name": "nacl/secretbox", "nonce": base64.encode(nonce)},
-            "ciphertext": base64.encode(ciphertext),
-        });
-        let body = base64.encode(json.to_string());
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .map(|line| std::str::from_utf8(line).unwrap())
-            .collect();
-        format!(
-            "-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----\n{}\n-----END ENCRYPTED SIGSTORE PRIVATE KEY-----\n",
-            lines.join("\n")
-        )
+        let signature = reloaded.sign(b"artifact").unwrap();
+        assert!(verify(key.public_pem(), b"artifact", &signature));
+        assert!(!verify(key.public_pem(), b"artifacT", &signature));
     }
 
     #[test]
     fn a_cosign_encrypted_key_opens_with_its_password_only() {
-        let (key, pkcs8) = SigningKey::generate().unwrap();
-        let sealed = cosign_pem(&pkcs8, "correct horse");
+        let (key, keys) = SigningKey::generate().unwrap();
+        let sealed = keys.private_key_to_encrypted_pem(b"correct horse").unwrap();
+        assert!(
+            sealed.contains(SIGSTORE_PRIVATE_KEY_PEM_LABEL),
+            "{}",
+            *sealed
+        );
 
         let opened = SigningKey::from_cosign_pem(&sealed, "correct horse").unwrap();
         assert_eq!(opened.public_pem(), key.public_pem());
@@ -350,10 +242,18 @@ mod tests {
 
     #[test]
     fn an_empty_password_is_a_password() {
-        let (key, pkcs8) = SigningKey::generate().unwrap();
-        let sealed = cosign_pem(&pkcs8, "");
+        let (key, keys) = SigningKey::generate().unwrap();
+        let sealed = keys.private_key_to_encrypted_pem(b"").unwrap();
         let opened = SigningKey::from_cosign_pem(&sealed, "").unwrap();
         assert_eq!(opened.public_pem(), key.public_pem());
         assert!(SigningKey::from_cosign_pem(&sealed, "x").is_err());
+    }
+
+    #[test]
+    fn a_key_that_is_not_p256_is_refused_with_what_cosign_expects() {
+        let keys = ECDSAKeys::new(EllipticCurve::P384).unwrap();
+        let pem = keys.as_inner().private_key_to_pem().unwrap();
+        let error = SigningKey::from_pem(&pem).err().unwrap();
+        assert!(format!("{error:#}").contains("P-256"), "{error:#}");
     }
 }

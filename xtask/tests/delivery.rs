@@ -1182,3 +1182,81 @@ fn release_signs_with_a_key_pair_from_cosign_generate_key_pair() {
         "cosign must reject a tampered artifact"
     );
 }
+
+#[test]
+fn keygen_with_a_password_writes_a_key_pair_that_cosign_opens() {
+    // Arrange + act: our keygen with a password, as `cosign generate-key-pair` would be run.
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys");
+    let password = "a release passphrase";
+    let output = xtask_with_env(
+        &["keygen", "--out", &keys.display().to_string()],
+        &[("COSIGN_PASSWORD", password)],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let private = std::fs::read_to_string(keys.join("cosign.key")).unwrap();
+    assert!(
+        private.starts_with("-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----"),
+        "encrypted as cosign encrypts"
+    );
+
+    // Assert: real cosign opens the private key with the password and derives our public key,
+    // and signs with it a blob that cosign verifies against our cosign.pub.
+    let derived = Command::new(paths::cosign())
+        .args(["public-key", "--key", "keys/cosign.key"])
+        .env("COSIGN_PASSWORD", password)
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        derived.status.success(),
+        "{}",
+        String::from_utf8_lossy(&derived.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&derived.stdout).trim(),
+        std::fs::read_to_string(keys.join("cosign.pub"))
+            .unwrap()
+            .trim()
+    );
+    std::fs::write(work.path().join("blob"), "signed by cosign with our key").unwrap();
+    let signed = Command::new(paths::cosign())
+        .args([
+            "sign-blob",
+            "--key",
+            "keys/cosign.key",
+            "--tlog-upload=false",
+            "--output-signature",
+            "blob.sig",
+            "blob",
+        ])
+        .env("COSIGN_PASSWORD", password)
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    std::fs::copy(keys.join("cosign.pub"), work.path().join("cosign.pub")).unwrap();
+    let verified = cosign_verify(work.path(), "cosign.pub", "blob");
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+
+    // And the wrong password opens nothing, in cosign as in ours.
+    let refused = Command::new(paths::cosign())
+        .args(["public-key", "--key", "keys/cosign.key"])
+        .env("COSIGN_PASSWORD", "wrong")
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::backend::{CopyOutData, Description, ServerError};
+use crate::backend::{BackendError, CopyOutData, Description, ServerError};
 use crate::error::RouterError;
 use crate::executor::Params;
 use crate::merger::RowStream;
@@ -633,7 +633,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.statements.remove("");
         self.portals.remove("");
         let runtime = self.frontend.state.runtime();
-        match runtime.plan_cache.plan(&runtime.topology, &sql) {
+        // Auto-prepare in autocommit only: in a transaction the shard's BEGIN would cost the
+        // extended protocol a round trip of its own.
+        let auto_prepare = self.frontend.state.auto_prepare() && !self.session.in_transaction();
+        match runtime
+            .plan_cache
+            .plan_simple(&runtime.topology, &sql, auto_prepare)
+        {
             Err(error) => {
                 let error = RouterError::from(error);
                 self.frontend
@@ -642,20 +648,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     .observe_error(&error.to_server_error().code);
                 self.send_error(error);
             }
-            Ok(planned) if planned.is_empty() => wire::empty(&mut self.output, b'I'),
-            Ok(planned) => {
+            Ok(simple) if simple.planned.is_empty() => wire::empty(&mut self.output, b'I'),
+            Ok(simple) => {
                 drop(runtime);
-                for statement in &planned {
-                    let result = self
-                        .session
-                        .execute(statement, &Params::default(), &[], false)
-                        .await;
+                let no_params = Params::default();
+                let (params, cache) = match &simple.prepared {
+                    Some(prepared) => (&prepared.params, true),
+                    None => (&no_params, false),
+                };
+                for statement in &simple.planned {
+                    let result = self.session.execute(statement, params, &[], cache).await;
                     self.send_notices();
                     let sent = match result {
                         Ok(outcome) => self.send_outcome(outcome, true, 0).await?,
                         Err(error) => Err(error),
                     };
-                    if let Err(error) = sent {
+                    if let Err(mut error) = sent {
+                        if let (
+                            Some(prepared),
+                            RouterError::Backend(BackendError::Server { error, .. }),
+                        ) = (&simple.prepared, &mut error)
+                            && let Some(position) =
+                                error.position.as_deref().and_then(|p| p.parse().ok())
+                        {
+                            // The shard saw the shape; the client wrote the literals.
+                            let position = prepared.client_position(&statement.sql, &sql, position);
+                            error.position = Some(position.to_string());
+                        }
                         self.send_error(error);
                         break;
                     }
