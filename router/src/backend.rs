@@ -498,8 +498,33 @@ impl BackendConnection {
             self.pending = true;
             return self.flush().await;
         }
-        if let Some((begin, _)) = self.begin_pending.take() {
-            self.query_text(&begin).await?;
+        match self.begin_pending.take() {
+            // A lone BEGIN rides in the same pipeline, before the statement and its Sync: if
+            // it fails, PostgreSQL skips everything up to the Sync, so the statement never runs
+            // outside the transaction.
+            Some((begin, 1)) => {
+                frontend::parse("", &begin, std::iter::empty(), &mut self.write)
+                    .map_err(|e| self.io(e))?;
+                let bound = frontend::bind(
+                    "",
+                    "",
+                    std::iter::empty(),
+                    std::iter::empty::<Option<Bytes>>(),
+                    |_: Option<Bytes>, _: &mut BytesMut| Ok(postgres_protocol::IsNull::Yes),
+                    std::iter::empty(),
+                    &mut self.write,
+                );
+                if bound.is_err() {
+                    return Err(self.protocol("encoding Bind failed"));
+                }
+                frontend::execute("", 0, &mut self.write).map_err(|e| self.io(e))?;
+                self.skip_commands = 1;
+            }
+            // With replayed savepoints it is several statements: one Parse cannot hold them.
+            Some((begin, _)) => {
+                self.query_text(&begin).await?;
+            }
+            None => {}
         }
         let statement_name = if execution.cache {
             let key = (execution.sql.to_string(), execution.param_types.to_vec());

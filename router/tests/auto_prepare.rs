@@ -203,3 +203,82 @@ async fn many_shapes_on_one_connection_stay_correct_past_the_statement_bound() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_in_a_transaction_run_inside_it_with_the_begin_in_their_pipeline() {
+    // Arrange
+    let shards = tokio::task::block_in_place(|| start_shards(1, shard_options()));
+    let direct = shards[0].client().await.unwrap();
+    direct.batch_execute(TABLE).await.unwrap();
+    let router = router(&shards, true, 2).await;
+    let client = connect(&url(&router)).await;
+    let count = |id: i64| {
+        let direct = &direct;
+        async move {
+            direct
+                .query_one("SELECT count(*) FROM customers WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+
+    // Act + assert: the first statement on the shard, auto-prepared or the client's own
+    // prepared statement, runs inside the transaction the BEGIN opened: read only refuses it.
+    for statement in ["simple", "extended"] {
+        client.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let refused = match statement {
+            "simple" => client
+                .simple_query("INSERT INTO customers (id, name) VALUES (10, 'ro')")
+                .await
+                .map(|_| ()),
+            _ => client
+                .execute(
+                    "INSERT INTO customers (id, name) VALUES ($1, 'ro')",
+                    &[&10i64],
+                )
+                .await
+                .map(|_| ()),
+        }
+        .unwrap_err();
+        assert_eq!(
+            refused.code().map(|c| c.code()),
+            Some("25006"),
+            "{statement}: {refused:?}"
+        );
+        client.batch_execute("ROLLBACK").await.unwrap();
+    }
+    assert_eq!(count(10).await, 0);
+
+    // A rolled-back transaction leaves nothing; a committed one keeps both statements.
+    for (end, expected) in [("ROLLBACK", 0), ("COMMIT", 1)] {
+        client.batch_execute("BEGIN").await.unwrap();
+        client
+            .simple_query("INSERT INTO customers (id, name) VALUES (11, 'tx')")
+            .await
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO customers (id, name) VALUES ($1, 'tx')",
+                &[&12i64],
+            )
+            .await
+            .unwrap();
+        client.batch_execute(end).await.unwrap();
+        assert_eq!(
+            (count(11).await, count(12).await),
+            (expected, expected),
+            "{end}"
+        );
+    }
+    for id in 1..=3 {
+        client.batch_execute("BEGIN").await.unwrap();
+        let name = rows(
+            &client,
+            &format!("SELECT name FROM customers WHERE id = {id}"),
+        )
+        .await;
+        client.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(name.len(), 1, "{id}");
+    }
+}

@@ -633,9 +633,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.statements.remove("");
         self.portals.remove("");
         let runtime = self.frontend.state.runtime();
-        // Auto-prepare in autocommit only: in a transaction the shard's BEGIN would cost the
-        // extended protocol a round trip of its own.
-        let auto_prepare = self.frontend.state.auto_prepare() && !self.session.in_transaction();
+        let auto_prepare = self.frontend.state.auto_prepare();
         match runtime
             .plan_cache
             .plan_simple(&runtime.topology, &sql, auto_prepare)
