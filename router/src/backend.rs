@@ -123,6 +123,13 @@ pub enum BackendMessage {
     ParameterDescription(Vec<u32>),
     /// NoticeResponse (NOTICE, WARNING, ...).
     Notice(ServerError),
+    /// ParameterStatus: a reported setting changed (after `SET`, `RESET`, ...).
+    ParameterStatus {
+        /// Setting name.
+        name: String,
+        /// Its new value.
+        value: String,
+    },
     /// Anything else the router skips (ParseComplete, BindComplete, ...).
     Other(u8),
 }
@@ -472,6 +479,10 @@ impl BackendConnection {
                 let count = body.get_i16();
                 BackendMessage::ParameterDescription((0..count).map(|_| body.get_u32()).collect())
             }
+            b'S' => BackendMessage::ParameterStatus {
+                name: read_cstr(&mut body),
+                value: read_cstr(&mut body),
+            },
             other => BackendMessage::Other(other),
         })
     }

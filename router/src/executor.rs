@@ -164,6 +164,8 @@ pub struct ShardCursor {
     cancel: Option<crate::cancel::CancelGuard>,
     /// Notices the shard sent so far (those before the first row reach the client).
     pub notices: Vec<crate::backend::ServerError>,
+    /// Settings the shard reported as changed (ParameterStatus), in order.
+    pub reports: Vec<(String, String)>,
 }
 
 impl ShardCursor {
@@ -199,6 +201,7 @@ impl ShardCursor {
             finished: false,
             cancel: guard,
             notices: Vec::new(),
+            reports: Vec::new(),
         };
         loop {
             match cursor.read().await? {
@@ -216,6 +219,9 @@ impl ShardCursor {
                 BackendMessage::CommandComplete(tag) => cursor.tag = Some(tag),
                 BackendMessage::EmptyQuery => cursor.tag = Some(String::new()),
                 BackendMessage::Notice(notice) => cursor.notices.push(notice),
+                BackendMessage::ParameterStatus { name, value } => {
+                    cursor.reports.push((name, value));
+                }
                 BackendMessage::ReadyForQuery(_) => {
                     cursor.finished = true;
                     cursor.cancel = None;
@@ -266,6 +272,9 @@ impl ShardCursor {
                 BackendMessage::CommandComplete(tag) => self.tag = Some(tag),
                 BackendMessage::EmptyQuery => self.tag = Some(String::new()),
                 BackendMessage::Notice(notice) => self.notices.push(notice),
+                BackendMessage::ParameterStatus { name, value } => {
+                    self.reports.push((name, value));
+                }
                 BackendMessage::Error(error) => return Err(self.fail(error, "", false).await),
                 BackendMessage::ReadyForQuery(_) => self.finished = true,
                 _ => {}

@@ -1,7 +1,7 @@
 //! A client session: its transaction (the shards it joined), its settings (replayed on pooled
 //! backends) and the execution of planned statements.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -202,6 +202,10 @@ pub struct Session {
     state: Arc<RouterState>,
     settings: Vec<String>,
     settings_tag: u64,
+    /// The client's startup settings (kept by RESET ALL and DISCARD ALL).
+    startup_settings: Vec<String>,
+    /// ParameterStatus values sent at startup.
+    reported_defaults: HashMap<String, String>,
     transaction: Option<Transaction>,
     /// Set by a row stream that failed after it was handed to the client.
     stream_failed: Arc<AtomicBool>,
@@ -209,6 +213,8 @@ pub struct Session {
     cancel: Option<Arc<crate::cancel::SessionCancel>>,
     /// Notices from the shards for the client, sent before the statement's result.
     notices: Vec<crate::backend::ServerError>,
+    /// Settings changes the shards reported, not yet passed to the client.
+    reports: Vec<(String, String)>,
     /// A COPY FROM STDIN in progress.
     copy: Option<CopyIn>,
 }
@@ -388,6 +394,9 @@ impl Session {
             stream_failed: Arc::new(AtomicBool::new(false)),
             cancel: None,
             notices: Vec::new(),
+            reports: Vec::new(),
+            startup_settings: Vec::new(),
+            reported_defaults: HashMap::new(),
             copy: None,
         }
     }
@@ -728,6 +737,12 @@ impl Session {
         std::mem::take(&mut self.notices)
     }
 
+    /// Settings changed by the last statements that clients are told about (ParameterStatus:
+    /// `TimeZone`, `DateStyle`, `application_name`, ...), taken.
+    pub fn take_reports(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.reports)
+    }
+
     /// Makes this session's statements cancellable through `cancel`.
     pub fn set_cancel(&mut self, cancel: Arc<crate::cancel::SessionCancel>) {
         self.cancel = Some(cancel);
@@ -756,7 +771,16 @@ impl Session {
     /// session settings, checked on a shard now.
     pub async fn apply_startup_settings(&mut self, sql: &str) -> Result<(), RouterError> {
         let runtime = self.state.runtime();
-        self.apply_setting(&runtime, sql).await.map(|_| ())
+        self.apply_setting(&runtime, sql).await?;
+        self.startup_settings = self.settings.clone();
+        // The client learns these from the startup's own ParameterStatus messages.
+        self.reports.clear();
+        Ok(())
+    }
+
+    /// The settings as the client was told at startup (ParameterStatus): what a reset reports.
+    pub fn set_reported_defaults(&mut self, defaults: HashMap<String, String>) {
+        self.reported_defaults = defaults;
     }
 
     /// Runs one planned statement.
@@ -1180,11 +1204,17 @@ impl Session {
     ) -> Result<Outcome, RouterError> {
         let cancel = self.cancel.clone();
         let upper = sql.trim().to_ascii_uppercase();
-        let clears = upper.starts_with("RESET ALL") || upper.starts_with("DISCARD");
+        let discard_all = upper.starts_with("DISCARD ALL");
+        let clears = upper.starts_with("RESET ALL") || discard_all;
+        // DISCARD ALL would also deallocate the statements the router keeps prepared on the
+        // backend connection; its session part is RESET ALL (the rest does not outlive a
+        // pooled transaction anyway).
+        let sql = if discard_all { "RESET ALL" } else { sql };
         let mut settings = self.settings.clone();
         if clears {
-            settings.clear();
-        } else {
+            // Back to the session's start, as in PostgreSQL: the client's startup settings stay.
+            settings = self.startup_settings.clone();
+        } else if !upper.starts_with("DISCARD") {
             settings.push(sql.trim().trim_end_matches(';').to_string());
         }
         let settings_tag = if settings.is_empty() {
@@ -1195,6 +1225,8 @@ impl Session {
             hasher.finish() | 1
         };
         let mut tag = None;
+        // Every participant reports the same changes: the client gets them once.
+        let mut reports = Vec::new();
         if let Some(transaction) = &self.transaction {
             let participants: Vec<_> = transaction.participants.values().cloned().collect();
             for connection in participants {
@@ -1207,6 +1239,7 @@ impl Session {
                         .await?;
                 cursor.collect().await?;
                 tag = cursor.tag.take();
+                reports = std::mem::take(&mut cursor.reports);
             }
         }
         if tag.is_none() {
@@ -1219,9 +1252,28 @@ impl Session {
                 ShardCursor::open(cancel.as_ref(), handle, sql, &Params::default(), &[], false)
                     .await?;
             cursor.collect().await?;
-            cursor.set_settings_tag(settings_tag);
+            if !clears || settings.is_empty() {
+                // After RESET ALL the connection lacks the startup settings: it stays dirty, and
+                // the next checkout replays them.
+                cursor.set_settings_tag(settings_tag);
+            }
             tag = cursor.tag.take();
+            reports = std::mem::take(&mut cursor.reports);
         }
+        // The router speaks for the shards about its own version; after a reset the client's
+        // values are those it started with (the shard's would be the router's own defaults).
+        reports.retain(|(name, _)| name != "server_version");
+        if upper.starts_with("RESET") || discard_all {
+            for (name, value) in &mut reports {
+                if let Some(default) = self.reported_defaults.get(name.as_str()) {
+                    value.clone_from(default);
+                }
+            }
+        }
+        if discard_all {
+            tag = Some("DISCARD ALL".into());
+        }
+        self.reports.extend(reports);
         self.settings = settings;
         self.settings_tag = settings_tag;
         Ok(Outcome::Command(tag.unwrap_or_else(|| "SET".into())))

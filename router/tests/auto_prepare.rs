@@ -282,3 +282,58 @@ async fn statements_in_a_transaction_run_inside_it_with_the_begin_in_their_pipel
         assert_eq!(name.len(), 1, "{id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_all_keeps_the_statements_the_router_prepared_on_its_connections() {
+    // Arrange: one pooled connection, holding an auto-prepared shape and a client's prepared
+    // statement.
+    let shards = tokio::task::block_in_place(|| start_shards(1, shard_options()));
+    let direct = shards[0].client().await.unwrap();
+    direct.batch_execute(TABLE).await.unwrap();
+    let router = router(&shards, true, 1).await;
+    let client = connect(&url(&router)).await;
+    let statement = client
+        .prepare("SELECT name FROM customers WHERE id = $1")
+        .await
+        .unwrap();
+    let by_id = |id: i64| {
+        let (client, statement) = (&client, &statement);
+        async move {
+            client
+                .query_one(statement, &[&id])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(by_id(1).await, "ann");
+    client
+        .batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&client, "SELECT name FROM customers WHERE id = 3").await,
+        vec![vec![Some("bob".into())]]
+    );
+
+    // Act: what poolers and frameworks send when a connection is handed back.
+    let messages = client.simple_query("DISCARD ALL").await.unwrap();
+
+    // Assert: the session's settings are reset, the command is DISCARD ALL, and both kinds of
+    // prepared statement still run on the same backend connection.
+    assert!(
+        messages
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::CommandComplete(_))),
+        "{messages:?}"
+    );
+    assert_ne!(
+        rows(&client, "SHOW TimeZone").await,
+        vec![vec![Some("Asia/Tokyo".into())]]
+    );
+    assert_eq!(
+        rows(&client, "SELECT name FROM customers WHERE id = 3").await,
+        vec![vec![Some("bob".into())]]
+    );
+    assert_eq!(by_id(2).await, "it's");
+}

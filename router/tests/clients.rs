@@ -126,6 +126,17 @@ with psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres")
     except psycopg.errors.FeatureNotSupported:
         pass
     assert conn.execute("SELECT 1").fetchone()[0] == 1
+    # Settings the client library tracks reach it as ParameterStatus, as from PostgreSQL.
+    conn.rollback()
+    conn.autocommit = True
+    conn.execute("SET TimeZone = 'Asia/Tokyo'")
+    assert conn.info.parameter_status("TimeZone") == "Asia/Tokyo", conn.info.parameter_status("TimeZone")
+    assert str(conn.info.timezone) == "Asia/Tokyo", conn.info.timezone
+    conn.execute("SET application_name = 'router clients'")
+    assert conn.info.parameter_status("application_name") == "router clients"
+    conn.execute("RESET ALL")
+    assert conn.info.parameter_status("TimeZone") != "Asia/Tokyo", "RESET ALL is reported too"
+    assert conn.info.parameter_status("application_name") == "", conn.info.parameter_status("application_name")
 print("psycopg ok")
 
 async def main():

@@ -503,7 +503,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .map(|(_, v)| v.clone())
                 .unwrap_or_else(|| default.to_string())
         };
-        for (name, value) in [
+        let reported = [
             ("server_version", SERVER_VERSION.to_string()),
             ("server_encoding", "UTF8".into()),
             ("client_encoding", "UTF8".into()),
@@ -518,9 +518,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             ("is_superuser", "off".into()),
             ("session_authorization", user.clone()),
             ("scram_iterations", scram::ITERATIONS.to_string()),
-        ] {
-            wire::parameter_status(&mut self.output, name, &value);
+        ];
+        for (name, value) in &reported {
+            wire::parameter_status(&mut self.output, name, value);
         }
+        self.session.set_reported_defaults(
+            reported
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect(),
+        );
         let pid = (rand::random::<u32>() >> 1) as i32;
         let secret: Vec<u8> = if minor >= 2 {
             rand::random::<[u8; 32]>().to_vec()
@@ -615,9 +622,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         wire::error_fields(&mut self.output, b'E', &error);
     }
 
+    /// Writes what the shards said beside the result: notices, and the settings they reported
+    /// as changed (ParameterStatus, as PostgreSQL sends them before the CommandComplete).
     fn send_notices(&mut self) {
         for notice in self.session.take_notices() {
             wire::error_fields(&mut self.output, b'N', &notice);
+        }
+        for (name, value) in self.session.take_reports() {
+            wire::parameter_status(&mut self.output, &name, &value);
         }
     }
 
