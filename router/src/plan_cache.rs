@@ -522,14 +522,19 @@ mod tests {
         assert!(normalize("SELECT $1").is_none());
     }
 
-    #[test]
-    fn cached_plans_equal_full_plans() {
+    /// Two shards, table `t` sharded by `id`.
+    fn two_shards() -> Topology {
         let config = RouterConfig::from_toml(
             "[[shards]]\nname='a'\nport=1\n[[shards]]\nname='b'\nport=2\n[[table_groups]]\nname='g'\n\
              [[sharded_tables]]\nname='t'\ntable_group='g'\nshard_key='id'\n",
         )
         .unwrap();
-        let topology = Topology::from_config(&config).unwrap();
+        Topology::from_config(&config).unwrap()
+    }
+
+    #[test]
+    fn cached_plans_equal_full_plans() {
+        let topology = two_shards();
         let cache = PlanCache::default();
         for id in 0..50 {
             for sql in [
@@ -628,12 +633,7 @@ mod tests {
 
     #[test]
     fn auto_prepared_statements_carry_the_shape_and_typed_literals() {
-        let config = RouterConfig::from_toml(
-            "[[shards]]\nname='a'\nport=1\n[[shards]]\nname='b'\nport=2\n[[table_groups]]\nname='g'\n\
-             [[sharded_tables]]\nname='t'\ntable_group='g'\nshard_key='id'\n",
-        )
-        .unwrap();
-        let topology = Topology::from_config(&config).unwrap();
+        let topology = two_shards();
         let cache = PlanCache::default();
         for id in 0..20 {
             let sql = format!("SELECT * FROM t WHERE id = {id} AND x = 'v'");

@@ -49,6 +49,37 @@ fn url(router: &Router) -> String {
 const TABLE: &str = "CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL, region text, score int);
      INSERT INTO customers VALUES (1, 'ann', 'north', 10), (2, 'it''s', 'south', 20), (3, 'bob', NULL, 2147483647)";
 
+/// One shard holding [`TABLE`], and a client connected to it directly.
+async fn shard_with_table() -> (Vec<testbed::Postgres>, tokio_postgres::Client) {
+    let shards = tokio::task::block_in_place(|| start_shards(1, shard_options()));
+    let direct = shards[0].client().await.unwrap();
+    direct.batch_execute(TABLE).await.unwrap();
+    (shards, direct)
+}
+
+/// A shard with [`TABLE`] and a client to it, and an auto-preparing router in front of it
+/// with a client through it.
+struct Bed {
+    direct: tokio_postgres::Client,
+    client: tokio_postgres::Client,
+    _shards: Vec<testbed::Postgres>,
+    _router: Router,
+}
+
+impl Bed {
+    async fn start(pool_size: usize) -> Self {
+        let (shards, direct) = shard_with_table().await;
+        let router = router(&shards, true, pool_size).await;
+        let client = connect(&url(&router)).await;
+        Self {
+            direct,
+            client,
+            _shards: shards,
+            _router: router,
+        }
+    }
+}
+
 /// What the shard's backends last ran: `pg_stat_activity.query` of the router's connections.
 async fn shard_queries(shard: &tokio_postgres::Client, prefix: &str) -> Vec<String> {
     shard
@@ -67,9 +98,7 @@ async fn shard_queries(shard: &tokio_postgres::Client, prefix: &str) -> Vec<Stri
 async fn value_literals_reach_the_shard_as_parameters_with_the_same_answers() {
     // Arrange: one shard holding the rows, a router with auto-prepare (the default) and one
     // without, and a direct connection for comparison.
-    let shards = tokio::task::block_in_place(|| start_shards(1, shard_options()));
-    let direct = shards[0].client().await.unwrap();
-    direct.batch_execute(TABLE).await.unwrap();
+    let (shards, direct) = shard_with_table().await;
     let prepared = router(&shards, true, 4).await;
     let plain = router(&shards, false, 4).await;
     let through_prepared = connect(&url(&prepared)).await;
@@ -147,11 +176,12 @@ async fn value_literals_reach_the_shard_as_parameters_with_the_same_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_error_points_at_the_clients_text() {
     // Arrange
-    let shards = tokio::task::block_in_place(|| start_shards(1, shard_options()));
-    let direct = shards[0].client().await.unwrap();
-    direct.batch_execute(TABLE).await.unwrap();
-    let router = router(&shards, true, 2).await;
-    let client = connect(&url(&router)).await;
+    let Bed {
+        direct,
+        client,
+        _shards,
+        _router,
+    } = Bed::start(2).await;
     let sql = "SELECT name FROM customers WHERE name = 'a rather long literal' AND id = 12345 AND missing = 1";
 
     // Act: the same failing statement directly and through the router.
@@ -180,11 +210,12 @@ async fn a_shard_error_points_at_the_clients_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_shapes_on_one_connection_stay_correct_past_the_statement_bound() {
     // Arrange: one pooled connection, so every shape is prepared on it.
-    let shards = tokio::task::block_in_place(|| start_shards(1, shard_options()));
-    let direct = shards[0].client().await.unwrap();
-    direct.batch_execute(TABLE).await.unwrap();
-    let router = router(&shards, true, 1).await;
-    let client = connect(&url(&router)).await;
+    let Bed {
+        direct: _,
+        client,
+        _shards,
+        _router,
+    } = Bed::start(1).await;
 
     // Act + assert: more distinct shapes than a connection keeps prepared, each answering
     // right, and the first shapes again after they were closed.
@@ -207,11 +238,12 @@ async fn many_shapes_on_one_connection_stay_correct_past_the_statement_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_in_a_transaction_run_inside_it_with_the_begin_in_their_pipeline() {
     // Arrange
-    let shards = tokio::task::block_in_place(|| start_shards(1, shard_options()));
-    let direct = shards[0].client().await.unwrap();
-    direct.batch_execute(TABLE).await.unwrap();
-    let router = router(&shards, true, 2).await;
-    let client = connect(&url(&router)).await;
+    let Bed {
+        direct,
+        client,
+        _shards,
+        _router,
+    } = Bed::start(2).await;
     let count = |id: i64| {
         let direct = &direct;
         async move {
@@ -287,11 +319,12 @@ async fn statements_in_a_transaction_run_inside_it_with_the_begin_in_their_pipel
 async fn discard_all_keeps_the_statements_the_router_prepared_on_its_connections() {
     // Arrange: one pooled connection, holding an auto-prepared shape and a client's prepared
     // statement.
-    let shards = tokio::task::block_in_place(|| start_shards(1, shard_options()));
-    let direct = shards[0].client().await.unwrap();
-    direct.batch_execute(TABLE).await.unwrap();
-    let router = router(&shards, true, 1).await;
-    let client = connect(&url(&router)).await;
+    let Bed {
+        direct: _,
+        client,
+        _shards,
+        _router,
+    } = Bed::start(1).await;
     let statement = client
         .prepare("SELECT name FROM customers WHERE id = $1")
         .await
