@@ -212,6 +212,25 @@ fn literal_type(literal: &Literal) -> u32 {
     }
 }
 
+/// Whether literal `literal` may stand as a parameter in arithmetic: an integer, except the
+/// two whose negation PostgreSQL types narrower than the number itself (`-2147483648` is an
+/// `int4` literal, but `2147483648` an `int8`).
+fn integer_operand(literal: &Literal) -> bool {
+    matches!(literal, Literal::Integer(text)
+        if text != "2147483648" && text != "9223372036854775808")
+}
+
+/// Which of the first 64 literals are [`integer_operand`]s (bit `i` for literal `i`): with
+/// the shape, what decides whether a statement may be auto-prepared.
+fn integer_mask(literals: &[Literal]) -> u64 {
+    literals
+        .iter()
+        .take(64)
+        .enumerate()
+        .filter(|(_, literal)| integer_operand(literal))
+        .fold(0, |mask, (i, _)| mask | 1 << i)
+}
+
 /// The literals as text-format parameters with their literal types.
 fn literal_params(literals: &[Literal]) -> Params {
     Params {
@@ -235,8 +254,8 @@ enum Token<'a> {
     Word(&'a str),
     /// A quoted identifier.
     Quoted,
-    /// `$n`.
-    Placeholder,
+    /// `$n` (1-based).
+    Placeholder(usize),
     /// An operator (`=`, `<=`, `::`, `+`, ...).
     Operator(&'a str),
     /// `(`, `)`, `,`, `.`, `;`, `[`, `]`, or anything else of one character.
@@ -263,7 +282,7 @@ fn tokens(shape: &str) -> Option<Vec<Token<'_>>> {
             while i < bytes.len() && bytes[i].is_ascii_digit() {
                 i += 1;
             }
-            tokens.push(Token::Placeholder);
+            tokens.push(Token::Placeholder(shape[start + 1..i].parse().ok()?));
         } else if is_word(b) {
             while i < bytes.len() && (is_word(bytes[i]) || bytes[i] == b'$') {
                 i += 1;
@@ -289,10 +308,14 @@ fn tokens(shape: &str) -> Option<Vec<Token<'_>>> {
 ///
 /// Accepted, in a `SELECT`, `INSERT`, `UPDATE` or `DELETE`: a comparison with a column
 /// (`col = $1`, `t.col <= $2`, also `SET col = $3`), an `IN ($1, $2)` list, the row values of
-/// `INSERT ... VALUES`, and `LIMIT`/`OFFSET`. Anything else (a literal in the select list, in
-/// `ORDER BY 1`, in arithmetic, a typed literal such as `DATE '...'`, a cast) keeps the statement
-/// on the simple protocol, where the literal is parsed as the client wrote it.
-pub fn literals_are_values(shape: &str) -> bool {
+/// `INSERT ... VALUES`, and `LIMIT`/`OFFSET`; and an integer (`integer(n)` says which
+/// placeholders were integers) as an operand of `+ - * / %` (`SET n = n + -5`), where an `int4`,
+/// `int8` or `numeric` parameter is the literal itself, outside statements with `ORDER BY`,
+/// `GROUP BY` or `FETCH` (where `-1` may be a position or must be a literal). Anything else (a
+/// literal in the select list, in `ORDER BY 1`, a string in arithmetic, a typed literal such as
+/// `DATE '...'`, a cast) keeps the statement on the simple protocol, where the literal is parsed
+/// as the client wrote it.
+pub fn literals_are_values(shape: &str, integer: impl Fn(usize) -> bool) -> bool {
     let Some(tokens) = tokens(shape) else {
         return false;
     };
@@ -312,6 +335,10 @@ pub fn literals_are_values(shape: &str) -> bool {
     }
     let mut parens: Vec<Paren> = Vec::new();
     let mut after_values = false;
+    let ordered = tokens.windows(2).any(|pair| {
+        (keyword(pair.first(), "order") || keyword(pair.first(), "group"))
+            && keyword(pair.get(1), "by")
+    }) || tokens.iter().any(|t| keyword(Some(t), "fetch"));
     for (i, token) in tokens.iter().enumerate() {
         let previous = i.checked_sub(1).and_then(|j| tokens.get(j));
         match token {
@@ -331,7 +358,7 @@ pub fn literals_are_values(shape: &str) -> bool {
             Token::Word(word) if word.eq_ignore_ascii_case("values") => {
                 after_values = is_insert && parens.is_empty();
             }
-            Token::Placeholder => {
+            Token::Placeholder(number) => {
                 let next = tokens.get(i + 1);
                 let ends_value = |extra: &[&str]| match next {
                     None | Some(Token::Punctuation(')' | ',' | ';')) => true,
@@ -360,7 +387,26 @@ pub fn literals_are_values(shape: &str) -> bool {
                 ]);
                 let limit = (keyword(previous, "limit") || keyword(previous, "offset"))
                     && ends_value(&["limit", "offset", "for"]);
-                if !(in_list || compared || limit) {
+                let arithmetic = !ordered
+                    && integer(*number)
+                    && matches!(previous, Some(Token::Operator("+" | "-" | "*" | "/" | "%")))
+                    && (matches!(
+                        next,
+                        Some(Token::Operator(
+                            "+" | "-"
+                                | "*"
+                                | "/"
+                                | "%"
+                                | "="
+                                | "<>"
+                                | "!="
+                                | "<"
+                                | ">"
+                                | "<="
+                                | ">="
+                        ))
+                    ) || ends_value(&["and", "or", "where", "returning", "limit", "offset"]));
+                if !(in_list || compared || limit || arithmetic) {
                     return false;
                 }
             }
@@ -373,7 +419,8 @@ pub fn literals_are_values(shape: &str) -> bool {
 /// Shapes and their routes, for one topology version.
 #[derive(Debug, Default)]
 pub struct PlanCache {
-    routes: Mutex<HashMap<String, Entry>>,
+    /// By shape and [`integer_mask`].
+    routes: Mutex<HashMap<(String, u64), Entry>>,
 }
 
 impl PlanCache {
@@ -403,12 +450,14 @@ impl PlanCache {
         else {
             return planner::plan_sql(topology, sql).map(unprepared);
         };
+        let key = (shape, integer_mask(&literals));
         let cached = self
             .routes
             .lock()
             .expect("plan cache lock")
-            .get(&shape)
+            .get(&key)
             .cloned();
+        let (shape, mask) = key;
         let entry = match cached {
             Some(entry) => entry,
             None => {
@@ -426,7 +475,10 @@ impl PlanCache {
                             _ => Route::Uncached,
                         };
                         Entry {
-                            prepare: route != Route::Uncached && literals_are_values(&shape),
+                            prepare: route != Route::Uncached
+                                && literals_are_values(&shape, |n| {
+                                    (1..=64).contains(&n) && mask & 1 << (n - 1) != 0
+                                }),
                             route,
                             returns_rows: planned.returns_rows,
                         }
@@ -441,7 +493,7 @@ impl PlanCache {
                 if routes.len() >= CAPACITY {
                     routes.clear();
                 }
-                routes.insert(shape.clone(), entry.clone());
+                routes.insert((shape.clone(), mask), entry.clone());
                 entry
             }
         };
@@ -562,10 +614,22 @@ mod tests {
             "DELETE FROM t WHERE id = 7;",
             "SELECT count(*) FROM t",
             "SELECT * FROM t WHERE id = 1 FOR UPDATE",
+            "SELECT * FROM t WHERE id = -1",
+            // pgbench's TPC-B-like transaction.
+            "UPDATE pgbench_accounts SET abalance = abalance + -1234 WHERE aid = 5;",
+            "UPDATE pgbench_tellers SET tbalance = tbalance + 17 WHERE tid = 3",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 5, -1234, CURRENT_TIMESTAMP);",
+            "UPDATE t SET n = n * 2 + 1 WHERE id = 7 RETURNING n",
         ] {
-            let shape = normalize(sql).unwrap().shape;
-            assert!(literals_are_values(&shape), "{sql} -> {shape}");
+            assert!(allows(sql), "{sql}");
         }
+    }
+
+    /// Whether `sql` may be auto-prepared, as the cache decides it.
+    fn allows(sql: &str) -> bool {
+        let normalized = normalize(sql).unwrap();
+        let mask = integer_mask(&normalized.literals);
+        literals_are_values(&normalized.shape, |n| mask & 1 << (n - 1) != 0)
     }
 
     #[test]
@@ -575,11 +639,18 @@ mod tests {
             "SELECT 'a' FROM t WHERE id = 1",
             "SELECT * FROM t ORDER BY 1",
             "SELECT x, count(*) FROM t GROUP BY 1",
-            "UPDATE t SET b = b + 1 WHERE id = 2",
+            "UPDATE t SET s = s + 'a' WHERE id = 2",
+            "UPDATE t SET s = s || 'a' WHERE id = 2",
+            "UPDATE t SET n = -2147483648 WHERE id = 2",
+            "UPDATE t SET n = n - 9223372036854775808 WHERE id = 2",
+            "SELECT * FROM t ORDER BY -1",
+            "SELECT x + 1 FROM t GROUP BY 1",
+            "SELECT * FROM t WHERE id = 1 FETCH FIRST 5 ROWS ONLY",
+            "SELECT x[1] FROM t WHERE id = 1",
+            "SELECT n ^ 2 FROM t WHERE id = 1",
             "SELECT * FROM t WHERE d = DATE '2020-01-01'",
             "SELECT * FROM t WHERE id = 1::bigint",
             "SELECT * FROM t WHERE x = 'a' || y",
-            "SELECT * FROM t WHERE id = -1",
             "SELECT * FROM (VALUES (1, 'a')) v(id, x) WHERE id = 1",
             "SELECT * FROM t WHERE f(id) = 1 AND id = 2 IS TRUE",
             "SET work_mem = 64",
@@ -587,8 +658,7 @@ mod tests {
             "WITH w AS (SELECT 1) SELECT * FROM w",
             "SELECT * FROM t WHERE x LIKE 'a%'",
         ] {
-            let shape = normalize(sql).unwrap().shape;
-            assert!(!literals_are_values(&shape), "{sql} -> {shape}");
+            assert!(!allows(sql), "{sql}");
         }
     }
 

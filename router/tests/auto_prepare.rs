@@ -115,6 +115,8 @@ async fn value_literals_reach_the_shard_as_parameters_with_the_same_answers() {
         "SELECT id, name FROM customers WHERE id IN (1, 3) AND score >= 10 ORDER BY id LIMIT 5",
         "SELECT count(*) FROM customers WHERE id = 1 AND region = 'north'",
         "SELECT id, 'constant', score + 1 FROM customers WHERE id = 1",
+        "SELECT id FROM customers WHERE score = 5 * 2 AND id = -1 + 2",
+        "SELECT id FROM customers WHERE score - 2147483647 = 0 AND id = 3",
     ];
     for sql in statements {
         let expected = rows(&direct, sql).await;
@@ -122,6 +124,18 @@ async fn value_literals_reach_the_shard_as_parameters_with_the_same_answers() {
             assert_eq!(rows(&through_prepared, sql).await, expected, "{sql}");
             assert_eq!(rows(&through_plain, sql).await, expected, "{sql}");
         }
+    }
+    // An integer stays the type PostgreSQL gives the literal: int4 arithmetic overflows there
+    // as it does directly (an int8 parameter would not).
+    let overflow = "SELECT id FROM customers WHERE score + 2147483647 > 0 AND id = 1";
+    let expected = direct.simple_query(overflow).await.unwrap_err();
+    for client in [&through_prepared, &through_plain] {
+        let failure = client.simple_query(overflow).await.unwrap_err();
+        assert_eq!(failure.code(), expected.code(), "{failure:?}");
+        assert_eq!(
+            failure.code(),
+            Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE)
+        );
     }
     // Writes too: an insert and an update by key, then the row as PostgreSQL stores it.
     rows(
@@ -131,7 +145,7 @@ async fn value_literals_reach_the_shard_as_parameters_with_the_same_answers() {
     .await;
     rows(
         &through_prepared,
-        "UPDATE customers SET region = 'west', score = 41 WHERE id = 4",
+        "UPDATE customers SET region = 'west', score = score + -40 + 41 WHERE id = 4",
     )
     .await;
     assert_eq!(
