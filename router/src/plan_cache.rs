@@ -424,12 +424,6 @@ pub struct PlanCache {
 }
 
 impl PlanCache {
-    /// Plans `sql` (one or more statements) using the cache when it can.
-    pub fn plan(&self, topology: &Topology, sql: &str) -> Result<Vec<Planned>, PlanError> {
-        self.plan_simple(topology, sql, false)
-            .map(|simple| simple.planned)
-    }
-
     /// Plans a simple-protocol `sql` using the cache when it can; with `auto_prepare`, a
     /// statement that allows it is returned as its shape with its literals as parameters.
     pub fn plan_simple(
@@ -596,7 +590,7 @@ mod tests {
                 format!("SELECT count(*) FROM t WHERE x = {id}"),
             ] {
                 let full = planner::plan_sql(&topology, &sql).unwrap();
-                let cached = cache.plan(&topology, &sql).unwrap();
+                let cached = cache.plan_simple(&topology, &sql, false).unwrap().planned;
                 assert_eq!(cached[0].plan, full[0].plan, "{sql}");
                 assert_eq!(cached[0].sql, full[0].sql, "{sql}");
             }
