@@ -204,6 +204,8 @@ pub struct Session {
     settings_tag: u64,
     /// The client's startup settings (kept by RESET ALL and DISCARD ALL).
     startup_settings: Vec<String>,
+    /// The client's startup settings by lower-case name: what `RESET name` goes back to.
+    startup_values: Vec<(String, String)>,
     /// ParameterStatus values sent at startup.
     reported_defaults: HashMap<String, String>,
     transaction: Option<Transaction>,
@@ -217,6 +219,29 @@ pub struct Session {
     reports: Vec<(String, String)>,
     /// A COPY FROM STDIN in progress.
     copy: Option<CopyIn>,
+}
+
+/// Fingerprint of a session's settings (0 for none).
+fn settings_tag(settings: &[String]) -> u64 {
+    if settings.is_empty() {
+        return 0;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    settings.hash(&mut hasher);
+    hasher.finish() | 1
+}
+
+/// The setting a `RESET name` names, as PostgreSQL folds it (lower case unless quoted).
+fn reset_name(sql: &str) -> Option<String> {
+    let rest = sql.trim().trim_end_matches(';').trim();
+    let name = rest.get(5..)?.trim();
+    if name.is_empty() || name.contains(char::is_whitespace) && !name.starts_with('"') {
+        return None;
+    }
+    match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => Some(quoted.replace("\"\"", "\"")),
+        None => Some(name.to_ascii_lowercase()),
+    }
 }
 
 fn command_for(sql: &str) -> String {
@@ -396,6 +421,7 @@ impl Session {
             notices: Vec::new(),
             reports: Vec::new(),
             startup_settings: Vec::new(),
+            startup_values: Vec::new(),
             reported_defaults: HashMap::new(),
             copy: None,
         }
@@ -767,12 +793,44 @@ impl Session {
         }
     }
 
-    /// Applies the client's startup settings (`SET ... ; SET ...`, quoted by the caller) as
-    /// session settings, checked on a shard now.
-    pub async fn apply_startup_settings(&mut self, sql: &str) -> Result<(), RouterError> {
-        let runtime = self.state.runtime();
-        self.apply_setting(&runtime, sql).await?;
+    /// Applies the client's startup settings (name and value pairs) as session settings,
+    /// checked on a shard now. A client that names no application gets an empty
+    /// `application_name` on the shards, as PostgreSQL would show it, not the router's own.
+    pub async fn apply_startup_settings(
+        &mut self,
+        settings: &[(String, String)],
+    ) -> Result<(), RouterError> {
+        let mut settings = settings.to_vec();
+        let unnamed = !settings
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("application_name"));
+        if unnamed {
+            settings.push(("application_name".into(), String::new()));
+        }
+        let sql = settings
+            .iter()
+            .map(|(name, value)| {
+                format!(
+                    "SET {} TO {}",
+                    planner::quote_ident(name),
+                    planner::quote_literal(value)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if unnamed && settings.len() == 1 {
+            // Nothing to check: remembered, and applied with the first statement's checkout.
+            self.settings = vec![sql];
+            self.settings_tag = settings_tag(&self.settings);
+        } else {
+            let runtime = self.state.runtime();
+            self.apply_setting(&runtime, &sql).await?;
+        }
         self.startup_settings = self.settings.clone();
+        self.startup_values = settings
+            .into_iter()
+            .map(|(name, value)| (name.to_ascii_lowercase(), value))
+            .collect();
         // The client learns these from the startup's own ParameterStatus messages.
         self.reports.clear();
         Ok(())
@@ -1209,7 +1267,31 @@ impl Session {
         // DISCARD ALL would also deallocate the statements the router keeps prepared on the
         // backend connection; its session part is RESET ALL (the rest does not outlive a
         // pooled transaction anyway).
-        let sql = if discard_all { "RESET ALL" } else { sql };
+        let startup_value = if clears || !upper.starts_with("RESET ") {
+            None
+        } else {
+            reset_name(sql).and_then(|name| {
+                self.startup_values
+                    .iter()
+                    .rev()
+                    .find(|(startup, _)| *startup == name)
+                    .map(|(_, value)| (name, value.clone()))
+            })
+        };
+        // `RESET name` of a setting the client started with goes back to that value, as in
+        // PostgreSQL (on a shard it would go back to the router's own connection defaults).
+        let restore = startup_value.map(|(name, value)| {
+            format!(
+                "SET {} TO {}",
+                planner::quote_ident(&name),
+                planner::quote_literal(&value)
+            )
+        });
+        let sql = match &restore {
+            Some(restore) => restore.as_str(),
+            None if discard_all => "RESET ALL",
+            None => sql,
+        };
         let mut settings = self.settings.clone();
         if clears {
             // Back to the session's start, as in PostgreSQL: the client's startup settings stay.
@@ -1217,13 +1299,7 @@ impl Session {
         } else if !upper.starts_with("DISCARD") {
             settings.push(sql.trim().trim_end_matches(';').to_string());
         }
-        let settings_tag = if settings.is_empty() {
-            0
-        } else {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            settings.hash(&mut hasher);
-            hasher.finish() | 1
-        };
+        let settings_tag = settings_tag(&settings);
         let mut tag = None;
         // Every participant reports the same changes: the client gets them once.
         let mut reports = Vec::new();
@@ -1272,6 +1348,8 @@ impl Session {
         }
         if discard_all {
             tag = Some("DISCARD ALL".into());
+        } else if restore.is_some() {
+            tag = Some("RESET".into());
         }
         self.reports.extend(reports);
         self.settings = settings;
@@ -1427,5 +1505,25 @@ async fn rollback(participants: BTreeMap<usize, Arc<Mutex<Leased>>>) {
         if guard.query_text("ROLLBACK").await.is_err() {
             guard.discard();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reset_name;
+
+    #[test]
+    fn reset_names_fold_like_postgresql() {
+        assert_eq!(
+            reset_name("RESET application_name;").as_deref(),
+            Some("application_name")
+        );
+        assert_eq!(reset_name("reset TimeZone").as_deref(), Some("timezone"));
+        assert_eq!(
+            reset_name("RESET \"Odd\"\"Name\"").as_deref(),
+            Some("Odd\"Name")
+        );
+        assert_eq!(reset_name("RESET SESSION AUTHORIZATION"), None);
+        assert_eq!(reset_name("RESET"), None);
     }
 }

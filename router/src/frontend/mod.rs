@@ -28,7 +28,7 @@ use crate::backend::{BackendError, CopyOutData, Description, ServerError};
 use crate::error::RouterError;
 use crate::executor::Params;
 use crate::merger::RowStream;
-use crate::planner::{self, PlanError, Planned, quote_ident, quote_literal};
+use crate::planner::{self, PlanError, Planned};
 use crate::session::{Outcome, RouterState, Session};
 use crate::topology::{AuthConfig, AuthMethod};
 
@@ -479,21 +479,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if let Some(options) = parameter("options") {
             settings.extend(options_settings(&options));
         }
-        if !settings.is_empty() {
-            let sql = settings
-                .iter()
-                .map(|(name, value)| {
-                    format!("SET {} TO {}", quote_ident(name), quote_literal(value))
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
-            if let Err(error) = self.session.apply_startup_settings(&sql).await {
-                let mut error = error.to_server_error();
-                error.severity = "FATAL".into();
-                wire::error_fields(&mut self.output, b'E', &error);
-                self.flush().await?;
-                return Ok(false);
-            }
+        if let Err(error) = self.session.apply_startup_settings(&settings).await {
+            let mut error = error.to_server_error();
+            error.severity = "FATAL".into();
+            wire::error_fields(&mut self.output, b'E', &error);
+            self.flush().await?;
+            return Ok(false);
         }
         let setting = |name: &str, default: &str| {
             settings
