@@ -15,6 +15,8 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use crate::topology::{KeyType, Topology};
+
+mod pinned;
 use crate::values;
 use crate::vindex::KeyValue;
 
@@ -1320,6 +1322,16 @@ struct FromAnalysis {
 /// Checks that all sharded tables of the FROM clause are one table group, joined on their
 /// shard keys (co-located), and returns their names/aliases.
 fn analyze_from(topology: &Topology, select: &Select) -> Result<FromAnalysis, PlanError> {
+    analyze_from_with(topology, select, false)
+}
+
+/// [`analyze_from`]; with `derived_checked`, subqueries in FROM may read sharded tables (the
+/// caller checks them on their own).
+fn analyze_from_with(
+    topology: &Topology,
+    select: &Select,
+    derived_checked: bool,
+) -> Result<FromAnalysis, PlanError> {
     let mut aliases: Vec<(String, String, usize)> = Vec::new(); // (alias, key, group)
     let mut join_conditions: Vec<&Expr> = Vec::new();
     let visit_factor = |factor: &TableFactor,
@@ -1335,7 +1347,7 @@ fn analyze_from(topology: &Topology, select: &Select) -> Result<FromAnalysis, Pl
                 Ok(())
             }
             TableFactor::Derived { subquery, .. } => {
-                if table_use(topology, subquery.as_ref()).sharded.is_empty() {
+                if derived_checked || table_use(topology, subquery.as_ref()).sharded.is_empty() {
                     Ok(())
                 } else {
                     unsupported("a subquery over a sharded table in FROM of a multi-shard query")
@@ -1447,6 +1459,13 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
         } else {
             Target::Any
         });
+    }
+    // WITH, UNION, subqueries: the whole statement runs on one shard when every sharded table
+    // in it is restricted to keys of that shard (a Citus "router query").
+    if !pinned::is_flat(topology, &query, &usage)
+        && let Some(target) = pinned::one_shard(topology, &query)
+    {
+        return single(target);
     }
     if usage.other > 0 {
         return unsupported("a query joining sharded tables with tables the router does not know");

@@ -80,6 +80,16 @@ const CORPUS: &[&str] = &[
     "SELECT id, score * 2 AS double FROM customers WHERE score > 90 ORDER BY double, id",
     "SELECT count(*) FROM orders WHERE total > 100 AND qty < 5",
     "SELECT max(total) - min(total) AS spread FROM orders WHERE customer_id = 9",
+    // Pinned to one shard by their keys: WITH, UNION, subqueries, window functions, DISTINCT
+    // aggregates run there whole.
+    "WITH recent AS (SELECT * FROM orders WHERE customer_id = 27 ORDER BY id DESC LIMIT 2) SELECT count(*), sum(total) FROM recent",
+    "SELECT id, total FROM orders WHERE customer_id = 27 UNION ALL SELECT id, score FROM customers WHERE id = 27 ORDER BY 1, 2",
+    "SELECT id FROM orders WHERE customer_id = 27 INTERSECT SELECT id FROM orders WHERE customer_id = 27 AND qty > 2 ORDER BY 1",
+    "SELECT c.name, (SELECT count(*) FROM orders o WHERE o.customer_id = 27) AS orders FROM customers c WHERE c.id = 27",
+    "SELECT id, total, rank() OVER (ORDER BY total DESC NULLS LAST, id) FROM orders WHERE customer_id = 27 ORDER BY id",
+    "SELECT count(DISTINCT qty) FROM orders WHERE customer_id = 27",
+    "SELECT * FROM customers WHERE id = 27 AND EXISTS (SELECT 1 FROM orders WHERE customer_id = 27 AND total > 10)",
+    "WITH c AS (SELECT * FROM customers WHERE id = 27) SELECT c.name, k.code FROM c CROSS JOIN countries k ORDER BY k.code",
 ];
 
 fn generated() -> Vec<String> {
