@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod cancel;
+pub mod copy_in;
 pub mod error;
 pub mod executor;
 pub mod frontend;

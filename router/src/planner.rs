@@ -329,7 +329,7 @@ pub enum Plan {
     /// Savepoints.
     Savepoint(SavepointOp),
     /// COPY ... FROM STDIN: rows are routed line by line.
-    CopyIn(CopyDestination),
+    CopyIn(CopyDestination, crate::copy_in::CopyFormat),
     /// COPY ... TO STDOUT: the shards' rows, one shard after the other.
     CopyOut(CopyOut),
 }
@@ -375,7 +375,7 @@ impl Plan {
             Plan::Insert(_) => "split_insert",
             Plan::Deallocate => "deallocate",
             Plan::Savepoint(_) => "savepoint",
-            Plan::CopyIn(_) => "copy_in",
+            Plan::CopyIn(..) => "copy_in",
             Plan::CopyOut(_) => "copy_out",
         }
     }
@@ -394,6 +394,91 @@ pub struct Planned {
 
 fn unsupported<T>(what: impl Into<String>) -> Result<T, PlanError> {
     Err(PlanError::Unsupported(what.into()))
+}
+
+/// The format of a COPY FROM STDIN from its options (PostgreSQL's and the legacy syntax).
+fn copy_format(
+    options: &[sqlparser::ast::CopyOption],
+    legacy_options: &[sqlparser::ast::CopyLegacyOption],
+) -> Result<crate::copy_in::CopyFormat, PlanError> {
+    use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption};
+    #[derive(Default)]
+    struct Chosen {
+        format: Option<String>,
+        delimiter: Option<char>,
+        null: Option<String>,
+        header: bool,
+        quote: Option<char>,
+        escape: Option<char>,
+    }
+    let mut chosen = Chosen::default();
+    for option in options {
+        match option {
+            CopyOption::Format(name) => chosen.format = Some(name.value.to_ascii_lowercase()),
+            CopyOption::Delimiter(c) => chosen.delimiter = Some(*c),
+            CopyOption::Null(null) => chosen.null = Some(null.clone()),
+            CopyOption::Header(header) => chosen.header = *header,
+            CopyOption::Quote(c) => chosen.quote = Some(*c),
+            CopyOption::Escape(c) => chosen.escape = Some(*c),
+            CopyOption::Freeze(_)
+            | CopyOption::ForceQuote(_)
+            | CopyOption::ForceNotNull(_)
+            | CopyOption::ForceNull(_) => {}
+            CopyOption::Encoding(encoding) => {
+                let name = encoding.to_ascii_uppercase().replace(['-', '_'], "");
+                if name != "UTF8" && name != "UNICODE" {
+                    return unsupported("COPY FROM STDIN in an encoding other than UTF8");
+                }
+            }
+        }
+    }
+    for option in legacy_options {
+        match option {
+            CopyLegacyOption::Binary => chosen.format = Some("binary".into()),
+            CopyLegacyOption::Delimiter(c) => chosen.delimiter = Some(*c),
+            CopyLegacyOption::Null(null) => chosen.null = Some(null.clone()),
+            CopyLegacyOption::Csv(csv) => {
+                chosen.format = Some("csv".into());
+                for option in csv {
+                    match option {
+                        CopyLegacyCsvOption::Header => chosen.header = true,
+                        CopyLegacyCsvOption::Quote(c) => chosen.quote = Some(*c),
+                        CopyLegacyCsvOption::Escape(c) => chosen.escape = Some(*c),
+                        CopyLegacyCsvOption::ForceQuote(_)
+                        | CopyLegacyCsvOption::ForceNotNull(_) => {}
+                    }
+                }
+            }
+            other => return unsupported(format!("the COPY option {other}")),
+        }
+    }
+    let byte = |c: Option<char>, default: u8, what: &str| -> Result<u8, PlanError> {
+        match c {
+            None => Ok(default),
+            Some(c) if c.is_ascii() => Ok(c as u8),
+            Some(_) => unsupported(format!("a COPY {what} that is not a single-byte character")),
+        }
+    };
+    use crate::copy_in::CopyFormat;
+    match chosen.format.as_deref().unwrap_or("text") {
+        "text" => Ok(CopyFormat::Text {
+            delimiter: byte(chosen.delimiter, b'\t', "delimiter")?,
+            null: chosen.null.unwrap_or_else(|| "\\N".into()).into_bytes(),
+            header: chosen.header,
+        }),
+        "csv" => {
+            let quote = byte(chosen.quote, b'"', "quote")?;
+            Ok(CopyFormat::Csv {
+                delimiter: byte(chosen.delimiter, b',', "delimiter")?,
+                quote,
+                escape: byte(chosen.escape, quote, "escape")?,
+                null: chosen.null.unwrap_or_default().into_bytes(),
+                header: chosen.header,
+            })
+        }
+        "binary" => Ok(CopyFormat::Binary),
+        other => unsupported(format!("the COPY format {other}")),
+    }
 }
 
 /// Quotes an identifier for SQL the router generates.
@@ -568,17 +653,7 @@ pub fn plan_statement(
             legacy_options,
             ..
         } => {
-            let text_format = options.iter().all(|o| match o {
-                sqlparser::ast::CopyOption::Format(f) => f.value.eq_ignore_ascii_case("text"),
-                sqlparser::ast::CopyOption::Delimiter(d) => *d == '\t',
-                sqlparser::ast::CopyOption::Freeze(_) | sqlparser::ast::CopyOption::Null(_) => true,
-                _ => false,
-            }) && legacy_options.is_empty();
-            if !text_format {
-                return unsupported(
-                    "COPY FROM STDIN in a format other than text with tab delimiters",
-                );
-            }
+            let format = copy_format(&options, &legacy_options)?;
             let table = last_name(&table_name);
             let destination = if topology.is_reference(&table) {
                 CopyDestination::Everywhere
@@ -612,7 +687,7 @@ pub fn plan_statement(
             } else {
                 CopyDestination::FirstShard
             };
-            Ok(plain(Plan::CopyIn(destination), false))
+            Ok(plain(Plan::CopyIn(destination, format), false))
         }
         Statement::Copy {
             source,

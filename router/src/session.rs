@@ -11,6 +11,7 @@ use futures::StreamExt;
 use tokio::sync::Mutex;
 
 use crate::backend::{Column, CopyOutData};
+use crate::copy_in::{CopyFormat, Piece, RowSplitter};
 use crate::error::RouterError;
 use crate::executor::{BackendHandle, Params, Row, ShardCursor, tag_command, tag_rows};
 use crate::merger::{self, RowStream};
@@ -128,8 +129,14 @@ pub enum Outcome {
     End(String),
     /// An empty query.
     Empty,
-    /// COPY FROM STDIN started; the client sends rows (this many columns).
-    CopyIn(i16),
+    /// COPY FROM STDIN started; the client sends rows in this format (0 text or CSV, 1
+    /// binary), of this many columns.
+    CopyIn {
+        /// Overall format.
+        format: i8,
+        /// Columns.
+        columns: i16,
+    },
     /// COPY TO STDOUT: the overall format (0 text, 1 binary), column formats, and the rows of
     /// each shard in turn, ending with the total count.
     CopyOut {
@@ -147,7 +154,9 @@ struct CopyIn {
     destination: CopyDestination,
     shards: Vec<usize>,
     implicit: bool,
-    partial: Vec<u8>,
+    /// Cuts the stream into rows when they go to their keys' shards; otherwise the bytes go
+    /// through as they come.
+    splitter: Option<RowSplitter>,
     buffers: BTreeMap<usize, Vec<u8>>,
     failure: Option<(&'static str, String)>,
 }
@@ -155,37 +164,34 @@ struct CopyIn {
 /// Rows buffered per shard before they are sent.
 const COPY_CHUNK: usize = 64 * 1024;
 
-/// The text-format field `index` of a COPY line, unescaped; `None` for `\N`.
-fn copy_field(line: &[u8], index: usize) -> Result<Option<String>, RouterError> {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let raw = line.split(|b| *b == b'\t').nth(index).ok_or_else(|| {
-        RouterError::session("22P04", format!("COPY row has no column {}", index + 1))
-    })?;
-    if raw == b"\\N" {
-        return Ok(None);
+/// A COPY row's shard key: text (the text and CSV formats) or PostgreSQL's binary form of
+/// `bigint`, `integer`, `smallint` or `text`.
+fn copy_key(field: &[u8], key_type: KeyType, binary: bool) -> Result<KeyValue, RouterError> {
+    let invalid = |code: &'static str| {
+        RouterError::session(code, format!("invalid shard key {field:?} in COPY row"))
+    };
+    match (key_type, binary) {
+        (KeyType::Bigint, true) => match field.len() {
+            8 => Ok(KeyValue::Int(i64::from_be_bytes(
+                field.try_into().expect("8 bytes"),
+            ))),
+            4 => Ok(KeyValue::Int(
+                i32::from_be_bytes(field.try_into().expect("4 bytes")).into(),
+            )),
+            2 => Ok(KeyValue::Int(
+                i16::from_be_bytes(field.try_into().expect("2 bytes")).into(),
+            )),
+            _ => Err(invalid("22P03")),
+        },
+        (KeyType::Bigint, false) => std::str::from_utf8(field)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .map(KeyValue::Int)
+            .ok_or_else(|| invalid("22P02")),
+        (KeyType::Text, _) => String::from_utf8(field.to_vec())
+            .map(KeyValue::Text)
+            .map_err(|_| RouterError::session("22021", "COPY shard key is not valid UTF-8")),
     }
-    let mut out = Vec::with_capacity(raw.len());
-    let mut bytes = raw.iter();
-    while let Some(b) = bytes.next() {
-        if *b != b'\\' {
-            out.push(*b);
-            continue;
-        }
-        match bytes.next() {
-            Some(b'n') => out.push(b'\n'),
-            Some(b't') => out.push(b'\t'),
-            Some(b'r') => out.push(b'\r'),
-            Some(b'b') => out.push(8),
-            Some(b'f') => out.push(12),
-            Some(b'v') => out.push(11),
-            Some(other) => out.push(*other),
-            None => {}
-        }
-    }
-    String::from_utf8(out)
-        .map(Some)
-        .map_err(|_| RouterError::session("22021", "COPY shard key is not valid UTF-8"))
 }
 
 struct Transaction {
@@ -461,6 +467,7 @@ impl Session {
         &mut self,
         runtime: &Runtime,
         destination: &CopyDestination,
+        format: &CopyFormat,
         sql: &str,
     ) -> Result<Outcome, RouterError> {
         let shards: Vec<usize> = match destination {
@@ -543,66 +550,66 @@ impl Session {
                 }
             }
         }
+        let splitter = match destination {
+            CopyDestination::ByKey { key_position, .. } => {
+                Some(RowSplitter::new(format.clone(), key_position.unwrap_or(0)))
+            }
+            _ => None,
+        };
         self.copy = Some(CopyIn {
             destination: destination.clone(),
             shards,
             implicit,
-            partial: Vec::new(),
+            splitter,
             buffers: BTreeMap::new(),
             failure: None,
         });
-        Ok(Outcome::CopyIn(columns))
+        Ok(Outcome::CopyIn {
+            format: format.code(),
+            columns,
+        })
     }
 
-    fn route_copy_line(&mut self, line: Vec<u8>) -> Result<(), RouterError> {
-        let copy = self.copy.as_mut().expect("copy in progress");
-        if line == b"\\.\n" || line == b"\\." {
-            return Ok(());
-        }
+    /// Puts one piece of a COPY cut into rows in the buffer of its shard (a prefix: of every
+    /// shard).
+    fn route_piece(&mut self, piece: Piece) -> Result<(), RouterError> {
         let runtime = self
             .transaction
             .as_ref()
             .map(|t| t.runtime.clone())
             .unwrap_or_else(|| self.state.runtime());
-        match &copy.destination {
-            CopyDestination::ByKey {
-                key_position,
-                group,
-                ..
-            } => {
-                let Some(text) = copy_field(&line, key_position.unwrap_or(0))? else {
-                    return Err(RouterError::session(
-                        "22004",
-                        "COPY row has a NULL shard key",
-                    ));
-                };
-                let key = match runtime.topology.groups[*group].key_type {
-                    KeyType::Bigint => KeyValue::Int(text.trim().parse().map_err(|_| {
-                        RouterError::session(
-                            "22P02",
-                            format!("invalid shard key {text:?} in COPY row"),
-                        )
-                    })?),
-                    KeyType::Text => KeyValue::Text(text),
-                };
-                let shard = planner::shard_of(&runtime.topology, *group, &key)?;
-                copy.buffers
-                    .entry(shard)
-                    .or_default()
-                    .extend_from_slice(&line);
-            }
-            CopyDestination::Everywhere => {
-                for shard in copy.shards.clone() {
+        let copy = self.copy.as_mut().expect("copy in progress");
+        let (bytes, key) = match piece {
+            Piece::Prefix(bytes) => {
+                for shard in &copy.shards {
                     copy.buffers
-                        .entry(shard)
+                        .entry(*shard)
                         .or_default()
-                        .extend_from_slice(&line);
+                        .extend_from_slice(&bytes);
                 }
+                return Ok(());
             }
-            CopyDestination::FirstShard => {
-                copy.buffers.entry(0).or_default().extend_from_slice(&line)
-            }
-        }
+            Piece::Row { bytes, key } => (bytes, key),
+        };
+        let CopyDestination::ByKey { group, .. } = &copy.destination else {
+            return Err(RouterError::session("XX000", "COPY rows cut without a key"));
+        };
+        let Some(key) = key else {
+            return Err(RouterError::session(
+                "22004",
+                "COPY row has a NULL shard key",
+            ));
+        };
+        let binary = matches!(
+            copy.splitter.as_ref().map(RowSplitter::format),
+            Some(CopyFormat::Binary)
+        );
+        let key = copy_key(&key, runtime.topology.groups[*group].key_type, binary)?;
+        let shard = planner::shard_of(&runtime.topology, *group, &key)?;
+        copy.buffers
+            .entry(shard)
+            .or_default()
+            .extend_from_slice(&bytes);
         Ok(())
     }
 
@@ -640,20 +647,35 @@ impl Session {
         if copy.failure.is_some() {
             return;
         }
-        copy.partial.extend_from_slice(data);
-        let mut lines = Vec::new();
-        let mut start = 0;
-        while let Some(offset) = copy.partial[start..].iter().position(|b| *b == b'\n') {
-            let end = start + offset + 1;
-            lines.push(copy.partial[start..end].to_vec());
-            start = end;
-        }
-        copy.partial.drain(..start);
         let mut result = Ok(());
-        for line in lines {
-            result = self.route_copy_line(line);
-            if result.is_err() {
-                break;
+        match copy.splitter.as_mut() {
+            Some(splitter) => {
+                splitter.push(data);
+                let mut pieces = Vec::new();
+                loop {
+                    match splitter.next_piece() {
+                        Ok(Some(piece)) => pieces.push(piece),
+                        Ok(None) => break,
+                        Err(error) => {
+                            result = Err(RouterError::session(error.code, error.message));
+                            break;
+                        }
+                    }
+                }
+                for piece in pieces {
+                    if result.is_err() {
+                        break;
+                    }
+                    result = self.route_piece(piece);
+                }
+            }
+            None => {
+                for shard in &copy.shards {
+                    copy.buffers
+                        .entry(*shard)
+                        .or_default()
+                        .extend_from_slice(data);
+                }
             }
         }
         if result.is_ok() {
@@ -664,7 +686,9 @@ impl Session {
             let code = match info.code.as_str() {
                 "22004" => "22004",
                 "22P02" => "22P02",
+                "22P03" => "22P03",
                 "22P04" => "22P04",
+                "22021" => "22021",
                 _ => "XX000",
             };
             if let Some(copy) = self.copy.as_mut() {
@@ -679,15 +703,37 @@ impl Session {
         let Some(mut copy) = self.copy.take() else {
             return Err(RouterError::session("08P01", "no COPY in progress"));
         };
-        if failure.is_none() && copy.failure.is_none() && !copy.partial.is_empty() {
-            let mut line = std::mem::take(&mut copy.partial);
-            line.push(b'\n');
+        if failure.is_none()
+            && copy.failure.is_none()
+            && let Some(splitter) = copy.splitter.as_mut()
+        {
+            // The last row (without its newline), and what ends every shard's stream.
+            let last = splitter.finish();
+            let trailer = splitter.trailer();
+            for shard in &copy.shards {
+                copy.buffers
+                    .entry(*shard)
+                    .or_default()
+                    .extend_from_slice(trailer);
+            }
             self.copy = Some(copy);
-            let routed = self.route_copy_line(line);
+            let routed = match last {
+                Ok(Some(piece)) => self.route_piece(piece),
+                Ok(None) => Ok(()),
+                Err(error) => Err(RouterError::session(error.code, error.message)),
+            };
             copy = self.copy.take().expect("copy in progress");
             if let Err(error) = routed {
                 let info = error.to_server_error();
-                copy.failure = Some(("22P04", info.message));
+                copy.failure = Some((
+                    match info.code.as_str() {
+                        "22004" => "22004",
+                        "22P02" => "22P02",
+                        "22P03" => "22P03",
+                        _ => "22P04",
+                    },
+                    info.message,
+                ));
             }
         }
         let shards = copy.shards.clone();
@@ -953,7 +999,10 @@ impl Session {
             }
             Plan::Setting => self.apply_setting(&runtime, &planned.sql).await,
             Plan::Savepoint(op) => self.savepoint(op, &planned.sql).await,
-            Plan::CopyIn(destination) => self.start_copy(&runtime, destination, &planned.sql).await,
+            Plan::CopyIn(destination, format) => {
+                self.start_copy(&runtime, destination, format, &planned.sql)
+                    .await
+            }
             Plan::CopyOut(copy) => {
                 let shards: Vec<usize> = match &copy.shard {
                     Some(target) => vec![self.resolve_target(&runtime, target, params)?],

@@ -215,7 +215,7 @@ pub fn shards_touched(plan: &Plan, shard_count: usize) -> Option<usize> {
         | Plan::Insert(_)
         | Plan::Deallocate
         | Plan::Savepoint(_)
-        | Plan::CopyIn(_) => None,
+        | Plan::CopyIn(..) => None,
     }
 }
 

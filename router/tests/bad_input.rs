@@ -33,7 +33,7 @@ async fn unsupported_sql_is_an_error_and_the_connection_stays_usable() {
         ),
         ("COPY customers TO STDOUT (FORMAT binary)", "0A000"),
         (
-            "COPY customers (id, name) FROM STDIN WITH (FORMAT csv)",
+            "COPY customers (id, name) FROM STDIN WITH (FORMAT csv, ENCODING 'LATIN1')",
             "0A000",
         ),
         ("SELEC 1", "42601"),

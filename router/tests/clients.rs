@@ -158,6 +158,12 @@ async def main():
     except asyncpg.exceptions.FeatureNotSupportedError:
         pass
     assert await conn.fetchval("SELECT 1") == 1
+    # Bulk load with binary COPY, each row to its key's shard.
+    result = await conn.copy_records_to_table(
+        "customers", records=[(300 + i, f"bulk {{i}}", i) for i in range(50)], columns=["id", "name", "score"])
+    assert result == "COPY 50", result
+    assert await conn.fetchval("SELECT count(*) FROM customers WHERE id >= 300 AND id < 350") == 50
+    assert await conn.fetchval("SELECT name FROM customers WHERE id = 342") == "bulk 42"
     await conn.close()
     print("asyncpg ok")
 asyncio.run(main())

@@ -550,6 +550,129 @@ async fn copy_from_stdin_routes_rows_by_shard_key() {
     assert_eq!(one, 1);
 }
 
+/// Which shard each customer id of `shards` is on, checked against the vindex.
+async fn assert_customers_placed(cluster: &Cluster) -> Vec<(i64, String)> {
+    let topology = cluster.router.state().runtime().topology.clone();
+    let mut all = Vec::new();
+    for (index, shard) in cluster.shards.iter().enumerate() {
+        let direct = shard.client().await.unwrap();
+        for row in direct
+            .query("SELECT id, name FROM customers ORDER BY id", &[])
+            .await
+            .unwrap()
+        {
+            let id: i64 = row.get(0);
+            assert_eq!(
+                topology.groups[0]
+                    .vindex
+                    .shard_for(&KeyValue::Int(id))
+                    .unwrap(),
+                index,
+                "customer {id} on the wrong shard"
+            );
+            all.push((id, row.get(1)));
+        }
+    }
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_in_csv_and_binary_routes_rows_by_shard_key() {
+    let cluster = Cluster::start(2).await;
+    cluster.create_schema().await;
+    let port = cluster.router.address().port().to_string();
+
+    // CSV with a header, quoted delimiters, quotes and newlines, through psql's \copy.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("customers.csv");
+    let mut csv = String::from("id,name,region\n");
+    for i in 1..=60 {
+        csv.push_str(&format!(
+            "{i},\"name, \"\"{i}\"\"\nsecond line\",r{}\n",
+            i % 3
+        ));
+    }
+    std::fs::write(&file, csv).unwrap();
+    let output = common::psql(&port)
+        .args(["-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!(
+            "\\copy customers (id, name, region) FROM '{}' WITH (FORMAT csv, HEADER)",
+            file.display()
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("COPY 60"), "{stdout}");
+    let placed = assert_customers_placed(&cluster).await;
+    assert_eq!(placed.len(), 60);
+    assert_eq!(placed[6], (7, "name, \"7\"\nsecond line".to_string()));
+
+    // Binary, as drivers bulk-load (tokio-postgres' binary copy writer).
+    let client = cluster.client().await;
+    let sink = client
+        .copy_in("COPY customers (id, name) FROM STDIN (FORMAT binary)")
+        .await
+        .unwrap();
+    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+        sink,
+        &[
+            tokio_postgres::types::Type::INT8,
+            tokio_postgres::types::Type::TEXT,
+        ],
+    );
+    futures::pin_mut!(writer);
+    for i in 1001..=1100i64 {
+        let name = format!("binary {i}");
+        writer.as_mut().write(&[&i, &name]).await.unwrap();
+    }
+    assert_eq!(writer.finish().await.unwrap(), 100);
+    let placed = assert_customers_placed(&cluster).await;
+    assert_eq!(placed.len(), 160);
+    assert!(placed.contains(&(1042, "binary 1042".to_string())));
+
+    // A NULL key in binary rows, and a bad key in CSV, abort the whole COPY everywhere.
+    let sink = client
+        .copy_in("COPY customers (id, name) FROM STDIN (FORMAT binary)")
+        .await
+        .unwrap();
+    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+        sink,
+        &[
+            tokio_postgres::types::Type::INT8,
+            tokio_postgres::types::Type::TEXT,
+        ],
+    );
+    futures::pin_mut!(writer);
+    writer.as_mut().write(&[&2001i64, &"fine"]).await.unwrap();
+    writer
+        .as_mut()
+        .write(&[&None::<i64>, &"no key"])
+        .await
+        .unwrap();
+    let error = writer.finish().await.unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("22004"), "{error:?}");
+    let sink = client
+        .copy_in("COPY customers (id, name) FROM STDIN WITH (FORMAT csv)")
+        .await
+        .unwrap();
+    futures::pin_mut!(sink);
+    use futures::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"3001,a\n\"x\",b\n"))
+        .await
+        .unwrap();
+    let error = sink.finish().await.unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("22P02"), "{error:?}");
+    assert_eq!(assert_customers_placed(&cluster).await.len(), 160);
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
 /// Everything a `COPY ... TO STDOUT` sends, as text.
 async fn copy_out(client: &tokio_postgres::Client, sql: &str) -> String {
     use futures::TryStreamExt;

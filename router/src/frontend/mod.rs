@@ -726,7 +726,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 wire::command_complete(&mut self.output, "BEGIN");
             }
             Outcome::Empty => wire::empty(&mut self.output, b'I'),
-            Outcome::CopyIn(columns) => return Ok(self.copy_in(columns).await),
+            Outcome::CopyIn { format, columns } => return Ok(self.copy_in(format, columns).await),
             Outcome::CopyOut {
                 format,
                 formats,
@@ -786,8 +786,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// COPY FROM STDIN: rows from the client until CopyDone or CopyFail.
-    async fn copy_in(&mut self, columns: i16) -> Result<Option<Running>, RouterError> {
-        wire::copy_in_response(&mut self.output, columns);
+    async fn copy_in(&mut self, format: i8, columns: i16) -> Result<Option<Running>, RouterError> {
+        wire::copy_in_response(&mut self.output, format, columns);
         if let Err(error) = self.flush().await {
             let _ = self.session.finish_copy(Some(error.to_string())).await;
             return Err(session_error("08006", "client connection lost during COPY"));

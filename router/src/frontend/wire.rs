@@ -321,13 +321,13 @@ pub fn negotiate_protocol_version(out: &mut BytesMut, minor: i32, unrecognized: 
     end(out, at);
 }
 
-/// `CopyInResponse` (text format, `columns` columns).
-pub fn copy_in_response(out: &mut BytesMut, columns: i16) {
+/// `CopyInResponse`: overall `format` (0 text, 1 binary) and `columns` columns in it.
+pub fn copy_in_response(out: &mut BytesMut, format: i8, columns: i16) {
     let at = begin(out, b'G');
-    out.put_i8(0);
+    out.put_i8(format);
     out.put_i16(columns.max(0));
     for _ in 0..columns.max(0) {
-        out.put_i16(0);
+        out.put_i16(format.into());
     }
     end(out, at);
 }
