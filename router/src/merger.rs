@@ -23,6 +23,13 @@ pub fn output_columns(columns: &[Column], spec: &MergeSpec) -> Vec<Column> {
     let mut out: Vec<Column> = columns[..visible].to_vec();
     if let Some(aggregation) = &spec.aggregation {
         for (i, column) in out.iter_mut().enumerate() {
+            if let Some(ColumnMerge::CountDistinct) = aggregation.columns.get(i) {
+                column.type_oid = oid::INT8;
+                column.type_size = 8;
+                column.type_modifier = -1;
+                column.table_oid = 0;
+                column.column_id = 0;
+            }
             if let Some(ColumnMerge::Avg { .. }) = aggregation.columns.get(i) {
                 let float = matches!(column.type_oid, oid::FLOAT4 | oid::FLOAT8);
                 column.type_oid = if float { oid::FLOAT8 } else { oid::NUMERIC };
@@ -219,6 +226,46 @@ enum Accumulator {
     Raw(Option<Vec<u8>>),
     Total(Value),
     Extreme(Option<(Value, Vec<u8>)>),
+    /// The distinct values seen (compared as values: `1.0` and `1.00` are one numeric).
+    Distinct(std::collections::BTreeSet<Ordered>),
+}
+
+/// A value ordered as the merger compares values.
+#[derive(Clone, Debug)]
+struct Ordered(Value);
+
+impl PartialEq for Ordered {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Ordered {}
+
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ordered {
+    fn cmp(&self, other: &Self) -> Ordering {
+        values::compare(&self.0, &other.0)
+    }
+}
+
+/// A group's accumulators before its first row.
+fn new_state(aggregation: &Aggregation) -> Vec<Accumulator> {
+    aggregation
+        .columns
+        .iter()
+        .map(|m| match m {
+            ColumnMerge::Group => Accumulator::Raw(None),
+            ColumnMerge::Min | ColumnMerge::Max => Accumulator::Extreme(None),
+            ColumnMerge::CountDistinct => Accumulator::Distinct(Default::default()),
+            _ => Accumulator::Total(Value::Null),
+        })
+        .collect()
 }
 
 fn add(a: Value, b: Value) -> Result<Value, RouterError> {
@@ -309,17 +356,7 @@ fn aggregate(cursors: Vec<ShardCursor>, columns: Vec<Column>, spec: MergeSpec) -
                     .map(|i| fields.get(*i).copied().flatten().map(|b| b.to_vec()))
                     .collect();
                 let index = *groups.entry(key).or_insert_with(|| {
-                    states.push(
-                        aggregation
-                            .columns
-                            .iter()
-                            .map(|m| match m {
-                                ColumnMerge::Group => Accumulator::Raw(None),
-                                ColumnMerge::Min | ColumnMerge::Max => Accumulator::Extreme(None),
-                                _ => Accumulator::Total(Value::Null),
-                            })
-                            .collect(),
-                    );
+                    states.push(new_state(&aggregation));
                     states.len() - 1
                 });
                 let state = &mut states[index];
@@ -328,6 +365,15 @@ fn aggregate(cursors: Vec<ShardCursor>, columns: Vec<Column>, spec: MergeSpec) -
                     let column = &columns[i];
                     match (&mut state[i], merge) {
                         (Accumulator::Raw(slot), _) => *slot = raw.map(|b| b.to_vec()),
+                        (Accumulator::Distinct(seen), _) => {
+                            if let Some(bytes) = raw {
+                                seen.insert(Ordered(decode(
+                                    column.type_oid,
+                                    column.format,
+                                    Some(bytes),
+                                )));
+                            }
+                        }
                         (Accumulator::Total(total), _) => {
                             let value = decode(column.type_oid, column.format, raw);
                             *total = add(std::mem::replace(total, Value::Null), value)?;
@@ -354,6 +400,10 @@ fn aggregate(cursors: Vec<ShardCursor>, columns: Vec<Column>, spec: MergeSpec) -
                 }
             }
         }
+        if states.is_empty() && aggregation.global {
+            // An aggregate without GROUP BY has one row even over no rows.
+            states.push(new_state(&aggregation));
+        }
         // Final values per group.
         let mut rows: Vec<(Vec<Value>, Row)> = Vec::with_capacity(states.len());
         for state in states {
@@ -371,6 +421,11 @@ fn aggregate(cursors: Vec<ShardCursor>, columns: Vec<Column>, spec: MergeSpec) -
                         Some((v, b)) => (v.clone(), Some(b.clone())),
                         None => (Value::Null, None),
                     },
+                    (Accumulator::Distinct(seen), _) => {
+                        let count = Value::Int(seen.len() as i64);
+                        let bytes = values::encode(&count, out.type_oid, out.format);
+                        (count, bytes)
+                    }
                     (Accumulator::Total(total), ColumnMerge::Count) => {
                         let total = if *total == Value::Null {
                             Value::Int(0)

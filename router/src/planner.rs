@@ -212,6 +212,9 @@ pub enum ColumnMerge {
     },
     /// A hidden helper column (avg counts).
     Helper,
+    /// count(DISTINCT x): the shards group by `x` as well and send its values; the merger
+    /// counts the distinct ones (NULLs aside).
+    CountDistinct,
 }
 
 /// A comparison in HAVING, over merged columns.
@@ -243,6 +246,8 @@ pub struct Aggregation {
     pub columns: Vec<ColumnMerge>,
     /// HAVING over the merged groups.
     pub having: Option<Having>,
+    /// No GROUP BY: one row even when no shard sends one (count 0, other aggregates NULL).
+    pub global: bool,
 }
 
 /// What the merger does with the shards' results of a scatter-gather query.
@@ -1237,6 +1242,22 @@ fn top_aggregate(expr: &Expr) -> Option<(&'static str, bool)> {
     Some((name, distinct))
 }
 
+/// The one plain argument of a function call (`x` of `count(DISTINCT x)`).
+fn sole_argument(expr: &Expr) -> Option<Expr> {
+    let Expr::Function(function) = expr else {
+        return None;
+    };
+    let FunctionArguments::List(list) = &function.args else {
+        return None;
+    };
+    match list.args.as_slice() {
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(argument))] if list.clauses.is_empty() => {
+            Some(argument.clone())
+        }
+        _ => None,
+    }
+}
+
 fn with_function_name(expr: &Expr, name: &str) -> Expr {
     let mut expr = expr.clone();
     if let Expr::Function(function) = &mut expr {
@@ -1674,6 +1695,8 @@ fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<P
             by_text: HashMap::new(),
         };
         let mut avg_columns = Vec::new();
+        // Arguments of count(DISTINCT ...): the shards group by them too.
+        let mut distinct_groups: Vec<Expr> = Vec::new();
         let mut aliases: HashMap<String, usize> = HashMap::new();
         for item in &select.projection {
             let (expr, alias) = match item {
@@ -1687,8 +1710,19 @@ fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<P
             }
             rewrite.by_text.insert(expr.to_string(), index);
             let (shard_expr, merge_kind) = match top_aggregate(expr) {
+                Some(("count", true)) => {
+                    let argument = sole_argument(expr).ok_or_else(|| {
+                        PlanError::Unsupported(
+                            "count(DISTINCT ...) of several expressions across shards".into(),
+                        )
+                    })?;
+                    distinct_groups.push(argument.clone());
+                    (argument, ColumnMerge::CountDistinct)
+                }
                 Some((_, true)) => {
-                    return unsupported("DISTINCT aggregates (count(DISTINCT ...)) across shards");
+                    return unsupported(
+                        "DISTINCT aggregates other than count(DISTINCT ...) across shards",
+                    );
                 }
                 Some(("count", _)) => (expr.clone(), ColumnMerge::Count),
                 Some(("sum", _)) => (expr.clone(), ColumnMerge::Sum),
@@ -1752,7 +1786,19 @@ fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<P
         merge.aggregation = Some(Aggregation {
             columns: rewrite.merges,
             having,
+            global: groups.is_empty(),
         });
+        if !distinct_groups.is_empty() {
+            // Sub-groups by the counted values: every other aggregate still merges exactly
+            // (counts and sums add up, extremes compare), and each value reaches the merger.
+            let mut by = groups.clone();
+            for expr in distinct_groups {
+                if !by.contains(&expr) {
+                    by.push(expr);
+                }
+            }
+            select.group_by = GroupByExpr::Expressions(by, Vec::new());
+        }
         select.projection = rewrite.projection;
         query.order_by = None;
         query.limit_clause = None;
@@ -1966,8 +2012,33 @@ mod tests {
     }
 
     #[test]
+    fn count_distinct_groups_by_its_argument_on_the_shards() {
+        let planned = plan("SELECT count(DISTINCT total), count(*) FROM orders").unwrap();
+        let Plan::Scatter { merge, .. } = &planned.plan else {
+            panic!("{:?}", planned.plan)
+        };
+        assert!(
+            planned.sql.ends_with("GROUP BY total"),
+            "shards group by the counted values: {}",
+            planned.sql
+        );
+        let aggregation = merge.aggregation.as_ref().unwrap();
+        assert_eq!(
+            aggregation.columns,
+            [ColumnMerge::CountDistinct, ColumnMerge::Count]
+        );
+        assert!(aggregation.global, "one row even over no rows");
+        let grouped = plan("SELECT note, count(DISTINCT qty) FROM orders GROUP BY note").unwrap();
+        assert!(
+            grouped.sql.ends_with("GROUP BY note, qty"),
+            "{}",
+            grouped.sql
+        );
+    }
+
+    #[test]
     fn unsupported_sql_is_a_clear_error() {
-        let error = plan("SELECT count(DISTINCT total) FROM orders").unwrap_err();
+        let error = plan("SELECT sum(DISTINCT total) FROM orders").unwrap_err();
         assert_eq!(error.sqlstate(), "0A000");
         assert_eq!(plan("SELEC 1").unwrap_err().sqlstate(), "42601");
     }

@@ -22,7 +22,7 @@ async fn unsupported_sql_is_an_error_and_the_connection_stays_usable() {
     cluster.create_schema().await;
     let client = cluster.client().await;
     for (sql, code) in [
-        ("SELECT count(DISTINCT score) FROM customers", "0A000"),
+        ("SELECT sum(DISTINCT score) FROM customers", "0A000"),
         (
             "SELECT * FROM customers c JOIN orders o ON o.total = c.id",
             "0A000",
@@ -147,7 +147,7 @@ async fn malformed_messages_get_errors_and_the_router_stays_up() {
     assert!(seen.contains(&b'D'), "no row after the error: {seen:?}");
 
     // A Parse that fails, then Flush (asyncpg waits there, without Sync): the error arrives.
-    let sql = b"\0SELECT count(DISTINCT no_such_column) FROM customers\0";
+    let sql = b"\0SELECT sum(DISTINCT no_such_column) FROM customers\0";
     let mut parse = vec![b'P'];
     parse.extend_from_slice(&((sql.len() + 2 + 4) as i32).to_be_bytes());
     parse.extend_from_slice(sql);

@@ -80,6 +80,13 @@ const CORPUS: &[&str] = &[
     "SELECT id, score * 2 AS double FROM customers WHERE score > 90 ORDER BY double, id",
     "SELECT count(*) FROM orders WHERE total > 100 AND qty < 5",
     "SELECT max(total) - min(total) AS spread FROM orders WHERE customer_id = 9",
+    // count(DISTINCT ...) across shards: values deduplicated by the router.
+    "SELECT count(DISTINCT region), count(DISTINCT score), count(*) FROM customers",
+    "SELECT region, count(DISTINCT score % 7) AS kinds, sum(score), avg(score) FROM customers GROUP BY region ORDER BY region",
+    "SELECT note, count(DISTINCT total), max(total) FROM orders GROUP BY note HAVING count(DISTINCT total) > 100 ORDER BY note",
+    "SELECT count(DISTINCT total * 1.0), count(DISTINCT qty) FROM orders",
+    "SELECT count(DISTINCT name), count(*), sum(score), min(name) FROM customers WHERE score > 1000",
+    "SELECT qty, count(DISTINCT customer_id) FROM orders GROUP BY qty ORDER BY count(DISTINCT customer_id) DESC, qty LIMIT 4",
     // Pinned to one shard by their keys: WITH, UNION, subqueries, window functions, DISTINCT
     // aggregates run there whole.
     "WITH recent AS (SELECT * FROM orders WHERE customer_id = 27 ORDER BY id DESC LIMIT 2) SELECT count(*), sum(total) FROM recent",
