@@ -40,7 +40,10 @@ pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(2);
 /// A prepared transaction younger than this is left to its coordinator.
 pub const IN_DOUBT_AGE: Duration = Duration::from_secs(2);
 
-fn tls_acceptor(config: &crate::topology::TlsConfig) -> Result<TlsAcceptor, ServerError> {
+/// The TLS acceptor of `config`, and the channel binding data of its certificate.
+fn tls_acceptor(
+    config: &crate::topology::TlsConfig,
+) -> Result<(TlsAcceptor, Option<Vec<u8>>), ServerError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio_rustls::rustls;
@@ -51,6 +54,9 @@ fn tls_acceptor(config: &crate::topology::TlsConfig) -> Result<TlsAcceptor, Serv
         .map_err(|e| error(&config.cert_file.display().to_string(), &e))?;
     let key = PrivateKeyDer::from_pem_file(&config.key_file)
         .map_err(|e| error(&config.key_file.display().to_string(), &e))?;
+    let end_point = certs
+        .first()
+        .and_then(|leaf| crate::frontend::scram::tls_server_end_point(leaf));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -59,7 +65,7 @@ fn tls_acceptor(config: &crate::topology::TlsConfig) -> Result<TlsAcceptor, Serv
         .with_single_cert(certs, key)
         .map_err(|e| error("certificate", &e))?;
     server.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    Ok((TlsAcceptor::from(Arc::new(server)), end_point))
 }
 
 /// A running router.
@@ -95,12 +101,15 @@ impl Router {
             address: config.listen.clone(),
             source,
         })?;
-        let tls = match &config.tls {
-            Some(tls) => Some(tls_acceptor(tls)?),
-            None => None,
+        let (tls, end_point) = match &config.tls {
+            Some(tls) => {
+                let (acceptor, end_point) = tls_acceptor(tls)?;
+                (Some(acceptor), end_point)
+            }
+            None => (None, None),
         };
         let mut tasks = Vec::new();
-        let frontend = Arc::new(Frontend::new(state.clone(), &config.auth, tls));
+        let frontend = Arc::new(Frontend::new(state.clone(), &config.auth, tls, end_point));
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {

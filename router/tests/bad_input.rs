@@ -257,7 +257,8 @@ async fn clients_can_negotiate_tls() {
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     let extra = format!(
-        "{SCHEMA_TOML}\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        "{SCHEMA_TOML}\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+         [auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"s3cret\"\n",
         cert.display(),
         key.display()
     );
@@ -269,9 +270,27 @@ async fn clients_can_negotiate_tls() {
     let script = format!(
         r#"
 import psycopg
-with psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require") as conn:
+base = "host=127.0.0.1 port={port} user=app dbname=postgres sslmode=require"
+with psycopg.connect(base + " password=s3cret") as conn:
     assert conn.pgconn.ssl_in_use, "not encrypted"
     print(conn.execute("SELECT 'over tls'").fetchone()[0])
+# SCRAM-SHA-256-PLUS: the login is bound to the router's certificate.
+with psycopg.connect(base + " password=s3cret channel_binding=require") as conn:
+    print(conn.execute("SELECT 'bound to the certificate'").fetchone()[0])
+with psycopg.connect(base + " password=s3cret channel_binding=disable") as conn:
+    print(conn.execute("SELECT 'plain scram over tls'").fetchone()[0])
+try:
+    psycopg.connect(base + " password=wrong channel_binding=require")
+    raise SystemExit("a wrong password logged in")
+except psycopg.OperationalError as error:
+    assert "password authentication failed" in str(error), error
+# Without TLS there is no certificate to bind to: libpq refuses to go on.
+try:
+    psycopg.connect("host=127.0.0.1 port={port} user=app dbname=postgres sslmode=disable password=s3cret channel_binding=require")
+    raise SystemExit("channel binding without TLS")
+except psycopg.OperationalError as error:
+    assert "channel binding" in str(error), error
+print("channel binding ok")
 "#
     );
     let output = std::process::Command::new("python3")
@@ -287,6 +306,8 @@ with psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres s
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("over tls"), "{stdout}");
+    assert!(stdout.contains("bound to the certificate"), "{stdout}");
+    assert!(stdout.contains("channel binding ok"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

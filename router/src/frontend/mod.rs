@@ -46,11 +46,20 @@ pub struct Frontend {
     /// Used for unknown users, so that they go through the same exchange and fail the same way.
     decoy: scram::Verifier,
     tls: Option<TlsAcceptor>,
+    /// `tls-server-end-point` channel binding data of the TLS certificate, when it has one.
+    end_point: Option<Vec<u8>>,
 }
 
 impl Frontend {
-    /// The frontend for `state`, authenticating as `auth` says, with TLS if `tls` is set.
-    pub fn new(state: Arc<RouterState>, auth: &AuthConfig, tls: Option<TlsAcceptor>) -> Self {
+    /// The frontend for `state`, authenticating as `auth` says, with TLS if `tls` is set
+    /// (and SCRAM channel binding over it when `end_point` is known, see
+    /// [`scram::tls_server_end_point`]).
+    pub fn new(
+        state: Arc<RouterState>,
+        auth: &AuthConfig,
+        tls: Option<TlsAcceptor>,
+        end_point: Option<Vec<u8>>,
+    ) -> Self {
         let verifiers = auth
             .users
             .iter()
@@ -61,6 +70,7 @@ impl Frontend {
             method: auth.method,
             verifiers,
             decoy: scram::Verifier::from_secret(&format!("{:x}", rand::random::<u128>())),
+            end_point: end_point.filter(|_| tls.is_some()),
             tls,
         }
     }
@@ -139,6 +149,7 @@ async fn negotiate(socket: &mut TcpStream, frontend: Arc<Frontend>) -> Result<()
         if socket.peek(&mut first).await? == 1 && first[0] == 0x16 {
             let stream = tls.accept(socket).await?;
             return Connection::new(stream, BytesMut::new(), frontend.clone())
+                .over_tls()
                 .run(None)
                 .await;
         }
@@ -165,6 +176,7 @@ async fn negotiate(socket: &mut TcpStream, frontend: Arc<Frontend>) -> Result<()
                     socket.write_all(b"S").await?;
                     let stream = tls.accept(socket).await?;
                     return Connection::new(stream, BytesMut::new(), frontend.clone())
+                        .over_tls()
                         .run(None)
                         .await;
                 }
@@ -303,6 +315,8 @@ struct Connection<S> {
     /// Set while the outcome of a described portal's Execute is written (no rows: NoData).
     describing_portal: bool,
     cancel_key: Option<(i32, Vec<u8>)>,
+    /// Channel binding data to offer SCRAM-SHA-256-PLUS with (TLS connections).
+    end_point: Option<Vec<u8>>,
 }
 
 impl<S> Drop for Connection<S> {
@@ -327,7 +341,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             pending_describe: None,
             describing_portal: false,
             cancel_key: None,
+            end_point: None,
         }
+    }
+
+    /// The connection is encrypted: SCRAM may bind to the certificate.
+    fn over_tls(mut self) -> Self {
+        self.end_point = self.frontend.end_point.clone();
+        self
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -542,12 +563,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let frontend = self.frontend.clone();
         let verifier = frontend.verifiers.get(user).unwrap_or(&frontend.decoy);
         let known = frontend.verifiers.contains_key(user);
-        let mechanisms = format!("{}\0\0", scram::MECHANISM);
+        let mechanisms = match &self.end_point {
+            Some(_) => format!("{}\0{}\0\0", scram::MECHANISM_PLUS, scram::MECHANISM),
+            None => format!("{}\0\0", scram::MECHANISM),
+        };
         wire::authentication(&mut self.output, 10, mechanisms.as_bytes());
         self.flush().await?;
         let mut initial = self.password_message().await?;
         let mechanism = wire::cstr(&mut initial)?;
-        if mechanism != scram::MECHANISM {
+        let offered = mechanism == scram::MECHANISM
+            || (mechanism == scram::MECHANISM_PLUS && self.end_point.is_some());
+        if !offered {
             return Err(Closed::Protocol(format!(
                 "client selected an invalid SASL authentication mechanism {mechanism:?}"
             )));
@@ -567,7 +593,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Closed::Authentication
             }
         };
-        let (exchange, server_first) = match scram::Exchange::start(verifier, &client_first) {
+        let end_point = self.end_point.clone();
+        let started =
+            scram::Exchange::start(verifier, &mechanism, end_point.as_deref(), &client_first);
+        let (exchange, server_first) = match started {
             Ok(started) => started,
             Err(error) => return Err(failed(self, error)),
         };
