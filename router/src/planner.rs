@@ -1906,7 +1906,7 @@ mod tests {
     use super::*;
     use crate::topology::RouterConfig;
 
-    fn topology() -> Topology {
+    pub(super) fn topology() -> Topology {
         let config = RouterConfig::from_toml(
             r#"
             reference_tables = ["countries"]
@@ -1932,7 +1932,7 @@ mod tests {
         Topology::from_config(&config).unwrap()
     }
 
-    fn plan(sql: &str) -> Result<Planned, PlanError> {
+    pub(super) fn plan(sql: &str) -> Result<Planned, PlanError> {
         plan_sql(&topology(), sql).map(|mut p| p.remove(0))
     }
 

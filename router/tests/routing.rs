@@ -481,34 +481,22 @@ async fn copy_from_stdin_routes_rows_by_shard_key() {
     );
     assert!(stdout.contains("COPY 200"), "{stdout}");
     assert!(stdout.contains("COPY 2"), "{stdout}");
-    let topology = cluster.router.state().runtime().topology.clone();
-    let mut total = 0;
-    for (index, shard) in cluster.shards.iter().enumerate() {
-        let direct = shard.client().await.unwrap();
-        for row in direct
-            .query("SELECT id, name FROM customers", &[])
+    let placed = assert_customers_placed(&cluster).await;
+    assert_eq!(placed.len(), 200);
+    for (id, name) in &placed {
+        assert_eq!(*name, format!("name\t{id}"));
+    }
+    for shard in &cluster.shards {
+        let countries: i64 = shard
+            .client()
             .await
             .unwrap()
-        {
-            let id: i64 = row.get(0);
-            assert_eq!(
-                topology.groups[0]
-                    .vindex
-                    .shard_for(&KeyValue::Int(id))
-                    .unwrap(),
-                index
-            );
-            assert_eq!(row.get::<_, String>(1), format!("name\t{id}"));
-            total += 1;
-        }
-        let countries: i64 = direct
             .query_one("SELECT count(*) FROM countries", &[])
             .await
             .unwrap()
             .get(0);
         assert_eq!(countries, 2, "reference rows on every shard");
     }
-    assert_eq!(total, 200);
 
     // tokio-postgres (extended protocol); a bad key aborts the whole COPY on every shard.
     let client = cluster.client().await;
@@ -550,7 +538,7 @@ async fn copy_from_stdin_routes_rows_by_shard_key() {
     assert_eq!(one, 1);
 }
 
-/// Which shard each customer id of `shards` is on, checked against the vindex.
+/// Every customer row of the shards (id, name), each checked to be on its vindex's shard.
 async fn assert_customers_placed(cluster: &Cluster) -> Vec<(i64, String)> {
     let topology = cluster.router.state().runtime().topology.clone();
     let mut all = Vec::new();
@@ -575,6 +563,23 @@ async fn assert_customers_placed(cluster: &Cluster) -> Vec<(i64, String)> {
     }
     all.sort();
     all
+}
+
+/// A binary COPY of customers (id bigint, name text) through `client`.
+async fn binary_copy_of_customers(
+    client: &tokio_postgres::Client,
+) -> tokio_postgres::binary_copy::BinaryCopyInWriter {
+    let sink = client
+        .copy_in("COPY customers (id, name) FROM STDIN (FORMAT binary)")
+        .await
+        .unwrap();
+    tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+        sink,
+        &[
+            tokio_postgres::types::Type::INT8,
+            tokio_postgres::types::Type::TEXT,
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,17 +620,7 @@ async fn copy_from_stdin_in_csv_and_binary_routes_rows_by_shard_key() {
 
     // Binary, as drivers bulk-load (tokio-postgres' binary copy writer).
     let client = cluster.client().await;
-    let sink = client
-        .copy_in("COPY customers (id, name) FROM STDIN (FORMAT binary)")
-        .await
-        .unwrap();
-    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
-        sink,
-        &[
-            tokio_postgres::types::Type::INT8,
-            tokio_postgres::types::Type::TEXT,
-        ],
-    );
+    let writer = binary_copy_of_customers(&client).await;
     futures::pin_mut!(writer);
     for i in 1001..=1100i64 {
         let name = format!("binary {i}");
@@ -637,17 +632,7 @@ async fn copy_from_stdin_in_csv_and_binary_routes_rows_by_shard_key() {
     assert!(placed.contains(&(1042, "binary 1042".to_string())));
 
     // A NULL key in binary rows, and a bad key in CSV, abort the whole COPY everywhere.
-    let sink = client
-        .copy_in("COPY customers (id, name) FROM STDIN (FORMAT binary)")
-        .await
-        .unwrap();
-    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
-        sink,
-        &[
-            tokio_postgres::types::Type::INT8,
-            tokio_postgres::types::Type::TEXT,
-        ],
-    );
+    let writer = binary_copy_of_customers(&client).await;
     futures::pin_mut!(writer);
     writer.as_mut().write(&[&2001i64, &"fine"]).await.unwrap();
     writer

@@ -189,39 +189,9 @@ fn sharded_in_from(topology: &Topology, select: &Select, ctes: &HashSet<String>)
 
 #[cfg(test)]
 mod tests {
-    use crate::planner::{Plan, PlanError, Planned, Target, plan_sql, shard_of};
-    use crate::topology::{RouterConfig, Topology};
+    use crate::planner::tests::{plan, topology};
+    use crate::planner::{Plan, Target, shard_of};
     use crate::vindex::KeyValue;
-
-    fn topology() -> Topology {
-        let config = RouterConfig::from_toml(
-            r#"
-            reference_tables = ["countries"]
-            [[shards]]
-            name = "a"
-            port = 1
-            [[shards]]
-            name = "b"
-            port = 2
-            [[table_groups]]
-            name = "customers"
-            [[sharded_tables]]
-            name = "customers"
-            table_group = "customers"
-            shard_key = "id"
-            [[sharded_tables]]
-            name = "orders"
-            table_group = "customers"
-            shard_key = "customer_id"
-            "#,
-        )
-        .unwrap();
-        Topology::from_config(&config).unwrap()
-    }
-
-    fn plan(sql: &str) -> Result<Planned, PlanError> {
-        plan_sql(&topology(), sql).map(|mut p| p.remove(0))
-    }
 
     fn shard(key: i64) -> Target {
         Target::Shard(shard_of(&topology(), 0, &KeyValue::Int(key)).unwrap())
