@@ -115,6 +115,34 @@ impl Drop for BackendHandle {
     }
 }
 
+/// Notices the shards send while rows stream, for the client before the next row (as
+/// PostgreSQL interleaves them).
+#[derive(Debug, Default)]
+pub struct NoticeSink {
+    pending: std::sync::atomic::AtomicBool,
+    notices: std::sync::Mutex<Vec<crate::backend::ServerError>>,
+}
+
+impl NoticeSink {
+    /// Keeps a notice for the client.
+    pub fn push(&self, notice: crate::backend::ServerError) {
+        self.notices.lock().expect("notice lock").push(notice);
+        self.pending
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The notices kept so far (without locking when there are none, once per row).
+    pub fn take(&self) -> Vec<crate::backend::ServerError> {
+        if !self
+            .pending
+            .swap(false, std::sync::atomic::Ordering::Acquire)
+        {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.notices.lock().expect("notice lock"))
+    }
+}
+
 /// Parameters of one execution (owned, so a plan can be re-run per shard).
 #[derive(Clone, Debug, Default)]
 pub struct Params {
@@ -166,6 +194,8 @@ pub struct ShardCursor {
     pub notices: Vec<crate::backend::ServerError>,
     /// Settings the shard reported as changed (ParameterStatus), in order.
     pub reports: Vec<(String, String)>,
+    /// Where notices go once rows stream.
+    sink: Option<Arc<NoticeSink>>,
 }
 
 impl ShardCursor {
@@ -202,6 +232,7 @@ impl ShardCursor {
             cancel: guard,
             notices: Vec::new(),
             reports: Vec::new(),
+            sink: None,
         };
         loop {
             match cursor.read().await? {
@@ -271,7 +302,10 @@ impl ShardCursor {
                 BackendMessage::DataRow(fields, data) => return Ok(Some(Row { fields, data })),
                 BackendMessage::CommandComplete(tag) => self.tag = Some(tag),
                 BackendMessage::EmptyQuery => self.tag = Some(String::new()),
-                BackendMessage::Notice(notice) => self.notices.push(notice),
+                BackendMessage::Notice(notice) => match &self.sink {
+                    Some(sink) => sink.push(notice),
+                    None => self.notices.push(notice),
+                },
                 BackendMessage::ParameterStatus { name, value } => {
                     self.reports.push((name, value));
                 }
@@ -282,6 +316,11 @@ impl ShardCursor {
         }
         self.cancel = None;
         Ok(None)
+    }
+
+    /// Sends the notices that come while rows stream to `sink`.
+    pub fn stream_notices_to(&mut self, sink: Arc<NoticeSink>) {
+        self.sink = Some(sink);
     }
 
     /// Reads all remaining rows.

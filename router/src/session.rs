@@ -221,6 +221,8 @@ pub struct Session {
     cancel: Option<Arc<crate::cancel::SessionCancel>>,
     /// Notices from the shards for the client, sent before the statement's result.
     notices: Vec<crate::backend::ServerError>,
+    /// Notices of the shards while rows stream.
+    stream_notices: Arc<crate::executor::NoticeSink>,
     /// Settings changes the shards reported, not yet passed to the client.
     reports: Vec<(String, String)>,
     /// A COPY FROM STDIN in progress.
@@ -425,6 +427,7 @@ impl Session {
             stream_failed: Arc::new(AtomicBool::new(false)),
             cancel: None,
             notices: Vec::new(),
+            stream_notices: Default::default(),
             reports: Vec::new(),
             startup_settings: Vec::new(),
             startup_values: Vec::new(),
@@ -809,6 +812,11 @@ impl Session {
         std::mem::take(&mut self.notices)
     }
 
+    /// Notices the shards sent since the rows of the last statement began to stream.
+    pub fn take_stream_notices(&self) -> Vec<crate::backend::ServerError> {
+        self.stream_notices.take()
+    }
+
     /// Settings changed by the last statements that clients are told about (ParameterStatus:
     /// `TimeZone`, `DateStyle`, `application_name`, ...), taken.
     pub fn take_reports(&mut self) -> Vec<(String, String)> {
@@ -1061,6 +1069,7 @@ impl Session {
                 .await?;
                 let mut cursor = cursor;
                 self.notices.append(&mut cursor.notices);
+                cursor.stream_notices_to(self.stream_notices.clone());
                 rows_outcome(cursor, &planned.sql, self.stream_failed.clone()).await
             }
             Plan::Scatter {
@@ -1095,6 +1104,10 @@ impl Session {
                     )
                 });
                 let mut cursors = futures::future::try_join_all(opens).await?;
+                for cursor in &mut cursors {
+                    self.notices.append(&mut cursor.notices);
+                    cursor.stream_notices_to(self.stream_notices.clone());
+                }
                 let columns = cursors
                     .iter_mut()
                     .find_map(|c| c.columns.clone())

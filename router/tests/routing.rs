@@ -749,3 +749,40 @@ async fn copy_to_stdout_reads_every_shard_once() {
         .get(0);
     assert_eq!(count, 60);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_raised_while_rows_stream_reach_the_client() {
+    let cluster = Cluster::start(2).await;
+    cluster.create_schema().await;
+    let client = cluster.client().await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION noisy(i int) RETURNS int LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE NOTICE 'row %', i; RETURN i; END $$;
+             INSERT INTO customers (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd'), (5, 'e')",
+        )
+        .await
+        .unwrap();
+    let port = cluster.router.address().port().to_string();
+    for (sql, count) in [
+        // One shard.
+        ("SELECT noisy(g) FROM generate_series(1, 4) g", 4),
+        // Every shard, merged in order.
+        ("SELECT noisy(id::int) FROM customers ORDER BY id", 5),
+    ] {
+        let output = common::psql(&port)
+            .args(["-A", "-t", "-c", sql])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{sql}: {stderr}");
+        for i in 1..=count {
+            assert!(
+                stderr.contains(&format!("NOTICE:  row {i}\n")),
+                "{sql}: notice {i} missing from {stderr:?}"
+            );
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(stdout.lines().count(), count, "{stdout}");
+    }
+}

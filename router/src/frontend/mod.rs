@@ -794,6 +794,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     ) -> Result<Result<Option<Running>, RouterError>, Closed> {
         let mut sent = 0usize;
         while let Some(row) = running.rows.next().await {
+            self.send_stream_notices();
             let row = match row {
                 Ok(row) => row,
                 Err(error) => return Ok(Err(error)),
@@ -809,9 +810,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Ok(Ok(Some(running)));
             }
         }
+        self.send_stream_notices();
         let tag = format!("{} {}", running.command, running.count);
         wire::command_complete(&mut self.output, &tag);
         Ok(Ok(None))
+    }
+
+    /// Notices that came while rows streamed, in front of the next row.
+    fn send_stream_notices(&mut self) {
+        for notice in self.session.take_stream_notices() {
+            wire::error_fields(&mut self.output, b'N', &notice);
+        }
     }
 
     /// COPY FROM STDIN: rows from the client until CopyDone or CopyFail.
