@@ -17,6 +17,7 @@ use sqlparser::parser::Parser;
 use crate::topology::{KeyType, Topology};
 
 mod pinned;
+mod set_operation;
 use crate::values;
 use crate::vindex::KeyValue;
 
@@ -1567,7 +1568,7 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
         return unsupported("a query joining sharded tables with tables the router does not know");
     }
     let SetExpr::Select(select) = query.body.as_ref() else {
-        return unsupported("UNION/INTERSECT/EXCEPT over sharded tables");
+        return set_operation::plan_union(topology, query);
     };
     if query.with.is_some() {
         return unsupported("WITH over sharded tables");

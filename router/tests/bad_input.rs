@@ -28,7 +28,7 @@ async fn unsupported_sql_is_an_error_and_the_connection_stays_usable() {
             "0A000",
         ),
         (
-            "SELECT id FROM customers UNION SELECT customer_id FROM orders",
+            "SELECT id FROM customers INTERSECT SELECT customer_id FROM orders",
             "0A000",
         ),
         ("COPY customers TO STDOUT (FORMAT binary)", "0A000"),

@@ -87,6 +87,13 @@ const CORPUS: &[&str] = &[
     "SELECT count(DISTINCT total * 1.0), count(DISTINCT qty) FROM orders",
     "SELECT count(DISTINCT name), count(*), sum(score), min(name) FROM customers WHERE score > 1000",
     "SELECT qty, count(DISTINCT customer_id) FROM orders GROUP BY qty ORDER BY count(DISTINCT customer_id) DESC, qty LIMIT 4",
+    // UNION [ALL] across shards: run whole on every shard, merged (and deduplicated).
+    "SELECT id, name FROM customers WHERE score > 90 UNION ALL SELECT customer_id, note FROM orders WHERE qty = 3 ORDER BY 1, 2",
+    "SELECT region FROM customers UNION SELECT note FROM orders ORDER BY region",
+    "SELECT id FROM customers WHERE id < 20 UNION ALL SELECT id FROM orders WHERE id < 20 ORDER BY 1 DESC LIMIT 7 OFFSET 3",
+    "SELECT c.id, o.total FROM customers c JOIN orders o ON o.customer_id = c.id WHERE o.qty = 1 UNION SELECT id, score FROM customers WHERE score < 5",
+    "SELECT qty FROM orders UNION SELECT score FROM customers UNION SELECT score + 1 FROM customers WHERE id = 3",
+    "SELECT o.id, k.name FROM orders o JOIN countries k ON k.code = o.note UNION ALL SELECT id, name FROM customers WHERE id = 3",
     // Pinned to one shard by their keys: WITH, UNION, subqueries, window functions, DISTINCT
     // aggregates run there whole.
     "WITH recent AS (SELECT * FROM orders WHERE customer_id = 27 ORDER BY id DESC LIMIT 2) SELECT count(*), sum(total) FROM recent",

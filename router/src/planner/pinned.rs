@@ -165,7 +165,11 @@ fn selects_of<'q>(body: &'q SetExpr, out: &mut Vec<&'q Select>) {
 }
 
 /// How many sharded tables a SELECT names in its own FROM (joins included).
-fn sharded_in_from(topology: &Topology, select: &Select, ctes: &HashSet<String>) -> usize {
+pub(super) fn sharded_in_from(
+    topology: &Topology,
+    select: &Select,
+    ctes: &HashSet<String>,
+) -> usize {
     let is_sharded = |factor: &TableFactor| match factor {
         TableFactor::Table { name, .. } => {
             let table = last_name(name);
@@ -243,13 +247,13 @@ mod tests {
         let (a, b) = keys_on_two_shards();
         let refused = [
             format!(
-                "SELECT id FROM orders WHERE customer_id = {a} UNION SELECT id FROM orders WHERE customer_id = {b}"
+                "SELECT id FROM orders WHERE customer_id = {a} INTERSECT SELECT id FROM orders WHERE customer_id = {b}"
             ),
             "WITH o AS (SELECT * FROM orders) SELECT count(*) FROM o".to_string(),
             format!(
                 "SELECT * FROM customers WHERE id = {a} AND EXISTS (SELECT 1 FROM orders o WHERE o.id = customers.id)"
             ),
-            "SELECT id FROM orders WHERE customer_id = $1 UNION SELECT id FROM orders WHERE customer_id = $2"
+            "SELECT id FROM orders WHERE customer_id = $1 INTERSECT SELECT id FROM orders WHERE customer_id = $2"
                 .to_string(),
             format!(
                 "WITH o AS (SELECT * FROM orders WHERE customer_id = {a}) SELECT * FROM o JOIN audit_log l ON true"
