@@ -1609,9 +1609,10 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
     plan_scatter_select(query, shards)
 }
 
-fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<Planned, PlanError> {
-    let (limit, offset) = match &query.limit_clause {
-        None => (None, 0),
+/// LIMIT and OFFSET of a multi-shard query, as numbers (the merger applies them).
+fn limit_and_offset(clause: &Option<LimitClause>) -> Result<(Option<u64>, u64), PlanError> {
+    match clause {
+        None => Ok((None, 0)),
         Some(LimitClause::LimitOffset {
             limit,
             offset,
@@ -1636,10 +1637,26 @@ fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<P
                     )
                 })?,
             };
-            (limit, offset)
+            Ok((limit, offset))
         }
-        Some(LimitClause::OffsetCommaLimit { .. }) => return unsupported("LIMIT offset, count"),
-    };
+        Some(LimitClause::OffsetCommaLimit { .. }) => unsupported("LIMIT offset, count"),
+    }
+}
+
+/// What each shard is asked for: the first `limit + offset` rows (the merger skips the offset).
+fn shard_limit(limit: Option<u64>, offset: u64) -> Option<LimitClause> {
+    limit.map(|limit| LimitClause::LimitOffset {
+        limit: Some(Expr::value(Value::Number(
+            (limit + offset).to_string(),
+            false,
+        ))),
+        offset: None,
+        limit_by: Vec::new(),
+    })
+}
+
+fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<Planned, PlanError> {
+    let (limit, offset) = limit_and_offset(&query.limit_clause)?;
     if query.fetch.is_some() {
         return unsupported("FETCH FIRST in a multi-shard query");
     }
@@ -1858,18 +1875,7 @@ fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<P
         }
         // Rewrite ORDER BY to positions of the (possibly hidden) columns only if we added
         // hidden columns: shards still sort by the original expressions.
-        if let Some(limit) = limit {
-            query.limit_clause = Some(LimitClause::LimitOffset {
-                limit: Some(Expr::value(Value::Number(
-                    (limit + offset).to_string(),
-                    false,
-                ))),
-                offset: None,
-                limit_by: Vec::new(),
-            });
-        } else {
-            query.limit_clause = None;
-        }
+        query.limit_clause = shard_limit(limit, offset);
     }
     Ok(Planned {
         sql: query.to_string(),

@@ -9,13 +9,13 @@
 //! any scatter-gather query. INTERSECT and EXCEPT do not split this way and stay unsupported.
 
 use sqlparser::ast::{
-    Expr, GroupByExpr, JoinOperator, LimitClause, Offset, OrderByKind, Query, Select, SelectItem,
-    SetExpr, SetOperator, SetQuantifier, Value,
+    Expr, GroupByExpr, JoinOperator, OrderByKind, Query, Select, SelectItem, SetExpr, SetOperator,
+    SetQuantifier,
 };
 
 use super::{
-    ColumnRef, MergeSpec, Plan, PlanError, Planned, analyze_from, contains_aggregate, literal_u64,
-    normalize, sort_key, table_use, unsupported,
+    ColumnRef, MergeSpec, Plan, PlanError, Planned, analyze_from, contains_aggregate,
+    limit_and_offset, literal_u64, normalize, shard_limit, sort_key, table_use, unsupported,
 };
 use crate::topology::Topology;
 
@@ -57,33 +57,7 @@ pub(super) fn plan_union(topology: &Topology, mut query: Query) -> Result<Planne
             _ => None,
         })
         .collect();
-    let (limit, offset) = match &query.limit_clause {
-        None => (None, 0),
-        Some(LimitClause::LimitOffset {
-            limit,
-            offset,
-            limit_by,
-        }) if limit_by.is_empty() => {
-            let limit = match limit {
-                None => None,
-                Some(expr) => Some(literal_u64(expr).ok_or_else(|| {
-                    PlanError::Unsupported(
-                        "a LIMIT that is not a number in a multi-shard query".into(),
-                    )
-                })?),
-            };
-            let offset = match offset {
-                None => 0,
-                Some(Offset { value, .. }) => literal_u64(value).ok_or_else(|| {
-                    PlanError::Unsupported(
-                        "an OFFSET that is not a number in a multi-shard query".into(),
-                    )
-                })?,
-            };
-            (limit, offset)
-        }
-        Some(_) => return refused(),
-    };
+    let (limit, offset) = limit_and_offset(&query.limit_clause)?;
     let mut order = Vec::new();
     if let Some(order_by) = &query.order_by {
         let OrderByKind::Expressions(items) = &order_by.kind else {
@@ -113,14 +87,7 @@ pub(super) fn plan_union(topology: &Topology, mut query: Query) -> Result<Planne
         }
     }
     // Every shard sorts its part (the merge keeps the order) and stops at LIMIT + OFFSET.
-    query.limit_clause = limit.map(|limit| LimitClause::LimitOffset {
-        limit: Some(Expr::value(Value::Number(
-            (limit + offset).to_string(),
-            false,
-        ))),
-        offset: None,
-        limit_by: Vec::new(),
-    });
+    query.limit_clause = shard_limit(limit, offset);
     Ok(Planned {
         sql: query.to_string(),
         plan: Plan::Scatter {
