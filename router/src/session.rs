@@ -168,7 +168,15 @@ const COPY_CHUNK: usize = 64 * 1024;
 /// `bigint`, `integer`, `smallint` or `text`.
 fn copy_key(field: &[u8], key_type: KeyType, binary: bool) -> Result<KeyValue, RouterError> {
     let invalid = |code: &'static str| {
-        RouterError::session(code, format!("invalid shard key {field:?} in COPY row"))
+        let shown = if binary {
+            format!(
+                "of {} bytes (a bigint, integer or smallint was expected)",
+                field.len()
+            )
+        } else {
+            format!("{:?}", String::from_utf8_lossy(field))
+        };
+        RouterError::session(code, format!("invalid shard key {shown} in COPY row"))
     };
     match (key_type, binary) {
         (KeyType::Bigint, true) => match field.len() {

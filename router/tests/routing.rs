@@ -653,6 +653,8 @@ async fn copy_from_stdin_in_csv_and_binary_routes_rows_by_shard_key() {
         .unwrap();
     let error = sink.finish().await.unwrap_err();
     assert_eq!(error.code().map(|c| c.code()), Some("22P02"), "{error:?}");
+    let message = error.as_db_error().map(|e| e.message()).unwrap_or_default();
+    assert!(message.contains("invalid shard key \"x\""), "{message}");
     assert_eq!(assert_customers_placed(&cluster).await.len(), 160);
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
