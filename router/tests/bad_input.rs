@@ -293,17 +293,12 @@ except psycopg.OperationalError as error:
 print("channel binding ok")
 "#
     );
-    let output = std::process::Command::new("python3")
-        .env("PYTHONPATH", &pythonpath)
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = common::run_ok(
+        std::process::Command::new("python3")
+            .env("PYTHONPATH", &pythonpath)
+            .arg("-c")
+            .arg(&script),
+        "psycopg over TLS",
     );
     assert!(stdout.contains("over tls"), "{stdout}");
     assert!(stdout.contains("bound to the certificate"), "{stdout}");

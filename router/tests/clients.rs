@@ -8,20 +8,6 @@ use std::process::Command;
 
 use common::Cluster;
 
-fn run(command: &mut Command, what: &str) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_tokio_postgres_psycopg_asyncpg_and_jdbc_work_through_the_router() {
     let cluster = Cluster::start(2).await;
@@ -36,7 +22,7 @@ async fn psql_tokio_postgres_psycopg_asyncpg_and_jdbc_work_through_the_router() 
         "SELECT name FROM customers WHERE id = $1 \\bind 3 \\g\n",
     )
     .unwrap();
-    let out = run(
+    let out = common::run_ok(
         common::psql(&port)
             .args(["-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .args(["-c", "INSERT INTO customers (id, name, score) VALUES (1, 'one', 10), (2, 'two', 20), (3, 'three', 30)"])
@@ -169,7 +155,7 @@ async def main():
 asyncio.run(main())
 "#
     );
-    let out = run(
+    let out = common::run_ok(
         Command::new("python3")
             .env("PYTHONPATH", &pythonpath)
             .arg("-c")
@@ -186,7 +172,7 @@ asyncio.run(main())
     let source =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/JdbcWorkload.java");
     let url = format!("jdbc:postgresql://127.0.0.1:{port}/postgres?sslmode=disable");
-    let out = run(
+    let out = common::run_ok(
         Command::new("java")
             .arg("-cp")
             .arg(&jar)
@@ -230,7 +216,7 @@ async fn pgbench_standard_scripts_run_through_the_router() {
     let bin = testbed::paths::pg_bin();
     // pgbench's own initialization through the router: DROP/CREATE (broadcast), COPY FREEZE
     // of every table inside BEGIN ... COMMIT (rows routed by key, 2PC), VACUUM, primary keys.
-    run(
+    common::run_ok(
         Command::new(bin.join("pgbench"))
             .args([
                 "-i",
@@ -294,7 +280,7 @@ async fn pgbench_standard_scripts_run_through_the_router() {
         if script == "-b" {
             command.arg("tpcb-like");
         }
-        let out = run(&mut command, &format!("pgbench {mode} {script}"));
+        let out = common::run_ok(&mut command, &format!("pgbench {mode} {script}"));
         assert!(out.contains("number of failed transactions: 0"), "{out}");
     }
     // Every tpcb transaction wrote one history row: 2 runs x 4 clients x 40 transactions.

@@ -468,16 +468,11 @@ async fn copy_from_stdin_routes_rows_by_shard_key() {
     }
     text.push_str("\\.\nCOPY countries (code, name) FROM STDIN;\nfr\tFrance\nde\tGermany\n\\.\n");
     std::fs::write(&script, text).unwrap();
-    let output = common::psql(&port)
-        .args(["-v", "ON_ERROR_STOP=1", "-f"])
-        .arg(&script)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = common::run_ok(
+        common::psql(&port)
+            .args(["-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(&script),
+        "psql COPY script",
     );
     assert!(stdout.contains("COPY 200"), "{stdout}");
     assert!(stdout.contains("COPY 2"), "{stdout}");
@@ -599,19 +594,14 @@ async fn copy_from_stdin_in_csv_and_binary_routes_rows_by_shard_key() {
         ));
     }
     std::fs::write(&file, csv).unwrap();
-    let output = common::psql(&port)
-        .args(["-v", "ON_ERROR_STOP=1", "-c"])
-        .arg(format!(
-            "\\copy customers (id, name, region) FROM '{}' WITH (FORMAT csv, HEADER)",
-            file.display()
-        ))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = common::run_ok(
+        common::psql(&port)
+            .args(["-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(format!(
+                "\\copy customers (id, name, region) FROM '{}' WITH (FORMAT csv, HEADER)",
+                file.display()
+            )),
+        "psql \\copy csv",
     );
     assert!(stdout.contains("COPY 60"), "{stdout}");
     let placed = assert_customers_placed(&cluster).await;

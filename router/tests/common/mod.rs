@@ -204,3 +204,18 @@ pub fn psql(port: &str) -> std::process::Command {
     ]);
     command
 }
+
+/// Runs `command`, fails the test (with its output) unless it succeeds, and returns its stdout.
+pub fn run_ok(command: &mut std::process::Command, what: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
