@@ -16,10 +16,12 @@ use sqlparser::parser::Parser;
 
 use crate::topology::{KeyType, Topology};
 
+mod finalize;
 mod pinned;
 mod set_operation;
 use crate::values;
 use crate::vindex::KeyValue;
+pub use finalize::Finalize;
 
 /// Why a statement cannot be planned.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -266,6 +268,10 @@ pub struct MergeSpec {
     pub limit: Option<u64>,
     /// OFFSET.
     pub offset: u64,
+    /// Expressions over the merged aggregates, HAVING, ORDER BY and LIMIT left to a final
+    /// statement on one shard over the merged groups (see `planner/finalize.rs`); the merger
+    /// then only merges the groups.
+    pub finalize: Option<Finalize>,
 }
 
 /// Transaction control.
@@ -1606,7 +1612,32 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
         Err(target) => return single(target),
         Ok(shards) => shards,
     };
-    plan_scatter_select(query, shards)
+    if !is_aggregate_query(&query) {
+        return plan_scatter_select(query, shards);
+    }
+    // Aggregates the merger finishes itself, or else with a final statement over the merged
+    // groups (expressions over aggregates, HAVING and ORDER BY beyond plain comparisons).
+    match plan_scatter_select(query.clone(), shards.clone()) {
+        Err(PlanError::Unsupported(_)) => finalize::plan(query, shards),
+        planned => planned,
+    }
+}
+
+/// A SELECT with GROUP BY or aggregates.
+fn is_aggregate_query(query: &Query) -> bool {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return false;
+    };
+    let grouped =
+        !matches!(&select.group_by, GroupByExpr::Expressions(exprs, _) if exprs.is_empty());
+    grouped
+        || select.having.is_some()
+        || select.projection.iter().any(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                contains_aggregate(e)
+            }
+            _ => false,
+        })
 }
 
 /// LIMIT and OFFSET of a multi-shard query, as numbers (the merger applies them).
@@ -1897,15 +1928,64 @@ fn sort_key(column: ColumnRef, item: &sqlparser::ast::OrderByExpr) -> SortKey {
     }
 }
 
-/// The column name PostgreSQL gives an unaliased expression (function name, column name).
+/// The column name PostgreSQL gives an unaliased expression (its `FigureColname`): a column's
+/// or function's name, a cast's operand's name or else its type's, `case`, `array`, ... and
+/// `?column?` for the rest.
 fn default_column_name(expr: &Expr) -> String {
+    figure_column_name(expr)
+        .map(|(name, _)| name)
+        .unwrap_or_else(|| "?column?".to_string())
+}
+
+/// A name and its strength (2: a column or function; 1: a type or keyword, which a cast's
+/// operand of strength 2 overrides).
+fn figure_column_name(expr: &Expr) -> Option<(String, u8)> {
     match expr {
-        Expr::Function(function) => last_name(&function.name),
-        Expr::Identifier(ident) => normalize(ident),
-        Expr::CompoundIdentifier(parts) => parts.last().map(normalize).unwrap_or_default(),
-        Expr::Cast { expr, .. } | Expr::Nested(expr) => default_column_name(expr),
-        _ => "?column?".to_string(),
+        Expr::Function(function) => Some((last_name(&function.name), 2)),
+        Expr::Identifier(ident) => Some((normalize(ident), 2)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(|p| (normalize(p), 2)),
+        Expr::Nested(inner) | Expr::Collate { expr: inner, .. } => figure_column_name(inner),
+        Expr::Cast {
+            expr, data_type, ..
+        } => match figure_column_name(expr) {
+            Some((name, 2)) => Some((name, 2)),
+            _ => Some((type_column_name(data_type), 1)),
+        },
+        Expr::Case { .. } => Some(("case".into(), 1)),
+        Expr::Array(_) => Some(("array".into(), 2)),
+        Expr::Tuple(_) => Some(("row".into(), 2)),
+        Expr::Exists { .. } => Some(("exists".into(), 2)),
+        Expr::Ceil { .. } => Some(("ceil".into(), 2)),
+        Expr::Floor { .. } => Some(("floor".into(), 2)),
+        Expr::Extract { .. } => Some(("extract".into(), 2)),
+        Expr::Substring { .. } => Some(("substring".into(), 2)),
+        Expr::Position { .. } => Some(("position".into(), 2)),
+        Expr::Overlay { .. } => Some(("overlay".into(), 2)),
+        _ => None,
     }
+}
+
+/// The name PostgreSQL shows for a cast's type: its internal name (`int4` for `integer`).
+fn type_column_name(data_type: &sqlparser::ast::DataType) -> String {
+    let text = data_type.to_string().to_ascii_lowercase();
+    let base = text.split('(').next().unwrap_or("").trim();
+    let name = match base {
+        "int" | "integer" | "int4" => "int4",
+        "bigint" | "int8" => "int8",
+        "smallint" | "int2" => "int2",
+        "real" | "float4" => "float4",
+        "float" | "double precision" | "float8" => "float8",
+        "decimal" | "numeric" | "dec" => "numeric",
+        "boolean" | "bool" => "bool",
+        "character varying" | "varchar" => "varchar",
+        "character" | "char" | "bpchar" => "bpchar",
+        "timestamp with time zone" | "timestamptz" => "timestamptz",
+        "timestamp" | "timestamp without time zone" => "timestamp",
+        "time with time zone" | "timetz" => "timetz",
+        "time" | "time without time zone" => "time",
+        other => other.rsplit('.').next().unwrap_or(other),
+    };
+    name.trim_matches('"').to_string()
 }
 
 #[cfg(test)]

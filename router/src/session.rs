@@ -10,7 +10,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio::sync::Mutex;
 
-use crate::backend::{Column, CopyOutData};
+use crate::backend::{Column, CopyOutData, split_fields};
 use crate::copy_in::{CopyFormat, Piece, RowSplitter};
 use crate::error::RouterError;
 use crate::executor::{BackendHandle, Params, Row, ShardCursor, tag_command, tag_rows};
@@ -360,6 +360,23 @@ async fn rows_outcome(
             None => Ok(Outcome::Empty),
         },
     }
+}
+
+/// Appends one element to a text-format array literal: `NULL`, or the value double-quoted with
+/// `"` and `\` escaped (any type's text form reads back through its input function).
+fn array_element(array: &mut Vec<u8>, field: Option<&[u8]>) {
+    let Some(value) = field else {
+        array.extend_from_slice(b"NULL");
+        return;
+    };
+    array.push(b'"');
+    for byte in value {
+        if matches!(byte, b'"' | b'\\') {
+            array.push(b'\\');
+        }
+        array.push(*byte);
+    }
+    array.push(b'"');
 }
 
 /// The rows of a COPY TO STDOUT from each shard in turn (a CSV header from the first only),
@@ -1101,13 +1118,23 @@ impl Session {
                 for shard in &shards {
                     handles.push(self.handle_for(&runtime, *shard).await?);
                 }
+                // Merged groups go to a final statement as text arrays: the shards answer in
+                // text, the final statement in the client's formats.
+                let shard_formats = match merge.finalize {
+                    Some(_) => &[][..],
+                    None => result_formats,
+                };
+                let shard_params = match &merge.finalize {
+                    Some(finalize) => &params.subset(&finalize.shard_params),
+                    None => params,
+                };
                 let opens = handles.into_iter().map(|handle| {
                     ShardCursor::open(
                         cancel.as_ref(),
                         handle,
                         &planned.sql,
-                        params,
-                        result_formats,
+                        shard_params,
+                        shard_formats,
                         cache,
                     )
                 });
@@ -1122,6 +1149,19 @@ impl Session {
                     .unwrap_or_default();
                 let output = merger::output_columns(&columns, merge);
                 let rows = merger::merge(cursors, columns, merge.clone());
+                if let Some(finalize) = &merge.finalize {
+                    return self
+                        .finalize(
+                            &runtime,
+                            shards[0],
+                            finalize,
+                            &output,
+                            rows,
+                            params,
+                            result_formats,
+                        )
+                        .await;
+                }
                 Ok(Outcome::Rows {
                     columns: output,
                     rows: watch_failures(rows, self.stream_failed.clone()),
@@ -1142,6 +1182,102 @@ impl Session {
                     .await
             }
         }
+    }
+
+    /// Runs an aggregate query's final statement on `shard` over the merged groups (`rows`,
+    /// text format, described by `columns`), one text array parameter per column.
+    #[allow(clippy::too_many_arguments)]
+    async fn finalize(
+        &mut self,
+        runtime: &Runtime,
+        shard: usize,
+        finalize: &planner::Finalize,
+        columns: &[Column],
+        mut rows: RowStream,
+        params: &Params,
+        result_formats: &[i16],
+    ) -> Result<Outcome, RouterError> {
+        let mut arrays: Vec<Vec<u8>> = vec![b"{".to_vec(); columns.len()];
+        let mut first = true;
+        while let Some(row) = rows.next().await {
+            let row = row?;
+            for (array, field) in arrays.iter_mut().zip(split_fields(&row.data)) {
+                if !first {
+                    array.push(b',');
+                }
+                array_element(array, field);
+            }
+            first = false;
+        }
+        let mut types = Vec::with_capacity(columns.len() + finalize.client_params.len());
+        for column in columns {
+            types.push(self.array_type(runtime, shard, column.type_oid).await?);
+        }
+        let mut values: Vec<Option<bytes::Bytes>> = arrays
+            .into_iter()
+            .map(|mut array| {
+                array.push(b'}');
+                Some(bytes::Bytes::from(array))
+            })
+            .collect();
+        let mut formats = vec![0; values.len()];
+        let client = params.subset(&finalize.client_params);
+        types.extend(client.types);
+        values.extend(client.values);
+        formats.extend(client.formats);
+        let params = Params {
+            types,
+            values,
+            formats,
+        };
+        let handle = self.handle_for(runtime, shard).await?;
+        let cancel = self.cancel.clone();
+        let mut cursor = ShardCursor::open(
+            cancel.as_ref(),
+            handle,
+            &finalize.sql,
+            &params,
+            result_formats,
+            true,
+        )
+        .await?;
+        self.notices.append(&mut cursor.notices);
+        cursor.stream_notices_to(self.stream_notices.clone());
+        rows_outcome(cursor, "SELECT", self.stream_failed.clone()).await
+    }
+
+    /// The array type of a column type: built-in ones from a table, others from the shard's
+    /// catalog. A column that is an array itself has none (`unnest` would flatten it).
+    async fn array_type(
+        &mut self,
+        runtime: &Runtime,
+        shard: usize,
+        element: u32,
+    ) -> Result<u32, RouterError> {
+        if let Some(array) = crate::values::oid::array_of(element) {
+            return Ok(array);
+        }
+        let sql = format!(
+            "SELECT typarray FROM pg_catalog.pg_type WHERE oid = {}",
+            planner::quote_literal(&element.to_string())
+        );
+        let handle = self.handle_for(runtime, shard).await?;
+        let mut cursor =
+            ShardCursor::open(None, handle, &sql, &Params::default(), &[], false).await?;
+        let rows = cursor.collect().await?;
+        let array = rows
+            .first()
+            .and_then(|row| split_fields(&row.data).first().copied().flatten())
+            .and_then(|field| std::str::from_utf8(field).ok()?.parse::<u32>().ok())
+            .unwrap_or(0);
+        if array == 0 {
+            return Err(RouterError::session(
+                "0A000",
+                "an expression over aggregates across shards whose groups or aggregates are \
+                 arrays (or of a type without an array type) is not supported",
+            ));
+        }
+        Ok(array)
     }
 
     fn resolve_target(

@@ -35,6 +35,43 @@ pub mod oid {
     pub const TIMESTAMPTZ: u32 = 1184;
     /// numeric
     pub const NUMERIC: u32 = 1700;
+
+    /// The array type of a built-in type (`pg_type.typarray`), if it is one of these.
+    pub fn array_of(element: u32) -> Option<u32> {
+        Some(match element {
+            BOOL => 1000,
+            17 => 1001, // bytea
+            18 => 1002, // char
+            NAME => 1003,
+            INT8 => 1016,
+            INT2 => 1005,
+            INT4 => 1007,
+            TEXT => 1009,
+            OID => 1028,
+            114 => 199, // json
+            142 => 143, // xml
+            650 => 651, // cidr
+            FLOAT4 => 1021,
+            FLOAT8 => 1022,
+            790 => 791,  // money
+            829 => 1040, // macaddr
+            869 => 1041, // inet
+            BPCHAR => 1014,
+            VARCHAR => 1015,
+            DATE => 1182,
+            1083 => 1183, // time
+            TIMESTAMP => 1115,
+            TIMESTAMPTZ => 1185,
+            1186 => 1187, // interval
+            1266 => 1270, // timetz
+            1560 => 1561, // bit
+            1562 => 1563, // varbit
+            NUMERIC => 1231,
+            2950 => 2951, // uuid
+            3802 => 3807, // jsonb
+            _ => return None,
+        })
+    }
 }
 
 /// A fixed-point decimal: `mantissa * 10^-scale`.

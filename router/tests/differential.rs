@@ -87,6 +87,20 @@ const CORPUS: &[&str] = &[
     "SELECT count(DISTINCT total * 1.0), count(DISTINCT qty) FROM orders",
     "SELECT count(DISTINCT name), count(*), sum(score), min(name) FROM customers WHERE score > 1000",
     "SELECT qty, count(DISTINCT customer_id) FROM orders GROUP BY qty ORDER BY count(DISTINCT customer_id) DESC, qty LIMIT 4",
+    // Expressions over aggregates, HAVING and ORDER BY beyond plain comparisons: the merged
+    // groups go through a final statement on one shard.
+    "SELECT region, coalesce(sum(score), 0)::int AS total, round(avg(score), 2) FROM customers GROUP BY region ORDER BY region",
+    "SELECT count(*)::int, sum(total) / count(*), max(total) - min(total) AS spread FROM orders",
+    "SELECT note, count(*) FROM orders GROUP BY note HAVING sum(qty) * 2 > 100 AND note LIKE 'n%' ORDER BY count(*) DESC, note",
+    "SELECT upper(note), count(DISTINCT qty)::int FROM orders GROUP BY note ORDER BY 1",
+    "SELECT qty, count(*) FROM orders GROUP BY qty HAVING avg(total) > 240 ORDER BY avg(total) DESC",
+    "SELECT count(*) FILTER (WHERE qty > 4) AS big, sum(total) FILTER (WHERE note = 'n1') FROM orders",
+    "SELECT coalesce(max(total), -1) AS top, count(*) * 10, avg(qty)::float8 FROM orders WHERE qty > 100",
+    "SELECT DISTINCT count(*) % 3 FROM orders GROUP BY customer_id ORDER BY 1",
+    "SELECT CASE WHEN count(*) > 40 THEN 'many' ELSE 'few' END, region FROM customers GROUP BY region ORDER BY region NULLS FIRST",
+    "SELECT customer_id, sum(total)::numeric(14,1) FROM orders GROUP BY customer_id ORDER BY 2 DESC NULLS LAST, customer_id LIMIT 5 OFFSET 2",
+    "SELECT score % 4, length(min(name)), max(name) || '!' FROM customers GROUP BY score % 4 ORDER BY score % 4 NULLS LAST",
+    "SELECT sum(qty) FROM orders HAVING count(*) > 1000",
     // UNION [ALL] across shards: run whole on every shard, merged (and deduplicated).
     "SELECT id, name FROM customers WHERE score > 90 UNION ALL SELECT customer_id, note FROM orders WHERE qty = 3 ORDER BY 1, 2",
     "SELECT region FROM customers UNION SELECT note FROM orders ORDER BY region",
@@ -291,6 +305,21 @@ fn randomized(count: usize) -> Vec<String> {
     out
 }
 
+/// The column names of the answer to `sql` (simple protocol: the names the statement itself
+/// reports, not a separate Describe).
+async fn column_names(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    let messages = client.simple_query(sql).await.unwrap();
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::RowDescription(columns) => {
+                Some(columns.iter().map(|c| c.name().to_string()).collect())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 fn sort_if_unordered<T: Ord>(sql: &str, mut rows: Vec<T>) -> Vec<T> {
     if !sql.to_uppercase().contains("ORDER BY") {
         rows.sort();
@@ -334,6 +363,11 @@ async fn router_results_equal_single_postgres_results() {
         let got_text = text_rows(&routed, sql)
             .await
             .unwrap_or_else(|e| panic!("router {sql}: {e:?}"));
+        assert_eq!(
+            column_names(&routed, sql).await,
+            column_names(&direct, sql).await,
+            "column names differ for: {sql}"
+        );
         assert_eq!(
             sort_if_unordered(sql, got_text),
             sort_if_unordered(sql, expected_text),
@@ -381,4 +415,90 @@ async fn router_results_equal_single_postgres_results() {
         assert_eq!(a, b, "id {id}");
     }
     let _ = connect; // used by other suites
+}
+
+/// Expressions over aggregates finished by a final statement: groups of a user type (its array
+/// type read from the catalog), the client's parameters in the moved parts, binary results, and
+/// a clear error for array-typed groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_finished_over_merged_groups() {
+    let cluster = Cluster::start(2).await;
+    cluster.create_schema().await;
+    let client = cluster.client().await;
+    client
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+             ALTER TABLE customers ADD COLUMN mood mood, ADD COLUMN tags int[]",
+        )
+        .await
+        .unwrap();
+    let rows: Vec<String> = (1..=30)
+        .map(|i| {
+            let mood = ["sad", "ok", "happy"][i % 3];
+            format!(
+                "({i}, 'c{i}', 'r{}', {i}, '{mood}', ARRAY[{}])",
+                i % 2,
+                i % 2
+            )
+        })
+        .collect();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO customers (id, name, region, score, mood, tags) VALUES {}",
+            rows.join(", ")
+        ))
+        .await
+        .unwrap();
+
+    // Grouped by an enum, ordered by it (enum order, not text order).
+    let got = text_rows(
+        &client,
+        "SELECT mood, count(*)::int, max(score) - min(score) AS spread FROM customers \
+         GROUP BY mood ORDER BY mood DESC",
+    )
+    .await
+    .unwrap();
+    let expected: Vec<Vec<Option<String>>> = [("happy", "27"), ("ok", "27"), ("sad", "27")]
+        .iter()
+        .map(|(mood, spread)| {
+            vec![
+                Some(mood.to_string()),
+                Some("10".into()),
+                Some(spread.to_string()),
+            ]
+        })
+        .collect();
+    assert_eq!(got, expected);
+
+    // The client's parameters, used by the shards (WHERE) and by the final statement (select
+    // list, HAVING, LIMIT), bound in binary by tokio-postgres.
+    let rows = client
+        .query(
+            "SELECT region, sum(score) * $1::int AS weighted FROM customers WHERE score > $2::int \
+             GROUP BY region HAVING count(*) >= $3::bigint ORDER BY region LIMIT $4::bigint",
+            &[&10i32, &4i32, &13i64, &5i64],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // score 5..=30: r0 holds the even ones (6..=30: 13 rows), r1 the odd ones (5..=29: 13 rows).
+    let even: i64 = (6..=30).step_by(2).sum();
+    let odd: i64 = (5..=29).step_by(2).sum();
+    assert_eq!(got, vec![("r0".into(), even * 10), ("r1".into(), odd * 10)]);
+    assert_eq!(rows[0].columns()[1].name(), "weighted");
+
+    // Array-typed groups do not pass through unnest: a clear error, the connection stays usable.
+    let error = client
+        .simple_query("SELECT tags, count(*)::int FROM customers GROUP BY tags")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error:?}");
+    // A shard's error in the final statement reaches the client with its SQLSTATE.
+    let error = client
+        .simple_query("SELECT sum(score) / (count(*) - 30) FROM customers")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("22012"), "{error:?}");
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
 }
