@@ -3,7 +3,7 @@
 //! aggregates are merged per group (that needs every group before the first row).
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use bytes::{BufMut, BytesMut};
 use futures::stream::{self, BoxStream, StreamExt};
@@ -122,6 +122,12 @@ pub fn merge(cursors: Vec<ShardCursor>, columns: Vec<Column>, spec: MergeSpec) -
     let offset = spec.offset as usize;
     let limit = spec.limit.map(|l| l as usize).unwrap_or(usize::MAX);
     let distinct = spec.distinct;
+    // DISTINCT compares values as PostgreSQL does: `1.0` and `1.00` from two shards are one
+    // numeric, `-0` and `0` one float.
+    let types: Vec<(u32, i16)> = output_columns(&columns, &spec)
+        .iter()
+        .map(|c| (c.type_oid, c.format))
+        .collect();
     let merged: RowStream = if spec.aggregation.is_some() {
         aggregate(cursors, columns, spec)
     } else if spec.order.is_empty() {
@@ -129,12 +135,19 @@ pub fn merge(cursors: Vec<ShardCursor>, columns: Vec<Column>, spec: MergeSpec) -
     } else {
         sorted_merge(cursors, columns, spec.order.clone())
     };
-    let mut seen: HashSet<BytesMut> = HashSet::new();
+    let mut seen: BTreeSet<Vec<Ordered>> = BTreeSet::new();
     merged
         .map(move |row| row.map(|r| strip_hidden(r, hidden)))
         .filter(move |row| {
             let keep = match row {
-                Ok(r) if distinct => seen.insert(r.data.clone()),
+                Ok(r) if distinct => {
+                    let key = split_fields(&r.data)
+                        .into_iter()
+                        .zip(&types)
+                        .map(|(field, (oid, format))| Ordered(decode(*oid, *format, field)))
+                        .collect();
+                    seen.insert(key)
+                }
                 _ => true,
             };
             futures::future::ready(keep)
@@ -227,7 +240,7 @@ enum Accumulator {
     Total(Value),
     Extreme(Option<(Value, Vec<u8>)>),
     /// The distinct values seen (compared as values: `1.0` and `1.00` are one numeric).
-    Distinct(std::collections::BTreeSet<Ordered>),
+    Distinct(BTreeSet<Ordered>),
 }
 
 /// A value ordered as the merger compares values.

@@ -430,7 +430,15 @@ pub fn compare(a: &Value, b: &Value) -> Ordering {
         (Value::Null, _) => Ordering::Greater,
         (_, Value::Null) => Ordering::Less,
         (Value::Int(x), Value::Int(y)) => x.cmp(y),
-        (Value::Float(x), Value::Float(y)) => x.total_cmp(y),
+        // -0 equals 0 (total_cmp tells them apart); NaN equals NaN and sorts last, as in
+        // PostgreSQL.
+        (Value::Float(x), Value::Float(y)) if x == y => Ordering::Equal,
+        (Value::Float(x), Value::Float(y)) => match (x.is_nan(), y.is_nan()) {
+            (true, true) => Ordering::Equal,
+            (true, false) => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            (false, false) => x.total_cmp(y),
+        },
         (Value::Numeric(x), Value::Numeric(y)) => x.cmp(y),
         (Value::Int(x), Value::Numeric(y)) => Decimal::from_i64(*x).cmp(y),
         (Value::Numeric(x), Value::Int(y)) => x.cmp(&Decimal::from_i64(*y)),

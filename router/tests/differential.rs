@@ -419,9 +419,9 @@ async fn router_results_equal_single_postgres_results() {
 
 /// Expressions over aggregates finished by a final statement: groups of a user type (its array
 /// type read from the catalog), the client's parameters in the moved parts, binary results, and
-/// a clear error for array-typed groups.
+/// a clear error for array-typed groups. Then DISTINCT and UNION deduplicating by value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregates_finished_over_merged_groups() {
+async fn merged_groups_and_distinct_values() {
     let cluster = Cluster::start(2).await;
     cluster.create_schema().await;
     let client = cluster.client().await;
@@ -501,4 +501,37 @@ async fn aggregates_finished_over_merged_groups() {
     assert_eq!(error.code().map(|c| c.code()), Some("22012"), "{error:?}");
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
+
+    // DISTINCT and UNION across shards compare values: 1.0 from one shard and 1.00 from the
+    // other are one numeric, as on a single PostgreSQL.
+    let mut on_shard = Vec::new();
+    for shard in &cluster.shards {
+        let id: i64 = shard
+            .client()
+            .await
+            .unwrap()
+            .query_one("SELECT min(id) FROM customers", &[])
+            .await
+            .unwrap()
+            .get(0);
+        on_shard.push(id);
+    }
+    let (a, b) = (on_shard[0], on_shard[1]);
+    for sql in [
+        format!(
+            "SELECT DISTINCT CASE WHEN id = {a} THEN 1.0 ELSE 1.00 END AS v FROM customers \
+             WHERE id IN ({a}, {b})"
+        ),
+        format!(
+            "SELECT 1.0 AS v FROM customers WHERE id = {a} UNION SELECT 1.00 FROM customers \
+             WHERE id = {b}"
+        ),
+        format!(
+            "SELECT DISTINCT CASE WHEN id = {a} THEN '-0'::float8 ELSE 0 END AS v FROM customers \
+             WHERE id IN ({a}, {b})"
+        ),
+    ] {
+        let rows = text_rows(&client, &sql).await.unwrap();
+        assert_eq!(rows.len(), 1, "{sql}: {rows:?}");
+    }
 }
