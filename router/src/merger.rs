@@ -3,7 +3,7 @@
 //! aggregates are merged per group (that needs every group before the first row).
 
 use std::cmp::Ordering;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{BufMut, BytesMut};
 use futures::stream::{self, BoxStream, StreamExt};
@@ -359,14 +359,19 @@ fn aggregate(cursors: Vec<ShardCursor>, columns: Vec<Column>, spec: MergeSpec) -
             .filter(|(_, m)| **m == ColumnMerge::Group)
             .map(|(i, _)| i)
             .collect();
-        let mut groups: HashMap<Vec<Option<Vec<u8>>>, usize> = HashMap::new();
+        // Groups are told apart by value, as PostgreSQL does (`1.0` and `1.00` are one group).
+        let mut groups: BTreeMap<Vec<Ordered>, usize> = BTreeMap::new();
         let mut states: Vec<Vec<Accumulator>> = Vec::new();
         for mut cursor in cursors {
             while let Some(row) = cursor.next_row().await? {
                 let fields = split_fields(&row.data);
-                let key: Vec<Option<Vec<u8>>> = group_columns
+                let key: Vec<Ordered> = group_columns
                     .iter()
-                    .map(|i| fields.get(*i).copied().flatten().map(|b| b.to_vec()))
+                    .map(|i| {
+                        let column = &columns[*i];
+                        let raw = fields.get(*i).copied().flatten();
+                        Ordered(decode(column.type_oid, column.format, raw))
+                    })
                     .collect();
                 let index = *groups.entry(key).or_insert_with(|| {
                     states.push(new_state(&aggregation));

@@ -1208,23 +1208,108 @@ pub fn render_lookup_insert(
     render_insert_part(&insert, &rows)
 }
 
+/// An aggregate the merger can combine across shards, as the merge it needs: `bool_and` and
+/// `every` are the least of the shards' booleans (false < true), `bool_or` the greatest,
+/// `any_value` any of them.
 fn is_aggregate_name(name: &str) -> Option<&'static str> {
     match name {
         "count" => Some("count"),
         "sum" => Some("sum"),
-        "min" => Some("min"),
-        "max" => Some("max"),
+        "min" | "bool_and" | "every" | "any_value" => Some("min"),
+        "max" | "bool_or" => Some("max"),
         "avg" => Some("avg"),
         _ => None,
     }
 }
 
+/// PostgreSQL's built-in aggregates (`pg_aggregate`), so that those the merger cannot combine
+/// are refused by name instead of being taken for plain functions (one row per shard).
+const BUILTIN_AGGREGATES: &[&str] = &[
+    "any_value",
+    "array_agg",
+    "avg",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "bool_and",
+    "bool_or",
+    "corr",
+    "count",
+    "covar_pop",
+    "covar_samp",
+    "cume_dist",
+    "dense_rank",
+    "every",
+    "json_agg",
+    "json_agg_strict",
+    "json_arrayagg",
+    "json_object_agg",
+    "json_object_agg_strict",
+    "json_object_agg_unique",
+    "json_object_agg_unique_strict",
+    "json_objectagg",
+    "jsonb_agg",
+    "jsonb_agg_strict",
+    "jsonb_object_agg",
+    "jsonb_object_agg_strict",
+    "jsonb_object_agg_unique",
+    "jsonb_object_agg_unique_strict",
+    "max",
+    "min",
+    "mode",
+    "percent_rank",
+    "percentile_cont",
+    "percentile_disc",
+    "range_agg",
+    "range_intersect_agg",
+    "rank",
+    "regr_avgx",
+    "regr_avgy",
+    "regr_count",
+    "regr_intercept",
+    "regr_r2",
+    "regr_slope",
+    "regr_sxx",
+    "regr_sxy",
+    "regr_syy",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "string_agg",
+    "sum",
+    "var_pop",
+    "var_samp",
+    "variance",
+    "xmlagg",
+];
+
+/// Is `function` a call of a built-in aggregate (not a window function)?
+fn is_builtin_aggregate(function: &sqlparser::ast::Function) -> bool {
+    function.over.is_none() && BUILTIN_AGGREGATES.contains(&last_name(&function.name).as_str())
+}
+
+/// Does `expr` call an aggregate or a window function?
 fn contains_aggregate(expr: &Expr) -> bool {
     let mut found = false;
     let mut copy = expr.clone();
     let _ = visit_expressions_mut(&mut copy, |e| {
         if let Expr::Function(f) = e
-            && (is_aggregate_name(&last_name(&f.name)).is_some() || f.over.is_some())
+            && (is_builtin_aggregate(f) || f.over.is_some())
+        {
+            found = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
+}
+
+/// Does `expr` call a window function?
+fn contains_window(expr: &Expr) -> bool {
+    let mut found = false;
+    let mut copy = expr.clone();
+    let _ = visit_expressions_mut(&mut copy, |e| {
+        if let Expr::Function(f) = e
+            && f.over.is_some()
         {
             found = true;
         }
@@ -1615,11 +1700,34 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
     if !is_aggregate_query(&query) {
         return plan_scatter_select(query, shards);
     }
+    let mut query = query;
+    group_by_positions(&mut query);
     // Aggregates the merger finishes itself, or else with a final statement over the merged
     // groups (expressions over aggregates, HAVING and ORDER BY beyond plain comparisons).
     match plan_scatter_select(query.clone(), shards.clone()) {
         Err(PlanError::Unsupported(_)) => finalize::plan(query, shards),
         planned => planned,
+    }
+}
+
+/// `GROUP BY 1, 2` names select-list items: the merger and the final statement need the
+/// expressions themselves.
+fn group_by_positions(query: &mut Query) {
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return;
+    };
+    let projection = select.projection.clone();
+    if let GroupByExpr::Expressions(exprs, _) = &mut select.group_by {
+        for expr in exprs {
+            if let Some(n) = literal_u64(expr)
+                && n >= 1
+                && let Some(
+                    SelectItem::UnnamedExpr(item) | SelectItem::ExprWithAlias { expr: item, .. },
+                ) = projection.get(n as usize - 1)
+            {
+                *expr = item.clone();
+            }
+        }
     }
 }
 

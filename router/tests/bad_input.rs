@@ -23,6 +23,16 @@ async fn unsupported_sql_is_an_error_and_the_connection_stays_usable() {
     let client = cluster.client().await;
     for (sql, code) in [
         ("SELECT sum(DISTINCT score) FROM customers", "0A000"),
+        // Aggregates the router cannot merge are refused by name (not run per shard).
+        ("SELECT array_agg(id) FROM customers", "0A000"),
+        (
+            "SELECT region, stddev(score) FROM customers GROUP BY region",
+            "0A000",
+        ),
+        (
+            "SELECT id, rank() OVER (ORDER BY score) FROM customers",
+            "0A000",
+        ),
         (
             "SELECT * FROM customers c JOIN orders o ON o.total = c.id",
             "0A000",

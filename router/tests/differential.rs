@@ -101,6 +101,10 @@ const CORPUS: &[&str] = &[
     "SELECT customer_id, sum(total)::numeric(14,1) FROM orders GROUP BY customer_id ORDER BY 2 DESC NULLS LAST, customer_id LIMIT 5 OFFSET 2",
     "SELECT score % 4, length(min(name)), max(name) || '!' FROM customers GROUP BY score % 4 ORDER BY score % 4 NULLS LAST",
     "SELECT sum(qty) FROM orders HAVING count(*) > 1000",
+    "SELECT bool_and(score > 0), bool_or(score > 98), every(score >= 0) FROM customers",
+    "SELECT region, bool_or(score > 90), any_value(region) FROM customers GROUP BY region ORDER BY region",
+    "SELECT note, qty % 2, count(*) FROM orders GROUP BY 1, 2 ORDER BY 1, 2",
+    "SELECT score % 3 AS bucket, sum(qty) FROM customers c JOIN orders o ON o.customer_id = c.id GROUP BY 1 ORDER BY bucket",
     // UNION [ALL] across shards: run whole on every shard, merged (and deduplicated).
     "SELECT id, name FROM customers WHERE score > 90 UNION ALL SELECT customer_id, note FROM orders WHERE qty = 3 ORDER BY 1, 2",
     "SELECT region FROM customers UNION SELECT note FROM orders ORDER BY region",
@@ -521,6 +525,10 @@ async fn merged_groups_and_distinct_values() {
         format!(
             "SELECT DISTINCT CASE WHEN id = {a} THEN 1.0 ELSE 1.00 END AS v FROM customers \
              WHERE id IN ({a}, {b})"
+        ),
+        format!(
+            "SELECT CASE WHEN id = {a} THEN 1.0 ELSE 1.00 END AS v, count(*) FROM customers \
+             WHERE id IN ({a}, {b}) GROUP BY 1"
         ),
         format!(
             "SELECT 1.0 AS v FROM customers WHERE id = {a} UNION SELECT 1.00 FROM customers \

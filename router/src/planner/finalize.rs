@@ -24,9 +24,9 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::{
-    Aggregation, ColumnMerge, MergeSpec, Plan, PlanError, Planned, contains_aggregate, count_of,
-    default_column_name, is_aggregate_name, last_name, sole_argument, unsupported,
-    with_function_name,
+    Aggregation, ColumnMerge, MergeSpec, Plan, PlanError, Planned, contains_aggregate,
+    contains_window, count_of, default_column_name, is_aggregate_name, is_builtin_aggregate,
+    last_name, sole_argument, unsupported, with_function_name,
 };
 
 /// The statement that finishes an aggregate query over the merged groups.
@@ -65,6 +65,15 @@ pub(super) fn plan(mut query: Query, shards: Option<Vec<usize>>) -> Result<Plann
         }
         GroupByExpr::All(_) => return unsupported("GROUP BY ALL"),
     };
+    let windows = select.projection.iter().any(|item| match item {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+            contains_window(e)
+        }
+        _ => false,
+    });
+    if windows {
+        return unsupported("window functions across shards");
+    }
     let mut columns = Columns::default();
     for group in &groups {
         columns.group(group);
@@ -399,6 +408,14 @@ impl VisitorMut for Substitute<'_> {
             return ControlFlow::Break(());
         }
         let Some(name) = is_aggregate_name(&last_name(&function.name)) else {
+            if is_builtin_aggregate(function) {
+                self.error = Some(PlanError::Unsupported(format!(
+                    "the aggregate {}() across shards (the router merges count, sum, min, max, \
+                     avg, bool_and, bool_or, every, any_value and count(DISTINCT ...))",
+                    last_name(&function.name)
+                )));
+                return ControlFlow::Break(());
+            }
             return ControlFlow::Continue(());
         };
         if !function.within_group.is_empty() {
@@ -542,6 +559,22 @@ mod tests {
             (
                 "SELECT rank() OVER (ORDER BY sum(score)) FROM customers GROUP BY region",
                 "window functions",
+            ),
+            (
+                "SELECT id, rank() OVER (ORDER BY score) FROM customers",
+                "window functions",
+            ),
+            (
+                "SELECT region, string_agg(name, ',') FROM customers GROUP BY region",
+                "the aggregate string_agg()",
+            ),
+            (
+                "SELECT array_agg(id) FROM customers",
+                "the aggregate array_agg()",
+            ),
+            (
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY score) FROM customers",
+                "the aggregate percentile_cont()",
             ),
         ] {
             match plan(sql) {
