@@ -17,11 +17,13 @@ use sqlparser::parser::Parser;
 use crate::topology::{KeyType, Topology};
 
 mod finalize;
+mod intermediate;
 mod pinned;
 mod set_operation;
 use crate::values;
 use crate::vindex::KeyValue;
 pub use finalize::Finalize;
+pub use intermediate::{MultiStage, Stage};
 
 /// Why a statement cannot be planned.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -344,6 +346,9 @@ pub enum Plan {
     CopyIn(CopyDestination, crate::copy_in::CopyFormat),
     /// COPY ... TO STDOUT: the shards' rows, one shard after the other.
     CopyOut(CopyOut),
+    /// WITH queries / FROM subqueries over sharded tables first, then the outer statement over
+    /// their results on the first shard.
+    MultiStage(Box<MultiStage>),
 }
 
 /// A COPY TO STDOUT.
@@ -389,6 +394,7 @@ impl Plan {
             Plan::Savepoint(_) => "savepoint",
             Plan::CopyIn(..) => "copy_in",
             Plan::CopyOut(_) => "copy_out",
+            Plan::MultiStage(_) => "multi_stage",
         }
     }
 }
@@ -1655,6 +1661,11 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
     {
         return single(target);
     }
+    // WITH queries and FROM subqueries over sharded tables, read by a statement that reads no
+    // sharded table itself: they run first.
+    if let Some(planned) = intermediate::plan(topology, query.clone())? {
+        return Ok(planned);
+    }
     if usage.other > 0 {
         return unsupported("a query joining sharded tables with tables the router does not know");
     }
@@ -1697,16 +1708,67 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
         Err(target) => return single(target),
         Ok(shards) => shards,
     };
-    if !is_aggregate_query(&query) {
-        return plan_scatter_select(query, shards);
-    }
-    let mut query = query;
-    group_by_positions(&mut query);
-    // Aggregates the merger finishes itself, or else with a final statement over the merged
-    // groups (expressions over aggregates, HAVING and ORDER BY beyond plain comparisons).
-    match plan_scatter_select(query.clone(), shards.clone()) {
-        Err(PlanError::Unsupported(_)) => finalize::plan(query, shards),
+    let original = query.clone();
+    let planned = if !is_aggregate_query(&query) {
+        plan_scatter_select(query, shards)
+    } else {
+        let mut query = query;
+        group_by_positions(&mut query);
+        // Aggregates the merger finishes itself, or else with a final statement over the merged
+        // groups (expressions over aggregates, HAVING and ORDER BY beyond plain comparisons).
+        match plan_scatter_select(query.clone(), shards.clone()) {
+            Err(PlanError::Unsupported(_)) => finalize::plan(query, shards),
+            planned => planned,
+        }
+    };
+    // What neither merges (window functions, DISTINCT ON, aggregates such as string_agg or
+    // stddev) runs over the table's matching rows, pulled from the shards first.
+    match planned {
+        Err(PlanError::Unsupported(reason)) => {
+            intermediate::pull_up(topology, original)?.ok_or(PlanError::Unsupported(reason))
+        }
         planned => planned,
+    }
+}
+
+/// Renumbers the `$k` of a statement's parts from `first` on, in order of first use, and
+/// records which client parameter (0-based) each new number stands for: a statement sent with
+/// parameters it does not use would fail on the shard (their types cannot be determined).
+struct Renumber<'a> {
+    /// The first new number.
+    first: usize,
+    /// Old number -> new number.
+    new: HashMap<usize, usize>,
+    /// The client parameter (0-based) of each new number, in order.
+    used: &'a mut Vec<usize>,
+}
+
+impl<'a> Renumber<'a> {
+    /// Numbers from `first` on, recording into `used`.
+    fn new(first: usize, used: &'a mut Vec<usize>) -> Self {
+        Self {
+            first,
+            new: HashMap::new(),
+            used,
+        }
+    }
+
+    fn apply<V: sqlparser::ast::VisitMut>(&mut self, node: &mut V) {
+        let _ = visit_expressions_mut(node, |expr| {
+            if let Expr::Value(value) = expr
+                && let Value::Placeholder(p) = &mut value.value
+                && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
+                && n >= 1
+            {
+                let next = self.first + self.new.len();
+                let new = *self.new.entry(n).or_insert_with(|| {
+                    self.used.push(n - 1);
+                    next
+                });
+                *p = format!("${new}");
+            }
+            ControlFlow::<()>::Continue(())
+        });
     }
 }
 
@@ -2233,7 +2295,10 @@ mod tests {
 
     #[test]
     fn unsupported_sql_is_a_clear_error() {
-        let error = plan("SELECT sum(DISTINCT total) FROM orders").unwrap_err();
+        let error = plan(
+            "SELECT sum(DISTINCT o.total) FROM orders o JOIN customers c ON c.id = o.customer_id",
+        )
+        .unwrap_err();
         assert_eq!(error.sqlstate(), "0A000");
         assert_eq!(plan("SELEC 1").unwrap_err().sqlstate(), "42601");
     }

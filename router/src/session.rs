@@ -362,6 +362,49 @@ async fn rows_outcome(
     }
 }
 
+/// The most an intermediate result (merged groups, a WITH query's or a pulled table's rows) may
+/// take in the router, as text arrays.
+const MAX_INTERMEDIATE_BYTES: usize = 256 << 20;
+
+/// The rows of a result (text format), as one text-format array literal per column.
+async fn collect_arrays(
+    width: usize,
+    mut rows: RowStream,
+) -> Result<Vec<bytes::Bytes>, RouterError> {
+    let mut arrays: Vec<Vec<u8>> = vec![b"{".to_vec(); width];
+    let mut first = true;
+    let mut total = 0;
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        total += row.data.len();
+        if total > MAX_INTERMEDIATE_BYTES {
+            return Err(RouterError::session(
+                "54000",
+                format!(
+                    "the intermediate result of this statement exceeds {} MiB in pg-router \
+                     (rows read from the shards to finish it on one shard); restrict it \
+                     with WHERE, or run it per shard key",
+                    MAX_INTERMEDIATE_BYTES >> 20
+                ),
+            ));
+        }
+        for (array, field) in arrays.iter_mut().zip(split_fields(&row.data)) {
+            if !first {
+                array.push(b',');
+            }
+            array_element(array, field);
+        }
+        first = false;
+    }
+    Ok(arrays
+        .into_iter()
+        .map(|mut array| {
+            array.push(b'}');
+            bytes::Bytes::from(array)
+        })
+        .collect())
+}
+
 /// Appends one element to a text-format array literal: `NULL`, or the value double-quoted with
 /// `"` and `\` escaped (any type's text form reads back through its input function).
 fn array_element(array: &mut Vec<u8>, field: Option<&[u8]>) {
@@ -1168,6 +1211,10 @@ impl Session {
                     command: "SELECT".into(),
                 })
             }
+            Plan::MultiStage(multi) => {
+                self.multi_stage(&runtime, multi, params, result_formats)
+                    .await
+            }
             Plan::Broadcast => {
                 let parts = (0..runtime.topology.shards.len())
                     .map(|s| (s, planned.sql.clone(), params.clone()))
@@ -1193,33 +1240,16 @@ impl Session {
         shard: usize,
         finalize: &planner::Finalize,
         columns: &[Column],
-        mut rows: RowStream,
+        rows: RowStream,
         params: &Params,
         result_formats: &[i16],
     ) -> Result<Outcome, RouterError> {
-        let mut arrays: Vec<Vec<u8>> = vec![b"{".to_vec(); columns.len()];
-        let mut first = true;
-        while let Some(row) = rows.next().await {
-            let row = row?;
-            for (array, field) in arrays.iter_mut().zip(split_fields(&row.data)) {
-                if !first {
-                    array.push(b',');
-                }
-                array_element(array, field);
-            }
-            first = false;
-        }
+        let arrays = collect_arrays(columns.len(), rows).await?;
         let mut types = Vec::with_capacity(columns.len() + finalize.client_params.len());
         for column in columns {
             types.push(self.array_type(runtime, shard, column.type_oid).await?);
         }
-        let mut values: Vec<Option<bytes::Bytes>> = arrays
-            .into_iter()
-            .map(|mut array| {
-                array.push(b'}');
-                Some(bytes::Bytes::from(array))
-            })
-            .collect();
+        let mut values: Vec<Option<bytes::Bytes>> = arrays.into_iter().map(Some).collect();
         let mut formats = vec![0; values.len()];
         let client = params.subset(&finalize.client_params);
         types.extend(client.types);
@@ -1244,6 +1274,81 @@ impl Session {
         self.notices.append(&mut cursor.notices);
         cursor.stream_notices_to(self.stream_notices.clone());
         rows_outcome(cursor, "SELECT", self.stream_failed.clone()).await
+    }
+
+    /// Runs a multi-stage statement: each stage's rows become text arrays, read by the outer
+    /// statement on the first shard as `WITH name AS (SELECT * FROM unnest($k, ...) AS name(...))`.
+    fn multi_stage<'a>(
+        &'a mut self,
+        runtime: &'a Runtime,
+        multi: &'a planner::MultiStage,
+        params: &'a Params,
+        result_formats: &'a [i16],
+    ) -> futures::future::BoxFuture<'a, Result<Outcome, RouterError>> {
+        Box::pin(async move {
+            let outer = params.subset(&multi.outer_params);
+            let (mut types, mut values, mut formats) = (outer.types, outer.values, outer.formats);
+            let mut definitions = Vec::with_capacity(multi.stages.len() + multi.kept.len());
+            for stage in &multi.stages {
+                let stage_params = params.subset(&stage.params);
+                let outcome = self
+                    .execute_plan(&stage.planned, &stage_params, &[], true)
+                    .await?;
+                let Outcome::Rows { columns, rows, .. } = outcome else {
+                    return Err(RouterError::session(
+                        "0A000",
+                        format!("the WITH query or subquery {} returns no rows", stage.name),
+                    ));
+                };
+                if columns.is_empty() || stage.columns.len() > columns.len() {
+                    return Err(RouterError::session(
+                        "42P10",
+                        format!(
+                            "WITH query \"{}\" has {} columns available but {} columns specified",
+                            stage.name,
+                            columns.len(),
+                            stage.columns.len()
+                        ),
+                    ));
+                }
+                let arrays = collect_arrays(columns.len(), rows).await?;
+                let mut placeholders = Vec::with_capacity(columns.len());
+                for (column, array) in columns.iter().zip(arrays) {
+                    types.push(self.array_type(runtime, 0, column.type_oid).await?);
+                    values.push(Some(array));
+                    formats.push(0);
+                    placeholders.push(format!("${}", values.len()));
+                }
+                let names: Vec<String> = columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, column)| {
+                        planner::quote_ident(stage.columns.get(i).unwrap_or(&column.name))
+                    })
+                    .collect();
+                let name = planner::quote_ident(&stage.name);
+                definitions.push(format!(
+                    "{name} AS (SELECT * FROM unnest({}) AS {name}({}))",
+                    placeholders.join(", "),
+                    names.join(", ")
+                ));
+            }
+            definitions.extend(multi.kept.iter().cloned());
+            let sql = format!("WITH {} {}", definitions.join(", "), multi.outer);
+            let params = Params {
+                types,
+                values,
+                formats,
+            };
+            let handle = self.handle_for(runtime, 0).await?;
+            let cancel = self.cancel.clone();
+            let mut cursor =
+                ShardCursor::open(cancel.as_ref(), handle, &sql, &params, result_formats, true)
+                    .await?;
+            self.notices.append(&mut cursor.notices);
+            cursor.stream_notices_to(self.stream_notices.clone());
+            rows_outcome(cursor, "SELECT", self.stream_failed.clone()).await
+        })
     }
 
     /// The array type of a column type: built-in ones from a table, others from the shard's

@@ -105,6 +105,24 @@ const CORPUS: &[&str] = &[
     "SELECT region, bool_or(score > 90), any_value(region) FROM customers GROUP BY region ORDER BY region",
     "SELECT note, qty % 2, count(*) FROM orders GROUP BY 1, 2 ORDER BY 1, 2",
     "SELECT score % 3 AS bucket, sum(qty) FROM customers c JOIN orders o ON o.customer_id = c.id GROUP BY 1 ORDER BY bucket",
+    // WITH queries and FROM subqueries over sharded tables run first; the outer statement reads
+    // their results on one shard.
+    "WITH totals AS (SELECT customer_id, sum(total) AS s FROM orders GROUP BY customer_id) SELECT count(*), max(s) FROM totals WHERE s > 500",
+    "SELECT count(*) FROM (SELECT DISTINCT region FROM customers) AS r",
+    "SELECT r.region, r.n, k.name FROM (SELECT region, count(*) AS n FROM customers GROUP BY region) r LEFT JOIN countries k ON k.code = r.region ORDER BY r.region NULLS FIRST",
+    "WITH big AS (SELECT id, score FROM customers WHERE score > 90), small(sid, sc) AS (SELECT id, score FROM customers WHERE score < 5) SELECT (SELECT count(*) FROM big), (SELECT count(*) FROM small), (SELECT max(sc) FROM small)",
+    "WITH t AS (SELECT customer_id, count(*) AS n FROM orders GROUP BY customer_id) SELECT n, count(*) FROM t GROUP BY n ORDER BY n",
+    "WITH t AS (SELECT id, total FROM orders WHERE total IS NOT NULL ORDER BY total DESC, id LIMIT 5) SELECT * FROM t ORDER BY id",
+    "WITH t AS (SELECT id, name || E'\\\\ \"q\" ,{}' AS weird FROM customers WHERE score > 95) SELECT * FROM t ORDER BY id",
+    "WITH t AS (SELECT id, score, region FROM customers WHERE score IS NULL OR region IS NULL) SELECT count(*), count(score), count(region) FROM t",
+    // Window functions, DISTINCT ON and aggregates that do not merge, over one sharded table:
+    // its matching rows are pulled from the shards and the statement runs over them.
+    "SELECT id, score, rank() OVER (ORDER BY score DESC NULLS LAST) FROM customers ORDER BY score DESC NULLS LAST, id LIMIT 7",
+    "SELECT region, string_agg(name, ',' ORDER BY name), array_agg(id ORDER BY id) FROM customers WHERE id < 40 GROUP BY region ORDER BY region",
+    "SELECT sum(DISTINCT score), round(stddev(score), 6), percentile_cont(0.5) WITHIN GROUP (ORDER BY score) FROM customers",
+    "SELECT DISTINCT ON (region) region, id, name FROM customers ORDER BY region, id",
+    "SELECT o.customer_id, o.total, sum(o.total) OVER (PARTITION BY o.customer_id ORDER BY o.id) FROM orders o WHERE o.qty = 2 ORDER BY 1, o.id",
+    "SELECT json_agg(id ORDER BY id) FROM customers WHERE score > 95",
     // UNION [ALL] across shards: run whole on every shard, merged (and deduplicated).
     "SELECT id, name FROM customers WHERE score > 90 UNION ALL SELECT customer_id, note FROM orders WHERE qty = 3 ORDER BY 1, 2",
     "SELECT region FROM customers UNION SELECT note FROM orders ORDER BY region",
@@ -490,6 +508,24 @@ async fn merged_groups_and_distinct_values() {
     let odd: i64 = (5..=29).step_by(2).sum();
     assert_eq!(got, vec![("r0".into(), even * 10), ("r1".into(), odd * 10)]);
     assert_eq!(rows[0].columns()[1].name(), "weighted");
+
+    // A WITH query over sharded tables and its outer statement, each with the client's
+    // parameters.
+    let rows = client
+        .query(
+            "WITH t AS (SELECT region, count(*) AS n FROM customers WHERE score > $1::int \
+             GROUP BY region) SELECT region, n, mood_count FROM t, \
+             (SELECT count(DISTINCT mood) AS mood_count FROM customers) m WHERE n > $2::bigint \
+             ORDER BY region",
+            &[&5i32, &12i64],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got, vec![("r0".into(), 13, 3)]);
 
     // Array-typed groups do not pass through unnest: a clear error, the connection stays usable.
     let error = client

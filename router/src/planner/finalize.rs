@@ -24,7 +24,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::{
-    Aggregation, ColumnMerge, MergeSpec, Plan, PlanError, Planned, contains_aggregate,
+    Aggregation, ColumnMerge, MergeSpec, Plan, PlanError, Planned, Renumber, contains_aggregate,
     contains_window, count_of, default_column_name, is_aggregate_name, is_builtin_aggregate,
     last_name, sole_argument, unsupported, with_function_name,
 };
@@ -177,12 +177,7 @@ pub(super) fn plan(mut query: Query, shards: Option<Vec<usize>>) -> Result<Plann
     final_select.distinct = moved.distinct;
 
     let mut shard_params = Vec::new();
-    Renumber {
-        first: 1,
-        new: HashMap::new(),
-        used: &mut shard_params,
-    }
-    .apply(&mut query);
+    Renumber::new(1, &mut shard_params).apply(&mut query);
 
     Ok(Planned {
         sql: query.to_string(),
@@ -220,46 +215,13 @@ struct Moved {
 
 /// The client's `$k` in the moved parts become `$width+1...`, in order of first use.
 fn renumber_client_params(moved: &mut Moved, width: usize, used: &mut Vec<usize>) {
-    let mut renumber = Renumber {
-        first: width + 1,
-        new: HashMap::new(),
-        used,
-    };
+    let mut renumber = Renumber::new(width + 1, used);
     renumber.apply(&mut moved.items);
     renumber.apply(&mut moved.having);
     renumber.apply(&mut moved.distinct);
     renumber.apply(&mut moved.order_by);
     renumber.apply(&mut moved.limit_clause);
     renumber.apply(&mut moved.fetch);
-}
-
-/// Renumbers the `$k` of a statement's parts from `first` on, in order of first use, and
-/// records which client parameter (0-based) each new number stands for: a statement sent with
-/// parameters it does not use would fail on the shard (their types cannot be determined).
-struct Renumber<'a> {
-    first: usize,
-    new: HashMap<usize, usize>,
-    used: &'a mut Vec<usize>,
-}
-
-impl Renumber<'_> {
-    fn apply<V: VisitMut>(&mut self, node: &mut V) {
-        let _ = visit_expressions_mut(node, |expr| {
-            if let Expr::Value(value) = expr
-                && let Value::Placeholder(p) = &mut value.value
-                && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
-                && n >= 1
-            {
-                let next = self.first + self.new.len();
-                let new = *self.new.entry(n).or_insert_with(|| {
-                    self.used.push(n - 1);
-                    next
-                });
-                *p = format!("${new}");
-            }
-            ControlFlow::<()>::Continue(())
-        });
-    }
 }
 
 /// The shard columns of a finalized aggregate query and how each merges.
@@ -553,27 +515,27 @@ mod tests {
                 "a subquery in an aggregate query",
             ),
             (
-                "SELECT sum(DISTINCT score) * 2 FROM customers",
+                "SELECT sum(DISTINCT o.qty) * 2 FROM customers c JOIN orders o ON o.customer_id = c.id",
                 "DISTINCT aggregates other than count",
             ),
             (
-                "SELECT rank() OVER (ORDER BY sum(score)) FROM customers GROUP BY region",
+                "SELECT rank() OVER (ORDER BY sum(o.qty)) FROM customers c JOIN orders o ON o.customer_id = c.id GROUP BY c.region",
                 "window functions",
             ),
             (
-                "SELECT id, rank() OVER (ORDER BY score) FROM customers",
+                "SELECT c.id, rank() OVER (ORDER BY o.qty) FROM customers c JOIN orders o ON o.customer_id = c.id",
                 "window functions",
             ),
             (
-                "SELECT region, string_agg(name, ',') FROM customers GROUP BY region",
+                "SELECT c.region, string_agg(o.note, ',') FROM customers c JOIN orders o ON o.customer_id = c.id GROUP BY c.region",
                 "the aggregate string_agg()",
             ),
             (
-                "SELECT array_agg(id) FROM customers",
+                "SELECT array_agg(o.id) FROM customers c JOIN orders o ON o.customer_id = c.id",
                 "the aggregate array_agg()",
             ),
             (
-                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY score) FROM customers",
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY o.qty) FROM customers c JOIN orders o ON o.customer_id = c.id",
                 "the aggregate percentile_cont()",
             ),
         ] {

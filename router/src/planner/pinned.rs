@@ -249,15 +249,11 @@ mod tests {
             format!(
                 "SELECT id FROM orders WHERE customer_id = {a} INTERSECT SELECT id FROM orders WHERE customer_id = {b}"
             ),
-            "WITH o AS (SELECT * FROM orders) SELECT count(*) FROM o".to_string(),
             format!(
                 "SELECT * FROM customers WHERE id = {a} AND EXISTS (SELECT 1 FROM orders o WHERE o.id = customers.id)"
             ),
             "SELECT id FROM orders WHERE customer_id = $1 INTERSECT SELECT id FROM orders WHERE customer_id = $2"
                 .to_string(),
-            format!(
-                "WITH o AS (SELECT * FROM orders WHERE customer_id = {a}) SELECT * FROM o JOIN audit_log l ON true"
-            ),
             format!("SELECT * FROM orders WHERE customer_id = {a} OR customer_id = {b} UNION SELECT 1, 2, 3"),
         ];
         for sql in &refused {

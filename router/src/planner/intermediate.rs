@@ -1,0 +1,381 @@
+//! Multi-stage queries: WITH queries and FROM subqueries over sharded tables, read by an outer
+//! statement that reads no sharded table itself (Citus calls this recursive planning).
+//!
+//! `WITH totals AS (SELECT customer_id, sum(total) AS s FROM orders GROUP BY customer_id)
+//! SELECT count(*) FROM totals WHERE s > 50`: each such WITH query or FROM subquery is planned
+//! on its own (single shard, or scatter-gather with its merge) and runs first; its rows become
+//! one text array per column, and the outer statement runs on the first shard with the result
+//! in its place: `WITH totals AS (SELECT * FROM unnest($1, $2) AS totals(customer_id, s))
+//! SELECT count(*) FROM totals WHERE s > 50`. The outer statement may read reference tables
+//! and tables the router does not shard (they live on the first shard), and WITH queries that
+//! read no sharded table stay in it as written. Each result is held in the router's memory.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    Cte, DuplicateTreatment, Expr, FunctionArguments, Query, SetExpr, TableFactor,
+    visit_expressions, visit_relations,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use super::{
+    Plan, PlanError, Planned, Renumber, is_aggregate_name, is_builtin_aggregate, last_name,
+    normalize, plan_query, table_use, unsupported,
+};
+use crate::topology::Topology;
+
+/// A statement whose WITH queries or FROM subqueries over sharded tables run first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MultiStage {
+    /// The results computed first, in order.
+    pub stages: Vec<Stage>,
+    /// WITH queries that read no sharded table, as written (`name AS (...)`), defined after the
+    /// stages' results.
+    pub kept: Vec<String>,
+    /// The outer statement without its WITH; the client's parameters it uses are `$1...`.
+    pub outer: String,
+    /// The client's parameters (0-based) of `kept` and `outer`, as `$1...` in this order; the
+    /// stages' arrays follow.
+    pub outer_params: Vec<usize>,
+}
+
+/// One result computed before the outer statement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage {
+    /// The name the outer statement reads it by (a WITH query's, or `__pgr_derived_N`).
+    pub name: String,
+    /// Column names given with the WITH query's name (`totals(id, s)`), if any.
+    pub columns: Vec<String>,
+    /// Its plan.
+    pub planned: Planned,
+    /// The client's parameters (0-based) it uses, as `$1...` in this order.
+    pub params: Vec<usize>,
+}
+
+/// Plans `query` in stages if it has WITH queries or FROM subqueries over sharded tables;
+/// `None` if it has none (the caller's own refusals apply).
+pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Planned>, PlanError> {
+    if !query.locks.is_empty() {
+        return Ok(None);
+    }
+    let mut stages = Vec::new();
+    let mut kept: Vec<Cte> = Vec::new();
+    let mut cte_names: Vec<String> = Vec::new();
+    if let Some(with) = &query.with {
+        if with.recursive {
+            return Ok(None);
+        }
+        cte_names = with
+            .cte_tables
+            .iter()
+            .map(|cte| normalize(&cte.alias.name))
+            .collect();
+    }
+    if let Some(with) = query.with.take() {
+        for cte in with.cte_tables {
+            if table_use(topology, cte.query.as_ref()).sharded.is_empty() {
+                kept.push(cte);
+                continue;
+            }
+            let columns = cte
+                .alias
+                .columns
+                .iter()
+                .map(|c| normalize(&c.name))
+                .collect();
+            stages.push(stage(
+                topology,
+                normalize(&cte.alias.name),
+                columns,
+                *cte.query,
+                &cte_names,
+            )?);
+        }
+    }
+    if let SetExpr::Select(select) = query.body.as_mut() {
+        for table in &mut select.from {
+            let factors = std::iter::once(&mut table.relation)
+                .chain(table.joins.iter_mut().map(|join| &mut join.relation));
+            for factor in factors {
+                let TableFactor::Derived {
+                    lateral, subquery, ..
+                } = factor
+                else {
+                    continue;
+                };
+                if table_use(topology, subquery.as_ref()).sharded.is_empty() {
+                    continue;
+                }
+                if *lateral {
+                    return unsupported("a LATERAL subquery over sharded tables");
+                }
+                let name = format!("__pgr_derived_{}", stages.len());
+                let reference = parse_query(&format!("SELECT * FROM {name}"))?;
+                let body = std::mem::replace(subquery.as_mut(), reference);
+                stages.push(stage(topology, name, Vec::new(), body, &cte_names)?);
+            }
+        }
+    }
+    if stages.is_empty() {
+        return Ok(None);
+    }
+    if !table_use(topology, &query).sharded.is_empty() {
+        return unsupported(
+            "a statement that reads sharded tables besides the results of its WITH queries or \
+             FROM subqueries over sharded tables (it can read those results, reference tables \
+             and unsharded tables)",
+        );
+    }
+    let mut outer_params = Vec::new();
+    let mut renumber = Renumber::new(1, &mut outer_params);
+    renumber.apply(&mut kept);
+    renumber.apply(&mut query);
+    let outer = query.to_string();
+    Ok(Some(Planned {
+        sql: outer.clone(),
+        plan: Plan::MultiStage(Box::new(MultiStage {
+            stages,
+            kept: kept.iter().map(ToString::to_string).collect(),
+            outer,
+            outer_params,
+        })),
+        returns_rows: true,
+    }))
+}
+
+/// A SELECT over one sharded table that the merger cannot finish (window functions, DISTINCT
+/// ON, aggregates such as `string_agg` or `stddev`), as a statement over the table's matching
+/// rows: `FROM t AS a WHERE w` becomes `FROM (SELECT * FROM t AS a WHERE w) AS a`, whose rows
+/// run first as a stage. `None` when the statement is not of that form.
+pub(super) fn pull_up(topology: &Topology, mut query: Query) -> Result<Option<Planned>, PlanError> {
+    if query.with.is_some() || !query.locks.is_empty() {
+        return Ok(None);
+    }
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(None);
+    };
+    if !needs_rows(select, query.order_by.as_ref()) {
+        return Ok(None);
+    }
+    let [table] = select.from.as_mut_slice() else {
+        return Ok(None);
+    };
+    if !table.joins.is_empty() {
+        return Ok(None);
+    }
+    let TableFactor::Table { name, alias, .. } = &table.relation else {
+        return Ok(None);
+    };
+    if !topology.tables.contains_key(&last_name(name)) {
+        return Ok(None);
+    }
+    let alias_name = match alias {
+        Some(alias) if !alias.columns.is_empty() => return Ok(None),
+        Some(alias) => alias.name.clone(),
+        None => name
+            .0
+            .last()
+            .and_then(|part| part.as_ident())
+            .cloned()
+            .unwrap_or_else(|| sqlparser::ast::Ident::new(last_name(name))),
+    };
+    let mut rows = format!("SELECT * FROM {}", table.relation);
+    if let Some(selection) = select.selection.take() {
+        rows.push_str(&format!(" WHERE {selection}"));
+    }
+    let reference = parse_query(&format!("SELECT * FROM ({rows}) AS {alias_name}"))?;
+    let SetExpr::Select(mut pulled) = *reference.body else {
+        return Ok(None);
+    };
+    table.relation = pulled.from.remove(0).relation;
+    plan(topology, query)
+}
+
+/// Does the statement use what only its whole rows can answer: a window function, DISTINCT
+/// ON, an aggregate the merger cannot combine (`string_agg`, `stddev`, `sum(DISTINCT x)`,
+/// `percentile_cont(...) WITHIN GROUP`, ...)? Other refusals stay refusals: pulling a table's
+/// rows would not answer them.
+fn needs_rows(select: &sqlparser::ast::Select, order_by: Option<&sqlparser::ast::OrderBy>) -> bool {
+    if matches!(select.distinct, Some(sqlparser::ast::Distinct::On(_))) {
+        return true;
+    }
+    let mut found = false;
+    let mut check = |expr: &Expr| {
+        if let Expr::Function(function) = expr {
+            let name = last_name(&function.name);
+            let distinct = matches!(
+                &function.args,
+                FunctionArguments::List(list)
+                    if list.duplicate_treatment == Some(DuplicateTreatment::Distinct)
+            );
+            found |= function.over.is_some()
+                || (is_builtin_aggregate(function)
+                    && (is_aggregate_name(&name).is_none()
+                        || !function.within_group.is_empty()
+                        || (distinct && name != "count")));
+        }
+        ControlFlow::<()>::Continue(())
+    };
+    let _ = visit_expressions(&select.projection, &mut check);
+    let _ = visit_expressions(&select.having, &mut check);
+    if let Some(order_by) = order_by {
+        let _ = visit_expressions(order_by, &mut check);
+    }
+    found
+}
+
+/// Plans one WITH query or FROM subquery as a statement of its own.
+fn stage(
+    topology: &Topology,
+    name: String,
+    columns: Vec<String>,
+    mut body: Query,
+    cte_names: &[String],
+) -> Result<Stage, PlanError> {
+    if !matches!(
+        body.body.as_ref(),
+        SetExpr::Select(_) | SetExpr::SetOperation { .. }
+    ) {
+        return unsupported("a data-modifying WITH query over sharded tables");
+    }
+    let mut reads_cte = false;
+    let _ = visit_relations(&body, |relation| {
+        reads_cte |= relation.0.len() == 1 && cte_names.contains(&last_name(relation));
+        ControlFlow::<()>::Continue(())
+    });
+    if reads_cte {
+        return unsupported(
+            "a WITH query or subquery over sharded tables that reads another WITH query",
+        );
+    }
+    let mut params = Vec::new();
+    Renumber::new(1, &mut params).apply(&mut body);
+    let text = body.to_string();
+    let planned = plan_query(topology, body, text)?;
+    match &planned.plan {
+        Plan::Single(_) | Plan::Scatter { write: false, .. } | Plan::MultiStage(_) => {}
+        _ => return unsupported("this WITH query or subquery over sharded tables"),
+    }
+    Ok(Stage {
+        name,
+        columns,
+        planned,
+        params,
+    })
+}
+
+fn parse_query(sql: &str) -> Result<Query, PlanError> {
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|e| PlanError::Syntax(e.to_string()))?
+        .pop()
+    {
+        Some(sqlparser::ast::Statement::Query(query)) => Ok(*query),
+        _ => unsupported("a subquery"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::plan;
+    use super::*;
+
+    fn staged(sql: &str) -> MultiStage {
+        match plan(sql).unwrap().plan {
+            Plan::MultiStage(multi) => *multi,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn with_queries_over_sharded_tables_run_first() {
+        let multi = staged(
+            "WITH totals AS (SELECT customer_id, sum(total) AS s FROM orders WHERE qty > $2 \
+             GROUP BY customer_id), names(code) AS (SELECT code FROM countries) \
+             SELECT count(*) FROM totals, names WHERE s > $1",
+        );
+        assert_eq!(multi.stages.len(), 1);
+        let stage = &multi.stages[0];
+        assert_eq!(stage.name, "totals");
+        assert!(matches!(stage.planned.plan, Plan::Scatter { .. }));
+        assert_eq!(stage.params, vec![1]);
+        assert_eq!(
+            multi.kept,
+            vec!["names (code) AS (SELECT code FROM countries)"]
+        );
+        assert_eq!(
+            multi.outer,
+            "SELECT count(*) FROM totals, names WHERE s > $1"
+        );
+        assert_eq!(multi.outer_params, vec![0]);
+    }
+
+    #[test]
+    fn a_stage_pinned_to_one_shard_and_unsharded_tables_in_the_outer_statement() {
+        let multi = staged(
+            "WITH o AS (SELECT * FROM orders WHERE customer_id = 1) \
+             SELECT * FROM o JOIN audit_log l ON true",
+        );
+        assert!(matches!(multi.stages[0].planned.plan, Plan::Single(_)));
+        assert_eq!(multi.outer, "SELECT * FROM o JOIN audit_log l ON true");
+    }
+
+    #[test]
+    fn from_subqueries_over_sharded_tables_become_stages() {
+        let multi = staged(
+            "SELECT count(*) FROM (SELECT DISTINCT region FROM customers) AS r JOIN countries k ON k.code = r.region",
+        );
+        assert_eq!(multi.stages[0].name, "__pgr_derived_0");
+        assert_eq!(
+            multi.outer,
+            "SELECT count(*) FROM (SELECT * FROM __pgr_derived_0) AS r JOIN countries k ON k.code = r.region"
+        );
+    }
+
+    #[test]
+    fn what_only_whole_rows_answer_pulls_the_matching_rows_first() {
+        let multi = staged(
+            "SELECT id, rank() OVER (ORDER BY score) FROM customers c WHERE c.score > $1 LIMIT $2",
+        );
+        assert_eq!(
+            multi.stages[0].planned.sql,
+            "SELECT * FROM customers c WHERE c.score > $1"
+        );
+        assert_eq!(multi.stages[0].params, vec![0]);
+        assert_eq!(
+            multi.outer,
+            "SELECT id, rank() OVER (ORDER BY score) FROM (SELECT * FROM __pgr_derived_0) AS c LIMIT $1"
+        );
+        assert_eq!(multi.outer_params, vec![1]);
+        // Pinned to one shard by its key, it runs there whole as before.
+        let planned = plan("SELECT string_agg(note, ',') FROM orders WHERE customer_id = 7");
+        assert!(matches!(planned.unwrap().plan, Plan::Single(_)));
+        // An error that whole rows would not fix is not worth reading the table for.
+        assert!(plan("SELECT region, name || count(*) FROM customers GROUP BY region").is_err());
+    }
+
+    #[test]
+    fn what_stays_refused() {
+        for (sql, reason) in [
+            (
+                "WITH t AS (SELECT customer_id FROM orders) SELECT * FROM customers c JOIN t ON t.customer_id = c.id",
+                "reads sharded tables besides",
+            ),
+            (
+                "WITH a AS (SELECT 1 AS x), t AS (SELECT * FROM orders JOIN a ON a.x = orders.qty) SELECT * FROM t",
+                "reads another WITH query",
+            ),
+            (
+                "SELECT * FROM countries k, LATERAL (SELECT * FROM orders WHERE note = k.code) o",
+                "LATERAL",
+            ),
+        ] {
+            match plan(sql) {
+                Err(PlanError::Unsupported(message)) => {
+                    assert!(message.contains(reason), "{sql}: {message}")
+                }
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+    }
+}
