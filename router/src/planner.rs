@@ -16,6 +16,7 @@ use sqlparser::parser::Parser;
 
 use crate::topology::{KeyType, Topology};
 
+mod colocated;
 mod finalize;
 mod intermediate;
 mod pinned;
@@ -856,10 +857,24 @@ fn plan_write(
         }
         return planned(Plan::Single(Target::Shard(0)));
     };
-    if usage.sharded.len() > 1 {
-        return unsupported("UPDATE/DELETE joining several sharded tables");
-    }
     let group = sharded.group;
+    if usage.sharded.len() > 1 {
+        // Only through WHERE subqueries co-located with the written table.
+        let mut outer = HashMap::new();
+        let alias = match &table.relation {
+            TableFactor::Table {
+                alias: Some(alias), ..
+            } => normalize(&alias.name),
+            _ => target.clone(),
+        };
+        outer.insert(alias, sharded.shard_key.clone());
+        let pushed = selection.and_then(|selection| {
+            colocated::pushed_down_tables(topology, selection, &outer, group)
+        });
+        if !table.joins.is_empty() || pushed != Some(usage.sharded.len() - 1) {
+            return unsupported("UPDATE/DELETE joining several sharded tables");
+        }
+    }
     let mut keys = Vec::new();
     if let Some(selection) = selection {
         let mut columns = HashMap::new();
@@ -1676,10 +1691,16 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
         return unsupported("WITH over sharded tables");
     }
     let from = analyze_from(topology, select)?;
-    // Sharded tables must all be in the top-level FROM (no sharded subqueries elsewhere).
+    // Sharded tables must all be in the top-level FROM, or in WHERE subqueries co-located with
+    // it (pushed down whole).
     let top_level = from.key_columns.len();
     if usage.sharded.len() != top_level {
-        return unsupported("a subquery over a sharded table");
+        let pushed = select.selection.as_ref().and_then(|selection| {
+            colocated::pushed_down_tables(topology, selection, &from.key_columns, from.group)
+        });
+        if pushed != Some(usage.sharded.len() - top_level) {
+            return unsupported("a subquery over a sharded table");
+        }
     }
     let key_type = topology.groups[from.group].key_type;
     let keys = select

@@ -123,6 +123,11 @@ const CORPUS: &[&str] = &[
     "SELECT DISTINCT ON (region) region, id, name FROM customers ORDER BY region, id",
     "SELECT o.customer_id, o.total, sum(o.total) OVER (PARTITION BY o.customer_id ORDER BY o.id) FROM orders o WHERE o.qty = 2 ORDER BY 1, o.id",
     "SELECT json_agg(id ORDER BY id) FROM customers WHERE score > 95",
+    // Subqueries co-located with the statement (IN / EXISTS on the shard key): pushed down.
+    "SELECT count(*) FROM orders WHERE customer_id IN (SELECT id FROM customers WHERE region = 'north')",
+    "SELECT o.id, o.total FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.score > 90) ORDER BY o.id LIMIT 10",
+    "SELECT c.id FROM customers c WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.id) ORDER BY c.id",
+    "SELECT note, count(*) FROM orders o WHERE o.customer_id IN (SELECT c.id FROM customers c WHERE c.score < 20) GROUP BY note ORDER BY note",
     // UNION [ALL] across shards: run whole on every shard, merged (and deduplicated).
     "SELECT id, name FROM customers WHERE score > 90 UNION ALL SELECT customer_id, note FROM orders WHERE qty = 3 ORDER BY 1, 2",
     "SELECT region FROM customers UNION SELECT note FROM orders ORDER BY region",
@@ -409,6 +414,22 @@ async fn router_results_equal_single_postgres_results() {
         checked += 1;
     }
     assert!(checked > 200, "only {checked} queries checked");
+
+    // Writes restricted by co-located subqueries change the same rows.
+    for write in [
+        "UPDATE orders SET qty = qty + 10 WHERE customer_id IN (SELECT id FROM customers WHERE region = 'south')",
+        "DELETE FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.score < 10)",
+    ] {
+        let expected = direct.execute(write, &[]).await.unwrap();
+        let got = routed.execute(write, &[]).await.unwrap();
+        assert_eq!(got, expected, "{write}");
+        assert!(got > 0, "{write} changed nothing");
+    }
+    let sql = "SELECT id, customer_id, qty FROM orders ORDER BY id";
+    assert_eq!(
+        text_rows(&routed, sql).await.unwrap(),
+        text_rows(&direct, sql).await.unwrap()
+    );
 
     // Parameters: the same prepared statements, many bindings.
     let direct_statement = direct
