@@ -347,9 +347,26 @@ pub enum Plan {
     CopyIn(CopyDestination, crate::copy_in::CopyFormat),
     /// COPY ... TO STDOUT: the shards' rows, one shard after the other.
     CopyOut(CopyOut),
+    /// INSERT ... SELECT: the rows are read first, then copied in by key.
+    InsertSelect(Box<InsertSelect>),
     /// WITH queries / FROM subqueries over sharded tables first, then the outer statement over
     /// their results on the first shard.
     MultiStage(Box<MultiStage>),
+}
+
+/// An INSERT ... SELECT run by the router.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InsertSelect {
+    /// The SELECT.
+    pub source: Planned,
+    /// The client's parameters (0-based) it uses, as `$1...` in this order.
+    pub source_params: Vec<usize>,
+    /// `COPY table [(columns)] FROM STDIN`, text format.
+    pub copy_sql: String,
+    /// Where each row goes.
+    pub destination: CopyDestination,
+    /// COPY's text format, as the router writes the rows.
+    pub format: crate::copy_in::CopyFormat,
 }
 
 /// A COPY TO STDOUT.
@@ -396,6 +413,7 @@ impl Plan {
             Plan::CopyIn(..) => "copy_in",
             Plan::CopyOut(_) => "copy_out",
             Plan::MultiStage(_) => "multi_stage",
+            Plan::InsertSelect(_) => "insert_select",
         }
     }
 }
@@ -1062,6 +1080,65 @@ fn key_restriction(
     Vec::new()
 }
 
+/// INSERT ... SELECT whose rows the router moves: the SELECT (planned on its own) runs first,
+/// then its rows go in as a COPY FROM STDIN, each to its shard (every shard for a reference
+/// table, the first for an unsharded one), in one transaction, two-phase across shards.
+fn plan_insert_select(
+    topology: &Topology,
+    mut insert: Insert,
+    text: String,
+) -> Result<Planned, PlanError> {
+    if insert.on.is_some() {
+        return unsupported("INSERT ... SELECT ... ON CONFLICT across shards");
+    }
+    if insert.returning.is_some() {
+        return unsupported("INSERT ... SELECT ... RETURNING across shards");
+    }
+    let Some(mut source) = insert.source.take() else {
+        return unsupported("INSERT without a source");
+    };
+    let mut source_params = Vec::new();
+    Renumber::new(1, &mut source_params).apply(source.as_mut());
+    let source_text = source.to_string();
+    let source = plan_query(topology, *source, source_text)?;
+    match &source.plan {
+        Plan::Single(_) | Plan::Scatter { write: false, .. } | Plan::MultiStage(_) => {}
+        _ => return unsupported("this INSERT ... SELECT source across shards"),
+    }
+    let TableObject::TableName(name) = &insert.table else {
+        return unsupported("INSERT into a table function");
+    };
+    let columns: Vec<String> = insert
+        .columns
+        .iter()
+        .map(|c| quote_ident(&last_name(c)))
+        .collect();
+    let mut copy_sql = format!("COPY {name}");
+    if !columns.is_empty() {
+        copy_sql.push_str(&format!(" ({})", columns.join(", ")));
+    }
+    copy_sql.push_str(" FROM STDIN");
+    let copy = plan_sql(topology, &copy_sql)?.pop();
+    let Some(Planned {
+        plan: Plan::CopyIn(destination, format),
+        ..
+    }) = copy
+    else {
+        return unsupported("INSERT ... SELECT into this table across shards");
+    };
+    Ok(Planned {
+        sql: text,
+        plan: Plan::InsertSelect(Box::new(InsertSelect {
+            source,
+            source_params,
+            copy_sql,
+            destination,
+            format,
+        })),
+        returns_rows: false,
+    })
+}
+
 fn plan_insert(topology: &Topology, insert: Insert, text: String) -> Result<Planned, PlanError> {
     let TableObject::TableName(name) = &insert.table else {
         return unsupported("INSERT into a table function");
@@ -1079,10 +1156,20 @@ fn plan_insert(topology: &Topology, insert: Insert, text: String) -> Result<Plan
         .source
         .as_ref()
         .map(|s| table_use(topology, s.as_ref()));
-    if let Some(usage) = &source_usage
-        && !usage.sharded.is_empty()
+    let from_query = insert
+        .source
+        .as_ref()
+        .is_some_and(|source| !matches!(source.body.as_ref(), SetExpr::Values(_)));
+    // INSERT ... SELECT reading sharded tables, or into a sharded table: the router reads the
+    // rows and copies them in, each to its shard.
+    if from_query
+        && (source_usage.as_ref().is_some_and(|u| !u.sharded.is_empty())
+            || topology.tables.contains_key(&table))
     {
-        return unsupported("INSERT ... SELECT from a sharded table");
+        return plan_insert_select(topology, insert, text);
+    }
+    if source_usage.is_some_and(|u| !u.sharded.is_empty()) {
+        return unsupported("INSERT ... VALUES with a subquery over a sharded table");
     }
     if topology.is_reference(&table) {
         return planned(Plan::Broadcast);

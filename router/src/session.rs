@@ -405,6 +405,29 @@ async fn collect_arrays(
         .collect())
 }
 
+/// Appends a row (its fields in text format) as a line of COPY's text format.
+fn copy_text_row(data: &mut Vec<u8>, row: &Row) {
+    for (i, field) in split_fields(&row.data).into_iter().enumerate() {
+        if i > 0 {
+            data.push(b'\t');
+        }
+        let Some(value) = field else {
+            data.extend_from_slice(b"\\N");
+            continue;
+        };
+        for byte in value {
+            match byte {
+                b'\\' => data.extend_from_slice(b"\\\\"),
+                b'\t' => data.extend_from_slice(b"\\t"),
+                b'\n' => data.extend_from_slice(b"\\n"),
+                b'\r' => data.extend_from_slice(b"\\r"),
+                other => data.push(*other),
+            }
+        }
+    }
+    data.push(b'\n');
+}
+
 /// Appends one element to a text-format array literal: `NULL`, or the value double-quoted with
 /// `"` and `\` escaped (any type's text form reads back through its input function).
 fn array_element(array: &mut Vec<u8>, field: Option<&[u8]>) {
@@ -1211,6 +1234,7 @@ impl Session {
                     command: "SELECT".into(),
                 })
             }
+            Plan::InsertSelect(insert) => self.insert_select(&runtime, insert, params).await,
             Plan::MultiStage(multi) => {
                 self.multi_stage(&runtime, multi, params, result_formats)
                     .await
@@ -1348,6 +1372,57 @@ impl Session {
             self.notices.append(&mut cursor.notices);
             cursor.stream_notices_to(self.stream_notices.clone());
             rows_outcome(cursor, "SELECT", self.stream_failed.clone()).await
+        })
+    }
+
+    /// Runs an INSERT ... SELECT: reads the SELECT's rows (text), then copies them in as COPY
+    /// FROM STDIN text, each row to its shard.
+    fn insert_select<'a>(
+        &'a mut self,
+        runtime: &'a Runtime,
+        insert: &'a planner::InsertSelect,
+        params: &'a Params,
+    ) -> futures::future::BoxFuture<'a, Result<Outcome, RouterError>> {
+        Box::pin(async move {
+            let source_params = params.subset(&insert.source_params);
+            let outcome = self
+                .execute_plan(&insert.source, &source_params, &[], true)
+                .await?;
+            let Outcome::Rows { mut rows, .. } = outcome else {
+                return Err(RouterError::session(
+                    "42601",
+                    "the source of INSERT ... SELECT returns no rows",
+                ));
+            };
+            // Read whole before writing: the rows may come from the connections the COPY uses.
+            let mut data = Vec::new();
+            while let Some(row) = rows.next().await {
+                let row = row?;
+                copy_text_row(&mut data, &row);
+                if data.len() > MAX_INTERMEDIATE_BYTES {
+                    return Err(RouterError::session(
+                        "54000",
+                        format!(
+                            "INSERT ... SELECT reads more than {} MiB in pg-router; insert in \
+                             batches (restrict the SELECT with WHERE)",
+                            MAX_INTERMEDIATE_BYTES >> 20
+                        ),
+                    ));
+                }
+            }
+            drop(rows);
+            self.start_copy(
+                runtime,
+                &insert.destination,
+                &insert.format,
+                &insert.copy_sql,
+            )
+            .await?;
+            for chunk in data.chunks(COPY_CHUNK) {
+                self.copy_data(chunk).await;
+            }
+            let inserted = self.finish_copy(None).await?;
+            Ok(Outcome::Command(format!("INSERT 0 {inserted}")))
         })
     }
 

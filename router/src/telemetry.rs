@@ -212,6 +212,7 @@ pub fn shards_touched(plan: &Plan, shard_count: usize) -> Option<usize> {
         Plan::CopyOut(copy) => Some(if copy.shard.is_some() { 1 } else { shard_count }),
         Plan::Transaction(_)
         | Plan::MultiStage(_)
+        | Plan::InsertSelect(_)
         | Plan::Setting
         | Plan::Insert(_)
         | Plan::Deallocate

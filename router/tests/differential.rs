@@ -431,6 +431,64 @@ async fn router_results_equal_single_postgres_results() {
         text_rows(&direct, sql).await.unwrap()
     );
 
+    // INSERT ... SELECT: the router reads the rows and copies each to its shard.
+    for write in [
+        "INSERT INTO orders (id, customer_id, total, qty, note) SELECT id + 10000, customer_id, total, qty, note FROM orders WHERE qty = 3",
+        "INSERT INTO customers (id, name, region) SELECT i, 'new ' || i, E'tab\\there \\\\ back' FROM generate_series(1001, 1050) i",
+        "INSERT INTO countries (code, name) SELECT DISTINCT note, 'from orders' FROM orders WHERE note IS NOT NULL",
+        "INSERT INTO customers SELECT id + 2000, name, NULL, score FROM customers WHERE id <= 20",
+    ] {
+        let expected = direct.execute(write, &[]).await.unwrap();
+        let got = routed
+            .execute(write, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{write}: {e:?}"));
+        assert_eq!(got, expected, "{write}");
+        assert!(got > 0, "{write} inserted nothing");
+    }
+    for sql in [
+        "SELECT * FROM orders ORDER BY id",
+        "SELECT * FROM customers ORDER BY id",
+        "SELECT * FROM countries ORDER BY code",
+    ] {
+        assert_eq!(
+            text_rows(&routed, sql).await.unwrap(),
+            text_rows(&direct, sql).await.unwrap(),
+            "{sql}"
+        );
+    }
+    // Each row on its shard; the reference table's on every shard.
+    for shard in &cluster.shards {
+        let client = shard.client().await.unwrap();
+        // A copied order is on its original's shard (same customer_id, routed by the router).
+        let (copied, misplaced): (i64, i64) = client
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM orders o \
+                 WHERE o.id = n.id - 10000 AND o.customer_id = n.customer_id)) \
+                 FROM orders n WHERE n.id > 10000",
+                &[],
+            )
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        assert!(copied > 0, "no copied order on this shard");
+        assert_eq!(misplaced, 0);
+        let countries: i64 = client
+            .query_one("SELECT count(*) FROM countries", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(countries, 7);
+    }
+    let error = routed
+        .execute(
+            "INSERT INTO orders SELECT * FROM orders WHERE qty = 1 ON CONFLICT DO NOTHING",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error:?}");
+
     // Parameters: the same prepared statements, many bindings.
     let direct_statement = direct
         .prepare("SELECT id, name, score FROM customers WHERE id = $1")
