@@ -271,6 +271,13 @@ pub struct MergeSpec {
     pub limit: Option<u64>,
     /// OFFSET.
     pub offset: u64,
+    /// `LIMIT $n`: the executor reads `limit` from this parameter (1-based) before merging.
+    pub limit_param: Option<usize>,
+    /// `OFFSET $n`: likewise for `offset`.
+    pub offset_param: Option<usize>,
+    /// The client's parameters (0-based) the shards' statement uses as `$1...`, when it does
+    /// not use them all as numbered.
+    pub shard_params: Option<Vec<usize>>,
     /// Expressions over the merged aggregates, HAVING, ORDER BY and LIMIT left to a final
     /// statement on one shard over the merged groups (see `planner/finalize.rs`); the merger
     /// then only merges the groups.
@@ -1919,9 +1926,47 @@ fn is_aggregate_query(query: &Query) -> bool {
 }
 
 /// LIMIT and OFFSET of a multi-shard query, as numbers (the merger applies them).
-fn limit_and_offset(clause: &Option<LimitClause>) -> Result<(Option<u64>, u64), PlanError> {
-    match clause {
-        None => Ok((None, 0)),
+/// LIMIT and OFFSET (or FETCH FIRST) of a multi-shard query: numbers, or bind parameters the
+/// executor reads before merging.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Paging {
+    limit: Option<u64>,
+    offset: u64,
+    /// `LIMIT $n` / `FETCH FIRST $n ROWS ONLY`: parameter number (1-based).
+    limit_param: Option<usize>,
+    /// `OFFSET $n`.
+    offset_param: Option<usize>,
+}
+
+impl Paging {
+    /// Fills the merge's paging.
+    fn apply(&self, merge: &mut MergeSpec) {
+        merge.limit = self.limit;
+        merge.offset = self.offset;
+        merge.limit_param = self.limit_param;
+        merge.offset_param = self.offset_param;
+    }
+}
+
+fn paging(query: &Query) -> Result<Paging, PlanError> {
+    let mut paging = Paging::default();
+    let bound = |expr: &Expr, what: &str| -> Result<(Option<u64>, Option<usize>), PlanError> {
+        if let Some(n) = literal_u64(expr) {
+            return Ok((Some(n), None));
+        }
+        if let Expr::Value(value) = expr
+            && let Value::Placeholder(p) = &value.value
+            && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
+            && n >= 1
+        {
+            return Ok((None, Some(n)));
+        }
+        unsupported(format!(
+            "{what} that is not a number or a parameter in a multi-shard query"
+        ))
+    };
+    match &query.limit_clause {
+        None => {}
         Some(LimitClause::LimitOffset {
             limit,
             offset,
@@ -1930,45 +1975,71 @@ fn limit_and_offset(clause: &Option<LimitClause>) -> Result<(Option<u64>, u64), 
             if !limit_by.is_empty() {
                 return unsupported("LIMIT BY");
             }
-            let limit = match limit {
-                None => None,
-                Some(expr) => Some(literal_u64(expr).ok_or_else(|| {
-                    PlanError::Unsupported(
-                        "a LIMIT that is not a number in a multi-shard query".into(),
-                    )
-                })?),
-            };
-            let offset = match offset {
-                None => 0,
-                Some(Offset { value, .. }) => literal_u64(value).ok_or_else(|| {
-                    PlanError::Unsupported(
-                        "an OFFSET that is not a number in a multi-shard query".into(),
-                    )
-                })?,
-            };
-            Ok((limit, offset))
+            if let Some(expr) = limit
+                && !matches!(expr, Expr::Value(v) if v.value == Value::Null)
+            {
+                (paging.limit, paging.limit_param) = bound(expr, "a LIMIT")?;
+            }
+            if let Some(Offset { value, .. }) = offset {
+                let (number, param) = bound(value, "an OFFSET")?;
+                paging.offset = number.unwrap_or(0);
+                paging.offset_param = param;
+            }
         }
-        Some(LimitClause::OffsetCommaLimit { .. }) => unsupported("LIMIT offset, count"),
+        Some(LimitClause::OffsetCommaLimit { .. }) => return unsupported("LIMIT offset, count"),
     }
+    if let Some(fetch) = &query.fetch {
+        if fetch.with_ties || fetch.percent {
+            return unsupported("FETCH FIRST ... WITH TIES or PERCENT in a multi-shard query");
+        }
+        (paging.limit, paging.limit_param) = match &fetch.quantity {
+            None => (Some(1), None),
+            Some(expr) => bound(expr, "a FETCH FIRST count")?,
+        };
+    }
+    Ok(paging)
 }
 
 /// What each shard is asked for: the first `limit + offset` rows (the merger skips the offset).
-fn shard_limit(limit: Option<u64>, offset: u64) -> Option<LimitClause> {
-    limit.map(|limit| LimitClause::LimitOffset {
-        limit: Some(Expr::value(Value::Number(
-            (limit + offset).to_string(),
-            false,
-        ))),
+fn shard_limit(paging: &Paging) -> Option<LimitClause> {
+    let number = |n: u64| Expr::value(Value::Number(n.to_string(), false));
+    let param = |n: usize| Expr::Cast {
+        kind: sqlparser::ast::CastKind::DoubleColon,
+        expr: Box::new(Expr::value(Value::Placeholder(format!("${n}")))),
+        data_type: sqlparser::ast::DataType::BigInt(None),
+        format: None,
+    };
+    if let (Some(limit), None) = (paging.limit, paging.offset_param) {
+        return limit_clause(number(limit + paging.offset));
+    }
+    let limit = match (paging.limit, paging.limit_param) {
+        (Some(n), _) => number(n),
+        (None, Some(p)) => param(p),
+        (None, None) => return None,
+    };
+    let offset = match (paging.offset, paging.offset_param) {
+        (_, Some(p)) => param(p),
+        (0, None) => return limit_clause(limit),
+        (n, None) => number(n),
+    };
+    limit_clause(Expr::Nested(Box::new(Expr::BinaryOp {
+        left: Box::new(limit),
+        op: BinaryOperator::Plus,
+        right: Box::new(offset),
+    })))
+}
+
+fn limit_clause(limit: Expr) -> Option<LimitClause> {
+    Some(LimitClause::LimitOffset {
+        limit: Some(limit),
         offset: None,
         limit_by: Vec::new(),
     })
 }
 
 fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<Planned, PlanError> {
-    let (limit, offset) = limit_and_offset(&query.limit_clause)?;
-    if query.fetch.is_some() {
-        return unsupported("FETCH FIRST in a multi-shard query");
-    }
+    let paging = paging(&query)?;
+    query.fetch = None;
     let order_exprs = match &query.order_by {
         None => Vec::new(),
         Some(order) => match &order.kind {
@@ -1998,11 +2069,10 @@ fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<P
         Some(Distinct::On(_)) => return unsupported("DISTINCT ON across shards"),
     };
     let mut merge = MergeSpec {
-        limit,
-        offset,
         distinct,
         ..MergeSpec::default()
     };
+    paging.apply(&mut merge);
     let wildcard = select.projection.iter().any(|item| {
         matches!(
             item,
@@ -2184,7 +2254,15 @@ fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<P
         }
         // Rewrite ORDER BY to positions of the (possibly hidden) columns only if we added
         // hidden columns: shards still sort by the original expressions.
-        query.limit_clause = shard_limit(limit, offset);
+        query.limit_clause = shard_limit(&paging);
+    }
+    if merge.limit_param.is_some() || merge.offset_param.is_some() {
+        // The merger reads LIMIT/OFFSET parameters; the shards get only those they use (an
+        // aggregate's shard statement has no LIMIT, and an unused parameter without a type
+        // fails on the shard).
+        let mut used = Vec::new();
+        Renumber::new(1, &mut used).apply(&mut query);
+        merge.shard_params = Some(used);
     }
     Ok(Planned {
         sql: query.to_string(),
@@ -2399,6 +2477,36 @@ mod tests {
             "{}",
             grouped.sql
         );
+    }
+
+    #[test]
+    fn parameter_limits_are_read_at_execution() {
+        let planned = plan("SELECT id FROM customers ORDER BY id LIMIT $1 OFFSET $2").unwrap();
+        let Plan::Scatter { merge, .. } = &planned.plan else {
+            panic!("{planned:?}");
+        };
+        assert_eq!((merge.limit_param, merge.offset_param), (Some(1), Some(2)));
+        assert!(
+            planned.sql.ends_with("LIMIT ($1::BIGINT + $2::BIGINT)"),
+            "{}",
+            planned.sql
+        );
+        let planned = plan(
+            "SELECT region, count(*) FROM customers WHERE score > $2 GROUP BY region \
+             FETCH FIRST $1 ROWS ONLY",
+        )
+        .unwrap();
+        let Plan::Scatter { merge, .. } = &planned.plan else {
+            panic!("{planned:?}");
+        };
+        assert_eq!(merge.limit_param, Some(1));
+        // The shards group without the limit and get only the parameter they use.
+        assert!(
+            planned.sql.ends_with("WHERE score > $1 GROUP BY region"),
+            "{}",
+            planned.sql
+        );
+        assert_eq!(merge.shard_params, Some(vec![1]));
     }
 
     #[test]

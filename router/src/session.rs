@@ -18,7 +18,8 @@ use crate::merger::{self, RowStream};
 use crate::metrics::Metrics;
 use crate::planner::CopyDestination;
 use crate::planner::{
-    self, InsertSplit, KeyExpr, LookupValue, Plan, Planned, SavepointOp, Target, TransactionControl,
+    self, InsertSplit, KeyExpr, LookupValue, MergeSpec, Plan, Planned, SavepointOp, Target,
+    TransactionControl,
 };
 use crate::pool::{Leased, Pools};
 use crate::topology::{BackendConfig, KeyType, Topology};
@@ -360,6 +361,47 @@ async fn rows_outcome(
             None => Ok(Outcome::Empty),
         },
     }
+}
+
+/// The merge with `LIMIT $n` / `OFFSET $n` read from the parameters (NULL: no limit, offset 0).
+fn resolve_paging(merge: &MergeSpec, params: &Params) -> Result<MergeSpec, RouterError> {
+    let mut merge = merge.clone();
+    let read = |param: usize, what: &str, code: &'static str| -> Result<Option<u64>, RouterError> {
+        let index = param - 1;
+        let Some(Some(bytes)) = params.values.get(index) else {
+            return Ok(None);
+        };
+        let value = if params.format_of(index) == 1 {
+            match bytes.len() {
+                8 => Some(i64::from_be_bytes(bytes[..].try_into().expect("8 bytes"))),
+                4 => Some(i32::from_be_bytes(bytes[..].try_into().expect("4 bytes")) as i64),
+                2 => Some(i16::from_be_bytes(bytes[..].try_into().expect("2 bytes")) as i64),
+                _ => None,
+            }
+        } else {
+            std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|text| text.trim().parse::<i64>().ok())
+        };
+        match value {
+            Some(n) if n < 0 => Err(RouterError::session(
+                code,
+                format!("{what} must not be negative"),
+            )),
+            Some(n) => Ok(Some(n as u64)),
+            None => Err(RouterError::session(
+                "22P02",
+                format!("invalid input syntax for type bigint in {what}"),
+            )),
+        }
+    };
+    if let Some(param) = merge.limit_param {
+        merge.limit = read(param, "LIMIT", "2201W")?;
+    }
+    if let Some(param) = merge.offset_param {
+        merge.offset = read(param, "OFFSET", "2201X")?.unwrap_or(0);
+    }
+    Ok(merge)
 }
 
 /// The most an intermediate result (merged groups, a WITH query's or a pulled table's rows) may
@@ -1190,9 +1232,10 @@ impl Session {
                     Some(_) => &[][..],
                     None => result_formats,
                 };
-                let shard_params = match &merge.finalize {
-                    Some(finalize) => &params.subset(&finalize.shard_params),
-                    None => params,
+                let shard_params = match (&merge.finalize, &merge.shard_params) {
+                    (Some(finalize), _) => &params.subset(&finalize.shard_params),
+                    (None, Some(used)) => &params.subset(used),
+                    (None, None) => params,
                 };
                 let opens = handles.into_iter().map(|handle| {
                     ShardCursor::open(
@@ -1214,7 +1257,7 @@ impl Session {
                     .find_map(|c| c.columns.clone())
                     .unwrap_or_default();
                 let output = merger::output_columns(&columns, merge);
-                let rows = merger::merge(cursors, columns, merge.clone());
+                let rows = merger::merge(cursors, columns, resolve_paging(merge, params)?);
                 if let Some(finalize) = &merge.finalize {
                     return self
                         .finalize(

@@ -128,6 +128,10 @@ const CORPUS: &[&str] = &[
     "SELECT o.id, o.total FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.score > 90) ORDER BY o.id LIMIT 10",
     "SELECT c.id FROM customers c WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.id) ORDER BY c.id",
     "SELECT note, count(*) FROM orders o WHERE o.customer_id IN (SELECT c.id FROM customers c WHERE c.score < 20) GROUP BY note ORDER BY note",
+    // FETCH FIRST, as Hibernate writes it.
+    "SELECT id FROM customers ORDER BY id FETCH FIRST 3 ROWS ONLY",
+    "SELECT id FROM customers ORDER BY id DESC OFFSET 5 ROWS FETCH NEXT 2 ROWS ONLY",
+    "SELECT region, count(*) FROM customers GROUP BY region ORDER BY count(*) DESC, region NULLS FIRST FETCH FIRST 2 ROWS ONLY",
     // UNION [ALL] across shards: run whole on every shard, merged (and deduplicated).
     "SELECT id, name FROM customers WHERE score > 90 UNION ALL SELECT customer_id, note FROM orders WHERE qty = 3 ORDER BY 1, 2",
     "SELECT region FROM customers UNION SELECT note FROM orders ORDER BY region",
@@ -515,6 +519,30 @@ async fn router_results_equal_single_postgres_results() {
             .collect();
         assert_eq!(a, b, "id {id}");
     }
+    // LIMIT and OFFSET as parameters (SQLAlchemy, Hibernate), NULL meaning no limit.
+    let paged = [
+        "SELECT id, name FROM customers ORDER BY id LIMIT $1 OFFSET $2",
+        "SELECT region, count(*) FROM customers GROUP BY region ORDER BY region NULLS FIRST LIMIT $1 OFFSET $2",
+        "SELECT id FROM customers WHERE score > 50 UNION ALL SELECT id FROM orders WHERE qty = 1 ORDER BY 1 LIMIT $1 OFFSET $2",
+        "SELECT id FROM customers ORDER BY id OFFSET $2 ROWS FETCH FIRST $1 ROWS ONLY",
+    ];
+    for sql in paged {
+        for (limit, offset) in [(Some(5i64), 3i64), (Some(0), 0), (None, 190), (Some(2), 0)] {
+            let expected = direct.query(sql, &[&limit, &offset]).await.unwrap();
+            let got = routed
+                .query(sql, &[&limit, &offset])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+            let raw = |rows: &[tokio_postgres::Row]| -> Vec<Vec<Option<common::Raw>>> {
+                rows.iter()
+                    .map(|r| (0..r.len()).map(|i| r.get(i)).collect())
+                    .collect()
+            };
+            assert_eq!(raw(&got), raw(&expected), "{sql} with {limit:?}, {offset}");
+        }
+    }
+    let error = routed.query(paged[0], &[&-1i64, &0i64]).await.unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("2201W"), "{error:?}");
     let _ = connect; // used by other suites
 }
 

@@ -14,15 +14,15 @@ use sqlparser::ast::{
 };
 
 use super::{
-    ColumnRef, MergeSpec, Plan, PlanError, Planned, analyze_from, contains_aggregate,
-    limit_and_offset, literal_u64, normalize, shard_limit, sort_key, table_use, unsupported,
+    ColumnRef, MergeSpec, Plan, PlanError, Planned, analyze_from, contains_aggregate, literal_u64,
+    normalize, paging, shard_limit, sort_key, table_use, unsupported,
 };
 use crate::topology::Topology;
 
 /// Plans a UNION [ALL] over sharded tables as a scatter-gather of the whole statement.
 pub(super) fn plan_union(topology: &Topology, mut query: Query) -> Result<Planned, PlanError> {
     let refused = || unsupported("UNION/INTERSECT/EXCEPT over sharded tables");
-    if query.with.is_some() || !query.locks.is_empty() || query.fetch.is_some() {
+    if query.with.is_some() || !query.locks.is_empty() {
         return refused();
     }
     let mut branches = Vec::new();
@@ -57,7 +57,8 @@ pub(super) fn plan_union(topology: &Topology, mut query: Query) -> Result<Planne
             _ => None,
         })
         .collect();
-    let (limit, offset) = limit_and_offset(&query.limit_clause)?;
+    let paging = paging(&query)?;
+    query.fetch = None;
     let mut order = Vec::new();
     if let Some(order_by) = &query.order_by {
         let OrderByKind::Expressions(items) = &order_by.kind else {
@@ -87,17 +88,19 @@ pub(super) fn plan_union(topology: &Topology, mut query: Query) -> Result<Planne
         }
     }
     // Every shard sorts its part (the merge keeps the order) and stops at LIMIT + OFFSET.
-    query.limit_clause = shard_limit(limit, offset);
+    query.limit_clause = shard_limit(&paging);
     Ok(Planned {
         sql: query.to_string(),
         plan: Plan::Scatter {
             shards: None,
-            merge: MergeSpec {
-                order,
-                distinct,
-                limit,
-                offset,
-                ..MergeSpec::default()
+            merge: {
+                let mut merge = MergeSpec {
+                    order,
+                    distinct,
+                    ..MergeSpec::default()
+                };
+                paging.apply(&mut merge);
+                merge
             },
             write: false,
         },
