@@ -16,6 +16,7 @@ use sqlparser::parser::Parser;
 
 use crate::topology::{KeyType, Topology};
 
+mod bound;
 mod colocated;
 mod finalize;
 mod intermediate;
@@ -23,6 +24,7 @@ mod pinned;
 mod set_operation;
 use crate::values;
 use crate::vindex::KeyValue;
+pub use bound::{BoundSubqueries, BoundSubquery, ParamSource, SubqueryKind};
 pub use finalize::Finalize;
 pub use intermediate::{MultiStage, Stage};
 
@@ -354,6 +356,8 @@ pub enum Plan {
     CopyIn(CopyDestination, crate::copy_in::CopyFormat),
     /// COPY ... TO STDOUT: the shards' rows, one shard after the other.
     CopyOut(CopyOut),
+    /// WHERE subqueries over sharded tables run first, their answers bound as parameters.
+    BoundSubqueries(Box<BoundSubqueries>),
     /// INSERT ... SELECT: the rows are read first, then copied in by key.
     InsertSelect(Box<InsertSelect>),
     /// WITH queries / FROM subqueries over sharded tables first, then the outer statement over
@@ -421,6 +425,7 @@ impl Plan {
             Plan::CopyOut(_) => "copy_out",
             Plan::MultiStage(_) => "multi_stage",
             Plan::InsertSelect(_) => "insert_select",
+            Plan::BoundSubqueries(_) => "bound_subqueries",
         }
     }
 }
@@ -1793,6 +1798,10 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
             colocated::pushed_down_tables(topology, selection, &from.key_columns, from.group)
         });
         if pushed != Some(usage.sharded.len() - top_level) {
+            // Uncorrelated ones run first, their answers bound as parameters.
+            if let Some(planned) = bound::plan(topology, query.clone())? {
+                return Ok(planned);
+            }
             return unsupported("a subquery over a sharded table");
         }
     }

@@ -16,11 +16,11 @@ use crate::error::RouterError;
 use crate::executor::{BackendHandle, Params, Row, ShardCursor, tag_command, tag_rows};
 use crate::merger::{self, RowStream};
 use crate::metrics::Metrics;
-use crate::planner::CopyDestination;
 use crate::planner::{
-    self, InsertSplit, KeyExpr, LookupValue, MergeSpec, Plan, Planned, SavepointOp, Target,
-    TransactionControl,
+    self, InsertSplit, KeyExpr, LookupValue, MergeSpec, ParamSource, Plan, Planned, SavepointOp,
+    Target, TransactionControl,
 };
+use crate::planner::{CopyDestination, SubqueryKind};
 use crate::pool::{Leased, Pools};
 use crate::topology::{BackendConfig, KeyType, Topology};
 use crate::twophase::{self, GxidSource};
@@ -1278,6 +1278,10 @@ impl Session {
                 })
             }
             Plan::InsertSelect(insert) => self.insert_select(&runtime, insert, params).await,
+            Plan::BoundSubqueries(bound) => {
+                self.bound_subqueries(&runtime, bound, params, result_formats, cache)
+                    .await
+            }
             Plan::MultiStage(multi) => {
                 self.multi_stage(&runtime, multi, params, result_formats)
                     .await
@@ -1415,6 +1419,97 @@ impl Session {
             self.notices.append(&mut cursor.notices);
             cursor.stream_notices_to(self.stream_notices.clone());
             rows_outcome(cursor, "SELECT", self.stream_failed.clone()).await
+        })
+    }
+
+    /// Runs a statement's WHERE subqueries first and then the statement, their answers bound
+    /// as its parameters.
+    fn bound_subqueries<'a>(
+        &'a mut self,
+        runtime: &'a Runtime,
+        bound: &'a planner::BoundSubqueries,
+        params: &'a Params,
+        result_formats: &'a [i16],
+        cache: bool,
+    ) -> futures::future::BoxFuture<'a, Result<Outcome, RouterError>> {
+        Box::pin(async move {
+            let mut answers: Vec<(u32, Option<bytes::Bytes>)> = Vec::new();
+            for subquery in &bound.subqueries {
+                let stage = &subquery.stage;
+                let stage_params = params.subset(&stage.params);
+                let outcome = self
+                    .execute_plan(&stage.planned, &stage_params, &[], true)
+                    .await?;
+                let Outcome::Rows { columns, rows, .. } = outcome else {
+                    return Err(RouterError::session(
+                        "42601",
+                        "a subquery used as an expression returns no rows",
+                    ));
+                };
+                let answer = match subquery.kind {
+                    SubqueryKind::Exists => {
+                        let arrays = collect_arrays(columns.len().max(1), rows).await?;
+                        let any = arrays.first().is_some_and(|a| a.len() > 2);
+                        (
+                            crate::values::oid::BOOL,
+                            Some(bytes::Bytes::from_static(if any { b"t" } else { b"f" })),
+                        )
+                    }
+                    _ if columns.len() != 1 => {
+                        return Err(RouterError::session(
+                            "42601",
+                            "subquery must return only one column",
+                        ));
+                    }
+                    SubqueryKind::List => {
+                        let array = collect_arrays(1, rows).await?.remove(0);
+                        let oid = self.array_type(runtime, 0, columns[0].type_oid).await?;
+                        (oid, Some(array))
+                    }
+                    SubqueryKind::Scalar => {
+                        let mut rows = rows;
+                        let mut value = None;
+                        let mut count = 0;
+                        while let Some(row) = rows.next().await {
+                            let row = row?;
+                            count += 1;
+                            if count > 1 {
+                                return Err(RouterError::session(
+                                    "21000",
+                                    "more than one row returned by a subquery used as an \
+                                     expression",
+                                ));
+                            }
+                            value = split_fields(&row.data)
+                                .first()
+                                .copied()
+                                .flatten()
+                                .map(bytes::Bytes::copy_from_slice);
+                        }
+                        (columns[0].type_oid, value)
+                    }
+                };
+                answers.push(answer);
+            }
+            let mut outer = Params::default();
+            for source in &bound.outer_params {
+                match source {
+                    ParamSource::Client(index) => {
+                        let client = params.subset(&[*index]);
+                        outer.types.extend(client.types);
+                        outer.values.extend(client.values);
+                        outer.formats.extend(client.formats);
+                    }
+                    ParamSource::Subquery(index) => {
+                        let (oid, value) = answers[*index].clone();
+                        outer.types.push(oid);
+                        outer.values.push(value);
+                        outer.formats.push(0);
+                    }
+                }
+            }
+            self.execute_plan(&bound.outer, &outer, result_formats, cache)
+                .await
         })
     }
 

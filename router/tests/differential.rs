@@ -128,6 +128,13 @@ const CORPUS: &[&str] = &[
     "SELECT o.id, o.total FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.score > 90) ORDER BY o.id LIMIT 10",
     "SELECT c.id FROM customers c WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.id) ORDER BY c.id",
     "SELECT note, count(*) FROM orders o WHERE o.customer_id IN (SELECT c.id FROM customers c WHERE c.score < 20) GROUP BY note ORDER BY note",
+    // Uncorrelated subqueries over sharded tables: run first, bound as parameters.
+    "SELECT id, total FROM orders WHERE total > (SELECT avg(total) FROM orders) ORDER BY id LIMIT 10",
+    "SELECT count(*) FROM orders WHERE note NOT IN (SELECT region FROM customers WHERE region IS NOT NULL)",
+    "SELECT count(*) FROM orders WHERE qty NOT IN (SELECT score FROM customers)",
+    "SELECT * FROM customers WHERE id = (SELECT max(customer_id) FROM orders)",
+    "SELECT count(*) FROM customers WHERE EXISTS (SELECT 1 FROM orders WHERE qty > 7) AND NOT EXISTS (SELECT 1 FROM orders WHERE qty > 70)",
+    "SELECT id FROM customers WHERE score IN (SELECT qty * 10 FROM orders) ORDER BY id",
     // FETCH FIRST, as Hibernate writes it.
     "SELECT id FROM customers ORDER BY id FETCH FIRST 3 ROWS ONLY",
     "SELECT id FROM customers ORDER BY id DESC OFFSET 5 ROWS FETCH NEXT 2 ROWS ONLY",
@@ -633,6 +640,23 @@ async fn merged_groups_and_distinct_values() {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(got, vec![("r0".into(), 13, 3)]);
+
+    // A subquery bound as a parameter, next to the client's own parameters.
+    let count: i64 = client
+        .query_one(
+            "SELECT count(*) FROM customers WHERE score > (SELECT min(score) FROM customers \
+             WHERE region = $1) AND id < $2",
+            &[&"r0", &20i64],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 17);
+    let error = client
+        .simple_query("SELECT * FROM customers WHERE id = (SELECT id FROM customers)")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("21000"), "{error:?}");
 
     // Array-typed groups do not pass through unnest: a clear error, the connection stays usable.
     let error = client

@@ -204,17 +204,20 @@ mod tests {
     }
 
     #[test]
-    fn subqueries_that_are_not_co_located_stay_refused() {
+    fn subqueries_that_are_not_co_located_run_first_or_are_refused() {
+        // Uncorrelated: run first, bound as parameters.
         for sql in [
-            // Not the shard key on one side.
             "SELECT * FROM orders o WHERE o.id IN (SELECT c.id FROM customers c)",
-            "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.qty)",
-            // NOT IN.
             "SELECT * FROM orders o WHERE o.customer_id NOT IN (SELECT c.id FROM customers c)",
-            // A LIMIT in the subquery picks rows across shards.
             "SELECT * FROM orders o WHERE o.customer_id IN (SELECT c.id FROM customers c ORDER BY c.score LIMIT 3)",
-            // A scalar subquery.
             "SELECT * FROM orders o WHERE o.qty > (SELECT avg(score) FROM customers)",
+        ] {
+            let planned = plan(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert!(matches!(planned.plan, Plan::BoundSubqueries(_)), "{sql}");
+        }
+        // Correlated on something else than the shard key, and writes.
+        for sql in [
+            "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.qty)",
             "DELETE FROM orders WHERE total > (SELECT max(score) FROM customers)",
         ] {
             match plan(sql) {

@@ -226,7 +226,7 @@ fn needs_rows(select: &sqlparser::ast::Select, order_by: Option<&sqlparser::ast:
 }
 
 /// Plans one WITH query or FROM subquery as a statement of its own.
-fn stage(
+pub(super) fn stage(
     topology: &Topology,
     name: String,
     columns: Vec<String>,

@@ -1,0 +1,324 @@
+//! Uncorrelated subqueries over sharded tables in WHERE, run first and bound as parameters.
+//!
+//! `SELECT * FROM orders WHERE total > (SELECT avg(total) FROM orders)`: the subquery is planned
+//! on its own (any plan: one shard, scatter-gather with its merge, stages) and runs first; its
+//! answer becomes a parameter of the statement, which is then planned as if the client had
+//! written `total > $1`. An `IN (subquery)` becomes `= ANY($1)` over an array of the
+//! subquery's values (`NOT IN`: `<> ALL($1)`, with the same NULL rules), and `EXISTS
+//! (subquery)` a boolean. A parameter that stands for the shard key routes the statement as a
+//! client's parameter would: `WHERE customer_id = (SELECT max(id) FROM customers)` runs on one
+//! shard. Correlated subqueries (reading the statement's own rows) are not run this way.
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    BinaryOperator, Expr, InTarget, Query, SetExpr, TableFactor, UnaryOperator, Value, Visit,
+    VisitMut, Visitor, VisitorMut,
+};
+
+use super::intermediate::{Stage, stage};
+use super::{Plan, PlanError, Planned, Renumber, normalize, plan_query, table_use};
+use crate::topology::Topology;
+
+/// A statement whose WHERE subqueries over sharded tables run first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BoundSubqueries {
+    /// The subqueries, in the order of their parameters' first use.
+    pub subqueries: Vec<BoundSubquery>,
+    /// The statement with the subqueries as parameters, planned.
+    pub outer: Planned,
+    /// What each of the statement's parameters `$1...` is.
+    pub outer_params: Vec<ParamSource>,
+}
+
+/// One subquery run first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BoundSubquery {
+    /// The subquery as a statement of its own.
+    pub stage: Stage,
+    /// How its answer becomes a value.
+    pub kind: SubqueryKind,
+}
+
+/// How a subquery's answer becomes a parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubqueryKind {
+    /// `(SELECT ...)`: its one value (NULL without rows; an error with more than one).
+    Scalar,
+    /// `IN (SELECT ...)`: an array of its values.
+    List,
+    /// `EXISTS (SELECT ...)`: whether it has a row.
+    Exists,
+}
+
+/// Where a parameter of the statement comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamSource {
+    /// The client's parameter (0-based).
+    Client(usize),
+    /// A subquery's answer (index in `subqueries`).
+    Subquery(usize),
+}
+
+/// Placeholder numbers from here on stand for subqueries until the parameters are renumbered.
+const MARK: usize = 1_000_000;
+
+/// Plans `query` with its uncorrelated WHERE subqueries over sharded tables bound as
+/// parameters; `None` if it has none.
+pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Planned>, PlanError> {
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(None);
+    };
+    let Some(selection) = select.selection.as_mut() else {
+        return Ok(None);
+    };
+    let mut binder = Binder {
+        topology,
+        found: Vec::new(),
+        error: None,
+    };
+    let _ = selection.visit(&mut binder);
+    if let Some(error) = binder.error {
+        return Err(error);
+    }
+    if binder.found.is_empty() {
+        return Ok(None);
+    }
+    let mut subqueries = Vec::with_capacity(binder.found.len());
+    for (index, (subquery, kind)) in binder.found.into_iter().enumerate() {
+        subqueries.push(BoundSubquery {
+            stage: stage(
+                topology,
+                format!("subquery {}", index + 1),
+                Vec::new(),
+                subquery,
+                &[],
+            )?,
+            kind,
+        });
+    }
+    let mut used = Vec::new();
+    Renumber::new(1, &mut used).apply(&mut query);
+    let outer_params = used
+        .into_iter()
+        .map(|n| {
+            if n >= MARK {
+                ParamSource::Subquery(n - MARK)
+            } else {
+                ParamSource::Client(n)
+            }
+        })
+        .collect();
+    let text = query.to_string();
+    let outer = plan_query(topology, query, text)?;
+    Ok(Some(Planned {
+        sql: outer.sql.clone(),
+        returns_rows: outer.returns_rows,
+        plan: Plan::BoundSubqueries(Box::new(BoundSubqueries {
+            subqueries,
+            outer,
+            outer_params,
+        })),
+    }))
+}
+
+struct Binder<'a> {
+    topology: &'a Topology,
+    found: Vec<(Query, SubqueryKind)>,
+    error: Option<PlanError>,
+}
+
+impl Binder<'_> {
+    /// A marker parameter for a subquery (if it reads sharded tables and is uncorrelated).
+    fn bind(&mut self, subquery: &Query, kind: SubqueryKind) -> Option<Expr> {
+        if table_use(self.topology, subquery).sharded.is_empty() {
+            return None;
+        }
+        if correlated(subquery) {
+            self.error = Some(PlanError::Unsupported(
+                "a correlated subquery over sharded tables (other than IN / EXISTS on the shard \
+                 key of a co-located table)"
+                    .into(),
+            ));
+            return None;
+        }
+        let mut subquery = subquery.clone();
+        if kind == SubqueryKind::Exists && subquery.limit_clause.is_none() {
+            subquery.limit_clause =
+                super::limit_clause(Expr::value(Value::Number("1".into(), false)));
+        }
+        let number = MARK + self.found.len() + 1;
+        self.found.push((subquery, kind));
+        Some(Expr::value(Value::Placeholder(format!("${number}"))))
+    }
+}
+
+impl VisitorMut for Binder<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        let replacement = match expr {
+            Expr::Subquery(subquery) => self.bind(subquery, SubqueryKind::Scalar),
+            Expr::In {
+                expr: left,
+                target: InTarget::Subquery(subquery),
+                negated,
+                ..
+            } => self.bind(subquery, SubqueryKind::List).map(|list| {
+                if *negated {
+                    Expr::AllOp {
+                        left: left.clone(),
+                        compare_op: BinaryOperator::NotEq,
+                        right: Box::new(list),
+                    }
+                } else {
+                    Expr::AnyOp {
+                        left: left.clone(),
+                        compare_op: BinaryOperator::Eq,
+                        right: Box::new(list),
+                        is_some: false,
+                    }
+                }
+            }),
+            Expr::Exists { subquery, negated } => {
+                let negated = *negated;
+                self.bind(subquery, SubqueryKind::Exists).map(|exists| {
+                    if negated {
+                        Expr::UnaryOp {
+                            op: UnaryOperator::Not,
+                            expr: Box::new(exists),
+                        }
+                    } else {
+                        exists
+                    }
+                })
+            }
+            _ => None,
+        };
+        if self.error.is_some() {
+            return ControlFlow::Break(());
+        }
+        if let Some(replacement) = replacement {
+            *expr = replacement;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Does `subquery` name a table (alias) it does not define itself (`o.id` of the statement)?
+fn correlated(subquery: &Query) -> bool {
+    struct Names {
+        defined: HashSet<String>,
+        qualifiers: Vec<String>,
+    }
+    impl Visitor for Names {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+            match factor {
+                TableFactor::Table { name, alias, .. } => {
+                    if let Some(sqlparser::ast::ObjectNamePart::Identifier(last)) = name.0.last() {
+                        self.defined.insert(normalize(last));
+                    }
+                    if let Some(alias) = alias {
+                        self.defined.insert(normalize(&alias.name));
+                    }
+                }
+                TableFactor::Derived {
+                    alias: Some(alias), ..
+                }
+                | TableFactor::Function {
+                    alias: Some(alias), ..
+                }
+                | TableFactor::UNNEST {
+                    alias: Some(alias), ..
+                } => {
+                    self.defined.insert(normalize(&alias.name));
+                }
+                _ => {}
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            if let Expr::CompoundIdentifier(parts) = expr
+                && parts.len() >= 2
+            {
+                self.qualifiers.push(normalize(&parts[parts.len() - 2]));
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut names = Names {
+        defined: HashSet::new(),
+        qualifiers: Vec::new(),
+    };
+    let _ = subquery.visit(&mut names);
+    if let Some(with) = &subquery.with {
+        for cte in &with.cte_tables {
+            names.defined.insert(normalize(&cte.alias.name));
+        }
+    }
+    names.qualifiers.iter().any(|q| !names.defined.contains(q))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Target;
+    use super::super::tests::plan;
+    use super::*;
+
+    fn bound(sql: &str) -> BoundSubqueries {
+        match plan(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).plan {
+            Plan::BoundSubqueries(bound) => *bound,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn uncorrelated_subqueries_become_parameters() {
+        let b = bound(
+            "SELECT * FROM orders WHERE qty > $1 AND total > (SELECT avg(total) FROM orders) \
+             AND note NOT IN (SELECT name FROM customers WHERE score > $2)",
+        );
+        assert_eq!(b.subqueries.len(), 2);
+        assert_eq!(b.subqueries[0].kind, SubqueryKind::Scalar);
+        assert_eq!(b.subqueries[1].kind, SubqueryKind::List);
+        assert_eq!(b.subqueries[1].stage.params, vec![1]);
+        assert_eq!(
+            b.outer.sql,
+            "SELECT * FROM orders WHERE qty > $1 AND total > $2 AND note <> ALL($3)"
+        );
+        assert_eq!(
+            b.outer_params,
+            vec![
+                ParamSource::Client(0),
+                ParamSource::Subquery(0),
+                ParamSource::Subquery(1)
+            ]
+        );
+        assert!(matches!(b.outer.plan, Plan::Scatter { .. }));
+    }
+
+    #[test]
+    fn a_subquery_for_the_shard_key_routes_to_one_shard() {
+        let b = bound(
+            "SELECT * FROM orders WHERE customer_id = (SELECT max(id) FROM customers) \
+             AND NOT EXISTS (SELECT 1 FROM customers WHERE score > 1000)",
+        );
+        assert_eq!(
+            b.outer.plan,
+            Plan::Single(Target::Param { param: 1, group: 0 })
+        );
+        assert_eq!(b.subqueries[1].kind, SubqueryKind::Exists);
+        assert!(b.subqueries[1].stage.planned.sql.ends_with("LIMIT 1"));
+    }
+
+    #[test]
+    fn correlated_subqueries_are_refused() {
+        let error = plan(
+            "SELECT * FROM orders o WHERE o.total > (SELECT avg(x.total) FROM orders x WHERE x.qty = o.qty)",
+        )
+        .unwrap_err();
+        assert_eq!(error.sqlstate(), "0A000");
+    }
+}
