@@ -807,14 +807,15 @@ pub fn plan_statement(
         Statement::Update(update) => {
             let usage = table_use(topology, &update);
             let returns_rows = update.returning.is_some();
-            plan_write(
+            let planned = plan_write(
                 topology,
                 usage,
                 &update.table,
                 update.selection.as_ref(),
                 text,
                 returns_rows,
-            )
+            );
+            bound_write_fallback(topology, planned, Statement::Update(update))
         }
         Statement::Delete(delete) => {
             let usage = table_use(topology, &delete);
@@ -823,7 +824,7 @@ pub fn plan_statement(
                 sqlparser::ast::FromTable::WithFromKeyword(t)
                 | sqlparser::ast::FromTable::WithoutKeyword(t) => t.clone(),
             };
-            match tables.first() {
+            let planned = match tables.first() {
                 Some(table) => plan_write(
                     topology,
                     usage,
@@ -833,7 +834,8 @@ pub fn plan_statement(
                     returns_rows,
                 ),
                 None => unsupported("DELETE without a table"),
-            }
+            };
+            bound_write_fallback(topology, planned, Statement::Delete(delete))
         }
         Statement::Explain { statement, .. } => {
             let inner = plan_statement(topology, *statement, String::new())?;
@@ -1893,6 +1895,21 @@ impl<'a> Renumber<'a> {
             }
             ControlFlow::<()>::Continue(())
         });
+    }
+}
+
+/// An UPDATE/DELETE refused for its WHERE subqueries over sharded tables: with uncorrelated
+/// ones run first and bound as parameters, if that plans.
+fn bound_write_fallback(
+    topology: &Topology,
+    planned: Result<Planned, PlanError>,
+    statement: Statement,
+) -> Result<Planned, PlanError> {
+    match planned {
+        Err(PlanError::Unsupported(reason)) => {
+            bound::plan_write(topology, statement)?.ok_or(PlanError::Unsupported(reason))
+        }
+        planned => planned,
     }
 }
 

@@ -430,6 +430,9 @@ async fn router_results_equal_single_postgres_results() {
     for write in [
         "UPDATE orders SET qty = qty + 10 WHERE customer_id IN (SELECT id FROM customers WHERE region = 'south')",
         "DELETE FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.score < 10)",
+        // Uncorrelated subqueries run first, bound as parameters.
+        "UPDATE orders SET qty = qty + 100 WHERE total > (SELECT avg(total) FROM orders)",
+        "DELETE FROM customers WHERE score IN (SELECT qty FROM orders WHERE qty < 2)",
     ] {
         let expected = direct.execute(write, &[]).await.unwrap();
         let got = routed.execute(write, &[]).await.unwrap();

@@ -13,12 +13,12 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    BinaryOperator, Expr, InTarget, Query, SetExpr, TableFactor, UnaryOperator, Value, Visit,
-    VisitMut, Visitor, VisitorMut,
+    BinaryOperator, Expr, InTarget, Query, SetExpr, Statement, TableFactor, UnaryOperator, Value,
+    Visit, VisitMut, Visitor, VisitorMut,
 };
 
 use super::intermediate::{Stage, stage};
-use super::{Plan, PlanError, Planned, Renumber, normalize, plan_query, table_use};
+use super::{Plan, PlanError, Planned, Renumber, normalize, plan_query, plan_statement, table_use};
 use crate::topology::Topology;
 
 /// A statement whose WHERE subqueries over sharded tables run first.
@@ -73,20 +73,88 @@ pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Plann
     let Some(selection) = select.selection.as_mut() else {
         return Ok(None);
     };
+    let found = bind(topology, selection)?;
+    if found.is_empty() {
+        return Ok(None);
+    }
+    let subqueries = stages(topology, found)?;
+    let mut used = Vec::new();
+    Renumber::new(1, &mut used).apply(&mut query);
+    let text = query.to_string();
+    let outer = plan_query(topology, query, text)?;
+    Ok(Some(bound(subqueries, outer, used)))
+}
+
+/// The same for an UPDATE or DELETE.
+pub(super) fn plan_write(
+    topology: &Topology,
+    mut statement: Statement,
+) -> Result<Option<Planned>, PlanError> {
+    let selection = match &mut statement {
+        Statement::Update(update) => update.selection.as_mut(),
+        Statement::Delete(delete) => delete.selection.as_mut(),
+        _ => None,
+    };
+    let Some(selection) = selection else {
+        return Ok(None);
+    };
+    let found = bind(topology, selection)?;
+    if found.is_empty() {
+        return Ok(None);
+    }
+    let subqueries = stages(topology, found)?;
+    let mut used = Vec::new();
+    Renumber::new(1, &mut used).apply(&mut statement);
+    let text = statement.to_string();
+    let outer = plan_statement(topology, statement, text)?;
+    Ok(Some(bound(subqueries, outer, used)))
+}
+
+/// Replaces the uncorrelated subqueries over sharded tables in `selection` with parameters.
+fn bind(
+    topology: &Topology,
+    selection: &mut Expr,
+) -> Result<Vec<(Query, SubqueryKind)>, PlanError> {
     let mut binder = Binder {
         topology,
         found: Vec::new(),
         error: None,
     };
     let _ = selection.visit(&mut binder);
-    if let Some(error) = binder.error {
-        return Err(error);
+    match binder.error {
+        Some(error) => Err(error),
+        None => Ok(binder.found),
     }
-    if binder.found.is_empty() {
-        return Ok(None);
+}
+
+fn bound(subqueries: Vec<BoundSubquery>, outer: Planned, used: Vec<usize>) -> Planned {
+    let outer_params = used
+        .into_iter()
+        .map(|n| {
+            if n >= MARK {
+                ParamSource::Subquery(n - MARK)
+            } else {
+                ParamSource::Client(n)
+            }
+        })
+        .collect();
+    Planned {
+        sql: outer.sql.clone(),
+        returns_rows: outer.returns_rows,
+        plan: Plan::BoundSubqueries(Box::new(BoundSubqueries {
+            subqueries,
+            outer,
+            outer_params,
+        })),
     }
-    let mut subqueries = Vec::with_capacity(binder.found.len());
-    for (index, (subquery, kind)) in binder.found.into_iter().enumerate() {
+}
+
+fn stages(
+    topology: &Topology,
+    found: Vec<(Query, SubqueryKind)>,
+) -> Result<Vec<BoundSubquery>, PlanError> {
+    let mut subqueries = Vec::with_capacity(found.len());
+    for (index, (subquery, kind)) in found.into_iter().enumerate() {
         subqueries.push(BoundSubquery {
             stage: stage(
                 topology,
@@ -98,29 +166,7 @@ pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Plann
             kind,
         });
     }
-    let mut used = Vec::new();
-    Renumber::new(1, &mut used).apply(&mut query);
-    let outer_params = used
-        .into_iter()
-        .map(|n| {
-            if n >= MARK {
-                ParamSource::Subquery(n - MARK)
-            } else {
-                ParamSource::Client(n)
-            }
-        })
-        .collect();
-    let text = query.to_string();
-    let outer = plan_query(topology, query, text)?;
-    Ok(Some(Planned {
-        sql: outer.sql.clone(),
-        returns_rows: outer.returns_rows,
-        plan: Plan::BoundSubqueries(Box::new(BoundSubqueries {
-            subqueries,
-            outer,
-            outer_params,
-        })),
-    }))
+    Ok(subqueries)
 }
 
 struct Binder<'a> {
@@ -311,6 +357,24 @@ mod tests {
         );
         assert_eq!(b.subqueries[1].kind, SubqueryKind::Exists);
         assert!(b.subqueries[1].stage.planned.sql.ends_with("LIMIT 1"));
+    }
+
+    #[test]
+    fn writes_too() {
+        let b = bound("DELETE FROM orders WHERE total > (SELECT max(score) FROM customers)");
+        assert_eq!(b.outer.sql, "DELETE FROM orders WHERE total > $1");
+        assert!(matches!(b.outer.plan, Plan::Scatter { write: true, .. }));
+        let b = bound(
+            "UPDATE orders SET qty = $1 WHERE customer_id IN (SELECT id FROM customers ORDER BY score LIMIT 2)",
+        );
+        assert_eq!(
+            b.outer.sql,
+            "UPDATE orders SET qty = $1 WHERE customer_id = ANY($2)"
+        );
+        assert_eq!(
+            b.outer_params,
+            vec![ParamSource::Client(0), ParamSource::Subquery(0)]
+        );
     }
 
     #[test]
