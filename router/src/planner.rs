@@ -901,7 +901,7 @@ fn plan_write(
         };
         outer.insert(alias, sharded.shard_key.clone());
         let pushed = selection.and_then(|selection| {
-            colocated::pushed_down_tables(topology, selection, &outer, group)
+            colocated::pushed_down_tables(topology, [selection], &outer, group)
         });
         if !table.joins.is_empty() || pushed != Some(usage.sharded.len() - 1) {
             return unsupported("UPDATE/DELETE joining several sharded tables");
@@ -1410,19 +1410,39 @@ fn is_builtin_aggregate(function: &sqlparser::ast::Function) -> bool {
     function.over.is_none() && BUILTIN_AGGREGATES.contains(&last_name(&function.name).as_str())
 }
 
-/// Does `expr` call an aggregate or a window function?
+/// Does `expr` call an aggregate or a window function (of its own query level, not inside a
+/// subquery)?
 fn contains_aggregate(expr: &Expr) -> bool {
-    let mut found = false;
-    let mut copy = expr.clone();
-    let _ = visit_expressions_mut(&mut copy, |e| {
-        if let Expr::Function(f) = e
-            && (is_builtin_aggregate(f) || f.over.is_some())
-        {
-            found = true;
+    struct Finder {
+        depth: usize,
+        found: bool,
+    }
+    impl sqlparser::ast::Visitor for Finder {
+        type Break = ();
+        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.depth += 1;
+            ControlFlow::Continue(())
         }
-        ControlFlow::<()>::Continue(())
-    });
-    found
+        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.depth -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            if self.depth == 0
+                && let Expr::Function(f) = expr
+                && (is_builtin_aggregate(f) || f.over.is_some())
+            {
+                self.found = true;
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut finder = Finder {
+        depth: 0,
+        found: false,
+    };
+    let _ = sqlparser::ast::Visit::visit(expr, &mut finder);
+    finder.found
 }
 
 /// Does `expr` call a window function?
@@ -1792,13 +1812,20 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
         return unsupported("WITH over sharded tables");
     }
     let from = analyze_from(topology, select)?;
-    // Sharded tables must all be in the top-level FROM, or in WHERE subqueries co-located with
-    // it (pushed down whole).
+    // Sharded tables must all be in the top-level FROM, or in subqueries (WHERE, select list)
+    // co-located with it (pushed down whole).
     let top_level = from.key_columns.len();
     if usage.sharded.len() != top_level {
-        let pushed = select.selection.as_ref().and_then(|selection| {
-            colocated::pushed_down_tables(topology, selection, &from.key_columns, from.group)
+        let items = select.projection.iter().filter_map(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
+            _ => None,
         });
+        let pushed = colocated::pushed_down_tables(
+            topology,
+            select.selection.iter().chain(items),
+            &from.key_columns,
+            from.group,
+        );
         if pushed != Some(usage.sharded.len() - top_level) {
             // Uncorrelated ones run first, their answers bound as parameters.
             if let Some(planned) = bound::plan(topology, query.clone())? {

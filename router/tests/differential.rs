@@ -128,6 +128,8 @@ const CORPUS: &[&str] = &[
     "SELECT o.id, o.total FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.score > 90) ORDER BY o.id LIMIT 10",
     "SELECT c.id FROM customers c WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.id) ORDER BY c.id",
     "SELECT note, count(*) FROM orders o WHERE o.customer_id IN (SELECT c.id FROM customers c WHERE c.score < 20) GROUP BY note ORDER BY note",
+    "SELECT c.id, (SELECT count(*) FROM orders o WHERE o.customer_id = c.id) AS n FROM customers c ORDER BY n DESC, c.id LIMIT 5",
+    "SELECT o.id FROM orders o WHERE o.total > (SELECT avg(x.total) FROM orders x WHERE x.customer_id = o.customer_id) ORDER BY o.id LIMIT 20",
     // Uncorrelated subqueries over sharded tables: run first, bound as parameters.
     "SELECT id, total FROM orders WHERE total > (SELECT avg(total) FROM orders) ORDER BY id LIMIT 10",
     "SELECT count(*) FROM orders WHERE note NOT IN (SELECT region FROM customers WHERE region IS NOT NULL)",

@@ -5,7 +5,8 @@
 //! of the statement to rows of the subquery with the same shard key, of the same table group:
 //! those rows live on the same shard. Each shard then answers the subquery for its own rows
 //! completely, and the statement runs on every shard with its subqueries as written (Citus
-//! pushes these down the same way). `NOT EXISTS` too; `NOT IN` is not pushed down (a NULL key on
+//! pushes these down the same way). A scalar subquery correlated the same way (`(SELECT
+//! count(*) FROM orders o WHERE o.customer_id = c.id)`, in WHERE or in the select list) too. `NOT EXISTS` too; `NOT IN` is not pushed down (a NULL key on
 //! another shard would change its answer).
 
 use std::collections::HashMap;
@@ -15,46 +16,50 @@ use sqlparser::ast::{BinaryOperator, Expr, InTarget, Query, SelectItem, SetExpr}
 use super::{analyze_from, conjuncts, normalize, table_use};
 use crate::topology::Topology;
 
-/// The number of sharded-table references in `selection`'s co-located subqueries, or `None` if
-/// a subquery over sharded tables is not co-located with the statement's sharded tables
-/// (`outer`: alias -> shard key, all of table group `group`).
-pub(super) fn pushed_down_tables(
+/// The number of sharded-table references in the co-located subqueries of `exprs` (a WHERE
+/// clause, select-list items), or `None` if a subquery over sharded tables is not co-located
+/// with the statement's sharded tables (`outer`: alias -> shard key, all of table group
+/// `group`).
+pub(super) fn pushed_down_tables<'e>(
     topology: &Topology,
-    selection: &Expr,
+    exprs: impl IntoIterator<Item = &'e Expr>,
     outer: &HashMap<String, String>,
     group: usize,
 ) -> Option<usize> {
     let mut found = 0;
     let mut ok = true;
-    walk(selection, &mut |expr| {
-        let (subquery, link) = match expr {
-            Expr::In {
-                expr,
-                target: InTarget::Subquery(subquery),
-                negated: false,
-                ..
-            } => (subquery.as_ref(), Link::In(expr.as_ref())),
-            Expr::Exists { subquery, .. } => (subquery.as_ref(), Link::Exists),
-            Expr::Subquery(subquery)
-            | Expr::In {
-                target: InTarget::Subquery(subquery),
-                ..
-            } => {
-                ok &= table_use(topology, subquery.as_ref()).sharded.is_empty();
-                return false;
+    for expr in exprs {
+        walk(expr, &mut |expr| {
+            let (subquery, link) = match expr {
+                Expr::In {
+                    expr,
+                    target: InTarget::Subquery(subquery),
+                    negated: false,
+                    ..
+                } => (subquery.as_ref(), Link::In(expr.as_ref())),
+                Expr::Exists { subquery, .. } | Expr::Subquery(subquery) => {
+                    (subquery.as_ref(), Link::Correlated)
+                }
+                Expr::In {
+                    target: InTarget::Subquery(subquery),
+                    ..
+                } => {
+                    ok &= table_use(topology, subquery.as_ref()).sharded.is_empty();
+                    return false;
+                }
+                _ => return true,
+            };
+            let sharded = table_use(topology, subquery).sharded.len();
+            if sharded > 0 {
+                if colocated(topology, subquery, &link, outer, group) {
+                    found += sharded;
+                } else {
+                    ok = false;
+                }
             }
-            _ => return true,
-        };
-        let sharded = table_use(topology, subquery).sharded.len();
-        if sharded > 0 {
-            if colocated(topology, subquery, &link, outer, group) {
-                found += sharded;
-            } else {
-                ok = false;
-            }
-        }
-        false
-    });
+            false
+        });
+    }
     ok.then_some(found)
 }
 
@@ -62,8 +67,9 @@ pub(super) fn pushed_down_tables(
 enum Link<'a> {
     /// `expr IN (subquery)`.
     In(&'a Expr),
-    /// `[NOT] EXISTS (subquery)`: correlated in its WHERE.
-    Exists,
+    /// `[NOT] EXISTS (subquery)` or a scalar `(subquery)`: correlated in its WHERE on the
+    /// shard key.
+    Correlated,
 }
 
 fn colocated(
@@ -101,7 +107,7 @@ fn colocated(
                 && is_key(item, inner, true)
                 && is_key(left, outer, true)
         }
-        Link::Exists => select.selection.as_ref().is_some_and(|selection| {
+        Link::Correlated => select.selection.as_ref().is_some_and(|selection| {
             conjuncts(selection)
                 .into_iter()
                 .any(|conjunct| match conjunct {
@@ -191,6 +197,8 @@ mod tests {
             "SELECT count(*) FROM orders WHERE customer_id IN (SELECT id FROM customers WHERE score > 3) AND qty > 1",
             "SELECT o.id FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.score > 45) ORDER BY o.id LIMIT 3",
             "SELECT c.id FROM customers c WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.id)",
+            "SELECT c.id, (SELECT count(*) FROM orders o WHERE o.customer_id = c.id) AS n FROM customers c ORDER BY n DESC LIMIT 3",
+            "SELECT o.id FROM orders o WHERE o.total > (SELECT avg(x.total) FROM orders x WHERE x.customer_id = o.customer_id)",
         ] {
             let planned = plan(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert!(matches!(planned.plan, Plan::Scatter { .. }), "{sql}");
