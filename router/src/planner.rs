@@ -1816,13 +1816,9 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
     // co-located with it (pushed down whole).
     let top_level = from.key_columns.len();
     if usage.sharded.len() != top_level {
-        let items = select.projection.iter().filter_map(|item| match item {
-            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
-            _ => None,
-        });
         let pushed = colocated::pushed_down_tables(
             topology,
-            select.selection.iter().chain(items),
+            select.selection.iter().chain(projection_exprs(select)),
             &from.key_columns,
             from.group,
         );
@@ -1961,6 +1957,25 @@ fn group_by_positions(query: &mut Query) {
     }
 }
 
+/// The expressions of a select list (not its `*`s).
+fn projection_exprs(select: &Select) -> impl Iterator<Item = &Expr> {
+    select.projection.iter().filter_map(|item| match item {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
+        _ => None,
+    })
+}
+
+/// A plain GROUP BY's expressions (ROLLUP, CUBE, GROUPING SETS and GROUP BY ALL are refused).
+fn plain_group_by(select: &Select) -> Result<Vec<Expr>, PlanError> {
+    match &select.group_by {
+        GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => Ok(exprs.clone()),
+        GroupByExpr::Expressions(..) => {
+            unsupported("GROUP BY ROLLUP/CUBE/GROUPING SETS across shards")
+        }
+        GroupByExpr::All(_) => unsupported("GROUP BY ALL"),
+    }
+}
+
 /// A SELECT with GROUP BY or aggregates.
 fn is_aggregate_query(query: &Query) -> bool {
     let SetExpr::Select(select) = query.body.as_ref() else {
@@ -1968,14 +1983,7 @@ fn is_aggregate_query(query: &Query) -> bool {
     };
     let grouped =
         !matches!(&select.group_by, GroupByExpr::Expressions(exprs, _) if exprs.is_empty());
-    grouped
-        || select.having.is_some()
-        || select.projection.iter().any(|item| match item {
-            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
-                contains_aggregate(e)
-            }
-            _ => false,
-        })
+    grouped || select.having.is_some() || projection_exprs(select).any(contains_aggregate)
 }
 
 /// LIMIT and OFFSET of a multi-shard query, as numbers (the merger applies them).
@@ -2103,19 +2111,9 @@ fn plan_scatter_select(mut query: Query, shards: Option<Vec<usize>>) -> Result<P
     let SetExpr::Select(select) = query.body.as_mut() else {
         return unsupported("a set operation");
     };
-    let groups: Vec<Expr> = match &select.group_by {
-        GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => exprs.clone(),
-        GroupByExpr::Expressions(..) => {
-            return unsupported("GROUP BY ROLLUP/CUBE/GROUPING SETS across shards");
-        }
-        GroupByExpr::All(_) => return unsupported("GROUP BY ALL"),
-    };
-    let has_aggregates = select.projection.iter().any(|item| match item {
-        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
-            contains_aggregate(e)
-        }
-        _ => false,
-    }) || select.having.is_some();
+    let groups = plain_group_by(select)?;
+    let has_aggregates =
+        projection_exprs(select).any(contains_aggregate) || select.having.is_some();
     let distinct = match &select.distinct {
         None | Some(Distinct::All) => false,
         Some(Distinct::Distinct) => true,

@@ -1331,17 +1331,24 @@ impl Session {
             values,
             formats,
         };
+        self.rows_on_shard(runtime, shard, &finalize.sql, &params, result_formats)
+            .await
+    }
+
+    /// Runs a statement the router wrote (a final or outer statement) on `shard`, its rows
+    /// going to the client.
+    async fn rows_on_shard(
+        &mut self,
+        runtime: &Runtime,
+        shard: usize,
+        sql: &str,
+        params: &Params,
+        result_formats: &[i16],
+    ) -> Result<Outcome, RouterError> {
         let handle = self.handle_for(runtime, shard).await?;
         let cancel = self.cancel.clone();
-        let mut cursor = ShardCursor::open(
-            cancel.as_ref(),
-            handle,
-            &finalize.sql,
-            &params,
-            result_formats,
-            true,
-        )
-        .await?;
+        let mut cursor =
+            ShardCursor::open(cancel.as_ref(), handle, sql, params, result_formats, true).await?;
         self.notices.append(&mut cursor.notices);
         cursor.stream_notices_to(self.stream_notices.clone());
         rows_outcome(cursor, "SELECT", self.stream_failed.clone()).await
@@ -1411,14 +1418,8 @@ impl Session {
                 values,
                 formats,
             };
-            let handle = self.handle_for(runtime, 0).await?;
-            let cancel = self.cancel.clone();
-            let mut cursor =
-                ShardCursor::open(cancel.as_ref(), handle, &sql, &params, result_formats, true)
-                    .await?;
-            self.notices.append(&mut cursor.notices);
-            cursor.stream_notices_to(self.stream_notices.clone());
-            rows_outcome(cursor, "SELECT", self.stream_failed.clone()).await
+            self.rows_on_shard(runtime, 0, &sql, &params, result_formats)
+                .await
         })
     }
 

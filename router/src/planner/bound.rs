@@ -74,15 +74,7 @@ pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Plann
         return Ok(None);
     };
     let found = bind(topology, selection)?;
-    if found.is_empty() {
-        return Ok(None);
-    }
-    let subqueries = stages(topology, found)?;
-    let mut used = Vec::new();
-    Renumber::new(1, &mut used).apply(&mut query);
-    let text = query.to_string();
-    let outer = plan_query(topology, query, text)?;
-    Ok(Some(bound(subqueries, outer, used)))
+    finish(topology, found, query, plan_query)
 }
 
 /// The same for an UPDATE or DELETE.
@@ -99,14 +91,25 @@ pub(super) fn plan_write(
         return Ok(None);
     };
     let found = bind(topology, selection)?;
+    finish(topology, found, statement, plan_statement)
+}
+
+/// Plans the subqueries found and the statement (`node`, its subqueries replaced) with its
+/// parameters renumbered.
+fn finish<T: VisitMut + std::fmt::Display>(
+    topology: &Topology,
+    found: Vec<(Query, SubqueryKind)>,
+    mut node: T,
+    plan: fn(&Topology, T, String) -> Result<Planned, PlanError>,
+) -> Result<Option<Planned>, PlanError> {
     if found.is_empty() {
         return Ok(None);
     }
     let subqueries = stages(topology, found)?;
     let mut used = Vec::new();
-    Renumber::new(1, &mut used).apply(&mut statement);
-    let text = statement.to_string();
-    let outer = plan_statement(topology, statement, text)?;
+    Renumber::new(1, &mut used).apply(&mut node);
+    let text = node.to_string();
+    let outer = plan(topology, node, text)?;
     Ok(Some(bound(subqueries, outer, used)))
 }
 

@@ -26,7 +26,7 @@ use sqlparser::parser::Parser;
 use super::{
     Aggregation, ColumnMerge, MergeSpec, Plan, PlanError, Planned, Renumber, contains_aggregate,
     contains_window, count_of, default_column_name, is_aggregate_name, is_builtin_aggregate,
-    last_name, sole_argument, unsupported, with_function_name,
+    last_name, plain_group_by, projection_exprs, sole_argument, unsupported, with_function_name,
 };
 
 /// The statement that finishes an aggregate query over the merged groups.
@@ -58,20 +58,8 @@ pub(super) fn plan(mut query: Query, shards: Option<Vec<usize>>) -> Result<Plann
     let SetExpr::Select(select) = query.body.as_mut() else {
         return unsupported("a set operation");
     };
-    let groups: Vec<Expr> = match &select.group_by {
-        GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => exprs.clone(),
-        GroupByExpr::Expressions(..) => {
-            return unsupported("GROUP BY ROLLUP/CUBE/GROUPING SETS across shards");
-        }
-        GroupByExpr::All(_) => return unsupported("GROUP BY ALL"),
-    };
-    let windows = select.projection.iter().any(|item| match item {
-        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
-            contains_window(e)
-        }
-        _ => false,
-    });
-    if windows {
+    let groups = plain_group_by(select)?;
+    if projection_exprs(select).any(contains_window) {
         return unsupported("window functions across shards");
     }
     let mut columns = Columns::default();
