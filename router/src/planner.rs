@@ -1967,12 +1967,25 @@ fn projection_exprs(select: &Select) -> impl Iterator<Item = &Expr> {
 
 /// A plain GROUP BY's expressions (ROLLUP, CUBE, GROUPING SETS and GROUP BY ALL are refused).
 fn plain_group_by(select: &Select) -> Result<Vec<Expr>, PlanError> {
+    if grouping_sets(select) {
+        return unsupported("GROUP BY ROLLUP/CUBE/GROUPING SETS across shards");
+    }
     match &select.group_by {
-        GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => Ok(exprs.clone()),
-        GroupByExpr::Expressions(..) => {
-            unsupported("GROUP BY ROLLUP/CUBE/GROUPING SETS across shards")
-        }
+        GroupByExpr::Expressions(exprs, _) => Ok(exprs.clone()),
         GroupByExpr::All(_) => unsupported("GROUP BY ALL"),
+    }
+}
+
+/// GROUP BY ROLLUP / CUBE / GROUPING SETS (or `WITH ROLLUP`-style modifiers)?
+fn grouping_sets(select: &Select) -> bool {
+    match &select.group_by {
+        GroupByExpr::Expressions(exprs, modifiers) => {
+            !modifiers.is_empty()
+                || exprs
+                    .iter()
+                    .any(|e| matches!(e, Expr::Rollup(_) | Expr::Cube(_) | Expr::GroupingSets(_)))
+        }
+        GroupByExpr::All(_) => false,
     }
 }
 

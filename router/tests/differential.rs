@@ -123,6 +123,8 @@ const CORPUS: &[&str] = &[
     "SELECT DISTINCT ON (region) region, id, name FROM customers ORDER BY region, id",
     "SELECT o.customer_id, o.total, sum(o.total) OVER (PARTITION BY o.customer_id ORDER BY o.id) FROM orders o WHERE o.qty = 2 ORDER BY 1, o.id",
     "SELECT json_agg(id ORDER BY id) FROM customers WHERE score > 95",
+    "SELECT region, score % 2 AS parity, count(*) FROM customers GROUP BY ROLLUP (region, score % 2) ORDER BY 1 NULLS FIRST, 2 NULLS FIRST",
+    "SELECT note, qty, sum(total) FROM orders GROUP BY GROUPING SETS ((note), (qty), ()) ORDER BY 1 NULLS FIRST, 2 NULLS FIRST",
     // Subqueries co-located with the statement (IN / EXISTS on the shard key): pushed down.
     "SELECT count(*) FROM orders WHERE customer_id IN (SELECT id FROM customers WHERE region = 'north')",
     "SELECT o.id, o.total FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.score > 90) ORDER BY o.id LIMIT 10",

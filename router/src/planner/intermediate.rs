@@ -193,11 +193,13 @@ pub(super) fn pull_up(topology: &Topology, mut query: Query) -> Result<Option<Pl
 }
 
 /// Does the statement use what only its whole rows can answer: a window function, DISTINCT
-/// ON, an aggregate the merger cannot combine (`string_agg`, `stddev`, `sum(DISTINCT x)`,
+/// ON, GROUP BY ROLLUP / CUBE / GROUPING SETS, an aggregate the merger cannot combine (`string_agg`, `stddev`, `sum(DISTINCT x)`,
 /// `percentile_cont(...) WITHIN GROUP`, ...)? Other refusals stay refusals: pulling a table's
 /// rows would not answer them.
 fn needs_rows(select: &sqlparser::ast::Select, order_by: Option<&sqlparser::ast::OrderBy>) -> bool {
-    if matches!(select.distinct, Some(sqlparser::ast::Distinct::On(_))) {
+    if matches!(select.distinct, Some(sqlparser::ast::Distinct::On(_)))
+        || super::grouping_sets(select)
+    {
         return true;
     }
     let mut found = false;
