@@ -1921,6 +1921,21 @@ impl<'a> Renumber<'a> {
     }
 }
 
+/// The sharded table a DDL statement creates or alters (`CREATE TABLE`, `ALTER TABLE`), as
+/// written (schema-qualified if it was): its new sequences get per-shard ranges.
+pub fn sharded_table_of_ddl(topology: &Topology, sql: &str) -> Option<String> {
+    let statement = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?.pop()?;
+    let name = match &statement {
+        Statement::CreateTable(create) => &create.name,
+        Statement::AlterTable(alter) => &alter.name,
+        _ => return None,
+    };
+    topology
+        .tables
+        .contains_key(&last_name(name))
+        .then(|| name.to_string())
+}
+
 /// An UPDATE/DELETE refused for its WHERE subqueries over sharded tables: with uncorrelated
 /// ones run first and bound as parameters, if that plans.
 fn bound_write_fallback(

@@ -1287,12 +1287,23 @@ impl Session {
                     .await
             }
             Plan::Broadcast => {
-                let parts = (0..runtime.topology.shards.len())
+                let mut parts: Vec<_> = (0..runtime.topology.shards.len())
                     .map(|s| (s, planned.sql.clone(), params.clone()))
                     .collect();
+                let table = planner::sharded_table_of_ddl(&runtime.topology, &planned.sql);
+                if let Some(table) = &table {
+                    for shard in 1..runtime.topology.shards.len() {
+                        parts.push((shard, spread_sequences_sql(table, shard), Params::default()));
+                    }
+                }
                 let atomic = !non_transactional(&planned.sql);
-                self.run_parts(&runtime, parts, atomic, true, result_formats)
-                    .await
+                let outcome = self
+                    .run_parts(&runtime, parts, atomic, true, result_formats)
+                    .await?;
+                if let Some(table) = &table {
+                    self.warn_narrow_sequences(&runtime, table).await;
+                }
+                Ok(outcome)
             }
             Plan::Insert(split) => {
                 let parts = split_insert(&runtime.topology, split, params)?;
@@ -1512,6 +1523,48 @@ impl Session {
             self.execute_plan(&bound.outer, &outer, result_formats, cache)
                 .await
         })
+    }
+
+    /// A NOTICE for integer (not bigint) sequences of a sharded table: each shard draws the
+    /// same values from its own.
+    async fn warn_narrow_sequences(&mut self, runtime: &Runtime, table: &str) {
+        let sql = format!(
+            "SELECT d.objid::regclass::text FROM pg_catalog.pg_depend d \
+             JOIN pg_catalog.pg_sequence s ON s.seqrelid = d.objid \
+             WHERE d.classid = 'pg_catalog.pg_class'::regclass \
+             AND d.refobjid = pg_catalog.to_regclass({}) AND d.deptype IN ('a', 'i') \
+             AND s.seqtypid <> 'pg_catalog.int8'::regtype",
+            planner::quote_literal(table)
+        );
+        let Ok(handle) = self.handle_for(runtime, 0).await else {
+            return;
+        };
+        let Ok(mut cursor) =
+            ShardCursor::open(None, handle, &sql, &Params::default(), &[], false).await
+        else {
+            return;
+        };
+        for row in cursor.collect().await.unwrap_or_default() {
+            let Some(Some(name)) = split_fields(&row.data).first().copied() else {
+                continue;
+            };
+            self.notices.push(crate::backend::ServerError {
+                severity: "NOTICE".into(),
+                code: "01000".into(),
+                message: format!(
+                    "sequence {} of sharded table {table} is not bigint: each shard draws the \
+                     same values from its own copy",
+                    String::from_utf8_lossy(name)
+                ),
+                detail: None,
+                hint: Some(
+                    "use bigserial or a bigint identity column: pg-router gives each shard its \
+                     own range of those"
+                        .into(),
+                ),
+                position: None,
+            });
+        }
     }
 
     /// Runs an INSERT ... SELECT: reads the SELECT's rows (text), then copies them in as COPY
@@ -1993,6 +2046,26 @@ impl Session {
 
 /// Marks statement parts that maintain lookup tables (not part of the client's result).
 const BOOKKEEPING: &str = "/* pg-router lookup */ ";
+
+/// Bits of a bigint sequence value below the shard's range: shard `n`'s sequences of a sharded
+/// table start at `n << 48` + 1 (as Citus does per node), so ids drawn on different shards
+/// never collide.
+const SEQUENCE_RANGE_BITS: u32 = 48;
+
+/// Moves the new (never used) bigint sequences owned by `table` (serial and identity columns)
+/// to `shard`'s range.
+fn spread_sequences_sql(table: &str, shard: usize) -> String {
+    let start = ((shard as u64) << SEQUENCE_RANGE_BITS) + 1;
+    format!(
+        "{BOOKKEEPING}SELECT pg_catalog.setval(d.objid::regclass, {start}, false) \
+         FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_sequence s ON s.seqrelid = d.objid \
+         WHERE d.classid = 'pg_catalog.pg_class'::regclass \
+         AND d.refobjid = pg_catalog.to_regclass({}) AND d.deptype IN ('a', 'i') \
+         AND s.seqtypid = 'pg_catalog.int8'::regtype \
+         AND pg_catalog.pg_sequence_last_value(d.objid) IS NULL",
+        planner::quote_literal(table)
+    )
+}
 
 /// Splits a multi-row INSERT into per-shard statements (plus lookup-table inserts).
 pub fn split_insert(

@@ -778,3 +778,84 @@ async fn notices_raised_while_rows_stream_reach_the_client() {
         assert_eq!(stdout.lines().count(), count, "{stdout}");
     }
 }
+
+/// Sequences of sharded tables (bigserial, bigint identity) get a range per shard: ids drawn
+/// on different shards never collide. Integer sequences get a NOTICE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_of_sharded_tables_get_a_range_per_shard() {
+    let cluster = Cluster::start(2).await;
+    let client = cluster.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE orders (id bigserial, customer_id bigint NOT NULL, total numeric,
+                 qty int, note text, PRIMARY KEY (customer_id, id));
+             CREATE TABLE accounts (owner text PRIMARY KEY,
+                 number bigint GENERATED ALWAYS AS IDENTITY, balance bigint NOT NULL)",
+        )
+        .await
+        .unwrap();
+    for customer in 1..=20i64 {
+        client
+            .execute(
+                "INSERT INTO orders (customer_id, total) VALUES ($1, 1)",
+                &[&customer],
+            )
+            .await
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO accounts (owner, balance) VALUES ($1, 0)",
+                &[&format!("owner {customer}")],
+            )
+            .await
+            .unwrap();
+    }
+    for (table, column) in [("orders", "id"), ("accounts", "number")] {
+        let distinct: i64 = client
+            .query_one(
+                &format!("SELECT count(DISTINCT {column}) FROM {table}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            distinct, 20,
+            "{table}.{column} values collide across shards"
+        );
+        // Each shard draws from its own range.
+        for (index, shard) in cluster.shards.iter().enumerate() {
+            let (low, high): (Option<i64>, Option<i64>) = shard
+                .client()
+                .await
+                .unwrap()
+                .query_one(
+                    &format!("SELECT min({column}), max({column}) FROM {table}"),
+                    &[],
+                )
+                .await
+                .map(|r| (r.get(0), r.get(1)))
+                .unwrap();
+            let base = (index as i64) << 48;
+            assert!(
+                low.is_some_and(|l| l > base) && high.is_some_and(|h| h < base + (1 << 48)),
+                "{table} on shard {index}: {low:?}..{high:?}"
+            );
+        }
+    }
+    // An integer serial cannot be spread: the client is told.
+    let port = cluster.router.address().port().to_string();
+    let output = common::psql(&port)
+        .args([
+            "-c",
+            "CREATE TABLE customers (id bigint PRIMARY KEY, visit serial, name text)",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("NOTICE") && stderr.contains("customers_visit_seq"),
+        "{stderr}"
+    );
+}
