@@ -358,11 +358,28 @@ pub enum Plan {
     CopyOut(CopyOut),
     /// WHERE subqueries over sharded tables run first, their answers bound as parameters.
     BoundSubqueries(Box<BoundSubqueries>),
+    /// INSERT ... VALUES without the shard key: keys drawn from its sequence first.
+    DrawKeys(Box<DrawKeys>),
     /// INSERT ... SELECT: the rows are read first, then copied in by key.
     InsertSelect(Box<InsertSelect>),
     /// WITH queries / FROM subqueries over sharded tables first, then the outer statement over
     /// their results on the first shard.
     MultiStage(Box<MultiStage>),
+}
+
+/// An INSERT whose shard keys the router draws from the key column's sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DrawKeys {
+    /// The INSERT with the key column, its values `$first_param...`.
+    pub inner: Planned,
+    /// The table (unquoted name).
+    pub table: String,
+    /// Its shard key column.
+    pub key: String,
+    /// The parameter number of the first row's key.
+    pub first_param: usize,
+    /// Rows (keys to draw).
+    pub count: usize,
 }
 
 /// An INSERT ... SELECT run by the router.
@@ -425,6 +442,7 @@ impl Plan {
             Plan::CopyOut(_) => "copy_out",
             Plan::MultiStage(_) => "multi_stage",
             Plan::InsertSelect(_) => "insert_select",
+            Plan::DrawKeys(_) => "draw_keys",
             Plan::BoundSubqueries(_) => "bound_subqueries",
         }
     }
@@ -1094,6 +1112,71 @@ fn key_restriction(
     Vec::new()
 }
 
+/// An INSERT ... VALUES into a sharded table without its shard key: the router draws the keys
+/// from the key column's sequence (serial or identity) on the first shard, one per row, and
+/// routes the rows by them, as if the client had written them (`$n` after the client's own
+/// parameters). The key column goes in with `OVERRIDING SYSTEM VALUE` (an identity column
+/// `GENERATED ALWAYS` takes the drawn value).
+fn plan_insert_drawing_keys(
+    topology: &Topology,
+    mut insert: Insert,
+    table: &str,
+    key: &str,
+) -> Result<Planned, PlanError> {
+    let refused = || {
+        unsupported(format!(
+            "INSERT into sharded table {table} without its shard key column {key} (other than \
+             VALUES rows, whose keys the router draws from the column's sequence)"
+        ))
+    };
+    if insert.columns.is_empty() {
+        return unsupported(format!(
+            "INSERT into sharded table {table} without a column list (name the columns, with \
+             the shard key {key})"
+        ));
+    }
+    let Some(source) = insert.source.as_mut() else {
+        return refused();
+    };
+    let mut highest = 0;
+    let _ = visit_expressions_mut(source.as_mut(), |expr| {
+        if let Expr::Value(value) = expr
+            && let Value::Placeholder(p) = &value.value
+            && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
+        {
+            highest = highest.max(n);
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    let SetExpr::Values(values) = source.body.as_mut() else {
+        return refused();
+    };
+    let count = values.rows.len();
+    for (i, row) in values.rows.iter_mut().enumerate() {
+        row.content.push(Expr::value(Value::Placeholder(format!(
+            "${}",
+            highest + 1 + i
+        ))));
+    }
+    insert
+        .columns
+        .push(ObjectName::from(vec![Ident::with_quote('"', key)]));
+    insert.overriding = Some(sqlparser::ast::InsertOverriding::System);
+    let text = Statement::Insert(insert.clone()).to_string();
+    let inner = plan_insert(topology, insert, text)?;
+    Ok(Planned {
+        sql: inner.sql.clone(),
+        returns_rows: inner.returns_rows,
+        plan: Plan::DrawKeys(Box::new(DrawKeys {
+            inner,
+            table: table.to_string(),
+            key: key.to_string(),
+            first_param: highest + 1,
+            count,
+        })),
+    })
+}
+
 /// INSERT ... SELECT whose rows the router moves: the SELECT (planned on its own) runs first,
 /// then its rows go in as a COPY FROM STDIN, each to its shard (every shard for a reference
 /// table, the first for an unsharded one), in one transaction, two-phase across shards.
@@ -1198,10 +1281,7 @@ fn plan_insert(topology: &Topology, insert: Insert, text: String) -> Result<Plan
         .iter()
         .position(|c| last_name(c) == sharded.shard_key)
     else {
-        return unsupported(format!(
-            "INSERT into sharded table {table} without its shard key column {} in the column list",
-            sharded.shard_key
-        ));
+        return plan_insert_drawing_keys(topology, insert, &table, &sharded.shard_key);
     };
     let Some(source) = &insert.source else {
         return unsupported("INSERT without VALUES into a sharded table");

@@ -1278,6 +1278,10 @@ impl Session {
                 })
             }
             Plan::InsertSelect(insert) => self.insert_select(&runtime, insert, params).await,
+            Plan::DrawKeys(draw) => {
+                self.draw_keys(&runtime, draw, params, result_formats, cache)
+                    .await
+            }
             Plan::BoundSubqueries(bound) => {
                 self.bound_subqueries(&runtime, bound, params, result_formats, cache)
                     .await
@@ -1565,6 +1569,61 @@ impl Session {
                 position: None,
             });
         }
+    }
+
+    /// Draws the shard keys of an INSERT from the key column's sequence on the first shard,
+    /// then runs the INSERT with them as parameters.
+    fn draw_keys<'a>(
+        &'a mut self,
+        runtime: &'a Runtime,
+        draw: &'a planner::DrawKeys,
+        params: &'a Params,
+        result_formats: &'a [i16],
+        cache: bool,
+    ) -> futures::future::BoxFuture<'a, Result<Outcome, RouterError>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT pg_catalog.nextval(s) FROM pg_catalog.pg_get_serial_sequence({}, {}) s, \
+                 pg_catalog.generate_series(1, {}) WHERE s IS NOT NULL",
+                planner::quote_literal(&planner::quote_ident(&draw.table)),
+                planner::quote_literal(&draw.key),
+                draw.count
+            );
+            // In the client's transaction if there is one (the table may be new in it).
+            let handle = self.handle_for(runtime, 0).await?;
+            let mut cursor =
+                ShardCursor::open(None, handle, &sql, &Params::default(), &[], false).await?;
+            let keys = cursor.collect().await?;
+            if keys.len() != draw.count {
+                return Err(RouterError::session(
+                    "0A000",
+                    format!(
+                        "INSERT into sharded table {} without its shard key column {}, which has \
+                         no sequence (serial or identity) to draw keys from: name the key",
+                        draw.table, draw.key
+                    ),
+                ));
+            }
+            let mut params = params.clone();
+            // The client's parameters up to the first drawn key (Bind may leave types out).
+            let first = draw.first_param - 1;
+            params.types.resize(first, 0);
+            params.values.resize(first, None);
+            let formats: Vec<i16> = (0..first).map(|i| params.format_of(i)).collect();
+            params.formats = formats;
+            for key in keys {
+                let value = split_fields(&key.data)
+                    .first()
+                    .copied()
+                    .flatten()
+                    .map(bytes::Bytes::copy_from_slice);
+                params.types.push(crate::values::oid::INT8);
+                params.values.push(value);
+                params.formats.push(0);
+            }
+            self.execute_plan(&draw.inner, &params, result_formats, cache)
+                .await
+        })
     }
 
     /// Runs an INSERT ... SELECT: reads the SELECT's rows (text), then copies them in as COPY

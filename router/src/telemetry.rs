@@ -213,6 +213,7 @@ pub fn shards_touched(plan: &Plan, shard_count: usize) -> Option<usize> {
         Plan::Transaction(_)
         | Plan::MultiStage(_)
         | Plan::InsertSelect(_)
+        | Plan::DrawKeys(_)
         | Plan::BoundSubqueries(_)
         | Plan::Setting
         | Plan::Insert(_)
