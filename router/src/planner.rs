@@ -358,6 +358,8 @@ pub enum Plan {
     CopyOut(CopyOut),
     /// WHERE subqueries over sharded tables run first, their answers bound as parameters.
     BoundSubqueries(Box<BoundSubqueries>),
+    /// EXPLAIN of a scatter-gather statement.
+    Explain(Box<ExplainScatter>),
     /// INSERT ... VALUES without the shard key: keys drawn from its sequence first.
     DrawKeys(Box<DrawKeys>),
     /// INSERT ... SELECT: the rows are read first, then copied in by key.
@@ -365,6 +367,45 @@ pub enum Plan {
     /// WITH queries / FROM subqueries over sharded tables first, then the outer statement over
     /// their results on the first shard.
     MultiStage(Box<MultiStage>),
+}
+
+/// What the merger does, in words (EXPLAIN).
+fn kind_of(merge: &MergeSpec, write: bool) -> String {
+    if write {
+        return "write (two-phase commit)".into();
+    }
+    let mut parts = Vec::new();
+    if merge.aggregation.is_some() {
+        parts.push("GROUP BY / aggregates");
+    }
+    if !merge.order.is_empty() {
+        parts.push("ORDER BY (streaming merge)");
+    }
+    if merge.distinct {
+        parts.push("DISTINCT");
+    }
+    if merge.limit.is_some() || merge.limit_param.is_some() {
+        parts.push("LIMIT");
+    }
+    if merge.offset > 0 || merge.offset_param.is_some() {
+        parts.push("OFFSET");
+    }
+    if parts.is_empty() {
+        "scatter-gather, rows concatenated".into()
+    } else {
+        format!("scatter-gather, merged: {}", parts.join(", "))
+    }
+}
+
+/// EXPLAIN of a scatter-gather statement: the router's plan, then one shard's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExplainScatter {
+    /// EXPLAIN of the statement the shards run.
+    pub sql: String,
+    /// The shards it runs on (`None`: every one); the first one's plan is shown.
+    pub shards: Option<Vec<usize>>,
+    /// The router's part, one line each.
+    pub summary: Vec<String>,
 }
 
 /// An INSERT whose shard keys the router draws from the key column's sequence.
@@ -443,6 +484,7 @@ impl Plan {
             Plan::MultiStage(_) => "multi_stage",
             Plan::InsertSelect(_) => "insert_select",
             Plan::DrawKeys(_) => "draw_keys",
+            Plan::Explain(_) => "explain",
             Plan::BoundSubqueries(_) => "bound_subqueries",
         }
     }
@@ -855,12 +897,85 @@ pub fn plan_statement(
             };
             bound_write_fallback(topology, planned, Statement::Delete(delete))
         }
-        Statement::Explain { statement, .. } => {
-            let inner = plan_statement(topology, *statement, String::new())?;
-            match inner.plan {
-                Plan::Single(target) => Ok(plain(Plan::Single(target), true)),
-                _ => unsupported("EXPLAIN of a multi-shard statement"),
+        Statement::Explain {
+            describe_alias,
+            analyze,
+            verbose,
+            query_plan,
+            estimate,
+            statement,
+            format,
+            options,
+        } => {
+            let inner_text = statement.to_string();
+            let inner = plan_statement(topology, *statement, inner_text)?;
+            let (shards, merge, write) = match inner.plan {
+                Plan::Single(target) => return Ok(plain(Plan::Single(target), true)),
+                Plan::Scatter {
+                    shards,
+                    merge,
+                    write,
+                } => (shards, merge, write),
+                _ => return unsupported("EXPLAIN of this multi-shard statement"),
+            };
+            let options_text: Vec<String> = options
+                .iter()
+                .flatten()
+                .map(|o| o.to_string().to_ascii_lowercase())
+                .collect();
+            let analyzing = analyze
+                || options_text.iter().any(|o| {
+                    o.starts_with("analyze")
+                        && !(o.ends_with("false") || o.ends_with("off") || o.ends_with(" 0"))
+                });
+            if analyzing && write {
+                return unsupported(
+                    "EXPLAIN ANALYZE of a multi-shard write (it would write outside the \
+                     router's two-phase commit)",
+                );
             }
+            if format.is_some() || options_text.iter().any(|o| o.starts_with("format")) {
+                return unsupported(
+                    "EXPLAIN of a multi-shard statement in a format other than text",
+                );
+            }
+            let shard_statement = Parser::parse_sql(&PostgreSqlDialect {}, &inner.sql)
+                .map_err(|e| PlanError::Syntax(e.to_string()))?
+                .pop()
+                .ok_or_else(|| PlanError::Syntax("empty statement".into()))?;
+            let explain = Statement::Explain {
+                describe_alias,
+                analyze,
+                verbose,
+                query_plan,
+                estimate,
+                statement: Box::new(shard_statement),
+                format,
+                options,
+            };
+            let mut summary = vec![match &shards {
+                Some(list) => format!(
+                    "pg-router: {} on {} shards",
+                    kind_of(&merge, write),
+                    list.len()
+                ),
+                None => format!("pg-router: {} on every shard", kind_of(&merge, write)),
+            }];
+            summary.push(format!("  Statement on each shard: {}", inner.sql));
+            if let Some(finalize) = &merge.finalize {
+                summary.push(format!(
+                    "  Then over the merged groups, on one shard: {}",
+                    finalize.sql
+                ));
+            }
+            Ok(plain(
+                Plan::Explain(Box::new(ExplainScatter {
+                    sql: explain.to_string(),
+                    shards,
+                    summary,
+                })),
+                true,
+            ))
         }
         _ => {
             let keyword = first_keyword(&text);

@@ -1278,6 +1278,50 @@ impl Session {
                 })
             }
             Plan::InsertSelect(insert) => self.insert_select(&runtime, insert, params).await,
+            Plan::Explain(explain) => {
+                let shard = explain
+                    .shards
+                    .as_ref()
+                    .and_then(|s| s.first().copied())
+                    .unwrap_or(0);
+                let handle = self.handle_for(&runtime, shard).await?;
+                let mut cursor =
+                    ShardCursor::open(cancel.as_ref(), handle, &explain.sql, params, &[], false)
+                        .await?;
+                let plan = cursor.collect().await?;
+                let name = &runtime.topology.shards[shard].name;
+                let mut lines = explain.summary.clone();
+                lines.push(format!("  Plan on shard {name}:"));
+                for row in &plan {
+                    if let Some(Some(line)) = split_fields(&row.data).first() {
+                        lines.push(format!("    {}", String::from_utf8_lossy(line)));
+                    }
+                }
+                let format = result_formats.first().copied().unwrap_or(0);
+                let column = Column {
+                    name: "QUERY PLAN".into(),
+                    table_oid: 0,
+                    column_id: 0,
+                    type_oid: crate::values::oid::TEXT,
+                    type_size: -1,
+                    type_modifier: -1,
+                    format,
+                };
+                let rows: Vec<Result<Row, RouterError>> = lines
+                    .into_iter()
+                    .map(|line| {
+                        let mut data = bytes::BytesMut::new();
+                        data.extend_from_slice(&(line.len() as i32).to_be_bytes());
+                        data.extend_from_slice(line.as_bytes());
+                        Ok(Row { fields: 1, data })
+                    })
+                    .collect();
+                Ok(Outcome::Rows {
+                    columns: vec![column],
+                    rows: futures::stream::iter(rows).boxed(),
+                    command: "EXPLAIN".into(),
+                })
+            }
             Plan::DrawKeys(draw) => {
                 self.draw_keys(&runtime, draw, params, result_formats, cache)
                     .await

@@ -214,6 +214,7 @@ pub fn shards_touched(plan: &Plan, shard_count: usize) -> Option<usize> {
         | Plan::MultiStage(_)
         | Plan::InsertSelect(_)
         | Plan::DrawKeys(_)
+        | Plan::Explain(_)
         | Plan::BoundSubqueries(_)
         | Plan::Setting
         | Plan::Insert(_)

@@ -909,3 +909,51 @@ async fn sequences_of_sharded_tables_get_a_range_per_shard() {
         .unwrap_err();
     assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error:?}");
 }
+
+/// EXPLAIN of a multi-shard statement: the router's part, then one shard's plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_shows_the_routers_plan_and_a_shards_plan() {
+    let cluster = Cluster::start(2).await;
+    cluster.create_schema().await;
+    let client = cluster.client().await;
+    let lines = text_rows_simple(
+        &client,
+        "EXPLAIN SELECT region, count(*) FROM customers GROUP BY region ORDER BY 2 DESC LIMIT 2",
+    )
+    .await;
+    assert!(
+        lines[0].starts_with("pg-router: scatter-gather, merged: GROUP BY / aggregates"),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("Plan on shard s0")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("Aggregate")), "{lines:?}");
+    // Through the extended protocol (binary results) too.
+    let rows = client
+        .query(
+            "EXPLAIN (COSTS OFF) SELECT * FROM orders WHERE qty > $1",
+            &[&3i32],
+        )
+        .await
+        .unwrap();
+    let first: String = rows[0].get(0);
+    assert_eq!(
+        first,
+        "pg-router: scatter-gather, rows concatenated on every shard"
+    );
+    // One shard: PostgreSQL's own EXPLAIN.
+    let lines = text_rows_simple(
+        &client,
+        "EXPLAIN SELECT * FROM orders WHERE customer_id = 7",
+    )
+    .await;
+    assert!(!lines[0].starts_with("pg-router"), "{lines:?}");
+    // EXPLAIN ANALYZE would run a multi-shard write outside two-phase commit.
+    let error = client
+        .simple_query("EXPLAIN ANALYZE DELETE FROM orders WHERE qty = 1")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error:?}");
+}
