@@ -2001,7 +2001,14 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
         return unsupported("a query joining sharded tables with tables the router does not know");
     }
     let SetExpr::Select(select) = query.body.as_ref() else {
-        return set_operation::plan_union(topology, query);
+        // Unions that merge stream from the shards; other set operations run in stages.
+        return match set_operation::plan_union(topology, query.clone()) {
+            Err(PlanError::Unsupported(reason)) => {
+                intermediate::plan_set_operation(topology, query)?
+                    .ok_or(PlanError::Unsupported(reason))
+            }
+            planned => planned,
+        };
     };
     if query.with.is_some() {
         return unsupported("WITH over sharded tables");

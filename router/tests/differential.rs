@@ -143,6 +143,11 @@ const CORPUS: &[&str] = &[
     "SELECT id FROM customers ORDER BY id FETCH FIRST 3 ROWS ONLY",
     "SELECT id FROM customers ORDER BY id DESC OFFSET 5 ROWS FETCH NEXT 2 ROWS ONLY",
     "SELECT region, count(*) FROM customers GROUP BY region ORDER BY count(*) DESC, region NULLS FIRST FETCH FIRST 2 ROWS ONLY",
+    // Set operations that do not merge: each branch runs first, the operation over the results.
+    "SELECT id FROM customers WHERE id < 30 INTERSECT SELECT customer_id FROM orders ORDER BY 1",
+    "SELECT id FROM customers EXCEPT SELECT customer_id FROM orders ORDER BY id",
+    "SELECT region FROM customers UNION SELECT note FROM orders UNION ALL SELECT code FROM countries ORDER BY 1",
+    "SELECT count(*) FROM customers UNION ALL SELECT count(*) FROM orders ORDER BY 1",
     // UNION [ALL] across shards: run whole on every shard, merged (and deduplicated).
     "SELECT id, name FROM customers WHERE score > 90 UNION ALL SELECT customer_id, note FROM orders WHERE qty = 3 ORDER BY 1, 2",
     "SELECT region FROM customers UNION SELECT note FROM orders ORDER BY region",

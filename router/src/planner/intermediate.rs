@@ -93,7 +93,9 @@ pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Plann
             )?);
         }
     }
-    if let SetExpr::Select(select) = query.body.as_mut() {
+    let mut selects = Vec::new();
+    top_level_selects(query.body.as_mut(), &mut selects);
+    for select in selects {
         for table in &mut select.from {
             let factors = std::iter::once(&mut table.relation)
                 .chain(table.joins.iter_mut().map(|join| &mut join.relation));
@@ -142,6 +144,58 @@ pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Plann
         })),
         returns_rows: true,
     }))
+}
+
+/// The SELECTs of a statement's own level: the body, or every branch of its set operation.
+fn top_level_selects<'a>(body: &'a mut SetExpr, out: &mut Vec<&'a mut sqlparser::ast::Select>) {
+    match body {
+        SetExpr::Select(select) => out.push(select.as_mut()),
+        SetExpr::SetOperation { left, right, .. } => {
+            top_level_selects(left.as_mut(), out);
+            top_level_selects(right.as_mut(), out);
+        }
+        SetExpr::Query(query) => top_level_selects(query.body.as_mut(), out),
+        _ => {}
+    }
+}
+
+/// A set operation over sharded tables that does not merge (INTERSECT, EXCEPT, a mix of UNION
+/// and UNION ALL, ...): each branch that reads sharded tables runs first as a stage, `SELECT
+/// * FROM (branch) AS __pgr_set_N`, and the set operation runs over their results on one shard.
+pub(super) fn plan_set_operation(
+    topology: &Topology,
+    mut query: Query,
+) -> Result<Option<Planned>, PlanError> {
+    if !matches!(query.body.as_ref(), SetExpr::SetOperation { .. }) {
+        return Ok(None);
+    }
+    let mut branches = 0;
+    wrap_branches(topology, query.body.as_mut(), &mut branches)?;
+    plan(topology, query)
+}
+
+fn wrap_branches(
+    topology: &Topology,
+    body: &mut SetExpr,
+    next: &mut usize,
+) -> Result<(), PlanError> {
+    match body {
+        SetExpr::SetOperation { left, right, .. } => {
+            wrap_branches(topology, left.as_mut(), next)?;
+            wrap_branches(topology, right.as_mut(), next)
+        }
+        SetExpr::Select(_) | SetExpr::Query(_) => {
+            let branch = body.to_string();
+            if table_use(topology, &*body).sharded.is_empty() {
+                return Ok(());
+            }
+            let wrapped = parse_query(&format!("SELECT * FROM ({branch}) AS __pgr_set_{next}"))?;
+            *next += 1;
+            *body = *wrapped.body;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A SELECT over one sharded table that the merger cannot finish (window functions, DISTINCT

@@ -170,6 +170,11 @@ fn splits_by_shard(topology: &Topology, select: &Select) -> bool {
 mod tests {
     use crate::planner::tests::plan;
     use crate::planner::{Plan, PlanError};
+    use sqlparser::ast::Query;
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::parser::Parser;
+
+    use super::plan_union;
 
     #[test]
     fn unions_of_rows_from_one_shard_each_scatter_and_merge() {
@@ -194,7 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn unions_whose_rows_do_not_split_by_shard_are_refused() {
+    fn set_operations_whose_rows_do_not_split_by_shard_run_in_stages() {
         for sql in [
             "SELECT count(*) FROM customers UNION ALL SELECT count(*) FROM orders",
             "SELECT id FROM customers UNION SELECT 1",
@@ -202,15 +207,26 @@ mod tests {
             "SELECT id FROM customers UNION ALL SELECT id FROM orders UNION SELECT id FROM orders",
             "SELECT c.id FROM countries k LEFT JOIN customers c ON c.name = k.name UNION ALL SELECT id FROM orders",
             "SELECT id FROM customers INTERSECT SELECT id FROM orders",
-            "SELECT id FROM customers UNION ALL SELECT id FROM orders LIMIT 1 OFFSET 1 ORDER BY id + 1",
-            "SELECT id FROM customers UNION ALL SELECT id FROM orders ORDER BY id + 1",
             "SELECT id, row_number() OVER () FROM customers UNION ALL SELECT id, 1 FROM orders",
         ] {
-            let error = plan(sql).expect_err(sql);
             assert!(
-                matches!(error, PlanError::Unsupported(_) | PlanError::Syntax(_)),
-                "{sql}: {error}"
+                plan_union(&super::super::tests::topology(), parse(sql)).is_err(),
+                "{sql} merges"
             );
+            let planned = plan(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert!(matches!(planned.plan, Plan::MultiStage(_)), "{sql}");
+        }
+        let error = plan(
+            "SELECT id FROM customers UNION ALL SELECT id FROM orders LIMIT 1 OFFSET 1 ORDER BY id",
+        )
+        .unwrap_err();
+        assert!(matches!(error, PlanError::Syntax(_)), "{error}");
+    }
+
+    fn parse(sql: &str) -> Query {
+        match Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap().pop() {
+            Some(sqlparser::ast::Statement::Query(query)) => *query,
+            other => panic!("{other:?}"),
         }
     }
 }
