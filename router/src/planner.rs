@@ -595,9 +595,15 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Quotes a string literal for SQL the router generates.
+/// Quotes a string literal for SQL the router generates. A value with a backslash is written
+/// as an escape string (`E'...'`), which reads the same whatever `standard_conforming_strings`
+/// a session set.
 pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+    if value.contains('\\') {
+        format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", value.replace('\'', "''"))
+    }
 }
 
 /// Splits and plans a query string (one or more statements).

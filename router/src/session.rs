@@ -408,6 +408,21 @@ fn resolve_paging(merge: &MergeSpec, params: &Params) -> Result<MergeSpec, Route
 /// take in the router, as text arrays.
 const MAX_INTERMEDIATE_BYTES: usize = 256 << 20;
 
+/// `name AS (SELECT * FROM unnest(<arrays>) AS name(<columns>))`: a stage's result in a WITH.
+fn stage_definition(stage: &planner::Stage, columns: &[Column], arrays: &[String]) -> String {
+    let names: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, column)| planner::quote_ident(stage.columns.get(i).unwrap_or(&column.name)))
+        .collect();
+    let name = planner::quote_ident(&stage.name);
+    format!(
+        "{name} AS (SELECT * FROM unnest({}) AS {name}({}))",
+        arrays.join(", "),
+        names.join(", ")
+    )
+}
+
 /// The rows of a result (text format), as one text-format array literal per column.
 async fn collect_arrays(
     width: usize,
@@ -1413,6 +1428,93 @@ impl Session {
         rows_outcome(cursor, "SELECT", self.stream_failed.clone()).await
     }
 
+    /// A multi-stage statement whose outer statement reads sharded tables: the stages' rows go
+    /// to every shard it runs on as array literals, in a WITH in front of its statement.
+    async fn multi_stage_distributed(
+        &mut self,
+        runtime: &Runtime,
+        multi: &planner::MultiStage,
+        outer: &Planned,
+        params: &Params,
+        result_formats: &[i16],
+    ) -> Result<Outcome, RouterError> {
+        let mut definitions = Vec::with_capacity(multi.stages.len() + multi.kept.len());
+        for stage in &multi.stages {
+            let (columns, arrays) = self.run_stage(stage, params).await?;
+            let mut literals = Vec::with_capacity(columns.len());
+            for (column, array) in columns.iter().zip(arrays) {
+                let cast = self.array_type_name(runtime, column.type_oid).await?;
+                literals.push(format!(
+                    "{}::{cast}",
+                    planner::quote_literal(&String::from_utf8_lossy(&array))
+                ));
+            }
+            definitions.push(stage_definition(stage, &columns, &literals));
+        }
+        definitions.extend(multi.kept.iter().cloned());
+        let mut planned = outer.clone();
+        planned.sql = format!("WITH {} {}", definitions.join(", "), outer.sql);
+        let outer_params = params.subset(&multi.outer_params);
+        // A statement text made for this execution: not kept prepared on the shards.
+        self.execute_plan(&planned, &outer_params, result_formats, false)
+            .await
+    }
+
+    /// Runs one stage: its result columns and their values as text arrays.
+    async fn run_stage(
+        &mut self,
+        stage: &planner::Stage,
+        params: &Params,
+    ) -> Result<(Vec<Column>, Vec<bytes::Bytes>), RouterError> {
+        let stage_params = params.subset(&stage.params);
+        let outcome = self
+            .execute_plan(&stage.planned, &stage_params, &[], true)
+            .await?;
+        let Outcome::Rows { columns, rows, .. } = outcome else {
+            return Err(RouterError::session(
+                "0A000",
+                format!("the WITH query or subquery {} returns no rows", stage.name),
+            ));
+        };
+        if columns.is_empty() || stage.columns.len() > columns.len() {
+            return Err(RouterError::session(
+                "42P10",
+                format!(
+                    "WITH query \"{}\" has {} columns available but {} columns specified",
+                    stage.name,
+                    columns.len(),
+                    stage.columns.len()
+                ),
+            ));
+        }
+        let arrays = collect_arrays(columns.len(), rows).await?;
+        Ok((columns, arrays))
+    }
+
+    /// The SQL name of the array type of `element` (for a cast), without a typmod.
+    async fn array_type_name(
+        &mut self,
+        runtime: &Runtime,
+        element: u32,
+    ) -> Result<String, RouterError> {
+        if let Some(name) = crate::values::oid::builtin_name(element) {
+            return Ok(format!("pg_catalog.{name}[]"));
+        }
+        let array = self.array_type(runtime, 0, element).await?;
+        let sql = format!(
+            "SELECT pg_catalog.format_type({}::pg_catalog.oid, NULL)",
+            planner::quote_literal(&array.to_string())
+        );
+        let handle = self.handle_for(runtime, 0).await?;
+        let mut cursor =
+            ShardCursor::open(None, handle, &sql, &Params::default(), &[], true).await?;
+        let rows = cursor.collect().await?;
+        rows.first()
+            .and_then(|row| split_fields(&row.data).first().copied().flatten())
+            .map(|name| String::from_utf8_lossy(name).into_owned())
+            .ok_or_else(|| RouterError::session("XX000", "no name for an array type"))
+    }
+
     /// Runs a multi-stage statement: each stage's rows become text arrays, read by the outer
     /// statement on the first shard as `WITH name AS (SELECT * FROM unnest($k, ...) AS name(...))`.
     fn multi_stage<'a>(
@@ -1423,32 +1525,16 @@ impl Session {
         result_formats: &'a [i16],
     ) -> futures::future::BoxFuture<'a, Result<Outcome, RouterError>> {
         Box::pin(async move {
+            if let Some(outer) = &multi.distributed {
+                return self
+                    .multi_stage_distributed(runtime, multi, outer, params, result_formats)
+                    .await;
+            }
             let outer = params.subset(&multi.outer_params);
             let (mut types, mut values, mut formats) = (outer.types, outer.values, outer.formats);
             let mut definitions = Vec::with_capacity(multi.stages.len() + multi.kept.len());
             for stage in &multi.stages {
-                let stage_params = params.subset(&stage.params);
-                let outcome = self
-                    .execute_plan(&stage.planned, &stage_params, &[], true)
-                    .await?;
-                let Outcome::Rows { columns, rows, .. } = outcome else {
-                    return Err(RouterError::session(
-                        "0A000",
-                        format!("the WITH query or subquery {} returns no rows", stage.name),
-                    ));
-                };
-                if columns.is_empty() || stage.columns.len() > columns.len() {
-                    return Err(RouterError::session(
-                        "42P10",
-                        format!(
-                            "WITH query \"{}\" has {} columns available but {} columns specified",
-                            stage.name,
-                            columns.len(),
-                            stage.columns.len()
-                        ),
-                    ));
-                }
-                let arrays = collect_arrays(columns.len(), rows).await?;
+                let (columns, arrays) = self.run_stage(stage, params).await?;
                 let mut placeholders = Vec::with_capacity(columns.len());
                 for (column, array) in columns.iter().zip(arrays) {
                     types.push(self.array_type(runtime, 0, column.type_oid).await?);
@@ -1456,19 +1542,7 @@ impl Session {
                     formats.push(0);
                     placeholders.push(format!("${}", values.len()));
                 }
-                let names: Vec<String> = columns
-                    .iter()
-                    .enumerate()
-                    .map(|(i, column)| {
-                        planner::quote_ident(stage.columns.get(i).unwrap_or(&column.name))
-                    })
-                    .collect();
-                let name = planner::quote_ident(&stage.name);
-                definitions.push(format!(
-                    "{name} AS (SELECT * FROM unnest({}) AS {name}({}))",
-                    placeholders.join(", "),
-                    names.join(", ")
-                ));
+                definitions.push(stage_definition(stage, &columns, &placeholders));
             }
             definitions.extend(multi.kept.iter().cloned());
             let sql = format!("WITH {} {}", definitions.join(", "), multi.outer);

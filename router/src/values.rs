@@ -36,6 +36,35 @@ pub mod oid {
     /// numeric
     pub const NUMERIC: u32 = 1700;
 
+    /// The name of a built-in type in `pg_catalog` (`typname`), if it is one of these.
+    pub fn builtin_name(oid: u32) -> Option<&'static str> {
+        Some(match oid {
+            BOOL => "bool",
+            17 => "bytea",
+            NAME => "name",
+            INT8 => "int8",
+            INT2 => "int2",
+            INT4 => "int4",
+            TEXT => "text",
+            OID => "oid",
+            114 => "json",
+            FLOAT4 => "float4",
+            FLOAT8 => "float8",
+            BPCHAR => "bpchar",
+            VARCHAR => "varchar",
+            DATE => "date",
+            1083 => "time",
+            TIMESTAMP => "timestamp",
+            TIMESTAMPTZ => "timestamptz",
+            1186 => "interval",
+            1266 => "timetz",
+            NUMERIC => "numeric",
+            2950 => "uuid",
+            3802 => "jsonb",
+            _ => return None,
+        })
+    }
+
     /// The array type of a built-in type (`pg_type.typarray`), if it is one of these.
     pub fn array_of(element: u32) -> Option<u32> {
         Some(match element {

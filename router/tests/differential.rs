@@ -115,6 +115,11 @@ const CORPUS: &[&str] = &[
     "WITH t AS (SELECT id, total FROM orders WHERE total IS NOT NULL ORDER BY total DESC, id LIMIT 5) SELECT * FROM t ORDER BY id",
     "WITH t AS (SELECT id, name || E'\\\\ \"q\" ,{}' AS weird FROM customers WHERE score > 95) SELECT * FROM t ORDER BY id",
     "WITH t AS (SELECT id, score, region FROM customers WHERE score IS NULL OR region IS NULL) SELECT count(*), count(score), count(region) FROM t",
+    // ... read by a statement over sharded tables: the results go to every shard with it.
+    "WITH top AS (SELECT customer_id FROM orders GROUP BY customer_id ORDER BY sum(total) DESC NULLS LAST, customer_id LIMIT 5) SELECT c.id, c.name FROM customers c JOIN top ON top.customer_id = c.id ORDER BY c.id",
+    "SELECT o.id, o.total FROM orders o JOIN (SELECT region, min(id) AS first_id FROM customers GROUP BY region) f ON f.first_id = o.customer_id ORDER BY o.id",
+    "WITH big AS (SELECT id FROM customers WHERE score > 80) SELECT count(*), sum(o.total) FROM orders o JOIN big ON big.id = o.customer_id",
+    "WITH w AS (SELECT id, name || E' \\\\ '' {},\"x\"' AS label FROM customers WHERE score > 95) SELECT o.id, w.label FROM orders o JOIN w ON w.id = o.customer_id ORDER BY o.id",
     // Window functions, DISTINCT ON and aggregates that do not merge, over one sharded table:
     // its matching rows are pulled from the shards and the statement runs over them.
     "SELECT id, score, rank() OVER (ORDER BY score DESC NULLS LAST) FROM customers ORDER BY score DESC NULLS LAST, id LIMIT 7",

@@ -38,6 +38,10 @@ pub struct MultiStage {
     /// The client's parameters (0-based) of `kept` and `outer`, as `$1...` in this order; the
     /// stages' arrays follow.
     pub outer_params: Vec<usize>,
+    /// When the outer statement reads sharded tables too: its plan (one shard or a
+    /// scatter-gather), the stages' results going to every shard it runs on as array
+    /// literals in a WITH in front of its statement.
+    pub distributed: Option<Box<Planned>>,
 }
 
 /// One result computed before the outer statement.
@@ -122,18 +126,32 @@ pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Plann
     if stages.is_empty() {
         return Ok(None);
     }
-    if !table_use(topology, &query).sharded.is_empty() {
-        return unsupported(
-            "a statement that reads sharded tables besides the results of its WITH queries or \
-             FROM subqueries over sharded tables (it can read those results, reference tables \
-             and unsharded tables)",
-        );
-    }
     let mut outer_params = Vec::new();
     let mut renumber = Renumber::new(1, &mut outer_params);
     renumber.apply(&mut kept);
     renumber.apply(&mut query);
     let outer = query.to_string();
+    // An outer statement that reads sharded tables too is planned as any statement, with the
+    // stages' results as tables every shard has: they go to each shard with it.
+    let distributed = if table_use(topology, &query).sharded.is_empty() {
+        None
+    } else {
+        let mut with_results = topology.clone();
+        with_results
+            .reference_tables
+            .extend(stages.iter().map(|stage| stage.name.clone()));
+        let planned = plan_query(&with_results, query, outer.clone())?;
+        match &planned.plan {
+            Plan::Single(_) | Plan::Scatter { write: false, .. } => Some(Box::new(planned)),
+            _ => {
+                return unsupported(
+                    "a statement that reads sharded tables besides the results of its WITH \
+                     queries or FROM subqueries over sharded tables, other than one that runs \
+                     on one shard or as a scatter-gather",
+                );
+            }
+        }
+    };
     Ok(Some(Planned {
         sql: outer.clone(),
         plan: Plan::MultiStage(Box::new(MultiStage {
@@ -141,6 +159,7 @@ pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Plann
             kept: kept.iter().map(ToString::to_string).collect(),
             outer,
             outer_params,
+            distributed,
         })),
         returns_rows: true,
     }))
@@ -411,12 +430,23 @@ mod tests {
     }
 
     #[test]
+    fn an_outer_statement_over_sharded_tables_gets_the_results_on_every_shard() {
+        let multi = staged(
+            "WITH top AS (SELECT customer_id FROM orders GROUP BY customer_id \
+             ORDER BY sum(total) DESC LIMIT 3) \
+             SELECT c.name FROM customers c JOIN top ON top.customer_id = c.id ORDER BY c.name",
+        );
+        let outer = multi.distributed.expect("distributed outer");
+        let Plan::Scatter { merge, .. } = &outer.plan else {
+            panic!("{outer:?}");
+        };
+        assert_eq!(merge.order.len(), 1);
+        assert!(outer.sql.contains("JOIN top ON"), "{}", outer.sql);
+    }
+
+    #[test]
     fn what_stays_refused() {
         for (sql, reason) in [
-            (
-                "WITH t AS (SELECT customer_id FROM orders) SELECT * FROM customers c JOIN t ON t.customer_id = c.id",
-                "reads sharded tables besides",
-            ),
             (
                 "WITH a AS (SELECT 1 AS x), t AS (SELECT * FROM orders JOIN a ON a.x = orders.qty) SELECT * FROM t",
                 "reads another WITH query",
