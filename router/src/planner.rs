@@ -358,6 +358,8 @@ pub enum Plan {
     CopyOut(CopyOut),
     /// WHERE subqueries over sharded tables run first, their answers bound as parameters.
     BoundSubqueries(Box<BoundSubqueries>),
+    /// COPY (query) TO STDOUT written by the router.
+    CopyQuery(Box<CopyQuery>),
     /// EXPLAIN of a scatter-gather statement.
     Explain(Box<ExplainScatter>),
     /// INSERT ... VALUES without the shard key: keys drawn from its sequence first.
@@ -367,6 +369,79 @@ pub enum Plan {
     /// WITH queries / FROM subqueries over sharded tables first, then the outer statement over
     /// their results on the first shard.
     MultiStage(Box<MultiStage>),
+}
+
+/// COPY (query) TO STDOUT of a query the router runs (merged, in stages, ...): its rows are
+/// written out in COPY's text or CSV format by the router.
+fn copy_query(
+    query: Planned,
+    options: &[sqlparser::ast::CopyOption],
+    legacy_options: &[sqlparser::ast::CopyLegacyOption],
+    header: bool,
+) -> Result<Planned, PlanError> {
+    use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption};
+    let mut copy = CopyQuery {
+        query,
+        csv: false,
+        header,
+        delimiter: None,
+        null: None,
+    };
+    let refused =
+        |what: String| unsupported(format!("COPY (query) TO STDOUT with {what} across shards"));
+    for option in options {
+        match option {
+            CopyOption::Format(format) if format.value.eq_ignore_ascii_case("csv") => {
+                copy.csv = true
+            }
+            CopyOption::Format(format) if format.value.eq_ignore_ascii_case("text") => {}
+            CopyOption::Header(_) => {}
+            CopyOption::Delimiter(c) => copy.delimiter = Some(*c),
+            CopyOption::Null(null) => copy.null = Some(null.clone()),
+            other => return refused(other.to_string()),
+        }
+    }
+    for option in legacy_options {
+        match option {
+            CopyLegacyOption::Csv(csv) => {
+                copy.csv = true;
+                if let Some(other) = csv
+                    .iter()
+                    .find(|c| !matches!(c, CopyLegacyCsvOption::Header))
+                {
+                    return refused(other.to_string());
+                }
+            }
+            CopyLegacyOption::Delimiter(c) => copy.delimiter = Some(*c),
+            CopyLegacyOption::Null(null) => copy.null = Some(null.clone()),
+            other => return refused(other.to_string()),
+        }
+    }
+    if copy.header && !copy.csv {
+        return Err(PlanError::Syntax(
+            "COPY HEADER in text format is not supported by the router; use CSV".into(),
+        ));
+    }
+    Ok(Planned {
+        sql: copy.query.sql.clone(),
+        plan: Plan::CopyQuery(Box::new(copy)),
+        returns_rows: false,
+    })
+}
+
+/// A COPY (query) TO STDOUT the router writes itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CopyQuery {
+    /// The query.
+    pub query: Planned,
+    /// CSV (else text).
+    pub csv: bool,
+    /// A header line with the column names (CSV).
+    pub header: bool,
+    /// Field delimiter (tab for text, comma for CSV).
+    pub delimiter: Option<char>,
+    /// The NULL marker (`\N` for text, empty for CSV).
+    pub null: Option<String>,
 }
 
 /// What the merger does, in words (EXPLAIN).
@@ -485,6 +560,7 @@ impl Plan {
             Plan::InsertSelect(_) => "insert_select",
             Plan::DrawKeys(_) => "draw_keys",
             Plan::Explain(_) => "explain",
+            Plan::CopyQuery(_) => "copy_out",
             Plan::BoundSubqueries(_) => "bound_subqueries",
         }
     }
@@ -835,20 +911,28 @@ pub fn plan_statement(
                 }
                 sqlparser::ast::CopySource::Query(query) => {
                     let inner = plan_sql(topology, &query.to_string())?;
-                    match inner.into_iter().next().map(|p| p.plan) {
-                        Some(Plan::Single(target @ (Target::Shard(_) | Target::Any))) => {
-                            Some(target)
-                        }
-                        Some(Plan::Scatter {
-                            shards: None,
-                            merge,
-                            write: false,
+                    match inner.into_iter().next() {
+                        Some(Planned {
+                            plan: Plan::Single(target @ (Target::Shard(_) | Target::Any)),
+                            ..
+                        }) => Some(target),
+                        Some(Planned {
+                            plan:
+                                Plan::Scatter {
+                                    shards: None,
+                                    merge,
+                                    write: false,
+                                },
+                            ..
                         }) if merge == MergeSpec::default() => None,
+                        // Anything else the router runs itself and writes out as COPY.
+                        Some(planned) if planned.returns_rows && !binary => {
+                            return copy_query(planned, &options, &legacy_options, header);
+                        }
                         _ => {
                             return unsupported(
-                                "COPY (query) TO STDOUT whose query needs merging across shards \
-                                 (ORDER BY, LIMIT, aggregates, DISTINCT) or bind parameters; \
-                                 run the query instead",
+                                "COPY (query) TO STDOUT of this query across shards (binary \
+                                 format, or a statement without rows)",
                             );
                         }
                     }

@@ -462,6 +462,98 @@ async fn collect_arrays(
         .collect())
 }
 
+/// The rows of a query as COPY TO STDOUT data, in text or CSV (with a header if asked).
+fn copy_query_stream(
+    copy: &planner::CopyQuery,
+    columns: &[Column],
+    rows: RowStream,
+) -> futures::stream::BoxStream<'static, Result<CopyOutData, RouterError>> {
+    let csv = copy.csv;
+    let delimiter = copy
+        .delimiter
+        .map(|c| c as u8)
+        .unwrap_or(if csv { b',' } else { b'\t' });
+    let null = copy
+        .null
+        .clone()
+        .unwrap_or_else(|| if csv { String::new() } else { "\\N".into() })
+        .into_bytes();
+    let header = (csv && copy.header).then(|| {
+        let mut line = Vec::new();
+        for (i, column) in columns.iter().enumerate() {
+            if i > 0 {
+                line.push(delimiter);
+            }
+            csv_field(&mut line, column.name.as_bytes(), delimiter, false);
+        }
+        line.push(b'\n');
+        Ok(CopyOutData::Row(bytes::Bytes::from(line)))
+    });
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = count.clone();
+    let lines = rows.map(move |row| {
+        let row = row?;
+        let mut line = Vec::new();
+        for (i, field) in split_fields(&row.data).into_iter().enumerate() {
+            if i > 0 {
+                line.push(delimiter);
+            }
+            match field {
+                None => line.extend_from_slice(&null),
+                Some(value) if csv => csv_field(&mut line, value, delimiter, value == null),
+                Some(value) => text_field(&mut line, value, delimiter),
+            }
+        }
+        line.push(b'\n');
+        counted.fetch_add(1, Ordering::Relaxed);
+        Ok(CopyOutData::Row(bytes::Bytes::from(line)))
+    });
+    let done =
+        futures::stream::once(async move { Ok(CopyOutData::Done(count.load(Ordering::Relaxed))) });
+    futures::stream::iter(header)
+        .chain(lines)
+        .chain(done)
+        .boxed()
+}
+
+/// A CSV field: quoted when it holds the delimiter, a quote, a line break, or would read as
+/// the NULL marker (`force`: an empty string against the default empty NULL); quotes doubled.
+fn csv_field(line: &mut Vec<u8>, value: &[u8], delimiter: u8, force: bool) {
+    let quote = force
+        || value
+            .iter()
+            .any(|b| *b == delimiter || matches!(b, b'"' | b'\n' | b'\r'));
+    if !quote {
+        line.extend_from_slice(value);
+        return;
+    }
+    line.push(b'"');
+    for byte in value {
+        if *byte == b'"' {
+            line.push(b'"');
+        }
+        line.push(*byte);
+    }
+    line.push(b'"');
+}
+
+/// A text-format field with COPY's backslash escapes.
+fn text_field(line: &mut Vec<u8>, value: &[u8], delimiter: u8) {
+    for byte in value {
+        match byte {
+            b'\\' => line.extend_from_slice(b"\\\\"),
+            b'\n' => line.extend_from_slice(b"\\n"),
+            b'\r' => line.extend_from_slice(b"\\r"),
+            b'\t' => line.extend_from_slice(b"\\t"),
+            b if *b == delimiter => {
+                line.push(b'\\');
+                line.push(*b);
+            }
+            other => line.push(*other),
+        }
+    }
+}
+
 /// Appends a row (its fields in text format) as a line of COPY's text format.
 fn copy_text_row(data: &mut Vec<u8>, row: &Row) {
     for (i, field) in split_fields(&row.data).into_iter().enumerate() {
@@ -1293,6 +1385,20 @@ impl Session {
                 })
             }
             Plan::InsertSelect(insert) => self.insert_select(&runtime, insert, params).await,
+            Plan::CopyQuery(copy) => {
+                let outcome = Box::pin(self.execute_plan(&copy.query, params, &[], cache)).await?;
+                let Outcome::Rows { columns, rows, .. } = outcome else {
+                    return Err(RouterError::session(
+                        "0A000",
+                        "COPY (query) TO STDOUT of a statement without rows",
+                    ));
+                };
+                Ok(Outcome::CopyOut {
+                    format: 0,
+                    formats: vec![0; columns.len()],
+                    data: copy_query_stream(copy, &columns, rows),
+                })
+            }
             Plan::Explain(explain) => {
                 let shard = explain
                     .shards

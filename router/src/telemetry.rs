@@ -215,6 +215,7 @@ pub fn shards_touched(plan: &Plan, shard_count: usize) -> Option<usize> {
         | Plan::InsertSelect(_)
         | Plan::DrawKeys(_)
         | Plan::Explain(_)
+        | Plan::CopyQuery(_)
         | Plan::BoundSubqueries(_)
         | Plan::Setting
         | Plan::Insert(_)

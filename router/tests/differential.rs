@@ -357,6 +357,21 @@ fn randomized(count: usize) -> Vec<String> {
     out
 }
 
+/// The bytes of a COPY TO STDOUT.
+async fn copy_out(client: &tokio_postgres::Client, sql: &str) -> Vec<u8> {
+    use futures::StreamExt;
+    let stream = client
+        .copy_out(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    let mut stream = std::pin::pin!(stream);
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out
+}
+
 /// The column names of the answer to `sql` (simple protocol: the names the statement itself
 /// reports, not a separate Describe).
 async fn column_names(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
@@ -516,6 +531,20 @@ async fn router_results_equal_single_postgres_results() {
         .await
         .unwrap_err();
     assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error:?}");
+
+    // COPY (query) TO STDOUT of queries the router merges: the same bytes as PostgreSQL's.
+    for sql in [
+        "COPY (SELECT region, count(*) FROM customers GROUP BY region ORDER BY region NULLS FIRST) TO STDOUT WITH (FORMAT csv, HEADER)",
+        "COPY (SELECT id, name || E'\\t\\\\x\\n', NULL::text, '' FROM customers WHERE score > 90 ORDER BY id) TO STDOUT",
+        "COPY (SELECT id, name, '' AS empty, NULL AS nothing, 'a,\"b\"' FROM customers ORDER BY id LIMIT 5) TO STDOUT (FORMAT csv)",
+        "COPY (SELECT id, score FROM customers ORDER BY id DESC LIMIT 4) TO STDOUT WITH (DELIMITER '|', NULL 'none')",
+    ] {
+        assert_eq!(
+            copy_out(&routed, sql).await,
+            copy_out(&direct, sql).await,
+            "{sql}"
+        );
+    }
 
     // Parameters: the same prepared statements, many bindings.
     let direct_statement = direct
