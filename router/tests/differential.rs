@@ -276,7 +276,7 @@ fn randomized(count: usize) -> Vec<String> {
     let groups = ["region", "score % 5", "id % 7"];
     let mut out = Vec::new();
     while out.len() < count {
-        let sql = match next(5) {
+        let sql = match next(6) {
             0 => {
                 let column = columns[next(4)];
                 let direction = ["ASC", "DESC"][next(2)];
@@ -339,6 +339,40 @@ fn randomized(count: usize) -> Vec<String> {
                         order_filters[next(order_filters.len())]
                     )
                 }
+            }
+            4 => {
+                // Expressions over aggregates, HAVING over them, aggregates that need the rows.
+                let expressions = [
+                    "coalesce(sum(score), 0) * 2",
+                    "round(avg(score), 3)",
+                    "count(*)::int + 1",
+                    "max(score) - min(score)",
+                    "count(DISTINCT region)::text",
+                    "sum(score) / nullif(count(*), 0)",
+                    "CASE WHEN count(*) > 20 THEN 'big' ELSE 'small' END",
+                    "bool_or(score > 90)",
+                    "string_agg(name, '|' ORDER BY name)",
+                    "stddev(score)::numeric(10,4)",
+                ];
+                let group = groups[next(groups.len())];
+                let picked: Vec<&str> = (0..1 + next(2))
+                    .map(|_| expressions[next(expressions.len())])
+                    .collect();
+                let having = match next(4) {
+                    0 => format!(" HAVING sum(score) * 2 > {}", next(2000)),
+                    1 => format!(" HAVING avg(score) < {}", next(100)),
+                    2 => " HAVING count(*) % 2 = 0".to_string(),
+                    _ => String::new(),
+                };
+                let mut sql = format!(
+                    "SELECT {group}, {} FROM customers{} GROUP BY {group}{having} ORDER BY {group} NULLS FIRST",
+                    picked.join(", "),
+                    filters[next(filters.len())]
+                );
+                if next(2) == 0 {
+                    sql.push_str(&format!(" LIMIT {}", 1 + next(5)));
+                }
+                sql
             }
             _ => {
                 let expr = ["region", "score % 4", "qty"][next(3)];
@@ -421,7 +455,7 @@ async fn router_results_equal_single_postgres_results() {
     }
     let mut queries: Vec<String> = CORPUS.iter().map(|s| s.to_string()).collect();
     queries.extend(generated());
-    queries.extend(randomized(150));
+    queries.extend(randomized(300));
     let mut checked = 0;
     for sql in &queries {
         let expected_text = text_rows(&direct, sql)
