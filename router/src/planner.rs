@@ -684,6 +684,14 @@ pub fn quote_literal(value: &str) -> String {
 
 /// Splits and plans a query string (one or more statements).
 pub fn plan_sql(topology: &Topology, sql: &str) -> Result<Vec<Planned>, PlanError> {
+    // The planner is synchronous: the topology's aggregates hold for this call on this thread.
+    let previous = USER_AGGREGATES.with(|user| user.replace(topology.aggregates.clone()));
+    let planned = plan_sql_inner(topology, sql);
+    USER_AGGREGATES.with(|user| user.replace(previous));
+    planned
+}
+
+fn plan_sql_inner(topology: &Topology, sql: &str) -> Result<Vec<Planned>, PlanError> {
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(statements) => statements,
         // sqlparser wants `FREEZE true` where PostgreSQL (and pgbench) also write `FREEZE on`;
@@ -1690,9 +1698,20 @@ const BUILTIN_AGGREGATES: &[&str] = &[
     "xmlagg",
 ];
 
-/// Is `function` a call of a built-in aggregate (not a window function)?
+thread_local! {
+    /// The topology's user-defined aggregates, for the planning under way on this thread.
+    static USER_AGGREGATES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Is `function` a call of an aggregate, PostgreSQL's own or one the shards define (not a
+/// window function)?
 fn is_builtin_aggregate(function: &sqlparser::ast::Function) -> bool {
-    function.over.is_none() && BUILTIN_AGGREGATES.contains(&last_name(&function.name).as_str())
+    if function.over.is_some() {
+        return false;
+    }
+    let name = last_name(&function.name);
+    BUILTIN_AGGREGATES.contains(&name.as_str())
+        || USER_AGGREGATES.with(|user| user.borrow().contains(&name))
 }
 
 /// Does `expr` call an aggregate or a window function (of its own query level, not inside a

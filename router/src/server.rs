@@ -150,12 +150,15 @@ impl Router {
         }
         // The decision table must exist before the first cross-shard commit.
         twophase::ensure_decision_tables(&state.runtime().pools).await;
+        state.refresh_aggregates().await;
         let resolver_state = state.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let runtime = resolver_state.runtime();
                 twophase::resolve_in_doubt(&runtime.pools, IN_DOUBT_AGE, &resolver_state.metrics)
                     .await;
+                // Aggregates created on the shards directly (not through a router) too.
+                resolver_state.refresh_aggregates().await;
                 tokio::time::sleep(RESOLVE_INTERVAL).await;
             }
         }));

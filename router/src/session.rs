@@ -84,8 +84,55 @@ impl RouterState {
         self.runtime.read().expect("runtime lock").clone()
     }
 
-    /// Swaps in a new topology; pools are kept when the shard endpoints did not change.
-    pub fn reload(&self, topology: Topology) {
+    /// Reads the aggregates the shards define (`CREATE AGGREGATE`, from the first shard's
+    /// catalog) and, when they changed, swaps in the topology with them (plans made without
+    /// them are dropped).
+    pub async fn refresh_aggregates(&self) {
+        let runtime = self.runtime();
+        let Some(pool) = runtime.pools.shards.first() else {
+            return;
+        };
+        let Ok(mut connection) = pool.get().await else {
+            return;
+        };
+        let rows = match connection
+            .query_text(
+                "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
+                 WHERE p.prokind = 'a' AND p.pronamespace <> 'pg_catalog'::regnamespace \
+                 ORDER BY 1",
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::debug!(%error, "reading user-defined aggregates");
+                return;
+            }
+        };
+        drop(connection);
+        let names: Vec<String> = rows
+            .into_iter()
+            .filter_map(|row| row.into_iter().next().flatten())
+            .collect();
+        if names != runtime.topology.aggregates {
+            let mut topology = (*runtime.topology).clone();
+            tracing::info!(aggregates = ?names, "user-defined aggregates changed");
+            topology.aggregates = names;
+            self.swap(topology);
+        }
+    }
+
+    /// Swaps in a new topology (from the config file, or the Kubernetes source); pools are kept
+    /// when the shard endpoints did not change. The shards' aggregates, which a configuration
+    /// does not list, are kept as last read.
+    pub fn reload(&self, mut topology: Topology) {
+        if topology.aggregates.is_empty() {
+            topology.aggregates = self.runtime().topology.aggregates.clone();
+        }
+        self.swap(topology);
+    }
+
+    fn swap(&self, topology: Topology) {
         let current = self.runtime();
         let pools = if current.topology.shards == topology.shards {
             current.pools.clone()
@@ -404,20 +451,54 @@ fn resolve_paging(merge: &MergeSpec, params: &Params) -> Result<MergeSpec, Route
     Ok(merge)
 }
 
+/// `CREATE [OR REPLACE] AGGREGATE` or `DROP AGGREGATE`?
+fn defines_aggregate(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .split_whitespace()
+        .take(4)
+        .map(str::to_ascii_uppercase)
+        .collect();
+    matches!(
+        words
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["CREATE", "AGGREGATE", ..]
+            | ["CREATE", "OR", "REPLACE", "AGGREGATE"]
+            | ["DROP", "AGGREGATE", ..]
+    )
+}
+
 /// The most an intermediate result (merged groups, a WITH query's or a pulled table's rows) may
 /// take in the router, as text arrays.
 const MAX_INTERMEDIATE_BYTES: usize = 256 << 20;
 
-/// `name AS (SELECT * FROM unnest(<arrays>) AS name(<columns>))`: a stage's result in a WITH.
-fn stage_definition(stage: &planner::Stage, columns: &[Column], arrays: &[String]) -> String {
+/// `name AS (SELECT ... FROM unnest(<arrays>) AS name(<columns>))`: a stage's result in a
+/// WITH; columns that came as text (`casts`) are cast back to their types.
+fn stage_definition(
+    stage: &planner::Stage,
+    columns: &[Column],
+    arrays: &[String],
+    casts: &[Option<String>],
+) -> String {
     let names: Vec<String> = columns
         .iter()
         .enumerate()
         .map(|(i, column)| planner::quote_ident(stage.columns.get(i).unwrap_or(&column.name)))
         .collect();
     let name = planner::quote_ident(&stage.name);
+    let items: Vec<String> = names
+        .iter()
+        .zip(casts)
+        .map(|(column, cast)| match cast {
+            Some(cast) => format!("{name}.{column}::{cast} AS {column}"),
+            None => format!("{name}.{column}"),
+        })
+        .collect();
     format!(
-        "{name} AS (SELECT * FROM unnest({}) AS {name}({}))",
+        "{name} AS (SELECT {} FROM unnest({}) AS {name}({}))",
+        items.join(", "),
         arrays.join(", "),
         names.join(", ")
     )
@@ -1472,6 +1553,9 @@ impl Session {
                 if let Some(table) = &table {
                     self.warn_narrow_sequences(&runtime, table).await;
                 }
+                if defines_aggregate(&planned.sql) {
+                    self.state.refresh_aggregates().await;
+                }
                 Ok(outcome)
             }
             Plan::Insert(split) => {
@@ -1548,14 +1632,20 @@ impl Session {
         for stage in &multi.stages {
             let (columns, arrays) = self.run_stage(stage, params).await?;
             let mut literals = Vec::with_capacity(columns.len());
+            let mut casts = Vec::with_capacity(columns.len());
             for (column, array) in columns.iter().zip(arrays) {
-                let cast = self.array_type_name(runtime, column.type_oid).await?;
+                let (_, cast) = self.stage_transport(runtime, column).await?;
+                let array_type = match cast {
+                    Some(_) => "pg_catalog.text[]".to_string(),
+                    None => self.array_type_name(runtime, column.type_oid).await?,
+                };
                 literals.push(format!(
-                    "{}::{cast}",
+                    "{}::{array_type}",
                     planner::quote_literal(&String::from_utf8_lossy(&array))
                 ));
+                casts.push(cast);
             }
-            definitions.push(stage_definition(stage, &columns, &literals));
+            definitions.push(stage_definition(stage, &columns, &literals, &casts));
         }
         definitions.extend(multi.kept.iter().cloned());
         let mut planned = outer.clone();
@@ -1642,13 +1732,16 @@ impl Session {
             for stage in &multi.stages {
                 let (columns, arrays) = self.run_stage(stage, params).await?;
                 let mut placeholders = Vec::with_capacity(columns.len());
+                let mut casts = Vec::with_capacity(columns.len());
                 for (column, array) in columns.iter().zip(arrays) {
-                    types.push(self.array_type(runtime, 0, column.type_oid).await?);
+                    let (array_type, cast) = self.stage_transport(runtime, column).await?;
+                    types.push(array_type);
                     values.push(Some(array));
                     formats.push(0);
                     placeholders.push(format!("${}", values.len()));
+                    casts.push(cast);
                 }
-                definitions.push(stage_definition(stage, &columns, &placeholders));
+                definitions.push(stage_definition(stage, &columns, &placeholders, &casts));
             }
             definitions.extend(multi.kept.iter().cloned());
             let sql = format!("WITH {} {}", definitions.join(", "), multi.outer);
@@ -1909,6 +2002,23 @@ impl Session {
         shard: usize,
         element: u32,
     ) -> Result<u32, RouterError> {
+        match self.array_type_of(runtime, shard, element).await? {
+            0 => Err(RouterError::session(
+                "0A000",
+                "an expression over aggregates across shards whose groups or aggregates are \
+                 arrays (or of a type without an array type) is not supported",
+            )),
+            array => Ok(array),
+        }
+    }
+
+    /// `pg_type.typarray` of `element`: 0 for an array type itself.
+    async fn array_type_of(
+        &mut self,
+        runtime: &Runtime,
+        shard: usize,
+        element: u32,
+    ) -> Result<u32, RouterError> {
         if let Some(array) = crate::values::oid::array_of(element) {
             return Ok(array);
         }
@@ -1920,19 +2030,39 @@ impl Session {
         let mut cursor =
             ShardCursor::open(None, handle, &sql, &Params::default(), &[], false).await?;
         let rows = cursor.collect().await?;
-        let array = rows
+        Ok(rows
             .first()
             .and_then(|row| split_fields(&row.data).first().copied().flatten())
             .and_then(|field| std::str::from_utf8(field).ok()?.parse::<u32>().ok())
-            .unwrap_or(0);
-        if array == 0 {
-            return Err(RouterError::session(
-                "0A000",
-                "an expression over aggregates across shards whose groups or aggregates are \
-                 arrays (or of a type without an array type) is not supported",
-            ));
+            .unwrap_or(0))
+    }
+
+    /// How a stage's column travels to the outer statement: as an array of its type, or (an
+    /// array column itself, which `unnest` would flatten) as text cast back to its type.
+    async fn stage_transport(
+        &mut self,
+        runtime: &Runtime,
+        column: &Column,
+    ) -> Result<(u32, Option<String>), RouterError> {
+        match self.array_type_of(runtime, 0, column.type_oid).await? {
+            0 => {
+                let sql = format!(
+                    "SELECT pg_catalog.format_type({}::pg_catalog.oid, NULL)",
+                    planner::quote_literal(&column.type_oid.to_string())
+                );
+                let handle = self.handle_for(runtime, 0).await?;
+                let mut cursor =
+                    ShardCursor::open(None, handle, &sql, &Params::default(), &[], true).await?;
+                let rows = cursor.collect().await?;
+                let name = rows
+                    .first()
+                    .and_then(|row| split_fields(&row.data).first().copied().flatten())
+                    .map(|name| String::from_utf8_lossy(name).into_owned())
+                    .ok_or_else(|| RouterError::session("XX000", "no name for a column type"))?;
+                Ok((crate::values::oid::TEXT_ARRAY, Some(name)))
+            }
+            array => Ok((array, None)),
         }
-        Ok(array)
     }
 
     fn resolve_target(

@@ -332,6 +332,9 @@ pub struct Topology {
     pub tables: HashMap<String, ShardedTable>,
     /// Reference tables by name.
     pub reference_tables: Vec<String>,
+    /// Aggregate functions the shards define beyond PostgreSQL's own (`CREATE AGGREGATE`), read
+    /// from the first shard's catalog: the planner must not take them for plain functions.
+    pub aggregates: Vec<String>,
 }
 
 impl Topology {
@@ -441,6 +444,7 @@ impl Topology {
                 .iter()
                 .map(|t| t.to_lowercase())
                 .collect(),
+            aggregates: Vec::new(),
         })
     }
 

@@ -17,6 +17,8 @@ pub mod oid {
     pub const INT4: u32 = 23;
     /// text
     pub const TEXT: u32 = 25;
+    /// text[]
+    pub const TEXT_ARRAY: u32 = 1009;
     /// oid
     pub const OID: u32 = 26;
     /// float4

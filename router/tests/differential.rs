@@ -753,6 +753,61 @@ async fn merged_groups_and_distinct_values() {
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 
+    // A user-defined aggregate is an aggregate, not a function answered once per shard: one
+    // made through the router is known at once, one made on the shards directly within the
+    // router's refresh (every 2 s).
+    client
+        .batch_execute("CREATE AGGREGATE my_sum(int) (sfunc = int4pl, stype = int, initcond = '0')")
+        .await
+        .unwrap();
+    let total: i64 = client
+        .query_one("SELECT sum(score) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let rows = text_rows(&client, "SELECT my_sum(score) FROM customers")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![vec![Some(total.to_string())]]);
+    let grouped = text_rows(
+        &client,
+        "SELECT region, my_sum(score) FROM customers GROUP BY region ORDER BY region",
+    )
+    .await
+    .unwrap();
+    let expected = text_rows(
+        &client,
+        "SELECT region, sum(score) FROM customers GROUP BY region ORDER BY region",
+    )
+    .await
+    .unwrap();
+    assert_eq!(grouped, expected);
+    for shard in &cluster.shards {
+        shard
+            .client()
+            .await
+            .unwrap()
+            .batch_execute(
+                "CREATE AGGREGATE my_count(int) (sfunc = int4pl, stype = int, initcond = '0')",
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let rows = text_rows(&client, "SELECT my_count(1) FROM customers")
+            .await
+            .unwrap();
+        if rows == vec![vec![Some("30".to_string())]] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "my_count still answered per shard: {rows:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
     // DISTINCT and UNION across shards compare values: 1.0 from one shard and 1.00 from the
     // other are one numeric, as on a single PostgreSQL.
     let mut on_shard = Vec::new();
