@@ -128,6 +128,9 @@ const CORPUS: &[&str] = &[
     "SELECT DISTINCT ON (region) region, id, name FROM customers ORDER BY region, id",
     "SELECT o.customer_id, o.total, sum(o.total) OVER (PARTITION BY o.customer_id ORDER BY o.id) FROM orders o WHERE o.qty = 2 ORDER BY 1, o.id",
     "SELECT json_agg(id ORDER BY id) FROM customers WHERE score > 95",
+    // ... and over a co-located join: the columns it reads are pulled.
+    "SELECT c.region, o.total, rank() OVER (PARTITION BY c.region ORDER BY o.total DESC NULLS LAST, o.id) AS r FROM customers c JOIN orders o ON o.customer_id = c.id WHERE o.qty > 6 ORDER BY c.region NULLS FIRST, r LIMIT 20",
+    "SELECT c.region, string_agg(DISTINCT o.note, ',' ORDER BY o.note), count(*) FROM customers c JOIN orders o ON o.customer_id = c.id GROUP BY c.region ORDER BY 1 NULLS FIRST",
     "SELECT region, score % 2 AS parity, count(*) FROM customers GROUP BY ROLLUP (region, score % 2) ORDER BY 1 NULLS FIRST, 2 NULLS FIRST",
     "SELECT note, qty, sum(total) FROM orders GROUP BY GROUPING SETS ((note), (qty), ()) ORDER BY 1 NULLS FIRST, 2 NULLS FIRST",
     // Subqueries co-located with the statement (IN / EXISTS on the shard key): pushed down.

@@ -13,8 +13,8 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Cte, DuplicateTreatment, Expr, FunctionArguments, Query, SetExpr, TableFactor,
-    visit_expressions, visit_relations,
+    Cte, DuplicateTreatment, Expr, FunctionArguments, Query, SetExpr, TableFactor, VisitMut,
+    VisitorMut, visit_expressions, visit_relations,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -231,12 +231,22 @@ pub(super) fn pull_up(topology: &Topology, mut query: Query) -> Result<Option<Pl
     if !needs_rows(select, query.order_by.as_ref()) {
         return Ok(None);
     }
+    let single_table = matches!(
+        select.from.as_slice(),
+        [table] if table.joins.is_empty() && matches!(table.relation, TableFactor::Table { .. })
+    );
+    if !single_table {
+        if table_use(topology, &select.from).sharded.is_empty() || !pull_up_columns(&mut query)? {
+            return Ok(None);
+        }
+        return plan(topology, query);
+    }
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(None);
+    };
     let [table] = select.from.as_mut_slice() else {
         return Ok(None);
     };
-    if !table.joins.is_empty() {
-        return Ok(None);
-    }
     let TableFactor::Table { name, alias, .. } = &table.relation else {
         return Ok(None);
     };
@@ -263,6 +273,116 @@ pub(super) fn pull_up(topology: &Topology, mut query: Query) -> Result<Option<Pl
     };
     table.relation = pulled.from.remove(0).relation;
     plan(topology, query)
+}
+
+/// The joined rows of a SELECT whose FROM is not one table (a co-located join), pulled as the
+/// columns the rest of the statement reads: `FROM a JOIN b ON ... WHERE w` becomes `FROM
+/// (SELECT a.x AS __c0, b.y AS __c1 FROM a JOIN b ON ... WHERE w) AS __pgr_rows`, and `a.x`
+/// elsewhere `__pgr_rows.__c0`. `false` when the statement cannot be rewritten that way (a `*`).
+fn pull_up_columns(query: &mut Query) -> Result<bool, PlanError> {
+    use sqlparser::ast::{Ident, SelectItem};
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(false);
+    };
+    let mut outputs = Vec::new();
+    for item in &mut select.projection {
+        match item {
+            SelectItem::UnnamedExpr(expr) => {
+                let alias = Ident::with_quote('"', super::default_column_name(expr));
+                outputs.push(alias.value.clone());
+                *item = SelectItem::ExprWithAlias {
+                    expr: expr.clone(),
+                    alias,
+                };
+            }
+            SelectItem::ExprWithAlias { alias, .. } => outputs.push(alias.value.clone()),
+            _ => return Ok(false),
+        }
+    }
+    let mut columns = Columns {
+        refs: Vec::new(),
+        outputs: Vec::new(),
+        depth: 0,
+    };
+    let _ = select.projection.visit(&mut columns);
+    let _ = select.having.visit(&mut columns);
+    let _ = select.group_by.visit(&mut columns);
+    let _ = select.distinct.visit(&mut columns);
+    let _ = select.named_window.visit(&mut columns);
+    // ORDER BY may name output columns: those stay as written.
+    columns.outputs = outputs;
+    let _ = query.order_by.visit(&mut columns);
+    if columns.refs.is_empty() {
+        columns.refs.push("1".into());
+    }
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(false);
+    };
+    let items: Vec<String> = columns
+        .refs
+        .iter()
+        .enumerate()
+        .map(|(i, column)| format!("{column} AS __c{i}"))
+        .collect();
+    let from: Vec<String> = select.from.iter().map(ToString::to_string).collect();
+    let mut rows = format!("SELECT {} FROM {}", items.join(", "), from.join(", "));
+    if let Some(selection) = select.selection.take() {
+        rows.push_str(&format!(" WHERE {selection}"));
+    }
+    let reference = parse_query(&format!("SELECT * FROM ({rows}) AS __pgr_rows"))?;
+    let SetExpr::Select(pulled) = *reference.body else {
+        return Ok(false);
+    };
+    select.from = pulled.from;
+    Ok(true)
+}
+
+/// Collects the column references of a statement's own level (not in subqueries) and replaces
+/// them with `__pgr_rows.__cN`; bare names in `outputs` (ORDER BY of an output column) stay.
+struct Columns {
+    refs: Vec<String>,
+    outputs: Vec<String>,
+    depth: usize,
+}
+
+impl VisitorMut for Columns {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        let is_column = match expr {
+            Expr::Identifier(ident) => !self.outputs.contains(&ident.value),
+            Expr::CompoundIdentifier(_) => true,
+            _ => false,
+        };
+        if is_column {
+            let text = expr.to_string();
+            let index = match self.refs.iter().position(|r| *r == text) {
+                Some(index) => index,
+                None => {
+                    self.refs.push(text);
+                    self.refs.len() - 1
+                }
+            };
+            *expr = Expr::CompoundIdentifier(vec![
+                sqlparser::ast::Ident::new("__pgr_rows"),
+                sqlparser::ast::Ident::new(format!("__c{index}")),
+            ]);
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 /// Does the statement use what only its whole rows can answer: a window function, DISTINCT
