@@ -2122,7 +2122,15 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
     if query.with.is_some() {
         return unsupported("WITH over sharded tables");
     }
-    let from = analyze_from(topology, select)?;
+    let from = match analyze_from(topology, select) {
+        Ok(from) => from,
+        // Sharded tables joined off their shard keys: all but the first go to every shard.
+        Err(PlanError::Unsupported(reason)) => {
+            return intermediate::broadcast_join(topology, query)?
+                .ok_or(PlanError::Unsupported(reason));
+        }
+        Err(error) => return Err(error),
+    };
     // Sharded tables must all be in the top-level FROM, or in subqueries (WHERE, select list)
     // co-located with it (pushed down whole).
     let top_level = from.key_columns.len();
@@ -2814,7 +2822,16 @@ mod tests {
             plan("SELECT c.id, o.total FROM customers c JOIN orders o ON o.customer_id = c.id")
                 .unwrap();
         assert!(matches!(planned.plan, Plan::Scatter { .. }));
-        let error = plan("SELECT * FROM customers c JOIN orders o ON o.total = c.id").unwrap_err();
+        // Off the shard keys: the joined table goes to every shard first.
+        let planned = plan("SELECT * FROM customers c JOIN orders o ON o.total = c.id").unwrap();
+        let Plan::MultiStage(multi) = &planned.plan else {
+            panic!("{planned:?}");
+        };
+        assert_eq!(multi.stages[0].planned.sql, "SELECT * FROM orders");
+        assert!(multi.distributed.is_some());
+        // A RIGHT join would repeat the pulled table's unmatched rows on every shard.
+        let error =
+            plan("SELECT * FROM customers c RIGHT JOIN orders o ON o.total = c.id").unwrap_err();
         assert_eq!(error.sqlstate(), "0A000");
     }
 

@@ -29,7 +29,7 @@ async fn unsupported_sql_is_an_error_and_the_connection_stays_usable() {
             "0A000",
         ),
         (
-            "SELECT * FROM customers c JOIN orders o ON o.total = c.id",
+            "SELECT * FROM customers c RIGHT JOIN orders o ON o.total = c.id",
             "0A000",
         ),
         (

@@ -120,6 +120,9 @@ const CORPUS: &[&str] = &[
     "SELECT o.id, o.total FROM orders o JOIN (SELECT region, min(id) AS first_id FROM customers GROUP BY region) f ON f.first_id = o.customer_id ORDER BY o.id",
     "WITH big AS (SELECT id FROM customers WHERE score > 80) SELECT count(*), sum(o.total) FROM orders o JOIN big ON big.id = o.customer_id",
     "WITH w AS (SELECT id, name || E' \\\\ '' {},\"x\"' AS label FROM customers WHERE score > 95) SELECT o.id, w.label FROM orders o JOIN w ON w.id = o.customer_id ORDER BY o.id",
+    // Joins off the shard keys: the other tables go to every shard with the statement.
+    "SELECT o.id, c.id FROM orders o JOIN customers c ON c.score = o.qty * 10 ORDER BY o.id, c.id LIMIT 30",
+    "SELECT c.region, count(*), sum(o.total) FROM orders o LEFT JOIN customers c ON c.score = o.qty GROUP BY c.region ORDER BY 1 NULLS FIRST",
     // Window functions, DISTINCT ON and aggregates that do not merge, over one sharded table:
     // its matching rows are pulled from the shards and the statement runs over them.
     "SELECT id, score, rank() OVER (ORDER BY score DESC NULLS LAST) FROM customers ORDER BY score DESC NULLS LAST, id LIMIT 7",

@@ -385,6 +385,61 @@ impl VisitorMut for Columns {
     }
 }
 
+/// A join of sharded tables that is not co-located: the first table's rows stay where they
+/// are, every other sharded table is read first (`(SELECT * FROM t) AS alias`, a stage) and
+/// goes to each shard with the statement, as Citus's broadcast joins do. Only inner, cross and
+/// left joins (each of the first table's rows is on one shard, so none is repeated); the whole
+/// table is read, up to the intermediate-result cap.
+pub(super) fn broadcast_join(
+    topology: &Topology,
+    mut query: Query,
+) -> Result<Option<Planned>, PlanError> {
+    use sqlparser::ast::JoinOperator;
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(None);
+    };
+    let [table] = select.from.as_mut_slice() else {
+        return Ok(None);
+    };
+    let preserving = table.joins.iter().all(|join| {
+        matches!(
+            join.join_operator,
+            JoinOperator::Join(_)
+                | JoinOperator::Inner(_)
+                | JoinOperator::Left(_)
+                | JoinOperator::LeftOuter(_)
+                | JoinOperator::CrossJoin(_)
+        )
+    });
+    if !preserving || table_use(topology, &table.relation).sharded.is_empty() {
+        return Ok(None);
+    }
+    let mut wrapped = false;
+    for join in &mut table.joins {
+        let TableFactor::Table { name, alias, .. } = &join.relation else {
+            continue;
+        };
+        if !topology.tables.contains_key(&last_name(name)) {
+            continue;
+        }
+        let alias = match alias {
+            Some(alias) if !alias.columns.is_empty() => return Ok(None),
+            Some(alias) => alias.name.to_string(),
+            None => super::quote_ident(&last_name(name)),
+        };
+        let rows = parse_query(&format!("SELECT * FROM (SELECT * FROM {name}) AS {alias}"))?;
+        let SetExpr::Select(mut rows) = *rows.body else {
+            return Ok(None);
+        };
+        join.relation = rows.from.remove(0).relation;
+        wrapped = true;
+    }
+    if !wrapped {
+        return Ok(None);
+    }
+    plan(topology, query)
+}
+
 /// Does the statement use what only its whole rows can answer: a window function, DISTINCT
 /// ON, GROUP BY ROLLUP / CUBE / GROUPING SETS, an aggregate the merger cannot combine (`string_agg`, `stddev`, `sum(DISTINCT x)`,
 /// `percentile_cont(...) WITHIN GROUP`, ...)? Other refusals stay refusals: pulling a table's
