@@ -448,15 +448,10 @@ async fn router_results_equal_single_postgres_results() {
         routed.batch_execute(&statement).await.unwrap();
     }
     // Rows really are spread: no shard has all customers.
-    for shard in &cluster.shards {
-        let n: i64 = shard
-            .client()
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM customers", &[])
-            .await
-            .unwrap()
-            .get(0);
+    for n in cluster
+        .count_on_each_shard("SELECT count(*) FROM customers")
+        .await
+    {
         assert!(n > 0 && n < 200, "shard has {n} customers");
     }
     let mut queries: Vec<String> = CORPUS.iter().map(|s| s.to_string()).collect();
@@ -556,13 +551,13 @@ async fn router_results_equal_single_postgres_results() {
             .unwrap();
         assert!(copied > 0, "no copied order on this shard");
         assert_eq!(misplaced, 0);
-        let countries: i64 = client
-            .query_one("SELECT count(*) FROM countries", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(countries, 7);
     }
+    assert_eq!(
+        cluster
+            .count_on_each_shard("SELECT count(*) FROM countries")
+            .await,
+        vec![7; cluster.shards.len()]
+    );
     let error = routed
         .execute(
             "INSERT INTO orders SELECT * FROM orders WHERE qty = 1 ON CONFLICT DO NOTHING",

@@ -133,15 +133,10 @@ async fn rows_land_where_the_vindex_says_and_keyed_reads_hit_one_shard() {
     }
     assert_eq!(total, 120, "every row is on exactly one shard");
     // Each shard got some rows (the hash spreads them).
-    for shard in &cluster.shards {
-        let count: i64 = shard
-            .client()
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM customers", &[])
-            .await
-            .unwrap()
-            .get(0);
+    for count in cluster
+        .count_on_each_shard("SELECT count(*) FROM customers")
+        .await
+    {
         assert!(count > 10, "a shard has only {count} rows");
     }
 
@@ -220,17 +215,12 @@ async fn reload_changes_routing_without_restart() {
         .await
         .unwrap();
     // Before: `countries` is a reference table, so it is on both shards.
-    for shard in &cluster.shards {
-        let n: i64 = shard
-            .client()
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM countries", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 1);
-    }
+    assert_eq!(
+        cluster
+            .count_on_each_shard("SELECT count(*) FROM countries")
+            .await,
+        vec![1; cluster.shards.len()]
+    );
     // Reload with a range vindex for customers: ids < 1000 on s1, the rest on s0.
     let extra = r#"
 [[table_groups]]
@@ -481,17 +471,13 @@ async fn copy_from_stdin_routes_rows_by_shard_key() {
     for (id, name) in &placed {
         assert_eq!(*name, format!("name\t{id}"));
     }
-    for shard in &cluster.shards {
-        let countries: i64 = shard
-            .client()
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM countries", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(countries, 2, "reference rows on every shard");
-    }
+    assert_eq!(
+        cluster
+            .count_on_each_shard("SELECT count(*) FROM countries")
+            .await,
+        vec![2; cluster.shards.len()],
+        "reference rows on every shard"
+    );
 
     // tokio-postgres (extended protocol); a bad key aborts the whole COPY on every shard.
     let client = cluster.client().await;
@@ -888,21 +874,9 @@ async fn sequences_of_sharded_tables_get_a_range_per_shard() {
             .unwrap();
         assert_eq!(rows.len(), 1, "customer {id} is not on its shard");
     }
-    let spread: Vec<i64> = {
-        let mut counts = Vec::new();
-        for shard in &cluster.shards {
-            let n: i64 = shard
-                .client()
-                .await
-                .unwrap()
-                .query_one("SELECT count(*) FROM customers", &[])
-                .await
-                .unwrap()
-                .get(0);
-            counts.push(n);
-        }
-        counts
-    };
+    let spread = cluster
+        .count_on_each_shard("SELECT count(*) FROM customers")
+        .await;
     assert_eq!(spread.iter().sum::<i64>(), 7);
     // A key without a sequence cannot be drawn: a clear error, nothing written.
     let error = client

@@ -71,6 +71,23 @@ pub fn config_toml(shards: &[Postgres], extra: &str) -> String {
 }
 
 impl Cluster {
+    /// The answer of a `SELECT count(*) ...` on each shard directly, by shard index.
+    pub async fn count_on_each_shard(&self, sql: &str) -> Vec<i64> {
+        let mut counts = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let count: i64 = shard
+                .client()
+                .await
+                .unwrap()
+                .query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql} on a shard: {e}"))
+                .get(0);
+            counts.push(count);
+        }
+        counts
+    }
+
     /// `count` shards with the standard schema config.
     pub async fn start(count: usize) -> Self {
         Self::start_with(count, shard_options(), SCHEMA_TOML).await
