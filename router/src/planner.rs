@@ -1353,10 +1353,7 @@ fn plan_insert_drawing_keys(
     };
     let mut highest = 0;
     let _ = visit_expressions_mut(source.as_mut(), |expr| {
-        if let Expr::Value(value) = expr
-            && let Value::Placeholder(p) = &value.value
-            && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
-        {
+        if let Some(n) = placeholder_number(expr) {
             highest = highest.max(n);
         }
         ControlFlow::<()>::Continue(())
@@ -1573,21 +1570,7 @@ pub fn render_insert_part(template: &Insert, rows: &[usize]) -> (String, Vec<usi
     {
         let kept: Vec<_> = rows.iter().map(|i| values.rows[*i].clone()).collect();
         values.rows = kept;
-        let mut renumber: HashMap<usize, usize> = HashMap::new();
-        let _ = visit_expressions_mut(&mut values.rows, |expr| {
-            if let Expr::Value(value) = expr
-                && let Value::Placeholder(p) = &mut value.value
-                && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
-            {
-                let next = renumber.len() + 1;
-                let new = *renumber.entry(n).or_insert_with(|| {
-                    used.push(n - 1);
-                    next
-                });
-                *p = format!("${new}");
-            }
-            ControlFlow::<()>::Continue(())
-        });
+        Renumber::new(1, &mut used).apply(&mut values.rows);
     }
     (Statement::Insert(insert).to_string(), used)
 }
@@ -1705,7 +1688,7 @@ thread_local! {
 
 /// Is `function` a call of an aggregate, PostgreSQL's own or one the shards define (not a
 /// window function)?
-fn is_builtin_aggregate(function: &sqlparser::ast::Function) -> bool {
+fn is_aggregate_call(function: &sqlparser::ast::Function) -> bool {
     if function.over.is_some() {
         return false;
     }
@@ -1734,7 +1717,7 @@ fn contains_aggregate(expr: &Expr) -> bool {
         fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
             if self.depth == 0
                 && let Expr::Function(f) = expr
-                && (is_builtin_aggregate(f) || f.over.is_some())
+                && (is_aggregate_call(f) || f.over.is_some())
             {
                 self.found = true;
             }
@@ -2199,6 +2182,28 @@ fn plan_query(topology: &Topology, query: Query, text: String) -> Result<Planned
     }
 }
 
+/// Parses SQL the planner writes itself (a rewritten statement, a final statement) as a query.
+fn parse_query(sql: &str) -> Result<Query, PlanError> {
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|e| PlanError::Syntax(e.to_string()))?
+        .pop()
+    {
+        Some(Statement::Query(query)) => Ok(*query),
+        _ => unsupported("a subquery"),
+    }
+}
+
+/// The number `n` of a bind parameter `$n` (n >= 1).
+fn placeholder_number(expr: &Expr) -> Option<usize> {
+    let Expr::Value(value) = expr else {
+        return None;
+    };
+    let Value::Placeholder(p) = &value.value else {
+        return None;
+    };
+    p.strip_prefix('$')?.parse().ok().filter(|n| *n >= 1)
+}
+
 /// Renumbers the `$k` of a statement's parts from `first` on, in order of first use, and
 /// records which client parameter (0-based) each new number stands for: a statement sent with
 /// parameters it does not use would fail on the shard (their types cannot be determined).
@@ -2223,17 +2228,13 @@ impl<'a> Renumber<'a> {
 
     fn apply<V: sqlparser::ast::VisitMut>(&mut self, node: &mut V) {
         let _ = visit_expressions_mut(node, |expr| {
-            if let Expr::Value(value) = expr
-                && let Value::Placeholder(p) = &mut value.value
-                && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
-                && n >= 1
-            {
+            if let Some(n) = placeholder_number(expr) {
                 let next = self.first + self.new.len();
                 let new = *self.new.entry(n).or_insert_with(|| {
                     self.used.push(n - 1);
                     next
                 });
-                *p = format!("${new}");
+                *expr = Expr::value(Value::Placeholder(format!("${new}")));
             }
             ControlFlow::<()>::Continue(())
         });
@@ -2362,11 +2363,7 @@ fn paging(query: &Query) -> Result<Paging, PlanError> {
         if let Some(n) = literal_u64(expr) {
             return Ok((Some(n), None));
         }
-        if let Expr::Value(value) = expr
-            && let Value::Placeholder(p) = &value.value
-            && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
-            && n >= 1
-        {
+        if let Some(n) = placeholder_number(expr) {
             return Ok((None, Some(n)));
         }
         unsupported(format!(

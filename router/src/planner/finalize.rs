@@ -20,13 +20,12 @@ use sqlparser::ast::{
     Distinct, Expr, Fetch, FunctionArguments, GroupByExpr, Ident, LimitClause, OrderBy,
     OrderByKind, Query, SelectItem, SetExpr, Value, VisitMut, VisitorMut, visit_expressions_mut,
 };
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 
 use super::{
     Aggregation, ColumnMerge, MergeSpec, Plan, PlanError, Planned, Renumber, contains_aggregate,
-    contains_window, count_of, default_column_name, is_aggregate_name, is_builtin_aggregate,
-    last_name, plain_group_by, projection_exprs, sole_argument, unsupported, with_function_name,
+    contains_window, count_of, default_column_name, is_aggregate_call, is_aggregate_name,
+    last_name, parse_query, plain_group_by, projection_exprs, sole_argument, unsupported,
+    with_function_name,
 };
 
 /// The statement that finishes an aggregate query over the merged groups.
@@ -137,13 +136,7 @@ pub(super) fn plan(mut query: Query, shards: Option<Vec<usize>>) -> Result<Plann
         arrays.join(", "),
         relation_columns.join(", ")
     );
-    let mut final_query = match Parser::parse_sql(&PostgreSqlDialect {}, &skeleton)
-        .map_err(|e| PlanError::Syntax(e.to_string()))?
-        .pop()
-    {
-        Some(sqlparser::ast::Statement::Query(query)) => *query,
-        _ => return unsupported("the final statement of an aggregate query"),
-    };
+    let mut final_query = parse_query(&skeleton)?;
     let mut client_params = Vec::new();
     let mut moved = Moved {
         items,
@@ -358,7 +351,7 @@ impl VisitorMut for Substitute<'_> {
             return ControlFlow::Break(());
         }
         let Some(name) = is_aggregate_name(&last_name(&function.name)) else {
-            if is_builtin_aggregate(function) {
+            if is_aggregate_call(function) {
                 self.error = Some(PlanError::Unsupported(format!(
                     "the aggregate {}() across shards (the router merges count, sum, min, max, \
                      avg, bool_and, bool_or, every, any_value and count(DISTINCT ...))",
@@ -528,17 +521,7 @@ mod tests {
             ),
         ] {
             // What the final statement cannot do (the planner may still pull the rows).
-            let query = match sqlparser::parser::Parser::parse_sql(
-                &sqlparser::dialect::PostgreSqlDialect {},
-                sql,
-            )
-            .unwrap()
-            .pop()
-            {
-                Some(sqlparser::ast::Statement::Query(query)) => *query,
-                other => panic!("{other:?}"),
-            };
-            match super::plan(query, None) {
+            match super::plan(parse_query(sql).unwrap(), None) {
                 Err(PlanError::Unsupported(message)) => {
                     assert!(message.contains(reason), "{sql}: {message}")
                 }

@@ -16,12 +16,10 @@ use sqlparser::ast::{
     Cte, DuplicateTreatment, Expr, FunctionArguments, Query, SetExpr, TableFactor, VisitMut,
     VisitorMut, visit_expressions, visit_relations,
 };
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 
 use super::{
-    Plan, PlanError, Planned, Renumber, is_aggregate_name, is_builtin_aggregate, last_name,
-    normalize, plan_query, table_use, unsupported,
+    Plan, PlanError, Planned, Renumber, is_aggregate_call, is_aggregate_name, last_name, normalize,
+    parse_query, plan_query, table_use, unsupported,
 };
 use crate::topology::Topology;
 
@@ -460,7 +458,7 @@ fn needs_rows(select: &sqlparser::ast::Select, order_by: Option<&sqlparser::ast:
                     if list.duplicate_treatment == Some(DuplicateTreatment::Distinct)
             );
             found |= function.over.is_some()
-                || (is_builtin_aggregate(function)
+                || (is_aggregate_call(function)
                     && (is_aggregate_name(&name).is_none()
                         || !function.within_group.is_empty()
                         || (distinct && name != "count")));
@@ -513,16 +511,6 @@ pub(super) fn stage(
         planned,
         params,
     })
-}
-
-fn parse_query(sql: &str) -> Result<Query, PlanError> {
-    match Parser::parse_sql(&PostgreSqlDialect {}, sql)
-        .map_err(|e| PlanError::Syntax(e.to_string()))?
-        .pop()
-    {
-        Some(sqlparser::ast::Statement::Query(query)) => Ok(*query),
-        _ => unsupported("a subquery"),
-    }
 }
 
 #[cfg(test)]

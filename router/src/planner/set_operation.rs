@@ -170,11 +170,9 @@ fn splits_by_shard(topology: &Topology, select: &Select) -> bool {
 mod tests {
     use crate::planner::tests::plan;
     use crate::planner::{Plan, PlanError};
-    use sqlparser::ast::Query;
-    use sqlparser::dialect::PostgreSqlDialect;
-    use sqlparser::parser::Parser;
 
     use super::plan_union;
+    use crate::planner::parse_query;
 
     #[test]
     fn unions_of_rows_from_one_shard_each_scatter_and_merge() {
@@ -210,7 +208,7 @@ mod tests {
             "SELECT id, row_number() OVER () FROM customers UNION ALL SELECT id, 1 FROM orders",
         ] {
             assert!(
-                plan_union(&super::super::tests::topology(), parse(sql)).is_err(),
+                plan_union(&super::super::tests::topology(), parse_query(sql).unwrap()).is_err(),
                 "{sql} merges"
             );
             let planned = plan(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -221,12 +219,5 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(error, PlanError::Syntax(_)), "{error}");
-    }
-
-    fn parse(sql: &str) -> Query {
-        match Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap().pop() {
-            Some(sqlparser::ast::Statement::Query(query)) => *query,
-            other => panic!("{other:?}"),
-        }
     }
 }
