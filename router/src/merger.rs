@@ -43,7 +43,8 @@ pub fn output_columns(columns: &[Column], spec: &MergeSpec) -> Vec<Column> {
     out
 }
 
-fn build_row(fields: &[Option<&[u8]>]) -> Row {
+/// A DataRow body of `fields`.
+pub fn build_row(fields: &[Option<&[u8]>]) -> Row {
     let mut data =
         BytesMut::with_capacity(fields.iter().map(|f| 4 + f.map_or(0, |b| b.len())).sum());
     for field in fields {

@@ -641,18 +641,9 @@ fn copy_text_row(data: &mut Vec<u8>, row: &Row) {
         if i > 0 {
             data.push(b'\t');
         }
-        let Some(value) = field else {
-            data.extend_from_slice(b"\\N");
-            continue;
-        };
-        for byte in value {
-            match byte {
-                b'\\' => data.extend_from_slice(b"\\\\"),
-                b'\t' => data.extend_from_slice(b"\\t"),
-                b'\n' => data.extend_from_slice(b"\\n"),
-                b'\r' => data.extend_from_slice(b"\\r"),
-                other => data.push(*other),
-            }
+        match field {
+            Some(value) => text_field(data, value, b'\t'),
+            None => data.extend_from_slice(b"\\N"),
         }
     }
     data.push(b'\n');
@@ -1511,12 +1502,7 @@ impl Session {
                 };
                 let rows: Vec<Result<Row, RouterError>> = lines
                     .into_iter()
-                    .map(|line| {
-                        let mut data = bytes::BytesMut::new();
-                        data.extend_from_slice(&(line.len() as i32).to_be_bytes());
-                        data.extend_from_slice(line.as_bytes());
-                        Ok(Row { fields: 1, data })
-                    })
+                    .map(|line| Ok(merger::build_row(&[Some(line.as_bytes())])))
                     .collect();
                 Ok(Outcome::Rows {
                     columns: vec![column],
@@ -1634,10 +1620,13 @@ impl Session {
             let mut literals = Vec::with_capacity(columns.len());
             let mut casts = Vec::with_capacity(columns.len());
             for (column, array) in columns.iter().zip(arrays) {
-                let (_, cast) = self.stage_transport(runtime, column).await?;
+                let (array_oid, cast) = self.stage_transport(runtime, column).await?;
                 let array_type = match cast {
                     Some(_) => "pg_catalog.text[]".to_string(),
-                    None => self.array_type_name(runtime, column.type_oid).await?,
+                    None => {
+                        self.array_type_name(runtime, column.type_oid, array_oid)
+                            .await?
+                    }
                 };
                 literals.push(format!(
                     "{}::{array_type}",
@@ -1687,28 +1676,17 @@ impl Session {
         Ok((columns, arrays))
     }
 
-    /// The SQL name of the array type of `element` (for a cast), without a typmod.
+    /// The SQL name of `array`, the array type of `element` (for a cast), without a typmod.
     async fn array_type_name(
         &mut self,
         runtime: &Runtime,
         element: u32,
+        array: u32,
     ) -> Result<String, RouterError> {
-        if let Some(name) = crate::values::oid::builtin_name(element) {
-            return Ok(format!("pg_catalog.{name}[]"));
+        match crate::values::oid::builtin_name(element) {
+            Some(name) => Ok(format!("pg_catalog.{name}[]")),
+            None => self.type_name(runtime, array).await,
         }
-        let array = self.array_type(runtime, 0, element).await?;
-        let sql = format!(
-            "SELECT pg_catalog.format_type({}::pg_catalog.oid, NULL)",
-            planner::quote_literal(&array.to_string())
-        );
-        let handle = self.handle_for(runtime, 0).await?;
-        let mut cursor =
-            ShardCursor::open(None, handle, &sql, &Params::default(), &[], true).await?;
-        let rows = cursor.collect().await?;
-        rows.first()
-            .and_then(|row| split_fields(&row.data).first().copied().flatten())
-            .map(|name| String::from_utf8_lossy(name).into_owned())
-            .ok_or_else(|| RouterError::session("XX000", "no name for an array type"))
     }
 
     /// Runs a multi-stage statement: each stage's rows become text arrays, read by the outer
@@ -1781,8 +1759,13 @@ impl Session {
                 };
                 let answer = match subquery.kind {
                     SubqueryKind::Exists => {
-                        let arrays = collect_arrays(columns.len().max(1), rows).await?;
-                        let any = arrays.first().is_some_and(|a| a.len() > 2);
+                        // Read to the end (the shard's LIMIT 1 keeps it to one row at most).
+                        let mut rows = rows;
+                        let mut any = false;
+                        while let Some(row) = rows.next().await {
+                            row?;
+                            any = true;
+                        }
                         (
                             crate::values::oid::BOOL,
                             Some(bytes::Bytes::from_static(if any { b"t" } else { b"f" })),
@@ -1857,25 +1840,18 @@ impl Session {
              AND s.seqtypid <> 'pg_catalog.int8'::regtype",
             planner::quote_literal(table)
         );
-        let Ok(handle) = self.handle_for(runtime, 0).await else {
-            return;
-        };
-        let Ok(mut cursor) =
-            ShardCursor::open(None, handle, &sql, &Params::default(), &[], false).await
-        else {
-            return;
-        };
-        for row in cursor.collect().await.unwrap_or_default() {
-            let Some(Some(name)) = split_fields(&row.data).first().copied() else {
-                continue;
-            };
+        let names = self
+            .first_column(runtime, 0, &sql)
+            .await
+            .unwrap_or_default();
+        for name in names.into_iter().flatten() {
             self.notices.push(crate::backend::ServerError {
                 severity: "NOTICE".into(),
                 code: "01000".into(),
                 message: format!(
                     "sequence {} of sharded table {table} is not bigint: each shard draws the \
                      same values from its own copy",
-                    String::from_utf8_lossy(name)
+                    String::from_utf8_lossy(&name)
                 ),
                 detail: None,
                 hint: Some(
@@ -1907,10 +1883,7 @@ impl Session {
                 draw.count
             );
             // In the client's transaction if there is one (the table may be new in it).
-            let handle = self.handle_for(runtime, 0).await?;
-            let mut cursor =
-                ShardCursor::open(None, handle, &sql, &Params::default(), &[], false).await?;
-            let keys = cursor.collect().await?;
+            let keys = self.first_column(runtime, 0, &sql).await?;
             if keys.len() != draw.count {
                 return Err(RouterError::session(
                     "0A000",
@@ -1929,13 +1902,8 @@ impl Session {
             let formats: Vec<i16> = (0..first).map(|i| params.format_of(i)).collect();
             params.formats = formats;
             for key in keys {
-                let value = split_fields(&key.data)
-                    .first()
-                    .copied()
-                    .flatten()
-                    .map(bytes::Bytes::copy_from_slice);
                 params.types.push(crate::values::oid::INT8);
-                params.values.push(value);
+                params.values.push(key);
                 params.formats.push(0);
             }
             self.execute_plan(&draw.inner, &params, result_formats, cache)
@@ -2012,6 +1980,31 @@ impl Session {
         }
     }
 
+    /// The first column of each row of a statement the router runs for itself on `shard`
+    /// (catalog reads, sequence draws), without parameters, in text.
+    async fn first_column(
+        &mut self,
+        runtime: &Runtime,
+        shard: usize,
+        sql: &str,
+    ) -> Result<Vec<Option<bytes::Bytes>>, RouterError> {
+        let handle = self.handle_for(runtime, shard).await?;
+        let mut cursor =
+            ShardCursor::open(None, handle, sql, &Params::default(), &[], false).await?;
+        Ok(cursor
+            .collect()
+            .await?
+            .iter()
+            .map(|row| {
+                split_fields(&row.data)
+                    .first()
+                    .copied()
+                    .flatten()
+                    .map(bytes::Bytes::copy_from_slice)
+            })
+            .collect())
+    }
+
     /// `pg_type.typarray` of `element`: 0 for an array type itself.
     async fn array_type_of(
         &mut self,
@@ -2026,15 +2019,29 @@ impl Session {
             "SELECT typarray FROM pg_catalog.pg_type WHERE oid = {}",
             planner::quote_literal(&element.to_string())
         );
-        let handle = self.handle_for(runtime, shard).await?;
-        let mut cursor =
-            ShardCursor::open(None, handle, &sql, &Params::default(), &[], false).await?;
-        let rows = cursor.collect().await?;
-        Ok(rows
+        Ok(self
+            .first_column(runtime, shard, &sql)
+            .await?
             .first()
-            .and_then(|row| split_fields(&row.data).first().copied().flatten())
-            .and_then(|field| std::str::from_utf8(field).ok()?.parse::<u32>().ok())
+            .cloned()
+            .flatten()
+            .and_then(|field| std::str::from_utf8(&field).ok()?.parse::<u32>().ok())
             .unwrap_or(0))
+    }
+
+    /// The SQL name of a type (`format_type`), for a cast.
+    async fn type_name(&mut self, runtime: &Runtime, oid: u32) -> Result<String, RouterError> {
+        let sql = format!(
+            "SELECT pg_catalog.format_type({}::pg_catalog.oid, NULL)",
+            planner::quote_literal(&oid.to_string())
+        );
+        self.first_column(runtime, 0, &sql)
+            .await?
+            .first()
+            .cloned()
+            .flatten()
+            .map(|name| String::from_utf8_lossy(&name).into_owned())
+            .ok_or_else(|| RouterError::session("XX000", "no name for a column type"))
     }
 
     /// How a stage's column travels to the outer statement: as an array of its type, or (an
@@ -2046,19 +2053,7 @@ impl Session {
     ) -> Result<(u32, Option<String>), RouterError> {
         match self.array_type_of(runtime, 0, column.type_oid).await? {
             0 => {
-                let sql = format!(
-                    "SELECT pg_catalog.format_type({}::pg_catalog.oid, NULL)",
-                    planner::quote_literal(&column.type_oid.to_string())
-                );
-                let handle = self.handle_for(runtime, 0).await?;
-                let mut cursor =
-                    ShardCursor::open(None, handle, &sql, &Params::default(), &[], true).await?;
-                let rows = cursor.collect().await?;
-                let name = rows
-                    .first()
-                    .and_then(|row| split_fields(&row.data).first().copied().flatten())
-                    .map(|name| String::from_utf8_lossy(name).into_owned())
-                    .ok_or_else(|| RouterError::session("XX000", "no name for a column type"))?;
+                let name = self.type_name(runtime, column.type_oid).await?;
                 Ok((crate::values::oid::TEXT_ARRAY, Some(name)))
             }
             array => Ok((array, None)),
