@@ -72,6 +72,9 @@ pub struct Config {
     /// Extra PostgreSQL settings `name=value` (repeatable), written to the managed configuration.
     #[arg(long = "postgres-setting", value_name = "NAME=VALUE")]
     pub postgres_settings: Vec<String>,
+    /// Period of the PostgresUser / PostgresDatabase reconcile that repairs drift, in seconds.
+    #[arg(long, env = "DECLARATIVE_RESYNC_SECONDS", default_value_t = 60)]
+    pub declarative_resync_seconds: u64,
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,

@@ -8,6 +8,7 @@
 //! - [`postgres`]: the local PostgreSQL (files, programs, child process).
 //! - [`cluster`] and [`lease`]: the Kubernetes objects (Lease, pods, Secrets).
 //! - [`http`], [`metrics`], [`status`]: what the instance publishes.
+//! - [`declarative`]: PostgresUser and PostgresDatabase, applied by the primary.
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
 //!
 //! # How instances find each other
@@ -34,6 +35,7 @@
 pub mod cluster;
 pub mod config;
 pub mod decision;
+pub mod declarative;
 pub mod error;
 pub mod http;
 pub mod lease;

@@ -48,6 +48,15 @@ pub async fn run(config: Config) -> Result<()> {
     let (superuser, replication, app) = wait_for_credentials(&cluster, &config).await;
     let postgres = LocalPostgres::new(&config, &superuser.username)?;
     postgres.write_passfile(&superuser, &replication)?;
+    // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
+    let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
+    let declarative_client = kube_client(&config, Duration::from_secs(60)).await?;
+    crate::declarative::spawn(
+        declarative_client,
+        &config,
+        &superuser.username,
+        primary_watch,
+    );
     let shared = Shared::new(
         &config.pod_name,
         config.max_lag_bytes,
@@ -95,6 +104,7 @@ pub async fn run(config: Config) -> Result<()> {
         not_streaming_since: None,
         rewound_while_stuck: false,
         included_config: None,
+        declarative_primary,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -205,6 +215,8 @@ struct Manager {
     rewound_while_stuck: bool,
     /// Contents of the included configuration files (the operator's ConfigMap) last loaded.
     included_config: Option<Vec<Option<String>>>,
+    /// Tells the declarative reconcilers whether this instance is a writable primary.
+    declarative_primary: tokio::sync::watch::Sender<bool>,
 }
 
 impl Manager {
@@ -261,6 +273,13 @@ impl Manager {
                 self.last_error = Some(error.to_string());
             }
         }
+        let writable = self.role == Role::Primary
+            && self
+                .local
+                .as_ref()
+                .is_some_and(|local| local.in_recovery == Some(false));
+        self.declarative_primary
+            .send_if_modified(|primary| std::mem::replace(primary, writable) != writable);
         self.watchdog.guard(if self.role == Role::Primary {
             self.postgres.pid()
         } else {

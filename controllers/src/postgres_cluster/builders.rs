@@ -212,6 +212,22 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 &["get", "list", "watch"],
                 Some(vec![name.clone()]),
             ),
+            // Declarative roles and databases, applied by the primary (instance/src/declarative):
+            // watch them, keep their finalizer, write their status, and read or generate the
+            // password Secrets they name (any name the user picks, so not limited by name).
+            rule(
+                api::common::GROUP,
+                &["postgresusers", "postgresdatabases"],
+                &["get", "list", "watch", "patch"],
+                None,
+            ),
+            rule(
+                api::common::GROUP,
+                &["postgresusers/status", "postgresdatabases/status"],
+                &["patch"],
+                None,
+            ),
+            rule("", &["secrets"], &["get", "create", "update"], None),
         ]),
     }
 }

@@ -1,0 +1,102 @@
+//! Declarative databases and roles: the primary's instance manager keeps the PostgresUser and
+//! PostgresDatabase objects that name its cluster applied, over its private Unix socket as the
+//! superuser (no superuser password crosses the network; the operator needs no route to the
+//! database).
+//!
+//! - [`user_plan`] (pure): desired role + catalog -> ordered statements.
+//! - [`role_sql`]: reads the catalog, applies a plan in one transaction, drops roles.
+//! - [`scram`]: the SCRAM-SHA-256 verifiers that stand for passwords in every statement.
+//! - [`connection_secret`] (pure): the keys of a generated user Secret.
+//! - [`user`]: the PostgresUser reconciler (Secret, apply, status, finalizer).
+//! - [`sql`], [`statement`], [`error`], [`status`]: plumbing shared by both kinds.
+//!
+//! Every instance runs the controllers; only the current primary acts (the others requeue), so a
+//! failover moves the work with the Lease.
+
+pub mod connection_secret;
+pub mod error;
+pub mod role_sql;
+pub mod scram;
+pub mod sql;
+pub mod statement;
+pub mod status;
+pub mod user;
+pub mod user_plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::Controller;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use sql::Connector;
+
+/// Finalizer that keeps an object with `reclaimPolicy: Delete` until its role or database is
+/// dropped.
+pub const FINALIZER: &str = "postgres.keiailab.io/declarative";
+
+/// What the reconcilers share.
+pub struct Context {
+    /// Kubernetes client (long timeouts: it watches).
+    pub client: Client,
+    /// Namespace of the cluster.
+    pub namespace: String,
+    /// PostgresCluster name: only objects naming it are handled.
+    pub cluster: String,
+    /// Superuser connections to the local PostgreSQL.
+    pub connector: Connector,
+    /// Whether this instance is the primary now (set by the run loop every tick).
+    pub primary: watch::Receiver<bool>,
+    /// Period of the drift-repairing reconcile.
+    pub resync: Duration,
+    /// Host and port written into generated Secrets (the read-write Service).
+    pub service_host: String,
+    /// Port written into generated Secrets.
+    pub service_port: u16,
+    /// Pod name, for events.
+    pub pod: String,
+}
+
+impl Context {
+    /// Whether this instance may act now.
+    pub fn is_primary(&self) -> bool {
+        *self.primary.borrow()
+    }
+}
+
+/// Starts the PostgresUser (and PostgresDatabase) controllers in the background.
+pub fn spawn(client: Client, config: &Config, superuser: &str, primary: watch::Receiver<bool>) {
+    let context = Arc::new(Context {
+        client: client.clone(),
+        namespace: config.namespace.clone(),
+        cluster: config.cluster.clone(),
+        connector: Connector::local(&config.run_dir(), config.port, superuser),
+        primary,
+        resync: Duration::from_secs(config.declarative_resync_seconds.max(1)),
+        service_host: format!(
+            "{}.{}.svc",
+            api::contract::rw_service(&config.cluster),
+            config.namespace
+        ),
+        service_port: api::contract::POSTGRES_PORT,
+        pod: config.pod_name.clone(),
+    });
+    // Watches end before the client's read timeout, so an idle watch is renewed, not failed.
+    let watch_config = watcher::Config::default().timeout(25);
+    let users: Api<api::PostgresUser> = Api::namespaced(client.clone(), &config.namespace);
+    let user_context = context.clone();
+    tokio::spawn(async move {
+        Controller::new(users, watch_config)
+            .run(user::reconcile, user::error_policy, user_context)
+            .for_each(|result| async move {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "PostgresUser reconcile");
+                }
+            })
+            .await;
+    });
+}
