@@ -1,12 +1,14 @@
-//! PostgresUser reconciled by `pg-instance` under a real kube-apiserver and PostgreSQL 18:
-//! generated and user-given password Secrets, status and conditions (with PostgreSQL's SQLSTATE
-//! verbatim), periodic drift repair, both reclaim policies, and no password in any log or status.
+//! PostgresUser and PostgresDatabase reconciled by `pg-instance` under a real kube-apiserver and
+//! PostgreSQL 18: generated and user-given password Secrets, status and conditions (with
+//! PostgreSQL's SQLSTATE verbatim), periodic drift repair, create-only fields, both reclaim
+//! policies, and no password in any log or status.
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use api::postgres_database::PostgresDatabase;
 use api::postgres_user::PostgresUser;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -47,6 +49,20 @@ async fn ready(users: &Api<PostgresUser>, name: &str) -> Option<(String, String,
         .map(|c| (c.status, c.reason, c.message))
 }
 
+/// The Ready condition of a PostgresDatabase as (status, reason, message).
+async fn database_ready(
+    databases: &Api<PostgresDatabase>,
+    name: &str,
+) -> Option<(String, String, String)> {
+    let database = databases.get_opt(name).await.ok()??;
+    database
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status, c.reason, c.message))
+}
+
 async fn login(port: u16, user: &str, password: &str) -> bool {
     let mut config = tokio_postgres::Config::new();
     config
@@ -60,7 +76,7 @@ async fn login(port: u16, user: &str, password: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_primary_applies_postgres_users_with_their_secrets_status_and_reclaim_policies() {
+async fn the_primary_applies_postgres_users_and_databases_with_status_and_reclaim_policies() {
     // Drift is repaired on a 2 s period here (60 s by default).
     // SAFETY: set before any instance starts, in the only test of this binary.
     unsafe { std::env::set_var("DECLARATIVE_RESYNC_SECONDS", "2") };
@@ -237,7 +253,117 @@ async fn the_primary_applies_postgres_users_with_their_secrets_status_and_reclai
     .await
     .unwrap();
 
-    // 5. Reclaim policies: Retain keeps the role, Delete drops it (then the object goes).
+    // 5. A database with a schema and privileges, kept as declared.
+    let databases: Api<PostgresDatabase> = Api::namespaced(cluster.client.clone(), "default");
+    let database: PostgresDatabase = serde_json::from_value(serde_json::json!({
+        "apiVersion": "postgres.keiailab.io/v1alpha1",
+        "kind": "PostgresDatabase",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "cluster": {"name": "decl"},
+            "name": "shop",
+            "owner": "shop_owner",
+            "template": "template0",
+            "schemas": [{"name": "sales", "privileges": [{"role": "reporter", "schema": ["USAGE"], "tables": ["SELECT"]}]}],
+            "privileges": [{"role": "reporter", "privileges": ["CONNECT"]}],
+            "revokePublic": true,
+            "reclaimPolicy": "Delete",
+        },
+    }))
+    .unwrap();
+    databases
+        .create(&PostParams::default(), &database)
+        .await
+        .unwrap();
+    eventually("shop is Ready", SETTLE, || async {
+        database_ready(&databases, "shop")
+            .await
+            .is_some_and(|(status, _, _)| status == "True")
+    })
+    .await
+    .unwrap();
+    let status = databases.get("shop").await.unwrap().status.unwrap();
+    assert!(
+        status.applied[0].starts_with("CREATE DATABASE \"shop\""),
+        "{:?}",
+        status.applied
+    );
+    assert_eq!(
+        status.created_with.unwrap().template.as_deref(),
+        Some("template0")
+    );
+    let shop = support::connect_port_database(port, "shop").await.unwrap();
+    shop.batch_execute("DROP SCHEMA sales").await.unwrap();
+    eventually("the dropped schema comes back", SETTLE, || async {
+        shop.query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'sales'",
+            &[],
+        )
+        .await
+        .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    })
+    .await
+    .unwrap();
+    databases
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"template": "template1"}})),
+        )
+        .await
+        .unwrap();
+    eventually("a changed template is reported", SETTLE, || async {
+        database_ready(&databases, "shop")
+            .await
+            .is_some_and(|(status, reason, _)| {
+                status == "False" && reason == "CreateOnlyFieldChanged"
+            })
+    })
+    .await
+    .unwrap();
+    databases
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"template": "template0"}})),
+        )
+        .await
+        .unwrap();
+    // Deleting while a session is connected is refused, with a condition; then it goes.
+    databases
+        .delete("shop", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the delete is refused while shop has a session",
+        SETTLE,
+        || async {
+            database_ready(&databases, "shop")
+                .await
+                .is_some_and(|(_, reason, message)| {
+                    reason == "DeleteRefused" && message.contains("1 session(s)")
+                })
+        },
+    )
+    .await
+    .unwrap();
+    drop(shop);
+    eventually("shop is dropped", SETTLE, || async {
+        databases.get_opt("shop").await.is_ok_and(|d| d.is_none())
+    })
+    .await
+    .unwrap();
+    let left: i64 = superuser
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = 'shop'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+
+    // 6. Reclaim policies: Retain keeps the role, Delete drops it (then the object goes).
     users
         .delete("reporter", &DeleteParams::default())
         .await
@@ -267,7 +393,7 @@ async fn the_primary_applies_postgres_users_with_their_secrets_status_and_reclai
         "Retain kept reporter; Delete dropped shop_owner"
     );
 
-    // 6. No password in the instance manager's log or in any status.
+    // 7. No password in the instance manager's log or in any status.
     let log = cluster.instances[primary].log();
     for password in [generated.as_str(), "first'Pass", "second-Pass"] {
         assert!(!log.contains(password), "pg-instance logged a password");

@@ -8,13 +8,19 @@
 //! - [`scram`]: the SCRAM-SHA-256 verifiers that stand for passwords in every statement.
 //! - [`connection_secret`] (pure): the keys of a generated user Secret.
 //! - [`user`]: the PostgresUser reconciler (Secret, apply, status, finalizer).
+//! - [`database_plan`] (pure) and [`database_sql`]: the same for databases, schemas,
+//!   extensions and privileges; [`database`]: the PostgresDatabase reconciler.
 //! - [`sql`], [`statement`], [`error`], [`status`]: plumbing shared by both kinds.
 //!
 //! Every instance runs the controllers; only the current primary acts (the others requeue), so a
 //! failover moves the work with the Lease.
 
 pub mod connection_secret;
+pub mod database;
+pub mod database_plan;
+pub mod database_sql;
 pub mod error;
+pub mod finalizer;
 pub mod role_sql;
 pub mod scram;
 pub mod sql;
@@ -89,12 +95,24 @@ pub fn spawn(client: Client, config: &Config, superuser: &str, primary: watch::R
     let watch_config = watcher::Config::default().timeout(25);
     let users: Api<api::PostgresUser> = Api::namespaced(client.clone(), &config.namespace);
     let user_context = context.clone();
+    let user_watch = watch_config.clone();
     tokio::spawn(async move {
-        Controller::new(users, watch_config)
+        Controller::new(users, user_watch)
             .run(user::reconcile, user::error_policy, user_context)
             .for_each(|result| async move {
                 if let Err(error) = result {
                     tracing::debug!(%error, "PostgresUser reconcile");
+                }
+            })
+            .await;
+    });
+    let databases: Api<api::PostgresDatabase> = Api::namespaced(client, &config.namespace);
+    tokio::spawn(async move {
+        Controller::new(databases, watch_config)
+            .run(database::reconcile, database::error_policy, context)
+            .for_each(|result| async move {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "PostgresDatabase reconcile");
                 }
             })
             .await;

@@ -6,7 +6,7 @@ use api::postgres_user::RoleAttributes;
 
 use super::error::{DeclarativeError, Result};
 use super::scram;
-use super::sql::{Connector, run_in_transaction};
+use super::sql::{Connector, check_names, run_in_transaction};
 use super::statement::Statement;
 use super::user_plan::{self, CatalogMembership, CatalogRole, DesiredRole};
 use crate::quote::identifier;
@@ -93,6 +93,13 @@ pub async fn apply_role(
     spec: &RoleSpec,
     password: Option<&str>,
 ) -> Result<AppliedRole> {
+    check_names(
+        std::iter::once(("role", spec.name.as_str())).chain(
+            spec.memberships
+                .iter()
+                .map(|m| ("group role", m.role.as_str())),
+        ),
+    )?;
     let valid_until = spec
         .valid_until
         .as_deref()

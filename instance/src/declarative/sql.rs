@@ -54,6 +54,23 @@ impl Connector {
     }
 }
 
+/// Longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`); longer ones are cut, so that the
+/// object would never match its spec.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// Refuses names PostgreSQL would truncate (the API counts characters; PostgreSQL counts bytes).
+pub fn check_names<'a>(names: impl IntoIterator<Item = (&'static str, &'a str)>) -> Result<()> {
+    for (what, name) in names {
+        if name.len() > MAX_IDENTIFIER_BYTES {
+            return Err(DeclarativeError::Invalid(format!(
+                "{what} {name:?} is {} bytes long in UTF-8; PostgreSQL keeps at most {MAX_IDENTIFIER_BYTES}: shorten it",
+                name.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `statements` in one transaction (all or nothing); the first failure is returned with
 /// PostgreSQL's SQLSTATE and message.
 pub async fn run_in_transaction(

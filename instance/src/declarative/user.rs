@@ -16,11 +16,12 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
+use super::Context;
 use super::connection_secret::{Endpoint, connection_data, generate_password};
 use super::error::{DeclarativeError, Result};
+use super::finalizer::{has_finalizer, set_finalizer};
 use super::role_sql::{self, RoleSpec};
 use super::status::ready_conditions;
-use super::{Context, FINALIZER};
 
 /// How often a non-primary instance looks again (it acts as soon as it is primary).
 const NOT_PRIMARY_RETRY: Duration = Duration::from_secs(2);
@@ -35,7 +36,7 @@ pub async fn reconcile(user: Arc<PostgresUser>, context: Arc<Context>) -> Result
     }
     let api: Api<PostgresUser> = Api::namespaced(context.client.clone(), &context.namespace);
     let name = user.name_any();
-    let has_finalizer = user.finalizers().iter().any(|f| f == FINALIZER);
+    let has_finalizer = has_finalizer(user.as_ref());
     if user.meta().deletion_timestamp.is_some() {
         if has_finalizer {
             if user.spec.reclaim_policy == ReclaimPolicy::Delete {
@@ -186,32 +187,6 @@ async fn password_of(user: &PostgresUser, context: &Context) -> Result<Option<St
         Some(_) => {}
     }
     Ok(Some(password))
-}
-
-async fn set_finalizer(api: &Api<PostgresUser>, user: &PostgresUser, present: bool) -> Result<()> {
-    let mut finalizers: Vec<String> = user
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    if present {
-        finalizers.push(FINALIZER.to_string());
-    }
-    let patch = serde_json::json!({
-        "metadata": {"resourceVersion": user.resource_version(), "finalizers": finalizers}
-    });
-    api.patch(
-        &user.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(DeclarativeError::kube(format!(
-        "update the finalizers of PostgresUser {}",
-        user.name_any()
-    )))?;
-    Ok(())
 }
 
 /// Writes the Ready condition; on success also what was applied (when something ran) and when

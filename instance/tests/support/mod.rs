@@ -497,13 +497,21 @@ impl TestCluster {
 
 /// A connection to 127.0.0.1:`port` as the superuser.
 pub async fn connect_port(port: u16) -> anyhow::Result<tokio_postgres::Client> {
+    connect_port_database(port, "postgres").await
+}
+
+/// A connection to `database` on 127.0.0.1:`port` as the superuser.
+pub async fn connect_port_database(
+    port: u16,
+    database: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
         .port(port)
         .user("postgres")
         .password(SUPERUSER_PASSWORD)
-        .dbname("postgres")
+        .dbname(database)
         .connect_timeout(Duration::from_secs(2));
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
