@@ -22,6 +22,7 @@ use crate::common::{ClusterReference, default_true};
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Applied","type":"date","jsonPath":".status.appliedAt"}"#,
+    printcolumn = r#"{"name":"Login","type":"string","jsonPath":".status.activeLogin","priority":1}"#,
     printcolumn = r#"{"name":"Password Set","type":"date","jsonPath":".status.passwordSetAt","priority":1}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -154,11 +155,31 @@ pub struct PasswordSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub database: Option<String>,
-    /// Rotate the generated password every this many days.
+    /// Rotate the generated password every this many days, without client errors: the role
+    /// `roleName` becomes a group (NOLOGIN) with two login roles `<roleName>_a` and
+    /// `<roleName>_b` that inherit it and `SET ROLE` to it on login (so what they create belongs to
+    /// the group). A rotation gives the idle login role a new password, then points the Secret's
+    /// `username` and `password` at it; the previous login role keeps working for
+    /// `rotationGraceSeconds` (`VALID UNTIL`), then stops. A rotation can also be requested at
+    /// any time with the annotation `postgres.keiailab.io/rotate-password` (any new value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3650))]
     pub rotation_days: Option<i32>,
+    /// How long the previous credentials keep working after a rotation, in seconds: longer than
+    /// the time applications take to see the new Secret (a mounted Secret follows within about a
+    /// minute and a half).
+    #[serde(default = "default_rotation_grace_seconds")]
+    #[schemars(range(min = 1, max = 2592000))]
+    pub rotation_grace_seconds: i64,
 }
+
+fn default_rotation_grace_seconds() -> i64 {
+    600
+}
+
+/// Annotation on a PostgresUser that requests a password rotation now (with
+/// `password.rotationDays` set): any value not yet handled, for example a timestamp.
+pub const ROTATE_PASSWORD_ANNOTATION: &str = "postgres.keiailab.io/rotate-password";
 
 /// Observed state of a PostgresUser.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -173,6 +194,12 @@ pub struct PostgresUserStatus {
     /// What the last change did, one short line per statement (never a password or verifier).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied: Vec<String>,
+    /// With rotation: the login role the Secret names now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_login: Option<String>,
+    /// The value of the rotate-password annotation last handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_request: Option<String>,
     /// Conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -7,6 +7,7 @@
 //! - [`role_sql`]: reads the catalog, applies a plan in one transaction, drops roles.
 //! - [`scram`]: the SCRAM-SHA-256 verifiers that stand for passwords in every statement.
 //! - [`connection_secret`] (pure): the keys of a generated user Secret.
+//! - [`rotation`] (pure): which login role is active and when to rotate.
 //! - [`user`]: the PostgresUser reconciler (Secret, apply, status, finalizer).
 //! - [`database_plan`] (pure) and [`database_sql`]: the same for databases, schemas,
 //!   extensions and privileges; [`database`]: the PostgresDatabase reconciler.
@@ -22,6 +23,7 @@ pub mod database_sql;
 pub mod error;
 pub mod finalizer;
 pub mod role_sql;
+pub mod rotation;
 pub mod scram;
 pub mod sql;
 pub mod statement;

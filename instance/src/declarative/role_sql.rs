@@ -9,7 +9,7 @@ use super::scram;
 use super::sql::{Connector, check_names, run_in_transaction};
 use super::statement::Statement;
 use super::user_plan::{self, CatalogMembership, CatalogRole, DesiredRole};
-use crate::quote::identifier;
+use crate::quote::{identifier, literal};
 
 /// The role `name` as the catalog holds it; `None` when it does not exist.
 pub async fn read_role(client: &tokio_postgres::Client, name: &str) -> Result<Option<CatalogRole>> {
@@ -201,4 +201,57 @@ pub async fn drop_role(
     run_in_transaction(&mut client, std::slice::from_ref(&drop)).await?;
     done.push(drop.summary);
     Ok(done)
+}
+
+/// Makes login role `name` expire at `at` unless it already expires (a login role that is no
+/// longer in the Secret stops working after its grace period). Returns the statement run.
+pub async fn expire_unless_expiring(
+    connector: &Connector,
+    name: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<String>> {
+    let mut client = connector.connect("postgres").await?;
+    let Some(role) = read_role(&client, name).await? else {
+        return Ok(None);
+    };
+    if role.valid_until.is_some_and(f64::is_finite) {
+        return Ok(None);
+    }
+    let statement = Statement::plain(format!(
+        "ALTER ROLE {} VALID UNTIL {}",
+        identifier(name),
+        literal(&at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    ));
+    run_in_transaction(&mut client, std::slice::from_ref(&statement)).await?;
+    Ok(Some(statement.summary))
+}
+
+/// Makes sessions of login role `login` `SET ROLE` to `group` when they start, so that what
+/// they create belongs to the group. Returns the statement run.
+pub async fn ensure_login_sets_group(
+    connector: &Connector,
+    login: &str,
+    group: &str,
+) -> Result<Option<String>> {
+    let mut client = connector.connect("postgres").await?;
+    let wanted = format!("role={group}");
+    let present: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+                            WHERE r.rolname = $1 AND s.setdatabase = 0 AND $2 = ANY(s.setconfig))",
+            &[&login, &wanted],
+        )
+        .await
+        .map_err(DeclarativeError::sql("reading pg_db_role_setting"))?
+        .get(0);
+    if present {
+        return Ok(None);
+    }
+    let statement = Statement::plain(format!(
+        "ALTER ROLE {} SET role TO {}",
+        identifier(login),
+        literal(group)
+    ));
+    run_in_transaction(&mut client, std::slice::from_ref(&statement)).await?;
+    Ok(Some(statement.summary))
 }
