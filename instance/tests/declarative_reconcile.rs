@@ -151,6 +151,25 @@ async fn the_primary_applies_postgres_users_and_databases_with_status_and_reclai
         "the generated Secret goes with its PostgresUser"
     );
 
+    // An expiry that is not RFC 3339 is refused by the API server, with a message.
+    let refused = users
+        .create(
+            &PostParams::default(),
+            &user(
+                "bad-expiry",
+                serde_json::json!({
+                    "cluster": {"name": "decl"}, "roleName": "bad", "validUntil": "tomorrow"
+                }),
+            ),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("validUntil must be an RFC 3339 time"),
+        "{refused}"
+    );
+
     // 2. Drift repair: a change by hand is undone by the periodic reconcile.
     superuser
         .batch_execute("ALTER ROLE shop_owner NOCREATEDB CONNECTION LIMIT 1")
