@@ -10,6 +10,7 @@ pub mod apiserver;
 pub mod clients;
 pub mod delivery;
 pub mod manifests;
+pub mod object_store;
 pub mod paths;
 pub mod postgres;
 pub mod process;
