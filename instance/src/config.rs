@@ -75,6 +75,17 @@ pub struct Config {
     /// Period of the PostgresUser / PostgresDatabase reconcile that repairs drift, in seconds.
     #[arg(long, env = "DECLARATIVE_RESYNC_SECONDS", default_value_t = 60)]
     pub declarative_resync_seconds: u64,
+    /// Folder with the backup engine's commands (`barman-cloud-*`).
+    #[arg(long, env = api::backup::instance_env::BARMAN_BIN, default_value = "/usr/local/bin")]
+    pub barman_bin: PathBuf,
+    /// Backup repository: `spec.backup` of the PostgresCluster as JSON (WAL archiving, base
+    /// backups, retention); its keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = api::backup::instance_env::BACKUP_REPOSITORY)]
+    pub backup_repository: Option<String>,
+    /// Recovery at bootstrap: `spec.bootstrap.recovery` as JSON; its keys come from
+    /// RECOVERY_AWS_ACCESS_KEY_ID / RECOVERY_AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = api::backup::instance_env::BOOTSTRAP_RECOVERY)]
+    pub bootstrap_recovery: Option<String>,
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,

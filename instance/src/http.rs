@@ -29,6 +29,8 @@ pub struct Shared {
     last_api_success: RwLock<Option<Instant>>,
     /// How recent that success must be for `/status` to report `apiReachable`.
     api_window: Duration,
+    /// Backups, when the cluster has a backup repository or a recovery source.
+    pub backup: std::sync::OnceLock<Arc<crate::backup::service::BackupService>>,
 }
 
 impl Shared {
@@ -44,6 +46,7 @@ impl Shared {
             max_lag_bytes,
             last_api_success: RwLock::new(None),
             api_window,
+            backup: std::sync::OnceLock::new(),
         })
     }
 
@@ -90,6 +93,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .merge(crate::backup::http::routes())
         .with_state(shared)
 }
 

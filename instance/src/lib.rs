@@ -9,6 +9,7 @@
 //! - [`cluster`] and [`lease`]: the Kubernetes objects (Lease, pods, Secrets).
 //! - [`http`], [`metrics`], [`status`]: what the instance publishes.
 //! - [`declarative`]: PostgresUser and PostgresDatabase, applied by the primary.
+//! - [`backup`]: WAL archiving, base backups, restore and point-in-time recovery.
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
 //!
 //! # How instances find each other
@@ -32,6 +33,7 @@
 //!   PostgresCluster) stops PostgreSQL and neither renews nor takes the Lease.
 //! - PostgreSQL never runs as root: as root, `--run-as-user` names the user it runs as.
 
+pub mod backup;
 pub mod cluster;
 pub mod config;
 pub mod decision;

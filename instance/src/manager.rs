@@ -12,6 +12,11 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
+use crate::backup::BackupSetup;
+use crate::backup::archiver::{self, ArchiveState};
+use crate::backup::engine::LocalServer;
+use crate::backup::recovery::{self, Recovery};
+use crate::backup::service::BackupService;
 use crate::cluster::{Cluster, Credentials, Member, fence_requested};
 use crate::config::Config;
 use crate::decision::{
@@ -20,11 +25,13 @@ use crate::decision::{
 use crate::error::{Error, Result};
 use crate::http::{self, Shared};
 use crate::lease::{self, LeaseTracker};
-use crate::postgres::{LocalPostgres, ManagedSettings, StopMode, Upstream};
+use crate::postgres::{LocalPostgres, MANAGED_CONFIG, ManagedSettings, StopMode, Upstream};
 use crate::quote;
 use crate::status::InstanceStatus;
 use crate::watchdog::Watchdog;
 
+/// Marker in the run folder while a restore from a backup is not finished (a restart redoes it).
+const RESTORE_MARKER: &str = "restore-incomplete";
 /// How long a peer has to answer `/status`.
 const PEER_TIMEOUT: Duration = Duration::from_millis(400);
 /// A replica that has not streamed from a live primary for this long is rewound.
@@ -46,7 +53,7 @@ pub async fn run(config: Config) -> Result<()> {
         api_timeout,
     );
     let (superuser, replication, app) = wait_for_credentials(&cluster, &config).await;
-    let postgres = LocalPostgres::new(&config, &superuser.username)?;
+    let mut postgres = LocalPostgres::new(&config, &superuser.username)?;
     postgres.write_passfile(&superuser, &replication)?;
     // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
     let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
@@ -62,6 +69,7 @@ pub async fn run(config: Config) -> Result<()> {
         config.max_lag_bytes,
         config.renew_deadline() / 2,
     );
+    let backup = start_backups(&config, &mut postgres, &shared)?;
     let http_address = config.http_address;
     let http_shared = shared.clone();
     tokio::spawn(async move {
@@ -105,6 +113,7 @@ pub async fn run(config: Config) -> Result<()> {
         rewound_while_stuck: false,
         included_config: None,
         declarative_primary,
+        backup,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -126,6 +135,40 @@ pub async fn run(config: Config) -> Result<()> {
         manager.release_lease().await;
     }
     Ok(())
+}
+
+/// Sets up WAL archiving, WAL restore and the backup endpoints when the cluster has a backup
+/// repository or a recovery source; starts the archiver.
+fn start_backups(
+    config: &Config,
+    postgres: &mut LocalPostgres,
+    shared: &Arc<Shared>,
+) -> Result<Option<Arc<BackupService>>> {
+    let Some(setup) = BackupSetup::from_config(config, postgres.run_as_ids())? else {
+        return Ok(None);
+    };
+    postgres.set_backup_settings(setup.archive_settings());
+    let archive = Arc::new(ArchiveState::default());
+    let metrics = shared.metrics.backup.clone();
+    tokio::spawn(archiver::run(
+        setup.clone(),
+        postgres.pgdata().join("pg_wal"),
+        archive.clone(),
+        metrics.clone(),
+        postgres.run_as_ids(),
+    ));
+    let service = BackupService::new(
+        setup,
+        archive,
+        LocalServer {
+            socket_dir: postgres.socket_dir().display().to_string(),
+            port: postgres.port(),
+            user: postgres.superuser().to_string(),
+        },
+        metrics,
+    );
+    let _ = shared.backup.set(service.clone());
+    Ok(Some(service))
 }
 
 async fn kube_client(config: &Config, timeout: Duration) -> Result<kube::Client> {
@@ -217,6 +260,8 @@ struct Manager {
     included_config: Option<Vec<Option<String>>>,
     /// Tells the declarative reconcilers whether this instance is a writable primary.
     declarative_primary: tokio::sync::watch::Sender<bool>,
+    /// Backups (archiving, base backups, recovery), when configured.
+    backup: Option<Arc<BackupService>>,
 }
 
 impl Manager {
@@ -597,9 +642,16 @@ impl Manager {
         let holder = self.lease.holder();
         let expired = self.lease.expired(now, self.config.lease_duration());
         let clone_marker = self.config.run_dir().join("clone-incomplete");
-        if !self.postgres.has_data() || clone_marker.exists() {
-            if !self.lease.ever_held() {
+        let restore_marker = self.config.run_dir().join(RESTORE_MARKER);
+        if !self.postgres.has_data() || clone_marker.exists() || restore_marker.exists() {
+            let restoring = restore_marker.exists() && holder.as_deref() == Some(me.as_str());
+            if !self.lease.ever_held() || restoring {
                 self.acquire().await?;
+                if let Some(recovery) = self.recovery() {
+                    self.bootstrap_from_backup(recovery).await?;
+                    self.last_join = Some("restore".into());
+                    return Ok(Role::Primary);
+                }
                 info!("bootstrapping a new cluster with initdb");
                 self.postgres.initdb(&self.superuser).await?;
                 self.start_primary().await?;
@@ -659,6 +711,66 @@ impl Manager {
                 Ok(Role::Pending)
             }
         }
+    }
+
+    fn recovery(&self) -> Option<Recovery> {
+        self.backup
+            .as_ref()
+            .and_then(|backup| backup.setup.recovery.clone())
+    }
+
+    /// Creates the cluster from a backup (`spec.bootstrap.recovery`): download, archive recovery
+    /// up to the target, promotion; the Lease is renewed while PostgreSQL replays.
+    async fn bootstrap_from_backup(&mut self, recovery: Recovery) -> Result<()> {
+        let Some(setup) = self.backup.as_ref().map(|backup| backup.setup.clone()) else {
+            return Ok(());
+        };
+        let marker = self.config.run_dir().join(RESTORE_MARKER);
+        std::fs::write(&marker, b"").map_err(Error::io("writing the restore marker"))?;
+        info!(
+            source = %recovery.store.destination(),
+            source_cluster = %recovery.store.server_name,
+            backup = ?recovery.backup_id,
+            target = ?recovery.target,
+            "bootstrapping the cluster from a backup"
+        );
+        self.postgres.stop(StopMode::Fast).await;
+        self.postgres.empty_data_dir()?;
+        recovery::download(&setup, &recovery, self.postgres.pgdata(), MANAGED_CONFIG).await?;
+        let mut settings = setup.archive_settings();
+        settings.extend(recovery.settings(&setup));
+        self.postgres.set_backup_settings(settings);
+        let managed = ManagedSettings {
+            upstream: None,
+            synchronous_standby_names: String::new(),
+        };
+        self.postgres
+            .write_config(&managed, false, &self.replication.username)?;
+        self.acquire().await?;
+        self.postgres.start(Duration::from_secs(3600)).await?;
+        loop {
+            if !self.postgres.is_running() {
+                return Err(Error::Invalid(
+                    "PostgreSQL stopped during the recovery (is the target inside the archived WAL, after the backup? see its log)".into(),
+                ));
+            }
+            if let Ok(client) = self.postgres.connect().await
+                && let Ok(row) = client.query_one("SELECT pg_is_in_recovery()", &[]).await
+                && !row.get::<_, bool>(0)
+            {
+                break;
+            }
+            self.acquire().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        info!("recovery finished and promoted: archiving to this cluster's own repository");
+        self.postgres.set_backup_settings(setup.archive_settings());
+        self.postgres
+            .write_config(&managed, false, &self.replication.username)?;
+        self.postgres.signal(Signal::SIGHUP);
+        self.roles_ensured = false;
+        let _ = std::fs::remove_file(&marker);
+        Ok(())
     }
 
     /// A former primary becomes a replica of `upstream`: pg_rewind, or a new clone when rewinding
@@ -1139,7 +1251,11 @@ impl Manager {
             .batch_execute("SET log_statement TO 'none'; SET log_min_duration_statement TO -1")
             .await
             .map_err(Error::postgres("hiding role statements from the log"))?;
-        let mut roles = vec![(&self.replication, "LOGIN REPLICATION")];
+        // The superuser too: a cluster restored from a backup starts with the source's password.
+        let mut roles = vec![
+            (&self.superuser, "SUPERUSER LOGIN"),
+            (&self.replication, "LOGIN REPLICATION"),
+        ];
         if let Some(app) = &self.app {
             roles.push((app, "LOGIN"));
         }
@@ -1237,6 +1353,14 @@ impl Manager {
         if self.role == Role::Primary {
             status.synchronous_standbys = self.synchronous_set.clone();
             status.synchronous_number = self.config.synchronous_standbys;
+        }
+        if let Some(backup) = &self.backup {
+            let primary = self.role == Role::Primary && status.in_recovery == Some(false);
+            backup.archive.set_primary(primary);
+            backup.set_role(&status.role, status.postgres_ready);
+            if primary && backup.setup.wal_archiving {
+                status.wal_archive = Some(backup.archive.status());
+            }
         }
         self.shared.set_status(status.clone());
         if !self.api_reachable {

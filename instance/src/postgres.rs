@@ -60,6 +60,8 @@ pub struct LocalPostgres {
     ids: Option<(Uid, Gid)>,
     superuser: String,
     child: Option<Child>,
+    /// Archiving, WAL restore and recovery settings (see [`crate::backup`]).
+    backup_settings: Vec<(String, String)>,
 }
 
 impl LocalPostgres {
@@ -90,9 +92,15 @@ impl LocalPostgres {
             ids,
             superuser: superuser.to_string(),
             child: None,
+            backup_settings: Vec::new(),
         };
         postgres.private_dir(&postgres.run_dir)?;
         Ok(postgres)
+    }
+
+    /// Name of the superuser.
+    pub fn superuser(&self) -> &str {
+        &self.superuser
     }
 
     /// Data directory.
@@ -207,7 +215,28 @@ impl LocalPostgres {
         Ok(text)
     }
 
-    fn empty_data_dir(&self) -> Result<()> {
+    /// Sets the archiving / WAL restore / recovery settings the next [`Self::write_config`] writes.
+    pub fn set_backup_settings(&mut self, settings: Vec<(String, String)>) {
+        self.backup_settings = settings;
+    }
+
+    /// Folder of the Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The (uid, gid) PostgreSQL runs as, when the instance manager runs as root.
+    pub fn run_as_ids(&self) -> Option<(u32, u32)> {
+        self.ids.map(|(uid, gid)| (uid.as_raw(), gid.as_raw()))
+    }
+
+    /// Removes and recreates the data directory (and the WAL directory), empty.
+    pub fn empty_data_dir(&self) -> Result<()> {
         if self.pgdata.exists() {
             fs::remove_dir_all(&self.pgdata)
                 .map_err(Error::io(format!("removing {}", self.pgdata.display())))?;
@@ -356,6 +385,7 @@ impl LocalPostgres {
                 lines.push(("primary_slot_name".into(), String::new()));
             }
         }
+        lines.extend(self.backup_settings.iter().cloned());
         lines.extend(self.extra_settings.iter().cloned());
         let text: String = std::iter::once("# Written by pg-instance; do not edit.\n".to_string())
             .chain(

@@ -12,6 +12,7 @@ pub mod clients;
 pub mod control_plane;
 pub mod delivery;
 pub mod manifests;
+pub mod object_store;
 pub mod paths;
 pub mod postgres;
 pub mod process;

@@ -83,9 +83,11 @@ pub struct TestCluster {
     pub instances: Vec<Instance>,
     pub client: kube::Client,
     synchronous: u32,
+    /// Extra environment of every `pg-instance` (backup repository, recovery source, keys).
+    env: Vec<(String, String)>,
     // Dropped after the instances (their processes stop first).
     dir: tempfile::TempDir,
-    pub api: ApiServer,
+    pub api: std::sync::Arc<ApiServer>,
 }
 
 impl Drop for TestCluster {
@@ -115,7 +117,19 @@ fn tail(text: &str, lines: usize) -> String {
 impl TestCluster {
     /// API server, Secrets, `count` pods, and one running `pg-instance` per pod.
     pub async fn start(name: &str, count: usize, synchronous: u32) -> anyhow::Result<Self> {
-        let api = ApiServer::start().await?;
+        let api = std::sync::Arc::new(ApiServer::start().await?);
+        Self::start_with(api, name, count, synchronous, Vec::new()).await
+    }
+
+    /// As [`Self::start`], on an API server that may be shared with other test clusters, with
+    /// extra environment for every `pg-instance`.
+    pub async fn start_with(
+        api: std::sync::Arc<ApiServer>,
+        name: &str,
+        count: usize,
+        synchronous: u32,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let client = api.client().await?;
         let namespace = "default".to_string();
         let dir = tempfile::Builder::new().prefix("pg-instance-").tempdir()?;
@@ -207,6 +221,7 @@ impl TestCluster {
             instances,
             client,
             synchronous,
+            env,
             dir,
             api,
         };
@@ -220,6 +235,7 @@ impl TestCluster {
     pub fn start_instance(&mut self, index: usize) -> anyhow::Result<()> {
         let synchronous = self.synchronous;
         let name = self.name.clone();
+        let env = self.env.clone();
         let instance = &mut self.instances[index];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -253,6 +269,7 @@ impl TestCluster {
             .arg("--log-level=info,instance=debug")
             .env_remove("PGDATA")
             .env_remove("KUBECONFIG")
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
