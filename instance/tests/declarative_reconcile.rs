@@ -280,7 +280,10 @@ async fn the_primary_applies_postgres_users_and_databases_with_status_and_reclai
                 event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("reporter")
                     && event.type_.as_deref() == Some("Warning")
                     && event.reason.as_deref() == Some("SqlError")
-                    && event.note.as_deref().is_some_and(|note| note.contains("SQLSTATE 42704"))
+                    && event
+                        .note
+                        .as_deref()
+                        .is_some_and(|note| note.contains("SQLSTATE 42704"))
             })
         })
     })
