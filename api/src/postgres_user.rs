@@ -144,7 +144,7 @@ pub struct PasswordSpec {
     /// Secret with the key `password`. With `generate`, the instance manager writes it (owned by
     /// this PostgresUser) with the keys `username`, `password`, `host`, `port`, `dbname`, `uri`,
     /// `jdbc-uri` and `pgpass`; otherwise it reads `password` from it (a change of the Secret
-    /// changes the role's password).
+    /// changes the role's password at the next periodic reconcile, within a minute).
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
     /// Generate a strong password into the Secret when it does not exist.

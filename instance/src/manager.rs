@@ -1273,7 +1273,8 @@ impl Manager {
                 .batch_execute(&format!(
                     "{verb} ROLE {} WITH {attributes} PASSWORD {}",
                     quote::identifier(&user.username),
-                    quote::literal(&user.password)
+                    // A verifier, never the cleartext (see declarative::scram).
+                    quote::literal(&crate::declarative::scram::verifier(&user.password))
                 ))
                 .await
                 .map_err(Error::postgres(format!("{verb} ROLE {}", user.username)))?;

@@ -291,7 +291,8 @@ async fn privileges_are_granted_revoked_on_removal_and_repaired_after_drift() {
     owner
         .batch_execute(
             "CREATE TABLE sales.orders (id serial, total int);
-             CREATE FUNCTION sales.double(x int) RETURNS int LANGUAGE sql AS 'SELECT x * 2'",
+             CREATE FUNCTION sales.double(x int) RETURNS int LANGUAGE sql AS 'SELECT x * 2';
+             REVOKE EXECUTE ON FUNCTION sales.double(int) FROM PUBLIC",
         )
         .await
         .unwrap();
@@ -328,8 +329,33 @@ async fn privileges_are_granted_revoked_on_removal_and_repaired_after_drift() {
         )
         .await
         .unwrap();
-    // Drift: a revoke by hand and a grant by hand, both undone.
     let shop = client_for(&server, "shop").await;
+    assert_eq!(
+        one_string(
+            &shop,
+            "SELECT has_function_privilege('writer', 'sales.double(int)', 'EXECUTE')::text
+                    || has_sequence_privilege('reader', 'sales.orders_id_seq', 'SELECT')::text
+                    || has_sequence_privilege('reader', 'sales.orders_id_seq', 'UPDATE')::text
+                    || has_sequence_privilege('writer', 'sales.orders_id_seq', 'UPDATE')::text"
+        )
+        .await,
+        "falsetruefalsetrue",
+        "functions and sequences get exactly their grants"
+    );
+    // CREATE on schema public granted to PUBLIC by hand goes again.
+    shop.batch_execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        .await
+        .unwrap();
+    apply_database(&connector, &wanted).await.unwrap();
+    assert_eq!(
+        one_string(
+            &shop,
+            "SELECT has_schema_privilege('stranger', 'public', 'CREATE')::text"
+        )
+        .await,
+        "false"
+    );
+    // Drift: a revoke by hand and a grant by hand, both undone.
     shop.batch_execute(
         "REVOKE SELECT ON sales.orders FROM reader; GRANT DELETE ON sales.orders TO stranger",
     )

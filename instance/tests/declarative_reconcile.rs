@@ -272,6 +272,24 @@ async fn the_primary_applies_postgres_users_and_databases_with_status_and_reclai
     .await
     .unwrap();
 
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.client.clone(), "default");
+    eventually("a Warning event says what failed", SETTLE, || async {
+        events.list(&Default::default()).await.is_ok_and(|list| {
+            list.items.iter().any(|event| {
+                event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("reporter")
+                    && event.type_.as_deref() == Some("Warning")
+                    && event.reason.as_deref() == Some("SqlError")
+                    && event
+                        .note
+                        .as_deref()
+                        .is_some_and(|note| note.contains("SQLSTATE 42704"))
+            })
+        })
+    })
+    .await
+    .unwrap();
+
     // 5. A database with a schema and privileges, kept as declared.
     let databases: Api<PostgresDatabase> = Api::namespaced(cluster.client.clone(), "default");
     let database: PostgresDatabase = serde_json::from_value(serde_json::json!({

@@ -1,7 +1,7 @@
 //! Password rotation under load, through `pg-instance` under a real kube-apiserver and
 //! PostgreSQL 18: a pool of clients that read the Secret and reconnect in a loop sees no
 //! authentication failure through two rotations, and the previous credentials stop working
-//! after the grace period.
+//! after the grace period. Then a failover: the new primary takes the declarative work over.
 
 mod support;
 
@@ -78,12 +78,14 @@ async fn active_login(users: &Api<PostgresUser>) -> Option<String> {
 async fn a_reconnecting_pool_sees_no_authentication_failure_through_rotations() {
     // SAFETY: set before any instance starts, in the only test of this binary.
     unsafe { std::env::set_var("DECLARATIVE_RESYNC_SECONDS", "1") };
-    let mut cluster = TestCluster::start("rot", 1, 0).await.unwrap();
+    let mut cluster = TestCluster::start("rot", 2, 0).await.unwrap();
     cluster.api.install_crds(&api::all_crds()).await.unwrap();
-    cluster.stop_instance(0);
-    cluster.start_instance(0).unwrap();
+    for index in 0..2 {
+        cluster.stop_instance(index);
+        cluster.start_instance(index).unwrap();
+    }
     let primary = cluster
-        .wait_for_primary_with_replicas(0, STARTUP)
+        .wait_for_primary_with_replicas(1, STARTUP)
         .await
         .unwrap();
     let port = cluster.instances[primary].pg_port;
@@ -228,4 +230,38 @@ async fn a_reconnecting_pool_sees_no_authentication_failure_through_rotations() 
             "pg-instance logged a password"
         );
     }
+
+    // Failover: the replica becomes primary and takes over (the old primary is killed).
+    let old_primary = cluster.instances[primary].name.clone();
+    cluster.kill_instance(primary);
+    let new_primary = cluster
+        .wait_for_new_primary(&old_primary, STARTUP)
+        .await
+        .unwrap();
+    let new_port = cluster.instances[new_primary].pg_port;
+    users
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"attributes": {"connectionLimit": 7}}})),
+        )
+        .await
+        .unwrap();
+    let promoted = cluster.connect(new_primary).await.unwrap();
+    eventually("the new primary applies the change", SETTLE, || async {
+        promoted
+            .query_one(
+                "SELECT rolconnlimit FROM pg_roles WHERE rolname = 'app_owner_a'",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, i32>(0) == 7)
+    })
+    .await
+    .unwrap();
+    let (user, password) = credentials(&secrets).await.unwrap();
+    assert_eq!(
+        session(new_port, &user, &password).await.unwrap(),
+        "app_owner"
+    );
 }

@@ -228,6 +228,7 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 None,
             ),
             rule("", &["secrets"], &["get", "create", "update"], None),
+            rule("events.k8s.io", &["events"], &["create", "patch"], None),
         ]),
     }
 }
@@ -1027,6 +1028,24 @@ mod tests {
             assert!(!rule.verbs.contains(&"delete".to_string()));
             assert!(!rule.verbs.contains(&"*".to_string()));
         }
+    }
+
+    #[test]
+    fn instance_manager_role_covers_declarative_users_and_databases() {
+        let rules = role(&cluster(2), "db-app").rules.unwrap();
+        let verbs_on = |resource: &str| -> Vec<String> {
+            rules
+                .iter()
+                .filter(|r| r.resources.as_ref().unwrap().iter().any(|x| x == resource))
+                .flat_map(|r| r.verbs.clone())
+                .collect()
+        };
+        for resource in ["postgresusers", "postgresdatabases"] {
+            assert_eq!(verbs_on(resource), ["get", "list", "watch", "patch"]);
+            assert_eq!(verbs_on(&format!("{resource}/status")), ["patch"]);
+        }
+        assert!(verbs_on("secrets").contains(&"create".to_string()));
+        assert_eq!(verbs_on("events"), ["create", "patch"]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::Context;
 use super::database_sql::{self, AppliedDatabase};
 use super::error::{DeclarativeError, Result};
 use super::finalizer::{has_finalizer, set_finalizer};
-use super::status::ready_conditions;
+use super::status::{publish_event, ready_changes, ready_conditions};
 
 /// How often a non-primary instance looks again (it acts as soon as it is primary).
 const NOT_PRIMARY_RETRY: Duration = Duration::from_secs(2);
@@ -44,7 +44,7 @@ pub async fn reconcile(database: Arc<PostgresDatabase>, context: Arc<Context>) -
                 )
                 .await;
                 if let Err(error) = dropped {
-                    write_status(&api, &database, Err(&error), None).await;
+                    fail(&api, &database, &context, &error).await;
                     return Err(error);
                 }
                 info!(object = %name, database = %database.spec.name, "database dropped");
@@ -66,6 +66,12 @@ pub async fn reconcile(database: Arc<PostgresDatabase>, context: Arc<Context>) -
             if !applied.statements.is_empty() {
                 info!(object = %name, statements = ?applied.statements, "database applied");
             }
+            publish_event(
+                &context.recorder,
+                database.as_ref(),
+                Ok(&applied.statements),
+            )
+            .await;
             write_status(
                 &api,
                 &database,
@@ -77,7 +83,7 @@ pub async fn reconcile(database: Arc<PostgresDatabase>, context: Arc<Context>) -
         }
         Err(error) => {
             warn!(object = %name, %error, "applying the database failed");
-            write_status(&api, &database, Err(&error), None).await;
+            fail(&api, &database, &context, &error).await;
             Err(error)
         }
     }
@@ -99,6 +105,24 @@ fn check_template(database: &PostgresDatabase) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Reports a failed stage: a Warning event when the condition changes, and the condition.
+async fn fail(
+    api: &Api<PostgresDatabase>,
+    database: &PostgresDatabase,
+    context: &Context,
+    error: &DeclarativeError,
+) {
+    let previous = database
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
+    if ready_changes(previous, Err(error)) {
+        publish_event(&context.recorder, database, Err(error)).await;
+    }
+    write_status(api, database, Err(error), None).await;
 }
 
 /// Retries soon, or after a minute when the object itself must change.

@@ -65,8 +65,8 @@ pub struct Context {
     pub service_host: String,
     /// Port written into generated Secrets.
     pub service_port: u16,
-    /// Pod name, for events.
-    pub pod: String,
+    /// Publishes the events of declarative objects (as `pg-instance`, this pod).
+    pub recorder: kube::runtime::events::Recorder,
 }
 
 impl Context {
@@ -91,7 +91,13 @@ pub fn spawn(client: Client, config: &Config, superuser: &str, primary: watch::R
             config.namespace
         ),
         service_port: api::contract::POSTGRES_PORT,
-        pod: config.pod_name.clone(),
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "pg-instance".to_string(),
+                instance: Some(config.pod_name.clone()),
+            },
+        ),
     });
     // Watches end before the client's read timeout, so an idle watch is renewed, not failed.
     let watch_config = watcher::Config::default().timeout(25);

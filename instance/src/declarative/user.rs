@@ -26,7 +26,7 @@ use super::error::{DeclarativeError, Result};
 use super::finalizer::{has_finalizer, set_finalizer};
 use super::role_sql::{self, RoleSpec};
 use super::rotation;
-use super::status::ready_conditions;
+use super::status::{publish_event, ready_changes, ready_conditions};
 
 /// How often a non-primary instance looks again (it acts as soon as it is primary).
 const NOT_PRIMARY_RETRY: Duration = Duration::from_secs(2);
@@ -56,7 +56,7 @@ pub async fn reconcile(user: Arc<PostgresUser>, context: Arc<Context>) -> Result
             if user.spec.reclaim_policy == ReclaimPolicy::Delete
                 && let Err(error) = drop_roles(&user, &context).await
             {
-                write_status(&api, &user, Err(&error), None).await;
+                fail(&api, &user, &context, &error).await;
                 return Err(error);
             }
             set_finalizer(&api, user.as_ref(), false).await?;
@@ -76,15 +76,34 @@ pub async fn reconcile(user: Arc<PostgresUser>, context: Arc<Context>) -> Result
             if !applied.statements.is_empty() {
                 info!(user = %name, statements = ?applied.statements, "role applied");
             }
+            publish_event(&context.recorder, user.as_ref(), Ok(&applied.statements)).await;
             write_status(&api, &user, Ok("role matches the spec"), Some(&applied)).await;
             Ok(Action::requeue(context.resync))
         }
         Err(error) => {
             warn!(user = %name, %error, "applying the role failed");
-            write_status(&api, &user, Err(&error), None).await;
+            fail(&api, &user, &context, &error).await;
             Err(error)
         }
     }
+}
+
+/// Reports a failed stage: a Warning event when the condition changes, and the condition.
+async fn fail(
+    api: &Api<PostgresUser>,
+    user: &PostgresUser,
+    context: &Context,
+    error: &DeclarativeError,
+) {
+    let previous = user
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
+    if ready_changes(previous, Err(error)) {
+        publish_event(&context.recorder, user, Err(error)).await;
+    }
+    write_status(api, user, Err(error), None).await;
 }
 
 /// Retries soon, or after a minute when the object itself must change.
