@@ -1,6 +1,7 @@
 //! Backups on real PostgreSQL 18, a real S3 server (moto, on loopback) and a real kube-apiserver:
 //! continuous WAL archiving by the instance manager, base backups over its HTTP API, restores into
-//! new clusters to the backup, a time, an LSN and a restore point, archiving across a failover
+//! new clusters to the backup, a time, an LSN, an xid (not inclusive) and a restore point,
+//! archiving across a failover
 //! and a store outage, and a clear error for a missing bucket (the secret never shown).
 
 mod support;
@@ -226,7 +227,7 @@ fn range(from: i32, to: i32) -> Vec<i32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_then_restores_to_the_backup_a_time_an_lsn_and_a_restore_point() {
+async fn backup_then_restores_to_the_backup_a_time_an_lsn_an_xid_and_a_restore_point() {
     let scratch = tempfile::tempdir().unwrap();
     let store = S3Server::start(scratch.path()).unwrap();
     store.create_bucket(BUCKET).unwrap();
@@ -277,7 +278,14 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_and_a_restore_point() 
         .await
         .unwrap()
         .get(0);
+    client.batch_execute("BEGIN").await.unwrap();
     insert(&client, 31, 40).await;
+    let xid: i64 = client
+        .query_one("SELECT txid_current()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("COMMIT").await.unwrap();
     client
         .batch_execute("SELECT pg_create_restore_point('before_forty_one')")
         .await
@@ -316,6 +324,13 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_and_a_restore_point() 
         (
             "to-lsn",
             Some(serde_json::json!({"lsn": lsn})),
+            None,
+            range(1, 30),
+        ),
+        // Not inclusive: stops just before that transaction commits.
+        (
+            "to-xid",
+            Some(serde_json::json!({"xid": xid, "inclusive": false})),
             None,
             range(1, 30),
         ),
