@@ -168,6 +168,9 @@ pub struct ScheduledBackupSpec {
     #[serde(default = "default_keep")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep_jobs: i32,
+    /// Take the backups from a healthy replica when there is one (as BackupJob.preferReplica).
+    #[serde(default)]
+    pub prefer_replica: bool,
     /// Pause the schedule without deleting it.
     #[serde(default)]
     pub suspend: bool,

@@ -1357,7 +1357,8 @@ impl Manager {
         }
         if let Some(backup) = &self.backup {
             let primary = self.role == Role::Primary && status.in_recovery == Some(false);
-            backup.archive.set_primary(primary);
+            let replica = matches!(self.role, Role::Replica { .. }) && status.postgres_ready;
+            backup.archive.set_active(primary || replica);
             backup.set_role(&status.role, status.postgres_ready);
             if primary && backup.setup.wal_archiving {
                 status.wal_archive = Some(backup.archive.status());

@@ -1,6 +1,7 @@
 //! Backups on real PostgreSQL 18, a real S3 server (moto, on loopback) and a real kube-apiserver:
 //! continuous WAL archiving by the instance manager, base backups over its HTTP API, restores into
-//! new clusters to the backup, a time, an LSN and a restore point, archiving across a failover
+//! new clusters to the backup, a time, an LSN, an xid (not inclusive) and a restore point,
+//! archiving across a failover
 //! and a store outage, and a clear error for a missing bucket (the secret never shown).
 
 mod support;
@@ -149,6 +150,8 @@ async fn archive_status(cluster: &TestCluster, index: usize) -> serde_json::Valu
 /// one just closed.
 async fn switch_and_wait_archived(cluster: &TestCluster, index: usize) -> anyhow::Result<()> {
     let client = cluster.connect(index).await?;
+    // A transaction first: a switch with no WAL since the last one closes nothing.
+    client.query_one("SELECT txid_current()", &[]).await?;
     let closed: String = client
         .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
         .await?
@@ -156,9 +159,11 @@ async fn switch_and_wait_archived(cluster: &TestCluster, index: usize) -> anyhow
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let status = archive_status(cluster, index).await;
+        // Nothing older left behind either (uploads run in parallel, and retries come later).
         if status["lastArchivedWal"]
             .as_str()
             .is_some_and(|last| last.len() >= 24 && last[..24] >= closed[..24])
+            && status["pending"] == 0
         {
             return Ok(());
         }
@@ -222,7 +227,7 @@ fn range(from: i32, to: i32) -> Vec<i32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_then_restores_to_the_backup_a_time_an_lsn_and_a_restore_point() {
+async fn backup_then_restores_to_the_backup_a_time_an_lsn_an_xid_and_a_restore_point() {
     let scratch = tempfile::tempdir().unwrap();
     let store = S3Server::start(scratch.path()).unwrap();
     store.create_bucket(BUCKET).unwrap();
@@ -273,7 +278,14 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_and_a_restore_point() 
         .await
         .unwrap()
         .get(0);
+    client.batch_execute("BEGIN").await.unwrap();
     insert(&client, 31, 40).await;
+    let xid: i64 = client
+        .query_one("SELECT txid_current()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("COMMIT").await.unwrap();
     client
         .batch_execute("SELECT pg_create_restore_point('before_forty_one')")
         .await
@@ -312,6 +324,13 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_and_a_restore_point() 
         (
             "to-lsn",
             Some(serde_json::json!({"lsn": lsn})),
+            None,
+            range(1, 30),
+        ),
+        // Not inclusive: stops just before that transaction commits.
+        (
+            "to-xid",
+            Some(serde_json::json!({"xid": xid, "inclusive": false})),
             None,
             range(1, 30),
         ),
@@ -422,9 +441,20 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         metric(&metrics, "pg_instance_wal_archive_pending_segments") >= 1.0,
         "{metrics}"
     );
-    let status = cluster.status(primary).await.unwrap();
-    let published = status.wal_archive.expect("walArchive in /status");
-    assert!(!published.healthy, "{published:?}");
+    eventually(
+        "/status shows the failing archive",
+        Duration::from_secs(10),
+        || async {
+            cluster
+                .status(primary)
+                .await
+                .and_then(|status| status.wal_archive)
+                .is_some_and(|archive| !archive.healthy)
+        },
+    )
+    .await
+    .unwrap();
+    let published = cluster.status(primary).await.unwrap().wal_archive.unwrap();
     assert!(
         !format!("{published:?}").contains(SECRET_ACCESS_KEY),
         "the secret leaked into the status"

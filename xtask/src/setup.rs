@@ -12,7 +12,9 @@ use testbed::{paths, versions};
 /// Installs whatever is missing.
 pub fn run() -> anyhow::Result<()> {
     install_servers()?;
-    install_delivery_tools()
+    install_delivery_tools()?;
+    crate::step("installing barman-cloud and moto's S3 server (PyPI) for the backup tests");
+    testbed::object_store::install()
 }
 
 /// Installs only the servers (PostgreSQL, etcd, kube-apiserver, kube-controller-manager,

@@ -5,6 +5,8 @@
 //! Decide, then act: [`builders`], [`parameters`], [`instances`], [`rolling`], [`status`] and
 //! [`volumes`] are pure; [`reconcile`] talks to the API server.
 
+pub mod archiving;
+pub mod backup_env;
 pub mod builders;
 pub mod instances;
 pub mod parameters;

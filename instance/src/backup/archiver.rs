@@ -1,10 +1,11 @@
-//! The instance manager's own WAL archiver. It watches `pg_wal/archive_status/*.ready` on the
-//! primary and uploads up to [`PARALLEL`] files at once, leaving a marker per uploaded file in a
+//! The instance manager's own WAL archiver. It watches `pg_wal/archive_status/*.ready` (on the
+//! primary, and on replicas, which archive what they receive with `archive_mode = always`) and
+//! uploads up to [`PARALLEL`] files at once, leaving a marker per uploaded file in a
 //! spool folder; PostgreSQL's `archive_command` only waits for that marker. So a busy primary
 //! does not fall behind one upload at a time, and every failure is counted here, where the
 //! metrics and the status live. A new primary (after a failover or a switchover) archives its
-//! history file, the old timeline's `.partial` and its new timeline with no manual step: it is
-//! whichever instance runs as primary.
+//! history file, the old timeline's `.partial` and its new timeline with no manual step, and the
+//! segments it received that the old primary had not uploaded yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -76,22 +77,23 @@ pub struct ArchiveStatus {
     pub healthy: bool,
 }
 
-/// Shared between the archiver, the run loop (which says whether this is the primary) and the
-/// HTTP endpoints.
+/// Shared between the archiver, the run loop (which says whether PostgreSQL serves) and the HTTP
+/// endpoints.
 #[derive(Debug, Default)]
 pub struct ArchiveState {
     status: Mutex<ArchiveStatus>,
-    primary: AtomicBool,
+    active: AtomicBool,
 }
 
 impl ArchiveState {
-    /// Whether this instance is the writable primary (only it archives).
-    pub fn set_primary(&self, primary: bool) {
-        self.primary.store(primary, Ordering::SeqCst);
+    /// Whether PostgreSQL serves as primary or replica (a fenced or stopped instance, or a
+    /// former primary waiting for pg_rewind, does not archive).
+    pub fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::SeqCst);
     }
 
-    fn is_primary(&self) -> bool {
-        self.primary.load(Ordering::SeqCst)
+    fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
     }
 
     /// A copy of the status.
@@ -197,7 +199,7 @@ pub async fn run(
                 }
             }
         }
-        if !state.is_primary() {
+        if !state.is_active() {
             continue;
         }
         let ready = ready_files(&status_dir);

@@ -127,7 +127,9 @@ impl BackupSetup {
             return settings;
         };
         if self.wal_archiving {
-            settings.push(("archive_mode".into(), "on".into()));
+            // `always`: replicas archive the WAL they receive too, so a segment the primary had
+            // not uploaded when it failed is still archived by the replica that takes over.
+            settings.push(("archive_mode".into(), "always".into()));
             settings.push((
                 "archive_command".into(),
                 archiver::archive_command(&self.spool),
