@@ -5,6 +5,18 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// A primary whose PostgreSQL exited and then failed to restart this many times in a row gives
+/// the role up (fenced, Lease released) instead of holding the Lease with no server behind it.
+/// Two, not one: a restart right after a `kill -9` of the postmaster can fail once while the
+/// orphaned backends still hold the old shared memory.
+pub const FAILED_RESTARTS_BEFORE_FAILOVER: u32 = 2;
+/// A primary whose PostgreSQL has not accepted connections for this long since it exited (a
+/// restart that hangs in recovery) gives the role up too: a streaming replica is ready sooner.
+pub const POSTGRES_DOWN_BEFORE_FAILOVER: Duration = Duration::from_secs(5);
+/// A primary that released its Lease because PostgreSQL failed takes it back (and tries again)
+/// when no replica claimed it for this long (none could: a single instance, no quorum).
+pub const UNCLAIMED_RELEASE_RETRY: Duration = Duration::from_secs(5);
+
 /// Why an instance is fenced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -13,6 +25,9 @@ pub enum FenceReason {
     Requested,
     /// This primary lost its Lease (or could not renew it) and stopped PostgreSQL.
     LostLease,
+    /// This primary's PostgreSQL died and could not be restarted: it released the Lease so that
+    /// a replica takes over at once.
+    PostgresFailed,
 }
 
 /// The role of this instance: the state machine of the run loop.
@@ -69,6 +84,12 @@ pub struct Observation {
     /// For a replica: its PostgreSQL accepts writes (promoted behind our back), or it has not
     /// streamed from a live primary for a long while (its history diverged).
     pub replica_diverged: bool,
+    /// For a primary: how many restarts of PostgreSQL failed since it last accepted connections.
+    pub postgres_failed_restarts: u32,
+    /// For a primary: how long PostgreSQL has not accepted connections since it exited.
+    pub postgres_down_for: Duration,
+    /// For a fenced instance: time since it fenced itself.
+    pub since_fence: Duration,
 }
 
 /// The step the run loop takes next.
@@ -128,10 +149,29 @@ pub fn next_step(role: &Role, seen: &Observation, renew_deadline: Duration) -> S
                 Step::Stay
             }
         }
+        Role::Fenced {
+            reason: FenceReason::PostgresFailed,
+        } => {
+            // Our own released Lease reads as expired: wait for a replica to claim it, and take
+            // it back only when none did.
+            let claimed_by_another = seen.lease_holder.is_some() && !seen.lease_is_mine;
+            if seen.api_reachable
+                && (claimed_by_another || seen.since_fence >= UNCLAIMED_RELEASE_RETRY)
+            {
+                Step::Resolve
+            } else {
+                Step::Stay
+            }
+        }
         Role::Pending => Step::Resolve,
         Role::Primary => {
             if seen.api_reachable && !seen.lease_is_mine {
                 return Step::Demote;
+            }
+            if seen.postgres_failed_restarts >= FAILED_RESTARTS_BEFORE_FAILOVER
+                || seen.postgres_down_for >= POSTGRES_DOWN_BEFORE_FAILOVER
+            {
+                return Step::Fence(FenceReason::PostgresFailed);
             }
             if seen.since_renewal >= renew_deadline && !seen.peers_confirm_api_outage {
                 return Step::Fence(FenceReason::LostLease);
@@ -353,6 +393,58 @@ mod tests {
             next_step(&Role::Primary, &observation, DEADLINE),
             Step::Stay
         );
+    }
+
+    #[test]
+    fn a_primary_whose_postgres_cannot_restart_gives_the_role_up_until_another_claims_it() {
+        let holding = Observation {
+            lease_holder: Some("a".into()),
+            lease_is_mine: true,
+            ..seen()
+        };
+        let once = Observation {
+            postgres_failed_restarts: 1,
+            postgres_down_for: Duration::from_millis(600),
+            ..holding.clone()
+        };
+        assert_eq!(next_step(&Role::Primary, &once, DEADLINE), Step::Stay);
+        let failed = Observation {
+            postgres_failed_restarts: FAILED_RESTARTS_BEFORE_FAILOVER,
+            ..once.clone()
+        };
+        assert_eq!(
+            next_step(&Role::Primary, &failed, DEADLINE),
+            Step::Fence(FenceReason::PostgresFailed)
+        );
+        let hanging = Observation {
+            postgres_down_for: POSTGRES_DOWN_BEFORE_FAILOVER,
+            ..holding.clone()
+        };
+        assert_eq!(
+            next_step(&Role::Primary, &hanging, DEADLINE),
+            Step::Fence(FenceReason::PostgresFailed)
+        );
+
+        let fenced = Role::Fenced {
+            reason: FenceReason::PostgresFailed,
+        };
+        // Still ours (released, so it reads as expired): wait for a replica to claim it.
+        let released = Observation {
+            lease_expired: true,
+            since_fence: Duration::from_millis(300),
+            ..holding.clone()
+        };
+        assert_eq!(next_step(&fenced, &released, DEADLINE), Step::Stay);
+        let taken = Observation {
+            lease_holder: Some("b".into()),
+            ..seen()
+        };
+        assert_eq!(next_step(&fenced, &taken, DEADLINE), Step::Resolve);
+        let unclaimed = Observation {
+            since_fence: UNCLAIMED_RELEASE_RETRY,
+            ..released
+        };
+        assert_eq!(next_step(&fenced, &unclaimed, DEADLINE), Step::Resolve);
     }
 
     #[test]

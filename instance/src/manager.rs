@@ -95,6 +95,9 @@ pub async fn run(config: Config) -> Result<()> {
         not_streaming_since: None,
         rewound_while_stuck: false,
         included_config: None,
+        restarts_since_ready: 0,
+        postgres_down_since: None,
+        fenced_at: None,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -205,6 +208,12 @@ struct Manager {
     rewound_while_stuck: bool,
     /// Contents of the included configuration files (the operator's ConfigMap) last loaded.
     included_config: Option<Vec<Option<String>>>,
+    /// Restarts of PostgreSQL since it last accepted connections.
+    restarts_since_ready: u32,
+    /// Since when PostgreSQL has not accepted connections after it exited.
+    postgres_down_since: Option<Instant>,
+    /// When this instance fenced itself.
+    fenced_at: Option<Instant>,
 }
 
 impl Manager {
@@ -222,6 +231,10 @@ impl Manager {
         self.reload_on_config_change();
         self.supervise().await;
         self.local = self.query_local().await;
+        if self.local.is_some() {
+            self.restarts_since_ready = 0;
+            self.postgres_down_since = None;
+        }
 
         let since_renewal = self
             .last_renewal
@@ -240,6 +253,15 @@ impl Manager {
                 .annotation(contract::ANNOTATION_SWITCHOVER_TO)
                 .filter(|target| !target.is_empty()),
             replica_diverged: self.replica_diverged(now),
+            postgres_failed_restarts: self.restarts_since_ready.saturating_sub(1),
+            postgres_down_for: self
+                .postgres_down_since
+                .map(|since| now.saturating_duration_since(since))
+                .unwrap_or_default(),
+            since_fence: self
+                .fenced_at
+                .map(|at| now.saturating_duration_since(at))
+                .unwrap_or_default(),
         };
         if self.role == Role::Primary && since_renewal >= self.config.renew_deadline() {
             let confirmed_at = Instant::now();
@@ -478,6 +500,8 @@ impl Manager {
         }
         warn!(role = ?self.role, "postgres is not running; restarting it");
         self.restarts += 1;
+        self.restarts_since_ready += 1;
+        self.postgres_down_since.get_or_insert_with(Instant::now);
         self.roles_ensured = false;
         if let Err(error) = self.postgres.start(Duration::ZERO).await {
             debug!(%error, "postgres restart pending");
@@ -496,12 +520,21 @@ impl Manager {
             Step::Fence(reason) => {
                 let mode = match reason {
                     FenceReason::Requested => StopMode::Fast,
-                    FenceReason::LostLease => StopMode::Immediate,
+                    FenceReason::LostLease | FenceReason::PostgresFailed => StopMode::Immediate,
                 };
                 warn!(?reason, "fencing: stopping PostgreSQL");
                 self.postgres.stop(mode).await;
+                let was_primary = self.role == Role::Primary;
                 self.role = Role::Fenced { reason };
                 self.last_renewal = None;
+                self.fenced_at = Some(Instant::now());
+                if reason == FenceReason::PostgresFailed && was_primary {
+                    // PostgreSQL is stopped: no write can be accepted any more, so a replica may
+                    // take over now rather than after the Lease's duration.
+                    self.release_lease().await;
+                    self.restarts_since_ready = 0;
+                    self.postgres_down_since = None;
+                }
                 Ok(())
             }
             Step::Resolve => {
@@ -725,9 +758,10 @@ impl Manager {
         Ok(())
     }
 
-    /// After a clean shutdown of the primary (no more writes): shortens the Lease to one second,
-    /// so a replica takes over at once instead of after a whole Lease duration. The holder stays
-    /// named, so that the candidates know whose synchronous standbys to consult.
+    /// After PostgreSQL stopped on the primary (no more writes): marks the Lease released (and
+    /// shortens it to one second for instances that do not know the mark), so a replica takes over
+    /// at once instead of after a whole Lease duration. The holder stays named, so that the
+    /// candidates know whose synchronous standbys to consult.
     async fn release_lease(&mut self) {
         if self.lease.holder().as_deref() != Some(self.me()) {
             return;
@@ -742,8 +776,18 @@ impl Manager {
         if let Some(spec) = released.spec.as_mut() {
             spec.lease_duration_seconds = Some(1);
         }
+        lease::annotate(
+            &mut released,
+            &[(
+                contract::ANNOTATION_RELEASED_BY,
+                Some(self.me().to_string()),
+            )],
+        );
         match self.cluster.replace_lease(&released).await {
-            Ok(_) => info!("Lease released (shortened to 1 s) after a clean shutdown"),
+            Ok(written) => {
+                self.lease.observe(Some(written), Instant::now());
+                info!("Lease released with PostgreSQL stopped")
+            }
             Err(error) => {
                 warn!(%error, "releasing the Lease failed; replicas take over when it expires")
             }
@@ -1215,8 +1259,17 @@ impl Manager {
         status.last_error = self.last_error.clone();
         status.restart_token = self.restart_token.clone().filter(|token| !token.is_empty());
         status.data_disk_available_bytes = self.postgres.available_bytes();
-        if self.role == Role::Primary {
+        let gave_up = Role::Fenced {
+            reason: FenceReason::PostgresFailed,
+        };
+        if self.role == Role::Primary || self.role == gave_up {
+            // Candidates read the synchronous set of the primary they replace.
             status.synchronous_standbys = self.synchronous_set.clone();
+            if self.role == gave_up {
+                status.last_error.get_or_insert_with(|| {
+                    "PostgreSQL exited and failed to restart: Lease released to a replica".into()
+                });
+            }
             status.synchronous_number = self.config.synchronous_standbys;
         }
         self.shared.set_status(status.clone());

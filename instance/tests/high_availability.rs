@@ -696,3 +696,95 @@ async fn a_changed_included_configuration_is_reloaded_without_a_restart() {
         .get(0);
     assert_eq!(started, still, "a reload, not a restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_postgres_cannot_restart_releases_its_lease_at_once() {
+    let cluster = TestCluster::start("crash", 3, 1).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(2, STARTUP)
+        .await
+        .unwrap();
+    let old_primary = cluster.instances[primary].name.clone();
+    cluster
+        .connect(primary)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    eventually("both replicas are synchronous standbys", STARTUP, || {
+        let cluster = &cluster;
+        async move {
+            cluster.status(primary).await.is_some_and(|status| {
+                status.synchronous_standbys.len() == 2 && status.streaming_replicas.len() == 2
+            })
+        }
+    })
+    .await
+    .unwrap();
+
+    // A configuration PostgreSQL cannot start with (a reload only logs it), then kill -9 of the
+    // postmaster while a writer commits: PostgreSQL dies and cannot come back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_until_failure(
+        cluster.connect(primary).await.unwrap(),
+        1,
+        stop.clone(),
+        progress.clone(),
+    ));
+    wait_for_progress(&progress, 20).await;
+    std::fs::write(
+        cluster.instances[primary].included_config(),
+        "shared_buffers = 'not a size'\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let postmaster = cluster.instances[primary].postmaster_pid().unwrap();
+    let killed_at = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let acknowledged = writer.await.unwrap();
+
+    // Without the release the instance manager would keep renewing the Lease of a dead server.
+    let new_primary = cluster
+        .wait_for_new_primary(&old_primary, FAILOVER)
+        .await
+        .unwrap();
+    let failover = killed_at.elapsed();
+    assert!(
+        failover < Duration::from_secs(support::LEASE_DURATION_SECONDS),
+        "the Lease was released, not left to expire: {failover:?}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        count_present(&cluster, new_primary, &acknowledged)
+            .await
+            .unwrap(),
+        acknowledged.len() as i64,
+        "every acknowledged synchronous commit survives"
+    );
+    let status = cluster.status(primary).await.unwrap();
+    assert!(status.fenced, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("failed to restart")),
+        "the status says why: {status:?}"
+    );
+
+    // Once PostgreSQL can start again the old primary rejoins as a replica.
+    std::fs::write(cluster.instances[primary].included_config(), "").unwrap();
+    let status = cluster
+        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert!(
+        matches!(status.last_join.as_deref(), Some("rewind" | "reclone")),
+        "{status:?}"
+    );
+}
