@@ -90,6 +90,9 @@ pub struct Observation {
     pub postgres_down_for: Duration,
     /// For a fenced instance: time since it fenced itself.
     pub since_fence: Duration,
+    /// For a replica: the primary it follows now has another address (its pod came back with
+    /// another IP) than the one in `primary_conninfo`.
+    pub upstream_moved: bool,
 }
 
 /// The step the run loop takes next.
@@ -199,7 +202,7 @@ pub fn next_step(role: &Role, seen: &Observation, renew_deadline: Duration) -> S
                     Step::Rewind(holder.clone())
                 }
                 Some(holder) if !seen.lease_expired => {
-                    if upstream.as_deref() == Some(holder.as_str()) {
+                    if upstream.as_deref() == Some(holder.as_str()) && !seen.upstream_moved {
                         Step::Stay
                     } else {
                         Step::Follow(holder.clone())
@@ -498,6 +501,14 @@ mod tests {
         assert_eq!(
             next_step(&replica, &moved, DEADLINE),
             Step::Follow("c".into())
+        );
+        let readdressed = Observation {
+            upstream_moved: true,
+            ..following.clone()
+        };
+        assert_eq!(
+            next_step(&replica, &readdressed, DEADLINE),
+            Step::Follow("a".into())
         );
         let expired = Observation {
             lease_expired: true,

@@ -98,6 +98,7 @@ pub async fn run(config: Config) -> Result<()> {
         restarts_since_ready: 0,
         postgres_down_since: None,
         fenced_at: None,
+        followed: None,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -214,6 +215,8 @@ struct Manager {
     postgres_down_since: Option<Instant>,
     /// When this instance fenced itself.
     fenced_at: Option<Instant>,
+    /// Address of the primary written in `primary_conninfo` (replica).
+    followed: Option<Upstream>,
 }
 
 impl Manager {
@@ -262,6 +265,7 @@ impl Manager {
                 .fenced_at
                 .map(|at| now.saturating_duration_since(at))
                 .unwrap_or_default(),
+            upstream_moved: self.upstream_moved(),
         };
         if self.role == Role::Primary && since_renewal >= self.config.renew_deadline() {
             let confirmed_at = Instant::now();
@@ -318,6 +322,22 @@ impl Manager {
         }
         let since = *self.not_streaming_since.get_or_insert(now);
         now.duration_since(since) >= STUCK_REPLICA
+    }
+
+    /// Whether the primary this replica follows now has another address than the one it streams
+    /// from (its pod came back with another IP).
+    fn upstream_moved(&self) -> bool {
+        let (
+            Role::Replica {
+                upstream: Some(name),
+            },
+            Some(followed),
+        ) = (&self.role, &self.followed)
+        else {
+            return false;
+        };
+        self.upstream_of(name)
+            .is_ok_and(|current| current != *followed)
     }
 
     /// How long after the start of a renewal a primary may keep accepting writes when the run
@@ -547,6 +567,7 @@ impl Manager {
             }
             Step::Follow(holder) => {
                 let upstream = self.upstream_of(&holder)?;
+                self.followed = Some(upstream.clone());
                 self.postgres.write_config(
                     &ManagedSettings {
                         upstream: Some(upstream),
@@ -556,7 +577,7 @@ impl Manager {
                     &self.replication.username,
                 )?;
                 self.postgres.signal(Signal::SIGHUP);
-                info!(primary = %holder, "following the primary");
+                info!(primary = %holder, address = ?self.followed, "following the primary");
                 self.not_streaming_since = None;
                 self.role = Role::Replica {
                     upstream: Some(holder),
@@ -579,7 +600,8 @@ impl Manager {
                     .await;
                 self.not_streaming_since = None;
                 if self.rewound_while_stuck {
-                    self.reclone(&upstream).await?;
+                    let why = format!("still not streaming {STUCK_REPLICA:?} after pg_rewind");
+                    self.reclone(&upstream, &why).await?;
                     self.rewound_while_stuck = false;
                 } else {
                     self.rejoin(&upstream).await?;
@@ -686,14 +708,21 @@ impl Manager {
             }
             Err(error) => {
                 warn!(%error, "pg_rewind failed; cloning the primary again");
-                self.reclone(upstream).await?;
+                self.reclone(upstream, &format!("pg_rewind failed: {error}"))
+                    .await?;
             }
         }
         Ok(())
     }
 
-    /// Replaces the data directory with a new clone of the primary at `upstream`.
-    async fn reclone(&mut self, upstream: &Upstream) -> Result<()> {
+    /// Replaces the data directory with a new clone of the primary at `upstream`, and says so
+    /// (`lastJoin: reclone` in the status, a `Recloned` event on the pod with `why`).
+    async fn reclone(&mut self, upstream: &Upstream, why: &str) -> Result<()> {
+        let note = format!("data directory replaced by a new clone of the primary: {why}");
+        let note: String = note.chars().take(1000).collect();
+        if let Err(error) = self.cluster.warning_event("Recloned", note).await {
+            debug!(%error, "recording the reclone event failed");
+        }
         let marker = self.config.run_dir().join("clone-incomplete");
         std::fs::write(&marker, b"").map_err(Error::io("writing the clone marker"))?;
         self.postgres
@@ -728,6 +757,7 @@ impl Manager {
     }
 
     async fn start_replica(&mut self, upstream: Option<Upstream>) -> Result<()> {
+        self.followed = upstream.clone();
         let settings = ManagedSettings {
             upstream,
             synchronous_standby_names: String::new(),
@@ -1021,6 +1051,7 @@ impl Manager {
             true,
             &self.replication.username,
         )?;
+        self.followed = Some(upstream);
         let mut handed = lease::claimed(
             self.lease.lease(),
             &self.cluster.lease_name(),

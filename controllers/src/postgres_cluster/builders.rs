@@ -200,6 +200,8 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 Some(pod_names(cluster)),
             ),
             rule("", &["secrets"], &["get"], Some(secrets)),
+            // Events on its own pod (a re-clone it decided alone, for example).
+            rule("events.k8s.io", &["events"], &["create", "patch"], None),
             rule(
                 "",
                 &["configmaps"],
@@ -1007,6 +1009,9 @@ mod tests {
             secrets.resource_names.clone().unwrap(),
             ["db-superuser", "db-replication", "db-app"]
         );
+        assert!(rules.iter().any(|r| {
+            r.resources.as_ref().unwrap()[0] == "events" && r.verbs.contains(&"create".to_string())
+        }));
         for rule in &rules {
             assert!(!rule.verbs.contains(&"delete".to_string()));
             assert!(!rule.verbs.contains(&"*".to_string()));

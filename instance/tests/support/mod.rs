@@ -232,7 +232,8 @@ impl TestCluster {
             .arg(format!("--cluster={name}"))
             .arg(format!("--pgdata={}", instance.pgdata().display()))
             .arg(format!("--pg-bin={}", testbed::paths::pg_bin().display()))
-            .arg("--listen-address=127.0.0.1")
+            // Two loopback addresses, so that a test can move a pod to the second one.
+            .arg("--listen-address=127.0.0.1,127.0.0.2")
             .arg(format!("--port={}", instance.pg_port))
             .arg(format!("--http-address=127.0.0.1:{}", instance.http_port))
             .arg(format!("--kubeconfig={}", instance.kubeconfig.display()))
@@ -364,6 +365,19 @@ impl TestCluster {
             &self.instances[index].name,
             &PatchParams::default(),
             &Patch::Merge(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets `status.podIP` of instance `index` (its pod came back with another IP).
+    pub async fn set_pod_ip(&self, index: usize, ip: &str) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let status = serde_json::json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}});
+        pods.patch_status(
+            &self.instances[index].name,
+            &PatchParams::default(),
+            &Patch::Merge(&status),
         )
         .await?;
         Ok(())
