@@ -66,6 +66,9 @@ pub struct Config {
     /// Largest time a switchover may take before it is abandoned, in seconds.
     #[arg(long, env = "SWITCHOVER_TIMEOUT_SECONDS", default_value_t = 60)]
     pub switchover_timeout_seconds: u64,
+    /// Extra wait after the Lease expired before a replica runs for primary, in seconds.
+    #[arg(long, env = "FAILOVER_DELAY_SECONDS", default_value_t = 0)]
+    pub failover_delay_seconds: u64,
     /// Period of the control loop, in milliseconds.
     #[arg(long, env = "TICK_MILLIS", default_value_t = 250)]
     pub tick_millis: u64,
@@ -86,6 +89,11 @@ impl Config {
     /// Renew deadline.
     pub fn renew_deadline(&self) -> Duration {
         Duration::from_secs(self.renew_deadline_seconds)
+    }
+
+    /// Extra wait after the Lease expired before a replica runs for primary.
+    pub fn failover_delay(&self) -> Duration {
+        Duration::from_secs(self.failover_delay_seconds)
     }
 
     /// Control loop period.

@@ -112,6 +112,22 @@ impl LeaseTracker {
     }
 }
 
+impl LeaseTracker {
+    /// Whether the Lease has been expired for at least `delay` (`spec.failover.failoverDelaySeconds`:
+    /// counted from the moment it expired; for a released Lease or one without holder, from the
+    /// moment that was seen).
+    pub fn expired_for(&self, now: Instant, default_duration: Duration, delay: Duration) -> bool {
+        if delay.is_zero() {
+            return self.expired(now, default_duration);
+        }
+        let Some(earlier) = now.checked_sub(delay) else {
+            return false;
+        };
+        self.changed_at.is_some_and(|changed| earlier >= changed)
+            && self.expired(earlier, default_duration)
+    }
+}
+
 /// The Lease with `holder` as holder, renewed now: a new one (from `current` = `None`) or an
 /// update of `current` keeping its `resourceVersion` (optimistic concurrency). A claim is never a
 /// release: the released mark goes.
@@ -202,6 +218,30 @@ mod tests {
             tracker.annotation(api::contract::ANNOTATION_RELEASED_BY),
             None
         );
+    }
+
+    #[test]
+    fn a_failover_delay_counts_from_the_expiry() {
+        let start = Instant::now();
+        let duration = Duration::from_secs(4);
+        let delay = Duration::from_secs(3);
+        let mut tracker = LeaseTracker::default();
+        tracker.observe(
+            Some(claimed(None, "c-primary", "ns", Some("a"), duration)),
+            start,
+        );
+        assert!(tracker.expired(start + Duration::from_secs(4), duration));
+        assert!(!tracker.expired_for(start + Duration::from_secs(6), duration, delay));
+        assert!(tracker.expired_for(start + Duration::from_secs(7), duration, delay));
+        let mut released = claimed(None, "c-primary", "ns", Some("b"), duration);
+        annotate(
+            &mut released,
+            &[(api::contract::ANNOTATION_RELEASED_BY, Some("b".into()))],
+        );
+        tracker.observe(Some(released), start + Duration::from_secs(10));
+        assert!(!tracker.expired_for(start + Duration::from_secs(12), duration, delay));
+        assert!(tracker.expired_for(start + Duration::from_secs(13), duration, delay));
+        assert!(tracker.expired_for(start + Duration::from_secs(13), duration, Duration::ZERO));
     }
 
     #[test]

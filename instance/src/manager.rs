@@ -247,7 +247,11 @@ impl Manager {
             fence_requested: self.fence_requested,
             lease_holder: self.lease.holder(),
             lease_is_mine: self.lease.holder().as_deref() == Some(self.me()),
-            lease_expired: self.lease.expired(now, self.config.lease_duration()),
+            lease_expired: self.lease.expired_for(
+                now,
+                self.config.lease_duration(),
+                self.config.failover_delay(),
+            ),
             api_reachable: self.api_reachable,
             since_renewal,
             peers_confirm_api_outage: false,

@@ -556,6 +556,10 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             spec.failover.switchover_timeout_seconds.to_string(),
         ),
         value_env(
+            "FAILOVER_DELAY_SECONDS",
+            spec.failover.failover_delay_seconds.to_string(),
+        ),
+        value_env(
             "SYNCHRONOUS_STANDBYS",
             spec.replication
                 .as_ref()
@@ -1016,6 +1020,28 @@ mod tests {
             assert!(!rule.verbs.contains(&"delete".to_string()));
             assert!(!rule.verbs.contains(&"*".to_string()));
         }
+    }
+
+    #[test]
+    fn failover_timings_reach_the_instance_manager() {
+        let mut cluster = cluster(3);
+        cluster.spec.failover.failover_delay_seconds = 7;
+        cluster.spec.failover.lease_duration_seconds = 9;
+        let set = stateful_set(&cluster, &resolved());
+        let pod = set.spec.unwrap().template.spec.unwrap();
+        let env = pod
+            .containers
+            .iter()
+            .find(|container| container.name == "postgres")
+            .and_then(|container| container.env.clone())
+            .unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|var| var.name == name)
+                .and_then(|var| var.value.clone())
+        };
+        assert_eq!(value("FAILOVER_DELAY_SECONDS").as_deref(), Some("7"));
+        assert_eq!(value("LEASE_DURATION_SECONDS").as_deref(), Some("9"));
     }
 
     #[test]
