@@ -66,6 +66,15 @@ pub struct Config {
     /// Largest time a switchover may take before it is abandoned, in seconds.
     #[arg(long, env = "SWITCHOVER_TIMEOUT_SECONDS", default_value_t = 60)]
     pub switchover_timeout_seconds: u64,
+    /// Encoding of a new cluster (initdb `-E`; `bootstrap.initdb.encoding`).
+    #[arg(long, env = "INITDB_ENCODING", default_value = "UTF8")]
+    pub initdb_encoding: String,
+    /// Locale of a new cluster (initdb `--locale`; `bootstrap.initdb.locale`).
+    #[arg(long, env = "INITDB_LOCALE", default_value = "C")]
+    pub initdb_locale: String,
+    /// Data page checksums in a new cluster (`bootstrap.initdb.dataChecksums`).
+    #[arg(long, env = "INITDB_DATA_CHECKSUMS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub initdb_data_checksums: bool,
     /// Extra wait after the Lease expired before a replica runs for primary, in seconds.
     #[arg(long, env = "FAILOVER_DELAY_SECONDS", default_value_t = 0)]
     pub failover_delay_seconds: u64,

@@ -527,6 +527,11 @@ fn default_affinity(cluster_name: &str) -> Affinity {
 pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTemplateSpec {
     let name = name_of(cluster);
     let spec = &cluster.spec;
+    let initdb = spec
+        .bootstrap
+        .as_ref()
+        .and_then(|bootstrap| bootstrap.initdb.clone())
+        .unwrap_or_default();
     let manager_path = format!("{}/pg-instance", contract::INSTANCE_MANAGER_MOUNT_PATH);
     let mut env = vec![
         field_env(contract::env::POD_NAME, "metadata.name"),
@@ -559,6 +564,9 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             "FAILOVER_DELAY_SECONDS",
             spec.failover.failover_delay_seconds.to_string(),
         ),
+        value_env("INITDB_ENCODING", initdb.encoding.clone()),
+        value_env("INITDB_LOCALE", initdb.locale.clone()),
+        value_env("INITDB_DATA_CHECKSUMS", initdb.data_checksums.to_string()),
         value_env(
             "SYNCHRONOUS_STANDBYS",
             spec.replication
@@ -1042,6 +1050,41 @@ mod tests {
         };
         assert_eq!(value("FAILOVER_DELAY_SECONDS").as_deref(), Some("7"));
         assert_eq!(value("LEASE_DURATION_SECONDS").as_deref(), Some("9"));
+    }
+
+    #[test]
+    fn initdb_options_reach_the_instance_manager() {
+        let mut cluster = cluster(1);
+        let env_of = |cluster: &PostgresCluster| {
+            let set = stateful_set(cluster, &resolved());
+            let pod = set.spec.unwrap().template.spec.unwrap();
+            pod.containers
+                .iter()
+                .find(|container| container.name == "postgres")
+                .and_then(|container| container.env.clone())
+                .unwrap()
+                .into_iter()
+                .filter(|var| var.name.starts_with("INITDB_"))
+                .map(|var| (var.name, var.value.unwrap_or_default()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let defaults = env_of(&cluster);
+        assert_eq!(defaults["INITDB_ENCODING"], "UTF8");
+        assert_eq!(defaults["INITDB_LOCALE"], "C");
+        assert_eq!(defaults["INITDB_DATA_CHECKSUMS"], "true");
+        cluster.spec.bootstrap = Some(api::postgres_cluster::BootstrapSpec {
+            initdb: Some(api::postgres_cluster::InitdbBootstrap {
+                encoding: "LATIN1".into(),
+                locale: "en_US".into(),
+                data_checksums: false,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let chosen = env_of(&cluster);
+        assert_eq!(chosen["INITDB_ENCODING"], "LATIN1");
+        assert_eq!(chosen["INITDB_LOCALE"], "en_US");
+        assert_eq!(chosen["INITDB_DATA_CHECKSUMS"], "false");
     }
 
     #[test]
