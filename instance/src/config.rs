@@ -75,6 +75,12 @@ pub struct Config {
     /// Data page checksums in a new cluster (`bootstrap.initdb.dataChecksums`).
     #[arg(long, env = "INITDB_DATA_CHECKSUMS", default_value_t = true, action = clap::ArgAction::Set)]
     pub initdb_data_checksums: bool,
+    /// `any` (quorum, `ANY n`) or `first` (priority, `FIRST n`).
+    #[arg(long, env = "SYNCHRONOUS_METHOD", default_value = "any", value_parser = ["any", "first"])]
+    pub synchronous_method: String,
+    /// `required` (writes wait for the standbys) or `preferred` (only streaming standbys count).
+    #[arg(long, env = "SYNCHRONOUS_DURABILITY", default_value = "required", value_parser = ["required", "preferred"])]
+    pub synchronous_durability: String,
     /// Extra wait after the Lease expired before a replica runs for primary, in seconds.
     #[arg(long, env = "FAILOVER_DELAY_SECONDS", default_value_t = 0)]
     pub failover_delay_seconds: u64,
@@ -103,6 +109,15 @@ impl Config {
     /// Extra wait after the Lease expired before a replica runs for primary.
     pub fn failover_delay(&self) -> Duration {
         Duration::from_secs(self.failover_delay_seconds)
+    }
+
+    /// How commits wait for standbys.
+    pub fn sync_policy(&self) -> crate::decision::SyncPolicy {
+        crate::decision::SyncPolicy {
+            number: self.synchronous_standbys,
+            first: self.synchronous_method == "first",
+            preferred: self.synchronous_durability == "preferred",
+        }
     }
 
     /// Control loop period.

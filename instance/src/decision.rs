@@ -214,10 +214,36 @@ pub fn next_step(role: &Role, seen: &Observation, renew_deadline: Duration) -> S
     }
 }
 
+/// How commits wait for standbys (`spec.replication.synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncPolicy {
+    /// Standbys that confirm each commit; 0 for asynchronous replication.
+    pub number: u32,
+    /// `FIRST n` (priority) instead of `ANY n` (quorum). Either way each acknowledged commit is on
+    /// `n` members of the set, which is all the candidacy rule relies on.
+    pub first: bool,
+    /// Availability wins: only the replicas that stream now are in the set, so writes go on
+    /// (asynchronously when none streams); a failover may then lose acknowledged commits.
+    pub preferred: bool,
+}
+
 /// `synchronous_standby_names` for `number` synchronous standbys among `standbys` (pod names):
 /// `ANY n (...)` with `n` capped at the set's size, or empty (asynchronous) when `number` is 0 or
 /// the set is empty.
 pub fn synchronous_standby_names(standbys: &[String], number: u32) -> String {
+    standby_names(
+        standbys,
+        SyncPolicy {
+            number,
+            ..SyncPolicy::default()
+        },
+    )
+}
+
+/// `synchronous_standby_names` under `policy`: `ANY n (...)` or `FIRST n (...)`, `n` capped at
+/// the set's size; empty (asynchronous) when the number is 0 or the set is empty.
+pub fn standby_names(standbys: &[String], policy: SyncPolicy) -> String {
+    let number = policy.number;
     if number == 0 || standbys.is_empty() {
         return String::new();
     }
@@ -232,7 +258,24 @@ pub fn synchronous_standby_names(standbys: &[String], number: u32) -> String {
         .iter()
         .map(|name| crate::quote::identifier(name))
         .collect();
-    format!("ANY {number} ({})", quoted.join(", "))
+    let method = if policy.first { "FIRST" } else { "ANY" };
+    format!("{method} {number} ({})", quoted.join(", "))
+}
+
+/// The next synchronous set under `policy`: [`next_synchronous_set`] when durability is required;
+/// only the replicas that stream now when it is preferred.
+pub fn next_synchronous_set_for(
+    previous: &[String],
+    streaming: &[String],
+    existing_pods: &[String],
+    me: &str,
+    policy: SyncPolicy,
+) -> Vec<String> {
+    if policy.preferred {
+        next_synchronous_set(&[], streaming, existing_pods, me)
+    } else {
+        next_synchronous_set(previous, streaming, existing_pods, me)
+    }
 }
 
 /// The next synchronous set of a primary: it only grows while its members exist (a replica that
@@ -544,6 +587,30 @@ mod tests {
         assert!(set.is_empty());
         let set = next_synchronous_set(&["a".into(), "c".into()], &[], &pods, "b");
         assert_eq!(set, vec!["a".to_string(), "c".to_string()]);
+    }
+
+    #[test]
+    fn priority_and_preferred_policies() {
+        let first = SyncPolicy {
+            number: 1,
+            first: true,
+            preferred: false,
+        };
+        assert_eq!(
+            standby_names(&["b".into(), "c".into()], first),
+            "FIRST 1 (\"b\", \"c\")"
+        );
+        let pods: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+        let previous: Vec<String> = vec!["b".into(), "c".into()];
+        let required = next_synchronous_set_for(&previous, &["c".into()], &pods, "a", first);
+        assert_eq!(required, previous, "a standby that is down stays");
+        let preferred = SyncPolicy {
+            preferred: true,
+            ..first
+        };
+        let set = next_synchronous_set_for(&previous, &["c".into()], &pods, "a", preferred);
+        assert_eq!(set, vec!["c".to_string()], "only what streams");
+        assert!(next_synchronous_set_for(&previous, &[], &pods, "a", preferred).is_empty());
     }
 
     #[test]

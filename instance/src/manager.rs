@@ -740,9 +740,9 @@ impl Manager {
     async fn start_primary(&mut self) -> Result<()> {
         let settings = ManagedSettings {
             upstream: None,
-            synchronous_standby_names: decision::synchronous_standby_names(
+            synchronous_standby_names: decision::standby_names(
                 &self.synchronous_set,
-                self.config.synchronous_standbys,
+                self.config.sync_policy(),
             ),
         };
         self.postgres
@@ -958,9 +958,9 @@ impl Manager {
             decision::next_synchronous_set(&inherited_set, &[], &pods, self.me());
         let settings = ManagedSettings {
             upstream: None,
-            synchronous_standby_names: decision::synchronous_standby_names(
+            synchronous_standby_names: decision::standby_names(
                 &self.synchronous_set,
-                self.config.synchronous_standbys,
+                self.config.sync_policy(),
             ),
         };
         // synchronous_standby_names is in place before the first write is accepted.
@@ -1163,10 +1163,15 @@ impl Manager {
                 .filter(|pod| streaming_apps.contains(&quote::slot_name(pod)))
                 .cloned()
                 .collect();
-            let next =
-                decision::next_synchronous_set(&self.synchronous_set, &streaming, &pods, self.me());
-            let names =
-                decision::synchronous_standby_names(&next, self.config.synchronous_standbys);
+            let policy = self.config.sync_policy();
+            let next = decision::next_synchronous_set_for(
+                &self.synchronous_set,
+                &streaming,
+                &pods,
+                self.me(),
+                policy,
+            );
+            let names = decision::standby_names(&next, policy);
             let current: String = client
                 .query_one("SELECT current_setting('synchronous_standby_names')", &[])
                 .await

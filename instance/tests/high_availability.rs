@@ -986,3 +986,59 @@ async fn a_replica_cut_off_from_the_primary_is_not_elected() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_durability_keeps_writing_when_the_standbys_are_gone() {
+    let mut cluster = TestCluster::start_with(
+        "pref",
+        2,
+        1,
+        &[
+            "--synchronous-method=first",
+            "--synchronous-durability=preferred",
+        ],
+    )
+    .await
+    .unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(1, STARTUP)
+        .await
+        .unwrap();
+    let replica = 1 - primary;
+    let client = cluster.connect(primary).await.unwrap();
+    let replica_name = cluster.instances[replica].name.replace('-', "_");
+    eventually("FIRST 1 over the streaming replica", STARTUP, || {
+        let client = &client;
+        let expected = format!("FIRST 1 (\"{replica_name}\")");
+        async move {
+            client
+                .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, String>(0) == expected)
+        }
+    })
+    .await
+    .unwrap();
+    client
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    // The only standby goes away: with durability required commits would wait for it forever.
+    cluster.stop_instance(replica);
+    let insert = client.execute("INSERT INTO acked (id) VALUES (1)", &[]);
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_secs(20), insert).await,
+            Ok(Ok(1))
+        ),
+        "a commit goes through once the standby is gone\n{}",
+        cluster.logs()
+    );
+    let names: String = client
+        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(names, "", "asynchronous while no standby streams");
+}

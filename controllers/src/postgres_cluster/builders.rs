@@ -532,6 +532,15 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
         .as_ref()
         .and_then(|bootstrap| bootstrap.initdb.clone())
         .unwrap_or_default();
+    let synchronous = spec
+        .replication
+        .as_ref()
+        .and_then(|replication| replication.synchronous.clone())
+        .unwrap_or(api::postgres_cluster::SynchronousReplication {
+            method: Default::default(),
+            number: 0,
+            data_durability: Default::default(),
+        });
     let manager_path = format!("{}/pg-instance", contract::INSTANCE_MANAGER_MOUNT_PATH);
     let mut env = vec![
         field_env(contract::env::POD_NAME, "metadata.name"),
@@ -563,6 +572,22 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
         value_env(
             "FAILOVER_DELAY_SECONDS",
             spec.failover.failover_delay_seconds.to_string(),
+        ),
+        value_env(
+            "SYNCHRONOUS_METHOD",
+            match synchronous.method {
+                api::postgres_cluster::SynchronousMethod::Any => "any",
+                api::postgres_cluster::SynchronousMethod::First => "first",
+            }
+            .to_string(),
+        ),
+        value_env(
+            "SYNCHRONOUS_DURABILITY",
+            match synchronous.data_durability {
+                api::postgres_cluster::DataDurability::Required => "required",
+                api::postgres_cluster::DataDurability::Preferred => "preferred",
+            }
+            .to_string(),
         ),
         value_env("INITDB_ENCODING", initdb.encoding.clone()),
         value_env("INITDB_LOCALE", initdb.locale.clone()),
@@ -1172,6 +1197,35 @@ mod tests {
             .find(|e| e.name == "SYNCHRONOUS_STANDBYS")
             .unwrap();
         assert_eq!(standbys.value.as_deref(), Some("1"));
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+                .unwrap()
+        };
+        assert_eq!(value("SYNCHRONOUS_METHOD"), "any");
+        assert_eq!(value("SYNCHRONOUS_DURABILITY"), "required");
+        cluster.spec.replication = Some(ReplicationSpec {
+            synchronous: Some(SynchronousReplication {
+                method: SynchronousMethod::First,
+                number: 1,
+                data_durability: api::postgres_cluster::DataDurability::Preferred,
+            }),
+            max_lag_bytes: 0,
+        });
+        let sts = stateful_set(&cluster, &resolved());
+        let env = sts.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+                .unwrap()
+        };
+        assert_eq!(value("SYNCHRONOUS_METHOD"), "first");
+        assert_eq!(value("SYNCHRONOUS_DURABILITY"), "preferred");
         assert_eq!(
             container.args.clone().unwrap(),
             [

@@ -83,6 +83,8 @@ pub struct TestCluster {
     pub instances: Vec<Instance>,
     pub client: kube::Client,
     synchronous: u32,
+    /// Extra `pg-instance` flags of every instance.
+    extra_args: Vec<String>,
     // Dropped after the instances (their processes stop first).
     dir: tempfile::TempDir,
     pub api: ApiServer,
@@ -115,6 +117,16 @@ fn tail(text: &str, lines: usize) -> String {
 impl TestCluster {
     /// API server, Secrets, `count` pods, and one running `pg-instance` per pod.
     pub async fn start(name: &str, count: usize, synchronous: u32) -> anyhow::Result<Self> {
+        Self::start_with(name, count, synchronous, &[]).await
+    }
+
+    /// As [`TestCluster::start`], with extra `pg-instance` flags for every instance.
+    pub async fn start_with(
+        name: &str,
+        count: usize,
+        synchronous: u32,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let api = ApiServer::start().await?;
         let client = api.client().await?;
         let namespace = "default".to_string();
@@ -207,6 +219,7 @@ impl TestCluster {
             instances,
             client,
             synchronous,
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             dir,
             api,
         };
@@ -252,6 +265,7 @@ impl TestCluster {
                 instance.included_config().display()
             ))
             .arg("--log-level=info,instance=debug")
+            .args(&self.extra_args)
             .env_remove("PGDATA")
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
