@@ -66,6 +66,24 @@ pub struct Config {
     /// Largest time a switchover may take before it is abandoned, in seconds.
     #[arg(long, env = "SWITCHOVER_TIMEOUT_SECONDS", default_value_t = 60)]
     pub switchover_timeout_seconds: u64,
+    /// Encoding of a new cluster (initdb `-E`; `bootstrap.initdb.encoding`).
+    #[arg(long, env = "INITDB_ENCODING", default_value = "UTF8")]
+    pub initdb_encoding: String,
+    /// Locale of a new cluster (initdb `--locale`; `bootstrap.initdb.locale`).
+    #[arg(long, env = "INITDB_LOCALE", default_value = "C")]
+    pub initdb_locale: String,
+    /// Data page checksums in a new cluster (`bootstrap.initdb.dataChecksums`).
+    #[arg(long, env = "INITDB_DATA_CHECKSUMS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub initdb_data_checksums: bool,
+    /// `any` (quorum, `ANY n`) or `first` (priority, `FIRST n`).
+    #[arg(long, env = "SYNCHRONOUS_METHOD", default_value = "any", value_parser = ["any", "first"])]
+    pub synchronous_method: String,
+    /// `required` (writes wait for the standbys) or `preferred` (only streaming standbys count).
+    #[arg(long, env = "SYNCHRONOUS_DURABILITY", default_value = "required", value_parser = ["required", "preferred"])]
+    pub synchronous_durability: String,
+    /// Extra wait after the Lease expired before a replica runs for primary, in seconds.
+    #[arg(long, env = "FAILOVER_DELAY_SECONDS", default_value_t = 0)]
+    pub failover_delay_seconds: u64,
     /// Period of the control loop, in milliseconds.
     #[arg(long, env = "TICK_MILLIS", default_value_t = 250)]
     pub tick_millis: u64,
@@ -100,6 +118,20 @@ impl Config {
     /// Renew deadline.
     pub fn renew_deadline(&self) -> Duration {
         Duration::from_secs(self.renew_deadline_seconds)
+    }
+
+    /// Extra wait after the Lease expired before a replica runs for primary.
+    pub fn failover_delay(&self) -> Duration {
+        Duration::from_secs(self.failover_delay_seconds)
+    }
+
+    /// How commits wait for standbys.
+    pub fn sync_policy(&self) -> crate::decision::SyncPolicy {
+        crate::decision::SyncPolicy {
+            number: self.synchronous_standbys,
+            first: self.synchronous_method == "first",
+            preferred: self.synchronous_durability == "preferred",
+        }
     }
 
     /// Control loop period.

@@ -114,6 +114,10 @@ pub async fn run(config: Config) -> Result<()> {
         included_config: None,
         declarative_primary,
         backup,
+        restarts_since_ready: 0,
+        postgres_down_since: None,
+        fenced_at: None,
+        followed: None,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -262,6 +266,14 @@ struct Manager {
     declarative_primary: tokio::sync::watch::Sender<bool>,
     /// Backups (archiving, base backups, recovery), when configured.
     backup: Option<Arc<BackupService>>,
+    /// Restarts of PostgreSQL since it last accepted connections.
+    restarts_since_ready: u32,
+    /// Since when PostgreSQL has not accepted connections after it exited.
+    postgres_down_since: Option<Instant>,
+    /// When this instance fenced itself.
+    fenced_at: Option<Instant>,
+    /// Address of the primary written in `primary_conninfo` (replica).
+    followed: Option<Upstream>,
 }
 
 impl Manager {
@@ -279,6 +291,10 @@ impl Manager {
         self.reload_on_config_change();
         self.supervise().await;
         self.local = self.query_local().await;
+        if self.local.is_some() {
+            self.restarts_since_ready = 0;
+            self.postgres_down_since = None;
+        }
 
         let since_renewal = self
             .last_renewal
@@ -288,7 +304,11 @@ impl Manager {
             fence_requested: self.fence_requested,
             lease_holder: self.lease.holder(),
             lease_is_mine: self.lease.holder().as_deref() == Some(self.me()),
-            lease_expired: self.lease.expired(now, self.config.lease_duration()),
+            lease_expired: self.lease.expired_for(
+                now,
+                self.config.lease_duration(),
+                self.config.failover_delay(),
+            ),
             api_reachable: self.api_reachable,
             since_renewal,
             peers_confirm_api_outage: false,
@@ -297,6 +317,16 @@ impl Manager {
                 .annotation(contract::ANNOTATION_SWITCHOVER_TO)
                 .filter(|target| !target.is_empty()),
             replica_diverged: self.replica_diverged(now),
+            postgres_failed_restarts: self.restarts_since_ready.saturating_sub(1),
+            postgres_down_for: self
+                .postgres_down_since
+                .map(|since| now.saturating_duration_since(since))
+                .unwrap_or_default(),
+            since_fence: self
+                .fenced_at
+                .map(|at| now.saturating_duration_since(at))
+                .unwrap_or_default(),
+            upstream_moved: self.upstream_moved(),
         };
         if self.role == Role::Primary && since_renewal >= self.config.renew_deadline() {
             let confirmed_at = Instant::now();
@@ -360,6 +390,22 @@ impl Manager {
         }
         let since = *self.not_streaming_since.get_or_insert(now);
         now.duration_since(since) >= STUCK_REPLICA
+    }
+
+    /// Whether the primary this replica follows now has another address than the one it streams
+    /// from (its pod came back with another IP).
+    fn upstream_moved(&self) -> bool {
+        let (
+            Role::Replica {
+                upstream: Some(name),
+            },
+            Some(followed),
+        ) = (&self.role, &self.followed)
+        else {
+            return false;
+        };
+        self.upstream_of(name)
+            .is_ok_and(|current| current != *followed)
     }
 
     /// How long after the start of a renewal a primary may keep accepting writes when the run
@@ -542,6 +588,8 @@ impl Manager {
         }
         warn!(role = ?self.role, "postgres is not running; restarting it");
         self.restarts += 1;
+        self.restarts_since_ready += 1;
+        self.postgres_down_since.get_or_insert_with(Instant::now);
         self.roles_ensured = false;
         if let Err(error) = self.postgres.start(Duration::ZERO).await {
             debug!(%error, "postgres restart pending");
@@ -560,12 +608,21 @@ impl Manager {
             Step::Fence(reason) => {
                 let mode = match reason {
                     FenceReason::Requested => StopMode::Fast,
-                    FenceReason::LostLease => StopMode::Immediate,
+                    FenceReason::LostLease | FenceReason::PostgresFailed => StopMode::Immediate,
                 };
                 warn!(?reason, "fencing: stopping PostgreSQL");
                 self.postgres.stop(mode).await;
+                let was_primary = self.role == Role::Primary;
                 self.role = Role::Fenced { reason };
                 self.last_renewal = None;
+                self.fenced_at = Some(Instant::now());
+                if reason == FenceReason::PostgresFailed && was_primary {
+                    // PostgreSQL is stopped: no write can be accepted any more, so a replica may
+                    // take over now rather than after the Lease's duration.
+                    self.release_lease().await;
+                    self.restarts_since_ready = 0;
+                    self.postgres_down_since = None;
+                }
                 Ok(())
             }
             Step::Resolve => {
@@ -578,6 +635,7 @@ impl Manager {
             }
             Step::Follow(holder) => {
                 let upstream = self.upstream_of(&holder)?;
+                self.followed = Some(upstream.clone());
                 self.postgres.write_config(
                     &ManagedSettings {
                         upstream: Some(upstream),
@@ -587,7 +645,7 @@ impl Manager {
                     &self.replication.username,
                 )?;
                 self.postgres.signal(Signal::SIGHUP);
-                info!(primary = %holder, "following the primary");
+                info!(primary = %holder, address = ?self.followed, "following the primary");
                 self.not_streaming_since = None;
                 self.role = Role::Replica {
                     upstream: Some(holder),
@@ -610,7 +668,8 @@ impl Manager {
                     .await;
                 self.not_streaming_since = None;
                 if self.rewound_while_stuck {
-                    self.reclone(&upstream).await?;
+                    let why = format!("still not streaming {STUCK_REPLICA:?} after pg_rewind");
+                    self.reclone(&upstream, &why).await?;
                     self.rewound_while_stuck = false;
                 } else {
                     self.rejoin(&upstream).await?;
@@ -784,14 +843,21 @@ impl Manager {
             }
             Err(error) => {
                 warn!(%error, "pg_rewind failed; cloning the primary again");
-                self.reclone(upstream).await?;
+                self.reclone(upstream, &format!("pg_rewind failed: {error}"))
+                    .await?;
             }
         }
         Ok(())
     }
 
-    /// Replaces the data directory with a new clone of the primary at `upstream`.
-    async fn reclone(&mut self, upstream: &Upstream) -> Result<()> {
+    /// Replaces the data directory with a new clone of the primary at `upstream`, and says so
+    /// (`lastJoin: reclone` in the status, a `Recloned` event on the pod with `why`).
+    async fn reclone(&mut self, upstream: &Upstream, why: &str) -> Result<()> {
+        let note = format!("data directory replaced by a new clone of the primary: {why}");
+        let note: String = note.chars().take(1000).collect();
+        if let Err(error) = self.cluster.warning_event("Recloned", note).await {
+            debug!(%error, "recording the reclone event failed");
+        }
         let marker = self.config.run_dir().join("clone-incomplete");
         std::fs::write(&marker, b"").map_err(Error::io("writing the clone marker"))?;
         self.postgres
@@ -805,9 +871,9 @@ impl Manager {
     async fn start_primary(&mut self) -> Result<()> {
         let settings = ManagedSettings {
             upstream: None,
-            synchronous_standby_names: decision::synchronous_standby_names(
+            synchronous_standby_names: decision::standby_names(
                 &self.synchronous_set,
-                self.config.synchronous_standbys,
+                self.config.sync_policy(),
             ),
         };
         self.postgres
@@ -826,6 +892,7 @@ impl Manager {
     }
 
     async fn start_replica(&mut self, upstream: Option<Upstream>) -> Result<()> {
+        self.followed = upstream.clone();
         let settings = ManagedSettings {
             upstream,
             synchronous_standby_names: String::new(),
@@ -856,9 +923,10 @@ impl Manager {
         Ok(())
     }
 
-    /// After a clean shutdown of the primary (no more writes): shortens the Lease to one second,
-    /// so a replica takes over at once instead of after a whole Lease duration. The holder stays
-    /// named, so that the candidates know whose synchronous standbys to consult.
+    /// After PostgreSQL stopped on the primary (no more writes): marks the Lease released (and
+    /// shortens it to one second for instances that do not know the mark), so a replica takes over
+    /// at once instead of after a whole Lease duration. The holder stays named, so that the
+    /// candidates know whose synchronous standbys to consult.
     async fn release_lease(&mut self) {
         if self.lease.holder().as_deref() != Some(self.me()) {
             return;
@@ -873,8 +941,18 @@ impl Manager {
         if let Some(spec) = released.spec.as_mut() {
             spec.lease_duration_seconds = Some(1);
         }
+        lease::annotate(
+            &mut released,
+            &[(
+                contract::ANNOTATION_RELEASED_BY,
+                Some(self.me().to_string()),
+            )],
+        );
         match self.cluster.replace_lease(&released).await {
-            Ok(_) => info!("Lease released (shortened to 1 s) after a clean shutdown"),
+            Ok(written) => {
+                self.lease.observe(Some(written), Instant::now());
+                info!("Lease released with PostgreSQL stopped")
+            }
             Err(error) => {
                 warn!(%error, "releasing the Lease failed; replicas take over when it expires")
             }
@@ -1011,9 +1089,9 @@ impl Manager {
             decision::next_synchronous_set(&inherited_set, &[], &pods, self.me());
         let settings = ManagedSettings {
             upstream: None,
-            synchronous_standby_names: decision::synchronous_standby_names(
+            synchronous_standby_names: decision::standby_names(
                 &self.synchronous_set,
-                self.config.synchronous_standbys,
+                self.config.sync_policy(),
             ),
         };
         // synchronous_standby_names is in place before the first write is accepted.
@@ -1108,6 +1186,7 @@ impl Manager {
             true,
             &self.replication.username,
         )?;
+        self.followed = Some(upstream);
         let mut handed = lease::claimed(
             self.lease.lease(),
             &self.cluster.lease_name(),
@@ -1215,10 +1294,15 @@ impl Manager {
                 .filter(|pod| streaming_apps.contains(&quote::slot_name(pod)))
                 .cloned()
                 .collect();
-            let next =
-                decision::next_synchronous_set(&self.synchronous_set, &streaming, &pods, self.me());
-            let names =
-                decision::synchronous_standby_names(&next, self.config.synchronous_standbys);
+            let policy = self.config.sync_policy();
+            let next = decision::next_synchronous_set_for(
+                &self.synchronous_set,
+                &streaming,
+                &pods,
+                self.me(),
+                policy,
+            );
+            let names = decision::standby_names(&next, policy);
             let current: String = client
                 .query_one("SELECT current_setting('synchronous_standby_names')", &[])
                 .await
@@ -1351,8 +1435,17 @@ impl Manager {
         status.last_error = self.last_error.clone();
         status.restart_token = self.restart_token.clone().filter(|token| !token.is_empty());
         status.data_disk_available_bytes = self.postgres.available_bytes();
-        if self.role == Role::Primary {
+        let gave_up = Role::Fenced {
+            reason: FenceReason::PostgresFailed,
+        };
+        if self.role == Role::Primary || self.role == gave_up {
+            // Candidates read the synchronous set of the primary they replace.
             status.synchronous_standbys = self.synchronous_set.clone();
+            if self.role == gave_up {
+                status.last_error.get_or_insert_with(|| {
+                    "PostgreSQL exited and failed to restart: Lease released to a replica".into()
+                });
+            }
             status.synchronous_number = self.config.synchronous_standbys;
         }
         if let Some(backup) = &self.backup {

@@ -200,6 +200,8 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 Some(pod_names(cluster)),
             ),
             rule("", &["secrets"], &["get"], Some(secrets)),
+            // Events on its own pod (a re-clone it decided alone, for example).
+            rule("events.k8s.io", &["events"], &["create", "patch"], None),
             rule(
                 "",
                 &["configmaps"],
@@ -542,6 +544,20 @@ fn default_affinity(cluster_name: &str) -> Affinity {
 pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTemplateSpec {
     let name = name_of(cluster);
     let spec = &cluster.spec;
+    let initdb = spec
+        .bootstrap
+        .as_ref()
+        .and_then(|bootstrap| bootstrap.initdb.clone())
+        .unwrap_or_default();
+    let synchronous = spec
+        .replication
+        .as_ref()
+        .and_then(|replication| replication.synchronous.clone())
+        .unwrap_or(api::postgres_cluster::SynchronousReplication {
+            method: Default::default(),
+            number: 0,
+            data_durability: Default::default(),
+        });
     let manager_path = format!("{}/pg-instance", contract::INSTANCE_MANAGER_MOUNT_PATH);
     let mut env = vec![
         field_env(contract::env::POD_NAME, "metadata.name"),
@@ -570,6 +586,29 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             "SWITCHOVER_TIMEOUT_SECONDS",
             spec.failover.switchover_timeout_seconds.to_string(),
         ),
+        value_env(
+            "FAILOVER_DELAY_SECONDS",
+            spec.failover.failover_delay_seconds.to_string(),
+        ),
+        value_env(
+            "SYNCHRONOUS_METHOD",
+            match synchronous.method {
+                api::postgres_cluster::SynchronousMethod::Any => "any",
+                api::postgres_cluster::SynchronousMethod::First => "first",
+            }
+            .to_string(),
+        ),
+        value_env(
+            "SYNCHRONOUS_DURABILITY",
+            match synchronous.data_durability {
+                api::postgres_cluster::DataDurability::Required => "required",
+                api::postgres_cluster::DataDurability::Preferred => "preferred",
+            }
+            .to_string(),
+        ),
+        value_env("INITDB_ENCODING", initdb.encoding.clone()),
+        value_env("INITDB_LOCALE", initdb.locale.clone()),
+        value_env("INITDB_DATA_CHECKSUMS", initdb.data_checksums.to_string()),
         value_env(
             "SYNCHRONOUS_STANDBYS",
             spec.replication
@@ -1025,6 +1064,9 @@ mod tests {
             secrets.resource_names.clone().unwrap(),
             ["db-superuser", "db-replication", "db-app"]
         );
+        assert!(rules.iter().any(|r| {
+            r.resources.as_ref().unwrap()[0] == "events" && r.verbs.contains(&"create".to_string())
+        }));
         for rule in &rules {
             assert!(!rule.verbs.contains(&"delete".to_string()));
             assert!(!rule.verbs.contains(&"*".to_string()));
@@ -1047,6 +1089,63 @@ mod tests {
         }
         assert!(verbs_on("secrets").contains(&"create".to_string()));
         assert_eq!(verbs_on("events"), ["create", "patch"]);
+    }
+
+    #[test]
+    fn failover_timings_reach_the_instance_manager() {
+        let mut cluster = cluster(3);
+        cluster.spec.failover.failover_delay_seconds = 7;
+        cluster.spec.failover.lease_duration_seconds = 9;
+        let set = stateful_set(&cluster, &resolved());
+        let pod = set.spec.unwrap().template.spec.unwrap();
+        let env = pod
+            .containers
+            .iter()
+            .find(|container| container.name == "postgres")
+            .and_then(|container| container.env.clone())
+            .unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|var| var.name == name)
+                .and_then(|var| var.value.clone())
+        };
+        assert_eq!(value("FAILOVER_DELAY_SECONDS").as_deref(), Some("7"));
+        assert_eq!(value("LEASE_DURATION_SECONDS").as_deref(), Some("9"));
+    }
+
+    #[test]
+    fn initdb_options_reach_the_instance_manager() {
+        let mut cluster = cluster(1);
+        let env_of = |cluster: &PostgresCluster| {
+            let set = stateful_set(cluster, &resolved());
+            let pod = set.spec.unwrap().template.spec.unwrap();
+            pod.containers
+                .iter()
+                .find(|container| container.name == "postgres")
+                .and_then(|container| container.env.clone())
+                .unwrap()
+                .into_iter()
+                .filter(|var| var.name.starts_with("INITDB_"))
+                .map(|var| (var.name, var.value.unwrap_or_default()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let defaults = env_of(&cluster);
+        assert_eq!(defaults["INITDB_ENCODING"], "UTF8");
+        assert_eq!(defaults["INITDB_LOCALE"], "C");
+        assert_eq!(defaults["INITDB_DATA_CHECKSUMS"], "true");
+        cluster.spec.bootstrap = Some(api::postgres_cluster::BootstrapSpec {
+            initdb: Some(api::postgres_cluster::InitdbBootstrap {
+                encoding: "LATIN1".into(),
+                locale: "en_US".into(),
+                data_checksums: false,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let chosen = env_of(&cluster);
+        assert_eq!(chosen["INITDB_ENCODING"], "LATIN1");
+        assert_eq!(chosen["INITDB_LOCALE"], "en_US");
+        assert_eq!(chosen["INITDB_DATA_CHECKSUMS"], "false");
     }
 
     #[test]
@@ -1134,6 +1233,35 @@ mod tests {
             .find(|e| e.name == "SYNCHRONOUS_STANDBYS")
             .unwrap();
         assert_eq!(standbys.value.as_deref(), Some("1"));
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+                .unwrap()
+        };
+        assert_eq!(value("SYNCHRONOUS_METHOD"), "any");
+        assert_eq!(value("SYNCHRONOUS_DURABILITY"), "required");
+        cluster.spec.replication = Some(ReplicationSpec {
+            synchronous: Some(SynchronousReplication {
+                method: SynchronousMethod::First,
+                number: 1,
+                data_durability: api::postgres_cluster::DataDurability::Preferred,
+            }),
+            max_lag_bytes: 0,
+        });
+        let sts = stateful_set(&cluster, &resolved());
+        let env = sts.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+                .unwrap()
+        };
+        assert_eq!(value("SYNCHRONOUS_METHOD"), "first");
+        assert_eq!(value("SYNCHRONOUS_DURABILITY"), "preferred");
         assert_eq!(
             container.args.clone().unwrap(),
             [

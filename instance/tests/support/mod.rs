@@ -85,6 +85,8 @@ pub struct TestCluster {
     synchronous: u32,
     /// Extra environment of every `pg-instance` (backup repository, recovery source, keys).
     env: Vec<(String, String)>,
+    /// Extra `pg-instance` flags of every instance.
+    extra_args: Vec<String>,
     // Dropped after the instances (their processes stop first).
     dir: tempfile::TempDir,
     pub api: std::sync::Arc<ApiServer>,
@@ -118,7 +120,7 @@ impl TestCluster {
     /// API server, Secrets, `count` pods, and one running `pg-instance` per pod.
     pub async fn start(name: &str, count: usize, synchronous: u32) -> anyhow::Result<Self> {
         let api = std::sync::Arc::new(ApiServer::start().await?);
-        Self::start_with(api, name, count, synchronous, Vec::new()).await
+        Self::start_full(api, name, count, synchronous, Vec::new(), &[]).await
     }
 
     /// As [`Self::start`], on an API server that may be shared with other test clusters, with
@@ -129,6 +131,29 @@ impl TestCluster {
         count: usize,
         synchronous: u32,
         env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(api, name, count, synchronous, env, &[]).await
+    }
+
+    /// As [`TestCluster::start`], with extra `pg-instance` flags for every instance.
+    pub async fn start_with_args(
+        name: &str,
+        count: usize,
+        synchronous: u32,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let api = std::sync::Arc::new(ApiServer::start().await?);
+        Self::start_full(api, name, count, synchronous, Vec::new(), extra_args).await
+    }
+
+    /// The one way a test cluster starts: extra environment and flags for every `pg-instance`.
+    async fn start_full(
+        api: std::sync::Arc<ApiServer>,
+        name: &str,
+        count: usize,
+        synchronous: u32,
+        env: Vec<(String, String)>,
+        extra_args: &[&str],
     ) -> anyhow::Result<Self> {
         let client = api.client().await?;
         let namespace = "default".to_string();
@@ -222,6 +247,7 @@ impl TestCluster {
             client,
             synchronous,
             env,
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             dir,
             api,
         };
@@ -248,7 +274,8 @@ impl TestCluster {
             .arg(format!("--cluster={name}"))
             .arg(format!("--pgdata={}", instance.pgdata().display()))
             .arg(format!("--pg-bin={}", testbed::paths::pg_bin().display()))
-            .arg("--listen-address=127.0.0.1")
+            // Two loopback addresses, so that a test can move a pod to the second one.
+            .arg("--listen-address=127.0.0.1,127.0.0.2")
             .arg(format!("--port={}", instance.pg_port))
             .arg(format!("--http-address=127.0.0.1:{}", instance.http_port))
             .arg(format!("--kubeconfig={}", instance.kubeconfig.display()))
@@ -267,6 +294,7 @@ impl TestCluster {
                 instance.included_config().display()
             ))
             .arg("--log-level=info,instance=debug")
+            .args(&self.extra_args)
             .env_remove("PGDATA")
             .env_remove("KUBECONFIG")
             .envs(env)
@@ -381,6 +409,19 @@ impl TestCluster {
             &self.instances[index].name,
             &PatchParams::default(),
             &Patch::Merge(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets `status.podIP` of instance `index` (its pod came back with another IP).
+    pub async fn set_pod_ip(&self, index: usize, ip: &str) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let status = serde_json::json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}});
+        pods.patch_status(
+            &self.instances[index].name,
+            &PatchParams::default(),
+            &Patch::Merge(&status),
         )
         .await?;
         Ok(())
