@@ -589,6 +589,7 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             }
             .to_string(),
         ),
+        value_env("APP_DATABASE", initdb.database.clone()),
         value_env("INITDB_ENCODING", initdb.encoding.clone()),
         value_env("INITDB_LOCALE", initdb.locale.clone()),
         value_env("INITDB_DATA_CHECKSUMS", initdb.data_checksums.to_string()),
@@ -1178,15 +1179,29 @@ mod tests {
         assert_eq!(defaults["INITDB_ENCODING"], "UTF8");
         assert_eq!(defaults["INITDB_LOCALE"], "C");
         assert_eq!(defaults["INITDB_DATA_CHECKSUMS"], "true");
+        let database = |cluster: &PostgresCluster| {
+            let set = stateful_set(cluster, &resolved());
+            let pod = set.spec.unwrap().template.spec.unwrap();
+            pod.containers[0]
+                .env
+                .clone()
+                .unwrap()
+                .into_iter()
+                .find(|var| var.name == "APP_DATABASE")
+                .and_then(|var| var.value)
+        };
+        assert_eq!(database(&cluster).as_deref(), Some("app"));
         cluster.spec.bootstrap = Some(api::postgres_cluster::BootstrapSpec {
             initdb: Some(api::postgres_cluster::InitdbBootstrap {
                 encoding: "LATIN1".into(),
                 locale: "en_US".into(),
                 data_checksums: false,
+                database: "shop".into(),
                 ..Default::default()
             }),
             ..Default::default()
         });
+        assert_eq!(database(&cluster).as_deref(), Some("shop"));
         let chosen = env_of(&cluster);
         assert_eq!(chosen["INITDB_ENCODING"], "LATIN1");
         assert_eq!(chosen["INITDB_LOCALE"], "en_US");
