@@ -66,6 +66,10 @@ pub struct Config {
     /// Largest time a switchover may take before it is abandoned, in seconds.
     #[arg(long, env = "SWITCHOVER_TIMEOUT_SECONDS", default_value_t = 60)]
     pub switchover_timeout_seconds: u64,
+    /// Application database (`bootstrap.initdb.database`); defaults to the application Secret's
+    /// `dbname`, then to its user name.
+    #[arg(long, env = "APP_DATABASE")]
+    pub app_database: Option<String>,
     /// Encoding of a new cluster (initdb `-E`; `bootstrap.initdb.encoding`).
     #[arg(long, env = "INITDB_ENCODING", default_value = "UTF8")]
     pub initdb_encoding: String,

@@ -1364,7 +1364,12 @@ impl Manager {
                 .map_err(Error::postgres(format!("{verb} ROLE {}", user.username)))?;
         }
         if let Some(app) = &self.app {
-            let database = app.dbname.clone().unwrap_or_else(|| app.username.clone());
+            let database = self
+                .config
+                .app_database
+                .clone()
+                .or_else(|| app.dbname.clone())
+                .unwrap_or_else(|| app.username.clone());
             let exists = client
                 .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
                 .await

@@ -660,12 +660,29 @@ async fn an_asynchronous_pair_fails_over_to_its_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_included_configuration_is_reloaded_without_a_restart() {
-    let cluster = TestCluster::start("reload", 1, 0).await.unwrap();
+    let cluster = TestCluster::start_with("reload", 1, 0, &["--app-database=shop"])
+        .await
+        .unwrap();
     let primary = cluster
         .wait_for_primary_with_replicas(0, STARTUP)
         .await
         .unwrap();
     let client = cluster.connect(primary).await.unwrap();
+    // bootstrap.initdb.database names the application database, owned by the app Secret's user.
+    eventually("the application database exists", STARTUP, || {
+        let client = &client;
+        async move {
+            client
+                .query_opt(
+                    "SELECT 1 FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba WHERE d.datname = 'shop' AND r.rolname = 'app'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|row| row.is_some())
+        }
+    })
+    .await
+    .unwrap();
     let started: String = client
         .query_one("SELECT pg_postmaster_start_time()::text", &[])
         .await

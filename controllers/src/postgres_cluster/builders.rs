@@ -606,6 +606,7 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             }
             .to_string(),
         ),
+        value_env("APP_DATABASE", initdb.database.clone()),
         value_env("INITDB_ENCODING", initdb.encoding.clone()),
         value_env("INITDB_LOCALE", initdb.locale.clone()),
         value_env("INITDB_DATA_CHECKSUMS", initdb.data_checksums.to_string()),
@@ -1114,6 +1115,87 @@ mod tests {
     }
 
     #[test]
+    fn scheduling_and_resources_reach_the_pods() {
+        use k8s_openapi::api::core::v1::{
+            Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+            ResourceRequirements, Toleration, TopologySpreadConstraint,
+        };
+        let mut cluster = cluster(3);
+        let affinity = Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: "disk".into(),
+                            operator: "In".into(),
+                            values: Some(vec!["ssd".into()]),
+                        }]),
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let toleration = Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("postgres".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        let spread = TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "topology.kubernetes.io/zone".into(),
+            when_unsatisfiable: "DoNotSchedule".into(),
+            ..Default::default()
+        };
+        cluster.spec.scheduling = Some(api::postgres_cluster::SchedulingSpec {
+            node_selector: BTreeMap::from([("pool".to_string(), "db".to_string())]),
+            affinity: Some(affinity.clone()),
+            tolerations: vec![toleration.clone()],
+            topology_spread_constraints: vec![spread.clone()],
+            priority_class_name: Some("database-critical".into()),
+        });
+        let resources = ResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "cpu".to_string(),
+                Quantity("500m".into()),
+            )])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("1Gi".into()),
+            )])),
+            ..Default::default()
+        };
+        cluster.spec.resources = Some(resources.clone());
+        let pod = stateful_set(&cluster, &resolved())
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(pod.affinity, Some(affinity));
+        assert_eq!(pod.tolerations, Some(vec![toleration]));
+        assert_eq!(pod.topology_spread_constraints, Some(vec![spread]));
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("database-critical")
+        );
+        assert_eq!(pod.node_selector.unwrap()["pool"], "db");
+        assert_eq!(pod.containers[0].resources, Some(resources));
+
+        // Without an affinity of their own, instances prefer distinct nodes.
+        let pod = stateful_set(&self::cluster(3), &resolved())
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+    }
+
+    #[test]
     fn initdb_options_reach_the_instance_manager() {
         let mut cluster = cluster(1);
         let env_of = |cluster: &PostgresCluster| {
@@ -1133,15 +1215,29 @@ mod tests {
         assert_eq!(defaults["INITDB_ENCODING"], "UTF8");
         assert_eq!(defaults["INITDB_LOCALE"], "C");
         assert_eq!(defaults["INITDB_DATA_CHECKSUMS"], "true");
+        let database = |cluster: &PostgresCluster| {
+            let set = stateful_set(cluster, &resolved());
+            let pod = set.spec.unwrap().template.spec.unwrap();
+            pod.containers[0]
+                .env
+                .clone()
+                .unwrap()
+                .into_iter()
+                .find(|var| var.name == "APP_DATABASE")
+                .and_then(|var| var.value)
+        };
+        assert_eq!(database(&cluster).as_deref(), Some("app"));
         cluster.spec.bootstrap = Some(api::postgres_cluster::BootstrapSpec {
             initdb: Some(api::postgres_cluster::InitdbBootstrap {
                 encoding: "LATIN1".into(),
                 locale: "en_US".into(),
                 data_checksums: false,
+                database: "shop".into(),
                 ..Default::default()
             }),
             ..Default::default()
         });
+        assert_eq!(database(&cluster).as_deref(), Some("shop"));
         let chosen = env_of(&cluster);
         assert_eq!(chosen["INITDB_ENCODING"], "LATIN1");
         assert_eq!(chosen["INITDB_LOCALE"], "en_US");
