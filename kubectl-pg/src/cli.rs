@@ -27,9 +27,15 @@ pub struct KubeFlags {
     /// Kubeconfig context to use.
     #[arg(long, global = true)]
     pub context: Option<String>,
-    /// Kubeconfig cluster to use (the Kubernetes cluster, not the PostgresCluster).
-    #[arg(long = "kube-cluster", global = true, value_name = "NAME")]
-    pub cluster: Option<String>,
+    /// Kubeconfig cluster to use (the Kubernetes cluster, as kubectl's --cluster; the
+    /// PostgresCluster is the commands' first argument).
+    #[arg(
+        long = "cluster",
+        id = "kube_cluster",
+        global = true,
+        value_name = "NAME"
+    )]
+    pub kube_cluster: Option<String>,
     /// Kubeconfig user to use.
     #[arg(long, global = true)]
     pub user: Option<String>,
@@ -256,6 +262,15 @@ mod tests {
         assert!(matches!(cli.command, Command::Switchover { to: Some(ref p), .. } if p == "db-1"));
         assert_eq!(cli.kube.namespace.as_deref(), Some("prod"));
         assert!(parse(&["switchover", "db", "db-1", "--to", "db-2"]).is_err());
+    }
+
+    #[test]
+    fn the_postgres_cluster_argument_is_not_the_kubeconfig_cluster() {
+        let cli = parse(&["fence", "db", "db-1"]).unwrap();
+        assert_eq!(cli.kube.kube_cluster, None);
+        let cli = parse(&["status", "db", "--cluster", "prod-eu"]).unwrap();
+        assert_eq!(cli.kube.kube_cluster.as_deref(), Some("prod-eu"));
+        assert!(matches!(cli.command, Command::Status { ref cluster, .. } if cluster == "db"));
     }
 
     #[test]

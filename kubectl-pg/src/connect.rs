@@ -11,7 +11,7 @@ use crate::error::Error;
 pub async fn connect(flags: &KubeFlags) -> Result<(kube::Client, String), Error> {
     let options = KubeConfigOptions {
         context: flags.context.clone(),
-        cluster: flags.cluster.clone(),
+        cluster: flags.kube_cluster.clone(),
         user: flags.user.clone(),
     };
     let config = if let Some(path) = &flags.kubeconfig {
