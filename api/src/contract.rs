@@ -29,6 +29,10 @@ pub const ANNOTATION_INSTANCE_STATUS: &str = "postgres.keiailab.io/instance-stat
 /// Annotation on the cluster's Lease naming the pod a switchover should promote; set by the
 /// operator (from `spec.switchoverTo` or the cluster annotation), cleared by the instance managers.
 pub const ANNOTATION_SWITCHOVER_TO: &str = crate::postgres_cluster::SWITCHOVER_ANNOTATION;
+/// Annotation on the PostgresCluster with the switchover target the operator last passed on to
+/// the instance managers (so that a request still set does not undo a later failover). A client
+/// that asks again for the same target removes it along with setting [`ANNOTATION_SWITCHOVER_TO`].
+pub const ANNOTATION_SWITCHOVER_PASSED_ON: &str = "postgres.keiailab.io/switchover-passed-on";
 /// Annotation on a pod (value `"true"`) or on the cluster (`"*"` or pod names, comma-separated)
 /// that fences instances.
 pub const ANNOTATION_FENCED: &str = crate::postgres_cluster::FENCED_ANNOTATION;

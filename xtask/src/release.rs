@@ -5,7 +5,8 @@
 //! - `postgres-operator-<version>.tgz`: the Helm chart package (`helm install` / `helm lint` read it);
 //! - `postgres-operator-bundle-<version>.tar.gz`: the OLM bundle (`bundle/`);
 //! - `sbom/*.cdx.json`: CycloneDX 1.5 SBOMs of the workspace and of each binary (schema-validated);
-//! - `bin/<binary>`: the release builds of `postgres-operator`, `pg-instance` and `pg-router`;
+//! - `bin/<binary>`: the release builds of `postgres-operator`, `pg-instance`, `pg-router` and
+//!   `kubectl-pg`;
 //! - `release-manifest.json`: name, size and SHA-256 of every artifact;
 //! - `<artifact>.sig` for each of the above and `cosign.pub`: verify with
 //!   `cosign verify-blob --key cosign.pub --signature <artifact>.sig --insecure-ignore-tlog=true <artifact>`.
@@ -23,10 +24,11 @@ use crate::sbom::{self, Edges};
 use crate::signing::SigningKey;
 
 /// The binaries of a release: (crate, binary).
-pub const BINARIES: [(&str, &str); 3] = [
+pub const BINARIES: [(&str, &str); 4] = [
     ("controllers", "postgres-operator"),
     ("instance", "pg-instance"),
     ("router", "pg-router"),
+    ("kubectl-pg", "kubectl-pg"),
 ];
 
 /// Options of `cargo xtask release`.

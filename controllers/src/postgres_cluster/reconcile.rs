@@ -377,7 +377,7 @@ fn requested_switchover(cluster: &PostgresCluster) -> Option<String> {
 }
 
 /// Annotation on the cluster with the switchover target the operator last passed on.
-pub const SWITCHOVER_PASSED_ANNOTATION: &str = "postgres.keiailab.io/switchover-passed-on";
+pub const SWITCHOVER_PASSED_ANNOTATION: &str = contract::ANNOTATION_SWITCHOVER_PASSED_ON;
 
 /// Records (or forgets, with `None`) the switchover target passed on to the instance managers.
 async fn remember_switchover(
