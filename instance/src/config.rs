@@ -72,6 +72,12 @@ pub struct Config {
     /// Extra PostgreSQL settings `name=value` (repeatable), written to the managed configuration.
     #[arg(long = "postgres-setting", value_name = "NAME=VALUE")]
     pub postgres_settings: Vec<String>,
+    /// Deadline of the PostgreSQL part of a `/metrics` scrape, in milliseconds.
+    #[arg(long, env = "METRICS_TIMEOUT_MILLIS", default_value_t = 3000)]
+    pub metrics_timeout_millis: u64,
+    /// File of user-defined metrics queries (postgres_exporter's queries.yaml format).
+    #[arg(long, env = "METRICS_CUSTOM_QUERIES")]
+    pub metrics_custom_queries: Option<PathBuf>,
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,

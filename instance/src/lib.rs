@@ -8,6 +8,7 @@
 //! - [`postgres`]: the local PostgreSQL (files, programs, child process).
 //! - [`cluster`] and [`lease`]: the Kubernetes objects (Lease, pods, Secrets).
 //! - [`http`], [`metrics`], [`status`]: what the instance publishes.
+//! - [`database_metrics`]: figures read from PostgreSQL at scrape time (built-in and user queries).
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
 //!
 //! # How instances find each other
@@ -33,6 +34,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod database_metrics;
 pub mod decision;
 pub mod error;
 pub mod http;
