@@ -72,6 +72,9 @@ pub struct Config {
     /// Extra PostgreSQL settings `name=value` (repeatable), written to the managed configuration.
     #[arg(long = "postgres-setting", value_name = "NAME=VALUE")]
     pub postgres_settings: Vec<String>,
+    /// Read figures from PostgreSQL on `/metrics` (`spec.monitoring.enabled`).
+    #[arg(long, env = "METRICS_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics_database: bool,
     /// Deadline of the PostgreSQL part of a `/metrics` scrape, in milliseconds.
     #[arg(long, env = "METRICS_TIMEOUT_MILLIS", default_value_t = 3000)]
     pub metrics_timeout_millis: u64,

@@ -7,6 +7,7 @@
 
 pub mod builders;
 pub mod instances;
+pub mod monitoring;
 pub mod parameters;
 pub mod reconcile;
 pub mod rolling;
