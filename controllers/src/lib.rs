@@ -4,5 +4,6 @@
 
 pub mod leader;
 pub mod metrics;
+pub mod monitoring;
 pub mod operator;
 pub mod postgres_cluster;

@@ -106,6 +106,11 @@ impl Metrics {
             "Times the instance manager restarted a crashed PostgreSQL",
             metrics.restarts.clone(),
         );
+        registry.register(
+            "data_disk_available_bytes",
+            "Free bytes on the data directory's file system",
+            metrics.disk_available.clone(),
+        );
         Self {
             registry,
             ..metrics
