@@ -5,6 +5,7 @@
 pub mod backup_job;
 pub mod leader;
 pub mod metrics;
+pub mod monitoring;
 pub mod operator;
 pub mod postgres_cluster;
 pub mod scheduled_backup;

@@ -108,6 +108,15 @@ pub struct Config {
     /// RECOVERY_AWS_ACCESS_KEY_ID / RECOVERY_AWS_SECRET_ACCESS_KEY.
     #[arg(long, env = api::backup::instance_env::BOOTSTRAP_RECOVERY)]
     pub bootstrap_recovery: Option<String>,
+    /// Read figures from PostgreSQL on `/metrics` (`spec.monitoring.enabled`).
+    #[arg(long, env = "METRICS_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics_database: bool,
+    /// Deadline of the PostgreSQL part of a `/metrics` scrape, in milliseconds.
+    #[arg(long, env = "METRICS_TIMEOUT_MILLIS", default_value_t = 3000)]
+    pub metrics_timeout_millis: u64,
+    /// File of user-defined metrics queries (postgres_exporter's queries.yaml format).
+    #[arg(long, env = "METRICS_CUSTOM_QUERIES")]
+    pub metrics_custom_queries: Option<PathBuf>,
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,

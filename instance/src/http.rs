@@ -23,6 +23,8 @@ pub struct Shared {
     pub status: RwLock<InstanceStatus>,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// Figures read from PostgreSQL at scrape time.
+    pub database: crate::database_metrics::DatabaseMetrics,
     /// Largest lag, in bytes, of a ready replica.
     pub max_lag_bytes: u64,
     /// When a call to the API server last succeeded.
@@ -43,6 +45,7 @@ impl Shared {
                 ..InstanceStatus::default()
             }),
             metrics: Metrics::new(),
+            database: Default::default(),
             max_lag_bytes,
             last_api_success: RwLock::new(None),
             api_window,
@@ -122,12 +125,14 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let mut text = shared.metrics.encode();
+    crate::database_metrics::append_to_exposition(&mut text, &shared.database.collect().await);
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        shared.metrics.encode(),
+        text,
     )
         .into_response()
 }

@@ -10,6 +10,7 @@
 //! - [`http`], [`metrics`], [`status`]: what the instance publishes.
 //! - [`declarative`]: PostgresUser and PostgresDatabase, applied by the primary.
 //! - [`backup`]: WAL archiving, base backups, restore and point-in-time recovery.
+//! - [`database_metrics`]: figures read from PostgreSQL at scrape time (built-in and user queries).
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
 //!
 //! # How instances find each other
@@ -36,6 +37,7 @@
 pub mod backup;
 pub mod cluster;
 pub mod config;
+pub mod database_metrics;
 pub mod decision;
 pub mod declarative;
 pub mod error;

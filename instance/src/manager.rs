@@ -70,6 +70,19 @@ pub async fn run(config: Config) -> Result<()> {
         config.renew_deadline() / 2,
     );
     let backup = start_backups(&config, &mut postgres, &shared)?;
+    if config.metrics_database {
+        shared
+            .database
+            .configure(crate::database_metrics::Settings {
+                connection: crate::database_metrics::local_connection(
+                    &config.run_dir(),
+                    config.port,
+                    &superuser.username,
+                ),
+                timeout: Duration::from_millis(config.metrics_timeout_millis),
+                custom_queries: config.metrics_custom_queries.clone(),
+            });
+    }
     let http_address = config.http_address;
     let http_shared = shared.clone();
     tokio::spawn(async move {

@@ -110,6 +110,11 @@ impl Metrics {
             metrics.restarts.clone(),
         );
         metrics.backup.register(&mut registry);
+        registry.register(
+            "data_disk_available_bytes",
+            "Free bytes on the data directory's file system",
+            metrics.disk_available.clone(),
+        );
         Self {
             registry,
             ..metrics

@@ -714,7 +714,7 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
     let scheduling = spec.scheduling.clone().unwrap_or_default();
     let mut pod_labels = labels(&name);
     pod_labels.extend(instance_selector(&name));
-    PodTemplateSpec {
+    let mut template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels),
             annotations: Some(BTreeMap::from([(
@@ -774,7 +774,9 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             priority_class_name: scheduling.priority_class_name,
             ..PodSpec::default()
         }),
-    }
+    };
+    super::monitoring::configure_pod(&mut template, &spec.monitoring);
+    template
 }
 
 /// The StatefulSet of the instances: `OnDelete` updates (the operator picks the order of a

@@ -9,6 +9,7 @@ pub mod archiving;
 pub mod backup_env;
 pub mod builders;
 pub mod instances;
+pub mod monitoring;
 pub mod parameters;
 pub mod reconcile;
 pub mod rolling;
