@@ -7,6 +7,7 @@
 pub mod images;
 pub mod network;
 pub mod pod;
+pub mod services;
 pub mod volumes;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,7 @@ use serde_json::json;
 pub use images::{ImageTable, LocalImage};
 use network::NodeNetwork;
 use pod::PodRun;
+use services::ServiceTable;
 
 /// What the agent needs to know.
 #[derive(Debug, Clone)]
@@ -47,6 +49,7 @@ pub struct NodeAgent {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     node_name: String,
+    services: Arc<ServiceTable>,
 }
 
 impl std::fmt::Debug for NodeAgent {
@@ -65,6 +68,8 @@ impl NodeAgent {
         let (sender, receiver) = std::sync::mpsc::channel::<Result<(), String>>();
         let node_name = config.node_name.clone();
         let flag = stop.clone();
+        let services = Arc::new(ServiceTable::default());
+        let table = services.clone();
         let thread = std::thread::Builder::new()
             .name(format!("node-agent-{node_name}"))
             .spawn(move || {
@@ -80,7 +85,7 @@ impl NodeAgent {
                     }
                 };
                 runtime.block_on(async move {
-                    let mut agent = match Agent::new(config).await {
+                    let mut agent = match Agent::new(config, table).await {
                         Ok(agent) => {
                             let _ = sender.send(Ok(()));
                             agent
@@ -98,6 +103,7 @@ impl NodeAgent {
                 stop,
                 thread: Some(thread),
                 node_name,
+                services,
             }),
             Ok(Err(error)) => anyhow::bail!("starting the node agent: {error}"),
             Err(_) => anyhow::bail!("the node agent's thread died"),
@@ -107,6 +113,17 @@ impl NodeAgent {
     /// Name of the Node.
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// The local port (on 127.0.0.1) that forwards to `namespace/service:port`, as kube-proxy
+    /// would; `None` until the agent has seen the Service.
+    pub fn service_port(&self, namespace: &str, service: &str, port: u16) -> Option<u16> {
+        self.services.local_port(namespace, service, port)
+    }
+
+    /// Every Service port the agent forwards: (namespace, name, port) -> local port.
+    pub fn service_ports(&self) -> BTreeMap<services::ServiceKey, u16> {
+        self.services.all()
     }
 
     /// Stops every pod's processes and the agent.
@@ -132,10 +149,12 @@ struct Agent {
     pods: BTreeMap<String, PodRun>,
     volumes_refreshed: BTreeMap<String, Instant>,
     heartbeat: Instant,
+    services: Arc<ServiceTable>,
+    services_synced: Instant,
 }
 
 impl Agent {
-    async fn new(config: NodeAgentConfig) -> anyhow::Result<Self> {
+    async fn new(config: NodeAgentConfig, services: Arc<ServiceTable>) -> anyhow::Result<Self> {
         let kubeconfig = kube::config::Kubeconfig::read_from(&config.kubeconfig)?;
         let client_config = kube::Config::from_custom_kubeconfig(
             kubeconfig,
@@ -162,6 +181,8 @@ impl Agent {
             pods: BTreeMap::new(),
             volumes_refreshed: BTreeMap::new(),
             heartbeat: Instant::now(),
+            services,
+            services_synced: Instant::now(),
         };
         agent.register().await?;
         agent.renew().await?;
@@ -240,6 +261,12 @@ impl Agent {
                 self.heartbeat = Instant::now();
                 if let Err(error) = self.renew().await {
                     eprintln!("node agent: {error:#}");
+                }
+            }
+            if self.services_synced.elapsed() > Duration::from_millis(700) {
+                self.services_synced = Instant::now();
+                if let Err(error) = self.services.sync(&self.client).await {
+                    eprintln!("node agent: services: {error:#}");
                 }
             }
             if let Err(error) = self.provision_volumes().await {
@@ -427,4 +454,14 @@ pub fn pod_log(dir: &Path, namespace: &str, pod: &str, container: &str) -> Strin
         }
     }
     text
+}
+
+/// A folder for agents' files outside /tmp (pods mount their own /tmp over it): `target/nodeagent`
+/// of the workspace.
+pub fn work_dir() -> anyhow::Result<PathBuf> {
+    let dir = testbed::paths::workspace_root()
+        .join("target")
+        .join("nodeagent");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

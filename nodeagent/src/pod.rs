@@ -303,10 +303,9 @@ impl PodRun {
         let image_dir = self.dir.join("image").join(&container.name);
         let mut linked_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
         for (source, target) in &image.files {
-            if source.is_dir() {
-                mounts.push((source.clone(), target.clone(), true));
-            } else {
-                // A file: a folder of links replaces its parent (no empty file on the host).
+            {
+                // A folder of links replaces the target's parent (no empty file on the host, and
+                // binaries keep their real path for $ORIGIN and relocatable installs).
                 let parent = Path::new(target)
                     .parent()
                     .map(|p| p.display().to_string())
@@ -349,6 +348,8 @@ impl PodRun {
         )?;
         mounts.push((hosts, "/etc/hosts".to_string(), true));
 
+        // Parents before children; the pod's files must not live under a mount target (/tmp).
+        mounts.sort_by_key(|(_, target, _)| Path::new(target).components().count());
         let mut script = String::from("set -e\n");
         for (source, target, read_only) in &mounts {
             let is_dir = source.is_dir();

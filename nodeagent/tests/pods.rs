@@ -75,7 +75,9 @@ fn ip_of(pod: &Pod) -> String {
 async fn statefulset_pods_run_ready_in_order_and_keep_their_claims() -> anyhow::Result<()> {
     let plane = ControlPlane::shared()?;
     let client = plane.client().await?;
-    let dir = tempfile::Builder::new().prefix("nodeagent-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("nodeagent-")
+        .tempdir_in(nodeagent::work_dir()?)?;
     std::fs::set_permissions(
         dir.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
