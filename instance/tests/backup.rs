@@ -298,6 +298,18 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_an_xid_and_a_restore_p
         .await
         .unwrap();
     assert!(listed.contains(&backup_id), "{listed}");
+    // Retention (30 days) keeps the only backup: the recovery window starts from it.
+    let (code, report) = http(source.instances[primary].http_port, "POST", "/retention")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{report}");
+    let (_, listed) = http(source.instances[primary].http_port, "GET", "/backups")
+        .await
+        .unwrap();
+    assert!(
+        listed.contains(&backup_id),
+        "retention removed the needed backup: {listed}"
+    );
     let (_, metrics) = source.http_get(primary, "/metrics").await.unwrap();
     assert!(
         metrics.contains("pg_instance_wal_archive_archived_total"),
