@@ -221,6 +221,7 @@ async fn kubectl_pg_acts_through_the_api_as_the_operator_and_instance_managers_e
         fence_hibernate_and_backup_write_the_requests_the_operator_reads(&client, &plugin),
         restart_rolls_replicas_first_and_waits_for_each_instance_manager(&client, &plugin),
         psql_connects_with_the_app_secret_and_no_password_on_the_command_line(&client, &plugin),
+        the_operator_passes_the_plugins_requests_on_to_the_instance_managers(&client, &plugin),
     );
     eprintln!(
         "kubectl pg scenarios took {:.1} s",
@@ -737,4 +738,161 @@ async fn psql_connects_with_the_app_secret_and_no_password_on_the_command_line(
         )
         .await;
     drop(setup);
+}
+
+/// Runs the operator's PostgresCluster controller on `namespace` until the returned guard drops.
+fn start_operator(client: &Client, namespace: &str) -> AbortOnDrop {
+    use controllers::postgres_cluster::{self, Context, Settings};
+    use kube::runtime::events::{Recorder, Reporter};
+    let ctx = std::sync::Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "postgres-operator".into(),
+                instance: Some("kubectl-pg-test".into()),
+            },
+        ),
+        metrics: std::sync::Arc::new(controllers::metrics::Metrics::new()),
+        settings: Settings {
+            instance_manager_image: "example.org/pg-instance:test".to_string(),
+            ..Settings::default()
+        },
+    });
+    let namespace = namespace.to_string();
+    AbortOnDrop(tokio::spawn(async move {
+        postgres_cluster::run(ctx, Some(namespace), 4, std::future::pending()).await
+    }))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Polls `check` until it gives a value (30 s at most).
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn the_operator_passes_the_plugins_requests_on_to_the_instance_managers(
+    client: &Client,
+    plugin: &Plugin,
+) {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let ns = "operator";
+    create_namespace(client, ns).await;
+    let _operator = start_operator(client, ns);
+    create_cluster(client, ns, "db", json!({})).await;
+    let sets = Api::<StatefulSet>::namespaced(client.clone(), ns);
+    let set = eventually("the StatefulSet", || async {
+        sets.get_opt("db").await.ok().flatten()
+    })
+    .await;
+    // Play the StatefulSet controller and the instance managers: pods from the template (so
+    // that their spec hash is current), with roles, positions and the Lease.
+    let set_spec = set.spec.unwrap();
+    let mut pod_spec = set_spec.template.spec.clone().unwrap_or_default();
+    // The claim templates' volumes, as the StatefulSet controller adds them (empty here).
+    for claim in set_spec.volume_claim_templates.unwrap_or_default() {
+        pod_spec
+            .volumes
+            .get_or_insert_default()
+            .push(k8s_openapi::api::core::v1::Volume {
+                name: claim.metadata.name.unwrap_or_default(),
+                empty_dir: Some(Default::default()),
+                ..Default::default()
+            });
+    }
+    let template = set_spec.template;
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    for (ordinal, role, lsn) in [
+        (0, "primary", "0/9000100"),
+        (1, "replica", "0/8000000"),
+        (2, "replica", "0/9000000"),
+    ] {
+        let name = format!("db-{ordinal}");
+        let mut metadata = template.metadata.clone().unwrap_or_default();
+        metadata.name = Some(name.clone());
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(contract::LABEL_ROLE.into(), role.into());
+        let lsn_key = if role == "primary" {
+            "currentLsn"
+        } else {
+            "receivedLsn"
+        };
+        metadata.annotations.get_or_insert_default().insert(
+            contract::ANNOTATION_INSTANCE_STATUS.into(),
+            json!({"role": role, "postgresReady": true, "timeline": 1, lsn_key: lsn}).to_string(),
+        );
+        let pod = Pod {
+            metadata,
+            spec: Some(pod_spec.clone()),
+            status: None,
+        };
+        pods.create(&Default::default(), &pod).await.unwrap();
+        let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}]}});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+    apply(
+        client,
+        ns,
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": contract::lease_name("db")},
+            "spec": {"holderIdentity": "db-0", "leaseDurationSeconds": 4}
+        }),
+    )
+    .await;
+
+    let out = plugin.ok(ns, &["switchover", "db"]).await;
+    assert!(out.contains("db-0 -> db-2"), "{out}");
+    let leases = Api::<Lease>::namespaced(client.clone(), ns);
+    eventually(
+        "the operator to put the switchover on the Lease",
+        || async {
+            let lease = leases.get("db-primary").await.ok()?;
+            (lease
+                .annotations()
+                .get(contract::ANNOTATION_SWITCHOVER_TO)?
+                == "db-2")
+                .then_some(())
+        },
+    )
+    .await;
+
+    plugin.ok(ns, &["fence", "db", "db-1"]).await;
+    eventually("the operator to fence pod db-1", || async {
+        let pod = pods.get("db-1").await.ok()?;
+        (pod.annotations().get(contract::ANNOTATION_FENCED)? == "true").then_some(())
+    })
+    .await;
+
+    plugin.ok(ns, &["hibernate", "db"]).await;
+    eventually("the operator to scale the StatefulSet to zero", || async {
+        let set = sets.get("db").await.ok()?;
+        (set.spec?.replicas == Some(0)).then_some(())
+    })
+    .await;
 }
