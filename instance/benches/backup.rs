@@ -112,7 +112,11 @@ fn main() {
         // Reference: pg_basebackup to a local folder.
         let local = scratch.path().join("basebackup");
         let started = Instant::now();
-        let status = pg_tool("pg_basebackup", port).arg("-D").arg(&local).args(["-X", "stream", "-c", "fast", "--no-sync"]).status().unwrap();
+        // Replication connections are for the replication role only (support's Secret).
+        let status = pg_tool("pg_basebackup", port)
+            .env("PGUSER", api::contract::REPLICATION_USER)
+            .env("PGPASSWORD", "repl-pass")
+            .arg("-D").arg(&local).args(["-X", "stream", "-c", "fast", "--no-sync"]).status().unwrap();
         assert!(status.success(), "pg_basebackup failed");
         let basebackup = mib / started.elapsed().as_secs_f64();
 

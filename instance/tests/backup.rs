@@ -354,14 +354,25 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_an_xid_and_a_restore_p
         ),
         ("to-end", None, None, range(1, 50)),
     ];
-    for (name, target, backup_id, expected) in cases {
-        let mut recovery = recovery_spec(&store, "src", "src", target);
-        if let Some(id) = backup_id {
-            recovery["backupId"] = serde_json::json!(id);
-        }
-        let (restored, rows) = restore(&api, &store, name, recovery).await;
-        assert_eq!(rows, expected, "restore {name}");
-        if name == "to-name" {
+    // The restores run three at a time: each mostly waits for WAL downloads.
+    let store = &store;
+    let api = &api;
+    for batch in cases.chunks(3) {
+        let restores = batch
+            .iter()
+            .map(|(name, target, backup_id, expected)| async move {
+                let mut recovery = recovery_spec(store, "src", "src", target.clone());
+                if let Some(id) = backup_id {
+                    recovery["backupId"] = serde_json::json!(id);
+                }
+                let (restored, rows) = restore(api, store, name, recovery).await;
+                assert_eq!(&rows, expected, "restore {name}");
+                (*name, restored)
+            });
+        for (name, restored) in futures::future::join_all(restores).await {
+            if name != "to-name" {
+                continue;
+            }
             // The restored cluster archives its own new timeline to its own path.
             let client = restored.connect(0).await.unwrap();
             client

@@ -15,7 +15,9 @@ fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
             secret_key_ref: Some(SecretKeySelector {
                 name: secret.to_string(),
                 key: key.to_string(),
-                optional: Some(false),
+                // A missing Secret must not keep PostgreSQL from starting: the uploads fail
+                // instead, and ContinuousArchiving says so.
+                optional: Some(true),
             }),
             ..EnvVarSource::default()
         }),
