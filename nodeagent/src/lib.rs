@@ -151,6 +151,8 @@ struct Agent {
     heartbeat: Instant,
     services: Arc<ServiceTable>,
     services_synced: Instant,
+    /// The last error printed per pod (each is printed once, not every pass).
+    reported: BTreeMap<String, String>,
 }
 
 impl Agent {
@@ -183,6 +185,7 @@ impl Agent {
             heartbeat: Instant::now(),
             services,
             services_synced: Instant::now(),
+            reported: BTreeMap::new(),
         };
         agent.register().await?;
         agent.renew().await?;
@@ -398,7 +401,7 @@ impl Agent {
                     Ok(()) => {
                         self.volumes_refreshed.insert(uid.clone(), Instant::now());
                     }
-                    Err(error) => eprintln!("node agent: pod {namespace}/{name}: {error:#}"),
+                    Err(error) => report(&mut self.reported, &uid, &namespace, &name, &error),
                 }
             }
             match run.step(&self.client, &self.config.images).await {
@@ -412,13 +415,29 @@ impl Agent {
                     }
                 }
                 Ok(None) => {}
-                Err(error) => eprintln!("node agent: pod {namespace}/{name}: {error:#}"),
+                Err(error) => report(&mut self.reported, &uid, &namespace, &name, &error),
             }
         }
         // Pods deleted at once (grace 0) or bound elsewhere: stop their processes.
         self.pods.retain(|uid, _| seen.contains(uid));
         self.volumes_refreshed.retain(|uid, _| seen.contains(uid));
+        self.reported.retain(|uid, _| seen.contains(uid));
         Ok(())
+    }
+}
+
+/// Prints a pod's error when it differs from the last one printed for that pod.
+fn report(
+    reported: &mut BTreeMap<String, String>,
+    uid: &str,
+    namespace: &str,
+    name: &str,
+    error: &anyhow::Error,
+) {
+    let text = format!("{error:#}");
+    if reported.get(uid) != Some(&text) {
+        eprintln!("node agent: pod {namespace}/{name}: {text}");
+        reported.insert(uid.to_string(), text);
     }
 }
 

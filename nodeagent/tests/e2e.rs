@@ -10,12 +10,13 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, DeleteParams};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
+use kube::api::{Api, DeleteParams, ListParams};
 use nodeagent::{ImageTable, NodeAgent, NodeAgentConfig};
 use serde_json::json;
 use testbed::{ControlPlane, paths};
@@ -129,34 +130,101 @@ async fn connect(port: u16, password: &str) -> anyhow::Result<tokio_postgres::Cl
     Ok(client)
 }
 
+/// The node agent (and its folder) of this test binary, with the operator installed.
+struct Stack {
+    agent: NodeAgent,
+    dir: tempfile::TempDir,
+}
+
+static STACK: OnceLock<Result<Mutex<Option<Stack>>, String>> = OnceLock::new();
+
+extern "C" fn stop_stack() {
+    if let Some(Ok(stack)) = STACK.get() {
+        let taken = stack.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(taken);
+    }
+}
+
+/// Starts (once per test binary) the node agent on the shared control plane and installs the
+/// operator with helm; scenarios run in parallel in their own namespaces.
+fn stack() -> anyhow::Result<(&'static ControlPlane, &'static Mutex<Option<Stack>>)> {
+    let plane = ControlPlane::shared()?;
+    let stack = STACK.get_or_init(|| {
+        let start = || -> anyhow::Result<Stack> {
+            let binaries = binaries()?;
+            let dir = tempfile::Builder::new()
+                .prefix("e2e-node-")
+                .tempdir_in(nodeagent::work_dir()?)?;
+            std::fs::set_permissions(
+                dir.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )?;
+            let pg_install = paths::pg_bin()
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let agent = NodeAgent::start(NodeAgentConfig {
+                node_name: "e2e-node".to_string(),
+                kubeconfig: plane.kubeconfig_path().to_path_buf(),
+                api_port: plane.port(),
+                ca: plane.serving_ca_path().to_path_buf(),
+                dir: dir.path().to_path_buf(),
+                images: ImageTable::project(&binaries, &pg_install),
+            })?;
+            helm_install(plane)?;
+            Ok(Stack { agent, dir })
+        };
+        let started = start().map(|stack| Mutex::new(Some(stack)));
+        if started.is_ok() {
+            // SAFETY: registers a plain `extern "C" fn` with no captured state.
+            unsafe { libc::atexit(stop_stack) };
+        }
+        started.map_err(|error| format!("{error:#}"))
+    });
+    match stack {
+        Ok(stack) => Ok((plane, stack)),
+        Err(error) => anyhow::bail!("starting the e2e stack: {error}"),
+    }
+}
+
+fn agent_dir(stack: &Mutex<Option<Stack>>) -> PathBuf {
+    stack
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .map(|s| s.dir.path().to_path_buf())
+        .unwrap_or_default()
+}
+
+fn service_port(
+    stack: &Mutex<Option<Stack>>,
+    namespace: &str,
+    service: &str,
+) -> anyhow::Result<u16> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let port = stack.lock().expect("lock").as_ref().and_then(|s| {
+            s.agent
+                .service_port(namespace, service, api::contract::POSTGRES_PORT)
+        });
+        if let Some(port) = port {
+            return Ok(port);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no local port for Service {namespace}/{service}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
 -> anyhow::Result<()> {
     let started = Instant::now();
-    let binaries = binaries()?;
-    let plane = ControlPlane::shared()?;
+    let (plane, stack) = stack()?;
     let client = plane.client().await?;
-    let agent_dir = tempfile::Builder::new()
-        .prefix("e2e-node-")
-        .tempdir_in(nodeagent::work_dir()?)?;
-    std::fs::set_permissions(
-        agent_dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
-    let pg_install = paths::pg_bin()
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let agent = NodeAgent::start(NodeAgentConfig {
-        node_name: "e2e-node".to_string(),
-        kubeconfig: plane.kubeconfig_path().to_path_buf(),
-        api_port: plane.port(),
-        ca: plane.serving_ca_path().to_path_buf(),
-        dir: agent_dir.path().to_path_buf(),
-        images: ImageTable::project(&binaries, &pg_install),
-    })?;
-
-    helm_install(plane)?;
+    let agent_dir = agent_dir(stack);
 
     let namespace = "e2e-failover";
     let objects = [
@@ -179,14 +247,7 @@ async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
         testbed::manifests::apply(&client, object, namespace).await?;
     }
     let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), namespace);
-    let primary = wait_healthy(
-        &clusters,
-        "pg",
-        None,
-        Duration::from_secs(120),
-        agent_dir.path(),
-    )
-    .await?;
+    let primary = wait_healthy(&clusters, "pg", None, Duration::from_secs(120), &agent_dir).await?;
     let ready_after = started.elapsed();
 
     // Through the Services, as a client would.
@@ -199,13 +260,8 @@ async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
         .and_then(|d| d.get("password"))
         .map(|b| String::from_utf8_lossy(&b.0).into_owned())
         .unwrap_or_default();
-    let service_port = |service: String| {
-        agent
-            .service_port(namespace, &service, api::contract::POSTGRES_PORT)
-            .ok_or_else(|| anyhow::anyhow!("no local port for Service {service}"))
-    };
-    let rw = service_port(api::contract::rw_service("pg"))?;
-    let ro = service_port(api::contract::ro_service("pg"))?;
+    let rw = service_port(stack, namespace, &api::contract::rw_service("pg"))?;
+    let ro = service_port(stack, namespace, &api::contract::ro_service("pg"))?;
     let writer = connect(rw, &password).await?;
     writer
         .batch_execute("CREATE TABLE acks (id bigint PRIMARY KEY); INSERT INTO acks VALUES (0)")
@@ -278,7 +334,7 @@ async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
         "pg",
         Some(&primary),
         Duration::from_secs(180),
-        agent_dir.path(),
+        &agent_dir,
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -306,5 +362,64 @@ async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
     );
     assert!(!acknowledged.is_empty(), "the writer wrote nothing");
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_cluster_garbage_collects_what_it_owned_and_keeps_its_volumes()
+-> anyhow::Result<()> {
+    let (plane, stack) = stack()?;
+    let client = plane.client().await?;
+    let agent_dir = agent_dir(stack);
+    let namespace = "e2e-delete";
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "ImageCatalog",
+               "metadata": {"name": "postgresql", "namespace": namespace},
+               "spec": {"images": [{"major": 18, "image": "ghcr.io/keiailab/pg-instance:18.6"}]}}),
+        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresCluster",
+        "metadata": {"name": "gone", "namespace": namespace},
+        "spec": {
+            "instances": 1,
+            "postgresVersion": 18,
+            "imageCatalogRef": {"kind": "ImageCatalog", "name": "postgresql"},
+            "storage": {"size": "1Gi"},
+            "postgresql": {"parameters": {"shared_buffers": "32MB"}},
+        }}),
+    ];
+    for object in &objects {
+        testbed::manifests::apply(&client, object, namespace).await?;
+    }
+    let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), namespace);
+    wait_healthy(
+        &clusters,
+        "gone",
+        None,
+        Duration::from_secs(150),
+        &agent_dir,
+    )
+    .await?;
+
+    clusters.delete("gone", &DeleteParams::background()).await?;
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left_sets = statefulsets.list(&ListParams::default()).await?.items.len();
+        let left_services = services.list(&ListParams::default()).await?.items.len();
+        let left_pods = pods.list(&ListParams::default()).await?.items.len();
+        if left_sets + left_services + left_pods == 0 && clusters.get_opt("gone").await?.is_none() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not garbage-collected after 90 s: {left_sets} StatefulSets, {left_services} Services, {left_pods} pods"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // deleteVolumesOnDeletion is false by default: the claim (and its data) stays.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    assert_eq!(claims.list(&ListParams::default()).await?.items.len(), 1);
     Ok(())
 }

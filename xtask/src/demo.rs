@@ -1,76 +1,89 @@
-//! `cargo xtask demo`: the product on one machine. A local control plane (etcd + kube-apiserver),
-//! the CRDs, the operator (`postgres-operator`), the samples of examples/, and a stand-in kubelet
-//! that runs each instance pod's `pg-instance` as a local process: a real three-instance
-//! PostgreSQL 18 cluster with synchronous replication and failover that you can psql into.
+//! `cargo xtask demo`: the product on one machine, through the real Kubernetes controllers. A
+//! local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler), the node
+//! agent that runs the scheduled pods as local processes, the operator installed from our Helm
+//! chart with helm (it runs as the chart's Deployment under the chart's RBAC), and the samples of
+//! examples/: a real three-instance PostgreSQL 18 cluster, created by the StatefulSet controller,
+//! with synchronous replication and failover, reachable through its Services.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use nix::sys::signal::Signal;
-use testbed::process::{ChildGuard, die_with_parent};
-use testbed::{ApiServer, manifests, paths};
-
-use crate::local_kubelet::LocalKubelet;
+use nodeagent::{ImageTable, NodeAgent, NodeAgentConfig};
+use testbed::{ControlPlane, manifests, paths};
 
 const NAMESPACE: &str = "default";
+const OPERATOR_NAMESPACE: &str = "postgres-operator-system";
 
 /// Runs the demo; with `once` it exits after the cluster is up and shown, else it serves until Ctrl-C.
 pub fn run(once: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
     crate::setup::install_servers()?;
     crate::cargo(&["build", "--package", "controllers", "--package", "instance"])?;
     let binaries = target_dir().join("debug");
     tokio::runtime::Runtime::new()?.block_on(async move {
-        crate::step("starting etcd and kube-apiserver on loopback");
-        let server = ApiServer::start().await?;
-        let client = server.client().await?;
-        let crds = api::all_crds();
-        crate::step(&format!("installing {} CRDs", crds.len()));
-        server.install_crds(&crds).await?;
+        crate::step("starting etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback");
+        let plane = ControlPlane::start().await?;
+        let client = plane.client().await?;
+        let agent_dir = tempfile::Builder::new()
+            .prefix("demo-node-")
+            .tempdir_in(nodeagent::work_dir()?)?;
+        std::fs::set_permissions(
+            agent_dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        let pg_install = paths::pg_bin().parent().map(PathBuf::from).unwrap_or_default();
+        crate::step("starting the node agent (runs the scheduled pods as local processes)");
+        let mut agent = NodeAgent::start(NodeAgentConfig {
+            node_name: "demo-node".to_string(),
+            kubeconfig: plane.kubeconfig_path().to_path_buf(),
+            api_port: plane.port(),
+            ca: plane.serving_ca_path().to_path_buf(),
+            dir: agent_dir.path().to_path_buf(),
+            images: ImageTable::project(&binaries, &pg_install),
+        })?;
 
-        crate::step("starting the operator (postgres-operator)");
-        let operator_log = server.dir().join("operator.log");
-        let mut operator = Command::new(binaries.join("postgres-operator"));
-        operator
-            .env("KUBECONFIG", server.kubeconfig_path())
-            .env("WATCH_NAMESPACE", NAMESPACE)
-            .env("POD_NAMESPACE", NAMESPACE)
-            .env("LEADER_ELECT", "true")
-            .env("HTTP_ADDR", format!("127.0.0.1:{}", testbed::free_port()))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&operator_log)?)
-            .stderr(std::fs::File::create(server.dir().join("operator.err"))?);
-        die_with_parent(&mut operator);
-        let _operator = ChildGuard::new(operator.spawn()?, Signal::SIGTERM, Duration::from_secs(10));
+        crate::step("installing the operator from charts/postgres-operator with helm");
+        let chart = paths::workspace_root().join("charts").join("postgres-operator");
+        let helm = Command::new(paths::helm())
+            .args(["upgrade", "--install", "postgres-operator"])
+            .arg(&chart)
+            .args(["--namespace", OPERATOR_NAMESPACE, "--create-namespace"])
+            .args(["--set", &format!("watchNamespace={NAMESPACE}")])
+            .arg("--kubeconfig")
+            .arg(plane.kubeconfig_path())
+            .env("HELM_CACHE_HOME", plane.dir().join("helm-cache"))
+            .env("HELM_CONFIG_HOME", plane.dir().join("helm-config"))
+            .env("HELM_DATA_HOME", plane.dir().join("helm-data"))
+            .output()?;
+        anyhow::ensure!(
+            helm.status.success(),
+            "helm install failed: {}",
+            String::from_utf8_lossy(&helm.stderr)
+        );
 
         let examples = manifests::read_folder(&paths::workspace_root().join("examples"))?;
         crate::step(&format!("applying {} objects from examples/", examples.len()));
         manifests::apply_all(&client, &examples, NAMESPACE).await?;
 
-        crate::step("running the instance pods (local kubelet: pg-instance processes on loopback)");
-        let pods_dir = server.dir().join("pods");
-        let mut kubelet = LocalKubelet::new(
-            client.clone(),
-            NAMESPACE,
-            &pods_dir,
-            &server.kubeconfig_path(),
-            &binaries.join("pg-instance"),
-        );
         let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), NAMESPACE);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut last_phase = String::new();
         loop {
-            if let Err(error) = kubelet.sync().await {
-                eprintln!("    kubelet: {error:#}");
-            }
             let demo = clusters.get("demo").await?;
             let status = demo.status.clone().unwrap_or_default();
             let phase = status.phase.clone().unwrap_or_default();
+            let running = pods
+                .list(&ListParams::default().labels(api::contract::LABEL_CLUSTER))
+                .await?
+                .items
+                .len();
             let summary = format!(
-                "{phase} ({} of {} ready, primary {})",
+                "{phase} ({running} pods, {} of {} ready, primary {})",
                 status.ready_instances,
                 demo.spec.instances,
                 status.current_primary.as_deref().unwrap_or("-")
@@ -84,49 +97,50 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
-                    "the demo cluster is not Healthy after 5 minutes ({last_phase}); logs in {}",
-                    server.dir().display()
+                    "the demo cluster is not Healthy after 5 minutes ({last_phase}); logs in {} and {}",
+                    plane.dir().display(),
+                    agent_dir.path().display()
                 );
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        crate::step(&format!(
+            "ready {:.0} s after `cargo xtask demo` started",
+            started.elapsed().as_secs_f64()
+        ));
 
-        print_objects(&client, &crds).await?;
-        let primary = clusters
-            .get("demo")
-            .await?
-            .status
-            .and_then(|s| s.current_primary)
-            .unwrap_or_default();
-        let port = kubelet.postgres_port(&primary).unwrap_or_default();
-        let passfile = write_pgpass(&client, &server.dir().join("pgpass"), port).await?;
+        print_objects(&client, &api::all_crds()).await?;
+        let passfile = write_pgpass(&client, &plane.dir().join("pgpass")).await?;
         let psql = paths::pg_bin().join("psql");
-        let version = Command::new(&psql)
-            .args(["-X", "-A", "-t", "-c", "SELECT version()"])
-            .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=app"))
-            .env("PGPASSFILE", &passfile)
-            .output()?;
-        println!("\nThe primary {primary} answers: {}", String::from_utf8_lossy(&version.stdout).trim());
-        println!("\nConnect to the primary:\n  PGPASSFILE={} {} \"host=127.0.0.1 port={port} user=postgres dbname=app\"", passfile.display(), psql.display());
-        println!("kubeconfig: {}   (KUBECONFIG=... kubectl get postgres,pods)", server.kubeconfig_path().display());
-        println!("logs: {}", server.dir().display());
+        println!("\nServices (a local port each, forwarding to ready endpoints as kube-proxy would):");
+        for ((namespace, service, port), local) in agent.service_ports() {
+            if namespace != NAMESPACE || port != api::contract::POSTGRES_PORT {
+                continue;
+            }
+            println!(
+                "  {service:<14} PGPASSFILE={} {} \"host=127.0.0.1 port={local} user=postgres dbname=app\"",
+                passfile.display(),
+                psql.display()
+            );
+        }
+        if let Some(port) = agent.service_port(NAMESPACE, &api::contract::rw_service("demo"), api::contract::POSTGRES_PORT) {
+            let version = Command::new(&psql)
+                .args(["-X", "-A", "-t", "-c", "SELECT version()"])
+                .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=app"))
+                .env("PGPASSFILE", &passfile)
+                .output()?;
+            println!("\nThe -rw Service answers: {}", String::from_utf8_lossy(&version.stdout).trim());
+        }
+        println!("kubeconfig: {}   (KUBECONFIG=... kubectl get postgres,pods,svc)", plane.kubeconfig_path().display());
+        println!("logs: {} (control plane), {} (pods)", plane.dir().display(), agent_dir.path().display());
         if once {
-            kubelet.stop_all();
+            agent.stop();
             return Ok(());
         }
-        println!("\nServing until Ctrl-C. Try killing the primary's postgres: a replica takes over.");
-        let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
-        loop {
-            tokio::select! {
-                _ = &mut interrupted => break,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                    if let Err(error) = kubelet.sync().await {
-                        eprintln!("    kubelet: {error:#}");
-                    }
-                }
-            }
-        }
-        kubelet.stop_all();
+        println!("\nServing until Ctrl-C. Try `kubectl delete pod <primary>`: a replica takes over.");
+        tokio::signal::ctrl_c().await?;
+        crate::step("stopping the pods, the node agent and the control plane");
+        agent.stop();
         Ok(())
     })
 }
@@ -183,11 +197,7 @@ async fn print_objects(
 }
 
 /// Writes a 0600 password file for the superuser (the password itself is never printed).
-async fn write_pgpass(
-    client: &kube::Client,
-    path: &std::path::Path,
-    port: u16,
-) -> anyhow::Result<PathBuf> {
+async fn write_pgpass(client: &kube::Client, path: &std::path::Path) -> anyhow::Result<PathBuf> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let secret = secrets
         .get(&api::contract::superuser_secret("demo"))
@@ -199,7 +209,7 @@ async fn write_pgpass(
         .map(|b| String::from_utf8_lossy(&b.0).to_string())
         .unwrap_or_default();
     let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
-    std::fs::write(path, format!("127.0.0.1:{port}:*:postgres:{escaped}\n"))?;
+    std::fs::write(path, format!("127.0.0.1:*:*:postgres:{escaped}\n"))?;
     let mut permissions = std::fs::metadata(path)?.permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
     std::fs::set_permissions(path, permissions)?;

@@ -5,7 +5,6 @@ mod bench;
 mod demo;
 mod generate;
 mod licenses;
-mod local_kubelet;
 mod olm;
 mod operator_install;
 mod release;
