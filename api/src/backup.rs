@@ -6,7 +6,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::ClusterReference;
-use crate::postgres_cluster::RecoveryTarget;
 
 /// One backup, restore or point-in-time-recovery run against a PostgresCluster's backup repository.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -26,28 +25,25 @@ use crate::postgres_cluster::RecoveryTarget;
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self == oldSelf", "message": "a BackupJob's spec is immutable: create a new BackupJob instead"},
-    {"rule": "self.action == 'Backup' ? !has(self.target) && !has(self.backupId) : true", "message": "target and backupId only apply to action Restore"}
+    {"rule": "self.action == 'Backup'", "message": "a BackupJob never restores over a running cluster: to restore or recover to a point in time, create a new PostgresCluster with spec.bootstrap.recovery (backupId, target)"},
+    {"rule": "self.method == 'barmanCloud'", "message": "method pgBackRest is not available: the pgBackRest the package registries serve (2.45) predates PostgreSQL 18; use method barmanCloud"},
+    {"rule": "self.backupType == 'full'", "message": "barman-cloud takes full backups only: remove backupType or set it to full"}
 ]))]
 pub struct BackupJobSpec {
-    /// Cluster whose backup repository (spec.backup) this job uses.
+    /// Cluster whose backup repository (spec.backup) receives the backup.
     pub cluster: ClusterReference,
-    /// `Backup` takes a base backup; `Restore` restores the cluster in place from one.
+    /// `Backup` takes a base backup. `Restore` is refused: a restore never overwrites a running
+    /// cluster; create a new PostgresCluster with `spec.bootstrap.recovery` instead.
     #[serde(default)]
     pub action: BackupAction,
-    /// Tool that moves the data.
+    /// Engine that moves the data: `barmanCloud` (pgBackRest is refused, see the README).
     #[serde(default)]
     pub method: BackupMethod,
-    /// `full`, `diff` or `incr` (pgBackRest backup types); ignored by barman-cloud.
+    /// `full` only (barman-cloud takes full backups).
     #[serde(default)]
     pub backup_type: BackupType,
-    /// Backup to restore (action Restore); the latest when unset.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 128))]
-    pub backup_id: Option<String>,
-    /// Point-in-time target (action Restore).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<RecoveryTarget>,
-    /// Take the backup from a replica when one is healthy, to spare the primary.
+    /// Take the backup from a healthy streaming replica when there is one, to spare the primary;
+    /// from the primary otherwise.
     #[serde(default)]
     pub prefer_replica: bool,
 }
@@ -58,22 +54,22 @@ pub enum BackupAction {
     /// Take a base backup.
     #[default]
     Backup,
-    /// Restore from a backup.
+    /// Refused: restores go into a new cluster (`spec.bootstrap.recovery`).
     Restore,
 }
 
-/// Backup tool.
+/// Backup engine.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum BackupMethod {
-    /// pgBackRest.
-    #[default]
+    /// Refused: the pgBackRest the registries serve (2.45) predates PostgreSQL 18.
     PgBackRest,
-    /// barman-cloud (barman-cloud-backup / barman-cloud-restore).
+    /// barman-cloud (barman-cloud-backup, barman-cloud-wal-archive, barman-cloud-restore).
+    #[default]
     BarmanCloud,
 }
 
-/// pgBackRest backup type.
+/// Backup type; barman-cloud takes `full` backups only.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupType {
@@ -99,9 +95,24 @@ pub struct BackupJobStatus {
     /// WAL location where the backup starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub begin_lsn: Option<String>,
-    /// WAL location where the backup ends.
+    /// WAL location where the backup ends (a restore replays at least up to here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_lsn: Option<String>,
+    /// When the backup began, as the engine recorded it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin_time: Option<String>,
+    /// When the backup ended, as the engine recorded it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<String>,
+    /// Size of the database files in the backup, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// Instance (pod) that took the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// Why the backup failed, and what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
     /// When the run started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
@@ -132,6 +143,10 @@ pub struct BackupJobStatus {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.method == 'barmanCloud'", "message": "method pgBackRest is not available: the pgBackRest the package registries serve (2.45) predates PostgreSQL 18; use method barmanCloud"},
+    {"rule": "self.backupType == 'full'", "message": "barman-cloud takes full backups only: remove backupType or set it to full"}
+]))]
 pub struct ScheduledBackupSpec {
     /// Cluster to back up.
     pub cluster: ClusterReference,
@@ -148,10 +163,14 @@ pub struct ScheduledBackupSpec {
     /// Backup type of the BackupJobs it creates.
     #[serde(default)]
     pub backup_type: BackupType,
-    /// Completed BackupJobs to keep; older ones are deleted (the repository's own retention still applies).
+    /// Finished BackupJobs to keep; older ones are deleted (the backups stay in the repository
+    /// until `spec.backup.retention` of the cluster expires them).
     #[serde(default = "default_keep")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep_jobs: i32,
+    /// Take the backups from a healthy replica when there is one (as BackupJob.preferReplica).
+    #[serde(default)]
+    pub prefer_replica: bool,
     /// Pause the schedule without deleting it.
     #[serde(default)]
     pub suspend: bool,
@@ -183,4 +202,27 @@ pub struct ScheduledBackupStatus {
     /// Generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// Environment of the instance manager for backups (what the operator sets on the PostgreSQL
+/// container): the repository and the recovery source as JSON, the engine's folder, the keys.
+pub mod instance_env {
+    /// Folder with the barman-cloud commands.
+    pub const BARMAN_BIN: &str = "BARMAN_BIN";
+    /// `spec.backup` of the PostgresCluster, as JSON.
+    pub const BACKUP_REPOSITORY: &str = "BACKUP_REPOSITORY";
+    /// `spec.bootstrap.recovery` of the PostgresCluster, as JSON.
+    pub const BOOTSTRAP_RECOVERY: &str = "BOOTSTRAP_RECOVERY";
+    /// Access key id of the repository (from `spec.backup.s3.credentialsSecret`).
+    pub const AWS_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
+    /// Secret access key of the repository.
+    pub const AWS_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
+    /// Access key id of the recovery source (from `spec.bootstrap.recovery.source.credentialsSecret`).
+    pub const RECOVERY_AWS_ACCESS_KEY_ID: &str = "RECOVERY_AWS_ACCESS_KEY_ID";
+    /// Secret access key of the recovery source.
+    pub const RECOVERY_AWS_SECRET_ACCESS_KEY: &str = "RECOVERY_AWS_SECRET_ACCESS_KEY";
+    /// Key of the credentials Secret that holds the access key id.
+    pub const SECRET_KEY_ACCESS_KEY_ID: &str = "ACCESS_KEY_ID";
+    /// Key of the credentials Secret that holds the secret access key.
+    pub const SECRET_KEY_SECRET_ACCESS_KEY: &str = "ACCESS_SECRET_KEY";
 }

@@ -148,3 +148,8 @@ pub const PORT_NAME_STATUS: &str = "status";
 /// position (`X/Y`) of its shutdown checkpoint, which the target must have received before it
 /// promotes.
 pub const ANNOTATION_SWITCHOVER_LSN: &str = "postgres.keiailab.io/switchover-lsn";
+/// Annotation a primary sets on the Lease (value: its pod name) when it gives the role up with
+/// PostgreSQL stopped (a clean shutdown, or PostgreSQL that died and could not restart): the Lease
+/// counts as expired at once, so the best replica takes it without waiting for the duration. Any
+/// new claim removes it.
+pub const ANNOTATION_RELEASED_BY: &str = "postgres.keiailab.io/released-by";

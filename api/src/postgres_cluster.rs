@@ -520,7 +520,8 @@ fn default_issuer_kind() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MonitoringSpec {
-    /// Serve Prometheus metrics from every instance.
+    /// Read figures from PostgreSQL at each scrape of an instance's `/metrics` (database sizes,
+    /// connections, replication, WAL, ...); false leaves only the instance manager's own figures.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Create a PodMonitor (Prometheus Operator).
@@ -529,6 +530,28 @@ pub struct MonitoringSpec {
     /// Create a PrometheusRule with the default alerts.
     #[serde(default)]
     pub prometheus_rule: bool,
+    /// User-defined metrics: a key of a ConfigMap in the cluster's namespace holding queries in
+    /// postgres_exporter's queries.yaml format. Mounted into every instance and re-read when it
+    /// changes; a query that fails is reported in `pg_instance_scrape_query_errors{query}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_queries: Option<CustomQueriesSource>,
+}
+
+/// A ConfigMap key holding user-defined metrics queries.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomQueriesSource {
+    /// ConfigMap name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the ConfigMap.
+    #[serde(default = "default_custom_queries_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_custom_queries_key() -> String {
+    "queries.yaml".to_string()
 }
 
 impl Default for MonitoringSpec {
@@ -537,6 +560,7 @@ impl Default for MonitoringSpec {
             enabled: true,
             pod_monitor: false,
             prometheus_rule: false,
+            custom_queries: None,
         }
     }
 }

@@ -2,7 +2,10 @@
 //! HTTP endpoints of the binary. `main.rs` only parses the configuration and calls
 //! [`operator::run`].
 
+pub mod backup_job;
 pub mod leader;
 pub mod metrics;
+pub mod monitoring;
 pub mod operator;
 pub mod postgres_cluster;
+pub mod scheduled_backup;

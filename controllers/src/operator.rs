@@ -230,6 +230,22 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
             resync: Duration::from_secs(config.resync_seconds.max(10)),
         },
     });
+    let (stop_backups, backups_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(crate::backup_job::run(
+        ctx.clone(),
+        config.watch_namespace.clone(),
+        async {
+            let _ = backups_stopped.await;
+        },
+    ));
+    let (stop_schedules, schedules_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(crate::scheduled_backup::run(
+        ctx.clone(),
+        config.watch_namespace.clone(),
+        async {
+            let _ = schedules_stopped.await;
+        },
+    ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let controller = postgres_cluster::run(
         ctx,
@@ -251,6 +267,8 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             let _ = stop.send(());
+            let _ = stop_backups.send(());
+            let _ = stop_schedules.send(());
             controller.await;
             Ok(())
         }

@@ -1,23 +1,34 @@
 //! `cargo xtask bench failover`: failover and switchover timings on real PostgreSQL 18 and a real
 //! kube-apiserver, with the default Lease settings (4 s duration, 2 s renew deadline).
 //!
-//! Each run starts a three-instance cluster with one synchronous standby, then
-//! - kills (`kill -9`) the primary's postgres and instance manager and measures the time from the
-//!   kill to the first successful write on the new primary (`failover_seconds`);
-//! - asks for a switchover to the remaining replica while a writer writes every 10 ms to whichever
-//!   instance holds the Lease, and measures the longest gap between two successful writes
-//!   (`switchover_write_pause_seconds`).
+//! Each run starts a three-instance cluster with one synchronous standby (`ANY 1` of the two
+//! replicas). A writer follows the Lease holder (as a client of the `-rw` Service would), commits
+//! one row every 10 ms and records every acknowledged commit. Then, in turn:
+//! - pod loss: `kill -9` of the primary's postgres and instance manager; the Lease must expire.
+//!   Time from the kill to the first successful write on the new primary
+//!   (`failover_pod_loss_seconds`, also printed as `failover_seconds` as before);
+//! - switchover to the remaining replica: the longest gap between two acknowledged writes
+//!   (`switchover_write_pause_seconds`);
+//! - PostgreSQL crash: the primary's configuration is broken (PostgreSQL keeps running, a reload
+//!   only logs the error) and its postmaster is killed with `kill -9`, so it cannot restart; the
+//!   instance manager fences and releases the Lease. Time from the kill to the first successful
+//!   write on the new primary (`failover_postgres_crash_seconds`).
 //!
-//! Prints the medians as `failover_seconds_median=<x>` and `switchover_write_pause_seconds_median=<x>`.
+//! After each phase every acknowledged row is looked up on the primary: `acked_writes_lost` is the
+//! total over all phases and runs.
+//!
+//! Prints the medians as `<name>_median=<x>` and `acked_writes_lost=<n>`.
 //! Runs: `FAILOVER_BENCH_RUNS` (default 5).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use support::{TestCluster, connect_port};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -32,17 +43,53 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// Writes every 10 ms to the Lease holder until `stop`; returns the instants of acknowledged
-/// writes.
-async fn write_to_holder(cluster: Arc<TestCluster>, stop: Arc<AtomicBool>) -> Vec<Instant> {
+/// How the writer finds the primary: the Lease holder and each instance's port.
+#[derive(Clone)]
+struct Route {
+    leases: Api<Lease>,
+    lease: String,
+    ports: Vec<(String, u16)>,
+}
+
+impl Route {
+    fn of(cluster: &TestCluster) -> Self {
+        Self {
+            leases: Api::namespaced(cluster.client.clone(), &cluster.namespace),
+            lease: api::contract::lease_name(&cluster.name),
+            ports: cluster
+                .instances
+                .iter()
+                .map(|instance| (instance.name.clone(), instance.pg_port))
+                .collect(),
+        }
+    }
+
+    async fn primary_port(&self) -> Option<u16> {
+        let holder = self
+            .leases
+            .get_opt(&self.lease)
+            .await
+            .ok()??
+            .spec?
+            .holder_identity?;
+        self.ports
+            .iter()
+            .find(|(name, _)| *name == holder)
+            .map(|(_, port)| *port)
+    }
+}
+
+/// One acknowledged commit: its id and when the acknowledgement came.
+type Ack = (i64, Instant);
+
+/// Writes one row every 10 ms to the Lease holder until `stop`; returns the acknowledged ones.
+async fn write_to_holder(route: Route, ids: Arc<AtomicI64>, stop: Arc<AtomicBool>) -> Vec<Ack> {
     let mut acknowledged = Vec::new();
     let mut client: Option<tokio_postgres::Client> = None;
-    let mut id: i64 = 0;
     while !stop.load(Ordering::SeqCst) {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = None;
-            if let Ok(Some(holder)) = cluster.lease_holder().await {
-                let port = cluster.instances[cluster.index_of(&holder)].pg_port;
+            if let Some(port) = route.primary_port().await {
                 client = tokio::time::timeout(Duration::from_millis(500), connect_port(port))
                     .await
                     .ok()
@@ -50,11 +97,11 @@ async fn write_to_holder(cluster: Arc<TestCluster>, stop: Arc<AtomicBool>) -> Ve
             }
         }
         if let Some(connected) = &client {
-            id += 1;
+            let id = ids.fetch_add(1, Ordering::SeqCst);
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
             let insert = connected.execute("INSERT INTO bench (id) VALUES ($1)", &params);
             match tokio::time::timeout(Duration::from_millis(1000), insert).await {
-                Ok(Ok(_)) => acknowledged.push(Instant::now()),
+                Ok(Ok(_)) => acknowledged.push((id, Instant::now())),
                 _ => client = None,
             }
         }
@@ -63,22 +110,85 @@ async fn write_to_holder(cluster: Arc<TestCluster>, stop: Arc<AtomicBool>) -> Ve
     acknowledged
 }
 
-async fn one_run(run: usize) -> anyhow::Result<(f64, f64)> {
-    let mut cluster = TestCluster::start(&format!("bench{run}"), 3, 1).await?;
+/// A writer running in the background.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Ack>>,
+}
+
+impl Writer {
+    fn start(cluster: &TestCluster, ids: &Arc<AtomicI64>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(write_to_holder(
+            Route::of(cluster),
+            ids.clone(),
+            stop.clone(),
+        ));
+        Self { stop, task }
+    }
+
+    /// Stops the writer; returns its acknowledged commits, and how many of them the primary
+    /// `index` lacks.
+    async fn finish(self, cluster: &TestCluster, index: usize) -> anyhow::Result<(Vec<Ack>, u64)> {
+        self.stop.store(true, Ordering::SeqCst);
+        let acknowledged = self.task.await?;
+        let ids: Vec<i64> = acknowledged.iter().map(|(id, _)| *id).collect();
+        let present: i64 = cluster
+            .connect(index)
+            .await?
+            .query_one("SELECT count(*) FROM bench WHERE id = ANY($1)", &[&ids])
+            .await?
+            .get(0);
+        Ok((acknowledged, (ids.len() as i64 - present).max(0) as u64))
+    }
+}
+
+/// Waits until the primary has both replicas in its synchronous set and streaming (the state a
+/// failover must start from for the quorum to be seen).
+async fn wait_for_full_quorum(cluster: &TestCluster) -> anyhow::Result<usize> {
     let primary = cluster.wait_for_primary_with_replicas(2, TIMEOUT).await?;
+    support::eventually(
+        "both replicas synchronous and streaming",
+        TIMEOUT,
+        || async {
+            cluster.status(primary).await.is_some_and(|status| {
+                status.synchronous_standbys.len() == 2 && status.streaming_replicas.len() == 2
+            })
+        },
+    )
+    .await?;
+    Ok(primary)
+}
+
+/// Figures of one run.
+struct Figures {
+    pod_loss: f64,
+    pause: f64,
+    postgres_crash: f64,
+    lost: u64,
+}
+
+async fn one_run(run: usize) -> anyhow::Result<Figures> {
+    let mut cluster = TestCluster::start(&format!("bench{run}"), 3, 1).await?;
+    let primary = wait_for_full_quorum(&cluster).await?;
     let old_primary = cluster.instances[primary].name.clone();
     cluster
         .connect(primary)
         .await?
-        .batch_execute("CREATE TABLE bench (id bigint)")
+        .batch_execute("CREATE TABLE bench (id bigint PRIMARY KEY)")
         .await?;
-    // Let a few renewals pass, as in steady state.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ids = Arc::new(AtomicI64::new(1));
+    let mut lost = 0;
 
+    // Pod loss: the whole instance dies; its Lease expires.
+    let writer = Writer::start(&cluster, &ids);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let killed_at = Instant::now();
     cluster.kill_instance(primary);
     let new_primary = cluster.wait_for_new_primary(&old_primary, TIMEOUT).await?;
-    let failover = killed_at.elapsed().as_secs_f64();
+    let pod_loss = killed_at.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost += writer.finish(&cluster, new_primary).await?.1;
 
     // Switchover to the remaining replica (once it streams from the new primary).
     let target = (0..3)
@@ -87,9 +197,7 @@ async fn one_run(run: usize) -> anyhow::Result<(f64, f64)> {
     cluster
         .wait_for_role(target, api::contract::role::REPLICA, TIMEOUT)
         .await?;
-    let cluster = Arc::new(cluster);
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(write_to_holder(cluster.clone(), stop.clone()));
+    let writer = Writer::start(&cluster, &ids);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let requested_at = Instant::now();
     cluster
@@ -99,18 +207,46 @@ async fn one_run(run: usize) -> anyhow::Result<(f64, f64)> {
         )
         .await?;
     let new_name = cluster.instances[new_primary].name.clone();
-    cluster.wait_for_new_primary(&new_name, TIMEOUT).await?;
+    let switched = cluster.wait_for_new_primary(&new_name, TIMEOUT).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::SeqCst);
-    let writes = writer.await?;
+    let (writes, missing) = writer.finish(&cluster, switched).await?;
+    lost += missing;
     let pause = writes
         .windows(2)
-        .filter(|pair| pair[1] > requested_at)
-        .map(|pair| (pair[1] - pair[0]).as_secs_f64())
+        .filter(|pair| pair[1].1 > requested_at)
+        .map(|pair| (pair[1].1 - pair[0].1).as_secs_f64())
         .fold(0.0, f64::max);
-    let cluster = Arc::try_unwrap(cluster).map_err(|_| anyhow::anyhow!("cluster still shared"))?;
+
+    // PostgreSQL crash: the pod killed first comes back; then the primary's postgres dies and
+    // cannot restart (a configuration it refuses), while its instance manager lives on.
+    cluster.start_instance(primary)?;
+    let crashed = wait_for_full_quorum(&cluster).await?;
+    let crashed_name = cluster.instances[crashed].name.clone();
+    let writer = Writer::start(&cluster, &ids);
+    std::fs::write(
+        cluster.instances[crashed].included_config(),
+        "shared_buffers = 'not a size'\n",
+    )?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let postmaster = cluster.instances[crashed]
+        .postmaster_pid()
+        .ok_or_else(|| anyhow::anyhow!("no postmaster.pid"))?;
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let taken_over = cluster.wait_for_new_primary(&crashed_name, TIMEOUT).await?;
+    let postgres_crash = killed_at.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost += writer.finish(&cluster, taken_over).await?.1;
     drop(cluster);
-    Ok((failover, pause))
+    Ok(Figures {
+        pod_loss,
+        pause,
+        postgres_crash,
+        lost,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -122,20 +258,33 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let mut failovers = Vec::new();
+    let mut pod_losses = Vec::new();
     let mut pauses = Vec::new();
+    let mut crashes = Vec::new();
+    let mut lost = 0;
     for run in 0..runs {
-        let (failover, pause) = runtime.block_on(one_run(run))?;
+        let figures = runtime.block_on(one_run(run))?;
         println!(
-            "run {run}: failover_seconds={failover:.3} switchover_write_pause_seconds={pause:.3}"
+            "run {run}: failover_pod_loss_seconds={:.3} switchover_write_pause_seconds={:.3} \
+             failover_postgres_crash_seconds={:.3} acked_writes_lost={}",
+            figures.pod_loss, figures.pause, figures.postgres_crash, figures.lost
         );
-        failovers.push(failover);
-        pauses.push(pause);
+        pod_losses.push(figures.pod_loss);
+        pauses.push(figures.pause);
+        crashes.push(figures.postgres_crash);
+        lost += figures.lost;
     }
-    println!("failover_seconds_median={:.3}", median(&mut failovers));
+    let pod_loss = median(&mut pod_losses);
+    println!("failover_seconds_median={pod_loss:.3}");
+    println!("failover_pod_loss_seconds_median={pod_loss:.3}");
+    println!(
+        "failover_postgres_crash_seconds_median={:.3}",
+        median(&mut crashes)
+    );
     println!(
         "switchover_write_pause_seconds_median={:.3}",
         median(&mut pauses)
     );
+    println!("acked_writes_lost={lost}");
     Ok(())
 }

@@ -11,6 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use crate::error::{Error, Result};
 use crate::status::InstanceStatus;
@@ -45,6 +46,7 @@ pub struct Cluster {
     cluster: String,
     pod: String,
     timeout: Duration,
+    recorder: Recorder,
 }
 
 impl Cluster {
@@ -56,7 +58,15 @@ impl Cluster {
         pod: &str,
         timeout: Duration,
     ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "pg-instance".to_string(),
+                instance: Some(pod.to_string()),
+            },
+        );
         Self {
+            recorder,
             client,
             namespace: namespace.to_string(),
             cluster: cluster.to_string(),
@@ -186,6 +196,30 @@ impl Cluster {
             }) if status.code == 404 => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// Records a Warning event on this instance's pod (what the instance manager did on its own
+    /// that an operator should know about).
+    pub async fn warning_event(&self, reason: &str, note: String) -> Result<()> {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: reason.to_string(),
+            secondary: None,
+        };
+        let pod = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(self.pod.clone()),
+            namespace: Some(self.namespace.clone()),
+            ..Default::default()
+        };
+        self.bounded(
+            &format!("event on pod {}", self.pod),
+            self.recorder.publish(&event, &pod),
+        )
+        .await
     }
 
     /// Sets the role label and the status annotation on this instance's pod.

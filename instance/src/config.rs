@@ -66,12 +66,57 @@ pub struct Config {
     /// Largest time a switchover may take before it is abandoned, in seconds.
     #[arg(long, env = "SWITCHOVER_TIMEOUT_SECONDS", default_value_t = 60)]
     pub switchover_timeout_seconds: u64,
+    /// Application database (`bootstrap.initdb.database`); defaults to the application Secret's
+    /// `dbname`, then to its user name.
+    #[arg(long, env = "APP_DATABASE")]
+    pub app_database: Option<String>,
+    /// Encoding of a new cluster (initdb `-E`; `bootstrap.initdb.encoding`).
+    #[arg(long, env = "INITDB_ENCODING", default_value = "UTF8")]
+    pub initdb_encoding: String,
+    /// Locale of a new cluster (initdb `--locale`; `bootstrap.initdb.locale`).
+    #[arg(long, env = "INITDB_LOCALE", default_value = "C")]
+    pub initdb_locale: String,
+    /// Data page checksums in a new cluster (`bootstrap.initdb.dataChecksums`).
+    #[arg(long, env = "INITDB_DATA_CHECKSUMS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub initdb_data_checksums: bool,
+    /// `any` (quorum, `ANY n`) or `first` (priority, `FIRST n`).
+    #[arg(long, env = "SYNCHRONOUS_METHOD", default_value = "any", value_parser = ["any", "first"])]
+    pub synchronous_method: String,
+    /// `required` (writes wait for the standbys) or `preferred` (only streaming standbys count).
+    #[arg(long, env = "SYNCHRONOUS_DURABILITY", default_value = "required", value_parser = ["required", "preferred"])]
+    pub synchronous_durability: String,
+    /// Extra wait after the Lease expired before a replica runs for primary, in seconds.
+    #[arg(long, env = "FAILOVER_DELAY_SECONDS", default_value_t = 0)]
+    pub failover_delay_seconds: u64,
     /// Period of the control loop, in milliseconds.
     #[arg(long, env = "TICK_MILLIS", default_value_t = 250)]
     pub tick_millis: u64,
     /// Extra PostgreSQL settings `name=value` (repeatable), written to the managed configuration.
     #[arg(long = "postgres-setting", value_name = "NAME=VALUE")]
     pub postgres_settings: Vec<String>,
+    /// Period of the PostgresUser / PostgresDatabase reconcile that repairs drift, in seconds.
+    #[arg(long, env = "DECLARATIVE_RESYNC_SECONDS", default_value_t = 60)]
+    pub declarative_resync_seconds: u64,
+    /// Folder with the backup engine's commands (`barman-cloud-*`).
+    #[arg(long, env = api::backup::instance_env::BARMAN_BIN, default_value = "/usr/local/bin")]
+    pub barman_bin: PathBuf,
+    /// Backup repository: `spec.backup` of the PostgresCluster as JSON (WAL archiving, base
+    /// backups, retention); its keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = api::backup::instance_env::BACKUP_REPOSITORY)]
+    pub backup_repository: Option<String>,
+    /// Recovery at bootstrap: `spec.bootstrap.recovery` as JSON; its keys come from
+    /// RECOVERY_AWS_ACCESS_KEY_ID / RECOVERY_AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = api::backup::instance_env::BOOTSTRAP_RECOVERY)]
+    pub bootstrap_recovery: Option<String>,
+    /// Read figures from PostgreSQL on `/metrics` (`spec.monitoring.enabled`).
+    #[arg(long, env = "METRICS_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics_database: bool,
+    /// Deadline of the PostgreSQL part of a `/metrics` scrape, in milliseconds.
+    #[arg(long, env = "METRICS_TIMEOUT_MILLIS", default_value_t = 3000)]
+    pub metrics_timeout_millis: u64,
+    /// File of user-defined metrics queries (postgres_exporter's queries.yaml format).
+    #[arg(long, env = "METRICS_CUSTOM_QUERIES")]
+    pub metrics_custom_queries: Option<PathBuf>,
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -86,6 +131,20 @@ impl Config {
     /// Renew deadline.
     pub fn renew_deadline(&self) -> Duration {
         Duration::from_secs(self.renew_deadline_seconds)
+    }
+
+    /// Extra wait after the Lease expired before a replica runs for primary.
+    pub fn failover_delay(&self) -> Duration {
+        Duration::from_secs(self.failover_delay_seconds)
+    }
+
+    /// How commits wait for standbys.
+    pub fn sync_policy(&self) -> crate::decision::SyncPolicy {
+        crate::decision::SyncPolicy {
+            number: self.synchronous_standbys,
+            first: self.synchronous_method == "first",
+            preferred: self.synchronous_durability == "preferred",
+        }
     }
 
     /// Control loop period.

@@ -5,6 +5,18 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// A primary whose PostgreSQL exited and then failed to restart this many times in a row gives
+/// the role up (fenced, Lease released) instead of holding the Lease with no server behind it.
+/// Two, not one: a restart right after a `kill -9` of the postmaster can fail once while the
+/// orphaned backends still hold the old shared memory.
+pub const FAILED_RESTARTS_BEFORE_FAILOVER: u32 = 2;
+/// A primary whose PostgreSQL has not accepted connections for this long since it exited (a
+/// restart that hangs in recovery) gives the role up too: a streaming replica is ready sooner.
+pub const POSTGRES_DOWN_BEFORE_FAILOVER: Duration = Duration::from_secs(5);
+/// A primary that released its Lease because PostgreSQL failed takes it back (and tries again)
+/// when no replica claimed it for this long (none could: a single instance, no quorum).
+pub const UNCLAIMED_RELEASE_RETRY: Duration = Duration::from_secs(5);
+
 /// Why an instance is fenced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -13,6 +25,9 @@ pub enum FenceReason {
     Requested,
     /// This primary lost its Lease (or could not renew it) and stopped PostgreSQL.
     LostLease,
+    /// This primary's PostgreSQL died and could not be restarted: it released the Lease so that
+    /// a replica takes over at once.
+    PostgresFailed,
 }
 
 /// The role of this instance: the state machine of the run loop.
@@ -69,6 +84,15 @@ pub struct Observation {
     /// For a replica: its PostgreSQL accepts writes (promoted behind our back), or it has not
     /// streamed from a live primary for a long while (its history diverged).
     pub replica_diverged: bool,
+    /// For a primary: how many restarts of PostgreSQL failed since it last accepted connections.
+    pub postgres_failed_restarts: u32,
+    /// For a primary: how long PostgreSQL has not accepted connections since it exited.
+    pub postgres_down_for: Duration,
+    /// For a fenced instance: time since it fenced itself.
+    pub since_fence: Duration,
+    /// For a replica: the primary it follows now has another address (its pod came back with
+    /// another IP) than the one in `primary_conninfo`.
+    pub upstream_moved: bool,
 }
 
 /// The step the run loop takes next.
@@ -128,10 +152,29 @@ pub fn next_step(role: &Role, seen: &Observation, renew_deadline: Duration) -> S
                 Step::Stay
             }
         }
+        Role::Fenced {
+            reason: FenceReason::PostgresFailed,
+        } => {
+            // Our own released Lease reads as expired: wait for a replica to claim it, and take
+            // it back only when none did.
+            let claimed_by_another = seen.lease_holder.is_some() && !seen.lease_is_mine;
+            if seen.api_reachable
+                && (claimed_by_another || seen.since_fence >= UNCLAIMED_RELEASE_RETRY)
+            {
+                Step::Resolve
+            } else {
+                Step::Stay
+            }
+        }
         Role::Pending => Step::Resolve,
         Role::Primary => {
             if seen.api_reachable && !seen.lease_is_mine {
                 return Step::Demote;
+            }
+            if seen.postgres_failed_restarts >= FAILED_RESTARTS_BEFORE_FAILOVER
+                || seen.postgres_down_for >= POSTGRES_DOWN_BEFORE_FAILOVER
+            {
+                return Step::Fence(FenceReason::PostgresFailed);
             }
             if seen.since_renewal >= renew_deadline && !seen.peers_confirm_api_outage {
                 return Step::Fence(FenceReason::LostLease);
@@ -159,7 +202,7 @@ pub fn next_step(role: &Role, seen: &Observation, renew_deadline: Duration) -> S
                     Step::Rewind(holder.clone())
                 }
                 Some(holder) if !seen.lease_expired => {
-                    if upstream.as_deref() == Some(holder.as_str()) {
+                    if upstream.as_deref() == Some(holder.as_str()) && !seen.upstream_moved {
                         Step::Stay
                     } else {
                         Step::Follow(holder.clone())
@@ -171,10 +214,36 @@ pub fn next_step(role: &Role, seen: &Observation, renew_deadline: Duration) -> S
     }
 }
 
+/// How commits wait for standbys (`spec.replication.synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncPolicy {
+    /// Standbys that confirm each commit; 0 for asynchronous replication.
+    pub number: u32,
+    /// `FIRST n` (priority) instead of `ANY n` (quorum). Either way each acknowledged commit is on
+    /// `n` members of the set, which is all the candidacy rule relies on.
+    pub first: bool,
+    /// Availability wins: only the replicas that stream now are in the set, so writes go on
+    /// (asynchronously when none streams); a failover may then lose acknowledged commits.
+    pub preferred: bool,
+}
+
 /// `synchronous_standby_names` for `number` synchronous standbys among `standbys` (pod names):
 /// `ANY n (...)` with `n` capped at the set's size, or empty (asynchronous) when `number` is 0 or
 /// the set is empty.
 pub fn synchronous_standby_names(standbys: &[String], number: u32) -> String {
+    standby_names(
+        standbys,
+        SyncPolicy {
+            number,
+            ..SyncPolicy::default()
+        },
+    )
+}
+
+/// `synchronous_standby_names` under `policy`: `ANY n (...)` or `FIRST n (...)`, `n` capped at
+/// the set's size; empty (asynchronous) when the number is 0 or the set is empty.
+pub fn standby_names(standbys: &[String], policy: SyncPolicy) -> String {
+    let number = policy.number;
     if number == 0 || standbys.is_empty() {
         return String::new();
     }
@@ -189,7 +258,24 @@ pub fn synchronous_standby_names(standbys: &[String], number: u32) -> String {
         .iter()
         .map(|name| crate::quote::identifier(name))
         .collect();
-    format!("ANY {number} ({})", quoted.join(", "))
+    let method = if policy.first { "FIRST" } else { "ANY" };
+    format!("{method} {number} ({})", quoted.join(", "))
+}
+
+/// The next synchronous set under `policy`: [`next_synchronous_set`] when durability is required;
+/// only the replicas that stream now when it is preferred.
+pub fn next_synchronous_set_for(
+    previous: &[String],
+    streaming: &[String],
+    existing_pods: &[String],
+    me: &str,
+    policy: SyncPolicy,
+) -> Vec<String> {
+    if policy.preferred {
+        next_synchronous_set(&[], streaming, existing_pods, me)
+    } else {
+        next_synchronous_set(previous, streaming, existing_pods, me)
+    }
 }
 
 /// The next synchronous set of a primary: it only grows while its members exist (a replica that
@@ -356,6 +442,58 @@ mod tests {
     }
 
     #[test]
+    fn a_primary_whose_postgres_cannot_restart_gives_the_role_up_until_another_claims_it() {
+        let holding = Observation {
+            lease_holder: Some("a".into()),
+            lease_is_mine: true,
+            ..seen()
+        };
+        let once = Observation {
+            postgres_failed_restarts: 1,
+            postgres_down_for: Duration::from_millis(600),
+            ..holding.clone()
+        };
+        assert_eq!(next_step(&Role::Primary, &once, DEADLINE), Step::Stay);
+        let failed = Observation {
+            postgres_failed_restarts: FAILED_RESTARTS_BEFORE_FAILOVER,
+            ..once.clone()
+        };
+        assert_eq!(
+            next_step(&Role::Primary, &failed, DEADLINE),
+            Step::Fence(FenceReason::PostgresFailed)
+        );
+        let hanging = Observation {
+            postgres_down_for: POSTGRES_DOWN_BEFORE_FAILOVER,
+            ..holding.clone()
+        };
+        assert_eq!(
+            next_step(&Role::Primary, &hanging, DEADLINE),
+            Step::Fence(FenceReason::PostgresFailed)
+        );
+
+        let fenced = Role::Fenced {
+            reason: FenceReason::PostgresFailed,
+        };
+        // Still ours (released, so it reads as expired): wait for a replica to claim it.
+        let released = Observation {
+            lease_expired: true,
+            since_fence: Duration::from_millis(300),
+            ..holding.clone()
+        };
+        assert_eq!(next_step(&fenced, &released, DEADLINE), Step::Stay);
+        let taken = Observation {
+            lease_holder: Some("b".into()),
+            ..seen()
+        };
+        assert_eq!(next_step(&fenced, &taken, DEADLINE), Step::Resolve);
+        let unclaimed = Observation {
+            since_fence: UNCLAIMED_RELEASE_RETRY,
+            ..released
+        };
+        assert_eq!(next_step(&fenced, &unclaimed, DEADLINE), Step::Resolve);
+    }
+
+    #[test]
     fn a_primary_that_sees_another_holder_demotes() {
         let observation = Observation {
             lease_holder: Some("b".into()),
@@ -407,6 +545,14 @@ mod tests {
             next_step(&replica, &moved, DEADLINE),
             Step::Follow("c".into())
         );
+        let readdressed = Observation {
+            upstream_moved: true,
+            ..following.clone()
+        };
+        assert_eq!(
+            next_step(&replica, &readdressed, DEADLINE),
+            Step::Follow("a".into())
+        );
         let expired = Observation {
             lease_expired: true,
             ..following.clone()
@@ -441,6 +587,30 @@ mod tests {
         assert!(set.is_empty());
         let set = next_synchronous_set(&["a".into(), "c".into()], &[], &pods, "b");
         assert_eq!(set, vec!["a".to_string(), "c".to_string()]);
+    }
+
+    #[test]
+    fn priority_and_preferred_policies() {
+        let first = SyncPolicy {
+            number: 1,
+            first: true,
+            preferred: false,
+        };
+        assert_eq!(
+            standby_names(&["b".into(), "c".into()], first),
+            "FIRST 1 (\"b\", \"c\")"
+        );
+        let pods: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+        let previous: Vec<String> = vec!["b".into(), "c".into()];
+        let required = next_synchronous_set_for(&previous, &["c".into()], &pods, "a", first);
+        assert_eq!(required, previous, "a standby that is down stays");
+        let preferred = SyncPolicy {
+            preferred: true,
+            ..first
+        };
+        let set = next_synchronous_set_for(&previous, &["c".into()], &pods, "a", preferred);
+        assert_eq!(set, vec!["c".to_string()], "only what streams");
+        assert!(next_synchronous_set_for(&previous, &[], &pods, "a", preferred).is_empty());
     }
 
     #[test]

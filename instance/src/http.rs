@@ -23,12 +23,16 @@ pub struct Shared {
     pub status: RwLock<InstanceStatus>,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// Figures read from PostgreSQL at scrape time.
+    pub database: crate::database_metrics::DatabaseMetrics,
     /// Largest lag, in bytes, of a ready replica.
     pub max_lag_bytes: u64,
     /// When a call to the API server last succeeded.
     last_api_success: RwLock<Option<Instant>>,
     /// How recent that success must be for `/status` to report `apiReachable`.
     api_window: Duration,
+    /// Backups, when the cluster has a backup repository or a recovery source.
+    pub backup: std::sync::OnceLock<Arc<crate::backup::service::BackupService>>,
 }
 
 impl Shared {
@@ -41,9 +45,11 @@ impl Shared {
                 ..InstanceStatus::default()
             }),
             metrics: Metrics::new(),
+            database: Default::default(),
             max_lag_bytes,
             last_api_success: RwLock::new(None),
             api_window,
+            backup: std::sync::OnceLock::new(),
         })
     }
 
@@ -90,6 +96,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .merge(crate::backup::http::routes())
         .with_state(shared)
 }
 
@@ -118,12 +125,14 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let mut text = shared.metrics.encode();
+    crate::database_metrics::append_to_exposition(&mut text, &shared.database.collect().await);
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        shared.metrics.encode(),
+        text,
     )
         .into_response()
 }

@@ -86,8 +86,16 @@ impl LeaseTracker {
 
     /// Whether the holder let the Lease expire: no holder, or its record unchanged for the
     /// Lease's duration (`default_duration` when it names none).
+    /// A Lease its holder released (PostgreSQL stopped first) is expired at once.
     pub fn expired(&self, now: Instant, default_duration: Duration) -> bool {
-        if self.holder().is_none() {
+        let Some(holder) = self.holder() else {
+            return true;
+        };
+        if self
+            .annotation(api::contract::ANNOTATION_RELEASED_BY)
+            .as_deref()
+            == Some(holder.as_str())
+        {
             return true;
         }
         let duration = self
@@ -104,8 +112,25 @@ impl LeaseTracker {
     }
 }
 
+impl LeaseTracker {
+    /// Whether the Lease has been expired for at least `delay` (`spec.failover.failoverDelaySeconds`:
+    /// counted from the moment it expired; for a released Lease or one without holder, from the
+    /// moment that was seen).
+    pub fn expired_for(&self, now: Instant, default_duration: Duration, delay: Duration) -> bool {
+        if delay.is_zero() {
+            return self.expired(now, default_duration);
+        }
+        let Some(earlier) = now.checked_sub(delay) else {
+            return false;
+        };
+        self.changed_at.is_some_and(|changed| earlier >= changed)
+            && self.expired(earlier, default_duration)
+    }
+}
+
 /// The Lease with `holder` as holder, renewed now: a new one (from `current` = `None`) or an
-/// update of `current` keeping its `resourceVersion` (optimistic concurrency).
+/// update of `current` keeping its `resourceVersion` (optimistic concurrency). A claim is never a
+/// release: the released mark goes.
 pub fn claimed(
     current: Option<&Lease>,
     name: &str,
@@ -133,6 +158,9 @@ pub fn claimed(
     spec.holder_identity = holder.map(str::to_string);
     spec.renew_time = Some(now);
     spec.lease_duration_seconds = Some(duration.as_secs() as i32);
+    if let Some(annotations) = lease.metadata.annotations.as_mut() {
+        annotations.remove(api::contract::ANNOTATION_RELEASED_BY);
+    }
     lease
 }
 
@@ -169,6 +197,51 @@ mod tests {
         tracker.observe(Some(lease), start + Duration::from_secs(10));
         assert!(!tracker.expired(start + Duration::from_secs(13), duration));
         assert!(tracker.expired(start + Duration::from_secs(14), duration));
+    }
+
+    #[test]
+    fn a_released_lease_is_expired_at_once_until_the_next_claim() {
+        let now = Instant::now();
+        let duration = Duration::from_secs(4);
+        let mut lease = claimed(None, "c-primary", "ns", Some("a"), duration);
+        annotate(
+            &mut lease,
+            &[(api::contract::ANNOTATION_RELEASED_BY, Some("a".into()))],
+        );
+        let mut tracker = LeaseTracker::default();
+        tracker.observe(Some(lease.clone()), now);
+        assert!(tracker.expired(now, duration));
+        let taken = claimed(Some(&lease), "c-primary", "ns", Some("b"), duration);
+        tracker.observe(Some(taken), now);
+        assert!(!tracker.expired(now, duration));
+        assert_eq!(
+            tracker.annotation(api::contract::ANNOTATION_RELEASED_BY),
+            None
+        );
+    }
+
+    #[test]
+    fn a_failover_delay_counts_from_the_expiry() {
+        let start = Instant::now();
+        let duration = Duration::from_secs(4);
+        let delay = Duration::from_secs(3);
+        let mut tracker = LeaseTracker::default();
+        tracker.observe(
+            Some(claimed(None, "c-primary", "ns", Some("a"), duration)),
+            start,
+        );
+        assert!(tracker.expired(start + Duration::from_secs(4), duration));
+        assert!(!tracker.expired_for(start + Duration::from_secs(6), duration, delay));
+        assert!(tracker.expired_for(start + Duration::from_secs(7), duration, delay));
+        let mut released = claimed(None, "c-primary", "ns", Some("b"), duration);
+        annotate(
+            &mut released,
+            &[(api::contract::ANNOTATION_RELEASED_BY, Some("b".into()))],
+        );
+        tracker.observe(Some(released), start + Duration::from_secs(10));
+        assert!(!tracker.expired_for(start + Duration::from_secs(12), duration, delay));
+        assert!(tracker.expired_for(start + Duration::from_secs(13), duration, delay));
+        assert!(tracker.expired_for(start + Duration::from_secs(13), duration, Duration::ZERO));
     }
 
     #[test]

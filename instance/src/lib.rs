@@ -8,6 +8,9 @@
 //! - [`postgres`]: the local PostgreSQL (files, programs, child process).
 //! - [`cluster`] and [`lease`]: the Kubernetes objects (Lease, pods, Secrets).
 //! - [`http`], [`metrics`], [`status`]: what the instance publishes.
+//! - [`declarative`]: PostgresUser and PostgresDatabase, applied by the primary.
+//! - [`backup`]: WAL archiving, base backups, restore and point-in-time recovery.
+//! - [`database_metrics`]: figures read from PostgreSQL at scrape time (built-in and user queries).
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
 //!
 //! # How instances find each other
@@ -31,9 +34,12 @@
 //!   PostgresCluster) stops PostgreSQL and neither renews nor takes the Lease.
 //! - PostgreSQL never runs as root: as root, `--run-as-user` names the user it runs as.
 
+pub mod backup;
 pub mod cluster;
 pub mod config;
+pub mod database_metrics;
 pub mod decision;
+pub mod declarative;
 pub mod error;
 pub mod http;
 pub mod lease;

@@ -12,6 +12,11 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
+use crate::backup::BackupSetup;
+use crate::backup::archiver::{self, ArchiveState};
+use crate::backup::engine::LocalServer;
+use crate::backup::recovery::{self, Recovery};
+use crate::backup::service::BackupService;
 use crate::cluster::{Cluster, Credentials, Member, fence_requested};
 use crate::config::Config;
 use crate::decision::{
@@ -20,11 +25,13 @@ use crate::decision::{
 use crate::error::{Error, Result};
 use crate::http::{self, Shared};
 use crate::lease::{self, LeaseTracker};
-use crate::postgres::{LocalPostgres, ManagedSettings, StopMode, Upstream};
+use crate::postgres::{LocalPostgres, MANAGED_CONFIG, ManagedSettings, StopMode, Upstream};
 use crate::quote;
 use crate::status::InstanceStatus;
 use crate::watchdog::Watchdog;
 
+/// Marker in the run folder while a restore from a backup is not finished (a restart redoes it).
+const RESTORE_MARKER: &str = "restore-incomplete";
 /// How long a peer has to answer `/status`.
 const PEER_TIMEOUT: Duration = Duration::from_millis(400);
 /// A replica that has not streamed from a live primary for this long is rewound.
@@ -46,13 +53,36 @@ pub async fn run(config: Config) -> Result<()> {
         api_timeout,
     );
     let (superuser, replication, app) = wait_for_credentials(&cluster, &config).await;
-    let postgres = LocalPostgres::new(&config, &superuser.username)?;
+    let mut postgres = LocalPostgres::new(&config, &superuser.username)?;
     postgres.write_passfile(&superuser, &replication)?;
+    // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
+    let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
+    let declarative_client = kube_client(&config, Duration::from_secs(60)).await?;
+    crate::declarative::spawn(
+        declarative_client,
+        &config,
+        &superuser.username,
+        primary_watch,
+    );
     let shared = Shared::new(
         &config.pod_name,
         config.max_lag_bytes,
         config.renew_deadline() / 2,
     );
+    let backup = start_backups(&config, &mut postgres, &shared)?;
+    if config.metrics_database {
+        shared
+            .database
+            .configure(crate::database_metrics::Settings {
+                connection: crate::database_metrics::local_connection(
+                    &config.run_dir(),
+                    config.port,
+                    &superuser.username,
+                ),
+                timeout: Duration::from_millis(config.metrics_timeout_millis),
+                custom_queries: config.metrics_custom_queries.clone(),
+            });
+    }
     let http_address = config.http_address;
     let http_shared = shared.clone();
     tokio::spawn(async move {
@@ -95,6 +125,12 @@ pub async fn run(config: Config) -> Result<()> {
         not_streaming_since: None,
         rewound_while_stuck: false,
         included_config: None,
+        declarative_primary,
+        backup,
+        restarts_since_ready: 0,
+        postgres_down_since: None,
+        fenced_at: None,
+        followed: None,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -116,6 +152,40 @@ pub async fn run(config: Config) -> Result<()> {
         manager.release_lease().await;
     }
     Ok(())
+}
+
+/// Sets up WAL archiving, WAL restore and the backup endpoints when the cluster has a backup
+/// repository or a recovery source; starts the archiver.
+fn start_backups(
+    config: &Config,
+    postgres: &mut LocalPostgres,
+    shared: &Arc<Shared>,
+) -> Result<Option<Arc<BackupService>>> {
+    let Some(setup) = BackupSetup::from_config(config, postgres.run_as_ids())? else {
+        return Ok(None);
+    };
+    postgres.set_backup_settings(setup.archive_settings());
+    let archive = Arc::new(ArchiveState::default());
+    let metrics = shared.metrics.backup.clone();
+    tokio::spawn(archiver::run(
+        setup.clone(),
+        postgres.pgdata().join("pg_wal"),
+        archive.clone(),
+        metrics.clone(),
+        postgres.run_as_ids(),
+    ));
+    let service = BackupService::new(
+        setup,
+        archive,
+        LocalServer {
+            socket_dir: postgres.socket_dir().display().to_string(),
+            port: postgres.port(),
+            user: postgres.superuser().to_string(),
+        },
+        metrics,
+    );
+    let _ = shared.backup.set(service.clone());
+    Ok(Some(service))
 }
 
 async fn kube_client(config: &Config, timeout: Duration) -> Result<kube::Client> {
@@ -205,6 +275,18 @@ struct Manager {
     rewound_while_stuck: bool,
     /// Contents of the included configuration files (the operator's ConfigMap) last loaded.
     included_config: Option<Vec<Option<String>>>,
+    /// Tells the declarative reconcilers whether this instance is a writable primary.
+    declarative_primary: tokio::sync::watch::Sender<bool>,
+    /// Backups (archiving, base backups, recovery), when configured.
+    backup: Option<Arc<BackupService>>,
+    /// Restarts of PostgreSQL since it last accepted connections.
+    restarts_since_ready: u32,
+    /// Since when PostgreSQL has not accepted connections after it exited.
+    postgres_down_since: Option<Instant>,
+    /// When this instance fenced itself.
+    fenced_at: Option<Instant>,
+    /// Address of the primary written in `primary_conninfo` (replica).
+    followed: Option<Upstream>,
 }
 
 impl Manager {
@@ -222,6 +304,10 @@ impl Manager {
         self.reload_on_config_change();
         self.supervise().await;
         self.local = self.query_local().await;
+        if self.local.is_some() {
+            self.restarts_since_ready = 0;
+            self.postgres_down_since = None;
+        }
 
         let since_renewal = self
             .last_renewal
@@ -231,7 +317,11 @@ impl Manager {
             fence_requested: self.fence_requested,
             lease_holder: self.lease.holder(),
             lease_is_mine: self.lease.holder().as_deref() == Some(self.me()),
-            lease_expired: self.lease.expired(now, self.config.lease_duration()),
+            lease_expired: self.lease.expired_for(
+                now,
+                self.config.lease_duration(),
+                self.config.failover_delay(),
+            ),
             api_reachable: self.api_reachable,
             since_renewal,
             peers_confirm_api_outage: false,
@@ -240,6 +330,16 @@ impl Manager {
                 .annotation(contract::ANNOTATION_SWITCHOVER_TO)
                 .filter(|target| !target.is_empty()),
             replica_diverged: self.replica_diverged(now),
+            postgres_failed_restarts: self.restarts_since_ready.saturating_sub(1),
+            postgres_down_for: self
+                .postgres_down_since
+                .map(|since| now.saturating_duration_since(since))
+                .unwrap_or_default(),
+            since_fence: self
+                .fenced_at
+                .map(|at| now.saturating_duration_since(at))
+                .unwrap_or_default(),
+            upstream_moved: self.upstream_moved(),
         };
         if self.role == Role::Primary && since_renewal >= self.config.renew_deadline() {
             let confirmed_at = Instant::now();
@@ -261,6 +361,13 @@ impl Manager {
                 self.last_error = Some(error.to_string());
             }
         }
+        let writable = self.role == Role::Primary
+            && self
+                .local
+                .as_ref()
+                .is_some_and(|local| local.in_recovery == Some(false));
+        self.declarative_primary
+            .send_if_modified(|primary| std::mem::replace(primary, writable) != writable);
         self.watchdog.guard(if self.role == Role::Primary {
             self.postgres.pid()
         } else {
@@ -296,6 +403,22 @@ impl Manager {
         }
         let since = *self.not_streaming_since.get_or_insert(now);
         now.duration_since(since) >= STUCK_REPLICA
+    }
+
+    /// Whether the primary this replica follows now has another address than the one it streams
+    /// from (its pod came back with another IP).
+    fn upstream_moved(&self) -> bool {
+        let (
+            Role::Replica {
+                upstream: Some(name),
+            },
+            Some(followed),
+        ) = (&self.role, &self.followed)
+        else {
+            return false;
+        };
+        self.upstream_of(name)
+            .is_ok_and(|current| current != *followed)
     }
 
     /// How long after the start of a renewal a primary may keep accepting writes when the run
@@ -478,6 +601,8 @@ impl Manager {
         }
         warn!(role = ?self.role, "postgres is not running; restarting it");
         self.restarts += 1;
+        self.restarts_since_ready += 1;
+        self.postgres_down_since.get_or_insert_with(Instant::now);
         self.roles_ensured = false;
         if let Err(error) = self.postgres.start(Duration::ZERO).await {
             debug!(%error, "postgres restart pending");
@@ -496,12 +621,21 @@ impl Manager {
             Step::Fence(reason) => {
                 let mode = match reason {
                     FenceReason::Requested => StopMode::Fast,
-                    FenceReason::LostLease => StopMode::Immediate,
+                    FenceReason::LostLease | FenceReason::PostgresFailed => StopMode::Immediate,
                 };
                 warn!(?reason, "fencing: stopping PostgreSQL");
                 self.postgres.stop(mode).await;
+                let was_primary = self.role == Role::Primary;
                 self.role = Role::Fenced { reason };
                 self.last_renewal = None;
+                self.fenced_at = Some(Instant::now());
+                if reason == FenceReason::PostgresFailed && was_primary {
+                    // PostgreSQL is stopped: no write can be accepted any more, so a replica may
+                    // take over now rather than after the Lease's duration.
+                    self.release_lease().await;
+                    self.restarts_since_ready = 0;
+                    self.postgres_down_since = None;
+                }
                 Ok(())
             }
             Step::Resolve => {
@@ -514,6 +648,7 @@ impl Manager {
             }
             Step::Follow(holder) => {
                 let upstream = self.upstream_of(&holder)?;
+                self.followed = Some(upstream.clone());
                 self.postgres.write_config(
                     &ManagedSettings {
                         upstream: Some(upstream),
@@ -523,7 +658,7 @@ impl Manager {
                     &self.replication.username,
                 )?;
                 self.postgres.signal(Signal::SIGHUP);
-                info!(primary = %holder, "following the primary");
+                info!(primary = %holder, address = ?self.followed, "following the primary");
                 self.not_streaming_since = None;
                 self.role = Role::Replica {
                     upstream: Some(holder),
@@ -546,7 +681,8 @@ impl Manager {
                     .await;
                 self.not_streaming_since = None;
                 if self.rewound_while_stuck {
-                    self.reclone(&upstream).await?;
+                    let why = format!("still not streaming {STUCK_REPLICA:?} after pg_rewind");
+                    self.reclone(&upstream, &why).await?;
                     self.rewound_while_stuck = false;
                 } else {
                     self.rejoin(&upstream).await?;
@@ -578,9 +714,16 @@ impl Manager {
         let holder = self.lease.holder();
         let expired = self.lease.expired(now, self.config.lease_duration());
         let clone_marker = self.config.run_dir().join("clone-incomplete");
-        if !self.postgres.has_data() || clone_marker.exists() {
-            if !self.lease.ever_held() {
+        let restore_marker = self.config.run_dir().join(RESTORE_MARKER);
+        if !self.postgres.has_data() || clone_marker.exists() || restore_marker.exists() {
+            let restoring = restore_marker.exists() && holder.as_deref() == Some(me.as_str());
+            if !self.lease.ever_held() || restoring {
                 self.acquire().await?;
+                if let Some(recovery) = self.recovery() {
+                    self.bootstrap_from_backup(recovery).await?;
+                    self.last_join = Some("restore".into());
+                    return Ok(Role::Primary);
+                }
                 info!("bootstrapping a new cluster with initdb");
                 self.postgres.initdb(&self.superuser).await?;
                 self.start_primary().await?;
@@ -642,6 +785,66 @@ impl Manager {
         }
     }
 
+    fn recovery(&self) -> Option<Recovery> {
+        self.backup
+            .as_ref()
+            .and_then(|backup| backup.setup.recovery.clone())
+    }
+
+    /// Creates the cluster from a backup (`spec.bootstrap.recovery`): download, archive recovery
+    /// up to the target, promotion; the Lease is renewed while PostgreSQL replays.
+    async fn bootstrap_from_backup(&mut self, recovery: Recovery) -> Result<()> {
+        let Some(setup) = self.backup.as_ref().map(|backup| backup.setup.clone()) else {
+            return Ok(());
+        };
+        let marker = self.config.run_dir().join(RESTORE_MARKER);
+        std::fs::write(&marker, b"").map_err(Error::io("writing the restore marker"))?;
+        info!(
+            source = %recovery.store.destination(),
+            source_cluster = %recovery.store.server_name,
+            backup = ?recovery.backup_id,
+            target = ?recovery.target,
+            "bootstrapping the cluster from a backup"
+        );
+        self.postgres.stop(StopMode::Fast).await;
+        self.postgres.empty_data_dir()?;
+        recovery::download(&setup, &recovery, self.postgres.pgdata(), MANAGED_CONFIG).await?;
+        let mut settings = setup.archive_settings();
+        settings.extend(recovery.settings(&setup));
+        self.postgres.set_backup_settings(settings);
+        let managed = ManagedSettings {
+            upstream: None,
+            synchronous_standby_names: String::new(),
+        };
+        self.postgres
+            .write_config(&managed, false, &self.replication.username)?;
+        self.acquire().await?;
+        self.postgres.start(Duration::from_secs(3600)).await?;
+        loop {
+            if !self.postgres.is_running() {
+                return Err(Error::Invalid(
+                    "PostgreSQL stopped during the recovery (is the target inside the archived WAL, after the backup? see its log)".into(),
+                ));
+            }
+            if let Ok(client) = self.postgres.connect().await
+                && let Ok(row) = client.query_one("SELECT pg_is_in_recovery()", &[]).await
+                && !row.get::<_, bool>(0)
+            {
+                break;
+            }
+            self.acquire().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        info!("recovery finished and promoted: archiving to this cluster's own repository");
+        self.postgres.set_backup_settings(setup.archive_settings());
+        self.postgres
+            .write_config(&managed, false, &self.replication.username)?;
+        self.postgres.signal(Signal::SIGHUP);
+        self.roles_ensured = false;
+        let _ = std::fs::remove_file(&marker);
+        Ok(())
+    }
+
     /// A former primary becomes a replica of `upstream`: pg_rewind, or a new clone when rewinding
     /// is impossible.
     async fn rejoin(&mut self, upstream: &Upstream) -> Result<()> {
@@ -653,14 +856,21 @@ impl Manager {
             }
             Err(error) => {
                 warn!(%error, "pg_rewind failed; cloning the primary again");
-                self.reclone(upstream).await?;
+                self.reclone(upstream, &format!("pg_rewind failed: {error}"))
+                    .await?;
             }
         }
         Ok(())
     }
 
-    /// Replaces the data directory with a new clone of the primary at `upstream`.
-    async fn reclone(&mut self, upstream: &Upstream) -> Result<()> {
+    /// Replaces the data directory with a new clone of the primary at `upstream`, and says so
+    /// (`lastJoin: reclone` in the status, a `Recloned` event on the pod with `why`).
+    async fn reclone(&mut self, upstream: &Upstream, why: &str) -> Result<()> {
+        let note = format!("data directory replaced by a new clone of the primary: {why}");
+        let note: String = note.chars().take(1000).collect();
+        if let Err(error) = self.cluster.warning_event("Recloned", note).await {
+            debug!(%error, "recording the reclone event failed");
+        }
         let marker = self.config.run_dir().join("clone-incomplete");
         std::fs::write(&marker, b"").map_err(Error::io("writing the clone marker"))?;
         self.postgres
@@ -674,9 +884,9 @@ impl Manager {
     async fn start_primary(&mut self) -> Result<()> {
         let settings = ManagedSettings {
             upstream: None,
-            synchronous_standby_names: decision::synchronous_standby_names(
+            synchronous_standby_names: decision::standby_names(
                 &self.synchronous_set,
-                self.config.synchronous_standbys,
+                self.config.sync_policy(),
             ),
         };
         self.postgres
@@ -695,6 +905,7 @@ impl Manager {
     }
 
     async fn start_replica(&mut self, upstream: Option<Upstream>) -> Result<()> {
+        self.followed = upstream.clone();
         let settings = ManagedSettings {
             upstream,
             synchronous_standby_names: String::new(),
@@ -725,9 +936,10 @@ impl Manager {
         Ok(())
     }
 
-    /// After a clean shutdown of the primary (no more writes): shortens the Lease to one second,
-    /// so a replica takes over at once instead of after a whole Lease duration. The holder stays
-    /// named, so that the candidates know whose synchronous standbys to consult.
+    /// After PostgreSQL stopped on the primary (no more writes): marks the Lease released (and
+    /// shortens it to one second for instances that do not know the mark), so a replica takes over
+    /// at once instead of after a whole Lease duration. The holder stays named, so that the
+    /// candidates know whose synchronous standbys to consult.
     async fn release_lease(&mut self) {
         if self.lease.holder().as_deref() != Some(self.me()) {
             return;
@@ -742,8 +954,18 @@ impl Manager {
         if let Some(spec) = released.spec.as_mut() {
             spec.lease_duration_seconds = Some(1);
         }
+        lease::annotate(
+            &mut released,
+            &[(
+                contract::ANNOTATION_RELEASED_BY,
+                Some(self.me().to_string()),
+            )],
+        );
         match self.cluster.replace_lease(&released).await {
-            Ok(_) => info!("Lease released (shortened to 1 s) after a clean shutdown"),
+            Ok(written) => {
+                self.lease.observe(Some(written), Instant::now());
+                info!("Lease released with PostgreSQL stopped")
+            }
             Err(error) => {
                 warn!(%error, "releasing the Lease failed; replicas take over when it expires")
             }
@@ -880,9 +1102,9 @@ impl Manager {
             decision::next_synchronous_set(&inherited_set, &[], &pods, self.me());
         let settings = ManagedSettings {
             upstream: None,
-            synchronous_standby_names: decision::synchronous_standby_names(
+            synchronous_standby_names: decision::standby_names(
                 &self.synchronous_set,
-                self.config.synchronous_standbys,
+                self.config.sync_policy(),
             ),
         };
         // synchronous_standby_names is in place before the first write is accepted.
@@ -977,6 +1199,7 @@ impl Manager {
             true,
             &self.replication.username,
         )?;
+        self.followed = Some(upstream);
         let mut handed = lease::claimed(
             self.lease.lease(),
             &self.cluster.lease_name(),
@@ -1084,10 +1307,15 @@ impl Manager {
                 .filter(|pod| streaming_apps.contains(&quote::slot_name(pod)))
                 .cloned()
                 .collect();
-            let next =
-                decision::next_synchronous_set(&self.synchronous_set, &streaming, &pods, self.me());
-            let names =
-                decision::synchronous_standby_names(&next, self.config.synchronous_standbys);
+            let policy = self.config.sync_policy();
+            let next = decision::next_synchronous_set_for(
+                &self.synchronous_set,
+                &streaming,
+                &pods,
+                self.me(),
+                policy,
+            );
+            let names = decision::standby_names(&next, policy);
             let current: String = client
                 .query_one("SELECT current_setting('synchronous_standby_names')", &[])
                 .await
@@ -1120,7 +1348,11 @@ impl Manager {
             .batch_execute("SET log_statement TO 'none'; SET log_min_duration_statement TO -1")
             .await
             .map_err(Error::postgres("hiding role statements from the log"))?;
-        let mut roles = vec![(&self.replication, "LOGIN REPLICATION")];
+        // The superuser too: a cluster restored from a backup starts with the source's password.
+        let mut roles = vec![
+            (&self.superuser, "SUPERUSER LOGIN"),
+            (&self.replication, "LOGIN REPLICATION"),
+        ];
         if let Some(app) = &self.app {
             roles.push((app, "LOGIN"));
         }
@@ -1138,13 +1370,19 @@ impl Manager {
                 .batch_execute(&format!(
                     "{verb} ROLE {} WITH {attributes} PASSWORD {}",
                     quote::identifier(&user.username),
-                    quote::literal(&user.password)
+                    // A verifier, never the cleartext (see declarative::scram).
+                    quote::literal(&crate::declarative::scram::verifier(&user.password))
                 ))
                 .await
                 .map_err(Error::postgres(format!("{verb} ROLE {}", user.username)))?;
         }
         if let Some(app) = &self.app {
-            let database = app.dbname.clone().unwrap_or_else(|| app.username.clone());
+            let database = self
+                .config
+                .app_database
+                .clone()
+                .or_else(|| app.dbname.clone())
+                .unwrap_or_else(|| app.username.clone());
             let exists = client
                 .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
                 .await
@@ -1215,9 +1453,27 @@ impl Manager {
         status.last_error = self.last_error.clone();
         status.restart_token = self.restart_token.clone().filter(|token| !token.is_empty());
         status.data_disk_available_bytes = self.postgres.available_bytes();
-        if self.role == Role::Primary {
+        let gave_up = Role::Fenced {
+            reason: FenceReason::PostgresFailed,
+        };
+        if self.role == Role::Primary || self.role == gave_up {
+            // Candidates read the synchronous set of the primary they replace.
             status.synchronous_standbys = self.synchronous_set.clone();
+            if self.role == gave_up {
+                status.last_error.get_or_insert_with(|| {
+                    "PostgreSQL exited and failed to restart: Lease released to a replica".into()
+                });
+            }
             status.synchronous_number = self.config.synchronous_standbys;
+        }
+        if let Some(backup) = &self.backup {
+            let primary = self.role == Role::Primary && status.in_recovery == Some(false);
+            let replica = matches!(self.role, Role::Replica { .. }) && status.postgres_ready;
+            backup.archive.set_active(primary || replica);
+            backup.set_role(&status.role, status.postgres_ready);
+            if primary && backup.setup.wal_archiving {
+                status.wal_archive = Some(backup.archive.status());
+            }
         }
         self.shared.set_status(status.clone());
         if !self.api_reachable {

@@ -30,6 +30,8 @@ pub struct Metrics {
     wal_bytes: Gauge,
     restarts: Gauge,
     disk_available: Gauge,
+    /// Backup metrics (WAL archiving, base backups).
+    pub backup: crate::backup::metrics::BackupMetrics,
 }
 
 impl Default for Metrics {
@@ -54,6 +56,7 @@ impl Metrics {
             wal_bytes: Gauge::default(),
             restarts: Gauge::default(),
             disk_available: Gauge::default(),
+            backup: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -105,6 +108,12 @@ impl Metrics {
             "postgres_restarts",
             "Times the instance manager restarted a crashed PostgreSQL",
             metrics.restarts.clone(),
+        );
+        metrics.backup.register(&mut registry);
+        registry.register(
+            "data_disk_available_bytes",
+            "Free bytes on the data directory's file system",
+            metrics.disk_available.clone(),
         );
         Self {
             registry,

@@ -59,7 +59,24 @@ pub struct LocalPostgres {
     extra_settings: Vec<(String, String)>,
     ids: Option<(Uid, Gid)>,
     superuser: String,
+    initdb_options: Vec<String>,
     child: Option<Child>,
+    /// Archiving, WAL restore and recovery settings (see [`crate::backup`]).
+    backup_settings: Vec<(String, String)>,
+}
+
+/// initdb options for the encoding, locale and checksums of a new cluster.
+pub fn initdb_options(encoding: &str, locale: &str, data_checksums: bool) -> Vec<String> {
+    let mut options = vec![
+        format!("--encoding={encoding}"),
+        format!("--locale={locale}"),
+    ];
+    options.push(if data_checksums {
+        "--data-checksums".into()
+    } else {
+        "--no-data-checksums".into()
+    });
+    options
 }
 
 impl LocalPostgres {
@@ -89,10 +106,21 @@ impl LocalPostgres {
             extra_settings: config.extra_settings(),
             ids,
             superuser: superuser.to_string(),
+            initdb_options: initdb_options(
+                &config.initdb_encoding,
+                &config.initdb_locale,
+                config.initdb_data_checksums,
+            ),
             child: None,
+            backup_settings: Vec::new(),
         };
         postgres.private_dir(&postgres.run_dir)?;
         Ok(postgres)
+    }
+
+    /// Name of the superuser.
+    pub fn superuser(&self) -> &str {
+        &self.superuser
     }
 
     /// Data directory.
@@ -207,7 +235,28 @@ impl LocalPostgres {
         Ok(text)
     }
 
-    fn empty_data_dir(&self) -> Result<()> {
+    /// Sets the archiving / WAL restore / recovery settings the next [`Self::write_config`] writes.
+    pub fn set_backup_settings(&mut self, settings: Vec<(String, String)>) {
+        self.backup_settings = settings;
+    }
+
+    /// Folder of the Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The (uid, gid) PostgreSQL runs as, when the instance manager runs as root.
+    pub fn run_as_ids(&self) -> Option<(u32, u32)> {
+        self.ids.map(|(uid, gid)| (uid.as_raw(), gid.as_raw()))
+    }
+
+    /// Removes and recreates the data directory (and the WAL directory), empty.
+    pub fn empty_data_dir(&self) -> Result<()> {
         if self.pgdata.exists() {
             fs::remove_dir_all(&self.pgdata)
                 .map_err(Error::io(format!("removing {}", self.pgdata.display())))?;
@@ -224,7 +273,8 @@ impl LocalPostgres {
         self.private_dir(&self.pgdata)
     }
 
-    /// initdb with data checksums and SCRAM-SHA-256, the superuser's password from a file.
+    /// initdb with the configured encoding, locale and checksums and SCRAM-SHA-256, the
+    /// superuser's password from a file.
     pub async fn initdb(&self, superuser: &Credentials) -> Result<()> {
         self.empty_data_dir()?;
         let pwfile = self.run_dir.join("initdb-password");
@@ -233,7 +283,8 @@ impl LocalPostgres {
         command
             .arg("-D")
             .arg(&self.pgdata)
-            .args(["-E", "UTF8", "--locale=C", "--data-checksums", "--no-sync"])
+            .args(&self.initdb_options)
+            .arg("--no-sync")
             .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
             .arg(format!("--username={}", superuser.username))
             .arg(format!("--pwfile={}", pwfile.display()));
@@ -356,6 +407,7 @@ impl LocalPostgres {
                 lines.push(("primary_slot_name".into(), String::new()));
             }
         }
+        lines.extend(self.backup_settings.iter().cloned());
         lines.extend(self.extra_settings.iter().cloned());
         let text: String = std::iter::once("# Written by pg-instance; do not edit.\n".to_string())
             .chain(
@@ -528,4 +580,21 @@ fn libc_prctl_pdeathsig() -> i32 {
     nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL))
         .map(|_| 0)
         .unwrap_or(-1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initdb_options_follow_the_bootstrap_spec() {
+        assert_eq!(
+            initdb_options("UTF8", "C", true),
+            ["--encoding=UTF8", "--locale=C", "--data-checksums"]
+        );
+        assert_eq!(
+            initdb_options("LATIN1", "en_US", false),
+            ["--encoding=LATIN1", "--locale=en_US", "--no-data-checksums"]
+        );
+    }
 }

@@ -78,6 +78,9 @@ pub struct InstanceStatus {
     /// The last error the run loop met (for the operator and the logs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// WAL archiving to the backup repository (primary with `spec.backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_archive: Option<crate::backup::archiver::ArchiveStatus>,
 }
 
 impl InstanceStatus {

@@ -660,12 +660,29 @@ async fn an_asynchronous_pair_fails_over_to_its_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_included_configuration_is_reloaded_without_a_restart() {
-    let cluster = TestCluster::start("reload", 1, 0).await.unwrap();
+    let cluster = TestCluster::start_with("reload", 1, 0, &["--app-database=shop"])
+        .await
+        .unwrap();
     let primary = cluster
         .wait_for_primary_with_replicas(0, STARTUP)
         .await
         .unwrap();
     let client = cluster.connect(primary).await.unwrap();
+    // bootstrap.initdb.database names the application database, owned by the app Secret's user.
+    eventually("the application database exists", STARTUP, || {
+        let client = &client;
+        async move {
+            client
+                .query_opt(
+                    "SELECT 1 FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba WHERE d.datname = 'shop' AND r.rolname = 'app'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|row| row.is_some())
+        }
+    })
+    .await
+    .unwrap();
     let started: String = client
         .query_one("SELECT pg_postmaster_start_time()::text", &[])
         .await
@@ -695,4 +712,350 @@ async fn a_changed_included_configuration_is_reloaded_without_a_restart() {
         .unwrap()
         .get(0);
     assert_eq!(started, still, "a reload, not a restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_postgres_cannot_restart_releases_its_lease_at_once() {
+    let cluster = TestCluster::start("crash", 3, 1).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(2, STARTUP)
+        .await
+        .unwrap();
+    let old_primary = cluster.instances[primary].name.clone();
+    cluster
+        .connect(primary)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    eventually("both replicas are synchronous standbys", STARTUP, || {
+        let cluster = &cluster;
+        async move {
+            cluster.status(primary).await.is_some_and(|status| {
+                status.synchronous_standbys.len() == 2 && status.streaming_replicas.len() == 2
+            })
+        }
+    })
+    .await
+    .unwrap();
+
+    // A configuration PostgreSQL cannot start with (a reload only logs it), then kill -9 of the
+    // postmaster while a writer commits: PostgreSQL dies and cannot come back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_until_failure(
+        cluster.connect(primary).await.unwrap(),
+        1,
+        stop.clone(),
+        progress.clone(),
+    ));
+    wait_for_progress(&progress, 20).await;
+    std::fs::write(
+        cluster.instances[primary].included_config(),
+        "shared_buffers = 'not a size'\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let postmaster = cluster.instances[primary].postmaster_pid().unwrap();
+    let killed_at = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let acknowledged = writer.await.unwrap();
+
+    // Without the release the instance manager would keep renewing the Lease of a dead server.
+    let new_primary = cluster
+        .wait_for_new_primary(&old_primary, FAILOVER)
+        .await
+        .unwrap();
+    let failover = killed_at.elapsed();
+    assert!(
+        failover < Duration::from_secs(support::LEASE_DURATION_SECONDS),
+        "the Lease was released, not left to expire: {failover:?}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        count_present(&cluster, new_primary, &acknowledged)
+            .await
+            .unwrap(),
+        acknowledged.len() as i64,
+        "every acknowledged synchronous commit survives"
+    );
+    let status = cluster.status(primary).await.unwrap();
+    assert!(status.fenced, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("failed to restart")),
+        "the status says why: {status:?}"
+    );
+
+    // Once PostgreSQL can start again the old primary rejoins as a replica.
+    std::fs::write(cluster.instances[primary].included_config(), "").unwrap();
+    let status = cluster
+        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert!(
+        matches!(status.last_join.as_deref(), Some("rewind" | "reclone")),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_a_primary_whose_pod_comes_back_with_another_ip() {
+    let cluster = TestCluster::start("moved", 2, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(1, STARTUP)
+        .await
+        .unwrap();
+    let replica = 1 - primary;
+    let sender_host = || async {
+        let client = cluster.connect(replica).await.ok()?;
+        client
+            .query_opt(
+                "SELECT sender_host FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                &[],
+            )
+            .await
+            .ok()?
+            .map(|row| row.get::<_, String>(0))
+    };
+    assert_eq!(sender_host().await.as_deref(), Some("127.0.0.1"));
+
+    // The primary's pod now answers on another address (both are served by the same PostgreSQL
+    // here; the replica must re-point primary_conninfo to the one the pod advertises).
+    cluster.set_pod_ip(primary, "127.0.0.2").await.unwrap();
+    eventually(
+        "the replica streams from the new address",
+        FAILOVER,
+        || async { sender_host().await.as_deref() == Some("127.0.0.2") },
+    )
+    .await
+    .unwrap();
+    let client = cluster.connect(primary).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY); INSERT INTO acked VALUES (1)")
+        .await
+        .unwrap();
+    eventually("the row reached the replica", FAILOVER, || {
+        let cluster = &cluster;
+        async move {
+            count_present(cluster, replica, &[1])
+                .await
+                .is_ok_and(|n| n == 1)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        cluster.lease_holder().await.unwrap().as_deref(),
+        Some(cluster.instances[primary].name.as_str()),
+        "no failover: only the address changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_primary_whose_wal_is_gone_reclones_and_says_so() {
+    let mut cluster = TestCluster::start("reclone", 2, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(1, STARTUP)
+        .await
+        .unwrap();
+    let old_primary = cluster.instances[primary].name.clone();
+    let replica = 1 - primary;
+    cluster
+        .connect(primary)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY); INSERT INTO acked VALUES (1)")
+        .await
+        .unwrap();
+    eventually("the row reached the replica", FAILOVER, || {
+        let cluster = &cluster;
+        async move {
+            count_present(cluster, replica, &[1])
+                .await
+                .is_ok_and(|n| n == 1)
+        }
+    })
+    .await
+    .unwrap();
+    cluster.kill_instance(primary);
+    cluster
+        .wait_for_new_primary(&old_primary, FAILOVER)
+        .await
+        .unwrap();
+
+    // The former primary's WAL is gone: pg_rewind cannot even finish its crash recovery.
+    let wal = cluster.instances[primary].pgdata().join("pg_wal");
+    for entry in std::fs::read_dir(&wal).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit()) {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    cluster.start_instance(primary).unwrap();
+    let status = cluster
+        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert_eq!(status.last_join.as_deref(), Some("reclone"), "{status:?}");
+    assert_eq!(count_present(&cluster, primary, &[1]).await.unwrap(), 1);
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let recloned = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|event| {
+            event.reason.as_deref() == Some("Recloned")
+                && event.regarding.as_ref().and_then(|r| r.name.as_deref())
+                    == Some(old_primary.as_str())
+        })
+        .expect("a Recloned event on the pod");
+    assert!(
+        recloned
+            .note
+            .as_deref()
+            .is_some_and(|note| note.contains("pg_rewind failed")),
+        "{recloned:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_the_primary_is_not_elected() {
+    let mut cluster = TestCluster::start("cutrep", 3, 1).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(2, STARTUP)
+        .await
+        .unwrap();
+    let old_primary = cluster.instances[primary].name.clone();
+    eventually("both replicas are synchronous standbys", STARTUP, || {
+        let cluster = &cluster;
+        async move {
+            cluster.status(primary).await.is_some_and(|status| {
+                status.synchronous_standbys.len() == 2 && status.streaming_replicas.len() == 2
+            })
+        }
+    })
+    .await
+    .unwrap();
+    let cut = (0..3).find(|index| *index != primary).unwrap();
+    let healthy = (0..3)
+        .find(|index| *index != primary && *index != cut)
+        .unwrap();
+
+    // The cut replica receives nothing more from the primary (its WAL receiver is frozen, as
+    // behind a partition); the other one acknowledges every commit (ANY 1).
+    let receiver: i32 = cluster
+        .connect(cut)
+        .await
+        .unwrap()
+        .query_one("SELECT pid FROM pg_stat_wal_receiver", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let receiver = nix::unistd::Pid::from_raw(receiver);
+    nix::sys::signal::kill(receiver, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let client = cluster.connect(primary).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let ids: Vec<i64> = (1..=50).collect();
+    for id in &ids {
+        client
+            .execute("INSERT INTO acked (id) VALUES ($1)", &[id])
+            .await
+            .unwrap();
+    }
+
+    cluster.kill_instance(primary);
+    let new_primary = cluster.wait_for_new_primary(&old_primary, FAILOVER).await;
+    let _ = nix::sys::signal::kill(receiver, nix::sys::signal::Signal::SIGCONT);
+    let new_primary = new_primary.unwrap();
+    assert_eq!(
+        new_primary, healthy,
+        "the replica that missed acknowledged commits is not elected"
+    );
+    assert_eq!(
+        count_present(&cluster, new_primary, &ids).await.unwrap(),
+        ids.len() as i64
+    );
+    // Healed, the cut replica catches up from the new primary.
+    eventually("the cut replica catches up", FAILOVER, || {
+        let cluster = &cluster;
+        let ids = &ids;
+        async move {
+            count_present(cluster, cut, ids)
+                .await
+                .is_ok_and(|n| n == ids.len() as i64)
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_durability_keeps_writing_when_the_standbys_are_gone() {
+    let mut cluster = TestCluster::start_with_args(
+        "pref",
+        2,
+        1,
+        &[
+            "--synchronous-method=first",
+            "--synchronous-durability=preferred",
+        ],
+    )
+    .await
+    .unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(1, STARTUP)
+        .await
+        .unwrap();
+    let replica = 1 - primary;
+    let client = cluster.connect(primary).await.unwrap();
+    let replica_name = cluster.instances[replica].name.replace('-', "_");
+    eventually("FIRST 1 over the streaming replica", STARTUP, || {
+        let client = &client;
+        let expected = format!("FIRST 1 (\"{replica_name}\")");
+        async move {
+            client
+                .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, String>(0) == expected)
+        }
+    })
+    .await
+    .unwrap();
+    client
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    // The only standby goes away: with durability required commits would wait for it forever.
+    cluster.stop_instance(replica);
+    let insert = client.execute("INSERT INTO acked (id) VALUES (1)", &[]);
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_secs(20), insert).await,
+            Ok(Ok(1))
+        ),
+        "a commit goes through once the standby is gone\n{}",
+        cluster.logs()
+    );
+    let names: String = client
+        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(names, "", "asynchronous while no standby streams");
 }

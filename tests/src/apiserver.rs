@@ -26,7 +26,19 @@ pub struct ApiServer {
     etcd: ChildGuard,
     port: u16,
     token: String,
+    /// Static tokens of the other users (the control-plane components), by user name.
+    user_tokens: Vec<(String, String)>,
     dir: TempDir,
+}
+
+/// What differs between the envtest-like API server and the one of a full control plane.
+#[derive(Debug, Clone, Default)]
+pub struct ApiServerOptions {
+    /// More users with a static token each: (user name, groups), for the components.
+    pub users: Vec<(String, Vec<String>)>,
+    /// Keeps the ServiceAccount admission plugin (pods get their token volume); only when a
+    /// controller-manager creates the `default` ServiceAccounts, else pods cannot be created.
+    pub service_account_admission: bool,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -40,6 +52,11 @@ impl std::fmt::Debug for ApiServer {
 impl ApiServer {
     /// Starts etcd and kube-apiserver and waits until the API server reports ready.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(ApiServerOptions::default()).await
+    }
+
+    /// Starts etcd and kube-apiserver with `options` and waits until the API server is ready.
+    pub async fn start_with(options: ApiServerOptions) -> anyhow::Result<Self> {
         for binary in [paths::etcd(), paths::kube_apiserver()] {
             if !binary.exists() {
                 bail!(
@@ -54,21 +71,38 @@ impl ApiServer {
         let etcd = spawn_etcd(dir.path(), etcd_port, etcd_peer_port)?;
 
         let token = random_token();
-        fs::write(
-            dir.path().join("tokens.csv"),
-            format!("{token},admin,admin,system:masters\n"),
-        )?;
+        let mut tokens = format!("{token},admin,admin,system:masters\n");
+        let mut user_tokens = Vec::new();
+        for (user, groups) in &options.users {
+            let user_token = random_token();
+            if groups.is_empty() {
+                tokens.push_str(&format!("{user_token},{user},{user}\n"));
+            } else {
+                tokens.push_str(&format!(
+                    "{user_token},{user},{user},\"{}\"\n",
+                    groups.join(",")
+                ));
+            }
+            user_tokens.push((user.clone(), user_token));
+        }
+        fs::write(dir.path().join("tokens.csv"), tokens)?;
         let key = rcgen::KeyPair::generate().context("generating the service-account key")?;
         fs::write(dir.path().join("sa.key"), key.serialize_pem())?;
         fs::write(dir.path().join("sa.pub"), key.public_key_pem())?;
 
         let port = crate::free_port();
-        let apiserver = spawn_apiserver(dir.path(), port, etcd_port)?;
+        let apiserver = spawn_apiserver(
+            dir.path(),
+            port,
+            etcd_port,
+            options.service_account_admission,
+        )?;
         let server = Self {
             apiserver,
             etcd,
             port,
             token,
+            user_tokens,
             dir,
         };
         fs::write(server.kubeconfig_path(), server.kubeconfig_yaml())?;
@@ -98,11 +132,35 @@ impl ApiServer {
     }
 
     fn kubeconfig_yaml(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: testbed\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\nusers:\n- name: admin\n  user:\n    token: {}\ncontexts:\n- name: testbed\n  context:\n    cluster: testbed\n    user: admin\n    namespace: default\ncurrent-context: testbed\n",
-            self.url(),
-            self.token
-        )
+        kubeconfig_yaml(&self.url(), &self.token)
+    }
+
+    /// Writes a kubeconfig for `user` (one of [`ApiServerOptions::users`]) into the server's
+    /// folder and returns its path.
+    pub fn write_user_kubeconfig(&self, user: &str) -> anyhow::Result<PathBuf> {
+        let token = self
+            .user_tokens
+            .iter()
+            .find(|(name, _)| name == user)
+            .map(|(_, token)| token)
+            .with_context(|| format!("no static token for user {user}"))?;
+        let path = self
+            .dir
+            .path()
+            .join(format!("{}.kubeconfig", user.replace(':', "-")));
+        fs::write(&path, kubeconfig_yaml(&self.url(), token))?;
+        Ok(path)
+    }
+
+    /// The API server's serving certificate chain (self-signed CA included), for in-cluster
+    /// clients' `ca.crt`.
+    pub fn serving_ca_path(&self) -> PathBuf {
+        self.dir.path().join("certs").join("apiserver.crt")
+    }
+
+    /// Path of the service-account signing key (for the controller-manager's token controller).
+    pub fn service_account_key_path(&self) -> PathBuf {
+        self.dir.path().join("sa.key")
     }
 
     /// A new client for this API server, bound to the calling runtime.
@@ -212,7 +270,18 @@ fn spawn_etcd(dir: &Path, port: u16, peer_port: u16) -> anyhow::Result<ChildGuar
     ))
 }
 
-fn spawn_apiserver(dir: &Path, port: u16, etcd_port: u16) -> anyhow::Result<ChildGuard> {
+fn kubeconfig_yaml(url: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: testbed\n  cluster:\n    server: {url}\n    insecure-skip-tls-verify: true\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: testbed\n  context:\n    cluster: testbed\n    user: admin\n    namespace: default\ncurrent-context: testbed\n"
+    )
+}
+
+fn spawn_apiserver(
+    dir: &Path,
+    port: u16,
+    etcd_port: u16,
+    service_account_admission: bool,
+) -> anyhow::Result<ChildGuard> {
     let log = fs::File::create(dir.join("apiserver.log"))?;
     let key = dir.join("sa.key");
     let mut command = Command::new(paths::kube_apiserver());
@@ -237,9 +306,12 @@ fn spawn_apiserver(dir: &Path, port: u16, etcd_port: u16) -> anyhow::Result<Chil
             key.display()
         ))
         .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+        .arg("--v=1");
+    if !service_account_admission {
         // No controller-manager creates the `default` ServiceAccount, so pods could not be created.
-        .arg("--disable-admission-plugins=ServiceAccount")
-        .arg("--v=1")
+        command.arg("--disable-admission-plugins=ServiceAccount");
+    }
+    command
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -260,7 +332,7 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")

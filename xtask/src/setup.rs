@@ -12,10 +12,13 @@ use testbed::{paths, versions};
 /// Installs whatever is missing.
 pub fn run() -> anyhow::Result<()> {
     install_servers()?;
-    install_delivery_tools()
+    install_delivery_tools()?;
+    crate::step("installing barman-cloud and moto's S3 server (PyPI) for the backup tests");
+    testbed::object_store::install()
 }
 
-/// Installs only the servers (PostgreSQL, kube-apiserver, etcd): what the demo and the benchmarks need.
+/// Installs only the servers (PostgreSQL, etcd, kube-apiserver, kube-controller-manager,
+/// kube-scheduler): what the demo and the benchmarks need.
 pub fn install_servers() -> anyhow::Result<()> {
     install_postgres()?;
     let user = testbed::process::unprivileged_ids()?;
@@ -33,7 +36,27 @@ pub fn install_servers() -> anyhow::Result<()> {
         &kube_ldflags(),
         "selinux,notest,grpcnotrace",
     )?;
-    build_go_binary("etcd", &paths::etcd(), "testbed/etcd", ".", "-s -w", "")
+    build_go_binary("etcd", &paths::etcd(), "testbed/etcd", ".", "-s -w", "")?;
+    install_kube_controllers()
+}
+
+/// kube-controller-manager and kube-scheduler, from the same pinned module as the apiserver (the
+/// Go build cache makes them cheap after it): the real controllers the demo and the e2e tests need.
+pub fn install_kube_controllers() -> anyhow::Result<()> {
+    for (name, output) in [
+        ("kube-controller-manager", paths::kube_controller_manager()),
+        ("kube-scheduler", paths::kube_scheduler()),
+    ] {
+        build_go_binary(
+            name,
+            &output,
+            "testbed/kube",
+            &format!("k8s.io/kubernetes/cmd/{name}"),
+            &kube_ldflags(),
+            "selinux,notest,grpcnotrace",
+        )?;
+    }
+    Ok(())
 }
 
 /// helm, kustomize, kubeconform and cosign: the real tools the delivery tests check our chart,

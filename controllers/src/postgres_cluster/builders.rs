@@ -200,6 +200,8 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 Some(pod_names(cluster)),
             ),
             rule("", &["secrets"], &["get"], Some(secrets)),
+            // Events on its own pod (a re-clone it decided alone, for example).
+            rule("events.k8s.io", &["events"], &["create", "patch"], None),
             rule(
                 "",
                 &["configmaps"],
@@ -212,6 +214,23 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 &["get", "list", "watch"],
                 Some(vec![name.clone()]),
             ),
+            // Declarative roles and databases, applied by the primary (instance/src/declarative):
+            // watch them, keep their finalizer, write their status, and read or generate the
+            // password Secrets they name (any name the user picks, so not limited by name).
+            rule(
+                api::common::GROUP,
+                &["postgresusers", "postgresdatabases"],
+                &["get", "list", "watch", "patch"],
+                None,
+            ),
+            rule(
+                api::common::GROUP,
+                &["postgresusers/status", "postgresdatabases/status"],
+                &["patch"],
+                None,
+            ),
+            rule("", &["secrets"], &["get", "create", "update"], None),
+            rule("events.k8s.io", &["events"], &["create", "patch"], None),
         ]),
     }
 }
@@ -525,6 +544,20 @@ fn default_affinity(cluster_name: &str) -> Affinity {
 pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTemplateSpec {
     let name = name_of(cluster);
     let spec = &cluster.spec;
+    let initdb = spec
+        .bootstrap
+        .as_ref()
+        .and_then(|bootstrap| bootstrap.initdb.clone())
+        .unwrap_or_default();
+    let synchronous = spec
+        .replication
+        .as_ref()
+        .and_then(|replication| replication.synchronous.clone())
+        .unwrap_or(api::postgres_cluster::SynchronousReplication {
+            method: Default::default(),
+            number: 0,
+            data_durability: Default::default(),
+        });
     let manager_path = format!("{}/pg-instance", contract::INSTANCE_MANAGER_MOUNT_PATH);
     let mut env = vec![
         field_env(contract::env::POD_NAME, "metadata.name"),
@@ -553,6 +586,30 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             "SWITCHOVER_TIMEOUT_SECONDS",
             spec.failover.switchover_timeout_seconds.to_string(),
         ),
+        value_env(
+            "FAILOVER_DELAY_SECONDS",
+            spec.failover.failover_delay_seconds.to_string(),
+        ),
+        value_env(
+            "SYNCHRONOUS_METHOD",
+            match synchronous.method {
+                api::postgres_cluster::SynchronousMethod::Any => "any",
+                api::postgres_cluster::SynchronousMethod::First => "first",
+            }
+            .to_string(),
+        ),
+        value_env(
+            "SYNCHRONOUS_DURABILITY",
+            match synchronous.data_durability {
+                api::postgres_cluster::DataDurability::Required => "required",
+                api::postgres_cluster::DataDurability::Preferred => "preferred",
+            }
+            .to_string(),
+        ),
+        value_env("APP_DATABASE", initdb.database.clone()),
+        value_env("INITDB_ENCODING", initdb.encoding.clone()),
+        value_env("INITDB_LOCALE", initdb.locale.clone()),
+        value_env("INITDB_DATA_CHECKSUMS", initdb.data_checksums.to_string()),
         value_env(
             "SYNCHRONOUS_STANDBYS",
             spec.replication
@@ -599,6 +656,7 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
         ));
         mounts.push(mount(WAL_VOLUME, contract::WAL_MOUNT_PATH, false));
     }
+    env.extend(super::backup_env::instance_env(cluster));
     let postgres = Container {
         name: POSTGRES_CONTAINER.to_string(),
         image: Some(resolved.image.clone()),
@@ -656,7 +714,7 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
     let scheduling = spec.scheduling.clone().unwrap_or_default();
     let mut pod_labels = labels(&name);
     pod_labels.extend(instance_selector(&name));
-    PodTemplateSpec {
+    let mut template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels),
             annotations: Some(BTreeMap::from([(
@@ -716,7 +774,9 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             priority_class_name: scheduling.priority_class_name,
             ..PodSpec::default()
         }),
-    }
+    };
+    super::monitoring::configure_pod(&mut template, &spec.monitoring);
+    template
 }
 
 /// The StatefulSet of the instances: `OnDelete` updates (the operator picks the order of a
@@ -1007,10 +1067,183 @@ mod tests {
             secrets.resource_names.clone().unwrap(),
             ["db-superuser", "db-replication", "db-app"]
         );
+        assert!(rules.iter().any(|r| {
+            r.resources.as_ref().unwrap()[0] == "events" && r.verbs.contains(&"create".to_string())
+        }));
         for rule in &rules {
             assert!(!rule.verbs.contains(&"delete".to_string()));
             assert!(!rule.verbs.contains(&"*".to_string()));
         }
+    }
+
+    #[test]
+    fn instance_manager_role_covers_declarative_users_and_databases() {
+        let rules = role(&cluster(2), "db-app").rules.unwrap();
+        let verbs_on = |resource: &str| -> Vec<String> {
+            rules
+                .iter()
+                .filter(|r| r.resources.as_ref().unwrap().iter().any(|x| x == resource))
+                .flat_map(|r| r.verbs.clone())
+                .collect()
+        };
+        for resource in ["postgresusers", "postgresdatabases"] {
+            assert_eq!(verbs_on(resource), ["get", "list", "watch", "patch"]);
+            assert_eq!(verbs_on(&format!("{resource}/status")), ["patch"]);
+        }
+        assert!(verbs_on("secrets").contains(&"create".to_string()));
+        assert_eq!(verbs_on("events"), ["create", "patch"]);
+    }
+
+    #[test]
+    fn failover_timings_reach_the_instance_manager() {
+        let mut cluster = cluster(3);
+        cluster.spec.failover.failover_delay_seconds = 7;
+        cluster.spec.failover.lease_duration_seconds = 9;
+        let set = stateful_set(&cluster, &resolved());
+        let pod = set.spec.unwrap().template.spec.unwrap();
+        let env = pod
+            .containers
+            .iter()
+            .find(|container| container.name == "postgres")
+            .and_then(|container| container.env.clone())
+            .unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|var| var.name == name)
+                .and_then(|var| var.value.clone())
+        };
+        assert_eq!(value("FAILOVER_DELAY_SECONDS").as_deref(), Some("7"));
+        assert_eq!(value("LEASE_DURATION_SECONDS").as_deref(), Some("9"));
+    }
+
+    #[test]
+    fn scheduling_and_resources_reach_the_pods() {
+        use k8s_openapi::api::core::v1::{
+            Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+            ResourceRequirements, Toleration, TopologySpreadConstraint,
+        };
+        let mut cluster = cluster(3);
+        let affinity = Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: "disk".into(),
+                            operator: "In".into(),
+                            values: Some(vec!["ssd".into()]),
+                        }]),
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let toleration = Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("postgres".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        let spread = TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "topology.kubernetes.io/zone".into(),
+            when_unsatisfiable: "DoNotSchedule".into(),
+            ..Default::default()
+        };
+        cluster.spec.scheduling = Some(api::postgres_cluster::SchedulingSpec {
+            node_selector: BTreeMap::from([("pool".to_string(), "db".to_string())]),
+            affinity: Some(affinity.clone()),
+            tolerations: vec![toleration.clone()],
+            topology_spread_constraints: vec![spread.clone()],
+            priority_class_name: Some("database-critical".into()),
+        });
+        let resources = ResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "cpu".to_string(),
+                Quantity("500m".into()),
+            )])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("1Gi".into()),
+            )])),
+            ..Default::default()
+        };
+        cluster.spec.resources = Some(resources.clone());
+        let pod = stateful_set(&cluster, &resolved())
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(pod.affinity, Some(affinity));
+        assert_eq!(pod.tolerations, Some(vec![toleration]));
+        assert_eq!(pod.topology_spread_constraints, Some(vec![spread]));
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("database-critical")
+        );
+        assert_eq!(pod.node_selector.unwrap()["pool"], "db");
+        assert_eq!(pod.containers[0].resources, Some(resources));
+
+        // Without an affinity of their own, instances prefer distinct nodes.
+        let pod = stateful_set(&self::cluster(3), &resolved())
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+    }
+
+    #[test]
+    fn initdb_options_reach_the_instance_manager() {
+        let mut cluster = cluster(1);
+        let env_of = |cluster: &PostgresCluster| {
+            let set = stateful_set(cluster, &resolved());
+            let pod = set.spec.unwrap().template.spec.unwrap();
+            pod.containers
+                .iter()
+                .find(|container| container.name == "postgres")
+                .and_then(|container| container.env.clone())
+                .unwrap()
+                .into_iter()
+                .filter(|var| var.name.starts_with("INITDB_"))
+                .map(|var| (var.name, var.value.unwrap_or_default()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let defaults = env_of(&cluster);
+        assert_eq!(defaults["INITDB_ENCODING"], "UTF8");
+        assert_eq!(defaults["INITDB_LOCALE"], "C");
+        assert_eq!(defaults["INITDB_DATA_CHECKSUMS"], "true");
+        let database = |cluster: &PostgresCluster| {
+            let set = stateful_set(cluster, &resolved());
+            let pod = set.spec.unwrap().template.spec.unwrap();
+            pod.containers[0]
+                .env
+                .clone()
+                .unwrap()
+                .into_iter()
+                .find(|var| var.name == "APP_DATABASE")
+                .and_then(|var| var.value)
+        };
+        assert_eq!(database(&cluster).as_deref(), Some("app"));
+        cluster.spec.bootstrap = Some(api::postgres_cluster::BootstrapSpec {
+            initdb: Some(api::postgres_cluster::InitdbBootstrap {
+                encoding: "LATIN1".into(),
+                locale: "en_US".into(),
+                data_checksums: false,
+                database: "shop".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(database(&cluster).as_deref(), Some("shop"));
+        let chosen = env_of(&cluster);
+        assert_eq!(chosen["INITDB_ENCODING"], "LATIN1");
+        assert_eq!(chosen["INITDB_LOCALE"], "en_US");
+        assert_eq!(chosen["INITDB_DATA_CHECKSUMS"], "false");
     }
 
     #[test]
@@ -1098,6 +1331,35 @@ mod tests {
             .find(|e| e.name == "SYNCHRONOUS_STANDBYS")
             .unwrap();
         assert_eq!(standbys.value.as_deref(), Some("1"));
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+                .unwrap()
+        };
+        assert_eq!(value("SYNCHRONOUS_METHOD"), "any");
+        assert_eq!(value("SYNCHRONOUS_DURABILITY"), "required");
+        cluster.spec.replication = Some(ReplicationSpec {
+            synchronous: Some(SynchronousReplication {
+                method: SynchronousMethod::First,
+                number: 1,
+                data_durability: api::postgres_cluster::DataDurability::Preferred,
+            }),
+            max_lag_bytes: 0,
+        });
+        let sts = stateful_set(&cluster, &resolved());
+        let env = sts.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+                .unwrap()
+        };
+        assert_eq!(value("SYNCHRONOUS_METHOD"), "first");
+        assert_eq!(value("SYNCHRONOUS_DURABILITY"), "preferred");
         assert_eq!(
             container.args.clone().unwrap(),
             [

@@ -25,6 +25,8 @@ pub struct InstanceView {
     pub timeline: Option<i64>,
     /// Replication lag (bytes) from the instance manager's status annotation.
     pub lag_bytes: Option<i64>,
+    /// The WAL archiver's report from the status annotation (primary with `spec.backup`).
+    pub archive: Option<super::archiving::ArchiveView>,
 }
 
 impl InstanceView {
@@ -64,6 +66,7 @@ impl InstanceView {
                 .is_some_and(|value| value == "true"),
             timeline: number(&["timeline"]),
             lag_bytes: number(&["lagBytes", "lag_bytes", "replicationLagBytes"]),
+            archive: super::archiving::ArchiveView::from_report(&report),
         }
     }
 

@@ -5,8 +5,11 @@
 //! Decide, then act: [`builders`], [`parameters`], [`instances`], [`rolling`], [`status`] and
 //! [`volumes`] are pure; [`reconcile`] talks to the API server.
 
+pub mod archiving;
+pub mod backup_env;
 pub mod builders;
 pub mod instances;
+pub mod monitoring;
 pub mod parameters;
 pub mod reconcile;
 pub mod rolling;

@@ -804,6 +804,12 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
     };
     take_rolling_step(cluster, ctx, &namespace, &step, &mut observed).await?;
 
+    if let Err(error) = crate::monitoring::reconcile(&ctx.client, cluster).await {
+        problem.get_or_insert(Problem {
+            reason: "MonitoringFailed".to_string(),
+            message: error.to_string(),
+        });
+    }
     let busy = problem.is_some() || step.is_rolling() || observed.switchover_to.is_some();
     let observation = Observation {
         cluster,

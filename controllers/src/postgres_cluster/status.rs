@@ -187,6 +187,20 @@ pub fn desired_status(
         );
     }
 
+    if let Some((status, reason, message)) = super::archiving::condition(observation.cluster, &live)
+    {
+        set_condition(
+            &mut conditions,
+            new_condition(
+                super::archiving::CONTINUOUS_ARCHIVING,
+                status,
+                reason,
+                message,
+                generation,
+            ),
+        );
+    }
+
     let mut reported: Vec<InstanceStatus> = live
         .iter()
         .map(|instance| InstanceStatus {

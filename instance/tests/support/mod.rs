@@ -83,9 +83,13 @@ pub struct TestCluster {
     pub instances: Vec<Instance>,
     pub client: kube::Client,
     synchronous: u32,
+    /// Extra environment of every `pg-instance` (backup repository, recovery source, keys).
+    env: Vec<(String, String)>,
+    /// Extra `pg-instance` flags of every instance.
+    extra_args: Vec<String>,
     // Dropped after the instances (their processes stop first).
     dir: tempfile::TempDir,
-    pub api: ApiServer,
+    pub api: std::sync::Arc<ApiServer>,
 }
 
 impl Drop for TestCluster {
@@ -115,7 +119,42 @@ fn tail(text: &str, lines: usize) -> String {
 impl TestCluster {
     /// API server, Secrets, `count` pods, and one running `pg-instance` per pod.
     pub async fn start(name: &str, count: usize, synchronous: u32) -> anyhow::Result<Self> {
-        let api = ApiServer::start().await?;
+        let api = std::sync::Arc::new(ApiServer::start().await?);
+        Self::start_full(api, name, count, synchronous, Vec::new(), &[]).await
+    }
+
+    /// As [`Self::start`], on an API server that may be shared with other test clusters, with
+    /// extra environment for every `pg-instance`.
+    pub async fn start_with(
+        api: std::sync::Arc<ApiServer>,
+        name: &str,
+        count: usize,
+        synchronous: u32,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(api, name, count, synchronous, env, &[]).await
+    }
+
+    /// As [`TestCluster::start`], with extra `pg-instance` flags for every instance.
+    pub async fn start_with_args(
+        name: &str,
+        count: usize,
+        synchronous: u32,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let api = std::sync::Arc::new(ApiServer::start().await?);
+        Self::start_full(api, name, count, synchronous, Vec::new(), extra_args).await
+    }
+
+    /// The one way a test cluster starts: extra environment and flags for every `pg-instance`.
+    async fn start_full(
+        api: std::sync::Arc<ApiServer>,
+        name: &str,
+        count: usize,
+        synchronous: u32,
+        env: Vec<(String, String)>,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let client = api.client().await?;
         let namespace = "default".to_string();
         let dir = tempfile::Builder::new().prefix("pg-instance-").tempdir()?;
@@ -207,6 +246,8 @@ impl TestCluster {
             instances,
             client,
             synchronous,
+            env,
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             dir,
             api,
         };
@@ -220,6 +261,7 @@ impl TestCluster {
     pub fn start_instance(&mut self, index: usize) -> anyhow::Result<()> {
         let synchronous = self.synchronous;
         let name = self.name.clone();
+        let env = self.env.clone();
         let instance = &mut self.instances[index];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -232,7 +274,8 @@ impl TestCluster {
             .arg(format!("--cluster={name}"))
             .arg(format!("--pgdata={}", instance.pgdata().display()))
             .arg(format!("--pg-bin={}", testbed::paths::pg_bin().display()))
-            .arg("--listen-address=127.0.0.1")
+            // Two loopback addresses, so that a test can move a pod to the second one.
+            .arg("--listen-address=127.0.0.1,127.0.0.2")
             .arg(format!("--port={}", instance.pg_port))
             .arg(format!("--http-address=127.0.0.1:{}", instance.http_port))
             .arg(format!("--kubeconfig={}", instance.kubeconfig.display()))
@@ -251,8 +294,10 @@ impl TestCluster {
                 instance.included_config().display()
             ))
             .arg("--log-level=info,instance=debug")
+            .args(&self.extra_args)
             .env_remove("PGDATA")
             .env_remove("KUBECONFIG")
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -364,6 +409,19 @@ impl TestCluster {
             &self.instances[index].name,
             &PatchParams::default(),
             &Patch::Merge(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets `status.podIP` of instance `index` (its pod came back with another IP).
+    pub async fn set_pod_ip(&self, index: usize, ip: &str) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let status = serde_json::json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}});
+        pods.patch_status(
+            &self.instances[index].name,
+            &PatchParams::default(),
+            &Patch::Merge(&status),
         )
         .await?;
         Ok(())
@@ -497,13 +555,21 @@ impl TestCluster {
 
 /// A connection to 127.0.0.1:`port` as the superuser.
 pub async fn connect_port(port: u16) -> anyhow::Result<tokio_postgres::Client> {
+    connect_port_database(port, "postgres").await
+}
+
+/// A connection to `database` on 127.0.0.1:`port` as the superuser.
+pub async fn connect_port_database(
+    port: u16,
+    database: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
         .port(port)
         .user("postgres")
         .password(SUPERUSER_PASSWORD)
-        .dbname("postgres")
+        .dbname(database)
         .connect_timeout(Duration::from_secs(2));
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {

@@ -1,0 +1,198 @@
+//! The pure part of the BackupJob reconciler: which instance takes the backup, and what an
+//! instance manager's answer means for the job's status.
+
+use api::contract;
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+
+/// One instance pod, as the reconciler sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Pod name.
+    pub name: String,
+    /// Pod IP.
+    pub ip: String,
+    /// Port of the instance manager's HTTP endpoints.
+    pub http_port: u16,
+    /// `primary`, `replica` or `fenced` (the role label).
+    pub role: String,
+    /// PostgreSQL serves, and (replicas) streams from the primary.
+    pub healthy: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PublishedStatus {
+    #[serde(default)]
+    postgres_ready: bool,
+    #[serde(default)]
+    streaming: bool,
+    #[serde(default)]
+    in_recovery: Option<bool>,
+}
+
+/// The candidate of a pod, when it has an IP.
+pub fn candidate(pod: &Pod) -> Option<Candidate> {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|status| status.pod_ip.clone())
+        .filter(|ip| !ip.is_empty())?;
+    let http_port = pod
+        .spec
+        .iter()
+        .flat_map(|spec| spec.containers.iter())
+        .flat_map(|container| container.ports.iter().flatten())
+        .find(|port| port.name.as_deref() == Some(contract::PORT_NAME_STATUS))
+        .and_then(|port| u16::try_from(port.container_port).ok())
+        .unwrap_or(contract::INSTANCE_HTTP_PORT);
+    let role = labels
+        .get(contract::LABEL_ROLE)
+        .cloned()
+        .unwrap_or_default();
+    let published: PublishedStatus = annotations
+        .get(contract::ANNOTATION_INSTANCE_STATUS)
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_default();
+    let healthy = published.postgres_ready
+        && match role.as_str() {
+            contract::role::PRIMARY => published.in_recovery == Some(false),
+            contract::role::REPLICA => published.streaming,
+            _ => false,
+        };
+    Some(Candidate {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        ip,
+        http_port,
+        role,
+        healthy,
+    })
+}
+
+/// The instance that takes the backup: a healthy replica when `prefer_replica` and there is one,
+/// else the healthy primary; `None` when neither.
+pub fn pick(candidates: &[Candidate], prefer_replica: bool) -> Option<&Candidate> {
+    let healthy = |role: &str| {
+        candidates
+            .iter()
+            .filter(|candidate| candidate.healthy && candidate.role == role)
+            .min_by(|a, b| a.name.cmp(&b.name))
+    };
+    if prefer_replica && let Some(replica) = healthy(contract::role::REPLICA) {
+        return Some(replica);
+    }
+    healthy(contract::role::PRIMARY)
+}
+
+/// A base backup run as the instance manager reports it (`GET /backups/{name}`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Run {
+    /// `Running`, `Completed` or `Failed`.
+    pub phase: String,
+    /// The backup, once completed.
+    #[serde(default)]
+    pub backup: Option<RunBackup>,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// End of the run (RFC 3339).
+    #[serde(default)]
+    pub completed_at: Option<String>,
+}
+
+/// The backup of a completed run.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunBackup {
+    /// Backup id.
+    pub backup_id: String,
+    /// Begin LSN.
+    #[serde(default)]
+    pub begin_lsn: Option<String>,
+    /// End LSN.
+    #[serde(default)]
+    pub end_lsn: Option<String>,
+    /// Begin time.
+    #[serde(default)]
+    pub begin_time: Option<String>,
+    /// End time.
+    #[serde(default)]
+    pub end_time: Option<String>,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size_bytes: Option<i64>,
+}
+
+/// A failure reason a user can act on, from the engine's last lines.
+pub fn failure_reason(pod: &str, error: &str) -> String {
+    let hint = if error.contains("NoSuchBucket") || error.contains("does not exist") {
+        " The bucket does not exist: create it, or fix spec.backup.s3.bucket."
+    } else if error.contains("InvalidAccessKeyId")
+        || error.contains("SignatureDoesNotMatch")
+        || error.contains("AccessDenied")
+        || error.contains("Unable to locate credentials")
+    {
+        " The store refused the credentials: check the Secret named by spec.backup.s3.credentialsSecret."
+    } else if error.contains("Could not connect") || error.contains("Connection refused") {
+        " The store is unreachable: check spec.backup.s3.endpoint and the network."
+    } else {
+        ""
+    };
+    let last = error
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or(error);
+    format!(
+        "the backup on {pod} failed: {}.{hint}",
+        last.trim().trim_end_matches('.')
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(name: &str, role: &str, healthy: bool) -> Candidate {
+        Candidate {
+            name: name.into(),
+            ip: "10.0.0.1".into(),
+            http_port: 8000,
+            role: role.into(),
+            healthy,
+        }
+    }
+
+    #[test]
+    fn prefers_a_healthy_replica_when_asked() {
+        let pods = [
+            candidate("c-1", "primary", true),
+            candidate("c-2", "replica", false),
+            candidate("c-3", "replica", true),
+        ];
+        assert_eq!(pick(&pods, true).unwrap().name, "c-3");
+        assert_eq!(pick(&pods, false).unwrap().name, "c-1");
+        let no_replica = [
+            candidate("c-1", "primary", true),
+            candidate("c-2", "replica", false),
+        ];
+        assert_eq!(pick(&no_replica, true).unwrap().name, "c-1");
+        assert!(pick(&[candidate("c-1", "primary", false)], false).is_none());
+    }
+
+    #[test]
+    fn failure_reasons_say_what_to_fix() {
+        let reason = failure_reason(
+            "c-1",
+            "barman-cloud-backup failed\nERROR: Bucket missing-bucket does not exist",
+        );
+        assert!(reason.contains("create it"), "{reason}");
+        assert!(
+            reason.starts_with("the backup on c-1 failed: ERROR: Bucket"),
+            "{reason}"
+        );
+    }
+}

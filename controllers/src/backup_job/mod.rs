@@ -1,0 +1,80 @@
+//! BackupJob reconciler: asks one instance manager of the cluster (a healthy replica when
+//! `preferReplica`, else the primary) to take a base backup over its HTTP API (no `kubectl
+//! exec`), follows the run, and reports phase, backup id, LSNs, times, size and an actionable
+//! failure reason. A run lost with its instance manager (killed, restarted) fails the job; the
+//! next BackupJob starts afresh.
+//!
+//! Stages: dereference (the cluster) → validate (`spec.backup`) → start (pick the instance,
+//! `POST /backups/{name}`) → follow (`GET /backups/{name}`) → update status. [`decide`] is pure.
+
+pub mod decide;
+pub mod reconcile;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::BackupJob;
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+
+use crate::postgres_cluster::Context;
+
+/// Name of this controller in logs.
+pub const CONTROLLER: &str = "backupjob";
+
+/// Errors of a reconciliation, one per stage. Problems the user can fix (no cluster, no
+/// `spec.backup`, a failing store) are not errors: they end the job as Failed with a reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the cluster or its pods failed.
+    #[error("reading {what} failed: {source}")]
+    Dereference {
+        /// What was read.
+        what: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing the BackupJob's status failed.
+    #[error("updating the status of BackupJob {name} failed: {source}")]
+    UpdateStatus {
+        /// Job name.
+        name: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The object has no namespace (BackupJob is namespaced, so this is a bug).
+    #[error("BackupJob {0} has no namespace")]
+    NoNamespace(String),
+}
+
+/// Retry after an error.
+pub fn error_policy(job: Arc<BackupJob>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(job = %job.name_any(), %error, "backup job reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the BackupJob controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let jobs: Api<BackupJob> = match &namespace {
+        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
+        None => Api::all(ctx.client.clone()),
+    };
+    Controller::new(jobs, watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(8))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "backup job controller event");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,129 @@
+//! `spec.monitoring` on a real API server: without the Prometheus Operator's CRDs the cluster says
+//! what to install; with them (taken from the pinned prometheus-operator Go module) the operator
+//! creates the PodMonitor and the PrometheusRule, and deletes them when switched off.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{Env, spec};
+use controllers::monitoring;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject};
+use serde_json::json;
+
+/// Release of the Prometheus Operator whose CRDs the test installs.
+const PROMETHEUS_OPERATOR: &str = "v0.85.0";
+
+/// The PodMonitor and PrometheusRule CRDs from the Go module (downloaded into the module cache).
+fn prometheus_operator_crds() -> Vec<CustomResourceDefinition> {
+    let module =
+        format!("github.com/prometheus-operator/prometheus-operator@{PROMETHEUS_OPERATOR}");
+    let output = Command::new("go")
+        .args(["mod", "download", "-json", &module])
+        .output()
+        .expect("running go mod download (Go is part of the test bed)");
+    assert!(
+        output.status.success(),
+        "go mod download {module}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("go mod download -json");
+    let dir = PathBuf::from(info["Dir"].as_str().expect("module Dir"))
+        .join("example/prometheus-operator-crd");
+    ["podmonitors", "prometheusrules"]
+        .iter()
+        .map(|plural| {
+            let path = dir.join(format!("monitoring.coreos.com_{plural}.yaml"));
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
+            serde_yaml::from_str(&text).expect("a CRD")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_monitor_and_prometheus_rule_follow_spec_monitoring() {
+    let env = Env::start("monitoring").await;
+    let mut cluster_spec = spec(2, "postgres:18");
+    cluster_spec.monitoring.pod_monitor = true;
+    cluster_spec.monitoring.prometheus_rule = true;
+    env.create_cluster("db", cluster_spec).await;
+
+    // Without the CRDs: a condition says what to install.
+    env.cluster_where(
+        "db",
+        "a condition naming the missing PodMonitor CRD",
+        |cluster| {
+            cluster.status.as_ref().is_some_and(|status| {
+                status.conditions.iter().any(|c| {
+                    c.message.contains("PodMonitor")
+                        && c.message.contains("Prometheus Operator CRDs")
+                })
+            })
+        },
+    )
+    .await;
+
+    env.server
+        .install_crds(&prometheus_operator_crds())
+        .await
+        .expect("installing the Prometheus Operator CRDs");
+    let pod_monitors: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.namespace,
+        &monitoring::resource("PodMonitor"),
+    );
+    let rules: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.namespace,
+        &monitoring::resource("PrometheusRule"),
+    );
+    let monitor = env
+        .eventually("the PodMonitor", || {
+            let api = pod_monitors.clone();
+            async move { api.get_opt("db").await.ok().flatten() }
+        })
+        .await;
+    assert_eq!(
+        monitor.data["spec"]["podMetricsEndpoints"][0]["port"],
+        json!("status")
+    );
+    assert_eq!(
+        monitor.metadata.owner_references.as_ref().unwrap()[0].name,
+        "db"
+    );
+    let rule = env
+        .eventually("the PrometheusRule", || {
+            let api = rules.clone();
+            async move { api.get_opt("db").await.ok().flatten() }
+        })
+        .await;
+    let alerts: Vec<&str> = rule.data["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rule| rule["alert"].as_str().unwrap())
+        .collect();
+    assert_eq!(alerts.len(), monitoring::alerts::alerts().len());
+    assert!(alerts.contains(&"PostgresNoPrimary"), "{alerts:?}");
+
+    // Switched off: both go.
+    env.patch_spec(
+        "db",
+        json!({"monitoring": {"podMonitor": false, "prometheusRule": false}}),
+    )
+    .await;
+    env.eventually("the PodMonitor and PrometheusRule deleted", || {
+        let (monitors, rules) = (pod_monitors.clone(), rules.clone());
+        async move {
+            let gone = monitors.get_opt("db").await.ok()?.is_none()
+                && rules.get_opt("db").await.ok()?.is_none();
+            gone.then_some(())
+        }
+    })
+    .await;
+}

@@ -1,0 +1,144 @@
+//! Backups and recovery, run by the instance manager: continuous WAL archiving from the primary
+//! (the manager's own parallel archiver, [`archiver`]), base backups on request over HTTP
+//! ([`service`]), WAL restore for replicas and recovery (`restore_command`), and the bootstrap of
+//! a new cluster from a backup with point-in-time targets ([`recovery`]).
+//!
+//! The engine that moves the data sits behind [`engine::Engine`]; today it is barman-cloud
+//! ([`barman`]), found in one folder (`--barman-bin`). The repository and the recovery source come
+//! from the PostgresCluster's `spec.backup` and `spec.bootstrap.recovery`, handed over as JSON in
+//! the environment ([`api::backup::instance_env`]); their credentials come from environment
+//! variables (the pod takes them from the Secret), never from a command line or a file that
+//! PostgreSQL logs.
+
+pub mod archiver;
+pub mod barman;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod recovery;
+pub mod service;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+pub use engine::Engine;
+pub use store::{Store, Target};
+
+/// What the configuration asks of backups: where to archive and back up, and where to recover
+/// from at bootstrap.
+#[derive(Clone, Debug)]
+pub struct BackupSetup {
+    /// The engine.
+    pub engine: Engine,
+    /// The cluster's own repository (`spec.backup`), when configured.
+    pub repository: Option<Store>,
+    /// Archive WAL continuously to the repository (`spec.backup.walArchiving`).
+    pub wal_archiving: bool,
+    /// Retention policy of the repository (`spec.backup.retention`), as barman says it
+    /// (`RECOVERY WINDOW OF 30 DAYS`).
+    pub retention: Option<String>,
+    /// Recovery at bootstrap (`spec.bootstrap.recovery`), when configured.
+    pub recovery: Option<recovery::Recovery>,
+    /// Folder where the archiver leaves a marker per uploaded segment for `archive_command`.
+    pub spool: PathBuf,
+}
+
+impl BackupSetup {
+    /// Reads the backup configuration; `None` when neither a repository nor a recovery is set.
+    pub fn from_config(config: &Config, ids: Option<(u32, u32)>) -> Result<Option<Arc<Self>>> {
+        let repository: Option<api::postgres_cluster::BackupRepositorySpec> = config
+            .backup_repository
+            .as_deref()
+            .filter(|text| !text.trim().is_empty())
+            .map(|text| {
+                serde_json::from_str(text).map_err(|error| {
+                    Error::Invalid(format!(
+                        "{} is not a valid spec.backup: {error}",
+                        api::backup::instance_env::BACKUP_REPOSITORY
+                    ))
+                })
+            })
+            .transpose()?;
+        let recovery: Option<api::postgres_cluster::RecoveryBootstrap> = config
+            .bootstrap_recovery
+            .as_deref()
+            .filter(|text| !text.trim().is_empty())
+            .map(|text| {
+                serde_json::from_str(text).map_err(|error| {
+                    Error::Invalid(format!(
+                        "{} is not a valid spec.bootstrap.recovery: {error}",
+                        api::backup::instance_env::BOOTSTRAP_RECOVERY
+                    ))
+                })
+            })
+            .transpose()?;
+        if repository.is_none() && recovery.is_none() {
+            return Ok(None);
+        }
+        let run_dir = config.run_dir();
+        let engine = Engine::BarmanCloud(barman::BarmanCloud::new(
+            config.barman_bin.clone(),
+            ids,
+            run_dir.clone(),
+        ));
+        let store = repository.as_ref().map(|spec| {
+            Store::from_spec(
+                &spec.s3,
+                &config.cluster,
+                api::backup::instance_env::AWS_ACCESS_KEY_ID,
+                api::backup::instance_env::AWS_SECRET_ACCESS_KEY,
+            )
+        });
+        if let (Some(own), Some(source)) = (&store, &recovery) {
+            let source_store = Store::from_spec(
+                &source.source,
+                &source.source_cluster,
+                api::backup::instance_env::RECOVERY_AWS_ACCESS_KEY_ID,
+                api::backup::instance_env::RECOVERY_AWS_SECRET_ACCESS_KEY,
+            );
+            if own.same_location(&source_store) {
+                return Err(Error::Invalid(format!(
+                    "spec.backup points at {} {}, where the recovery source's WAL lives: archiving there would mix two clusters' WAL; give spec.backup.s3.path another value",
+                    own.destination(),
+                    own.server_name
+                )));
+            }
+        }
+        Ok(Some(Arc::new(Self {
+            engine,
+            wal_archiving: repository.as_ref().is_some_and(|spec| spec.wal_archiving),
+            retention: repository
+                .as_ref()
+                .and_then(|spec| store::retention_policy(&spec.retention)),
+            repository: store,
+            recovery: recovery.map(|spec| recovery::Recovery::from_spec(&spec)),
+            spool: run_dir.join("archived"),
+        })))
+    }
+
+    /// PostgreSQL settings for archiving and WAL restore from the cluster's own repository.
+    pub fn archive_settings(&self) -> Vec<(String, String)> {
+        let mut settings = Vec::new();
+        let Some(store) = &self.repository else {
+            return settings;
+        };
+        if self.wal_archiving {
+            // `always`: replicas archive the WAL they receive too, so a segment the primary had
+            // not uploaded when it failed is still archived by the replica that takes over.
+            settings.push(("archive_mode".into(), "always".into()));
+            settings.push((
+                "archive_command".into(),
+                archiver::archive_command(&self.spool),
+            ));
+            // A segment at least every minute, so that point-in-time recovery reaches recent
+            // transactions on a quiet cluster.
+            settings.push(("archive_timeout".into(), "60s".into()));
+        }
+        settings.push(("restore_command".into(), self.engine.restore_command(store)));
+        settings
+    }
+}

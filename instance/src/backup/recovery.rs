@@ -1,0 +1,96 @@
+//! Bootstrap from a backup (`spec.bootstrap.recovery`): download a base backup into the empty data
+//! directory, then let PostgreSQL replay the source's archived WAL up to the target (time, LSN,
+//! xid or restore point, `inclusive` honoured) or to the end of the archive, and promote. The
+//! source's repository is only read; the new cluster archives to its own.
+
+use std::path::Path;
+
+use crate::backup::BackupSetup;
+use crate::backup::store::{Store, Target};
+use crate::error::{Error, Result};
+use crate::quote;
+
+/// Where and what to recover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// The source cluster's repository.
+    pub store: Store,
+    /// Backup to restore; the latest suitable one when unset.
+    pub backup_id: Option<String>,
+    /// Point in time to stop at; the end of the archive when unset.
+    pub target: Option<Target>,
+    /// Stop just after (true) or just before (false) the target.
+    pub inclusive: bool,
+}
+
+impl Recovery {
+    /// From the API type.
+    pub fn from_spec(spec: &api::postgres_cluster::RecoveryBootstrap) -> Self {
+        Self {
+            store: Store::from_spec(
+                &spec.source,
+                &spec.source_cluster,
+                api::backup::instance_env::RECOVERY_AWS_ACCESS_KEY_ID,
+                api::backup::instance_env::RECOVERY_AWS_SECRET_ACCESS_KEY,
+            ),
+            backup_id: spec.backup_id.clone().filter(|id| !id.is_empty()),
+            target: spec.target.as_ref().and_then(Target::from_spec),
+            inclusive: spec.target.as_ref().is_none_or(|target| target.inclusive),
+        }
+    }
+
+    /// The PostgreSQL settings of the archive recovery (with `recovery.signal`).
+    pub fn settings(&self, setup: &BackupSetup) -> Vec<(String, String)> {
+        let mut settings = vec![
+            (
+                "restore_command".to_string(),
+                setup.engine.restore_command(&self.store),
+            ),
+            ("recovery_target_timeline".into(), "latest".into()),
+            ("recovery_target_action".into(), "promote".into()),
+        ];
+        if let Some(target) = &self.target {
+            let (name, value) = target.setting();
+            settings.push((name.to_string(), value));
+            settings.push((
+                "recovery_target_inclusive".into(),
+                if self.inclusive { "on" } else { "off" }.into(),
+            ));
+        }
+        settings
+    }
+}
+
+/// Downloads the backup into `pgdata` (emptied by the caller), makes sure the managed
+/// configuration is included, and asks for an archive recovery (`recovery.signal`).
+pub async fn download(
+    setup: &BackupSetup,
+    recovery: &Recovery,
+    pgdata: &Path,
+    managed_config: &str,
+) -> Result<()> {
+    setup
+        .engine
+        .restore(
+            &recovery.store,
+            recovery.backup_id.as_deref(),
+            recovery.target.as_ref(),
+            pgdata,
+        )
+        .await?;
+    let conf = pgdata.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
+    if !text.contains(managed_config) {
+        text.push_str(&format!(
+            "\n# Settings managed by pg-instance.\ninclude_if_exists = {}\n",
+            quote::config_value(managed_config)
+        ));
+        std::fs::write(&conf, text).map_err(Error::io("writing postgresql.conf"))?;
+    }
+    for stale in ["postmaster.pid", "standby.signal"] {
+        let _ = std::fs::remove_file(pgdata.join(stale));
+    }
+    std::fs::write(pgdata.join("recovery.signal"), b"")
+        .map_err(Error::io("writing recovery.signal"))?;
+    Ok(())
+}

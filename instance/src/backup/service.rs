@@ -1,0 +1,185 @@
+//! Base backups on request: the operator asks an instance (over HTTP, see [`super::http`]) to
+//! take a backup named after its BackupJob; the run goes on in the background and its state is
+//! read back by name. The state lives in memory only: when the instance manager restarts, the
+//! run is gone and the operator fails the job (a clean failure; the next job starts afresh).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::backup::BackupSetup;
+use crate::backup::archiver::ArchiveState;
+use crate::backup::engine::{BackupInfo, LocalServer};
+use crate::backup::metrics::BackupMetrics;
+use crate::error::{Error, Result};
+
+/// Where a base backup run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackupPhase {
+    /// Being taken.
+    Running,
+    /// In the repository.
+    Completed,
+    /// Failed; `error` says why.
+    Failed,
+}
+
+/// One base backup run on this instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRun {
+    /// Name (the BackupJob's).
+    pub name: String,
+    /// Phase.
+    pub phase: BackupPhase,
+    /// Role of this instance when the run started (`primary` or `replica`).
+    pub taken_from: String,
+    /// Start (RFC 3339).
+    pub started_at: String,
+    /// End (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// The backup, once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupInfo>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Base backups of this instance, and what the HTTP endpoints read.
+pub struct BackupService {
+    /// The backup configuration.
+    pub setup: Arc<BackupSetup>,
+    /// The archiver's state.
+    pub archive: Arc<ArchiveState>,
+    server: LocalServer,
+    metrics: BackupMetrics,
+    runs: Mutex<BTreeMap<String, BackupRun>>,
+    role: Mutex<String>,
+}
+
+impl BackupService {
+    /// A service that backs up the server reached through `server`.
+    pub fn new(
+        setup: Arc<BackupSetup>,
+        archive: Arc<ArchiveState>,
+        server: LocalServer,
+        metrics: BackupMetrics,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            setup,
+            archive,
+            server,
+            metrics,
+            runs: Mutex::new(BTreeMap::new()),
+            role: Mutex::new(String::new()),
+        })
+    }
+
+    /// Records the current role (`primary`, `replica`, ...) and whether PostgreSQL serves.
+    pub fn set_role(&self, role: &str, serving: bool) {
+        if let Ok(mut current) = self.role.lock() {
+            *current = if serving {
+                role.to_string()
+            } else {
+                String::new()
+            };
+        }
+    }
+
+    fn role(&self) -> String {
+        self.role
+            .lock()
+            .map(|role| role.clone())
+            .unwrap_or_default()
+    }
+
+    /// The run named `name`.
+    pub fn get(&self, name: &str) -> Option<BackupRun> {
+        self.runs.lock().ok()?.get(name).cloned()
+    }
+
+    /// Starts a base backup named `name` (or returns the run of that name if there is one).
+    pub fn start(self: &Arc<Self>, name: &str) -> Result<BackupRun> {
+        let Some(store) = self.setup.repository.clone() else {
+            return Err(Error::Invalid(
+                "this cluster has no backup repository: set spec.backup".into(),
+            ));
+        };
+        if let Some(existing) = self.get(name) {
+            return Ok(existing);
+        }
+        let role = self.role();
+        if role != api::contract::role::PRIMARY && role != api::contract::role::REPLICA {
+            return Err(Error::Invalid(format!(
+                "this instance cannot take a backup now: PostgreSQL is not serving as primary or replica (role: {})",
+                if role.is_empty() { "none" } else { &role }
+            )));
+        }
+        let run = BackupRun {
+            name: name.to_string(),
+            phase: BackupPhase::Running,
+            taken_from: role,
+            started_at: k8s_openapi::jiff::Timestamp::now().to_string(),
+            completed_at: None,
+            backup: None,
+            error: None,
+        };
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.insert(name.to_string(), run.clone());
+        }
+        let service = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            info!(backup = %name, destination = %store.destination(), "base backup started");
+            let result = service
+                .setup
+                .engine
+                .backup(&store, &service.server, &name)
+                .await;
+            let completed_at = Some(k8s_openapi::jiff::Timestamp::now().to_string());
+            if let Ok(mut runs) = service.runs.lock()
+                && let Some(run) = runs.get_mut(&name)
+            {
+                run.completed_at = completed_at;
+                match result {
+                    Ok(backup) => {
+                        info!(backup = %name, id = %backup.backup_id, "base backup completed");
+                        service.metrics.backups_completed.inc();
+                        run.phase = BackupPhase::Completed;
+                        run.backup = Some(backup);
+                    }
+                    Err(error) => {
+                        warn!(backup = %name, %error, "base backup failed");
+                        service.metrics.backups_failed.inc();
+                        run.phase = BackupPhase::Failed;
+                        run.error = Some(error.to_string());
+                    }
+                }
+            }
+        });
+        Ok(run)
+    }
+
+    /// The backups in the repository, oldest first.
+    pub async fn list(&self) -> Result<Vec<BackupInfo>> {
+        let store = self.setup.repository.as_ref().ok_or_else(|| {
+            Error::Invalid("this cluster has no backup repository: set spec.backup".into())
+        })?;
+        self.setup.engine.list(store).await
+    }
+
+    /// Applies the retention policy (`spec.backup.retention`); returns the engine's report.
+    pub async fn apply_retention(&self) -> Result<String> {
+        let store = self.setup.repository.as_ref().ok_or_else(|| {
+            Error::Invalid("this cluster has no backup repository: set spec.backup".into())
+        })?;
+        let policy = self.setup.retention.as_deref().ok_or_else(|| {
+            Error::Invalid("spec.backup.retention is not `<n>d`, `<n>w` or `<n>m`".into())
+        })?;
+        self.setup.engine.delete_expired(store, policy).await
+    }
+}

@@ -1,0 +1,96 @@
+//! The one table from a container image to local files: an "image" here is a set of host paths
+//! bind-mounted at the paths the image would have them, over the host's root, plus its default
+//! entrypoint.
+
+use std::path::PathBuf;
+
+/// What a container of an image sees.
+#[derive(Debug, Clone, Default)]
+pub struct LocalImage {
+    /// (host path, path inside the container) bind mounts.
+    pub files: Vec<(PathBuf, String)>,
+    /// The image's ENTRYPOINT when the container gives no command.
+    pub entrypoint: Vec<String>,
+}
+
+/// Maps image references (without tag or digest) to local files.
+#[derive(Debug, Clone, Default)]
+pub struct ImageTable {
+    images: Vec<(String, LocalImage)>,
+}
+
+impl ImageTable {
+    /// The table of the project's images from a workspace build in `binaries` (target/debug) and
+    /// PostgreSQL 18 from `pg_install` (the folder with bin/, lib/, share/).
+    pub fn project(binaries: &std::path::Path, pg_install: &std::path::Path) -> Self {
+        let binary = |name: &str| (binaries.join(name), format!("/usr/local/bin/{name}"));
+        let postgres = (
+            pg_install.to_path_buf(),
+            "/usr/lib/postgresql/18".to_string(),
+        );
+        let mut table = Self::default();
+        table.add(
+            "postgres-operator",
+            LocalImage {
+                files: vec![binary("postgres-operator")],
+                entrypoint: vec!["/usr/local/bin/postgres-operator".to_string()],
+            },
+        );
+        table.add(
+            "pg-instance",
+            LocalImage {
+                files: vec![binary("pg-instance"), postgres.clone()],
+                entrypoint: vec!["/usr/local/bin/pg-instance".to_string()],
+            },
+        );
+        table.add(
+            "postgres",
+            LocalImage {
+                files: vec![postgres],
+                entrypoint: Vec::new(),
+            },
+        );
+        table.add(
+            "pg-router",
+            LocalImage {
+                files: vec![binary("pg-router")],
+                entrypoint: vec!["/usr/local/bin/pg-router".to_string()],
+            },
+        );
+        table
+    }
+
+    /// Adds (or replaces) an image: `name` matches the last path segment of the repository.
+    pub fn add(&mut self, name: &str, image: LocalImage) {
+        self.images.retain(|(known, _)| known != name);
+        self.images.push((name.to_string(), image));
+    }
+
+    /// The local image for `reference` (`registry/path/name:tag@digest`).
+    pub fn resolve(&self, reference: &str) -> Option<&LocalImage> {
+        let without_digest = reference.split('@').next().unwrap_or(reference);
+        let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+        let name = last.split(':').next().unwrap_or(last);
+        self.images
+            .iter()
+            .find(|(known, _)| known == name)
+            .map(|(_, image)| image)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_by_last_segment_without_tag_or_digest() {
+        let table = ImageTable::project(std::path::Path::new("/b"), std::path::Path::new("/pg"));
+        assert!(
+            table
+                .resolve("ghcr.io/keiailab/pg-instance:0.1.0")
+                .is_some()
+        );
+        assert!(table.resolve("pg-router@sha256:abc").is_some());
+        assert!(table.resolve("docker.io/library/busybox:1").is_none());
+    }
+}

@@ -1,0 +1,467 @@
+//! Test/demo only, not product code: a node agent for the test bed's control plane. It registers
+//! a Node (with capacity, so the real scheduler binds pods to it) and keeps its Lease, gives each
+//! pending PersistentVolumeClaim a hostPath PersistentVolume (one folder per claim, kept across
+//! pod re-creations), and runs the pods bound to it as local processes ([`pod`]), reporting their
+//! status as the kubelet does. The product crates never learn they run here.
+
+pub mod images;
+pub mod network;
+pub mod pod;
+pub mod services;
+pub mod volumes;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+pub use images::{ImageTable, LocalImage};
+use network::NodeNetwork;
+use pod::PodRun;
+use services::ServiceTable;
+
+/// What the agent needs to know.
+#[derive(Debug, Clone)]
+pub struct NodeAgentConfig {
+    /// Name of the Node it registers.
+    pub node_name: String,
+    /// Admin kubeconfig of the control plane.
+    pub kubeconfig: PathBuf,
+    /// Port of the API server on 127.0.0.1 (pods reach it through the `kubernetes` Service IP).
+    pub api_port: u16,
+    /// The API server's serving CA (the pods' `ca.crt`).
+    pub ca: PathBuf,
+    /// Folder of the pods' files and the claims' volumes.
+    pub dir: PathBuf,
+    /// Images the agent can run.
+    pub images: ImageTable,
+}
+
+/// A running node agent (on a thread of its own); stops its pods on drop.
+pub struct NodeAgent {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    node_name: String,
+    services: Arc<ServiceTable>,
+}
+
+impl std::fmt::Debug for NodeAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeAgent")
+            .field("node", &self.node_name)
+            .finish()
+    }
+}
+
+impl NodeAgent {
+    /// Creates the pod network, registers the Node and starts serving; returns once the Node
+    /// is registered.
+    pub fn start(config: NodeAgentConfig) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sender, receiver) = std::sync::mpsc::channel::<Result<(), String>>();
+        let node_name = config.node_name.clone();
+        let flag = stop.clone();
+        let services = Arc::new(ServiceTable::default());
+        let table = services.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("node-agent-{node_name}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = sender.send(Err(error.to_string()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let mut agent = match Agent::new(config, table).await {
+                        Ok(agent) => {
+                            let _ = sender.send(Ok(()));
+                            agent
+                        }
+                        Err(error) => {
+                            let _ = sender.send(Err(format!("{error:#}")));
+                            return;
+                        }
+                    };
+                    agent.run(&flag).await;
+                });
+            })?;
+        match receiver.recv() {
+            Ok(Ok(())) => Ok(Self {
+                stop,
+                thread: Some(thread),
+                node_name,
+                services,
+            }),
+            Ok(Err(error)) => anyhow::bail!("starting the node agent: {error}"),
+            Err(_) => anyhow::bail!("the node agent's thread died"),
+        }
+    }
+
+    /// Name of the Node.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The local port (on 127.0.0.1) that forwards to `namespace/service:port`, as kube-proxy
+    /// would; `None` until the agent has seen the Service.
+    pub fn service_port(&self, namespace: &str, service: &str, port: u16) -> Option<u16> {
+        self.services.local_port(namespace, service, port)
+    }
+
+    /// Every Service port the agent forwards: (namespace, name, port) -> local port.
+    pub fn service_ports(&self) -> BTreeMap<services::ServiceKey, u16> {
+        self.services.all()
+    }
+
+    /// Stops every pod's processes and the agent.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Agent {
+    config: NodeAgentConfig,
+    client: kube::Client,
+    network: NodeNetwork,
+    owner: (u32, u32),
+    pods: BTreeMap<String, PodRun>,
+    volumes_refreshed: BTreeMap<String, Instant>,
+    heartbeat: Instant,
+    services: Arc<ServiceTable>,
+    services_synced: Instant,
+}
+
+impl Agent {
+    async fn new(config: NodeAgentConfig, services: Arc<ServiceTable>) -> anyhow::Result<Self> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&config.kubeconfig)?;
+        let client_config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        let client = kube::Client::try_from(client_config)?;
+        let network = NodeNetwork::create()?;
+        let owner = testbed::process::unprivileged_ids()?
+            .map(|(uid, gid)| (uid.as_raw(), gid.as_raw()))
+            .unwrap_or_else(|| {
+                (
+                    nix::unistd::getuid().as_raw(),
+                    nix::unistd::getgid().as_raw(),
+                )
+            });
+        std::fs::create_dir_all(config.dir.join("pods"))?;
+        std::fs::create_dir_all(config.dir.join("claims"))?;
+        let agent = Self {
+            config,
+            client,
+            network,
+            owner,
+            pods: BTreeMap::new(),
+            volumes_refreshed: BTreeMap::new(),
+            heartbeat: Instant::now(),
+            services,
+            services_synced: Instant::now(),
+        };
+        agent.register().await?;
+        agent.renew().await?;
+        Ok(agent)
+    }
+
+    async fn register(&self) -> anyhow::Result<()> {
+        let name = &self.config.node_name;
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+            }},
+            "spec": {"podCIDR": self.network.cidr(), "podCIDRs": [self.network.cidr()]},
+        }))?;
+        if nodes.get_opt(name).await?.is_none() {
+            nodes
+                .create(&PostParams::default(), &node)
+                .await
+                .with_context(|| format!("registering Node {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// The kubelet's heartbeats: the Node's Lease and its Ready condition.
+    async fn renew(&self) -> anyhow::Result<()> {
+        let name = &self.config.node_name;
+        let stamp = pod::now();
+        let micro = stamp.replace('Z', ".000000Z");
+        let capacity =
+            json!({"cpu": "16", "memory": "64Gi", "pods": "250", "ephemeral-storage": "100Gi"});
+        let status = json!({"status": {
+            "capacity": capacity,
+            "allocatable": capacity,
+            "addresses": [
+                {"type": "InternalIP", "address": self.network.gateway().to_string()},
+                {"type": "Hostname", "address": name},
+            ],
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "node agent is posting ready status",
+                "lastHeartbeatTime": stamp, "lastTransitionTime": stamp,
+            }],
+            "nodeInfo": {
+                "kubeletVersion": testbed::versions::KUBERNETES, "kubeProxyVersion": "",
+                "operatingSystem": "linux", "architecture": "amd64",
+                "containerRuntimeVersion": "nodeagent://0", "osImage": "test bed",
+                "kernelVersion": "", "machineID": "", "systemUUID": "", "bootID": "",
+            },
+        }});
+        Api::<Node>::all(self.client.clone())
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .with_context(|| format!("posting the status of Node {name}"))?;
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": micro},
+        });
+        Api::<Lease>::namespaced(self.client.clone(), "kube-node-lease")
+            .patch(
+                name,
+                &PatchParams::apply("nodeagent").force(),
+                &Patch::Apply(&lease),
+            )
+            .await
+            .with_context(|| format!("renewing the Lease of Node {name}"))?;
+        Ok(())
+    }
+
+    async fn run(&mut self, stop: &AtomicBool) {
+        while !stop.load(Ordering::SeqCst) {
+            if self.heartbeat.elapsed() > Duration::from_secs(10) {
+                self.heartbeat = Instant::now();
+                if let Err(error) = self.renew().await {
+                    eprintln!("node agent: {error:#}");
+                }
+            }
+            if self.services_synced.elapsed() > Duration::from_millis(700) {
+                self.services_synced = Instant::now();
+                if let Err(error) = self.services.sync(&self.client).await {
+                    eprintln!("node agent: services: {error:#}");
+                }
+            }
+            if let Err(error) = self.provision_volumes().await {
+                eprintln!("node agent: {error:#}");
+            }
+            if let Err(error) = self.sync_pods().await {
+                eprintln!("node agent: {error:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // Stop: every pod gets its graceful stop, then the rest is killed on drop.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let mut done = true;
+            for run in self.pods.values_mut() {
+                done &= run.terminate();
+            }
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.pods.clear();
+    }
+
+    /// As a static provisioner would: a hostPath PersistentVolume pre-bound to each pending claim.
+    async fn provision_volumes(&self) -> anyhow::Result<()> {
+        let claims: Api<PersistentVolumeClaim> = Api::all(self.client.clone());
+        let volumes: Api<PersistentVolume> = Api::all(self.client.clone());
+        for claim in claims.list(&ListParams::default()).await? {
+            let spec = claim.spec.clone().unwrap_or_default();
+            if spec.volume_name.is_some() || claim.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let namespace = claim.metadata.namespace.clone().unwrap_or_default();
+            let name = claim.metadata.name.clone().unwrap_or_default();
+            let uid = claim.metadata.uid.clone().unwrap_or_default();
+            let volume_name = format!("pv-{}", &uid[..uid.len().min(18)]);
+            if volumes.get_opt(&volume_name).await?.is_some() {
+                continue;
+            }
+            let folder = self
+                .config
+                .dir
+                .join("claims")
+                .join(format!("{namespace}_{name}_{volume_name}"));
+            std::fs::create_dir_all(&folder)?;
+            volumes::chown(&folder, self.owner)?;
+            let size = spec
+                .resources
+                .and_then(|r| r.requests)
+                .and_then(|r| r.get("storage").cloned())
+                .map_or_else(|| "1Gi".to_string(), |q| q.0);
+            let volume: PersistentVolume = serde_json::from_value(json!({
+                "metadata": {"name": volume_name},
+                "spec": {
+                    "capacity": {"storage": size},
+                    "accessModes": spec.access_modes.unwrap_or_else(|| vec!["ReadWriteOnce".to_string()]),
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": spec.storage_class_name.unwrap_or_default(),
+                    "volumeMode": "Filesystem",
+                    "hostPath": {"path": folder.display().to_string(), "type": "Directory"},
+                    "claimRef": {"namespace": namespace, "name": name, "uid": uid, "kind": "PersistentVolumeClaim", "apiVersion": "v1"},
+                },
+            }))?;
+            volumes
+                .create(&PostParams::default(), &volume)
+                .await
+                .with_context(|| format!("creating the volume of claim {namespace}/{name}"))?;
+        }
+        Ok(())
+    }
+
+    async fn sync_pods(&mut self) -> anyhow::Result<()> {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let listed = api
+            .list(
+                &ListParams::default().fields(&format!("spec.nodeName={}", self.config.node_name)),
+            )
+            .await?;
+        let mut seen = Vec::new();
+        for pod in listed {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+            seen.push(uid.clone());
+            if pod.metadata.deletion_timestamp.is_some() {
+                let stopped = self.pods.get_mut(&uid).is_none_or(|run| run.terminate());
+                if stopped {
+                    self.pods.remove(&uid);
+                    // The kubelet's final delete, once the processes are gone.
+                    let params = DeleteParams {
+                        grace_period_seconds: Some(0),
+                        preconditions: Some(kube::api::Preconditions {
+                            uid: Some(uid.clone()),
+                            resource_version: None,
+                        }),
+                        ..DeleteParams::default()
+                    };
+                    let _ = pods.delete(&name, &params).await;
+                }
+                continue;
+            }
+            let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+            if !self.pods.contains_key(&uid) {
+                if matches!(phase.as_deref(), Some("Succeeded" | "Failed")) {
+                    continue;
+                }
+                let network = self.network.add_pod()?;
+                let dir = self
+                    .config
+                    .dir
+                    .join("pods")
+                    .join(format!("{namespace}_{name}_{}", &uid[..uid.len().min(8)]));
+                let owner = pod_owner(&pod, self.owner);
+                let run = PodRun::new(pod.clone(), network, dir, owner, self.config.api_port)?;
+                eprintln!(
+                    "node agent: running pod {namespace}/{name} at {}",
+                    run.address()
+                );
+                self.pods.insert(uid.clone(), run);
+            }
+            let run = self.pods.get_mut(&uid).expect("inserted above");
+            run.update(pod);
+            let refreshed = self.volumes_refreshed.get(&uid).copied();
+            if refreshed.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
+                match run.refresh_volumes(&self.client, &self.config.ca).await {
+                    Ok(()) => {
+                        self.volumes_refreshed.insert(uid.clone(), Instant::now());
+                    }
+                    Err(error) => eprintln!("node agent: pod {namespace}/{name}: {error:#}"),
+                }
+            }
+            match run.step(&self.client, &self.config.images).await {
+                Ok(Some(status)) => {
+                    let patch = json!({"status": status});
+                    if let Err(error) = pods
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                    {
+                        eprintln!("node agent: status of {namespace}/{name}: {error}");
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => eprintln!("node agent: pod {namespace}/{name}: {error:#}"),
+            }
+        }
+        // Pods deleted at once (grace 0) or bound elsewhere: stop their processes.
+        self.pods.retain(|uid, _| seen.contains(uid));
+        self.volumes_refreshed.retain(|uid, _| seen.contains(uid));
+        Ok(())
+    }
+}
+
+/// The uid/gid a pod's processes run as: its runAsUser/runAsGroup (fsGroup), else `fallback`
+/// (the unprivileged test user: PostgreSQL refuses root).
+fn pod_owner(pod: &Pod, fallback: (u32, u32)) -> (u32, u32) {
+    let context = pod.spec.as_ref().and_then(|s| s.security_context.clone());
+    let uid = context
+        .as_ref()
+        .and_then(|c| c.run_as_user)
+        .and_then(|u| u32::try_from(u).ok())
+        .filter(|u| *u != 0)
+        .unwrap_or(fallback.0);
+    let gid = context
+        .as_ref()
+        .and_then(|c| c.run_as_group.or(c.fs_group))
+        .and_then(|g| u32::try_from(g).ok())
+        .unwrap_or(if uid == fallback.0 { fallback.1 } else { uid });
+    (uid, gid)
+}
+
+/// Where the pods of `agent` keep their files (for a test's failure message).
+pub fn pod_log(dir: &Path, namespace: &str, pod: &str, container: &str) -> String {
+    let Ok(entries) = std::fs::read_dir(dir.join("pods")) else {
+        return String::new();
+    };
+    let prefix = format!("{namespace}_{pod}_");
+    let mut text = String::new();
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let log = entry.path().join("logs").join(format!("{container}.log"));
+            text.push_str(&std::fs::read_to_string(log).unwrap_or_default());
+        }
+    }
+    text
+}
+
+/// A folder for agents' files outside /tmp (pods mount their own /tmp over it): `target/nodeagent`
+/// of the workspace.
+pub fn work_dir() -> anyhow::Result<PathBuf> {
+    let dir = testbed::paths::workspace_root()
+        .join("target")
+        .join("nodeagent");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,650 @@
+//! One pod run as local processes: init containers in order, then the containers, each in the
+//! pod's network namespace and a mount namespace of its own (the image's files and the pod's
+//! volumes bind-mounted at their paths), as the pod's user; probes, restarts and the status the
+//! kubelet would report.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::images::ImageTable;
+use crate::network::PodNetwork;
+
+/// Where the `kubernetes` Service's ClusterIP leads inside every pod.
+pub const KUBERNETES_SERVICE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 0, 1);
+
+/// Restarts wait this long at most (the kubelet's back-off, shortened for tests).
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The current time as the API's `Time` (RFC 3339, seconds, UTC).
+pub fn now() -> String {
+    format!(
+        "{}Z",
+        k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S")
+    )
+}
+
+/// One container's process and what the status reports of it.
+#[derive(Default)]
+struct ContainerRun {
+    child: Option<Child>,
+    started_at: Option<String>,
+    restart_count: i32,
+    last_exit: Option<(i32, String, String)>,
+    started: bool,
+    ready: bool,
+    liveness_failures: i32,
+    readiness_failures: i32,
+    next_probe: Option<Instant>,
+    restart_at: Option<Instant>,
+    completed: bool,
+}
+
+/// A pod the agent runs.
+pub struct PodRun {
+    /// The pod's uid (a re-created pod of the same name is another `PodRun`).
+    pub uid: String,
+    pod: Pod,
+    network: PodNetwork,
+    dir: PathBuf,
+    owner: (u32, u32),
+    volumes: BTreeMap<String, PathBuf>,
+    volumes_ready: bool,
+    init: Vec<ContainerRun>,
+    containers: Vec<ContainerRun>,
+    start_time: String,
+    terminating: Option<Instant>,
+    forwarder: tokio::task::JoinHandle<()>,
+    last_status: Value,
+}
+
+impl Drop for PodRun {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+        for run in self.init.iter_mut().chain(self.containers.iter_mut()) {
+            if let Some(mut child) = run.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl PodRun {
+    /// Prepares a pod: its network namespace, folder and a forwarder from the `kubernetes`
+    /// Service IP (inside the pod) to the API server.
+    pub fn new(
+        pod: Pod,
+        network: PodNetwork,
+        dir: PathBuf,
+        owner: (u32, u32),
+        api_port: u16,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir.join("logs"))?;
+        network.add_local_address(KUBERNETES_SERVICE_IP)?;
+        let listener = network.listen(SocketAddr::from((KUBERNETES_SERVICE_IP, 443)))?;
+        let forwarder = tokio::spawn(forward(
+            listener,
+            SocketAddr::from(([127, 0, 0, 1], api_port)),
+        ));
+        let spec = pod.spec.clone().unwrap_or_default();
+        let init = spec.init_containers.as_ref().map_or(0, Vec::len);
+        let mut runs = Vec::new();
+        runs.resize_with(init, ContainerRun::default);
+        let mut containers = Vec::new();
+        containers.resize_with(spec.containers.len(), ContainerRun::default);
+        Ok(Self {
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            pod,
+            network,
+            dir,
+            owner,
+            volumes: BTreeMap::new(),
+            volumes_ready: false,
+            init: runs,
+            containers,
+            start_time: now(),
+            terminating: None,
+            forwarder,
+            last_status: Value::Null,
+        })
+    }
+
+    /// The pod's IP.
+    pub fn address(&self) -> IpAddr {
+        IpAddr::V4(self.network.address())
+    }
+
+    fn name(&self) -> String {
+        self.pod.metadata.name.clone().unwrap_or_default()
+    }
+
+    /// Takes the latest version of the pod object (its status fields feed the downward API).
+    pub fn update(&mut self, mut pod: Pod) {
+        // The downward API's status.podIP before the first status is posted.
+        pod.status.get_or_insert_with(Default::default).pod_ip =
+            Some(self.network.address().to_string());
+        self.pod = pod;
+    }
+
+    /// Writes the pod's volumes (again: ConfigMaps and Secrets change).
+    pub async fn refresh_volumes(
+        &mut self,
+        client: &kube::Client,
+        ca: &Path,
+    ) -> anyhow::Result<()> {
+        self.volumes =
+            crate::volumes::materialize(client, &self.pod, &self.dir, self.owner, ca).await?;
+        self.volumes_ready = true;
+        Ok(())
+    }
+
+    /// One step: start, probe, restart, and whether the status changed (then its JSON).
+    pub async fn step(
+        &mut self,
+        client: &kube::Client,
+        images: &ImageTable,
+    ) -> anyhow::Result<Option<Value>> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".to_string());
+        if self.terminating.is_none() && self.volumes_ready {
+            // Init containers in order, each to completion.
+            let init = spec.init_containers.clone().unwrap_or_default();
+            let mut initialized = true;
+            for (index, container) in init.iter().enumerate() {
+                if self.init[index].completed {
+                    continue;
+                }
+                initialized = false;
+                self.reap(true, index, &policy, true);
+                let run = &self.init[index];
+                if run.child.is_none()
+                    && !run.completed
+                    && run.restart_at.is_none_or(|at| Instant::now() >= at)
+                    && !(policy == "Never" && run.last_exit.is_some())
+                {
+                    let child = self.spawn(client, images, container).await?;
+                    let run = &mut self.init[index];
+                    run.child = Some(child);
+                    run.started_at = Some(now());
+                }
+                break;
+            }
+            if initialized && self.terminating.is_none() {
+                for (index, container) in spec.containers.iter().enumerate() {
+                    self.reap(false, index, &policy, false);
+                    let run = &self.containers[index];
+                    if run.child.is_none()
+                        && !run.completed
+                        && run.restart_at.is_none_or(|at| Instant::now() >= at)
+                    {
+                        let child = self.spawn(client, images, container).await?;
+                        let run = &mut self.containers[index];
+                        run.child = Some(child);
+                        run.started_at = Some(now());
+                        run.started = false;
+                        run.ready = false;
+                        run.next_probe = Some(
+                            Instant::now()
+                                + Duration::from_secs(
+                                    container
+                                        .startup_probe
+                                        .as_ref()
+                                        .or(container.readiness_probe.as_ref())
+                                        .and_then(|p| p.initial_delay_seconds)
+                                        .unwrap_or(0) as u64,
+                                ),
+                        );
+                    }
+                }
+                self.probe(&spec.containers).await;
+            }
+        }
+        let status = self.status(&spec.containers, spec.init_containers.as_deref());
+        if status != self.last_status {
+            self.last_status = status.clone();
+            return Ok(Some(status));
+        }
+        Ok(None)
+    }
+
+    /// Collects an exited container and schedules its restart per the pod's policy.
+    fn reap(&mut self, init: bool, index: usize, policy: &str, run_to_completion: bool) {
+        let run = if init {
+            &mut self.init[index]
+        } else {
+            &mut self.containers[index]
+        };
+        let Some(child) = run.child.as_mut() else {
+            return;
+        };
+        let Ok(Some(status)) = child.try_wait() else {
+            return;
+        };
+        run.child = None;
+        let code = status.code().unwrap_or_else(|| {
+            128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(9)
+        });
+        run.last_exit = Some((code, run.started_at.clone().unwrap_or_default(), now()));
+        run.ready = false;
+        run.started = false;
+        let restart = match policy {
+            "Never" => false,
+            "OnFailure" => code != 0,
+            _ => !(run_to_completion && code == 0),
+        };
+        if run_to_completion && code == 0 {
+            run.completed = true;
+            return;
+        }
+        if restart {
+            run.restart_count += 1;
+            let backoff = Duration::from_secs(1 << run.restart_count.clamp(0, 4) as u32);
+            run.restart_at = Some(Instant::now() + backoff.min(MAX_BACKOFF));
+        } else {
+            run.completed = true;
+        }
+    }
+
+    async fn spawn(
+        &self,
+        client: &kube::Client,
+        images: &ImageTable,
+        container: &Container,
+    ) -> anyhow::Result<Child> {
+        let image_name = container.image.clone().unwrap_or_default();
+        let image = images.resolve(&image_name).with_context(|| {
+            format!(
+                "image {image_name} of pod {} is not in the node agent's image table",
+                self.name()
+            )
+        })?;
+        let mut argv: Vec<String> = match &container.command {
+            Some(command) if !command.is_empty() => command.clone(),
+            _ => image.entrypoint.clone(),
+        };
+        argv.extend(container.args.clone().unwrap_or_default());
+        if argv.is_empty() {
+            bail!(
+                "container {} has no command and its image no entrypoint",
+                container.name
+            );
+        }
+        let mut env = vec![
+            (
+                "PATH".to_string(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            ),
+            ("HOME".to_string(), "/tmp".to_string()),
+            ("HOSTNAME".to_string(), self.name()),
+            (
+                "KUBERNETES_SERVICE_HOST".to_string(),
+                KUBERNETES_SERVICE_IP.to_string(),
+            ),
+            ("KUBERNETES_SERVICE_PORT".to_string(), "443".to_string()),
+        ];
+        env.extend(crate::volumes::environment(client, &self.pod, container).await?);
+
+        // The mount namespace: image files, then the volumes, then /etc/hosts.
+        let mut mounts: Vec<(PathBuf, String, bool)> = Vec::new();
+        let image_dir = self.dir.join("image").join(&container.name);
+        let mut linked_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for (source, target) in &image.files {
+            {
+                // A folder of links replaces the target's parent (no empty file on the host, and
+                // binaries keep their real path for $ORIGIN and relocatable installs).
+                let parent = Path::new(target)
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "/".to_string());
+                let folder = linked_dirs
+                    .entry(parent.clone())
+                    .or_insert_with(|| image_dir.join(parent.trim_start_matches('/')))
+                    .clone();
+                std::fs::create_dir_all(&folder)?;
+                let link = folder.join(Path::new(target).file_name().unwrap_or_default());
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(source, &link)?;
+            }
+        }
+        for (parent, folder) in linked_dirs {
+            mounts.insert(0, (folder, parent, true));
+        }
+        for mount in container.volume_mounts.clone().unwrap_or_default() {
+            let Some(folder) = self.volumes.get(&mount.name) else {
+                bail!("volume {} of {} is not ready", mount.name, container.name);
+            };
+            let source = match mount.sub_path.as_deref() {
+                Some(sub) if !sub.is_empty() => folder.join(sub),
+                _ => folder.clone(),
+            };
+            mounts.push((
+                source,
+                mount.mount_path.clone(),
+                mount.read_only == Some(true),
+            ));
+        }
+        let hosts = self.dir.join("hosts");
+        std::fs::write(
+            &hosts,
+            format!(
+                "127.0.0.1\tlocalhost\n{}\t{}\n",
+                self.network.address(),
+                self.name()
+            ),
+        )?;
+        mounts.push((hosts, "/etc/hosts".to_string(), true));
+
+        // Parents before children; the pod's files must not live under a mount target (/tmp).
+        mounts.sort_by_key(|(_, target, _)| Path::new(target).components().count());
+        let mut script = String::from("set -e\n");
+        for (source, target, read_only) in &mounts {
+            let is_dir = source.is_dir();
+            let (source, target) = (
+                shell_quote(&source.display().to_string()),
+                shell_quote(target),
+            );
+            let make = if is_dir {
+                format!("mkdir -p {target}")
+            } else {
+                format!("[ -e {target} ] || {{ mkdir -p \"$(dirname {target})\"; : > {target}; }}")
+            };
+            script.push_str(&format!("{make}\nmount --bind {source} {target}\n"));
+            if *read_only {
+                script.push_str(&format!("mount -o remount,bind,ro {target}\n"));
+            }
+        }
+        let (uid, gid) = self.owner;
+        let working_dir = container
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".to_string());
+        script.push_str(&format!(
+            "cd {}\nexec setpriv --reuid={uid} --regid={gid} --clear-groups --inh-caps=-all -- \"$@\"\n",
+            shell_quote(&working_dir)
+        ));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(
+            self.dir
+                .join("logs")
+                .join(format!("{}.log", container.name)),
+        )?;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", self.network.namespace()])
+            .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
+            .arg(script)
+            .arg("sh")
+            .args(&argv)
+            .env_clear()
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        testbed::process::die_with_parent(&mut command);
+        command
+            .spawn()
+            .with_context(|| format!("starting container {} of {}", container.name, self.name()))
+    }
+
+    async fn probe(&mut self, containers: &[Container]) {
+        let address = self.address();
+        for (index, container) in containers.iter().enumerate() {
+            let run = &mut self.containers[index];
+            if run.child.is_none() {
+                continue;
+            }
+            if run.next_probe.is_some_and(|at| Instant::now() < at) {
+                continue;
+            }
+            if !run.started {
+                match &container.startup_probe {
+                    None => run.started = true,
+                    Some(probe) => {
+                        if check(probe, address, container).await {
+                            run.started = true;
+                        } else {
+                            run.next_probe = Some(Instant::now() + period(probe));
+                            continue;
+                        }
+                    }
+                }
+            }
+            let mut next = Duration::from_secs(10);
+            match &container.readiness_probe {
+                None => run.ready = true,
+                Some(probe) => {
+                    if check(probe, address, container).await {
+                        run.ready = true;
+                        run.readiness_failures = 0;
+                    } else {
+                        run.readiness_failures += 1;
+                        if run.readiness_failures >= probe.failure_threshold.unwrap_or(3)
+                            || !run.ready
+                        {
+                            run.ready = false;
+                        }
+                    }
+                    next = next.min(period(probe));
+                }
+            }
+            if let Some(probe) = &container.liveness_probe {
+                if check(probe, address, container).await {
+                    run.liveness_failures = 0;
+                } else {
+                    run.liveness_failures += 1;
+                    if run.liveness_failures >= probe.failure_threshold.unwrap_or(3) {
+                        // The kubelet kills a container that fails its liveness probe.
+                        run.liveness_failures = 0;
+                        if let Some(child) = run.child.as_ref() {
+                            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                        }
+                    }
+                }
+                next = next.min(period(probe));
+            }
+            run.next_probe = Some(Instant::now() + next);
+        }
+    }
+
+    /// Starts the graceful stop (SIGTERM now, SIGKILL after the grace period); whether every
+    /// process has exited.
+    pub fn terminate(&mut self) -> bool {
+        let grace = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| {
+                self.pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
+            .unwrap_or(30)
+            .clamp(0, 60) as u64;
+        let first = self.terminating.is_none();
+        let deadline = *self
+            .terminating
+            .get_or_insert_with(|| Instant::now() + Duration::from_secs(grace));
+        let mut alive = false;
+        for run in self.init.iter_mut().chain(self.containers.iter_mut()) {
+            let Some(child) = run.child.as_mut() else {
+                continue;
+            };
+            if child.try_wait().ok().flatten().is_some() {
+                run.child = None;
+                continue;
+            }
+            alive = true;
+            let pid = Pid::from_raw(child.id() as i32);
+            if first {
+                let _ = kill(pid, Signal::SIGTERM);
+            } else if Instant::now() >= deadline {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+        !alive
+    }
+
+    fn status(&self, containers: &[Container], init: Option<&[Container]>) -> Value {
+        let statuses = |specs: &[Container], runs: &[ContainerRun]| -> Vec<Value> {
+            specs
+                .iter()
+                .zip(runs)
+                .map(|(container, run)| {
+                    let state = match (&run.child, &run.last_exit) {
+                        (Some(_), _) => {
+                            json!({"running": {"startedAt": run.started_at}})
+                        }
+                        (None, Some((code, started, finished))) if run.completed || run.restart_at.is_none() => {
+                            json!({"terminated": {"exitCode": code, "reason": if *code == 0 {"Completed"} else {"Error"}, "startedAt": started, "finishedAt": finished}})
+                        }
+                        (None, Some(_)) => json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+                        (None, None) => json!({"waiting": {"reason": "PodInitializing"}}),
+                    };
+                    let last = match &run.last_exit {
+                        Some((code, started, finished)) if run.child.is_some() || run.restart_at.is_some() => {
+                            json!({"terminated": {"exitCode": code, "reason": if *code == 0 {"Completed"} else {"Error"}, "startedAt": started, "finishedAt": finished}})
+                        }
+                        _ => json!({}),
+                    };
+                    json!({
+                        "name": container.name,
+                        "image": container.image,
+                        "imageID": "",
+                        "ready": run.ready && run.child.is_some(),
+                        "started": run.child.is_some() && run.started,
+                        "restartCount": run.restart_count,
+                        "state": state,
+                        "lastState": last,
+                    })
+                })
+                .collect()
+        };
+        let init = init.unwrap_or_default();
+        let initialized = self.init.iter().all(|run| run.completed);
+        let ready = initialized
+            && self.terminating.is_none()
+            && self
+                .containers
+                .iter()
+                .all(|run| run.ready && run.child.is_some());
+        let all_done = !self.containers.is_empty()
+            && self
+                .containers
+                .iter()
+                .all(|run| run.completed && run.child.is_none());
+        let phase = if all_done {
+            if self.containers.iter().all(|run| {
+                run.last_exit
+                    .as_ref()
+                    .is_some_and(|(code, _, _)| *code == 0)
+            }) {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+        } else if initialized && self.containers.iter().any(|run| run.child.is_some()) {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let condition = |kind: &str, value: bool| json!({"type": kind, "status": if value {"True"} else {"False"}, "lastTransitionTime": null});
+        json!({
+            "phase": phase,
+            "podIP": self.network.address().to_string(),
+            "podIPs": [{"ip": self.network.address().to_string()}],
+            "startTime": self.start_time,
+            "conditions": [
+                condition("PodScheduled", true),
+                condition("Initialized", initialized),
+                condition("ContainersReady", ready),
+                condition("Ready", ready),
+            ],
+            "initContainerStatuses": statuses(init, &self.init),
+            "containerStatuses": statuses(containers, &self.containers),
+        })
+    }
+}
+
+fn period(probe: &Probe) -> Duration {
+    Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64)
+}
+
+fn port_of(port: &IntOrString, container: &Container) -> Option<u16> {
+    match port {
+        IntOrString::Int(number) => u16::try_from(*number).ok(),
+        IntOrString::String(name) => container
+            .ports
+            .as_ref()?
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
+/// Runs one probe against the pod's address (httpGet: 2xx/3xx; tcpSocket: connects; exec:
+/// not run by this agent, counted as success).
+async fn check(probe: &Probe, address: IpAddr, container: &Container) -> bool {
+    let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
+    if let Some(get) = &probe.http_get {
+        let Some(port) = port_of(&get.port, container) else {
+            return false;
+        };
+        let path = get.path.clone().unwrap_or_else(|| "/".to_string());
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect((address, port)).await.ok()?;
+            stream
+                .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+                .await
+                .ok()?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.ok()?;
+            Some(head.starts_with(b"HTTP/1.") && matches!(head[9], b'2' | b'3'))
+        };
+        return tokio::time::timeout(timeout, attempt)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+    }
+    if let Some(socket) = &probe.tcp_socket {
+        let Some(port) = port_of(&socket.port, container) else {
+            return false;
+        };
+        return tokio::time::timeout(timeout, tokio::net::TcpStream::connect((address, port)))
+            .await
+            .is_ok_and(|r| r.is_ok());
+    }
+    true
+}
+
+/// Forwards connections accepted on `listener` (inside a pod) to `target` (on the host).
+async fn forward(listener: std::net::TcpListener, target: SocketAddr) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}

@@ -1,0 +1,166 @@
+//! What kube-proxy does, for clients on the host: a local port on 127.0.0.1 per Service port,
+//! forwarding each connection to a ready endpoint from the Service's EndpointSlices (written by
+//! the real EndpointSlice controller).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams};
+
+/// A Service port: (namespace, service name, port).
+pub type ServiceKey = (String, String, u16);
+
+/// Ready endpoints per Service port, and the local port of each.
+#[derive(Default)]
+pub struct ServiceTable {
+    endpoints: Mutex<BTreeMap<ServiceKey, Vec<SocketAddr>>>,
+    local_ports: Mutex<BTreeMap<ServiceKey, u16>>,
+    listeners: Mutex<BTreeMap<ServiceKey, tokio::task::JoinHandle<()>>>,
+}
+
+impl ServiceTable {
+    /// The local port forwarding to `namespace/name:port`, once the agent has opened it.
+    pub fn local_port(&self, namespace: &str, name: &str, port: u16) -> Option<u16> {
+        self.local_ports
+            .lock()
+            .expect("lock")
+            .get(&(namespace.to_string(), name.to_string(), port))
+            .copied()
+    }
+
+    /// Every Service port and its local port.
+    pub fn all(&self) -> BTreeMap<ServiceKey, u16> {
+        self.local_ports.lock().expect("lock").clone()
+    }
+
+    /// Opens listeners for new Service ports, closes those of deleted ones, and refreshes the
+    /// ready endpoints from the EndpointSlices.
+    pub async fn sync(self: &Arc<Self>, client: &kube::Client) -> anyhow::Result<()> {
+        let services = Api::<Service>::all(client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let slices = Api::<EndpointSlice>::all(client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let mut wanted = BTreeMap::new();
+        for service in &services {
+            let namespace = service.metadata.namespace.clone().unwrap_or_default();
+            let name = service.metadata.name.clone().unwrap_or_default();
+            if namespace == "default" && name == "kubernetes" {
+                continue;
+            }
+            let spec = service.spec.clone().unwrap_or_default();
+            for port in spec.ports.unwrap_or_default() {
+                let Ok(number) = u16::try_from(port.port) else {
+                    continue;
+                };
+                let key = (namespace.clone(), name.clone(), number);
+                // The slice's ports are named after the Service port's name.
+                let mut ready = Vec::new();
+                for slice in slices.iter().filter(|slice| {
+                    slice.metadata.namespace.as_deref() == Some(namespace.as_str())
+                        && slice
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get("kubernetes.io/service-name"))
+                            == Some(&name)
+                }) {
+                    let Some(target) = slice
+                        .ports
+                        .as_ref()
+                        .and_then(|ports| ports.iter().find(|p| p.name == port.name))
+                        .and_then(|p| p.port)
+                        .and_then(|p| u16::try_from(p).ok())
+                    else {
+                        continue;
+                    };
+                    for endpoint in &slice.endpoints {
+                        let is_ready = endpoint
+                            .conditions
+                            .as_ref()
+                            .and_then(|c| c.ready)
+                            .unwrap_or(true);
+                        if !is_ready {
+                            continue;
+                        }
+                        for address in &endpoint.addresses {
+                            if let Ok(ip) = address.parse::<std::net::IpAddr>() {
+                                ready.push(SocketAddr::new(ip, target));
+                            }
+                        }
+                    }
+                }
+                wanted.insert(key, ready);
+            }
+        }
+        {
+            let mut listeners = self.listeners.lock().expect("lock");
+            let mut ports = self.local_ports.lock().expect("lock");
+            listeners.retain(|key, task| {
+                let keep = wanted.contains_key(key);
+                if !keep {
+                    task.abort();
+                    ports.remove(key);
+                }
+                keep
+            });
+        }
+        for key in wanted.keys() {
+            if self.listeners.lock().expect("lock").contains_key(key) {
+                continue;
+            }
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+            let local = listener.local_addr()?.port();
+            eprintln!(
+                "node agent: Service {}/{} port {} -> 127.0.0.1:{local}",
+                key.0, key.1, key.2
+            );
+            let table = self.clone();
+            let serving = key.clone();
+            let task = tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let targets = table
+                        .endpoints
+                        .lock()
+                        .expect("lock")
+                        .get(&serving)
+                        .cloned()
+                        .unwrap_or_default();
+                    tokio::spawn(async move {
+                        // As kube-proxy: one ready endpoint per connection (the first that
+                        // answers); no endpoint closes the connection.
+                        for target in targets {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                                    .await;
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            self.listeners
+                .lock()
+                .expect("lock")
+                .insert(key.clone(), task);
+            self.local_ports
+                .lock()
+                .expect("lock")
+                .insert(key.clone(), local);
+        }
+        *self.endpoints.lock().expect("lock") = wanted;
+        Ok(())
+    }
+}
+
+impl Drop for ServiceTable {
+    fn drop(&mut self) {
+        for task in self.listeners.lock().expect("lock").values() {
+            task.abort();
+        }
+    }
+}

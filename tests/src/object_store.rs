@@ -1,0 +1,299 @@
+//! The backup engine and a real S3 server for backup tests, installed on first use from PyPI into
+//! `<testbed>/` (a fresh machine has neither):
+//! - barman-cloud (`barman[cloud]` with boto3 and psycopg2-binary) into `barman-<version>/`, with
+//!   one small launcher per `barman-cloud-*` command in `barman-<version>/bin/` that any user can
+//!   run (the PostgreSQL user runs `barman-cloud-wal-restore` as its `restore_command`);
+//! - moto's S3 server (`moto[server]`) into `moto-<version>/`, run by [`S3Server`] on a free
+//!   loopback port and stopped on drop.
+//!
+//! Installs are serialized with a lock file so that parallel tests do not race.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::Signal;
+
+use crate::paths;
+use crate::process::{ChildGuard, die_with_parent};
+use crate::tcp_proxy::TcpProxy;
+
+/// barman version (barman-cloud-* commands) the tests and `cargo xtask setup` install.
+pub const BARMAN: &str = "3.19.1";
+/// psycopg2-binary, the PostgreSQL driver barman-cloud-backup connects with.
+pub const PSYCOPG2_BINARY: &str = "2.9.13";
+/// moto version whose S3 server the tests run.
+pub const MOTO: &str = "5.2.5";
+
+/// The barman-cloud commands and the Python module each launcher runs.
+pub const BARMAN_COMMANDS: &[(&str, &str)] = &[
+    (
+        "barman-cloud-wal-archive",
+        "barman.clients.cloud_walarchive",
+    ),
+    (
+        "barman-cloud-wal-restore",
+        "barman.clients.cloud_walrestore",
+    ),
+    ("barman-cloud-backup", "barman.clients.cloud_backup"),
+    (
+        "barman-cloud-backup-list",
+        "barman.clients.cloud_backup_list",
+    ),
+    (
+        "barman-cloud-backup-show",
+        "barman.clients.cloud_backup_show",
+    ),
+    (
+        "barman-cloud-backup-delete",
+        "barman.clients.cloud_backup_delete",
+    ),
+    ("barman-cloud-restore", "barman.clients.cloud_restore"),
+    (
+        "barman-cloud-check-wal-archive",
+        "barman.clients.cloud_check_wal_archive",
+    ),
+];
+
+fn lock(name: &str) -> anyhow::Result<fs::File> {
+    let dir = paths::testbed_dir();
+    fs::create_dir_all(&dir)?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!(".{name}.lock")))?;
+    // SAFETY: flock on a file descriptor we own; released when the file is closed.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    if rc != 0 {
+        bail!("locking {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+fn pip_install(target: &Path, packages: &[String]) -> anyhow::Result<()> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(target)
+        .args(packages)
+        .status()
+        .with_context(|| format!("running pip ({python} -m pip) to install {packages:?}"))?;
+    if !status.success() {
+        bail!("pip install of {packages:?} failed ({status})");
+    }
+    // Readable by the unprivileged PostgreSQL user.
+    let status = Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(target)
+        .status()?;
+    if !status.success() {
+        bail!("chmod -R a+rX {} failed", target.display());
+    }
+    Ok(())
+}
+
+/// Folder holding the `barman-cloud-*` launchers (what `pg-instance --barman-bin` takes):
+/// `$BARMAN_BIN`, or the pinned install, installed now when missing.
+pub fn barman_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("BARMAN_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let root = paths::testbed_dir().join(format!("barman-{BARMAN}"));
+    let bin = root.join("bin");
+    let marker = root.join(".installed");
+    if marker.exists() {
+        return Ok(bin);
+    }
+    let _lock = lock("barman")?;
+    if marker.exists() {
+        return Ok(bin);
+    }
+    let lib = root.join("lib");
+    pip_install(
+        &lib,
+        &[
+            format!("barman[cloud]=={BARMAN}"),
+            format!("psycopg2-binary=={PSYCOPG2_BINARY}"),
+        ],
+    )?;
+    fs::create_dir_all(&bin)?;
+    for (command, module) in BARMAN_COMMANDS {
+        // `python3` from PATH: the PostgreSQL user may not read the installing interpreter's
+        // folder (pyenv under /root), and the shell skips PATH entries it cannot execute.
+        let script = format!(
+            "#!/bin/sh\n# {command} of barman {BARMAN}, installed by the test bed.\nPYTHONPATH='{}' exec python3 -m {module} \"$@\"\n",
+            lib.display()
+        );
+        let path = bin.join(command);
+        fs::write(&path, script)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+    }
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755))?;
+    fs::write(&marker, "")?;
+    Ok(bin)
+}
+
+/// Folder holding moto's server (`PYTHONPATH`), installed now when missing.
+pub fn moto_dir() -> anyhow::Result<PathBuf> {
+    let root = paths::testbed_dir().join(format!("moto-{MOTO}"));
+    let marker = root.join(".installed");
+    if marker.exists() {
+        return Ok(root);
+    }
+    let _lock = lock("moto")?;
+    if marker.exists() {
+        return Ok(root);
+    }
+    pip_install(&root, &[format!("moto[server]=={MOTO}")])?;
+    fs::write(&marker, "")?;
+    Ok(root)
+}
+
+/// Installs barman-cloud and moto (what `cargo xtask setup` calls).
+pub fn install() -> anyhow::Result<()> {
+    barman_bin()?;
+    moto_dir()?;
+    Ok(())
+}
+
+/// Access key the tests give the S3 server's clients (moto accepts any credentials).
+pub const ACCESS_KEY_ID: &str = "backup-test-key";
+/// Secret key of the tests (never printed by the code under test).
+pub const SECRET_ACCESS_KEY: &str = "backup-test-secret-9f27";
+
+/// A real S3 server (moto) on a free loopback port, reached through a [`TcpProxy`] so that a
+/// test can cut it off ([`S3Server::cut`]) without losing its data (moto keeps it in memory);
+/// stopped on drop.
+pub struct S3Server {
+    port: u16,
+    proxy: TcpProxy,
+    process: ChildGuard,
+    log: PathBuf,
+}
+
+impl S3Server {
+    /// Starts the server and waits until it answers.
+    pub fn start(log_dir: &Path) -> anyhow::Result<Self> {
+        let moto = moto_dir()?;
+        let port = crate::free_port();
+        let log = log_dir.join(format!("moto-{port}.log"));
+        let log_file = fs::File::create(&log)?;
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+        let mut command = Command::new(python);
+        command
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .env("PYTHONPATH", &moto)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        die_with_parent(&mut command);
+        let child = command.spawn().context("spawning moto's S3 server")?;
+        let proxy = TcpProxy::start(([127, 0, 0, 1], port).into())?;
+        let server = Self {
+            port,
+            proxy,
+            process: ChildGuard::new(child, Signal::SIGTERM, Duration::from_secs(5)),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "moto's S3 server did not listen on {port}: {}",
+                    fs::read_to_string(&server.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(server)
+    }
+
+    /// Endpoint URL the clients use (through the proxy): `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proxy.port())
+    }
+
+    /// Creates a bucket (an S3 `PUT /<bucket>`).
+    pub fn create_bucket(&self, bucket: &str) -> anyhow::Result<()> {
+        let code = self.request("PUT", &format!("/{bucket}"))?;
+        if !(200..300).contains(&code) {
+            bail!("creating bucket {bucket}: HTTP {code}");
+        }
+        Ok(())
+    }
+
+    /// Keys under `prefix` in `bucket` (an S3 `ListObjectsV2`, first 1000 keys).
+    pub fn list_keys(&self, bucket: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let body = self.get_body(&format!("/{bucket}?list-type=2&prefix={prefix}"))?;
+        Ok(body
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|part| part.split_once("</Key>").map(|(key, _)| key.to_string()))
+            .collect())
+    }
+
+    fn request(&self, method: &str, path: &str) -> anyhow::Result<u16> {
+        let (code, _) = self.exchange(method, path)?;
+        Ok(code)
+    }
+
+    fn get_body(&self, path: &str) -> anyhow::Result<String> {
+        let (code, body) = self.exchange("GET", path)?;
+        if code != 200 {
+            bail!("GET {path}: HTTP {code}: {body}");
+        }
+        Ok(body)
+    }
+
+    fn exchange(&self, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n",
+            self.port
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// Cuts the store off: every connection through [`Self::endpoint`] is closed and new ones
+    /// are refused, as with a store that went away (its data stays).
+    pub fn cut(&self) {
+        self.proxy.cut();
+    }
+
+    /// Brings the store back after [`Self::cut`].
+    pub fn restore(&self) {
+        self.proxy.restore();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.process.stop();
+    }
+}
