@@ -122,7 +122,7 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
         /// Backup tool.
-        #[arg(long, value_enum, default_value_t = Method::PgBackRest)]
+        #[arg(long, value_enum, default_value_t = Method::BarmanCloud)]
         method: Method,
         /// Backup type (pgBackRest).
         #[arg(long = "type", value_enum, default_value_t = BackupKind::Full)]

@@ -466,8 +466,6 @@ pub fn backup_job(
                 BackupKind::Diff => BackupType::Diff,
                 BackupKind::Incr => BackupType::Incr,
             },
-            backup_id: None,
-            target: None,
             prefer_replica,
         },
     );

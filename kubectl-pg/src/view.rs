@@ -500,7 +500,7 @@ pub(crate) mod tests {
         assert_eq!(view.switchover_in_flight.as_deref(), Some("db-9"));
         let backups: Vec<_> = view.backups.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(backups, ["new", "old"]);
-        assert_eq!(view.backups[0].method, "pgBackRest");
+        assert_eq!(view.backups[0].method, "barmanCloud");
         assert_eq!(view.backups[0].action, "Backup");
     }
 }

@@ -264,7 +264,7 @@ async fn status_shows_the_cluster_instances_conditions_and_backups(
         "db-0  primary  ready   0/9000100  -        2         -     127.0.0.1",
         "db-1  replica  ready   0/8000000  1.0 MiB  2         -     127.0.0.1",
         "Ready  True    AllInstancesReady",
-        "db-nightly  Backup  pgBackRest  Completed",
+        "db-nightly  Backup  barmanCloud  Completed",
         "20261204-000000F",
     ] {
         assert!(text.contains(expected), "{expected:?} in:\n{text}");
