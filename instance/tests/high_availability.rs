@@ -660,7 +660,7 @@ async fn an_asynchronous_pair_fails_over_to_its_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_included_configuration_is_reloaded_without_a_restart() {
-    let cluster = TestCluster::start_with("reload", 1, 0, &["--app-database=shop"])
+    let cluster = TestCluster::start_with_args("reload", 1, 0, &["--app-database=shop"])
         .await
         .unwrap();
     let primary = cluster
