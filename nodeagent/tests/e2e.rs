@@ -218,6 +218,24 @@ fn service_port(
     }
 }
 
+/// Connects once the Service has a ready endpoint (its EndpointSlice follows the pod's Ready
+/// condition by a moment).
+async fn connect_when_served(port: u16, password: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(client) = connect(port, password).await
+            && client.simple_query("SELECT 1").await.is_ok()
+        {
+            return Ok(client);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no PostgreSQL behind local port {port} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
 -> anyhow::Result<()> {
@@ -262,7 +280,7 @@ async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
         .unwrap_or_default();
     let rw = service_port(stack, namespace, &api::contract::rw_service("pg"))?;
     let ro = service_port(stack, namespace, &api::contract::ro_service("pg"))?;
-    let writer = connect(rw, &password).await?;
+    let writer = connect_when_served(rw, &password).await?;
     writer
         .batch_execute("CREATE TABLE acks (id bigint PRIMARY KEY); INSERT INTO acks VALUES (0)")
         .await?;
@@ -421,5 +439,121 @@ async fn deleting_a_cluster_garbage_collects_what_it_owned_and_keeps_its_volumes
     // deleteVolumesOnDeletion is false by default: the claim (and its data) stays.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     assert_eq!(claims.list(&ListParams::default()).await?.items.len(), 1);
+    Ok(())
+}
+
+/// Waits until the cluster's current primary is `primary` and it is Healthy.
+async fn wait_primary(
+    clusters: &Api<api::PostgresCluster>,
+    name: &str,
+    primary: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = clusters.get(name).await?.status.unwrap_or_default();
+        if status.current_primary.as_deref() == Some(primary)
+            && status.phase.as_deref() == Some("Healthy")
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "primary of {name} is {:?} ({:?}), not {primary}, after {timeout:?}",
+            status.current_primary,
+            status.phase
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_switchover_hibernate_and_resume_keep_the_data() -> anyhow::Result<()> {
+    let (plane, stack) = stack()?;
+    let client = plane.client().await?;
+    let agent_dir = agent_dir(stack);
+    let namespace = "e2e-scale";
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "ImageCatalog",
+               "metadata": {"name": "postgresql", "namespace": namespace},
+               "spec": {"images": [{"major": 18, "image": "ghcr.io/keiailab/pg-instance:18.6"}]}}),
+        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresCluster",
+        "metadata": {"name": "sc", "namespace": namespace},
+        "spec": {
+            "instances": 1,
+            "postgresVersion": 18,
+            "imageCatalogRef": {"kind": "ImageCatalog", "name": "postgresql"},
+            "storage": {"size": "1Gi"},
+            "postgresql": {"parameters": {"shared_buffers": "32MB"}},
+        }}),
+    ];
+    for object in &objects {
+        testbed::manifests::apply(&client, object, namespace).await?;
+    }
+    let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), namespace);
+    wait_healthy(&clusters, "sc", None, Duration::from_secs(150), &agent_dir).await?;
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get(&api::contract::superuser_secret("sc"))
+        .await?;
+    let password = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("password"))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .unwrap_or_default();
+    let rw = service_port(stack, namespace, &api::contract::rw_service("sc"))?;
+    connect_when_served(rw, &password)
+        .await?
+        .batch_execute("CREATE TABLE kept (note text); INSERT INTO kept VALUES ('before')")
+        .await?;
+    let patch = |spec: serde_json::Value| {
+        let clusters = clusters.clone();
+        async move {
+            clusters
+                .patch(
+                    "sc",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({ "spec": spec })),
+                )
+                .await
+        }
+    };
+
+    // Scale 1 -> 3: the StatefulSet controller adds the replicas, they join and turn Ready.
+    patch(json!({"instances": 3})).await?;
+    wait_healthy(&clusters, "sc", None, Duration::from_secs(150), &agent_dir).await?;
+
+    // Switchover to the last replica.
+    patch(json!({"switchoverTo": "sc-2"})).await?;
+    wait_primary(&clusters, "sc", "sc-2", Duration::from_secs(120)).await?;
+
+    // Hibernate: every pod goes away; resume: the cluster comes back with its data.
+    patch(json!({"hibernation": true})).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pods.list(&ListParams::default()).await?.items.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pods still running 120 s after hibernation"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    patch(json!({"hibernation": false})).await?;
+    wait_healthy(&clusters, "sc", None, Duration::from_secs(150), &agent_dir).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(client) = connect(rw, &password).await
+            && let Ok(row) = client.query_one("SELECT note FROM kept", &[]).await
+        {
+            assert_eq!(row.get::<_, String>(0), "before");
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the row written before hibernation is not readable after resume"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     Ok(())
 }
