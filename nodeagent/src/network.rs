@@ -77,13 +77,9 @@ impl NodeNetwork {
         in_pod(&["link", "set", &pod_side, "name", "eth0"])?;
         in_pod(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
         in_pod(&["link", "set", "eth0", "up"])?;
-        in_pod(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.gateway().to_string(),
-        ])?;
+        // No default route on purpose: a pod reaches its peers on the /24 and the API server
+        // through an address on its own loopback, and nothing else. A lookup or a connection to
+        // any other address fails at once inside the pod instead of leaving through the host.
         Ok(PodNetwork {
             namespace,
             host_side,
