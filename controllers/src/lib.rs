@@ -5,4 +5,5 @@
 pub mod leader;
 pub mod metrics;
 pub mod operator;
+pub mod pooler;
 pub mod postgres_cluster;
