@@ -20,8 +20,8 @@ use crate::postgres_cluster::builders::{fnv1a64, restricted_container_security};
 /// Label naming the Pooler a pod or object belongs to. Pooler pods never carry
 /// [`contract::LABEL_CLUSTER`], so the cluster's instance selectors do not pick them up.
 pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
-/// Annotation on the pod template with the checksum of pgbouncer.ini (informative: a change is
-/// applied by the supervisor's reload, not by a new pod).
+/// Annotation on the Deployment (not its pod template) with the checksum of pgbouncer.ini: a
+/// change is applied by the supervisor's reload, not by a new pod.
 pub const ANNOTATION_CONFIG_HASH: &str = "postgres.keiailab.io/pgbouncer-config-hash";
 /// Role PgBouncer logs in as to run `auth_query` (SCRAM, not a superuser).
 pub const AUTH_USER: &str = "pgbouncer_auth";
@@ -346,8 +346,15 @@ pub fn deployment(pooler: &Pooler, image: &str, config_hash: &str) -> Deployment
         ]),
         ..Container::default()
     };
+    // The checksum goes on the Deployment, never on the pod template: a template change would
+    // roll the pods and drop every client, while the supervisor reloads in place.
+    let mut metadata = owned_meta(pooler);
+    metadata.annotations = Some(BTreeMap::from([(
+        ANNOTATION_CONFIG_HASH.to_string(),
+        config_hash.to_string(),
+    )]));
     Deployment {
-        metadata: owned_meta(pooler),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(pooler.spec.instances),
             selector: LabelSelector {
@@ -357,10 +364,6 @@ pub fn deployment(pooler: &Pooler, image: &str, config_hash: &str) -> Deployment
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(template_labels),
-                    annotations: Some(BTreeMap::from([(
-                        ANNOTATION_CONFIG_HASH.to_string(),
-                        config_hash.to_string(),
-                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
