@@ -122,6 +122,9 @@ pub struct PoolerStatus {
     /// Ready PgBouncer pods.
     #[serde(default)]
     pub ready_instances: i32,
+    /// `host:port` clients connect to (the Pooler's Service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// Conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -7,5 +7,6 @@ pub mod leader;
 pub mod metrics;
 pub mod monitoring;
 pub mod operator;
+pub mod pooler;
 pub mod postgres_cluster;
 pub mod scheduled_backup;

@@ -247,13 +247,25 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
         },
     ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = postgres_cluster::run(
-        ctx,
-        config.watch_namespace.clone(),
-        config.concurrency,
-        async {
-            let _ = stopped.await;
-        },
+    let stopped = futures::FutureExt::shared(stopped);
+    let pooler_stopped = stopped.clone();
+    let controller = futures::future::join(
+        postgres_cluster::run(
+            ctx.clone(),
+            config.watch_namespace.clone(),
+            config.concurrency,
+            async {
+                let _ = stopped.await;
+            },
+        ),
+        crate::pooler::run(
+            ctx,
+            config.watch_namespace.clone(),
+            config.concurrency,
+            async {
+                let _ = pooler_stopped.await;
+            },
+        ),
     );
     tokio::pin!(controller);
     let lost = async {

@@ -395,7 +395,7 @@ pub fn spec_hash(cluster: &PostgresCluster, resolved: &Resolved) -> String {
 
 /// FNV-1a, 64 bits: stable across releases (unlike `DefaultHasher`), which a hash stored in the
 /// API must be.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     })

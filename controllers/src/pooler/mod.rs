@@ -1,0 +1,124 @@
+//! Pooler reconciler: a PgBouncer Deployment, Service, ConfigMap (pgbouncer.ini) and the
+//! cluster's auth Secret in front of a PostgresCluster's rw or ro Service.
+//!
+//! Decide, then act: [`builders`] and [`status`] are pure; [`reconcile`] runs the stages
+//! dereference → validate → build → apply → update_status against the API server.
+
+pub mod builders;
+pub mod reconcile;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::contract;
+use api::pooler::Pooler;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::postgres_cluster::Context;
+
+/// Name of this controller in metrics and logs.
+pub const CONTROLLER: &str = "pooler";
+
+/// Errors of a Pooler reconciliation, one variant per stage, so a log line says where it failed.
+/// A spec the user must fix is not an error: it shows as the Degraded condition and an event.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the PostgresCluster or the auth Secret failed.
+    #[error("Pooler {pooler}: reading what it refers to failed: {source}")]
+    Dereference {
+        /// Pooler name.
+        pooler: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Applying an owned object failed.
+    #[error("Pooler {pooler}: applying {what} failed: {source}")]
+    Apply {
+        /// Pooler name.
+        pooler: String,
+        /// Which object.
+        what: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing the status failed.
+    #[error("Pooler {pooler}: updating the status failed: {source}")]
+    UpdateStatus {
+        /// Pooler name.
+        pooler: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The object has no namespace (Pooler is namespaced, so this is a bug).
+    #[error("Pooler {0} has no namespace")]
+    NoNamespace(String),
+}
+
+/// Retry after an error: soon, since most are conflicts or a busy API server. Invalid specs
+/// never reach here (they wait for a change through the Degraded condition).
+pub fn error_policy(pooler: Arc<Pooler>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(
+        pooler = %pooler.name_any(),
+        namespace = pooler.namespace().unwrap_or_default(),
+        error = %error,
+        "reconcile failed; retrying"
+    );
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the Pooler controller until `shutdown` resolves. With `namespace`, only that namespace
+/// is watched; otherwise every namespace.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    concurrency: u16,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let namespace = namespace.as_deref();
+    let managed = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={},{}",
+        contract::MANAGED_BY,
+        builders::LABEL_POOLER
+    ));
+    Controller::new(
+        scoped::<Pooler>(&client, namespace),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(scoped::<Deployment>(&client, namespace), managed.clone())
+    .owns(scoped::<Service>(&client, namespace), managed.clone())
+    .owns(scoped::<ConfigMap>(&client, namespace), managed)
+    .with_config(
+        ControllerConfig::default()
+            .debounce(Duration::from_millis(200))
+            .concurrency(concurrency),
+    )
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile::reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        if let Err(error) = result {
+            tracing::debug!(%error, "pooler controller event");
+        }
+    })
+    .await;
+}

@@ -1,0 +1,195 @@
+//! The acting half of the Pooler reconciler, in stages: dereference the cluster and the auth
+//! Secret, validate the spec, build the owned objects, apply them, update the status.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::pooler::Pooler;
+use api::postgres_cluster::PostgresCluster;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::builders::{self, Target};
+use super::status::{self, Outcome};
+use super::{CONTROLLER, Error};
+use crate::postgres_cluster::builders::generate_password;
+use crate::postgres_cluster::{Context, FIELD_MANAGER};
+
+/// Requeue while pods are not all ready, or while blocked (a cluster may appear).
+const BUSY_REQUEUE: Duration = Duration::from_secs(10);
+
+/// Reconciles one Pooler (entry point of the controller).
+pub async fn reconcile(pooler: Arc<Pooler>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_stages(&pooler, &ctx).await;
+    ctx.metrics
+        .observe_reconcile(CONTROLLER, started.elapsed(), result.is_ok());
+    result
+}
+
+async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Error> {
+    let name = pooler.name_any();
+    let namespace = pooler
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let dereference = |source| Error::Dereference {
+        pooler: name.clone(),
+        source,
+    };
+
+    // Dereference: the cluster must exist; the auth Secret is created once per cluster.
+    let cluster_name = &pooler.spec.cluster.name;
+    let cluster = Api::<PostgresCluster>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(cluster_name)
+        .await
+        .map_err(dereference)?;
+    if cluster.is_none() {
+        let outcome = Outcome::Blocked {
+            reason: "ClusterNotFound".to_string(),
+            message: format!(
+                "PostgresCluster {cluster_name} not found in namespace {namespace}: create it or fix spec.cluster.name"
+            ),
+        };
+        return finish(pooler, ctx, &namespace, outcome).await;
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret_name = builders::auth_secret(cluster_name);
+    if secrets
+        .get_metadata_opt(&secret_name)
+        .await
+        .map_err(dereference)?
+        .is_none()
+    {
+        let secret = builders::auth_secret_object(pooler, &generate_password());
+        match secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => {}
+            // Another Pooler of the same cluster created it first.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(source) => return Err(dereference(source)),
+        }
+    }
+
+    // Validate.
+    if let Err(invalid) = builders::validate(pooler) {
+        let outcome = Outcome::Blocked {
+            reason: "InvalidSpec".to_string(),
+            message: invalid.to_string(),
+        };
+        return finish(pooler, ctx, &namespace, outcome).await;
+    }
+
+    // Build.
+    let ini = builders::pgbouncer_ini(pooler, &Target::for_pooler(pooler));
+    let hash = builders::config_hash(&ini);
+    let config_map = builders::config_map(pooler, &ini);
+    let deployment = builders::deployment(pooler, builders::DEFAULT_IMAGE, &hash);
+    let service = builders::service(pooler);
+
+    // Apply.
+    apply::<ConfigMap>(
+        pooler,
+        &Api::namespaced(ctx.client.clone(), &namespace),
+        &config_map,
+    )
+    .await?;
+    let deployment = apply::<Deployment>(
+        pooler,
+        &Api::namespaced(ctx.client.clone(), &namespace),
+        &deployment,
+    )
+    .await?;
+    apply::<Service>(
+        pooler,
+        &Api::namespaced(ctx.client.clone(), &namespace),
+        &service,
+    )
+    .await?;
+
+    let ready = deployment
+        .status
+        .as_ref()
+        .and_then(|status| status.ready_replicas)
+        .unwrap_or(0);
+    finish(pooler, ctx, &namespace, Outcome::Applied { ready }).await
+}
+
+/// Server-side applies `object` with the operator's field manager.
+async fn apply<K>(pooler: &Pooler, api: &Api<K>, object: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| Error::Apply {
+        pooler: pooler.name_any(),
+        what: format!("{} {name}", K::kind(&())),
+        source,
+    })
+}
+
+/// Update-status stage: writes the status when it changed, publishes a warning event for a
+/// blocked Pooler, and decides when to look again.
+async fn finish(
+    pooler: &Pooler,
+    ctx: &Context,
+    namespace: &str,
+    outcome: Outcome,
+) -> Result<Action, Error> {
+    let desired = status::desired_status(pooler, &outcome);
+    if let Outcome::Blocked { reason, message } = &outcome {
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason.clone(),
+            note: Some(message.clone()),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &pooler.object_ref(&())).await {
+            tracing::warn!(pooler = %pooler.name_any(), %error, "publishing an event failed");
+        }
+    }
+    let unchanged = pooler.status.as_ref().is_some_and(|current| {
+        current.ready_instances == desired.ready_instances
+            && current.endpoint == desired.endpoint
+            && current.observed_generation == desired.observed_generation
+            && current
+                .conditions
+                .iter()
+                .zip(&desired.conditions)
+                .all(|(a, b)| {
+                    a.status == b.status && a.reason == b.reason && a.message == b.message
+                })
+            && current.conditions.len() == desired.conditions.len()
+    });
+    if !unchanged {
+        Api::<Pooler>::namespaced(ctx.client.clone(), namespace)
+            .patch_status(
+                &pooler.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": desired })),
+            )
+            .await
+            .map_err(|source| Error::UpdateStatus {
+                pooler: pooler.name_any(),
+                source,
+            })?;
+    }
+    Ok(match outcome {
+        Outcome::Applied { ready } if ready >= pooler.spec.instances => {
+            Action::requeue(ctx.settings.resync)
+        }
+        _ => Action::requeue(BUSY_REQUEUE),
+    })
+}

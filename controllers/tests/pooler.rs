@@ -1,0 +1,164 @@
+//! The Pooler reconciler on a real API server: owned objects, the per-cluster auth Secret, a
+//! spec change that rewrites pgbouncer.ini without touching the pod template, and the Degraded
+//! condition for a missing cluster or an invalid parameter.
+
+mod common;
+
+use std::sync::Arc;
+
+use api::pooler::{PgBouncerSpec, Pooler, PoolerSpec, PoolerType};
+use common::{Env, MANAGER_IMAGE, spec};
+use controllers::metrics::Metrics;
+use controllers::pooler::builders;
+use controllers::postgres_cluster::{Context, Settings};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::json;
+
+fn start_pooler_controller(env: &Env) -> tokio::task::JoinHandle<()> {
+    let ctx = Arc::new(Context {
+        client: env.client.clone(),
+        recorder: Recorder::new(
+            env.client.clone(),
+            Reporter {
+                controller: "postgres-operator".into(),
+                instance: Some("test".into()),
+            },
+        ),
+        metrics: Arc::new(Metrics::new()),
+        settings: Settings {
+            instance_manager_image: MANAGER_IMAGE.to_string(),
+            ..Settings::default()
+        },
+    });
+    let namespace = env.namespace.clone();
+    tokio::spawn(async move {
+        controllers::pooler::run(ctx, Some(namespace), 4, std::future::pending()).await
+    })
+}
+
+fn degraded(pooler: &Pooler) -> Option<(String, String)> {
+    let status = pooler.status.as_ref()?;
+    let found = api::common::find_condition(&status.conditions, "Degraded")?;
+    Some((found.status.clone(), found.reason.clone()))
+}
+
+async fn pooler_where(env: &Env, what: &str, check: impl Fn(&Pooler) -> bool) -> Pooler {
+    let api = env.api::<Pooler>();
+    env.eventually(what, || {
+        let api = api.clone();
+        let check = &check;
+        async move {
+            let pooler = api.get_opt("pool").await.ok()??;
+            check(&pooler).then_some(pooler)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_template() {
+    let env = Env::without_controller("pool-ns").await;
+    let controller = start_pooler_controller(&env);
+    let poolers = env.api::<Pooler>();
+    let mut pooler = Pooler::new(
+        "pool",
+        PoolerSpec {
+            cluster: api::common::ClusterReference { name: "db".into() },
+            type_: PoolerType::Ro,
+            instances: 2,
+            pgbouncer: PgBouncerSpec::default(),
+            resources: None,
+        },
+    );
+    pooler.metadata.namespace = Some(env.namespace.clone());
+    poolers
+        .create(&PostParams::default(), &pooler)
+        .await
+        .unwrap();
+
+    // No cluster yet: Degraded with a reason that says so.
+    pooler_where(&env, "ClusterNotFound", |p| {
+        degraded(p) == Some(("True".into(), "ClusterNotFound".into()))
+    })
+    .await;
+
+    // The cluster appears: every object is applied.
+    let cluster = api::postgres_cluster::PostgresCluster::new("db", spec(1, "example.org/pg:18"));
+    env.clusters()
+        .create(&PostParams::default(), &cluster)
+        .await
+        .unwrap();
+    let config: ConfigMap = env.object("pool").await;
+    let ini = config.data.unwrap()[builders::CONFIG_KEY].clone();
+    assert!(ini.contains("host=db-ro.pool-ns.svc"), "{ini}");
+    assert!(ini.contains("pool_mode = transaction"), "{ini}");
+    let secret: Secret = env.object("db-pooler-auth").await;
+    let data = secret.data.unwrap();
+    assert_eq!(data["username"].0, b"pgbouncer_auth");
+    let service: Service = env.object("pool").await;
+    assert_eq!(
+        service.spec.unwrap().selector.unwrap()[builders::LABEL_POOLER],
+        "pool"
+    );
+    let deployment: Deployment = env.object("pool").await;
+    let template_before =
+        serde_json::to_value(&deployment.spec.as_ref().unwrap().template).unwrap();
+    let hash_before =
+        deployment.metadata.annotations.clone().unwrap()[builders::ANNOTATION_CONFIG_HASH].clone();
+    let ready = pooler_where(&env, "status with endpoint", |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.endpoint.as_deref() == Some("pool.pool-ns.svc:5432"))
+            && degraded(p) == Some(("False".into(), "Reconciled".into()))
+    })
+    .await;
+    assert_eq!(ready.status.unwrap().ready_instances, 0);
+
+    // A pool mode change rewrites pgbouncer.ini; the pod template stays as it was (no rollout).
+    poolers
+        .patch(
+            "pool",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"pgbouncer": {"poolMode": "session"}}})),
+        )
+        .await
+        .unwrap();
+    let api = env.api::<ConfigMap>();
+    env.eventually("pgbouncer.ini in session mode", || {
+        let api = api.clone();
+        async move {
+            let config = api.get("pool").await.ok()?;
+            config.data?[builders::CONFIG_KEY]
+                .contains("pool_mode = session")
+                .then_some(())
+        }
+    })
+    .await;
+    let deployment: Deployment = env.object("pool").await;
+    assert_eq!(
+        serde_json::to_value(&deployment.spec.as_ref().unwrap().template).unwrap(),
+        template_before
+    );
+    assert_ne!(
+        deployment.metadata.annotations.unwrap()[builders::ANNOTATION_CONFIG_HASH],
+        hash_before
+    );
+
+    // A parameter the operator owns is refused with a condition.
+    poolers
+        .patch(
+            "pool",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"pgbouncer": {"parameters": {"auth_type": "trust"}}}})),
+        )
+        .await
+        .unwrap();
+    pooler_where(&env, "InvalidSpec", |p| {
+        degraded(p) == Some(("True".into(), "InvalidSpec".into()))
+    })
+    .await;
+    controller.abort();
+}
