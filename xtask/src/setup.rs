@@ -98,6 +98,13 @@ fn install_delivery_tools() -> anyhow::Result<()> {
             "-s -w".to_string(),
         ),
         (
+            "promtool",
+            paths::promtool(),
+            "github.com/prometheus/prometheus/cmd/promtool",
+            versions::PROMTOOL,
+            "-s -w".to_string(),
+        ),
+        (
             "cosign",
             paths::cosign(),
             "github.com/sigstore/cosign/v2/cmd/cosign",

@@ -103,7 +103,7 @@ pub fn alerts() -> Vec<Alert> {
         },
         Alert {
             name: "PostgresInstanceFenced",
-            expr: "pg_instance_role{SEL, role=\"fenced\"}} == 1",
+            expr: "pg_instance_role{SEL, role=\"fenced\"} == 1",
             for_: "1m",
             severity: "warning",
             summary: "An instance is fenced: PostgreSQL is stopped on it until the fence is lifted",
