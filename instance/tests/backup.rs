@@ -319,6 +319,13 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_an_xid_and_a_restore_p
         metrics.contains("pg_instance_base_backups_completed_total 1"),
         "{metrics}"
     );
+    // What the PostgresBackupTooOld alert reads: the time of the backup, not 0.
+    let last_backup = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("pg_instance_backup_last_success_timestamp_seconds "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .unwrap_or_default();
+    assert!(last_backup > 1.0e9, "{metrics}");
 
     let cases = [
         (

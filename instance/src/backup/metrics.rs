@@ -23,6 +23,9 @@ pub struct BackupMetrics {
     pub backups_completed: Counter,
     /// Base backups failed on this instance.
     pub backups_failed: Counter,
+    /// Unix time of the last base backup this instance completed (the PostgresBackupTooOld
+    /// alert reads its maximum over the cluster's instances).
+    pub last_backup_time: Gauge<f64, AtomicU64>,
 }
 
 impl BackupMetrics {
@@ -62,6 +65,11 @@ impl BackupMetrics {
             "base_backups_failed",
             "Base backups failed on this instance",
             self.backups_failed.clone(),
+        );
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "Unix time of the last base backup this instance completed",
+            self.last_backup_time.clone(),
         );
     }
 }

@@ -149,6 +149,9 @@ impl BackupService {
                     Ok(backup) => {
                         info!(backup = %name, id = %backup.backup_id, "base backup completed");
                         service.metrics.backups_completed.inc();
+                        service.metrics.last_backup_time.set(
+                            k8s_openapi::jiff::Timestamp::now().as_millisecond() as f64 / 1000.0,
+                        );
                         run.phase = BackupPhase::Completed;
                         run.backup = Some(backup);
                     }
