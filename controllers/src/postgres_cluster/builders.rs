@@ -200,8 +200,6 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 Some(pod_names(cluster)),
             ),
             rule("", &["secrets"], &["get"], Some(secrets)),
-            // Events on its own pod (a re-clone it decided alone, for example).
-            rule("events.k8s.io", &["events"], &["create", "patch"], None),
             rule(
                 "",
                 &["configmaps"],
@@ -230,6 +228,8 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 None,
             ),
             rule("", &["secrets"], &["get", "create", "update"], None),
+            // Events on its own pod (a re-clone it decided alone) and on the PostgresUser /
+            // PostgresDatabase objects it applies.
             rule("events.k8s.io", &["events"], &["create", "patch"], None),
         ]),
     }
