@@ -162,6 +162,12 @@ pub struct BackendConnection {
     pub status: u8,
     /// Statements prepared on this connection: (SQL, parameter types) -> statement name.
     prepared: HashMap<(String, Vec<u32>), String>,
+    /// A Parse sent and not answered yet: it joins `prepared` at its ParseComplete only, since
+    /// a Parse that fails, or that PostgreSQL skips after an earlier error in the same pipeline,
+    /// prepares nothing (a name recorded at send time would poison the next use with 26000).
+    parsing: Option<((String, Vec<u32>), String)>,
+    /// ParseCompletes of unnamed Parses (a pipelined BEGIN) that come before `parsing`'s.
+    parses_before: u32,
     /// Fingerprint of the session settings (SET) applied to this connection.
     pub settings_tag: u64,
     /// Messages still to read before the connection is idle (an abandoned result).
@@ -237,6 +243,8 @@ impl BackendConnection {
             write: BytesMut::with_capacity(4 * 1024),
             status: b'I',
             prepared: HashMap::new(),
+            parsing: None,
+            parses_before: 0,
             settings_tag: 0,
             pending: false,
             next_statement: 0,
@@ -436,8 +444,21 @@ impl BackendConnection {
             match kind {
                 // The completion of a BEGIN sent in front of the statement.
                 b'C' if self.skip_commands > 0 => self.skip_commands -= 1,
+                b'1' if self.parses_before > 0 => {
+                    self.parses_before -= 1;
+                    break (kind, body);
+                }
+                b'1' => {
+                    if let Some((key, name)) = self.parsing.take() {
+                        self.prepared.insert(key, name);
+                    }
+                    break (kind, body);
+                }
                 b'E' | b'Z' => {
                     self.skip_commands = 0;
+                    // No ParseComplete before the error: the statement is not prepared.
+                    self.parsing = None;
+                    self.parses_before = 0;
                     break (kind, body);
                 }
                 _ => break (kind, body),
@@ -530,6 +551,7 @@ impl BackendConnection {
                 }
                 frontend::execute("", 0, &mut self.write).map_err(|e| self.io(e))?;
                 self.skip_commands = 1;
+                self.parses_before = 1;
             }
             // With replayed savepoints it is several statements: one Parse cannot hold them.
             Some((begin, _)) => {
@@ -560,7 +582,7 @@ impl BackendConnection {
                         &mut self.write,
                     )
                     .map_err(|e| self.io(e))?;
-                    self.prepared.insert(key, name.clone());
+                    self.parsing = Some((key, name.clone()));
                     name
                 }
             }
