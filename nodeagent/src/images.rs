@@ -22,24 +22,35 @@ pub struct ImageTable {
 impl ImageTable {
     /// The table of the project's images from a workspace build in `binaries` (target/debug) and
     /// PostgreSQL 18 from `pg_install` (the folder with bin/, lib/, share/).
-    pub fn project(binaries: &std::path::Path, pg_install: &std::path::Path) -> Self {
-        let binary = |name: &str| (binaries.join(name), format!("/usr/local/bin/{name}"));
+    ///
+    /// Files under /tmp are copied out first (see [`crate::outside_tmp`]): pods mount their own
+    /// /tmp, which would hide them.
+    pub fn project(
+        binaries: &std::path::Path,
+        pg_install: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let binary = |name: &str| -> anyhow::Result<(PathBuf, String)> {
+            Ok((
+                crate::outside_tmp(&binaries.join(name))?,
+                format!("/usr/local/bin/{name}"),
+            ))
+        };
         let postgres = (
-            pg_install.to_path_buf(),
+            crate::outside_tmp(pg_install)?,
             "/usr/lib/postgresql/18".to_string(),
         );
         let mut table = Self::default();
         table.add(
             "postgres-operator",
             LocalImage {
-                files: vec![binary("postgres-operator")],
+                files: vec![binary("postgres-operator")?],
                 entrypoint: vec!["/usr/local/bin/postgres-operator".to_string()],
             },
         );
         table.add(
             "pg-instance",
             LocalImage {
-                files: vec![binary("pg-instance"), postgres.clone()],
+                files: vec![binary("pg-instance")?, postgres.clone()],
                 entrypoint: vec!["/usr/local/bin/pg-instance".to_string()],
             },
         );
@@ -53,11 +64,11 @@ impl ImageTable {
         table.add(
             "pg-router",
             LocalImage {
-                files: vec![binary("pg-router")],
+                files: vec![binary("pg-router")?],
                 entrypoint: vec!["/usr/local/bin/pg-router".to_string()],
             },
         );
-        table
+        Ok(table)
     }
 
     /// Adds (or replaces) an image: `name` matches the last path segment of the repository.
@@ -84,7 +95,8 @@ mod tests {
 
     #[test]
     fn resolves_by_last_segment_without_tag_or_digest() {
-        let table = ImageTable::project(std::path::Path::new("/b"), std::path::Path::new("/pg"));
+        let table =
+            ImageTable::project(std::path::Path::new("/b"), std::path::Path::new("/pg")).unwrap();
         assert!(
             table
                 .resolve("ghcr.io/keiailab/pg-instance:0.1.0")

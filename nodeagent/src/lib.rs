@@ -475,12 +475,51 @@ pub fn pod_log(dir: &Path, namespace: &str, pod: &str, container: &str) -> Strin
     text
 }
 
-/// A folder for agents' files outside /tmp (pods mount their own /tmp over it): `target/nodeagent`
-/// of the workspace.
+/// `path` itself when it is not under /tmp; else a copy of it (file or folder) in
+/// `<work_dir>/images-<pid>/`, made once per process. Inside a pod's mount namespace the pod's
+/// own /tmp hides the host's, so an image file that lives there (a checkout under /tmp) must be
+/// copied out before it can be bind-mounted or linked. Copies of processes that are gone are
+/// removed here.
+pub fn outside_tmp(path: &Path) -> anyhow::Result<PathBuf> {
+    if !path.starts_with("/tmp") {
+        return Ok(path.to_path_buf());
+    }
+    let root = work_dir()?;
+    for entry in std::fs::read_dir(&root)?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(pid) = name.strip_prefix("images-")
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let stage = root.join(format!("images-{}", std::process::id()));
+    let copy = stage.join(path.strip_prefix("/")?);
+    if !copy.exists() {
+        std::fs::create_dir_all(copy.parent().unwrap_or(&stage))?;
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(path)
+            .arg(&copy)
+            .status()
+            .context("running cp")?;
+        anyhow::ensure!(
+            status.success(),
+            "copying {} out of /tmp failed",
+            path.display()
+        );
+    }
+    Ok(copy)
+}
+
+/// A folder for agents' files: `$NODEAGENT_DIR`, else `/var/lib/nodeagent`. Never under /tmp
+/// or the workspace: pods mount their own /tmp (and whatever their specs say) over the host's
+/// paths inside their mount namespace, which would hide the pods' own volume folders from the
+/// mounts that follow (a checkout under /tmp did exactly that).
 pub fn work_dir() -> anyhow::Result<PathBuf> {
-    let dir = testbed::paths::workspace_root()
-        .join("target")
-        .join("nodeagent");
+    let dir = std::env::var_os("NODEAGENT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/nodeagent"));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

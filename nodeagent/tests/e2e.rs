@@ -169,7 +169,7 @@ fn stack() -> anyhow::Result<(&'static ControlPlane, &'static Mutex<Option<Stack
                 api_port: plane.port(),
                 ca: plane.serving_ca_path().to_path_buf(),
                 dir: dir.path().to_path_buf(),
-                images: ImageTable::project(&binaries, &pg_install),
+                images: ImageTable::project(&binaries, &pg_install)?,
             })?;
             helm_install(plane)?;
             Ok(Stack { agent, dir })

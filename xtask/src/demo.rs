@@ -43,7 +43,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             api_port: plane.port(),
             ca: plane.serving_ca_path().to_path_buf(),
             dir: agent_dir.path().to_path_buf(),
-            images: ImageTable::project(&binaries, &pg_install),
+            images: ImageTable::project(&binaries, &pg_install)?,
         })?;
 
         crate::step("installing the operator from charts/postgres-operator with helm");
