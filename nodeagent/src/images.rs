@@ -36,7 +36,11 @@ impl ImageTable {
             ))
         };
         let postgres = (
-            crate::outside_tmp(pg_install)?,
+            // The whole pip install: the binaries' libraries live beside `pginstall`.
+            crate::outside_tmp_with(
+                pg_install,
+                pg_install.ancestors().nth(2).unwrap_or(pg_install),
+            )?,
             "/usr/lib/postgresql/18".to_string(),
         );
         let mut table = Self::default();

