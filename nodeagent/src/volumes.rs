@@ -324,14 +324,24 @@ pub async fn environment(
                 if let Some(field) = from.field_ref {
                     field_value(pod, &field.field_path)
                 } else if let Some(key) = from.secret_key_ref {
-                    let data = secret_files(client, &namespace, &key.name).await?;
+                    // As the kubelet: an optional reference to a missing Secret leaves the
+                    // variable unset.
+                    let data = match secret_files(client, &namespace, &key.name).await {
+                        Ok(data) => data,
+                        Err(_) if key.optional == Some(true) => continue,
+                        Err(error) => return Err(error),
+                    };
                     match data.get(&key.key) {
                         Some(bytes) => String::from_utf8_lossy(bytes).into_owned(),
                         None if key.optional == Some(true) => continue,
                         None => bail!("Secret {} has no key {}", key.name, key.key),
                     }
                 } else if let Some(key) = from.config_map_key_ref {
-                    let data = config_map_files(client, &namespace, &key.name).await?;
+                    let data = match config_map_files(client, &namespace, &key.name).await {
+                        Ok(data) => data,
+                        Err(_) if key.optional == Some(true) => continue,
+                        Err(error) => return Err(error),
+                    };
                     match data.get(&key.key) {
                         Some(bytes) => String::from_utf8_lossy(bytes).into_owned(),
                         None if key.optional == Some(true) => continue,
