@@ -16,9 +16,11 @@ use api::pooler::Pooler;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::ResourceExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::postgres_cluster::scoped;
 
 use crate::postgres_cluster::Context;
 
@@ -73,17 +75,6 @@ pub fn error_policy(pooler: Arc<Pooler>, error: &Error, _ctx: Arc<Context>) -> A
         "reconcile failed; retrying"
     );
     Action::requeue(Duration::from_secs(5))
-}
-
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    }
 }
 
 /// Runs the Pooler controller until `shutdown` resolves. With `namespace`, only that namespace

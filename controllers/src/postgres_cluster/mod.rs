@@ -115,7 +115,8 @@ pub fn error_policy(cluster: Arc<PostgresCluster>, error: &Error, _ctx: Arc<Cont
     Action::requeue(Duration::from_secs(5))
 }
 
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+/// An Api over one namespace, or every namespace when `namespace` is unset.
+pub(crate) fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     K::DynamicType: Default,
