@@ -17,12 +17,13 @@ use sqlparser::parser::Parser;
 use crate::topology::{KeyType, Topology};
 
 mod bound;
+pub mod cache;
 mod colocated;
 mod finalize;
 mod intermediate;
 mod pinned;
 mod set_operation;
-use crate::values;
+use crate::protocol::values;
 use crate::vindex::KeyValue;
 pub use bound::{BoundSubqueries, BoundSubquery, ParamSource, SubqueryKind};
 pub use finalize::Finalize;
@@ -353,7 +354,7 @@ pub enum Plan {
     /// Savepoints.
     Savepoint(SavepointOp),
     /// COPY ... FROM STDIN: rows are routed line by line.
-    CopyIn(CopyDestination, crate::copy_in::CopyFormat),
+    CopyIn(CopyDestination, crate::protocol::copy_data::CopyFormat),
     /// COPY ... TO STDOUT: the shards' rows, one shard after the other.
     CopyOut(CopyOut),
     /// WHERE subqueries over sharded tables run first, their answers bound as parameters.
@@ -510,7 +511,7 @@ pub struct InsertSelect {
     /// Where each row goes.
     pub destination: CopyDestination,
     /// COPY's text format, as the router writes the rows.
-    pub format: crate::copy_in::CopyFormat,
+    pub format: crate::protocol::copy_data::CopyFormat,
 }
 
 /// A COPY TO STDOUT.
@@ -585,7 +586,7 @@ fn unsupported<T>(what: impl Into<String>) -> Result<T, PlanError> {
 fn copy_format(
     options: &[sqlparser::ast::CopyOption],
     legacy_options: &[sqlparser::ast::CopyLegacyOption],
-) -> Result<crate::copy_in::CopyFormat, PlanError> {
+) -> Result<crate::protocol::copy_data::CopyFormat, PlanError> {
     use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption};
     #[derive(Default)]
     struct Chosen {
@@ -644,7 +645,7 @@ fn copy_format(
             Some(_) => unsupported(format!("a COPY {what} that is not a single-byte character")),
         }
     };
-    use crate::copy_in::CopyFormat;
+    use crate::protocol::copy_data::CopyFormat;
     match chosen.format.as_deref().unwrap_or("text") {
         "text" => Ok(CopyFormat::Text {
             delimiter: byte(chosen.delimiter, b'\t', "delimiter")?,

@@ -10,20 +10,22 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio::sync::Mutex;
 
-use crate::backend::{Column, CopyOutData, split_fields};
-use crate::copy_in::{CopyFormat, Piece, RowSplitter};
+use crate::backend::connection::CopyOutData;
+use crate::backend::pool::{Leased, Pools};
 use crate::error::RouterError;
-use crate::executor::{BackendHandle, Params, Row, ShardCursor, tag_command, tag_rows};
-use crate::merger::{self, RowStream};
+use crate::exec::cursor::{BackendHandle, ShardCursor};
+use crate::exec::merge::{self, RowStream};
+use crate::exec::twophase::{self, GxidSource};
 use crate::metrics::Metrics;
-use crate::planner::{
+use crate::plan::{
     self, InsertSplit, KeyExpr, LookupValue, MergeSpec, ParamSource, Plan, Planned, SavepointOp,
     Target, TransactionControl,
 };
-use crate::planner::{CopyDestination, SubqueryKind};
-use crate::pool::{Leased, Pools};
+use crate::plan::{CopyDestination, SubqueryKind};
+use crate::protocol::copy_data::{CopyFormat, Piece, RowSplitter};
+use crate::protocol::messages::{Column, split_fields};
+use crate::protocol::messages::{Params, Row, tag_command, tag_rows};
 use crate::topology::{BackendConfig, KeyType, Topology};
-use crate::twophase::{self, GxidSource};
 use crate::vindex::KeyValue;
 
 /// A topology with the pools that reach its shards (swapped together on reload).
@@ -36,7 +38,7 @@ pub struct Runtime {
     /// Bumped on every reload (cached plans of prepared statements are re-made).
     pub version: u64,
     /// Plans of simple-protocol statement shapes, for this topology.
-    pub plan_cache: crate::plan_cache::PlanCache,
+    pub plan_cache: crate::plan::cache::PlanCache,
 }
 
 /// State shared by all sessions of a router process.
@@ -51,7 +53,7 @@ pub struct RouterState {
     versions: AtomicU64,
     round_robin: AtomicUsize,
     /// Client sessions by BackendKeyData, for cancel requests.
-    pub cancels: crate::cancel::CancelRegistry,
+    pub cancels: crate::backend::cancel::CancelRegistry,
 }
 
 impl RouterState {
@@ -70,7 +72,7 @@ impl RouterState {
             gxids: GxidSource::default(),
             versions: AtomicU64::new(0),
             round_robin: AtomicUsize::new(0),
-            cancels: crate::cancel::CancelRegistry::default(),
+            cancels: crate::backend::cancel::CancelRegistry::default(),
         }
     }
 
@@ -274,11 +276,11 @@ pub struct Session {
     /// Set by a row stream that failed after it was handed to the client.
     stream_failed: Arc<AtomicBool>,
     /// Backends running this session's statement, for cancel requests.
-    cancel: Option<Arc<crate::cancel::SessionCancel>>,
+    cancel: Option<Arc<crate::backend::cancel::SessionCancel>>,
     /// Notices from the shards for the client, sent before the statement's result.
-    notices: Vec<crate::backend::ServerError>,
+    notices: Vec<crate::protocol::messages::ServerError>,
     /// Notices of the shards while rows stream.
-    stream_notices: Arc<crate::executor::NoticeSink>,
+    stream_notices: Arc<crate::exec::cursor::NoticeSink>,
     /// Settings changes the shards reported, not yet passed to the client.
     reports: Vec<(String, String)>,
     /// A COPY FROM STDIN in progress.
@@ -477,7 +479,7 @@ const MAX_INTERMEDIATE_BYTES: usize = 256 << 20;
 /// `name AS (SELECT ... FROM unnest(<arrays>) AS name(<columns>))`: a stage's result in a
 /// WITH; columns that came as text (`casts`) are cast back to their types.
 fn stage_definition(
-    stage: &planner::Stage,
+    stage: &plan::Stage,
     columns: &[Column],
     arrays: &[String],
     casts: &[Option<String>],
@@ -485,9 +487,9 @@ fn stage_definition(
     let names: Vec<String> = columns
         .iter()
         .enumerate()
-        .map(|(i, column)| planner::quote_ident(stage.columns.get(i).unwrap_or(&column.name)))
+        .map(|(i, column)| plan::quote_ident(stage.columns.get(i).unwrap_or(&column.name)))
         .collect();
-    let name = planner::quote_ident(&stage.name);
+    let name = plan::quote_ident(&stage.name);
     let items: Vec<String> = names
         .iter()
         .zip(casts)
@@ -545,7 +547,7 @@ async fn collect_arrays(
 
 /// The rows of a query as COPY TO STDOUT data, in text or CSV (with a header if asked).
 fn copy_query_stream(
-    copy: &planner::CopyQuery,
+    copy: &plan::CopyQuery,
     columns: &[Column],
     rows: RowStream,
 ) -> futures::stream::BoxStream<'static, Result<CopyOutData, RouterError>> {
@@ -754,7 +756,7 @@ impl Session {
         &mut self,
         sql: &str,
         param_types: &[u32],
-    ) -> Result<crate::backend::Description, RouterError> {
+    ) -> Result<crate::backend::connection::Description, RouterError> {
         let runtime = match &self.transaction {
             Some(transaction) => transaction.runtime.clone(),
             None => self.state.runtime(),
@@ -801,7 +803,7 @@ impl Session {
             let sql = format!(
                 "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass({}) \
                  AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                planner::quote_literal(&planner::quote_ident(table))
+                plan::quote_literal(&plan::quote_ident(table))
             );
             // In the client's transaction if there is one (the table may be new in it).
             let rows = if self.transaction.is_some() {
@@ -920,7 +922,7 @@ impl Session {
             Some(CopyFormat::Binary)
         );
         let key = copy_key(&key, runtime.topology.groups[*group].key_type, binary)?;
-        let shard = planner::shard_of(&runtime.topology, *group, &key)?;
+        let shard = plan::shard_of(&runtime.topology, *group, &key)?;
         copy.buffers
             .entry(shard)
             .or_default()
@@ -1120,12 +1122,12 @@ impl Session {
     }
 
     /// Notices collected while running the last statement.
-    pub fn take_notices(&mut self) -> Vec<crate::backend::ServerError> {
+    pub fn take_notices(&mut self) -> Vec<crate::protocol::messages::ServerError> {
         std::mem::take(&mut self.notices)
     }
 
     /// Notices the shards sent since the rows of the last statement began to stream.
-    pub fn take_stream_notices(&self) -> Vec<crate::backend::ServerError> {
+    pub fn take_stream_notices(&self) -> Vec<crate::protocol::messages::ServerError> {
         self.stream_notices.take()
     }
 
@@ -1136,7 +1138,7 @@ impl Session {
     }
 
     /// Makes this session's statements cancellable through `cancel`.
-    pub fn set_cancel(&mut self, cancel: Arc<crate::cancel::SessionCancel>) {
+    pub fn set_cancel(&mut self, cancel: Arc<crate::backend::cancel::SessionCancel>) {
         self.cancel = Some(cancel);
     }
 
@@ -1178,8 +1180,8 @@ impl Session {
             .map(|(name, value)| {
                 format!(
                     "SET {} TO {}",
-                    planner::quote_ident(name),
-                    planner::quote_literal(value)
+                    plan::quote_ident(name),
+                    plan::quote_literal(value)
                 )
             })
             .collect::<Vec<_>>()
@@ -1435,8 +1437,8 @@ impl Session {
                     .iter_mut()
                     .find_map(|c| c.columns.clone())
                     .unwrap_or_default();
-                let output = merger::output_columns(&columns, merge);
-                let rows = merger::merge(cursors, columns, resolve_paging(merge, params)?);
+                let output = merge::output_columns(&columns, merge);
+                let rows = merge::merge(cursors, columns, resolve_paging(merge, params)?);
                 if let Some(finalize) = &merge.finalize {
                     return self
                         .finalize(
@@ -1495,14 +1497,14 @@ impl Session {
                     name: "QUERY PLAN".into(),
                     table_oid: 0,
                     column_id: 0,
-                    type_oid: crate::values::oid::TEXT,
+                    type_oid: crate::protocol::values::oid::TEXT,
                     type_size: -1,
                     type_modifier: -1,
                     format,
                 };
                 let rows: Vec<Result<Row, RouterError>> = lines
                     .into_iter()
-                    .map(|line| Ok(merger::build_row(&[Some(line.as_bytes())])))
+                    .map(|line| Ok(merge::build_row(&[Some(line.as_bytes())])))
                     .collect();
                 Ok(Outcome::Rows {
                     columns: vec![column],
@@ -1526,7 +1528,7 @@ impl Session {
                 let mut parts: Vec<_> = (0..runtime.topology.shards.len())
                     .map(|s| (s, planned.sql.clone(), params.clone()))
                     .collect();
-                let table = planner::sharded_table_of_ddl(&runtime.topology, &planned.sql);
+                let table = plan::sharded_table_of_ddl(&runtime.topology, &planned.sql);
                 if let Some(table) = &table {
                     for shard in 1..runtime.topology.shards.len() {
                         parts.push((shard, spread_sequences_sql(table, shard), Params::default()));
@@ -1559,7 +1561,7 @@ impl Session {
         &mut self,
         runtime: &Runtime,
         shard: usize,
-        finalize: &planner::Finalize,
+        finalize: &plan::Finalize,
         columns: &[Column],
         rows: RowStream,
         params: &Params,
@@ -1609,7 +1611,7 @@ impl Session {
     async fn multi_stage_distributed(
         &mut self,
         runtime: &Runtime,
-        multi: &planner::MultiStage,
+        multi: &plan::MultiStage,
         outer: &Planned,
         params: &Params,
         result_formats: &[i16],
@@ -1630,7 +1632,7 @@ impl Session {
                 };
                 literals.push(format!(
                     "{}::{array_type}",
-                    planner::quote_literal(&String::from_utf8_lossy(&array))
+                    plan::quote_literal(&String::from_utf8_lossy(&array))
                 ));
                 casts.push(cast);
             }
@@ -1648,7 +1650,7 @@ impl Session {
     /// Runs one stage: its result columns and their values as text arrays.
     async fn run_stage(
         &mut self,
-        stage: &planner::Stage,
+        stage: &plan::Stage,
         params: &Params,
     ) -> Result<(Vec<Column>, Vec<bytes::Bytes>), RouterError> {
         let stage_params = params.subset(&stage.params);
@@ -1683,7 +1685,7 @@ impl Session {
         element: u32,
         array: u32,
     ) -> Result<String, RouterError> {
-        match crate::values::oid::builtin_name(element) {
+        match crate::protocol::values::oid::builtin_name(element) {
             Some(name) => Ok(format!("pg_catalog.{name}[]")),
             None => self.type_name(runtime, array).await,
         }
@@ -1694,7 +1696,7 @@ impl Session {
     fn multi_stage<'a>(
         &'a mut self,
         runtime: &'a Runtime,
-        multi: &'a planner::MultiStage,
+        multi: &'a plan::MultiStage,
         params: &'a Params,
         result_formats: &'a [i16],
     ) -> futures::future::BoxFuture<'a, Result<Outcome, RouterError>> {
@@ -1738,7 +1740,7 @@ impl Session {
     fn bound_subqueries<'a>(
         &'a mut self,
         runtime: &'a Runtime,
-        bound: &'a planner::BoundSubqueries,
+        bound: &'a plan::BoundSubqueries,
         params: &'a Params,
         result_formats: &'a [i16],
         cache: bool,
@@ -1767,7 +1769,7 @@ impl Session {
                             any = true;
                         }
                         (
-                            crate::values::oid::BOOL,
+                            crate::protocol::values::oid::BOOL,
                             Some(bytes::Bytes::from_static(if any { b"t" } else { b"f" })),
                         )
                     }
@@ -1838,14 +1840,14 @@ impl Session {
              WHERE d.classid = 'pg_catalog.pg_class'::regclass \
              AND d.refobjid = pg_catalog.to_regclass({}) AND d.deptype IN ('a', 'i') \
              AND s.seqtypid <> 'pg_catalog.int8'::regtype",
-            planner::quote_literal(table)
+            plan::quote_literal(table)
         );
         let names = self
             .first_column(runtime, 0, &sql)
             .await
             .unwrap_or_default();
         for name in names.into_iter().flatten() {
-            self.notices.push(crate::backend::ServerError {
+            self.notices.push(crate::protocol::messages::ServerError {
                 severity: "NOTICE".into(),
                 code: "01000".into(),
                 message: format!(
@@ -1869,7 +1871,7 @@ impl Session {
     fn draw_keys<'a>(
         &'a mut self,
         runtime: &'a Runtime,
-        draw: &'a planner::DrawKeys,
+        draw: &'a plan::DrawKeys,
         params: &'a Params,
         result_formats: &'a [i16],
         cache: bool,
@@ -1878,8 +1880,8 @@ impl Session {
             let sql = format!(
                 "SELECT pg_catalog.nextval(s) FROM pg_catalog.pg_get_serial_sequence({}, {}) s, \
                  pg_catalog.generate_series(1, {}) WHERE s IS NOT NULL",
-                planner::quote_literal(&planner::quote_ident(&draw.table)),
-                planner::quote_literal(&draw.key),
+                plan::quote_literal(&plan::quote_ident(&draw.table)),
+                plan::quote_literal(&draw.key),
                 draw.count
             );
             // In the client's transaction if there is one (the table may be new in it).
@@ -1902,7 +1904,7 @@ impl Session {
             let formats: Vec<i16> = (0..first).map(|i| params.format_of(i)).collect();
             params.formats = formats;
             for key in keys {
-                params.types.push(crate::values::oid::INT8);
+                params.types.push(crate::protocol::values::oid::INT8);
                 params.values.push(key);
                 params.formats.push(0);
             }
@@ -1916,7 +1918,7 @@ impl Session {
     fn insert_select<'a>(
         &'a mut self,
         runtime: &'a Runtime,
-        insert: &'a planner::InsertSelect,
+        insert: &'a plan::InsertSelect,
         params: &'a Params,
     ) -> futures::future::BoxFuture<'a, Result<Outcome, RouterError>> {
         Box::pin(async move {
@@ -2012,12 +2014,12 @@ impl Session {
         shard: usize,
         element: u32,
     ) -> Result<u32, RouterError> {
-        if let Some(array) = crate::values::oid::array_of(element) {
+        if let Some(array) = crate::protocol::values::oid::array_of(element) {
             return Ok(array);
         }
         let sql = format!(
             "SELECT typarray FROM pg_catalog.pg_type WHERE oid = {}",
-            planner::quote_literal(&element.to_string())
+            plan::quote_literal(&element.to_string())
         );
         Ok(self
             .first_column(runtime, shard, &sql)
@@ -2033,7 +2035,7 @@ impl Session {
     async fn type_name(&mut self, runtime: &Runtime, oid: u32) -> Result<String, RouterError> {
         let sql = format!(
             "SELECT pg_catalog.format_type({}::pg_catalog.oid, NULL)",
-            planner::quote_literal(&oid.to_string())
+            plan::quote_literal(&oid.to_string())
         );
         self.first_column(runtime, 0, &sql)
             .await?
@@ -2054,7 +2056,7 @@ impl Session {
         match self.array_type_of(runtime, 0, column.type_oid).await? {
             0 => {
                 let name = self.type_name(runtime, column.type_oid).await?;
-                Ok((crate::values::oid::TEXT_ARRAY, Some(name)))
+                Ok((crate::protocol::values::oid::TEXT_ARRAY, Some(name)))
             }
             array => Ok((array, None)),
         }
@@ -2071,7 +2073,7 @@ impl Session {
             Target::Param { param, group } => {
                 let key_type = runtime.topology.groups[*group].key_type;
                 let key = key_from_param(params, *param, key_type)?;
-                Ok(planner::shard_of(&runtime.topology, *group, &key)?)
+                Ok(plan::shard_of(&runtime.topology, *group, &key)?)
             }
             Target::Lookup { .. } => Err(RouterError::session(
                 "XX000",
@@ -2109,14 +2111,14 @@ impl Session {
             LookupValue::Param(n) => params.subset(&[n - 1]),
         };
         let handle = self.handle_for(runtime, 0).await?;
-        let sql = planner::lookup_query(lookup_table);
+        let sql = plan::lookup_query(lookup_table);
         let mut cursor =
             ShardCursor::open(cancel.as_ref(), handle, &sql, &lookup_params, &[], true).await?;
         let rows = cursor.collect().await?;
         let Some(row) = rows.first() else {
             return Ok(0);
         };
-        let key_text = crate::values::split_text_row(&row.data)
+        let key_text = crate::protocol::values::split_text_row(&row.data)
             .into_iter()
             .next()
             .flatten()
@@ -2132,7 +2134,7 @@ impl Session {
             })?),
             KeyType::Text => KeyValue::Text(key_text),
         };
-        Ok(planner::shard_of(&runtime.topology, group, &key)?)
+        Ok(plan::shard_of(&runtime.topology, group, &key)?)
     }
 
     async fn replay_settings(&self, leased: &mut Leased) -> Result<(), RouterError> {
@@ -2175,7 +2177,7 @@ impl Session {
         let mut begin = transaction.begin_sql.clone();
         for savepoint in &transaction.savepoints {
             begin.push_str("; SAVEPOINT ");
-            begin.push_str(&planner::quote_ident(savepoint));
+            begin.push_str(&plan::quote_ident(savepoint));
         }
         let commands = 1 + transaction.savepoints.len() as u32;
         let mut leased = self.checkout(runtime, shard).await?;
@@ -2269,8 +2271,8 @@ impl Session {
         let restore = startup_value.map(|(name, value)| {
             format!(
                 "SET {} TO {}",
-                planner::quote_ident(&name),
-                planner::quote_literal(&value)
+                plan::quote_ident(&name),
+                plan::quote_literal(&value)
             )
         });
         let sql = match &restore {
@@ -2471,7 +2473,7 @@ fn spread_sequences_sql(table: &str, shard: usize) -> String {
          AND d.refobjid = pg_catalog.to_regclass({}) AND d.deptype IN ('a', 'i') \
          AND s.seqtypid = 'pg_catalog.int8'::regtype \
          AND pg_catalog.pg_sequence_last_value(d.objid) IS NULL",
-        planner::quote_literal(table)
+        plan::quote_literal(table)
     )
 }
 
@@ -2488,18 +2490,18 @@ pub fn split_insert(
             KeyExpr::Literal(value) => value.clone(),
             KeyExpr::Param(param) => key_from_param(params, *param, key_type)?,
         };
-        let shard = planner::shard_of(topology, split.group, &value)?;
+        let shard = plan::shard_of(topology, split.group, &value)?;
         by_shard.entry(shard).or_default().push(row);
     }
     let mut parts: Vec<(usize, String, Params)> = by_shard
         .into_iter()
         .map(|(shard, rows)| {
-            let (sql, used) = planner::render_insert_part(&split.template, &rows);
+            let (sql, used) = plan::render_insert_part(&split.template, &rows);
             (shard, sql, params.subset(&used))
         })
         .collect();
     for (position, lookup_table) in &split.lookups {
-        let (sql, used) = planner::render_lookup_insert(split, *position, lookup_table);
+        let (sql, used) = plan::render_lookup_insert(split, *position, lookup_table);
         parts.push((0, format!("{BOOKKEEPING}{sql}"), params.subset(&used)));
     }
     Ok(parts)
