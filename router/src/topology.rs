@@ -335,6 +335,9 @@ pub struct Topology {
     /// Aggregate functions the shards define beyond PostgreSQL's own (`CREATE AGGREGATE`), read
     /// from the first shard's catalog: the planner must not take them for plain functions.
     pub aggregates: Vec<String>,
+    /// Column lists of the tables the shards hold (first shard's catalog, refreshed after DDL):
+    /// what the binder resolves bare column names against.
+    pub columns: crate::plan::bind::Catalog,
 }
 
 impl Topology {
@@ -445,6 +448,7 @@ impl Topology {
                 .map(|t| t.to_lowercase())
                 .collect(),
             aggregates: Vec::new(),
+            columns: Default::default(),
         })
     }
 

@@ -17,10 +17,12 @@ use sqlparser::parser::Parser;
 use crate::topology::{KeyType, Topology};
 
 mod aggregate;
+pub mod bind;
 mod bound;
 pub mod cache;
 mod colocated;
 mod copy;
+mod decorrelate;
 mod finalize;
 mod from;
 mod insert;

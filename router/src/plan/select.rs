@@ -58,6 +58,17 @@ pub(super) fn plan_query(
     if query.with.is_some() {
         return unsupported("WITH over sharded tables");
     }
+    // A FROM of reference tables only, with subqueries over sharded tables in WHERE: those run
+    // first (correlated EXISTS decorrelated into IN), their answers bound as parameters.
+    if table_use(topology, &select.from).sharded.is_empty() {
+        let mut query = query.clone();
+        if let SetExpr::Select(select) = query.body.as_mut() {
+            decorrelate::exists_conjuncts(topology, select);
+        }
+        if let Some(planned) = bound::plan(topology, query)? {
+            return Ok(planned);
+        }
+    }
     let from = match analyze_from(topology, select) {
         Ok(from) => from,
         // Sharded tables joined off their shard keys: all but the first go to every shard.
@@ -79,7 +90,11 @@ pub(super) fn plan_query(
         );
         if pushed != Some(usage.sharded.len() - top_level) {
             // Uncorrelated ones run first, their answers bound as parameters.
-            if let Some(planned) = bound::plan(topology, query.clone())? {
+            let mut decorrelated = query.clone();
+            if let SetExpr::Select(select) = decorrelated.body.as_mut() {
+                decorrelate::exists_conjuncts(topology, select);
+            }
+            if let Some(planned) = bound::plan(topology, decorrelated)? {
                 return Ok(planned);
             }
             return unsupported("a subquery over a sharded table");

@@ -232,7 +232,13 @@ pub fn plan_statement(
         Statement::Prepare { .. } | Statement::Execute { .. } => {
             unsupported("SQL-level PREPARE/EXECUTE (use the extended query protocol)")
         }
-        Statement::Query(query) => plan_query(topology, *query, text),
+        Statement::Query(mut query) => {
+            // Bare column names bound to their relations: every spelling plans alike. A plan
+            // that sends the statement as it came keeps the client's text (its comments too):
+            // PostgreSQL binds the names the same way.
+            bind::bind_query(&topology.columns, &mut query)?;
+            plan_query(topology, *query, text)
+        }
         Statement::Insert(insert) => plan_insert(topology, insert, text),
         Statement::Update(update) => {
             let usage = table_use(topology, &update);

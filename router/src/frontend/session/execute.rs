@@ -514,9 +514,8 @@ impl Session {
                 if let Some(table) = &table {
                     self.warn_narrow_sequences(&runtime, table).await;
                 }
-                if defines_aggregate(&planned.sql) {
-                    self.state.refresh_aggregates().await;
-                }
+                // New aggregates, tables or columns: the planner reads them from the catalog.
+                self.state.refresh_aggregates().await;
                 Ok(outcome)
             }
             Plan::Insert(split) => {

@@ -3,25 +3,6 @@
 
 use super::*;
 
-/// `CREATE [OR REPLACE] AGGREGATE` or `DROP AGGREGATE`?
-pub(super) fn defines_aggregate(sql: &str) -> bool {
-    let words: Vec<String> = sql
-        .split_whitespace()
-        .take(4)
-        .map(str::to_ascii_uppercase)
-        .collect();
-    matches!(
-        words
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice(),
-        ["CREATE", "AGGREGATE", ..]
-            | ["CREATE", "OR", "REPLACE", "AGGREGATE"]
-            | ["DROP", "AGGREGATE", ..]
-    )
-}
-
 /// The most an intermediate result (merged groups, a WITH query's or a pulled table's rows) may
 /// take in the router, as text arrays.
 pub(super) const MAX_INTERMEDIATE_BYTES: usize = 256 << 20;

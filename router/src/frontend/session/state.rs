@@ -61,9 +61,10 @@ impl RouterState {
         self.runtime.read().expect("runtime lock").clone()
     }
 
-    /// Reads the aggregates the shards define (`CREATE AGGREGATE`, from the first shard's
-    /// catalog) and, when they changed, swaps in the topology with them (plans made without
-    /// them are dropped).
+    /// Reads what the planner needs from the shards' catalog (the first shard's): the aggregates
+    /// they define (`CREATE AGGREGATE`) and the column lists of their tables (for the binder).
+    /// When either changed, swaps in the topology with them (plans made without them are
+    /// dropped).
     pub async fn refresh_aggregates(&self) {
         let runtime = self.runtime();
         let Some(pool) = runtime.pools.shards.first() else {
@@ -72,29 +73,48 @@ impl RouterState {
         let Ok(mut connection) = pool.get().await else {
             return;
         };
-        let rows = match connection
+        let aggregates = connection
             .query_text(
                 "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
                  WHERE p.prokind = 'a' AND p.pronamespace <> 'pg_catalog'::regnamespace \
                  ORDER BY 1",
             )
-            .await
-        {
-            Ok(rows) => rows,
-            Err(error) => {
-                tracing::debug!(%error, "reading user-defined aggregates");
+            .await;
+        let columns = connection
+            .query_text(
+                "SELECT c.relname, a.attname FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+                 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND a.attnum > 0 \
+                 AND NOT a.attisdropped AND pg_catalog.pg_table_is_visible(c.oid) \
+                 ORDER BY c.relname, a.attnum",
+            )
+            .await;
+        drop(connection);
+        let (aggregates, columns) = match (aggregates, columns) {
+            (Ok(aggregates), Ok(columns)) => (aggregates, columns),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::debug!(%error, "reading the shards' catalog");
                 return;
             }
         };
-        drop(connection);
-        let names: Vec<String> = rows
+        let names: Vec<String> = aggregates
             .into_iter()
             .filter_map(|row| row.into_iter().next().flatten())
             .collect();
-        if names != runtime.topology.aggregates {
+        let mut catalog = crate::plan::bind::Catalog::new();
+        for row in columns {
+            let mut fields = row.into_iter();
+            if let (Some(Some(table)), Some(Some(column))) = (fields.next(), fields.next()) {
+                catalog.entry(table).or_default().push(column);
+            }
+        }
+        if names != runtime.topology.aggregates || catalog != runtime.topology.columns {
             let mut topology = (*runtime.topology).clone();
-            tracing::info!(aggregates = ?names, "user-defined aggregates changed");
+            if names != topology.aggregates {
+                tracing::info!(aggregates = ?names, "user-defined aggregates changed");
+            }
             topology.aggregates = names;
+            topology.columns = catalog;
             self.swap(topology);
         }
     }
@@ -105,6 +125,9 @@ impl RouterState {
     pub fn reload(&self, mut topology: Topology) {
         if topology.aggregates.is_empty() {
             topology.aggregates = self.runtime().topology.aggregates.clone();
+        }
+        if topology.columns.is_empty() {
+            topology.columns = self.runtime().topology.columns.clone();
         }
         self.swap(topology);
     }
