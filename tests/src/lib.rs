@@ -17,6 +17,7 @@ pub mod paths;
 pub mod postgres;
 pub mod process;
 pub mod tcp_proxy;
+pub mod tpch;
 pub mod versions;
 
 pub use apiserver::ApiServer;
