@@ -1121,12 +1121,7 @@ impl Manager {
             .map_err(Error::postgres("checking recovery before promotion"))?
             .get(0);
         // An earlier attempt may have promoted it already (pg_promote timed out, or we restarted).
-        let promoted: bool = !in_recovery
-            || client
-                .query_one("SELECT pg_promote(true, 8)", &[])
-                .await
-                .map_err(Error::postgres("pg_promote"))?
-                .get(0);
+        let promoted = !in_recovery || self.wait_for_promotion(&client).await?;
         if !promoted {
             return Err(Error::Invalid(
                 "pg_promote did not complete within 8 s; retrying".into(),
@@ -1139,6 +1134,37 @@ impl Manager {
         self.last_join.get_or_insert_with(|| "promote".into());
         let _ = self.reconcile_primary().await;
         Ok(())
+    }
+
+    /// Signals promotion and waits up to 8 s for PostgreSQL to leave recovery, renewing the Lease
+    /// meanwhile. The end of recovery can outlast a Lease (restore_command fetching the last WAL
+    /// and the timeline history from a slow store): a Lease left to lapse here made the watchdog
+    /// stop the new primary right after its promotion.
+    async fn wait_for_promotion(&mut self, client: &tokio_postgres::Client) -> Result<bool> {
+        client
+            .batch_execute("SELECT pg_promote(false)")
+            .await
+            .map_err(Error::postgres("pg_promote"))?;
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let mut renewed = Instant::now();
+        loop {
+            let in_recovery: bool = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(Error::postgres("waiting for the end of recovery"))?
+                .get(0);
+            if !in_recovery {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            if renewed.elapsed() >= Duration::from_secs(1) {
+                self.acquire().await?;
+                renewed = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn switchover(&mut self, target: String) -> Result<()> {

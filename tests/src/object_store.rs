@@ -286,6 +286,11 @@ impl S3Server {
         self.proxy.cut();
     }
 
+    /// Makes the store slow: every new connection waits `latency` first (zero: fast again).
+    pub fn slow_down(&self, latency: Duration) {
+        self.proxy.set_latency(latency);
+    }
+
     /// Brings the store back after [`Self::cut`].
     pub fn restore(&self) {
         self.proxy.restore();
