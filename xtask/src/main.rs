@@ -134,8 +134,16 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
-    // The e2e tests (nodeagent) run the workspace's binaries as the pods' images.
-    cargo(&["build", "--package", "controllers", "--package", "instance"])?;
+    // The e2e tests (nodeagent) run the workspace's binaries as the pods' images, and kubectl-pg.
+    cargo(&[
+        "build",
+        "--package",
+        "controllers",
+        "--package",
+        "instance",
+        "--package",
+        "kubectl-pg",
+    ])?;
     cargo(&["test", "--workspace", "--no-fail-fast"])?;
     step("cargo xtask demo --once (the operator and a three-instance cluster, end to end)");
     demo::run(true)?;
