@@ -58,6 +58,12 @@ pub async fn run(config: Config) -> Result<()> {
     // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
     let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
     let declarative_client = kube_client(&config, Duration::from_secs(60)).await?;
+    crate::pooler::spawn_auth(
+        declarative_client.clone(),
+        &config,
+        &superuser.username,
+        primary_watch.clone(),
+    );
     crate::declarative::spawn(
         declarative_client,
         &config,

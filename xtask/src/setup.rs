@@ -13,6 +13,8 @@ use testbed::{paths, versions};
 pub fn run() -> anyhow::Result<()> {
     install_servers()?;
     install_delivery_tools()?;
+    crate::step("installing PgBouncer (Debian's package, apt-get download) for the pooler tests");
+    testbed::pgbouncer::install()?;
     crate::step("installing barman-cloud and moto's S3 server (PyPI) for the backup tests");
     testbed::object_store::install()
 }

@@ -24,10 +24,7 @@ pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
 /// change is applied by the supervisor's reload, not by a new pod.
 pub const ANNOTATION_CONFIG_HASH: &str = "postgres.keiailab.io/pgbouncer-config-hash";
 /// Role PgBouncer logs in as to run `auth_query` (SCRAM, not a superuser).
-pub const AUTH_USER: &str = "pgbouncer_auth";
-/// Function the auth_query calls: `SECURITY DEFINER`, owned by the superuser, executable by
-/// [`AUTH_USER`] only, returning the SCRAM verifier of a non-superuser login role.
-pub const AUTH_FUNCTION: &str = "public.pgbouncer_user_lookup";
+pub const AUTH_USER: &str = contract::POOLER_AUTH_USER;
 /// Key of pgbouncer.ini in the ConfigMap.
 pub const CONFIG_KEY: &str = "pgbouncer.ini";
 /// Key of the auth file (the auth user's line only) in the auth Secret.
@@ -68,7 +65,7 @@ pub fn object_name(pooler: &Pooler) -> String {
 
 /// Name of the per-cluster Secret with the auth user's credentials.
 pub fn auth_secret(cluster: &str) -> String {
-    format!("{cluster}-pooler-auth")
+    contract::pooler_auth_secret(cluster)
 }
 
 /// Labels of every object of `pooler`, and the pod selector.
@@ -184,8 +181,14 @@ pub fn pool_mode(mode: PoolMode) -> &'static str {
 }
 
 /// The auth_query: PgBouncer runs it as [`AUTH_USER`] with the client's user name as `$1`.
+/// The function (`SECURITY DEFINER`, executable by [`AUTH_USER`] only, returning the SCRAM
+/// verifier of a non-superuser login role) is created by the primary's instance manager.
 pub fn auth_query() -> String {
-    format!("SELECT usename, passwd FROM {AUTH_FUNCTION}($1)")
+    format!(
+        "SELECT usename, passwd FROM {}.{}($1)",
+        contract::POOLER_AUTH_SCHEMA,
+        contract::POOLER_AUTH_FUNCTION
+    )
 }
 
 /// Renders pgbouncer.ini. Application passwords are never in it: PgBouncer asks PostgreSQL
@@ -279,9 +282,14 @@ pub fn auth_secret_object(pooler: &Pooler, password: &str) -> Secret {
 /// and server connection) whenever the mounted pgbouncer.ini changes, so a spec change never
 /// restarts the pod. SIGTERM is passed on (PgBouncer then finishes its clients' transactions).
 pub fn supervisor_script() -> String {
+    supervisor_script_for(&format!("{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"))
+}
+
+/// [`supervisor_script`] for a pgbouncer.ini at `config` (tests run it outside a pod).
+pub fn supervisor_script_for(config: &str) -> String {
     format!(
         r#"set -eu
-config={CONFIG_MOUNT_PATH}/{CONFIG_KEY}
+config='{config}'
 pgbouncer "$config" &
 child=$!
 trap 'kill -TERM "$child"; wait "$child"; exit 0' TERM INT
@@ -321,13 +329,18 @@ pub fn deployment(pooler: &Pooler, image: &str, config_hash: &str) -> Deployment
     };
     let mut template_labels = labels(pooler);
     template_labels.insert(LABEL_POOLER.to_string(), pooler.name_any());
+    // The primary's instance manager finds the pods to PAUSE / RESUME by this label.
+    template_labels.insert(
+        contract::LABEL_POOLER_CLUSTER.to_string(),
+        pooler.spec.cluster.name.clone(),
+    );
     let container = Container {
         name: "pgbouncer".to_string(),
         image: Some(image.to_string()),
         command: Some(vec!["/bin/sh".to_string(), "-c".to_string()]),
         args: Some(vec![supervisor_script()]),
         ports: Some(vec![ContainerPort {
-            name: Some("pgbouncer".to_string()),
+            name: Some(contract::PORT_NAME_PGBOUNCER.to_string()),
             container_port: i32::from(PGBOUNCER_PORT),
             ..ContainerPort::default()
         }]),
