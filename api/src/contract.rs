@@ -169,8 +169,8 @@ pub const POOLER_AUTH_SCHEMA: &str = "public";
 /// name; only [`POOLER_AUTH_USER`] may execute it. It exists in every database that allows
 /// connections (PgBouncer 1.18 runs `auth_query` in the client's database).
 pub const POOLER_AUTH_FUNCTION: &str = "pgbouncer_user_lookup";
-/// Label on Pooler pods with the PostgresCluster they serve: the primary's instance manager finds
-/// them by it to PAUSE them around a switchover and RESUME them on the new primary.
-pub const LABEL_POOLER_CLUSTER: &str = "postgres.keiailab.io/pooler-cluster";
+/// Label with the Pooler name on its objects and PgBouncer pods: the instance managers find the
+/// pods of their cluster's Poolers by it, to PAUSE and RESUME them around a primary change.
+pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
 /// Name of the container port of PgBouncer on Pooler pods (its admin console is on it too).
 pub const PORT_NAME_PGBOUNCER: &str = "pgbouncer";

@@ -18,6 +18,7 @@ pub mod paths;
 pub mod pgbouncer;
 pub mod postgres;
 pub mod process;
+pub mod service_proxy;
 pub mod tcp_proxy;
 pub mod versions;
 

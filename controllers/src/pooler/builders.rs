@@ -19,7 +19,7 @@ use crate::postgres_cluster::builders::{fnv1a64, restricted_container_security};
 
 /// Label naming the Pooler a pod or object belongs to. Pooler pods never carry
 /// [`contract::LABEL_CLUSTER`], so the cluster's instance selectors do not pick them up.
-pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
+pub const LABEL_POOLER: &str = contract::LABEL_POOLER;
 /// Annotation on the Deployment (not its pod template) with the checksum of pgbouncer.ini: a
 /// change is applied by the supervisor's reload, not by a new pod.
 pub const ANNOTATION_CONFIG_HASH: &str = "postgres.keiailab.io/pgbouncer-config-hash";
@@ -222,6 +222,9 @@ pub fn pgbouncer_ini(pooler: &Pooler, target: &Target) -> String {
             "ignore_startup_parameters".into(),
             "extra_float_digits,options".into(),
         ),
+        // After a failover the first server logins fail until the rw Service reaches the new
+        // primary; PgBouncer's 15 s default would keep clients waiting that long after it.
+        ("server_login_retry".into(), "2".into()),
     ];
     for (name, value) in &spec.parameters {
         match settings.iter_mut().find(|(key, _)| key == name) {
@@ -329,11 +332,6 @@ pub fn deployment(pooler: &Pooler, image: &str, config_hash: &str) -> Deployment
     };
     let mut template_labels = labels(pooler);
     template_labels.insert(LABEL_POOLER.to_string(), pooler.name_any());
-    // The primary's instance manager finds the pods to PAUSE / RESUME by this label.
-    template_labels.insert(
-        contract::LABEL_POOLER_CLUSTER.to_string(),
-        pooler.spec.cluster.name.clone(),
-    );
     let container = Container {
         name: "pgbouncer".to_string(),
         image: Some(image.to_string()),

@@ -230,6 +230,9 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 None,
             ),
             rule("", &["secrets"], &["get", "create", "update"], None),
+            // The cluster's Poolers (their pause timeout), PAUSEd around a switchover and
+            // RESUMEd by the new primary (instance/src/pooler/pause.rs).
+            rule(api::common::GROUP, &["poolers"], &["get", "list"], None),
             // Events on its own pod (a re-clone it decided alone) and on the PostgresUser /
             // PostgresDatabase objects it applies.
             rule("events.k8s.io", &["events"], &["create", "patch"], None),

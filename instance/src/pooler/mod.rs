@@ -2,10 +2,12 @@
 //!
 //! - [`auth`]: keeps the `auth_query` role and lookup function applied, with the password of the
 //!   cluster's pooler auth Secret (the operator generates it when the first Pooler appears).
+//! - [`pause`]: PAUSE before a switchover, RECONNECT + RESUME once the new primary is writable.
 //!
 //! Every instance runs the loop; only a writable primary acts, so a failover moves the work.
 
 pub mod auth;
+pub mod pause;
 
 use std::time::Duration;
 
