@@ -36,6 +36,36 @@ pub fn binary() -> PathBuf {
     install_dir().join("bin").join("pgbouncer")
 }
 
+/// Where [`install_dir`] is mounted in the Pooler image of the node agent's image table.
+pub const IMAGE_DIR: &str = "/usr/lib/pgbouncer";
+
+/// A launcher for the node agent's image (mounted at `/usr/local/bin/pgbouncer`, with
+/// [`install_dir`] at [`IMAGE_DIR`]): a bind-mounted file cannot find its folder from `$0`.
+/// Written on first use; `None` when PgBouncer is not installed.
+pub fn image_launcher() -> anyhow::Result<Option<PathBuf>> {
+    let dir = install_dir();
+    let Some(library) = find(&dir, "libcares.so.2") else {
+        return Ok(None);
+    };
+    let library_dir = library
+        .parent()
+        .and_then(|folder| folder.strip_prefix(&dir).ok())
+        .context("library inside the install folder")?
+        .display()
+        .to_string();
+    let launcher = dir.join("bin").join("pgbouncer-in-image");
+    let script = format!(
+        "#!/bin/sh\nLD_LIBRARY_PATH=\"{IMAGE_DIR}/{library_dir}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\" exec {IMAGE_DIR}/usr/sbin/pgbouncer \"$@\"\n"
+    );
+    if fs::read_to_string(&launcher).ok().as_deref() != Some(script.as_str()) {
+        let staged = launcher.with_extension("new");
+        fs::write(&staged, script)?;
+        fs::set_permissions(&staged, fs::Permissions::from_mode(0o755))?;
+        fs::rename(&staged, &launcher)?;
+    }
+    Ok(Some(launcher))
+}
+
 /// Installs PgBouncer unless it is there; returns the launcher.
 pub fn install() -> anyhow::Result<PathBuf> {
     let launcher = binary();
