@@ -58,6 +58,18 @@ pub async fn run(config: Config) -> Result<()> {
     // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
     let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
     let declarative_client = kube_client(&config, Duration::from_secs(60)).await?;
+    let poolers = crate::pooler::pause::Poolers::new(
+        declarative_client.clone(),
+        &config.namespace,
+        &config.cluster,
+        &config.rw_service_address(),
+    );
+    crate::pooler::spawn_auth(
+        declarative_client.clone(),
+        &config,
+        &superuser.username,
+        primary_watch.clone(),
+    );
     crate::declarative::spawn(
         declarative_client,
         &config,
@@ -131,6 +143,7 @@ pub async fn run(config: Config) -> Result<()> {
         postgres_down_since: None,
         fenced_at: None,
         followed: None,
+        poolers,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -287,6 +300,8 @@ struct Manager {
     fenced_at: Option<Instant>,
     /// Address of the primary written in `primary_conninfo` (replica).
     followed: Option<Upstream>,
+    /// The cluster's Poolers, paused around a switchover and resumed on the new primary.
+    poolers: crate::pooler::pause::Poolers,
 }
 
 impl Manager {
@@ -1128,6 +1143,9 @@ impl Manager {
             ));
         }
         info!("promoted: this instance is the primary");
+        // Poolers a former primary paused (or that still hold server connections to a dead one)
+        // are re-pointed and resumed once the rw Service reaches this writable primary.
+        self.poolers.resume_all_when_writable();
         self.role = Role::Primary;
         self.watchdog.guard(self.postgres.pid());
         self.roles_ensured = false;
@@ -1199,6 +1217,20 @@ impl Manager {
             return Ok(());
         }
         self.switchover_since = None;
+        // Clients of the Poolers wait in PgBouncer instead of failing: paused before the stop,
+        // resumed once the rw Service reaches a writable primary again (this one, if the
+        // hand-over fails), or when the pause timeout runs out.
+        let paused = self.poolers.pause().await;
+        let result = self.hand_over(target, client).await;
+        if let Some(paused) = paused {
+            self.poolers.resume_when_writable(paused);
+        }
+        result
+    }
+
+    /// The second half of a switchover: checkpoint, stop, write the standby configuration,
+    /// hand the Lease to `target`, start as its replica.
+    async fn hand_over(&mut self, target: String, client: tokio_postgres::Client) -> Result<()> {
         info!(%target, "switchover: checkpoint, then stop and hand over the Lease");
         client
             .batch_execute("CHECKPOINT")
@@ -1383,21 +1415,31 @@ impl Manager {
             roles.push((app, "LOGIN"));
         }
         for (user, attributes) in roles {
-            let exists = client
+            let stored: Option<Option<String>> = client
                 .query_opt(
-                    "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
                     &[&user.username],
                 )
                 .await
                 .map_err(Error::postgres("looking up a role"))?
-                .is_some();
-            let verb = if exists { "ALTER" } else { "CREATE" };
+                .map(|row| row.get(0));
+            let verb = if stored.is_some() { "ALTER" } else { "CREATE" };
+            // A right verifier is kept: a new one (new salt) for the same password would fail
+            // the server logins PgBouncer makes with the SCRAM keys of its connected clients.
+            let password = match stored.flatten() {
+                Some(stored) if crate::declarative::scram::matches(&stored, &user.password) => {
+                    String::new()
+                }
+                // A verifier, never the cleartext (see declarative::scram).
+                _ => format!(
+                    " PASSWORD {}",
+                    quote::literal(&crate::declarative::scram::verifier(&user.password))
+                ),
+            };
             client
                 .batch_execute(&format!(
-                    "{verb} ROLE {} WITH {attributes} PASSWORD {}",
+                    "{verb} ROLE {} WITH {attributes}{password}",
                     quote::identifier(&user.username),
-                    // A verifier, never the cleartext (see declarative::scram).
-                    quote::literal(&crate::declarative::scram::verifier(&user.password))
                 ))
                 .await
                 .map_err(Error::postgres(format!("{verb} ROLE {}", user.username)))?;

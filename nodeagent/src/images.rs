@@ -65,6 +65,26 @@ impl ImageTable {
                 entrypoint: Vec::new(),
             },
         );
+        // The Pooler image (Debian's PgBouncer, run by the pod's `sh` supervisor), when the test
+        // bed has it (`cargo xtask setup`).
+        if let Some(launcher) = testbed::pgbouncer::image_launcher()? {
+            table.add(
+                "pgbouncer",
+                LocalImage {
+                    files: vec![
+                        (
+                            crate::outside_tmp(&testbed::pgbouncer::install_dir())?,
+                            testbed::pgbouncer::IMAGE_DIR.to_string(),
+                        ),
+                        (
+                            crate::outside_tmp(&launcher)?,
+                            "/usr/local/bin/pgbouncer".to_string(),
+                        ),
+                    ],
+                    entrypoint: vec!["/usr/local/bin/pgbouncer".to_string()],
+                },
+            );
+        }
         table.add(
             "pg-router",
             LocalImage {

@@ -58,7 +58,8 @@ pub const BARMAN_COMMANDS: &[(&str, &str)] = &[
     ),
 ];
 
-fn lock(name: &str) -> anyhow::Result<fs::File> {
+/// An exclusive lock on `<testbed>/.<name>.lock`, held until the file is dropped.
+pub(crate) fn lock(name: &str) -> anyhow::Result<fs::File> {
     let dir = paths::testbed_dir();
     fs::create_dir_all(&dir)?;
     let file = fs::OpenOptions::new()
