@@ -11,6 +11,7 @@
 pub mod apiserver;
 pub mod clients;
 pub mod control_plane;
+pub mod dashboards;
 pub mod delivery;
 pub mod manifests;
 pub mod object_store;

@@ -2,6 +2,7 @@
 //! whole test suite and the local demo.
 
 mod bench;
+mod dashboards;
 mod demo;
 mod generate;
 mod licenses;
