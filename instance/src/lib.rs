@@ -46,6 +46,7 @@ pub mod lease;
 pub mod manager;
 pub mod metrics;
 pub mod postgres;
+pub mod postgres_log;
 pub mod quote;
 pub mod status;
 pub mod watchdog;
