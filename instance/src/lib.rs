@@ -48,6 +48,7 @@ pub mod manager;
 pub mod metrics;
 pub mod pooler;
 pub mod postgres;
+pub mod postgres_log;
 pub mod quote;
 pub mod status;
 pub mod watchdog;

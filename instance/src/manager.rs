@@ -82,6 +82,16 @@ pub async fn run(config: Config) -> Result<()> {
         config.renew_deadline() / 2,
     );
     let backup = start_backups(&config, &mut postgres, &shared)?;
+    // Before PostgreSQL starts, so the follower starts at the end of an older log.
+    crate::postgres_log::spawn(
+        &config.run_dir(),
+        crate::postgres_log::Tags {
+            cluster: config.cluster.clone(),
+            namespace: config.namespace.clone(),
+            instance: config.pod_name.clone(),
+        },
+        shared.clone(),
+    );
     if config.metrics_database {
         shared
             .database

@@ -131,6 +131,15 @@ fn install_delivery_tools() -> anyhow::Result<()> {
         "-s -w",
         "",
     )?;
+    // The OpenTelemetry Collector, for the operator's trace test: our module lists the components.
+    build_go_binary(
+        "otelcol",
+        &paths::otelcol(),
+        "testbed/otelcol",
+        ".",
+        "-s -w",
+        "",
+    )?;
     install_hadolint()
 }
 
