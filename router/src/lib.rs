@@ -13,6 +13,7 @@ pub mod copy_in;
 pub mod error;
 pub mod executor;
 pub mod frontend;
+pub mod kubernetes;
 pub mod merger;
 pub mod metrics;
 pub mod plan_cache;
