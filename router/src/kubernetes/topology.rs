@@ -107,6 +107,15 @@ pub fn build(
                 group.name
             )));
         }
+        if let Some(other) = of_group.iter().find(|r| r.spec.vindex != group.vindex) {
+            return Err(Invalid(format!(
+                "ShardRange {} has vindex {:?} but table group {} has {:?}",
+                other.metadata.name.clone().unwrap_or_default(),
+                other.spec.vindex,
+                group.name,
+                group.vindex
+            )));
+        }
         of_group.sort_by_key(|r| r.spec.start.map_or(i128::MIN, i128::from));
         // Cover the signed space exactly once, whatever the vindex.
         let mut expected = None;
