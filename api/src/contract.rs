@@ -174,3 +174,7 @@ pub const POOLER_AUTH_FUNCTION: &str = "pgbouncer_user_lookup";
 pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
 /// Name of the container port of PgBouncer on Pooler pods (its admin console is on it too).
 pub const PORT_NAME_PGBOUNCER: &str = "pgbouncer";
+
+/// Label naming the sharded cluster a router pod belongs to. Router pods never carry
+/// [`LABEL_CLUSTER`], so no cluster's instance selectors pick them up.
+pub const LABEL_ROUTER: &str = "postgres.keiailab.io/router";

@@ -167,6 +167,9 @@ async fn pod_monitor_and_prometheus_rule_follow_spec_monitoring() {
         shards: 2,
         resharding_job: None,
         router: RouterSpec::default(),
+        table_groups: Vec::new(),
+        sharded_tables: Vec::new(),
+        reference_tables: Vec::new(),
     });
     env.create_cluster("sharded", sharded).await;
     let router_monitor = env
@@ -177,7 +180,7 @@ async fn pod_monitor_and_prometheus_rule_follow_spec_monitoring() {
         .await;
     assert_eq!(
         router_monitor.data["spec"]["selector"]["matchLabels"],
-        json!({"postgres.keiailab.io/cluster": "sharded", "app.kubernetes.io/name": "pg-router"})
+        json!({"postgres.keiailab.io/router": "sharded", "app.kubernetes.io/name": "pg-router"})
     );
     assert_eq!(
         router_monitor.data["spec"]["podMetricsEndpoints"][0]["port"],

@@ -112,8 +112,8 @@ pub const METRICS_PORT: &str = "metrics";
 /// `app.kubernetes.io/name` of the pg-router pods of a sharded cluster.
 pub const ROUTER_APP_NAME: &str = "pg-router";
 
-/// The PodMonitor `<cluster>-router` of a sharded cluster's pg-router pods (labelled with the
-/// cluster and `app.kubernetes.io/name: pg-router`): their `metrics` port, with the cluster as a
+/// The PodMonitor `<cluster>-router` of a sharded cluster's pg-router pods (labelled with
+/// [`contract::LABEL_ROUTER`] and `app.kubernetes.io/name: pg-router`): their `metrics` port, with the cluster as a
 /// label (what the router dashboard selects on).
 pub fn router_pod_monitor(cluster: &PostgresCluster) -> serde_json::Value {
     let name = cluster.name_any();
@@ -125,7 +125,7 @@ pub fn router_pod_monitor(cluster: &PostgresCluster) -> serde_json::Value {
         "metadata": metadata,
         "spec": {
             "selector": {"matchLabels": {
-                contract::LABEL_CLUSTER: name,
+                contract::LABEL_ROUTER: name,
                 "app.kubernetes.io/name": ROUTER_APP_NAME,
             }},
             "podMetricsEndpoints": [{
@@ -153,16 +153,23 @@ pub fn prometheus_rule(cluster: &PostgresCluster) -> serde_json::Value {
 pub async fn reconcile(client: &Client, cluster: &PostgresCluster) -> Result<(), Error> {
     let monitoring = &cluster.spec.monitoring;
     let namespace = cluster.namespace().unwrap_or_default();
+    // A sharded cluster has no instances of its own: its shards (child clusters) have their
+    // PodMonitors and rules; the parent has its router's.
+    let sharded = cluster.spec.sharding.is_some();
     let wanted = [
-        ("PodMonitor", monitoring.pod_monitor, pod_monitor(cluster)),
         (
             "PodMonitor",
-            monitoring.pod_monitor && cluster.spec.sharding.is_some(),
+            monitoring.pod_monitor && !sharded,
+            pod_monitor(cluster),
+        ),
+        (
+            "PodMonitor",
+            monitoring.pod_monitor && sharded,
             router_pod_monitor(cluster),
         ),
         (
             "PrometheusRule",
-            monitoring.prometheus_rule,
+            monitoring.prometheus_rule && !sharded,
             prometheus_rule(cluster),
         ),
     ];

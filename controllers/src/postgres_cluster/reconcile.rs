@@ -747,6 +747,10 @@ async fn write_status(
 /// Brings every owned object in line with the spec, takes the next rolling step and writes the
 /// status.
 async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
+    if let Some(sharding) = &cluster.spec.sharding {
+        // A sharded cluster owns one single-shard cluster per shard and the router instead.
+        return crate::sharded_cluster::reconcile::apply(cluster, sharding, ctx).await;
+    }
     let name = cluster.name_any();
     let namespace = cluster
         .namespace()
