@@ -590,10 +590,10 @@ pub struct SchedulingSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.tableGroups.all(g, self.tableGroups.exists_one(o, o.name == g.name))", "message": "sharding.tableGroups: every table group needs a unique name"},
-    {"rule": "self.shardedTables.all(t, self.tableGroups.exists(g, g.name == t.tableGroup))", "message": "sharding.shardedTables: every table's tableGroup must name an entry of sharding.tableGroups"},
-    {"rule": "self.shardedTables.all(t, self.shardedTables.exists_one(o, o.name == t.name))", "message": "sharding.shardedTables: a table is listed once"},
-    {"rule": "self.shardedTables.all(t, !(t.name in self.referenceTables))", "message": "sharding: a table is either sharded (shardedTables) or a reference table (referenceTables), not both"}
+    {"rule": "!has(self.tableGroups) || self.tableGroups.all(g, self.tableGroups.exists_one(o, o.name == g.name))", "message": "sharding.tableGroups: every table group needs a unique name"},
+    {"rule": "!has(self.shardedTables) || (has(self.tableGroups) && self.shardedTables.all(t, self.tableGroups.exists(g, g.name == t.tableGroup)))", "message": "sharding.shardedTables: every table's tableGroup must name an entry of sharding.tableGroups"},
+    {"rule": "!has(self.shardedTables) || self.shardedTables.all(t, self.shardedTables.exists_one(o, o.name == t.name))", "message": "sharding.shardedTables: a table is listed once"},
+    {"rule": "!has(self.shardedTables) || !has(self.referenceTables) || self.shardedTables.all(t, !(t.name in self.referenceTables))", "message": "sharding: a table is either sharded (shardedTables) or a reference table (referenceTables), not both"}
 ]))]
 pub struct ShardingSpec {
     /// Number of shards. Changed only by a ShardSplitJob.
