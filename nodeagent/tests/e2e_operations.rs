@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use common::{
     INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, connect, connect_when_served, create_cluster,
-    eventually, lost_writes, patch_spec, stack, superuser_password,
+    eventually, kill_operator, lost_writes, patch_spec, stack, superuser_password,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 /// Ready addresses behind a Service, from its EndpointSlices (the real EndpointSlice
@@ -270,28 +270,6 @@ async fn owned_objects(client: &kube::Client, namespace: &str) -> anyhow::Result
     collect!(k8s_openapi::api::rbac::v1::RoleBinding, "RoleBinding");
     names.sort();
     Ok(names)
-}
-
-/// Kills the operator's process at once (its pod deleted with no grace period, as
-/// `kubectl delete pod --force --grace-period=0`); the Deployment starts another.
-async fn kill_operator(client: &kube::Client) -> anyhow::Result<String> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
-    let running = pods.list(&ListParams::default()).await?;
-    let pod = running
-        .items
-        .iter()
-        .find(|p| p.metadata.deletion_timestamp.is_none())
-        .and_then(|p| p.metadata.name.clone())
-        .ok_or_else(|| anyhow::anyhow!("no operator pod runs"))?;
-    pods.delete(
-        &pod,
-        &DeleteParams {
-            grace_period_seconds: Some(0),
-            ..DeleteParams::default()
-        },
-    )
-    .await?;
-    Ok(pod)
 }
 
 #[tokio::test(flavor = "multi_thread")]
