@@ -214,11 +214,28 @@ async fn a_new_cluster_is_not_bootstrapped_into_a_repository_that_holds_wal() ->
         message.contains("s3://e2e-backups/shared/twin") && message.contains("spec.backup.s3.path"),
         "the condition names the folder and what to change: {message}"
     );
-    let events = visible_text(&client, second).await?;
-    assert!(
-        events.contains("already holds"),
-        "a Warning event says it too: {events}"
-    );
+    let warned = eventually(
+        "a Warning event ArchiveNotEmpty",
+        Duration::from_secs(60),
+        || async {
+            let events =
+                Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), second)
+                    .list(&Default::default())
+                    .await?;
+            let reasons: Vec<String> = events.iter().filter_map(|e| e.reason.clone()).collect();
+            Ok(events
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("ArchiveNotEmpty")
+                        && e.type_.as_deref() == Some("Warning")
+                })
+                .and_then(|e| e.message)
+                .ok_or_else(|| format!("{reasons:?}")))
+        },
+    )
+    .await?;
+    assert!(warned.contains("already holds"), "{warned}");
     // Nothing was bootstrapped there: no primary.
     let status = refused.get("twin").await?.status.unwrap_or_default();
     assert_eq!(status.current_primary, None, "{status:?}");

@@ -169,10 +169,24 @@ async fn scaling_3_to_5_to_3_moves_claims_budget_and_services_along() -> anyhow:
         },
     )
     .await?;
-    connect_when_served(rw, &password)
-        .await?
-        .execute("INSERT INTO kept VALUES (2)", &[])
-        .await?;
+    // -rw follows the new primary once the EndpointSlice controller has seen the role labels.
+    eventually(
+        "a write through -rw after the switchover",
+        Duration::from_secs(60),
+        || async {
+            let client = connect_when_served(rw, &password).await?;
+            Ok(
+                match client
+                    .execute("INSERT INTO kept VALUES (2) ON CONFLICT DO NOTHING", &[])
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(error) => Err(error.to_string()),
+                },
+            )
+        },
+    )
+    .await?;
 
     // 5 -> 3: the primary sc-4 hands over before its pod goes; the claims of sc-3 and sc-4 are
     // kept (whenScaled: Retain); the budget and the Services shrink with the pods.
