@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::{
-    INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, connect, connect_when_served, create_cluster,
-    eventually, kill_operator, lost_writes, patch_spec, stack, superuser_password,
+    INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, calm_failover, connect, connect_when_served,
+    create_cluster, eventually, kill_operator, lost_writes, patch_spec, stack, superuser_password,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
@@ -92,7 +92,13 @@ async fn scaling_3_to_5_to_3_moves_claims_budget_and_services_along() -> anyhow:
     let e2e = stack()?;
     let client = e2e.client().await?;
     let namespace = "e2e-scaling";
-    let clusters = create_cluster(&client, namespace, "sc", json!({"instances": 3})).await?;
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "sc",
+        json!({"instances": 3, "failover": calm_failover()}),
+    )
+    .await?;
     e2e.wait_healthy(&clusters, "sc", None, Duration::from_secs(180))
         .await?;
     let password = superuser_password(&client, namespace, "sc").await?;
@@ -313,7 +319,13 @@ async fn operator_killed_mid_reconcile_converges_without_duplicates() -> anyhow:
     )
     .await?;
 
-    let clusters = create_cluster(&client, namespace, "ok", json!({"instances": 2})).await?;
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "ok",
+        json!({"instances": 2, "failover": calm_failover()}),
+    )
+    .await?;
     // Killed as soon as the first objects of the first reconcile appear.
     let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
     eventually(
@@ -424,7 +436,7 @@ async fn rolling_image_update_goes_replicas_first_then_switchover_then_primary()
         &client,
         namespace,
         "ru",
-        json!({"instances": 3,
+        json!({"instances": 3, "failover": calm_failover(),
                "replication": {"synchronous": {"method": "any", "number": 1, "dataDurability": "required"}}}),
     )
     .await?;

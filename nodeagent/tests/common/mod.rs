@@ -6,6 +6,10 @@
 
 pub mod backup;
 
+// Not every binary uses it through this path.
+#[allow(unused_imports)]
+pub use backup::calm_failover;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
