@@ -21,6 +21,10 @@ use kube::api::Api;
 use serde_json::json;
 use testbed::object_store::S3Server;
 
+/// Six clusters start at once in this binary; on a loaded machine the operator takes a while to
+/// reach each.
+const STARTUP: Duration = Duration::from_secs(300);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_that_refuses_the_credentials_is_named_in_the_condition_and_the_job()
 -> anyhow::Result<()> {
@@ -71,9 +75,8 @@ async fn a_store_that_refuses_the_credentials_is_named_in_the_condition_and_the_
         json!({"backup": store("allowed", "right-key"), "failover": calm_failover()}),
     )
     .await?;
-    e2e.wait_healthy(&clusters, "denied", None, Duration::from_secs(180))
-        .await?;
-    e2e.wait_healthy(&clusters, "allowed", None, Duration::from_secs(180))
+    e2e.wait_healthy(&clusters, "denied", None, STARTUP).await?;
+    e2e.wait_healthy(&clusters, "allowed", None, STARTUP)
         .await?;
 
     // The refused key: the condition says why, a BackupJob fails naming the Secret.
@@ -181,8 +184,7 @@ async fn a_new_cluster_is_not_bootstrapped_into_a_repository_that_holds_wal() ->
         common::backup::credentials(&client, namespace).await?;
     }
     let clusters = create_cluster(&client, first, "twin", spec.clone()).await?;
-    e2e.wait_healthy(&clusters, "twin", None, Duration::from_secs(180))
-        .await?;
+    e2e.wait_healthy(&clusters, "twin", None, STARTUP).await?;
     let rw = e2e.service_port(first, &api::contract::rw_service("twin"))?;
     let password = superuser_password(&client, first, "twin").await?;
     common::backup::archive_current_wal(rw, &password).await?;
@@ -190,7 +192,7 @@ async fn a_new_cluster_is_not_bootstrapped_into_a_repository_that_holds_wal() ->
     let refused = create_cluster(&client, second, "twin", spec).await?;
     let refusal = eventually(
         "the second cluster's ContinuousArchiving condition to say the repository is in use",
-        Duration::from_secs(180),
+        STARTUP,
         || async {
             let cluster = refused.get("twin").await?;
             let found = cluster
@@ -279,8 +281,7 @@ async fn a_store_behind_a_private_ca_is_trusted_through_ca_secret() -> anyhow::R
     let clusters = create_cluster(&client, namespace, "trusted", store("trusted", true)).await?;
     create_cluster(&client, namespace, "untrusted", store("untrusted", false)).await?;
     for name in ["trusted", "untrusted"] {
-        e2e.wait_healthy(&clusters, name, None, Duration::from_secs(180))
-            .await?;
+        e2e.wait_healthy(&clusters, name, None, STARTUP).await?;
         let rw = e2e.service_port(namespace, &api::contract::rw_service(name))?;
         let password = superuser_password(&client, namespace, name).await?;
         connect_when_served(rw, &password)
