@@ -744,6 +744,9 @@ impl Manager {
             let restoring = restore_marker.exists() && holder.as_deref() == Some(me.as_str());
             if !self.lease.ever_held() || restoring {
                 self.acquire().await?;
+                if let Some(backup) = self.backup.as_ref().filter(|_| !restoring) {
+                    backup.check_repository_unused().await?;
+                }
                 if let Some(recovery) = self.recovery() {
                     self.bootstrap_from_backup(recovery).await?;
                     self.last_join = Some("restore".into());
@@ -1549,8 +1552,9 @@ impl Manager {
             let replica = matches!(self.role, Role::Replica { .. }) && status.postgres_ready;
             backup.archive.set_active(primary || replica);
             backup.set_role(&status.role, status.postgres_ready);
-            if primary && backup.setup.wal_archiving {
-                status.wal_archive = Some(backup.archive.status());
+            let archive = backup.archive.status();
+            if (primary && backup.setup.wal_archiving) || archive.refused.is_some() {
+                status.wal_archive = Some(archive);
             }
         }
         self.shared.set_status(status.clone());
@@ -1558,7 +1562,7 @@ impl Manager {
             return;
         }
         let key = format!(
-            "{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}",
+            "{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}",
             status.restart_token,
             status.role,
             status.fenced,
@@ -1566,13 +1570,20 @@ impl Manager {
             status.timeline,
             status.synchronous_standbys,
             status.streaming,
-            status.last_join
+            status.last_join,
+            status.wal_archive.as_ref().map(|archive| &archive.refused)
         );
         let due = match &self.last_published {
             Some((last, at)) => *last != key || at.elapsed() >= PUBLISH_PERIOD,
             None => true,
         };
-        if !due || self.role == Role::Pending {
+        // A pending instance has nothing to report, except a refusal to bootstrap (the
+        // operator turns it into the cluster's ContinuousArchiving condition).
+        let refused = status
+            .wal_archive
+            .as_ref()
+            .is_some_and(|archive| archive.refused.is_some());
+        if !due || (self.role == Role::Pending && !refused) {
             return;
         }
         match self.cluster.publish(self.role.label(), &status).await {

@@ -1,8 +1,10 @@
 //! End to end, backups under the real controllers and the node agent with the operator installed
 //! by helm (see `common`): a cluster archives to a real S3 server (moto, listening on the pod
 //! bridge's gateway, the host address pods reach since they have no default route), a BackupJob
-//! completes, and a new cluster bootstraps from that backup and the archived WAL with exactly the
-//! expected rows. Scenarios run in parallel in their own namespaces.
+//! completes (the operator exports its time, again after it was killed), and a new cluster
+//! bootstraps from that backup and the archived WAL with exactly the
+//! expected rows; retention deletes the backups outside the recovery window (aged by rewriting
+//! their `backup.info`: the window is days long) and keeps the one the window starts from. Scenarios run in parallel in their own namespaces.
 //!
 //! Needs the workspace's `postgres-operator` and `pg-instance` binaries next to this test's
 //! target folder (`cargo build -p controllers -p instance`; `cargo xtask test` builds them), and
@@ -10,97 +12,18 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{connect_when_served, create_cluster, eventually, stack, superuser_password};
+use common::backup::{
+    BUCKET, archive_current_wal, backup_job, calm_failover, completed, credentials, s3, store,
+};
+use common::{
+    connect_when_served, create_cluster, eventually, kill_operator, operator_backup_figure, stack,
+    superuser_password,
+};
 use kube::api::Api;
-use serde_json::{Value, json};
-use testbed::object_store::{ACCESS_KEY_ID, S3Server, SECRET_ACCESS_KEY};
-
-const BUCKET: &str = "e2e-backups";
-
-/// The S3 server of this test binary, on the pods' gateway; stopped when the binary exits.
-fn store(e2e: &common::E2e) -> anyhow::Result<&'static S3Server> {
-    static STORE: OnceLock<Result<(S3Server, tempfile::TempDir), String>> = OnceLock::new();
-    let started = STORE.get_or_init(|| {
-        let start = || -> anyhow::Result<(S3Server, tempfile::TempDir)> {
-            let host = e2e
-                .host_address()
-                .ok_or_else(|| anyhow::anyhow!("the node agent is not running"))?;
-            let logs = tempfile::tempdir()?;
-            let server = S3Server::start_on(logs.path(), host.into())?;
-            server.create_bucket(BUCKET)?;
-            Ok((server, logs))
-        };
-        start().map_err(|error| format!("{error:#}"))
-    });
-    match started {
-        Ok((server, _)) => Ok(server),
-        Err(error) => anyhow::bail!("starting the S3 server: {error}"),
-    }
-}
-
-/// The Secret with the store's keys, in `namespace`.
-async fn credentials(client: &kube::Client, namespace: &str) -> anyhow::Result<()> {
-    let secret = json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "store-credentials", "namespace": namespace},
-        "stringData": {"ACCESS_KEY_ID": ACCESS_KEY_ID, "ACCESS_SECRET_KEY": SECRET_ACCESS_KEY}});
-    testbed::manifests::apply(client, &secret, namespace).await?;
-    Ok(())
-}
-
-/// `spec.backup.s3` (or `bootstrap.recovery.source`) for the store, at `path`.
-fn s3(store: &S3Server, path: &str) -> Value {
-    json!({"endpoint": store.direct_endpoint(), "bucket": BUCKET, "path": path,
-           "credentialsSecret": {"name": "store-credentials"}})
-}
-
-/// Waits until the BackupJob `name` is Completed (fails at once when it Failed); its status.
-async fn completed(
-    jobs: &Api<api::BackupJob>,
-    name: &str,
-) -> anyhow::Result<api::backup::BackupJobStatus> {
-    eventually(
-        &format!("BackupJob {name} to complete"),
-        Duration::from_secs(180),
-        || async {
-            let status = jobs.get(name).await?.status.unwrap_or_default();
-            match status.phase.as_deref() {
-                Some("Completed") => Ok(Ok(status)),
-                Some("Failed") => {
-                    anyhow::bail!("BackupJob {name} failed: {:?}", status.failure_reason)
-                }
-                other => Ok(Err(format!("{other:?}"))),
-            }
-        },
-    )
-    .await
-}
-
-/// Switches WAL on the primary behind `rw` and waits until that segment is archived.
-async fn archive_current_wal(rw: u16, password: &str) -> anyhow::Result<()> {
-    let client = connect_when_served(rw, password).await?;
-    let segment: String = client
-        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
-        .await?
-        .get(0);
-    eventually(
-        &format!("WAL segment {segment} to be archived"),
-        Duration::from_secs(120),
-        || async {
-            let archived: Option<String> = client
-                .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
-                .await?
-                .get(0);
-            Ok(match archived {
-                Some(last) if last >= segment => Ok(()),
-                other => Err(format!("{other:?}")),
-            })
-        },
-    )
-    .await
-}
+use serde_json::json;
+use testbed::object_store::S3Server;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()> {
@@ -119,7 +42,7 @@ async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()>
         &client,
         namespace,
         "src",
-        json!({"instances": 1, "backup": {"s3": s3(store, "src")}}),
+        json!({"instances": 1, "backup": {"s3": s3(store, "src")}, "failover": calm_failover()}),
     )
     .await?;
     e2e.wait_healthy(&clusters, "src", None, Duration::from_secs(180))
@@ -144,6 +67,40 @@ async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()>
     .await?;
     let backup = completed(&jobs, "first").await?;
     assert!(backup.backup_id.is_some(), "{backup:?}");
+
+    // What PostgresBackupTooOld reads: the operator's figure for src, again after the operator
+    // was killed and replaced (it comes from the BackupJob's status, not from memory).
+    let figure = || async {
+        Ok(
+            match operator_backup_figure(&e2e, namespace, "src").await? {
+                Some(value) if value > 0.0 => Ok(value),
+                other => Err(format!("{other:?}")),
+            },
+        )
+    };
+    let exported = eventually(
+        "the operator to export src's last backup time",
+        Duration::from_secs(60),
+        figure,
+    )
+    .await?;
+    let now = k8s_openapi::jiff::Timestamp::now().as_second() as f64;
+    assert!(
+        (now - exported).abs() < 600.0,
+        "{exported} is not the backup's time ({now})"
+    );
+    kill_operator(&client).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = eventually(
+        "the replaced operator to export it again",
+        Duration::from_secs(120),
+        figure,
+    )
+    .await?;
+    assert_eq!(
+        again, exported,
+        "the figure survives the operator's restart"
+    );
     let keys = store.list_keys(BUCKET, "src/")?;
     assert!(
         keys.iter().any(|k| k.contains("/base/")) && keys.iter().any(|k| k.contains("/wals/")),
@@ -164,7 +121,8 @@ async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()>
         "copy",
         json!({"instances": 1,
                "bootstrap": {"recovery": {"source": s3(store, "src"), "sourceCluster": "src"}},
-               "backup": {"s3": s3(store, "copy")}}),
+               "backup": {"s3": s3(store, "copy")},
+               "failover": calm_failover()}),
     )
     .await?;
     e2e.wait_healthy(&restored, "copy", None, Duration::from_secs(240))
@@ -183,6 +141,141 @@ async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()>
         ),
         (150, 1, 150),
         "the restored cluster has every row of the source"
+    );
+    Ok(())
+}
+
+/// The names of the WAL segments archived under `prefix` (without folder or compression
+/// suffix; history files left out).
+fn wal_segments(store: &S3Server, prefix: &str) -> anyhow::Result<Vec<String>> {
+    Ok(store
+        .list_keys(BUCKET, &format!("{prefix}/wals/"))?
+        .iter()
+        .filter_map(|key| key.rsplit('/').next())
+        .filter(|name| name.len() >= 24 && name[..24].chars().all(|c| c.is_ascii_hexdigit()))
+        .map(|name| name[..24].to_string())
+        .collect())
+}
+
+/// Rewrites `begin_time` and `end_time` in a backup's `backup.info` in the store to `days_ago`
+/// days before now: the recovery window is days long, and the test cannot wait that long.
+fn age_backup(
+    store: &S3Server,
+    prefix: &str,
+    backup_id: &str,
+    days_ago: i64,
+) -> anyhow::Result<()> {
+    let key = format!("{prefix}/base/{backup_id}/backup.info");
+    let info = store.get_object(BUCKET, &key)?;
+    let then = k8s_openapi::jiff::Timestamp::now()
+        - k8s_openapi::jiff::SignedDuration::from_hours(24 * days_ago);
+    let stamp = then.strftime("%Y-%m-%d %H:%M:%S+00:00").to_string();
+    let aged: String = info
+        .lines()
+        .map(|line| {
+            if line.starts_with("begin_time=") {
+                format!("begin_time={stamp}\n")
+            } else if line.starts_with("end_time=") {
+                format!("end_time={stamp}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    anyhow::ensure!(aged.contains("end_time="), "no end_time in {key}: {info}");
+    store.put_object(BUCKET, &key, &aged)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_the_backups_outside_the_recovery_window_and_their_wal()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let store = store(&e2e)?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-backup-retention";
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        namespace,
+    )
+    .await?;
+    credentials(&client, namespace).await?;
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "ret",
+        json!({"backup": {"s3": s3(store, "ret"), "retention": "30d"}, "failover": calm_failover()}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "ret", None, Duration::from_secs(180))
+        .await?;
+    let password = superuser_password(&client, namespace, "ret").await?;
+    let rw = e2e.service_port(namespace, &api::contract::rw_service("ret"))?;
+    connect_when_served(rw, &password)
+        .await?
+        .batch_execute("CREATE TABLE t (id int)")
+        .await?;
+    let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
+    let prefix = "ret/ret";
+
+    // Three backups: the first aged 60 days, the second 45 days (outside the 30-day window,
+    // but the base that recovery to the window's start needs), the third today.
+    let mut ids = Vec::new();
+    let mut wals_after_b1 = Vec::new();
+    for (name, age) in [("b1", Some(60)), ("b2", Some(45)), ("b3", None)] {
+        connect_when_served(rw, &password)
+            .await?
+            .batch_execute("INSERT INTO t VALUES (1)")
+            .await?;
+        archive_current_wal(rw, &password).await?;
+        backup_job(&client, namespace, name, "ret").await?;
+        let id = completed(&jobs, name).await?.backup_id.unwrap_or_default();
+        if let Some(days) = age {
+            age_backup(store, prefix, &id, days)?;
+        }
+        if name == "b1" {
+            // Nothing is deleted while b1 is the only backup.
+            wals_after_b1 = wal_segments(store, prefix)?;
+        }
+        ids.push(id);
+    }
+    let b2_begin = store
+        .get_object(BUCKET, &format!("{prefix}/base/{}/backup.info", ids[1]))?
+        .lines()
+        .find_map(|line| line.strip_prefix("begin_wal=").map(str::to_string))
+        .ok_or_else(|| anyhow::anyhow!("no begin_wal in the backup.info of b2"))?;
+    let older: Vec<&String> = wals_after_b1.iter().filter(|w| **w < b2_begin).collect();
+    assert!(
+        !older.is_empty(),
+        "WAL older than b2 ({b2_begin}) was archived: {wals_after_b1:?}"
+    );
+
+    // The retention after b3: b1 goes with the WAL only it needs; b2 and b3 stay.
+    let base = |id: &str| format!("{prefix}/base/{id}/");
+    eventually(
+        "b1 to be deleted by retention",
+        Duration::from_secs(120),
+        || async {
+            let keys = store.list_keys(BUCKET, &format!("{prefix}/base/"))?;
+            let has = |id: &str| keys.iter().any(|k| k.starts_with(&base(id)));
+            Ok(if !has(&ids[0]) && has(&ids[1]) && has(&ids[2]) {
+                Ok(())
+            } else {
+                Err(format!("{keys:?}"))
+            })
+        },
+    )
+    .await?;
+    // barman-cloud removed the WAL older than the oldest kept backup in one run and kept it in
+    // another: what is asserted is that the WAL b2 needs is still there.
+    let wals = wal_segments(store, prefix)?;
+    println!(
+        "e2e: retention removed b1; WAL segments older than b2 ({b2_begin}) still archived: {}",
+        wals.iter().filter(|w| **w < b2_begin).count()
+    );
+    assert!(
+        wals.contains(&b2_begin),
+        "the WAL b2 needs is kept: {wals:?}"
     );
     Ok(())
 }

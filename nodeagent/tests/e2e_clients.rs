@@ -13,7 +13,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{create_cluster, eventually, secret_value, stack, workspace_binary};
+use common::{calm_failover, create_cluster, eventually, secret_value, stack, workspace_binary};
 use serde_json::json;
 use testbed::paths;
 
@@ -22,7 +22,13 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
     let e2e = stack()?;
     let client = e2e.client().await?;
     let namespace = "e2e-declarative";
-    let clusters = create_cluster(&client, namespace, "app", json!({"instances": 1})).await?;
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "app",
+        json!({"instances": 1, "failover": calm_failover()}),
+    )
+    .await?;
     let objects = [
         json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresUser",
                "metadata": {"name": "inventory", "namespace": namespace},
@@ -111,7 +117,13 @@ async fn kubectl_pg_shows_status_and_switches_over() -> anyhow::Result<()> {
     let e2e = stack()?;
     let client = e2e.client().await?;
     let namespace = "e2e-kubectl-pg";
-    let clusters = create_cluster(&client, namespace, "kp", json!({"instances": 2})).await?;
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "kp",
+        json!({"instances": 2, "failover": calm_failover()}),
+    )
+    .await?;
     let primary = e2e
         .wait_healthy(&clusters, "kp", None, Duration::from_secs(180))
         .await?;

@@ -14,14 +14,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::{
-    INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, connect, connect_when_served, create_cluster,
-    eventually, lost_writes, patch_spec, stack, superuser_password,
+    INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, calm_failover, connect, connect_when_served,
+    create_cluster, eventually, kill_operator, lost_writes, patch_spec, stack, superuser_password,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 /// Ready addresses behind a Service, from its EndpointSlices (the real EndpointSlice
@@ -92,7 +92,13 @@ async fn scaling_3_to_5_to_3_moves_claims_budget_and_services_along() -> anyhow:
     let e2e = stack()?;
     let client = e2e.client().await?;
     let namespace = "e2e-scaling";
-    let clusters = create_cluster(&client, namespace, "sc", json!({"instances": 3})).await?;
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "sc",
+        json!({"instances": 3, "failover": calm_failover()}),
+    )
+    .await?;
     e2e.wait_healthy(&clusters, "sc", None, Duration::from_secs(180))
         .await?;
     let password = superuser_password(&client, namespace, "sc").await?;
@@ -169,10 +175,24 @@ async fn scaling_3_to_5_to_3_moves_claims_budget_and_services_along() -> anyhow:
         },
     )
     .await?;
-    connect_when_served(rw, &password)
-        .await?
-        .execute("INSERT INTO kept VALUES (2)", &[])
-        .await?;
+    // -rw follows the new primary once the EndpointSlice controller has seen the role labels.
+    eventually(
+        "a write through -rw after the switchover",
+        Duration::from_secs(60),
+        || async {
+            let client = connect_when_served(rw, &password).await?;
+            Ok(
+                match client
+                    .execute("INSERT INTO kept VALUES (2) ON CONFLICT DO NOTHING", &[])
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(error) => Err(error.to_string()),
+                },
+            )
+        },
+    )
+    .await?;
 
     // 5 -> 3: the primary sc-4 hands over before its pod goes; the claims of sc-3 and sc-4 are
     // kept (whenScaled: Retain); the budget and the Services shrink with the pods.
@@ -272,28 +292,6 @@ async fn owned_objects(client: &kube::Client, namespace: &str) -> anyhow::Result
     Ok(names)
 }
 
-/// Kills the operator's process at once (its pod deleted with no grace period, as
-/// `kubectl delete pod --force --grace-period=0`); the Deployment starts another.
-async fn kill_operator(client: &kube::Client) -> anyhow::Result<String> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
-    let running = pods.list(&ListParams::default()).await?;
-    let pod = running
-        .items
-        .iter()
-        .find(|p| p.metadata.deletion_timestamp.is_none())
-        .and_then(|p| p.metadata.name.clone())
-        .ok_or_else(|| anyhow::anyhow!("no operator pod runs"))?;
-    pods.delete(
-        &pod,
-        &DeleteParams {
-            grace_period_seconds: Some(0),
-            ..DeleteParams::default()
-        },
-    )
-    .await?;
-    Ok(pod)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn operator_killed_mid_reconcile_converges_without_duplicates() -> anyhow::Result<()> {
     let e2e = stack()?;
@@ -321,7 +319,13 @@ async fn operator_killed_mid_reconcile_converges_without_duplicates() -> anyhow:
     )
     .await?;
 
-    let clusters = create_cluster(&client, namespace, "ok", json!({"instances": 2})).await?;
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "ok",
+        json!({"instances": 2, "failover": calm_failover()}),
+    )
+    .await?;
     // Killed as soon as the first objects of the first reconcile appear.
     let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
     eventually(
@@ -432,7 +436,7 @@ async fn rolling_image_update_goes_replicas_first_then_switchover_then_primary()
         &client,
         namespace,
         "ru",
-        json!({"instances": 3,
+        json!({"instances": 3, "failover": calm_failover(),
                "replication": {"synchronous": {"method": "any", "number": 1, "dataDurability": "required"}}}),
     )
     .await?;

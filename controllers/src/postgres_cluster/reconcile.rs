@@ -725,6 +725,21 @@ async fn write_status(
     .map_err(kube_error(format!(
         "writing the status of PostgresCluster {name}"
     )))?;
+    // A failing archive gets a Warning event when the reason of its condition changes to it.
+    let archiving = |conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        api::common::find_condition(conditions, super::archiving::CONTINUOUS_ARCHIVING)
+            .filter(|condition| condition.status == "False")
+            .map(|condition| (condition.reason.clone(), condition.message.clone()))
+    };
+    if let Some((reason, message)) = archiving(&desired.conditions)
+        && matches!(reason.as_str(), "ArchiveNotEmpty" | "ArchivingFailing")
+        && previous
+            .and_then(|s| archiving(&s.conditions))
+            .map(|(r, _)| r)
+            != Some(reason.clone())
+    {
+        publish(ctx, cluster, EventType::Warning, &reason, message).await;
+    }
     let old_phase = previous.and_then(|s| s.phase.clone());
     if old_phase == desired.phase {
         return Ok(());

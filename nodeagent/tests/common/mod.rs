@@ -4,13 +4,20 @@
 //! in parallel, each in a namespace of its own.
 #![allow(dead_code)]
 
+pub mod backup;
+
+// Not every binary uses it through this path.
+#[allow(unused_imports)]
+pub use backup::calm_failover;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use nodeagent::{ImageTable, NodeAgent, NodeAgentConfig};
 use serde_json::{Value, json};
 use testbed::{ControlPlane, paths};
@@ -420,6 +427,30 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The operator's figure `postgres_operator_backup_last_success_timestamp_seconds` for
+/// `namespace/cluster`, read from its metrics Service (`None` while it has none).
+pub async fn operator_backup_figure(
+    e2e: &E2e,
+    namespace: &str,
+    cluster: &str,
+) -> anyhow::Result<Option<f64>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = e2e.service_port_of(OPERATOR_NAMESPACE, "postgres-operator-metrics", 8080)?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let series = format!(
+        "postgres_operator_backup_last_success_timestamp_seconds{{namespace=\"{namespace}\",cluster=\"{cluster}\"}} "
+    );
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|value| value.trim().parse().ok()))
+}
+
 /// A client that inserts increasing ids into `table` through a Service's local port as fast as
 /// it can, reconnecting after failures, and remembers which inserts were acknowledged.
 pub struct Writer {
@@ -495,4 +526,26 @@ pub async fn lost_writes(
         .filter(|id| !rows.contains(id))
         .copied()
         .collect())
+}
+
+/// Kills the operator's process at once (its pod deleted with no grace period, as
+/// `kubectl delete pod --force --grace-period=0`); the Deployment starts another.
+pub async fn kill_operator(client: &kube::Client) -> anyhow::Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let running = pods.list(&ListParams::default()).await?;
+    let pod = running
+        .items
+        .iter()
+        .find(|p| p.metadata.deletion_timestamp.is_none())
+        .and_then(|p| p.metadata.name.clone())
+        .ok_or_else(|| anyhow::anyhow!("no operator pod runs"))?;
+    pods.delete(
+        &pod,
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await?;
+    Ok(pod)
 }
