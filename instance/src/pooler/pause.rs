@@ -99,7 +99,13 @@ impl Poolers {
         let poolers: Api<Pooler> = Api::namespaced(self.client.clone(), &self.namespace);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut targets = Vec::new();
-        for pooler in poolers.list(&ListParams::default()).await? {
+        let list = match poolers.list(&ListParams::default()).await {
+            Ok(list) => list,
+            // No Pooler CRD installed: no Pooler either.
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        for pooler in list {
             if pooler.spec.cluster.name != self.cluster {
                 continue;
             }
