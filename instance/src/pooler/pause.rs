@@ -5,13 +5,17 @@
 //! 1. The primary, before its switchover checkpoint, sends `PAUSE` to every PgBouncer of the
 //!    cluster's Poolers and waits (at most the Pooler's `pauseTimeoutSeconds`) until their
 //!    in-flight transactions are done; new transactions queue in PgBouncer instead of failing.
+//!    A completed PAUSE has also closed every server connection, so none to the former primary
+//!    is ever reused.
 //! 2. After the hand-over, it probes the cluster's rw Service (as the pooler auth role) until it
-//!    answers writable, that is until the Service routes to the new primary; then `RECONNECT`
-//!    (no server connection to the former primary is reused) and `RESUME`. If that takes longer
-//!    than `pauseTimeoutSeconds` since the PAUSE, it resumes anyway and clients see the errors.
-//! 3. A new primary (switchover or failover) does the same once promoted, for every Pooler:
-//!    this resumes Poolers a crashed former primary left paused, and after a failover drops
-//!    server connections to the dead primary.
+//!    answers writable, that is until the Service routes to the new primary; then `RESUME`. If
+//!    that takes longer than `pauseTimeoutSeconds` since the PAUSE, it resumes anyway and
+//!    clients see the errors.
+//! 3. A new primary (switchover or failover) sends `RESUME` to every Pooler once the rw Service
+//!    answers writable: this resumes Poolers a crashed former primary left paused.
+//!
+//! No `RECONNECT`: on a Pooler the other side already resumed it cuts server logins in flight,
+//! which PgBouncer reports to the waiting clients as failed logins (seen in the tests).
 //!
 //! The admin console is PgBouncer's own port, database `pgbouncer`, user `pgbouncer_auth` (the
 //! Pooler config lists it in `admin_users`), with the password of the pooler auth Secret.
@@ -95,7 +99,13 @@ impl Poolers {
         let poolers: Api<Pooler> = Api::namespaced(self.client.clone(), &self.namespace);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut targets = Vec::new();
-        for pooler in poolers.list(&ListParams::default()).await? {
+        let list = match poolers.list(&ListParams::default()).await {
+            Ok(list) => list,
+            // No Pooler CRD installed: no Pooler either.
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        for pooler in list {
             if pooler.spec.cluster.name != self.cluster {
                 continue;
             }
@@ -166,7 +176,7 @@ impl Poolers {
         })
     }
 
-    /// In the background: once the rw Service answers writable, RECONNECT and RESUME `paused`;
+    /// In the background: once the rw Service answers writable, RESUME `paused`;
     /// each Pooler is resumed anyway when its pause timeout (counted from the PAUSE) runs out.
     pub fn resume_when_writable(&self, paused: Paused) {
         let rw_address = self.rw_address.clone();
@@ -175,7 +185,7 @@ impl Poolers {
         });
     }
 
-    /// For a new primary: in the background, RECONNECT and RESUME every Pooler of the cluster
+    /// For a new primary: in the background, RESUME every Pooler of the cluster
     /// once the rw Service answers writable (or after the pause timeout).
     pub fn resume_all_when_writable(&self) {
         let poolers = self.clone();
@@ -204,26 +214,19 @@ async fn resume_when_writable(rw_address: &str, paused: Paused) {
         if !writable && !due.is_empty() {
             warn!(pods = ?due.iter().map(|t| &t.pod).collect::<Vec<_>>(), "the rw Service is not writable within the pause timeout; resuming poolers anyway");
         }
-        join_all(
-            due.iter()
-                .map(|target| resume(target, &paused.password, paused.since)),
-        )
-        .await;
+        join_all(due.iter().map(|target| resume(target, &paused))).await;
         if !waiting.is_empty() {
             tokio::time::sleep(PROBE_PERIOD).await;
         }
     }
 }
 
-async fn resume(target: &Target, password: &str, since: Instant) {
-    // RECONNECT first: server connections opened before the change are closed once released,
-    // so none is reused against a demoted or dead primary.
-    if let Err(error) = admin_command(target.address, password, "RECONNECT").await {
-        warn!(pod = %target.pod, %error, "RECONNECT of a pooler failed");
-    }
+async fn resume(target: &Target, paused: &Paused) {
+    let password = &paused.password;
     match admin_command(target.address, password, "RESUME").await {
         Ok(()) => {
-            info!(pod = %target.pod, held_ms = since.elapsed().as_millis() as u64, "pooler resumed")
+            let held_ms = paused.since.elapsed().as_millis() as u64;
+            info!(pod = %target.pod, held_ms, "pooler resumed")
         }
         // It was not paused (a new primary resumes every pooler, paused or not).
         Err(error) if error.contains("not paused") => {}
