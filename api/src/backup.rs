@@ -221,6 +221,10 @@ pub mod instance_env {
     pub const RECOVERY_AWS_ACCESS_KEY_ID: &str = "RECOVERY_AWS_ACCESS_KEY_ID";
     /// Secret access key of the recovery source.
     pub const RECOVERY_AWS_SECRET_ACCESS_KEY: &str = "RECOVERY_AWS_SECRET_ACCESS_KEY";
+    /// PEM of the CA of the repository's TLS certificate (`spec.backup.s3.caSecret`).
+    pub const BACKUP_CA_BUNDLE: &str = "BACKUP_CA_BUNDLE";
+    /// PEM of the CA of the recovery source's TLS certificate.
+    pub const RECOVERY_CA_BUNDLE: &str = "RECOVERY_CA_BUNDLE";
     /// Key of the credentials Secret that holds the access key id.
     pub const SECRET_KEY_ACCESS_KEY_ID: &str = "ACCESS_KEY_ID";
     /// Key of the credentials Secret that holds the secret access key.

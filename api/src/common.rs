@@ -108,6 +108,27 @@ pub struct S3Store {
     /// Use path-style addressing (`endpoint/bucket/key`), as MinIO and most self-hosted stores need.
     #[serde(default = "default_true")]
     pub force_path_style: bool,
+    /// Secret key with the PEM certificate of the CA that signed the store's TLS certificate,
+    /// for an `https://` endpoint with a private CA; the system's CAs are trusted when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyReference>,
+}
+
+/// A key of a Secret in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyReference {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".to_string()
 }
 
 fn default_region() -> String {

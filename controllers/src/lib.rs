@@ -10,3 +10,5 @@ pub mod operator;
 pub mod pooler;
 pub mod postgres_cluster;
 pub mod scheduled_backup;
+pub mod sharded_cluster;
+pub mod telemetry;

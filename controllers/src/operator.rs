@@ -73,6 +73,16 @@ pub struct Config {
     /// Periodic resync of a healthy cluster, in seconds.
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300)]
     pub resync_seconds: u64,
+    /// Base OTLP/HTTP endpoint (`http://otel-collector:4318`): reconcile spans are exported to
+    /// its `/v1/traces`. No traces are exported when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Full OTLP/HTTP traces URL; wins over `--otlp-endpoint`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otlp_traces_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = crate::telemetry::DEFAULT_SERVICE_NAME)]
+    pub otel_service_name: String,
 }
 
 /// Errors that stop the operator.

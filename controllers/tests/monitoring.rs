@@ -1,16 +1,24 @@
 //! `spec.monitoring` on a real API server: without the Prometheus Operator's CRDs the cluster says
 //! what to install; with them (taken from the pinned prometheus-operator Go module) the operator
-//! creates the PodMonitor and the PrometheusRule, and deletes them when switched off.
+//! creates the PodMonitor and the PrometheusRule, a PodMonitor per Pooler of the cluster and one
+//! for the pg-router pods of a sharded cluster, and deletes them all when switched off.
 
 mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Env, spec};
+use std::sync::Arc;
+
+use api::pooler::{PgBouncerSpec, Pooler, PoolerSpec, PoolerType};
+use api::postgres_cluster::{RouterSpec, ShardingSpec};
+use common::{Env, MANAGER_IMAGE, spec};
+use controllers::metrics::Metrics;
 use controllers::monitoring;
+use controllers::postgres_cluster::{Context, Settings};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject};
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
 use serde_json::json;
 
 /// Release of the Prometheus Operator whose CRDs the test installs.
@@ -111,19 +119,117 @@ async fn pod_monitor_and_prometheus_rule_follow_spec_monitoring() {
     assert_eq!(alerts.len(), monitoring::alerts::alerts().len());
     assert!(alerts.contains(&"PostgresNoPrimary"), "{alerts:?}");
 
-    // Switched off: both go.
+    // A Pooler of the cluster gets a PodMonitor of its PgBouncer pods.
+    let _pooler_controller = start_pooler_controller(&env);
+    let mut pooler = Pooler::new(
+        "pool",
+        PoolerSpec {
+            cluster: api::common::ClusterReference { name: "db".into() },
+            type_: PoolerType::Rw,
+            instances: 1,
+            pgbouncer: PgBouncerSpec::default(),
+            resources: None,
+        },
+    );
+    pooler.metadata.namespace = Some(env.namespace.clone());
+    env.api::<Pooler>()
+        .create(&PostParams::default(), &pooler)
+        .await
+        .unwrap();
+    let pooler_monitor = env
+        .eventually("the Pooler's PodMonitor", || {
+            let api = pod_monitors.clone();
+            async move { api.get_opt("pool-pooler").await.ok().flatten() }
+        })
+        .await;
+    let endpoint = &pooler_monitor.data["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], json!("metrics"));
+    assert_eq!(
+        endpoint["relabelings"],
+        json!([
+            {"action": "replace", "targetLabel": "pooler", "replacement": "pool"},
+            {"action": "replace", "targetLabel": "cluster", "replacement": "db"},
+        ])
+    );
+    assert_eq!(
+        pooler_monitor.data["spec"]["selector"]["matchLabels"]["postgres.keiailab.io/pooler"],
+        json!("pool")
+    );
+    assert_eq!(
+        pooler_monitor.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "Pooler"
+    );
+
+    // A sharded cluster also gets a PodMonitor of its pg-router pods.
+    let mut sharded = spec(1, "postgres:18");
+    sharded.monitoring.pod_monitor = true;
+    sharded.sharding = Some(ShardingSpec {
+        shards: 2,
+        resharding_job: None,
+        router: RouterSpec::default(),
+        table_groups: Vec::new(),
+        sharded_tables: Vec::new(),
+        reference_tables: Vec::new(),
+    });
+    env.create_cluster("sharded", sharded).await;
+    let router_monitor = env
+        .eventually("the router's PodMonitor", || {
+            let api = pod_monitors.clone();
+            async move { api.get_opt("sharded-router").await.ok().flatten() }
+        })
+        .await;
+    assert_eq!(
+        router_monitor.data["spec"]["selector"]["matchLabels"],
+        json!({"postgres.keiailab.io/router": "sharded", "app.kubernetes.io/name": "pg-router"})
+    );
+    assert_eq!(
+        router_monitor.data["spec"]["podMetricsEndpoints"][0]["port"],
+        json!("metrics")
+    );
+    assert!(
+        pod_monitors.get_opt("db-router").await.unwrap().is_none(),
+        "no router PodMonitor for a cluster without sharding"
+    );
+
+    // Switched off: all go (the Pooler's at its next reconcile).
     env.patch_spec(
         "db",
         json!({"monitoring": {"podMonitor": false, "prometheusRule": false}}),
     )
     .await;
-    env.eventually("the PodMonitor and PrometheusRule deleted", || {
+    env.patch_spec("sharded", json!({"monitoring": {"podMonitor": false}}))
+        .await;
+    env.eventually("the PodMonitors and PrometheusRule deleted", || {
         let (monitors, rules) = (pod_monitors.clone(), rules.clone());
         async move {
-            let gone = monitors.get_opt("db").await.ok()?.is_none()
-                && rules.get_opt("db").await.ok()?.is_none();
+            let mut gone = rules.get_opt("db").await.ok()?.is_none();
+            for name in ["db", "pool-pooler", "sharded-router"] {
+                gone &= monitors.get_opt(name).await.ok()?.is_none();
+            }
             gone.then_some(())
         }
     })
     .await;
+}
+
+fn start_pooler_controller(env: &Env) -> tokio::task::JoinHandle<()> {
+    let ctx = Arc::new(Context {
+        client: env.client.clone(),
+        recorder: Recorder::new(
+            env.client.clone(),
+            Reporter {
+                controller: "postgres-operator".into(),
+                instance: Some("test".into()),
+            },
+        ),
+        metrics: Arc::new(Metrics::new()),
+        settings: Settings {
+            instance_manager_image: MANAGER_IMAGE.to_string(),
+            ..Settings::default()
+        },
+    });
+    let namespace = env.namespace.clone();
+    tokio::spawn(async move {
+        controllers::pooler::run(ctx, Some(namespace), 4, std::future::pending()).await
+    })
 }

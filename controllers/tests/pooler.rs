@@ -160,5 +160,44 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
         degraded(p) == Some(("True".into(), "InvalidSpec".into()))
     })
     .await;
+
+    // The generated password is in the auth Secret only: not in the Pooler (status
+    // included), its ConfigMap, Deployment or Service, nor in any event of the namespace.
+    let password = String::from_utf8(data["password"].0.clone()).unwrap();
+    assert!(password.len() >= 16);
+    let pooler = serde_json::to_string(&poolers.get("pool").await.unwrap()).unwrap();
+    let config = serde_json::to_string(&env.object::<ConfigMap>("pool").await).unwrap();
+    let deployment = serde_json::to_string(&env.object::<Deployment>("pool").await).unwrap();
+    let service = serde_json::to_string(&env.object::<Service>("pool").await).unwrap();
+    let events = serde_json::to_string(
+        &env.api::<k8s_openapi::api::events::v1::Event>()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items,
+    )
+    .unwrap();
+    let core_events = serde_json::to_string(
+        &env.api::<k8s_openapi::api::core::v1::Event>()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items,
+    )
+    .unwrap();
+    assert!(events.contains("InvalidSpec") || core_events.contains("InvalidSpec"));
+    for (what, text) in [
+        ("Pooler", &pooler),
+        ("ConfigMap", &config),
+        ("Deployment", &deployment),
+        ("Service", &service),
+        ("events", &events),
+        ("core events", &core_events),
+    ] {
+        assert!(
+            !text.contains(&password),
+            "the auth password is in the {what}"
+        );
+    }
     controller.abort();
 }

@@ -14,6 +14,11 @@
 //!   instance manager fences and releases the Lease. Time from the kill to the first successful
 //!   write on the new primary (`failover_postgres_crash_seconds`).
 //!
+//! During the switchover, [`support::pooler::Load`] also runs short transactions through a real
+//! PgBouncer with the Pooler's configuration (paused and resumed by the instance managers):
+//! `switchover_client_errors` (total over the runs) and `switchover_client_max_wait_ms` (the
+//! longest wait of one transaction, worst run).
+//!
 //! After each phase every acknowledged row is looked up on the primary: `acked_writes_lost` is the
 //! total over all phases and runs.
 //!
@@ -166,11 +171,19 @@ struct Figures {
     pause: f64,
     postgres_crash: f64,
     lost: u64,
+    /// Failed transactions through the pooler during the switchover.
+    client_errors: u64,
+    /// Longest transaction through the pooler during the switchover.
+    client_max_wait_ms: u64,
 }
 
 async fn one_run(run: usize) -> anyhow::Result<Figures> {
-    let mut cluster = TestCluster::start(&format!("bench{run}"), 3, 1).await?;
+    let name = format!("bench{run}");
+    let api = Arc::new(testbed::ApiServer::start().await?);
+    let (mut pooler, env) = support::pooler::PoolerBed::prepare(&api, &name, 15).await?;
+    let mut cluster = TestCluster::start_with(api, &name, 3, 1, env).await?;
     let primary = wait_for_full_quorum(&cluster).await?;
+    pooler.start(&cluster, primary).await?;
     let old_primary = cluster.instances[primary].name.clone();
     cluster
         .connect(primary)
@@ -185,6 +198,8 @@ async fn one_run(run: usize) -> anyhow::Result<Figures> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed_at = Instant::now();
     cluster.kill_instance(primary);
+    // The kubelet would report the dead container: the rw Service stops routing to it.
+    support::pooler::set_phase(&cluster, primary, "Failed").await?;
     let new_primary = cluster.wait_for_new_primary(&old_primary, TIMEOUT).await?;
     let pod_loss = killed_at.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -198,6 +213,7 @@ async fn one_run(run: usize) -> anyhow::Result<Figures> {
         .wait_for_role(target, api::contract::role::REPLICA, TIMEOUT)
         .await?;
     let writer = Writer::start(&cluster, &ids);
+    let pooled = support::pooler::Load::start(pooler.port());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let requested_at = Instant::now();
     cluster
@@ -210,6 +226,10 @@ async fn one_run(run: usize) -> anyhow::Result<Figures> {
     let switched = cluster.wait_for_new_primary(&new_name, TIMEOUT).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (writes, missing) = writer.finish(&cluster, switched).await?;
+    let pooled = pooled.finish().await?;
+    if let Some(error) = &pooled.first_error {
+        eprintln!("run {run}: first client error through the pooler: {error}");
+    }
     lost += missing;
     let pause = writes
         .windows(2)
@@ -220,6 +240,7 @@ async fn one_run(run: usize) -> anyhow::Result<Figures> {
     // PostgreSQL crash: the pod killed first comes back; then the primary's postgres dies and
     // cannot restart (a configuration it refuses), while its instance manager lives on.
     cluster.start_instance(primary)?;
+    support::pooler::set_phase(&cluster, primary, "Running").await?;
     let crashed = wait_for_full_quorum(&cluster).await?;
     let crashed_name = cluster.instances[crashed].name.clone();
     let writer = Writer::start(&cluster, &ids);
@@ -246,6 +267,8 @@ async fn one_run(run: usize) -> anyhow::Result<Figures> {
         pause,
         postgres_crash,
         lost,
+        client_errors: pooled.errors,
+        client_max_wait_ms: pooled.max_wait.as_millis() as u64,
     })
 }
 
@@ -262,13 +285,23 @@ fn main() -> anyhow::Result<()> {
     let mut pauses = Vec::new();
     let mut crashes = Vec::new();
     let mut lost = 0;
+    let mut client_errors = 0;
+    let mut client_max_wait_ms = 0;
     for run in 0..runs {
         let figures = runtime.block_on(one_run(run))?;
         println!(
             "run {run}: failover_pod_loss_seconds={:.3} switchover_write_pause_seconds={:.3} \
-             failover_postgres_crash_seconds={:.3} acked_writes_lost={}",
-            figures.pod_loss, figures.pause, figures.postgres_crash, figures.lost
+             failover_postgres_crash_seconds={:.3} acked_writes_lost={} \
+             switchover_client_errors={} switchover_client_max_wait_ms={}",
+            figures.pod_loss,
+            figures.pause,
+            figures.postgres_crash,
+            figures.lost,
+            figures.client_errors,
+            figures.client_max_wait_ms
         );
+        client_errors += figures.client_errors;
+        client_max_wait_ms = client_max_wait_ms.max(figures.client_max_wait_ms);
         pod_losses.push(figures.pod_loss);
         pauses.push(figures.pause);
         crashes.push(figures.postgres_crash);
@@ -286,5 +319,7 @@ fn main() -> anyhow::Result<()> {
         median(&mut pauses)
     );
     println!("acked_writes_lost={lost}");
+    println!("switchover_client_errors={client_errors}");
+    println!("switchover_client_max_wait_ms={client_max_wait_ms}");
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! - [`declarative`]: PostgresUser and PostgresDatabase, applied by the primary.
 //! - [`backup`]: WAL archiving, base backups, restore and point-in-time recovery.
 //! - [`database_metrics`]: figures read from PostgreSQL at scrape time (built-in and user queries).
+//! - [`pooler`]: the Poolers' auth role and function, PAUSE/RESUME around a switchover.
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
 //!
 //! # How instances find each other
@@ -45,7 +46,9 @@ pub mod http;
 pub mod lease;
 pub mod manager;
 pub mod metrics;
+pub mod pooler;
 pub mod postgres;
+pub mod postgres_log;
 pub mod quote;
 pub mod status;
 pub mod watchdog;

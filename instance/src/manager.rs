@@ -58,6 +58,18 @@ pub async fn run(config: Config) -> Result<()> {
     // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
     let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
     let declarative_client = kube_client(&config, Duration::from_secs(60)).await?;
+    let poolers = crate::pooler::pause::Poolers::new(
+        declarative_client.clone(),
+        &config.namespace,
+        &config.cluster,
+        &config.rw_service_address(),
+    );
+    crate::pooler::spawn_auth(
+        declarative_client.clone(),
+        &config,
+        &superuser.username,
+        primary_watch.clone(),
+    );
     crate::declarative::spawn(
         declarative_client,
         &config,
@@ -70,6 +82,16 @@ pub async fn run(config: Config) -> Result<()> {
         config.renew_deadline() / 2,
     );
     let backup = start_backups(&config, &mut postgres, &shared)?;
+    // Before PostgreSQL starts, so the follower starts at the end of an older log.
+    crate::postgres_log::spawn(
+        &config.run_dir(),
+        crate::postgres_log::Tags {
+            cluster: config.cluster.clone(),
+            namespace: config.namespace.clone(),
+            instance: config.pod_name.clone(),
+        },
+        shared.clone(),
+    );
     if config.metrics_database {
         shared
             .database
@@ -131,6 +153,7 @@ pub async fn run(config: Config) -> Result<()> {
         postgres_down_since: None,
         fenced_at: None,
         followed: None,
+        poolers,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -287,6 +310,8 @@ struct Manager {
     fenced_at: Option<Instant>,
     /// Address of the primary written in `primary_conninfo` (replica).
     followed: Option<Upstream>,
+    /// The cluster's Poolers, paused around a switchover and resumed on the new primary.
+    poolers: crate::pooler::pause::Poolers,
 }
 
 impl Manager {
@@ -719,6 +744,9 @@ impl Manager {
             let restoring = restore_marker.exists() && holder.as_deref() == Some(me.as_str());
             if !self.lease.ever_held() || restoring {
                 self.acquire().await?;
+                if let Some(backup) = self.backup.as_ref().filter(|_| !restoring) {
+                    backup.check_repository_unused().await?;
+                }
                 if let Some(recovery) = self.recovery() {
                     self.bootstrap_from_backup(recovery).await?;
                     self.last_join = Some("restore".into());
@@ -1121,24 +1149,53 @@ impl Manager {
             .map_err(Error::postgres("checking recovery before promotion"))?
             .get(0);
         // An earlier attempt may have promoted it already (pg_promote timed out, or we restarted).
-        let promoted: bool = !in_recovery
-            || client
-                .query_one("SELECT pg_promote(true, 8)", &[])
-                .await
-                .map_err(Error::postgres("pg_promote"))?
-                .get(0);
+        let promoted = !in_recovery || self.wait_for_promotion(&client).await?;
         if !promoted {
             return Err(Error::Invalid(
                 "pg_promote did not complete within 8 s; retrying".into(),
             ));
         }
         info!("promoted: this instance is the primary");
+        // Poolers a former primary paused (or that still hold server connections to a dead one)
+        // are re-pointed and resumed once the rw Service reaches this writable primary.
+        self.poolers.resume_all_when_writable();
         self.role = Role::Primary;
         self.watchdog.guard(self.postgres.pid());
         self.roles_ensured = false;
         self.last_join.get_or_insert_with(|| "promote".into());
         let _ = self.reconcile_primary().await;
         Ok(())
+    }
+
+    /// Signals promotion and waits up to 8 s for PostgreSQL to leave recovery, renewing the Lease
+    /// meanwhile. The end of recovery can outlast a Lease (restore_command fetching the last WAL
+    /// and the timeline history from a slow store): a Lease left to lapse here made the watchdog
+    /// stop the new primary right after its promotion.
+    async fn wait_for_promotion(&mut self, client: &tokio_postgres::Client) -> Result<bool> {
+        client
+            .batch_execute("SELECT pg_promote(false)")
+            .await
+            .map_err(Error::postgres("pg_promote"))?;
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let mut renewed = Instant::now();
+        loop {
+            let in_recovery: bool = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(Error::postgres("waiting for the end of recovery"))?
+                .get(0);
+            if !in_recovery {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            if renewed.elapsed() >= Duration::from_secs(1) {
+                self.acquire().await?;
+                renewed = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn switchover(&mut self, target: String) -> Result<()> {
@@ -1173,6 +1230,20 @@ impl Manager {
             return Ok(());
         }
         self.switchover_since = None;
+        // Clients of the Poolers wait in PgBouncer instead of failing: paused before the stop,
+        // resumed once the rw Service reaches a writable primary again (this one, if the
+        // hand-over fails), or when the pause timeout runs out.
+        let paused = self.poolers.pause().await;
+        let result = self.hand_over(target, client).await;
+        if let Some(paused) = paused {
+            self.poolers.resume_when_writable(paused);
+        }
+        result
+    }
+
+    /// The second half of a switchover: checkpoint, stop, write the standby configuration,
+    /// hand the Lease to `target`, start as its replica.
+    async fn hand_over(&mut self, target: String, client: tokio_postgres::Client) -> Result<()> {
         info!(%target, "switchover: checkpoint, then stop and hand over the Lease");
         client
             .batch_execute("CHECKPOINT")
@@ -1357,21 +1428,31 @@ impl Manager {
             roles.push((app, "LOGIN"));
         }
         for (user, attributes) in roles {
-            let exists = client
+            let stored: Option<Option<String>> = client
                 .query_opt(
-                    "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
                     &[&user.username],
                 )
                 .await
                 .map_err(Error::postgres("looking up a role"))?
-                .is_some();
-            let verb = if exists { "ALTER" } else { "CREATE" };
+                .map(|row| row.get(0));
+            let verb = if stored.is_some() { "ALTER" } else { "CREATE" };
+            // A right verifier is kept: a new one (new salt) for the same password would fail
+            // the server logins PgBouncer makes with the SCRAM keys of its connected clients.
+            let password = match stored.flatten() {
+                Some(stored) if crate::declarative::scram::matches(&stored, &user.password) => {
+                    String::new()
+                }
+                // A verifier, never the cleartext (see declarative::scram).
+                _ => format!(
+                    " PASSWORD {}",
+                    quote::literal(&crate::declarative::scram::verifier(&user.password))
+                ),
+            };
             client
                 .batch_execute(&format!(
-                    "{verb} ROLE {} WITH {attributes} PASSWORD {}",
+                    "{verb} ROLE {} WITH {attributes}{password}",
                     quote::identifier(&user.username),
-                    // A verifier, never the cleartext (see declarative::scram).
-                    quote::literal(&crate::declarative::scram::verifier(&user.password))
                 ))
                 .await
                 .map_err(Error::postgres(format!("{verb} ROLE {}", user.username)))?;
@@ -1471,8 +1552,9 @@ impl Manager {
             let replica = matches!(self.role, Role::Replica { .. }) && status.postgres_ready;
             backup.archive.set_active(primary || replica);
             backup.set_role(&status.role, status.postgres_ready);
-            if primary && backup.setup.wal_archiving {
-                status.wal_archive = Some(backup.archive.status());
+            let archive = backup.archive.status();
+            if (primary && backup.setup.wal_archiving) || archive.refused.is_some() {
+                status.wal_archive = Some(archive);
             }
         }
         self.shared.set_status(status.clone());
@@ -1480,7 +1562,7 @@ impl Manager {
             return;
         }
         let key = format!(
-            "{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}",
+            "{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}",
             status.restart_token,
             status.role,
             status.fenced,
@@ -1488,13 +1570,20 @@ impl Manager {
             status.timeline,
             status.synchronous_standbys,
             status.streaming,
-            status.last_join
+            status.last_join,
+            status.wal_archive.as_ref().map(|archive| &archive.refused)
         );
         let due = match &self.last_published {
             Some((last, at)) => *last != key || at.elapsed() >= PUBLISH_PERIOD,
             None => true,
         };
-        if !due || self.role == Role::Pending {
+        // A pending instance has nothing to report, except a refusal to bootstrap (the
+        // operator turns it into the cluster's ContinuousArchiving condition).
+        let refused = status
+            .wal_archive
+            .as_ref()
+            .is_some_and(|archive| archive.refused.is_some());
+        if !due || (self.role == Role::Pending && !refused) {
             return;
         }
         match self.cluster.publish(self.role.label(), &status).await {

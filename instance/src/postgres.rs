@@ -407,6 +407,7 @@ impl LocalPostgres {
                 lines.push(("primary_slot_name".into(), String::new()));
             }
         }
+        lines.extend(crate::postgres_log::settings(&self.run_dir));
         lines.extend(self.backup_settings.iter().cloned());
         lines.extend(self.extra_settings.iter().cloned());
         let text: String = std::iter::once("# Written by pg-instance; do not edit.\n".to_string())

@@ -16,6 +16,7 @@ pub mod backend;
 pub mod error;
 pub mod exec;
 pub mod frontend;
+pub mod kubernetes;
 pub mod metrics;
 pub mod plan;
 pub mod protocol;

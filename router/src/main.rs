@@ -13,8 +13,31 @@ use router::{Router, RouterConfig};
 struct Cli {
     /// Router configuration (TOML): listen address, shards, table groups, sharded and reference
     /// tables. Re-read on SIGHUP.
-    #[arg(long, env = "PG_ROUTER_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        env = "PG_ROUTER_CONFIG",
+        required_unless_present = "kubernetes_cluster"
+    )]
+    config: Option<PathBuf>,
+    /// Kubernetes mode: route for this sharded PostgresCluster, from its ShardRange objects and
+    /// its shards' primaries, following their changes live (instead of `--config`).
+    #[arg(long, env = "PG_ROUTER_KUBERNETES_CLUSTER", conflicts_with = "config")]
+    kubernetes_cluster: Option<String>,
+    /// Kubernetes mode: namespace of the cluster.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Kubernetes mode: address the PostgreSQL frontend listens on.
+    #[arg(long, env = "PG_ROUTER_LISTEN", default_value = "0.0.0.0:5432")]
+    listen: String,
+    /// Kubernetes mode: address of `/metrics`.
+    #[arg(long, env = "PG_ROUTER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Kubernetes mode: login on the shards (the cluster's superuser Secret).
+    #[arg(long, env = "PG_ROUTER_BACKEND_USER", default_value = "postgres")]
+    backend_user: String,
+    /// Kubernetes mode: its password (from the environment; never logged).
+    #[arg(long, env = "PG_ROUTER_BACKEND_PASSWORD", hide_env_values = true)]
+    backend_password: Option<String>,
     /// Worker threads of the async runtime. 1: a single-threaded runtime (no cross-thread
     /// wake-ups); 0 (auto): single-threaded on up to 2 CPUs, where the router shares the cores with
     /// its clients and shards and measured fastest that way, else one worker per CPU.
@@ -66,9 +89,51 @@ fn main() -> anyhow::Result<()> {
     outcome
 }
 
+/// Kubernetes mode: the topology from the API server, followed live.
+async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router> {
+    use router::kubernetes::{KubernetesSource, auth};
+    use router::topology::{BackendConfig, UserConfig};
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API server")?;
+    let source = KubernetesSource::new(client.clone(), &cli.namespace, cluster);
+    let topology = source
+        .initial_topology(std::time::Duration::from_secs(600))
+        .await?;
+    let backend_login = cli.backend_password.clone().map(|password| UserConfig {
+        name: cli.backend_user.clone(),
+        password,
+    });
+    let config = RouterConfig {
+        listen: cli.listen.clone(),
+        metrics_listen: cli.metrics_listen.clone(),
+        auth: auth::users_from_postgres_users(&client, &cli.namespace, cluster, backend_login)
+            .await?,
+        tls: None,
+        backend: BackendConfig {
+            user: cli.backend_user.clone(),
+            password: cli.backend_password.clone(),
+            ..BackendConfig::default()
+        },
+        shards: Vec::new(),
+        table_groups: Vec::new(),
+        sharded_tables: Vec::new(),
+        reference_tables: Vec::new(),
+    };
+    let router = Router::start_with_topology(config, topology, None).await?;
+    tokio::spawn(source.follow(router.state().clone()));
+    Ok(router)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = RouterConfig::from_file(&cli.config).context("loading the router config")?;
-    let router = Router::start(config, Some(cli.config.clone())).await?;
+    let router = match (&cli.kubernetes_cluster, &cli.config) {
+        (Some(cluster), _) => start_in_kubernetes(&cli, cluster).await?,
+        (None, Some(path)) => {
+            let config = RouterConfig::from_file(path).context("loading the router config")?;
+            Router::start(config, Some(path.clone())).await?
+        }
+        (None, None) => anyhow::bail!("set --config or --kubernetes-cluster"),
+    };
     println!("pg-router listening on {}", router.address());
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

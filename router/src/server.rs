@@ -84,6 +84,16 @@ impl Router {
         config_path: Option<PathBuf>,
     ) -> Result<Self, ServerError> {
         let topology = Topology::from_config(&config)?;
+        Self::start_with_topology(config, topology, config_path).await
+    }
+
+    /// Starts a router whose topology comes from elsewhere (Kubernetes mode); `config` gives the
+    /// listeners, client auth, TLS and backend settings, and its `shards` are ignored.
+    pub async fn start_with_topology(
+        config: RouterConfig,
+        topology: Topology,
+        config_path: Option<PathBuf>,
+    ) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::new());
         let state = Arc::new(RouterState::new(
             topology,

@@ -58,7 +58,8 @@ pub const BARMAN_COMMANDS: &[(&str, &str)] = &[
     ),
 ];
 
-fn lock(name: &str) -> anyhow::Result<fs::File> {
+/// An exclusive lock on `<testbed>/.<name>.lock`, held until the file is dropped.
+pub(crate) fn lock(name: &str) -> anyhow::Result<fs::File> {
     let dir = paths::testbed_dir();
     fs::create_dir_all(&dir)?;
     let file = fs::OpenOptions::new()
@@ -172,11 +173,33 @@ pub const ACCESS_KEY_ID: &str = "backup-test-key";
 /// Secret key of the tests (never printed by the code under test).
 pub const SECRET_ACCESS_KEY: &str = "backup-test-secret-9f27";
 
+/// An `Authorization` header moto (without IAM) takes as an authenticated request.
+const ANY_SIGNATURE: &str = "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00";
+
+/// The access key an IAM-checking [`S3Server`] accepts.
+#[derive(Clone)]
+pub struct IamKey {
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for IamKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IamKey")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A real S3 server (moto) on a free loopback port, reached through a [`TcpProxy`] so that a
 /// test can cut it off ([`S3Server::cut`]) without losing its data (moto keeps it in memory);
 /// stopped on drop.
 pub struct S3Server {
+    host: std::net::IpAddr,
     port: u16,
+    tls: bool,
     proxy: TcpProxy,
     process: ChildGuard,
     log: PathBuf,
@@ -185,30 +208,176 @@ pub struct S3Server {
 impl S3Server {
     /// Starts the server and waits until it answers.
     pub fn start(log_dir: &Path) -> anyhow::Result<Self> {
-        let moto = moto_dir()?;
+        Self::start_on(log_dir, std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Starts the server listening on `host` (a pod bridge's gateway address, say, which pods
+    /// reach where they cannot reach the host's loopback) and waits until it answers.
+    pub fn start_on(log_dir: &Path, host: std::net::IpAddr) -> anyhow::Result<Self> {
+        Self::spawn(log_dir, host, &[])
+    }
+
+    /// Starts a server on `host` that checks credentials as AWS does (IAM users, keys, policies
+    /// and request signatures: a wrong key id or secret is refused with `InvalidAccessKeyId` or
+    /// `SignatureDoesNotMatch`), with `buckets` created; the one key it accepts.
+    ///
+    /// moto enforces authentication after `INITIAL_NO_AUTH_ACTION_COUNT` requests: the first
+    /// three create the IAM user, its policy (every S3 action) and its key; every later request
+    /// (the buckets' creation included) must be signed with that key.
+    pub fn start_with_iam(
+        log_dir: &Path,
+        host: std::net::IpAddr,
+        buckets: &[&str],
+    ) -> anyhow::Result<(Self, IamKey)> {
+        let server = Self::spawn(log_dir, host, &[("INITIAL_NO_AUTH_ACTION_COUNT", "3")])?;
+        let script = r#"
+import sys, boto3
+endpoint, buckets = sys.argv[1], sys.argv[2:]
+iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                   aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+iam.create_user(UserName="backup")
+iam.put_user_policy(UserName="backup", PolicyName="s3",
+    PolicyDocument='{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}')
+key = iam.create_access_key(UserName="backup")["AccessKey"]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                  aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+for bucket in buckets:
+    s3.create_bucket(Bucket=bucket)
+print(key["AccessKeyId"], key["SecretAccessKey"])
+"#;
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+        let output = Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .arg(server.direct_endpoint())
+            .args(buckets)
+            .env("PYTHONPATH", moto_dir()?)
+            .output()
+            .context("running boto3 to create the store's IAM user")?;
+        if !output.status.success() {
+            bail!(
+                "creating the IAM user of the store failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let mut words = text.split_whitespace();
+        let (Some(id), Some(secret)) = (words.next(), words.next()) else {
+            bail!("boto3 printed no access key");
+        };
+        let key = IamKey {
+            access_key_id: id.to_string(),
+            secret_access_key: secret.to_string(),
+        };
+        Ok((server, key))
+    }
+
+    /// Starts a server on `host` that speaks HTTPS only, with a certificate for `host` signed by
+    /// a CA made for it, with `buckets` created; the CA's certificate (PEM), which clients must
+    /// be given to trust the server.
+    pub fn start_tls(
+        log_dir: &Path,
+        host: std::net::IpAddr,
+        buckets: &[&str],
+    ) -> anyhow::Result<(Self, String)> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test S3 store CA");
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let params = rcgen::CertificateParams::new(vec![host.to_string()])?;
+        let certificate = params.signed_by(&key, &issuer)?;
         let port = crate::free_port();
+        let cert_file = log_dir.join(format!("s3-{port}.crt"));
+        let key_file = log_dir.join(format!("s3-{port}.key"));
+        let ca_file = log_dir.join(format!("s3-{port}-ca.crt"));
+        fs::write(&cert_file, certificate.pem())?;
+        fs::write(&key_file, key.serialize_pem())?;
+        fs::write(&ca_file, ca.pem())?;
+        let mut server = Self::spawn_on_port(
+            log_dir,
+            host,
+            port,
+            &[],
+            &[
+                "-c".as_ref(),
+                cert_file.as_os_str(),
+                "-k".as_ref(),
+                key_file.as_os_str(),
+            ],
+        )?;
+        server.tls = true;
+        let script = r#"
+import sys, boto3
+endpoint, ca, buckets = sys.argv[1], sys.argv[2], sys.argv[3:]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", verify=ca,
+                  aws_access_key_id="test", aws_secret_access_key="test")
+for bucket in buckets:
+    s3.create_bucket(Bucket=bucket)
+"#;
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+        let output = Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .arg(server.direct_endpoint())
+            .arg(&ca_file)
+            .args(buckets)
+            .env("PYTHONPATH", moto_dir()?)
+            .output()
+            .context("running boto3 to create the store's buckets")?;
+        if !output.status.success() {
+            bail!(
+                "creating buckets on the TLS store failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok((server, ca.pem()))
+    }
+
+    fn spawn(log_dir: &Path, host: std::net::IpAddr, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn_on_port(log_dir, host, crate::free_port(), env, &[])
+    }
+
+    fn spawn_on_port(
+        log_dir: &Path,
+        host: std::net::IpAddr,
+        port: u16,
+        env: &[(&str, &str)],
+        extra_args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
+        let moto = moto_dir()?;
         let log = log_dir.join(format!("moto-{port}.log"));
         let log_file = fs::File::create(&log)?;
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
         let mut command = Command::new(python);
         command
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .args(["-m", "moto.server", "-H"])
+            .arg(host.to_string())
+            .arg("-p")
             .arg(port.to_string())
+            .args(extra_args)
             .env("PYTHONPATH", &moto)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         die_with_parent(&mut command);
         let child = command.spawn().context("spawning moto's S3 server")?;
-        let proxy = TcpProxy::start(([127, 0, 0, 1], port).into())?;
+        let proxy = TcpProxy::start((host, port).into())?;
         let server = Self {
+            host,
             port,
+            tls: false,
             proxy,
             process: ChildGuard::new(child, Signal::SIGTERM, Duration::from_secs(5)),
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             if Instant::now() > deadline {
                 bail!(
                     "moto's S3 server did not listen on {port}: {}",
@@ -225,11 +394,32 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.proxy.port())
     }
 
+    /// Endpoint URL of the server itself, on the address it listens on (no proxy: it cannot be
+    /// cut): `http://<host>:<port>` (`https` for [`S3Server::start_tls`]).
+    pub fn direct_endpoint(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host, self.port)
+    }
+
     /// Creates a bucket (an S3 `PUT /<bucket>`).
     pub fn create_bucket(&self, bucket: &str) -> anyhow::Result<()> {
         let code = self.request("PUT", &format!("/{bucket}"))?;
         if !(200..300).contains(&code) {
             bail!("creating bucket {bucket}: HTTP {code}");
+        }
+        Ok(())
+    }
+
+    /// The text of an object (an S3 `GetObject`; a server without IAM only).
+    pub fn get_object(&self, bucket: &str, key: &str) -> anyhow::Result<String> {
+        self.get_body(&format!("/{bucket}/{key}"))
+    }
+
+    /// Writes an object (an S3 `PutObject`; a server without IAM only).
+    pub fn put_object(&self, bucket: &str, key: &str, body: &str) -> anyhow::Result<()> {
+        let (code, response) = self.exchange_with_body("PUT", &format!("/{bucket}/{key}"), body)?;
+        if !(200..300).contains(&code) {
+            bail!("PUT /{bucket}/{key}: HTTP {code}: {response}");
         }
         Ok(())
     }
@@ -258,13 +448,26 @@ impl S3Server {
     }
 
     fn exchange(&self, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        self.exchange_with_body(method, path, "")
+    }
+
+    /// Requests go out signed by nobody: moto without IAM accepts any signature, but treats a
+    /// request without one as anonymous, which private objects (barman's) refuse.
+    fn exchange_with_body(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, String)> {
         use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        let mut stream = std::net::TcpStream::connect((self.host, self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         write!(
             stream,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n",
-            self.port
+            "{method} {path} HTTP/1.0\r\nHost: {}:{}\r\nAuthorization: {ANY_SIGNATURE}\r\nContent-Length: {}\r\n\r\n{body}",
+            self.host,
+            self.port,
+            body.len()
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
@@ -284,6 +487,11 @@ impl S3Server {
     /// are refused, as with a store that went away (its data stays).
     pub fn cut(&self) {
         self.proxy.cut();
+    }
+
+    /// Makes the store slow: every new connection waits `latency` first (zero: fast again).
+    pub fn slow_down(&self, latency: Duration) {
+        self.proxy.set_latency(latency);
     }
 
     /// Brings the store back after [`Self::cut`].

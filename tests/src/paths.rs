@@ -114,6 +114,13 @@ pub fn promtool() -> PathBuf {
         .unwrap_or_else(|| go_tool("promtool", versions::PROMTOOL))
 }
 
+/// OpenTelemetry Collector (OTLP receiver, debug exporter): `$OTELCOL` or the pinned build.
+pub fn otelcol() -> PathBuf {
+    std::env::var_os("OTELCOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| go_tool("otelcol", versions::OTELCOL))
+}
+
 /// cosign binary: `$COSIGN` or the pinned build.
 pub fn cosign() -> PathBuf {
     std::env::var_os("COSIGN")

@@ -26,3 +26,7 @@ pub const HADOLINT: &str = "2.15.1";
 /// `github.com/operator-framework/api`, the bundle validators of `operator-sdk bundle validate`
 /// (operator-sdk is not on the Go module proxy); built from `testbed/olm` as `olm-validate`.
 pub const OPERATOR_FRAMEWORK_API: &str = "v0.9.1";
+/// OpenTelemetry Collector core modules (`go.opentelemetry.io/collector/otelcol`, pinned in
+/// `testbed/otelcol/go.mod` with every collector module at this release): the OTLP receiver the
+/// operator's trace test exports to.
+pub const OTELCOL: &str = "v0.165.0";

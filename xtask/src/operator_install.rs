@@ -119,6 +119,8 @@ pub fn namespaced_rules() -> Vec<PolicyRule> {
         rule(&[""], &["pods/status"], STATUS),
         rule(&["apps"], &["statefulsets", "deployments"], MANAGE),
         rule(&["batch"], &["jobs"], MANAGE),
+        // The pg-router of a sharded cluster: its autoscaler.
+        rule(&["autoscaling"], &["horizontalpodautoscalers"], MANAGE),
         rule(&["policy"], &["poddisruptionbudgets"], MANAGE),
         rule(&["networking.k8s.io"], &["networkpolicies"], MANAGE),
         rule(&["coordination.k8s.io"], &["leases"], MANAGE),

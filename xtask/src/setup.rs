@@ -18,7 +18,7 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// Installs only the servers (PostgreSQL, etcd, kube-apiserver, kube-controller-manager,
-/// kube-scheduler): what the demo and the benchmarks need.
+/// kube-scheduler, PgBouncer): what the demo and the benchmarks need.
 pub fn install_servers() -> anyhow::Result<()> {
     install_postgres()?;
     let user = testbed::process::unprivileged_ids()?;
@@ -37,6 +37,10 @@ pub fn install_servers() -> anyhow::Result<()> {
         "selinux,notest,grpcnotrace",
     )?;
     build_go_binary("etcd", &paths::etcd(), "testbed/etcd", ".", "-s -w", "")?;
+    crate::step(
+        "PgBouncer: Debian's package (apt-get download + dpkg -x) for the Pooler tests, demo and bench",
+    );
+    testbed::pgbouncer::install()?;
     install_kube_controllers()
 }
 
@@ -123,6 +127,15 @@ fn install_delivery_tools() -> anyhow::Result<()> {
         "olm-validate",
         &paths::olm_validate(),
         "testbed/olm",
+        ".",
+        "-s -w",
+        "",
+    )?;
+    // The OpenTelemetry Collector, for the operator's trace test: our module lists the components.
+    build_go_binary(
+        "otelcol",
+        &paths::otelcol(),
+        "testbed/otelcol",
         ".",
         "-s -w",
         "",

@@ -70,7 +70,11 @@ pub async fn run(
     Controller::new(jobs, watcher::Config::default())
         .with_config(ControllerConfig::default().concurrency(8))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile, error_policy, ctx)
+        .run(
+            crate::telemetry::traced_and_measured(reconcile::reconcile),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "backup job controller event");

@@ -1,9 +1,11 @@
 //! What `spec.monitoring` asks of the Prometheus Operator: a PodMonitor that scrapes every
-//! instance's `/metrics` (with `cluster` and `role` labels) when `podMonitor` is set, and a
+//! instance's `/metrics` (with `cluster` and `role` labels) when `podMonitor` is set (and one for
+//! the pg-router pods of a sharded cluster, and one per Pooler of the cluster: [`pooler`]), and a
 //! PrometheusRule with the alerts of [`alerts`] when `prometheusRule` is set; each is deleted when
 //! switched off. Stages: build (pure) -> apply or delete.
 
 pub mod alerts;
+pub mod pooler;
 
 use api::contract;
 use api::postgres_cluster::PostgresCluster;
@@ -104,6 +106,37 @@ pub fn pod_monitor(cluster: &PostgresCluster) -> serde_json::Value {
     })
 }
 
+/// Port name of the `/metrics` endpoint of pg-router and PgBouncer pods.
+pub const METRICS_PORT: &str = "metrics";
+
+/// `app.kubernetes.io/name` of the pg-router pods of a sharded cluster.
+pub const ROUTER_APP_NAME: &str = "pg-router";
+
+/// The PodMonitor `<cluster>-router` of a sharded cluster's pg-router pods (labelled with
+/// [`contract::LABEL_ROUTER`] and `app.kubernetes.io/name: pg-router`): their `metrics` port, with the cluster as a
+/// label (what the router dashboard selects on).
+pub fn router_pod_monitor(cluster: &PostgresCluster) -> serde_json::Value {
+    let name = cluster.name_any();
+    let mut metadata = metadata(cluster);
+    metadata["name"] = json!(format!("{name}-router"));
+    json!({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": metadata,
+        "spec": {
+            "selector": {"matchLabels": {
+                contract::LABEL_ROUTER: name,
+                "app.kubernetes.io/name": ROUTER_APP_NAME,
+            }},
+            "podMetricsEndpoints": [{
+                "port": METRICS_PORT,
+                "path": "/metrics",
+                "relabelings": [{"targetLabel": "cluster", "replacement": name}],
+            }],
+        },
+    })
+}
+
 /// The PrometheusRule of a cluster.
 pub fn prometheus_rule(cluster: &PostgresCluster) -> serde_json::Value {
     let namespace = cluster.namespace().unwrap_or_default();
@@ -115,57 +148,82 @@ pub fn prometheus_rule(cluster: &PostgresCluster) -> serde_json::Value {
     })
 }
 
-/// Applies or deletes the PodMonitor and the PrometheusRule as `spec.monitoring` says.
+/// Applies or deletes the PodMonitor (the cluster's and, for a sharded cluster, its router's)
+/// and the PrometheusRule of `cluster` as `spec.monitoring` says.
 pub async fn reconcile(client: &Client, cluster: &PostgresCluster) -> Result<(), Error> {
     let monitoring = &cluster.spec.monitoring;
+    let namespace = cluster.namespace().unwrap_or_default();
+    // A sharded cluster has no instances of its own: its shards (child clusters) have their
+    // PodMonitors and rules; the parent has its router's.
+    let sharded = cluster.spec.sharding.is_some();
     let wanted = [
-        ("PodMonitor", monitoring.pod_monitor, pod_monitor(cluster)),
+        (
+            "PodMonitor",
+            monitoring.pod_monitor && !sharded,
+            pod_monitor(cluster),
+        ),
+        (
+            "PodMonitor",
+            monitoring.pod_monitor && sharded,
+            router_pod_monitor(cluster),
+        ),
         (
             "PrometheusRule",
-            monitoring.prometheus_rule,
+            monitoring.prometheus_rule && !sharded,
             prometheus_rule(cluster),
         ),
     ];
-    let namespace = cluster.namespace().unwrap_or_default();
-    let name = cluster.name_any();
     for (kind, enabled, desired) in wanted {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &namespace, &resource(kind));
-        if enabled {
-            let object: DynamicObject =
-                serde_json::from_value(desired).expect("built objects deserialize");
-            api.patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&object),
-            )
-            .await
-            .map_err(|source| match &source {
-                kube::Error::Api(status) if status.code == 404 => Error::CrdMissing { kind },
-                _ => Error::Apply {
-                    kind,
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    source,
-                },
-            })?;
-        } else {
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                // Already gone, or the CRD is not installed: nothing to remove.
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(source) => {
-                    return Err(Error::Delete {
-                        kind,
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                        source,
-                    });
-                }
-            }
-        }
+        apply_or_delete(client, &namespace, kind, enabled, desired).await?;
     }
     Ok(())
+}
+
+/// Server-side applies `desired` (a `monitoring.coreos.com/v1` object of `kind`) when `enabled`,
+/// else deletes the object of its name if it exists.
+pub async fn apply_or_delete(
+    client: &Client,
+    namespace: &str,
+    kind: &'static str,
+    enabled: bool,
+    desired: serde_json::Value,
+) -> Result<(), Error> {
+    let name = desired["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource(kind));
+    if enabled {
+        let object: DynamicObject =
+            serde_json::from_value(desired).expect("built objects deserialize");
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .map_err(|source| match &source {
+            kube::Error::Api(status) if status.code == 404 => Error::CrdMissing { kind },
+            _ => Error::Apply {
+                kind,
+                namespace: namespace.to_string(),
+                name: name.clone(),
+                source,
+            },
+        })?;
+        return Ok(());
+    }
+    match api.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        // Gone already, or the CRD is not installed (then no such object can exist).
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Delete {
+            kind,
+            namespace: namespace.to_string(),
+            name,
+            source,
+        }),
+    }
 }
 
 #[cfg(test)]

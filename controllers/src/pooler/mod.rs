@@ -105,7 +105,11 @@ pub async fn run(
             .concurrency(concurrency),
     )
     .graceful_shutdown_on(shutdown)
-    .run(reconcile::reconcile, error_policy, ctx)
+    .run(
+        crate::telemetry::traced(reconcile::reconcile),
+        error_policy,
+        ctx,
+    )
     .for_each(|result| async move {
         if let Err(error) = result {
             tracing::debug!(%error, "pooler controller event");

@@ -112,6 +112,8 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
     )
     .await?;
 
+    crate::monitoring::pooler::reconcile(ctx, pooler, cluster.as_ref()).await;
+
     let ready = deployment
         .status
         .as_ref()

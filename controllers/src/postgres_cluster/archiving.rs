@@ -17,6 +17,8 @@ pub struct ArchiveView {
     pub last_archived_wal: Option<String>,
     /// Why the last upload failed.
     pub last_failure: Option<String>,
+    /// Why the instance refuses to bootstrap the cluster (its repository is in use).
+    pub refused: Option<String>,
 }
 
 impl ArchiveView {
@@ -36,6 +38,7 @@ impl ArchiveView {
                 .unwrap_or(false),
             last_archived_wal: text("lastArchivedWal"),
             last_failure: text("lastFailure"),
+            refused: text("refused"),
         })
     }
 }
@@ -52,6 +55,13 @@ pub fn condition(
             "Disabled",
             "spec.backup.walArchiving is off: point-in-time recovery is not possible".into(),
         ));
+    }
+    // A new cluster whose repository already holds backups or WAL is not bootstrapped.
+    if let Some(refused) = instances
+        .iter()
+        .find_map(|instance| instance.archive.as_ref()?.refused.clone())
+    {
+        return Some((false, "ArchiveNotEmpty", refused));
     }
     let primary = instances.iter().find(|instance| instance.is_primary());
     let Some(archive) = primary.and_then(|primary| primary.archive.as_ref()) else {
@@ -136,5 +146,19 @@ mod tests {
         let (status, reason, _) = condition(&cluster(true), &[]).unwrap();
         assert!(!status);
         assert_eq!(reason, "WaitingForPrimary");
+    }
+
+    #[test]
+    fn a_repository_in_use_is_named_before_any_primary_exists() {
+        let refusing = InstanceView {
+            name: "db-0".into(),
+            archive: ArchiveView::from_report(&serde_json::json!({"walArchive": {
+                "healthy": false, "refused": "not bootstrapping: the backup repository s3://backups/db/db already holds archived WAL"}})),
+            ..InstanceView::default()
+        };
+        let (status, reason, message) = condition(&cluster(true), &[&refusing]).unwrap();
+        assert!(!status);
+        assert_eq!(reason, "ArchiveNotEmpty");
+        assert!(message.contains("already holds archived WAL"), "{message}");
     }
 }

@@ -1,6 +1,6 @@
 //! What the instance manager needs for backups, as environment of the PostgreSQL container:
-//! `spec.backup` and `spec.bootstrap.recovery` as JSON, and the stores' keys from their Secrets
-//! (`ACCESS_KEY_ID`, `ACCESS_SECRET_KEY`) as secret references, so no key is ever written into an
+//! `spec.backup` and `spec.bootstrap.recovery` as JSON, and the stores' keys (`ACCESS_KEY_ID`,
+//! `ACCESS_SECRET_KEY`) and CA certificates (`caSecret`) from their Secrets as secret references, so no key is ever written into an
 //! object the operator owns.
 
 use api::backup::instance_env as env;
@@ -49,6 +49,9 @@ pub fn instance_env(cluster: &PostgresCluster) -> Vec<EnvVar> {
             secret,
             env::SECRET_KEY_SECRET_ACCESS_KEY,
         ));
+        if let Some(ca) = &backup.s3.ca_secret {
+            vars.push(secret_env(env::BACKUP_CA_BUNDLE, &ca.name, &ca.key));
+        }
     }
     if let Some(recovery) = cluster
         .spec
@@ -68,6 +71,9 @@ pub fn instance_env(cluster: &PostgresCluster) -> Vec<EnvVar> {
             secret,
             env::SECRET_KEY_SECRET_ACCESS_KEY,
         ));
+        if let Some(ca) = &recovery.source.ca_secret {
+            vars.push(secret_env(env::RECOVERY_CA_BUNDLE, &ca.name, &ca.key));
+        }
     }
     vars
 }

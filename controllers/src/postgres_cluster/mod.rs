@@ -23,7 +23,7 @@ use api::contract;
 use api::postgres_cluster::{ImageCatalogKind, PostgresCluster};
 use api::{ClusterImageCatalog, ImageCatalog};
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::Recorder;
@@ -177,7 +177,13 @@ pub async fn run(
         .owns(scoped::<StatefulSet>(&client, namespace), managed.clone())
         .owns(scoped::<Service>(&client, namespace), managed.clone())
         .owns(scoped::<ConfigMap>(&client, namespace), managed.clone())
-        .owns(scoped::<Secret>(&client, namespace), managed)
+        .owns(scoped::<Secret>(&client, namespace), managed.clone())
+        // A sharded cluster's shards (child clusters) and router.
+        .owns(
+            scoped::<PostgresCluster>(&client, namespace),
+            watcher::Config::default().labels(contract::LABEL_SHARD),
+        )
+        .owns(scoped::<Deployment>(&client, namespace), managed)
         .watches(
             scoped::<Pod>(&client, namespace),
             watcher::Config::default().labels(contract::LABEL_CLUSTER),
@@ -223,7 +229,11 @@ pub async fn run(
                 .concurrency(concurrency),
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile, error_policy, ctx)
+        .run(
+            crate::telemetry::traced(reconcile::reconcile),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "controller event");

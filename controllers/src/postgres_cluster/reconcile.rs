@@ -725,6 +725,21 @@ async fn write_status(
     .map_err(kube_error(format!(
         "writing the status of PostgresCluster {name}"
     )))?;
+    // A failing archive gets a Warning event when the reason of its condition changes to it.
+    let archiving = |conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        api::common::find_condition(conditions, super::archiving::CONTINUOUS_ARCHIVING)
+            .filter(|condition| condition.status == "False")
+            .map(|condition| (condition.reason.clone(), condition.message.clone()))
+    };
+    if let Some((reason, message)) = archiving(&desired.conditions)
+        && matches!(reason.as_str(), "ArchiveNotEmpty" | "ArchivingFailing")
+        && previous
+            .and_then(|s| archiving(&s.conditions))
+            .map(|(r, _)| r)
+            != Some(reason.clone())
+    {
+        publish(ctx, cluster, EventType::Warning, &reason, message).await;
+    }
     let old_phase = previous.and_then(|s| s.phase.clone());
     if old_phase == desired.phase {
         return Ok(());
@@ -747,6 +762,10 @@ async fn write_status(
 /// Brings every owned object in line with the spec, takes the next rolling step and writes the
 /// status.
 async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
+    if let Some(sharding) = &cluster.spec.sharding {
+        // A sharded cluster owns one single-shard cluster per shard and the router instead.
+        return crate::sharded_cluster::reconcile::apply(cluster, sharding, ctx).await;
+    }
     let name = cluster.name_any();
     let namespace = cluster
         .namespace()

@@ -301,7 +301,11 @@ pub async fn run(
         .owns(jobs, watcher::Config::default().labels(LABEL_SCHEDULE))
         .with_config(ControllerConfig::default().concurrency(4))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(
+            crate::telemetry::traced_and_measured(reconcile),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "scheduled backup controller event");

@@ -75,6 +75,11 @@ pub struct ArchiveStatus {
     /// Whether the newest attempt succeeded (false while uploads fail).
     #[serde(default)]
     pub healthy: bool,
+    /// Set while this instance refuses to bootstrap a new cluster because the repository
+    /// already holds backups or WAL (another cluster's: archiving there would mix them); the
+    /// text says what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// Shared between the archiver, the run loop (which says whether PostgreSQL serves) and the HTTP
@@ -102,6 +107,17 @@ impl ArchiveState {
             .lock()
             .map(|status| status.clone())
             .unwrap_or_default()
+    }
+
+    /// Records (or clears) the refusal to bootstrap into a repository that is in use.
+    pub fn set_refused(&self, refusal: Option<String>) {
+        self.update(|status| {
+            if refusal.is_some() {
+                status.healthy = false;
+                status.last_failure = refusal.clone();
+            }
+            status.refused = refusal;
+        });
     }
 
     fn update(&self, change: impl FnOnce(&mut ArchiveStatus)) {

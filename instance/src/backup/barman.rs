@@ -46,8 +46,13 @@ impl BarmanCloud {
             "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN",
             "AWS_PROFILE",
+            "AWS_CA_BUNDLE",
         ] {
             command.env_remove(inherited);
+        }
+        // boto3 verifies the store's certificate against this bundle.
+        if let Some(ca) = &store.ca_bundle {
+            command.env("AWS_CA_BUNDLE", ca);
         }
         if let Some((id, secret)) = store.credentials() {
             command
@@ -88,13 +93,19 @@ impl BarmanCloud {
             format!("AWS_DEFAULT_REGION={}", shell_quote(&store.region)),
             format!("AWS_ACCESS_KEY_ID=\"${}\"", store.access_key_env),
             format!("AWS_SECRET_ACCESS_KEY=\"${}\"", store.secret_key_env),
-            shell_quote(
-                &self
-                    .program("barman-cloud-wal-restore")
-                    .display()
-                    .to_string(),
-            ),
         ];
+        if let Some(ca) = &store.ca_bundle {
+            words.push(format!(
+                "AWS_CA_BUNDLE={}",
+                shell_quote(&ca.display().to_string())
+            ));
+        }
+        words.push(shell_quote(
+            &self
+                .program("barman-cloud-wal-restore")
+                .display()
+                .to_string(),
+        ));
         words.extend(store_args(store).iter().map(|arg| shell_quote(arg)));
         words.push(shell_quote(&store.destination()));
         words.push(shell_quote(&store.server_name));
@@ -200,6 +211,22 @@ impl BarmanCloud {
             .arg(&store.server_name);
         self.run("barman-cloud-backup-delete", store, &mut command)
             .await
+    }
+
+    /// Whether the cluster's folder holds no WAL (`barman-cloud-check-wal-archive`, which exits
+    /// 1 when it finds some). Only for a bucket known to exist: the command creates a missing
+    /// one.
+    pub async fn wal_archive_empty(&self, store: &Store) -> Result<bool> {
+        let name = "barman-cloud-check-wal-archive";
+        let mut command = self.command(name, store);
+        command.arg(store.destination()).arg(&store.server_name);
+        match self.run(name, store, &mut command).await {
+            Ok(_) => Ok(true),
+            Err(Error::Program { output, .. }) if output.contains("WAL archive check failed") => {
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Connectivity and bucket check (`barman-cloud-backup-list --test`).
@@ -317,6 +344,7 @@ mod tests {
             server_name: "main".into(),
             access_key_env: "AWS_ACCESS_KEY_ID".into(),
             secret_key_env: "AWS_SECRET_ACCESS_KEY".into(),
+            ca_bundle: None,
         };
         let command = barman.restore_command(&store);
         assert!(
@@ -328,5 +356,15 @@ mod tests {
             "{command}"
         );
         assert_eq!(shell_quote("it's 100%"), "'it'\\''s 100%%'");
+        let with_ca = Store {
+            ca_bundle: Some("/run/pg/backup-ca.crt".into()),
+            ..store
+        };
+        assert!(
+            barman
+                .restore_command(&with_ca)
+                .contains("AWS_CA_BUNDLE='/run/pg/backup-ca.crt' "),
+            "the CA bundle reaches barman-cloud-wal-restore"
+        );
     }
 }

@@ -116,6 +116,28 @@ impl Engine {
         }
     }
 
+    /// What the cluster's folder in `store` already holds (base backups or WAL), `None` when it
+    /// is empty; an error when the store cannot be read (a missing bucket, refused keys).
+    pub async fn data_in(&self, store: &Store) -> Result<Option<String>> {
+        match self {
+            Self::BarmanCloud(barman) => {
+                // The listing fails on a missing bucket, before the WAL check could create it.
+                let backups = barman.list(store).await?;
+                if let Some(first) = backups.first() {
+                    return Ok(Some(format!(
+                        "{} base backup(s) (the oldest {})",
+                        backups.len(),
+                        first.backup_id
+                    )));
+                }
+                if !barman.wal_archive_empty(store).await? {
+                    return Ok(Some("archived WAL".to_string()));
+                }
+                Ok(None)
+            }
+        }
+    }
+
     /// Whether `store` can be written (bucket exists, credentials accepted).
     pub async fn check(&self, store: &Store) -> Result<()> {
         match self {

@@ -85,14 +85,23 @@ impl BackupSetup {
             ids,
             run_dir.clone(),
         ));
-        let store = repository.as_ref().map(|spec| {
-            Store::from_spec(
-                &spec.s3,
-                &config.cluster,
-                api::backup::instance_env::AWS_ACCESS_KEY_ID,
-                api::backup::instance_env::AWS_SECRET_ACCESS_KEY,
-            )
-        });
+        let store = repository
+            .as_ref()
+            .map(|spec| {
+                Store::from_spec(
+                    &spec.s3,
+                    &config.cluster,
+                    api::backup::instance_env::AWS_ACCESS_KEY_ID,
+                    api::backup::instance_env::AWS_SECRET_ACCESS_KEY,
+                )
+                .with_ca_bundle(
+                    &spec.s3,
+                    api::backup::instance_env::BACKUP_CA_BUNDLE,
+                    &run_dir.join("backup-ca.crt"),
+                )
+            })
+            .transpose()
+            .map_err(Error::io("writing the backup repository's CA certificate"))?;
         if let (Some(own), Some(source)) = (&store, &recovery) {
             let source_store = Store::from_spec(
                 &source.source,
@@ -115,7 +124,20 @@ impl BackupSetup {
                 .as_ref()
                 .and_then(|spec| store::retention_policy(&spec.retention)),
             repository: store,
-            recovery: recovery.map(|spec| recovery::Recovery::from_spec(&spec)),
+            recovery: recovery
+                .map(|spec| -> Result<recovery::Recovery> {
+                    let mut recovery = recovery::Recovery::from_spec(&spec);
+                    recovery.store = recovery
+                        .store
+                        .with_ca_bundle(
+                            &spec.source,
+                            api::backup::instance_env::RECOVERY_CA_BUNDLE,
+                            &run_dir.join("recovery-ca.crt"),
+                        )
+                        .map_err(Error::io("writing the recovery source's CA certificate"))?;
+                    Ok(recovery)
+                })
+                .transpose()?,
             spool: run_dir.join("archived"),
         })))
     }

@@ -59,6 +59,8 @@ pub struct BackupService {
     metrics: BackupMetrics,
     runs: Mutex<BTreeMap<String, BackupRun>>,
     role: Mutex<String>,
+    /// When the repository was last found in use (the check is not repeated every tick).
+    refused_at: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl BackupService {
@@ -76,6 +78,7 @@ impl BackupService {
             metrics,
             runs: Mutex::new(BTreeMap::new()),
             role: Mutex::new(String::new()),
+            refused_at: Mutex::new(None),
         })
     }
 
@@ -173,6 +176,56 @@ impl BackupService {
             Error::Invalid("this cluster has no backup repository: set spec.backup".into())
         })?;
         self.setup.engine.list(store).await
+    }
+
+    /// Before a new cluster is bootstrapped (initdb or a restore): its repository must not hold
+    /// backups or WAL already, or two clusters' WAL would mix in one folder (and a restore from
+    /// it would replay the wrong history). A refusal is an error whose text says what to do, and
+    /// the archive status's `refused` (the operator's `ContinuousArchiving` condition); it is
+    /// checked again every 15 s. A store that cannot be read does not stop the bootstrap:
+    /// archiving reports that failure itself.
+    pub async fn check_repository_unused(&self) -> Result<()> {
+        const RECHECK: std::time::Duration = std::time::Duration::from_secs(15);
+        let Some(store) = self
+            .setup
+            .repository
+            .as_ref()
+            .filter(|_| self.setup.wal_archiving)
+        else {
+            return Ok(());
+        };
+        if let Ok(refused) = self.refused_at.lock()
+            && let Some((at, message)) = refused.as_ref()
+            && at.elapsed() < RECHECK
+        {
+            return Err(Error::Invalid(message.clone()));
+        }
+        match self.setup.engine.data_in(store).await {
+            Ok(None) => {
+                self.archive.set_refused(None);
+                if let Ok(mut refused) = self.refused_at.lock() {
+                    *refused = None;
+                }
+                Ok(())
+            }
+            Ok(Some(found)) => {
+                let message = format!(
+                    "not bootstrapping: the backup repository {}/{} already holds {found}, from another cluster or an earlier one of this name; archiving there would mix two clusters' WAL. Point spec.backup.s3.path (or bucket) at an empty location, or empty that one",
+                    store.destination(),
+                    store.server_name
+                );
+                warn!(repository = %store.destination(), %found, "refusing to bootstrap into a repository in use");
+                self.archive.set_refused(Some(message.clone()));
+                if let Ok(mut refused) = self.refused_at.lock() {
+                    *refused = Some((std::time::Instant::now(), message.clone()));
+                }
+                Err(Error::Invalid(message))
+            }
+            Err(error) => {
+                warn!(%error, "cannot check that the backup repository is empty; bootstrapping anyway (archiving reports its failures)");
+                Ok(())
+            }
+        }
     }
 
     /// Applies the retention policy (`spec.backup.retention`); returns the engine's report.

@@ -23,6 +23,9 @@ pub struct Store {
     pub access_key_env: String,
     /// Environment variable holding the secret access key.
     pub secret_key_env: String,
+    /// File with the PEM CA certificate(s) the store's TLS certificate must chain to
+    /// (`caSecret`); the system's when unset.
+    pub ca_bundle: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -48,7 +51,32 @@ impl Store {
             server_name: cluster.to_string(),
             access_key_env: access_key_env.to_string(),
             secret_key_env: secret_key_env.to_string(),
+            ca_bundle: None,
         }
+    }
+
+    /// With the CA certificate(s) of `spec.caSecret`, read from the environment variable
+    /// `ca_env` (the pod takes it from the Secret) and written to `file` for the engine; the
+    /// store as is when the spec names no CA, or the variable is empty (then TLS verification
+    /// fails and archiving reports it).
+    pub fn with_ca_bundle(
+        mut self,
+        spec: &S3Store,
+        ca_env: &str,
+        file: &std::path::Path,
+    ) -> std::io::Result<Self> {
+        if spec.ca_secret.is_none() {
+            return Ok(self);
+        }
+        let pem = std::env::var(ca_env).unwrap_or_default();
+        if pem.trim().is_empty() {
+            return Ok(self);
+        }
+        std::fs::write(file, pem)?;
+        // The engine runs as the PostgreSQL user (restore_command); a CA is no secret.
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        self.ca_bundle = Some(file.to_path_buf());
+        Ok(self)
     }
 
     /// `s3://<bucket>/<path>`.
@@ -184,6 +212,7 @@ mod tests {
             region: "us-east-1".into(),
             credentials_secret: Default::default(),
             force_path_style: true,
+            ca_secret: None,
         };
         let store = Store::from_spec(&spec, "main", "A", "B");
         assert_eq!(store.destination(), "s3://backups/main");

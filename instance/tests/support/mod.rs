@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod pooler;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

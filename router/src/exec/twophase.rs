@@ -84,11 +84,19 @@ pub fn parse_gid(gid: &str) -> Option<(String, usize)> {
 }
 
 /// Fault injection for tests: `PG_ROUTER_FAULT=crash_after_prepare` aborts the process after
-/// the PREPARE phase.
+/// the PREPARE phase; `PG_ROUTER_FAULT=stall_after_prepare` freezes the whole process there, so
+/// that a test can `kill -9` it at that point.
 fn crash_point(name: &str) {
-    if std::env::var("PG_ROUTER_FAULT").is_ok_and(|v| v == name) {
+    let fault = std::env::var("PG_ROUTER_FAULT").unwrap_or_default();
+    if fault == name {
         tracing::error!(fault = name, "fault injection: aborting the router");
         std::process::abort();
+    }
+    if fault.strip_prefix("stall_") == name.strip_prefix("crash_") && fault.starts_with("stall_") {
+        tracing::error!(fault = %fault, "fault injection: the router stops here until killed");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }
 

@@ -1,0 +1,449 @@
+//! Pure builders of what a sharded PostgresCluster owns: one child PostgresCluster per shard, the
+//! initial ShardRange objects, and the pg-router Deployment, Service, autoscaler and RBAC.
+
+use std::collections::BTreeMap;
+
+use api::common::ClusterReference;
+use api::contract;
+use api::postgres_cluster::{PostgresCluster, ShardingSpec, TableGroupSpec};
+use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, Service, ServiceAccount,
+    ServicePort, ServiceSpec, TCPSocketAction,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::postgres_cluster::builders::restricted_container_security;
+
+pub use api::contract::LABEL_ROUTER;
+/// Label naming the table group of a ShardRange.
+pub const LABEL_TABLE_GROUP: &str = "postgres.keiailab.io/table-group";
+/// Default pg-router image.
+pub const DEFAULT_ROUTER_IMAGE: &str = "ghcr.io/keiailab/postgres-operator/pg-router:latest";
+/// Port pg-router listens on for clients.
+pub const ROUTER_PORT: u16 = 5432;
+/// Port of pg-router's `/metrics`.
+pub const ROUTER_METRICS_PORT: u16 = 9187;
+/// Uid of the router process (the image's non-root user).
+pub const ROUTER_UID: i64 = 65532;
+
+/// Name of shard `index`, as ShardRange objects name it.
+pub fn shard_name(index: i32) -> String {
+    format!("shard-{index}")
+}
+
+/// Name of the child PostgresCluster that runs shard `shard` of `parent`.
+pub fn shard_cluster_name(parent: &str, shard: &str) -> String {
+    format!("{parent}-{shard}")
+}
+
+/// Name of the router's Deployment, Service, ServiceAccount, Role and RoleBinding.
+pub fn router_name(parent: &str) -> String {
+    format!("{parent}-router")
+}
+
+/// Name of the ShardRange of `group` that initially belongs to shard `index`.
+pub fn range_name(parent: &str, group: &str, index: i32) -> String {
+    format!("{parent}-{group}-{index}")
+}
+
+fn owner(cluster: &PostgresCluster) -> Option<Vec<OwnerReference>> {
+    cluster.controller_owner_ref(&()).map(|owner| vec![owner])
+}
+
+fn meta(cluster: &PostgresCluster, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: cluster.namespace(),
+        labels: Some(labels),
+        owner_references: owner(cluster),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Labels of the router's objects and its pod selector.
+pub fn router_labels(parent: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_ROUTER.to_string(), parent.to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "pg-router".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), parent.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            contract::MANAGED_BY.to_string(),
+        ),
+    ])
+}
+
+/// The child PostgresCluster of shard `index`: the parent's spec without `sharding` (every
+/// shard is a full single-shard cluster: primary, replicas, Lease, Services, volumes), owned by
+/// the parent so that it goes with it.
+pub fn child_cluster(parent: &PostgresCluster, index: i32) -> PostgresCluster {
+    let parent_name = parent.name_any();
+    let shard = shard_name(index);
+    let mut spec = parent.spec.clone();
+    spec.sharding = None;
+    let mut labels = BTreeMap::from([
+        (contract::LABEL_SHARD.to_string(), shard.clone()),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            parent_name.to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            contract::MANAGED_BY.to_string(),
+        ),
+    ]);
+    labels.insert(LABEL_ROUTER.to_string(), parent_name.clone());
+    PostgresCluster {
+        metadata: meta(parent, shard_cluster_name(&parent_name, &shard), labels),
+        spec,
+        status: None,
+    }
+}
+
+/// Bounds of `shards` equal ranges of the signed 64-bit space, in order: `(start, end)` with the
+/// open ends as `None`. They cover the space without gaps or overlaps.
+pub fn equal_ranges(shards: i32) -> Vec<(Option<i64>, Option<i64>)> {
+    let count = i128::from(shards.max(1));
+    let width = (1i128 << 64) / count;
+    let bound = |i: i128| (i64::MIN as i128 + i * width) as i64;
+    (0..count)
+        .map(|i| {
+            let start = (i > 0).then(|| bound(i));
+            let end = (i + 1 < count).then(|| bound(i + 1));
+            (start, end)
+        })
+        .collect()
+}
+
+/// The initial ShardRange objects of `group`: one equal range per shard.
+pub fn initial_ranges(
+    cluster: &PostgresCluster,
+    sharding: &ShardingSpec,
+    group: &TableGroupSpec,
+) -> Vec<ShardRange> {
+    let parent = cluster.name_any();
+    equal_ranges(sharding.shards)
+        .into_iter()
+        .enumerate()
+        .map(|(index, (start, end))| {
+            let index = index as i32;
+            let labels = BTreeMap::from([
+                (contract::LABEL_CLUSTER.to_string(), parent.clone()),
+                (LABEL_TABLE_GROUP.to_string(), group.name.clone()),
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    contract::MANAGED_BY.to_string(),
+                ),
+            ]);
+            ShardRange {
+                metadata: meta(cluster, range_name(&parent, &group.name, index), labels),
+                spec: ShardRangeSpec {
+                    cluster: ClusterReference {
+                        name: parent.clone(),
+                    },
+                    table_group: group.name.clone(),
+                    shard: shard_name(index),
+                    start,
+                    end,
+                    state: ShardRangeState::Active,
+                    vindex: group.vindex,
+                },
+                status: None,
+            }
+        })
+        .collect()
+}
+
+/// The router's ServiceAccount.
+pub fn router_service_account(cluster: &PostgresCluster) -> ServiceAccount {
+    let parent = cluster.name_any();
+    ServiceAccount {
+        metadata: meta(cluster, router_name(&parent), router_labels(&parent)),
+        ..ServiceAccount::default()
+    }
+}
+
+/// What the router reads: its cluster (table groups and tables), the ShardRanges, the shards'
+/// primaries (pods labelled `role=primary`) and the roles PostgresUser objects declare.
+pub fn router_role(cluster: &PostgresCluster) -> Role {
+    let parent = cluster.name_any();
+    let read = |groups: &[&str], resources: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        verbs: ["get", "list", "watch"]
+            .iter()
+            .map(|v| v.to_string())
+            .collect(),
+        ..PolicyRule::default()
+    };
+    Role {
+        metadata: meta(cluster, router_name(&parent), router_labels(&parent)),
+        rules: Some(vec![
+            read(
+                &[api::common::GROUP],
+                &["postgresclusters", "shardranges", "postgresusers"],
+            ),
+            read(&[""], &["pods"]),
+            // The password Secrets of the PostgresUsers (client logins), by name only.
+            PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["secrets".to_string()]),
+                verbs: vec!["get".to_string()],
+                ..PolicyRule::default()
+            },
+        ]),
+    }
+}
+
+/// Binds the router's Role to its ServiceAccount.
+pub fn router_role_binding(cluster: &PostgresCluster) -> RoleBinding {
+    let parent = cluster.name_any();
+    RoleBinding {
+        metadata: meta(cluster, router_name(&parent), router_labels(&parent)),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_string(),
+            kind: "Role".to_string(),
+            name: router_name(&parent),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_string(),
+            name: router_name(&parent),
+            namespace: cluster.namespace(),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// The pg-router Deployment: Kubernetes mode (topology from the ShardRange objects), backend
+/// credentials from the cluster's superuser Secret, restricted pod security.
+pub fn router_deployment(cluster: &PostgresCluster, sharding: &ShardingSpec) -> Deployment {
+    let parent = cluster.name_any();
+    let labels = router_labels(&parent);
+    let env = |name: &str, value: &str| EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    };
+    let secret = |name: &str, key: &str| EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: contract::superuser_secret(&parent),
+                key: key.to_string(),
+                optional: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    };
+    let container = Container {
+        name: "pg-router".to_string(),
+        image: Some(
+            sharding
+                .router
+                .image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ROUTER_IMAGE.to_string()),
+        ),
+        args: Some(vec![
+            "--kubernetes-cluster".to_string(),
+            parent.clone(),
+            "--listen".to_string(),
+            format!("0.0.0.0:{ROUTER_PORT}"),
+            "--metrics-listen".to_string(),
+            format!("0.0.0.0:{ROUTER_METRICS_PORT}"),
+        ]),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAMESPACE".to_string(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.namespace".to_string(),
+                        api_version: None,
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            },
+            secret("PG_ROUTER_BACKEND_USER", "username"),
+            secret("PG_ROUTER_BACKEND_PASSWORD", "password"),
+            env("LOG_LEVEL", "info"),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("postgres".to_string()),
+                container_port: i32::from(ROUTER_PORT),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".to_string()),
+                container_port: i32::from(ROUTER_METRICS_PORT),
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(ROUTER_PORT)),
+                host: None,
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        }),
+        resources: sharding.router.resources.clone(),
+        security_context: Some(restricted_container_security()),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(cluster, router_name(&parent), labels.clone()),
+        spec: Some(DeploymentSpec {
+            // With an autoscaler, the autoscaler owns the replica count.
+            replicas: sharding
+                .router
+                .autoscaling
+                .is_none()
+                .then_some(sharding.router.replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(router_name(&parent)),
+                    automount_service_account_token: Some(true),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(ROUTER_UID),
+                        run_as_group: Some(ROUTER_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_string(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The router Service clients connect to (`<cluster>-router:5432`).
+pub fn router_service(cluster: &PostgresCluster) -> Service {
+    let parent = cluster.name_any();
+    Service {
+        metadata: meta(cluster, router_name(&parent), router_labels(&parent)),
+        spec: Some(ServiceSpec {
+            selector: Some(router_labels(&parent)),
+            ports: Some(vec![ServicePort {
+                name: Some("postgres".to_string()),
+                port: i32::from(ROUTER_PORT),
+                target_port: Some(IntOrString::String("postgres".to_string())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The router's HorizontalPodAutoscaler, when `sharding.router.autoscaling` asks for one.
+pub fn router_autoscaler(
+    cluster: &PostgresCluster,
+    sharding: &ShardingSpec,
+) -> Option<HorizontalPodAutoscaler> {
+    let autoscaling = sharding.router.autoscaling.as_ref()?;
+    let parent = cluster.name_any();
+    Some(HorizontalPodAutoscaler {
+        metadata: meta(cluster, router_name(&parent), router_labels(&parent)),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".to_string()),
+                kind: "Deployment".to_string(),
+                name: router_name(&parent),
+            },
+            min_replicas: Some(autoscaling.min_replicas),
+            max_replicas: autoscaling.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".to_string(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".to_string(),
+                    target: MetricTarget {
+                        type_: "Utilization".to_string(),
+                        average_utilization: Some(autoscaling.target_cpu_utilization_percent),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            behavior: None,
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_ranges_cover_the_signed_space_without_gaps_or_overlaps() {
+        for shards in [1, 2, 3, 7, 256] {
+            let ranges = equal_ranges(shards);
+            assert_eq!(ranges.len(), shards as usize);
+            assert_eq!(ranges[0].0, None);
+            assert_eq!(ranges[ranges.len() - 1].1, None);
+            for pair in ranges.windows(2) {
+                assert!(pair[0].1.is_some());
+                assert_eq!(pair[0].1, pair[1].0, "{shards} shards");
+            }
+            for (start, end) in &ranges {
+                if let (Some(start), Some(end)) = (start, end) {
+                    assert!(start < end);
+                }
+            }
+        }
+        assert_eq!(equal_ranges(2)[0].1, Some(0));
+    }
+
+    #[test]
+    fn a_child_cluster_has_the_parent_spec_without_sharding_and_an_owner() {
+        let mut spec = api::PostgresClusterSpec::with_image(3, "example.org/pg:18");
+        spec.sharding = Some(ShardingSpec {
+            shards: 2,
+            resharding_job: None,
+            router: Default::default(),
+            table_groups: Vec::new(),
+            sharded_tables: Vec::new(),
+            reference_tables: Vec::new(),
+        });
+        let mut parent = PostgresCluster::new("db", spec);
+        parent.metadata.namespace = Some("ns".into());
+        parent.metadata.uid = Some("uid-1".into());
+        let child = child_cluster(&parent, 1);
+        assert_eq!(child.name_any(), "db-shard-1");
+        assert!(child.spec.sharding.is_none());
+        assert_eq!(child.spec.instances, 3);
+        let owner = &child.metadata.owner_references.unwrap()[0];
+        assert_eq!((owner.name.as_str(), owner.controller), ("db", Some(true)));
+    }
+}

@@ -1,0 +1,353 @@
+//! The acting half of a sharded PostgresCluster, in stages: credentials (one superuser for every
+//! shard, so one router login reaches them all), the child clusters, the initial ShardRanges
+//! (created once, never overwritten: they are the source of truth), the router objects, status.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use api::common::{condition, new_condition, set_condition};
+use api::contract;
+use api::postgres_cluster::{PostgresCluster, PostgresClusterStatus, ShardingSpec};
+use api::sharding::ShardRange;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::builders;
+use crate::postgres_cluster::builders::{credentials_secret, generate_password};
+use crate::postgres_cluster::{Context, Error, FIELD_MANAGER, kube_error};
+
+/// Requeue while shards or routers are not all ready.
+const BUSY_REQUEUE: Duration = Duration::from_secs(10);
+
+async fn apply_object<K>(api: &Api<K>, object: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(kube_error(format!("applying {} {name}", K::kind(&()))))
+}
+
+/// Creates `object` unless one of that name exists (409 is success: the existing one wins).
+async fn create_once<K>(api: &Api<K>, object: &K) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(error) => Err(kube_error(format!("creating {} {name}", K::kind(&())))(
+            error,
+        )),
+    }
+}
+
+/// Credentials stage: the parent's superuser Secret, and a copy of it for every shard made before
+/// the shard's cluster exists (the single-shard reconciler keeps a Secret it finds).
+async fn ensure_credentials(
+    cluster: &PostgresCluster,
+    ctx: &Context,
+    namespace: &str,
+    shards: i32,
+) -> Result<(), Error> {
+    let parent = cluster.name_any();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = contract::superuser_secret(&parent);
+    let existing = secrets
+        .get_opt(&name)
+        .await
+        .map_err(kube_error(format!("reading Secret {name}")))?;
+    let password = match existing
+        .and_then(|secret| secret.data)
+        .and_then(|data| data.get("password").cloned())
+    {
+        Some(password) => String::from_utf8_lossy(&password.0).into_owned(),
+        None => {
+            let password = generate_password();
+            let secret = credentials_secret(cluster, name, contract::SUPERUSER, password.clone());
+            create_once(&secrets, &secret).await?;
+            // Another reconciliation may have won the race: read back what is stored.
+            let stored = secrets
+                .get(&contract::superuser_secret(&parent))
+                .await
+                .map_err(kube_error("reading the superuser Secret"))?;
+            stored
+                .data
+                .and_then(|data| data.get("password").cloned())
+                .map(|p| String::from_utf8_lossy(&p.0).into_owned())
+                .unwrap_or(password)
+        }
+    };
+    for index in 0..shards {
+        let child = builders::shard_cluster_name(&parent, &builders::shard_name(index));
+        let secret = credentials_secret(
+            cluster,
+            contract::superuser_secret(&child),
+            contract::SUPERUSER,
+            password.clone(),
+        );
+        create_once(&secrets, &secret).await?;
+    }
+    Ok(())
+}
+
+/// Ranges stage: the initial ShardRanges of every table group that has none yet.
+async fn ensure_ranges(
+    cluster: &PostgresCluster,
+    sharding: &ShardingSpec,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<usize, Error> {
+    let api: Api<ShardRange> = Api::namespaced(ctx.client.clone(), namespace);
+    let existing = api
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={}",
+            contract::LABEL_CLUSTER,
+            cluster.name_any()
+        )))
+        .await
+        .map_err(kube_error("listing ShardRanges"))?;
+    let mut created = 0;
+    for group in &sharding.table_groups {
+        // Once a group has ranges, splits own them: never recreate one the operator removed.
+        if existing
+            .items
+            .iter()
+            .any(|range| range.spec.table_group == group.name)
+        {
+            continue;
+        }
+        for range in builders::initial_ranges(cluster, sharding, group) {
+            if create_once(&api, &range).await? {
+                created += 1;
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// Router stage: ServiceAccount, Role, RoleBinding, Deployment, Service, and the autoscaler
+/// when asked for (removed when no longer asked for).
+async fn apply_router(
+    cluster: &PostgresCluster,
+    sharding: &ShardingSpec,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<i32, Error> {
+    let client = &ctx.client;
+    apply_object::<ServiceAccount>(
+        &Api::namespaced(client.clone(), namespace),
+        &builders::router_service_account(cluster),
+    )
+    .await?;
+    apply_object::<Role>(
+        &Api::namespaced(client.clone(), namespace),
+        &builders::router_role(cluster),
+    )
+    .await?;
+    apply_object::<RoleBinding>(
+        &Api::namespaced(client.clone(), namespace),
+        &builders::router_role_binding(cluster),
+    )
+    .await?;
+    let deployment = apply_object::<Deployment>(
+        &Api::namespaced(client.clone(), namespace),
+        &builders::router_deployment(cluster, sharding),
+    )
+    .await?;
+    apply_object::<Service>(
+        &Api::namespaced(client.clone(), namespace),
+        &builders::router_service(cluster),
+    )
+    .await?;
+    let autoscalers: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), namespace);
+    match builders::router_autoscaler(cluster, sharding) {
+        Some(autoscaler) => {
+            apply_object(&autoscalers, &autoscaler).await?;
+        }
+        None => {
+            let name = builders::router_name(&cluster.name_any());
+            match autoscalers.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => {
+                    return Err(kube_error(format!(
+                        "deleting HorizontalPodAutoscaler {name}"
+                    ))(error));
+                }
+            }
+        }
+    }
+    Ok(deployment
+        .status
+        .and_then(|status| status.ready_replicas)
+        .unwrap_or(0))
+}
+
+/// The parent's status from its shards' and the router's.
+pub fn desired_status(
+    cluster: &PostgresCluster,
+    shards: &[Option<PostgresCluster>],
+    routers_ready: i32,
+) -> PostgresClusterStatus {
+    let mut status = cluster.status.clone().unwrap_or_default();
+    let generation = cluster.metadata.generation;
+    let phase_of = |child: &Option<PostgresCluster>| {
+        child
+            .as_ref()
+            .and_then(|c| c.status.as_ref())
+            .and_then(|s| s.phase.clone())
+    };
+    let healthy = shards
+        .iter()
+        .filter(|child| phase_of(child).as_deref() == Some("Healthy"))
+        .count();
+    let degraded: Vec<String> = shards
+        .iter()
+        .filter(|child| phase_of(child).as_deref() == Some("Degraded"))
+        .filter_map(|child| child.as_ref().map(|c| c.name_any()))
+        .collect();
+    status.ready_instances = shards
+        .iter()
+        .filter_map(|child| child.as_ref()?.status.as_ref().map(|s| s.ready_instances))
+        .sum();
+    status.observed_generation = generation;
+    let all = shards.len();
+    let (phase, ready, reason, message) = if !degraded.is_empty() {
+        (
+            "Degraded",
+            false,
+            "ShardDegraded",
+            format!(
+                "shard clusters {} are Degraded: see their conditions",
+                degraded.join(", ")
+            ),
+        )
+    } else if healthy < all || routers_ready == 0 {
+        (
+            "Creating",
+            false,
+            "ShardsStarting",
+            format!("{healthy} of {all} shards healthy, {routers_ready} routers ready"),
+        )
+    } else {
+        (
+            "Healthy",
+            true,
+            "ShardsHealthy",
+            format!("{all} shards healthy, {routers_ready} routers ready"),
+        )
+    };
+    status.phase = Some(phase.to_string());
+    set_condition(
+        &mut status.conditions,
+        new_condition(condition::READY, ready, reason, message.clone(), generation),
+    );
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            condition::DEGRADED,
+            phase == "Degraded",
+            if phase == "Degraded" {
+                reason
+            } else {
+                "Reconciled"
+            },
+            if phase == "Degraded" {
+                message
+            } else {
+                String::new()
+            },
+            generation,
+        ),
+    );
+    status
+}
+
+/// Brings a sharded cluster's owned objects in line with its spec and writes its status.
+pub async fn apply(
+    cluster: &PostgresCluster,
+    sharding: &ShardingSpec,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let name = cluster.name_any();
+    let namespace = cluster
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    ensure_credentials(cluster, ctx, &namespace, sharding.shards).await?;
+
+    // Shards: one child PostgresCluster each, reconciled by the single-shard reconciler.
+    let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut shards = Vec::new();
+    for index in 0..sharding.shards {
+        let child = builders::child_cluster(cluster, index);
+        shards.push(Some(apply_object(&clusters, &child).await?));
+    }
+
+    let created = ensure_ranges(cluster, sharding, ctx, &namespace).await?;
+    if created > 0 {
+        tracing::info!(cluster = %name, namespace, created, "initial ShardRanges written");
+    }
+    let routers_ready = apply_router(cluster, sharding, ctx, &namespace).await?;
+    // The router's PodMonitor (the shards have their own, from their copy of the spec).
+    if let Err(error) = crate::monitoring::reconcile(&ctx.client, cluster).await {
+        tracing::warn!(cluster = %name, namespace, %error, "monitoring objects of the router");
+    }
+
+    let desired = desired_status(cluster, &shards, routers_ready);
+    let previous = cluster.status.clone().unwrap_or_default();
+    let comparable = |s: &PostgresClusterStatus| {
+        let conditions: BTreeMap<String, (String, String, String)> = s
+            .conditions
+            .iter()
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    (c.status.clone(), c.reason.clone(), c.message.clone()),
+                )
+            })
+            .collect();
+        (
+            s.phase.clone(),
+            s.ready_instances,
+            s.observed_generation,
+            conditions,
+        )
+    };
+    if comparable(&previous) != comparable(&desired) {
+        let patch = json!({
+            "apiVersion": PostgresCluster::api_version(&()),
+            "kind": PostgresCluster::kind(&()),
+            "status": desired,
+        });
+        clusters
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(kube_error(format!(
+                "writing the status of PostgresCluster {name}"
+            )))?;
+    }
+    Ok(if desired.phase.as_deref() == Some("Healthy") {
+        Action::requeue(ctx.settings.resync)
+    } else {
+        Action::requeue(BUSY_REQUEUE)
+    })
+}

@@ -1,0 +1,285 @@
+//! The acting half of Kubernetes mode: watches the cluster, its ShardRanges and the shards'
+//! primary pods, rebuilds the topology on every change and reloads it when it differs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::contract;
+use api::postgres_cluster::PostgresCluster;
+use api::sharding::ShardRange;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+
+use super::topology;
+use crate::frontend::session::RouterState;
+use crate::topology::Topology;
+
+/// Changes closer together than this are applied as one reload.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Errors of Kubernetes mode.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The API server could not be reached or refused a call.
+    #[error("reading {what} from the API server: {source}")]
+    Kube {
+        /// What was read.
+        what: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// No complete topology appeared in time.
+    #[error("no usable topology for PostgresCluster {cluster} after {seconds} s: {reason}")]
+    NotReady {
+        /// The cluster.
+        cluster: String,
+        /// How long the router waited.
+        seconds: u64,
+        /// Why the last attempt failed.
+        reason: String,
+    },
+}
+
+/// Where a router in Kubernetes mode reads its topology.
+#[derive(Clone)]
+pub struct KubernetesSource {
+    client: Client,
+    namespace: String,
+    cluster: String,
+}
+
+/// The primaries of `cluster`'s shards from their pods (the instance manager labels its own pod
+/// `role=primary` when it holds the shard's Lease): child cluster name -> (pod IP, PostgreSQL
+/// port). A terminating pod is skipped; of two pods labelled primary (a failover in flight) a
+/// ready one wins.
+fn primaries(cluster: &str, pods: &[Arc<Pod>]) -> BTreeMap<String, (String, u16)> {
+    let prefix = format!("{cluster}-shard-");
+    let mut found: BTreeMap<String, ((String, u16), bool)> = BTreeMap::new();
+    for pod in pods {
+        let Some(child) = pod.labels().get(contract::LABEL_CLUSTER) else {
+            continue;
+        };
+        if !child.starts_with(&prefix)
+            || pod.labels().get(contract::LABEL_ROLE).map(String::as_str)
+                != Some(contract::role::PRIMARY)
+            || pod.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let Some(address) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            continue;
+        };
+        let port = pod
+            .spec
+            .iter()
+            .flat_map(|spec| &spec.containers)
+            .flat_map(|container| container.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(contract::PORT_NAME_POSTGRES))
+            .map_or(contract::POSTGRES_PORT, |p| p.container_port as u16);
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let better = found
+            .get(child)
+            .is_none_or(|(_, was_ready)| ready && !was_ready);
+        if better {
+            found.insert(child.clone(), ((address, port), ready));
+        }
+    }
+    found
+        .into_iter()
+        .map(|(child, (endpoint, _))| (child, endpoint))
+        .collect()
+}
+
+/// Label selector of primary pods.
+fn primary_selector() -> String {
+    format!("{}={}", contract::LABEL_ROLE, contract::role::PRIMARY)
+}
+
+impl KubernetesSource {
+    /// The source for PostgresCluster `cluster` in `namespace`.
+    pub fn new(client: Client, namespace: &str, cluster: &str) -> Self {
+        Self {
+            client,
+            namespace: namespace.to_string(),
+            cluster: cluster.to_string(),
+        }
+    }
+
+    fn kube_error(&self, what: &str) -> impl FnOnce(kube::Error) -> WatchError {
+        let what = format!("{what} of {}/{}", self.namespace, self.cluster);
+        move |source| WatchError::Kube { what, source }
+    }
+
+    /// Reads everything once and builds the topology.
+    async fn read(&self) -> Result<Result<(Topology, String), String>, WatchError> {
+        let cluster = Api::<PostgresCluster>::namespaced(self.client.clone(), &self.namespace)
+            .get_opt(&self.cluster)
+            .await
+            .map_err(self.kube_error("the PostgresCluster"))?;
+        let Some(cluster) = cluster else {
+            return Ok(Err(format!("PostgresCluster {} not found", self.cluster)));
+        };
+        let ranges = Api::<ShardRange>::namespaced(self.client.clone(), &self.namespace)
+            .list(&Default::default())
+            .await
+            .map_err(self.kube_error("the ShardRanges"))?
+            .items;
+        let pods: Vec<Arc<Pod>> = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+            .list(&kube::api::ListParams::default().labels(&primary_selector()))
+            .await
+            .map_err(self.kube_error("the primary pods"))?
+            .items
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        Ok(self.build(&cluster, &ranges, &pods))
+    }
+
+    /// The topology and a fingerprint of what it was built from.
+    fn build(
+        &self,
+        cluster: &PostgresCluster,
+        ranges: &[ShardRange],
+        pods: &[Arc<Pod>],
+    ) -> Result<(Topology, String), String> {
+        let primaries = primaries(&self.cluster, pods);
+        let topology = topology::build(cluster, ranges, &primaries).map_err(|e| e.to_string())?;
+        let mut placement: Vec<String> = ranges
+            .iter()
+            .filter(|r| r.spec.cluster.name == self.cluster)
+            .map(|r| serde_json::to_string(&r.spec).unwrap_or_default())
+            .collect();
+        placement.sort();
+        let fingerprint = format!(
+            "{}|{}|{:?}",
+            serde_json::to_string(&cluster.spec.sharding).unwrap_or_default(),
+            placement.join(","),
+            primaries
+        );
+        Ok((topology, fingerprint))
+    }
+
+    /// Waits (up to `timeout`) for a complete topology: the cluster, ranges that cover every
+    /// table group, and a ready primary for every shard.
+    pub async fn initial_topology(&self, timeout: Duration) -> Result<Topology, WatchError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let reason = match self.read().await {
+                Ok(Ok((topology, _))) => return Ok(topology),
+                Ok(Err(reason)) => reason,
+                Err(error) => error.to_string(),
+            };
+            if started.elapsed() > timeout {
+                return Err(WatchError::NotReady {
+                    cluster: self.cluster.clone(),
+                    seconds: timeout.as_secs(),
+                    reason,
+                });
+            }
+            tracing::info!(cluster = %self.cluster, %reason, "waiting for a complete topology");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Follows changes forever: every change of the cluster, a ShardRange or a primary pod
+    /// rebuilds the topology; a different one is swapped in, an incomplete one is logged and
+    /// skipped (the router keeps routing by the last complete topology).
+    pub async fn follow(self, state: Arc<RouterState>) {
+        let (clusters, clusters_writer) = reflector::store::<PostgresCluster>();
+        let (ranges, ranges_writer) = reflector::store::<ShardRange>();
+        let (pods, pods_writer) = reflector::store::<Pod>();
+        let namespace = self.namespace.clone();
+        let cluster_stream = reflector::reflector(
+            clusters_writer,
+            watcher(
+                Api::<PostgresCluster>::namespaced(self.client.clone(), &namespace),
+                watcher::Config::default().fields(&format!("metadata.name={}", self.cluster)),
+            ),
+        )
+        .default_backoff()
+        .map(|_| ());
+        let range_stream = reflector::reflector(
+            ranges_writer,
+            watcher(
+                Api::<ShardRange>::namespaced(self.client.clone(), &namespace),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .map(|_| ());
+        let pod_stream = reflector::reflector(
+            pods_writer,
+            watcher(
+                Api::<Pod>::namespaced(self.client.clone(), &namespace),
+                watcher::Config::default().labels(&primary_selector()),
+            ),
+        )
+        .default_backoff()
+        .map(|_| ());
+        let mut changes = futures::stream::select_all(vec![
+            cluster_stream.boxed(),
+            range_stream.boxed(),
+            pod_stream.boxed(),
+        ]);
+        let mut applied = String::new();
+        let mut last_error = String::new();
+        while changes.next().await.is_some() {
+            // Let a burst of changes (a split flips two ranges) settle into one reload.
+            tokio::time::sleep(DEBOUNCE).await;
+            while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
+            self.apply(
+                &state,
+                &clusters,
+                &ranges,
+                &pods,
+                &mut applied,
+                &mut last_error,
+            );
+        }
+    }
+
+    fn apply(
+        &self,
+        state: &RouterState,
+        clusters: &Store<PostgresCluster>,
+        ranges: &Store<ShardRange>,
+        pods: &Store<Pod>,
+        applied: &mut String,
+        last_error: &mut String,
+    ) {
+        let Some(cluster) = clusters
+            .state()
+            .into_iter()
+            .find(|c| c.name_any() == self.cluster)
+        else {
+            return;
+        };
+        let ranges: Vec<ShardRange> = ranges.state().iter().map(|r| (**r).clone()).collect();
+        match self.build(&cluster, &ranges, &pods.state()) {
+            Ok((topology, fingerprint)) => {
+                last_error.clear();
+                // The first one too: something may have changed since the initial topology.
+                if *applied != fingerprint {
+                    state.reload(topology);
+                    tracing::info!(cluster = %self.cluster, "topology from Kubernetes applied");
+                    *applied = fingerprint;
+                }
+            }
+            Err(reason) => {
+                if *last_error != reason {
+                    tracing::warn!(cluster = %self.cluster, %reason, "incomplete topology; keeping the current one");
+                    *last_error = reason;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! pg-router in Kubernetes mode, as a real process against a real API server and real
+//! PostgreSQL 18 shards: the topology comes from the PostgresCluster, its ShardRanges and the
+//! shards' primary pods; clients log in with the roles PostgresUser objects declare;
+//! moving a range or a primary in the API changes where statements go, without a restart.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use api::common::ClusterReference;
+use api::contract;
+use api::postgres_cluster::{
+    PostgresCluster, PostgresClusterSpec, ShardKeyType, ShardedTableSpec, ShardingSpec,
+    TableGroupSpec,
+};
+use api::postgres_user::PostgresUser;
+use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState, VindexKind};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use router::vindex::{KeyValue, key_hash};
+use serde_json::json;
+use testbed::{ApiServer, Postgres, PostgresOptions};
+
+const NAMESPACE: &str = "routing";
+const BACKEND_PASSWORD: &str = "router-backend-pw";
+
+struct RouterProcess(Child);
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(NAMESPACE.to_string()),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The primary pod of shard cluster `child` as the instance manager leaves it: labelled
+/// `role=primary`, Ready, with its IP and PostgreSQL port (the kubelet's part is played here).
+async fn primary_pod(client: &Client, name: &str, child: &str, port: u16) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": {
+            contract::LABEL_CLUSTER: child, contract::LABEL_ROLE: contract::role::PRIMARY}},
+        "spec": {"containers": [{"name": "postgres", "image": "example.org/pg:18",
+            "ports": [{"name": contract::PORT_NAME_POSTGRES, "containerPort": port}]}]}
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("creating a pod");
+    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+        "podIPs": [{"ip": "127.0.0.1"}],
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
+}
+
+fn range(name: &str, shard: &str, start: Option<i64>, end: Option<i64>) -> ShardRange {
+    let mut range = ShardRange::new(
+        name,
+        ShardRangeSpec {
+            cluster: ClusterReference { name: "db".into() },
+            table_group: "customers".into(),
+            shard: shard.into(),
+            start,
+            end,
+            state: ShardRangeState::Active,
+            vindex: VindexKind::Hash,
+        },
+    );
+    range.metadata.namespace = Some(NAMESPACE.into());
+    range
+}
+
+/// The shard index the range layout [None, 0) -> 0, [0, None) -> 1 gives `key`.
+fn initial_shard(key: i64) -> usize {
+    if (key_hash(&KeyValue::Int(key)) as i64) < 0 {
+        0
+    } else {
+        1
+    }
+}
+
+async fn connect(port: u16, user: &str, password: &str) -> Result<tokio_postgres::Client, String> {
+    let url = format!("host=127.0.0.1 port={port} user={user} password={password} dbname=postgres");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+async fn count(shard: &Postgres, sql: &str) -> i64 {
+    shard
+        .client()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn create<K>(client: &Client, object: &K)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), NAMESPACE)
+        .create(&PostParams::default(), object)
+        .await
+        .expect("creating an object");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
+    let server = ApiServer::start().await.expect("API server");
+    server.install_crds(&api::all_crds()).await.expect("CRDs");
+    let client = server.client().await.unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(NAMESPACE.into()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            },
+        )
+        .await
+        .unwrap();
+    let options = PostgresOptions::default().setting("max_prepared_transactions", 10);
+    let shards: Vec<Postgres> = tokio::task::block_in_place(|| {
+        (0..3)
+            .map(|_| Postgres::start_with(options.clone()).expect("a shard"))
+            .collect()
+    });
+
+    // What the operator writes for a 2-shard cluster (no operator runs here: the router is
+    // under test), and the shards' primary pods as their instance managers label them.
+    let mut spec = PostgresClusterSpec::with_image(1, "example.org/pg:18");
+    spec.sharding = Some(ShardingSpec {
+        shards: 2,
+        resharding_job: None,
+        router: Default::default(),
+        table_groups: vec![TableGroupSpec {
+            name: "customers".into(),
+            vindex: VindexKind::Hash,
+            key_type: ShardKeyType::Bigint,
+        }],
+        sharded_tables: vec![ShardedTableSpec {
+            name: "orders".into(),
+            table_group: "customers".into(),
+            shard_key: "customer_id".into(),
+        }],
+        reference_tables: vec!["countries".into()],
+    });
+    let mut cluster = PostgresCluster::new("db", spec);
+    cluster.metadata.namespace = Some(NAMESPACE.into());
+    create(&client, &cluster).await;
+    create(&client, &range("db-customers-0", "shard-0", None, Some(0))).await;
+    create(&client, &range("db-customers-1", "shard-1", Some(0), None)).await;
+    primary_pod(&client, "db-shard-0-0", "db-shard-0", shards[0].port()).await;
+    primary_pod(&client, "db-shard-1-0", "db-shard-1", shards[1].port()).await;
+    // A login declared by a PostgresUser, with its password Secret.
+    let mut secret = Secret {
+        metadata: meta("app-password"),
+        ..Secret::default()
+    };
+    secret.data = Some(BTreeMap::from([
+        ("username".to_string(), ByteString(b"app".to_vec())),
+        ("password".to_string(), ByteString(b"app-pw".to_vec())),
+    ]));
+    create(&client, &secret).await;
+    let user: PostgresUser = serde_json::from_value(json!({
+        "apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresUser",
+        "metadata": {"name": "app", "namespace": NAMESPACE},
+        "spec": {"cluster": {"name": "db"}, "roleName": "app",
+                 "password": {"secretName": "app-password"}}
+    }))
+    .unwrap();
+    create(&client, &user).await;
+
+    // The real pg-router binary in Kubernetes mode.
+    let port = testbed::free_port();
+    let log = server.dir().join("router.log");
+    let router = RouterProcess(
+        Command::new(env!("CARGO_BIN_EXE_pg-router"))
+            .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("KUBECONFIG", server.kubeconfig_path())
+            .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
+            .env("LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting pg-router"),
+    );
+    let app = eventually("the router accepts the app login", || async {
+        connect(port, "app", "app-pw").await.ok()
+    })
+    .await;
+    let refused = connect(port, "app", "wrong").await.unwrap_err();
+    assert!(refused.contains("password"), "{refused}");
+    assert!(connect(port, "postgres", BACKEND_PASSWORD).await.is_ok());
+
+    // DDL reaches every shard; rows go where the ranges say.
+    app.batch_execute(
+        "CREATE TABLE orders (customer_id bigint, id bigint, PRIMARY KEY (customer_id, id));
+         CREATE TABLE countries (code text PRIMARY KEY)",
+    )
+    .await
+    .expect("DDL through the router");
+    for key in 1..=100i64 {
+        app.execute(
+            "INSERT INTO orders (customer_id, id) VALUES ($1, 1)",
+            &[&key],
+        )
+        .await
+        .expect("insert through the router");
+    }
+    let expected_0 = (1..=100).filter(|k| initial_shard(*k) == 0).count() as i64;
+    assert!(expected_0 > 20 && expected_0 < 80, "{expected_0}");
+    assert_eq!(
+        count(&shards[0], "SELECT count(*) FROM orders").await,
+        expected_0
+    );
+    assert_eq!(
+        count(&shards[1], "SELECT count(*) FROM orders").await,
+        100 - expected_0
+    );
+    let total: i64 = app
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 100);
+
+    // Move shard-0's range to shard-1 in the API: routing follows without a restart.
+    let moved_key = (1..=100).find(|k| initial_shard(*k) == 0).unwrap();
+    let ranges: Api<ShardRange> = Api::namespaced(client.clone(), NAMESPACE);
+    ranges
+        .patch(
+            "db-customers-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"shard": "shard-1"}})),
+        )
+        .await
+        .unwrap();
+    eventually("reads of the moved key go to shard-1", || async {
+        let found: i64 = app
+            .query_one(
+                "SELECT count(*) FROM orders WHERE customer_id = $1",
+                &[&moved_key],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (found == 0).then_some(())
+    })
+    .await;
+    app.execute(
+        "INSERT INTO orders (customer_id, id) VALUES ($1, 2)",
+        &[&moved_key],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(
+            &shards[1],
+            &format!("SELECT count(*) FROM orders WHERE customer_id = {moved_key}")
+        )
+        .await,
+        1
+    );
+
+    // An incomplete layout (a gap) is not applied: the router keeps the last complete one.
+    ranges
+        .patch(
+            "db-customers-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"start": 10}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still: i64 = app
+        .query_one(
+            "SELECT count(*) FROM orders WHERE customer_id = $1",
+            &[&moved_key],
+        )
+        .await
+        .expect("routing by the last complete topology")
+        .get(0);
+    assert_eq!(still, 1);
+    ranges
+        .patch(
+            "db-customers-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"start": 0}})),
+        )
+        .await
+        .unwrap();
+
+    // The primary of shard-1 moves (a failover: the old pod is a replica now, another pod is
+    // the primary): writes follow.
+    Api::<Pod>::namespaced(client.clone(), NAMESPACE)
+        .patch(
+            "db-shard-1-0",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {contract::LABEL_ROLE: contract::role::REPLICA}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    primary_pod(&client, "db-shard-1-1", "db-shard-1", shards[2].port()).await;
+    shards[2]
+        .client()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE orders (customer_id bigint, id bigint, PRIMARY KEY (customer_id, id))",
+        )
+        .await
+        .unwrap();
+    eventually("writes go to the new primary", || async {
+        let found: i64 = app
+            .query_one(
+                "SELECT count(*) FROM orders WHERE customer_id = $1",
+                &[&moved_key],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (found == 0).then_some(())
+    })
+    .await;
+    app.execute(
+        "INSERT INTO orders (customer_id, id) VALUES ($1, 3)",
+        &[&moved_key],
+    )
+    .await
+    .unwrap();
+    assert_eq!(count(&shards[2], "SELECT count(*) FROM orders").await, 1);
+    // 2PC: a router killed (-9) between PREPARE and COMMIT PREPARED leaves prepared branches;
+    // another router replica resolves them, so no lock stays held.
+    ranges
+        .patch(
+            "db-customers-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"shard": "shard-0"}})),
+        )
+        .await
+        .unwrap();
+    eventually("shard-0's range routes to shard-0 again", || async {
+        let found: i64 = app
+            .query_one(
+                "SELECT count(*) FROM orders WHERE customer_id = $1",
+                &[&moved_key],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (found == 1).then_some(())
+    })
+    .await;
+    let key_0 = (1000..).find(|k| initial_shard(*k) == 0).unwrap();
+    let key_1 = (1000..).find(|k| initial_shard(*k) == 1).unwrap();
+    let stalled_port = testbed::free_port();
+    let mut stalled = RouterProcess(
+        Command::new(env!("CARGO_BIN_EXE_pg-router"))
+            .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
+            .args(["--listen", &format!("127.0.0.1:{stalled_port}")])
+            .env("KUBECONFIG", server.kubeconfig_path())
+            .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
+            .env("PG_ROUTER_FAULT", "stall_after_prepare")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the second pg-router"),
+    );
+    let doomed = eventually("the second router accepts logins", || async {
+        connect(stalled_port, "app", "app-pw").await.ok()
+    })
+    .await;
+    let transaction = tokio::spawn(async move {
+        doomed
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO orders (customer_id, id) VALUES ({key_0}, 9);
+                 INSERT INTO orders (customer_id, id) VALUES ({key_1}, 9); COMMIT"
+            ))
+            .await
+    });
+    let prepared = "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgr_%'";
+    let mut on_shards = 0;
+    for _ in 0..100 {
+        on_shards = count(&shards[0], prepared).await + count(&shards[2], prepared).await;
+        if on_shards > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        on_shards, 1,
+        "one branch prepared, the coordinator's still open"
+    );
+    stalled.0.kill().expect("kill -9 the router");
+    let _ = stalled.0.wait();
+    assert!(
+        transaction.await.unwrap().is_err(),
+        "the client saw its router die"
+    );
+    eventually("the other router resolved the prepared branch", || async {
+        let left = count(&shards[0], prepared).await + count(&shards[2], prepared).await;
+        (left == 0).then_some(())
+    })
+    .await;
+    // No decision was recorded: the transaction rolled back everywhere, and nothing is locked.
+    app.batch_execute("SET lock_timeout = '2s'").await.unwrap();
+    for key in [key_0, key_1] {
+        app.execute(
+            "INSERT INTO orders (customer_id, id) VALUES ($1, 9)",
+            &[&key],
+        )
+        .await
+        .expect("the keys are free: no lock left behind");
+    }
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !log_text.contains(BACKEND_PASSWORD) && !log_text.contains("app-pw"),
+        "no password in the router log"
+    );
+    drop(router);
+}
