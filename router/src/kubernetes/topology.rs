@@ -211,6 +211,8 @@ pub fn build(
             .map(|t| t.to_lowercase())
             .collect(),
         aggregates: Vec::new(),
+        // Read from the shards by the refresh loop; a reload keeps the ones already read.
+        columns: Default::default(),
     })
 }
 
