@@ -259,7 +259,8 @@ async fn routed_queries_are_exported_as_spans_without_literals() {
     let parameterized = span_containing(&spans, "WHERE id = $1");
     assert_eq!(parameterized.attributes["pg_router.plan"], "single_shard");
 
-    let scatter = span_containing(&spans, "WHERE region = ?");
+    // The scatter's text is the planner's rendering (names bound: `customers.region`).
+    let scatter = span_containing(&spans, "region = ?");
     assert_eq!(scatter.attributes["pg_router.plan"], "scatter_gather");
     assert_eq!(scatter.attributes["pg_router.shards"], "2");
 
