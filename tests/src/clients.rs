@@ -20,7 +20,9 @@ pub const ASYNCPG: &str = "0.31.0";
 /// PostgreSQL JDBC driver version installed for tests.
 pub const PGJDBC: &str = "42.7.8";
 
-fn lock(name: &str) -> anyhow::Result<fs::File> {
+/// An exclusive file lock `target/.<name>.lock`, held until the file is dropped: test binaries
+/// running in parallel install a tool once.
+pub(crate) fn lock(name: &str) -> anyhow::Result<fs::File> {
     let dir = paths::workspace_root().join("target");
     fs::create_dir_all(&dir)?;
     let file = fs::OpenOptions::new()
@@ -38,12 +40,30 @@ fn lock(name: &str) -> anyhow::Result<fs::File> {
 
 /// Folder to put on `PYTHONPATH` for psycopg and asyncpg.
 pub fn python_clients() -> anyhow::Result<PathBuf> {
-    let target = paths::workspace_root().join("target").join("pyclients");
-    let marker = target.join(format!(".installed-psycopg{PSYCOPG}-asyncpg{ASYNCPG}"));
+    pip_folder(
+        "pyclients",
+        &[
+            format!("psycopg[binary]=={PSYCOPG}"),
+            format!("asyncpg=={ASYNCPG}"),
+        ],
+    )
+}
+
+/// Installs `requirements` with pip into `target/<folder>` once (a marker names the versions, a
+/// file lock keeps parallel test binaries from installing twice) and returns the folder, to put
+/// on `PYTHONPATH`.
+pub(crate) fn pip_folder(folder: &str, requirements: &[String]) -> anyhow::Result<PathBuf> {
+    let target = paths::workspace_root().join("target").join(folder);
+    let versions: String = requirements
+        .join("-")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        .collect();
+    let marker = target.join(format!(".installed-{versions}"));
     if marker.exists() {
         return Ok(target);
     }
-    let _lock = lock("pyclients")?;
+    let _lock = lock(folder)?;
     if marker.exists() {
         return Ok(target);
     }
@@ -58,12 +78,11 @@ pub fn python_clients() -> anyhow::Result<PathBuf> {
             "--target",
         ])
         .arg(&target)
-        .arg(format!("psycopg[binary]=={PSYCOPG}"))
-        .arg(format!("asyncpg=={ASYNCPG}"))
+        .args(requirements)
         .status()
-        .context("running pip (python3 -m pip) to install psycopg and asyncpg")?;
+        .with_context(|| format!("running pip ({python} -m pip) to install {requirements:?}"))?;
     if !status.success() {
-        bail!("pip install of psycopg {PSYCOPG} and asyncpg {ASYNCPG} failed ({status})");
+        bail!("pip install of {requirements:?} failed ({status})");
     }
     fs::write(&marker, "")?;
     Ok(target)

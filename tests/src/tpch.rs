@@ -73,53 +73,15 @@ pub fn copy_statement(table: &str) -> String {
     format!("COPY {table} FROM STDIN (FORMAT csv, DELIMITER '|')")
 }
 
-fn lock(name: &str) -> anyhow::Result<fs::File> {
-    let dir = paths::workspace_root().join("target");
-    fs::create_dir_all(&dir)?;
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(format!(".{name}.lock")))?;
-    // SAFETY: flock on a file descriptor we own; released when the file is closed.
-    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
-    if rc != 0 {
-        bail!("locking {name}: {}", std::io::Error::last_os_error());
-    }
-    Ok(file)
-}
-
 /// Folder of DuckDB and its `tpch` extension (installed with pip on first use).
 fn duckdb() -> anyhow::Result<PathBuf> {
-    let target = paths::workspace_root().join("target").join("duckdb");
-    let marker = target.join(format!(".installed-duckdb{DUCKDB}"));
-    if marker.exists() {
-        return Ok(target);
-    }
-    let _lock = lock("duckdb")?;
-    if marker.exists() {
-        return Ok(target);
-    }
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--target",
-        ])
-        .arg(&target)
-        .arg(format!("duckdb=={DUCKDB}"))
-        .arg(format!("duckdb-extension-tpch=={DUCKDB}"))
-        .status()
-        .context("running pip (python3 -m pip) to install duckdb")?;
-    if !status.success() {
-        bail!("pip install of duckdb {DUCKDB} and its tpch extension failed ({status})");
-    }
-    fs::write(&marker, "")?;
-    Ok(target)
+    crate::clients::pip_folder(
+        "duckdb",
+        &[
+            format!("duckdb=={DUCKDB}"),
+            format!("duckdb-extension-tpch=={DUCKDB}"),
+        ],
+    )
 }
 
 /// Generates the TPC-H tables at scale factor `scale` (for example "0.1") as `<table>.csv`
@@ -137,7 +99,7 @@ pub fn generate(scale: &str) -> anyhow::Result<PathBuf> {
         return Ok(dir);
     }
     let packages = duckdb()?;
-    let _lock = lock("tpch")?;
+    let _lock = crate::clients::lock("tpch")?;
     if marker.exists() {
         return Ok(dir);
     }
