@@ -174,6 +174,9 @@ pub const POOLER_AUTH_FUNCTION: &str = "pgbouncer_user_lookup";
 pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
 /// Name of the container port of PgBouncer on Pooler pods (its admin console is on it too).
 pub const PORT_NAME_PGBOUNCER: &str = "pgbouncer";
+/// Port of the Pooler pods' metrics exporter (`pg-instance pooler-exporter`, container port
+/// named `metrics`): pgbouncer_exporter's port, so that its scrape configs keep working.
+pub const POOLER_METRICS_PORT: u16 = 9127;
 
 /// Label naming the sharded cluster a router pod belongs to. Router pods never carry
 /// [`LABEL_CLUSTER`], so no cluster's instance selectors pick them up.

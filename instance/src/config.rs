@@ -10,7 +10,12 @@ use clap::Parser;
 
 /// The instance manager: supervises PostgreSQL in one pod (election, failover, fencing).
 #[derive(Parser, Debug, Clone)]
-#[command(name = "pg-instance", version, about)]
+#[command(
+    name = "pg-instance",
+    version,
+    about,
+    after_help = "`pg-instance pooler-exporter --help`: the Pooler pods' metrics exporter."
+)]
 pub struct Config {
     /// Name of this instance's pod (downward API).
     #[arg(long, env = env::POD_NAME)]

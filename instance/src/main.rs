@@ -1,9 +1,19 @@
 //! `pg-instance`: the instance manager that supervises PostgreSQL in one pod (election,
-//! failover, fencing). This file only parses the configuration and starts the run loop.
+//! failover, fencing), and with `pooler-exporter` as first argument the Pooler pods' metrics
+//! exporter. This file only parses the configuration and starts the run loop.
 
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    use instance::pooler::exporter;
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == exporter::SUBCOMMAND)
+    {
+        return pooler_exporter(exporter::ExporterConfig::parse_from(
+            std::env::args_os().skip(1),
+        ));
+    }
     let config = instance::Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_level))
@@ -21,5 +31,18 @@ fn main() -> anyhow::Result<()> {
     );
     let _entered = span.enter();
     runtime.block_on(instance::run(config))?;
+    Ok(())
+}
+
+/// `pg-instance pooler-exporter`: PgBouncer's admin console on `/metrics`.
+fn pooler_exporter(config: instance::pooler::exporter::ExporterConfig) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_level))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(instance::pooler::exporter::run(config))?;
     Ok(())
 }

@@ -3,10 +3,13 @@
 //! - [`auth`]: keeps the `auth_query` role and lookup function applied, with the password of the
 //!   cluster's pooler auth Secret (the operator generates it when the first Pooler appears).
 //! - [`pause`]: PAUSE before a switchover, RECONNECT + RESUME once the new primary is writable.
+//! - [`exporter`]: `pg-instance pooler-exporter`, the Pooler pods' `/metrics` (PgBouncer's admin
+//!   console under pgbouncer_exporter's names); it runs in the Pooler pod, not in the instance.
 //!
 //! Every instance runs the loop; only a writable primary acts, so a failover moves the work.
 
 pub mod auth;
+pub mod exporter;
 pub mod pause;
 
 use std::time::Duration;
