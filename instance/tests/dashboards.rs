@@ -1,8 +1,9 @@
 //! The Grafana dashboards of `deploy/grafana/dashboards/` against what the code really exports:
 //! the PostgreSQL dashboards (cluster overview, instance, replication) read only metrics that the
 //! instance manager's `/metrics` serves, scraped from a real primary and a streaming replica on
-//! PostgreSQL 18 (with pg_stat_statements and WAL archiving); the pooler dashboard only the names the
-//! pooler exporter agreed on; every dashboard passes the dashboard-linter rules and its PromQL
+//! PostgreSQL 18 (with pg_stat_statements and WAL archiving); the pooler dashboard only metrics the
+//! pooler exporter (`pg-instance pooler-exporter`) serves, scraped in front of a real PgBouncer;
+//! every dashboard passes the dashboard-linter rules and its PromQL
 //! parses under the real promtool.
 
 use std::collections::BTreeSet;
@@ -12,11 +13,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use api::contract;
+use api::pooler::Pooler;
+use controllers::pooler::builders::{Target, auth_file_line, pgbouncer_ini};
 use instance::database_metrics::Settings;
 use instance::status::InstanceStatus;
 use nix::sys::signal::Signal;
 use serde_json::json;
 use testbed::dashboards;
+use testbed::pgbouncer::PgBouncer;
+use testbed::pooler_exporter::PoolerExporter;
 use testbed::process::{ChildGuard, chown_to_unprivileged, unprivileged_command};
 use testbed::{Postgres, PostgresOptions, paths};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -196,11 +201,51 @@ async fn postgres_dashboards_query_only_metrics_the_instance_manager_exports() -
 }
 
 #[test]
-fn pooler_dashboard_queries_only_the_pooler_exporter_names() {
-    let exported: BTreeSet<String> = dashboards::POOLER_METRICS
-        .iter()
-        .map(|name| name.to_string())
-        .collect();
+fn pooler_dashboard_queries_only_metrics_the_pooler_exporter_serves() {
+    // Arrange: a real PgBouncer with the Pooler's pgbouncer.ini and the exporter (the real
+    // `pg-instance pooler-exporter`) reading its admin console. The console answers without
+    // PostgreSQL, and its own pool gives a row to every family.
+    let pooler: Pooler = serde_json::from_value(json!({
+        "apiVersion": "postgres.keiailab.io/v1alpha1",
+        "kind": "Pooler",
+        "metadata": {"name": "pool", "namespace": "default"},
+        "spec": {"cluster": {"name": "db"}, "type": "rw"},
+    }))
+    .unwrap();
+    let mut bouncer = PgBouncer::prepare().unwrap();
+    let target = Target {
+        host: "127.0.0.1".into(),
+        port: testbed::free_port(),
+        listen_addr: "127.0.0.1".into(),
+        listen_port: bouncer.port(),
+        auth_file: bouncer.auth_file().display().to_string(),
+        unix_socket_dir: String::new(),
+    };
+    bouncer
+        .start(&pgbouncer_ini(&pooler, &target), &auth_file_line("dash-pw"))
+        .unwrap();
+    let exporter = PoolerExporter::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_pg-instance")),
+        bouncer.port(),
+        contract::POOLER_AUTH_USER,
+        "dash-pw",
+    )
+    .unwrap();
+
+    // Act: scrape it.
+    let text = exporter.scrape().unwrap();
+    assert!(
+        text.contains("\npgbouncer_up 1\n"),
+        "{text}\n{}",
+        exporter.log()
+    );
+    let exported = dashboards::exported_names(&text);
+
+    // Assert: every name the pooler dashboard and alerts rely on is served, and every metric
+    // the dashboard queries is among those served.
+    for name in dashboards::POOLER_METRICS {
+        assert!(exported.contains(*name), "{name} is not served:\n{text}");
+    }
     let missing = dashboards::unexported(&dashboards::load("pooler"), &exported);
     assert!(missing.is_empty(), "{}", report(&missing));
 }

@@ -1,6 +1,7 @@
 //! A real PgBouncer (Debian's 1.18, what the Pooler image ships) in front of a real PostgreSQL
 //! 18, configured with the pgbouncer.ini the Pooler reconciler renders and authenticating through
-//! the role and function the primary's instance manager applies (`pooler::auth`).
+//! the role and function the primary's instance manager applies (`pooler::auth`), and the Pooler
+//! pods' metrics exporter (`pg-instance pooler-exporter`) reading that PgBouncer.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use instance::declarative::role_sql::{RoleSpec, apply_role};
 use instance::declarative::sql::Connector;
 use instance::pooler::auth;
 use testbed::pgbouncer::PgBouncer;
+use testbed::pooler_exporter::{PoolerExporter, sample};
 use testbed::{Postgres, PostgresOptions};
 
 const SUPERUSER_PASSWORD: &str = "super'secret";
@@ -369,5 +371,139 @@ async fn a_config_change_reloads_with_clients_connected() {
     }
     assert!(
         bouncer.log().contains("RELOAD command issued") || bouncer.log().contains("got SIGHUP")
+    );
+}
+
+#[tokio::test]
+async fn the_exporter_serves_pgbouncer_statistics_and_reports_down_when_pgbouncer_stops() {
+    // Arrange: PgBouncer (the Pooler's pgbouncer.ini) in front of PostgreSQL 18, and the exporter
+    // logged in to its admin console as the auth user, as in a Pooler pod.
+    let server = prepared_server().await;
+    let mut bouncer = PgBouncer::prepare().unwrap();
+    let pooler = pooler(PoolMode::Transaction);
+    let ini = pgbouncer_ini(&pooler, &target(&server, &bouncer));
+    bouncer.start(&ini, &auth_file_line(AUTH_PASSWORD)).unwrap();
+    let exporter = PoolerExporter::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_pg-instance")),
+        bouncer.port(),
+        api::contract::POOLER_AUTH_USER,
+        AUTH_PASSWORD,
+    )
+    .unwrap();
+    let before = exporter.scrape().unwrap();
+    assert_eq!(
+        sample(&before, "pgbouncer_up", &[]),
+        Some(1.0),
+        "{before}\n{}",
+        exporter.log()
+    );
+
+    // Act: an application runs transactions through PgBouncer and stays connected.
+    let client = connect(bouncer.port(), "app", APP_PASSWORD, "postgres")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        bump(&client).await.unwrap();
+    }
+    assert_eq!(
+        single_value(
+            &client,
+            "SELECT count(*) FROM pg_class WHERE relname = 'counter'"
+        )
+        .await,
+        "1"
+    );
+    let started = Instant::now();
+    let after = exporter.scrape().unwrap();
+    let scrape_ms = started.elapsed().as_secs_f64() * 1000.0;
+    println!("pooler_exporter_scrape_ms={scrape_ms:.1}");
+
+    // Assert: the counters of the application's database moved, and its pool is there with its
+    // database and user labels.
+    let app_db = [("database", "postgres")];
+    let moved = |name: &str| {
+        let old = sample(&before, name, &app_db).unwrap_or(0.0);
+        let new = sample(&after, name, &app_db)
+            .unwrap_or_else(|| panic!("{name}{{database=\"postgres\"}} missing:\n{after}"));
+        assert!(new > old, "{name}: {old} -> {new}\n{after}");
+        new
+    };
+    assert!(moved("pgbouncer_stats_queries_pooled_total") >= 10.0);
+    assert!(moved("pgbouncer_stats_sql_transactions_pooled_total") >= 10.0);
+    moved("pgbouncer_stats_received_bytes_total");
+    moved("pgbouncer_stats_sent_bytes_total");
+    moved("pgbouncer_stats_queries_duration_seconds_total");
+    let pool = [("database", "postgres"), ("user", "app")];
+    assert!(
+        sample(&after, "pgbouncer_pools_client_active_connections", &pool).unwrap() >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, "pgbouncer_pools_server_idle_connections", &pool).unwrap()
+            + sample(&after, "pgbouncer_pools_server_used_connections", &pool).unwrap()
+            >= 1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "pgbouncer_pools_client_waiting_connections", &pool),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&after, "pgbouncer_pools_client_maxwait_seconds", &pool),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&after, "pgbouncer_config_max_client_connections", &[]),
+        Some(f64::from(pooler.spec.pgbouncer.max_client_conn))
+    );
+    assert!(
+        sample(
+            &after,
+            "pgbouncer_databases_current_connections",
+            &[("name", "postgres"), ("host", "127.0.0.1")]
+        )
+        .unwrap()
+            >= 1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "pgbouncer_client_connections",
+            &[
+                ("database", "postgres"),
+                ("user", "app"),
+                ("state", "active")
+            ]
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "pgbouncer_version_info",
+            &[(
+                "version",
+                &format!("PgBouncer {}", testbed::pgbouncer::VERSION)
+            )]
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    // No secret in what is served or logged.
+    assert!(!after.contains(AUTH_PASSWORD) && !exporter.log().contains(AUTH_PASSWORD));
+
+    // PgBouncer stops: the exporter still answers, with pgbouncer_up 0.
+    drop(client);
+    bouncer.stop();
+    let down = exporter.scrape().unwrap();
+    assert_eq!(sample(&down, "pgbouncer_up", &[]), Some(0.0), "{down}");
+    assert!(!down.contains("pgbouncer_pools_"), "{down}");
+    assert_eq!(exporter.get("/healthz").unwrap().0, 200);
+    assert!(
+        exporter.log().contains("pgbouncer_up is 0"),
+        "{}",
+        exporter.log()
     );
 }

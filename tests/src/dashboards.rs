@@ -40,10 +40,10 @@ pub fn names() -> Vec<String> {
     names
 }
 
-/// The metrics of a pooler pod the pooler dashboard may read: pgbouncer_exporter's names (from
-/// PgBouncer's `SHOW POOLS`, `SHOW STATS` and `SHOW CONFIG`), kept so that its dashboards keep
-/// working. The pooler's exporter is being written on its own branch; until its `/metrics` can be
-/// scraped here, the pooler dashboard is checked against this list.
+/// The metrics of a pooler pod that the pooler dashboard and the alerts rely on: pgbouncer_exporter's
+/// names (from PgBouncer's `SHOW POOLS`, `SHOW STATS` and `SHOW CONFIG`), kept so that its
+/// dashboards keep working. The dashboard test scrapes the real exporter (`pg-instance
+/// pooler-exporter` in front of a real PgBouncer) and checks that each of these is served.
 pub const POOLER_METRICS: &[&str] = &[
     "pgbouncer_up",
     "pgbouncer_config_max_client_connections",

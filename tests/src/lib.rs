@@ -17,6 +17,7 @@ pub mod manifests;
 pub mod object_store;
 pub mod paths;
 pub mod pgbouncer;
+pub mod pooler_exporter;
 pub mod postgres;
 pub mod process;
 pub mod service_proxy;

@@ -70,26 +70,26 @@ impl Console {
     }
 }
 
-/// A column that becomes a metric: its value times `factor` (microseconds to seconds).
+/// A column that becomes a metric: its value divided by `divisor` (microseconds to seconds).
 struct ColumnMetric {
     column: &'static str,
     name: &'static str,
     kind: MetricType,
-    factor: f64,
+    divisor: f64,
     help: &'static str,
 }
 
 const fn counter(
     column: &'static str,
     name: &'static str,
-    factor: f64,
+    divisor: f64,
     help: &'static str,
 ) -> ColumnMetric {
     ColumnMetric {
         column,
         name,
         kind: MetricType::Counter,
-        factor,
+        divisor,
         help,
     }
 }
@@ -99,13 +99,14 @@ const fn gauge(column: &'static str, name: &'static str, help: &'static str) -> 
         column,
         name,
         kind: MetricType::Gauge,
-        factor: 1.0,
+        divisor: 1.0,
         help,
     }
 }
 
-/// Microseconds, as PgBouncer counts time, to the seconds Prometheus wants.
-const MICROS: f64 = 1e-6;
+/// Microseconds per second: PgBouncer counts time in microseconds, Prometheus in seconds
+/// (dividing, not multiplying by 1e-6, keeps `7642` as `0.007642`).
+const MICROS: f64 = 1e6;
 
 /// `SHOW STATS`, labelled by `database`. Columns a PgBouncer version lacks give no sample.
 const STATS: &[ColumnMetric] = &[
@@ -452,7 +453,7 @@ fn add_columns(
                 metric.help,
                 metric.kind,
                 row_labels.clone(),
-                value * metric.factor,
+                value / metric.divisor,
             );
         }
     }
@@ -473,7 +474,7 @@ fn add_maxwait(exposition: &mut Exposition, pools: &Table) {
             "Age of oldest unserved client connection, shown as second",
             MetricType::Gauge,
             labels_of(pools, row, POOL_LABELS),
-            seconds + micros * MICROS,
+            seconds + micros / MICROS,
         );
     }
 }
@@ -656,6 +657,7 @@ mod tests {
             "pgbouncer_stats_sql_transactions_pooled_total{database=\"app\"} 7\n",
             "pgbouncer_stats_queries_duration_seconds_total{database=\"app\"} 0.25\n",
             "pgbouncer_stats_server_in_transaction_seconds_total{database=\"app\"} 1.5\n",
+            "pgbouncer_stats_client_wait_seconds_total{database=\"app\"} 0.00003\n",
             "pgbouncer_stats_received_bytes_total{database=\"app\"} 1000\n",
             "pgbouncer_stats_sent_bytes_total{database=\"app\"} 2000\n",
             "pgbouncer_pools_client_active_connections{database=\"app\",user=\"alice\"} 3\n",
