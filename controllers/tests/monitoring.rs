@@ -159,6 +159,24 @@ async fn pod_monitor_and_prometheus_rule_follow_spec_monitoring() {
         pooler_monitor.metadata.owner_references.as_ref().unwrap()[0].kind,
         "Pooler"
     );
+    // The port it scrapes exists: the PgBouncer pods' exporter container, from the instance
+    // manager's image.
+    let deployment: k8s_openapi::api::apps::v1::Deployment = env.object("pool").await;
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let exporter = pod
+        .containers
+        .iter()
+        .find(|container| {
+            container.ports.iter().flatten().any(|port| {
+                Some(port.name.as_deref().unwrap_or_default()) == endpoint["port"].as_str()
+            })
+        })
+        .expect("a container with the PodMonitor's port");
+    assert_eq!(exporter.image.as_deref(), Some(MANAGER_IMAGE));
+    assert_eq!(
+        exporter.command.as_deref().unwrap(),
+        ["/usr/local/bin/pg-instance", "pooler-exporter"]
+    );
 
     // A sharded cluster also gets a PodMonitor of its pg-router pods.
     let mut sharded = spec(1, "postgres:18");

@@ -1,5 +1,6 @@
 //! Pure builders of what a Pooler owns: pgbouncer.ini, the ConfigMap that carries it, the
-//! PgBouncer Deployment (with its reload supervisor), the Service, and the auth Secret.
+//! PgBouncer Deployment (with its reload supervisor and its metrics exporter), the Service, and
+//! the auth Secret.
 
 use std::collections::BTreeMap;
 
@@ -8,9 +9,11 @@ use api::pooler::{PoolMode, Pooler, PoolerType};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
-    SecretVolumeSource, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -29,6 +32,10 @@ pub const AUTH_USER: &str = contract::POOLER_AUTH_USER;
 pub const CONFIG_KEY: &str = "pgbouncer.ini";
 /// Key of the auth file (the auth user's line only) in the auth Secret.
 pub const AUTH_FILE_KEY: &str = "userlist.txt";
+/// Key of the auth user's password in the auth Secret (the metrics exporter reads it).
+pub const PASSWORD_KEY: &str = "password";
+/// Name of the metrics exporter's container in the PgBouncer pods.
+pub const EXPORTER_CONTAINER: &str = "metrics-exporter";
 /// Where the ConfigMap is mounted.
 pub const CONFIG_MOUNT_PATH: &str = "/etc/pgbouncer/config";
 /// Where the auth Secret is mounted.
@@ -274,7 +281,7 @@ pub fn auth_secret_object(pooler: &Pooler, password: &str) -> Secret {
         type_: Some("kubernetes.io/basic-auth".to_string()),
         string_data: Some(BTreeMap::from([
             ("username".to_string(), AUTH_USER.to_string()),
-            ("password".to_string(), password.to_string()),
+            (PASSWORD_KEY.to_string(), password.to_string()),
             (AUTH_FILE_KEY.to_string(), auth_file_line(password)),
         ])),
         ..Secret::default()
@@ -320,8 +327,77 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
-/// The PgBouncer Deployment: restricted pod security, non-root, read-only root filesystem.
-pub fn deployment(pooler: &Pooler, image: &str, config_hash: &str) -> Deployment {
+/// The metrics exporter beside PgBouncer: `pg-instance pooler-exporter` from the instance
+/// manager's image (the PgBouncer image has only a shell and PgBouncer), logged in to the admin
+/// console on loopback as the auth user with the mounted Secret's password, serving
+/// pgbouncer_exporter's metrics on the `metrics` port that the Pooler's PodMonitor scrapes. Its
+/// probes ask `/healthz`, which answers while PgBouncer is down (`pgbouncer_up` reports that), so
+/// it never takes the pod out of the Service by itself.
+pub fn exporter_container(image: &str) -> Container {
+    let http_probe = |period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/healthz".to_string()),
+            port: IntOrString::String(crate::monitoring::METRICS_PORT.to_string()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    let quantities = |cpu: &str, memory: &str| {
+        BTreeMap::from([
+            ("cpu".to_string(), Quantity(cpu.to_string())),
+            ("memory".to_string(), Quantity(memory.to_string())),
+        ])
+    };
+    Container {
+        name: EXPORTER_CONTAINER.to_string(),
+        image: Some(image.to_string()),
+        image_pull_policy: Some("IfNotPresent".to_string()),
+        command: Some(vec![
+            "/usr/local/bin/pg-instance".to_string(),
+            "pooler-exporter".to_string(),
+        ]),
+        args: Some(vec![
+            "--listen".to_string(),
+            format!("0.0.0.0:{}", contract::POOLER_METRICS_PORT),
+            "--pgbouncer-host".to_string(),
+            "127.0.0.1".to_string(),
+            "--pgbouncer-port".to_string(),
+            PGBOUNCER_PORT.to_string(),
+            "--user".to_string(),
+            AUTH_USER.to_string(),
+            "--password-file".to_string(),
+            format!("{AUTH_MOUNT_PATH}/{PASSWORD_KEY}"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some(crate::monitoring::METRICS_PORT.to_string()),
+            container_port: i32::from(contract::POOLER_METRICS_PORT),
+            protocol: Some("TCP".to_string()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(http_probe(10)),
+        liveness_probe: Some(http_probe(20)),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities("10m", "16Mi")),
+            limits: Some(quantities("100m", "64Mi")),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(vec![mount("auth", AUTH_MOUNT_PATH)]),
+        ..Container::default()
+    }
+}
+
+/// The PgBouncer Deployment: restricted pod security, non-root, read-only root filesystem;
+/// PgBouncer from `image`, its metrics exporter from `exporter_image` (the instance manager's).
+pub fn deployment(
+    pooler: &Pooler,
+    image: &str,
+    exporter_image: &str,
+    config_hash: &str,
+) -> Deployment {
     let tcp_probe = |period: i32| Probe {
         tcp_socket: Some(TCPSocketAction {
             port: IntOrString::Int(i32::from(PGBOUNCER_PORT)),
@@ -384,13 +460,16 @@ pub fn deployment(pooler: &Pooler, image: &str, config_hash: &str) -> Deployment
                         run_as_non_root: Some(true),
                         run_as_user: Some(PGBOUNCER_UID),
                         run_as_group: Some(PGBOUNCER_UID),
+                        // The auth Secret's files (mode 0440) belong to this group, so that
+                        // PgBouncer and the exporter, both non-root, can read them.
+                        fs_group: Some(PGBOUNCER_UID),
                         seccomp_profile: Some(SeccompProfile {
                             type_: "RuntimeDefault".to_string(),
                             localhost_profile: None,
                         }),
                         ..PodSecurityContext::default()
                     }),
-                    containers: vec![container],
+                    containers: vec![container, exporter_container(exporter_image)],
                     volumes: Some(vec![
                         Volume {
                             name: "config".to_string(),
@@ -535,7 +614,7 @@ mod tests {
     #[test]
     fn deployment_is_restricted_non_root_and_not_selected_as_an_instance() {
         let pooler = pooler();
-        let deployment = deployment(&pooler, DEFAULT_IMAGE, "abc");
+        let deployment = deployment(&pooler, DEFAULT_IMAGE, "manager:1", "abc");
         let spec = deployment.spec.unwrap();
         assert_eq!(spec.replicas, Some(2));
         let template = spec.template;
@@ -552,6 +631,68 @@ mod tests {
         assert_eq!(
             deployment.metadata.owner_references.unwrap()[0].controller,
             Some(true)
+        );
+    }
+
+    #[test]
+    fn the_exporter_runs_beside_pgbouncer_on_the_metrics_port_the_pod_monitor_scrapes() {
+        let pooler = pooler();
+        let pod = deployment(&pooler, DEFAULT_IMAGE, "manager:1", "abc")
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(pod.containers.len(), 2);
+        let exporter = pod
+            .containers
+            .iter()
+            .find(|container| container.name == EXPORTER_CONTAINER)
+            .unwrap();
+        assert_eq!(exporter.image.as_deref(), Some("manager:1"));
+        assert_eq!(
+            exporter.command.as_deref().unwrap(),
+            ["/usr/local/bin/pg-instance", "pooler-exporter"]
+        );
+        let args = exporter.args.clone().unwrap().join(" ");
+        assert!(args.contains("--pgbouncer-port 5432"), "{args}");
+        assert!(
+            args.contains("--password-file /etc/pgbouncer/auth/password"),
+            "{args}"
+        );
+        assert!(args.contains("--user pgbouncer_auth"), "{args}");
+        // The port the PodMonitor names, on pgbouncer_exporter's number.
+        let port = &exporter.ports.as_ref().unwrap()[0];
+        assert_eq!(port.name.as_deref(), Some(crate::monitoring::METRICS_PORT));
+        assert_eq!(port.container_port, 9127);
+        let monitor = crate::monitoring::pooler::pod_monitor(&pooler, "db");
+        assert_eq!(
+            monitor["spec"]["podMetricsEndpoints"][0]["port"],
+            port.name.clone().unwrap()
+        );
+        // Probed on /healthz (never on PgBouncer), restricted, small, and the password readable.
+        let readiness = exporter.readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            readiness.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/healthz")
+        );
+        let security = exporter.security_context.clone().unwrap();
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        let limits = exporter.resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits["memory"].0, "64Mi");
+        assert_eq!(
+            exporter.volume_mounts.as_ref().unwrap()[0].mount_path,
+            AUTH_MOUNT_PATH
+        );
+        assert_eq!(pod.security_context.unwrap().fs_group, Some(PGBOUNCER_UID));
+        assert!(auth_secret_object(&pooler, "pw").string_data.unwrap()[PASSWORD_KEY] == "pw");
+        // The admin console the instance managers PAUSE through is still PgBouncer's port.
+        let pgbouncer = &pod.containers[0];
+        assert_eq!(pgbouncer.name, "pgbouncer");
+        assert_eq!(
+            pgbouncer.ports.as_ref().unwrap()[0].name.as_deref(),
+            Some(contract::PORT_NAME_PGBOUNCER)
         );
     }
 

@@ -89,7 +89,12 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
     let ini = builders::pgbouncer_ini(pooler, &Target::for_pooler(pooler));
     let hash = builders::config_hash(&ini);
     let config_map = builders::config_map(pooler, &ini);
-    let deployment = builders::deployment(pooler, builders::DEFAULT_IMAGE, &hash);
+    let deployment = builders::deployment(
+        pooler,
+        builders::DEFAULT_IMAGE,
+        &ctx.settings.instance_manager_image,
+        &hash,
+    );
     let service = builders::service(pooler);
 
     // Apply.
