@@ -1,8 +1,9 @@
 //! End to end, what users and their applications touch, under the real controllers and the
 //! node agent with the operator installed by helm (see `common`): a declarative database and
 //! user applied by the primary's instance manager, whose generated Secret works with the real
-//! psql through the `-rw` Service; and the `kubectl pg` plugin (status, switchover) against the
-//! same stack. Scenarios run in parallel in their own namespaces.
+//! psql through the `-rw` Service, and a Pooler of that cluster whose PgBouncer pod serves
+//! PgBouncer's metrics from its second container; and the `kubectl pg` plugin (status,
+//! switchover) against the same stack. Scenarios run in parallel in their own namespaces.
 //!
 //! Needs the workspace's `postgres-operator`, `pg-instance` and `kubectl-pg` binaries next to
 //! this test's target folder (`cargo build -p controllers -p instance -p kubectl-pg`; `cargo
@@ -14,6 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{calm_failover, create_cluster, eventually, secret_value, stack, workspace_binary};
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 use testbed::paths;
 
@@ -89,6 +91,61 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
     assert_eq!(
         host,
         format!("{}.{namespace}.svc", api::contract::rw_service("app"))
+    );
+
+    // A Pooler of the cluster: its PgBouncer pod runs the metrics exporter (the instance
+    // manager's image) beside PgBouncer, both ready, and the exporter reads PgBouncer's admin
+    // console on the pod's `metrics` port, as the Pooler's PodMonitor would scrape it.
+    let pooler = json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "Pooler",
+                        "metadata": {"name": "app-pool", "namespace": namespace},
+                        "spec": {"cluster": {"name": "app"}, "type": "rw", "instances": 1}});
+    testbed::manifests::apply(&client, &pooler, namespace).await?;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
+    let selector = format!("{}=app-pool", api::contract::LABEL_POOLER);
+    let metrics = eventually(
+        "the Pooler pod's exporter serves pgbouncer_up 1",
+        Duration::from_secs(120),
+        || async {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await?;
+            let Some(pod) = list.items.first() else {
+                return Ok(Err("no Pooler pod yet".to_string()));
+            };
+            let status = pod.status.clone().unwrap_or_default();
+            let ready: Vec<String> = status
+                .container_statuses
+                .unwrap_or_default()
+                .iter()
+                .filter(|container| container.ready)
+                .map(|container| container.name.clone())
+                .collect();
+            if ready.len() < 2 {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let log = nodeagent::pod_log(&e2e.agent_dir(), namespace, &name, "pgbouncer");
+                return Ok(Err(format!(
+                    "ready containers: {ready:?}; pgbouncer's log:\n{}",
+                    common::tail(&log, 20)
+                )));
+            }
+            let Some(ip) = status.pod_ip.and_then(|ip| ip.parse().ok()) else {
+                return Ok(Err("no pod IP yet".to_string()));
+            };
+            let address = std::net::SocketAddr::new(ip, api::contract::POOLER_METRICS_PORT);
+            let (code, body) = testbed::pooler_exporter::get_at(address, "/metrics")?;
+            Ok(
+                match testbed::pooler_exporter::sample(&body, "pgbouncer_up", &[]) {
+                    Some(up) if code == 200 && up == 1.0 => Ok(body),
+                    _ => Err(format!("/metrics answered {code}: {body}")),
+                },
+            )
+        },
+    )
+    .await?;
+    assert!(
+        testbed::pooler_exporter::sample(&metrics, "pgbouncer_config_max_client_connections", &[])
+            .is_some_and(|value| value > 0.0),
+        "{metrics}"
     );
     Ok(())
 }

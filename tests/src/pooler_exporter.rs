@@ -101,7 +101,12 @@ impl PoolerExporter {
 
 /// GET `path` on 127.0.0.1:`port` (HTTP/1.0, one request per connection): status and body.
 pub fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// GET `path` on `address` (a pod's IP and port, for example): status and body.
+pub fn get_at(address: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut response = String::new();

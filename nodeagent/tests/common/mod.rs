@@ -110,6 +110,8 @@ pub fn stack() -> anyhow::Result<E2e> {
                 .parent()
                 .map(PathBuf::from)
                 .unwrap_or_default();
+            // The Pooler image (PgBouncer) is in the table only once it is installed.
+            testbed::pgbouncer::install()?;
             let mut images = ImageTable::project(&binaries, &pg_install)?;
             let barman = testbed::object_store::barman_bin()?;
             images.add_barman_cloud(barman.parent().unwrap_or(&barman))?;
