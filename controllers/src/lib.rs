@@ -10,3 +10,4 @@ pub mod operator;
 pub mod pooler;
 pub mod postgres_cluster;
 pub mod scheduled_backup;
+pub mod tls;
