@@ -125,6 +125,7 @@ pub async fn run(config: Config) -> Result<()> {
         not_streaming_since: None,
         rewound_while_stuck: false,
         included_config: None,
+        tls_fingerprint: None,
         declarative_primary,
         backup,
         restarts_since_ready: 0,
@@ -275,6 +276,8 @@ struct Manager {
     rewound_while_stuck: bool,
     /// Contents of the included configuration files (the operator's ConfigMap) last loaded.
     included_config: Option<Vec<Option<String>>>,
+    /// Contents of the mounted certificate Secrets last installed (TLS on).
+    tls_fingerprint: Option<Vec<Option<Vec<u8>>>>,
     /// Tells the declarative reconcilers whether this instance is a writable primary.
     declarative_primary: tokio::sync::watch::Sender<bool>,
     /// Backups (archiving, base backups, recovery), when configured.
@@ -302,6 +305,7 @@ impl Manager {
         }
         self.restart_on_request().await;
         self.reload_on_config_change();
+        self.reload_on_certificate_change();
         self.supervise().await;
         self.local = self.query_local().await;
         if self.local.is_some() {
@@ -555,6 +559,32 @@ impl Manager {
                     self.postgres.signal(Signal::SIGHUP);
                 }
                 self.included_config = Some(contents);
+            }
+        }
+    }
+
+    /// Installs renewed certificates and reloads PostgreSQL (SIGHUP), which loads them for new
+    /// connections without a restart; connections already open keep their session. The
+    /// kubelet swaps a renewed Secret's files at once; a read in the middle of the swap shows as
+    /// one more change at the next tick and is installed again.
+    fn reload_on_certificate_change(&mut self) {
+        let Some(tls) = self.postgres.tls() else {
+            return;
+        };
+        let fingerprint = tls.fingerprint();
+        match &self.tls_fingerprint {
+            None => self.tls_fingerprint = Some(fingerprint),
+            Some(installed) if *installed == fingerprint => {}
+            Some(_) => {
+                if let Err(error) = self.postgres.install_tls() {
+                    warn!(%error, "renewed certificates could not be installed; retrying");
+                    return;
+                }
+                if self.postgres.pid().is_some() {
+                    info!("certificates renewed: reloading PostgreSQL");
+                    self.postgres.signal(Signal::SIGHUP);
+                }
+                self.tls_fingerprint = Some(fingerprint);
             }
         }
     }

@@ -116,16 +116,46 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-async fn connect(port: u16, password: &str) -> anyhow::Result<tokio_postgres::Client> {
+/// How the test logs in: the superuser's password, and TLS verified against the cluster's CA
+/// Secret and its `-rw` Service name (TLS is on by default; non-TLS clients are refused).
+#[derive(Clone)]
+struct Login {
+    password: String,
+    tls: testbed::pg_tls::VerifyFull,
+}
+
+async fn login(client: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<Login> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    let text = |secret: &Secret, key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    let superuser = secrets
+        .get(&api::contract::superuser_secret(cluster))
+        .await?;
+    let ca = secrets.get(&api::contract::tls_ca_secret(cluster)).await?;
+    let server_name = format!("{}.{namespace}.svc", api::contract::rw_service(cluster));
+    Ok(Login {
+        password: text(&superuser, "password"),
+        tls: testbed::pg_tls::VerifyFull::new(&text(&ca, "ca.crt"), &server_name)?,
+    })
+}
+
+async fn connect(port: u16, login: &Login) -> anyhow::Result<tokio_postgres::Client> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
         .port(port)
         .user("postgres")
-        .password(password)
+        .password(&login.password)
         .dbname("postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_secs(3));
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, connection) = config.connect(login.tls.clone()).await?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -159,7 +189,8 @@ fn stack() -> anyhow::Result<(&'static ControlPlane, &'static Mutex<Option<Stack
                 dir.path(),
                 std::os::unix::fs::PermissionsExt::from_mode(0o755),
             )?;
-            let pg_install = paths::pg_bin()
+            // PostgreSQL built with OpenSSL: clusters have TLS by default.
+            let pg_install = paths::pg_bin_tls()
                 .parent()
                 .map(PathBuf::from)
                 .unwrap_or_default();
@@ -220,7 +251,10 @@ fn service_port(
 
 /// Connects once the Service has a ready endpoint (its EndpointSlice follows the pod's Ready
 /// condition by a moment).
-async fn connect_when_served(port: u16, password: &str) -> anyhow::Result<tokio_postgres::Client> {
+async fn connect_when_served(
+    port: u16,
+    password: &Login,
+) -> anyhow::Result<tokio_postgres::Client> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(client) = connect(port, password).await
@@ -269,15 +303,7 @@ async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
     let ready_after = started.elapsed();
 
     // Through the Services, as a client would.
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
-        .get(&api::contract::superuser_secret("pg"))
-        .await?;
-    let password = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("password"))
-        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        .unwrap_or_default();
+    let password = login(&client, namespace, "pg").await?;
     let rw = service_port(stack, namespace, &api::contract::rw_service("pg"))?;
     let ro = service_port(stack, namespace, &api::contract::ro_service("pg"))?;
     let writer = connect_when_served(rw, &password).await?;
@@ -493,15 +519,7 @@ async fn scale_switchover_hibernate_and_resume_keep_the_data() -> anyhow::Result
     }
     let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), namespace);
     wait_healthy(&clusters, "sc", None, Duration::from_secs(150), &agent_dir).await?;
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
-        .get(&api::contract::superuser_secret("sc"))
-        .await?;
-    let password = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("password"))
-        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        .unwrap_or_default();
+    let password = login(&client, namespace, "sc").await?;
     let rw = service_port(stack, namespace, &api::contract::rw_service("sc"))?;
     connect_when_served(rw, &password)
         .await?

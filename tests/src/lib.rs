@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod manifests;
 pub mod object_store;
 pub mod paths;
+pub mod pg_tls;
 pub mod postgres;
 pub mod process;
 pub mod tcp_proxy;

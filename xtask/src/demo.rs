@@ -35,7 +35,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             agent_dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )?;
-        let pg_install = paths::pg_bin().parent().map(PathBuf::from).unwrap_or_default();
+        // PostgreSQL built with OpenSSL: the demo cluster has TLS (the default).
+        let pg_install = paths::pg_bin_tls().parent().map(PathBuf::from).unwrap_or_default();
         crate::step("starting the node agent (runs the scheduled pods as local processes)");
         let mut agent = NodeAgent::start(NodeAgentConfig {
             node_name: "demo-node".to_string(),
@@ -111,7 +112,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
 
         print_objects(&client, &api::all_crds()).await?;
         let passfile = write_pgpass(&client, &plane.dir().join("pgpass")).await?;
-        let psql = paths::pg_bin().join("psql");
+        // psql with OpenSSL: the cluster refuses clients without TLS.
+        let psql = paths::pg_bin_tls().join("psql");
         println!("\nServices (a local port each, forwarding to ready endpoints as kube-proxy would):");
         for ((namespace, service, port), local) in agent.service_ports() {
             if namespace != NAMESPACE || port != api::contract::POSTGRES_PORT {

@@ -10,6 +10,7 @@ mod operator_install;
 mod release;
 mod sbom;
 mod setup;
+mod setup_pg_tls;
 mod signing;
 
 use clap::{Parser, Subcommand};
