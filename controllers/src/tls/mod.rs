@@ -8,6 +8,7 @@
 pub mod cert_manager;
 pub mod certificates;
 pub mod pod;
+pub mod pooler;
 
 use std::time::Duration;
 
