@@ -572,21 +572,20 @@ impl Manager {
             return;
         };
         let fingerprint = tls.fingerprint();
-        match &self.tls_fingerprint {
-            None => self.tls_fingerprint = Some(fingerprint),
-            Some(installed) if *installed == fingerprint => {}
-            Some(_) => {
-                if let Err(error) = self.postgres.install_tls() {
-                    warn!(%error, "renewed certificates could not be installed; retrying");
-                    return;
-                }
-                if self.postgres.pid().is_some() {
-                    info!("certificates renewed: reloading PostgreSQL");
-                    self.postgres.signal(Signal::SIGHUP);
-                }
-                self.tls_fingerprint = Some(fingerprint);
-            }
+        if self.tls_fingerprint.as_ref() == Some(&fingerprint) {
+            return;
         }
+        // Also at the first look (a renewal may have come between the first configuration and
+        // now): one reload at start-up is harmless.
+        if let Err(error) = self.postgres.install_tls() {
+            warn!(%error, "renewed certificates could not be installed; retrying");
+            return;
+        }
+        if self.postgres.pid().is_some() {
+            info!("certificates installed: reloading PostgreSQL");
+            self.postgres.signal(Signal::SIGHUP);
+        }
+        self.tls_fingerprint = Some(fingerprint);
     }
 
     fn member(&self, name: &str) -> Option<&Member> {

@@ -18,7 +18,7 @@ pub fn server_tls_lines(cluster: &PostgresCluster) -> String {
         return String::new();
     }
     format!(
-        "server_tls_sslmode = verify-full\nserver_tls_ca_file = {CA_MOUNT_PATH}/{}\nserver_tls_protocols = tlsv1.2,tlsv1.3\n",
+        "server_tls_sslmode = verify-full\nserver_tls_ca_file = {CA_MOUNT_PATH}/{}\nserver_tls_protocols = secure\n",
         tls_keys::CA
     )
 }
