@@ -197,3 +197,24 @@ pub mod tls_keys {
     /// The CA's private key (PEM), in the operator's private CA Secret only.
     pub const CA_KEY: &str = "ca.key";
 }
+
+/// Secret (per cluster) with the credentials of [`POOLER_AUTH_USER`]: the operator creates it
+/// for the first Pooler of the cluster (keys `username`, `password`, `userlist.txt`); the
+/// primary's instance manager creates the role with that password.
+pub fn pooler_auth_secret(cluster: &str) -> String {
+    format!("{cluster}-pooler-auth")
+}
+
+/// Role PgBouncer logs in as to run its `auth_query` (SCRAM, login, never a superuser).
+pub const POOLER_AUTH_USER: &str = "pgbouncer_auth";
+/// Schema of [`POOLER_AUTH_FUNCTION`].
+pub const POOLER_AUTH_SCHEMA: &str = "public";
+/// Name of the `SECURITY DEFINER` function PgBouncer's `auth_query` calls with the client's user
+/// name; only [`POOLER_AUTH_USER`] may execute it. It exists in every database that allows
+/// connections (PgBouncer 1.18 runs `auth_query` in the client's database).
+pub const POOLER_AUTH_FUNCTION: &str = "pgbouncer_user_lookup";
+/// Label with the Pooler name on its objects and PgBouncer pods: the instance managers find the
+/// pods of their cluster's Poolers by it, to PAUSE and RESUME them around a primary change.
+pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
+/// Name of the container port of PgBouncer on Pooler pods (its admin console is on it too).
+pub const PORT_NAME_PGBOUNCER: &str = "pgbouncer";

@@ -77,6 +77,14 @@ pub struct PgBouncerSpec {
     #[serde(default = "default_max_client_conn")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_client_conn: i32,
+    /// Longest time, in seconds, PgBouncer holds clients around a switchover: the primary's
+    /// instance manager PAUSEs every Pooler of the cluster before it stops, and RESUMEs them
+    /// once the new primary is writable through the cluster's rw Service, or after this long
+    /// (then clients see the errors instead of waiting longer). Also the longest wait for the
+    /// PAUSE itself (in-flight transactions finishing) before the switchover goes on.
+    #[serde(default = "default_pause_timeout_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub pause_timeout_seconds: i32,
     /// Other pgbouncer.ini settings of the [pgbouncer] section.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
@@ -89,6 +97,7 @@ impl Default for PgBouncerSpec {
             pool_mode: PoolMode::default(),
             default_pool_size: default_pool_size(),
             max_client_conn: default_max_client_conn(),
+            pause_timeout_seconds: default_pause_timeout_seconds(),
             parameters: BTreeMap::new(),
         }
     }
@@ -100,6 +109,10 @@ fn default_pool_size() -> i32 {
 
 fn default_max_client_conn() -> i32 {
     1000
+}
+
+fn default_pause_timeout_seconds() -> i32 {
+    30
 }
 
 /// PgBouncer pool mode.

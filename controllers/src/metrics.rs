@@ -1,6 +1,7 @@
-//! Prometheus metrics of the operator: reconcile counts, durations and errors, and leadership.
+//! Prometheus metrics of the operator: reconcile counts, durations and errors, leadership, and
+//! the time of each cluster's newest completed backup.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -26,6 +27,15 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// Labels of the per-cluster metrics (the ServiceMonitor keeps them: `honorLabels`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// Namespace of the PostgresCluster.
+    pub namespace: String,
+    /// Name of the PostgresCluster.
+    pub cluster: String,
+}
+
 type HistogramFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
 
 /// The operator's metrics and their registry.
@@ -35,6 +45,7 @@ pub struct Metrics {
     errors: Family<ControllerLabels, Counter>,
     durations: HistogramFamily,
     leader: Gauge<i64, AtomicI64>,
+    last_backup: Family<ClusterLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -61,6 +72,7 @@ impl Metrics {
         let errors = Family::<ControllerLabels, Counter>::default();
         let durations: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let leader = Gauge::<i64, AtomicI64>::default();
+        let last_backup = Family::<ClusterLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "reconciles",
             "Reconciliations run, by controller and result",
@@ -81,12 +93,18 @@ impl Metrics {
             "1 while this replica holds the leader Lease and runs the controllers",
             leader.clone(),
         );
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "Unix time of the newest completed BackupJob of each cluster, read from the BackupJobs' status (so it survives restarts of the operator and of the instances); the PostgresBackupTooOld alert reads it",
+            last_backup.clone(),
+        );
         Self {
             registry,
             reconciles,
             errors,
             durations,
             leader,
+            last_backup,
         }
     }
 
@@ -112,6 +130,18 @@ impl Metrics {
     /// Sets the leader gauge.
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
+    }
+
+    /// Records a completed backup of `namespace/cluster` finished at `unix_seconds` (kept when
+    /// newer than the one recorded).
+    pub fn observe_backup_completed(&self, namespace: &str, cluster: &str, unix_seconds: f64) {
+        let gauge = self.last_backup.get_or_create(&ClusterLabels {
+            namespace: namespace.to_string(),
+            cluster: cluster.to_string(),
+        });
+        if unix_seconds > gauge.get() {
+            gauge.set(unix_seconds);
+        }
     }
 
     /// The metrics in the Prometheus text format.
@@ -144,5 +174,17 @@ mod tests {
             "postgres_operator_reconcile_duration_seconds_count{controller=\"postgrescluster\"} 2"
         ));
         assert!(text.contains("postgres_operator_leader 1"));
+    }
+
+    #[test]
+    fn the_newest_backup_of_each_cluster_is_exported() {
+        let metrics = Metrics::new();
+        metrics.observe_backup_completed("prod", "db", 2000.0);
+        metrics.observe_backup_completed("prod", "db", 1000.0);
+        let text = metrics.encode();
+        assert!(
+            text.contains("postgres_operator_backup_last_success_timestamp_seconds{namespace=\"prod\",cluster=\"db\"} 2000.0"),
+            "{text}"
+        );
     }
 }

@@ -123,6 +123,37 @@ fn cases() -> Vec<Case> {
             )],
         },
         Case {
+            alert: "PostgresBackupTooOld",
+            // The instances restarted (their own figure is 0 again), but the operator exports
+            // the newest BackupJob's time: no alert; and one when that time is old.
+            eval_minutes: 3 * 24 * 60,
+            firing: &[
+                (
+                    "postgres_operator_backup_last_success_timestamp_seconds",
+                    &[("job", "postgres-operator")],
+                    "0x4400",
+                ),
+                (
+                    "pg_instance_backup_last_success_timestamp_seconds",
+                    &[DB0],
+                    "0x4400",
+                ),
+            ],
+            labels: &[],
+            quiet: &[
+                (
+                    "postgres_operator_backup_last_success_timestamp_seconds",
+                    &[("job", "postgres-operator")],
+                    "0+60x4400",
+                ),
+                (
+                    "pg_instance_backup_last_success_timestamp_seconds",
+                    &[DB0],
+                    "0x4400",
+                ),
+            ],
+        },
+        Case {
             alert: "PostgresDiskNearlyFull",
             eval_minutes: 40,
             firing: &[(

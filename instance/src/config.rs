@@ -66,6 +66,10 @@ pub struct Config {
     /// Largest time a switchover may take before it is abandoned, in seconds.
     #[arg(long, env = "SWITCHOVER_TIMEOUT_SECONDS", default_value_t = 60)]
     pub switchover_timeout_seconds: u64,
+    /// `host:port` of the cluster's rw Service, which the Poolers point at: after a switchover
+    /// they are resumed once it answers writable. Default `<cluster>-rw.<namespace>.svc:5432`.
+    #[arg(long, env = "RW_SERVICE_ADDRESS")]
+    pub rw_service_address: Option<String>,
     /// Application database (`bootstrap.initdb.database`); defaults to the application Secret's
     /// `dbname`, then to its user name.
     #[arg(long, env = "APP_DATABASE")]
@@ -149,6 +153,18 @@ impl Config {
             first: self.synchronous_method == "first",
             preferred: self.synchronous_durability == "preferred",
         }
+    }
+
+    /// `host:port` of the cluster's rw Service.
+    pub fn rw_service_address(&self) -> String {
+        self.rw_service_address.clone().unwrap_or_else(|| {
+            format!(
+                "{}.{}.svc:{}",
+                api::contract::rw_service(&self.cluster),
+                self.namespace,
+                api::contract::POSTGRES_PORT
+            )
+        })
     }
 
     /// Control loop period.

@@ -12,6 +12,7 @@
 //! - [`backup`]: WAL archiving, base backups, restore and point-in-time recovery.
 //! - [`database_metrics`]: figures read from PostgreSQL at scrape time (built-in and user queries).
 //! - [`tls`]: PostgreSQL's TLS from the mounted certificate Secrets (settings, pg_hba, renewal).
+//! - [`pooler`]: the Poolers' auth role and function, PAUSE/RESUME around a switchover.
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
 //!
 //! # How instances find each other
@@ -46,6 +47,7 @@ pub mod http;
 pub mod lease;
 pub mod manager;
 pub mod metrics;
+pub mod pooler;
 pub mod postgres;
 pub mod quote;
 pub mod status;

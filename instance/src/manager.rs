@@ -58,6 +58,29 @@ pub async fn run(config: Config) -> Result<()> {
     // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
     let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
     let declarative_client = kube_client(&config, Duration::from_secs(60)).await?;
+    let poolers = crate::pooler::pause::Poolers::new(
+        declarative_client.clone(),
+        &config.namespace,
+        &config.cluster,
+        &config.rw_service_address(),
+        config
+            .tls_dir
+            .as_ref()
+            .map(|dir| crate::pooler::pause::RwTls {
+                ca_file: dir.join("server").join(api::contract::tls_keys::CA),
+                server_name: format!(
+                    "{}.{}.svc",
+                    api::contract::rw_service(&config.cluster),
+                    config.namespace
+                ),
+            }),
+    );
+    crate::pooler::spawn_auth(
+        declarative_client.clone(),
+        &config,
+        &superuser.username,
+        primary_watch.clone(),
+    );
     crate::declarative::spawn(
         declarative_client,
         &config,
@@ -132,6 +155,7 @@ pub async fn run(config: Config) -> Result<()> {
         postgres_down_since: None,
         fenced_at: None,
         followed: None,
+        poolers,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -290,6 +314,8 @@ struct Manager {
     fenced_at: Option<Instant>,
     /// Address of the primary written in `primary_conninfo` (replica).
     followed: Option<Upstream>,
+    /// The cluster's Poolers, paused around a switchover and resumed on the new primary.
+    poolers: crate::pooler::pause::Poolers,
 }
 
 impl Manager {
@@ -1150,24 +1176,53 @@ impl Manager {
             .map_err(Error::postgres("checking recovery before promotion"))?
             .get(0);
         // An earlier attempt may have promoted it already (pg_promote timed out, or we restarted).
-        let promoted: bool = !in_recovery
-            || client
-                .query_one("SELECT pg_promote(true, 8)", &[])
-                .await
-                .map_err(Error::postgres("pg_promote"))?
-                .get(0);
+        let promoted = !in_recovery || self.wait_for_promotion(&client).await?;
         if !promoted {
             return Err(Error::Invalid(
                 "pg_promote did not complete within 8 s; retrying".into(),
             ));
         }
         info!("promoted: this instance is the primary");
+        // Poolers a former primary paused (or that still hold server connections to a dead one)
+        // are re-pointed and resumed once the rw Service reaches this writable primary.
+        self.poolers.resume_all_when_writable();
         self.role = Role::Primary;
         self.watchdog.guard(self.postgres.pid());
         self.roles_ensured = false;
         self.last_join.get_or_insert_with(|| "promote".into());
         let _ = self.reconcile_primary().await;
         Ok(())
+    }
+
+    /// Signals promotion and waits up to 8 s for PostgreSQL to leave recovery, renewing the Lease
+    /// meanwhile. The end of recovery can outlast a Lease (restore_command fetching the last WAL
+    /// and the timeline history from a slow store): a Lease left to lapse here made the watchdog
+    /// stop the new primary right after its promotion.
+    async fn wait_for_promotion(&mut self, client: &tokio_postgres::Client) -> Result<bool> {
+        client
+            .batch_execute("SELECT pg_promote(false)")
+            .await
+            .map_err(Error::postgres("pg_promote"))?;
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let mut renewed = Instant::now();
+        loop {
+            let in_recovery: bool = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(Error::postgres("waiting for the end of recovery"))?
+                .get(0);
+            if !in_recovery {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            if renewed.elapsed() >= Duration::from_secs(1) {
+                self.acquire().await?;
+                renewed = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn switchover(&mut self, target: String) -> Result<()> {
@@ -1202,6 +1257,20 @@ impl Manager {
             return Ok(());
         }
         self.switchover_since = None;
+        // Clients of the Poolers wait in PgBouncer instead of failing: paused before the stop,
+        // resumed once the rw Service reaches a writable primary again (this one, if the
+        // hand-over fails), or when the pause timeout runs out.
+        let paused = self.poolers.pause().await;
+        let result = self.hand_over(target, client).await;
+        if let Some(paused) = paused {
+            self.poolers.resume_when_writable(paused);
+        }
+        result
+    }
+
+    /// The second half of a switchover: checkpoint, stop, write the standby configuration,
+    /// hand the Lease to `target`, start as its replica.
+    async fn hand_over(&mut self, target: String, client: tokio_postgres::Client) -> Result<()> {
         info!(%target, "switchover: checkpoint, then stop and hand over the Lease");
         client
             .batch_execute("CHECKPOINT")
@@ -1386,21 +1455,31 @@ impl Manager {
             roles.push((app, "LOGIN"));
         }
         for (user, attributes) in roles {
-            let exists = client
+            let stored: Option<Option<String>> = client
                 .query_opt(
-                    "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
                     &[&user.username],
                 )
                 .await
                 .map_err(Error::postgres("looking up a role"))?
-                .is_some();
-            let verb = if exists { "ALTER" } else { "CREATE" };
+                .map(|row| row.get(0));
+            let verb = if stored.is_some() { "ALTER" } else { "CREATE" };
+            // A right verifier is kept: a new one (new salt) for the same password would fail
+            // the server logins PgBouncer makes with the SCRAM keys of its connected clients.
+            let password = match stored.flatten() {
+                Some(stored) if crate::declarative::scram::matches(&stored, &user.password) => {
+                    String::new()
+                }
+                // A verifier, never the cleartext (see declarative::scram).
+                _ => format!(
+                    " PASSWORD {}",
+                    quote::literal(&crate::declarative::scram::verifier(&user.password))
+                ),
+            };
             client
                 .batch_execute(&format!(
-                    "{verb} ROLE {} WITH {attributes} PASSWORD {}",
+                    "{verb} ROLE {} WITH {attributes}{password}",
                     quote::identifier(&user.username),
-                    // A verifier, never the cleartext (see declarative::scram).
-                    quote::literal(&crate::declarative::scram::verifier(&user.password))
                 ))
                 .await
                 .map_err(Error::postgres(format!("{verb} ROLE {}", user.username)))?;

@@ -499,13 +499,26 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
     store.restore();
     switch_and_wait_archived(&cluster, primary).await.unwrap();
 
-    // Failover: the new primary archives its new timeline with no manual step.
+    // Failover with a slow store: the end of recovery (restore_command fetching the last WAL and
+    // the timeline history) outlasts a Lease; the new primary renews its Lease meanwhile and is
+    // not stopped by its own watchdog once promoted. Then it archives its new timeline.
     let old = cluster.instances[primary].name.clone();
+    store.slow_down(Duration::from_secs(2));
     cluster.kill_instance(primary);
     let new_primary = cluster
-        .wait_for_new_primary(&old, Duration::from_secs(60))
+        .wait_for_new_primary(&old, Duration::from_secs(90))
         .await
         .unwrap();
+    store.slow_down(Duration::ZERO);
+    for _ in 0..6 {
+        let client = cluster.connect(new_primary).await;
+        assert!(
+            client.is_ok(),
+            "the new primary went down after its promotion: {client:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let client = cluster.connect(new_primary).await.unwrap();
     insert(&client, 21, 30).await;
     switch_and_wait_archived(&cluster, new_primary)

@@ -65,6 +65,26 @@ impl ImageTable {
                 entrypoint: Vec::new(),
             },
         );
+        // The Pooler image (Debian's PgBouncer, run by the pod's `sh` supervisor), when the test
+        // bed has it (`cargo xtask setup`).
+        if let Some(launcher) = testbed::pgbouncer::image_launcher()? {
+            table.add(
+                "pgbouncer",
+                LocalImage {
+                    files: vec![
+                        (
+                            crate::outside_tmp(&testbed::pgbouncer::install_dir())?,
+                            testbed::pgbouncer::IMAGE_DIR.to_string(),
+                        ),
+                        (
+                            crate::outside_tmp(&launcher)?,
+                            "/usr/local/bin/pgbouncer".to_string(),
+                        ),
+                    ],
+                    entrypoint: vec!["/usr/local/bin/pgbouncer".to_string()],
+                },
+            );
+        }
         table.add(
             "pg-router",
             LocalImage {
@@ -73,6 +93,40 @@ impl ImageTable {
             },
         );
         Ok(table)
+    }
+
+    /// barman-cloud, the backup engine, in the `pg-instance` image: one launcher per
+    /// `barman-cloud-*` command at `/usr/local/bin` (where `pg-instance --barman-bin` looks by
+    /// default), running barman from the install at `barman_root` (with `lib/`, as
+    /// `testbed::object_store` installs it). The launchers are written anew, outside /tmp, since
+    /// those of the install name its folder, which a pod's own /tmp may hide.
+    pub fn add_barman_cloud(&mut self, barman_root: &std::path::Path) -> anyhow::Result<()> {
+        let lib = crate::outside_tmp(&barman_root.join("lib"))?;
+        let launchers = crate::work_dir()?
+            .join(format!("images-{}", std::process::id()))
+            .join("barman-cloud-bin");
+        std::fs::create_dir_all(&launchers)?;
+        let mut files = Vec::new();
+        for (command, module) in testbed::object_store::BARMAN_COMMANDS {
+            let path = launchers.join(command);
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\nPYTHONPATH='{}' exec python3 -m {module} \"$@\"\n",
+                    lib.display()
+                ),
+            )?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+            files.push((path, format!("/usr/local/bin/{command}")));
+        }
+        let image = self
+            .images
+            .iter_mut()
+            .find(|(known, _)| known == "pg-instance")
+            .map(|(_, image)| image)
+            .ok_or_else(|| anyhow::anyhow!("the image table has no pg-instance image"))?;
+        image.files.extend(files);
+        Ok(())
     }
 
     /// Adds (or replaces) an image: `name` matches the last path segment of the repository.

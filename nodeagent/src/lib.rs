@@ -50,6 +50,7 @@ pub struct NodeAgent {
     thread: Option<std::thread::JoinHandle<()>>,
     node_name: String,
     services: Arc<ServiceTable>,
+    gateway: std::net::Ipv4Addr,
 }
 
 impl std::fmt::Debug for NodeAgent {
@@ -65,7 +66,7 @@ impl NodeAgent {
     /// is registered.
     pub fn start(config: NodeAgentConfig) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (sender, receiver) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (sender, receiver) = std::sync::mpsc::channel::<Result<std::net::Ipv4Addr, String>>();
         let node_name = config.node_name.clone();
         let flag = stop.clone();
         let services = Arc::new(ServiceTable::default());
@@ -87,7 +88,7 @@ impl NodeAgent {
                 runtime.block_on(async move {
                     let mut agent = match Agent::new(config, table).await {
                         Ok(agent) => {
-                            let _ = sender.send(Ok(()));
+                            let _ = sender.send(Ok(agent.network.gateway()));
                             agent
                         }
                         Err(error) => {
@@ -99,8 +100,9 @@ impl NodeAgent {
                 });
             })?;
         match receiver.recv() {
-            Ok(Ok(())) => Ok(Self {
+            Ok(Ok(gateway)) => Ok(Self {
                 stop,
+                gateway,
                 thread: Some(thread),
                 node_name,
                 services,
@@ -113,6 +115,12 @@ impl NodeAgent {
     /// Name of the Node.
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// The pod bridge's own address on the host: pods have no default route, so this is how
+    /// they reach a server on the host (a test's S3 store) when it listens there.
+    pub fn gateway(&self) -> std::net::Ipv4Addr {
+        self.gateway
     }
 
     /// The local port (on 127.0.0.1) that forwards to `namespace/service:port`, as kube-proxy

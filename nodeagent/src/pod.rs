@@ -401,11 +401,17 @@ impl PodRun {
 
     async fn probe(&mut self, containers: &[Container]) {
         let address = self.address();
+        let owner = self.owner;
         for (index, container) in containers.iter().enumerate() {
             let run = &mut self.containers[index];
-            if run.child.is_none() {
+            let Some(pid) = run.child.as_ref().map(Child::id) else {
                 continue;
-            }
+            };
+            let target = Target {
+                address,
+                pid,
+                owner,
+            };
             if run.next_probe.is_some_and(|at| Instant::now() < at) {
                 continue;
             }
@@ -413,7 +419,7 @@ impl PodRun {
                 match &container.startup_probe {
                     None => run.started = true,
                     Some(probe) => {
-                        if check(probe, address, container).await {
+                        if check(probe, &target, container).await {
                             run.started = true;
                         } else {
                             run.next_probe = Some(Instant::now() + period(probe));
@@ -426,7 +432,7 @@ impl PodRun {
             match &container.readiness_probe {
                 None => run.ready = true,
                 Some(probe) => {
-                    if check(probe, address, container).await {
+                    if check(probe, &target, container).await {
                         run.ready = true;
                         run.readiness_failures = 0;
                     } else {
@@ -441,7 +447,7 @@ impl PodRun {
                 }
             }
             if let Some(probe) = &container.liveness_probe {
-                if check(probe, address, container).await {
+                if check(probe, &target, container).await {
                     run.liveness_failures = 0;
                 } else {
                     run.liveness_failures += 1;
@@ -595,10 +601,23 @@ fn port_of(port: &IntOrString, container: &Container) -> Option<u16> {
     }
 }
 
-/// Runs one probe against the pod's address (httpGet: 2xx/3xx; tcpSocket: connects; exec:
-/// not run by this agent, counted as success).
-async fn check(probe: &Probe, address: IpAddr, container: &Container) -> bool {
+/// What a probe runs against: the pod's address (httpGet, tcpSocket) and the container's process
+/// (exec: the command runs in its network and mount namespaces, with its environment, as its
+/// user, as `kubectl exec` would).
+struct Target {
+    address: IpAddr,
+    pid: u32,
+    owner: (u32, u32),
+}
+
+/// Runs one probe (httpGet: 2xx/3xx; tcpSocket: connects; exec: exits 0, all within the probe's
+/// timeout).
+async fn check(probe: &Probe, target: &Target, container: &Container) -> bool {
     let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
+    let address = target.address;
+    if let Some(exec) = &probe.exec {
+        return run_exec(exec.command.as_deref().unwrap_or_default(), target, timeout).await;
+    }
     if let Some(get) = &probe.http_get {
         let Some(port) = port_of(&get.port, container) else {
             return false;
@@ -628,7 +647,49 @@ async fn check(probe: &Probe, address: IpAddr, container: &Container) -> bool {
             .await
             .is_ok_and(|r| r.is_ok());
     }
+    // A probe with no handler is refused by the API server; nothing to run.
     true
+}
+
+/// An exec probe: `command` inside the container (its namespaces, environment and user); true
+/// when it exits 0 before `timeout` (then it is killed and counts as a failure, as the kubelet
+/// does).
+async fn run_exec(command: &[String], target: &Target, timeout: Duration) -> bool {
+    if command.is_empty() {
+        return false;
+    }
+    // The container's own environment (what `kubectl exec` gives a command).
+    let environment = std::fs::read(format!("/proc/{}/environ", target.pid)).unwrap_or_default();
+    let (uid, gid) = target.owner;
+    let mut process = tokio::process::Command::new("nsenter");
+    process
+        .arg(format!("--target={}", target.pid))
+        .args(["--mount", "--net", "--wd=/", "--"])
+        .args([
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .args(command)
+        .env_clear()
+        .envs(environment.split(|b| *b == 0).filter_map(|entry| {
+            let text = std::str::from_utf8(entry).ok()?;
+            text.split_once('=')
+        }))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let Ok(mut child) = process.spawn() else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(timeout, child.wait()).await,
+        Ok(Ok(status)) if status.success()
+    )
 }
 
 /// Forwards connections accepted on `listener` (inside a pod) to `target` (on the host).

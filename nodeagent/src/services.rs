@@ -1,6 +1,7 @@
 //! What kube-proxy does, for clients on the host: a local port on 127.0.0.1 per Service port,
 //! forwarding each connection to a ready endpoint from the Service's EndpointSlices (written by
-//! the real EndpointSlice controller).
+//! the real EndpointSlice controller), taking the ready endpoints in turn so that connections
+//! spread over all of them.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -122,17 +123,25 @@ impl ServiceTable {
             let table = self.clone();
             let serving = key.clone();
             let task = tokio::spawn(async move {
+                let mut turn = 0usize;
                 while let Ok((mut inbound, _)) = listener.accept().await {
-                    let targets = table
+                    let mut targets = table
                         .endpoints
                         .lock()
                         .expect("lock")
                         .get(&serving)
                         .cloned()
                         .unwrap_or_default();
+                    // Each connection starts at the next endpoint (round robin).
+                    if !targets.is_empty() {
+                        let first = turn % targets.len();
+                        targets.rotate_left(first);
+                        turn = turn.wrapping_add(1);
+                    }
                     tokio::spawn(async move {
-                        // As kube-proxy: one ready endpoint per connection (the first that
-                        // answers); no endpoint closes the connection.
+                        // As kube-proxy: one ready endpoint per connection (the next one in
+                        // turn, or the one after when it refuses); no endpoint closes the
+                        // connection.
                         for target in targets {
                             if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                                 let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)

@@ -1,7 +1,8 @@
 //! The node agent runs what the real controllers create: a StatefulSet's pods (init container,
 //! env from a Secret and the downward API, ConfigMap and claim volumes, the service-account token
 //! reaching the API server in-cluster) become Ready in order, and a deleted pod comes back with
-//! its claim's data.
+//! its claim's data; exec probes run inside the container (its mount namespace, environment and
+//! user): a passing one makes the pod Ready, a failing liveness probe restarts the container.
 
 use std::time::{Duration, Instant};
 
@@ -186,5 +187,66 @@ async fn statefulset_pods_run_ready_in_order_and_keep_their_claims() -> anyhow::
         2,
         "the claim kept the first boot's line: {boots:?}"
     );
-    Ok(())
+
+    exec_probes_run_inside_the_container(&client, dir.path()).await
+}
+
+async fn exec_probes_run_inside_the_container(
+    client: &kube::Client,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let pod = |name: &str, container: serde_json::Value| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE},
+               "spec": {"terminationGracePeriodSeconds": 1, "containers": [container]}})
+    };
+    // Ready only once the container has written /tmp/ready in its own /tmp (which the host
+    // does not see) and when the probe sees the container's environment.
+    let probed = pod(
+        "probed",
+        json!({"name": "web", "image": "registry.example/python:3",
+               "command": ["sh", "-c", "sleep 2; touch /tmp/ready; exec python3 -m http.server 8080"],
+               "env": [{"name": "MARK", "value": "inside"}],
+               "readinessProbe": {"exec": {"command": ["sh", "-c", "test -e /tmp/ready && test \"$MARK\" = inside && test \"$(id -u)\" != 0"]},
+                                  "periodSeconds": 1, "timeoutSeconds": 5}}),
+    );
+    // Never Ready, and restarted by its failing liveness probe.
+    let failing = pod(
+        "failing",
+        json!({"name": "web", "image": "registry.example/python:3",
+               "args": ["-m", "http.server", "8080"],
+               "readinessProbe": {"exec": {"command": ["test", "-e", "/tmp/absent"]}, "periodSeconds": 1},
+               "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2}}),
+    );
+    for object in [probed, failing] {
+        testbed::manifests::apply(client, &object, NAMESPACE).await?;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_ready(&pods, "probed", None, dir).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pod = pods.get("failing").await?;
+        let status = pod.status.unwrap_or_default();
+        let ready = status
+            .conditions
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        assert!(
+            !ready,
+            "a pod whose exec readiness probe fails is never Ready"
+        );
+        let restarts = status
+            .container_statuses
+            .unwrap_or_default()
+            .first()
+            .map_or(0, |c| c.restart_count);
+        if restarts >= 1 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the container whose exec liveness probe fails was not restarted in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

@@ -1,7 +1,8 @@
 //! The router's error type and its mapping to a PostgreSQL ErrorResponse.
 
-use crate::backend::{BackendError, ServerError};
-use crate::planner::PlanError;
+use crate::backend::connection::BackendError;
+use crate::plan::PlanError;
+use crate::protocol::messages::ServerError;
 
 /// Anything that makes a statement fail.
 #[derive(Debug, thiserror::Error)]

@@ -1,29 +1,27 @@
 //! pg-router: a stateless PostgreSQL wire-protocol router over PostgreSQL 18 shards.
 //!
-//! Layers, each in its module: [`frontend`] (protocol v3 with clients, TLS, SCRAM) -> [`session`]
-//! (transactions, settings) -> [`planner`] (SQL to a [`planner::Plan`], pure) -> [`executor`]
-//! (backend connections from [`pool`], raw protocol in [`backend`]) -> [`merger`]
-//! (scatter-gather results). [`topology`] and [`vindex`] decide placement; [`twophase`] commits
-//! cross-shard transactions; [`server`] is the run loop; [`metrics`] the Prometheus endpoint;
-//! [`telemetry`] the logs and the OpenTelemetry traces.
+//! Layers, bottom to top, each importing only those below it:
+//! - [`protocol`]: protocol v3 messages, typed values and COPY data shared by both sides;
+//! - [`plan`]: SQL to a [`plan::Plan`] (parse, bind, route, rewrite, explain), pure: no sockets;
+//! - [`backend`]: shard connections, per-shard pools, cancellation;
+//! - [`exec`]: running a plan on the shards (cursors, scatter-gather merge, two-phase commit);
+//! - [`frontend`]: the client side (protocol v3, TLS, SCRAM) and its session (transactions,
+//!   settings, COPY, multi-stage plans);
+//! - [`server`]: the run loop.
+//!
+//! Beside them: [`topology`] and [`vindex`] decide placement, [`error`] is the router's error,
+//! [`metrics`] the Prometheus endpoint, [`telemetry`] the logs and OpenTelemetry traces.
 
 pub mod backend;
-pub mod cancel;
-pub mod copy_in;
 pub mod error;
-pub mod executor;
+pub mod exec;
 pub mod frontend;
-pub mod merger;
 pub mod metrics;
-pub mod plan_cache;
-pub mod planner;
-pub mod pool;
+pub mod plan;
+pub mod protocol;
 pub mod server;
-pub mod session;
 pub mod telemetry;
 pub mod topology;
-pub mod twophase;
-pub mod values;
 pub mod vindex;
 
 pub use server::Router;

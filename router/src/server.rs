@@ -10,11 +10,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::exec::twophase;
 use crate::frontend::Frontend;
+use crate::frontend::session::RouterState;
 use crate::metrics::Metrics;
-use crate::session::RouterState;
 use crate::topology::{RouterConfig, Topology, TopologyError};
-use crate::twophase;
 
 /// Errors starting the router.
 #[derive(Debug, thiserror::Error)]

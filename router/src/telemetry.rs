@@ -21,8 +21,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt};
 
-use crate::plan_cache;
-use crate::planner::Plan;
+use crate::plan::Plan;
+use crate::plan::cache;
 
 /// Name of the span of one routed statement (the only span exported).
 pub const ROUTED_QUERY_SPAN: &str = "routed_query";
@@ -187,7 +187,7 @@ pub fn query_text(sql: &str) -> Option<String> {
         rest = after;
     }
     hidden.push_str(rest);
-    let shape = plan_cache::normalize(&hidden)?.shape;
+    let shape = cache::normalize(&hidden)?.shape;
     // The shape's own `$n` are the removed literals.
     let mut text = String::with_capacity(shape.len());
     let mut chars = shape.chars().peekable();

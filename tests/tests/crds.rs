@@ -133,8 +133,21 @@ async fn generated_crds_install_and_every_example_is_stored_with_defaults() {
     assert_eq!(raw_spec["failover"]["leaseDurationSeconds"], 4);
     assert_eq!(raw_spec["failover"]["renewDeadlineSeconds"], 2);
     assert_eq!(raw_spec["replication"]["maxLagBytes"], 16 * 1024 * 1024);
-    assert_eq!(raw_spec["backup"]["s3"]["region"], "us-east-1");
     assert_eq!(raw_spec["bootstrap"]["initdb"]["dataChecksums"], true);
+    let with_backup = variant(
+        "PostgresCluster",
+        "with-backup",
+        json!({"spec": {"backup": {"s3": {
+            "endpoint": "http://minio.backup.svc:9000",
+            "bucket": "backups",
+            "credentialsSecret": {"name": "backup-credentials"}
+        }}}}),
+    );
+    manifests::apply(&client, &with_backup, "default")
+        .await
+        .expect("a cluster with an object store is valid");
+    let stored = serde_json::to_value(clusters.get("with-backup").await.unwrap()).unwrap();
+    assert_eq!(stored["spec"]["backup"]["s3"]["region"], "us-east-1");
 
     let poolers: kube::Api<api::Pooler> = kube::Api::namespaced(client.clone(), "default");
     let pooler = serde_json::to_value(poolers.get("demo-pooler-rw").await.unwrap()).unwrap();
@@ -276,7 +289,11 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             variant(
                 "PostgresCluster",
                 "s3",
-                json!({"spec": {"backup": {"s3": {"endpoint": "minio:9000"}}}}),
+                json!({"spec": {"backup": {"s3": {
+                    "endpoint": "minio:9000",
+                    "bucket": "backups",
+                    "credentialsSecret": {"name": "backup-credentials"}
+                }}}}),
             ),
             "endpoint must be an http:// or https:// URL",
         ),

@@ -51,6 +51,7 @@ pub fn generated_files() -> anyhow::Result<BTreeMap<PathBuf, String>> {
     );
     insert_install_files(&mut files)?;
     insert_bundle_files(&mut files)?;
+    crate::dashboards::insert_files(&mut files)?;
     Ok(files)
 }
 
@@ -174,6 +175,9 @@ pub fn run(check: bool) -> anyhow::Result<()> {
         for folder in CRD_FOLDERS {
             remove_stale(&root.join(folder), &files, &root)?;
         }
+        for stale in crate::dashboards::stale_copies(&root, &files)? {
+            fs::remove_file(root.join(stale))?;
+        }
         for (path, content) in &files {
             let full = root.join(path);
             fs::create_dir_all(full.parent().unwrap())?;
@@ -207,6 +211,9 @@ pub fn run(check: bool) -> anyhow::Result<()> {
         for stale in stale_files(&root.join(folder), &files, &root)? {
             problems.push(format!("{} is not generated any more", stale.display()));
         }
+    }
+    for stale in crate::dashboards::stale_copies(&root, &files)? {
+        problems.push(format!("{} is not generated any more", stale.display()));
     }
     if !problems.is_empty() {
         bail!(

@@ -2,6 +2,7 @@
 //! whole test suite and the local demo.
 
 mod bench;
+mod dashboards;
 mod demo;
 mod generate;
 mod licenses;
@@ -135,8 +136,16 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
-    // The e2e tests (nodeagent) run the workspace's binaries as the pods' images.
-    cargo(&["build", "--package", "controllers", "--package", "instance"])?;
+    // The e2e tests (nodeagent) run the workspace's binaries as the pods' images, and kubectl-pg.
+    cargo(&[
+        "build",
+        "--package",
+        "controllers",
+        "--package",
+        "instance",
+        "--package",
+        "kubectl-pg",
+    ])?;
     cargo(&["test", "--workspace", "--no-fail-fast"])?;
     step("cargo xtask demo --once (the operator and a three-instance cluster, end to end)");
     demo::run(true)?;

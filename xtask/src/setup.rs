@@ -18,7 +18,7 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// Installs only the servers (PostgreSQL, etcd, kube-apiserver, kube-controller-manager,
-/// kube-scheduler): what the demo and the benchmarks need.
+/// kube-scheduler, PgBouncer): what the demo and the benchmarks need.
 pub fn install_servers() -> anyhow::Result<()> {
     install_postgres()?;
     crate::setup_pg_tls::install_postgres_tls()?;
@@ -38,6 +38,10 @@ pub fn install_servers() -> anyhow::Result<()> {
         "selinux,notest,grpcnotrace",
     )?;
     build_go_binary("etcd", &paths::etcd(), "testbed/etcd", ".", "-s -w", "")?;
+    crate::step(
+        "PgBouncer: Debian's package (apt-get download + dpkg -x) for the Pooler tests, demo and bench",
+    );
+    testbed::pgbouncer::install()?;
     install_kube_controllers()
 }
 

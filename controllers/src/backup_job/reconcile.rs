@@ -47,7 +47,19 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let status = job.status.clone().unwrap_or_default();
     match status.phase.as_deref() {
-        Some(phase::COMPLETED) | Some(phase::FAILED) => return Ok(Action::await_change()),
+        Some(phase::COMPLETED) => {
+            // Every completed job is seen again when the operator starts: the figure the
+            // PostgresBackupTooOld alert reads survives restarts of the operator and the pods.
+            if let Some(completed) = &status.completed_at {
+                ctx.metrics.observe_backup_completed(
+                    &namespace,
+                    &job.spec.cluster.name,
+                    completed.0.as_millisecond() as f64 / 1000.0,
+                );
+            }
+            return Ok(Action::await_change());
+        }
+        Some(phase::FAILED) => return Ok(Action::await_change()),
         Some(phase::RUNNING) => return follow(&job, &ctx, &namespace, status).await,
         _ => {}
     }

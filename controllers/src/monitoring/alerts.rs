@@ -68,7 +68,9 @@ pub fn alerts() -> Vec<Alert> {
         },
         Alert {
             name: "PostgresBackupTooOld",
-            expr: "time() - max by (namespace, cluster) (pg_instance_backup_last_success_timestamp_seconds{SEL}) > 2 * 86400",
+            // The operator's figure comes from the BackupJobs and survives pod restarts (an
+            // instance's own figure starts at 0 again); either may be missing.
+            expr: "time() - max by (namespace, cluster) (postgres_operator_backup_last_success_timestamp_seconds{SEL} or pg_instance_backup_last_success_timestamp_seconds{SEL}) > 2 * 86400",
             for_: "10m",
             severity: "warning",
             summary: "The last successful base backup of the cluster is more than 2 days old",

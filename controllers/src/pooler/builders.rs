@@ -19,15 +19,12 @@ use crate::postgres_cluster::builders::{fnv1a64, restricted_container_security};
 
 /// Label naming the Pooler a pod or object belongs to. Pooler pods never carry
 /// [`contract::LABEL_CLUSTER`], so the cluster's instance selectors do not pick them up.
-pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
+pub const LABEL_POOLER: &str = contract::LABEL_POOLER;
 /// Annotation on the Deployment (not its pod template) with the checksum of pgbouncer.ini: a
 /// change is applied by the supervisor's reload, not by a new pod.
 pub const ANNOTATION_CONFIG_HASH: &str = "postgres.keiailab.io/pgbouncer-config-hash";
 /// Role PgBouncer logs in as to run `auth_query` (SCRAM, not a superuser).
-pub const AUTH_USER: &str = "pgbouncer_auth";
-/// Function the auth_query calls: `SECURITY DEFINER`, owned by the superuser, executable by
-/// [`AUTH_USER`] only, returning the SCRAM verifier of a non-superuser login role.
-pub const AUTH_FUNCTION: &str = "public.pgbouncer_user_lookup";
+pub const AUTH_USER: &str = contract::POOLER_AUTH_USER;
 /// Key of pgbouncer.ini in the ConfigMap.
 pub const CONFIG_KEY: &str = "pgbouncer.ini";
 /// Key of the auth file (the auth user's line only) in the auth Secret.
@@ -68,7 +65,7 @@ pub fn object_name(pooler: &Pooler) -> String {
 
 /// Name of the per-cluster Secret with the auth user's credentials.
 pub fn auth_secret(cluster: &str) -> String {
-    format!("{cluster}-pooler-auth")
+    contract::pooler_auth_secret(cluster)
 }
 
 /// Labels of every object of `pooler`, and the pod selector.
@@ -184,8 +181,14 @@ pub fn pool_mode(mode: PoolMode) -> &'static str {
 }
 
 /// The auth_query: PgBouncer runs it as [`AUTH_USER`] with the client's user name as `$1`.
+/// The function (`SECURITY DEFINER`, executable by [`AUTH_USER`] only, returning the SCRAM
+/// verifier of a non-superuser login role) is created by the primary's instance manager.
 pub fn auth_query() -> String {
-    format!("SELECT usename, passwd FROM {AUTH_FUNCTION}($1)")
+    format!(
+        "SELECT usename, passwd FROM {}.{}($1)",
+        contract::POOLER_AUTH_SCHEMA,
+        contract::POOLER_AUTH_FUNCTION
+    )
 }
 
 /// Renders pgbouncer.ini. Application passwords are never in it: PgBouncer asks PostgreSQL
@@ -219,6 +222,9 @@ pub fn pgbouncer_ini(pooler: &Pooler, target: &Target) -> String {
             "ignore_startup_parameters".into(),
             "extra_float_digits,options".into(),
         ),
+        // After a failover the first server logins fail until the rw Service reaches the new
+        // primary; PgBouncer's 15 s default would keep clients waiting that long after it.
+        ("server_login_retry".into(), "2".into()),
     ];
     for (name, value) in &spec.parameters {
         match settings.iter_mut().find(|(key, _)| key == name) {
@@ -279,9 +285,14 @@ pub fn auth_secret_object(pooler: &Pooler, password: &str) -> Secret {
 /// and server connection) whenever the mounted pgbouncer.ini changes, so a spec change never
 /// restarts the pod. SIGTERM is passed on (PgBouncer then finishes its clients' transactions).
 pub fn supervisor_script() -> String {
+    supervisor_script_for(&format!("{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"))
+}
+
+/// [`supervisor_script`] for a pgbouncer.ini at `config` (tests run it outside a pod).
+pub fn supervisor_script_for(config: &str) -> String {
     format!(
         r#"set -eu
-config={CONFIG_MOUNT_PATH}/{CONFIG_KEY}
+config='{config}'
 pgbouncer "$config" &
 child=$!
 trap 'kill -TERM "$child"; wait "$child"; exit 0' TERM INT
@@ -327,7 +338,7 @@ pub fn deployment(pooler: &Pooler, image: &str, config_hash: &str) -> Deployment
         command: Some(vec!["/bin/sh".to_string(), "-c".to_string()]),
         args: Some(vec![supervisor_script()]),
         ports: Some(vec![ContainerPort {
-            name: Some("pgbouncer".to_string()),
+            name: Some(contract::PORT_NAME_PGBOUNCER.to_string()),
             container_port: i32::from(PGBOUNCER_PORT),
             ..ContainerPort::default()
         }]),

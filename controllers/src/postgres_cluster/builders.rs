@@ -180,6 +180,8 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
         contract::superuser_secret(&name),
         contract::replication_secret(&name),
         app_secret.to_string(),
+        // The primary creates the Poolers' auth role with this password (instance/src/pooler).
+        contract::pooler_auth_secret(&name),
     ];
     Role {
         metadata: owned_meta(cluster, contract::service_account(&name)),
@@ -228,6 +230,9 @@ pub fn role(cluster: &PostgresCluster, app_secret: &str) -> Role {
                 None,
             ),
             rule("", &["secrets"], &["get", "create", "update"], None),
+            // The cluster's Poolers (their pause timeout), PAUSEd around a switchover and
+            // RESUMEd by the new primary (instance/src/pooler/pause.rs).
+            rule(api::common::GROUP, &["poolers"], &["get", "list"], None),
             // Events on its own pod (a re-clone it decided alone) and on the PostgresUser /
             // PostgresDatabase objects it applies.
             rule("events.k8s.io", &["events"], &["create", "patch"], None),
@@ -1070,7 +1075,7 @@ mod tests {
         assert_eq!(secrets.verbs, ["get"]);
         assert_eq!(
             secrets.resource_names.clone().unwrap(),
-            ["db-superuser", "db-replication", "db-app"]
+            ["db-superuser", "db-replication", "db-app", "db-pooler-auth"]
         );
         assert!(rules.iter().any(|r| {
             r.resources.as_ref().unwrap()[0] == "events" && r.verbs.contains(&"create".to_string())

@@ -13,6 +13,7 @@
 //! the unnamed-statement cycle (Parse/Bind/Describe/Execute/Sync) costs one shard round trip.
 
 pub mod scram;
+pub mod session;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -24,12 +25,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::backend::{BackendError, CopyOutData, Description, ServerError};
+use crate::backend::connection::{BackendError, CopyOutData, Description};
 use crate::error::RouterError;
-use crate::executor::Params;
-use crate::merger::RowStream;
-use crate::planner::{self, PlanError, Planned};
-use crate::session::{Outcome, RouterState, Session};
+use crate::exec::merge::RowStream;
+use crate::frontend::session::{Outcome, RouterState, Session};
+use crate::plan::{self, PlanError, Planned};
+use crate::protocol::messages::Params;
+use crate::protocol::messages::ServerError;
 use crate::topology::{AuthConfig, AuthMethod};
 
 /// Version the router reports to clients.
@@ -238,7 +240,7 @@ struct Running {
 
 fn plan_one(state: &RouterState, sql: &str) -> Result<(u64, Arc<Planned>), PlanError> {
     let runtime = state.runtime();
-    let mut planned = planner::plan_sql(&runtime.topology, sql)?;
+    let mut planned = plan::plan_sql(&runtime.topology, sql)?;
     if planned.len() != 1 {
         return Err(PlanError::Syntax(
             "cannot insert multiple commands into a prepared statement".into(),

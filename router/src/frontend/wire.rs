@@ -4,8 +4,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::backend::{Column, ServerError};
-use crate::executor::Row;
+use crate::protocol::messages::Row;
+use crate::protocol::messages::{Column, ServerError};
 
 /// Largest message a client may send (PostgreSQL's own limit for most messages is 1 GB).
 pub const MAX_MESSAGE: usize = 1 << 30;

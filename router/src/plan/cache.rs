@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::executor::Params;
-use crate::planner::{self, Plan, PlanError, Planned, Target};
+use crate::plan::{self as plan, Plan, PlanError, Planned, Target};
+use crate::protocol::messages::Params;
 use crate::topology::{KeyType, Topology};
 use crate::vindex::KeyValue;
 
@@ -442,7 +442,7 @@ impl PlanCache {
             spans,
         }) = normalize(sql)
         else {
-            return planner::plan_sql(topology, sql).map(unprepared);
+            return plan::plan_sql(topology, sql).map(unprepared);
         };
         let key = (shape, integer_mask(&literals));
         let cached = self
@@ -455,7 +455,7 @@ impl PlanCache {
         let entry = match cached {
             Some(entry) => entry,
             None => {
-                let entry = match planner::plan_sql(topology, &shape) {
+                let entry = match plan::plan_sql(topology, &shape) {
                     Ok(mut planned) if planned.len() == 1 => {
                         let planned = planned.remove(0);
                         let route = match planned.plan {
@@ -492,7 +492,7 @@ impl PlanCache {
             }
         };
         let target = match entry.route {
-            Route::Uncached => return planner::plan_sql(topology, sql).map(unprepared),
+            Route::Uncached => return plan::plan_sql(topology, sql).map(unprepared),
             Route::Fixed(target) => target,
             Route::Key { literal, group } => {
                 let key = match (literals.get(literal), topology.groups[group].key_type) {
@@ -508,8 +508,8 @@ impl PlanCache {
                     _ => None,
                 };
                 match key {
-                    Some(key) => Target::Shard(planner::shard_of(topology, group, &key)?),
-                    None => return planner::plan_sql(topology, sql).map(unprepared),
+                    Some(key) => Target::Shard(plan::shard_of(topology, group, &key)?),
+                    None => return plan::plan_sql(topology, sql).map(unprepared),
                 }
             }
         };
@@ -589,7 +589,7 @@ mod tests {
                 format!("INSERT INTO t (id, x) VALUES ({id}, 'v')"),
                 format!("SELECT count(*) FROM t WHERE x = {id}"),
             ] {
-                let full = planner::plan_sql(&topology, &sql).unwrap();
+                let full = plan::plan_sql(&topology, &sql).unwrap();
                 let cached = cache.plan_simple(&topology, &sql, false).unwrap().planned;
                 assert_eq!(cached[0].plan, full[0].plan, "{sql}");
                 assert_eq!(cached[0].sql, full[0].sql, "{sql}");
@@ -701,7 +701,7 @@ mod tests {
         let cache = PlanCache::default();
         for id in 0..20 {
             let sql = format!("SELECT * FROM t WHERE id = {id} AND x = 'v'");
-            let full = planner::plan_sql(&topology, &sql).unwrap();
+            let full = plan::plan_sql(&topology, &sql).unwrap();
             let simple = cache.plan_simple(&topology, &sql, true).unwrap();
             assert_eq!(simple.planned[0].plan, full[0].plan, "{sql}");
             assert_eq!(

@@ -1,23 +1,15 @@
-//! The executor: runs statements on backend connections and exposes each shard's result as a
-//! cursor of raw rows (the shard's bytes, passed through).
+//! The shard connections' row cursors: runs statements on backend connections and exposes each
+//! shard's result as a cursor of raw rows (the shard's bytes, passed through).
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::backend::{BackendConnection, BackendError, BackendMessage, Column, Execution};
+use crate::backend::connection::{BackendConnection, BackendError, BackendMessage, Execution};
+use crate::backend::pool::Leased;
 use crate::error::RouterError;
-use crate::pool::Leased;
-
-/// One result row: field count and the length-prefixed field bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Row {
-    /// Number of fields.
-    pub fields: i16,
-    /// Field bytes as in a DataRow body after the count.
-    pub data: BytesMut,
-}
+use crate::protocol::messages::Column;
+use crate::protocol::messages::{Params, Row};
 
 /// A backend connection a statement runs on: from the pool (autocommit) or the one a
 /// transaction holds.
@@ -120,19 +112,19 @@ impl Drop for BackendHandle {
 #[derive(Debug, Default)]
 pub struct NoticeSink {
     pending: std::sync::atomic::AtomicBool,
-    notices: std::sync::Mutex<Vec<crate::backend::ServerError>>,
+    notices: std::sync::Mutex<Vec<crate::protocol::messages::ServerError>>,
 }
 
 impl NoticeSink {
     /// Keeps a notice for the client.
-    pub fn push(&self, notice: crate::backend::ServerError) {
+    pub fn push(&self, notice: crate::protocol::messages::ServerError) {
         self.notices.lock().expect("notice lock").push(notice);
         self.pending
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The notices kept so far (without locking when there are none, once per row).
-    pub fn take(&self) -> Vec<crate::backend::ServerError> {
+    pub fn take(&self) -> Vec<crate::protocol::messages::ServerError> {
         if !self
             .pending
             .swap(false, std::sync::atomic::Ordering::Acquire)
@@ -140,43 +132,6 @@ impl NoticeSink {
             return Vec::new();
         }
         std::mem::take(&mut *self.notices.lock().expect("notice lock"))
-    }
-}
-
-/// Parameters of one execution (owned, so a plan can be re-run per shard).
-#[derive(Clone, Debug, Default)]
-pub struct Params {
-    /// Type OIDs (0 = unspecified).
-    pub types: Vec<u32>,
-    /// Values.
-    pub values: Vec<Option<Bytes>>,
-    /// Format codes.
-    pub formats: Vec<i16>,
-}
-
-impl Params {
-    /// The format of parameter `index` (0-based).
-    pub fn format_of(&self, index: usize) -> i16 {
-        match self.formats.len() {
-            0 => 0,
-            1 => self.formats[0],
-            _ => self.formats.get(index).copied().unwrap_or(0),
-        }
-    }
-
-    /// A subset of the parameters (0-based indexes), for a split statement.
-    pub fn subset(&self, indexes: &[usize]) -> Params {
-        Params {
-            types: indexes
-                .iter()
-                .map(|i| self.types.get(*i).copied().unwrap_or(0))
-                .collect(),
-            values: indexes
-                .iter()
-                .map(|i| self.values.get(*i).cloned().flatten())
-                .collect(),
-            formats: indexes.iter().map(|i| self.format_of(*i)).collect(),
-        }
     }
 }
 
@@ -189,9 +144,9 @@ pub struct ShardCursor {
     /// Command tag, once the statement completed.
     pub tag: Option<String>,
     finished: bool,
-    cancel: Option<crate::cancel::CancelGuard>,
+    cancel: Option<crate::backend::cancel::CancelGuard>,
     /// Notices the shard sent so far (those before the first row reach the client).
-    pub notices: Vec<crate::backend::ServerError>,
+    pub notices: Vec<crate::protocol::messages::ServerError>,
     /// Settings the shard reported as changed (ParameterStatus), in order.
     pub reports: Vec<(String, String)>,
     /// Where notices go once rows stream.
@@ -201,7 +156,7 @@ pub struct ShardCursor {
 impl ShardCursor {
     /// Starts `sql` on `handle` and reads up to the first row (or the end, without rows).
     pub async fn open(
-        cancel: Option<&Arc<crate::cancel::SessionCancel>>,
+        cancel: Option<&Arc<crate::backend::cancel::SessionCancel>>,
         mut handle: BackendHandle,
         sql: &str,
         params: &Params,
@@ -276,7 +231,7 @@ impl ShardCursor {
 
     async fn fail(
         &mut self,
-        error: crate::backend::ServerError,
+        error: crate::protocol::messages::ServerError,
         sql: &str,
         cache: bool,
     ) -> RouterError {
@@ -341,17 +296,4 @@ impl ShardCursor {
     pub fn set_settings_tag(&mut self, tag: u64) {
         self.handle.settings_tag = tag;
     }
-}
-
-/// Rows affected according to a command tag (`INSERT 0 5` -> 5, `UPDATE 3` -> 3).
-pub fn tag_rows(tag: &str) -> Option<u64> {
-    tag.rsplit(' ').next().and_then(|n| n.parse().ok())
-}
-
-/// The command word(s) of a tag without the counts (`INSERT 0 5` -> `INSERT`).
-pub fn tag_command(tag: &str) -> String {
-    tag.split(' ')
-        .filter(|part| part.parse::<u64>().is_err())
-        .collect::<Vec<_>>()
-        .join(" ")
 }

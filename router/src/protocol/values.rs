@@ -551,7 +551,7 @@ pub fn encode(value: &Value, type_oid: u32, format: i16) -> Option<Vec<u8>> {
 
 /// Splits a text-format DataRow body into strings.
 pub fn split_text_row(body: &[u8]) -> Vec<Option<String>> {
-    crate::backend::split_fields(body)
+    crate::protocol::messages::split_fields(body)
         .into_iter()
         .map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned()))
         .collect()

@@ -10,30 +10,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::protocol::messages::{Column, ServerError};
 use crate::topology::{BackendConfig, Endpoint};
-
-/// A PostgreSQL error or notice, with its fields.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServerError {
-    /// Severity (`ERROR`, `FATAL`, ...).
-    pub severity: String,
-    /// SQLSTATE.
-    pub code: String,
-    /// Primary message.
-    pub message: String,
-    /// Detail.
-    pub detail: Option<String>,
-    /// Hint.
-    pub hint: Option<String>,
-    /// Cursor position.
-    pub position: Option<String>,
-}
-
-impl std::fmt::Display for ServerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.severity, self.code, self.message)
-    }
-}
 
 /// Most statements one backend connection keeps prepared.
 const MAX_PREPARED: usize = 256;
@@ -72,25 +50,6 @@ impl BackendError {
     pub fn is_connection_lost(&self) -> bool {
         !matches!(self, BackendError::Server { .. })
     }
-}
-
-/// A column of a result, as the shard described it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Column {
-    /// Column name.
-    pub name: String,
-    /// Table OID (0 if none).
-    pub table_oid: u32,
-    /// Column number in the table (0 if none).
-    pub column_id: i16,
-    /// Type OID.
-    pub type_oid: u32,
-    /// Type size.
-    pub type_size: i16,
-    /// Type modifier.
-    pub type_modifier: i32,
-    /// Format code (0 text, 1 binary).
-    pub format: i16,
 }
 
 /// What a shard says about a statement (Describe).
@@ -174,7 +133,7 @@ pub struct BackendConnection {
     pub pending: bool,
     next_statement: u64,
     /// Where and how to cancel this backend's running statement.
-    pub cancel_target: Option<crate::cancel::CancelTarget>,
+    pub cancel_target: Option<crate::backend::cancel::CancelTarget>,
     /// Transaction start (BEGIN and replayed SAVEPOINTs, with their count) not sent yet: it
     /// goes in front of the next statement, saving a round trip.
     pub begin_pending: Option<(String, u32)>,
@@ -275,7 +234,7 @@ impl BackendConnection {
                 (b'K', mut body) if body.len() >= 8 => {
                     let pid = body.get_i32();
                     let secret = body.get_i32();
-                    connection.cancel_target = Some(crate::cancel::CancelTarget {
+                    connection.cancel_target = Some(crate::backend::cancel::CancelTarget {
                         host: endpoint.host.clone(),
                         port: endpoint.port,
                         pid,
@@ -705,7 +664,7 @@ impl BackendConnection {
                     let mut body = body;
                     let tag = read_cstr(&mut body);
                     if failed.is_none() {
-                        self.copied = crate::executor::tag_rows(&tag).unwrap_or(0);
+                        self.copied = crate::protocol::messages::tag_rows(&tag).unwrap_or(0);
                     }
                 }
                 b'E' => failed = Some(parse_error_fields(body)),
@@ -807,7 +766,9 @@ impl BackendConnection {
         let mut failure = None;
         loop {
             match self.next_message().await? {
-                BackendMessage::DataRow(_, body) => rows.push(crate::values::split_text_row(&body)),
+                BackendMessage::DataRow(_, body) => {
+                    rows.push(crate::protocol::values::split_text_row(&body))
+                }
                 BackendMessage::Error(error) => failure = Some(error),
                 BackendMessage::ReadyForQuery(_) => break,
                 _ => {}
@@ -832,22 +793,4 @@ impl BackendConnection {
         frontend::terminate(&mut self.write);
         let _ = self.flush().await;
     }
-}
-
-/// Splits a DataRow body into its fields (without copying).
-pub fn split_fields(body: &[u8]) -> Vec<Option<&[u8]>> {
-    let mut fields = Vec::new();
-    let mut at = 0;
-    while at + 4 <= body.len() {
-        let len = i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
-        at += 4;
-        if len < 0 {
-            fields.push(None);
-        } else {
-            let end = (at + len as usize).min(body.len());
-            fields.push(Some(&body[at..end]));
-            at = end;
-        }
-    }
-    fields
 }

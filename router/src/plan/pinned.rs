@@ -193,8 +193,8 @@ pub(super) fn sharded_in_from(
 
 #[cfg(test)]
 mod tests {
-    use crate::planner::tests::{plan, topology};
-    use crate::planner::{Plan, Target, shard_of};
+    use crate::plan::tests::{plan, topology};
+    use crate::plan::{Plan, Target, shard_of};
     use crate::vindex::KeyValue;
 
     fn shard(key: i64) -> Target {

@@ -168,11 +168,11 @@ fn splits_by_shard(topology: &Topology, select: &Select) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::planner::tests::plan;
-    use crate::planner::{Plan, PlanError};
+    use crate::plan::tests::plan;
+    use crate::plan::{Plan, PlanError};
 
     use super::plan_union;
-    use crate::planner::parse_query;
+    use crate::plan::parse_query;
 
     #[test]
     fn unions_of_rows_from_one_shard_each_scatter_and_merge() {

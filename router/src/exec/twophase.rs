@@ -25,11 +25,11 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::backend::BackendError;
+use crate::backend::connection::BackendError;
+use crate::backend::pool::{Leased, Pools};
 use crate::error::RouterError;
 use crate::metrics::Metrics;
-use crate::planner::quote_literal;
-use crate::pool::{Leased, Pools};
+use crate::plan::quote_literal;
 
 /// DDL of the decision table, run on every shard at start (idempotent).
 pub const DECISION_DDL: &str = "CREATE SCHEMA IF NOT EXISTS pgrouter; \

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{BackendConnection, BackendError};
+use crate::backend::connection::{BackendConnection, BackendError};
 use crate::metrics::Metrics;
 use crate::topology::{BackendConfig, Endpoint};
 

@@ -8,11 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::{BufMut, BytesMut};
 use futures::stream::{self, BoxStream, StreamExt};
 
-use crate::backend::{Column, split_fields};
 use crate::error::RouterError;
-use crate::executor::{Row, ShardCursor};
-use crate::planner::{Aggregation, ColumnMerge, Having, MergeSpec, Operand, SortKey};
-use crate::values::{self, Decimal, Value, decode, oid};
+use crate::exec::cursor::ShardCursor;
+use crate::plan::{Aggregation, ColumnMerge, Having, MergeSpec, Operand, SortKey};
+use crate::protocol::messages::Row;
+use crate::protocol::messages::{Column, split_fields};
+use crate::protocol::values::{self, Decimal, Value, decode, oid};
 
 /// A stream of merged rows.
 pub type RowStream = BoxStream<'static, Result<Row, RouterError>>;

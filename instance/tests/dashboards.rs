@@ -1,0 +1,267 @@
+//! The Grafana dashboards of `deploy/grafana/dashboards/` against what the code really exports:
+//! the PostgreSQL dashboards (cluster overview, instance, replication) read only metrics that the
+//! instance manager's `/metrics` serves, scraped from a real primary and a streaming replica on
+//! PostgreSQL 18 (with pg_stat_statements and WAL archiving); the pooler dashboard only the names the
+//! pooler exporter agreed on; every dashboard passes the dashboard-linter rules and its PromQL
+//! parses under the real promtool.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use api::contract;
+use instance::database_metrics::Settings;
+use instance::status::InstanceStatus;
+use nix::sys::signal::Signal;
+use serde_json::json;
+use testbed::dashboards;
+use testbed::process::{ChildGuard, chown_to_unprivileged, unprivileged_command};
+use testbed::{Postgres, PostgresOptions, paths};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The dashboards fed by the instance managers' `/metrics`.
+const POSTGRES_DASHBOARDS: &[&str] = &["cluster-overview", "instance", "replication"];
+
+/// A streaming replica of `primary` (pg_basebackup `-R -C -S`), stopped on drop.
+struct Replica {
+    _server: ChildGuard,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    fn start(primary: &Postgres, slot: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("pgtest-dashboards-")
+            .tempdir()?;
+        chown_to_unprivileged(dir.path())?;
+        let data = dir.path().join("data");
+        let output = unprivileged_command(paths::pg_bin().join("pg_basebackup"))?
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-C", "-S", slot, "-X", "stream", "-c", "fast"])
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(primary.port().to_string())
+            .output()
+            .context("running pg_basebackup")?;
+        if !output.status.success() {
+            bail!("pg_basebackup: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let port = testbed::free_port();
+        let log = std::fs::File::create(dir.path().join("postgres.log"))?;
+        let child = unprivileged_command(paths::pg_bin().join("postgres"))?
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .args(["-c", "fsync=off", "-c", "archive_mode=off"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let server = ChildGuard::new(child, Signal::SIGINT, Duration::from_secs(10));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(paths::pg_bin().join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .status()
+                .is_ok_and(|status| status.success());
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("replica on port {port} not ready after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            _server: server,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+/// Serves an instance manager's HTTP router for the PostgreSQL on `port`; returns its port.
+async fn instance_manager(pod: &str, role: &str, port: u16) -> anyhow::Result<u16> {
+    let shared = instance::http::Shared::new(pod, 1024, Duration::from_secs(2));
+    // What the manager's loop publishes after each probe of PostgreSQL.
+    shared.set_status(InstanceStatus {
+        pod: pod.to_string(),
+        role: role.to_string(),
+        postgres_ready: true,
+        ..InstanceStatus::default()
+    });
+    shared.database.configure(Settings {
+        connection: format!("host=127.0.0.1 port={port} user=postgres dbname=postgres").parse()?,
+        timeout: Duration::from_secs(5),
+        custom_queries: None::<PathBuf>,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http_port = listener.local_addr()?.port();
+    let router = instance::http::router(shared);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(http_port)
+}
+
+/// GET /metrics on 127.0.0.1:`port`.
+async fn scrape(port: u16) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (_, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
+    Ok(body.to_string())
+}
+
+fn report(missing: &[(String, String)]) -> String {
+    missing
+        .iter()
+        .map(|(place, metric)| format!("  {place}: {metric}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dashboards_query_only_metrics_the_instance_manager_exports() -> anyhow::Result<()>
+{
+    // Arrange: a primary with pg_stat_statements, archiving (failing) and a streaming replica,
+    // each behind an instance manager's /metrics.
+    let primary = Postgres::start_with(
+        PostgresOptions::default()
+            .setting("shared_preload_libraries", "pg_stat_statements")
+            .setting("track_io_timing", "on")
+            .setting("archive_mode", "on")
+            .setting("archive_command", "/bin/true")
+            // Slots report a safe WAL size only under a limit.
+            .setting("max_slot_wal_keep_size", "1GB"),
+    )?;
+    primary.psql("CREATE EXTENSION pg_stat_statements")?;
+    let replica = Replica::start(&primary, "replica1")?;
+    primary.psql(
+        "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal()",
+    )?;
+    let primary_http = instance_manager("db-0", contract::role::PRIMARY, primary.port()).await?;
+    let replica_http = instance_manager("db-1", contract::role::REPLICA, replica.port).await?;
+
+    // Act: scrape both, as Prometheus would.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exported = loop {
+        let primary_text = scrape(primary_http).await?;
+        let replica_text = scrape(replica_http).await?;
+        let mut exported = dashboards::exported_names(&primary_text);
+        exported.extend(dashboards::exported_names(&replica_text));
+        // The replica's WAL receiver and the standby's row appear once it streams.
+        let streaming = primary_text.contains("pg_instance_standby_streaming{")
+            && replica_text.contains("pg_instance_replica_streaming");
+        if streaming || Instant::now() > deadline {
+            break exported;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(exported.contains("pg_instance_up"), "{exported:?}");
+    assert!(
+        exported.contains("pg_stat_statements_calls_total"),
+        "{exported:?}"
+    );
+
+    // Assert: every metric a panel or a variable reads is exported.
+    for name in POSTGRES_DASHBOARDS {
+        let dashboard = dashboards::load(name);
+        let queries = dashboards::queries(&dashboard);
+        assert!(queries.len() > 10, "{name}: {} queries", queries.len());
+        let missing = dashboards::unexported(&dashboard, &exported);
+        assert!(
+            missing.is_empty(),
+            "dashboard {name} queries metrics nobody exports:\n{}",
+            report(&missing)
+        );
+    }
+    // And the check would catch one that is not.
+    let mut broken = dashboards::load("instance");
+    broken["panels"][1]["targets"][0]["expr"] = json!("max(pg_instance_no_such_metric)");
+    assert_eq!(
+        dashboards::unexported(&broken, &exported),
+        [(
+            format!("panel {}", broken["panels"][1]["title"]),
+            "pg_instance_no_such_metric".to_string()
+        )]
+    );
+    Ok(())
+}
+
+#[test]
+fn pooler_dashboard_queries_only_the_pooler_exporter_names() {
+    let exported: BTreeSet<String> = dashboards::POOLER_METRICS
+        .iter()
+        .map(|name| name.to_string())
+        .collect();
+    let missing = dashboards::unexported(&dashboards::load("pooler"), &exported);
+    assert!(missing.is_empty(), "{}", report(&missing));
+}
+
+#[test]
+fn every_dashboard_passes_the_linter_rules_and_its_promql_parses_under_promtool() {
+    let names = dashboards::names();
+    assert_eq!(
+        names,
+        [
+            "cluster-overview",
+            "instance",
+            "pooler",
+            "replication",
+            "router"
+        ]
+    );
+    let mut uids = BTreeSet::new();
+    let mut rules = Vec::new();
+    for name in &names {
+        let dashboard = dashboards::load(name);
+        let problems = dashboards::lint(&dashboard);
+        assert!(problems.is_empty(), "{name}:\n{}", problems.join("\n"));
+        assert!(uids.insert(dashboard["uid"].as_str().unwrap().to_string()));
+        for (index, query) in dashboards::queries(&dashboard).iter().enumerate() {
+            rules.push(json!({
+                "record": format!("dashboard:{}:{index}", name.replace('-', "_")),
+                "expr": dashboards::promql_for_parser(&query.expr),
+            }));
+        }
+    }
+
+    // promtool parses each query as a recording rule's expression.
+    let promtool = paths::promtool();
+    assert!(
+        promtool.exists(),
+        "promtool not found at {} (run `cargo xtask setup`, or set PROMTOOL)",
+        promtool.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboards.yaml");
+    let write = |rules: &[serde_json::Value]| {
+        let groups = json!({"groups": [{"name": "dashboards", "rules": rules}]});
+        std::fs::write(&file, serde_yaml::to_string(&groups).unwrap()).unwrap();
+    };
+    let check = |file: &std::path::Path| {
+        Command::new(&promtool)
+            .args(["check", "rules", "--lint=none"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    write(&rules);
+    let output = check(&file);
+    assert!(
+        output.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The same check refuses a query that does not parse.
+    write(&[json!({"record": "dashboard:broken", "expr": "sum(rate(x[5m])"})]);
+    assert!(!check(&file).status.success());
+}

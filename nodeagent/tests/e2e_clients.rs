@@ -1,0 +1,201 @@
+//! End to end, what users and their applications touch, under the real controllers and the
+//! node agent with the operator installed by helm (see `common`): a declarative database and
+//! user applied by the primary's instance manager, whose generated Secret works with the real
+//! psql through the `-rw` Service; and the `kubectl pg` plugin (status, switchover) against the
+//! same stack. Scenarios run in parallel in their own namespaces.
+//!
+//! Needs the workspace's `postgres-operator`, `pg-instance` and `kubectl-pg` binaries next to
+//! this test's target folder (`cargo build -p controllers -p instance -p kubectl-pg`; `cargo
+//! xtask test` builds them).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{create_cluster, eventually, secret_value, stack, workspace_binary};
+use serde_json::json;
+use testbed::paths;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-declarative";
+    let clusters = create_cluster(&client, namespace, "app", json!({"instances": 1})).await?;
+    let objects = [
+        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresUser",
+               "metadata": {"name": "inventory", "namespace": namespace},
+               "spec": {"cluster": {"name": "app"}, "roleName": "inventory",
+                        "attributes": {"login": true},
+                        "password": {"secretName": "inventory-credentials", "generate": true,
+                                     "database": "inventory"}}}),
+        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresDatabase",
+               "metadata": {"name": "inventory", "namespace": namespace},
+               "spec": {"cluster": {"name": "app"}, "name": "inventory", "owner": "inventory",
+                        "schemas": [{"name": "stock"}]}}),
+    ];
+    for object in &objects {
+        testbed::manifests::apply(&client, object, namespace).await?;
+    }
+    e2e.wait_healthy(&clusters, "app", None, Duration::from_secs(180))
+        .await?;
+    let rw = e2e.service_port(namespace, &api::contract::rw_service("app"))?;
+
+    // The generated Secret, used as an application would: user, password and database from it,
+    // the -rw Service's local port standing in for its host's address; TLS verify-full against
+    // the cluster's CA Secret and the Secret's host name (libpq built with OpenSSL).
+    let psql = paths::pg_bin_tls().join("psql");
+    let ca_dir = tempfile::tempdir()?;
+    let ca_file = ca_dir.path().join("ca.crt");
+    let ca_pem = secret_value(
+        &client,
+        namespace,
+        &api::contract::tls_ca_secret("app"),
+        api::contract::tls_keys::CA,
+    )
+    .await?;
+    std::fs::write(&ca_file, ca_pem)?;
+    let output = eventually(
+        "psql with the generated Secret through -rw",
+        Duration::from_secs(120),
+        || async {
+            let username = secret_value(&client, namespace, "inventory-credentials", "username").await?;
+            let password = secret_value(&client, namespace, "inventory-credentials", "password").await?;
+            let dbname = secret_value(&client, namespace, "inventory-credentials", "dbname").await?;
+            let host = secret_value(&client, namespace, "inventory-credentials", "host").await?;
+            let output = Command::new(&psql)
+                .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c"])
+                .arg(concat!(
+                    "CREATE TABLE stock.items (id int PRIMARY KEY); INSERT INTO stock.items VALUES (1); ",
+                    "SELECT current_user, current_database(), ",
+                    "(SELECT tableowner FROM pg_tables WHERE tablename = 'items'), ",
+                    "(SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())"
+                ))
+                .arg(format!(
+                    "host={host} hostaddr=127.0.0.1 port={rw} user={username} dbname={dbname} \
+                     connect_timeout=5 sslmode=verify-full sslrootcert={}",
+                    ca_file.display()
+                ))
+                .env("PGPASSWORD", password)
+                .output()?;
+            let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            Ok(if output.status.success() {
+                Ok((stdout, host))
+            } else {
+                Err(stderr)
+            })
+        },
+    )
+    .await?;
+    let (stdout, host) = output;
+    assert_eq!(
+        stdout.lines().last(),
+        Some("inventory|inventory|inventory|inventory"),
+        "psql ran as the declared user in the declared database it owns: {stdout}"
+    );
+    assert_eq!(
+        host,
+        format!("{}.{namespace}.svc", api::contract::rw_service("app"))
+    );
+    Ok(())
+}
+
+/// Runs `kubectl-pg` against the test's control plane; (exit success, stdout, stderr).
+fn kubectl_pg(
+    e2e: &common::E2e,
+    namespace: &str,
+    args: &[&str],
+) -> anyhow::Result<(bool, String, String)> {
+    let output = Command::new(workspace_binary("kubectl-pg")?)
+        .arg("--kubeconfig")
+        .arg(e2e.plane.kubeconfig_path())
+        .args(["-n", namespace])
+        .args(args)
+        .output()?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_pg_shows_status_and_switches_over() -> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-kubectl-pg";
+    let clusters = create_cluster(&client, namespace, "kp", json!({"instances": 2})).await?;
+    let primary = e2e
+        .wait_healthy(&clusters, "kp", None, Duration::from_secs(180))
+        .await?;
+    let replica = if primary == "kp-0" { "kp-1" } else { "kp-0" };
+
+    // Status: both instances with their roles, the primary named.
+    let (ok, text, errors) = kubectl_pg(&e2e, namespace, &["status", "kp"])?;
+    assert!(ok, "kubectl pg status failed: {errors}");
+    println!("{text}");
+    for pod in ["kp-0", "kp-1"] {
+        assert!(text.contains(pod), "status lists {pod}: {text}");
+    }
+    let status = eventually(
+        "kubectl pg status -o json to show both roles",
+        Duration::from_secs(60),
+        || async {
+            let (ok, json_text, errors) =
+                kubectl_pg(&e2e, namespace, &["status", "kp", "-o", "json"])?;
+            if !ok {
+                return Ok(Err(errors));
+            }
+            let value: serde_json::Value = serde_json::from_str(&json_text)?;
+            let text = value.to_string();
+            Ok(
+                if text.contains("\"primary\"") && text.contains("\"replica\"") {
+                    Ok(value)
+                } else {
+                    Err(text)
+                },
+            )
+        },
+    )
+    .await?;
+    assert!(status.to_string().contains(&primary), "{status}");
+
+    // Switchover through the plugin, waiting for the new primary.
+    let (ok, text, errors) = kubectl_pg(
+        &e2e,
+        namespace,
+        &[
+            "switchover",
+            "kp",
+            "--to",
+            replica,
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+    )?;
+    assert!(ok, "kubectl pg switchover failed: {errors}\n{text}");
+    let now = e2e
+        .wait_healthy(&clusters, "kp", Some(&primary), Duration::from_secs(120))
+        .await?;
+    assert_eq!(now, replica);
+    let (ok, text, errors) = kubectl_pg(&e2e, namespace, &["status", "kp"])?;
+    assert!(ok, "{errors}");
+    let line = text
+        .lines()
+        .find(|l| l.contains(replica) && l.contains("primary"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !line.is_empty(),
+        "status shows {replica} as primary: {text}"
+    );
+
+    // Refused: a switchover to a pod that does not exist, with a non-zero exit.
+    let (ok, _, errors) = kubectl_pg(&e2e, namespace, &["switchover", "kp", "--to", "kp-9"])?;
+    assert!(!ok, "a switchover to an unknown pod must fail");
+    assert!(errors.contains("kp-9"), "the error names the pod: {errors}");
+    Ok(())
+}
