@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::{
-    INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, connect, connect_when_served, create_cluster,
-    eventually, lost_writes, patch_spec, stack, superuser_login,
+    INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, connect, connect_when_served, connect_writable,
+    create_cluster, eventually, lost_writes, patch_spec, stack, superuser_login,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
@@ -169,7 +169,7 @@ async fn scaling_3_to_5_to_3_moves_claims_budget_and_services_along() -> anyhow:
         },
     )
     .await?;
-    connect_when_served(rw, &password)
+    connect_writable(rw, &password)
         .await?
         .execute("INSERT INTO kept VALUES (2)", &[])
         .await?;

@@ -429,6 +429,27 @@ pub async fn connect_when_served(
     }
 }
 
+/// Connects through the rw Service once it reaches a writable primary: after a switchover the
+/// cluster's status names the new primary a moment before the Service's endpoints follow.
+pub async fn connect_writable(port: u16, login: &Login) -> anyhow::Result<tokio_postgres::Client> {
+    eventually(
+        "the rw Service to reach a writable primary",
+        Duration::from_secs(60),
+        || async {
+            let client = connect_when_served(port, login).await?;
+            let row = client
+                .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+                .await?;
+            Ok(if row.get::<_, bool>(0) {
+                Err("in recovery".to_string())
+            } else {
+                Ok(client)
+            })
+        },
+    )
+    .await
+}
+
 /// Polls `check` every 500 ms until it returns `Some`, or fails after `timeout` with `what` and
 /// the last state it saw.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
