@@ -190,6 +190,7 @@ pub struct PgBouncer {
     dir: tempfile::TempDir,
     port: u16,
     process: Option<ChildGuard>,
+    env: Vec<(String, String)>,
 }
 
 impl PgBouncer {
@@ -205,7 +206,15 @@ impl PgBouncer {
             dir,
             port: crate::free_port(),
             process: None,
+            env: Vec::new(),
         })
+    }
+
+    /// Sets an environment variable of the process started next (`HOSTALIASES`, so that c-ares
+    /// resolves a Service's short name to the loopback address).
+    pub fn env(&mut self, key: &str, value: &str) -> &mut Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     /// Port PgBouncer listens on (127.0.0.1).
@@ -287,6 +296,7 @@ impl PgBouncer {
         if let Some(path) = path {
             command.env("PATH", path);
         }
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
         command
             .args(args)
             .current_dir(self.dir.path())

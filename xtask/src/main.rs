@@ -11,6 +11,7 @@ mod operator_install;
 mod release;
 mod sbom;
 mod setup;
+mod setup_pg_tls;
 mod signing;
 
 use clap::{Parser, Subcommand};

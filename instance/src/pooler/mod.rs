@@ -3,11 +3,13 @@
 //! - [`auth`]: keeps the `auth_query` role and lookup function applied, with the password of the
 //!   cluster's pooler auth Secret (the operator generates it when the first Pooler appears).
 //! - [`pause`]: PAUSE before a switchover, RECONNECT + RESUME once the new primary is writable.
+//! - [`verify`]: TLS (verify-full against the cluster's CA) of the probe of the rw Service.
 //!
 //! Every instance runs the loop; only a writable primary acts, so a failover moves the work.
 
 pub mod auth;
 pub mod pause;
+pub mod verify;
 
 use std::time::Duration;
 
