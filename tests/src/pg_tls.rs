@@ -159,3 +159,52 @@ pub async fn server_certificate(
         .context("the server sent no certificate")?;
     Ok(certificate.to_vec())
 }
+
+/// A CA made for one test, which issues server certificates.
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl TestCa {
+    /// A new self-signed CA named `common_name`.
+    pub fn new(common_name: &str) -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            issuer: rcgen::Issuer::new(params, key),
+            pem,
+        })
+    }
+
+    /// The CA's certificate (PEM): what clients trust.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses): (certificate, key), PEM.
+    pub fn issue(&self, names: &[&str]) -> anyhow::Result<ServerTls> {
+        let key = rcgen::KeyPair::generate()?;
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        let certificate = params.signed_by(&key, &self.issuer)?;
+        Ok(ServerTls {
+            certificate_pem: certificate.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// A server's certificate and private key, PEM.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The certificate.
+    pub certificate_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+}

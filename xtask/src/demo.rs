@@ -270,7 +270,8 @@ async fn write_pgpass(client: &kube::Client, path: &std::path::Path) -> anyhow::
         .map(|b| String::from_utf8_lossy(&b.0).to_string())
         .unwrap_or_default();
     let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
-    std::fs::write(path, format!("127.0.0.1:*:*:postgres:{escaped}\n"))?;
+    // Any host: the verify-full example names the -rw Service (`host=`), not 127.0.0.1.
+    std::fs::write(path, format!("*:*:*:postgres:{escaped}\n"))?;
     let mut permissions = std::fs::metadata(path)?.permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
     std::fs::set_permissions(path, permissions)?;
