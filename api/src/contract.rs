@@ -154,6 +154,50 @@ pub const ANNOTATION_SWITCHOVER_LSN: &str = "postgres.keiailab.io/switchover-lsn
 /// new claim removes it.
 pub const ANNOTATION_RELEASED_BY: &str = "postgres.keiailab.io/released-by";
 
+/// Secret with the cluster's CA certificate only (key `ca.crt`): what applications mount to
+/// connect with `sslmode=verify-full`.
+pub fn tls_ca_secret(cluster: &str) -> String {
+    format!("{cluster}-ca")
+}
+
+/// Secret with the operator CA's certificate and private key (`ca.crt`, `ca.key`); read by the
+/// operator only, never mounted into a pod.
+pub fn tls_ca_private_secret(cluster: &str) -> String {
+    format!("{cluster}-ca-private")
+}
+
+/// Secret (`kubernetes.io/tls`: `tls.crt`, `tls.key`, `ca.crt`) with PostgreSQL's server
+/// certificate, whose names are the cluster's Service DNS names.
+pub fn tls_server_secret(cluster: &str) -> String {
+    format!("{cluster}-server-tls")
+}
+
+/// Secret (`kubernetes.io/tls`) with the client certificate of [`REPLICATION_USER`]: replicas
+/// authenticate to the primary with it (`hostssl replication ... cert`).
+pub fn tls_replication_secret(cluster: &str) -> String {
+    format!("{cluster}-replication-tls")
+}
+
+/// Where the TLS Secrets are mounted in the PostgreSQL container: `server/` and `replication/`,
+/// each with `tls.crt`, `tls.key` and `ca.crt`.
+pub const TLS_MOUNT_PATH: &str = "/etc/postgres-operator/tls";
+
+/// Environment variable (instance manager) with the folder of the TLS Secrets
+/// ([`TLS_MOUNT_PATH`]); unset when the cluster's TLS is `Disabled`.
+pub const ENV_TLS_DIR: &str = "TLS_DIR";
+
+/// Files of a mounted `kubernetes.io/tls` Secret.
+pub mod tls_keys {
+    /// The certificate (PEM).
+    pub const CERTIFICATE: &str = "tls.crt";
+    /// Its private key (PEM).
+    pub const KEY: &str = "tls.key";
+    /// The CA that signed it (PEM).
+    pub const CA: &str = "ca.crt";
+    /// The CA's private key (PEM), in the operator's private CA Secret only.
+    pub const CA_KEY: &str = "ca.key";
+}
+
 /// Secret (per cluster) with the credentials of [`POOLER_AUTH_USER`]: the operator creates it
 /// for the first Pooler of the cluster (keys `username`, `password`, `userlist.txt`); the
 /// primary's instance manager creates the role with that password.

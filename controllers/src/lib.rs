@@ -12,3 +12,4 @@ pub mod postgres_cluster;
 pub mod scheduled_backup;
 pub mod sharded_cluster;
 pub mod telemetry;
+pub mod tls;

@@ -83,6 +83,13 @@ pub struct Config {
     /// `service.name` of the exported spans.
     #[arg(long, env = "OTEL_SERVICE_NAME", default_value = crate::telemetry::DEFAULT_SERVICE_NAME)]
     pub otel_service_name: String,
+    /// Validity of the server and client certificates the operator issues (or asks cert-manager
+    /// for), in seconds (90 days).
+    #[arg(long, env = "TLS_CERTIFICATE_SECONDS", default_value_t = 90 * 86400)]
+    pub tls_certificate_seconds: u64,
+    /// A certificate with less than this left is renewed, in seconds (30 days).
+    #[arg(long, env = "TLS_RENEW_BEFORE_SECONDS", default_value_t = 30 * 86400)]
+    pub tls_renew_before_seconds: u64,
 }
 
 /// Errors that stop the operator.
@@ -238,6 +245,11 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
         settings: Settings {
             instance_manager_image: config.instance_manager_image.clone(),
             resync: Duration::from_secs(config.resync_seconds.max(10)),
+            tls: crate::tls::certificates::Lifetimes {
+                leaf: Duration::from_secs(config.tls_certificate_seconds),
+                renew_before: Duration::from_secs(config.tls_renew_before_seconds),
+                ..Default::default()
+            },
         },
     });
     let (stop_backups, backups_stopped) = tokio::sync::oneshot::channel::<()>();

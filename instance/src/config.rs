@@ -126,6 +126,10 @@ pub struct Config {
     /// File of user-defined metrics queries (postgres_exporter's queries.yaml format).
     #[arg(long, env = "METRICS_CUSTOM_QUERIES")]
     pub metrics_custom_queries: Option<PathBuf>,
+    /// Folder of the mounted TLS Secrets (`server/` and `replication/`, each with `tls.crt`,
+    /// `tls.key`, `ca.crt`); PostgreSQL runs without TLS when unset.
+    #[arg(long, env = api::contract::ENV_TLS_DIR)]
+    pub tls_dir: Option<PathBuf>,
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,

@@ -11,6 +11,7 @@
 //! - [`declarative`]: PostgresUser and PostgresDatabase, applied by the primary.
 //! - [`backup`]: WAL archiving, base backups, restore and point-in-time recovery.
 //! - [`database_metrics`]: figures read from PostgreSQL at scrape time (built-in and user queries).
+//! - [`tls`]: PostgreSQL's TLS from the mounted certificate Secrets (settings, pg_hba, renewal).
 //! - [`pooler`]: the Poolers' auth role and function, PAUSE/RESUME around a switchover.
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
 //!
@@ -51,6 +52,7 @@ pub mod postgres;
 pub mod postgres_log;
 pub mod quote;
 pub mod status;
+pub mod tls;
 pub mod watchdog;
 
 pub use config::Config;

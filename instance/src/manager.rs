@@ -63,6 +63,17 @@ pub async fn run(config: Config) -> Result<()> {
         &config.namespace,
         &config.cluster,
         &config.rw_service_address(),
+        config
+            .tls_dir
+            .as_ref()
+            .map(|dir| crate::pooler::pause::RwTls {
+                ca_file: dir.join("server").join(api::contract::tls_keys::CA),
+                server_name: format!(
+                    "{}.{}.svc",
+                    api::contract::rw_service(&config.cluster),
+                    config.namespace
+                ),
+            }),
     );
     crate::pooler::spawn_auth(
         declarative_client.clone(),
@@ -147,6 +158,7 @@ pub async fn run(config: Config) -> Result<()> {
         not_streaming_since: None,
         rewound_while_stuck: false,
         included_config: None,
+        tls_fingerprint: None,
         declarative_primary,
         backup,
         restarts_since_ready: 0,
@@ -298,6 +310,8 @@ struct Manager {
     rewound_while_stuck: bool,
     /// Contents of the included configuration files (the operator's ConfigMap) last loaded.
     included_config: Option<Vec<Option<String>>>,
+    /// Contents of the mounted certificate Secrets last installed (TLS on).
+    tls_fingerprint: Option<Vec<Option<Vec<u8>>>>,
     /// Tells the declarative reconcilers whether this instance is a writable primary.
     declarative_primary: tokio::sync::watch::Sender<bool>,
     /// Backups (archiving, base backups, recovery), when configured.
@@ -327,6 +341,7 @@ impl Manager {
         }
         self.restart_on_request().await;
         self.reload_on_config_change();
+        self.reload_on_certificate_change();
         self.supervise().await;
         self.local = self.query_local().await;
         if self.local.is_some() {
@@ -582,6 +597,31 @@ impl Manager {
                 self.included_config = Some(contents);
             }
         }
+    }
+
+    /// Installs renewed certificates and reloads PostgreSQL (SIGHUP), which loads them for new
+    /// connections without a restart; connections already open keep their session. The
+    /// kubelet swaps a renewed Secret's files at once; a read in the middle of the swap shows as
+    /// one more change at the next tick and is installed again.
+    fn reload_on_certificate_change(&mut self) {
+        let Some(tls) = self.postgres.tls() else {
+            return;
+        };
+        let fingerprint = tls.fingerprint();
+        if self.tls_fingerprint.as_ref() == Some(&fingerprint) {
+            return;
+        }
+        // Also at the first look (a renewal may have come between the first configuration and
+        // now): one reload at start-up is harmless.
+        if let Err(error) = self.postgres.install_tls() {
+            warn!(%error, "renewed certificates could not be installed; retrying");
+            return;
+        }
+        if self.postgres.pid().is_some() {
+            info!("certificates installed: reloading PostgreSQL");
+            self.postgres.signal(Signal::SIGHUP);
+        }
+        self.tls_fingerprint = Some(fingerprint);
     }
 
     fn member(&self, name: &str) -> Option<&Member> {

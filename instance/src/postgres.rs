@@ -16,6 +16,7 @@ use crate::cluster::Credentials;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::quote;
+use crate::tls::{self, TlsFiles};
 
 /// Name of the configuration file the instance manager owns, included from postgresql.conf.
 pub const MANAGED_CONFIG: &str = "pg-instance.conf";
@@ -63,6 +64,8 @@ pub struct LocalPostgres {
     child: Option<Child>,
     /// Archiving, WAL restore and recovery settings (see [`crate::backup`]).
     backup_settings: Vec<(String, String)>,
+    /// TLS from the mounted certificate Secrets; `None` runs without TLS.
+    tls: Option<TlsFiles>,
 }
 
 /// initdb options for the encoding, locale and checksums of a new cluster.
@@ -113,6 +116,10 @@ impl LocalPostgres {
             ),
             child: None,
             backup_settings: Vec::new(),
+            tls: config
+                .tls_dir
+                .as_ref()
+                .map(|mounted| TlsFiles::new(mounted, &config.run_dir())),
         };
         postgres.private_dir(&postgres.run_dir)?;
         Ok(postgres)
@@ -306,6 +313,8 @@ impl LocalPostgres {
 
     /// Clones the primary at `upstream` with pg_basebackup (WAL streamed alongside).
     pub async fn basebackup(&self, upstream: &Upstream, replication_user: &str) -> Result<()> {
+        // The client certificate and CA pg_basebackup's conninfo names.
+        self.install_tls()?;
         self.empty_data_dir()?;
         let mut command = self.command("pg_basebackup");
         command
@@ -323,6 +332,7 @@ impl LocalPostgres {
 
     /// Rewinds this (stopped) former primary onto the timeline of the primary at `upstream`.
     pub async fn rewind(&self, upstream: &Upstream) -> Result<String> {
+        self.install_tls()?;
         let mut command = self.command("pg_rewind");
         command
             .arg("-D")
@@ -347,7 +357,45 @@ impl LocalPostgres {
         if let Some(dbname) = dbname {
             text.push_str(&format!(" dbname={}", quote::conninfo_value(dbname)));
         }
+        if let Some(tls) = &self.tls {
+            // Only the replication role presents the client certificate (its CN names it).
+            let client_certificate = user != self.superuser;
+            for (name, value) in tls.client_options(client_certificate) {
+                text.push_str(&format!(" {name}={}", quote::conninfo_value(&value)));
+            }
+        }
         text
+    }
+
+    /// The TLS files in use, when TLS is on.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// Copies the mounted certificate Secrets to the private files PostgreSQL reads (mode 0600,
+    /// owned by its user), each written aside and renamed into place. Does nothing without TLS.
+    pub fn install_tls(&self) -> Result<()> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        let copies = tls.copies().map_err(|missing| {
+            Error::Invalid(format!(
+                "TLS is on but {} is missing: is the certificate Secret mounted?",
+                missing.display()
+            ))
+        })?;
+        self.private_dir(&tls.private)?;
+        for (target, content) in copies {
+            let staged = target.with_extension("new");
+            fs::write(&staged, content)
+                .map_err(Error::io(format!("writing {}", staged.display())))?;
+            fs::set_permissions(&staged, fs::Permissions::from_mode(0o600))
+                .map_err(Error::io(format!("chmod {}", staged.display())))?;
+            self.give(&staged)?;
+            fs::rename(&staged, &target)
+                .map_err(Error::io(format!("renaming {}", staged.display())))?;
+        }
+        Ok(())
     }
 
     /// Writes pg_hba.conf, the managed configuration file, and `standby.signal` when `standby`.
@@ -357,16 +405,8 @@ impl LocalPostgres {
         standby: bool,
         replication_user: &str,
     ) -> Result<()> {
-        let hba = format!(
-            "# Written by pg-instance.\n\
-             # The socket folder is private to the pod (mode 0700).\n\
-             local all all trust\n\
-             host replication {user} 0.0.0.0/0 scram-sha-256\n\
-             host replication {user} ::/0 scram-sha-256\n\
-             host all all 0.0.0.0/0 scram-sha-256\n\
-             host all all ::/0 scram-sha-256\n",
-            user = quote::identifier(replication_user)
-        );
+        self.install_tls()?;
+        let hba = tls::pg_hba(replication_user, self.tls.is_some());
         let hba_path = self.pgdata.join("pg_hba.conf");
         self.write_private(&hba_path, &hba)?;
 
@@ -408,6 +448,9 @@ impl LocalPostgres {
             }
         }
         lines.extend(crate::postgres_log::settings(&self.run_dir));
+        if let Some(tls) = &self.tls {
+            lines.extend(tls.server_settings());
+        }
         lines.extend(self.backup_settings.iter().cloned());
         lines.extend(self.extra_settings.iter().cloned());
         let text: String = std::iter::once("# Written by pg-instance; do not edit.\n".to_string())

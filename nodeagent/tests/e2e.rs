@@ -54,7 +54,7 @@ async fn cluster_from_helm_installed_operator_fails_over_without_losing_writes()
     let ready_after = started.elapsed();
 
     // Through the Services, as a client would.
-    let password = common::superuser_password(&client, namespace, "pg").await?;
+    let password = common::superuser_login(&client, namespace, "pg").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("pg"))?;
     let ro = e2e.service_port(namespace, &api::contract::ro_service("pg"))?;
     let writer = connect_when_served(rw, &password).await?;
@@ -258,7 +258,7 @@ async fn scale_switchover_hibernate_and_resume_keep_the_data() -> anyhow::Result
     let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), namespace);
     e2e.wait_healthy(&clusters, "sc", None, Duration::from_secs(150))
         .await?;
-    let password = common::superuser_password(&client, namespace, "sc").await?;
+    let password = common::superuser_login(&client, namespace, "sc").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("sc"))?;
     connect_when_served(rw, &password)
         .await?

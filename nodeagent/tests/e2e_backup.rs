@@ -19,7 +19,7 @@ use common::backup::{
 };
 use common::{
     connect_when_served, create_cluster, eventually, kill_operator, operator_backup_figure, stack,
-    superuser_password,
+    superuser_login,
 };
 use kube::api::Api;
 use serde_json::json;
@@ -47,7 +47,7 @@ async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()>
     .await?;
     e2e.wait_healthy(&clusters, "src", None, Duration::from_secs(180))
         .await?;
-    let password = superuser_password(&client, namespace, "src").await?;
+    let password = superuser_login(&client, namespace, "src").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("src"))?;
     connect_when_served(rw, &password)
         .await?
@@ -127,7 +127,7 @@ async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()>
     .await?;
     e2e.wait_healthy(&restored, "copy", None, Duration::from_secs(240))
         .await?;
-    let copy_password = superuser_password(&client, namespace, "copy").await?;
+    let copy_password = superuser_login(&client, namespace, "copy").await?;
     let copy_rw = e2e.service_port(namespace, &api::contract::rw_service("copy"))?;
     let row = connect_when_served(copy_rw, &copy_password)
         .await?
@@ -209,7 +209,7 @@ async fn retention_deletes_the_backups_outside_the_recovery_window_and_their_wal
     .await?;
     e2e.wait_healthy(&clusters, "ret", None, Duration::from_secs(180))
         .await?;
-    let password = superuser_password(&client, namespace, "ret").await?;
+    let password = superuser_login(&client, namespace, "ret").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("ret"))?;
     connect_when_served(rw, &password)
         .await?

@@ -16,7 +16,7 @@ mod common;
 use std::time::Duration;
 
 use common::backup::{backup_job, calm_failover, completed, visible_text};
-use common::{connect_when_served, create_cluster, eventually, stack, superuser_password};
+use common::{connect_when_served, create_cluster, eventually, stack, superuser_login};
 use kube::api::Api;
 use serde_json::json;
 use testbed::object_store::S3Server;
@@ -95,7 +95,7 @@ async fn a_store_that_refuses_the_credentials_is_named_in_the_condition_and_the_
     };
     for name in ["denied", "allowed"] {
         let rw = e2e.service_port(namespace, &api::contract::rw_service(name))?;
-        let password = superuser_password(&client, namespace, name).await?;
+        let password = superuser_login(&client, namespace, name).await?;
         connect_when_served(rw, &password)
             .await?
             .batch_execute("CREATE TABLE t (id int); SELECT pg_switch_wal()")
@@ -186,7 +186,7 @@ async fn a_new_cluster_is_not_bootstrapped_into_a_repository_that_holds_wal() ->
     let clusters = create_cluster(&client, first, "twin", spec.clone()).await?;
     e2e.wait_healthy(&clusters, "twin", None, STARTUP).await?;
     let rw = e2e.service_port(first, &api::contract::rw_service("twin"))?;
-    let password = superuser_password(&client, first, "twin").await?;
+    let password = superuser_login(&client, first, "twin").await?;
     common::backup::archive_current_wal(rw, &password).await?;
 
     let refused = create_cluster(&client, second, "twin", spec).await?;
@@ -283,7 +283,7 @@ async fn a_store_behind_a_private_ca_is_trusted_through_ca_secret() -> anyhow::R
     for name in ["trusted", "untrusted"] {
         e2e.wait_healthy(&clusters, name, None, STARTUP).await?;
         let rw = e2e.service_port(namespace, &api::contract::rw_service(name))?;
-        let password = superuser_password(&client, namespace, name).await?;
+        let password = superuser_login(&client, namespace, name).await?;
         connect_when_served(rw, &password)
             .await?
             .batch_execute("CREATE TABLE t (id int); SELECT pg_switch_wal()")

@@ -51,8 +51,19 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
     let rw = e2e.service_port(namespace, &api::contract::rw_service("app"))?;
 
     // The generated Secret, used as an application would: user, password and database from it,
-    // the -rw Service's local port standing in for its host.
-    let psql = paths::pg_bin().join("psql");
+    // the -rw Service's local port standing in for its host's address; TLS verify-full against
+    // the cluster's CA Secret and the Secret's host name (libpq built with OpenSSL).
+    let psql = paths::pg_bin_tls().join("psql");
+    let ca_dir = tempfile::tempdir()?;
+    let ca_file = ca_dir.path().join("ca.crt");
+    let ca_pem = secret_value(
+        &client,
+        namespace,
+        &api::contract::tls_ca_secret("app"),
+        api::contract::tls_keys::CA,
+    )
+    .await?;
+    std::fs::write(&ca_file, ca_pem)?;
     let output = eventually(
         "psql with the generated Secret through -rw",
         Duration::from_secs(120),
@@ -69,7 +80,11 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
                     "(SELECT tableowner FROM pg_tables WHERE tablename = 'items'), ",
                     "(SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())"
                 ))
-                .arg(format!("host=127.0.0.1 port={rw} user={username} dbname={dbname} connect_timeout=5"))
+                .arg(format!(
+                    "host={host} hostaddr=127.0.0.1 port={rw} user={username} dbname={dbname} \
+                     connect_timeout=5 sslmode=verify-full sslrootcert={}",
+                    ca_file.display()
+                ))
                 .env("PGPASSWORD", password)
                 .output()?;
             let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();

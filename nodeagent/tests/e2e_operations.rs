@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, calm_failover, connect, connect_when_served,
-    create_cluster, eventually, kill_operator, lost_writes, patch_spec, stack, superuser_password,
+    connect_writable, create_cluster, eventually, kill_operator, lost_writes, patch_spec, stack,
+    superuser_login,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
@@ -101,7 +102,7 @@ async fn scaling_3_to_5_to_3_moves_claims_budget_and_services_along() -> anyhow:
     .await?;
     e2e.wait_healthy(&clusters, "sc", None, Duration::from_secs(180))
         .await?;
-    let password = superuser_password(&client, namespace, "sc").await?;
+    let password = superuser_login(&client, namespace, "sc").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("sc"))?;
     connect_when_served(rw, &password)
         .await?
@@ -175,24 +176,10 @@ async fn scaling_3_to_5_to_3_moves_claims_budget_and_services_along() -> anyhow:
         },
     )
     .await?;
-    // -rw follows the new primary once the EndpointSlice controller has seen the role labels.
-    eventually(
-        "a write through -rw after the switchover",
-        Duration::from_secs(60),
-        || async {
-            let client = connect_when_served(rw, &password).await?;
-            Ok(
-                match client
-                    .execute("INSERT INTO kept VALUES (2) ON CONFLICT DO NOTHING", &[])
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(error) => Err(error.to_string()),
-                },
-            )
-        },
-    )
-    .await?;
+    connect_writable(rw, &password)
+        .await?
+        .execute("INSERT INTO kept VALUES (2)", &[])
+        .await?;
 
     // 5 -> 3: the primary sc-4 hands over before its pod goes; the claims of sc-3 and sc-4 are
     // kept (whenScaled: Retain); the budget and the Services shrink with the pods.
@@ -408,7 +395,7 @@ async fn operator_killed_mid_reconcile_converges_without_duplicates() -> anyhow:
         after,
         "objects kept changing"
     );
-    let password = superuser_password(&client, namespace, "ok").await?;
+    let password = superuser_login(&client, namespace, "ok").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("ok"))?;
     connect_when_served(rw, &password)
         .await?
@@ -443,7 +430,7 @@ async fn rolling_image_update_goes_replicas_first_then_switchover_then_primary()
     let first_primary = e2e
         .wait_healthy(&clusters, "ru", None, Duration::from_secs(180))
         .await?;
-    let password = superuser_password(&client, namespace, "ru").await?;
+    let password = superuser_login(&client, namespace, "ru").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("ru"))?;
     connect_when_served(rw, &password)
         .await?

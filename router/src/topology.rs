@@ -139,6 +139,11 @@ pub struct BackendConfig {
     /// the shard skips parsing them (see `plan_cache`). On by default.
     #[serde(default = "default_auto_prepare")]
     pub auto_prepare: bool,
+    /// CA certificate(s) (PEM) the shards' server certificates must chain to. When set, the
+    /// router speaks TLS to every shard and checks its certificate and name (libpq's
+    /// `sslmode=verify-full`); a shard without TLS is refused. Plain TCP when unset.
+    #[serde(default)]
+    pub ssl_root_cert: Option<PathBuf>,
 }
 
 impl Default for BackendConfig {
@@ -149,6 +154,7 @@ impl Default for BackendConfig {
             database: default_database(),
             pool_size: default_pool_size(),
             auto_prepare: default_auto_prepare(),
+            ssl_root_cert: None,
         }
     }
 }
@@ -160,6 +166,7 @@ impl std::fmt::Debug for BackendConfig {
             .field("database", &self.database)
             .field("pool_size", &self.pool_size)
             .field("auto_prepare", &self.auto_prepare)
+            .field("ssl_root_cert", &self.ssl_root_cert)
             .finish_non_exhaustive()
     }
 }
@@ -193,6 +200,9 @@ pub struct ShardConfig {
     /// decimal) for values above TOML's integer range. Omit on every shard for equal ranges.
     #[serde(default)]
     pub hash_range_start: Option<HashStart>,
+    /// Name the shard's certificate must carry, with `backend.ssl_root_cert`; `host` when unset.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
 }
 
 /// A position in the 64-bit hash space, as written in the config.
@@ -297,6 +307,8 @@ pub struct Endpoint {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// TLS to the shard (verify-full), or none.
+    pub tls: Option<crate::backend::tls::EndpointTls>,
 }
 
 /// A table group as the planner uses it.
@@ -430,16 +442,42 @@ impl Topology {
                 },
             );
         }
+        let ca_pem = match &config.backend.ssl_root_cert {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let mut shards = Vec::new();
+        for shard in &config.shards {
+            let tls = match &ca_pem {
+                Some(pem) => {
+                    let name = shard.tls_server_name.as_deref().unwrap_or(&shard.host);
+                    Some(
+                        crate::backend::tls::EndpointTls::new(pem, name).map_err(|e| {
+                            TopologyError::Invalid(format!(
+                                "backend.ssl_root_cert for shard {}: {e}",
+                                shard.name
+                            ))
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            shards.push(Endpoint {
+                name: shard.name.clone(),
+                host: shard.host.clone(),
+                port: shard.port,
+                tls,
+            });
+        }
         Ok(Self {
-            shards: config
-                .shards
-                .iter()
-                .map(|s| Endpoint {
-                    name: s.name.clone(),
-                    host: s.host.clone(),
-                    port: s.port,
-                })
-                .collect(),
+            shards,
             groups,
             tables,
             reference_tables: config

@@ -1,7 +1,7 @@
 //! pg-router in Kubernetes mode, as a real process against a real API server and real
-//! PostgreSQL 18 shards: the topology comes from the PostgresCluster, its ShardRanges and the
-//! shards' primary pods; clients log in with the roles PostgresUser objects declare;
-//! moving a range or a primary in the API changes where statements go, without a restart.
+//! PostgreSQL 18 shards (TLS only, each shard cluster with its own CA, verified by the router):
+//! the topology comes from the PostgresCluster, its ShardRanges and the shards' primary pods;
+//! clients log in with the roles PostgresUser objects declare; moving a range or a primary in the API changes where statements go, without a restart.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -22,6 +22,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use router::vindex::{KeyValue, key_hash};
 use serde_json::json;
+use testbed::pg_tls::TestCa;
 use testbed::{ApiServer, Postgres, PostgresOptions};
 
 const NAMESPACE: &str = "routing";
@@ -162,12 +163,36 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         )
         .await
         .unwrap();
-    let options = PostgresOptions::default().setting("max_prepared_transactions", 10);
+    // The shards speak TLS only, as the operator's clusters do: each shard cluster has its own
+    // CA, and its primary a certificate for the cluster's -rw Service (shards[2] becomes
+    // db-shard-1's primary later, so it has db-shard-1's).
+    let cas: Vec<TestCa> = (0..2)
+        .map(|i| TestCa::new(&format!("db-shard-{i} CA")).expect("a CA"))
+        .collect();
     let shards: Vec<Postgres> = tokio::task::block_in_place(|| {
-        (0..3)
-            .map(|_| Postgres::start_with(options.clone()).expect("a shard"))
+        [0, 1, 1]
+            .into_iter()
+            .map(|child: usize| {
+                let name = format!("db-shard-{child}-rw.{NAMESPACE}.svc");
+                let options = PostgresOptions {
+                    tls: Some(cas[child].issue(&[&name]).expect("a certificate")),
+                    ..PostgresOptions::default().setting("max_prepared_transactions", 10)
+                };
+                Postgres::start_with(options).expect("a shard")
+            })
             .collect()
     });
+    for (child, ca) in cas.iter().enumerate() {
+        let mut secret = Secret {
+            metadata: meta(&contract::tls_ca_secret(&format!("db-shard-{child}"))),
+            ..Secret::default()
+        };
+        secret.data = Some(BTreeMap::from([(
+            contract::tls_keys::CA.to_string(),
+            ByteString(ca.pem().as_bytes().to_vec()),
+        )]));
+        create(&client, &secret).await;
+    }
 
     // What the operator writes for a 2-shard cluster (no operator runs here: the router is
     // under test), and the shards' primary pods as their instance managers label them.
@@ -268,6 +293,25 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         .unwrap()
         .get(0);
     assert_eq!(total, 100);
+    // The router reached both shards over TLS, verified against each shard's own CA (the
+    // test's own connections use the Unix socket: only the router comes over TCP).
+    for shard in &shards[..2] {
+        let encrypted = "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.backend_type = 'client backend' AND a.client_addr IS NOT NULL";
+        let row = shard
+            .client()
+            .await
+            .unwrap()
+            .query_one(encrypted, &[])
+            .await
+            .unwrap();
+        let (tls, plain): (i64, i64) = (row.get(0), row.get(1));
+        assert!(
+            tls > 0 && plain == 0,
+            "router connections: {tls} TLS, {plain} plain"
+        );
+    }
 
     // Move shard-0's range to shard-1 in the API: routing follows without a restart.
     let moved_key = (1..=100).find(|k| initial_shard(*k) == 0).unwrap();

@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod manifests;
 pub mod object_store;
 pub mod paths;
+pub mod pg_tls;
 pub mod pgbouncer;
 pub mod pooler_exporter;
 pub mod postgres;

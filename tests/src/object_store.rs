@@ -280,23 +280,14 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
         host: std::net::IpAddr,
         buckets: &[&str],
     ) -> anyhow::Result<(Self, String)> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test S3 store CA");
-        let ca = ca_params.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate()?;
-        let params = rcgen::CertificateParams::new(vec![host.to_string()])?;
-        let certificate = params.signed_by(&key, &issuer)?;
+        let ca = crate::pg_tls::TestCa::new("test S3 store CA")?;
+        let issued = ca.issue(&[&host.to_string()])?;
         let port = crate::free_port();
         let cert_file = log_dir.join(format!("s3-{port}.crt"));
         let key_file = log_dir.join(format!("s3-{port}.key"));
         let ca_file = log_dir.join(format!("s3-{port}-ca.crt"));
-        fs::write(&cert_file, certificate.pem())?;
-        fs::write(&key_file, key.serialize_pem())?;
+        fs::write(&cert_file, &issued.certificate_pem)?;
+        fs::write(&key_file, &issued.key_pem)?;
         fs::write(&ca_file, ca.pem())?;
         let mut server = Self::spawn_on_port(
             log_dir,
@@ -335,7 +326,7 @@ for bucket in buckets:
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        Ok((server, ca.pem()))
+        Ok((server, ca.pem().to_string()))
     }
 
     fn spawn(log_dir: &Path, host: std::net::IpAddr, env: &[(&str, &str)]) -> anyhow::Result<Self> {

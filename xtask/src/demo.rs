@@ -35,7 +35,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             agent_dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )?;
-        let pg_install = paths::pg_bin().parent().map(PathBuf::from).unwrap_or_default();
+        // PostgreSQL built with OpenSSL: the demo cluster has TLS (the default).
+        let pg_install = paths::pg_bin_tls().parent().map(PathBuf::from).unwrap_or_default();
         crate::step("starting the node agent (runs the scheduled pods as local processes)");
         let mut agent = NodeAgent::start(NodeAgentConfig {
             node_name: "demo-node".to_string(),
@@ -111,7 +112,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
 
         print_objects(&client, &api::all_crds()).await?;
         let passfile = write_pgpass(&client, &plane.dir().join("pgpass")).await?;
-        let psql = paths::pg_bin().join("psql");
+        // psql with OpenSSL: the cluster refuses clients without TLS.
+        let psql = paths::pg_bin_tls().join("psql");
         println!("\nServices (a local port each, forwarding to ready endpoints as kube-proxy would):");
         for ((namespace, service, port), local) in agent.service_ports() {
             if namespace != NAMESPACE || port != api::contract::POSTGRES_PORT {
@@ -123,14 +125,27 @@ pub fn run(once: bool) -> anyhow::Result<()> {
                 psql.display()
             );
         }
+        // TLS as an application does it: verify-full against the cluster's CA Secret and the
+        // -rw Service name (the local port stands in for the Service's address).
+        let ca_file = plane.dir().join("demo-ca.crt");
+        std::fs::write(&ca_file, secret_text(&client, &api::contract::tls_ca_secret("demo"), api::contract::tls_keys::CA).await?)?;
+        let rw_name = format!("{}.{NAMESPACE}.svc", api::contract::rw_service("demo"));
         if let Some(port) = agent.service_port(NAMESPACE, &api::contract::rw_service("demo"), api::contract::POSTGRES_PORT) {
             let version = Command::new(&psql)
-                .args(["-X", "-A", "-t", "-c", "SELECT version()"])
-                .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=app"))
+                .args(["-X", "-A", "-t", "-c", "SELECT version() || ', ' || (SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid())"])
+                .arg(format!(
+                    "host={rw_name} hostaddr=127.0.0.1 port={port} user=postgres dbname=app sslmode=verify-full sslrootcert={}",
+                    ca_file.display()
+                ))
                 .env("PGPASSFILE", &passfile)
                 .output()?;
-            println!("\nThe -rw Service answers: {}", String::from_utf8_lossy(&version.stdout).trim());
+            println!(
+                "\nThe -rw Service answers (verify-full): {}{}",
+                String::from_utf8_lossy(&version.stdout).trim(),
+                String::from_utf8_lossy(&version.stderr).trim()
+            );
         }
+        pooler_answers(&client, &agent, &psql).await?;
         println!("kubeconfig: {}   (KUBECONFIG=... kubectl get postgres,pods,svc)", plane.kubeconfig_path().display());
         println!("logs: {} (control plane), {} (pods)", plane.dir().display(), agent_dir.path().display());
         if once {
@@ -196,6 +211,52 @@ async fn print_objects(
     Ok(())
 }
 
+/// Waits (up to 2 minutes) until a query as the application user through the example Pooler's
+/// Service succeeds: its PgBouncer pods logged in to PostgreSQL over TLS (`verify-full` to the
+/// `-rw` Service name) with the pooler auth role.
+async fn pooler_answers(
+    client: &kube::Client,
+    agent: &NodeAgent,
+    psql: &std::path::Path,
+) -> anyhow::Result<()> {
+    const POOLER: &str = "demo-pooler-rw";
+    let password = secret_text(client, &api::contract::app_secret("demo"), "password").await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Some(port) = agent.service_port(NAMESPACE, POOLER, api::contract::POSTGRES_PORT) {
+            let output = Command::new(psql)
+                .args(["-X", "-A", "-t", "-c", "SELECT current_user || ' via PgBouncer, server TLS ' || ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()"])
+                .arg(format!("host=127.0.0.1 port={port} user=app dbname=app connect_timeout=10"))
+                .env("PGPASSWORD", &password)
+                .output()?;
+            if output.status.success() {
+                println!(
+                    "The Pooler {POOLER} answers: {}",
+                    String::from_utf8_lossy(&output.stdout).trim()
+                );
+                return Ok(());
+            }
+            last = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    anyhow::bail!("the Pooler {POOLER} did not answer in 2 minutes: {last}")
+}
+
+/// A key of a Secret of the demo namespace, as text.
+async fn secret_text(client: &kube::Client, name: &str, key: &str) -> anyhow::Result<String> {
+    let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .get(name)
+        .await?;
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).to_string())
+        .ok_or_else(|| anyhow::anyhow!("Secret {NAMESPACE}/{name} has no key {key}"))
+}
+
 /// Writes a 0600 password file for the superuser (the password itself is never printed).
 async fn write_pgpass(client: &kube::Client, path: &std::path::Path) -> anyhow::Result<PathBuf> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
@@ -209,7 +270,8 @@ async fn write_pgpass(client: &kube::Client, path: &std::path::Path) -> anyhow::
         .map(|b| String::from_utf8_lossy(&b.0).to_string())
         .unwrap_or_default();
     let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
-    std::fs::write(path, format!("127.0.0.1:*:*:postgres:{escaped}\n"))?;
+    // Any host: the verify-full example names the -rw Service (`host=`), not 127.0.0.1.
+    std::fs::write(path, format!("*:*:*:postgres:{escaped}\n"))?;
     let mut permissions = std::fs::metadata(path)?.permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
     std::fs::set_permissions(path, permissions)?;

@@ -11,7 +11,9 @@ mod operator_install;
 mod release;
 mod sbom;
 mod setup;
+mod setup_pg_tls;
 mod signing;
+mod test_runner;
 
 use clap::{Parser, Subcommand};
 
@@ -145,7 +147,7 @@ fn test() -> anyhow::Result<()> {
         "--package",
         "kubectl-pg",
     ])?;
-    cargo(&["test", "--workspace", "--no-fail-fast"])?;
+    test_runner::run(&testbed::paths::workspace_root())?;
     step("cargo xtask demo --once (the operator and a three-instance cluster, end to end)");
     demo::run(true)?;
     step(&format!(

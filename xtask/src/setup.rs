@@ -21,6 +21,7 @@ pub fn run() -> anyhow::Result<()> {
 /// kube-scheduler, PgBouncer): what the demo and the benchmarks need.
 pub fn install_servers() -> anyhow::Result<()> {
     install_postgres()?;
+    crate::setup_pg_tls::install_postgres_tls()?;
     let user = testbed::process::unprivileged_ids()?;
     if let Some((uid, _)) = user {
         crate::step(&format!(

@@ -86,15 +86,19 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
     }
 
     // Build.
-    let ini = builders::pgbouncer_ini(pooler, &Target::for_pooler(pooler));
+    let mut ini = builders::pgbouncer_ini(pooler, &Target::for_pooler(pooler));
+    if let Some(cluster) = &cluster {
+        ini.push_str(&crate::tls::pooler::server_tls_lines(cluster));
+    }
     let hash = builders::config_hash(&ini);
     let config_map = builders::config_map(pooler, &ini);
-    let deployment = builders::deployment(
+    let mut deployment = builders::deployment(
         pooler,
         builders::DEFAULT_IMAGE,
         &ctx.settings.instance_manager_image,
         &hash,
     );
+    crate::tls::pooler::mount_cluster_ca(&mut deployment, cluster_name);
     let service = builders::service(pooler);
 
     // Apply.

@@ -395,6 +395,10 @@ pub fn spec_hash(cluster: &PostgresCluster, resolved: &Resolved) -> String {
     for (name, value) in parameters::restart_only(&effective_parameters(cluster)) {
         text.push_str(&format!("{name}={value}\n"));
     }
+    // Turning TLS on or off changes the pods' mounts: the instances roll.
+    if !crate::tls::pod::enabled(cluster) {
+        text.push_str("tls=disabled\n");
+    }
     format!("{:016x}", fnv1a64(text.as_bytes()))
 }
 
@@ -781,6 +785,7 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
         }),
     };
     super::monitoring::configure_pod(&mut template, &spec.monitoring);
+    crate::tls::pod::configure_pod(&mut template, cluster);
     template
 }
 

@@ -47,6 +47,9 @@ pub struct Settings {
     pub instance_manager_image: String,
     /// Requeue interval of a healthy cluster (periodic resync).
     pub resync: Duration,
+    /// Validity and renewal threshold of the certificates the operator issues (or asks
+    /// cert-manager for).
+    pub tls: crate::tls::certificates::Lifetimes,
 }
 
 impl Default for Settings {
@@ -55,6 +58,7 @@ impl Default for Settings {
             instance_manager_image: "ghcr.io/keiailab/postgres-operator/pg-instance:latest"
                 .to_string(),
             resync: Duration::from_secs(300),
+            tls: crate::tls::certificates::Lifetimes::default(),
         }
     }
 }
@@ -92,6 +96,15 @@ pub enum Error {
         /// The finalizer error.
         #[source]
         source: Box<kube::runtime::finalizer::Error<Error>>,
+    },
+    /// The TLS stage (operator CA, certificates, cert-manager) failed.
+    #[error("TLS of PostgresCluster {name}: {source}")]
+    Tls {
+        /// Cluster name.
+        name: String,
+        /// What failed.
+        #[source]
+        source: crate::tls::Error,
     },
     /// The object has no namespace (PostgresCluster is namespaced, so this is a bug).
     #[error("PostgresCluster {0} has no namespace")]

@@ -786,6 +786,20 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
         }
     };
 
+    // TLS Secrets before the pods that mount them; renewal brings the reconciler back early.
+    let tls = match crate::tls::ensure(cluster, ctx, &namespace)
+        .await
+        .map_err(|source| Error::Tls {
+            name: name.clone(),
+            source,
+        })? {
+        Ok(outcome) => outcome,
+        Err(found) => {
+            problem.get_or_insert(found);
+            crate::tls::Outcome::default()
+        }
+    };
+
     apply_parameters(cluster, ctx, &namespace).await?;
     apply_supporting_objects(cluster, ctx, &namespace, &app_secret).await?;
 
@@ -840,10 +854,14 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
         hibernated,
     };
     write_status(cluster, ctx, &observation).await?;
-    Ok(Action::requeue(if busy {
+    let requeue = if busy {
         BUSY_REQUEUE
     } else {
         ctx.settings.resync
+    };
+    Ok(Action::requeue(match tls.renew_in {
+        Some(renew_in) => requeue.min(renew_in.max(Duration::from_secs(1))),
+        None => requeue,
     }))
 }
 

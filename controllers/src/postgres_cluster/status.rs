@@ -251,6 +251,8 @@ fn leak_reason(reason: &str) -> &'static str {
         "SecretInvalid" => "SecretInvalid",
         "ImageCatalogNotFound" => "ImageCatalogNotFound",
         "ImageNotInCatalog" => "ImageNotInCatalog",
+        "IssuerNotFound" => "IssuerNotFound",
+        "CertificatesPending" => "CertificatesPending",
         _ => "Blocked",
     }
 }

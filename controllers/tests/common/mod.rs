@@ -85,7 +85,21 @@ impl Env {
         }
     }
 
-    fn with_controller(mut self) -> Env {
+    fn with_controller(self) -> Env {
+        self.with_settings(Settings {
+            instance_manager_image: MANAGER_IMAGE.to_string(),
+            ..Settings::default()
+        })
+    }
+
+    /// Starts the API server and the controller with `settings`.
+    pub async fn start_with_settings(namespace: &str, settings: Settings) -> Env {
+        Env::without_controller(namespace)
+            .await
+            .with_settings(settings)
+    }
+
+    fn with_settings(mut self, settings: Settings) -> Env {
         let ctx = Arc::new(Context {
             client: self.client.clone(),
             recorder: Recorder::new(
@@ -96,10 +110,7 @@ impl Env {
                 },
             ),
             metrics: Arc::new(Metrics::new()),
-            settings: Settings {
-                instance_manager_image: MANAGER_IMAGE.to_string(),
-                ..Settings::default()
-            },
+            settings,
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let namespace = self.namespace.clone();

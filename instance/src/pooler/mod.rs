@@ -3,6 +3,7 @@
 //! - [`auth`]: keeps the `auth_query` role and lookup function applied, with the password of the
 //!   cluster's pooler auth Secret (the operator generates it when the first Pooler appears).
 //! - [`pause`]: PAUSE before a switchover, RECONNECT + RESUME once the new primary is writable.
+//! - [`verify`]: TLS (verify-full against the cluster's CA) of the probe of the rw Service.
 //! - [`exporter`]: `pg-instance pooler-exporter`, the Pooler pods' `/metrics` (PgBouncer's admin
 //!   console under pgbouncer_exporter's names); it runs in the Pooler pod, not in the instance.
 //!
@@ -11,6 +12,7 @@
 pub mod auth;
 pub mod exporter;
 pub mod pause;
+pub mod verify;
 
 use std::time::Duration;
 

@@ -21,6 +21,7 @@
 //! Pooler config lists it in `admin_users`), with the password of the pooler auth Secret.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use api::contract;
@@ -55,6 +56,18 @@ pub struct Poolers {
     cluster: String,
     /// `host:port` of the cluster's rw Service (what the Poolers point at).
     rw_address: String,
+    /// How the probe of the rw Service verifies it; `None` when the cluster has no TLS.
+    rw_tls: Option<RwTls>,
+}
+
+/// TLS of the probe of the rw Service: the cluster's CA (the mounted server Secret's `ca.crt`,
+/// read at each probe so that a renewal is seen) and the Service's name the certificate carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RwTls {
+    /// The CA certificate file.
+    pub ca_file: PathBuf,
+    /// The name the server certificate must carry (`<cluster>-rw.<namespace>.svc`).
+    pub server_name: String,
 }
 
 /// Poolers caught by a PAUSE, with what is needed to resume them.
@@ -68,13 +81,21 @@ pub struct Paused {
 }
 
 impl Poolers {
-    /// The Poolers of `cluster` in `namespace`; `rw_address` is the rw Service (`host:port`).
-    pub fn new(client: Client, namespace: &str, cluster: &str, rw_address: &str) -> Self {
+    /// The Poolers of `cluster` in `namespace`; `rw_address` is the rw Service (`host:port`),
+    /// probed over TLS verified by `rw_tls` when the cluster has TLS.
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        cluster: &str,
+        rw_address: &str,
+        rw_tls: Option<RwTls>,
+    ) -> Self {
         Self {
             client,
             namespace: namespace.to_string(),
             cluster: cluster.to_string(),
             rw_address: rw_address.to_string(),
+            rw_tls,
         }
     }
 
@@ -180,8 +201,9 @@ impl Poolers {
     /// each Pooler is resumed anyway when its pause timeout (counted from the PAUSE) runs out.
     pub fn resume_when_writable(&self, paused: Paused) {
         let rw_address = self.rw_address.clone();
+        let rw_tls = self.rw_tls.clone();
         tokio::spawn(async move {
-            resume_when_writable(&rw_address, paused).await;
+            resume_when_writable(&rw_address, rw_tls.as_ref(), paused).await;
         });
     }
 
@@ -196,16 +218,16 @@ impl Poolers {
                     since: Instant::now(),
                     password,
                 };
-                resume_when_writable(&poolers.rw_address, paused).await;
+                resume_when_writable(&poolers.rw_address, poolers.rw_tls.as_ref(), paused).await;
             }
         });
     }
 }
 
-async fn resume_when_writable(rw_address: &str, paused: Paused) {
+async fn resume_when_writable(rw_address: &str, rw_tls: Option<&RwTls>, paused: Paused) {
     let mut waiting = paused.targets.clone();
     while !waiting.is_empty() {
-        let writable = is_writable(rw_address, &paused.password).await;
+        let writable = is_writable(rw_address, rw_tls, &paused.password).await;
         let elapsed = paused.since.elapsed();
         let (due, rest): (Vec<Target>, Vec<Target>) = waiting
             .into_iter()
@@ -234,27 +256,40 @@ async fn resume(target: &Target, paused: &Paused) {
     }
 }
 
-/// Whether a connection through the rw Service reaches a server that accepts writes.
-pub async fn is_writable(rw_address: &str, password: &str) -> bool {
+/// Whether a connection through the rw Service reaches a server that accepts writes (over TLS
+/// verified by `tls` when given: a cluster with TLS refuses clients without it).
+pub async fn is_writable(rw_address: &str, tls: Option<&RwTls>, password: &str) -> bool {
     let Some((host, port)) = rw_address.rsplit_once(':') else {
         return false;
     };
     let Ok(port) = port.parse::<u16>() else {
         return false;
     };
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(host)
+        .port(port)
+        .user(contract::POOLER_AUTH_USER)
+        .password(password)
+        .dbname("postgres")
+        .application_name("pg-instance-pooler-probe")
+        .connect_timeout(CONNECT_TIMEOUT);
     let probe = async {
-        let (client, connection) = tokio_postgres::Config::new()
-            .host(host)
-            .port(port)
-            .user(contract::POOLER_AUTH_USER)
-            .password(password)
-            .dbname("postgres")
-            .application_name("pg-instance-pooler-probe")
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect(tokio_postgres::NoTls)
-            .await
-            .ok()?;
-        tokio::spawn(connection);
+        let client = match tls {
+            None => {
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
+                tokio::spawn(connection);
+                client
+            }
+            Some(tls) => {
+                let ca = tokio::fs::read(&tls.ca_file).await.ok()?;
+                let verify = super::verify::VerifyFull::new(&ca, &tls.server_name).ok()?;
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, connection) = config.connect(verify).await.ok()?;
+                tokio::spawn(connection);
+                client
+            }
+        };
         let rows = client
             .simple_query("SELECT pg_catalog.pg_is_in_recovery()")
             .await

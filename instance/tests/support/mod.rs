@@ -89,6 +89,11 @@ pub struct TestCluster {
     env: Vec<(String, String)>,
     /// Extra `pg-instance` flags of every instance.
     extra_args: Vec<String>,
+    /// `bin/` of the PostgreSQL the instances run.
+    pg_bin: PathBuf,
+    /// CA certificate (PEM) of a cluster with TLS: test connections then use TLS, verified
+    /// against it and the `-rw` Service name.
+    pub tls_ca: Option<String>,
     // Dropped after the instances (their processes stop first).
     dir: tempfile::TempDir,
     pub api: std::sync::Arc<ApiServer>,
@@ -122,7 +127,7 @@ impl TestCluster {
     /// API server, Secrets, `count` pods, and one running `pg-instance` per pod.
     pub async fn start(name: &str, count: usize, synchronous: u32) -> anyhow::Result<Self> {
         let api = std::sync::Arc::new(ApiServer::start().await?);
-        Self::start_full(api, name, count, synchronous, Vec::new(), &[]).await
+        Self::start_full(api, name, count, synchronous, Vec::new(), &[], None).await
     }
 
     /// As [`Self::start`], on an API server that may be shared with other test clusters, with
@@ -134,7 +139,7 @@ impl TestCluster {
         synchronous: u32,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
-        Self::start_full(api, name, count, synchronous, env, &[]).await
+        Self::start_full(api, name, count, synchronous, env, &[], None).await
     }
 
     /// As [`TestCluster::start`], with extra `pg-instance` flags for every instance.
@@ -145,7 +150,24 @@ impl TestCluster {
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
         let api = std::sync::Arc::new(ApiServer::start().await?);
-        Self::start_full(api, name, count, synchronous, Vec::new(), extra_args).await
+        Self::start_full(api, name, count, synchronous, Vec::new(), extra_args, None).await
+    }
+
+    /// As [`Self::start`], with TLS: the certificate Secrets as the operator mounts them in
+    /// `tls_dir` (`server/`, `replication/`), and connections of the test verified against
+    /// `ca_pem`.
+    pub async fn start_with_tls(
+        name: &str,
+        count: usize,
+        tls_dir: &std::path::Path,
+        ca_pem: &str,
+    ) -> anyhow::Result<Self> {
+        let api = std::sync::Arc::new(ApiServer::start().await?);
+        let env = vec![(
+            contract::ENV_TLS_DIR.to_string(),
+            tls_dir.display().to_string(),
+        )];
+        Self::start_full(api, name, count, 0, env, &[], Some(ca_pem)).await
     }
 
     /// The one way a test cluster starts: extra environment and flags for every `pg-instance`.
@@ -156,6 +178,7 @@ impl TestCluster {
         synchronous: u32,
         env: Vec<(String, String)>,
         extra_args: &[&str],
+        tls_ca: Option<&str>,
     ) -> anyhow::Result<Self> {
         let client = api.client().await?;
         let namespace = "default".to_string();
@@ -250,6 +273,13 @@ impl TestCluster {
             synchronous,
             env,
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            tls_ca: tls_ca.map(str::to_string),
+            // PostgreSQL with TLS needs a build with OpenSSL.
+            pg_bin: if tls_ca.is_some() {
+                testbed::paths::pg_bin_tls()
+            } else {
+                testbed::paths::pg_bin()
+            },
             dir,
             api,
         };
@@ -264,6 +294,7 @@ impl TestCluster {
         let synchronous = self.synchronous;
         let name = self.name.clone();
         let env = self.env.clone();
+        let pg_bin = self.pg_bin.clone();
         let instance = &mut self.instances[index];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -275,7 +306,7 @@ impl TestCluster {
             .arg("--namespace=default")
             .arg(format!("--cluster={name}"))
             .arg(format!("--pgdata={}", instance.pgdata().display()))
-            .arg(format!("--pg-bin={}", testbed::paths::pg_bin().display()))
+            .arg(format!("--pg-bin={}", pg_bin.display()))
             // Two loopback addresses, so that a test can move a pod to the second one.
             .arg("--listen-address=127.0.0.1,127.0.0.2")
             .arg(format!("--port={}", instance.pg_port))
@@ -382,7 +413,18 @@ impl TestCluster {
 
     /// A connection to instance `index` as the superuser (TCP, SCRAM).
     pub async fn connect(&self, index: usize) -> anyhow::Result<tokio_postgres::Client> {
-        connect_port(self.instances[index].pg_port).await
+        match &self.tls_ca {
+            None => connect_port(self.instances[index].pg_port).await,
+            Some(ca) => {
+                let name = format!(
+                    "{}.{}.svc",
+                    contract::rw_service(&self.name),
+                    self.namespace
+                );
+                let tls = testbed::pg_tls::VerifyFull::new(ca, &name)?;
+                connect_port_tls(self.instances[index].pg_port, tls).await
+            }
+        }
     }
 
     /// Pod labels and annotations of instance `index`.
@@ -574,6 +616,27 @@ pub async fn connect_port_database(
         .dbname(database)
         .connect_timeout(Duration::from_secs(2));
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A TLS connection to 127.0.0.1:`port` as the superuser, verified by `tls`.
+pub async fn connect_port_tls(
+    port: u16,
+    tls: testbed::pg_tls::VerifyFull,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .password(SUPERUSER_PASSWORD)
+        .dbname("postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
+        .connect_timeout(Duration::from_secs(2));
+    let (client, connection) = config.connect(tls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

@@ -96,7 +96,7 @@ pub async fn completed(
 }
 
 /// Switches WAL on the primary behind `rw` and waits until that segment is archived.
-pub async fn archive_current_wal(rw: u16, password: &str) -> anyhow::Result<()> {
+pub async fn archive_current_wal(rw: u16, password: &super::Login) -> anyhow::Result<()> {
     let segment: String = connect_when_served(rw, password)
         .await?
         .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])

@@ -106,7 +106,8 @@ pub fn stack() -> anyhow::Result<E2e> {
                 dir.path(),
                 std::os::unix::fs::PermissionsExt::from_mode(0o755),
             )?;
-            let pg_install = paths::pg_bin()
+            // PostgreSQL built with OpenSSL: clusters have TLS by default.
+            let pg_install = paths::pg_bin_tls()
                 .parent()
                 .map(PathBuf::from)
                 .unwrap_or_default();
@@ -335,31 +336,71 @@ pub async fn secret_value(
         .ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{name} has no key {key}"))
 }
 
-/// The superuser's password of a cluster.
-pub async fn superuser_password(
+/// How a test logs in to a cluster: a password, and TLS verified as libpq's
+/// `sslmode=verify-full` does, against the cluster's CA Secret (`<cluster>-ca`) and its `-rw`
+/// Service name (TLS is on by default; PostgreSQL refuses clients without it). The server
+/// certificate carries every Service name, so the same check holds through `-ro` and `-r`.
+#[derive(Clone)]
+pub struct Login {
+    /// The password.
+    pub password: String,
+    /// The connector that verifies the server.
+    pub tls: testbed::pg_tls::VerifyFull,
+    /// The cluster's CA certificate (PEM), for clients that take a file (psql's `sslrootcert`).
+    pub ca_pem: String,
+    /// The name the server certificate is checked against (`<cluster>-rw.<namespace>.svc`).
+    pub server_name: String,
+}
+
+impl Login {
+    /// The same TLS check with another password (a declared user's).
+    pub fn with_password(&self, password: &str) -> Self {
+        Self {
+            password: password.to_string(),
+            ..self.clone()
+        }
+    }
+}
+
+/// The superuser's login to a cluster: its password and TLS against the cluster's CA.
+pub async fn superuser_login(
     client: &kube::Client,
     namespace: &str,
     cluster: &str,
-) -> anyhow::Result<String> {
-    secret_value(
+) -> anyhow::Result<Login> {
+    let password = secret_value(
         client,
         namespace,
         &api::contract::superuser_secret(cluster),
         "password",
     )
-    .await
+    .await?;
+    let ca_pem = secret_value(
+        client,
+        namespace,
+        &api::contract::tls_ca_secret(cluster),
+        api::contract::tls_keys::CA,
+    )
+    .await?;
+    let server_name = format!("{}.{namespace}.svc", api::contract::rw_service(cluster));
+    Ok(Login {
+        password,
+        tls: testbed::pg_tls::VerifyFull::new(&ca_pem, &server_name)?,
+        ca_pem,
+        server_name,
+    })
 }
 
 /// Connects as `postgres` to 127.0.0.1:`port`.
-pub async fn connect(port: u16, password: &str) -> anyhow::Result<tokio_postgres::Client> {
-    connect_as(port, "postgres", password, "postgres").await
+pub async fn connect(port: u16, login: &Login) -> anyhow::Result<tokio_postgres::Client> {
+    connect_as(port, "postgres", login, "postgres").await
 }
 
-/// Connects as `user` to `dbname` on 127.0.0.1:`port`.
+/// Connects as `user` (with `login`'s password) to `dbname` on 127.0.0.1:`port`, over TLS.
 pub async fn connect_as(
     port: u16,
     user: &str,
-    password: &str,
+    login: &Login,
     dbname: &str,
 ) -> anyhow::Result<tokio_postgres::Client> {
     let mut config = tokio_postgres::Config::new();
@@ -367,10 +408,11 @@ pub async fn connect_as(
         .host("127.0.0.1")
         .port(port)
         .user(user)
-        .password(password)
+        .password(&login.password)
         .dbname(dbname)
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_secs(3));
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, connection) = config.connect(login.tls.clone()).await?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -379,11 +421,11 @@ pub async fn connect_as(
 /// condition by a moment).
 pub async fn connect_when_served(
     port: u16,
-    password: &str,
+    login: &Login,
 ) -> anyhow::Result<tokio_postgres::Client> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(client) = connect(port, password).await
+        if let Ok(client) = connect(port, login).await
             && client.simple_query("SELECT 1").await.is_ok()
         {
             return Ok(client);
@@ -394,6 +436,27 @@ pub async fn connect_when_served(
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Connects through the rw Service once it reaches a writable primary: after a switchover the
+/// cluster's status names the new primary a moment before the Service's endpoints follow.
+pub async fn connect_writable(port: u16, login: &Login) -> anyhow::Result<tokio_postgres::Client> {
+    eventually(
+        "the rw Service to reach a writable primary",
+        Duration::from_secs(60),
+        || async {
+            let client = connect_when_served(port, login).await?;
+            let row = client
+                .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+                .await?;
+            Ok(if row.get::<_, bool>(0) {
+                Err("in recovery".to_string())
+            } else {
+                Ok(client)
+            })
+        },
+    )
+    .await
 }
 
 /// Polls `check` every 500 ms until it returns `Some`, or fails after `timeout` with `what` and
@@ -462,10 +525,10 @@ pub struct Writer {
 
 impl Writer {
     /// Starts writing into `table` (an existing table with a bigint primary key `id`).
-    pub fn start(port: u16, password: &str, table: &str) -> Self {
+    pub fn start(port: u16, login: &Login, table: &str) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
-        let password = password.to_string();
+        let login = login.clone();
         let statement = format!("INSERT INTO {table} (id) VALUES ($1)");
         let task = tokio::spawn(async move {
             let mut acknowledged = Vec::new();
@@ -475,7 +538,7 @@ impl Writer {
             let mut next = 1_000_000i64;
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
                 if client.is_none() {
-                    client = connect(port, &password).await.ok();
+                    client = connect(port, &login).await.ok();
                 }
                 let result = match &client {
                     Some(c) => c.execute(&statement, &[&next]).await.ok(),
@@ -512,11 +575,11 @@ impl Writer {
 /// The acknowledged ids missing from `table`, read through a Service's local port.
 pub async fn lost_writes(
     port: u16,
-    password: &str,
+    login: &Login,
     table: &str,
     acknowledged: &[i64],
 ) -> anyhow::Result<Vec<i64>> {
-    let client = connect_when_served(port, password).await?;
+    let client = connect_when_served(port, login).await?;
     let rows: std::collections::BTreeSet<i64> = client
         .query(&format!("SELECT id FROM {table}"), &[])
         .await?

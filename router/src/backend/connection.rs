@@ -10,6 +10,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::backend::tls::BackendStream;
 use crate::protocol::messages::{Column, ServerError};
 use crate::topology::{BackendConfig, Endpoint};
 
@@ -114,7 +115,7 @@ pub struct Execution<'a> {
 #[derive(Debug)]
 pub struct BackendConnection {
     shard: String,
-    stream: TcpStream,
+    stream: BackendStream,
     read: BytesMut,
     write: BytesMut,
     /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
@@ -195,6 +196,10 @@ impl BackendConnection {
             .await
             .map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
+        let stream = match &endpoint.tls {
+            Some(tls) => tls.connect(stream).await.map_err(io)?,
+            None => BackendStream::Plain(stream),
+        };
         let mut connection = Self {
             shard: endpoint.name.clone(),
             stream,
@@ -351,11 +356,7 @@ impl BackendConnection {
     /// Health check of an idle connection without a round trip: an idle backend sends nothing,
     /// so readable data (a FATAL from a shutdown) or EOF means the connection is dead.
     pub fn is_stale(&mut self) -> bool {
-        let mut probe = [0u8; 64];
-        match self.stream.try_read(&mut probe) {
-            Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
-            Ok(_) => true,
-        }
+        self.stream.has_unexpected_input()
     }
 
     async fn flush(&mut self) -> Result<(), BackendError> {

@@ -1,6 +1,7 @@
 //! The shard side: one backend connection's raw protocol ([`connection`]), the per-shard pools
-//! ([`pool`]) and query cancellation on the shards ([`cancel`]).
+//! ([`pool`]) query cancellation on the shards ([`cancel`]) and TLS to them ([`tls`]).
 
 pub mod cancel;
 pub mod connection;
 pub mod pool;
+pub mod tls;

@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use api::postgres_cluster::{PostgresCluster, ShardKeyType};
+use api::contract;
+use api::postgres_cluster::{PostgresCluster, ShardKeyType, TlsMode};
 use api::sharding::{ShardRange, ShardRangeState, VindexKind as RangeVindex};
 
 use crate::topology::{
@@ -53,6 +54,42 @@ fn unsigned_pieces(start: Option<i64>, end: Option<i64>) -> Vec<(u128, u128)> {
     }
 }
 
+/// Turns on TLS to every shard of `topology` when the cluster speaks TLS (its `spec.tls.mode`
+/// is not `Disabled`, and the shards, its child clusters, inherit it): each shard's certificate
+/// must chain to its cluster's CA (`ca_pems`: child cluster name -> the `ca.crt` of its
+/// `<child>-ca` Secret) and name its `-rw` Service, `<child>-rw.<namespace>.svc`.
+pub fn secure(
+    mut topology: Topology,
+    cluster: &PostgresCluster,
+    ca_pems: &BTreeMap<String, String>,
+) -> Result<Topology, TopologyError> {
+    if cluster.spec.tls.mode == TlsMode::Disabled {
+        return Ok(topology);
+    }
+    let name = cluster.metadata.name.clone().unwrap_or_default();
+    let namespace = cluster.metadata.namespace.clone().unwrap_or_default();
+    for endpoint in &mut topology.shards {
+        let child = shard_cluster_name(&name, &endpoint.name);
+        let pem = ca_pems.get(&child).ok_or_else(|| {
+            Invalid(format!(
+                "shard {} speaks TLS only and its CA Secret {} is not there yet",
+                endpoint.name,
+                contract::tls_ca_secret(&child)
+            ))
+        })?;
+        let server_name = format!("{}.{namespace}.svc", contract::rw_service(&child));
+        let tls = crate::backend::tls::EndpointTls::new(pem, &server_name).map_err(|e| {
+            Invalid(format!(
+                "shard {}: Secret {}: {e}",
+                endpoint.name,
+                contract::tls_ca_secret(&child)
+            ))
+        })?;
+        endpoint.tls = Some(tls);
+    }
+    Ok(topology)
+}
+
 /// Builds the topology. `primaries` maps a shard's child cluster name to its primary endpoint;
 /// a shard a range names without a primary is an error (the caller keeps the topology it has).
 pub fn build(
@@ -91,6 +128,7 @@ pub fn build(
             name: shard.clone(),
             host: host.clone(),
             port: *port,
+            tls: None,
         });
     }
     let index_of = |shard: &str| shard_names.iter().position(|n| n == shard).unwrap_or(0);

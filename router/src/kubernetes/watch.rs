@@ -9,7 +9,7 @@ use api::contract;
 use api::postgres_cluster::PostgresCluster;
 use api::sharding::ShardRange;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -43,6 +43,15 @@ pub enum WatchError {
         /// Why the last attempt failed.
         reason: String,
     },
+}
+
+/// What [`KubernetesSource::follow`] applied and warned about last, so that neither repeats.
+#[derive(Default)]
+struct Seen {
+    /// Fingerprint of the topology applied.
+    applied: String,
+    /// The last reason a topology was incomplete.
+    last_error: String,
 }
 
 /// Where a router in Kubernetes mode reads its topology.
@@ -141,7 +150,31 @@ impl KubernetesSource {
             .into_iter()
             .map(Arc::new)
             .collect();
-        Ok(self.build(&cluster, &ranges, &pods))
+        let ca_pems = self.ca_pems(&pods).await?;
+        Ok(self.build(&cluster, &ranges, &pods, &ca_pems))
+    }
+
+    /// The CA certificate of each shard cluster that has a primary: `ca.crt` of its
+    /// `<child>-ca` Secret (absent when the cluster's TLS is disabled or the Secret is not
+    /// written yet; [`topology::secure`] decides whether that is a problem).
+    async fn ca_pems(&self, pods: &[Arc<Pod>]) -> Result<BTreeMap<String, String>, WatchError> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let mut pems = BTreeMap::new();
+        for child in primaries(&self.cluster, pods).into_keys() {
+            let name = contract::tls_ca_secret(&child);
+            let secret = secrets
+                .get_opt(&name)
+                .await
+                .map_err(self.kube_error(&format!("Secret {name}")))?;
+            let pem = secret
+                .and_then(|s| s.data)
+                .and_then(|mut data| data.remove(contract::tls_keys::CA))
+                .and_then(|bytes| String::from_utf8(bytes.0).ok());
+            if let Some(pem) = pem {
+                pems.insert(child, pem);
+            }
+        }
+        Ok(pems)
     }
 
     /// The topology and a fingerprint of what it was built from.
@@ -150,20 +183,26 @@ impl KubernetesSource {
         cluster: &PostgresCluster,
         ranges: &[ShardRange],
         pods: &[Arc<Pod>],
+        ca_pems: &BTreeMap<String, String>,
     ) -> Result<(Topology, String), String> {
         let primaries = primaries(&self.cluster, pods);
-        let topology = topology::build(cluster, ranges, &primaries).map_err(|e| e.to_string())?;
+        let topology = topology::build(cluster, ranges, &primaries)
+            .and_then(|topology| topology::secure(topology, cluster, ca_pems))
+            .map_err(|e| e.to_string())?;
         let mut placement: Vec<String> = ranges
             .iter()
             .filter(|r| r.spec.cluster.name == self.cluster)
             .map(|r| serde_json::to_string(&r.spec).unwrap_or_default())
             .collect();
         placement.sort();
+        // The CAs too: a rotated CA must reach the endpoints.
         let fingerprint = format!(
-            "{}|{}|{:?}",
+            "{}|{:?}|{}|{:?}|{:?}",
             serde_json::to_string(&cluster.spec.sharding).unwrap_or_default(),
+            cluster.spec.tls.mode,
             placement.join(","),
-            primaries
+            primaries,
+            ca_pems
         );
         Ok((topology, fingerprint))
     }
@@ -230,20 +269,19 @@ impl KubernetesSource {
             range_stream.boxed(),
             pod_stream.boxed(),
         ]);
-        let mut applied = String::new();
-        let mut last_error = String::new();
+        let mut seen = Seen::default();
         while changes.next().await.is_some() {
             // Let a burst of changes (a split flips two ranges) settle into one reload.
             tokio::time::sleep(DEBOUNCE).await;
             while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
-            self.apply(
-                &state,
-                &clusters,
-                &ranges,
-                &pods,
-                &mut applied,
-                &mut last_error,
-            );
+            let ca_pems = match self.ca_pems(&pods.state()).await {
+                Ok(pems) => pems,
+                Err(error) => {
+                    tracing::warn!(cluster = %self.cluster, %error, "reading the shards' CA Secrets; keeping the current topology");
+                    continue;
+                }
+            };
+            self.apply(&state, &clusters, &ranges, &pods, &ca_pems, &mut seen);
         }
     }
 
@@ -253,8 +291,8 @@ impl KubernetesSource {
         clusters: &Store<PostgresCluster>,
         ranges: &Store<ShardRange>,
         pods: &Store<Pod>,
-        applied: &mut String,
-        last_error: &mut String,
+        ca_pems: &BTreeMap<String, String>,
+        seen: &mut Seen,
     ) {
         let Some(cluster) = clusters
             .state()
@@ -264,20 +302,20 @@ impl KubernetesSource {
             return;
         };
         let ranges: Vec<ShardRange> = ranges.state().iter().map(|r| (**r).clone()).collect();
-        match self.build(&cluster, &ranges, &pods.state()) {
+        match self.build(&cluster, &ranges, &pods.state(), ca_pems) {
             Ok((topology, fingerprint)) => {
-                last_error.clear();
+                seen.last_error.clear();
                 // The first one too: something may have changed since the initial topology.
-                if *applied != fingerprint {
+                if seen.applied != fingerprint {
                     state.reload(topology);
                     tracing::info!(cluster = %self.cluster, "topology from Kubernetes applied");
-                    *applied = fingerprint;
+                    seen.applied = fingerprint;
                 }
             }
             Err(reason) => {
-                if *last_error != reason {
+                if seen.last_error != reason {
                     tracing::warn!(cluster = %self.cluster, %reason, "incomplete topology; keeping the current one");
-                    *last_error = reason;
+                    seen.last_error = reason;
                 }
             }
         }

@@ -1,0 +1,186 @@
+//! TLS by the operator CA on a real API server: a cluster gets its own CA, a server certificate
+//! for its Service names, a `streaming_replica` client certificate and a CA-only Secret for
+//! applications; the pods mount them; certificates are renewed before they expire; `Disabled`
+//! creates none of it. No key material reaches an event.
+
+mod common;
+
+use std::time::Duration;
+
+use api::contract;
+use api::postgres_cluster::TlsMode;
+use common::{Env, MANAGER_IMAGE, spec};
+use controllers::postgres_cluster::Settings;
+use controllers::tls::certificates::{self, Lifetimes};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::ListParams;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+fn text(secret: &Secret, key: &str) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+fn dns_names(pem: &str) -> Vec<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let certificate = pem.parse_x509().unwrap();
+    let mut names = Vec::new();
+    for extension in certificate.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = extension.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::DNSName(name) = name {
+                    names.push(name.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+fn subject(pem: &str) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    pem.parse_x509().unwrap().subject().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_ca_issues_the_clusters_certificates_and_renews_them_before_expiry() {
+    // Leaf certificates of 40 s renewed with 30 s left: a renewal every ~10 s.
+    let env = Env::start_with_settings(
+        "tls-a",
+        Settings {
+            instance_manager_image: MANAGER_IMAGE.to_string(),
+            tls: Lifetimes {
+                leaf: Duration::from_secs(40),
+                renew_before: Duration::from_secs(30),
+                ..Lifetimes::default()
+            },
+            ..Settings::default()
+        },
+    )
+    .await;
+    env.create_cluster("db", spec(2, "postgres:18")).await;
+
+    let private: Secret = env.object(&contract::tls_ca_private_secret("db")).await;
+    let public: Secret = env.object(&contract::tls_ca_secret("db")).await;
+    let server: Secret = env.object(&contract::tls_server_secret("db")).await;
+    let replication: Secret = env.object(&contract::tls_replication_secret("db")).await;
+
+    // Applications get the CA certificate and nothing else.
+    let ca_pem = text(&private, "ca.crt");
+    assert_eq!(
+        public.data.as_ref().unwrap().keys().collect::<Vec<_>>(),
+        ["ca.crt"]
+    );
+    assert_eq!(text(&public, "ca.crt"), ca_pem);
+    assert_eq!(subject(&ca_pem), "CN=db.tls-a CA");
+
+    // The server certificate names every Service form; the client certificate is the
+    // replication role's.
+    assert_eq!(server.type_.as_deref(), Some("kubernetes.io/tls"));
+    let names = dns_names(&text(&server, "tls.crt"));
+    for name in [
+        "db-rw",
+        "db-ro.tls-a",
+        "db-r.tls-a.svc",
+        "db-rw.tls-a.svc.cluster.local",
+    ] {
+        assert!(names.contains(&name.to_string()), "{name} not in {names:?}");
+    }
+    assert_eq!(text(&server, "ca.crt"), ca_pem);
+    assert_eq!(
+        subject(&text(&replication, "tls.crt")),
+        "CN=streaming_replica"
+    );
+    for secret in [&private, &public, &server, &replication] {
+        let owners = secret.metadata.owner_references.as_ref().unwrap();
+        assert_eq!(owners[0].kind, "PostgresCluster", "owned by the cluster");
+    }
+
+    // The pods mount the server and replication Secrets and the instance manager knows where.
+    let sts: StatefulSet = env.object("db").await;
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    let mounted: Vec<String> = pod
+        .volumes
+        .unwrap()
+        .iter()
+        .filter_map(|volume| volume.secret.as_ref()?.secret_name.clone())
+        .collect();
+    assert!(mounted.contains(&"db-server-tls".to_string()));
+    assert!(mounted.contains(&"db-replication-tls".to_string()));
+    assert!(
+        !mounted.contains(&"db-ca-private".to_string()),
+        "the CA key never reaches a pod"
+    );
+    let env_vars = pod.containers[0].env.clone().unwrap();
+    assert!(
+        env_vars
+            .iter()
+            .any(|var| var.name == "TLS_DIR"
+                && var.value.as_deref() == Some(contract::TLS_MOUNT_PATH))
+    );
+
+    // Renewal: a new serial from the same CA, before the old certificate expires.
+    let first = certificates::summary(&text(&server, "tls.crt"), "server").unwrap();
+    let secrets = env.api::<Secret>();
+    let renewed = env
+        .eventually("the server certificate is renewed", || {
+            let secrets = secrets.clone();
+            let first = first.clone();
+            async move {
+                let secret = secrets.get(&contract::tls_server_secret("db")).await.ok()?;
+                let now = certificates::summary(&text(&secret, "tls.crt"), "server").ok()?;
+                (now.serial != first.serial).then_some((secret, now))
+            }
+        })
+        .await;
+    assert!(
+        time::OffsetDateTime::now_utc() < first.not_after,
+        "renewed before the old certificate expired"
+    );
+    assert_eq!(text(&renewed.0, "ca.crt"), ca_pem, "same CA");
+    assert_eq!(renewed.1.issuer, "CN=db.tls-a CA");
+    let reasons = env.event_reasons("db").await;
+    assert!(
+        reasons.contains(&"CertificateIssued".to_string()),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&"CertificateRenewed".to_string()),
+        "{reasons:?}"
+    );
+
+    // TLS disabled: no Secrets, no mounts.
+    let mut plain = spec(1, "postgres:18");
+    plain.tls.mode = TlsMode::Disabled;
+    env.create_cluster("plain", plain).await;
+    let sts: StatefulSet = env.object("plain").await;
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    assert!(
+        pod.volumes
+            .unwrap()
+            .iter()
+            .all(|volume| !volume.name.starts_with("tls-"))
+    );
+    assert!(
+        secrets
+            .get_opt(&contract::tls_server_secret("plain"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // No key material in any event.
+    let events = env
+        .api::<Event>()
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    for event in events.items {
+        let note = event.note.unwrap_or_default();
+        assert!(
+            !note.contains("PRIVATE KEY") && !note.contains("BEGIN"),
+            "{note}"
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! PostgreSQL's TLS from the mounted certificate Secrets: which files PostgreSQL and its
+//! replication clients use, the settings and pg_hba rules that require TLS, and the fingerprint
+//! that tells when the Secrets were renewed (the manager then copies the files again and reloads
+//! PostgreSQL: no restart).
+//!
+//! The mounted files cannot be used in place: PostgreSQL and libpq refuse a private key that is
+//! group-readable unless root owns it, and a Secret volume's modes and owner are the kubelet's.
+//! So the instance manager copies them into its private run folder (mode 0600, owned by the
+//! PostgreSQL user), each through a rename so that a reload never reads half a file.
+
+use std::path::{Path, PathBuf};
+
+use api::contract::tls_keys;
+
+/// The mounted Secrets' folders (`<tls_dir>/server`, `<tls_dir>/replication`) and the private
+/// copies PostgreSQL reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Where the operator mounts the Secrets.
+    pub mounted: PathBuf,
+    /// Private copies (in the instance manager's run folder).
+    pub private: PathBuf,
+}
+
+/// The files of one mounted Secret, as (folder, key) pairs.
+const FILES: [(&str, &str); 6] = [
+    ("server", tls_keys::CERTIFICATE),
+    ("server", tls_keys::KEY),
+    ("server", tls_keys::CA),
+    ("replication", tls_keys::CERTIFICATE),
+    ("replication", tls_keys::KEY),
+    ("replication", tls_keys::CA),
+];
+
+impl TlsFiles {
+    /// TLS from the Secrets mounted at `mounted`, copied into `run_dir/tls`.
+    pub fn new(mounted: &Path, run_dir: &Path) -> Self {
+        Self {
+            mounted: mounted.to_path_buf(),
+            private: run_dir.join("tls"),
+        }
+    }
+
+    fn private_file(&self, folder: &str, key: &str) -> PathBuf {
+        self.private.join(format!("{folder}-{key}"))
+    }
+
+    /// Contents of the mounted files (`None` for a missing one): a change means the Secrets were
+    /// renewed.
+    pub fn fingerprint(&self) -> Vec<Option<Vec<u8>>> {
+        FILES
+            .iter()
+            .map(|(folder, key)| std::fs::read(self.mounted.join(folder).join(key)).ok())
+            .collect()
+    }
+
+    /// The private copies to write: (target path, content), or the first missing file.
+    pub fn copies(&self) -> Result<Vec<(PathBuf, Vec<u8>)>, PathBuf> {
+        FILES
+            .iter()
+            .map(|(folder, key)| {
+                let source = self.mounted.join(folder).join(key);
+                std::fs::read(&source)
+                    .map(|content| (self.private_file(folder, key), content))
+                    .map_err(|_| source)
+            })
+            .collect()
+    }
+
+    /// postgresql.conf settings: TLS on, 1.2 at least, the server certificate, and the CA that
+    /// client certificates (replication) must chain to.
+    pub fn server_settings(&self) -> Vec<(String, String)> {
+        let path = |folder, key| self.private_file(folder, key).display().to_string();
+        vec![
+            ("ssl".into(), "on".into()),
+            ("ssl_min_protocol_version".into(), "TLSv1.2".into()),
+            (
+                "ssl_cert_file".into(),
+                path("server", tls_keys::CERTIFICATE),
+            ),
+            ("ssl_key_file".into(), path("server", tls_keys::KEY)),
+            ("ssl_ca_file".into(), path("replication", tls_keys::CA)),
+        ]
+    }
+
+    /// libpq options of a connection to a peer: TLS verified against the cluster's CA
+    /// (`verify-ca`: peers are reached by pod IP, which no certificate names; the CA is the
+    /// cluster's own, so only this cluster's servers pass), with the replication client
+    /// certificate when `client_certificate`.
+    pub fn client_options(&self, client_certificate: bool) -> Vec<(String, String)> {
+        let path = |folder, key| self.private_file(folder, key).display().to_string();
+        let mut options = vec![
+            ("sslmode".to_string(), "verify-ca".to_string()),
+            ("sslrootcert".to_string(), path("server", tls_keys::CA)),
+        ];
+        if client_certificate {
+            options.push((
+                "sslcert".to_string(),
+                path("replication", tls_keys::CERTIFICATE),
+            ));
+            options.push(("sslkey".to_string(), path("replication", tls_keys::KEY)));
+        }
+        options
+    }
+}
+
+/// pg_hba.conf. With TLS, every TCP connection must use it (`hostssl`; a client without TLS
+/// finds no rule and is refused), and the replication user authenticates with its client
+/// certificate (`cert`: the certificate's CN must be the role), not a password. Without TLS,
+/// SCRAM over plain TCP.
+pub fn pg_hba(replication_user: &str, tls: bool) -> String {
+    let user = crate::quote::identifier(replication_user);
+    let (kind, replication_method) = if tls {
+        ("hostssl", "cert")
+    } else {
+        ("host", "scram-sha-256")
+    };
+    let mut text = String::from(
+        "# Written by pg-instance.\n\
+         # The socket folder is private to the pod (mode 0700).\n\
+         local all all trust\n",
+    );
+    for network in ["0.0.0.0/0", "::/0"] {
+        text.push_str(&format!(
+            "{kind} replication {user} {network} {replication_method}\n"
+        ));
+    }
+    for network in ["0.0.0.0/0", "::/0"] {
+        text.push_str(&format!("{kind} all all {network} scram-sha-256\n"));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_tls_every_tcp_rule_is_hostssl_and_replication_uses_the_certificate() {
+        let hba = pg_hba("streaming_replica", true);
+        assert!(hba.contains("hostssl replication \"streaming_replica\" 0.0.0.0/0 cert\n"));
+        assert!(hba.contains("hostssl replication \"streaming_replica\" ::/0 cert\n"));
+        assert!(hba.contains("hostssl all all 0.0.0.0/0 scram-sha-256\n"));
+        assert!(
+            !hba.lines().any(|line| line.starts_with("host ")),
+            "no rule lets a client in without TLS:\n{hba}"
+        );
+        let plain = pg_hba("streaming_replica", false);
+        assert!(plain.contains("host replication \"streaming_replica\" 0.0.0.0/0 scram-sha-256\n"));
+        assert!(!plain.contains("hostssl"));
+    }
+
+    #[test]
+    fn settings_and_client_options_name_the_private_copies() {
+        let files = TlsFiles::new(Path::new("/mnt/tls"), Path::new("/run/pg"));
+        let settings = files.server_settings();
+        let get = |name: &str| {
+            settings
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+                .unwrap()
+        };
+        assert_eq!(get("ssl"), "on");
+        assert_eq!(get("ssl_min_protocol_version"), "TLSv1.2");
+        assert_eq!(get("ssl_cert_file"), "/run/pg/tls/server-tls.crt");
+        assert_eq!(get("ssl_key_file"), "/run/pg/tls/server-tls.key");
+        assert_eq!(get("ssl_ca_file"), "/run/pg/tls/replication-ca.crt");
+        let replication = files.client_options(true);
+        assert!(replication.contains(&("sslmode".into(), "verify-ca".into())));
+        assert!(
+            replication.contains(&("sslcert".into(), "/run/pg/tls/replication-tls.crt".into()))
+        );
+        assert!(replication.contains(&("sslkey".into(), "/run/pg/tls/replication-tls.key".into())));
+        assert!(
+            !files
+                .client_options(false)
+                .iter()
+                .any(|(key, _)| key == "sslcert")
+        );
+    }
+
+    #[test]
+    fn fingerprint_changes_when_a_mounted_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        for folder in ["server", "replication"] {
+            std::fs::create_dir_all(dir.path().join(folder)).unwrap();
+            for key in ["tls.crt", "tls.key", "ca.crt"] {
+                std::fs::write(dir.path().join(folder).join(key), key).unwrap();
+            }
+        }
+        let files = TlsFiles::new(dir.path(), Path::new("/run/pg"));
+        let before = files.fingerprint();
+        assert!(before.iter().all(Option::is_some));
+        assert_eq!(files.copies().unwrap().len(), 6);
+        std::fs::write(dir.path().join("server/tls.crt"), "renewed").unwrap();
+        assert_ne!(files.fingerprint(), before);
+        std::fs::remove_file(dir.path().join("replication/tls.key")).unwrap();
+        assert_eq!(
+            files.copies().unwrap_err(),
+            dir.path().join("replication/tls.key")
+        );
+    }
+}

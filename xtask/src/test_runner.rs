@@ -1,0 +1,353 @@
+//! The test step of `cargo xtask test`: every test binary of the workspace built once, then run in
+//! parallel lanes.
+//!
+//! `cargo test --workspace` runs one test binary after the other. Ours spend most of their time
+//! waiting on PostgreSQL, the API server and timeouts, not on the CPU, so a sequential run took
+//! about 34 minutes of the 45 we allow. Here the binaries run `XTASK_TEST_JOBS` at a time (3 by
+//! default), the longest first. The end-to-end binaries (`nodeagent/tests/e2e*`) each start a control
+//! plane, a node agent and several PostgreSQL pods: two of them at once on a two-core machine make
+//! failover timings flaky, so at most one of those runs at a time (the "heavy" lane).
+//!
+//! Each binary's output goes to `target/test-logs/<package>-<target>.log`; a failure prints the
+//! tail of its log at the end, and the step fails when any binary failed.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// Test binaries that start a whole Kubernetes stack with pods: one at a time.
+const HEAVY_PREFIX: &str = "nodeagent/e2e";
+
+/// Binaries known to run for minutes, started first so that they do not end the run alone.
+/// Measured on 2026-12-04 (seconds, sequential run): delivery 493 (a release build), backup_job
+/// 182, e2e_clients 179, backup 174, e2e_backup_store 163.
+const LONG_FIRST: &[&str] = &[
+    "xtask/delivery",
+    "controllers/backup_job",
+    "instance/backup",
+    "instance/high_availability",
+    "nodeagent/e2e_clients",
+    "nodeagent/e2e_backup_store",
+    "nodeagent/e2e_operations",
+    "nodeagent/e2e",
+    "nodeagent/e2e_backup",
+];
+
+/// One test executable and where cargo would run it.
+#[derive(Debug, Clone)]
+struct TestBinary {
+    /// `<package folder>/<target>`, e.g. `nodeagent/e2e_backup`, or `<package folder>/lib`.
+    label: String,
+    executable: PathBuf,
+    /// The package's folder: cargo runs tests there, and some read files relative to it.
+    package_dir: PathBuf,
+}
+
+impl TestBinary {
+    fn heavy(&self) -> bool {
+        self.label.starts_with(HEAVY_PREFIX)
+    }
+
+    fn rank(&self) -> usize {
+        LONG_FIRST
+            .iter()
+            .position(|long| *long == self.label)
+            .unwrap_or(LONG_FIRST.len())
+    }
+}
+
+/// The outcome of one binary.
+struct Outcome {
+    label: String,
+    passed: bool,
+    elapsed: Duration,
+    log: PathBuf,
+}
+
+/// Builds all test targets of the workspace, runs the doc tests, then every test binary in
+/// parallel lanes; fails naming each binary that failed.
+pub fn run(root: &Path) -> anyhow::Result<()> {
+    let binaries = build(root)?;
+    crate::cargo(&["test", "--workspace", "--doc"])?;
+    let jobs = std::env::var("XTASK_TEST_JOBS")
+        .ok()
+        .and_then(|value| value.parse::<usize>().ok())
+        .filter(|jobs| *jobs > 0)
+        .unwrap_or(3);
+    let logs = root.join("target").join("test-logs");
+    std::fs::create_dir_all(&logs)?;
+    crate::step(&format!(
+        "running {} test binaries, {jobs} at a time (logs in {})",
+        binaries.len(),
+        logs.display()
+    ));
+    let started = Instant::now();
+    let outcomes = run_lanes(binaries, jobs, &logs);
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed).collect();
+    for outcome in &failed {
+        let text = std::fs::read_to_string(&outcome.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(200)..].join("\n");
+        eprintln!(
+            "\n==> FAILED {} (last 200 lines of {}):\n{tail}",
+            outcome.label,
+            outcome.log.display()
+        );
+    }
+    crate::step(&format!(
+        "{} test binaries in {:.0} s, {} failed",
+        outcomes.len(),
+        started.elapsed().as_secs_f64(),
+        failed.len()
+    ));
+    anyhow::ensure!(
+        failed.is_empty(),
+        "test binaries failed: {}",
+        failed
+            .iter()
+            .map(|o| o.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// `cargo test --workspace --no-run`, reading the executables from cargo's JSON messages.
+fn build(root: &Path) -> anyhow::Result<Vec<TestBinary>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    crate::step("cargo test --workspace --no-run");
+    let output = Command::new(cargo)
+        .args([
+            "test",
+            "--workspace",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "building the tests failed ({})",
+        output.status
+    );
+    let mut binaries = parse_artifacts(&String::from_utf8_lossy(&output.stdout), root)?;
+    binaries.sort_by(|a, b| a.rank().cmp(&b.rank()).then(a.label.cmp(&b.label)));
+    Ok(binaries)
+}
+
+/// The test executables among cargo's `compiler-artifact` messages.
+fn parse_artifacts(messages: &str, root: &Path) -> anyhow::Result<Vec<TestBinary>> {
+    let mut binaries = Vec::new();
+    for line in messages.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" || message["profile"]["test"] != true {
+            continue;
+        }
+        let Some(executable) = message["executable"].as_str() else {
+            continue;
+        };
+        let manifest = message["manifest_path"]
+            .as_str()
+            .context("a compiler-artifact message without manifest_path")?;
+        let package_dir = Path::new(manifest)
+            .parent()
+            .context("manifest_path without a folder")?
+            .to_path_buf();
+        let folder = package_dir
+            .strip_prefix(root)
+            .unwrap_or(&package_dir)
+            .display()
+            .to_string();
+        let folder = if folder.is_empty() { "." } else { &folder };
+        let kinds = &message["target"]["kind"];
+        let target = if kinds.as_array().is_some_and(|k| {
+            k.iter()
+                .any(|k| k == "test" || k == "bench" || k == "example")
+        }) {
+            message["target"]["name"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string()
+        } else {
+            // Unit tests of a lib or bin target.
+            format!(
+                "{}:{}",
+                kinds[0].as_str().unwrap_or("?"),
+                message["target"]["name"].as_str().unwrap_or("?")
+            )
+        };
+        binaries.push(TestBinary {
+            label: format!("{folder}/{target}"),
+            executable: PathBuf::from(executable),
+            package_dir,
+        });
+    }
+    Ok(binaries)
+}
+
+/// Runs `binaries` on `jobs` threads, at most one heavy binary at a time.
+fn run_lanes(binaries: Vec<TestBinary>, jobs: usize, logs: &Path) -> Vec<Outcome> {
+    struct Queue {
+        waiting: VecDeque<TestBinary>,
+        heavy_running: bool,
+    }
+    let queue = Arc::new(Mutex::new(Queue {
+        waiting: binaries.into(),
+        heavy_running: false,
+    }));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..jobs)
+        .map(|_| {
+            let queue = queue.clone();
+            let outcomes = outcomes.clone();
+            let logs = logs.to_path_buf();
+            std::thread::spawn(move || {
+                loop {
+                    let next = {
+                        let mut queue = queue.lock().expect("queue lock");
+                        if queue.waiting.is_empty() {
+                            return;
+                        }
+                        let heavy_running = queue.heavy_running;
+                        let pick = queue
+                            .waiting
+                            .iter()
+                            .position(|binary| !(heavy_running && binary.heavy()));
+                        pick.and_then(|index| queue.waiting.remove(index))
+                            .inspect(|binary| queue.heavy_running |= binary.heavy())
+                    };
+                    let Some(binary) = next else {
+                        // Only heavy binaries are left and one runs: wait for it.
+                        std::thread::sleep(Duration::from_millis(500));
+                        continue;
+                    };
+                    let outcome = run_one(&binary, &logs);
+                    if binary.heavy() {
+                        queue.lock().expect("queue lock").heavy_running = false;
+                    }
+                    eprintln!(
+                        "==> {} {:>6.1} s  {}",
+                        if outcome.passed { "ok    " } else { "FAILED" },
+                        outcome.elapsed.as_secs_f64(),
+                        outcome.label
+                    );
+                    outcomes.lock().expect("outcomes lock").push(outcome);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.join();
+    }
+    let mut outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes lock"));
+    outcomes.sort_by(|a, b| a.label.cmp(&b.label));
+    outcomes
+}
+
+/// Runs one test binary the way `cargo test` does (in its package's folder), output to a log.
+fn run_one(binary: &TestBinary, logs: &Path) -> Outcome {
+    let log = logs.join(format!("{}.log", binary.label.replace(['/', ':'], "-")));
+    let started = Instant::now();
+    let passed = std::fs::File::create(&log)
+        .and_then(|file| {
+            let stderr = file.try_clone()?;
+            Command::new(&binary.executable)
+                .current_dir(&binary.package_dir)
+                .env("CARGO_MANIFEST_DIR", &binary.package_dir)
+                .stdin(Stdio::null())
+                .stdout(file)
+                .stderr(stderr)
+                .status()
+        })
+        .map(|status| status.success())
+        .unwrap_or(false);
+    Outcome {
+        label: binary.label.clone(),
+        passed,
+        elapsed: started.elapsed(),
+        log,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_executables_are_read_from_cargo_messages_with_their_package_folder() {
+        let root = Path::new("/w");
+        let messages = [
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/nodeagent/Cargo.toml","target":{"kind":["test"],"name":"e2e_backup"},"profile":{"test":true},"executable":"/w/target/debug/deps/e2e_backup-1"}"#,
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/api/Cargo.toml","target":{"kind":["lib"],"name":"api"},"profile":{"test":true},"executable":"/w/target/debug/deps/api-2"}"#,
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/api/Cargo.toml","target":{"kind":["lib"],"name":"api"},"profile":{"test":false},"executable":null}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+            "not json",
+        ]
+        .join("\n");
+        let binaries = parse_artifacts(&messages, root).unwrap();
+        let labels: Vec<&str> = binaries.iter().map(|b| b.label.as_str()).collect();
+        assert_eq!(labels, ["nodeagent/e2e_backup", "api/lib:api"]);
+        assert!(binaries[0].heavy());
+        assert!(!binaries[1].heavy());
+        assert_eq!(binaries[0].package_dir, Path::new("/w/nodeagent"));
+    }
+
+    #[test]
+    fn only_one_heavy_binary_runs_at_a_time_and_failures_are_reported() {
+        // Two "heavy" binaries that each hold a marker file while they run: the second fails when
+        // it finds the first one's marker.
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("running");
+        let script = dir.path().join("heavy.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ -e {m} ] && exit 3\ntouch {m}; sleep 0.3; rm {m}\n",
+                m = marker.display()
+            ),
+        )
+        .unwrap();
+        let failing = dir.path().join("failing.sh");
+        std::fs::write(&failing, "#!/bin/sh\necho broken\nexit 1\n").unwrap();
+        for file in [&script, &failing] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let binary = |label: &str, executable: &Path| TestBinary {
+            label: label.into(),
+            executable: executable.to_path_buf(),
+            package_dir: dir.path().to_path_buf(),
+        };
+        let outcomes = run_lanes(
+            vec![
+                binary("nodeagent/e2e_a", &script),
+                binary("nodeagent/e2e_b", &script),
+                binary("api/failing", &failing),
+            ],
+            3,
+            dir.path(),
+        );
+        let passed: Vec<(&str, bool)> = outcomes
+            .iter()
+            .map(|o| (o.label.as_str(), o.passed))
+            .collect();
+        assert_eq!(
+            passed,
+            [
+                ("api/failing", false),
+                ("nodeagent/e2e_a", true),
+                ("nodeagent/e2e_b", true)
+            ]
+        );
+        let log = std::fs::read_to_string(&outcomes[0].log).unwrap();
+        assert_eq!(log.trim(), "broken");
+    }
+}
