@@ -29,6 +29,7 @@ struct Case {
 
 const DB0: (&str, &str) = ("pod", "db-0");
 const DB1: (&str, &str) = ("pod", "db-1");
+const POOL0: (&str, &str) = ("pod", "pool-7d9c-x2k4");
 
 fn cases() -> Vec<Case> {
     vec![
@@ -229,6 +230,39 @@ fn cases() -> Vec<Case> {
             firing: &[("pg_instance_role", &[DB1, ("role", "fenced")], "1x30")],
             labels: &[DB1, ("role", "fenced")],
             quiet: &[("pg_instance_role", &[DB1, ("role", "fenced")], "0x30")],
+        },
+        Case {
+            alert: "PostgresPoolerDown",
+            eval_minutes: 20,
+            firing: &[("pgbouncer_up", &[POOL0, ("pooler", "pool")], "0x30")],
+            labels: &[POOL0, ("pooler", "pool")],
+            quiet: &[("pgbouncer_up", &[POOL0, ("pooler", "pool")], "1x30")],
+        },
+        Case {
+            alert: "PostgresPoolerClientsWaiting",
+            eval_minutes: 20,
+            firing: &[(
+                "pgbouncer_pools_client_maxwait_seconds",
+                &[
+                    POOL0,
+                    ("pooler", "pool"),
+                    ("database", "app"),
+                    ("user", "app"),
+                ],
+                "45x30",
+            )],
+            labels: &[POOL0, ("pooler", "pool"), ("database", "app")],
+            // One long pause (a switchover held at a 45 s pauseTimeoutSeconds) is no alert.
+            quiet: &[(
+                "pgbouncer_pools_client_maxwait_seconds",
+                &[
+                    POOL0,
+                    ("pooler", "pool"),
+                    ("database", "app"),
+                    ("user", "app"),
+                ],
+                "0x10 45 0x20",
+            )],
         },
     ]
 }

@@ -110,6 +110,24 @@ pub fn alerts() -> Vec<Alert> {
             severity: "warning",
             summary: "An instance is fenced: PostgreSQL is stopped on it until the fence is lifted",
         },
+        // The Poolers' figures come from their exporter (`pg-instance pooler-exporter`), which
+        // their PodMonitors label with `cluster` and `pooler`.
+        Alert {
+            name: "PostgresPoolerDown",
+            expr: "pgbouncer_up{SEL} == 0",
+            for_: "2m",
+            severity: "critical",
+            summary: "PgBouncer of a Pooler of the cluster does not answer: its clients cannot connect",
+        },
+        Alert {
+            name: "PostgresPoolerClientsWaiting",
+            // Longer than a switchover's pause (pauseTimeoutSeconds, 30 s by default) and for
+            // longer than one: clients queue because the pool is too small or PostgreSQL is slow.
+            expr: "max by (namespace, cluster, pooler, pod, database) (pgbouncer_pools_client_maxwait_seconds{SEL}) > 30",
+            for_: "2m",
+            severity: "warning",
+            summary: "Clients of a Pooler wait more than 30 s for a server connection",
+        },
     ]
 }
 
