@@ -413,10 +413,20 @@ async fn the_exporter_serves_pgbouncer_statistics_and_reports_down_when_pgbounce
         .await,
         "1"
     );
-    let started = Instant::now();
     let after = exporter.scrape().unwrap();
-    let scrape_ms = started.elapsed().as_secs_f64() * 1000.0;
-    println!("pooler_exporter_scrape_ms={scrape_ms:.1}");
+    // What one scrape costs (a SCRAM login and seven SHOW commands), for the report.
+    let mut times: Vec<f64> = (0..10)
+        .map(|_| {
+            let started = Instant::now();
+            exporter.scrape().unwrap();
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    println!(
+        "pooler_exporter_scrape_ms_median={:.1} pooler_exporter_scrape_ms_max={:.1}",
+        times[5], times[9]
+    );
 
     // Assert: the counters of the application's database moved, and its pool is there with its
     // database and user labels.
