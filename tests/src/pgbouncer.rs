@@ -36,8 +36,11 @@ pub fn binary() -> PathBuf {
     install_dir().join("bin").join("pgbouncer")
 }
 
-/// Where [`install_dir`] is mounted in the Pooler image of the node agent's image table.
-pub const IMAGE_DIR: &str = "/usr/lib/pgbouncer";
+/// Where [`install_dir`] is mounted in the Pooler image of the node agent's image table. The
+/// node agent replaces the *parent* of an image path with a folder of links, so the parent must
+/// be a folder of its own: under `/usr/lib` it hid the system's libraries from the pod, and
+/// nothing in it could start (`sh: mount: not found`).
+pub const IMAGE_DIR: &str = "/opt/pgbouncer/debian";
 
 /// A launcher for the node agent's image (mounted at `/usr/local/bin/pgbouncer`, with
 /// [`install_dir`] at [`IMAGE_DIR`]): a bind-mounted file cannot find its folder from `$0`.
