@@ -106,6 +106,8 @@ pub mod env {
     pub const PGWAL: &str = "PGWAL";
     /// Folder with the PostgreSQL binaries.
     pub const PG_BIN: &str = "PG_BIN";
+    /// `true`: the instance manager logs JSON lines, like PostgreSQL's `jsonlog` beside them.
+    pub const LOG_JSON: &str = "LOG_JSON";
 }
 
 /// Annotation on the StatefulSet's pod template (and so on every pod made from it): a hash of

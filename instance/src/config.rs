@@ -133,6 +133,11 @@ pub struct Config {
     /// Log filter, in the syntax of RUST_LOG (for example `info` or `instance=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log JSON lines (with the cluster, namespace and instance of the run's span) instead of
+    /// text: in a pod, PostgreSQL's `jsonlog` lines share the stream, so `kubectl logs` is one
+    /// JSON stream. The operator sets it in every instance pod.
+    #[arg(long, env = api::contract::env::LOG_JSON, default_value_t = false)]
+    pub log_json: bool,
 }
 
 impl Config {

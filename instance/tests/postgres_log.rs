@@ -1,7 +1,7 @@
 //! PostgreSQL's log in the instance manager's output stream: a real `pg-instance` running
 //! PostgreSQL 18 with `log_destination = jsonlog` and the logging collector; an error statement
 //! shows up as one JSON line tagged with the cluster, namespace, instance and role, beside the
-//! manager's own log lines (the fixture sends the process's stdout and stderr to one file, as
+//! manager's own log lines, JSON too with `--log-json` (as the operator runs it; the fixture sends the process's stdout and stderr to one file, as
 //! `kubectl logs` shows them).
 
 mod support;
@@ -15,7 +15,9 @@ const STARTUP: Duration = Duration::from_secs(120);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_statement_appears_as_a_tagged_json_line_in_the_instance_output() {
     // Arrange
-    let cluster = TestCluster::start("pglog", 1, 0).await.unwrap();
+    let cluster = TestCluster::start_with_args("pglog", 1, 0, &["--log-json"])
+        .await
+        .unwrap();
     let primary = cluster
         .wait_for_primary_with_replicas(0, STARTUP)
         .await
@@ -63,6 +65,19 @@ async fn an_error_statement_appears_as_a_tagged_json_line_in_the_instance_output
         entry["statement"],
         "SELECT * FROM table_missing_for_the_log_test"
     );
-    // The manager's own lines are in the same stream.
-    assert!(instance.log().contains("postgres started"));
+    // The manager's own lines are in the same stream, as JSON with the run's span.
+    let log = instance.log();
+    let started = log
+        .lines()
+        .find(|line| line.contains("postgres started"))
+        .unwrap_or_else(|| panic!("no `postgres started` line:\n{log}"));
+    let entry: serde_json::Value = serde_json::from_str(started)
+        .unwrap_or_else(|e| panic!("the manager's line is not JSON ({e}): {started}"));
+    assert_eq!(entry["level"], "INFO", "{started}");
+    assert_eq!(entry["span"]["cluster"], "pglog", "{started}");
+    assert_eq!(
+        entry["span"]["instance"],
+        instance.name.as_str(),
+        "{started}"
+    );
 }

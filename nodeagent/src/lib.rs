@@ -276,8 +276,14 @@ impl Agent {
             }
             if self.services_synced.elapsed() > Duration::from_millis(700) {
                 self.services_synced = Instant::now();
-                if let Err(error) = self.services.sync(&self.client).await {
+                if let Err(error) = self.services.sync(&self.client, &self.network).await {
                     eprintln!("node agent: services: {error:#}");
+                }
+                for run in self.pods.values_mut() {
+                    let entries = self.services.hosts_entries(&run.namespace());
+                    if let Err(error) = run.set_service_hosts(entries) {
+                        eprintln!("node agent: /etc/hosts of a pod: {error:#}");
+                    }
                 }
             }
             if let Err(error) = self.provision_volumes().await {
@@ -394,7 +400,8 @@ impl Agent {
                     .join("pods")
                     .join(format!("{namespace}_{name}_{}", &uid[..uid.len().min(8)]));
                 let owner = pod_owner(&pod, self.owner);
-                let run = PodRun::new(pod.clone(), network, dir, owner, self.config.api_port)?;
+                let mut run = PodRun::new(pod.clone(), network, dir, owner, self.config.api_port)?;
+                run.set_service_hosts(self.services.hosts_entries(&namespace))?;
                 eprintln!(
                     "node agent: running pod {namespace}/{name} at {}",
                     run.address()

@@ -8,6 +8,9 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
+/// Pods take the host numbers below this one on the /24; Service addresses the ones from it up.
+const FIRST_SERVICE_HOST: u8 = 200;
+
 /// The node's pod network: a bridge and its /24.
 #[derive(Debug)]
 pub struct NodeNetwork {
@@ -44,6 +47,18 @@ impl NodeNetwork {
         Ipv4Addr::new(10, 244, self.subnet, 1)
     }
 
+    /// Adds the `index`th Service address (from the top of the /24 down) to the bridge, where
+    /// the agent listens for that Service as kube-proxy would; the address.
+    pub fn add_service_address(&self, index: usize) -> anyhow::Result<Ipv4Addr> {
+        let host = 254usize
+            .checked_sub(index)
+            .filter(|host| *host >= usize::from(FIRST_SERVICE_HOST))
+            .with_context(|| format!("no Service address left on {}", self.cidr()))?;
+        let address = Ipv4Addr::new(10, 244, self.subnet, host as u8);
+        run_ip(&["addr", "add", &format!("{address}/32"), "dev", &self.bridge])?;
+        Ok(address)
+    }
+
     /// The pod CIDR (for the Node's spec).
     pub fn cidr(&self) -> String {
         format!("10.244.{}.0/24", self.subnet)
@@ -54,7 +69,7 @@ impl NodeNetwork {
         let host = self
             .next_host
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if host >= 254 {
+        if host >= FIRST_SERVICE_HOST {
             bail!("the node's pod network {} is full", self.cidr());
         }
         let address = Ipv4Addr::new(10, 244, self.subnet, host);

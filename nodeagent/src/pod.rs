@@ -66,6 +66,8 @@ pub struct PodRun {
     terminating: Option<Instant>,
     forwarder: tokio::task::JoinHandle<()>,
     last_status: Value,
+    /// The Services' lines of `/etc/hosts` ([`crate::services::ServiceTable::hosts_entries`]).
+    service_hosts: String,
 }
 
 impl Drop for PodRun {
@@ -117,6 +119,7 @@ impl PodRun {
             terminating: None,
             forwarder,
             last_status: Value::Null,
+            service_hosts: String::new(),
         })
     }
 
@@ -337,15 +340,7 @@ impl PodRun {
                 mount.read_only == Some(true),
             ));
         }
-        let hosts = self.dir.join("hosts");
-        std::fs::write(
-            &hosts,
-            format!(
-                "127.0.0.1\tlocalhost\n{}\t{}\n",
-                self.network.address(),
-                self.name()
-            ),
-        )?;
+        let hosts = self.write_hosts()?;
         mounts.push((hosts, "/etc/hosts".to_string(), true));
 
         // Parents before children; the pod's files must not live under a mount target (/tmp).
@@ -397,6 +392,39 @@ impl PodRun {
         command
             .spawn()
             .with_context(|| format!("starting container {} of {}", container.name, self.name()))
+    }
+
+    /// The pod's namespace.
+    pub fn namespace(&self) -> String {
+        self.pod.metadata.namespace.clone().unwrap_or_default()
+    }
+
+    /// Writes the pod's `/etc/hosts`: itself, and the Services' names (cluster DNS's part).
+    fn write_hosts(&self) -> anyhow::Result<PathBuf> {
+        let hosts = self.dir.join("hosts");
+        // In place (same inode): the file is bind-mounted into running containers.
+        std::fs::write(
+            &hosts,
+            format!(
+                "127.0.0.1\tlocalhost\n{}\t{}\n{}",
+                self.network.address(),
+                self.name(),
+                self.service_hosts
+            ),
+        )?;
+        Ok(hosts)
+    }
+
+    /// Sets the Services' `/etc/hosts` lines; rewrites the file when they changed.
+    pub fn set_service_hosts(&mut self, entries: String) -> anyhow::Result<()> {
+        if entries == self.service_hosts {
+            return Ok(());
+        }
+        self.service_hosts = entries;
+        if self.dir.join("hosts").exists() {
+            self.write_hosts()?;
+        }
+        Ok(())
     }
 
     async fn probe(&mut self, containers: &[Container]) {

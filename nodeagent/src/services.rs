@@ -1,10 +1,16 @@
-//! What kube-proxy does, for clients on the host: a local port on 127.0.0.1 per Service port,
-//! forwarding each connection to a ready endpoint from the Service's EndpointSlices (written by
-//! the real EndpointSlice controller), taking the ready endpoints in turn so that connections
-//! spread over all of them.
+//! What kube-proxy and cluster DNS do: each Service port is served at two places, forwarding each
+//! connection to a ready endpoint from the Service's EndpointSlices (written by the real
+//! EndpointSlice controller), taking the ready endpoints in turn so that connections spread over
+//! all of them:
+//! - for clients on the host, a local port on 127.0.0.1 (the demo's psql, the tests);
+//! - for pods, the Service's own address on the pod network (the agent's stand-in for its
+//!   ClusterIP, on the node's bridge) at the Service's port, with the Service's DNS names
+//!   (`<svc>`, `<svc>.<ns>`, `<svc>.<ns>.svc`, `<svc>.<ns>.svc.cluster.local`) in every pod's
+//!   `/etc/hosts` (see [`ServiceTable::hosts_entries`]). So a Pooler reaches `<cluster>-rw` by
+//!   name, as it does on a real cluster.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Service;
@@ -19,7 +25,9 @@ pub type ServiceKey = (String, String, u16);
 pub struct ServiceTable {
     endpoints: Mutex<BTreeMap<ServiceKey, Vec<SocketAddr>>>,
     local_ports: Mutex<BTreeMap<ServiceKey, u16>>,
-    listeners: Mutex<BTreeMap<ServiceKey, tokio::task::JoinHandle<()>>>,
+    listeners: Mutex<BTreeMap<ServiceKey, Vec<tokio::task::JoinHandle<()>>>>,
+    /// The address of each Service (namespace, name) on the pod network.
+    addresses: Mutex<BTreeMap<(String, String), Ipv4Addr>>,
 }
 
 impl ServiceTable {
@@ -39,7 +47,11 @@ impl ServiceTable {
 
     /// Opens listeners for new Service ports, closes those of deleted ones, and refreshes the
     /// ready endpoints from the EndpointSlices.
-    pub async fn sync(self: &Arc<Self>, client: &kube::Client) -> anyhow::Result<()> {
+    pub async fn sync(
+        self: &Arc<Self>,
+        client: &kube::Client,
+        network: &crate::network::NodeNetwork,
+    ) -> anyhow::Result<()> {
         let services = Api::<Service>::all(client.clone())
             .list(&ListParams::default())
             .await?;
@@ -101,10 +113,10 @@ impl ServiceTable {
         {
             let mut listeners = self.listeners.lock().expect("lock");
             let mut ports = self.local_ports.lock().expect("lock");
-            listeners.retain(|key, task| {
+            listeners.retain(|key, tasks| {
                 let keep = wanted.contains_key(key);
                 if !keep {
-                    task.abort();
+                    tasks.iter().for_each(|task| task.abort());
                     ports.remove(key);
                 }
                 keep
@@ -116,46 +128,20 @@ impl ServiceTable {
             }
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
             let local = listener.local_addr()?.port();
+            let address = self.address_of(&key.0, &key.1, network)?;
+            let in_pods = tokio::net::TcpListener::bind((address, key.2)).await?;
             eprintln!(
-                "node agent: Service {}/{} port {} -> 127.0.0.1:{local}",
-                key.0, key.1, key.2
+                "node agent: Service {}/{} port {} -> 127.0.0.1:{local}, {address}:{} in pods",
+                key.0, key.1, key.2, key.2
             );
-            let table = self.clone();
-            let serving = key.clone();
-            let task = tokio::spawn(async move {
-                let mut turn = 0usize;
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let mut targets = table
-                        .endpoints
-                        .lock()
-                        .expect("lock")
-                        .get(&serving)
-                        .cloned()
-                        .unwrap_or_default();
-                    // Each connection starts at the next endpoint (round robin).
-                    if !targets.is_empty() {
-                        let first = turn % targets.len();
-                        targets.rotate_left(first);
-                        turn = turn.wrapping_add(1);
-                    }
-                    tokio::spawn(async move {
-                        // As kube-proxy: one ready endpoint per connection (the next one in
-                        // turn, or the one after when it refuses); no endpoint closes the
-                        // connection.
-                        for target in targets {
-                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
-                                    .await;
-                                return;
-                            }
-                        }
-                    });
-                }
-            });
+            let tasks = vec![
+                self.serve(listener, key.clone()),
+                self.serve(in_pods, key.clone()),
+            ];
             self.listeners
                 .lock()
                 .expect("lock")
-                .insert(key.clone(), task);
+                .insert(key.clone(), tasks);
             self.local_ports
                 .lock()
                 .expect("lock")
@@ -166,9 +152,83 @@ impl ServiceTable {
     }
 }
 
+impl ServiceTable {
+    /// The Service's address on the pod network, added to the bridge on first use.
+    fn address_of(
+        &self,
+        namespace: &str,
+        name: &str,
+        network: &crate::network::NodeNetwork,
+    ) -> anyhow::Result<Ipv4Addr> {
+        let mut addresses = self.addresses.lock().expect("lock");
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(address) = addresses.get(&key) {
+            return Ok(*address);
+        }
+        let address = network.add_service_address(addresses.len())?;
+        addresses.insert(key, address);
+        Ok(address)
+    }
+
+    /// Accepts connections on `listener` and forwards each to a ready endpoint of `serving`.
+    fn serve(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        serving: ServiceKey,
+    ) -> tokio::task::JoinHandle<()> {
+        let table = self.clone();
+        tokio::spawn(async move {
+            let mut turn = 0usize;
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut targets = table
+                    .endpoints
+                    .lock()
+                    .expect("lock")
+                    .get(&serving)
+                    .cloned()
+                    .unwrap_or_default();
+                // Each connection starts at the next endpoint (round robin).
+                if !targets.is_empty() {
+                    let first = turn % targets.len();
+                    targets.rotate_left(first);
+                    turn = turn.wrapping_add(1);
+                }
+                tokio::spawn(async move {
+                    // As kube-proxy: one ready endpoint per connection (the next one in turn, or
+                    // the one after when it refuses); no endpoint closes the connection.
+                    for target in targets {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        })
+    }
+
+    /// `/etc/hosts` lines for every Service, as cluster DNS would answer a pod in `namespace`
+    /// (the short name only for Services of its own namespace).
+    pub fn hosts_entries(&self, namespace: &str) -> String {
+        let mut lines = String::new();
+        for ((service_namespace, name), address) in self.addresses.lock().expect("lock").iter() {
+            let full = format!("{name}.{service_namespace}");
+            lines.push_str(&format!(
+                "{address}\t{full}.svc.cluster.local {full}.svc {full}"
+            ));
+            if service_namespace == namespace {
+                lines.push_str(&format!(" {name}"));
+            }
+            lines.push('\n');
+        }
+        lines
+    }
+}
+
 impl Drop for ServiceTable {
     fn drop(&mut self) {
-        for task in self.listeners.lock().expect("lock").values() {
+        for task in self.listeners.lock().expect("lock").values().flatten() {
             task.abort();
         }
     }

@@ -422,6 +422,45 @@ fn helm_values_schema_refuses_bad_values() {
     }
 }
 
+#[test]
+fn helm_values_set_json_logs_and_the_otlp_endpoint() {
+    let chart = chart();
+    let render = |set: &str| {
+        let rendered = helm(&["template", "pg", &chart, "--set", set]).unwrap();
+        manifests::documents(&rendered).unwrap()
+    };
+    let plain = render("logLevel=info");
+    let deployment = named(&plain, "Deployment", "postgres-operator");
+    assert_eq!(env_value(deployment, "LOG_JSON")["value"], "true");
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+    assert!(!env.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{env}");
+
+    let traced = render("tracing.otlpEndpoint=http://collector.observability:4318,logJson=false");
+    let deployment = named(&traced, "Deployment", "postgres-operator");
+    assert_eq!(
+        env_value(deployment, "OTEL_EXPORTER_OTLP_ENDPOINT")["value"],
+        "http://collector.observability:4318"
+    );
+    assert_eq!(env_value(deployment, "LOG_JSON")["value"], "false");
+
+    let output = run(
+        &paths::helm(),
+        &[
+            "template",
+            "pg",
+            &chart,
+            "--set",
+            "tracing.otlpEndpoint=collector:4318",
+        ],
+        None,
+    )
+    .unwrap();
+    assert!(
+        !output.status.success(),
+        "an endpoint without a scheme is refused"
+    );
+}
+
 #[tokio::test]
 async fn kustomize_overlays_build_validate_and_apply_with_least_privilege() -> anyhow::Result<()> {
     let server = ApiServer::start().await?;

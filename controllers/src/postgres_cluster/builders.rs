@@ -583,6 +583,8 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
         ),
         // The instance manager's own settings (its flags' environment variables).
         value_env("PG_RUN_DIR", "/var/run/postgresql".to_string()),
+        // JSON lines, as PostgreSQL's jsonlog beside them: one stream for `kubectl logs`.
+        value_env(contract::env::LOG_JSON, "true".to_string()),
         value_env(
             "LEASE_DURATION_SECONDS",
             spec.failover.lease_duration_seconds.to_string(),
@@ -988,6 +990,11 @@ mod tests {
         assert!(
             env.iter()
                 .any(|e| e.name == contract::env::CLUSTER_NAME && e.value.as_deref() == Some("db"))
+        );
+        // The manager logs JSON, as PostgreSQL's jsonlog beside it.
+        assert!(
+            env.iter()
+                .any(|e| e.name == contract::env::LOG_JSON && e.value.as_deref() == Some("true"))
         );
     }
 
