@@ -15,19 +15,7 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     let config = instance::Config::parse();
-    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
-    if config.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_current_span(true)
-            .init();
-    } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .init();
-    }
+    init_logs(&config.log_level, config.log_json);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -45,13 +33,27 @@ fn main() -> anyhow::Result<()> {
 
 /// `pg-instance pooler-exporter`: PgBouncer's admin console on `/metrics`.
 fn pooler_exporter(config: instance::pooler::exporter::ExporterConfig) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_level))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    init_logs(&config.log_level, config.log_json);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(instance::pooler::exporter::run(config))?;
     Ok(())
+}
+
+/// Logs to stdout: JSON lines in pods (`LOG_JSON`), text otherwise.
+fn init_logs(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::new(level);
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(true)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init();
+    }
 }

@@ -8,7 +8,7 @@ use api::contract;
 use api::pooler::{PoolMode, Pooler, PoolerType};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, Secret, SecretVolumeSource, Service, ServicePort, ServiceSpec, TCPSocketAction,
     Volume, VolumeMount,
@@ -371,6 +371,12 @@ pub fn exporter_container(image: &str) -> Container {
             "--password-file".to_string(),
             format!("{AUTH_MOUNT_PATH}/{PASSWORD_KEY}"),
         ]),
+        // JSON lines, as the instance managers log in pods.
+        env: Some(vec![EnvVar {
+            name: contract::env::LOG_JSON.to_string(),
+            value: Some("true".to_string()),
+            ..EnvVar::default()
+        }]),
         ports: Some(vec![ContainerPort {
             name: Some(crate::monitoring::METRICS_PORT.to_string()),
             container_port: i32::from(contract::POOLER_METRICS_PORT),
@@ -661,6 +667,13 @@ mod tests {
             "{args}"
         );
         assert!(args.contains("--user pgbouncer_auth"), "{args}");
+        assert!(
+            exporter
+                .env
+                .iter()
+                .flatten()
+                .any(|e| e.name == contract::env::LOG_JSON && e.value.as_deref() == Some("true"))
+        );
         // The port the PodMonitor names, on pgbouncer_exporter's number.
         let port = &exporter.ports.as_ref().unwrap()[0];
         assert_eq!(port.name.as_deref(), Some(crate::monitoring::METRICS_PORT));

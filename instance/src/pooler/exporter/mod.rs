@@ -58,6 +58,9 @@ pub struct ExporterConfig {
     /// Log filter, in the syntax of RUST_LOG.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Logs as JSON lines (the operator sets it in pods), text otherwise.
+    #[arg(long, env = contract::env::LOG_JSON, default_value_t = false)]
+    pub log_json: bool,
 }
 
 /// The admin console commands of one scrape, in order.
