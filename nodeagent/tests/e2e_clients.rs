@@ -162,6 +162,61 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
             .is_some_and(|value| value > 0.0),
         "{metrics}"
     );
+
+    // The declared user's queries through the Pooler's Service show in the exporter's figures
+    // for its database and pool.
+    let pooled = e2e.service_port_of(namespace, "app-pool", api::contract::POSTGRES_PORT)?;
+    let username = secret_value(&client, namespace, "inventory-credentials", "username").await?;
+    let password = secret_value(&client, namespace, "inventory-credentials", "password").await?;
+    eventually(
+        "psql through the Pooler",
+        Duration::from_secs(60),
+        || async {
+            let output = Command::new(&psql)
+                .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c"])
+                .arg("SELECT count(*) FROM stock.items")
+                .arg(format!(
+                    "host=127.0.0.1 port={pooled} user={username} dbname=inventory connect_timeout=5"
+                ))
+                .env("PGPASSWORD", &password)
+                .output()?;
+            Ok(if output.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+            })
+        },
+    )
+    .await?;
+    let address = std::net::SocketAddr::new(
+        pods.list(&kube::api::ListParams::default().labels(&selector))
+            .await?
+            .items
+            .first()
+            .and_then(|pod| pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("the Pooler pod has no IP"))?,
+        api::contract::POOLER_METRICS_PORT,
+    );
+    let (_, metrics) = testbed::pooler_exporter::get_at(address, "/metrics")?;
+    let inventory = [("database", "inventory")];
+    assert!(
+        testbed::pooler_exporter::sample(
+            &metrics,
+            "pgbouncer_stats_queries_pooled_total",
+            &inventory
+        )
+        .is_some_and(|value| value >= 1.0),
+        "{metrics}"
+    );
+    assert!(
+        testbed::pooler_exporter::sample(
+            &metrics,
+            "pgbouncer_pools_server_idle_connections",
+            &[("database", "inventory"), ("user", "inventory")]
+        )
+        .is_some(),
+        "{metrics}"
+    );
     Ok(())
 }
 
