@@ -32,6 +32,12 @@ struct Cli {
     /// Kubernetes mode: address of `/metrics`.
     #[arg(long, env = "PG_ROUTER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Kubernetes mode: TLS certificate chain (PEM) for clients; with `--tls-key-file`.
+    #[arg(long, env = "PG_ROUTER_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// Kubernetes mode: its private key (PEM).
+    #[arg(long, env = "PG_ROUTER_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
     /// Kubernetes mode: login on the shards (the cluster's superuser Secret).
     #[arg(long, env = "PG_ROUTER_BACKEND_USER", default_value = "postgres")]
     backend_user: String,
@@ -109,7 +115,13 @@ async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router>
         metrics_listen: cli.metrics_listen.clone(),
         auth: auth::users_from_postgres_users(&client, &cli.namespace, cluster, backend_login)
             .await?,
-        tls: None,
+        tls: match (&cli.tls_cert_file, &cli.tls_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(router::topology::TlsConfig {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            }),
+            _ => None,
+        },
         backend: BackendConfig {
             user: cli.backend_user.clone(),
             password: cli.backend_password.clone(),
