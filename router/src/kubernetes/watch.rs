@@ -1,5 +1,6 @@
 //! The acting half of Kubernetes mode: watches the cluster, its ShardRanges and the shards'
-//! primary pods, rebuilds the topology on every change and reloads it when it differs.
+//! primary pods, rebuilds the topology on every change and reloads it when it differs; reads
+//! them all again when a session asks (a shard's fence said this router's epoch is old).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +18,9 @@ use kube::{Api, Client, ResourceExt};
 use super::topology;
 use crate::frontend::session::RouterState;
 use crate::topology::Topology;
+
+/// A topology, the fingerprint of the objects it was built from, and each ShardRange's epoch.
+type Built = (Topology, String, BTreeMap<String, i64>);
 
 /// Changes closer together than this are applied as one reload.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -120,7 +124,7 @@ impl KubernetesSource {
     }
 
     /// Reads everything once and builds the topology.
-    async fn read(&self) -> Result<Result<(Topology, String), String>, WatchError> {
+    async fn read(&self) -> Result<Result<Built, String>, WatchError> {
         let cluster = Api::<PostgresCluster>::namespaced(self.client.clone(), &self.namespace)
             .get_opt(&self.cluster)
             .await
@@ -144,13 +148,13 @@ impl KubernetesSource {
         Ok(self.build(&cluster, &ranges, &pods))
     }
 
-    /// The topology and a fingerprint of what it was built from.
+    /// The topology, a fingerprint of what it was built from, and the epoch of each range.
     fn build(
         &self,
         cluster: &PostgresCluster,
         ranges: &[ShardRange],
         pods: &[Arc<Pod>],
-    ) -> Result<(Topology, String), String> {
+    ) -> Result<Built, String> {
         let primaries = primaries(&self.cluster, pods);
         let topology = topology::build(cluster, ranges, &primaries).map_err(|e| e.to_string())?;
         let mut placement: Vec<String> = ranges
@@ -165,7 +169,12 @@ impl KubernetesSource {
             placement.join(","),
             primaries
         );
-        Ok((topology, fingerprint))
+        let epochs = ranges
+            .iter()
+            .filter(|r| r.spec.cluster.name == self.cluster)
+            .map(|r| (r.name_any(), r.spec.epoch))
+            .collect();
+        Ok((topology, fingerprint, epochs))
     }
 
     /// Waits (up to `timeout`) for a complete topology: the cluster, ranges that cover every
@@ -174,7 +183,7 @@ impl KubernetesSource {
         let started = tokio::time::Instant::now();
         loop {
             let reason = match self.read().await {
-                Ok(Ok((topology, _))) => return Ok(topology),
+                Ok(Ok((topology, _, _))) => return Ok(topology),
                 Ok(Err(reason)) => reason,
                 Err(error) => error.to_string(),
             };
@@ -230,20 +239,47 @@ impl KubernetesSource {
             range_stream.boxed(),
             pod_stream.boxed(),
         ]);
-        let mut applied = String::new();
-        let mut last_error = String::new();
-        while changes.next().await.is_some() {
-            // Let a burst of changes (a split flips two ranges) settle into one reload.
-            tokio::time::sleep(DEBOUNCE).await;
-            while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
-            self.apply(
-                &state,
-                &clusters,
-                &ranges,
-                &pods,
-                &mut applied,
-                &mut last_error,
-            );
+        let mut applied = Applied::default();
+        // Fault injection for tests: a router whose watch lags behind (it routes by its first
+        // topology until a shard's fence makes it read the objects again).
+        let ignore_watch =
+            std::env::var("PG_ROUTER_FAULT").as_deref() == Ok("ignore_topology_watch");
+        loop {
+            tokio::select! {
+                change = changes.next() => {
+                    if change.is_none() {
+                        break;
+                    }
+                    // Let a burst of changes (a split flips two ranges) settle into one reload.
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
+                    if !ignore_watch {
+                        self.apply(&state, &clusters, &ranges, &pods, &mut applied);
+                    }
+                }
+                () = state.refresh_requested() => {
+                    let ticket = state.refresh_ticket();
+                    self.refresh(&state, &mut applied).await;
+                    state.refresh_done(ticket);
+                }
+            }
+        }
+    }
+
+    /// Reads the cluster, its ShardRanges and the primaries again now (a shard's fence said
+    /// this router routes by an old epoch: the watch may lag behind), and applies them.
+    async fn refresh(&self, state: &RouterState, applied: &mut Applied) {
+        match self.read().await {
+            Ok(Ok((topology, fingerprint, epochs))) => {
+                tracing::info!(cluster = %self.cluster, epoch = topology.epoch, "topology re-read on request");
+                applied.apply(state, &self.cluster, topology, fingerprint, epochs);
+            }
+            Ok(Err(reason)) => {
+                tracing::warn!(cluster = %self.cluster, %reason, "incomplete topology on a re-read; keeping the current one")
+            }
+            Err(error) => {
+                tracing::warn!(cluster = %self.cluster, %error, "re-reading the topology failed")
+            }
         }
     }
 
@@ -253,8 +289,7 @@ impl KubernetesSource {
         clusters: &Store<PostgresCluster>,
         ranges: &Store<ShardRange>,
         pods: &Store<Pod>,
-        applied: &mut String,
-        last_error: &mut String,
+        applied: &mut Applied,
     ) {
         let Some(cluster) = clusters
             .state()
@@ -265,21 +300,58 @@ impl KubernetesSource {
         };
         let ranges: Vec<ShardRange> = ranges.state().iter().map(|r| (**r).clone()).collect();
         match self.build(&cluster, &ranges, &pods.state()) {
-            Ok((topology, fingerprint)) => {
-                last_error.clear();
-                // The first one too: something may have changed since the initial topology.
-                if *applied != fingerprint {
-                    state.reload(topology);
-                    tracing::info!(cluster = %self.cluster, "topology from Kubernetes applied");
-                    *applied = fingerprint;
-                }
+            Ok((topology, fingerprint, epochs)) => {
+                applied.last_error.clear();
+                applied.apply(state, &self.cluster, topology, fingerprint, epochs);
             }
             Err(reason) => {
-                if *last_error != reason {
+                if applied.last_error != reason {
                     tracing::warn!(cluster = %self.cluster, %reason, "incomplete topology; keeping the current one");
-                    *last_error = reason;
+                    applied.last_error = reason;
                 }
             }
+        }
+    }
+}
+
+/// What the router applied last, from the watch or a re-read.
+#[derive(Default)]
+struct Applied {
+    /// Fingerprint of the objects of the topology in use.
+    fingerprint: String,
+    /// The last reason a topology could not be built (logged once).
+    last_error: String,
+    /// The highest epoch seen of each ShardRange.
+    epochs: BTreeMap<String, i64>,
+}
+
+impl Applied {
+    /// Swaps `topology` in when it differs from the one in use, unless it is older: a re-read
+    /// can see a flip before the watch does, and the watch must not take it back.
+    fn apply(
+        &mut self,
+        state: &RouterState,
+        cluster: &str,
+        topology: Topology,
+        fingerprint: String,
+        epochs: BTreeMap<String, i64>,
+    ) {
+        if let Some((range, seen)) = epochs.iter().find_map(|(range, epoch)| {
+            let seen = *self.epochs.get(range)?;
+            (seen > *epoch).then_some((range, seen))
+        }) {
+            tracing::debug!(cluster, %range, seen, "the watch lags behind a re-read; waiting for it");
+            return;
+        }
+        for (range, epoch) in epochs {
+            self.epochs.insert(range, epoch);
+        }
+        // The first one too: something may have changed since the initial topology.
+        if self.fingerprint != fingerprint {
+            let epoch = topology.epoch;
+            state.reload(topology);
+            tracing::info!(cluster, epoch, "topology from Kubernetes applied");
+            self.fingerprint = fingerprint;
         }
     }
 }
