@@ -24,6 +24,7 @@ pub struct Metrics {
     pool_in_use: Family<Labels, Gauge>,
     two_phase: Family<Labels, Counter>,
     topology_epoch: Gauge,
+    write_paused_ranges: Gauge,
     write_pause_holds: Counter,
     write_pause_hold_seconds: Histogram,
     query_handles: std::sync::RwLock<Vec<(&'static str, Counter, Histogram)>>,
@@ -71,12 +72,18 @@ impl Metrics {
             two_phase.clone(),
         );
         let topology_epoch = Gauge::default();
+        let write_paused_ranges = Gauge::default();
         let write_pause_holds = Counter::default();
         let write_pause_hold_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "topology_epoch",
             "Routing epoch of the current topology (the highest ShardRange epoch)",
             topology_epoch.clone(),
+        );
+        registry.register(
+            "write_paused_ranges",
+            "Ranges of the current topology whose writes are held (a split's cut-over)",
+            write_paused_ranges.clone(),
         );
         registry.register(
             "write_pause_holds",
@@ -91,6 +98,7 @@ impl Metrics {
         Self {
             registry,
             topology_epoch,
+            write_paused_ranges,
             write_pause_holds,
             write_pause_hold_seconds,
             queries,
@@ -145,9 +153,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Records the routing epoch of the topology just swapped in.
-    pub fn set_topology_epoch(&self, epoch: i64) {
+    /// Records the routing epoch of the topology just swapped in, and how many of its ranges
+    /// are paused.
+    pub fn set_topology_epoch(&self, epoch: i64, paused_ranges: usize) {
         self.topology_epoch.set(epoch);
+        self.write_paused_ranges.set(paused_ranges as i64);
     }
 
     /// Counts a statement held for a paused range, and how long it waited.

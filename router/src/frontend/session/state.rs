@@ -50,7 +50,7 @@ impl RouterState {
     /// State for `topology`.
     pub fn new(topology: Topology, backend: BackendConfig, metrics: Arc<Metrics>) -> Self {
         let pools = Arc::new(Pools::new(&topology.shards, &backend, metrics.clone()));
-        metrics.set_topology_epoch(topology.epoch);
+        metrics.set_topology_epoch(topology.epoch, topology.paused.len());
         let paused = !topology.paused.is_empty();
         let epoch = topology.epoch;
         Self {
@@ -214,7 +214,7 @@ impl RouterState {
             version,
             plan_cache: Default::default(),
         });
-        self.metrics.set_topology_epoch(epoch);
+        self.metrics.set_topology_epoch(epoch, paused.len());
         self.any_paused.store(!paused.is_empty(), Ordering::SeqCst);
         self.epoch.store(epoch, Ordering::SeqCst);
         // Wakes the statements held for a paused range: they look at the new topology.
