@@ -401,6 +401,26 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
     );
     let one: i32 = b.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
+    // A transaction that holds a row lock on the source and then writes to the paused range
+    // is not left waiting for a flip that its lock could delay: the bound ends it.
+    b.batch_execute("BEGIN").await.unwrap();
+    b.execute(
+        "UPDATE orders SET note = 'locked' WHERE customer_id = $1",
+        &[&staying],
+    )
+    .await
+    .unwrap();
+    let error = b
+        .execute(
+            "UPDATE orders SET note = 'too late' WHERE customer_id = $1",
+            &[&moving],
+        )
+        .await
+        .expect_err("a transaction's hold past the bound fails");
+    assert_eq!(error.code().map(|c| c.code()), Some("40001"));
+    b.batch_execute("ROLLBACK").await.unwrap();
+    let one: i32 = b.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
 
     // The operator's catch-up, fence and flip: the rows move to shard-2, the source refuses
     // writes to them, and the range names shard-2 with the next epoch.

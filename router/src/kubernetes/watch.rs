@@ -19,7 +19,8 @@ use super::topology;
 use crate::frontend::session::RouterState;
 use crate::topology::Topology;
 
-/// A topology, the fingerprint of the objects it was built from, and each ShardRange's epoch.
+/// A topology, the fingerprint of the objects it was built from, and each ShardRange's epoch
+/// (by uid).
 type Built = (Topology, String, BTreeMap<String, i64>);
 
 /// Changes closer together than this are applied as one reload.
@@ -169,10 +170,11 @@ impl KubernetesSource {
             placement.join(","),
             primaries
         );
+        // By uid: a range deleted and created again under its name starts its epochs anew.
         let epochs = ranges
             .iter()
             .filter(|r| r.spec.cluster.name == self.cluster)
-            .map(|r| (r.name_any(), r.spec.epoch))
+            .map(|r| (r.uid().unwrap_or_else(|| r.name_any()), r.spec.epoch))
             .collect();
         Ok((topology, fingerprint, epochs))
     }
@@ -321,7 +323,7 @@ struct Applied {
     fingerprint: String,
     /// The last reason a topology could not be built (logged once).
     last_error: String,
-    /// The highest epoch seen of each ShardRange.
+    /// The highest epoch seen of each ShardRange (by uid).
     epochs: BTreeMap<String, i64>,
 }
 

@@ -280,3 +280,87 @@ impl Session {
         Some(replanned(&current.topology, planned).unwrap_or_else(|| planned.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{PausedRange, RouterConfig};
+    use crate::vindex::{HashRanges, Vindex, key_hash};
+
+    /// Two shards, `t` sharded by `id`; the upper half of the signed space (shard b's
+    /// non-negative positions) is paused.
+    fn topology() -> Topology {
+        let config = RouterConfig::from_toml(
+            "[[shards]]\nname='a'\nport=1\n[[shards]]\nname='b'\nport=2\n[[table_groups]]\n\
+             name='g'\n[[sharded_tables]]\nname='t'\ntable_group='g'\nshard_key='id'\n",
+        )
+        .unwrap();
+        let mut topology = Topology::from_config(&config).unwrap();
+        topology.paused = vec![PausedRange {
+            name: "db-g-1".into(),
+            group: 0,
+            start: Some(0),
+            end: None,
+        }];
+        topology
+    }
+
+    fn key(paused: bool) -> i64 {
+        (1..)
+            .find(|k| (key_hash(&KeyValue::Int(*k)) as i64 >= 0) == paused)
+            .unwrap()
+    }
+
+    #[test]
+    fn only_writes_to_keys_of_the_paused_range_are_held() {
+        let topology = topology();
+        let scopes = |sql: &str| plan::write_scopes(&topology, sql);
+        let none = Params::default();
+        let held = scopes(&format!("UPDATE t SET v = 1 WHERE id = {}", key(true)));
+        assert_eq!(
+            paused_range(&topology, &held, &none).map(|r| r.name.as_str()),
+            Some("db-g-1")
+        );
+        let free = scopes(&format!("UPDATE t SET v = 1 WHERE id = {}", key(false)));
+        assert!(paused_range(&topology, &free, &none).is_none());
+        let scatter = scopes("DELETE FROM t");
+        assert!(paused_range(&topology, &scatter, &none).is_some());
+        // A parameter key is read from the bound values.
+        let param = scopes("INSERT INTO t (id) VALUES ($1)");
+        let bound = |k: i64| Params {
+            types: vec![0],
+            values: vec![Some(bytes::Bytes::from(k.to_string()))],
+            formats: vec![0],
+        };
+        assert!(paused_range(&topology, &param, &bound(key(true))).is_some());
+        assert!(paused_range(&topology, &param, &bound(key(false))).is_none());
+    }
+
+    #[test]
+    fn a_flip_moves_the_keys_and_replans_literal_routes() {
+        let before = topology();
+        let mut after = before.clone();
+        // Everything on shard b now, one epoch later.
+        after.groups[0].vindex = Vindex::Hash(HashRanges {
+            starts: vec![(0, 1)],
+        });
+        after.paused.clear();
+        after.epoch = 1;
+        let on_a = (1..)
+            .find(|k| plan::shard_of(&before, 0, &KeyValue::Int(*k)).unwrap() == 0)
+            .unwrap();
+        let sql = format!("UPDATE t SET v = 1 WHERE id = {on_a}");
+        let scopes = plan::write_scopes(&before, &sql);
+        assert_eq!(
+            moved(&before, &after, &scopes, &Params::default()).as_deref(),
+            Some("g")
+        );
+        assert_eq!(moved(&before, &before, &scopes, &Params::default()), None);
+        let planned = plan::plan_sql(&before, &sql).unwrap().remove(0);
+        assert_eq!(planned.plan, Plan::Single(Target::Shard(0)));
+        assert_eq!(
+            replanned(&after, &planned).map(|p| p.plan),
+            Some(Plan::Single(Target::Shard(1)))
+        );
+    }
+}
