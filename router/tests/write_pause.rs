@@ -363,6 +363,23 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
         .expect("reads of a paused range go on")
         .get(0);
     assert_eq!(read, 1);
+    // A held write can be cancelled, as a running one can.
+    let cancelled_client = connect(&router_a).await.unwrap();
+    let cancel = cancelled_client.cancel_token();
+    let cancelled = tokio::spawn(async move {
+        cancelled_client
+            .execute("DELETE FROM orders WHERE customer_id = $1", &[&moving])
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cancelled.is_finished(), "the DELETE is held");
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(5), cancelled)
+        .await
+        .expect("a cancel request ends the hold")
+        .unwrap()
+        .expect_err("the held DELETE is cancelled");
+    assert_eq!(error.code().map(|c| c.code()), Some("57014"), "{error:?}");
     // Writes to other ranges, on the same shard and on another, are never held.
     for key in [staying, other] {
         tokio::time::timeout(

@@ -185,8 +185,27 @@ impl Session {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.state.write_pause_hold();
         tracing::debug!(%range, "write held: the range is paused for a split");
+        let cancel = self.cancel.clone();
+        let interrupted = async {
+            match &cancel {
+                Some(cancel) => cancel.interrupted().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(interrupted);
         let runtime = loop {
-            let changed = tokio::time::timeout_at(deadline, versions.changed()).await;
+            let changed = tokio::select! {
+                changed = tokio::time::timeout_at(deadline, versions.changed()) => changed,
+                () = &mut interrupted => {
+                    self.state
+                        .metrics
+                        .observe_write_pause_hold(started.elapsed().as_secs_f64());
+                    return Err(RouterError::session(
+                        "57014",
+                        "canceling statement due to user request",
+                    ));
+                }
+            };
             if !matches!(changed, Ok(Ok(()))) {
                 let waited = started.elapsed();
                 self.state
