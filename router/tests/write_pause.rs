@@ -459,6 +459,7 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
         .await
         .unwrap();
     assert!(!held_insert.is_finished() && !held_update.is_finished());
+    let flip = std::time::Instant::now();
     patch_range(
         &client,
         MOVING,
@@ -471,6 +472,10 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
     })
     .await
     .expect("held writes are released by the flip");
+    println!(
+        "write_pause_release_after_flip_ms={}",
+        flip.elapsed().as_millis()
+    );
     assert_eq!(flipped.0.expect("the held INSERT succeeds"), 1);
     flipped.1.expect("the held UPDATE succeeds");
     assert_eq!(
@@ -526,12 +531,17 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
     .expect("the retried transaction lands on the new shard");
     // In autocommit, a lone write the fence refused is retried once on the new place: the
     // client does not even see the error.
+    let fenced = std::time::Instant::now();
     s2.execute(
         "INSERT INTO orders (customer_id, id, note) VALUES ($1, 4, 'retried by the router')",
         &[&moving],
     )
     .await
     .expect("S2 retries the fenced write on the new shard");
+    println!(
+        "stale_router_fenced_write_retried_ms={}",
+        fenced.elapsed().as_millis()
+    );
     assert_eq!(
         metric(&router_s2, "pg_router_topology_epoch").await,
         Some(1.0)
