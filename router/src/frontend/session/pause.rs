@@ -4,6 +4,10 @@
 //! source refusing writes to a range that moved, SQLSTATE 40001) means this router has not seen
 //! the new epoch yet: it reads its topology again at once, and a lone autocommit write is
 //! retried once on the new place; inside a transaction the client gets the retryable error.
+//!
+//! Reads are never held, not even in a transaction that already wrote to the range: those writes
+//! were made on the source before the pause, commit there, and reach the target with the
+//! catch-up (the operator's fence cannot be installed until they commit or abort).
 
 use super::*;
 
