@@ -7,7 +7,8 @@
 //!
 //! Reads are never held, not even in a transaction that already wrote to the range: those writes
 //! were made on the source before the pause, commit there, and reach the target with the
-//! catch-up (the operator's fence cannot be installed until they commit or abort).
+//! catch-up. A fence installed with CREATE TRIGGER waits for them (its lock conflicts with the
+//! one their writes hold), so they cannot commit on the source after the flip.
 
 use super::*;
 
