@@ -44,6 +44,11 @@ struct Cli {
     /// Kubernetes mode: its password (from the environment; never logged).
     #[arg(long, env = "PG_ROUTER_BACKEND_PASSWORD", hide_env_values = true)]
     backend_password: Option<String>,
+    /// Kubernetes mode: how long (milliseconds) a write to a range paused for a split's
+    /// cut-over waits for the range to be active again before it fails with SQLSTATE 40001
+    /// (`[backend] write_pause_hold_ms` in the TOML file).
+    #[arg(long, env = "PG_ROUTER_WRITE_PAUSE_HOLD_MS", default_value_t = 5000)]
+    write_pause_hold_ms: u64,
     /// Worker threads of the async runtime. 1: a single-threaded runtime (no cross-thread
     /// wake-ups); 0 (auto): single-threaded on up to 2 CPUs, where the router shares the cores with
     /// its clients and shards and measured fastest that way, else one worker per CPU.
@@ -125,6 +130,7 @@ async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router>
         backend: BackendConfig {
             user: cli.backend_user.clone(),
             password: cli.backend_password.clone(),
+            write_pause_hold_ms: cli.write_pause_hold_ms,
             ..BackendConfig::default()
         },
         shards: Vec::new(),
