@@ -227,3 +227,11 @@ pub const POOLER_METRICS_PORT: u16 = 9127;
 /// Label naming the sharded cluster a router pod belongs to. Router pods never carry
 /// [`LABEL_CLUSTER`], so no cluster's instance selectors pick them up.
 pub const LABEL_ROUTER: &str = "postgres.keiailab.io/router";
+
+/// The pg-router Deployment and Service of sharded cluster `cluster` (clients connect here).
+pub fn router_service(cluster: &str) -> String {
+    format!("{cluster}-router")
+}
+
+/// Where pg-router's TLS certificate (the cluster's server certificate Secret) is mounted.
+pub const ROUTER_TLS_MOUNT_PATH: &str = "/etc/pg-router/tls";

@@ -57,6 +57,9 @@ pub struct ShardRangeSpec {
     /// Vindex that maps the shard key to the hash space.
     #[serde(default)]
     pub vindex: VindexKind,
+    /// Routing epoch: grows by one each time the range changes place; routers log and expose it.
+    #[serde(default)]
+    pub epoch: i64,
 }
 
 /// Router-visible state of a range.

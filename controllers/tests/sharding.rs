@@ -4,12 +4,13 @@
 
 mod common;
 
+use api::contract;
 use api::postgres_cluster::{
     PostgresCluster, RouterAutoscaling, ShardKeyType, ShardedTableSpec, ShardingSpec,
     TableGroupSpec,
 };
 use api::sharding::{ShardRange, VindexKind};
-use common::{Env, spec};
+use common::{Env, dns_names, secret_text, spec};
 use controllers::sharded_cluster::builders;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -176,6 +177,38 @@ async fn a_sharded_cluster_gets_shards_ranges_and_a_router_and_bad_specs_are_ref
     );
     let security = container.security_context.clone().unwrap();
     assert_eq!(security.allow_privilege_escalation, Some(false));
+    // TLS for the router's clients: the cluster's server certificate, which names the router.
+    let certificate: k8s_openapi::api::core::v1::Secret = env.object("db-server-tls").await;
+    let names = dns_names(&secret_text(&certificate, "tls.crt"));
+    let router_name = format!("db-router.{}.svc", env.namespace);
+    assert!(names.contains(&router_name), "{names:?}");
+    assert!(
+        args.windows(2).any(|w| w[0] == "--tls-cert-file"
+            && w[1] == format!("{}/tls.crt", contract::ROUTER_TLS_MOUNT_PATH)),
+        "{args:?}"
+    );
+    let volumes = pod.volumes.clone().unwrap_or_default();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
+                == Some("db-server-tls")),
+        "{volumes:?}"
+    );
+    let annotations = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .clone()
+        .unwrap()
+        .annotations
+        .unwrap_or_default();
+    assert!(
+        annotations.contains_key(builders::ANNOTATION_TLS_HASH),
+        "{annotations:?}"
+    );
     // The autoscaler owns the replica count: the operator does not apply it.
     let operator_fields = deployment
         .metadata

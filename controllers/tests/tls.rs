@@ -9,34 +9,13 @@ use std::time::Duration;
 
 use api::contract;
 use api::postgres_cluster::TlsMode;
-use common::{Env, MANAGER_IMAGE, spec};
+use common::{Env, MANAGER_IMAGE, dns_names, secret_text as text, spec};
 use controllers::postgres_cluster::Settings;
 use controllers::tls::certificates::{self, Lifetimes};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
-
-fn text(secret: &Secret, key: &str) -> String {
-    String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
-}
-
-fn dns_names(pem: &str) -> Vec<String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
-    let certificate = pem.parse_x509().unwrap();
-    let mut names = Vec::new();
-    for extension in certificate.extensions() {
-        if let ParsedExtension::SubjectAlternativeName(san) = extension.parsed_extension() {
-            for name in &san.general_names {
-                if let GeneralName::DNSName(name) = name {
-                    names.push(name.to_string());
-                }
-            }
-        }
-    }
-    names
-}
 
 fn subject(pem: &str) -> String {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();

@@ -32,12 +32,23 @@ struct Cli {
     /// Kubernetes mode: address of `/metrics`.
     #[arg(long, env = "PG_ROUTER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Kubernetes mode: TLS certificate chain (PEM) for clients; with `--tls-key-file`.
+    #[arg(long, env = "PG_ROUTER_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// Kubernetes mode: its private key (PEM).
+    #[arg(long, env = "PG_ROUTER_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
     /// Kubernetes mode: login on the shards (the cluster's superuser Secret).
     #[arg(long, env = "PG_ROUTER_BACKEND_USER", default_value = "postgres")]
     backend_user: String,
     /// Kubernetes mode: its password (from the environment; never logged).
     #[arg(long, env = "PG_ROUTER_BACKEND_PASSWORD", hide_env_values = true)]
     backend_password: Option<String>,
+    /// Kubernetes mode: how long (milliseconds) a write to a range paused for a split's
+    /// cut-over waits for the range to be active again before it fails with SQLSTATE 40001
+    /// (`[backend] write_pause_hold_ms` in the TOML file).
+    #[arg(long, env = "PG_ROUTER_WRITE_PAUSE_HOLD_MS", default_value_t = 5000)]
+    write_pause_hold_ms: u64,
     /// Worker threads of the async runtime. 1: a single-threaded runtime (no cross-thread
     /// wake-ups); 0 (auto): single-threaded on up to 2 CPUs, where the router shares the cores with
     /// its clients and shards and measured fastest that way, else one worker per CPU.
@@ -109,10 +120,17 @@ async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router>
         metrics_listen: cli.metrics_listen.clone(),
         auth: auth::users_from_postgres_users(&client, &cli.namespace, cluster, backend_login)
             .await?,
-        tls: None,
+        tls: match (&cli.tls_cert_file, &cli.tls_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(router::topology::TlsConfig {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            }),
+            _ => None,
+        },
         backend: BackendConfig {
             user: cli.backend_user.clone(),
             password: cli.backend_password.clone(),
+            write_pause_hold_ms: cli.write_pause_hold_ms,
             ..BackendConfig::default()
         },
         shards: Vec::new(),

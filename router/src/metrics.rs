@@ -1,4 +1,5 @@
-//! Prometheus metrics: queries by plan kind, latency histograms, pool usage, 2PC outcomes.
+//! Prometheus metrics: queries by plan kind, latency histograms, pool usage, 2PC outcomes, and a
+//! split's cut-over (routing epoch, writes held for a paused range).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +23,10 @@ pub struct Metrics {
     latency: Family<Labels, Histogram, fn() -> Histogram>,
     pool_in_use: Family<Labels, Gauge>,
     two_phase: Family<Labels, Counter>,
+    topology_epoch: Gauge,
+    write_paused_ranges: Gauge,
+    write_pause_holds: Counter,
+    write_pause_hold_seconds: Histogram,
     query_handles: std::sync::RwLock<Vec<(&'static str, Counter, Histogram)>>,
 }
 
@@ -66,8 +71,36 @@ impl Metrics {
             "Multi-shard transactions by outcome (committed, aborted, in_doubt, recovered_commit, recovered_abort)",
             two_phase.clone(),
         );
+        let topology_epoch = Gauge::default();
+        let write_paused_ranges = Gauge::default();
+        let write_pause_holds = Counter::default();
+        let write_pause_hold_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "topology_epoch",
+            "Routing epoch of the current topology (the highest ShardRange epoch)",
+            topology_epoch.clone(),
+        );
+        registry.register(
+            "write_paused_ranges",
+            "Ranges of the current topology whose writes are held (a split's cut-over)",
+            write_paused_ranges.clone(),
+        );
+        registry.register(
+            "write_pause_holds",
+            "Statements held because they write to a range paused for a split's cut-over",
+            write_pause_holds.clone(),
+        );
+        registry.register(
+            "write_pause_hold_seconds",
+            "How long statements were held for a paused range (released or timed out)",
+            write_pause_hold_seconds.clone(),
+        );
         Self {
             registry,
+            topology_epoch,
+            write_paused_ranges,
+            write_pause_holds,
+            write_pause_hold_seconds,
             queries,
             errors,
             latency,
@@ -118,6 +151,19 @@ impl Metrics {
         self.two_phase
             .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
             .inc();
+    }
+
+    /// Records the routing epoch of the topology just swapped in, and how many of its ranges
+    /// are paused.
+    pub fn set_topology_epoch(&self, epoch: i64, paused_ranges: usize) {
+        self.topology_epoch.set(epoch);
+        self.write_paused_ranges.set(paused_ranges as i64);
+    }
+
+    /// Counts a statement held for a paused range, and how long it waited.
+    pub fn observe_write_pause_hold(&self, seconds: f64) {
+        self.write_pause_holds.inc();
+        self.write_pause_hold_seconds.observe(seconds);
     }
 
     /// The metrics in the Prometheus text format.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::vindex::{HashRanges, Vindex, consistent_ring};
+use crate::vindex::{HashRanges, KeyValue, Vindex, consistent_ring, key_hash};
 
 /// Errors while loading a topology.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +144,12 @@ pub struct BackendConfig {
     /// `sslmode=verify-full`); a shard without TLS is refused. Plain TCP when unset.
     #[serde(default)]
     pub ssl_root_cert: Option<PathBuf>,
+    /// How long (milliseconds) a statement that writes to a range paused for a split's cut-over
+    /// waits for the range to be active again (on its new shard) before it fails with SQLSTATE
+    /// 40001, which clients retry. Also what bounds a transaction that holds locks on the
+    /// source and then waits: the cut-over can never be blocked by it for longer.
+    #[serde(default = "default_write_pause_hold_ms")]
+    pub write_pause_hold_ms: u64,
 }
 
 impl Default for BackendConfig {
@@ -155,6 +161,7 @@ impl Default for BackendConfig {
             pool_size: default_pool_size(),
             auto_prepare: default_auto_prepare(),
             ssl_root_cert: None,
+            write_pause_hold_ms: default_write_pause_hold_ms(),
         }
     }
 }
@@ -167,10 +174,14 @@ impl std::fmt::Debug for BackendConfig {
             .field("pool_size", &self.pool_size)
             .field("auto_prepare", &self.auto_prepare)
             .field("ssl_root_cert", &self.ssl_root_cert)
+            .field("write_pause_hold_ms", &self.write_pause_hold_ms)
             .finish_non_exhaustive()
     }
 }
 
+fn default_write_pause_hold_ms() -> u64 {
+    5000
+}
 fn default_auto_prepare() -> bool {
     true
 }
@@ -350,6 +361,57 @@ pub struct Topology {
     /// Column lists of the tables the shards hold (first shard's catalog, refreshed after DDL):
     /// what the binder resolves bare column names against.
     pub columns: crate::plan::bind::Catalog,
+    /// Ranges whose writes are held (a split's cut-over: ShardRange `state: WritePaused`). Their
+    /// reads still go to the shard the vindex names.
+    pub paused: Vec<PausedRange>,
+    /// Routing epoch: the highest ShardRange epoch this topology was built from (0 in
+    /// standalone mode).
+    pub epoch: i64,
+}
+
+/// A range of a table group whose writes wait for the range to be active again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PausedRange {
+    /// The ShardRange's name (for the client's error and the logs).
+    pub name: String,
+    /// Index into [`Topology::groups`].
+    pub group: usize,
+    /// First position (inclusive); the lowest one when unset.
+    pub start: Option<i64>,
+    /// End (exclusive); the end of the space when unset.
+    pub end: Option<i64>,
+}
+
+impl PausedRange {
+    /// Does the range hold `position`?
+    pub fn contains(&self, position: i64) -> bool {
+        self.start.is_none_or(|start| position >= start)
+            && self.end.is_none_or(|end| position < end)
+    }
+}
+
+impl Topology {
+    /// Where `key` lies in the space ShardRange bounds are written in: the partition hash read
+    /// as a signed number for the hash vindex, the key itself for the range vindex; none for a
+    /// consistent-hash group (no ShardRange drives those).
+    pub fn range_position(&self, group: usize, key: &KeyValue) -> Option<i64> {
+        match (&self.groups.get(group)?.vindex, key) {
+            (Vindex::Hash(_), key) => Some(key_hash(key) as i64),
+            (Vindex::Range(_), KeyValue::Int(value)) => Some(*value),
+            _ => None,
+        }
+    }
+
+    /// The paused range of `group` that holds `key`, if any.
+    pub fn paused_range(&self, group: usize, key: &KeyValue) -> Option<&PausedRange> {
+        if self.paused.is_empty() {
+            return None;
+        }
+        let position = self.range_position(group, key)?;
+        self.paused
+            .iter()
+            .find(|range| range.group == group && range.contains(position))
+    }
 }
 
 impl Topology {
@@ -487,6 +549,8 @@ impl Topology {
                 .collect(),
             aggregates: Vec::new(),
             columns: Default::default(),
+            paused: Vec::new(),
+            epoch: 0,
         })
     }
 

@@ -78,6 +78,7 @@ fn range(name: &str, shard: &str, start: Option<i64>, end: Option<i64>) -> Shard
             end,
             state: ShardRangeState::Active,
             vindex: VindexKind::Hash,
+            epoch: 0,
         },
     );
     range.metadata.namespace = Some(NAMESPACE.into());
@@ -239,6 +240,18 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
     .unwrap();
     create(&client, &user).await;
 
+    // The router's certificate for its clients, as the operator issues it: from the cluster's
+    // CA, naming the -router Service.
+    let db_ca = TestCa::new("db CA").expect("a CA");
+    let router_name = format!("{}.{NAMESPACE}.svc", contract::router_service("db"));
+    let router_tls = db_ca.issue(&[&router_name]).expect("a certificate");
+    let (cert_file, key_file) = (
+        server.dir().join("router.crt"),
+        server.dir().join("router.key"),
+    );
+    std::fs::write(&cert_file, &router_tls.certificate_pem).unwrap();
+    std::fs::write(&key_file, &router_tls.key_pem).unwrap();
+
     // The real pg-router binary in Kubernetes mode.
     let port = testbed::free_port();
     let log = server.dir().join("router.log");
@@ -246,6 +259,10 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         Command::new(env!("CARGO_BIN_EXE_pg-router"))
             .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--tls-cert-file")
+            .arg(&cert_file)
+            .arg("--tls-key-file")
+            .arg(&key_file)
             .env("KUBECONFIG", server.kubeconfig_path())
             .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
             .env("LOG_LEVEL", "info")
@@ -288,6 +305,23 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         100 - expected_0
     );
     let total: i64 = app
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 100);
+    // Clients speak TLS to the router, verified against the cluster's CA and the router's name.
+    let verify = testbed::pg_tls::VerifyFull::new(db_ca.pem(), &router_name).unwrap();
+    let (secure, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} user=app password=app-pw dbname=postgres sslmode=require"
+        ),
+        verify,
+    )
+    .await
+    .expect("a TLS connection to the router, verify-full");
+    tokio::spawn(connection);
+    let total: i64 = secure
         .query_one("SELECT count(*) FROM orders", &[])
         .await
         .unwrap()

@@ -14,8 +14,8 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, Service, ServiceAccount,
-    ServicePort, ServiceSpec, TCPSocketAction,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    Service, ServiceAccount, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -48,7 +48,7 @@ pub fn shard_cluster_name(parent: &str, shard: &str) -> String {
 
 /// Name of the router's Deployment, Service, ServiceAccount, Role and RoleBinding.
 pub fn router_name(parent: &str) -> String {
-    format!("{parent}-router")
+    contract::router_service(parent)
 }
 
 /// Name of the ShardRange of `group` that initially belongs to shard `index`.
@@ -160,6 +160,7 @@ pub fn initial_ranges(
                     end,
                     state: ShardRangeState::Active,
                     vindex: group.vindex,
+                    epoch: 0,
                 },
                 status: None,
             }
@@ -344,6 +345,62 @@ pub fn router_deployment(cluster: &PostgresCluster, sharding: &ShardingSpec) -> 
             ..DeploymentSpec::default()
         }),
         status: None,
+    }
+}
+
+/// Annotation on the router pod template: a hash of the TLS certificate the routers serve, so
+/// that a renewed certificate rolls them (pg-router reads its certificate at start).
+pub const ANNOTATION_TLS_HASH: &str = "postgres.keiailab.io/tls-certificate-hash";
+
+/// TLS for the router's clients: the cluster's server certificate Secret (whose names include
+/// the `-router` Service) mounted read-only for the router's group, and the flags that load it.
+pub fn add_router_tls(deployment: &mut Deployment, parent: &str, certificate_hash: &str) {
+    let Some(template) = deployment.spec.as_mut().map(|spec| &mut spec.template) else {
+        return;
+    };
+    template
+        .metadata
+        .get_or_insert_with(ObjectMeta::default)
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(
+            ANNOTATION_TLS_HASH.to_string(),
+            certificate_hash.to_string(),
+        );
+    let Some(pod) = template.spec.as_mut() else {
+        return;
+    };
+    if let Some(security) = pod.security_context.as_mut() {
+        security.fs_group = Some(ROUTER_UID);
+    }
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: "tls".to_string(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(contract::tls_server_secret(parent)),
+            // The key: readable by the router's group only.
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    for container in &mut pod.containers {
+        container
+            .volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: "tls".to_string(),
+                mount_path: contract::ROUTER_TLS_MOUNT_PATH.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        let args = container.args.get_or_insert_with(Vec::new);
+        for (flag, file) in [
+            ("--tls-cert-file", contract::tls_keys::CERTIFICATE),
+            ("--tls-key-file", contract::tls_keys::KEY),
+        ] {
+            args.push(flag.to_string());
+            args.push(format!("{}/{file}", contract::ROUTER_TLS_MOUNT_PATH));
+        }
     }
 }
 

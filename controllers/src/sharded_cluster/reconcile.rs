@@ -142,6 +142,31 @@ async fn ensure_ranges(
 
 /// Router stage: ServiceAccount, Role, RoleBinding, Deployment, Service, and the autoscaler
 /// when asked for (removed when no longer asked for).
+/// With TLS on: a hash of the server certificate the routers are to serve, once its Secret
+/// exists (until then the routers run without TLS for clients, and the next pass adds it).
+async fn router_certificate_hash(
+    cluster: &PostgresCluster,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Option<String>, Error> {
+    if !crate::tls::pod::enabled(cluster) {
+        return Ok(None);
+    }
+    let name = contract::tls_server_secret(&cluster.name_any());
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(&name)
+        .await
+        .map_err(kube_error(format!("reading Secret {name}")))?;
+    Ok(secret
+        .and_then(|secret| crate::tls::text(&secret, contract::tls_keys::CERTIFICATE))
+        .map(|pem| {
+            format!(
+                "{:016x}",
+                crate::postgres_cluster::builders::fnv1a64(pem.as_bytes())
+            )
+        }))
+}
+
 async fn apply_router(
     cluster: &PostgresCluster,
     sharding: &ShardingSpec,
@@ -164,11 +189,12 @@ async fn apply_router(
         &builders::router_role_binding(cluster),
     )
     .await?;
-    let deployment = apply_object::<Deployment>(
-        &Api::namespaced(client.clone(), namespace),
-        &builders::router_deployment(cluster, sharding),
-    )
-    .await?;
+    let mut desired = builders::router_deployment(cluster, sharding);
+    if let Some(hash) = router_certificate_hash(cluster, ctx, namespace).await? {
+        builders::add_router_tls(&mut desired, &cluster.name_any(), &hash);
+    }
+    let deployment =
+        apply_object::<Deployment>(&Api::namespaced(client.clone(), namespace), &desired).await?;
     apply_object::<Service>(
         &Api::namespaced(client.clone(), namespace),
         &builders::router_service(cluster),
@@ -301,6 +327,17 @@ pub async fn apply(
     let created = ensure_ranges(cluster, sharding, ctx, &namespace).await?;
     if created > 0 {
         tracing::info!(cluster = %name, namespace, created, "initial ShardRanges written");
+    }
+    // The router serves the cluster's TLS: the same Secrets as a single-shard cluster, with
+    // the `-router` Service among the certificate's names.
+    let tls = crate::tls::ensure(cluster, ctx, &namespace)
+        .await
+        .map_err(|source| Error::Tls {
+            name: name.clone(),
+            source,
+        })?;
+    if let Err(problem) = tls {
+        tracing::warn!(cluster = %name, namespace, ?problem, "the router's TLS certificate cannot be issued yet");
     }
     let routers_ready = apply_router(cluster, sharding, ctx, &namespace).await?;
     // The router's PodMonitor (the shards have their own, from their copy of the spec).

@@ -75,13 +75,15 @@ impl Default for Lifetimes {
 const BACKDATE: Duration = Duration::from_secs(300);
 
 /// The DNS names of the cluster's Services, each as `<svc>`, `<svc>.<ns>`, `<svc>.<ns>.svc` and
-/// `<svc>.<ns>.svc.cluster.local`, for `-rw`, `-ro` and `-r`: every name a client in the
-/// Kubernetes cluster can use with `sslmode=verify-full`.
+/// `<svc>.<ns>.svc.cluster.local`, for `-rw`, `-ro`, `-r` and `-router` (pg-router, when the
+/// cluster is sharded: the same certificate serves it): every name a client in the Kubernetes
+/// cluster can use with `sslmode=verify-full`.
 pub fn server_dns_names(cluster: &str, namespace: &str) -> Vec<String> {
     [
         contract::rw_service(cluster),
         contract::ro_service(cluster),
         contract::any_service(cluster),
+        contract::router_service(cluster),
     ]
     .iter()
     .flat_map(|service| {
@@ -280,8 +282,8 @@ mod tests {
     #[test]
     fn server_names_cover_every_service_in_every_form() {
         let names = server_dns_names("db", "team-a");
-        assert_eq!(names.len(), 12);
-        for service in ["db-rw", "db-ro", "db-r"] {
+        assert_eq!(names.len(), 16);
+        for service in ["db-rw", "db-ro", "db-r", "db-router"] {
             for name in [
                 service.to_string(),
                 format!("{service}.team-a"),

@@ -471,3 +471,26 @@ impl Env {
         }
     }
 }
+
+/// The text of key `key` of a Secret.
+pub fn secret_text(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+/// The DNS names (SANs) of a PEM certificate.
+pub fn dns_names(pem: &str) -> Vec<String> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let certificate = pem.parse_x509().unwrap();
+    let mut names = Vec::new();
+    for extension in certificate.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = extension.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::DNSName(name) = name {
+                    names.push(name.to_string());
+                }
+            }
+        }
+    }
+    names
+}

@@ -1,6 +1,7 @@
 //! Cancel requests: a client's CancelRequest (its router pid and secret) is forwarded as a
 //! CancelRequest to every shard backend running that client's current statement, so PostgreSQL
-//! cancels it and the client gets `57014` through the normal result path.
+//! cancels it and the client gets `57014` through the normal result path. A statement the
+//! router itself holds (a write to a paused range) is woken instead.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,8 @@ pub struct CancelTarget {
 pub struct SessionCancel {
     targets: Mutex<HashMap<u64, CancelTarget>>,
     next: AtomicU64,
+    /// Wakes a statement the router itself keeps waiting (held for a paused range).
+    interrupt: tokio::sync::Notify,
 }
 
 /// Keeps a backend cancellable while a statement runs on it; removed on drop.
@@ -55,6 +58,12 @@ impl SessionCancel {
             session: self.clone(),
             id,
         }
+    }
+
+    /// Resolves when a cancel request for this session arrives (from the moment it is
+    /// created, polled or not): for waits in the router, which no shard can cancel.
+    pub fn interrupted(&self) -> tokio::sync::futures::Notified<'_> {
+        self.interrupt.notified()
     }
 
     fn targets(&self) -> Vec<CancelTarget> {
@@ -105,6 +114,7 @@ impl CancelRegistry {
             .get(&(pid, secret.to_vec()))
             .cloned();
         let Some(session) = session else { return };
+        session.interrupt.notify_waiters();
         for target in session.targets() {
             let mut message = BytesMut::new();
             postgres_protocol::message::frontend::cancel_request(

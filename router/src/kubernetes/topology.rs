@@ -12,7 +12,8 @@ use api::postgres_cluster::{PostgresCluster, ShardKeyType, TlsMode};
 use api::sharding::{ShardRange, ShardRangeState, VindexKind as RangeVindex};
 
 use crate::topology::{
-    Endpoint, KeyType, ShardedTable, TableGroup, Topology, TopologyError, TopologyError::Invalid,
+    Endpoint, KeyType, PausedRange, ShardedTable, TableGroup, Topology, TopologyError,
+    TopologyError::Invalid,
 };
 use crate::vindex::{HashRanges, Vindex};
 
@@ -219,6 +220,20 @@ pub fn build(
             vindex,
         });
     }
+    // A paused range still routes (reads go to its shard); its writes wait for the next
+    // topology in which it is active again (see `frontend::session::pause`).
+    let paused = live
+        .iter()
+        .filter(|r| r.spec.state == ShardRangeState::WritePaused)
+        .filter_map(|r| {
+            Some(PausedRange {
+                name: r.metadata.name.clone().unwrap_or_default(),
+                group: groups.iter().position(|g| g.name == r.spec.table_group)?,
+                start: r.spec.start,
+                end: r.spec.end,
+            })
+        })
+        .collect();
     let mut tables = HashMap::new();
     for table in &sharding.sharded_tables {
         let group = groups
@@ -251,12 +266,15 @@ pub fn build(
         aggregates: Vec::new(),
         // Read from the shards by the refresh loop; a reload keeps the ones already read.
         columns: Default::default(),
+        paused,
+        epoch: live.iter().map(|r| r.spec.epoch).max().unwrap_or(0),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vindex::KeyValue;
     use api::common::ClusterReference;
     use api::postgres_cluster::{PostgresClusterSpec, ShardingSpec, TableGroupSpec};
     use api::sharding::ShardRangeSpec;
@@ -293,6 +311,7 @@ mod tests {
                 end,
                 state: ShardRangeState::Active,
                 vindex: RangeVindex::Hash,
+                epoch: 0,
             },
         )
     }
@@ -347,6 +366,42 @@ mod tests {
         assert_eq!(ranges.shard_for(100), 0);
         assert_eq!(ranges.shard_for((-100i64) as u64), 1);
         assert_eq!(ranges.shard_for((-101i64) as u64), 0);
+    }
+
+    #[test]
+    fn paused_ranges_still_route_and_the_epoch_is_the_highest() {
+        let mut paused = range("shard-1", Some(0), None);
+        paused.metadata.name = Some("db-g-moving".into());
+        paused.spec.state = ShardRangeState::WritePaused;
+        paused.spec.epoch = 3;
+        let topology = build(
+            &cluster(),
+            &[range("shard-0", None, Some(0)), paused],
+            &primaries(),
+        )
+        .unwrap();
+        assert_eq!(topology.epoch, 3);
+        assert_eq!(
+            topology.paused,
+            vec![PausedRange {
+                name: "db-g-moving".into(),
+                group: 0,
+                start: Some(0),
+                end: None,
+            }]
+        );
+        // A key of the paused range still reads from its shard; one of the other is not paused.
+        let moving = (0..)
+            .map(KeyValue::Int)
+            .find(|k| (crate::vindex::key_hash(k) as i64) >= 0)
+            .unwrap();
+        let staying = (0..)
+            .map(KeyValue::Int)
+            .find(|k| (crate::vindex::key_hash(k) as i64) < 0)
+            .unwrap();
+        assert_eq!(topology.groups[0].vindex.shard_for(&moving), Ok(1));
+        assert!(topology.paused_range(0, &moving).is_some());
+        assert!(topology.paused_range(0, &staying).is_none());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The acting half of Kubernetes mode: watches the cluster, its ShardRanges and the shards'
-//! primary pods, rebuilds the topology on every change and reloads it when it differs.
+//! primary pods, rebuilds the topology on every change and reloads it when it differs; reads
+//! them all again when a session asks (a shard's fence said this router's epoch is old).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +18,10 @@ use kube::{Api, Client, ResourceExt};
 use super::topology;
 use crate::frontend::session::RouterState;
 use crate::topology::Topology;
+
+/// A topology, the fingerprint of the objects it was built from, and each ShardRange's epoch
+/// (by uid).
+type Built = (Topology, String, BTreeMap<String, i64>);
 
 /// Changes closer together than this are applied as one reload.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -43,15 +48,6 @@ pub enum WatchError {
         /// Why the last attempt failed.
         reason: String,
     },
-}
-
-/// What [`KubernetesSource::follow`] applied and warned about last, so that neither repeats.
-#[derive(Default)]
-struct Seen {
-    /// Fingerprint of the topology applied.
-    applied: String,
-    /// The last reason a topology was incomplete.
-    last_error: String,
 }
 
 /// Where a router in Kubernetes mode reads its topology.
@@ -129,7 +125,7 @@ impl KubernetesSource {
     }
 
     /// Reads everything once and builds the topology.
-    async fn read(&self) -> Result<Result<(Topology, String), String>, WatchError> {
+    async fn read(&self) -> Result<Result<Built, String>, WatchError> {
         let cluster = Api::<PostgresCluster>::namespaced(self.client.clone(), &self.namespace)
             .get_opt(&self.cluster)
             .await
@@ -177,14 +173,14 @@ impl KubernetesSource {
         Ok(pems)
     }
 
-    /// The topology and a fingerprint of what it was built from.
+    /// The topology, a fingerprint of what it was built from, and the epoch of each range.
     fn build(
         &self,
         cluster: &PostgresCluster,
         ranges: &[ShardRange],
         pods: &[Arc<Pod>],
         ca_pems: &BTreeMap<String, String>,
-    ) -> Result<(Topology, String), String> {
+    ) -> Result<Built, String> {
         let primaries = primaries(&self.cluster, pods);
         let topology = topology::build(cluster, ranges, &primaries)
             .and_then(|topology| topology::secure(topology, cluster, ca_pems))
@@ -204,7 +200,13 @@ impl KubernetesSource {
             primaries,
             ca_pems
         );
-        Ok((topology, fingerprint))
+        // By uid: a range deleted and created again under its name starts its epochs anew.
+        let epochs = ranges
+            .iter()
+            .filter(|r| r.spec.cluster.name == self.cluster)
+            .map(|r| (r.uid().unwrap_or_else(|| r.name_any()), r.spec.epoch))
+            .collect();
+        Ok((topology, fingerprint, epochs))
     }
 
     /// Waits (up to `timeout`) for a complete topology: the cluster, ranges that cover every
@@ -213,7 +215,7 @@ impl KubernetesSource {
         let started = tokio::time::Instant::now();
         loop {
             let reason = match self.read().await {
-                Ok(Ok((topology, _))) => return Ok(topology),
+                Ok(Ok((topology, _, _))) => return Ok(topology),
                 Ok(Err(reason)) => reason,
                 Err(error) => error.to_string(),
             };
@@ -269,19 +271,53 @@ impl KubernetesSource {
             range_stream.boxed(),
             pod_stream.boxed(),
         ]);
-        let mut seen = Seen::default();
-        while changes.next().await.is_some() {
-            // Let a burst of changes (a split flips two ranges) settle into one reload.
-            tokio::time::sleep(DEBOUNCE).await;
-            while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
-            let ca_pems = match self.ca_pems(&pods.state()).await {
-                Ok(pems) => pems,
-                Err(error) => {
-                    tracing::warn!(cluster = %self.cluster, %error, "reading the shards' CA Secrets; keeping the current topology");
-                    continue;
+        let mut applied = Applied::default();
+        // Fault injection for tests: a router whose watch lags behind (it routes by its first
+        // topology until a shard's fence makes it read the objects again).
+        let ignore_watch =
+            std::env::var("PG_ROUTER_FAULT").as_deref() == Ok("ignore_topology_watch");
+        loop {
+            tokio::select! {
+                change = changes.next() => {
+                    if change.is_none() {
+                        break;
+                    }
+                    // Let a burst of changes (a split flips two ranges) settle into one reload.
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
+                    if ignore_watch {
+                        continue;
+                    }
+                    match self.ca_pems(&pods.state()).await {
+                        Ok(ca_pems) => {
+                            self.apply(&state, &clusters, &ranges, &pods, &ca_pems, &mut applied);
+                        }
+                        Err(error) => tracing::warn!(cluster = %self.cluster, %error, "reading the shards' CA Secrets; keeping the current topology"),
+                    }
                 }
-            };
-            self.apply(&state, &clusters, &ranges, &pods, &ca_pems, &mut seen);
+                () = state.refresh_requested() => {
+                    let ticket = state.refresh_ticket();
+                    self.refresh(&state, &mut applied).await;
+                    state.refresh_done(ticket);
+                }
+            }
+        }
+    }
+
+    /// Reads the cluster, its ShardRanges and the primaries again now (a shard's fence said
+    /// this router routes by an old epoch: the watch may lag behind), and applies them.
+    async fn refresh(&self, state: &RouterState, applied: &mut Applied) {
+        match self.read().await {
+            Ok(Ok((topology, fingerprint, epochs))) => {
+                tracing::info!(cluster = %self.cluster, epoch = topology.epoch, "topology re-read on request");
+                applied.apply(state, &self.cluster, topology, fingerprint, epochs);
+            }
+            Ok(Err(reason)) => {
+                tracing::warn!(cluster = %self.cluster, %reason, "incomplete topology on a re-read; keeping the current one")
+            }
+            Err(error) => {
+                tracing::warn!(cluster = %self.cluster, %error, "re-reading the topology failed")
+            }
         }
     }
 
@@ -292,7 +328,7 @@ impl KubernetesSource {
         ranges: &Store<ShardRange>,
         pods: &Store<Pod>,
         ca_pems: &BTreeMap<String, String>,
-        seen: &mut Seen,
+        applied: &mut Applied,
     ) {
         let Some(cluster) = clusters
             .state()
@@ -303,21 +339,58 @@ impl KubernetesSource {
         };
         let ranges: Vec<ShardRange> = ranges.state().iter().map(|r| (**r).clone()).collect();
         match self.build(&cluster, &ranges, &pods.state(), ca_pems) {
-            Ok((topology, fingerprint)) => {
-                seen.last_error.clear();
-                // The first one too: something may have changed since the initial topology.
-                if seen.applied != fingerprint {
-                    state.reload(topology);
-                    tracing::info!(cluster = %self.cluster, "topology from Kubernetes applied");
-                    seen.applied = fingerprint;
-                }
+            Ok((topology, fingerprint, epochs)) => {
+                applied.last_error.clear();
+                applied.apply(state, &self.cluster, topology, fingerprint, epochs);
             }
             Err(reason) => {
-                if seen.last_error != reason {
+                if applied.last_error != reason {
                     tracing::warn!(cluster = %self.cluster, %reason, "incomplete topology; keeping the current one");
-                    seen.last_error = reason;
+                    applied.last_error = reason;
                 }
             }
+        }
+    }
+}
+
+/// What the router applied last, from the watch or a re-read.
+#[derive(Default)]
+struct Applied {
+    /// Fingerprint of the objects of the topology in use.
+    fingerprint: String,
+    /// The last reason a topology could not be built (logged once).
+    last_error: String,
+    /// The highest epoch seen of each ShardRange (by uid).
+    epochs: BTreeMap<String, i64>,
+}
+
+impl Applied {
+    /// Swaps `topology` in when it differs from the one in use, unless it is older: a re-read
+    /// can see a flip before the watch does, and the watch must not take it back.
+    fn apply(
+        &mut self,
+        state: &RouterState,
+        cluster: &str,
+        topology: Topology,
+        fingerprint: String,
+        epochs: BTreeMap<String, i64>,
+    ) {
+        if let Some((range, seen)) = epochs.iter().find_map(|(range, epoch)| {
+            let seen = *self.epochs.get(range)?;
+            (seen > *epoch).then_some((range, seen))
+        }) {
+            tracing::debug!(cluster, %range, seen, "the watch lags behind a re-read; waiting for it");
+            return;
+        }
+        for (range, epoch) in epochs {
+            self.epochs.insert(range, epoch);
+        }
+        // The first one too: something may have changed since the initial topology.
+        if self.fingerprint != fingerprint {
+            let epoch = topology.epoch;
+            state.reload(topology);
+            tracing::info!(cluster, epoch, "topology from Kubernetes applied");
+            self.fingerprint = fingerprint;
         }
     }
 }

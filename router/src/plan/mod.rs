@@ -35,6 +35,7 @@ mod select;
 mod set_operation;
 mod statement;
 mod write;
+mod write_scope;
 use crate::protocol::values;
 use crate::vindex::KeyValue;
 use aggregate::*;
@@ -50,6 +51,7 @@ use scatter::*;
 use select::*;
 pub use statement::*;
 pub use write::*;
+pub use write_scope::{KeyScope, WriteScope, write_scopes};
 
 /// Why a statement cannot be planned.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]

@@ -221,7 +221,7 @@ impl Session {
             transaction.failed = true;
         }
         let result = self
-            .execute_plan(planned, params, result_formats, cache)
+            .execute_in_cut_over(planned, params, result_formats, cache)
             .await;
         let metrics = &self.state.metrics;
         metrics.observe_query(planned.plan.kind(), started.elapsed().as_secs_f64());

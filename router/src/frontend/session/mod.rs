@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -30,6 +30,7 @@ use crate::vindex::KeyValue;
 
 mod copy;
 mod execute;
+mod pause;
 mod settings;
 mod stages;
 mod state;

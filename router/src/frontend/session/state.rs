@@ -29,12 +29,30 @@ pub struct RouterState {
     pub(super) round_robin: AtomicUsize,
     /// Client sessions by BackendKeyData, for cancel requests.
     pub cancels: crate::backend::cancel::CancelRegistry,
+    /// The version of every topology swapped in: statements held for a paused range wait here.
+    pub(super) versions_seen: tokio::sync::watch::Sender<u64>,
+    /// Asks the topology source to read its objects again now (a shard's fence said this
+    /// router's topology is stale).
+    refresh_requested: tokio::sync::Notify,
+    /// How many requested refreshes the source finished (applied or found unchanged).
+    pub(super) refreshes_done: tokio::sync::watch::Sender<u64>,
+    /// Whether a source answers refresh requests (Kubernetes mode).
+    refresher: AtomicBool,
+    /// Refresh requests so far (each request's ticket).
+    refresh_tickets: AtomicU64,
+    /// Whether the current topology has a paused range (a cheap check on every statement).
+    pub(super) any_paused: AtomicBool,
+    /// The routing epoch of the current topology.
+    pub(super) epoch: AtomicI64,
 }
 
 impl RouterState {
     /// State for `topology`.
     pub fn new(topology: Topology, backend: BackendConfig, metrics: Arc<Metrics>) -> Self {
         let pools = Arc::new(Pools::new(&topology.shards, &backend, metrics.clone()));
+        metrics.set_topology_epoch(topology.epoch, topology.paused.len());
+        let paused = !topology.paused.is_empty();
+        let epoch = topology.epoch;
         Self {
             runtime: std::sync::RwLock::new(Arc::new(Runtime {
                 topology: Arc::new(topology),
@@ -48,7 +66,51 @@ impl RouterState {
             versions: AtomicU64::new(0),
             round_robin: AtomicUsize::new(0),
             cancels: crate::backend::cancel::CancelRegistry::default(),
+            versions_seen: tokio::sync::watch::Sender::new(0),
+            refresh_requested: tokio::sync::Notify::new(),
+            refreshes_done: tokio::sync::watch::Sender::new(0),
+            refresher: AtomicBool::new(false),
+            refresh_tickets: AtomicU64::new(0),
+            any_paused: AtomicBool::new(paused),
+            epoch: AtomicI64::new(epoch),
         }
+    }
+
+    /// How long a write to a paused range waits for the range to be active again.
+    pub fn write_pause_hold(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.backend.write_pause_hold_ms)
+    }
+
+    /// Asks the topology source for a refresh now (see [`RouterState::refresh_requested`]);
+    /// the ticket is done when [`RouterState::refresh_done`] reaches it.
+    pub fn request_refresh(&self) -> u64 {
+        let ticket = self.refresh_tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        self.refresh_requested.notify_one();
+        ticket
+    }
+
+    /// For the topology source, before it reads: the requests its refresh answers.
+    pub fn refresh_ticket(&self) -> u64 {
+        self.refresh_tickets.load(Ordering::SeqCst)
+    }
+
+    /// For the topology source: resolves when a refresh was requested, and marks the state as
+    /// having a source that answers (until then a session does not wait for refreshes).
+    pub async fn refresh_requested(&self) {
+        self.refresher.store(true, Ordering::Relaxed);
+        self.refresh_requested.notified().await;
+    }
+
+    /// For the topology source: the refresh that began at `ticket` is done (whether the
+    /// topology changed or not).
+    pub fn refresh_done(&self, ticket: u64) {
+        self.refreshes_done
+            .send_modify(|done| *done = (*done).max(ticket));
+    }
+
+    /// Does a topology source answer refresh requests?
+    pub(super) fn has_refresher(&self) -> bool {
+        self.refresher.load(Ordering::Relaxed)
     }
 
     /// Whether simple-protocol statements may be auto-prepared on the shards.
@@ -144,12 +206,19 @@ impl RouterState {
             ))
         };
         let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
+        let epoch = topology.epoch;
+        let paused: Vec<String> = topology.paused.iter().map(|r| r.name.clone()).collect();
         *self.runtime.write().expect("runtime lock") = Arc::new(Runtime {
             topology: Arc::new(topology),
             pools,
             version,
             plan_cache: Default::default(),
         });
-        tracing::info!(version, "topology reloaded");
+        self.metrics.set_topology_epoch(epoch, paused.len());
+        self.any_paused.store(!paused.is_empty(), Ordering::SeqCst);
+        self.epoch.store(epoch, Ordering::SeqCst);
+        // Wakes the statements held for a paused range: they look at the new topology.
+        self.versions_seen.send_replace(version);
+        tracing::info!(version, epoch, ?paused, "topology reloaded");
     }
 }
