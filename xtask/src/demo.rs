@@ -3,7 +3,8 @@
 //! agent that runs the scheduled pods as local processes, the operator installed from our Helm
 //! chart with helm (it runs as the chart's Deployment under the chart's RBAC), and the samples of
 //! examples/: a real three-instance PostgreSQL 18 cluster, created by the StatefulSet controller,
-//! with synchronous replication and failover, reachable through its Services.
+//! with synchronous replication and failover, reachable through its Services, a Pooler in front of
+//! it, and a sharded cluster (two shards behind pg-router).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,12 +18,22 @@ use testbed::{ControlPlane, manifests, paths};
 
 const NAMESPACE: &str = "default";
 const OPERATOR_NAMESPACE: &str = "postgres-operator-system";
+/// The sharded example cluster (examples/postgrescluster-sharded.yaml).
+const SHARDED: &str = "sharded";
 
 /// Runs the demo; with `once` it exits after the cluster is up and shown, else it serves until Ctrl-C.
 pub fn run(once: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     crate::setup::install_servers()?;
-    crate::cargo(&["build", "--package", "controllers", "--package", "instance"])?;
+    crate::cargo(&[
+        "build",
+        "--package",
+        "controllers",
+        "--package",
+        "instance",
+        "--package",
+        "router",
+    ])?;
     let binaries = target_dir().join("debug");
     tokio::runtime::Runtime::new()?.block_on(async move {
         crate::step("starting etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback");
@@ -66,7 +77,12 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             String::from_utf8_lossy(&helm.stderr)
         );
 
-        let examples = manifests::read_folder(&paths::workspace_root().join("examples"))?;
+        // ShardRanges are the operator's to write (the example shows one of them), and a
+        // ShardSplitJob needs rows to move: both stay out of the demo's first apply.
+        let examples: Vec<_> = manifests::read_folder(&paths::workspace_root().join("examples"))?
+            .into_iter()
+            .filter(|(_, object)| !matches!(object["kind"].as_str(), Some("ShardRange" | "ShardSplitJob")))
+            .collect();
         crate::step(&format!("applying {} objects from examples/", examples.len()));
         manifests::apply_all(&client, &examples, NAMESPACE).await?;
 
@@ -79,7 +95,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             let status = demo.status.clone().unwrap_or_default();
             let phase = status.phase.clone().unwrap_or_default();
             let running = pods
-                .list(&ListParams::default().labels(api::contract::LABEL_CLUSTER))
+                .list(&ListParams::default().labels(&format!("{}=demo", api::contract::LABEL_CLUSTER)))
                 .await?
                 .items
                 .len();
@@ -105,6 +121,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        wait_healthy(&clusters, SHARDED, Duration::from_secs(300)).await?;
         crate::step(&format!(
             "ready {:.0} s after `cargo xtask demo` started",
             started.elapsed().as_secs_f64()
@@ -146,6 +163,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             );
         }
         pooler_answers(&client, &agent, &psql).await?;
+        router_answers(&client, &agent, &psql, &plane.dir()).await?;
         println!("kubeconfig: {}   (KUBECONFIG=... kubectl get postgres,pods,svc)", plane.kubeconfig_path().display());
         println!("logs: {} (control plane), {} (pods)", plane.dir().display(), agent_dir.path().display());
         if once {
@@ -242,6 +260,105 @@ async fn pooler_answers(
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     anyhow::bail!("the Pooler {POOLER} did not answer in 2 minutes: {last}")
+}
+
+/// Waits until PostgresCluster `name` is Healthy, printing each change of its phase.
+async fn wait_healthy(
+    clusters: &Api<api::PostgresCluster>,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let cluster = clusters.get(name).await?;
+        let status = cluster.status.unwrap_or_default();
+        let phase = status.phase.unwrap_or_default();
+        let conditions: Vec<String> = status
+            .conditions
+            .iter()
+            .filter(|c| c.status != "True")
+            .map(|c| format!("{}: {}", c.type_, c.message))
+            .collect();
+        let summary = format!("{phase} {}", conditions.join("; "));
+        if summary != last {
+            crate::step(&format!("PostgresCluster {name}: {summary}"));
+            last = summary;
+        }
+        if phase == "Healthy" {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "PostgresCluster {name} is not Healthy after {} s: {last}",
+            timeout.as_secs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Through the sharded example's router Service, over TLS (`verify-full` against the cluster's
+/// CA and the router's Service name): creates a sharded and a reference table, writes 200
+/// orders, and reads them back across the shards.
+async fn router_answers(
+    client: &kube::Client,
+    agent: &NodeAgent,
+    psql: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let router = api::contract::router_service(SHARDED);
+    let password =
+        secret_text(client, &api::contract::superuser_secret(SHARDED), "password").await?;
+    let ca_file = dir.join("sharded-ca.crt");
+    std::fs::write(
+        &ca_file,
+        secret_text(
+            client,
+            &api::contract::tls_ca_secret(SHARDED),
+            api::contract::tls_keys::CA,
+        )
+        .await?,
+    )?;
+    let values: Vec<String> = (1..=200)
+        .map(|id| format!("({}, {id}, {}.50)", id % 50 + 1, id % 7))
+        .collect();
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS orders (customer_id bigint, id bigint, total numeric(10,2), PRIMARY KEY (customer_id, id));
+         CREATE TABLE IF NOT EXISTS countries (code text PRIMARY KEY, name text);
+         INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan') ON CONFLICT DO NOTHING;
+         INSERT INTO orders VALUES {} ON CONFLICT DO NOTHING;
+         SELECT count(*) || ' orders of ' || count(DISTINCT customer_id) || ' customers, sum ' || sum(total) FROM orders;",
+        values.join(", ")
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Some(port) = agent.service_port(NAMESPACE, &router, api::contract::POSTGRES_PORT) {
+            let output = Command::new(psql)
+                .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", &sql])
+                .arg(format!(
+                    "host={router}.{NAMESPACE}.svc hostaddr=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=verify-full sslrootcert={} connect_timeout=10",
+                    ca_file.display()
+                ))
+                .env("PGPASSWORD", &password)
+                .output()?;
+            if output.status.success() {
+                println!(
+                    "pg-router {router} answers (verify-full): {}",
+                    String::from_utf8_lossy(&output.stdout).trim()
+                );
+                println!(
+                    "  PGPASSWORD=... {} \"host={router}.{NAMESPACE}.svc hostaddr=127.0.0.1 port={port} user=postgres sslmode=verify-full sslrootcert={}\"",
+                    psql.display(),
+                    ca_file.display()
+                );
+                return Ok(());
+            }
+            last = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    anyhow::bail!("the router {router} did not answer in 2 minutes: {last}")
 }
 
 /// A key of a Secret of the demo namespace, as text.
