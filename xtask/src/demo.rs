@@ -163,7 +163,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             );
         }
         pooler_answers(&client, &agent, &psql).await?;
-        router_answers(&client, &agent, &psql, &plane.dir()).await?;
+        router_answers(&client, &agent, &psql, plane.dir()).await?;
         println!("kubeconfig: {}   (KUBECONFIG=... kubectl get postgres,pods,svc)", plane.kubeconfig_path().display());
         println!("logs: {} (control plane), {} (pods)", plane.dir().display(), agent_dir.path().display());
         if once {
@@ -307,8 +307,12 @@ async fn router_answers(
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     let router = api::contract::router_service(SHARDED);
-    let password =
-        secret_text(client, &api::contract::superuser_secret(SHARDED), "password").await?;
+    let password = secret_text(
+        client,
+        &api::contract::superuser_secret(SHARDED),
+        "password",
+    )
+    .await?;
     let ca_file = dir.join("sharded-ca.crt");
     std::fs::write(
         &ca_file,
