@@ -4,9 +4,12 @@
 //! `cargo test --workspace` runs one test binary after the other. Ours spend most of their time
 //! waiting on PostgreSQL, the API server and timeouts, not on the CPU, so a sequential run took
 //! about 34 minutes of the 45 we allow. Here the binaries run `XTASK_TEST_JOBS` at a time (3 by
-//! default), the longest first. The end-to-end binaries (`nodeagent/tests/e2e*`) each start a control
-//! plane, a node agent and several PostgreSQL pods: two of them at once on a two-core machine make
-//! failover timings flaky, so at most one of those runs at a time (the "heavy" lane).
+//! default), the longest first, with two limits that keep a two-core machine from timing out:
+//! - at most one end-to-end binary (`nodeagent/tests/e2e*`: a control plane, a node agent and
+//!   several PostgreSQL pods each) at a time;
+//! - at most two heavy binaries at a time: the end-to-end ones, the release build of the delivery
+//!   test, and the instance manager's backup and HA suites (a dozen PostgreSQL servers each).
+//!   The third slot takes the light ones.
 //!
 //! Each binary's output goes to `target/test-logs/<package>-<target>.log`; a failure prints the
 //! tail of its log at the end, and the step fails when any binary failed.
@@ -20,7 +23,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 /// Test binaries that start a whole Kubernetes stack with pods: one at a time.
-const HEAVY_PREFIX: &str = "nodeagent/e2e";
+const E2E_PREFIX: &str = "nodeagent/e2e";
+
+/// Other binaries that load the machine for minutes (see the module comment).
+const HEAVY: &[&str] = &[
+    "xtask/delivery",
+    "controllers/backup_job",
+    "instance/backup",
+    "instance/high_availability",
+];
+
+/// Most heavy binaries (end-to-end ones included) running at once.
+const MAX_HEAVY: usize = 2;
 
 /// Binaries known to run for minutes, started first so that they do not end the run alone.
 /// Measured on 2026-12-04 (seconds, sequential run): delivery 493 (a release build), backup_job
@@ -28,10 +42,10 @@ const HEAVY_PREFIX: &str = "nodeagent/e2e";
 const LONG_FIRST: &[&str] = &[
     "xtask/delivery",
     "controllers/backup_job",
-    "instance/backup",
-    "instance/high_availability",
     "nodeagent/e2e_clients",
+    "instance/backup",
     "nodeagent/e2e_backup_store",
+    "instance/high_availability",
     "nodeagent/e2e_operations",
     "nodeagent/e2e",
     "nodeagent/e2e_backup",
@@ -48,8 +62,12 @@ struct TestBinary {
 }
 
 impl TestBinary {
+    fn e2e(&self) -> bool {
+        self.label.starts_with(E2E_PREFIX)
+    }
+
     fn heavy(&self) -> bool {
-        self.label.starts_with(HEAVY_PREFIX)
+        self.e2e() || HEAVY.contains(&self.label.as_str())
     }
 
     fn rank(&self) -> usize {
@@ -193,15 +211,23 @@ fn parse_artifacts(messages: &str, root: &Path) -> anyhow::Result<Vec<TestBinary
     Ok(binaries)
 }
 
-/// Runs `binaries` on `jobs` threads, at most one heavy binary at a time.
+/// Runs `binaries` on `jobs` threads, within the limits of the module comment.
 fn run_lanes(binaries: Vec<TestBinary>, jobs: usize, logs: &Path) -> Vec<Outcome> {
     struct Queue {
         waiting: VecDeque<TestBinary>,
-        heavy_running: bool,
+        e2e_running: bool,
+        heavy_running: usize,
+    }
+    impl Queue {
+        fn allows(&self, binary: &TestBinary) -> bool {
+            !(binary.e2e() && self.e2e_running)
+                && !(binary.heavy() && self.heavy_running >= MAX_HEAVY)
+        }
     }
     let queue = Arc::new(Mutex::new(Queue {
         waiting: binaries.into(),
-        heavy_running: false,
+        e2e_running: false,
+        heavy_running: 0,
     }));
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..jobs)
@@ -216,22 +242,24 @@ fn run_lanes(binaries: Vec<TestBinary>, jobs: usize, logs: &Path) -> Vec<Outcome
                         if queue.waiting.is_empty() {
                             return;
                         }
-                        let heavy_running = queue.heavy_running;
-                        let pick = queue
-                            .waiting
-                            .iter()
-                            .position(|binary| !(heavy_running && binary.heavy()));
-                        pick.and_then(|index| queue.waiting.remove(index))
-                            .inspect(|binary| queue.heavy_running |= binary.heavy())
+                        let pick = queue.waiting.iter().position(|binary| queue.allows(binary));
+                        let next = pick.and_then(|index| queue.waiting.remove(index));
+                        if let Some(binary) = &next {
+                            queue.e2e_running |= binary.e2e();
+                            queue.heavy_running += usize::from(binary.heavy());
+                        }
+                        next
                     };
                     let Some(binary) = next else {
-                        // Only heavy binaries are left and one runs: wait for it.
+                        // Only binaries over a limit are left: wait for a running one to end.
                         std::thread::sleep(Duration::from_millis(500));
                         continue;
                     };
                     let outcome = run_one(&binary, &logs);
-                    if binary.heavy() {
-                        queue.lock().expect("queue lock").heavy_running = false;
+                    {
+                        let mut queue = queue.lock().expect("queue lock");
+                        queue.e2e_running &= !binary.e2e();
+                        queue.heavy_running -= usize::from(binary.heavy());
                     }
                     eprintln!(
                         "==> {} {:>6.1} s  {}",
@@ -295,14 +323,14 @@ mod tests {
         let binaries = parse_artifacts(&messages, root).unwrap();
         let labels: Vec<&str> = binaries.iter().map(|b| b.label.as_str()).collect();
         assert_eq!(labels, ["nodeagent/e2e_backup", "api/lib:api"]);
-        assert!(binaries[0].heavy());
+        assert!(binaries[0].e2e() && binaries[0].heavy());
         assert!(!binaries[1].heavy());
         assert_eq!(binaries[0].package_dir, Path::new("/w/nodeagent"));
     }
 
     #[test]
-    fn only_one_heavy_binary_runs_at_a_time_and_failures_are_reported() {
-        // Two "heavy" binaries that each hold a marker file while they run: the second fails when
+    fn only_one_end_to_end_binary_runs_at_a_time_and_failures_are_reported() {
+        // Two end-to-end binaries that each hold a marker file while they run: the second fails when
         // it finds the first one's marker.
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("running");
@@ -349,5 +377,38 @@ mod tests {
         );
         let log = std::fs::read_to_string(&outcomes[0].log).unwrap();
         assert_eq!(log.trim(), "broken");
+    }
+
+    #[test]
+    fn at_most_two_heavy_binaries_run_at_once() {
+        // Each heavy binary leaves a file while it runs and fails when it sees more than two.
+        let dir = tempfile::tempdir().unwrap();
+        let running = dir.path().join("running");
+        std::fs::create_dir(&running).unwrap();
+        let script = dir.path().join("heavy.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\ntouch {r}/$$\n[ $(ls {r} | wc -l) -le 2 ] || exit 3\nsleep 0.4\nrm {r}/$$\n",
+                r = running.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let binaries = HEAVY
+            .iter()
+            .map(|label| TestBinary {
+                label: label.to_string(),
+                executable: script.clone(),
+                package_dir: dir.path().to_path_buf(),
+            })
+            .collect();
+        let outcomes = run_lanes(binaries, 3, dir.path());
+        assert_eq!(outcomes.len(), HEAVY.len());
+        assert!(
+            outcomes.iter().all(|o| o.passed),
+            "a third heavy binary ran beside two"
+        );
     }
 }
