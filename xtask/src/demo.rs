@@ -274,13 +274,17 @@ async fn wait_healthy(
         let cluster = clusters.get(name).await?;
         let status = cluster.status.unwrap_or_default();
         let phase = status.phase.unwrap_or_default();
-        let conditions: Vec<String> = status
+        // The reason when it is not there yet (a Degraded or not-Ready condition's message).
+        let reason = status
             .conditions
             .iter()
-            .filter(|c| c.status != "True")
-            .map(|c| format!("{}: {}", c.type_, c.message))
-            .collect();
-        let summary = format!("{phase} {}", conditions.join("; "));
+            .find(|c| {
+                (c.type_ == "Degraded" && c.status == "True")
+                    || (c.type_ == "Ready" && c.status != "True")
+            })
+            .map(|c| format!(": {}", c.message))
+            .unwrap_or_default();
+        let summary = format!("{phase} ({} ready){reason}", status.ready_instances);
         if summary != last {
             crate::step(&format!("PostgresCluster {name}: {summary}"));
             last = summary;
@@ -329,8 +333,8 @@ async fn router_answers(
     let sql = format!(
         "CREATE TABLE IF NOT EXISTS orders (customer_id bigint, id bigint, total numeric(10,2), PRIMARY KEY (customer_id, id));
          CREATE TABLE IF NOT EXISTS countries (code text PRIMARY KEY, name text);
-         INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan') ON CONFLICT DO NOTHING;
-         INSERT INTO orders VALUES {} ON CONFLICT DO NOTHING;
+         INSERT INTO countries (code, name) VALUES ('fr', 'France'), ('jp', 'Japan') ON CONFLICT DO NOTHING;
+         INSERT INTO orders (customer_id, id, total) VALUES {} ON CONFLICT DO NOTHING;
          SELECT count(*) || ' orders of ' || count(DISTINCT customer_id) || ' customers, sum ' || sum(total) FROM orders;",
         values.join(", ")
     );
