@@ -220,8 +220,9 @@ fn run_lanes(binaries: Vec<TestBinary>, jobs: usize, logs: &Path) -> Vec<Outcome
     }
     impl Queue {
         fn allows(&self, binary: &TestBinary) -> bool {
-            !(binary.e2e() && self.e2e_running)
-                && !(binary.heavy() && self.heavy_running >= MAX_HEAVY)
+            let e2e_blocked = binary.e2e() && self.e2e_running;
+            let heavy_blocked = binary.heavy() && self.heavy_running >= MAX_HEAVY;
+            !(e2e_blocked || heavy_blocked)
         }
     }
     let queue = Arc::new(Mutex::new(Queue {
