@@ -46,8 +46,8 @@ pub const HIBERNATION_ANNOTATION: &str = "postgres.keiailab.io/hibernation";
         "message": "replication.synchronous.number must be lower than instances: each synchronous standby is a replica, and the primary is not one of them"
     },
     {
-        "rule": "!has(oldSelf.sharding) || (has(self.sharding) && (self.sharding.shards == oldSelf.sharding.shards || has(self.sharding.reshardingJob)))",
-        "message": "sharding.shards cannot be changed directly (nor sharding removed): create a ShardSplitJob, which moves the data and sets the shard count"
+        "rule": "!has(oldSelf.sharding) || (has(self.sharding) && self.sharding.shards == oldSelf.sharding.shards)",
+        "message": "sharding.shards cannot be changed (nor sharding removed): a ShardSplitJob adds a shard (its targetShard) and moves a range onto it online"
     },
     {
         "rule": "has(oldSelf.sharding) || !has(self.sharding)",
@@ -601,9 +601,6 @@ pub struct ShardingSpec {
         {"rule": "self >= 1 && self <= 256", "message": "sharding.shards must be between 1 and 256"}
     ]))]
     pub shards: i32,
-    /// Name of the ShardSplitJob that is changing the shard count; set by that job only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resharding_job: Option<String>,
     /// pg-router deployment.
     #[serde(default)]
     pub router: RouterSpec,

@@ -183,7 +183,6 @@ async fn pod_monitor_and_prometheus_rule_follow_spec_monitoring() {
     sharded.monitoring.pod_monitor = true;
     sharded.sharding = Some(ShardingSpec {
         shards: 2,
-        resharding_job: None,
         router: RouterSpec::default(),
         table_groups: Vec::new(),
         sharded_tables: Vec::new(),

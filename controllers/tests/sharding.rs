@@ -23,7 +23,6 @@ use serde_json::json;
 fn sharding(shards: i32) -> ShardingSpec {
     ShardingSpec {
         shards,
-        resharding_job: None,
         router: api::postgres_cluster::RouterSpec {
             autoscaling: Some(RouterAutoscaling {
                 min_replicas: 2,

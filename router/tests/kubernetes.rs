@@ -200,7 +200,6 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
     let mut spec = PostgresClusterSpec::with_image(1, "example.org/pg:18");
     spec.sharding = Some(ShardingSpec {
         shards: 2,
-        resharding_job: None,
         router: Default::default(),
         table_groups: vec![TableGroupSpec {
             name: "customers".into(),

@@ -254,7 +254,6 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
     spec.tls.mode = api::postgres_cluster::TlsMode::Disabled;
     spec.sharding = Some(ShardingSpec {
         shards: 2,
-        resharding_job: None,
         router: Default::default(),
         table_groups: vec![TableGroupSpec {
             name: "customers".into(),

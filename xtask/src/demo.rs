@@ -18,7 +18,7 @@ use testbed::{ControlPlane, manifests, paths};
 
 const NAMESPACE: &str = "default";
 const OPERATOR_NAMESPACE: &str = "postgres-operator-system";
-/// The sharded example cluster (examples/postgrescluster-sharded.yaml).
+/// The sharded example cluster (examples/sharded-postgrescluster.yaml).
 const SHARDED: &str = "sharded";
 
 /// Runs the demo; with `once` it exits after the cluster is up and shown, else it serves until Ctrl-C.

@@ -487,7 +487,6 @@ mod tests {
         let mut spec = api::PostgresClusterSpec::with_image(3, "example.org/pg:18");
         spec.sharding = Some(ShardingSpec {
             shards: 2,
-            resharding_job: None,
             router: Default::default(),
             table_groups: Vec::new(),
             sharded_tables: Vec::new(),

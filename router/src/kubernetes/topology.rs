@@ -283,7 +283,6 @@ mod tests {
         let mut spec = PostgresClusterSpec::with_image(1, "pg");
         spec.sharding = Some(ShardingSpec {
             shards: 2,
-            resharding_job: None,
             router: Default::default(),
             table_groups: vec![TableGroupSpec {
                 name: "g".into(),
