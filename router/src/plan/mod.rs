@@ -23,6 +23,7 @@ pub mod cache;
 mod colocated;
 mod copy;
 mod decorrelate;
+mod decorrelate_scalar;
 mod finalize;
 mod from;
 mod insert;

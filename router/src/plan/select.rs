@@ -61,6 +61,9 @@ pub(super) fn plan_query(
     // A FROM of reference tables only, with subqueries over sharded tables in WHERE: those run
     // first (correlated EXISTS decorrelated into IN), their answers bound as parameters.
     if table_use(topology, &select.from).sharded.is_empty() {
+        if let Some(planned) = grouped_joins(topology, &query)? {
+            return Ok(planned);
+        }
         let mut query = query.clone();
         if let SetExpr::Select(select) = query.body.as_mut() {
             decorrelate::exists_conjuncts(topology, select);
@@ -89,6 +92,10 @@ pub(super) fn plan_query(
             from.group,
         );
         if pushed != Some(usage.sharded.len() - top_level) {
+            // Correlated aggregates become joins with grouped derived tables.
+            if let Some(planned) = grouped_joins(topology, &query)? {
+                return Ok(planned);
+            }
             // Uncorrelated ones run first, their answers bound as parameters.
             let mut decorrelated = query.clone();
             if let SetExpr::Select(select) = decorrelated.body.as_mut() {
@@ -148,6 +155,20 @@ pub(super) fn plan_query(
         }
         planned => planned,
     }
+}
+
+/// `query` with its correlated scalar aggregate subqueries over sharded tables decorrelated
+/// into joins with grouped derived tables, planned; `None` if it has none.
+fn grouped_joins(topology: &Topology, query: &Query) -> Result<Option<Planned>, PlanError> {
+    let mut query = query.clone();
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(None);
+    };
+    if !decorrelate_scalar::scalar_conjuncts(topology, select)? {
+        return Ok(None);
+    }
+    let text = query.to_string();
+    plan_query(topology, query, text).map(Some)
 }
 
 /// Parses SQL the planner writes itself (a rewritten statement, a final statement) as a query.
