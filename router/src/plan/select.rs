@@ -142,10 +142,12 @@ pub(super) fn plan_query(
         group_by_positions(&mut query);
         // Aggregates the merger finishes itself, or else with a final statement over the merged
         // groups (expressions over aggregates, HAVING and ORDER BY beyond plain comparisons).
-        match plan_scatter_select(query.clone(), shards.clone()) {
-            Err(PlanError::Unsupported(_)) => finalize::plan(query, shards),
-            planned => planned,
-        }
+        with_shard_keys(&distinct_key_columns(&query, &from.key_columns), || {
+            match plan_scatter_select(query.clone(), shards.clone()) {
+                Err(PlanError::Unsupported(_)) => finalize::plan(query, shards),
+                planned => planned,
+            }
+        })
     };
     // What neither merges (window functions, DISTINCT ON, aggregates such as string_agg or
     // stddev) runs over the table's matching rows, pulled from the shards first.
