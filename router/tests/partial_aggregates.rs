@@ -51,7 +51,10 @@ fn data() -> Vec<String> {
                 )
             })
             .collect();
-        statements.push(format!("INSERT INTO orders (id, customer_id, total, qty, note) VALUES {}", orders.join(", ")));
+        statements.push(format!(
+            "INSERT INTO orders (id, customer_id, total, qty, note) VALUES {}",
+            orders.join(", ")
+        ));
     }
     statements
 }
