@@ -383,7 +383,7 @@ mod tests {
     #[test]
     fn correlated_subqueries_are_refused() {
         let error = plan(
-            "SELECT * FROM orders o WHERE o.total > (SELECT count(*) FROM orders x WHERE x.qty = o.qty)",
+            "SELECT * FROM orders o WHERE o.total > (SELECT count(*) FROM orders x WHERE x.qty < o.qty)",
         )
         .unwrap_err();
         assert_eq!(error.sqlstate(), "0A000");

@@ -16,6 +16,10 @@
 //! does. The correlation must be equalities between the subquery's own expressions and the
 //! outer statement's; any other use of outer names keeps the subquery as written (and refused).
 //!
+//! Elsewhere (in the select list, with `count`, inside an OR) the groups are LEFT JOINed and an
+//! outer row without one gets what the aggregates give over no rows (`count` 0, the others
+//! NULL), so the rewrite is exact there too (see `left_joins`).
+//!
 //! When the correlated outer columns all belong to one reference table, the outer WHERE's
 //! conditions on that table go into the derived table as `key IN (SELECT column FROM table
 //! WHERE ...)` (a semi-join reduction): the shards then aggregate only the groups the join can
@@ -25,12 +29,14 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    BinaryOperator, Expr, GroupByExpr, Query, Select, SelectItem, SetExpr, TableFactor,
-    UnaryOperator, Visit, Visitor,
+    BinaryOperator, Expr, GroupByExpr, Join, JoinConstraint, JoinOperator, Query, Select,
+    SelectItem, SetExpr, TableFactor, UnaryOperator, Visit, VisitMut, Visitor, VisitorMut,
+    visit_expressions_mut,
 };
 
 use super::{
-    PlanError, conjuncts, is_aggregate_call, last_name, normalize, parse_query, table_use,
+    PlanError, conjuncts, contains_aggregate, default_column_name, is_aggregate_call, last_name,
+    normalize, parse_query, table_use,
 };
 use crate::topology::Topology;
 
@@ -63,7 +69,15 @@ pub(super) fn scalar_conjuncts(
             .filter(|(i, _)| *i != index)
             .map(|(_, c)| c)
             .collect();
-        let Some(grouped) = grouped(topology, select, &outer_defined, subquery, &others, &name)?
+        let Some(grouped) = grouped(
+            topology,
+            select,
+            &outer_defined,
+            subquery,
+            &others,
+            &name,
+            false,
+        )?
         else {
             kept.push(conjunct.clone());
             continue;
@@ -88,6 +102,230 @@ pub(super) fn scalar_conjuncts(
         right: Box::new(right),
     });
     Ok(true)
+}
+
+/// Rewrites the correlated scalar aggregate subqueries over sharded tables anywhere in
+/// `select`'s WHERE (and, when the statement does not aggregate itself, in its select list) as
+/// LEFT JOINs with grouped derived tables: each outer row meets at most one group, and one
+/// without a group gets the value the aggregates give over no rows (`count` 0, the others
+/// NULL): `CASE WHEN __pgr_sqN.__pgr_rows IS NULL THEN <that> ELSE __pgr_sqN.__pgr_value END`.
+/// Returns whether it rewrote any.
+pub(super) fn left_joins(topology: &Topology, select: &mut Select) -> Result<bool, PlanError> {
+    let outer_defined = defined_names(select);
+    let conjuncts_now: Vec<Expr> = select
+        .selection
+        .as_ref()
+        .map(|selection| conjuncts(selection).into_iter().cloned().collect())
+        .unwrap_or_default();
+    let mut finder = ScalarSubqueries {
+        topology,
+        select: select.clone(),
+        outer_defined,
+        conjuncts: conjuncts_now,
+        joins: Vec::new(),
+        error: None,
+        depth: 0,
+    };
+    if let Some(selection) = &mut select.selection {
+        let _ = selection.visit(&mut finder);
+    }
+    let aggregating = !matches!(&select.group_by, GroupByExpr::Expressions(e, _) if e.is_empty())
+        || select.having.is_some()
+        || select.projection.iter().any(|item| match item {
+            SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. } => {
+                contains_aggregate(expr)
+            }
+            _ => false,
+        });
+    if !aggregating {
+        for item in &mut select.projection {
+            // The column keeps the name PostgreSQL gives a subquery (its own column's).
+            if let SelectItem::UnnamedExpr(expr) = item
+                && let Some(subquery) = as_subquery(expr)
+                && let SetExpr::Select(inner) = subquery.body.as_ref()
+                && let [
+                    SelectItem::UnnamedExpr(value) | SelectItem::ExprWithAlias { expr: value, .. },
+                ] = inner.projection.as_slice()
+            {
+                let name = match &inner.projection[0] {
+                    SelectItem::ExprWithAlias { alias, .. } => alias.value.clone(),
+                    _ => default_column_name(value),
+                };
+                *item = SelectItem::ExprWithAlias {
+                    expr: expr.clone(),
+                    alias: sqlparser::ast::Ident::with_quote('"', name),
+                };
+            }
+            if let SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. } = item {
+                let _ = expr.visit(&mut finder);
+            }
+        }
+    }
+    if let Some(error) = finder.error {
+        return Err(error);
+    }
+    if finder.joins.is_empty() {
+        return Ok(false);
+    }
+    // One FROM item, so that the joins' conditions may read every relation: `a, b` is
+    // `a CROSS JOIN b` (the same rows while the items' own joins are inner or left).
+    let flat = select.from.iter().all(|table| {
+        table.joins.iter().all(|join| {
+            matches!(
+                join.join_operator,
+                JoinOperator::Join(_)
+                    | JoinOperator::Inner(_)
+                    | JoinOperator::Left(_)
+                    | JoinOperator::LeftOuter(_)
+                    | JoinOperator::CrossJoin(_)
+            )
+        })
+    });
+    if !flat || select.from.is_empty() {
+        return Ok(false);
+    }
+    let mut items = std::mem::take(&mut select.from).into_iter();
+    let mut from = items.next().expect("a FROM item");
+    for item in items {
+        from.joins.push(Join {
+            relation: item.relation,
+            global: false,
+            join_operator: JoinOperator::CrossJoin(JoinConstraint::None),
+        });
+        from.joins.extend(item.joins);
+    }
+    from.joins.extend(finder.joins);
+    select.from = vec![from];
+    Ok(true)
+}
+
+/// Replaces correlated scalar aggregate subqueries with their LEFT JOINed groups' values.
+struct ScalarSubqueries<'t> {
+    topology: &'t Topology,
+    /// The statement as it was (its FROM and WHERE for the groups' restriction).
+    select: Select,
+    outer_defined: HashSet<String>,
+    conjuncts: Vec<Expr>,
+    /// The LEFT JOINs to add.
+    joins: Vec<Join>,
+    error: Option<PlanError>,
+    /// Depth inside subqueries left as they are (their own subqueries are theirs).
+    depth: usize,
+}
+
+impl VisitorMut for ScalarSubqueries<'_> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        let Expr::Subquery(subquery) = expr else {
+            return ControlFlow::Continue(());
+        };
+        if table_use(self.topology, subquery.as_ref())
+            .sharded
+            .is_empty()
+        {
+            return ControlFlow::Continue(());
+        }
+        let name = format!("__pgr_lj{}", self.joins.len());
+        let others: Vec<&Expr> = self.conjuncts.iter().collect();
+        let grouped = match grouped(
+            self.topology,
+            &self.select,
+            &self.outer_defined,
+            subquery,
+            &others,
+            &name,
+            true,
+        ) {
+            Ok(Some(grouped)) => grouped,
+            Ok(None) => return ControlFlow::Continue(()),
+            Err(error) => {
+                self.error = Some(error);
+                return ControlFlow::Break(());
+            }
+        };
+        let SetExpr::Select(inner) = subquery.body.as_ref() else {
+            return ControlFlow::Continue(());
+        };
+        let value = match &inner.projection[0] {
+            SelectItem::UnnamedExpr(value) | SelectItem::ExprWithAlias { expr: value, .. } => value,
+            _ => return ControlFlow::Continue(()),
+        };
+        let Some(empty) = empty_value(value) else {
+            return ControlFlow::Continue(());
+        };
+        let on = grouped
+            .links
+            .iter()
+            .enumerate()
+            .map(|(i, outer)| Expr::BinaryOp {
+                left: Box::new(outer.clone()),
+                op: BinaryOperator::Eq,
+                right: Box::new(column(&name, &format!("__pgr_key{i}"))),
+            })
+            .reduce(|left, right| Expr::BinaryOp {
+                left: Box::new(left),
+                op: BinaryOperator::And,
+                right: Box::new(right),
+            })
+            .expect("a correlation");
+        self.joins.push(Join {
+            relation: grouped.table.relation,
+            global: false,
+            join_operator: JoinOperator::LeftOuter(JoinConstraint::On(on)),
+        });
+        *expr = Expr::Nested(Box::new(Expr::Case {
+            case_token: sqlparser::ast::helpers::attached_token::AttachedToken::empty(),
+            end_token: sqlparser::ast::helpers::attached_token::AttachedToken::empty(),
+            operand: None,
+            conditions: vec![sqlparser::ast::CaseWhen {
+                condition: Expr::IsNull(Box::new(column(&name, "__pgr_rows"))),
+                result: empty,
+            }],
+            else_result: Some(Box::new(column(&name, "__pgr_value"))),
+        }));
+        ControlFlow::Continue(())
+    }
+}
+
+/// The value of an aggregate expression over no rows: its `count` calls 0, its other
+/// aggregates NULL; `None` if it reads a column outside its aggregates or has a subquery.
+fn empty_value(expr: &Expr) -> Option<Expr> {
+    if !contains_aggregate(expr) || !all_defined_names(expr).is_empty() {
+        return None;
+    }
+    let mut empty = expr.clone();
+    let mut nested_query = false;
+    let _ = visit_expressions_mut(&mut empty, |e| {
+        match e {
+            Expr::Subquery(_) | Expr::Exists { .. } => nested_query = true,
+            Expr::Function(function) if is_aggregate_call(function) => {
+                let zero = last_name(&function.name) == "count";
+                *e = Expr::value(if zero {
+                    sqlparser::ast::Value::Number("0".into(), false)
+                } else {
+                    sqlparser::ast::Value::Null
+                });
+            }
+            _ => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    let outside = qualifiers_of(&empty)?;
+    (!nested_query && outside.is_empty()).then_some(empty)
 }
 
 /// `relation.column`.
@@ -167,6 +405,7 @@ fn grouped(
     subquery: &Query,
     outer_conjuncts: &[&Expr],
     name: &str,
+    left: bool,
 ) -> Result<Option<Grouped>, PlanError> {
     if subquery.with.is_some()
         || subquery.limit_clause.is_some()
@@ -187,7 +426,14 @@ fn grouped(
         [SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. }] => expr,
         _ => return Ok(None),
     };
-    if !null_without_rows(value) {
+    // An inner join drops the outer rows without a group: right only where the value is NULL
+    // then. A left join keeps them, and the caller writes the value over no rows itself.
+    let usable = if left {
+        empty_value(value).is_some()
+    } else {
+        null_without_rows(value)
+    };
+    if !usable {
         return Ok(None);
     }
     let Some(selection) = &inner.selection else {
@@ -242,6 +488,7 @@ fn grouped(
         .enumerate()
         .map(|(i, key)| format!("{key} AS __pgr_key{i}"))
         .chain(std::iter::once(format!("{value} AS __pgr_value")))
+        .chain(left.then(|| "count(*) AS __pgr_rows".to_string()))
         .collect();
     let from: Vec<String> = inner.from.iter().map(ToString::to_string).collect();
     let mut sql = format!("SELECT {} FROM {}", items.join(", "), from.join(", "));
@@ -539,6 +786,32 @@ mod tests {
              WHERE orders.total > 1 AND orders.note IN (SELECT k.code FROM countries k WHERE k.name = 'x') \
              GROUP BY orders.note) AS __pgr_sq0 \
              WHERE k.code = o.note AND k.name = 'x' AND o.qty < __pgr_sq0.__pgr_value AND k.code = __pgr_sq0.__pgr_key0"
+        );
+    }
+
+    fn left_joined(sql: &str) -> Option<String> {
+        let mut query = parse_query(sql).unwrap();
+        let sqlparser::ast::SetExpr::Select(select) = query.body.as_mut() else {
+            unreachable!()
+        };
+        super::left_joins(&topology(), select)
+            .unwrap()
+            .then(|| query.to_string())
+    }
+
+    #[test]
+    fn other_correlated_aggregates_become_left_joins() {
+        assert_eq!(
+            left_joined(
+                "SELECT k.code, (SELECT count(*) FROM orders o WHERE o.note = k.code) FROM countries k, customers c \
+                 WHERE c.region = k.code AND 0 = (SELECT sum(o.qty) FROM orders o WHERE o.note = c.name)"
+            )
+            .unwrap(),
+            "SELECT k.code, (CASE WHEN __pgr_lj1.__pgr_rows IS NULL THEN 0 ELSE __pgr_lj1.__pgr_value END) AS \"count\" \
+             FROM countries k CROSS JOIN customers c \
+             LEFT OUTER JOIN (SELECT o.note AS __pgr_key0, sum(o.qty) AS __pgr_value, count(*) AS __pgr_rows FROM orders o GROUP BY o.note) AS __pgr_lj0 ON c.name = __pgr_lj0.__pgr_key0 \
+             LEFT OUTER JOIN (SELECT o.note AS __pgr_key0, count(*) AS __pgr_value, count(*) AS __pgr_rows FROM orders o GROUP BY o.note) AS __pgr_lj1 ON k.code = __pgr_lj1.__pgr_key0 \
+             WHERE c.region = k.code AND 0 = (CASE WHEN __pgr_lj0.__pgr_rows IS NULL THEN NULL ELSE __pgr_lj0.__pgr_value END)"
         );
     }
 

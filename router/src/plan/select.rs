@@ -166,7 +166,8 @@ fn grouped_joins(topology: &Topology, query: &Query) -> Result<Option<Planned>, 
     let SetExpr::Select(select) = query.body.as_mut() else {
         return Ok(None);
     };
-    if !decorrelate_scalar::scalar_conjuncts(topology, select)? {
+    let joined = decorrelate_scalar::scalar_conjuncts(topology, select)?;
+    if !decorrelate_scalar::left_joins(topology, select)? && !joined {
         return Ok(None);
     }
     let text = query.to_string();
