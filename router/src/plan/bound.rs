@@ -186,8 +186,9 @@ impl Binder<'_> {
         }
         if correlated(subquery) {
             self.error = Some(PlanError::Unsupported(
-                "a correlated subquery over sharded tables (other than IN / EXISTS on the shard \
-                 key of a co-located table)"
+                "a correlated subquery over sharded tables other than IN / EXISTS on the shard \
+                 key of a co-located table, [NOT] EXISTS correlated by one equality, or an \
+                 aggregate correlated by equalities"
                     .into(),
             ));
             return None;
