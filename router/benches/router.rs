@@ -10,6 +10,12 @@
 //!
 //! Knobs: `BENCH_CLIENTS` (default 8), `BENCH_SECONDS` per run (default 6), `BENCH_ROUNDS`
 //! (default 3), `BENCH_SCALE` (default 5); `PG_ROUTER_WORKER_THREADS` reaches the router.
+//!
+//! Then the TPC-H stage (`router/tpch.rs`): the 22 queries through the router over 2 shards
+//! and directly, with their time ratios.
+
+#[path = "router/tpch.rs"]
+mod tpch;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -315,5 +321,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    drop(shard);
+    tpch::run(dir.path())?;
     Ok(())
 }

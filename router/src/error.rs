@@ -55,6 +55,7 @@ impl RouterError {
                 severity: "ERROR".into(),
                 code: plan.sqlstate().into(),
                 message: plan.to_string(),
+                position: plan.position().map(|position| position.to_string()),
                 ..ServerError::default()
             },
             RouterError::Session { code, message } => ServerError {

@@ -33,7 +33,7 @@ async fn unsupported_sql_is_an_error_and_the_connection_stays_usable() {
             "0A000",
         ),
         (
-            "SELECT * FROM customers c WHERE c.score > (SELECT avg(x.score) FROM customers x WHERE x.region = c.region)",
+            "SELECT * FROM customers c WHERE c.score > (SELECT count(*) FROM customers x WHERE x.region <> c.region)",
             "0A000",
         ),
         ("COPY customers TO STDOUT (FORMAT binary)", "0A000"),
@@ -43,7 +43,7 @@ async fn unsupported_sql_is_an_error_and_the_connection_stays_usable() {
         ),
         ("SELEC 1", "42601"),
         (
-            "SELECT * FROM orders o WHERE o.total > (SELECT avg(x.total) FROM orders x WHERE x.qty = o.qty)",
+            "SELECT * FROM orders o WHERE o.total > (SELECT count(*) FROM orders x WHERE x.qty < o.qty)",
             "0A000",
         ),
         (
@@ -155,7 +155,7 @@ async fn malformed_messages_get_errors_and_the_router_stays_up() {
     assert!(seen.contains(&b'D'), "no row after the error: {seen:?}");
 
     // A Parse that fails, then Flush (asyncpg waits there, without Sync): the error arrives.
-    let sql = b"\0SELECT * FROM customers c WHERE c.score > (SELECT avg(x.score) FROM customers x WHERE x.region = c.region)\0";
+    let sql = b"\0SELECT * FROM customers c WHERE c.score > (SELECT count(*) FROM customers x WHERE x.region <> c.region)\0";
     let mut parse = vec![b'P'];
     parse.extend_from_slice(&((sql.len() + 2 + 4) as i32).to_be_bytes());
     parse.extend_from_slice(sql);
@@ -347,4 +347,84 @@ async fn cancel_requests_reach_the_shards() {
         let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
         assert_eq!(one, 1);
     }
+}
+
+/// The code, message and position (ErrorResponse field P) of a statement's error.
+fn error_fields(error: &tokio_postgres::Error) -> (String, String, Option<u32>) {
+    let db = error.as_db_error().expect("an ErrorResponse");
+    let position = match db.position() {
+        Some(tokio_postgres::error::ErrorPosition::Original(position)) => Some(*position),
+        _ => None,
+    };
+    (
+        db.code().code().to_string(),
+        db.message().to_string(),
+        position,
+    )
+}
+
+/// An unknown or ambiguous column is answered by the router's binder, before any shard is
+/// asked, with PostgreSQL's own code, message and position; the connection goes on. Columns
+/// the router's catalog does not know yet (added in the open transaction, or on the shards
+/// directly) still reach the shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_ambiguous_columns_are_postgresqls_errors() {
+    let cluster = Cluster::start(2).await;
+    cluster.create_schema().await;
+    let client = cluster.client().await;
+    let direct = cluster.shards[0].client().await.expect("shard client");
+    for (sql, code) in [
+        ("SELECT nope FROM customers", "42703"),
+        (
+            "SELECT id,\n  score,\n  Bogus FROM customers WHERE id = 3",
+            "42703",
+        ),
+        (
+            "SELECT c.name FROM customers c JOIN orders o ON o.customer_id = c.id WHERE id > 1",
+            "42702",
+        ),
+        ("SELECT c.nope FROM customers c", "42703"),
+        (
+            "SELECT count(*) FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND o.colour = 'red')",
+            "42703",
+        ),
+    ] {
+        let expected = error_fields(&direct.simple_query(sql).await.unwrap_err());
+        assert_eq!(expected.0, code, "{sql}: PostgreSQL says {expected:?}");
+        let got = error_fields(&client.simple_query(sql).await.unwrap_err());
+        assert_eq!(got, expected, "{sql}");
+        // The extended protocol: the error comes at Parse.
+        let got = error_fields(&client.prepare(sql).await.unwrap_err());
+        assert_eq!(got, expected, "{sql} (extended)");
+        assert_router_alive(&cluster).await;
+        let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1, "the connection stays usable after {sql}");
+    }
+
+    // A column added in the open transaction: the catalog cannot see it yet, the shard can.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("ALTER TABLE customers ADD COLUMN nickname text")
+        .await
+        .unwrap();
+    let rows = client
+        .simple_query("SELECT nickname FROM customers WHERE id = 3")
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    client.batch_execute("ROLLBACK").await.unwrap();
+    // A column added on the shards directly: the router reads the catalog again first.
+    for shard in &cluster.shards {
+        let shard = shard.client().await.unwrap();
+        shard
+            .batch_execute("ALTER TABLE countries ADD COLUMN continent text")
+            .await
+            .unwrap();
+    }
+    let count: i64 = client
+        .query_one("SELECT count(continent) FROM countries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0);
 }

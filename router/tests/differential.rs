@@ -143,6 +143,14 @@ const CORPUS: &[&str] = &[
     "SELECT note, count(*) FROM orders o WHERE o.customer_id IN (SELECT c.id FROM customers c WHERE c.score < 20) GROUP BY note ORDER BY note",
     "SELECT c.id, (SELECT count(*) FROM orders o WHERE o.customer_id = c.id) AS n FROM customers c ORDER BY n DESC, c.id LIMIT 5",
     "SELECT o.id FROM orders o WHERE o.total > (SELECT avg(x.total) FROM orders x WHERE x.customer_id = o.customer_id) ORDER BY o.id LIMIT 20",
+    // Correlated aggregates off the shard key: joined with the groups, aggregated per shard first.
+    "SELECT c.id FROM customers c WHERE c.score > (SELECT avg(x.score) FROM customers x WHERE x.region = c.region) ORDER BY c.id",
+    "SELECT o.id FROM orders o WHERE o.total > (SELECT avg(x.total) + 1 FROM orders x WHERE x.qty = o.qty AND x.note = o.note) ORDER BY o.id LIMIT 20",
+    "SELECT k.code FROM countries k WHERE k.name <> 'none' AND 2 < (SELECT max(o.qty) FROM orders o WHERE o.note = k.code) ORDER BY 1",
+    // ... and elsewhere (select list, count, inside OR): left joins, the value over no rows kept.
+    "SELECT k.code, (SELECT count(*) FROM orders o WHERE o.note = k.code) AS n, (SELECT sum(o.qty) FROM orders o WHERE o.note = k.code) FROM countries k ORDER BY k.code",
+    "SELECT c.id, (SELECT max(o.qty) FROM orders o WHERE o.note = c.region) FROM customers c ORDER BY c.id LIMIT 20",
+    "SELECT c.id FROM customers c WHERE 0 = (SELECT count(*) FROM orders o WHERE o.qty = c.score) OR c.score IS NULL ORDER BY c.id",
     // Uncorrelated subqueries over sharded tables: run first, bound as parameters.
     "SELECT id, total FROM orders WHERE total > (SELECT avg(total) FROM orders) ORDER BY id LIMIT 10",
     "SELECT count(*) FROM orders WHERE note NOT IN (SELECT region FROM customers WHERE region IS NOT NULL)",

@@ -249,6 +249,26 @@ fn plan_one(state: &RouterState, sql: &str) -> Result<(u64, Arc<Planned>), PlanE
     Ok((runtime.version, Arc::new(planned.remove(0))))
 }
 
+/// After the binder found an unknown or ambiguous column: the topology to plan the
+/// statement again with. The shards' catalog is read again first (a column added on the
+/// shards directly, not through a router); inside a transaction, whose own DDL the
+/// catalog read on another connection cannot see, the binder is left out and the shard
+/// answers the names itself.
+async fn topology_after_column_error(
+    state: &RouterState,
+    in_transaction: bool,
+) -> Option<crate::topology::Topology> {
+    let before = state.runtime().version;
+    state.refresh_aggregates().await;
+    let runtime = state.runtime();
+    if in_transaction {
+        let mut topology = (*runtime.topology).clone();
+        topology.columns.clear();
+        return Some(topology);
+    }
+    (runtime.version != before).then(|| (*runtime.topology).clone())
+}
+
 fn session_error(code: &'static str, message: impl Into<String>) -> RouterError {
     RouterError::session(code, message)
 }
@@ -422,7 +442,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             match kind {
                 b'Q' => self.simple_query(body).await?,
-                b'P' => self.parse(body),
+                b'P' => self.parse(body).await,
                 b'B' => self.bind(body),
                 b'D' => self.describe(body).await,
                 b'E' => self.execute(body).await?,
@@ -668,10 +688,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.portals.remove("");
         let runtime = self.frontend.state.runtime();
         let auto_prepare = self.frontend.state.auto_prepare();
-        match runtime
+        let mut planned = runtime
             .plan_cache
-            .plan_simple(&runtime.topology, &sql, auto_prepare)
+            .plan_simple(&runtime.topology, &sql, auto_prepare);
+        if let Err(PlanError::Column(_)) = planned
+            && let Some(topology) =
+                topology_after_column_error(&self.frontend.state, self.session.in_transaction())
+                    .await
         {
+            planned = plan::plan_sql(&topology, &sql).map(|planned| plan::cache::SimplePlan {
+                planned,
+                prepared: None,
+            });
+        }
+        match planned {
             Err(error) => {
                 let error = RouterError::from(error);
                 self.frontend
@@ -880,7 +910,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    fn parse(&mut self, body: Bytes) {
+    async fn parse(&mut self, body: Bytes) {
         let message = match wire::parse(body) {
             Ok(message) => message,
             Err(violation) => return self.extended_error(session_error("08P01", violation.0)),
@@ -891,7 +921,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 format!("prepared statement \"{}\" already exists", message.name),
             ));
         }
-        match plan_one(&self.frontend.state, &message.sql) {
+        let mut planned = plan_one(&self.frontend.state, &message.sql);
+        if let Err(PlanError::Column(_)) = planned
+            && let Some(topology) =
+                topology_after_column_error(&self.frontend.state, self.session.in_transaction())
+                    .await
+        {
+            planned = plan::plan_sql(&topology, &message.sql).and_then(|mut planned| {
+                if planned.len() != 1 {
+                    return Err(PlanError::Syntax(
+                        "cannot insert multiple commands into a prepared statement".into(),
+                    ));
+                }
+                Ok((
+                    self.frontend.state.runtime().version,
+                    Arc::new(planned.remove(0)),
+                ))
+            });
+        }
+        match planned {
             Ok(planned) => {
                 let statement = Statement {
                     name: message.name.clone(),

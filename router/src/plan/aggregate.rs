@@ -81,6 +81,51 @@ pub(super) const BUILTIN_AGGREGATES: &[&str] = &[
 thread_local! {
     /// The topology's user-defined aggregates, for the planning under way on this thread.
     pub(super) static USER_AGGREGATES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The shard keys of the co-located FROM being aggregated (table or alias -> key column),
+    /// for the aggregate rewrite under way on this thread.
+    static SHARD_KEYS: std::cell::RefCell<HashMap<String, String>> = std::cell::RefCell::new(HashMap::new());
+}
+
+/// Runs `plan` with `keys` as the shard keys of the FROM it aggregates over.
+pub(super) fn with_shard_keys<T>(keys: &HashMap<String, String>, plan: impl FnOnce() -> T) -> T {
+    let previous = SHARD_KEYS.with(|current| current.replace(keys.clone()));
+    let result = plan();
+    SHARD_KEYS.with(|current| current.replace(previous));
+    result
+}
+
+/// `keys` if every `count(DISTINCT x)` of `query` counts a shard key (then each shard counts
+/// its own values); no keys otherwise: the shards group by the other arguments, which splits a
+/// group's key values over several partial rows.
+pub(super) fn distinct_key_columns(
+    query: &Query,
+    keys: &HashMap<String, String>,
+) -> HashMap<String, String> {
+    let mut all_keys = true;
+    let _ = sqlparser::ast::visit_expressions(query, |expr| {
+        if let Some(("count", true)) = top_aggregate(expr) {
+            all_keys &= sole_argument(expr).is_some_and(|argument| {
+                matches!(argument, Expr::CompoundIdentifier(_)) && is_key_column(&argument, keys)
+            });
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    if all_keys {
+        keys.clone()
+    } else {
+        HashMap::new()
+    }
+}
+
+/// Is `count(DISTINCT argument)` countable per shard: `argument` is the shard key of a sharded
+/// table of the FROM, so each of its values lives on one shard only and the shards' distinct
+/// counts add up (no value counted on two shards)?
+pub(super) fn distinct_per_shard(argument: &Expr) -> bool {
+    SHARD_KEYS.with(|keys| {
+        let keys = keys.borrow();
+        // A bare name could be another table's column of the same name.
+        matches!(argument, Expr::CompoundIdentifier(_)) && is_key_column(argument, &keys)
+    })
 }
 
 /// Is `function` a call of an aggregate, PostgreSQL's own or one the shards define (not a

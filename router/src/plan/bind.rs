@@ -4,9 +4,12 @@
 //! rewritten as `relation.column`. Co-location, routing and rewriting then see one spelling:
 //! `FROM a, b WHERE a_key = b_key` plans as `a.a_key = b.b_key` does.
 //!
-//! A name the binder cannot place (unknown, ambiguous, or in scope of a table function or a
-//! table the catalog does not list) stays as written: PostgreSQL answers it with its own error
-//! (42703, 42702) and the position in the client's text.
+//! A name that no relation in scope has, when all their columns are known, is PostgreSQL's
+//! 42703 (`column "x" does not exist`), and one that two relations of the innermost scope
+//! having it share is 42702 (`column reference "x" is ambiguous`): the binder answers them
+//! itself, with the position in the client's text, before any shard is asked. A name in
+//! scope of a table function or a table the catalog does not list stays as written, for
+//! PostgreSQL to answer.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -34,6 +37,7 @@ const KEYWORD_FUNCTIONS: &[&str] = &[
     "user",
     "current_catalog",
     "current_schema",
+    "system_user",
 ];
 
 /// One relation of a FROM clause: the name references qualify with and its columns (`None`:
@@ -66,21 +70,38 @@ enum Found {
     Unknown,
 }
 
+impl Relation {
+    /// Are its columns known exactly? A derived table's unnamed expression is `?column?` here
+    /// where PostgreSQL may name it (`btrim` for `trim(x)`): such a relation could have a
+    /// column the binder does not see.
+    fn exact(&self) -> bool {
+        self.columns
+            .as_ref()
+            .is_some_and(|columns| columns.iter().all(|c| c != "?column?"))
+    }
+}
+
 impl Scope {
     fn find(&self, column: &str) -> Found {
         if self.merged.iter().any(|m| m == column) {
             return Found::Merged;
         }
-        let mut owners = self.relations.iter().filter(|r| {
-            r.columns
-                .as_ref()
-                .is_some_and(|columns| columns.iter().any(|c| c == column))
-        });
-        match (owners.next(), owners.next()) {
-            (Some(_), Some(_)) => Found::Ambiguous,
-            (Some(one), None) => Found::One(one.qualifier.clone()),
-            _ if self.relations.iter().any(|r| r.columns.is_none()) => Found::Unknown,
-            _ => Found::Missing,
+        let owners: Vec<&Relation> = self
+            .relations
+            .iter()
+            .filter(|r| {
+                r.columns
+                    .as_ref()
+                    .is_some_and(|columns| columns.iter().any(|c| c == column))
+            })
+            .collect();
+        match owners.as_slice() {
+            [one] => Found::One(one.qualifier.clone()),
+            [_, _, ..] if owners.iter().all(|r| r.exact() && !r.qualifier.is_empty()) => {
+                Found::Ambiguous
+            }
+            [] if self.relations.iter().all(Relation::exact) => Found::Missing,
+            _ => Found::Unknown,
         }
     }
 
@@ -137,9 +158,12 @@ impl Binder<'_> {
                 self.ctes.push((normalize(&cte.alias.name), columns));
             }
         }
-        let outputs = match query.body.as_ref() {
-            SetExpr::Select(select) => select_outputs(select),
-            _ => Vec::new(),
+        let (outputs, all_outputs) = match query.body.as_ref() {
+            SetExpr::Select(select) => (
+                select_outputs(select),
+                select_columns(select, self).unwrap_or_default(),
+            ),
+            _ => (Vec::new(), Vec::new()),
         };
         let scope = self.set_expr(&mut query.body, outer)?;
         // ORDER BY of a plain SELECT: an output column name first, then FROM (that of a set
@@ -151,10 +175,20 @@ impl Binder<'_> {
             let mut chain = outer.to_vec();
             chain.push(scope);
             for item in items {
-                if let Expr::Identifier(ident) = &item.expr
-                    && outputs.contains(&normalize(ident))
-                {
-                    continue;
+                if let Expr::Identifier(ident) = &item.expr {
+                    let name = normalize(ident);
+                    if outputs.contains(&name) {
+                        continue;
+                    }
+                    // An output column's name that FROM cannot place (`SELECT a.id FROM a, b
+                    // ORDER BY id`): PostgreSQL takes the output column.
+                    if all_outputs.contains(&name) {
+                        let mut bound = item.expr.clone();
+                        if self.expr(&mut bound, &chain).is_ok() {
+                            item.expr = bound;
+                        }
+                        continue;
+                    }
                 }
                 self.expr(&mut item.expr, &chain)?;
             }
@@ -199,9 +233,18 @@ impl Binder<'_> {
         if let Some(selection) = &mut select.selection {
             self.expr(selection, &chain)?;
         }
+        let outputs = select_columns(select, self).unwrap_or_default();
         if let GroupByExpr::Expressions(exprs, _) = &mut select.group_by {
             // GROUP BY: an input column first, then an output column name.
             for expr in exprs {
+                if let Expr::Identifier(ident) = expr
+                    && outputs.contains(&normalize(ident))
+                    && chain
+                        .iter()
+                        .all(|scope| matches!(scope.find(&normalize(ident)), Found::Missing))
+                {
+                    continue;
+                }
                 self.expr(expr, &chain)?;
             }
         }
@@ -411,6 +454,12 @@ impl VisitorMut for ExprBinder<'_, '_, '_> {
         if self.nested > 0 {
             return ControlFlow::Continue(());
         }
+        if let Expr::CompoundIdentifier(parts) = expr {
+            return match qualified_error(parts, self.chain) {
+                Some(error) => ControlFlow::Break(error),
+                None => ControlFlow::Continue(()),
+            };
+        }
         let Expr::Identifier(ident) = expr else {
             return ControlFlow::Continue(());
         };
@@ -447,16 +496,75 @@ impl VisitorMut for ExprBinder<'_, '_, '_> {
                     self.binder.rewrites += 1;
                     return ControlFlow::Continue(());
                 }
-                // Unknown, ambiguous: as written, for PostgreSQL to answer with its own error
-                // (42703, 42702) and its position in the client's text.
-                Found::Merged | Found::Unknown | Found::Ambiguous => {
+                // Relations whose columns are not all known: as written, for PostgreSQL.
+                Found::Merged | Found::Unknown => {
                     return ControlFlow::Continue(());
+                }
+                Found::Ambiguous => {
+                    return ControlFlow::Break(column_error(
+                        "42702",
+                        format!("column reference \"{column}\" is ambiguous"),
+                        ident,
+                    ));
                 }
                 Found::Missing => {}
             }
         }
-        ControlFlow::Continue(())
+        // Found in no scope, every column known: PostgreSQL's 42703, unless the name is a
+        // system column or a relation's (a whole-row reference).
+        if SYSTEM_COLUMNS.contains(&column.as_str())
+            || self.chain.iter().any(|scope| scope.has_qualifier(&column))
+        {
+            return ControlFlow::Continue(());
+        }
+        ControlFlow::Break(column_error(
+            "42703",
+            format!("column \"{column}\" does not exist"),
+            ident,
+        ))
     }
+}
+
+/// System columns every table has (not in the catalog's column lists).
+const SYSTEM_COLUMNS: &[&str] = &["ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"];
+
+/// An error at `ident`'s place in the text.
+fn column_error(code: &'static str, message: String, ident: &Ident) -> PlanError {
+    PlanError::Column(super::ColumnError {
+        code,
+        message,
+        line: ident.span.start.line,
+        column: ident.span.start.column,
+        position: None,
+    })
+}
+
+/// PostgreSQL's 42703 for `relation.column` when the innermost relation of that name has all
+/// its columns known and not this one.
+fn qualified_error(parts: &[Ident], chain: &[Scope]) -> Option<PlanError> {
+    let [qualifier, name] = parts else {
+        return None;
+    };
+    let (qualifier, column) = (normalize(qualifier), normalize(name));
+    let scope = chain
+        .iter()
+        .rev()
+        .find(|scope| scope.has_qualifier(&qualifier))?;
+    let mut relations = scope.relations.iter().filter(|r| r.qualifier == qualifier);
+    let (Some(relation), None) = (relations.next(), relations.next()) else {
+        return None;
+    };
+    if !relation.exact()
+        || SYSTEM_COLUMNS.contains(&column.as_str())
+        || relation.columns.iter().flatten().any(|c| *c == column)
+    {
+        return None;
+    }
+    Some(column_error(
+        "42703",
+        format!("column {qualifier}.{column} does not exist"),
+        &parts[0],
+    ))
 }
 
 /// The aliases of a SELECT list (what a bare ORDER BY name means before any input column; a
@@ -583,14 +691,35 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_ambiguous_names_stay_as_written() {
+    fn unknown_and_ambiguous_names_are_postgresqls_errors() {
+        let error = |sql: &str| match bound(sql) {
+            Err(PlanError::Column(error)) => (error.code, error.message, error.column),
+            other => panic!("{sql}: {other:?}"),
+        };
         assert_eq!(
-            bound("SELECT nope, x FROM a").unwrap(),
-            "SELECT nope, a.x FROM a"
+            error("SELECT nope, x FROM a"),
+            ("42703", "column \"nope\" does not exist".into(), 8)
         );
         assert_eq!(
-            bound("SELECT id, y FROM a, b").unwrap(),
-            "SELECT id, b.y FROM a, b"
+            error("SELECT x, y FROM a, b WHERE Id > 1"),
+            ("42702", "column reference \"id\" is ambiguous".into(), 29)
         );
+        assert_eq!(
+            error("SELECT 1 FROM a WHERE EXISTS (SELECT 1 FROM b WHERE b.y = a.zz)"),
+            ("42703", "column a.zz does not exist".into(), 59)
+        );
+        // What PostgreSQL accepts: system columns, whole rows, output names, unknown columns.
+        for sql in [
+            "SELECT ctid, a FROM a",
+            "SELECT a.id FROM a, b ORDER BY id",
+            "SELECT x AS g, count(*) FROM a GROUP BY g",
+            "SELECT v FROM a, generate_series(1, 3) AS v",
+            "SELECT k FROM (SELECT trim(x) FROM a) AS t(k)",
+            "SELECT btrim FROM (SELECT trim(x) FROM a) AS t",
+            "SELECT current_date, x FROM a",
+            "SELECT id FROM a JOIN b USING (id)",
+        ] {
+            assert!(bound(sql).is_ok(), "{sql}: {:?}", bound(sql));
+        }
     }
 }

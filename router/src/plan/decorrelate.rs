@@ -2,8 +2,9 @@
 //! on their own (correlated off the shard key, or under a FROM of reference tables only).
 //!
 //! `WHERE EXISTS (SELECT ... FROM t WHERE t.a = outer.b AND <t only>)` keeps the rows whose
-//! `outer.b` is one of the `t.a` of `t`'s matching rows: it is `outer.b IN (SELECT t.a FROM t
-//! WHERE <t only>)`, an uncorrelated subquery the router runs first (see `bound`). `NOT EXISTS`
+//! `outer.b` is one of the `t.a` of `t`'s matching rows: it is `outer.b IN (SELECT DISTINCT
+//! t.a FROM t WHERE <t only>)`, an uncorrelated subquery the router runs first (see `bound`).
+//! `NOT EXISTS`
 //! keeps the others, a NULL `outer.b` included: `(outer.b IS NULL OR outer.b NOT IN (SELECT
 //! t.a ... AND t.a IS NOT NULL))`. Only conjuncts of the WHERE clause are rewritten (where a
 //! NULL and a false answer filter alike), and only with one equality as the correlation.
@@ -100,6 +101,9 @@ fn as_in(subquery: &Query, negated: bool) -> Option<Expr> {
     }
     let mut select = select.clone();
     select.projection = vec![SelectItem::UnnamedExpr(inner)];
+    // Each value once: the list goes from the shards to the router and back as a parameter
+    // (Q22's NOT EXISTS over orders: 10,000 customer keys instead of 150,000 order rows).
+    select.distinct = Some(sqlparser::ast::Distinct::Distinct);
     select.selection = local.into_iter().reduce(|left, right| Expr::BinaryOp {
         left: Box::new(left),
         op: BinaryOperator::And,
@@ -224,13 +228,13 @@ mod tests {
             rewritten(
                 "SELECT 1 FROM countries k WHERE k.code <> 'x' AND NOT EXISTS (SELECT * FROM orders o WHERE o.note = k.code AND o.qty > 1)"
             ),
-            "SELECT 1 FROM countries k WHERE k.code <> 'x' AND (k.code IS NULL OR k.code NOT IN (SELECT o.note FROM orders o WHERE o.qty > 1 AND o.note IS NOT NULL))"
+            "SELECT 1 FROM countries k WHERE k.code <> 'x' AND (k.code IS NULL OR k.code NOT IN (SELECT DISTINCT o.note FROM orders o WHERE o.qty > 1 AND o.note IS NOT NULL))"
         );
         assert_eq!(
             rewritten(
                 "SELECT 1 FROM countries k WHERE EXISTS (SELECT 1 FROM orders o WHERE k.code = o.note)"
             ),
-            "SELECT 1 FROM countries k WHERE k.code IN (SELECT o.note FROM orders o)"
+            "SELECT 1 FROM countries k WHERE k.code IN (SELECT DISTINCT o.note FROM orders o)"
         );
     }
 }

@@ -23,9 +23,9 @@ use sqlparser::ast::{
 
 use super::{
     Aggregation, ColumnMerge, MergeSpec, Plan, PlanError, Planned, Renumber, contains_aggregate,
-    contains_window, count_of, default_column_name, is_aggregate_call, is_aggregate_name,
-    last_name, parse_query, plain_group_by, projection_exprs, sole_argument, unsupported,
-    with_function_name,
+    contains_window, count_of, default_column_name, distinct_per_shard, is_aggregate_call,
+    is_aggregate_name, last_name, parse_query, plain_group_by, projection_exprs, sole_argument,
+    unsupported, with_function_name,
 };
 
 /// The statement that finishes an aggregate query over the merged groups.
@@ -246,6 +246,11 @@ impl Columns {
             return Ok(*index);
         }
         Ok(match (name, distinct) {
+            ("count", true)
+                if sole_argument(expr).is_some_and(|argument| distinct_per_shard(&argument)) =>
+            {
+                self.push(key, expr.clone(), ColumnMerge::Count)
+            }
             ("count", true) => {
                 let argument = sole_argument(expr).ok_or_else(|| {
                     PlanError::Unsupported(

@@ -502,7 +502,10 @@ pub(super) fn stage(
     let text = body.to_string();
     let planned = plan_query(topology, body, text)?;
     match &planned.plan {
-        Plan::Single(_) | Plan::Scatter { write: false, .. } | Plan::MultiStage(_) => {}
+        Plan::Single(_)
+        | Plan::Scatter { write: false, .. }
+        | Plan::MultiStage(_)
+        | Plan::BoundSubqueries(_) => {}
         _ => return unsupported("this WITH query or subquery over sharded tables"),
     }
     Ok(Stage {

@@ -23,6 +23,7 @@ pub mod cache;
 mod colocated;
 mod copy;
 mod decorrelate;
+mod decorrelate_scalar;
 mod finalize;
 mod from;
 mod insert;
@@ -65,6 +66,43 @@ pub enum PlanError {
     /// A shard key value has no shard.
     #[error("{0}")]
     NoShard(String),
+    /// A column reference PostgreSQL would refuse, found by the binder before any shard is
+    /// asked: unknown (42703) or ambiguous (42702).
+    #[error("{}", .0.message)]
+    Column(ColumnError),
+}
+
+/// A column reference the binder cannot resolve, with PostgreSQL's code and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnError {
+    /// SQLSTATE: 42703 (undefined column) or 42702 (ambiguous column).
+    pub code: &'static str,
+    /// PostgreSQL's message (`column "x" does not exist`).
+    pub message: String,
+    /// Where the reference starts in the parsed text: line and column, 1-based (0: unknown).
+    pub line: u64,
+    /// Column (characters) in that line.
+    pub column: u64,
+    /// The 1-based character offset into the client's query text (ErrorResponse field P),
+    /// once known.
+    pub position: Option<usize>,
+}
+
+impl ColumnError {
+    /// Fills `position` from the line and column in `sql`, the text that was parsed.
+    fn locate(&mut self, sql: &str) {
+        if self.position.is_some() || self.line == 0 || self.column == 0 {
+            return;
+        }
+        let mut offset = 0;
+        for (number, line) in sql.split('\n').enumerate() {
+            if number as u64 + 1 == self.line {
+                self.position = Some(offset + self.column as usize);
+                return;
+            }
+            offset += line.chars().count() + 1;
+        }
+    }
 }
 
 impl PlanError {
@@ -74,7 +112,24 @@ impl PlanError {
             PlanError::Syntax(_) => "42601",
             PlanError::Unsupported(_) => "0A000",
             PlanError::NoShard(_) => "22023",
+            PlanError::Column(error) => error.code,
         }
+    }
+
+    /// The 1-based character offset of the error in the client's text, if it has one.
+    pub fn position(&self) -> Option<usize> {
+        match self {
+            PlanError::Column(error) => error.position,
+            _ => None,
+        }
+    }
+
+    /// The error with its position found in `sql`, the text that was parsed.
+    pub(crate) fn located(mut self, sql: &str) -> Self {
+        if let PlanError::Column(error) = &mut self {
+            error.locate(sql);
+        }
+        self
     }
 }
 
@@ -580,6 +635,38 @@ mod tests {
             grouped.sql.ends_with("GROUP BY note, qty"),
             "{}",
             grouped.sql
+        );
+    }
+
+    #[test]
+    fn count_distinct_of_the_shard_key_is_counted_on_each_shard() {
+        let planned =
+            plan("SELECT o.note, count(DISTINCT o.customer_id) FROM orders o GROUP BY o.note")
+                .unwrap();
+        let Plan::Scatter { merge, .. } = &planned.plan else {
+            panic!("{:?}", planned.plan)
+        };
+        assert!(
+            planned.sql.contains("count(DISTINCT o.customer_id)")
+                && planned.sql.ends_with("GROUP BY o.note"),
+            "each key lives on one shard: the shards' distinct counts add up: {}",
+            planned.sql
+        );
+        let aggregation = merge.aggregation.as_ref().unwrap();
+        assert_eq!(
+            aggregation.columns,
+            [ColumnMerge::Group, ColumnMerge::Count]
+        );
+        // Beside a count(DISTINCT) of another column the shards group by that column, which
+        // splits the keys of a group: the values go to the router.
+        let planned =
+            plan("SELECT count(DISTINCT o.customer_id), count(DISTINCT o.qty) FROM orders o")
+                .unwrap();
+        assert!(
+            planned.sql.ends_with("GROUP BY o.customer_id, o.qty")
+                || planned.sql.ends_with("GROUP BY o.qty, o.customer_id"),
+            "{}",
+            planned.sql
         );
     }
 

@@ -173,6 +173,12 @@ pub(super) fn plan_scatter_select(
             }
             rewrite.by_text.insert(expr.to_string(), index);
             let (shard_expr, merge_kind) = match top_aggregate(expr) {
+                Some(("count", true))
+                    if sole_argument(expr)
+                        .is_some_and(|argument| distinct_per_shard(&argument)) =>
+                {
+                    (expr.clone(), ColumnMerge::Count)
+                }
                 Some(("count", true)) => {
                     let argument = sole_argument(expr).ok_or_else(|| {
                         PlanError::Unsupported(

@@ -61,6 +61,9 @@ pub(super) fn plan_query(
     // A FROM of reference tables only, with subqueries over sharded tables in WHERE: those run
     // first (correlated EXISTS decorrelated into IN), their answers bound as parameters.
     if table_use(topology, &select.from).sharded.is_empty() {
+        if let Some(planned) = grouped_joins(topology, &query)? {
+            return Ok(planned);
+        }
         let mut query = query.clone();
         if let SetExpr::Select(select) = query.body.as_mut() {
             decorrelate::exists_conjuncts(topology, select);
@@ -89,6 +92,10 @@ pub(super) fn plan_query(
             from.group,
         );
         if pushed != Some(usage.sharded.len() - top_level) {
+            // Correlated aggregates become joins with grouped derived tables.
+            if let Some(planned) = grouped_joins(topology, &query)? {
+                return Ok(planned);
+            }
             // Uncorrelated ones run first, their answers bound as parameters.
             let mut decorrelated = query.clone();
             if let SetExpr::Select(select) = decorrelated.body.as_mut() {
@@ -135,10 +142,12 @@ pub(super) fn plan_query(
         group_by_positions(&mut query);
         // Aggregates the merger finishes itself, or else with a final statement over the merged
         // groups (expressions over aggregates, HAVING and ORDER BY beyond plain comparisons).
-        match plan_scatter_select(query.clone(), shards.clone()) {
-            Err(PlanError::Unsupported(_)) => finalize::plan(query, shards),
-            planned => planned,
-        }
+        with_shard_keys(&distinct_key_columns(&query, &from.key_columns), || {
+            match plan_scatter_select(query.clone(), shards.clone()) {
+                Err(PlanError::Unsupported(_)) => finalize::plan(query, shards),
+                planned => planned,
+            }
+        })
     };
     // What neither merges (window functions, DISTINCT ON, aggregates such as string_agg or
     // stddev) runs over the table's matching rows, pulled from the shards first.
@@ -148,6 +157,21 @@ pub(super) fn plan_query(
         }
         planned => planned,
     }
+}
+
+/// `query` with its correlated scalar aggregate subqueries over sharded tables decorrelated
+/// into joins with grouped derived tables, planned; `None` if it has none.
+fn grouped_joins(topology: &Topology, query: &Query) -> Result<Option<Planned>, PlanError> {
+    let mut query = query.clone();
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(None);
+    };
+    let joined = decorrelate_scalar::scalar_conjuncts(topology, select)?;
+    if !decorrelate_scalar::left_joins(topology, select)? && !joined {
+        return Ok(None);
+    }
+    let text = query.to_string();
+    plan_query(topology, query, text).map(Some)
 }
 
 /// Parses SQL the planner writes itself (a rewritten statement, a final statement) as a query.

@@ -6,7 +6,7 @@ use super::*;
 pub fn plan_sql(topology: &Topology, sql: &str) -> Result<Vec<Planned>, PlanError> {
     // The planner is synchronous: the topology's aggregates hold for this call on this thread.
     let previous = USER_AGGREGATES.with(|user| user.replace(topology.aggregates.clone()));
-    let planned = plan_sql_inner(topology, sql);
+    let planned = plan_sql_inner(topology, sql).map_err(|error| error.located(sql));
     USER_AGGREGATES.with(|user| user.replace(previous));
     planned
 }
