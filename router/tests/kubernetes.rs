@@ -77,6 +77,7 @@ fn range(name: &str, shard: &str, start: Option<i64>, end: Option<i64>) -> Shard
             end,
             state: ShardRangeState::Active,
             vindex: VindexKind::Hash,
+            epoch: 0,
         },
     );
     range.metadata.namespace = Some(NAMESPACE.into());

@@ -160,6 +160,7 @@ pub fn initial_ranges(
                     end,
                     state: ShardRangeState::Active,
                     vindex: group.vindex,
+                    epoch: 0,
                 },
                 status: None,
             }

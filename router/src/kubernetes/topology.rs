@@ -255,6 +255,7 @@ mod tests {
                 end,
                 state: ShardRangeState::Active,
                 vindex: RangeVindex::Hash,
+                epoch: 0,
             },
         )
     }
