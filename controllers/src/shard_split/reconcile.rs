@@ -306,11 +306,9 @@ impl<'a> Split<'a> {
     /// Runs the current step.
     async fn advance(&self) -> Result<Action, Error> {
         let status = self.status();
-        match status.phase.as_deref() {
-            Some(phase::SUCCEEDED | phase::FAILED | phase::ROLLED_BACK) => {
-                return Ok(Action::await_change());
-            }
-            _ => {}
+        if let Some(phase::SUCCEEDED | phase::FAILED | phase::ROLLED_BACK) = status.phase.as_deref()
+        {
+            return Ok(Action::await_change());
         }
         let step = status.step.unwrap_or(SplitStep::Plan);
         if step == SplitStep::Plan {
