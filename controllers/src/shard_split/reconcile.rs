@@ -398,7 +398,7 @@ impl<'a> Split<'a> {
                 )
                 .await;
         }
-        let Some(target_index) = spec
+        let Some(_target_index) = spec
             .target_shard
             .strip_prefix("shard-")
             .and_then(|n| n.parse::<i32>().ok())
@@ -563,7 +563,6 @@ impl<'a> Split<'a> {
                 what: format!("shrinking ShardRange {}", spec.source_range),
                 source,
             })?;
-        let _ = target_index;
         let mut status = self.status();
         status.split_point = Some(split);
         status.source_shard = Some(source.spec.shard.clone());
