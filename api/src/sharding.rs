@@ -31,7 +31,8 @@ use crate::common::ClusterReference;
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.start) || !has(self.end) || self.start < self.end", "message": "start must be lower than end: a range holds the hashes start <= h < end"},
-    {"rule": "self.cluster == oldSelf.cluster && self.tableGroup == oldSelf.tableGroup", "message": "cluster and tableGroup are immutable"}
+    {"rule": "self.cluster == oldSelf.cluster && self.tableGroup == oldSelf.tableGroup", "message": "cluster and tableGroup are immutable"},
+    {"rule": "self.epoch >= oldSelf.epoch", "message": "epoch may only grow: each cut-over of a split raises it, so a router can tell a newer layout from an older one"}
 ]))]
 pub struct ShardRangeSpec {
     /// Sharded cluster.
@@ -57,7 +58,9 @@ pub struct ShardRangeSpec {
     /// Vindex that maps the shard key to the hash space.
     #[serde(default)]
     pub vindex: VindexKind,
-    /// Routing epoch: grows by one each time the range changes place; routers log and expose it.
+    /// Routing epoch: raised by every cut-over that moves the range to another shard. The old
+    /// shard refuses writes to a moved range with a message naming the epoch, so a router still
+    /// on an older epoch retries on the new layout.
     #[serde(default)]
     pub epoch: i64,
 }
@@ -186,6 +189,15 @@ pub struct ShardSplitJobStatus {
     /// Write pause measured at cut-over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_pause_millis: Option<i64>,
+    /// Shard that owned the whole range before the split (recorded by the Plan step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_shard: Option<String>,
+    /// The ShardRange holding the moving (upper) half, created by the Plan step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_range: Option<String>,
+    /// Cut-over attempts aborted because catch-up did not fit in `maxWritePauseMillis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted_cut_overs: Option<i32>,
     /// When the job started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,

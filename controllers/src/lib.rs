@@ -10,6 +10,7 @@ pub mod operator;
 pub mod pooler;
 pub mod postgres_cluster;
 pub mod scheduled_backup;
+pub mod shard_split;
 pub mod sharded_cluster;
 pub mod telemetry;
 pub mod tls;

@@ -268,6 +268,14 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
             let _ = schedules_stopped.await;
         },
     ));
+    let (stop_splits, splits_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(crate::shard_split::run(
+        ctx.clone(),
+        config.watch_namespace.clone(),
+        async {
+            let _ = splits_stopped.await;
+        },
+    ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let stopped = futures::FutureExt::shared(stopped);
     let pooler_stopped = stopped.clone();
@@ -303,6 +311,7 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
             let _ = stop.send(());
             let _ = stop_backups.send(());
             let _ = stop_schedules.send(());
+            let _ = stop_splits.send(());
             controller.await;
             Ok(())
         }

@@ -57,12 +57,13 @@ where
 }
 
 /// Credentials stage: the parent's superuser Secret, and a copy of it for every shard made before
-/// the shard's cluster exists (the single-shard reconciler keeps a Secret it finds).
-async fn ensure_credentials(
+/// the shard's cluster exists (the single-shard reconciler keeps a Secret it finds). A
+/// ShardSplitJob calls it for the shard it provisions.
+pub async fn ensure_credentials(
     cluster: &PostgresCluster,
     ctx: &Context,
     namespace: &str,
-    shards: i32,
+    shards: impl IntoIterator<Item = i32>,
 ) -> Result<(), Error> {
     let parent = cluster.name_any();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
@@ -92,7 +93,7 @@ async fn ensure_credentials(
                 .unwrap_or(password)
         }
     };
-    for index in 0..shards {
+    for index in shards {
         let child = builders::shard_cluster_name(&parent, &builders::shard_name(index));
         let secret = credentials_secret(
             cluster,
@@ -314,7 +315,7 @@ pub async fn apply(
     let namespace = cluster
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
-    ensure_credentials(cluster, ctx, &namespace, sharding.shards).await?;
+    ensure_credentials(cluster, ctx, &namespace, 0..sharding.shards).await?;
 
     // Shards: one child PostgresCluster each, reconciled by the single-shard reconciler.
     let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), &namespace);

@@ -1,0 +1,969 @@
+//! The SQL a split runs on the shard primaries: reaching a primary (its pod, as pg-router
+//! does, and the shard's superuser Secret), the replication connection that creates the slot
+//! with an exported snapshot, the binary copy of the moving rows, the barrier that tells how
+//! far the target has applied, checksums, the fence, and the clean-up of each object. Every
+//! statement is idempotent, so a step can run again after an operator restart.
+
+use std::time::Duration;
+
+use api::contract;
+use bytes::{Buf, BytesMut};
+use futures::{SinkExt, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Api;
+use kube::api::ListParams;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use router::plan::{quote_ident, quote_literal};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::Client;
+
+use super::plan::table_sql;
+
+/// Database the sharded tables live in (pg-router's backend database).
+pub const DATABASE: &str = "postgres";
+/// Rows deleted per statement by the clean-ups.
+const DELETE_BATCH: i64 = 10_000;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a shard's primary listens and how to log in (the password never reaches a log).
+#[derive(Clone)]
+pub struct Endpoint {
+    /// Child PostgresCluster of the shard.
+    pub cluster: String,
+    /// Pod IP of the primary.
+    pub host: String,
+    /// PostgreSQL port.
+    pub port: u16,
+    password: String,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}:{})", self.cluster, self.host, self.port)
+    }
+}
+
+/// Failures talking to a shard.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// A statement failed.
+    #[error("{what} on {shard}: {source}")]
+    Sql {
+        /// What was being done.
+        what: String,
+        /// Child cluster.
+        shard: String,
+        /// The PostgreSQL error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The replication connection failed.
+    #[error("replication connection to {shard}: {message}")]
+    Replication {
+        /// Child cluster.
+        shard: String,
+        /// What failed.
+        message: String,
+    },
+    /// The Kubernetes API could not be read.
+    #[error("reading the primary of {shard}: {source}")]
+    Kube {
+        /// Child cluster.
+        shard: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Builds an error mapper for statements on `endpoint`.
+pub fn sql_error(
+    endpoint: &Endpoint,
+    what: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> ShardError {
+    let what = what.into();
+    let shard = endpoint.cluster.clone();
+    move |source| ShardError::Sql {
+        what,
+        shard,
+        source,
+    }
+}
+
+/// The primary of child cluster `cluster` (a pod labelled `role=primary` with an IP, ready ones
+/// first) and its superuser password; `None` while it has none.
+pub async fn endpoint(
+    client: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+) -> Result<Option<Endpoint>, ShardError> {
+    let kube = |source| ShardError::Kube {
+        shard: cluster.to_string(),
+        source,
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!(
+        "{}={cluster},{}={}",
+        contract::LABEL_CLUSTER,
+        contract::LABEL_ROLE,
+        contract::role::PRIMARY
+    );
+    let mut candidates: Vec<(bool, String, u16)> = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube)?
+        .items
+        .into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter_map(|pod| {
+            let host = pod.status.as_ref()?.pod_ip.clone()?;
+            let port = pod
+                .spec
+                .iter()
+                .flat_map(|spec| &spec.containers)
+                .flat_map(|container| container.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some(contract::PORT_NAME_POSTGRES))
+                .map_or(contract::POSTGRES_PORT, |p| p.container_port as u16);
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Some((ready, host, port))
+        })
+        .collect();
+    candidates.sort_by_key(|(ready, _, _)| !ready);
+    let Some((_, host, port)) = candidates.into_iter().next() else {
+        return Ok(None);
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = secrets
+        .get_opt(&contract::superuser_secret(cluster))
+        .await
+        .map_err(kube)?;
+    let password = secret
+        .and_then(|s| s.data)
+        .and_then(|data| data.get("password").cloned())
+        .map(|p| String::from_utf8_lossy(&p.0).into_owned())
+        .unwrap_or_default();
+    Ok(Some(Endpoint {
+        cluster: cluster.to_string(),
+        host,
+        port,
+        password,
+    }))
+}
+
+impl Endpoint {
+    fn config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .user(contract::SUPERUSER)
+            .dbname(DATABASE)
+            .application_name("postgres-operator-split")
+            .connect_timeout(CONNECT_TIMEOUT);
+        if !self.password.is_empty() {
+            config.password(&self.password);
+        }
+        config
+    }
+
+    /// A connection as the superuser; its task ends with the client.
+    pub async fn connect(&self) -> Result<Client, ShardError> {
+        let (client, connection) = self
+            .config()
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(sql_error(self, "connecting"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Connection string the target's subscription uses to reach this (source) shard.
+    fn conninfo(&self) -> String {
+        let value = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        let mut info = format!(
+            "host={} port={} user={} dbname={} application_name=postgres-operator-split",
+            value(&self.host),
+            self.port,
+            value(contract::SUPERUSER),
+            value(DATABASE)
+        );
+        if !self.password.is_empty() {
+            info.push_str(&format!(" password={}", value(&self.password)));
+        }
+        info
+    }
+}
+
+/// A walsender connection (`replication=database`) holding a slot's exported snapshot: the
+/// snapshot stays usable by other sessions (`SET TRANSACTION SNAPSHOT`) while this connection
+/// lives and runs nothing else.
+pub struct ReplicationConnection {
+    stream: TcpStream,
+    read: BytesMut,
+    shard: String,
+}
+
+impl ReplicationConnection {
+    fn fail(&self, message: impl Into<String>) -> ShardError {
+        ShardError::Replication {
+            shard: self.shard.clone(),
+            message: message.into(),
+        }
+    }
+
+    async fn send(&mut self, buffer: &BytesMut) -> Result<(), ShardError> {
+        self.stream
+            .write_all(buffer)
+            .await
+            .map_err(|e| self.fail(e.to_string()))
+    }
+
+    async fn message(&mut self) -> Result<backend::Message, ShardError> {
+        loop {
+            if let Some(message) =
+                backend::Message::parse(&mut self.read).map_err(|e| self.fail(e.to_string()))?
+            {
+                return Ok(message);
+            }
+            let read = self
+                .stream
+                .read_buf(&mut self.read)
+                .await
+                .map_err(|e| self.fail(e.to_string()))?;
+            if read == 0 {
+                return Err(self.fail("the server closed the connection"));
+            }
+        }
+    }
+
+    fn error_text(body: backend::ErrorResponseBody) -> String {
+        use postgres_protocol::message::backend::ErrorField;
+        let mut fields = body.fields();
+        let mut text = String::new();
+        while let Ok(Some(field)) = fallible_iterator::FallibleIterator::next(&mut fields) {
+            let field: ErrorField = field;
+            if field.type_() == b'M' {
+                text = String::from_utf8_lossy(field.value_bytes()).into_owned();
+            }
+        }
+        text
+    }
+
+    /// Logs in to `endpoint` as a logical walsender.
+    pub async fn connect(endpoint: &Endpoint) -> Result<Self, ShardError> {
+        let fail = |message: String| ShardError::Replication {
+            shard: endpoint.cluster.clone(),
+            message,
+        };
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
+        )
+        .await
+        .map_err(|_| fail("connect timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+        let mut connection = Self {
+            stream,
+            read: BytesMut::with_capacity(8192),
+            shard: endpoint.cluster.clone(),
+        };
+        let mut buffer = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", contract::SUPERUSER),
+                ("database", DATABASE),
+                ("replication", "database"),
+                ("application_name", "postgres-operator-split"),
+            ],
+            &mut buffer,
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        connection.send(&buffer).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            buffer.clear();
+            match connection.message().await? {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(endpoint.password.as_bytes(), &mut buffer)
+                        .map_err(|e| fail(e.to_string()))?;
+                    connection.send(&buffer).await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        contract::SUPERUSER.as_bytes(),
+                        endpoint.password.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut buffer)
+                        .map_err(|e| fail(e.to_string()))?;
+                    connection.send(&buffer).await?;
+                }
+                backend::Message::AuthenticationSasl(_) => {
+                    let state = ScramSha256::new(
+                        endpoint.password.as_bytes(),
+                        ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response("SCRAM-SHA-256", state.message(), &mut buffer)
+                        .map_err(|e| fail(e.to_string()))?;
+                    scram = Some(state);
+                    connection.send(&buffer).await?;
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let state = scram
+                        .as_mut()
+                        .ok_or_else(|| fail("unexpected SASL message".into()))?;
+                    state.update(body.data()).map_err(|e| fail(e.to_string()))?;
+                    frontend::sasl_response(state.message(), &mut buffer)
+                        .map_err(|e| fail(e.to_string()))?;
+                    connection.send(&buffer).await?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let mut state = scram
+                        .take()
+                        .ok_or_else(|| fail("unexpected SASL message".into()))?;
+                    state.finish(body.data()).map_err(|e| fail(e.to_string()))?;
+                }
+                backend::Message::ErrorResponse(body) => return Err(fail(Self::error_text(body))),
+                backend::Message::ReadyForQuery(_) => return Ok(connection),
+                _ => {}
+            }
+        }
+    }
+
+    /// Creates logical slot `slot` (pgoutput) and returns the name of its exported snapshot:
+    /// exactly the rows committed before the slot's first change.
+    pub async fn create_slot_exporting_snapshot(
+        &mut self,
+        slot: &str,
+    ) -> Result<String, ShardError> {
+        let mut buffer = BytesMut::new();
+        frontend::query(
+            &format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+                quote_ident(slot)
+            ),
+            &mut buffer,
+        )
+        .map_err(|e| self.fail(e.to_string()))?;
+        self.send(&buffer).await?;
+        let mut snapshot = None;
+        let mut failure = None;
+        loop {
+            match self.message().await? {
+                backend::Message::DataRow(body) => {
+                    let buf = body.buffer();
+                    let mut ranges = body.ranges();
+                    let mut index = 0;
+                    while let Ok(Some(range)) =
+                        fallible_iterator::FallibleIterator::next(&mut ranges)
+                    {
+                        if index == 2 {
+                            snapshot = range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned());
+                        }
+                        index += 1;
+                    }
+                }
+                backend::Message::ErrorResponse(body) => failure = Some(Self::error_text(body)),
+                backend::Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        if let Some(failure) = failure {
+            return Err(self.fail(failure));
+        }
+        snapshot.ok_or_else(|| self.fail("CREATE_REPLICATION_SLOT returned no snapshot"))
+    }
+
+    /// Ends the session (the snapshot goes; the slot stays).
+    pub async fn close(mut self) {
+        let mut buffer = BytesMut::new();
+        frontend::terminate(&mut buffer);
+        let _ = self.stream.write_all(&buffer).await;
+        let _ = self.read.remaining();
+    }
+}
+
+/// A moving table: its name, its shard key column and its columns in order.
+#[derive(Clone, Debug)]
+pub struct MovingTable {
+    /// Table name as declared in `spec.sharding.shardedTables`.
+    pub name: String,
+    /// Shard key column.
+    pub key: String,
+}
+
+/// Why a table cannot move, for the pre-flight; `None` when it can (or does not exist).
+pub async fn preflight_refusal(
+    source: &Client,
+    endpoint: &Endpoint,
+    table: &MovingTable,
+) -> Result<Option<String>, ShardError> {
+    let row = source
+        .query_opt(
+            "SELECT c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a
+                              ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                             WHERE i.indrelid = c.oid
+                               AND ((c.relreplident = 'd' AND i.indisprimary)
+                                    OR (c.relreplident = 'i' AND i.indisreplident))
+                               AND a.attname = $2)
+               FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table_sql(&table.name), &table.key],
+        )
+        .await
+        .map_err(sql_error(
+            endpoint,
+            format!("inspecting table {}", table.name),
+        ))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let identity: String = row.get(0);
+    let has_primary_key: bool = row.get(1);
+    let key_in_identity: bool = row.get(2);
+    Ok(match identity.as_str() {
+        "f" => None,
+        "n" => Some(format!(
+            "table {} has REPLICA IDENTITY NOTHING: give it a primary key (or REPLICA IDENTITY FULL) so that its updates and deletes can be replicated, then create a new ShardSplitJob",
+            table.name
+        )),
+        "d" if !has_primary_key => Some(format!(
+            "table {} has no primary key and no REPLICA IDENTITY FULL: add a primary key (or ALTER TABLE {} REPLICA IDENTITY FULL), then create a new ShardSplitJob",
+            table.name, table.name
+        )),
+        _ if !key_in_identity => Some(format!(
+            "the shard key {} of table {} is not part of its replica identity (primary key): the range filter of the replication needs it; include it in the primary key or set REPLICA IDENTITY FULL",
+            table.key, table.name
+        )),
+        _ => None,
+    })
+}
+
+/// Does `table` exist on this shard?
+pub async fn table_exists(
+    client: &Client,
+    endpoint: &Endpoint,
+    table: &str,
+) -> Result<bool, ShardError> {
+    let row = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table_sql(table)])
+        .await
+        .map_err(sql_error(endpoint, format!("looking up table {table}")))?;
+    Ok(row.get(0))
+}
+
+/// Column names of `table`, in order.
+pub async fn columns(
+    client: &Client,
+    endpoint: &Endpoint,
+    table: &str,
+) -> Result<Vec<String>, ShardError> {
+    let rows = client
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1)
+               AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            &[&table_sql(table)],
+        )
+        .await
+        .map_err(sql_error(
+            endpoint,
+            format!("reading the columns of {table}"),
+        ))?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// `CREATE TABLE` for `table` on the target, from the source's catalog: the columns with their
+/// types and NOT NULL, the primary key and the replica identity (what replication needs).
+pub async fn table_ddl(
+    source: &Client,
+    endpoint: &Endpoint,
+    table: &str,
+) -> Result<Vec<String>, ShardError> {
+    let name = table_sql(table);
+    let columns = source
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull
+               FROM pg_attribute WHERE attrelid = to_regclass($1)
+                AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&name],
+        )
+        .await
+        .map_err(sql_error(
+            endpoint,
+            format!("reading the columns of {table}"),
+        ))?;
+    let mut parts: Vec<String> = columns
+        .iter()
+        .map(|row| {
+            let column: String = row.get(0);
+            let type_: String = row.get(1);
+            let not_null: bool = row.get(2);
+            // format_type gives SQL type syntax from the catalog, not user input.
+            format!(
+                "{} {type_}{}",
+                quote_ident(&column),
+                if not_null { " NOT NULL" } else { "" }
+            )
+        })
+        .collect();
+    let constraints = source
+        .query(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+              WHERE conrelid = to_regclass($1) AND contype IN ('p', 'u') ORDER BY contype, conname",
+            &[&name],
+        )
+        .await
+        .map_err(sql_error(endpoint, format!("reading the keys of {table}")))?;
+    parts.extend(constraints.iter().map(|row| row.get::<_, String>(0)));
+    let mut statements = vec![format!(
+        "CREATE TABLE IF NOT EXISTS {name} ({})",
+        parts.join(", ")
+    )];
+    let identity = source
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)",
+            &[&name],
+        )
+        .await
+        .map_err(sql_error(
+            endpoint,
+            format!("reading the replica identity of {table}"),
+        ))?;
+    if identity.get::<_, String>(0) == "f" {
+        statements.push(format!("ALTER TABLE {name} REPLICA IDENTITY FULL"));
+    }
+    Ok(statements)
+}
+
+/// Deletes the rows of `table` matching `predicate`, in batches (short transactions, no long
+/// lock); as `replica` the session's triggers (the fence) and replication do not apply.
+pub async fn delete_rows(
+    client: &Client,
+    endpoint: &Endpoint,
+    table: &str,
+    predicate: &str,
+    replica: bool,
+) -> Result<u64, ShardError> {
+    let role = if replica { "replica" } else { "origin" };
+    client
+        .batch_execute(&format!("SET session_replication_role = {role}"))
+        .await
+        .map_err(sql_error(endpoint, "setting session_replication_role"))?;
+    let name = table_sql(table);
+    let mut total = 0;
+    loop {
+        let deleted = client
+            .execute(
+                &format!(
+                    "DELETE FROM {name} WHERE ctid = ANY (ARRAY (SELECT ctid FROM {name} WHERE {predicate} LIMIT {DELETE_BATCH}))"
+                ),
+                &[],
+            )
+            .await
+            .map_err(sql_error(endpoint, format!("deleting moved rows of {table}")))?;
+        total += deleted;
+        if deleted == 0 {
+            break;
+        }
+    }
+    client
+        .batch_execute("RESET session_replication_role")
+        .await
+        .map_err(sql_error(endpoint, "resetting session_replication_role"))?;
+    Ok(total)
+}
+
+/// Copies the rows of `table` matching `predicate`, as of `snapshot` on the source, into the
+/// target with binary COPY (one source and one target session); returns the rows copied.
+pub async fn copy_table(
+    source: &Endpoint,
+    target: &Endpoint,
+    snapshot: &str,
+    table: &str,
+    predicate: &str,
+) -> Result<u64, ShardError> {
+    let reader = source.connect().await?;
+    let writer = target.connect().await?;
+    let names = columns(&reader, source, table).await?;
+    let list = names
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    reader
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .map_err(sql_error(source, "importing the split's snapshot"))?;
+    let name = table_sql(table);
+    let out = reader
+        .copy_out(&format!(
+            "COPY (SELECT {list} FROM {name} WHERE {predicate}) TO STDOUT (FORMAT binary)"
+        ))
+        .await
+        .map_err(sql_error(source, format!("COPY of {table} out")))?;
+    let sink = writer
+        .copy_in::<_, bytes::Bytes>(&format!("COPY {name} ({list}) FROM STDIN (FORMAT binary)"))
+        .await
+        .map_err(sql_error(target, format!("COPY of {table} in")))?;
+    futures::pin_mut!(sink);
+    futures::pin_mut!(out);
+    while let Some(chunk) = out.next().await {
+        let chunk = chunk.map_err(sql_error(source, format!("reading the COPY of {table}")))?;
+        sink.send(chunk)
+            .await
+            .map_err(sql_error(target, format!("writing the COPY of {table}")))?;
+    }
+    let rows = sink
+        .finish()
+        .await
+        .map_err(sql_error(target, format!("finishing the COPY of {table}")))?;
+    reader
+        .batch_execute("COMMIT")
+        .await
+        .map_err(sql_error(source, "ending the snapshot transaction"))?;
+    Ok(rows)
+}
+
+/// Creates the barrier table (one row) on a shard.
+pub async fn create_barrier(
+    client: &Client,
+    endpoint: &Endpoint,
+    barrier: &str,
+) -> Result<(), ShardError> {
+    let name = format!("public.{}", quote_ident(barrier));
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {name} (id int PRIMARY KEY, seq bigint NOT NULL);
+             INSERT INTO {name} SELECT 1, 0 WHERE NOT EXISTS (SELECT FROM {name})"
+        ))
+        .await
+        .map_err(sql_error(endpoint, "creating the barrier table"))
+}
+
+/// Bumps the barrier on the source: once the target shows this number, it has applied every
+/// transaction the source committed before (logical replication applies in commit order).
+pub async fn bump_barrier(
+    client: &Client,
+    endpoint: &Endpoint,
+    barrier: &str,
+) -> Result<i64, ShardError> {
+    let row = client
+        .query_one(
+            &format!(
+                "UPDATE public.{} SET seq = seq + 1 WHERE id = 1 RETURNING seq",
+                quote_ident(barrier)
+            ),
+            &[],
+        )
+        .await
+        .map_err(sql_error(endpoint, "bumping the barrier"))?;
+    Ok(row.get(0))
+}
+
+/// The barrier number the target has applied.
+pub async fn applied_barrier(
+    client: &Client,
+    endpoint: &Endpoint,
+    barrier: &str,
+) -> Result<i64, ShardError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT seq FROM public.{} WHERE id = 1",
+                quote_ident(barrier)
+            ),
+            &[],
+        )
+        .await
+        .map_err(sql_error(endpoint, "reading the barrier"))?;
+    Ok(row.map_or(0, |row| row.get(0)))
+}
+
+/// Waits until the target has applied everything the source committed so far; `false` when
+/// that takes longer than `within`.
+pub async fn caught_up_within(
+    source: &Client,
+    source_endpoint: &Endpoint,
+    target: &Client,
+    target_endpoint: &Endpoint,
+    barrier: &str,
+    within: Duration,
+) -> Result<bool, ShardError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let wanted = bump_barrier(source, source_endpoint, barrier).await?;
+    loop {
+        if applied_barrier(target, target_endpoint, barrier).await? >= wanted {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Creates the publication of the moving rows (idempotent).
+pub async fn create_publication(
+    source: &Client,
+    endpoint: &Endpoint,
+    name: &str,
+    tables: &[(String, String)],
+    barrier: &str,
+) -> Result<(), ShardError> {
+    let exists: bool = source
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(sql_error(endpoint, "looking up the publication"))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    let mut members: Vec<String> = tables
+        .iter()
+        .map(|(table, predicate)| format!("{} WHERE ({predicate})", table_sql(table)))
+        .collect();
+    members.push(format!("public.{}", quote_ident(barrier)));
+    source
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(name),
+            members.join(", ")
+        ))
+        .await
+        .map_err(sql_error(endpoint, "creating the publication"))
+}
+
+/// Creates the subscription on the target, streaming from the slot the copy started at
+/// (idempotent). The statement carries the source's password: this session logs no statement.
+pub async fn create_subscription(
+    target: &Client,
+    target_endpoint: &Endpoint,
+    source_endpoint: &Endpoint,
+    name: &str,
+) -> Result<(), ShardError> {
+    let exists: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(sql_error(target_endpoint, "looking up the subscription"))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    target
+        .batch_execute(
+            "SET log_statement = 'none'; SET log_min_duration_statement = -1;
+             SET log_min_error_statement = 'panic'",
+        )
+        .await
+        .map_err(sql_error(target_endpoint, "silencing statement logging"))?;
+    let result = target
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION {name} CONNECTION {conninfo} PUBLICATION {name}
+               WITH (create_slot = false, copy_data = false, slot_name = {slot}, binary = true)",
+            name = quote_ident(name),
+            conninfo = quote_literal(&source_endpoint.conninfo()),
+            slot = quote_literal(name),
+        ))
+        .await;
+    // Never report the statement (it holds a password): only the server's message.
+    result.map_err(sql_error(target_endpoint, "creating the subscription"))
+}
+
+/// Drops the subscription without touching its slot (the slot is dropped on the source).
+pub async fn drop_subscription(
+    target: &Client,
+    endpoint: &Endpoint,
+    name: &str,
+) -> Result<(), ShardError> {
+    let exists: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(sql_error(endpoint, "looking up the subscription"))?
+        .get(0);
+    if !exists {
+        return Ok(());
+    }
+    let name = quote_ident(name);
+    target
+        .batch_execute(&format!("ALTER SUBSCRIPTION {name} DISABLE"))
+        .await
+        .map_err(sql_error(endpoint, "disabling the subscription"))?;
+    target
+        .batch_execute(&format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE)"))
+        .await
+        .map_err(sql_error(
+            endpoint,
+            "detaching the subscription from its slot",
+        ))?;
+    target
+        .batch_execute(&format!("DROP SUBSCRIPTION {name}"))
+        .await
+        .map_err(sql_error(endpoint, "dropping the subscription"))
+}
+
+/// Drops the replication slot (ending the walsender that still holds it) and the publication.
+pub async fn drop_slot_and_publication(
+    source: &Client,
+    endpoint: &Endpoint,
+    name: &str,
+) -> Result<(), ShardError> {
+    for _ in 0..50 {
+        source
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                  WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&name],
+            )
+            .await
+            .map_err(sql_error(endpoint, "ending the walsender of the slot"))?;
+        match source
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                  WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+        {
+            Ok(_) => break,
+            // The walsender was still exiting: the slot is active for a moment longer.
+            Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(sql_error(endpoint, "dropping the slot")(error)),
+        }
+    }
+    source
+        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
+        .await
+        .map_err(sql_error(endpoint, "dropping the publication"))
+}
+
+/// Drops the barrier table.
+pub async fn drop_barrier(
+    client: &Client,
+    endpoint: &Endpoint,
+    barrier: &str,
+) -> Result<(), ShardError> {
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS public.{}",
+            quote_ident(barrier)
+        ))
+        .await
+        .map_err(sql_error(endpoint, "dropping the barrier table"))
+}
+
+/// Row count and checksum (sum of the rows' text hashes) of `table` over `predicate`.
+pub async fn checksum(
+    client: &Client,
+    endpoint: &Endpoint,
+    table: &str,
+    columns: &[String],
+    predicate: &str,
+) -> Result<(i64, String), ShardError> {
+    let list = columns
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(sum(hashtextextended(ROW({list})::text, 0)), 0)::text
+                   FROM {} t WHERE {predicate}",
+                table_sql(table)
+            ),
+            &[],
+        )
+        .await
+        .map_err(sql_error(endpoint, format!("checksumming {table}")))?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Installs the fence: the trigger function (see `plan::fence_function_sql`) and one trigger
+/// per moving table, in one transaction. `CREATE TRIGGER` waits for the writes in flight on
+/// each table, so no write that started before the fence commits after it unchecked.
+pub async fn install_fence(
+    source: &mut Client,
+    endpoint: &Endpoint,
+    function_sql: &str,
+    fence: &str,
+    tables: &[MovingTable],
+    lock_timeout: Duration,
+) -> Result<(), ShardError> {
+    let transaction = source
+        .transaction()
+        .await
+        .map_err(sql_error(endpoint, "starting the fence"))?;
+    let mut sql = format!(
+        "SET LOCAL lock_timeout = {}; {function_sql};",
+        lock_timeout.as_millis().max(1)
+    );
+    for table in tables {
+        sql.push_str(&format!(
+            "DROP TRIGGER IF EXISTS {fence} ON {name};
+             CREATE TRIGGER {fence} BEFORE INSERT OR UPDATE OR DELETE ON {name}
+               FOR EACH ROW EXECUTE FUNCTION public.{fence}({key});",
+            fence = quote_ident(fence),
+            name = table_sql(&table.name),
+            key = quote_literal(&table.key),
+        ));
+    }
+    transaction
+        .batch_execute(&sql)
+        .await
+        .map_err(sql_error(endpoint, "installing the fence"))?;
+    transaction
+        .commit()
+        .await
+        .map_err(sql_error(endpoint, "committing the fence"))
+}
+
+/// Removes the fence (an aborted cut-over, a rollback).
+pub async fn drop_fence(
+    source: &Client,
+    endpoint: &Endpoint,
+    fence: &str,
+    tables: &[MovingTable],
+) -> Result<(), ShardError> {
+    let mut sql = String::new();
+    for table in tables {
+        sql.push_str(&format!(
+            "DO $drop$ BEGIN IF to_regclass({literal}) IS NOT NULL THEN
+               DROP TRIGGER IF EXISTS {fence} ON {name}; END IF; END $drop$;",
+            literal = quote_literal(&table_sql(&table.name)),
+            fence = quote_ident(fence),
+            name = table_sql(&table.name),
+        ));
+    }
+    sql.push_str(&format!(
+        "DROP FUNCTION IF EXISTS public.{}()",
+        quote_ident(fence)
+    ));
+    source
+        .batch_execute(&sql)
+        .await
+        .map_err(sql_error(endpoint, "removing the fence"))
+}
