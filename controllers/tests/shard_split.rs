@@ -31,6 +31,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, ResourceExt};
 use router::vindex::{KeyValue, key_hash};
 use serde_json::json;
+use testbed::pg_tls::TestCa;
 use testbed::{Postgres, PostgresOptions};
 
 const PASSWORD: &str = "shard-superuser-pw";
@@ -229,7 +230,11 @@ async fn job_where(
         let check = &check;
         async move {
             let job = api.get_opt(name).await.ok()??;
-            check(&job).then_some(job)
+            let found = check(&job).then_some(job.clone());
+            if found.is_none() && std::env::var_os("SPLIT_TEST_TRACE").is_some() {
+                eprintln!("{name}: {:?}", job.status);
+            }
+            found
         }
     })
     .await
@@ -307,15 +312,13 @@ const SCHEMA: &str = "CREATE TABLE orders (customer_id bigint, id bigint, note t
 /// and retrying a write the fence refuses (40001); returns the acknowledged keys.
 async fn write_load(
     ranges: Api<ShardRange>,
-    ports: BTreeMap<String, u16>,
+    urls: BTreeMap<String, String>,
     stop: Arc<AtomicBool>,
     first_id: i64,
 ) -> (Vec<(i64, i64)>, usize) {
     let mut clients = BTreeMap::new();
-    for (shard, port) in &ports {
-        let url =
-            format!("host=127.0.0.1 port={port} user=postgres password={PASSWORD} dbname=postgres");
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    for (shard, url) in &urls {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(connection);
@@ -358,17 +361,41 @@ async fn write_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
     let env = Env::without_controller("split").await;
-    let options = PostgresOptions {
-        auth_method: "scram-sha-256".into(),
-        superuser_password: Some(PASSWORD.into()),
-        ..PostgresOptions::default()
-    }
-    .setting("wal_level", "logical");
+    // The shards speak TLS only, as the operator's clusters do, each shard cluster with its own
+    // CA (the test plays the operator's TLS stage: the certificates and the `<child>-ca`
+    // Secrets); the split controller verifies each like pg-router does.
+    let cas: Vec<TestCa> = (0..3)
+        .map(|i| TestCa::new(&format!("db-shard-{i} CA")).unwrap())
+        .collect();
     let shards: Vec<Postgres> = tokio::task::block_in_place(|| {
         (0..3)
-            .map(|_| Postgres::start_with(options.clone()).expect("a shard"))
+            .map(|i| {
+                let name = format!("db-shard-{i}-rw.{}.svc", env.namespace);
+                let options = PostgresOptions {
+                    auth_method: "scram-sha-256".into(),
+                    superuser_password: Some(PASSWORD.into()),
+                    tls: Some(cas[i].issue(&[&name]).unwrap()),
+                    ..PostgresOptions::default()
+                }
+                .setting("wal_level", "logical");
+                Postgres::start_with(options).expect("a shard")
+            })
             .collect()
     });
+    for (i, ca) in cas.iter().enumerate() {
+        let mut secret = Secret {
+            metadata: meta(&env, &contract::tls_ca_secret(&format!("db-shard-{i}"))),
+            ..Secret::default()
+        };
+        secret.data = Some(BTreeMap::from([(
+            contract::tls_keys::CA.to_string(),
+            ByteString(ca.pem().as_bytes().to_vec()),
+        )]));
+        env.api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
     for shard in &shards[..2] {
         shard
             .client()
@@ -445,11 +472,18 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
     .await;
     range(&env, "db-logs-0", "logs", "shard-0", None, Some(0)).await;
     range(&env, "db-logs-1", "logs", "shard-1", Some(0), None).await;
-    let ports = BTreeMap::from([
-        ("shard-0".to_string(), shards[0].port()),
-        ("shard-1".to_string(), shards[1].port()),
-        ("shard-2".to_string(), shards[2].port()),
-    ]);
+    // The load's own connections use the shards' Unix sockets (TCP takes TLS clients only).
+    let urls: BTreeMap<String, String> = (0..3)
+        .map(|i| {
+            (
+                format!("shard-{i}"),
+                format!(
+                    "{} password={PASSWORD}",
+                    shards[i].connection_string("postgres")
+                ),
+            )
+        })
+        .collect();
     // Initial rows, each on the shard its range names.
     {
         let layout = ranges(&env).await;
@@ -570,8 +604,8 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
     let load = {
         let api = env.api::<ShardRange>();
         let stop = stop.clone();
-        let ports = ports.clone();
-        tokio::spawn(async move { write_load(api, ports, stop, 1000).await })
+        let urls = urls.clone();
+        tokio::spawn(async move { write_load(api, urls, stop, 1000).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let split = create_job(&env, job("split", "db-customers-0", "shard-2", None)).await;

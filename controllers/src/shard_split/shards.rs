@@ -14,6 +14,7 @@ use kube::Api;
 use kube::api::ListParams;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
+use router::backend::tls::{BackendStream, EndpointTls};
 use router::plan::{quote_ident, quote_literal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,6 +38,9 @@ pub struct Endpoint {
     /// PostgreSQL port.
     pub port: u16,
     password: String,
+    /// TLS to the primary (`verify-full` against the shard cluster's CA and its `-rw` Service
+    /// name, as pg-router does), when the shard speaks TLS.
+    tls: Option<EndpointTls>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -49,7 +53,7 @@ impl std::fmt::Debug for Endpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
     /// A statement failed.
-    #[error("{what} on {shard}: {source}")]
+    #[error("{what} on {shard}: {}", describe(source))]
     Sql {
         /// What was being done.
         what: String,
@@ -67,6 +71,14 @@ pub enum ShardError {
         /// What failed.
         message: String,
     },
+    /// The shard speaks TLS and its CA cannot be used (yet).
+    #[error("TLS to {shard}: {message}")]
+    Tls {
+        /// Child cluster.
+        shard: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The Kubernetes API could not be read.
     #[error("reading the primary of {shard}: {source}")]
     Kube {
@@ -76,6 +88,14 @@ pub enum ShardError {
         #[source]
         source: kube::Error,
     },
+}
+
+/// PostgreSQL's own message (and SQLSTATE) of an error: tokio-postgres alone says "db error".
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }
 
 /// Builds an error mapper for statements on `endpoint`.
@@ -148,12 +168,62 @@ pub async fn endpoint(
         .and_then(|data| data.get("password").cloned())
         .map(|p| String::from_utf8_lossy(&p.0).into_owned())
         .unwrap_or_default();
+    let tls = shard_tls(client, namespace, cluster).await?;
     Ok(Some(Endpoint {
         cluster: cluster.to_string(),
         host,
         port,
         password,
+        tls,
     }))
+}
+
+/// TLS to the primary of child cluster `cluster` when it speaks TLS (its `spec.tls.mode` is not
+/// `Disabled`: it then takes TCP clients over TLS only): its CA from `<cluster>-ca`, and the name
+/// its certificate carries, the `-rw` Service's (the primary is reached by its pod IP). Without
+/// a cluster object, the CA Secret alone decides.
+async fn shard_tls(
+    client: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+) -> Result<Option<EndpointTls>, ShardError> {
+    let kube = |source| ShardError::Kube {
+        shard: cluster.to_string(),
+        source,
+    };
+    let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), namespace);
+    let child = clusters.get_opt(cluster).await.map_err(kube)?;
+    if child
+        .as_ref()
+        .is_some_and(|c| c.spec.tls.mode == api::postgres_cluster::TlsMode::Disabled)
+    {
+        return Ok(None);
+    }
+    let name = contract::tls_ca_secret(cluster);
+    let tls_error = |message: String| ShardError::Tls {
+        shard: cluster.to_string(),
+        message,
+    };
+    let pem = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(&name)
+        .await
+        .map_err(kube)?
+        .and_then(|secret| secret.data)
+        .and_then(|mut data| data.remove(contract::tls_keys::CA))
+        .and_then(|bytes| String::from_utf8(bytes.0).ok());
+    let pem = match (pem, child) {
+        (Some(pem), _) => pem,
+        // A shard cluster with TLS on whose CA is not published yet.
+        (None, Some(_)) => {
+            return Err(tls_error(format!("the CA Secret {name} is not there yet")));
+        }
+        // No cluster object (a shard run outside the operator) and no CA: plain TCP.
+        (None, None) => return Ok(None),
+    };
+    let server_name = format!("{}.{namespace}.svc", contract::rw_service(cluster));
+    EndpointTls::new(&pem, &server_name)
+        .map(Some)
+        .map_err(|e| tls_error(format!("Secret {name}: {e}")))
 }
 
 impl Endpoint {
@@ -172,11 +242,32 @@ impl Endpoint {
         config
     }
 
+    /// The TCP connection to the primary, with TLS when the shard speaks it.
+    async fn stream(&self) -> Result<BackendStream, String> {
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        match &self.tls {
+            Some(tls) => tls.connect(stream).await.map_err(|e| e.to_string()),
+            None => Ok(BackendStream::Plain(stream)),
+        }
+    }
+
     /// A connection as the superuser; its task ends with the client.
     pub async fn connect(&self) -> Result<Client, ShardError> {
+        let stream = self.stream().await.map_err(|message| ShardError::Tls {
+            shard: self.cluster.clone(),
+            message: format!("connecting: {message}"),
+        })?;
+        // TLS (if any) is already up on the stream: tokio-postgres speaks the protocol over it.
         let (client, connection) = self
             .config()
-            .connect(tokio_postgres::NoTls)
+            .ssl_mode(tokio_postgres::config::SslMode::Disable)
+            .connect_raw(stream, tokio_postgres::NoTls)
             .await
             .map_err(sql_error(self, "connecting"))?;
         tokio::spawn(async move {
@@ -198,6 +289,12 @@ impl Endpoint {
         if !self.password.is_empty() {
             info.push_str(&format!(" password={}", value(&self.password)));
         }
+        // Encrypted; not verified: the target's pod has no copy of the source's CA. No client
+        // certificate either: a path that cannot exist (libpq skips a missing one, but fails on
+        // an unreadable default in a home folder it may not enter).
+        if self.tls.is_some() {
+            info.push_str(" sslmode=require sslcert=/dev/null/none sslkey=/dev/null/none");
+        }
         info
     }
 }
@@ -206,7 +303,7 @@ impl Endpoint {
 /// snapshot stays usable by other sessions (`SET TRANSACTION SNAPSHOT`) while this connection
 /// lives and runs nothing else.
 pub struct ReplicationConnection {
-    stream: TcpStream,
+    stream: BackendStream,
     read: BytesMut,
     shard: String,
 }
@@ -263,13 +360,7 @@ impl ReplicationConnection {
             shard: endpoint.cluster.clone(),
             message,
         };
-        let stream = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
-        )
-        .await
-        .map_err(|_| fail("connect timed out".into()))?
-        .map_err(|e| fail(e.to_string()))?;
+        let stream = endpoint.stream().await.map_err(fail)?;
         let mut connection = Self {
             stream,
             read: BytesMut::with_capacity(8192),
