@@ -19,6 +19,14 @@ use serde_json::json;
 use super::plan::{self, lower, upper};
 use super::shards::{self, Endpoint, MovingTable, ShardError};
 use super::{Error, FINALIZER};
+
+/// The source and target primaries of a step, and a connection to each.
+struct Connected {
+    source_endpoint: Endpoint,
+    source: tokio_postgres::Client,
+    target_endpoint: Endpoint,
+    target: tokio_postgres::Client,
+}
 use crate::postgres_cluster::{Context, FIELD_MANAGER};
 use crate::sharded_cluster::builders::{child_cluster, shard_cluster_name};
 
@@ -696,6 +704,28 @@ impl<'a> Split<'a> {
         Ok(source.zip(target))
     }
 
+    /// Both shards' primaries, connected; `Err` with the action to wait while one has none.
+    async fn connected(
+        &self,
+        world: &World,
+        step: SplitStep,
+    ) -> Result<Result<Connected, Action>, Error> {
+        let Some((source_endpoint, target_endpoint)) = self.endpoints(world, step).await? else {
+            return self
+                .wait("WaitingForShards", "a shard has no primary; waiting".into())
+                .await
+                .map(Err);
+        };
+        let source = source_endpoint.connect().await.map_err(shard_step(step))?;
+        let target = target_endpoint.connect().await.map_err(shard_step(step))?;
+        Ok(Ok(Connected {
+            source_endpoint,
+            source,
+            target_endpoint,
+            target,
+        }))
+    }
+
     /// Step 3: slot with an exported snapshot, then the moving rows of every table copied in
     /// that snapshot (binary COPY, tables in parallel). Starts over cleanly when repeated.
     async fn copy_snapshot(&self, world: &World) -> Result<Action, Error> {
@@ -793,14 +823,16 @@ impl<'a> Split<'a> {
     /// when the target applies a fresh barrier quickly.
     async fn catch_up(&self, world: &World) -> Result<Action, Error> {
         let step = SplitStep::CatchUp;
-        let Some((source_endpoint, target_endpoint)) = self.endpoints(world, step).await? else {
-            return self
-                .wait("WaitingForShards", "a shard has no primary; waiting".into())
-                .await;
+        let Connected {
+            source_endpoint,
+            source,
+            target_endpoint,
+            target,
+        } = match self.connected(world, step).await? {
+            Ok(connected) => connected,
+            Err(wait) => return Ok(wait),
         };
         let name = plan::replication_name(&self.uid);
-        let source = source_endpoint.connect().await.map_err(shard_step(step))?;
-        let target = target_endpoint.connect().await.map_err(shard_step(step))?;
         shards::create_subscription(&target, &target_endpoint, &source_endpoint, &name)
             .await
             .map_err(shard_step(step))?;
@@ -886,13 +918,15 @@ impl<'a> Split<'a> {
     /// difference under writes is expected and only noted.
     async fn verify(&self, world: &World) -> Result<Action, Error> {
         let step = SplitStep::Verify;
-        let Some((source_endpoint, target_endpoint)) = self.endpoints(world, step).await? else {
-            return self
-                .wait("WaitingForShards", "a shard has no primary; waiting".into())
-                .await;
+        let Connected {
+            source_endpoint,
+            source,
+            target_endpoint,
+            target,
+        } = match self.connected(world, step).await? {
+            Ok(connected) => connected,
+            Err(wait) => return Ok(wait),
         };
-        let source = source_endpoint.connect().await.map_err(shard_step(step))?;
-        let target = target_endpoint.connect().await.map_err(shard_step(step))?;
         let barrier = plan::barrier_table(&self.uid);
         let mut difference = None;
         for _ in 0..3 {
@@ -978,13 +1012,15 @@ impl<'a> Split<'a> {
                 )
                 .await;
         }
-        let Some((source_endpoint, target_endpoint)) = self.endpoints(world, step).await? else {
-            return self
-                .wait("WaitingForShards", "a shard has no primary; waiting".into())
-                .await;
+        let Connected {
+            source_endpoint,
+            mut source,
+            target_endpoint,
+            target,
+        } = match self.connected(world, step).await? {
+            Ok(connected) => connected,
+            Err(wait) => return Ok(wait),
         };
-        let mut source = source_endpoint.connect().await.map_err(shard_step(step))?;
-        let target = target_endpoint.connect().await.map_err(shard_step(step))?;
         if world.moving.spec.state == ShardRangeState::WritePaused {
             // An attempt interrupted by a restart: undo it, then try afresh.
             self.unpause(world, &source, &source_endpoint, step).await?;
@@ -1147,13 +1183,15 @@ impl<'a> Split<'a> {
     /// a router on an old epoch is still refused there).
     async fn clean_up(&self, world: &World) -> Result<Action, Error> {
         let step = SplitStep::CleanUp;
-        let Some((source_endpoint, target_endpoint)) = self.endpoints(world, step).await? else {
-            return self
-                .wait("WaitingForShards", "a shard has no primary; waiting".into())
-                .await;
+        let Connected {
+            source_endpoint,
+            source,
+            target_endpoint,
+            target,
+        } = match self.connected(world, step).await? {
+            Ok(connected) => connected,
+            Err(wait) => return Ok(wait),
         };
-        let source = source_endpoint.connect().await.map_err(shard_step(step))?;
-        let target = target_endpoint.connect().await.map_err(shard_step(step))?;
         self.drop_replication(
             Some((&source, &source_endpoint)),
             Some((&target, &target_endpoint)),
