@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 use api::contract;
 use api::postgres_cluster::PostgresCluster;
 use common::{Env, spec};
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -242,4 +245,99 @@ async fn switchover_and_fencing_requests_reach_the_instance_managers() {
             .annotations()
             .contains_key(contract::ANNOTATION_SWITCHOVER_TO)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_stopped_by_the_api_server_says_why_in_an_event() {
+    // An admission policy (as a platform team would write one) refuses the Secrets of this
+    // namespace, so the reconcile stops before it writes any status. The user must still see why.
+    let env = Env::start("refused").await;
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(env.client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(env.client.clone());
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": "no-secrets-in-refused"},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                "resources": ["secrets"]
+            }]},
+            "validations": [{
+                "expression": "object.metadata.namespace != 'refused'",
+                "message": "Secrets are frozen in this namespace"
+            }]
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": "no-secrets-in-refused"},
+        "spec": {"policyName": "no-secrets-in-refused", "validationActions": ["Deny"]}
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    // The policy takes effect once the API server has loaded it.
+    env.eventually("the admission policy is enforced", || async {
+        let probe: Secret = serde_json::from_value(json!({"metadata": {"name": "probe"}})).unwrap();
+        match env
+            .api::<Secret>()
+            .create(&PostParams::default(), &probe)
+            .await
+        {
+            Ok(_) => {
+                env.api::<Secret>()
+                    .delete("probe", &Default::default())
+                    .await
+                    .unwrap();
+                None
+            }
+            Err(_) => Some(()),
+        }
+    })
+    .await;
+    env.create_cluster("db", spec(1, "pg:18.1")).await;
+    let note = env
+        .eventually("a ReconcileFailed event on the cluster", || async {
+            let events: Api<k8s_openapi::api::events::v1::Event> = env.api();
+            events
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .find(|event| {
+                    event.reason.as_deref() == Some("ReconcileFailed")
+                        && event.type_.as_deref() == Some("Warning")
+                        && event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("db")
+                })
+                .and_then(|event| event.note)
+        })
+        .await;
+    assert!(
+        note.contains("Secret db-superuser")
+            && note.contains("Secrets are frozen in this namespace"),
+        "the event names the object and the API server's reason: {note}"
+    );
+    assert!(
+        env.clusters().get("db").await.unwrap().status.is_none(),
+        "no status was written"
+    );
+    // The policy goes: the next attempt gets through and the status appears.
+    bindings
+        .delete("no-secrets-in-refused", &Default::default())
+        .await
+        .unwrap();
+    env.cluster_where("db", "a status phase", |cluster| {
+        cluster
+            .status
+            .as_ref()
+            .is_some_and(|status| status.phase.is_some())
+    })
+    .await;
 }

@@ -12,7 +12,8 @@
 //!   The third slot takes the light ones.
 //!
 //! Each binary's output goes to `target/test-logs/<package>-<target>.log`; a failure prints the
-//! tail of its log at the end, and the step fails when any binary failed.
+//! tail of its log. A binary that failed runs once more, alone, at the end: the step fails when it
+//! fails again, and names it FLAKY when it passes alone (both logs are kept).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,7 @@ impl TestBinary {
 /// The outcome of one binary.
 struct Outcome {
     label: String,
+    binary: TestBinary,
     passed: bool,
     elapsed: Duration,
     log: PathBuf,
@@ -107,14 +109,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let outcomes = run_lanes(binaries, jobs, &logs);
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed).collect();
     for outcome in &failed {
-        let text = std::fs::read_to_string(&outcome.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(200)..].join("\n");
-        eprintln!(
-            "\n==> FAILED {} (last 200 lines of {}):\n{tail}",
-            outcome.label,
-            outcome.log.display()
-        );
+        print_tail(outcome);
     }
     crate::step(&format!(
         "{} test binaries in {:.0} s, {} failed",
@@ -122,16 +117,58 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         failed.len()
     ));
+    // A binary that failed beside others runs once more, alone: on two cores a scenario with a
+    // dozen PostgreSQL servers can miss a timeout because of its neighbours. It counts as passed
+    // only if it passes alone, and it is named as flaky either way so that nobody mistakes it
+    // for a clean run; its first log is kept beside the second.
+    let (flaky, still_failing) = run_again_alone(&failed, &logs);
+    if !flaky.is_empty() {
+        crate::step(&format!(
+            "FLAKY under load (failed beside others, passed alone): {}",
+            flaky.join(", ")
+        ));
+    }
     anyhow::ensure!(
-        failed.is_empty(),
-        "test binaries failed: {}",
-        failed
-            .iter()
-            .map(|o| o.label.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        still_failing.is_empty(),
+        "test binaries failed, also when run alone: {}",
+        still_failing.join(", ")
     );
     Ok(())
+}
+
+/// Runs each failed binary once more, one at a time; `(passed alone, failed again)` labels.
+fn run_again_alone(failed: &[&Outcome], logs: &Path) -> (Vec<String>, Vec<String>) {
+    let mut flaky = Vec::new();
+    let mut still_failing = Vec::new();
+    for outcome in failed {
+        let first = outcome.log.with_extension("first-attempt.log");
+        let _ = std::fs::rename(&outcome.log, &first);
+        crate::step(&format!(
+            "re-running {} alone (first attempt's log: {})",
+            outcome.label,
+            first.display()
+        ));
+        let again = run_one(&outcome.binary, logs);
+        if again.passed {
+            flaky.push(outcome.label.clone());
+        } else {
+            print_tail(&again);
+            still_failing.push(outcome.label.clone());
+        }
+    }
+    (flaky, still_failing)
+}
+
+/// Prints the end of a failed binary's log.
+fn print_tail(outcome: &Outcome) {
+    let text = std::fs::read_to_string(&outcome.log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(200)..].join("\n");
+    eprintln!(
+        "\n==> FAILED {} (last 200 lines of {}):\n{tail}",
+        outcome.label,
+        outcome.log.display()
+    );
 }
 
 /// `cargo test --workspace --no-run`, reading the executables from cargo's JSON messages.
@@ -300,6 +337,7 @@ fn run_one(binary: &TestBinary, logs: &Path) -> Outcome {
         .unwrap_or(false);
     Outcome {
         label: binary.label.clone(),
+        binary: binary.clone(),
         passed,
         elapsed: started.elapsed(),
         log,
@@ -378,6 +416,47 @@ mod tests {
         );
         let log = std::fs::read_to_string(&outcomes[0].log).unwrap();
         assert_eq!(log.trim(), "broken");
+    }
+
+    #[test]
+    fn a_failed_binary_runs_again_alone_and_only_a_second_failure_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        // Fails on its first run only (a timeout under load), then passes.
+        let flaky = dir.path().join("flaky.sh");
+        std::fs::write(
+            &flaky,
+            format!(
+                "#!/bin/sh\nif [ -e {m} ]; then echo second; exit 0; fi\ntouch {m}; echo first; exit 1\n",
+                m = dir.path().join("ran-once").display()
+            ),
+        )
+        .unwrap();
+        let broken = dir.path().join("broken.sh");
+        std::fs::write(&broken, "#!/bin/sh\necho broken\nexit 1\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for script in [&flaky, &broken] {
+            std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let binary = |label: &str, script: &Path| TestBinary {
+            label: label.to_string(),
+            executable: script.to_path_buf(),
+            package_dir: dir.path().to_path_buf(),
+        };
+        let outcomes = run_lanes(
+            vec![binary("api/flaky", &flaky), binary("api/broken", &broken)],
+            2,
+            dir.path(),
+        );
+        let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed).collect();
+        assert_eq!(failed.len(), 2);
+        let (passed_alone, failed_again) = run_again_alone(&failed, dir.path());
+        assert_eq!(passed_alone, ["api/flaky"]);
+        assert_eq!(failed_again, ["api/broken"]);
+        // Both attempts' logs are kept.
+        let first =
+            std::fs::read_to_string(dir.path().join("api-flaky.first-attempt.log")).unwrap();
+        let second = std::fs::read_to_string(dir.path().join("api-flaky.log")).unwrap();
+        assert_eq!((first.trim(), second.trim()), ("first", "second"));
     }
 
     #[test]

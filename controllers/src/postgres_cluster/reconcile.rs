@@ -46,6 +46,7 @@ pub async fn reconcile(cluster: Arc<PostgresCluster>, ctx: Arc<Context>) -> Resu
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let api: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let reference = cluster.object_ref(&());
     let result = finalizer(&api, FINALIZER, cluster, |event| async {
         match event {
             Event::Apply(cluster) => apply(&cluster, &ctx).await,
@@ -59,6 +60,27 @@ pub async fn reconcile(cluster: Arc<PostgresCluster>, ctx: Arc<Context>) -> Resu
     });
     ctx.metrics
         .observe_reconcile(CONTROLLER, started.elapsed(), result.is_ok());
+    if let Err(error) = &result {
+        // An error stops the reconcile before the status is written: without this event a
+        // cluster that never gets past its first step shows nothing to `kubectl describe`.
+        // Repeats of the same message are folded into one event series by the recorder.
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "ReconcileFailed".to_string(),
+            // The events API refuses notes over 1 KiB.
+            note: Some(
+                format!("{error}; retrying in 5 s")
+                    .chars()
+                    .take(1000)
+                    .collect(),
+            ),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
+        if let Err(failed) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(cluster = %reference.name.clone().unwrap_or_default(), error = %failed, "publishing an event failed");
+        }
+    }
     result
 }
 

@@ -207,7 +207,43 @@ impl E2e {
                 logs.push_str(&format!("--- {pod}/{container}:\n{}\n", tail(&text, 30)));
             }
         }
+        logs.push_str(&format!(
+            "--- the operator's lines about {namespace}/{name}:\n{}\n",
+            tail(&self.operator_lines(namespace, name), 30)
+        ));
         logs
+    }
+
+    /// The operator pods' log lines that name the cluster (in its namespace): what a reconcile
+    /// that never got as far as a status or a pod said.
+    pub fn operator_lines(&self, namespace: &str, name: &str) -> String {
+        let Ok(entries) = std::fs::read_dir(self.agent_dir().join("pods")) else {
+            return String::new();
+        };
+        let mut lines = String::new();
+        for entry in entries.flatten() {
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{OPERATOR_NAMESPACE}_"))
+            {
+                continue;
+            }
+            let Ok(logs) = std::fs::read_dir(entry.path().join("logs")) else {
+                continue;
+            };
+            for log in logs.flatten() {
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                for line in text
+                    .lines()
+                    .filter(|line| line.contains(name) && line.contains(namespace))
+                {
+                    lines.push_str(line);
+                    lines.push('\n');
+                }
+            }
+        }
+        lines
     }
 
     /// Waits until the cluster is Healthy with every instance ready (and its primary is not
