@@ -155,6 +155,11 @@ pub const ANNOTATION_SWITCHOVER_LSN: &str = "postgres.keiailab.io/switchover-lsn
 /// counts as expired at once, so the best replica takes it without waiting for the duration. Any
 /// new claim removes it.
 pub const ANNOTATION_RELEASED_BY: &str = "postgres.keiailab.io/released-by";
+/// Annotation on the cluster's Lease (value `"true"`), written by the primary once the cluster's
+/// data exists on a second instance (a replica streams) or it has served alone for ten minutes.
+/// Before it, a first primary that lost its volume bootstraps the cluster again; after it, an
+/// empty instance only ever clones.
+pub const ANNOTATION_BOOTSTRAPPED: &str = "postgres.keiailab.io/bootstrapped";
 
 /// Secret with the cluster's CA certificate only (key `ca.crt`): what applications mount to
 /// connect with `sslmode=verify-full`.

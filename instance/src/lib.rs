@@ -37,6 +37,7 @@
 //! - PostgreSQL never runs as root: as root, `--run-as-user` names the user it runs as.
 
 pub mod backup;
+pub mod bootstrap;
 pub mod cluster;
 pub mod config;
 pub mod database_metrics;

@@ -17,6 +17,7 @@ use crate::backup::archiver::{self, ArchiveState};
 use crate::backup::engine::LocalServer;
 use crate::backup::recovery::{self, Recovery};
 use crate::backup::service::BackupService;
+use crate::bootstrap;
 use crate::cluster::{Cluster, Credentials, Member, fence_requested};
 use crate::config::Config;
 use crate::decision::{
@@ -151,6 +152,7 @@ pub async fn run(config: Config) -> Result<()> {
         last_error: None,
         switchover_since: None,
         roles_ensured: false,
+        serving_since: None,
         synchronous_set: Vec::new(),
         last_wait_reason: None,
         restart_requested: None,
@@ -298,6 +300,8 @@ struct Manager {
     last_error: Option<String>,
     switchover_since: Option<(String, Instant)>,
     roles_ensured: bool,
+    /// First primary upkeep of this process (see [`bootstrap::SINGLE_INSTANCE_GRACE`]).
+    serving_since: Option<Instant>,
     synchronous_set: Vec<String>,
     last_wait_reason: Option<String>,
     /// Token of the restart annotation on the pod.
@@ -780,10 +784,36 @@ impl Manager {
         let expired = self.lease.expired(now, self.config.lease_duration());
         let clone_marker = self.config.run_dir().join("clone-incomplete");
         let restore_marker = self.config.run_dir().join(RESTORE_MARKER);
-        if !self.postgres.has_data() || clone_marker.exists() || restore_marker.exists() {
+        let initdb_marker = self.config.run_dir().join(bootstrap::INITDB_MARKER);
+        if !self.postgres.has_data()
+            || clone_marker.exists()
+            || restore_marker.exists()
+            || initdb_marker.exists()
+        {
             let restoring = restore_marker.exists() && holder.as_deref() == Some(me.as_str());
-            if !self.lease.ever_held() || restoring {
+            let again = bootstrap::start_again(bootstrap::Facts {
+                has_data: self.postgres.has_data(),
+                initdb_marker: initdb_marker.exists(),
+                other_marker: clone_marker.exists() || restore_marker.exists(),
+                holder_is_me_or_nobody: holder.as_deref().is_none_or(|holder| holder == me),
+                bootstrapped: self
+                    .lease
+                    .annotation(contract::ANNOTATION_BOOTSTRAPPED)
+                    .is_some(),
+            })
+            .filter(|_| self.lease.ever_held());
+            if !self.lease.ever_held() || restoring || again.is_some() {
                 self.acquire().await?;
+                if let Some(why) = again {
+                    warn!(reason = why, "starting the bootstrap over");
+                    if let Err(error) = self
+                        .cluster
+                        .warning_event("BootstrapRestarted", why.to_string())
+                        .await
+                    {
+                        debug!(%error, "recording the bootstrap event failed");
+                    }
+                }
                 if let Some(backup) = self.backup.as_ref().filter(|_| !restoring) {
                     backup.check_repository_unused().await?;
                 }
@@ -793,9 +823,19 @@ impl Manager {
                     return Ok(Role::Primary);
                 }
                 info!("bootstrapping a new cluster with initdb");
+                std::fs::write(&initdb_marker, b"")
+                    .map_err(Error::io("writing the initdb marker"))?;
                 self.postgres.initdb(&self.superuser).await?;
+                let _ = std::fs::remove_file(&initdb_marker);
                 self.start_primary().await?;
-                self.last_join = Some("initdb".into());
+                self.last_join = Some(
+                    if again.is_some() {
+                        "reinitdb"
+                    } else {
+                        "initdb"
+                    }
+                    .into(),
+                );
                 return Ok(Role::Primary);
             }
             return match holder {
@@ -1344,6 +1384,50 @@ impl Manager {
         }
     }
 
+    /// Writes [`contract::ANNOTATION_BOOTSTRAPPED`] on the Lease once the data exists twice (or
+    /// a lone primary has served a while): from then on a lost volume is never re-initialised.
+    async fn mark_bootstrapped(&mut self, client: &tokio_postgres::Client) -> Result<()> {
+        let serving_for = self
+            .serving_since
+            .get_or_insert_with(Instant::now)
+            .elapsed();
+        if self
+            .lease
+            .annotation(contract::ANNOTATION_BOOTSTRAPPED)
+            .is_some()
+            || self.lease.holder().as_deref() != Some(self.me())
+        {
+            return Ok(());
+        }
+        let streaming: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                &[],
+            )
+            .await
+            .map_err(Error::postgres("counting streaming replicas"))?
+            .get(0);
+        if !bootstrap::now_bootstrapped(streaming, serving_for) {
+            return Ok(());
+        }
+        let Some(mut current) = self.lease.lease().cloned() else {
+            return Ok(());
+        };
+        lease::annotate(&mut current, &[bootstrap::annotation()]);
+        // A renewal in between makes this a conflict: the next upkeep tries again.
+        match self.cluster.replace_lease(&current).await {
+            Ok(written) => {
+                self.lease.observe(Some(written), Instant::now());
+                info!(
+                    streaming,
+                    "the cluster is bootstrapped: its data exists on more than this instance"
+                );
+            }
+            Err(error) => debug!(%error, "marking the Lease bootstrapped failed; retrying"),
+        }
+        Ok(())
+    }
+
     async fn clear_switchover_request(&mut self) -> Result<()> {
         let Some(mut current) = self.lease.lease().cloned() else {
             return Ok(());
@@ -1370,6 +1454,7 @@ impl Manager {
         if !self.api_reachable {
             return Ok(());
         }
+        self.mark_bootstrapped(&client).await?;
         let pods = self.other_pods();
         let wanted_slots: Vec<String> = pods.iter().map(|pod| quote::slot_name(pod)).collect();
         let slots = client
