@@ -775,6 +775,10 @@ pub struct InstanceStatus {
     /// Replication lag in bytes (replicas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_bytes: Option<i64>,
+    /// How the instance last got its data: `initdb`, `reinitdb` (a bootstrap cut short, started
+    /// over), `restore`, `basebackup`, `rewind`, `reclone` or `restart`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_join: Option<String>,
 }
 
 impl PostgresClusterSpec {

@@ -27,6 +27,8 @@ pub struct InstanceView {
     pub lag_bytes: Option<i64>,
     /// The WAL archiver's report from the status annotation (primary with `spec.backup`).
     pub archive: Option<super::archiving::ArchiveView>,
+    /// How the instance last got its data (`lastJoin` of its status annotation).
+    pub last_join: Option<String>,
 }
 
 impl InstanceView {
@@ -67,6 +69,10 @@ impl InstanceView {
             timeline: number(&["timeline"]),
             lag_bytes: number(&["lagBytes", "lag_bytes", "replicationLagBytes"]),
             archive: super::archiving::ArchiveView::from_report(&report),
+            last_join: report
+                .get("lastJoin")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
         }
     }
 
@@ -127,7 +133,8 @@ mod tests {
                     (contract::ANNOTATION_SPEC_HASH.into(), "abc".into()),
                     (
                         contract::ANNOTATION_INSTANCE_STATUS.into(),
-                        r#"{"role":"primary","timeline":3,"lsn":"0/3000060"}"#.into(),
+                        r#"{"role":"primary","timeline":3,"lsn":"0/3000060","lastJoin":"reinitdb"}"#
+                            .into(),
                     ),
                 ])),
                 ..ObjectMeta::default()
@@ -147,6 +154,7 @@ mod tests {
         assert!(view.is_primary() && view.ready && !view.terminating && !view.fenced);
         assert_eq!(view.spec_hash.as_deref(), Some("abc"));
         assert_eq!(view.timeline, Some(3));
+        assert_eq!(view.last_join.as_deref(), Some("reinitdb"));
     }
 
     #[test]

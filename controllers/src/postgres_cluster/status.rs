@@ -216,6 +216,7 @@ pub fn desired_status(
             ready: instance.ready,
             timeline: instance.timeline,
             lag_bytes: instance.lag_bytes,
+            last_join: instance.last_join.clone(),
         })
         .collect();
     reported.sort_by_key(|instance| instance.name.clone());
