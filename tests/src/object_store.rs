@@ -1,8 +1,9 @@
 //! The backup engine and a real S3 server for backup tests, installed on first use from PyPI into
 //! `<testbed>/` (a fresh machine has neither):
-//! - barman-cloud (`barman[cloud]` with boto3 and psycopg2-binary) into `barman-<version>/`, with
-//!   one small launcher per `barman-cloud-*` command in `barman-<version>/bin/` that any user can
-//!   run (the PostgreSQL user runs `barman-cloud-wal-restore` as its `restore_command`);
+//! - barman-cloud (`barman[cloud,lz4]` with boto3, lz4 and psycopg2-binary) into
+//!   `barman-<version>-lz4-<version>/`, with one small launcher per `barman-cloud-*` command in
+//!   its `bin/` that any user can run (the PostgreSQL user runs `barman-cloud-wal-restore` as its
+//!   `restore_command`);
 //! - moto's S3 server (`moto[server]`) into `moto-<version>/`, run by [`S3Server`] on a free
 //!   loopback port and stopped on drop.
 //!
@@ -25,6 +26,8 @@ use crate::tcp_proxy::TcpProxy;
 pub const BARMAN: &str = "3.19.1";
 /// psycopg2-binary, the PostgreSQL driver barman-cloud-backup connects with.
 pub const PSYCOPG2_BINARY: &str = "2.9.13";
+/// lz4 (Python bindings), the compression of base backups and WAL in the store (`--lz4`).
+pub const LZ4: &str = "4.4.5";
 /// moto version whose S3 server the tests run.
 pub const MOTO: &str = "5.2.5";
 
@@ -110,7 +113,8 @@ pub fn barman_bin() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("BARMAN_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    let root = paths::testbed_dir().join(format!("barman-{BARMAN}"));
+    // The folder names every pinned part: an install without lz4 is not reused.
+    let root = paths::testbed_dir().join(format!("barman-{BARMAN}-lz4-{LZ4}"));
     let bin = root.join("bin");
     let marker = root.join(".installed");
     if marker.exists() {
@@ -124,8 +128,9 @@ pub fn barman_bin() -> anyhow::Result<PathBuf> {
     pip_install(
         &lib,
         &[
-            format!("barman[cloud]=={BARMAN}"),
+            format!("barman[cloud,lz4]=={BARMAN}"),
             format!("psycopg2-binary=={PSYCOPG2_BINARY}"),
+            format!("lz4=={LZ4}"),
         ],
     )?;
     fs::create_dir_all(&bin)?;
@@ -423,6 +428,16 @@ for bucket in buckets:
             .skip(1)
             .filter_map(|part| part.split_once("</Key>").map(|(key, _)| key.to_string()))
             .collect())
+    }
+
+    /// Bytes stored under `prefix` in `bucket` (an S3 `ListObjectsV2`, first 1000 keys).
+    pub fn stored_bytes(&self, bucket: &str, prefix: &str) -> anyhow::Result<u64> {
+        let body = self.get_body(&format!("/{bucket}?list-type=2&prefix={prefix}"))?;
+        Ok(body
+            .split("<Size>")
+            .skip(1)
+            .filter_map(|part| part.split_once("</Size>")?.0.parse::<u64>().ok())
+            .sum())
     }
 
     fn request(&self, method: &str, path: &str) -> anyhow::Result<u16> {

@@ -14,6 +14,13 @@ use crate::error::{Error, Result};
 
 /// Lines of a failed command's output kept in the error (the end says what went wrong).
 const OUTPUT_LINES: usize = 12;
+/// Compression of base backups and WAL in the store. lz4 compresses at several hundred MB/s per
+/// core, so it costs less CPU than it saves in upload (tables and WAL often shrink 3 to 10
+/// times): without it the base backup ran at 0.17 x pg_basebackup's throughput, the Python
+/// tar and upload path being the bottleneck. `barman-cloud-restore` and
+/// `barman-cloud-wal-restore` read the compression from the file names, so backups and WAL
+/// archived before (uncompressed) stay restorable.
+const COMPRESSION: &str = "--lz4";
 
 /// The barman-cloud commands in one folder.
 #[derive(Clone, Debug)]
@@ -118,6 +125,7 @@ impl BarmanCloud {
     pub async fn archive_wal(&self, store: &Store, wal: &Path) -> Result<()> {
         let mut command = self.command("barman-cloud-wal-archive", store);
         command
+            .arg(COMPRESSION)
             .arg(store.destination())
             .arg(&store.server_name)
             .arg(wal);
@@ -137,7 +145,8 @@ impl BarmanCloud {
         let label = format!("job-{name}");
         let mut command = self.command("barman-cloud-backup", store);
         command
-            .args(["--immediate-checkpoint", "--jobs", "4", "--name", &label])
+            .args(["--immediate-checkpoint", "--jobs", "4", COMPRESSION])
+            .args(["--name", &label])
             .args(["--host", &server.socket_dir])
             .args(["--port", &server.port.to_string()])
             .args(["--user", &server.user])
