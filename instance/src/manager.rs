@@ -217,6 +217,7 @@ fn start_backups(
             port: postgres.port(),
             user: postgres.superuser().to_string(),
         },
+        postgres.pgdata().join("pg_wal"),
         metrics,
     );
     let _ = shared.backup.set(service.clone());

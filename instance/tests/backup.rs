@@ -25,7 +25,18 @@ fn backup_env(
     path: &str,
     recovery: Option<serde_json::Value>,
 ) -> Vec<(String, String)> {
-    let repository = serde_json::json!({
+    backup_env_with(store, bucket, path, recovery, |_| {})
+}
+
+/// As [`backup_env`], with `adjust` changing the repository (`spec.backup`) first.
+fn backup_env_with(
+    store: &S3Server,
+    bucket: &str,
+    path: &str,
+    recovery: Option<serde_json::Value>,
+    adjust: impl FnOnce(&mut serde_json::Value),
+) -> Vec<(String, String)> {
+    let mut repository = serde_json::json!({
         "s3": {
             "endpoint": store.endpoint(),
             "bucket": bucket,
@@ -35,6 +46,7 @@ fn backup_env(
         "walArchiving": true,
         "retention": "30d",
     });
+    adjust(&mut repository);
     let mut env = vec![
         (
             "BARMAN_BIN".to_string(),
@@ -80,8 +92,17 @@ fn recovery_spec(
     spec
 }
 
-/// One HTTP/1.0 request to an instance manager: (status code, body).
+/// One HTTP/1.0 request to an instance manager: (status code, body); an error after 20 s (a
+/// loaded machine's answer takes a while, a stuck one must not hang the test).
 async fn http(port: u16, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    tokio::time::timeout(Duration::from_secs(20), http_exchange(port, method, path))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("{method} {path}: no answer from the instance manager in 20 s")
+        })?
+}
+
+async fn http_exchange(port: u16, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream
@@ -438,11 +459,11 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         backup_env(&store, BUCKET, "ha", None),
     )
     .await
-    .unwrap();
+    .expect("step 1: start the two instances");
     let primary = cluster
         .wait_for_primary_with_replicas(1, STARTUP)
         .await
-        .unwrap();
+        .expect("step 1: a primary with its replica");
     let client = cluster.connect(primary).await.unwrap();
     client
         .batch_execute("CREATE TABLE items (id int PRIMARY KEY)")
@@ -453,7 +474,7 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
     let replica = 1 - primary;
     let run = base_backup(&cluster, replica, "from-replica")
         .await
-        .unwrap();
+        .expect("step 2: the base backup from the replica");
     assert_eq!(run["phase"], "Completed", "{run}\n{}", cluster.logs());
     assert_eq!(run["takenFrom"], "replica", "{run}");
 
@@ -466,7 +487,7 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         .unwrap()
         .get(0);
     eventually(
-        "the archiver reports failures",
+        "step 3 (store cut): the archiver reports failures",
         Duration::from_secs(60),
         || async {
             let status = archive_status(&cluster, primary).await;
@@ -485,7 +506,7 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         "{metrics}"
     );
     eventually(
-        "/status shows the failing archive",
+        "step 3 (store cut): /status shows the failing archive",
         Duration::from_secs(10),
         || async {
             cluster
@@ -510,7 +531,9 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
 
     // The store comes back: archiving catches up.
     store.restore();
-    switch_and_wait_archived(&cluster, primary).await.unwrap();
+    switch_and_wait_archived(&cluster, primary)
+        .await
+        .expect("step 4 (store back): archiving catches up");
 
     // Failover with a slow store: the end of recovery (restore_command fetching the last WAL and
     // the timeline history) outlasts a Lease; the new primary renews its Lease meanwhile and is
@@ -521,13 +544,13 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
     let new_primary = cluster
         .wait_for_new_primary(&old, Duration::from_secs(90))
         .await
-        .unwrap();
+        .expect("step 5 (failover, slow store): a new primary");
     store.slow_down(Duration::ZERO);
     for _ in 0..6 {
         let client = cluster.connect(new_primary).await;
         assert!(
             client.is_ok(),
-            "the new primary went down after its promotion: {client:?}\n{}",
+            "step 5: the new primary went down after its promotion: {client:?}\n{}",
             cluster.logs()
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -536,11 +559,11 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
     insert(&client, 21, 30).await;
     switch_and_wait_archived(&cluster, new_primary)
         .await
-        .unwrap();
+        .expect("step 6: the new primary archives its timeline");
     let keys = store.list_keys(BUCKET, "ha/").unwrap();
     assert!(
         keys.iter().any(|key| key.contains("/00000002.history")),
-        "{keys:?}"
+        "step 6: no history file of the new timeline: {keys:?}"
     );
 
     // Everything, before the outage, during it and after the failover, is recoverable.
@@ -551,7 +574,7 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         recovery_spec(&store, "ha", "ha", None),
     )
     .await;
-    assert_eq!(rows, range(1, 30));
+    assert_eq!(rows, range(1, 30), "step 7: the restore after the failover");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,6 +621,185 @@ async fn a_missing_bucket_is_a_clear_error_that_never_shows_the_secret() {
         assert!(
             !text.contains(SECRET_ACCESS_KEY),
             "the secret leaked: {text}"
+        );
+    }
+}
+
+/// The WAL files under `<prefix>/wals/` in the store, by name (without compression suffix).
+fn archived_wal(store: &S3Server, prefix: &str) -> Vec<String> {
+    store
+        .list_keys(BUCKET, &format!("{prefix}/wals/"))
+        .unwrap()
+        .iter()
+        .filter_map(|key| key.rsplit('/').next())
+        .map(|name| name.trim_end_matches(".lz4").to_string())
+        .collect()
+}
+
+/// Segment names from `first` to `last` on one timeline (16 MiB segments).
+fn segments(first: &str, last: &str) -> Vec<String> {
+    let number = |name: &str| {
+        u64::from_str_radix(&name[8..16], 16).unwrap() * 256
+            + u64::from_str_radix(&name[16..24], 16).unwrap()
+    };
+    (number(first)..=number(last))
+        .map(|n| format!("{}{:08X}{:08X}", &first[..8], n / 256, n % 256))
+        .collect()
+}
+
+/// Closes the current WAL segment (after a transaction, so that there is one to close).
+async fn switch_wal(client: &tokio_postgres::Client) {
+    client
+        .query_one("SELECT txid_current()", &[])
+        .await
+        .unwrap();
+    client
+        .query_one("SELECT pg_switch_wal()::text", &[])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_wal_archiving_only_a_backups_own_wal_is_uploaded_and_it_restores() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = S3Server::start(scratch.path()).unwrap();
+    store.create_bucket(BUCKET).unwrap();
+    store.start_recording().unwrap();
+    let api = Arc::new(ApiServer::start().await.unwrap());
+    let env = backup_env_with(&store, BUCKET, "noarch", None, |repository| {
+        repository["walArchiving"] = false.into();
+    });
+    let cluster = TestCluster::start_with(api.clone(), "noarch", 1, 0, env)
+        .await
+        .expect("step: start the cluster");
+    let primary = cluster
+        .wait_for_primary_with_replicas(0, STARTUP)
+        .await
+        .expect("step: a primary serves");
+    let client = cluster.connect(primary).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    insert(&client, 1, 10).await;
+
+    // PostgreSQL archives nothing, and no WAL reaches the store.
+    let mode: String = client
+        .query_one("SHOW archive_mode", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "off");
+    switch_wal(&client).await;
+    switch_wal(&client).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(archived_wal(&store, "noarch/noarch"), Vec::<String>::new());
+
+    // A base backup still works: it uploads the WAL it needs, from its first segment to its last.
+    let run = base_backup(&cluster, primary, "self-contained")
+        .await
+        .expect("step: the base backup");
+    assert_eq!(run["phase"], "Completed", "{run}\n{}", cluster.logs());
+    let (first, last) = (
+        run["backup"]["beginWal"].as_str().unwrap(),
+        run["backup"]["endWal"].as_str().unwrap(),
+    );
+    let needed = segments(first, last);
+    assert_eq!(archived_wal(&store, "noarch/noarch"), needed, "{run}");
+    // WAL written after the backup stays on the server.
+    insert(&client, 11, 20).await;
+    switch_wal(&client).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(archived_wal(&store, "noarch/noarch"), needed);
+
+    // forcePathStyle (the default) and the default region, as the store saw them.
+    let requests = store.recorded_requests();
+    assert!(!requests.is_empty());
+    let port = store.endpoint().rsplit(':').next().unwrap().to_string();
+    for request in &requests {
+        assert_eq!(request.host, format!("127.0.0.1:{port}"), "{request:?}");
+        assert!(
+            request.path().starts_with(&format!("/{BUCKET}")),
+            "not path-style: {request:?}"
+        );
+        assert!(
+            request.authorization.contains("/us-east-1/s3/aws4_request"),
+            "{request:?}"
+        );
+    }
+
+    // The backup restores on its own: the rows it holds, not those written after it.
+    let (_restored, rows) = restore(
+        &api,
+        &store,
+        "noarch-restored",
+        recovery_spec(&store, "noarch", "noarch", None),
+    )
+    .await;
+    assert_eq!(rows, range(1, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_region_and_virtual_hosted_addressing_reach_the_store() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = S3Server::start(scratch.path()).unwrap();
+    store.create_bucket(BUCKET).unwrap();
+    store.start_recording().unwrap();
+    let api = Arc::new(ApiServer::start().await.unwrap());
+    let port = store.endpoint().rsplit(':').next().unwrap().to_string();
+    let mut env = backup_env_with(&store, BUCKET, "vhost", None, |repository| {
+        repository["s3"]["endpoint"] = format!("http://localhost:{port}").into();
+        repository["s3"]["forcePathStyle"] = false.into();
+        repository["s3"]["region"] = "eu-central-1".into();
+    });
+    // Nothing resolves `backups.localhost` here: an HTTP proxy stands in for the DNS a
+    // virtual-hosted store needs. It is the store itself (through its cuttable proxy), which
+    // reads the bucket from the Host header.
+    for name in ["HTTP_PROXY", "http_proxy"] {
+        env.push((name.into(), format!("http://127.0.0.1:{port}")));
+    }
+    for name in ["NO_PROXY", "no_proxy"] {
+        env.push((name.into(), "127.0.0.1".into()));
+    }
+    let cluster = TestCluster::start_with(api.clone(), "vhost", 1, 0, env)
+        .await
+        .expect("step: start the cluster");
+    let primary = cluster
+        .wait_for_primary_with_replicas(0, STARTUP)
+        .await
+        .expect("step: a primary serves");
+    switch_and_wait_archived(&cluster, primary)
+        .await
+        .expect("step: WAL archiving");
+    let run = base_backup(&cluster, primary, "vhost")
+        .await
+        .expect("step: the base backup");
+    assert_eq!(run["phase"], "Completed", "{run}\n{}", cluster.logs());
+    assert!(
+        !archived_wal(&store, "vhost/vhost").is_empty(),
+        "no WAL in the bucket"
+    );
+
+    let requests = store.recorded_requests();
+    assert!(
+        requests.iter().any(|request| request.method == "PUT"),
+        "{requests:?}"
+    );
+    for request in &requests {
+        assert_eq!(
+            request.host,
+            format!("{BUCKET}.localhost:{port}"),
+            "not virtual-hosted: {request:?}"
+        );
+        assert!(
+            !request.path().starts_with(&format!("/{BUCKET}")),
+            "{request:?}"
+        );
+        assert!(
+            request
+                .authorization
+                .contains("/eu-central-1/s3/aws4_request"),
+            "the region is not in the signature's scope: {request:?}"
         );
     }
 }
