@@ -795,6 +795,9 @@ impl Manager {
                 }
                 info!("bootstrapping a new cluster with initdb");
                 self.postgres.initdb(&self.superuser).await?;
+                // The repository check and initdb can outlast the Lease on a loaded machine:
+                // renew before accepting writes, or the watchdog stops the new primary at once.
+                self.acquire().await?;
                 self.start_primary().await?;
                 self.last_join = Some("initdb".into());
                 return Ok(Role::Primary);
