@@ -99,13 +99,15 @@ pub struct S3Store {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub path: Option<String>,
-    /// Region of the bucket.
+    /// Region of the bucket: the region requests are signed for (the SigV4 credential scope).
     #[serde(default = "default_region")]
     #[schemars(length(max = 64))]
     pub region: String,
     /// Secret with the keys `ACCESS_KEY_ID` and `ACCESS_SECRET_KEY`.
     pub credentials_secret: LocalObjectReference,
-    /// Use path-style addressing (`endpoint/bucket/key`), as MinIO and most self-hosted stores need.
+    /// Use path-style addressing (`endpoint/bucket/key`), as MinIO and most self-hosted stores
+    /// need. When false, virtual-hosted style (`bucket.endpoint/key`), as AWS S3 prefers: the
+    /// endpoint must then be a DNS name under which `<bucket>.<host>` resolves (not an IP address).
     #[serde(default = "default_true")]
     pub force_path_style: bool,
     /// Secret key with the PEM certificate of the CA that signed the store's TLS certificate,

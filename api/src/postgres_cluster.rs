@@ -451,7 +451,9 @@ pub struct RecoveryTarget {
 pub struct BackupRepositorySpec {
     /// S3-compatible object store.
     pub s3: S3Store,
-    /// Archive WAL continuously (required for point-in-time recovery).
+    /// Archive WAL continuously (required for point-in-time recovery). When false, no WAL is
+    /// archived continuously (the `ContinuousArchiving` condition says `Disabled`), and each base
+    /// backup uploads only the WAL it needs to be restored on its own.
     #[serde(default = "default_true")]
     pub wal_archiving: bool,
     /// How long backups are kept, as `<n>d`, `<n>w` or `<n>m` (days, weeks, months).

@@ -219,6 +219,7 @@ fn start_backups(
             port: postgres.port(),
             user: postgres.superuser().to_string(),
         },
+        postgres.pgdata().join("pg_wal"),
         metrics,
     );
     let _ = shared.backup.set(service.clone());
@@ -826,6 +827,9 @@ impl Manager {
                 std::fs::write(&initdb_marker, b"")
                     .map_err(Error::io("writing the initdb marker"))?;
                 self.postgres.initdb(&self.superuser).await?;
+                // The repository check and initdb can outlast the Lease on a loaded machine:
+                // renew before accepting writes, or the watchdog stops the new primary at once.
+                self.acquire().await?;
                 let _ = std::fs::remove_file(&initdb_marker);
                 self.start_primary().await?;
                 self.last_join = Some(

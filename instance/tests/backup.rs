@@ -1,230 +1,19 @@
 //! Backups on real PostgreSQL 18, a real S3 server (moto, on loopback) and a real kube-apiserver:
 //! continuous WAL archiving by the instance manager, base backups over its HTTP API, restores into
 //! new clusters to the backup, a time, an LSN, an xid (not inclusive) and a restore point,
-//! archiving across a failover
-//! and a store outage, and a clear error for a missing bucket (the secret never shown).
+//! archiving across a failover and a store outage, and a clear error for a missing bucket (the
+//! secret never shown). The repository settings (`walArchiving`, `region`, `forcePathStyle`) are
+//! in `backup_settings.rs`, so that each binary stays short.
 
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::bail;
+use support::backup::*;
 use support::{TestCluster, eventually};
 use testbed::ApiServer;
-use testbed::object_store::{ACCESS_KEY_ID, S3Server, SECRET_ACCESS_KEY};
-
-const STARTUP: Duration = Duration::from_secs(120);
-const BUCKET: &str = "backups";
-
-/// Environment of a `pg-instance` with a repository at `path` in `bucket`, and optionally a
-/// recovery from `source_path`'s cluster `source_cluster`.
-fn backup_env(
-    store: &S3Server,
-    bucket: &str,
-    path: &str,
-    recovery: Option<serde_json::Value>,
-) -> Vec<(String, String)> {
-    let repository = serde_json::json!({
-        "s3": {
-            "endpoint": store.endpoint(),
-            "bucket": bucket,
-            "path": path,
-            "credentialsSecret": {"name": "s3-credentials"},
-        },
-        "walArchiving": true,
-        "retention": "30d",
-    });
-    let mut env = vec![
-        (
-            "BARMAN_BIN".to_string(),
-            testbed::object_store::barman_bin()
-                .unwrap()
-                .display()
-                .to_string(),
-        ),
-        ("BACKUP_REPOSITORY".into(), repository.to_string()),
-        ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY_ID.into()),
-        ("AWS_SECRET_ACCESS_KEY".into(), SECRET_ACCESS_KEY.into()),
-    ];
-    if let Some(recovery) = recovery {
-        env.push(("BOOTSTRAP_RECOVERY".into(), recovery.to_string()));
-        env.push(("RECOVERY_AWS_ACCESS_KEY_ID".into(), ACCESS_KEY_ID.into()));
-        env.push((
-            "RECOVERY_AWS_SECRET_ACCESS_KEY".into(),
-            SECRET_ACCESS_KEY.into(),
-        ));
-    }
-    env
-}
-
-/// `spec.bootstrap.recovery` from the cluster `source` archived at `path`.
-fn recovery_spec(
-    store: &S3Server,
-    path: &str,
-    source: &str,
-    target: Option<serde_json::Value>,
-) -> serde_json::Value {
-    let mut spec = serde_json::json!({
-        "source": {
-            "endpoint": store.endpoint(),
-            "bucket": BUCKET,
-            "path": path,
-            "credentialsSecret": {"name": "s3-credentials"},
-        },
-        "sourceCluster": source,
-    });
-    if let Some(target) = target {
-        spec["target"] = target;
-    }
-    spec
-}
-
-/// One HTTP/1.0 request to an instance manager: (status code, body).
-async fn http(port: u16, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(
-            format!("{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-/// Takes a base backup on instance `index` over HTTP and waits for its end.
-async fn base_backup(
-    cluster: &TestCluster,
-    index: usize,
-    name: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let port = cluster.instances[index].http_port;
-    // The instance refuses (409) until its run loop has seen PostgreSQL serve.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, body) = http(port, "POST", &format!("/backups/{name}")).await?;
-        if code == 202 {
-            break;
-        }
-        if code != 409 || Instant::now() > deadline {
-            bail!("POST /backups/{name}: {code} {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let (_, body) = http(port, "GET", &format!("/backups/{name}")).await?;
-        let run: serde_json::Value = serde_json::from_str(&body)?;
-        match run["phase"].as_str() {
-            Some("Running") => {}
-            _ => return Ok(run),
-        }
-        if Instant::now() > deadline {
-            bail!("backup {name} still running after 180 s");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// The archiver's status on instance `index`.
-async fn archive_status(cluster: &TestCluster, index: usize) -> serde_json::Value {
-    let (_, body) = http(cluster.instances[index].http_port, "GET", "/archive")
-        .await
-        .unwrap_or_default();
-    serde_json::from_str(&body).unwrap_or_default()
-}
-
-/// Switches to a new WAL segment on instance `index` and waits until the archiver uploaded the
-/// one just closed.
-async fn switch_and_wait_archived(cluster: &TestCluster, index: usize) -> anyhow::Result<()> {
-    let client = cluster.connect(index).await?;
-    // A transaction first: a switch with no WAL since the last one closes nothing.
-    client.query_one("SELECT txid_current()", &[]).await?;
-    let closed: String = client
-        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
-        .await?
-        .get(0);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let status = archive_status(cluster, index).await;
-        // Nothing older left behind either (uploads run in parallel, and retries come later).
-        if status["lastArchivedWal"]
-            .as_str()
-            .is_some_and(|last| last.len() >= 24 && last[..24] >= closed[..24])
-            && status["pending"] == 0
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{closed} not archived after 90 s: {status}\n{}",
-                cluster.logs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn insert(client: &tokio_postgres::Client, from: i32, to: i32) {
-    client
-        .execute(
-            "INSERT INTO items SELECT generate_series($1::int, $2::int)",
-            &[&from, &to],
-        )
-        .await
-        .unwrap();
-}
-
-async fn ids(cluster: &TestCluster, index: usize) -> Vec<i32> {
-    let client = cluster.connect(index).await.unwrap();
-    client
-        .query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
-}
-
-/// Bootstraps a one-instance cluster `name` from `recovery` and returns its rows.
-async fn restore(
-    api: &Arc<ApiServer>,
-    store: &S3Server,
-    name: &str,
-    recovery: serde_json::Value,
-) -> (TestCluster, Vec<i32>) {
-    let env = backup_env(store, BUCKET, name, Some(recovery));
-    let cluster = TestCluster::start_with(api.clone(), name, 1, 0, env)
-        .await
-        .unwrap();
-    let primary = cluster
-        .wait_for_primary_with_replicas(0, STARTUP)
-        .await
-        .unwrap();
-    let status = cluster
-        .wait_for_role(primary, api::contract::role::PRIMARY, STARTUP)
-        .await
-        .unwrap();
-    assert_eq!(status.last_join.as_deref(), Some("restore"), "{status:?}");
-    let rows = ids(&cluster, primary).await;
-    (cluster, rows)
-}
-
-fn range(from: i32, to: i32) -> Vec<i32> {
-    (from..=to).collect()
-}
+use testbed::object_store::{S3Server, SECRET_ACCESS_KEY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_then_restores_to_the_backup_a_time_an_lsn_an_xid_and_a_restore_point() {
@@ -298,6 +87,19 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_an_xid_and_a_restore_p
         .await
         .unwrap();
     assert!(listed.contains(&backup_id), "{listed}");
+    // Base backup and WAL are stored lz4-compressed.
+    let keys = store.list_keys(BUCKET, "src/").unwrap();
+    assert!(
+        keys.iter()
+            .any(|key| key.ends_with(&format!("{backup_id}/data.tar.lz4"))),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .filter(|key| key.contains("/wals/"))
+            .all(|key| key.ends_with(".lz4")),
+        "{keys:?}"
+    );
     // Retention (30 days) keeps the only backup: the recovery window starts from it.
     let (code, report) = http(source.instances[primary].http_port, "POST", "/retention")
         .await
@@ -388,10 +190,10 @@ async fn backup_then_restores_to_the_backup_a_time_an_lsn_an_xid_and_a_restore_p
                 .unwrap();
             switch_and_wait_archived(&restored, 0).await.unwrap();
             let keys = store.list_keys(BUCKET, "to-name/").unwrap();
-            assert!(keys.iter().any(|key| key.ends_with(".history")), "{keys:?}");
+            assert!(keys.iter().any(|key| key.contains(".history")), "{keys:?}");
             let source_keys = store.list_keys(BUCKET, "src/").unwrap();
             assert!(
-                !source_keys.iter().any(|key| key.ends_with(".history")),
+                !source_keys.iter().any(|key| key.contains(".history")),
                 "the source's path got another cluster's timeline: {source_keys:?}"
             );
         }
@@ -425,11 +227,11 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         backup_env(&store, BUCKET, "ha", None),
     )
     .await
-    .unwrap();
+    .expect("step 1: start the two instances");
     let primary = cluster
         .wait_for_primary_with_replicas(1, STARTUP)
         .await
-        .unwrap();
+        .expect("step 1: a primary with its replica");
     let client = cluster.connect(primary).await.unwrap();
     client
         .batch_execute("CREATE TABLE items (id int PRIMARY KEY)")
@@ -440,7 +242,7 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
     let replica = 1 - primary;
     let run = base_backup(&cluster, replica, "from-replica")
         .await
-        .unwrap();
+        .expect("step 2: the base backup from the replica");
     assert_eq!(run["phase"], "Completed", "{run}\n{}", cluster.logs());
     assert_eq!(run["takenFrom"], "replica", "{run}");
 
@@ -453,7 +255,7 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         .unwrap()
         .get(0);
     eventually(
-        "the archiver reports failures",
+        "step 3 (store cut): the archiver reports failures",
         Duration::from_secs(60),
         || async {
             let status = archive_status(&cluster, primary).await;
@@ -472,7 +274,7 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         "{metrics}"
     );
     eventually(
-        "/status shows the failing archive",
+        "step 3 (store cut): /status shows the failing archive",
         Duration::from_secs(10),
         || async {
             cluster
@@ -497,7 +299,9 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
 
     // The store comes back: archiving catches up.
     store.restore();
-    switch_and_wait_archived(&cluster, primary).await.unwrap();
+    switch_and_wait_archived(&cluster, primary)
+        .await
+        .expect("step 4 (store back): archiving catches up");
 
     // Failover with a slow store: the end of recovery (restore_command fetching the last WAL and
     // the timeline history) outlasts a Lease; the new primary renews its Lease meanwhile and is
@@ -508,13 +312,13 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
     let new_primary = cluster
         .wait_for_new_primary(&old, Duration::from_secs(90))
         .await
-        .unwrap();
+        .expect("step 5 (failover, slow store): a new primary");
     store.slow_down(Duration::ZERO);
     for _ in 0..6 {
         let client = cluster.connect(new_primary).await;
         assert!(
             client.is_ok(),
-            "the new primary went down after its promotion: {client:?}\n{}",
+            "step 5: the new primary went down after its promotion: {client:?}\n{}",
             cluster.logs()
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -523,11 +327,11 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
     insert(&client, 21, 30).await;
     switch_and_wait_archived(&cluster, new_primary)
         .await
-        .unwrap();
+        .expect("step 6: the new primary archives its timeline");
     let keys = store.list_keys(BUCKET, "ha/").unwrap();
     assert!(
-        keys.iter().any(|key| key.ends_with("00000002.history")),
-        "{keys:?}"
+        keys.iter().any(|key| key.contains("/00000002.history")),
+        "step 6: no history file of the new timeline: {keys:?}"
     );
 
     // Everything, before the outage, during it and after the failover, is recoverable.
@@ -538,7 +342,7 @@ async fn archiving_survives_a_store_outage_and_follows_a_failover_with_no_gap() 
         recovery_spec(&store, "ha", "ha", None),
     )
     .await;
-    assert_eq!(rows, range(1, 30));
+    assert_eq!(rows, range(1, 30), "step 7: the restore after the failover");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

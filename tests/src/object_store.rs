@@ -1,8 +1,9 @@
 //! The backup engine and a real S3 server for backup tests, installed on first use from PyPI into
 //! `<testbed>/` (a fresh machine has neither):
-//! - barman-cloud (`barman[cloud]` with boto3 and psycopg2-binary) into `barman-<version>/`, with
-//!   one small launcher per `barman-cloud-*` command in `barman-<version>/bin/` that any user can
-//!   run (the PostgreSQL user runs `barman-cloud-wal-restore` as its `restore_command`);
+//! - barman-cloud (`barman[cloud,lz4]` with boto3, lz4 and psycopg2-binary) into
+//!   `barman-<version>-lz4-<version>/`, with one small launcher per `barman-cloud-*` command in
+//!   its `bin/` that any user can run (the PostgreSQL user runs `barman-cloud-wal-restore` as its
+//!   `restore_command`);
 //! - moto's S3 server (`moto[server]`) into `moto-<version>/`, run by [`S3Server`] on a free
 //!   loopback port and stopped on drop.
 //!
@@ -25,6 +26,8 @@ use crate::tcp_proxy::TcpProxy;
 pub const BARMAN: &str = "3.19.1";
 /// psycopg2-binary, the PostgreSQL driver barman-cloud-backup connects with.
 pub const PSYCOPG2_BINARY: &str = "2.9.13";
+/// lz4 (Python bindings), the compression of base backups and WAL in the store (`--lz4`).
+pub const LZ4: &str = "4.4.5";
 /// moto version whose S3 server the tests run.
 pub const MOTO: &str = "5.2.5";
 
@@ -110,7 +113,8 @@ pub fn barman_bin() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("BARMAN_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    let root = paths::testbed_dir().join(format!("barman-{BARMAN}"));
+    // The folder names every pinned part: an install without lz4 is not reused.
+    let root = paths::testbed_dir().join(format!("barman-{BARMAN}-lz4-{LZ4}"));
     let bin = root.join("bin");
     let marker = root.join(".installed");
     if marker.exists() {
@@ -124,8 +128,9 @@ pub fn barman_bin() -> anyhow::Result<PathBuf> {
     pip_install(
         &lib,
         &[
-            format!("barman[cloud]=={BARMAN}"),
+            format!("barman[cloud,lz4]=={BARMAN}"),
             format!("psycopg2-binary=={PSYCOPG2_BINARY}"),
+            format!("lz4=={LZ4}"),
         ],
     )?;
     fs::create_dir_all(&bin)?;
@@ -203,6 +208,30 @@ pub struct S3Server {
     proxy: TcpProxy,
     process: ChildGuard,
     log: PathBuf,
+    recording: PathBuf,
+}
+
+/// One request the S3 server received while recording ([`S3Server::start_recording`]).
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// HTTP method.
+    pub method: String,
+    /// URL as received (the path of a path-style request names the bucket).
+    pub url: String,
+    /// `Host` header (a virtual-hosted-style request puts the bucket there).
+    pub host: String,
+    /// `Authorization` header (SigV4: its credential scope names the region).
+    pub authorization: String,
+}
+
+impl RecordedRequest {
+    /// The URL's path and query (`/<bucket>/<key>` for a path-style request).
+    pub fn path(&self) -> &str {
+        match self.url.split_once("://") {
+            Some((_, rest)) => rest.find('/').map_or("/", |at| &rest[at..]),
+            None => &self.url,
+        }
+    }
 }
 
 impl S3Server {
@@ -342,6 +371,7 @@ for bucket in buckets:
     ) -> anyhow::Result<Self> {
         let moto = moto_dir()?;
         let log = log_dir.join(format!("moto-{port}.log"));
+        let recording = log_dir.join(format!("moto-{port}-requests.jsonl"));
         let log_file = fs::File::create(&log)?;
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
         let mut command = Command::new(python);
@@ -352,6 +382,8 @@ for bucket in buckets:
             .arg(port.to_string())
             .args(extra_args)
             .env("PYTHONPATH", &moto)
+            // moto's request recorder, off until [`S3Server::start_recording`].
+            .env("MOTO_RECORDER_FILEPATH", &recording)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -366,6 +398,7 @@ for bucket in buckets:
             proxy,
             process: ChildGuard::new(child, Signal::SIGTERM, Duration::from_secs(5)),
             log,
+            recording,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect((host, port)).is_err() {
@@ -423,6 +456,58 @@ for bucket in buckets:
             .skip(1)
             .filter_map(|part| part.split_once("</Key>").map(|(key, _)| key.to_string()))
             .collect())
+    }
+
+    /// Bytes stored under `prefix` in `bucket` (an S3 `ListObjectsV2`, first 1000 keys).
+    pub fn stored_bytes(&self, bucket: &str, prefix: &str) -> anyhow::Result<u64> {
+        let body = self.get_body(&format!("/{bucket}?list-type=2&prefix={prefix}"))?;
+        Ok(body
+            .split("<Size>")
+            .skip(1)
+            .filter_map(|part| part.split_once("</Size>")?.0.parse::<u64>().ok())
+            .sum())
+    }
+
+    /// Makes moto record every request from now on, headers included (its recorder), for
+    /// [`Self::recorded_requests`].
+    pub fn start_recording(&self) -> anyhow::Result<()> {
+        let code = self.request("POST", "/moto-api/recorder/start-recording")?;
+        if !(200..300).contains(&code) {
+            bail!("starting moto's recorder: HTTP {code}");
+        }
+        Ok(())
+    }
+
+    /// The requests clients made since [`Self::start_recording`], oldest first (this helper's
+    /// own, such as [`Self::list_keys`], left out).
+    pub fn recorded_requests(&self) -> Vec<RecordedRequest> {
+        let text = fs::read_to_string(&self.recording).unwrap_or_default();
+        let own_host = format!("{}:{}", self.host, self.port);
+        text.lines()
+            // A line cut short (the server still writing it) is left out.
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|entry| {
+                let header = |name: &str| {
+                    entry["headers"]
+                        .as_object()
+                        .and_then(|headers| {
+                            headers
+                                .iter()
+                                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                        })
+                        .and_then(|(_, value)| value.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                RecordedRequest {
+                    method: entry["method"].as_str().unwrap_or_default().to_string(),
+                    url: entry["url"].as_str().unwrap_or_default().to_string(),
+                    host: header("Host"),
+                    authorization: header("Authorization"),
+                }
+            })
+            .filter(|request| request.host != own_host)
+            .collect()
     }
 
     fn request(&self, method: &str, path: &str) -> anyhow::Result<u16> {

@@ -126,6 +126,11 @@ mod tests {
     #[test]
     fn the_primarys_archiver_decides_the_condition() {
         assert!(condition(&cluster(false), &[]).is_none());
+        let mut unarchived = cluster(true);
+        unarchived.spec.backup.as_mut().unwrap().wal_archiving = false;
+        let (status, reason, _) = condition(&unarchived, &[]).unwrap();
+        assert!(!status);
+        assert_eq!(reason, "Disabled");
         let healthy = primary(
             serde_json::json!({"walArchive": {"healthy": true, "lastArchivedWal": "000000010000000000000007"}}),
         );

@@ -7,7 +7,7 @@
 //! history file, the old timeline's `.partial` and its new timeline with no manual step, and the
 //! segments it received that the old primary had not uploaded yet.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,12 +21,21 @@ use crate::backup::BackupSetup;
 use crate::backup::barman::shell_quote;
 use crate::backup::metrics::{BackupMetrics, segment_number};
 
-/// Uploads at once.
+/// Uploads at once while the store answers.
 pub const PARALLEL: usize = 4;
 /// How often the archive status folder is read.
 const SCAN_PERIOD: Duration = Duration::from_millis(200);
-/// Wait before a failed file is tried again.
+/// Wait before the first retry after a failed upload; it doubles with each failure in a row, up
+/// to [`MAX_RETRY_AFTER`], so that a store that is down is probed by one upload now and then
+/// instead of four Python processes every two seconds (which starved a loaded 2-core machine).
 const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// Longest wait between two attempts while the store fails (also the longest delay before
+/// archiving resumes once the store is back).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Longest an upload may take before it is killed and counted as a failure: an upload stuck on
+/// a half-open connection (a store that vanished without closing it) would otherwise hold its
+/// slot, and the segment, for as long as the engine's own timeouts and retries allow (minutes).
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `archive_command` waits for a marker before it reports a failure (PostgreSQL then
 /// retries).
 const ARCHIVE_COMMAND_WAIT_TENTHS: u32 = 600;
@@ -172,7 +181,7 @@ pub async fn run(
     let status_dir = wal_dir.join("archive_status");
     let mut uploads: JoinSet<(String, crate::error::Result<()>)> = JoinSet::new();
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
-    let mut retry_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut retry = Retry::default();
     loop {
         tokio::time::sleep(SCAN_PERIOD).await;
         while let Some(joined) = uploads.try_join_next() {
@@ -182,7 +191,7 @@ pub async fn run(
             in_flight.remove(&name);
             match result {
                 Ok(()) => {
-                    retry_at.remove(&name);
+                    retry.succeeded();
                     if let Err(error) = std::fs::write(setup.spool.join(&name), b"") {
                         warn!(%error, wal = %name, "cannot write the archive marker");
                     }
@@ -202,8 +211,8 @@ pub async fn run(
                 }
                 Err(error) => {
                     let message = error.to_string();
-                    warn!(wal = %name, error = %message, "archiving a WAL file failed; retrying");
-                    retry_at.insert(name.clone(), Instant::now() + RETRY_AFTER);
+                    let wait = retry.failed(Instant::now());
+                    warn!(wal = %name, error = %message, retry_in_seconds = wait.as_secs(), "archiving a WAL file failed; retrying");
                     metrics.failures.inc();
                     state.update(|status| {
                         status.failed_count += 1;
@@ -226,12 +235,12 @@ pub async fn run(
         metrics.pending.set(waiting.len() as i64);
         state.update(|status| status.pending = waiting.len() as u64);
         remove_stale_markers(&setup.spool, &ready, &in_flight);
-        let now = Instant::now();
+        let slots = retry.slots(Instant::now());
         for name in waiting {
-            if in_flight.len() >= PARALLEL {
+            if in_flight.len() >= slots {
                 break;
             }
-            if in_flight.contains(name) || retry_at.get(name).is_some_and(|at| *at > now) {
+            if in_flight.contains(name) {
                 continue;
             }
             in_flight.insert(name.clone());
@@ -240,10 +249,63 @@ pub async fn run(
             let path = wal_dir.join(name);
             let name = name.clone();
             uploads.spawn(async move {
-                let result = engine.archive_wal(&store, &path).await;
+                // Dropping the upload on timeout kills the engine's process (kill_on_drop).
+                let result =
+                    match tokio::time::timeout(UPLOAD_TIMEOUT, engine.archive_wal(&store, &path))
+                        .await
+                    {
+                        Ok(result) => result,
+                        Err(_) => Err(crate::error::Error::Invalid(format!(
+                            "uploading {name} took longer than {} s (the store is unreachable or too slow); it was stopped and is retried",
+                            UPLOAD_TIMEOUT.as_secs()
+                        ))),
+                    };
                 (name, result)
             });
         }
+    }
+}
+
+/// When uploads may start: all [`PARALLEL`] slots while the store answers; after a failure,
+/// one upload at a time, each after a growing wait, until one succeeds.
+#[derive(Debug)]
+struct Retry {
+    failing: bool,
+    wait: Duration,
+    next_attempt: Option<Instant>,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            failing: false,
+            wait: RETRY_AFTER,
+            next_attempt: None,
+        }
+    }
+}
+
+impl Retry {
+    /// How many uploads may run now.
+    fn slots(&self, now: Instant) -> usize {
+        match (self.failing, self.next_attempt) {
+            (false, _) => PARALLEL,
+            (true, Some(at)) if now < at => 0,
+            (true, _) => 1,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Records a failure; returns the wait before the next attempt.
+    fn failed(&mut self, now: Instant) -> Duration {
+        let wait = if self.failing { self.wait } else { RETRY_AFTER };
+        self.failing = true;
+        self.next_attempt = Some(now + wait);
+        self.wait = (wait * 2).min(MAX_RETRY_AFTER);
+        wait
     }
 }
 
@@ -294,6 +356,23 @@ mod tests {
                 "000000020000000000000005"
             ]
         );
+    }
+
+    #[test]
+    fn a_failing_store_is_probed_by_one_upload_with_a_growing_wait() {
+        let start = Instant::now();
+        let mut retry = Retry::default();
+        assert_eq!(retry.slots(start), PARALLEL);
+        assert_eq!(retry.failed(start), Duration::from_secs(2));
+        assert_eq!(retry.slots(start), 0);
+        assert_eq!(retry.slots(start + Duration::from_secs(2)), 1);
+        assert_eq!(retry.failed(start), Duration::from_secs(4));
+        assert_eq!(retry.failed(start), Duration::from_secs(8));
+        assert_eq!(retry.failed(start), MAX_RETRY_AFTER);
+        assert_eq!(retry.failed(start), MAX_RETRY_AFTER);
+        retry.succeeded();
+        assert_eq!(retry.slots(start), PARALLEL);
+        assert_eq!(retry.failed(start), RETRY_AFTER);
     }
 
     #[test]

@@ -43,6 +43,12 @@ pub struct BackupInfo {
     /// WAL location where it ends (recovery must replay up to here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_lsn: Option<String>,
+    /// First WAL segment it needs (`000000010000000000000003`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin_wal: Option<String>,
+    /// Last WAL segment it needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_wal: Option<String>,
     /// Start time, RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub begin_time: Option<String>,

@@ -11,6 +11,7 @@
 //! PostgreSQL logs.
 
 pub mod archiver;
+pub mod backup_wal;
 pub mod barman;
 pub mod engine;
 pub mod http;

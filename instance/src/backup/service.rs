@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::backup::BackupSetup;
 use crate::backup::archiver::ArchiveState;
 use crate::backup::engine::{BackupInfo, LocalServer};
 use crate::backup::metrics::BackupMetrics;
+use crate::backup::{BackupSetup, Store, backup_wal};
 use crate::error::{Error, Result};
 
 /// Where a base backup run is.
@@ -56,6 +56,8 @@ pub struct BackupService {
     /// The archiver's state.
     pub archive: Arc<ArchiveState>,
     server: LocalServer,
+    /// `pg_wal`, where a backup's own WAL is read when nothing archives it continuously.
+    wal_dir: std::path::PathBuf,
     metrics: BackupMetrics,
     runs: Mutex<BTreeMap<String, BackupRun>>,
     role: Mutex<String>,
@@ -64,17 +66,19 @@ pub struct BackupService {
 }
 
 impl BackupService {
-    /// A service that backs up the server reached through `server`.
+    /// A service that backs up the server reached through `server`, whose WAL is in `wal_dir`.
     pub fn new(
         setup: Arc<BackupSetup>,
         archive: Arc<ArchiveState>,
         server: LocalServer,
+        wal_dir: std::path::PathBuf,
         metrics: BackupMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             setup,
             archive,
             server,
+            wal_dir,
             metrics,
             runs: Mutex::new(BTreeMap::new()),
             role: Mutex::new(String::new()),
@@ -138,11 +142,7 @@ impl BackupService {
         let name = name.to_string();
         tokio::spawn(async move {
             info!(backup = %name, destination = %store.destination(), "base backup started");
-            let result = service
-                .setup
-                .engine
-                .backup(&store, &service.server, &name)
-                .await;
+            let result = service.take_backup(&store, &name).await;
             let completed_at = Some(k8s_openapi::jiff::Timestamp::now().to_string());
             if let Ok(mut runs) = service.runs.lock()
                 && let Some(run) = runs.get_mut(&name)
@@ -168,6 +168,29 @@ impl BackupService {
             }
         });
         Ok(run)
+    }
+
+    /// Takes the base backup; without continuous archiving, uploads the WAL it needs too.
+    async fn take_backup(&self, store: &Store, name: &str) -> Result<BackupInfo> {
+        let backup = self.setup.engine.backup(store, &self.server, name).await?;
+        if self.setup.wal_archiving {
+            return Ok(backup);
+        }
+        let (Some(begin), Some(end)) = (&backup.begin_wal, &backup.end_wal) else {
+            return Err(Error::Invalid(format!(
+                "backup {} is listed without its WAL range: it cannot be made restorable without WAL archiving",
+                backup.backup_id
+            )));
+        };
+        let files = backup_wal::files_for_backup(&self.wal_dir, begin, end)?;
+        for file in &files {
+            self.setup
+                .engine
+                .archive_wal(store, &self.wal_dir.join(file))
+                .await?;
+        }
+        info!(backup = %name, files = files.len(), "uploaded the WAL the backup needs (walArchiving is off)");
+        Ok(backup)
     }
 
     /// The backups in the repository, oldest first.

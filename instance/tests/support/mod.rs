@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod backup;
 pub mod pooler;
 
 use std::collections::BTreeMap;
