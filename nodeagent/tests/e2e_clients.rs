@@ -291,7 +291,13 @@ fn start_pooled_writers(
                     let result = client
                         .as_ref()
                         .expect("connected")
-                        .execute("INSERT INTO pooled_acks (id) VALUES ($1)", &[&next])
+                        // Unnamed statements, one round trip each: a named prepared statement
+                        // does not survive transaction pooling (PgBouncer 1.18 cannot pool
+                        // them), whatever the switchover does.
+                        .query_typed(
+                            "INSERT INTO pooled_acks (id) VALUES ($1)",
+                            &[(&next, tokio_postgres::types::Type::INT8)],
+                        )
                         .await;
                     match result {
                         Ok(_) => {
@@ -300,7 +306,12 @@ fn start_pooled_writers(
                         }
                         Err(error) => {
                             seen.errors += 1;
-                            seen.last_error = Some(error.to_string());
+                            seen.last_error = Some(
+                                error
+                                    .as_db_error()
+                                    .map(|db| format!("{}: {}", db.code().code(), db.message()))
+                                    .unwrap_or_else(|| error.to_string()),
+                            );
                             client = None;
                         }
                     }
@@ -437,9 +448,24 @@ async fn kubectl_pg_shows_status_and_switches_over() -> anyhow::Result<()> {
         max_wait.as_millis(),
         acknowledged.len()
     );
+    let pooler_lines = || {
+        ["kp-0", "kp-1"]
+            .iter()
+            .flat_map(|pod| {
+                nodeagent::pod_log(&e2e.agent_dir(), namespace, pod, "postgres")
+                    .lines()
+                    .filter(|line| line.contains("pooler") || line.contains("PAUSE"))
+                    .map(|line| format!("{pod}: {line}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert_eq!(
-        client_errors, 0,
-        "clients through the Pooler saw errors at the switchover (last: {last_error:?})"
+        client_errors,
+        0,
+        "clients through the Pooler saw errors at the switchover (last: {last_error:?})\n{}",
+        pooler_lines()
     );
     assert!(
         max_wait < Duration::from_secs(10),
@@ -447,7 +473,7 @@ async fn kubectl_pg_shows_status_and_switches_over() -> anyhow::Result<()> {
     );
     let reader = common::connect_as(pooled, &app_user, &pool_login, "app").await?;
     let stored: std::collections::BTreeSet<i64> = reader
-        .query("SELECT id FROM pooled_acks", &[])
+        .query_typed("SELECT id FROM pooled_acks", &[])
         .await?
         .iter()
         .map(|row| row.get(0))
