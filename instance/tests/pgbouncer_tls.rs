@@ -132,7 +132,10 @@ fn bouncer(
     let ini = pgbouncer_ini(&pooler(), &target)
         + &tls.replace(CA_MOUNT_PATH, &ca_dir.display().to_string())
         + &client_tls_lines(mode)
-            .replace(CLIENT_TLS_MOUNT_PATH, &client_tls_dir.display().to_string());
+            .replace(CLIENT_TLS_MOUNT_PATH, &client_tls_dir.display().to_string())
+        // A client of a PgBouncer that cannot log in to the server gets its error when the
+        // query wait times out (120 s by default): the refusals below need not wait that long.
+        + "query_wait_timeout = 5\n";
     bouncer.env("HOSTALIASES", &aliases.display().to_string());
     bouncer.start(&ini, &auth_file_line(AUTH_PASSWORD)).unwrap();
     bouncer
