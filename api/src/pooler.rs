@@ -85,6 +85,18 @@ pub struct PgBouncerSpec {
     #[serde(default = "default_pause_timeout_seconds")]
     #[schemars(range(min = 1, max = 3600))]
     pub pause_timeout_seconds: i32,
+    /// TLS between clients and PgBouncer. Unset: `Required` when the cluster speaks TLS (its
+    /// `spec.tls.mode` is not `Disabled`), so a client reaches the pooler the way it reaches the
+    /// cluster (encrypted or not at all), and `Disabled` when the cluster's TLS is. With TLS the
+    /// operator issues the Pooler a server certificate (Secret `<pooler>-pooler-tls`) from the
+    /// cluster's CA, or through the cluster's cert-manager issuer, naming its Service as
+    /// `<pooler>`, `<pooler>.<namespace>`, `<pooler>.<namespace>.svc` and
+    /// `<pooler>.<namespace>.svc.cluster.local`: clients connect with `sslmode=verify-full` and
+    /// `sslrootcert` the cluster's `ca.crt` (Secret `<cluster>-ca`). A renewed certificate rolls
+    /// the PgBouncer pods. `Required` or `Preferred` with the cluster's TLS disabled is refused
+    /// (condition Degraded, reason `InvalidSpec`): there is no CA to issue from.
+    #[serde(default, rename = "clientTLS", skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<ClientTlsMode>,
     /// Other pgbouncer.ini settings of the [pgbouncer] section.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
@@ -98,6 +110,7 @@ impl Default for PgBouncerSpec {
             default_pool_size: default_pool_size(),
             max_client_conn: default_max_client_conn(),
             pause_timeout_seconds: default_pause_timeout_seconds(),
+            client_tls: None,
             parameters: BTreeMap::new(),
         }
     }
@@ -113,6 +126,18 @@ fn default_max_client_conn() -> i32 {
 
 fn default_pause_timeout_seconds() -> i32 {
     30
+}
+
+/// Whether PgBouncer takes clients over TLS (`client_tls_sslmode`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ClientTlsMode {
+    /// TLS only: a client that does not ask for TLS is refused (`require`).
+    Required,
+    /// TLS for the clients that ask for it, plain TCP for the others (`prefer`): for
+    /// applications that cannot do TLS yet.
+    Preferred,
+    /// No TLS: PgBouncer answers plain TCP only (`disable`).
+    Disabled,
 }
 
 /// PgBouncer pool mode.

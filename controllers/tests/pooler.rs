@@ -1,13 +1,15 @@
 //! The Pooler reconciler on a real API server: owned objects, the per-cluster auth Secret, a
 //! spec change that rewrites pgbouncer.ini without touching the pod template, and the Degraded
-//! condition for a missing cluster or an invalid parameter.
+//! condition for a missing cluster or an invalid parameter; the Pooler's own server certificate
+//! (from the cluster's CA, naming its Service) mounted for PgBouncer's clients, required by
+//! default, and renewed with a new hash on the pod template (a rollout).
 
 mod common;
 
 use std::sync::Arc;
 
 use api::pooler::{PgBouncerSpec, Pooler, PoolerSpec, PoolerType};
-use common::{Env, MANAGER_IMAGE, spec};
+use common::{Env, MANAGER_IMAGE, dns_names, secret_text, spec};
 use controllers::metrics::Metrics;
 use controllers::pooler::builders;
 use controllers::postgres_cluster::{Context, Settings};
@@ -30,6 +32,12 @@ fn start_pooler_controller(env: &Env) -> tokio::task::JoinHandle<()> {
         metrics: Arc::new(Metrics::new()),
         settings: Settings {
             instance_manager_image: MANAGER_IMAGE.to_string(),
+            // Short-lived certificates, renewed about every 10 s: the test sees a renewal.
+            tls: controllers::tls::certificates::Lifetimes {
+                leaf: std::time::Duration::from_secs(40),
+                renew_before: std::time::Duration::from_secs(30),
+                ..Default::default()
+            },
             ..Settings::default()
         },
     });
@@ -85,7 +93,24 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
     })
     .await;
 
-    // The cluster appears: every object is applied.
+    // The cluster appears (with TLS, the default), and its CA as the cluster's reconciler
+    // would have made it: every object is applied.
+    let ca = controllers::tls::certificates::new_ca(
+        "db",
+        &env.namespace,
+        time::OffsetDateTime::now_utc(),
+        std::time::Duration::from_secs(86400),
+    )
+    .unwrap();
+    let ca_secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": api::contract::tls_ca_private_secret("db")},
+        "stringData": {"ca.crt": ca.certificate_pem, "ca.key": ca.key_pem},
+    }))
+    .unwrap();
+    env.api::<Secret>()
+        .create(&PostParams::default(), &ca_secret)
+        .await
+        .unwrap();
     let cluster = api::postgres_cluster::PostgresCluster::new("db", spec(1, "example.org/pg:18"));
     env.clusters()
         .create(&PostParams::default(), &cluster)
@@ -103,9 +128,60 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
         service.spec.unwrap().selector.unwrap()[builders::LABEL_POOLER],
         "pool"
     );
+    // TLS for PgBouncer's clients, required by default: the Pooler's own certificate, from the
+    // cluster's CA, naming the Pooler's Service, mounted where pgbouncer.ini says.
+    assert!(ini.contains("client_tls_sslmode = require\n"), "{ini}");
+    assert!(
+        ini.contains("client_tls_cert_file = /etc/pgbouncer/client-tls/tls.crt\n"),
+        "{ini}"
+    );
+    let certificate: Secret = env.object("pool-pooler-tls").await;
+    let pem = secret_text(&certificate, "tls.crt");
+    assert_eq!(
+        dns_names(&pem),
+        [
+            "pool",
+            "pool.pool-ns",
+            "pool.pool-ns.svc",
+            "pool.pool-ns.svc.cluster.local"
+        ]
+    );
+    assert_eq!(secret_text(&certificate, "ca.crt"), ca.certificate_pem);
+    assert_eq!(
+        certificate.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "Pooler"
+    );
     let deployment: Deployment = env.object("pool").await;
-    let template_before =
-        serde_json::to_value(&deployment.spec.as_ref().unwrap().template).unwrap();
+    let template_before = template_without_certificate_hash(&deployment);
+    let certificate_hash = |deployment: &Deployment| {
+        deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[controllers::tls::pooler::ANNOTATION_CERTIFICATE_HASH]
+            .clone()
+    };
+    let hash_of_first = certificate_hash(&deployment);
+    let pod = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    assert!(pod.volumes.unwrap().iter().any(|volume| {
+        volume
+            .secret
+            .as_ref()
+            .is_some_and(|secret| secret.secret_name.as_deref() == Some("pool-pooler-tls"))
+    }));
     let hash_before =
         deployment.metadata.annotations.clone().unwrap()[builders::ANNOTATION_CONFIG_HASH].clone();
     let ready = pooler_where(&env, "status with endpoint", |p| {
@@ -139,13 +215,28 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
     .await;
     let deployment: Deployment = env.object("pool").await;
     assert_eq!(
-        serde_json::to_value(&deployment.spec.as_ref().unwrap().template).unwrap(),
+        template_without_certificate_hash(&deployment),
         template_before
     );
     assert_ne!(
         deployment.metadata.annotations.unwrap()[builders::ANNOTATION_CONFIG_HASH],
         hash_before
     );
+
+    // The certificate is renewed before it expires (here within seconds): a new certificate,
+    // a new hash on the pod template, so the pods roll onto it.
+    let api = env.api::<Deployment>();
+    env.eventually("a renewed certificate rolls the pod template", || {
+        let api = api.clone();
+        let (certificate_hash, hash_of_first) = (&certificate_hash, &hash_of_first);
+        async move {
+            let deployment = api.get("pool").await.ok()?;
+            (certificate_hash(&deployment) != *hash_of_first).then_some(())
+        }
+    })
+    .await;
+    let renewed: Secret = env.object("pool-pooler-tls").await;
+    assert_ne!(secret_text(&renewed, "tls.crt"), pem);
 
     // A parameter the operator owns is refused with a condition.
     poolers
@@ -200,4 +291,13 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
         );
     }
     controller.abort();
+}
+
+/// The pod template without the certificate hash (which changes with each renewal).
+fn template_without_certificate_hash(deployment: &Deployment) -> serde_json::Value {
+    let mut template = serde_json::to_value(&deployment.spec.as_ref().unwrap().template).unwrap();
+    if let Some(annotations) = template["metadata"]["annotations"].as_object_mut() {
+        annotations.remove(controllers::tls::pooler::ANNOTATION_CERTIFICATE_HASH);
+    }
+    template
 }

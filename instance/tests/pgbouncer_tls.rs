@@ -7,6 +7,11 @@
 //! carry, PgBouncer refuses to connect and the client gets an error. The instance managers' probe
 //! of the rw Service (PAUSE/RESUME) logs in over TLS verified the same way.
 //!
+//! PgBouncer also serves its clients over TLS with the Pooler's own certificate (issued from the
+//! cluster's CA for the Pooler's Service names, `client_tls_sslmode = require` as the reconciler
+//! renders it by default): a client verifying `verify-full` against the cluster's CA and the
+//! Pooler's Service name gets in, a plain-text client and a client expecting another name do not.
+//!
 //! The test cannot add DNS names, so PgBouncer reaches the Service by its short name (one of the
 //! certificate's names) resolved to the loopback address through c-ares's `HOSTALIASES`.
 
@@ -17,11 +22,14 @@ use std::time::Duration;
 
 use api::common::ClusterReference;
 use api::contract;
+use api::pooler::ClientTlsMode;
 use api::pooler::{PgBouncerSpec, PoolMode, Pooler, PoolerSpec, PoolerType};
 use api::postgres_cluster::{PostgresCluster, PostgresClusterSpec};
 use controllers::pooler::builders::{Target, auth_file_line, pgbouncer_ini};
 use controllers::tls::certificates::{self, Issued, Leaf};
-use controllers::tls::pooler::{CA_MOUNT_PATH, server_tls_lines};
+use controllers::tls::pooler::{
+    CA_MOUNT_PATH, CLIENT_TLS_MOUNT_PATH, client_tls_lines, client_tls_mode, server_tls_lines,
+};
 use instance::pooler::pause::{RwTls, is_writable};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
@@ -34,6 +42,8 @@ const AUTH_PASSWORD: &str = "pool'auth\"tls";
 /// The application role of test clusters (support/mod.rs creates its Secret).
 const APP_USER: &str = "app";
 const APP_PASSWORD: &str = "app-pass";
+/// The Pooler's Service name, as a client in the namespace verifies it.
+const POOLER_SERVICE: &str = "pool.default.svc";
 
 /// Writes `content` readable by everyone (PgBouncer runs as the unprivileged user).
 fn write_public(path: &Path, content: &str) {
@@ -81,10 +91,30 @@ fn pooler() -> Pooler {
     pooler
 }
 
+/// Issues the Pooler's server certificate from `ca` into `dir` as its Secret would be mounted.
+fn mount_pooler_certificate(dir: &Path, ca: &Issued) {
+    let leaf = Leaf::Pooler {
+        pooler: "pool".into(),
+        namespace: NAMESPACE.into(),
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let issued = certificates::issue(ca, &leaf, now, Duration::from_secs(3600)).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    write_public(&dir.join("tls.crt"), &issued.certificate_pem);
+    write_public(&dir.join("tls.key"), &issued.key_pem);
+}
+
 /// A PgBouncer with the reconciler's pgbouncer.ini and TLS lines, reaching the primary at
-/// `host` (resolved to 127.0.0.1 by `aliases`) and trusting the CA in `ca_dir/ca.crt` (the
-/// Pooler pod's mount path replaced by the test's folder).
-fn bouncer(host: &str, port: u16, aliases: &Path, ca_dir: &Path) -> PgBouncer {
+/// `host` (resolved to 127.0.0.1 by `aliases`) and trusting the CA in `ca_dir/ca.crt`, serving
+/// its clients with the certificate in `client_tls_dir` (the Pooler pod's mount paths replaced
+/// by the test's folders).
+fn bouncer(
+    host: &str,
+    port: u16,
+    aliases: &Path,
+    ca_dir: &Path,
+    client_tls_dir: &Path,
+) -> PgBouncer {
     let mut bouncer = PgBouncer::prepare().unwrap();
     let target = Target {
         host: host.into(),
@@ -97,21 +127,54 @@ fn bouncer(host: &str, port: u16, aliases: &Path, ca_dir: &Path) -> PgBouncer {
     let cluster = PostgresCluster::new(NAME, PostgresClusterSpec::with_image(1, "pg"));
     let tls = server_tls_lines(&cluster);
     assert!(tls.contains("server_tls_sslmode = verify-full"), "{tls}");
+    let mode = client_tls_mode(&pooler(), &cluster).unwrap();
+    assert_eq!(mode, ClientTlsMode::Required);
     let ini = pgbouncer_ini(&pooler(), &target)
-        + &tls.replace(CA_MOUNT_PATH, &ca_dir.display().to_string());
+        + &tls.replace(CA_MOUNT_PATH, &ca_dir.display().to_string())
+        + &client_tls_lines(mode)
+            .replace(CLIENT_TLS_MOUNT_PATH, &client_tls_dir.display().to_string())
+        // A client of a PgBouncer that cannot log in to the server gets its error when the
+        // query wait times out (120 s by default): the refusals below need not wait that long.
+        + "query_wait_timeout = 5\n";
     bouncer.env("HOSTALIASES", &aliases.display().to_string());
     bouncer.start(&ini, &auth_file_line(AUTH_PASSWORD)).unwrap();
     bouncer
 }
 
-async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::Config::new()
+fn client_config(port: u16) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
         .host("127.0.0.1")
         .port(port)
         .user(APP_USER)
         .password(APP_PASSWORD)
         .dbname(APP_USER)
-        .connect_timeout(Duration::from_secs(20))
+        .connect_timeout(Duration::from_secs(20));
+    config
+}
+
+/// Connects to PgBouncer at `port` over TLS, verifying it as `verify-full` would: chained to
+/// `ca_pem` and named `server_name`.
+async fn connect_tls(
+    port: u16,
+    ca_pem: &str,
+    server_name: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let tls = testbed::pg_tls::VerifyFull::new(ca_pem, server_name).unwrap();
+    let (client, connection) = client_config(port)
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
+        .connect(tls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Connects to PgBouncer at `port` without TLS.
+async fn connect_plain(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = client_config(port)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
         .connect(tokio_postgres::NoTls)
         .await?;
     tokio::spawn(async move {
@@ -194,11 +257,14 @@ async fn pgbouncer_verifies_the_cluster_certificate_and_serves_over_tls() {
     let right_ca = dir.path().join("right");
     std::fs::create_dir_all(&right_ca).unwrap();
     write_public(&right_ca.join("ca.crt"), &ca.certificate_pem);
+    let pooler_tls = dir.path().join("pooler-tls");
+    mount_pooler_certificate(&pooler_tls, &ca);
 
     // verify-full to the -rw name against the cluster's CA: auth_query and the client's session
-    // run over TLS.
-    let good = bouncer(&rw, pg_port, &aliases, &right_ca);
-    let client = connect(good.port())
+    // run over TLS. The client verifies PgBouncer in turn: the cluster's CA and the Pooler's
+    // Service name.
+    let good = bouncer(&rw, pg_port, &aliases, &right_ca, &pooler_tls);
+    let client = connect_tls(good.port(), &ca.certificate_pem, POOLER_SERVICE)
         .await
         .unwrap_or_else(|error| panic!("through PgBouncer: {error}\n{}", good.log()));
     let rows = client
@@ -235,14 +301,44 @@ async fn pgbouncer_verifies_the_cluster_certificate_and_serves_over_tls() {
     );
     drop(client);
 
+    // A client without TLS is refused (client_tls_sslmode = require), and so is a client that
+    // expects another name than the Pooler's (verify-full checks the name) or trusts another CA.
+    let plain = connect_plain(good.port()).await;
+    let Err(refusal) = plain else {
+        panic!("a plain-text client was let in");
+    };
+    let refusal = refusal
+        .as_db_error()
+        .map(|db| db.message().to_string())
+        .unwrap_or_else(|| refusal.to_string());
+    assert!(
+        refusal.to_lowercase().contains("ssl") || refusal.contains("TLS"),
+        "{refusal}"
+    );
+    assert!(
+        connect_tls(good.port(), &ca.certificate_pem, "db-rw.default.svc")
+            .await
+            .is_err(),
+        "PgBouncer passed for a name its certificate does not carry"
+    );
+    let foreign =
+        certificates::new_ca("foreign", NAMESPACE, now, Duration::from_secs(86400)).unwrap();
+    assert!(
+        connect_tls(good.port(), &foreign.certificate_pem, POOLER_SERVICE)
+            .await
+            .is_err(),
+        "PgBouncer passed with a CA that did not sign its certificate"
+    );
     // A CA that did not sign the server certificate: PgBouncer refuses the server.
     let other = certificates::new_ca("other", NAMESPACE, now, Duration::from_secs(86400)).unwrap();
     let wrong_ca = dir.path().join("wrong");
     std::fs::create_dir_all(&wrong_ca).unwrap();
     write_public(&wrong_ca.join("ca.crt"), &other.certificate_pem);
-    let untrusted = bouncer(&rw, pg_port, &aliases, &wrong_ca);
+    let untrusted = bouncer(&rw, pg_port, &aliases, &wrong_ca, &pooler_tls);
     assert!(
-        connect(untrusted.port()).await.is_err(),
+        connect_tls(untrusted.port(), &ca.certificate_pem, POOLER_SERVICE)
+            .await
+            .is_err(),
         "a server signed by another CA was trusted:\n{}",
         untrusted.log()
     );
@@ -253,9 +349,11 @@ async fn pgbouncer_verifies_the_cluster_certificate_and_serves_over_tls() {
     );
 
     // A host name the certificate does not carry: refused too (verify-full checks the name).
-    let misnamed = bouncer("elsewhere", pg_port, &aliases, &right_ca);
+    let misnamed = bouncer("elsewhere", pg_port, &aliases, &right_ca, &pooler_tls);
     assert!(
-        connect(misnamed.port()).await.is_err(),
+        connect_tls(misnamed.port(), &ca.certificate_pem, POOLER_SERVICE)
+            .await
+            .is_err(),
         "a server without the host's name was trusted:\n{}",
         misnamed.log()
     );

@@ -3,7 +3,10 @@
 //! user applied by the primary's instance manager, whose generated Secret works with the real
 //! psql through the `-rw` Service, and a Pooler of that cluster whose PgBouncer pod serves
 //! PgBouncer's metrics from its second container; and the `kubectl pg` plugin (status,
-//! switchover) against the same stack. Scenarios run in parallel in their own namespaces.
+//! switchover) against the same stack, with clients writing through a Pooler (over TLS,
+//! `verify-full` to the Pooler's name) during the switchover: no client error, only a short
+//! wait, and every acknowledged row there afterwards. Scenarios run in parallel in their own
+//! namespaces.
 //!
 //! Needs the workspace's `postgres-operator`, `pg-instance` and `kubectl-pg` binaries next to
 //! this test's target folder (`cargo build -p controllers -p instance -p kubectl-pg`; `cargo
@@ -175,8 +178,11 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
             let output = Command::new(&psql)
                 .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c"])
                 .arg("SELECT count(*) FROM stock.items")
+                // TLS to PgBouncer as an application does it: verify-full against the
+                // cluster's CA and the Pooler's Service name (its own certificate).
                 .arg(format!(
-                    "host=127.0.0.1 port={pooled} user={username} dbname=inventory connect_timeout=5"
+                    "host=app-pool.{namespace}.svc hostaddr=127.0.0.1 port={pooled} user={username} dbname=inventory connect_timeout=5 sslmode=verify-full sslrootcert={}",
+                    ca_file.display()
                 ))
                 .env("PGPASSWORD", &password)
                 .output()?;
@@ -239,6 +245,85 @@ fn kubectl_pg(
     ))
 }
 
+/// What writers through the Pooler saw: the acknowledged ids, the errors (with the last
+/// message), and the longest time one INSERT took (a paused pooler holds it).
+struct PooledWrites {
+    acknowledged: Vec<i64>,
+    errors: u64,
+    last_error: Option<String>,
+    max_wait: Duration,
+}
+
+/// `writers` clients inserting increasing ids into `pooled_acks` through the Pooler's local
+/// port, each on one connection (reconnecting after an error, which is counted), until `stop`.
+fn start_pooled_writers(
+    writers: i64,
+    port: u16,
+    login: &common::Login,
+    user: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<PooledWrites>> {
+    (0..writers)
+        .map(|writer| {
+            let (login, user, stop) = (login.clone(), user.to_string(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = PooledWrites {
+                    acknowledged: Vec::new(),
+                    errors: 0,
+                    last_error: None,
+                    max_wait: Duration::ZERO,
+                };
+                let mut client = None;
+                let mut next = (writer + 1) * 1_000_000;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if client.is_none() {
+                        match common::connect_as(port, &user, &login, "app").await {
+                            Ok(connected) => client = Some(connected),
+                            Err(error) => {
+                                seen.errors += 1;
+                                seen.last_error = Some(format!("connect: {error:#}"));
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        }
+                    }
+                    let started = std::time::Instant::now();
+                    let result = client
+                        .as_ref()
+                        .expect("connected")
+                        // Unnamed statements, one round trip each: a named prepared statement
+                        // does not survive transaction pooling (PgBouncer 1.18 cannot pool
+                        // them), whatever the switchover does.
+                        .query_typed(
+                            "INSERT INTO pooled_acks (id) VALUES ($1)",
+                            &[(&next, tokio_postgres::types::Type::INT8)],
+                        )
+                        .await;
+                    match result {
+                        Ok(_) => {
+                            seen.acknowledged.push(next);
+                            seen.max_wait = seen.max_wait.max(started.elapsed());
+                        }
+                        Err(error) => {
+                            seen.errors += 1;
+                            seen.last_error = Some(
+                                error
+                                    .as_db_error()
+                                    .map(|db| format!("{}: {}", db.code().code(), db.message()))
+                                    .unwrap_or_else(|| error.to_string()),
+                            );
+                            client = None;
+                        }
+                    }
+                    next += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_pg_shows_status_and_switches_over() -> anyhow::Result<()> {
     let e2e = stack()?;
@@ -286,6 +371,45 @@ async fn kubectl_pg_shows_status_and_switches_over() -> anyhow::Result<()> {
     .await?;
     assert!(status.to_string().contains(&primary), "{status}");
 
+    // A Pooler in front of the cluster, and clients writing through it as the application
+    // user, over TLS verified against the cluster's CA and the Pooler's Service name.
+    let pooler = json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "Pooler",
+                        "metadata": {"name": "kp-pool", "namespace": namespace},
+                        "spec": {"cluster": {"name": "kp"}, "type": "rw", "instances": 1}});
+    testbed::manifests::apply(&client, &pooler, namespace).await?;
+    let app_secret = api::contract::app_secret("kp");
+    let app_user = secret_value(&client, namespace, &app_secret, "username").await?;
+    let ca_pem = secret_value(
+        &client,
+        namespace,
+        &api::contract::tls_ca_secret("kp"),
+        api::contract::tls_keys::CA,
+    )
+    .await?;
+    let pool_name = format!("kp-pool.{namespace}.svc");
+    let pool_login = common::Login {
+        password: secret_value(&client, namespace, &app_secret, "password").await?,
+        tls: testbed::pg_tls::VerifyFull::new(&ca_pem, &pool_name)?,
+        ca_pem,
+        server_name: pool_name,
+    };
+    let pooled = eventually(
+        "the Pooler to serve the application user",
+        Duration::from_secs(180),
+        || async {
+            let port = e2e.service_port(namespace, "kp-pool")?;
+            let connection = common::connect_as(port, &app_user, &pool_login, "app").await?;
+            connection
+                .batch_execute("CREATE TABLE IF NOT EXISTS pooled_acks (id bigint PRIMARY KEY)")
+                .await?;
+            Ok(Ok(port))
+        },
+    )
+    .await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = start_pooled_writers(2, pooled, &pool_login, &app_user, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
     // Switchover through the plugin, waiting for the new primary.
     let (ok, text, errors) = kubectl_pg(
         &e2e,
@@ -305,6 +429,78 @@ async fn kubectl_pg_shows_status_and_switches_over() -> anyhow::Result<()> {
         .wait_healthy(&clusters, "kp", Some(&primary), Duration::from_secs(120))
         .await?;
     assert_eq!(now, replica);
+
+    // The writers went on through the switchover: no error, a short wait at most, and every
+    // acknowledged row is on the new primary.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut acknowledged, mut client_errors, mut max_wait, mut last_error) =
+        (Vec::new(), 0, Duration::ZERO, None);
+    for writer in writers {
+        let seen = writer.await?;
+        acknowledged.extend(seen.acknowledged);
+        client_errors += seen.errors;
+        max_wait = max_wait.max(seen.max_wait);
+        last_error = last_error.or(seen.last_error);
+    }
+    println!(
+        "e2e_pooler_switchover_client_errors={client_errors} e2e_pooler_switchover_client_max_wait_ms={} e2e_pooler_switchover_acknowledged={}",
+        max_wait.as_millis(),
+        acknowledged.len()
+    );
+    let pooler_lines = || {
+        ["kp-0", "kp-1"]
+            .iter()
+            .flat_map(|pod| {
+                nodeagent::pod_log(&e2e.agent_dir(), namespace, pod, "postgres")
+                    .lines()
+                    .filter(|line| line.contains("pooler") || line.contains("PAUSE"))
+                    .map(|line| format!("{pod}: {line}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        client_errors,
+        0,
+        "clients through the Pooler saw errors at the switchover (last: {last_error:?})\n{}",
+        pooler_lines()
+    );
+    assert!(
+        max_wait < Duration::from_secs(10),
+        "an INSERT through the Pooler waited {max_wait:?}"
+    );
+    let reader = common::connect_as(pooled, &app_user, &pool_login, "app").await?;
+    let stored: std::collections::BTreeSet<i64> = reader
+        .query_typed("SELECT id FROM pooled_acks", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let lost: Vec<i64> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(id))
+        .copied()
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged rows lost: {lost:?}",
+        lost.len(),
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() > 50,
+        "the writers wrote: {}",
+        acknowledged.len()
+    );
+    let primary_now = reader
+        .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+        .await?;
+    assert!(
+        !primary_now.get::<_, bool>(0),
+        "the Pooler reads from the new primary"
+    );
     let (ok, text, errors) = kubectl_pg(&e2e, namespace, &["status", "kp"])?;
     assert!(ok, "{errors}");
     let line = text

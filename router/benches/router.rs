@@ -3,7 +3,8 @@
 //! (transaction pooling) in front of it; select-only (`-S`) and TPC-B-like with `-M simple`, and
 //! select-only with `-M prepared` (direct and router: Debian's PgBouncer 1.18 cannot pool
 //! prepared statements). Prints
-//! `name=value` lines: TPS ratios and p50/p99 latencies.
+//! `name=value` lines: TPS ratios and p50/p99 latencies, and the Pooler path against direct
+//! (`pooler_tps_ratio=` for select-only, with both TPS).
 //!
 //! The three targets run interleaved for `BENCH_ROUNDS` rounds (noisy shared machines): TPS is
 //! the median over rounds, latency percentiles are over every transaction of every round.
@@ -319,6 +320,19 @@ fn main() -> anyhow::Result<()> {
                 "router_vs_pgbouncer_tps_ratio_{name}={:.3}",
                 summaries[1].tps / summaries[2].tps
             );
+            // The Pooler path (PgBouncer, transaction pooling) against PostgreSQL directly.
+            println!(
+                "pooler_tps_ratio_{name}={:.3}",
+                summaries[2].tps / summaries[0].tps
+            );
+            if name == "select" {
+                println!(
+                    "pooler_tps_ratio={:.3} pooler_tps={:.1} direct_tps={:.1}",
+                    summaries[2].tps / summaries[0].tps,
+                    summaries[2].tps,
+                    summaries[0].tps
+                );
+            }
         }
     }
     drop(shard);

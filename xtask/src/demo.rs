@@ -162,7 +162,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
                 String::from_utf8_lossy(&version.stderr).trim()
             );
         }
-        pooler_answers(&client, &agent, &psql).await?;
+        pooler_answers(&client, &agent, &psql, &ca_file).await?;
         router_answers(&client, &agent, &psql, plane.dir()).await?;
         println!("kubeconfig: {}   (KUBECONFIG=... kubectl get postgres,pods,svc)", plane.kubeconfig_path().display());
         println!("logs: {} (control plane), {} (pods)", plane.dir().display(), agent_dir.path().display());
@@ -230,12 +230,14 @@ async fn print_objects(
 }
 
 /// Waits (up to 2 minutes) until a query as the application user through the example Pooler's
-/// Service succeeds: its PgBouncer pods logged in to PostgreSQL over TLS (`verify-full` to the
-/// `-rw` Service name) with the pooler auth role.
+/// Service succeeds, over TLS verified as an application does (`verify-full` against the
+/// cluster's CA and the Pooler's Service name): its PgBouncer pods logged in to PostgreSQL over
+/// TLS too (`verify-full` to the `-rw` Service name) with the pooler auth role.
 async fn pooler_answers(
     client: &kube::Client,
     agent: &NodeAgent,
     psql: &std::path::Path,
+    ca_file: &std::path::Path,
 ) -> anyhow::Result<()> {
     const POOLER: &str = "demo-pooler-rw";
     let password = secret_text(client, &api::contract::app_secret("demo"), "password").await?;
@@ -245,12 +247,15 @@ async fn pooler_answers(
         if let Some(port) = agent.service_port(NAMESPACE, POOLER, api::contract::POSTGRES_PORT) {
             let output = Command::new(psql)
                 .args(["-X", "-A", "-t", "-c", "SELECT current_user || ' via PgBouncer, server TLS ' || ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()"])
-                .arg(format!("host=127.0.0.1 port={port} user=app dbname=app connect_timeout=10"))
+                .arg(format!(
+                    "host={POOLER}.{NAMESPACE}.svc hostaddr=127.0.0.1 port={port} user=app dbname=app sslmode=verify-full sslrootcert={} connect_timeout=10",
+                    ca_file.display()
+                ))
                 .env("PGPASSWORD", &password)
                 .output()?;
             if output.status.success() {
                 println!(
-                    "The Pooler {POOLER} answers: {}",
+                    "The Pooler {POOLER} answers (verify-full): {}",
                     String::from_utf8_lossy(&output.stdout).trim()
                 );
                 return Ok(());

@@ -63,6 +63,9 @@ pub const OWNED_SETTINGS: &[&str] = &[
     "logfile",
     "admin_users",
     "stats_users",
+    "client_tls_sslmode",
+    "client_tls_cert_file",
+    "client_tls_key_file",
 ];
 
 /// Name of the Deployment, Service and ConfigMap of `pooler` (the Pooler's own name).

@@ -51,6 +51,15 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Issuing or reading the Pooler's TLS certificate failed.
+    #[error("Pooler {pooler}: its TLS certificate: {source}")]
+    Tls {
+        /// Pooler name.
+        pooler: String,
+        /// What failed.
+        #[source]
+        source: crate::tls::Error,
+    },
     /// Writing the status failed.
     #[error("Pooler {pooler}: updating the status failed: {source}")]
     UpdateStatus {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::pooler::Pooler;
+use api::pooler::{ClientTlsMode, Pooler};
 use api::postgres_cluster::PostgresCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -21,6 +21,7 @@ use super::status::{self, Outcome};
 use super::{CONTROLLER, Error};
 use crate::postgres_cluster::builders::generate_password;
 use crate::postgres_cluster::{Context, FIELD_MANAGER};
+use crate::tls::pooler as tls;
 
 /// Requeue while pods are not all ready, or while blocked (a cluster may appear).
 const BUSY_REQUEUE: Duration = Duration::from_secs(10);
@@ -50,15 +51,15 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
         .get_opt(cluster_name)
         .await
         .map_err(dereference)?;
-    if cluster.is_none() {
+    let Some(cluster) = cluster else {
         let outcome = Outcome::Blocked {
             reason: "ClusterNotFound".to_string(),
             message: format!(
                 "PostgresCluster {cluster_name} not found in namespace {namespace}: create it or fix spec.cluster.name"
             ),
         };
-        return finish(pooler, ctx, &namespace, outcome).await;
-    }
+        return finish(pooler, ctx, &namespace, outcome, None).await;
+    };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let secret_name = builders::auth_secret(cluster_name);
     if secrets
@@ -77,19 +78,56 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
     }
 
     // Validate.
-    if let Err(invalid) = builders::validate(pooler) {
-        let outcome = Outcome::Blocked {
-            reason: "InvalidSpec".to_string(),
-            message: invalid.to_string(),
+    let client_tls = builders::validate(pooler)
+        .map_err(|invalid| invalid.to_string())
+        .and_then(|()| tls::client_tls_mode(pooler, &cluster));
+    let client_tls = match client_tls {
+        Ok(mode) => mode,
+        Err(message) => {
+            let outcome = Outcome::Blocked {
+                reason: "InvalidSpec".to_string(),
+                message,
+            };
+            return finish(pooler, ctx, &namespace, outcome, None).await;
+        }
+    };
+
+    // Dereference the Pooler's own certificate (issued from the cluster's CA) when clients
+    // speak TLS: PgBouncer cannot start with client TLS and no certificate.
+    let mut certificate = None;
+    let mut renew_in = None;
+    if client_tls != ClientTlsMode::Disabled {
+        let state = tls::ensure_certificate(pooler, &cluster, ctx, &namespace)
+            .await
+            .map_err(|source| Error::Tls {
+                pooler: name.clone(),
+                source,
+            })?;
+        let (reason, message) = match state {
+            tls::CertificateState::Ready {
+                hash,
+                renew_in: left,
+            } => {
+                certificate = Some(hash);
+                renew_in = left;
+                (None, String::new())
+            }
+            tls::CertificateState::Pending(message) => (Some("CertificatePending"), message),
+            tls::CertificateState::Refused(message) => (Some("CertificateRefused"), message),
         };
-        return finish(pooler, ctx, &namespace, outcome).await;
+        if let Some(reason) = reason {
+            let outcome = Outcome::Blocked {
+                reason: reason.to_string(),
+                message,
+            };
+            return finish(pooler, ctx, &namespace, outcome, None).await;
+        }
     }
 
     // Build.
     let mut ini = builders::pgbouncer_ini(pooler, &Target::for_pooler(pooler));
-    if let Some(cluster) = &cluster {
-        ini.push_str(&crate::tls::pooler::server_tls_lines(cluster));
-    }
+    ini.push_str(&tls::server_tls_lines(&cluster));
+    ini.push_str(&tls::client_tls_lines(client_tls));
     let hash = builders::config_hash(&ini);
     let config_map = builders::config_map(pooler, &ini);
     let mut deployment = builders::deployment(
@@ -98,7 +136,10 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
         &ctx.settings.instance_manager_image,
         &hash,
     );
-    crate::tls::pooler::mount_cluster_ca(&mut deployment, cluster_name);
+    tls::mount_cluster_ca(&mut deployment, cluster_name);
+    if let Some(hash) = &certificate {
+        tls::mount_pooler_certificate(&mut deployment, pooler, hash);
+    }
     let service = builders::service(pooler);
 
     // Apply.
@@ -121,14 +162,21 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
     )
     .await?;
 
-    crate::monitoring::pooler::reconcile(ctx, pooler, cluster.as_ref()).await;
+    crate::monitoring::pooler::reconcile(ctx, pooler, Some(&cluster)).await;
 
     let ready = deployment
         .status
         .as_ref()
         .and_then(|status| status.ready_replicas)
         .unwrap_or(0);
-    finish(pooler, ctx, &namespace, Outcome::Applied { ready }).await
+    finish(
+        pooler,
+        ctx,
+        &namespace,
+        Outcome::Applied { ready },
+        renew_in,
+    )
+    .await
 }
 
 /// Server-side applies `object` with the operator's field manager.
@@ -151,12 +199,14 @@ where
 }
 
 /// Update-status stage: writes the status when it changed, publishes a warning event for a
-/// blocked Pooler, and decides when to look again.
+/// blocked Pooler, and decides when to look again (by `renew_in` at the latest, when the
+/// Pooler's certificate is due for renewal).
 async fn finish(
     pooler: &Pooler,
     ctx: &Context,
     namespace: &str,
     outcome: Outcome,
+    renew_in: Option<Duration>,
 ) -> Result<Action, Error> {
     let desired = status::desired_status(pooler, &outcome);
     if let Outcome::Blocked { reason, message } = &outcome {
@@ -197,10 +247,10 @@ async fn finish(
                 source,
             })?;
     }
-    Ok(match outcome {
-        Outcome::Applied { ready } if ready >= pooler.spec.instances => {
-            Action::requeue(ctx.settings.resync)
-        }
-        _ => Action::requeue(BUSY_REQUEUE),
-    })
+    let next = match outcome {
+        Outcome::Applied { ready } if ready >= pooler.spec.instances => ctx.settings.resync,
+        _ => BUSY_REQUEUE,
+    };
+    let next = renew_in.map_or(next, |left| next.min(left.max(Duration::from_secs(1))));
+    Ok(Action::requeue(next))
 }

@@ -25,7 +25,7 @@ pub const GROUP: &str = "cert-manager.io";
 /// API version of cert-manager's kinds.
 pub const VERSION: &str = "v1";
 
-fn resource(kind: &str) -> ApiResource {
+pub(crate) fn resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, kind))
 }
 
@@ -40,7 +40,7 @@ pub fn replication_certificate(cluster: &str) -> String {
 }
 
 /// A Go duration (`<seconds>s`), as cert-manager's `duration` and `renewBefore` take.
-fn go_duration(duration: Duration) -> String {
+pub(crate) fn go_duration(duration: Duration) -> String {
     format!("{}s", duration.as_secs())
 }
 
@@ -93,7 +93,7 @@ pub fn certificates(
 }
 
 /// The Ready condition's message of a `Certificate` when it is not ready.
-fn not_ready_message(certificate: &DynamicObject) -> Option<String> {
+pub(crate) fn not_ready_message(certificate: &DynamicObject) -> Option<String> {
     let conditions = certificate.data["status"]["conditions"].as_array()?;
     conditions
         .iter()

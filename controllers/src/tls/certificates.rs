@@ -97,6 +97,17 @@ pub fn server_dns_names(cluster: &str, namespace: &str) -> Vec<String> {
     .collect()
 }
 
+/// The DNS names of a Pooler's Service (`<pooler>`, `<pooler>.<ns>`, `<pooler>.<ns>.svc`,
+/// `<pooler>.<ns>.svc.cluster.local`): what its clients verify with `sslmode=verify-full`.
+pub fn pooler_dns_names(pooler: &str, namespace: &str) -> Vec<String> {
+    vec![
+        pooler.to_string(),
+        format!("{pooler}.{namespace}"),
+        format!("{pooler}.{namespace}.svc"),
+        format!("{pooler}.{namespace}.svc.cluster.local"),
+    ]
+}
+
 fn generate_error(what: &str) -> impl FnOnce(rcgen::Error) -> CertificateError {
     let what = what.to_string();
     move |source| CertificateError::Generate { what, source }
@@ -158,6 +169,14 @@ pub enum Leaf {
         /// Namespace.
         namespace: String,
     },
+    /// A Pooler's server certificate (PgBouncer's `client_tls_cert_file`): CN the Pooler,
+    /// SANs from [`pooler_dns_names`]. For servers only, so it cannot log in anywhere.
+    Pooler {
+        /// Pooler name.
+        pooler: String,
+        /// Namespace.
+        namespace: String,
+    },
     /// A client certificate whose CN is the PostgreSQL role it logs in as (`cert` auth).
     Client {
         /// The role.
@@ -174,6 +193,7 @@ pub fn issue(
 ) -> Result<Issued, CertificateError> {
     let what = match leaf {
         Leaf::Server { .. } => "the server certificate".to_string(),
+        Leaf::Pooler { pooler, .. } => format!("the server certificate of Pooler {pooler}"),
         Leaf::Client { user } => format!("the client certificate of {user}"),
     };
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(generate_error("the CA key"))?;
@@ -185,6 +205,13 @@ pub fn issue(
             let mut params = CertificateParams::new(server_dns_names(cluster, namespace))
                 .map_err(generate_error(&what))?;
             common_name(&mut params, &contract::rw_service(cluster));
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params
+        }
+        Leaf::Pooler { pooler, namespace } => {
+            let mut params = CertificateParams::new(pooler_dns_names(pooler, namespace))
+                .map_err(generate_error(&what))?;
+            common_name(&mut params, pooler);
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             params
         }

@@ -43,7 +43,7 @@ pub enum Error {
     Certificate(#[from] CertificateError),
 }
 
-fn kube_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+pub(crate) fn kube_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
     move |source| Error::Kube { what, source }
 }
@@ -215,7 +215,7 @@ async fn operator_ca(
 
 /// Whether a stored leaf Secret can stay: complete, signed by `ca`, and not due for renewal.
 /// Returns the time until it is due when it can.
-fn still_good(
+pub(crate) fn still_good(
     stored: Option<&Secret>,
     ca: &Issued,
     lifetimes: &Lifetimes,

@@ -46,6 +46,10 @@ pub struct Target {
     pub address: SocketAddr,
     /// Longest hold (`spec.pgbouncer.pauseTimeoutSeconds` of its Pooler).
     pub pause_timeout: Duration,
+    /// With the cluster's TLS on: the cluster's CA file and the Pooler's Service name
+    /// (`<pooler>.<namespace>.svc`), which PgBouncer's own certificate carries. PgBouncer then
+    /// takes TLS clients only (by default), its admin console included.
+    pub tls: Option<RwTls>,
 }
 
 /// The Poolers of one cluster, as the instance manager reaches them.
@@ -139,6 +143,10 @@ impl Poolers {
                         pod: pod.name_any(),
                         address,
                         pause_timeout: timeout,
+                        tls: self.rw_tls.as_ref().map(|rw| RwTls {
+                            ca_file: rw.ca_file.clone(),
+                            server_name: format!("{}.{}.svc", pooler.name_any(), self.namespace),
+                        }),
                     });
                 }
             }
@@ -172,7 +180,7 @@ impl Poolers {
             async move {
                 let outcome = tokio::time::timeout(
                     target.pause_timeout,
-                    admin_command(target.address, &password, "PAUSE"),
+                    admin_command(target, &password, "PAUSE"),
                 )
                 .await;
                 (target, outcome)
@@ -245,7 +253,7 @@ async fn resume_when_writable(rw_address: &str, rw_tls: Option<&RwTls>, paused: 
 
 async fn resume(target: &Target, paused: &Paused) {
     let password = &paused.password;
-    match admin_command(target.address, password, "RESUME").await {
+    match admin_command(target, password, "RESUME").await {
         Ok(()) => {
             let held_ms = paused.since.elapsed().as_millis() as u64;
             info!(pod = %target.pod, held_ms, "pooler resumed")
@@ -305,23 +313,47 @@ pub async fn is_writable(rw_address: &str, tls: Option<&RwTls>, password: &str) 
     )
 }
 
-/// Runs one admin console command; the error is PgBouncer's message (no secret in it).
-async fn admin_command(address: SocketAddr, password: &str, command: &str) -> Result<(), String> {
-    let (client, connection) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_postgres::Config::new()
-            .host(address.ip().to_string())
-            .port(address.port())
-            .user(contract::POOLER_AUTH_USER)
-            .password(password)
-            .dbname("pgbouncer")
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect(tokio_postgres::NoTls),
-    )
-    .await
-    .map_err(|_| "connecting to the admin console timed out".to_string())?
-    .map_err(|error| describe(&error))?;
-    tokio::spawn(connection);
+/// Runs one admin console command; the error is PgBouncer's message (no secret in it). With the
+/// cluster's TLS on, over TLS verified against the cluster's CA and the Pooler's name when
+/// PgBouncer offers it (a Pooler with `clientTLS: Disabled` answers in plain text).
+async fn admin_command(target: &Target, password: &str, command: &str) -> Result<(), String> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(target.address.ip().to_string())
+        .port(target.address.port())
+        .user(contract::POOLER_AUTH_USER)
+        .password(password)
+        .dbname("pgbouncer")
+        .connect_timeout(CONNECT_TIMEOUT);
+    let connected = async {
+        match &target.tls {
+            None => {
+                let (client, connection) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|error| describe(&error))?;
+                tokio::spawn(connection);
+                Ok::<_, String>(client)
+            }
+            Some(tls) => {
+                let ca = tokio::fs::read(&tls.ca_file).await.map_err(|error| {
+                    format!("reading the CA file {}: {error}", tls.ca_file.display())
+                })?;
+                let verify = super::verify::VerifyFull::new(&ca, &tls.server_name)
+                    .map_err(|error| error.to_string())?;
+                config.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+                let (client, connection) = config
+                    .connect(verify)
+                    .await
+                    .map_err(|error| describe(&error))?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+        }
+    };
+    let client = tokio::time::timeout(CONNECT_TIMEOUT, connected)
+        .await
+        .map_err(|_| "connecting to the admin console timed out".to_string())??;
     client
         .simple_query(command)
         .await

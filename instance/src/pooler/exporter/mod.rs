@@ -52,6 +52,13 @@ pub struct ExporterConfig {
     /// File holding that user's password (read at every scrape); none for a login without one.
     #[arg(long, env = "PGBOUNCER_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
+    /// CA file to verify PgBouncer's certificate with, when PgBouncer takes TLS clients only
+    /// (a Pooler's default with the cluster's TLS on): the exporter then logs in over TLS.
+    #[arg(long, env = "PGBOUNCER_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name PgBouncer's certificate must carry (the Pooler's Service name), with `--tls-ca-file`.
+    #[arg(long, env = "PGBOUNCER_TLS_SERVER_NAME", default_value = "localhost")]
+    pub tls_server_name: String,
     /// Deadline of one scrape of the admin console, in milliseconds; past it `pgbouncer_up` is 0.
     #[arg(long, env = "METRICS_TIMEOUT_MILLIS", default_value_t = 3000)]
     pub timeout_millis: u64,
@@ -148,11 +155,28 @@ impl Exporter {
             })?;
             config.password(text.trim_end_matches(['\n', '\r']));
         }
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|error| describe(&error))?;
-        let connection = tokio::spawn(connection);
+        let (client, connection) = match &self.config.tls_ca_file {
+            None => {
+                let (client, connection) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|error| describe(&error))?;
+                (client, tokio::spawn(connection))
+            }
+            Some(path) => {
+                let ca = tokio::fs::read(path)
+                    .await
+                    .map_err(|error| format!("reading the CA file {}: {error}", path.display()))?;
+                let verify = super::verify::VerifyFull::new(&ca, &self.config.tls_server_name)
+                    .map_err(|error| error.to_string())?;
+                config.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+                let (client, connection) = config
+                    .connect(verify)
+                    .await
+                    .map_err(|error| describe(&error))?;
+                (client, tokio::spawn(connection))
+            }
+        };
         let mut tables = Vec::with_capacity(COMMANDS.len());
         for command in COMMANDS {
             let table = match client.simple_query(command).await {
