@@ -463,7 +463,7 @@ async fn run() -> anyhow::Result<()> {
                 .parse()
                 .ok()
         })
-        .last()
+        .next_back()
         .context("no SnapshotCopied event")?;
 
     // Every acknowledged row exactly once, on the shard its range names now.
