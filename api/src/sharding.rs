@@ -137,8 +137,8 @@ pub struct ShardSplitJobSpec {
     #[schemars(length(min = 1, max = 63))]
     pub target_shard: String,
     /// Longest write pause allowed at cut-over; the job waits for catch-up until it fits.
-    /// pg-router holds a paused range's writes for longer than the largest allowed value
-    /// (see [`MAX_WRITE_PAUSE_MILLIS`]), so a held write outlives any cut-over.
+    /// The operator's pg-router holds a paused range's writes for 65 s, longer than the
+    /// largest value allowed here (60000), so a held write outlives any cut-over.
     #[serde(default = "default_max_write_pause_ms")]
     #[schemars(range(min = 100, max = 60000))]
     pub max_write_pause_millis: i32,
