@@ -44,6 +44,8 @@ use testbed::{ApiServer, Postgres, paths};
 const NAMESPACE: &str = "bench";
 /// Ids of the writers' rows start here (the fill's ids are its keys, far below).
 const WRITER_IDS: i64 = 1 << 40;
+/// A write that waits longer is listed with the step the job was in when it started.
+const SLOW: Duration = Duration::from_millis(200);
 /// Shard keys the fill generates per batch (about half land in the range).
 const FILL_BATCH: i64 = 500_000;
 
@@ -206,6 +208,8 @@ struct Writes {
     moving_max: Duration,
     staying_max: Duration,
     latencies: Vec<Duration>,
+    /// Writes that waited longer than [`SLOW`]: when they started, how long, moving half or not.
+    slow: Vec<(Instant, Duration, bool)>,
     retried: u64,
     failed: Vec<String>,
 }
@@ -265,7 +269,11 @@ async fn writer(
             writes.acknowledged.push((key, id));
         }
         writes.latencies.push(waited);
-        if hash_of(key) >= i128::from(split) {
+        let moving = hash_of(key) >= i128::from(split);
+        if waited > SLOW {
+            writes.slow.push((started, waited, moving));
+        }
+        if moving {
             writes.moving_max = writes.moving_max.max(waited);
         } else {
             writes.staying_max = writes.staying_max.max(waited);
@@ -412,8 +420,14 @@ async fn run() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     primary_pod(&client, NAMESPACE, "db-shard-2", shards[2].port()).await;
+    let mut steps: Vec<(Instant, String)> = vec![(started, "Plan".into())];
     let done = loop {
         let job = jobs.get("split").await?;
+        if let Some(step) = job.status.as_ref().and_then(|s| s.step)
+            && steps.last().is_none_or(|(_, last)| *last != format!("{step:?}"))
+        {
+            steps.push((Instant::now(), format!("{step:?}")));
+        }
         let phase = job.status.as_ref().and_then(|s| s.phase.clone());
         if matches!(
             phase.as_deref(),
@@ -424,7 +438,7 @@ async fn run() -> anyhow::Result<()> {
         if started.elapsed() > Duration::from_secs(3600) {
             bail!("the split did not end within an hour: {:?}", job.status);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let total = started.elapsed();
     operator.kill().await;
@@ -437,6 +451,7 @@ async fn run() -> anyhow::Result<()> {
         writes.moving_max = writes.moving_max.max(part.moving_max);
         writes.staying_max = writes.staying_max.max(part.staying_max);
         writes.latencies.extend(part.latencies);
+        writes.slow.extend(part.slow);
         writes.retried += part.retried;
         writes.failed.extend(part.failed);
     }
@@ -538,6 +553,31 @@ async fn run() -> anyhow::Result<()> {
     );
     println!("reshard_rows_lost={lost}");
     println!("reshard_rows_misplaced={misplaced}");
+    // Where the slow writes happened: before the job, in which step, or after it.
+    let mut slow_by_step: BTreeMap<String, (usize, u128, u128)> = BTreeMap::new();
+    for (at, waited, moving) in &writes.slow {
+        let step = if *at < started {
+            "before the job".to_string()
+        } else if *at > started + total {
+            "after the job".to_string()
+        } else {
+            steps
+                .iter()
+                .rev()
+                .find(|(entered, _)| entered <= at)
+                .map_or("Plan".to_string(), |(_, step)| step.clone())
+        };
+        let entry = slow_by_step.entry(step).or_default();
+        entry.0 += 1;
+        let slot = if *moving { &mut entry.1 } else { &mut entry.2 };
+        *slot = (*slot).max(waited.as_millis());
+    }
+    for (step, (count, moving, other)) in &slow_by_step {
+        eprintln!(
+            "writes over {} ms while {step}: {count} (longest {moving} ms in the moving half, {other} ms in the other)",
+            SLOW.as_millis()
+        );
+    }
     if let Some(failure) = writes.failed.first() {
         eprintln!("first failed write: {failure}");
     }
