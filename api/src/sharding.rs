@@ -137,6 +137,8 @@ pub struct ShardSplitJobSpec {
     #[schemars(length(min = 1, max = 63))]
     pub target_shard: String,
     /// Longest write pause allowed at cut-over; the job waits for catch-up until it fits.
+    /// The operator's pg-router holds a paused range's writes for 65 s, longer than the
+    /// largest value allowed here (60000), so a held write outlives any cut-over.
     #[serde(default = "default_max_write_pause_ms")]
     #[schemars(range(min = 100, max = 60000))]
     pub max_write_pause_millis: i32,
@@ -144,6 +146,9 @@ pub struct ShardSplitJobSpec {
     #[serde(default = "crate::common::default_true")]
     pub verify: bool,
 }
+
+/// The largest `maxWritePauseMillis` a ShardSplitJob accepts (the schema's bound).
+pub const MAX_WRITE_PAUSE_MILLIS: i32 = 60_000;
 
 fn default_max_write_pause_ms() -> i32 {
     2000

@@ -1,173 +1,29 @@
 //! ShardSplitJob on a real API server with real PostgreSQL 18 shards and the split controller
-//! running in-process: pre-flight refusals with clear reasons, a rollback when the job is
-//! deleted before its cut-over (with an operator killed mid-copy), and a split under a steady
-//! write load that survives an operator restart and leaves every acknowledged row exactly once,
-//! on the shard its range names.
+//! running in-process: pre-flight refusals with clear reasons, rollbacks when a job is deleted
+//! before its cut-over (one that provisioned its target shard deletes it, an existing target
+//! stays), and a split under a steady write load with the operator killed in each of the seven
+//! steps, which finishes and leaves every acknowledged row exactly once, on the shard its
+//! range names.
 
 mod common;
+mod split_bed;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use api::common::ClusterReference;
-use api::contract;
-use api::postgres_cluster::{
-    PostgresCluster, ShardKeyType, ShardedTableSpec, ShardingSpec, TableGroupSpec,
-};
-use api::sharding::{
-    ShardRange, ShardRangeSpec, ShardRangeState, ShardSplitJob, ShardSplitJobSpec, SplitStep,
-    VindexKind,
-};
-use common::{Env, spec};
-use controllers::metrics::Metrics;
-use controllers::postgres_cluster::{Context, Settings};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
+use api::postgres_cluster::PostgresCluster;
+use api::sharding::{ShardRange, ShardRangeState, ShardSplitJob, SplitStep};
+use common::Env;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
-use router::vindex::{KeyValue, key_hash};
-use serde_json::json;
-use testbed::pg_tls::TestCa;
-use testbed::{Postgres, PostgresOptions};
-
-const PASSWORD: &str = "shard-superuser-pw";
-
-/// The split controller, started and killed by the test (as an operator process would be).
-struct Operator {
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Operator {
-    fn start(env: &Env) -> Self {
-        let ctx = Arc::new(Context {
-            client: env.client.clone(),
-            recorder: Recorder::new(
-                env.client.clone(),
-                Reporter {
-                    controller: "postgres-operator".into(),
-                    instance: Some("test".into()),
-                },
-            ),
-            metrics: Arc::new(Metrics::new()),
-            settings: Settings::default(),
-        });
-        let namespace = env.namespace.clone();
-        let task = tokio::spawn(async move {
-            controllers::shard_split::run(ctx, Some(namespace), std::future::pending()).await
-        });
-        Self { task: Some(task) }
-    }
-
-    /// Kills the controller where it stands (no graceful end of a running step).
-    async fn kill(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-fn meta(env: &Env, name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_string()),
-        namespace: Some(env.namespace.clone()),
-        ..ObjectMeta::default()
-    }
-}
-
-/// The primary pod of shard cluster `child`, as its instance manager and the kubelet leave it.
-async fn primary_pod(env: &Env, child: &str, port: u16) {
-    let name = format!("{child}-0");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {
-            contract::LABEL_CLUSTER: child, contract::LABEL_ROLE: contract::role::PRIMARY}},
-        "spec": {"containers": [{"name": "postgres", "image": "example.org/pg:18",
-            "ports": [{"name": contract::PORT_NAME_POSTGRES, "containerPort": port}]}]}
-    }))
-    .unwrap();
-    let pods: Api<Pod> = env.api();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
-        "podIPs": [{"ip": "127.0.0.1"}], "conditions": [{"type": "Ready", "status": "True"}]}});
-    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap();
-}
-
-async fn secret(env: &Env, name: &str) {
-    let mut secret = Secret {
-        metadata: meta(env, name),
-        ..Secret::default()
-    };
-    secret.data = Some(BTreeMap::from([
-        ("username".to_string(), ByteString(b"postgres".to_vec())),
-        (
-            "password".to_string(),
-            ByteString(PASSWORD.as_bytes().to_vec()),
-        ),
-    ]));
-    env.api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-}
-
-async fn range(
-    env: &Env,
-    name: &str,
-    group: &str,
-    shard: &str,
-    start: Option<i64>,
-    end: Option<i64>,
-) {
-    let mut range = ShardRange::new(
-        name,
-        ShardRangeSpec {
-            cluster: ClusterReference { name: "db".into() },
-            table_group: group.into(),
-            shard: shard.into(),
-            start,
-            end,
-            state: ShardRangeState::Active,
-            vindex: VindexKind::Hash,
-            epoch: 0,
-        },
-    );
-    range.metadata.namespace = Some(env.namespace.clone());
-    range.metadata.labels = Some(BTreeMap::from([(
-        contract::LABEL_CLUSTER.to_string(),
-        "db".to_string(),
-    )]));
-    env.api::<ShardRange>()
-        .create(&PostParams::default(), &range)
-        .await
-        .unwrap();
-}
+use split_bed::{Operator, PASSWORD, SCHEMA, primary_pod, ranges_in, shard_of};
+use testbed::Postgres;
 
 fn job(name: &str, source: &str, target: &str, split: Option<i64>) -> ShardSplitJob {
-    ShardSplitJob::new(
-        name,
-        ShardSplitJobSpec {
-            cluster: ClusterReference { name: "db".into() },
-            source_range: source.into(),
-            split_point: split,
-            target_shard: target.into(),
-            max_write_pause_millis: 5000,
-            verify: true,
-        },
-    )
+    split_bed::job(name, source, target, split, 5000)
 }
 
 async fn create_job(env: &Env, job: ShardSplitJob) -> ShardSplitJob {
@@ -217,6 +73,93 @@ async fn block_catch_up(shard: &Postgres, job: &ShardSplitJob) -> tokio_postgres
     client
 }
 
+/// A session on `shard` inside a transaction that ran `sql` (a lock it keeps until ROLLBACK).
+async fn lock(shard: &Postgres, sql: &str) -> tokio_postgres::Client {
+    let client = shard.client().await.unwrap();
+    client
+        .batch_execute(&format!("BEGIN; {sql}"))
+        .await
+        .unwrap();
+    client
+}
+
+/// Kills the operator once one of its sessions on `shard` waits for a lock (the test holds
+/// it: the step is at work and stuck there), checking the job is in `expected` (`None`: no
+/// step recorded yet, the Plan); returns the step it was killed in.
+async fn kill_when_waiting(
+    env: &Env,
+    operator: &mut Operator,
+    shard: &Postgres,
+    expected: Option<SplitStep>,
+) -> SplitStep {
+    let watcher = shard.client().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'postgres-operator-split' AND backend_type = 'client backend' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the operator never waited for the lock in {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    operator.kill().await;
+    let job = env.api::<ShardSplitJob>().get("split").await.unwrap();
+    assert_eq!(step(&job), expected, "{:?}", job.status);
+    // The killed operator's sessions go, as a dead process's would: its sockets close and the
+    // shards notice within 100 ms (`client_connection_check_interval`), also while a statement
+    // waits. In-process, a connection whose statement is still waiting stays open after the
+    // abort, so the test ends those sessions itself.
+    watcher
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = 'postgres-operator-split' AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap();
+    loop {
+        let left: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'postgres-operator-split' AND backend_type = 'client backend'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the killed operator's sessions stay"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    expected.unwrap_or(SplitStep::Plan)
+}
+
+/// State of the moving range of job `split`.
+async fn moving_state(env: &Env) -> ShardRangeState {
+    env.api::<ShardRange>()
+        .get("split-moving")
+        .await
+        .unwrap()
+        .spec
+        .state
+}
+
 /// The job once `check` holds for it.
 async fn job_where(
     env: &Env,
@@ -256,26 +199,8 @@ fn condition_message(job: &ShardSplitJob) -> String {
         .unwrap_or_default()
 }
 
-/// Where `key` lives according to `ranges` (the cluster's hash ranges of group customers).
-fn shard_of(ranges: &[ShardRange], key: i64) -> String {
-    let hash = i128::from(key_hash(&KeyValue::Int(key)) as i64);
-    ranges
-        .iter()
-        .filter(|r| r.spec.table_group == "customers" && r.spec.state != ShardRangeState::Retired)
-        .find(|r| {
-            r.spec.start.is_none_or(|s| i128::from(s) <= hash)
-                && r.spec.end.is_none_or(|e| hash < i128::from(e))
-        })
-        .map(|r| r.spec.shard.clone())
-        .expect("a range holds every hash")
-}
-
 async fn ranges(env: &Env) -> Vec<ShardRange> {
     ranges_in(&env.api()).await
-}
-
-async fn ranges_in(api: &Api<ShardRange>) -> Vec<ShardRange> {
-    api.list(&ListParams::default()).await.unwrap().items
 }
 
 async fn rows(shard: &Postgres, table: &str) -> Vec<(i64, i64)> {
@@ -301,12 +226,6 @@ async fn scalar(shard: &Postgres, sql: &str) -> i64 {
         .unwrap()
         .get(0)
 }
-
-const SCHEMA: &str = "CREATE TABLE orders (customer_id bigint, id bigint, note text,
-                          PRIMARY KEY (customer_id, id));
-                      CREATE TABLE payments (customer_id bigint, id bigint, amount numeric(12,2),
-                          PRIMARY KEY (customer_id, id));
-                      CREATE TABLE logs (customer_id bigint, line text)";
 
 /// Writes rows to the shard the current ShardRanges name, re-reading them before each write
 /// and retrying a write the fence refuses (40001); returns the acknowledged keys.
@@ -364,38 +283,11 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
     // The shards speak TLS only, as the operator's clusters do, each shard cluster with its own
     // CA (the test plays the operator's TLS stage: the certificates and the `<child>-ca`
     // Secrets); the split controller verifies each like pg-router does.
-    let cas: Vec<TestCa> = (0..3)
-        .map(|i| TestCa::new(&format!("db-shard-{i} CA")).unwrap())
-        .collect();
-    let shards: Vec<Postgres> = tokio::task::block_in_place(|| {
-        (0..3)
-            .map(|i| {
-                let name = format!("db-shard-{i}-rw.{}.svc", env.namespace);
-                let options = PostgresOptions {
-                    auth_method: "scram-sha-256".into(),
-                    superuser_password: Some(PASSWORD.into()),
-                    tls: Some(cas[i].issue(&[&name]).unwrap()),
-                    ..PostgresOptions::default()
-                }
-                .setting("wal_level", "logical");
-                Postgres::start_with(options).expect("a shard")
-            })
-            .collect()
-    });
-    for (i, ca) in cas.iter().enumerate() {
-        let mut secret = Secret {
-            metadata: meta(&env, &contract::tls_ca_secret(&format!("db-shard-{i}"))),
-            ..Secret::default()
-        };
-        secret.data = Some(BTreeMap::from([(
-            contract::tls_keys::CA.to_string(),
-            ByteString(ca.pem().as_bytes().to_vec()),
-        )]));
-        env.api::<Secret>()
-            .create(&PostParams::default(), &secret)
-            .await
-            .unwrap();
-    }
+    let (cas, shards) = split_bed::start_shards(
+        &env.namespace,
+        3,
+        &[("client_connection_check_interval", "100ms")],
+    );
     for shard in &shards[..2] {
         shard
             .client()
@@ -405,73 +297,8 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
             .await
             .unwrap();
     }
-
     // What the operator writes for a two-shard cluster, and the shards' primaries.
-    let mut cluster_spec = spec(1, "example.org/pg:18");
-    cluster_spec.sharding = Some(ShardingSpec {
-        shards: 2,
-        router: Default::default(),
-        table_groups: vec![
-            TableGroupSpec {
-                name: "customers".into(),
-                vindex: VindexKind::Hash,
-                key_type: ShardKeyType::Bigint,
-            },
-            TableGroupSpec {
-                name: "logs".into(),
-                vindex: VindexKind::Hash,
-                key_type: ShardKeyType::Bigint,
-            },
-        ],
-        sharded_tables: vec![
-            ShardedTableSpec {
-                name: "orders".into(),
-                table_group: "customers".into(),
-                shard_key: "customer_id".into(),
-            },
-            ShardedTableSpec {
-                name: "payments".into(),
-                table_group: "customers".into(),
-                shard_key: "customer_id".into(),
-            },
-            ShardedTableSpec {
-                name: "logs".into(),
-                table_group: "logs".into(),
-                shard_key: "customer_id".into(),
-            },
-        ],
-        reference_tables: vec![],
-    });
-    env.create_cluster("db", cluster_spec).await;
-    for name in [
-        "db-superuser",
-        "db-shard-0-superuser",
-        "db-shard-1-superuser",
-    ] {
-        secret(&env, name).await;
-    }
-    primary_pod(&env, "db-shard-0", shards[0].port()).await;
-    primary_pod(&env, "db-shard-1", shards[1].port()).await;
-    range(
-        &env,
-        "db-customers-0",
-        "customers",
-        "shard-0",
-        None,
-        Some(0),
-    )
-    .await;
-    range(
-        &env,
-        "db-customers-1",
-        "customers",
-        "shard-1",
-        Some(0),
-        None,
-    )
-    .await;
-    range(&env, "db-logs-0", "logs", "shard-0", None, Some(0)).await;
-    range(&env, "db-logs-1", "logs", "shard-1", Some(0), None).await;
+    split_bed::two_shard_cluster(&env.client, &env.namespace, &cas, &shards).await;
     // The load's own connections use the shards' Unix sockets (TCP takes TLS clients only).
     let urls: BTreeMap<String, String> = (0..3)
         .map(|i| {
@@ -501,7 +328,7 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
                 .unwrap();
         }
     }
-    let mut operator = Operator::start(&env);
+    let mut operator = Operator::start(&env.client, &env.namespace);
 
     // (b) Pre-flight refusals, each with a condition that names the problem.
     create_job(&env, job("unknown", "db-customers-9", "shard-2", None)).await;
@@ -524,6 +351,65 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
         4,
         "a refused job changes no range"
     );
+
+    // (e) A job that provisioned its target shard (step 2: a new child PostgresCluster and
+    // its superuser Secret), deleted before its cut-over, deletes them again.
+    create_job(&env, job("fresh", "db-customers-1", "shard-3", None)).await;
+    let provisioned: PostgresCluster = env.object("db-shard-3").await;
+    assert!(
+        provisioned
+            .annotations()
+            .contains_key(controllers::shard_split::ANNOTATION_PROVISIONED_BY)
+    );
+    job_where(&env, "fresh", "fresh waiting for its new shard", |j| {
+        step(j) == Some(SplitStep::ProvisionTarget)
+            && condition_message(j).contains("no primary yet")
+    })
+    .await;
+    env.api::<ShardSplitJob>()
+        .delete("fresh", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.eventually("the fresh job is gone", || async {
+        env.api::<ShardSplitJob>()
+            .get_opt("fresh")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        env.api::<PostgresCluster>()
+            .get_opt("db-shard-3")
+            .await
+            .unwrap()
+            .is_none(),
+        "the shard the job provisioned is deleted by its rollback"
+    );
+    assert!(
+        env.api::<Secret>()
+            .get_opt("db-shard-3-superuser")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        ranges(&env)
+            .await
+            .iter()
+            .all(|r| r.name_any() != "fresh-moving")
+    );
+
+    // An existing target shard has its child PostgresCluster, which a rollback leaves alone.
+    let parent: PostgresCluster = env.object("db").await;
+    env.api::<PostgresCluster>()
+        .create(
+            &PostParams::default(),
+            &controllers::sharded_cluster::builders::child_cluster(&parent, 0),
+        )
+        .await
+        .unwrap();
 
     // (d) Rollback: a split of db-customers-1 onto shard-0, held in CatchUp (the target never
     // confirms a barrier) after its copy, then deleted before cut-over.
@@ -597,9 +483,18 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
         scalar(&shards[0], "SELECT count(*) FROM pg_subscription").await,
         0
     );
+    assert!(
+        env.api::<PostgresCluster>()
+            .get_opt("db-shard-0")
+            .await
+            .unwrap()
+            .is_some(),
+        "a target shard that existed before the job stays"
+    );
 
     // (a) + (c): split db-customers-0 onto a new shard-2 under a steady write load, with the
-    // operator killed in the middle of the copy and started again.
+    // operator killed in each of the seven steps (while the step is at work, held there by a
+    // lock the step needs) and a fresh one started each time.
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let api = env.api::<ShardRange>();
@@ -608,25 +503,110 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
         tokio::spawn(async move { write_load(api, urls, stop, 1000).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let (source, target) = (&shards[0], &shards[2]);
+    let mut killed_in = Vec::new();
+
+    // 1. Plan: the source's orders locked, so measuring the tables waits.
+    let hold = lock(source, "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE").await;
     let split = create_job(&env, job("split", "db-customers-0", "shard-2", None)).await;
-    let hold = block_copy(&shards[2], &split).await;
-    // The new shard's cluster appears with a copy of the superuser Secret; the test plays its
-    // primary once asked for.
+    killed_in.push(kill_when_waiting(&env, &mut operator, source, None).await);
+    hold.batch_execute("ROLLBACK").await.unwrap();
+    operator = Operator::start(&env.client, &env.namespace);
+
+    // 2. ProvisionTarget: the new shard's cluster appears with a copy of the superuser Secret;
+    // the operator waits for its primary, which the test plays after the kill.
+    let hold = block_copy(target, &split).await;
     env.object::<PostgresCluster>("db-shard-2").await;
     let target_secret: Secret = env.object("db-shard-2-superuser").await;
     assert_eq!(
         target_secret.data.unwrap()["password"].0,
         PASSWORD.as_bytes()
     );
-    primary_pod(&env, "db-shard-2", shards[2].port()).await;
-    job_where(&env, "split", "split copying", |j| {
-        step(j) == Some(SplitStep::CopySnapshot)
+    job_where(&env, "split", "split waiting for its new shard", |j| {
+        step(j) == Some(SplitStep::ProvisionTarget)
+            && condition_message(j).contains("no primary yet")
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     operator.kill().await;
+    killed_in.push(SplitStep::ProvisionTarget);
+    primary_pod(&env.client, &env.namespace, "db-shard-2", shards[2].port()).await;
+    operator = Operator::start(&env.client, &env.namespace);
+
+    // 3. CopySnapshot: the target's barrier table locked where the copy first writes it.
+    killed_in
+        .push(kill_when_waiting(&env, &mut operator, target, Some(SplitStep::CopySnapshot)).await);
     hold.batch_execute("ROLLBACK").await.unwrap();
-    operator = Operator::start(&env);
+    let barrier = controllers::shard_split::plan::barrier_table(&split.uid().unwrap());
+    let hold = lock(target, &format!("SELECT * FROM {barrier} FOR UPDATE")).await;
+    operator = Operator::start(&env.client, &env.namespace);
+
+    // 4. CatchUp: the target's barrier row locked, so the apply never confirms a barrier.
+    job_where(&env, "split", "split catching up", |j| {
+        step(j) == Some(SplitStep::CatchUp) && condition_message(j).contains("behind")
+    })
+    .await;
+    operator.kill().await;
+    killed_in.push(SplitStep::CatchUp);
+    // Held for the clean-up: dropping the target's barrier waits for this reader.
+    let clean_up_hold = lock(target, &format!("SELECT count(*) FROM {barrier}")).await;
+    // 5. Verify: the source's orders locked, so the fence of its freeze waits (the range
+    // paused meanwhile).
+    let verify_hold = lock(source, "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE").await;
+    hold.batch_execute("ROLLBACK").await.unwrap();
+    operator = Operator::start(&env.client, &env.namespace);
+    killed_in.push(kill_when_waiting(&env, &mut operator, source, Some(SplitStep::Verify)).await);
+    assert_eq!(moving_state(&env).await, ShardRangeState::WritePaused);
+
+    // 6. CutOver: an event trigger on the source makes the cut-over's fence (its message
+    // names the target, the verification's does not) wait for an advisory lock the test holds.
+    let cut_over_hold = shards[0].client().await.unwrap();
+    cut_over_hold
+        .batch_execute(
+            "SELECT pg_advisory_lock(4242);
+             CREATE FUNCTION hold_cut_over() RETURNS event_trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF current_query() LIKE '%moved to shard-2%' THEN
+                 PERFORM pg_advisory_xact_lock(4242);
+               END IF;
+             END $$;
+             CREATE EVENT TRIGGER hold_cut_over ON ddl_command_start
+               WHEN TAG IN ('CREATE FUNCTION') EXECUTE FUNCTION hold_cut_over()",
+        )
+        .await
+        .unwrap();
+    verify_hold.batch_execute("ROLLBACK").await.unwrap();
+    operator = Operator::start(&env.client, &env.namespace);
+    killed_in.push(kill_when_waiting(&env, &mut operator, source, Some(SplitStep::CutOver)).await);
+    assert_eq!(
+        moving_state(&env).await,
+        ShardRangeState::WritePaused,
+        "killed during the cut-over's pause"
+    );
+    cut_over_hold
+        .batch_execute(
+            "DROP EVENT TRIGGER hold_cut_over; DROP FUNCTION hold_cut_over();
+             SELECT pg_advisory_unlock(4242)",
+        )
+        .await
+        .unwrap();
+    operator = Operator::start(&env.client, &env.namespace);
+
+    // 7. CleanUp: waits for the reader of the target's barrier.
+    killed_in.push(kill_when_waiting(&env, &mut operator, target, Some(SplitStep::CleanUp)).await);
+    clean_up_hold.batch_execute("ROLLBACK").await.unwrap();
+    operator = Operator::start(&env.client, &env.namespace);
+    assert_eq!(
+        killed_in,
+        vec![
+            SplitStep::Plan,
+            SplitStep::ProvisionTarget,
+            SplitStep::CopySnapshot,
+            SplitStep::CatchUp,
+            SplitStep::Verify,
+            SplitStep::CutOver,
+            SplitStep::CleanUp
+        ]
+    );
     let done = job_where(&env, "split", "split succeeded", |j| {
         matches!(phase(j), Some("Succeeded" | "RolledBack" | "Failed"))
     })

@@ -14,6 +14,8 @@ pub enum Bench {
     Router,
     /// Backups: barman-cloud backup and restore throughput vs pg_basebackup, archiving lag.
     Backup,
+    /// ShardSplitJob: a 1 GiB range split under writes through pg-router (`BENCH_RESHARD_MIB`).
+    Reshard,
 }
 
 impl Bench {
@@ -23,6 +25,7 @@ impl Bench {
             Bench::Operator => ("controllers", "operator"),
             Bench::Router => ("router", "router"),
             Bench::Backup => ("instance", "backup"),
+            Bench::Reshard => ("controllers", "reshard"),
         }
     }
 }
@@ -31,5 +34,16 @@ impl Bench {
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     crate::setup::install_servers()?;
     let (package, target) = bench.target();
+    if let Bench::Reshard = bench {
+        // The bench runs the real router binary, found beside it in the release folder.
+        crate::cargo(&[
+            "build",
+            "--release",
+            "--package",
+            "router",
+            "--bin",
+            "pg-router",
+        ])?;
+    }
     crate::cargo(&["bench", "--package", package, "--bench", target])
 }

@@ -9,10 +9,11 @@
 //! 3. CopySnapshot: a logical slot with an exported snapshot, the moving rows copied in that
 //!    snapshot with binary COPY, tables in parallel.
 //! 4. CatchUp: a publication filtered to the range, a subscription on the target from the slot.
-//! 5. Verify: counts and checksums (decisively at the cut-over, when both sides are frozen).
-//! 6. CutOver: pause the moving range, catch up, fence the source, catch up, flip the range to
-//!    the target with a higher epoch; abort and retry when it does not fit
-//!    `maxWritePauseMillis`.
+//! 5. Verify: freeze the range as for a cut-over (pause, catch up, fence, catch up), take a
+//!    snapshot on each shard, resume writes, then compare counts and checksums in the two
+//!    snapshots (the pause does not grow with the range's size).
+//! 6. CutOver: the same freeze, then flip the range to the target with a higher epoch; a
+//!    freeze that does not fit `maxWritePauseMillis` is undone and retried.
 //! 7. CleanUp: drop the replication objects, delete the moved rows on the source (the fence
 //!    stays, refusing stale routers).
 //!
@@ -38,6 +39,9 @@ use crate::postgres_cluster::Context;
 pub const CONTROLLER: &str = "shardsplitjob";
 /// Finalizer that rolls back an unfinished split when its job is deleted.
 pub const FINALIZER: &str = "postgres.keiailab.io/shard-split";
+/// Annotation on a target shard's child PostgresCluster that a job created (its value: the
+/// job's uid): a rollback deletes that cluster, and leaves a shard that existed before alone.
+pub const ANNOTATION_PROVISIONED_BY: &str = "postgres.keiailab.io/provisioned-by-shard-split";
 
 /// Errors of a reconciliation, one per stage. What the user must fix (an unknown range, a table
 /// without a primary key) is not an error: it fails the job with a condition and an event.

@@ -169,6 +169,16 @@ pub fn fence_message(
     )
 }
 
+/// Text of the error the fence raises while a split freezes the range to verify it.
+pub fn verify_fence_message(start: Option<i64>, end: Option<i64>, group: &str) -> String {
+    let show = |bound: Option<i64>, open: &str| bound.map_or(open.to_string(), |b| b.to_string());
+    format!(
+        "range [{}, {}) of table group {group} is paused for a split's verification: retry",
+        show(start, "-2^63"),
+        show(end, "2^63")
+    )
+}
+
 /// The fence: a trigger function refusing INSERT, UPDATE and DELETE of rows whose key (the
 /// column named by the trigger's first argument) lies in the moved range, with SQLSTATE 40001
 /// so that clients and routers retry (by then on the new layout). Replication apply and the

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::plan::{self, lower, upper};
 use super::shards::{self, Endpoint, MovingTable, ShardError};
-use super::{Error, FINALIZER};
+use super::{ANNOTATION_PROVISIONED_BY, Error, FINALIZER};
 
 /// The source and target primaries of a step, and a connection to each.
 struct Connected {
@@ -618,13 +618,11 @@ impl<'a> Split<'a> {
             )
             .await
             .map_err(|e| Error::Provision(Box::new(e)))?;
-            match clusters
-                .create(
-                    &PostParams::default(),
-                    &child_cluster(&world.cluster, index),
-                )
-                .await
-            {
+            let mut child = child_cluster(&world.cluster, index);
+            child
+                .annotations_mut()
+                .insert(ANNOTATION_PROVISIONED_BY.to_string(), self.uid.clone());
+            match clusters.create(&PostParams::default(), &child).await {
                 Ok(_) => {
                     self.publish(
                         EventType::Normal,
@@ -911,55 +909,93 @@ impl<'a> Split<'a> {
         Ok(None)
     }
 
-    /// Step 5. Source and target are equal only at a moment when no write to the range is in
-    /// flight, which only the cut-over's fence gives without a separate pause; so the decisive
-    /// comparison runs there (after the fence, before the flip), and a mismatch rolls back.
-    /// This step compares right after a barrier, a few times: a match is reported early, a
-    /// difference under writes is expected and only noted.
+    /// Step 5: the decisive comparison. Source and target are equal only while no write to the
+    /// range is in flight, so the range is frozen as for a cut-over (paused, caught up, fenced,
+    /// caught up; within `maxWritePauseMillis` or retried), a snapshot is taken on each side,
+    /// writes resume, and the counts and checksums are compared in the two snapshots, however
+    /// long that takes: the pause does not grow with the range's size. A mismatch rolls back.
     async fn verify(&self, world: &World) -> Result<Action, Error> {
         let step = SplitStep::Verify;
-        let Connected {
-            source_endpoint,
-            source,
-            target_endpoint,
-            target,
-        } = match self.connected(world, step).await? {
+        let mut connected = match self.connected(world, step).await? {
             Ok(connected) => connected,
             Err(wait) => return Ok(wait),
         };
-        let barrier = plan::barrier_table(&self.uid);
-        let mut difference = None;
-        for _ in 0..3 {
-            shards::caught_up_within(
-                &source,
-                &source_endpoint,
-                &target,
-                &target_endpoint,
-                &barrier,
-                Duration::from_secs(5),
-            )
+        if world.moving.spec.state == ShardRangeState::WritePaused {
+            // A freeze interrupted by a restart: undo it first.
+            self.unpause(world, &connected.source, &connected.source_endpoint, step)
+                .await?;
+        }
+        // The snapshot sessions, connected before the pause.
+        let source_snapshot = connected
+            .source_endpoint
+            .connect()
             .await
             .map_err(shard_step(step))?;
-            difference = self
-                .compare(
-                    world,
-                    (&source, &source_endpoint),
-                    (&target, &target_endpoint),
-                    step,
-                )
-                .await?;
-            if difference.is_none() {
-                break;
-            }
-        }
-        let message = match difference {
-            None => "row counts and checksums match on both shards".to_string(),
-            Some(difference) => format!(
-                "not yet equal under writes ({difference}); compared again during the cut-over pause"
-            ),
-        };
-        self.enter(self.status(), SplitStep::CutOver, "Verified", message)
+        let target_snapshot = connected
+            .target_endpoint
+            .connect()
             .await
+            .map_err(shard_step(step))?;
+        let message = plan::verify_fence_message(
+            world.moving.spec.start,
+            world.moving.spec.end,
+            &world.group.name,
+        );
+        let Some(paused_at) = self.freeze(world, &mut connected, &message, step).await? else {
+            return Ok(Action::requeue(RETRY_CUT_OVER));
+        };
+        let snapshot = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT 1";
+        let taken = async {
+            source_snapshot
+                .batch_execute(snapshot)
+                .await
+                .map_err(shards::sql_error(
+                    &connected.source_endpoint,
+                    "taking a snapshot",
+                ))?;
+            target_snapshot
+                .batch_execute(snapshot)
+                .await
+                .map_err(shards::sql_error(
+                    &connected.target_endpoint,
+                    "taking a snapshot",
+                ))
+        }
+        .await;
+        self.unpause(world, &connected.source, &connected.source_endpoint, step)
+            .await?;
+        let pause = paused_at.elapsed();
+        taken.map_err(shard_step(step))?;
+        let difference = self
+            .compare(
+                world,
+                (&source_snapshot, &connected.source_endpoint),
+                (&target_snapshot, &connected.target_endpoint),
+                step,
+            )
+            .await?;
+        if let Some(difference) = difference {
+            return self
+                .roll_back(
+                    world,
+                    "VerifyFailed",
+                    format!(
+                        "source and target differ over the moving range: {difference}; rolled back"
+                    ),
+                )
+                .await;
+        }
+        self.enter(
+            self.status(),
+            SplitStep::CutOver,
+            "Verified",
+            format!(
+                "row counts and checksums of {} tables match in snapshots of both shards (writes paused {} ms to take them)",
+                world.tables.len(),
+                pause.as_millis()
+            ),
+        )
+        .await
     }
 
     async fn patch_moving(&self, world: &World, spec: serde_json::Value) -> Result<(), Error> {
@@ -997,48 +1033,36 @@ impl<'a> Split<'a> {
         self.patch_moving(world, json!({"state": "Active"})).await
     }
 
-    /// Step 6: pause the range, catch up, fence the source, catch up, (verify), flip.
-    async fn cut_over(&self, world: &World) -> Result<Action, Error> {
-        let step = SplitStep::CutOver;
-        let target_shard = &self.job.spec.target_shard;
-        if &world.moving.spec.shard == target_shard {
-            // Flipped before a restart: only forward from here.
-            return self
-                .enter(
-                    self.status(),
-                    SplitStep::CleanUp,
-                    "CutOver",
-                    format!("the range lives on {target_shard}"),
-                )
-                .await;
-        }
+    /// Pauses the moving range (routers hold its writes), waits for the target to catch up,
+    /// fences the source's range (refusing writes with `message`) and waits again: afterwards
+    /// the range is equal on both sides and cannot change. Returns when the pause began; `None`
+    /// when this did not fit `maxWritePauseMillis`: the pause and the fence are undone (writes
+    /// resume on the source) and the condition says so.
+    async fn freeze(
+        &self,
+        world: &World,
+        connected: &mut Connected,
+        message: &str,
+        step: SplitStep,
+    ) -> Result<Option<Instant>, Error> {
         let Connected {
             source_endpoint,
-            mut source,
+            source,
             target_endpoint,
             target,
-        } = match self.connected(world, step).await? {
-            Ok(connected) => connected,
-            Err(wait) => return Ok(wait),
-        };
-        if world.moving.spec.state == ShardRangeState::WritePaused {
-            // An attempt interrupted by a restart: undo it, then try afresh.
-            self.unpause(world, &source, &source_endpoint, step).await?;
-        }
+        } = connected;
         let barrier = plan::barrier_table(&self.uid);
         let fence = plan::fence_name(&self.uid);
         let max_pause = self.max_pause();
-        let epoch = world.moving.spec.epoch + 1;
-
         let paused_at = Instant::now();
         self.patch_moving(world, json!({"state": "WritePaused"}))
             .await?;
         let remaining = || max_pause.saturating_sub(paused_at.elapsed());
         let mut fits = shards::caught_up_within(
-            &source,
-            &source_endpoint,
-            &target,
-            &target_endpoint,
+            source,
+            source_endpoint,
+            target,
+            target_endpoint,
             &barrier,
             remaining(),
         )
@@ -1050,17 +1074,11 @@ impl<'a> Split<'a> {
                 world.key_type(),
                 world.group.vindex,
                 (world.moving.spec.start, world.moving.spec.end),
-                &plan::fence_message(
-                    world.moving.spec.start,
-                    world.moving.spec.end,
-                    &world.group.name,
-                    target_shard,
-                    epoch,
-                ),
+                message,
             );
             match shards::install_fence(
-                &mut source,
-                &source_endpoint,
+                source,
+                source_endpoint,
                 &function,
                 &fence,
                 &world.tables,
@@ -1077,59 +1095,82 @@ impl<'a> Split<'a> {
                     fits = false
                 }
                 Err(error) => {
-                    self.unpause(world, &source, &source_endpoint, step).await?;
+                    self.unpause(world, source, source_endpoint, step).await?;
                     return Err(shard_step(step)(error));
                 }
             }
         }
         if fits {
             fits = shards::caught_up_within(
-                &source,
-                &source_endpoint,
-                &target,
-                &target_endpoint,
+                source,
+                source_endpoint,
+                target,
+                target_endpoint,
                 &barrier,
                 remaining(),
             )
             .await
             .map_err(shard_step(step))?;
         }
-        if !fits {
-            self.unpause(world, &source, &source_endpoint, step).await?;
-            let mut status = self.status();
+        if fits {
+            return Ok(Some(paused_at));
+        }
+        self.unpause(world, source, source_endpoint, step).await?;
+        let mut status = self.status();
+        let what = if step == SplitStep::CutOver {
             status.aborted_cut_overs = Some(status.aborted_cut_overs.unwrap_or(0) + 1);
-            let message = format!(
-                "the target did not catch up within maxWritePauseMillis ({} ms): writes resumed on {}; retrying",
-                max_pause.as_millis(),
-                world.source_shard
-            );
-            set_progress(self.job, &mut status, "CutOverAborted", message.clone());
-            self.write_status(status).await?;
-            self.publish(EventType::Warning, "CutOverAborted", message)
-                .await;
-            return Ok(Action::requeue(RETRY_CUT_OVER));
-        }
-        if self.job.spec.verify
-            && let Some(difference) = self
-                .compare(
-                    world,
-                    (&source, &source_endpoint),
-                    (&target, &target_endpoint),
-                    step,
-                )
-                .await?
-        {
-            self.unpause(world, &source, &source_endpoint, step).await?;
+            "the cut-over"
+        } else {
+            "the pause for the verification snapshots"
+        };
+        let message = format!(
+            "the target did not catch up within maxWritePauseMillis ({} ms), so {what} was aborted: writes resumed on {}; retrying",
+            max_pause.as_millis(),
+            world.source_shard
+        );
+        set_progress(self.job, &mut status, "CutOverAborted", message.clone());
+        self.write_status(status).await?;
+        self.publish(EventType::Warning, "CutOverAborted", message)
+            .await;
+        Ok(None)
+    }
+
+    /// Step 6: freeze the range (pause, catch up, fence, catch up), flip it to the target with
+    /// a higher routing epoch. The fence stays: a router that has not seen the flip is refused.
+    async fn cut_over(&self, world: &World) -> Result<Action, Error> {
+        let step = SplitStep::CutOver;
+        let target_shard = &self.job.spec.target_shard;
+        if &world.moving.spec.shard == target_shard {
+            // Flipped before a restart: only forward from here.
             return self
-                .roll_back(
-                    world,
-                    "VerifyFailed",
-                    format!(
-                        "source and target differ over the moving range: {difference}; rolled back"
-                    ),
+                .enter(
+                    self.status(),
+                    SplitStep::CleanUp,
+                    "CutOver",
+                    format!("the range lives on {target_shard}"),
                 )
                 .await;
         }
+        let mut connected = match self.connected(world, step).await? {
+            Ok(connected) => connected,
+            Err(wait) => return Ok(wait),
+        };
+        if world.moving.spec.state == ShardRangeState::WritePaused {
+            // An attempt interrupted by a restart: undo it, then try afresh.
+            self.unpause(world, &connected.source, &connected.source_endpoint, step)
+                .await?;
+        }
+        let epoch = world.moving.spec.epoch + 1;
+        let message = plan::fence_message(
+            world.moving.spec.start,
+            world.moving.spec.end,
+            &world.group.name,
+            target_shard,
+            epoch,
+        );
+        let Some(paused_at) = self.freeze(world, &mut connected, &message, step).await? else {
+            return Ok(Action::requeue(RETRY_CUT_OVER));
+        };
         self.patch_moving(
             world,
             json!({"shard": target_shard, "state": "Active", "epoch": epoch}),
@@ -1327,6 +1368,51 @@ impl<'a> Split<'a> {
                 });
             }
         }
+        self.delete_provisioned_target().await
+    }
+
+    /// Deletes the target shard's cluster (and its superuser Secret) when this job created it
+    /// in step 2; a shard that existed before the job is left alone.
+    async fn delete_provisioned_target(&self) -> Result<(), Error> {
+        let target = self.target_cluster();
+        let clusters = self.api::<PostgresCluster>();
+        let provisioned = clusters
+            .get_opt(&target)
+            .await
+            .map_err(|source| Error::Dereference {
+                what: format!("PostgresCluster {target}"),
+                source,
+            })?
+            .is_some_and(|child| {
+                child.annotations().get(ANNOTATION_PROVISIONED_BY) == Some(&self.uid)
+            });
+        if !provisioned {
+            return Ok(());
+        }
+        fn gone<T>(result: Result<T, kube::Error>, what: String) -> Result<(), Error> {
+            match result {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                Err(source) => Err(Error::Ranges { what, source }),
+            }
+        }
+        gone(
+            clusters.delete(&target, &DeleteParams::default()).await,
+            format!("deleting PostgresCluster {target}, which this job provisioned"),
+        )?;
+        let secret = api::contract::superuser_secret(&target);
+        gone(
+            self.api::<k8s_openapi::api::core::v1::Secret>()
+                .delete(&secret, &DeleteParams::default())
+                .await,
+            format!("deleting Secret {secret}"),
+        )?;
+        self.publish(
+            EventType::Normal,
+            "TargetDeleted",
+            format!("deleted PostgresCluster {target}, which this job had provisioned"),
+        )
+        .await;
         Ok(())
     }
 

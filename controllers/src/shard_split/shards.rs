@@ -26,6 +26,8 @@ use super::plan::table_sql;
 pub const DATABASE: &str = "postgres";
 /// Rows deleted per statement by the clean-ups.
 const DELETE_BATCH: i64 = 10_000;
+/// Bytes of COPY data the snapshot copy gathers before it hands them to the target.
+const COPY_BATCH: usize = 256 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a shard's primary listens and how to log in (the password never reaches a log).
@@ -711,9 +713,22 @@ pub async fn copy_table(
         .map_err(sql_error(target, format!("COPY of {table} in")))?;
     futures::pin_mut!(sink);
     futures::pin_mut!(out);
+    // The source sends one CopyData message per row. Passed on one by one (`send` flushes
+    // each), every row would cost the target connection a write and a TLS record, which made
+    // the copy several times slower than a plain COPY pipe; batched, the target gets large
+    // messages and the reader runs ahead while the target writes.
+    let mut batch = BytesMut::with_capacity(COPY_BATCH);
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(sql_error(source, format!("reading the COPY of {table}")))?;
-        sink.send(chunk)
+        batch.extend_from_slice(&chunk);
+        if batch.len() >= COPY_BATCH {
+            sink.feed(batch.split().freeze())
+                .await
+                .map_err(sql_error(target, format!("writing the COPY of {table}")))?;
+        }
+    }
+    if !batch.is_empty() {
+        sink.feed(batch.split().freeze())
             .await
             .map_err(sql_error(target, format!("writing the COPY of {table}")))?;
     }

@@ -228,8 +228,16 @@ pub fn router_role_binding(cluster: &PostgresCluster) -> RoleBinding {
     }
 }
 
+/// How long pg-router holds a write to a range paused for a split's cut-over before failing it
+/// with 40001: longer than the longest pause any ShardSplitJob may take
+/// ([`api::sharding::MAX_WRITE_PAUSE_MILLIS`], after which the job resumes writes on the source
+/// itself), plus the time the range's change takes to reach the router's watch. A held write
+/// thus waits out every cut-over instead of failing in the middle of one.
+pub const ROUTER_WRITE_PAUSE_HOLD_MILLIS: i32 = api::sharding::MAX_WRITE_PAUSE_MILLIS + 5_000;
+
 /// The pg-router Deployment: Kubernetes mode (topology from the ShardRange objects), backend
-/// credentials from the cluster's superuser Secret, restricted pod security.
+/// credentials from the cluster's superuser Secret, restricted pod security, and writes to a
+/// paused range held for [`ROUTER_WRITE_PAUSE_HOLD_MILLIS`].
 pub fn router_deployment(cluster: &PostgresCluster, sharding: &ShardingSpec) -> Deployment {
     let parent = cluster.name_any();
     let labels = router_labels(&parent);
@@ -266,6 +274,8 @@ pub fn router_deployment(cluster: &PostgresCluster, sharding: &ShardingSpec) -> 
             format!("0.0.0.0:{ROUTER_PORT}"),
             "--metrics-listen".to_string(),
             format!("0.0.0.0:{ROUTER_METRICS_PORT}"),
+            "--write-pause-hold-ms".to_string(),
+            ROUTER_WRITE_PAUSE_HOLD_MILLIS.to_string(),
         ]),
         env: Some(vec![
             EnvVar {
@@ -501,5 +511,43 @@ mod tests {
         assert_eq!(child.spec.instances, 3);
         let owner = &child.metadata.owner_references.unwrap()[0];
         assert_eq!((owner.name.as_str(), owner.controller), ("db", Some(true)));
+    }
+
+    #[test]
+    fn the_router_holds_a_paused_write_longer_than_any_cut_over_may_pause() {
+        let sharding = ShardingSpec {
+            shards: 2,
+            router: Default::default(),
+            table_groups: Vec::new(),
+            sharded_tables: Vec::new(),
+            reference_tables: Vec::new(),
+        };
+        let mut spec = api::PostgresClusterSpec::with_image(1, "example.org/pg:18");
+        spec.sharding = Some(sharding.clone());
+        let mut parent = PostgresCluster::new("db", spec);
+        parent.metadata.namespace = Some("ns".into());
+        let deployment = router_deployment(&parent, &sharding);
+        let args = deployment.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        let flag = args
+            .iter()
+            .position(|a| a == "--write-pause-hold-ms")
+            .expect("the router's hold is set");
+        let hold: i64 = args[flag + 1].parse().unwrap();
+        // The largest pause a job may ask for, as the ShardSplitJob schema bounds it.
+        let crd =
+            serde_json::to_value(<api::sharding::ShardSplitJob as kube::CustomResourceExt>::crd())
+                .unwrap();
+        let bound = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["maxWritePauseMillis"]["maximum"]
+            .as_f64()
+            .expect("maxWritePauseMillis has a maximum");
+        assert_eq!(bound, f64::from(api::sharding::MAX_WRITE_PAUSE_MILLIS));
+        assert!(
+            hold as f64 > bound,
+            "hold {hold} ms, a cut-over may pause {bound} ms"
+        );
     }
 }
