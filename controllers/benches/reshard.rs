@@ -424,7 +424,9 @@ async fn run() -> anyhow::Result<()> {
     let done = loop {
         let job = jobs.get("split").await?;
         if let Some(step) = job.status.as_ref().and_then(|s| s.step)
-            && steps.last().is_none_or(|(_, last)| *last != format!("{step:?}"))
+            && steps
+                .last()
+                .is_none_or(|(_, last)| *last != format!("{step:?}"))
         {
             steps.push((Instant::now(), format!("{step:?}")));
         }
