@@ -114,10 +114,12 @@ async fn reloadable_parameters_are_applied_in_place_and_restart_parameters_roll(
             .then_some(())
     })
     .await;
-    assert_ne!(
-        template_hash(&env.object::<StatefulSet>("db").await),
-        hash_before
-    );
+    // The event comes from the parameters stage, the template from a later stage of the same
+    // reconcile: wait for it rather than read it at once.
+    env.eventually("the template changed", || async {
+        (template_hash(&env.object::<StatefulSet>("db").await) != hash_before).then_some(())
+    })
+    .await;
     let history = env.play_rolling_update("db", 2).await;
     assert_eq!(
         history,
