@@ -390,26 +390,9 @@ impl TestCluster {
         .await
     }
 
-    /// A raw HTTP GET on instance `index`: (status code, body).
+    /// A raw HTTP GET on instance `index`: (status code, body), an error after 20 s.
     pub async fn http_get(&self, index: usize, path: &str) -> anyhow::Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream =
-            tokio::net::TcpStream::connect(("127.0.0.1", self.instances[index].http_port)).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
+        backup::http(self.instances[index].http_port, "GET", path).await
     }
 
     /// A connection to instance `index` as the superuser (TCP, SCRAM).
