@@ -13,6 +13,7 @@ pub mod clients;
 pub mod control_plane;
 pub mod dashboards;
 pub mod delivery;
+pub mod http;
 pub mod manifests;
 pub mod object_store;
 pub mod paths;

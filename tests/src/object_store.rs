@@ -547,16 +547,7 @@ for bucket in buckets:
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
+        Ok(crate::http::status_and_body(&response))
     }
 
     /// Cuts the store off: every connection through [`Self::endpoint`] is closed and new ones

@@ -110,16 +110,7 @@ pub async fn http_exchange(port: u16, method: &str, path: &str) -> anyhow::Resul
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+    Ok(testbed::http::status_and_body(&response))
 }
 
 /// Takes a base backup on instance `index` over HTTP and waits for its end.
