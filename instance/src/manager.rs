@@ -786,23 +786,20 @@ impl Manager {
         let clone_marker = self.config.run_dir().join("clone-incomplete");
         let restore_marker = self.config.run_dir().join(RESTORE_MARKER);
         let initdb_marker = self.config.run_dir().join(bootstrap::INITDB_MARKER);
-        if !self.postgres.has_data()
-            || clone_marker.exists()
-            || restore_marker.exists()
-            || initdb_marker.exists()
-        {
+        // Read the data folder and the markers once: the bootstrap decision below uses them all.
+        let facts = bootstrap::Facts {
+            has_data: self.postgres.has_data(),
+            initdb_marker: initdb_marker.exists(),
+            other_marker: clone_marker.exists() || restore_marker.exists(),
+            holder_is_me_or_nobody: holder.as_deref().is_none_or(|holder| holder == me),
+            bootstrapped: self
+                .lease
+                .annotation(contract::ANNOTATION_BOOTSTRAPPED)
+                .is_some(),
+        };
+        if !facts.has_data || facts.other_marker || facts.initdb_marker {
             let restoring = restore_marker.exists() && holder.as_deref() == Some(me.as_str());
-            let again = bootstrap::start_again(bootstrap::Facts {
-                has_data: self.postgres.has_data(),
-                initdb_marker: initdb_marker.exists(),
-                other_marker: clone_marker.exists() || restore_marker.exists(),
-                holder_is_me_or_nobody: holder.as_deref().is_none_or(|holder| holder == me),
-                bootstrapped: self
-                    .lease
-                    .annotation(contract::ANNOTATION_BOOTSTRAPPED)
-                    .is_some(),
-            })
-            .filter(|_| self.lease.ever_held());
+            let again = bootstrap::start_again(facts).filter(|_| self.lease.ever_held());
             if !self.lease.ever_held() || restoring || again.is_some() {
                 self.acquire().await?;
                 if let Some(why) = again {
