@@ -50,6 +50,7 @@ const LONG_FIRST: &[&str] = &[
     "nodeagent/e2e_operations",
     "nodeagent/e2e",
     "nodeagent/e2e_backup",
+    "nodeagent/e2e_sharding",
 ];
 
 /// One test executable and where cargo would run it.

@@ -591,9 +591,15 @@ async fn apply_supporting_objects(
         builders::pod_disruption_budget(cluster),
         builders::network_policy(cluster),
     );
+    // The Role before its RoleBinding: the API server's escalation check on a binding reads the
+    // Role and answers NotFound while it does not exist, and `try_join!` drops the requests still
+    // in flight when one fails, so a binding applied beside a new Role could fail, and take the
+    // Role's creation with it, at every retry (seen for minutes on a shard a split provisioned).
     futures::try_join!(
         apply_object(&service_accounts, &service_account),
         apply_object(&roles, &role),
+    )?;
+    futures::try_join!(
         apply_object(&role_bindings, &role_binding),
         apply_object(&services, &read_write),
         apply_object(&services, &read_only),

@@ -36,6 +36,9 @@ pub const ROUTER_METRICS_PORT: u16 = 9187;
 /// Uid of the router process (the image's non-root user).
 pub const ROUTER_UID: i64 = 65532;
 
+/// The setting every shard runs with, unless the parent's parameters say otherwise.
+pub const SHARD_WAL_LEVEL: (&str, &str) = ("wal_level", "logical");
+
 /// Name of shard `index`, as ShardRange objects name it.
 pub fn shard_name(index: i32) -> String {
     format!("shard-{index}")
@@ -94,6 +97,13 @@ pub fn child_cluster(parent: &PostgresCluster, index: i32) -> PostgresCluster {
     let shard = shard_name(index);
     let mut spec = parent.spec.clone();
     spec.sharding = None;
+    // A ShardSplitJob moves rows with logical replication from the shard that holds them, which
+    // needs logical decoding there (the instance manager's default is `replica`). Set at
+    // creation so that a later split needs no restart; a user's own value is kept.
+    spec.postgresql
+        .parameters
+        .entry(SHARD_WAL_LEVEL.0.to_string())
+        .or_insert_with(|| SHARD_WAL_LEVEL.1.to_string());
     let mut labels = BTreeMap::from([
         (contract::LABEL_SHARD.to_string(), shard.clone()),
         (
@@ -509,6 +519,26 @@ mod tests {
         assert_eq!(child.name_any(), "db-shard-1");
         assert!(child.spec.sharding.is_none());
         assert_eq!(child.spec.instances, 3);
+        assert_eq!(
+            child
+                .spec
+                .postgresql
+                .parameters
+                .get("wal_level")
+                .map(String::as_str),
+            Some("logical"),
+            "a split needs logical decoding on its source shard"
+        );
+        let mut own = parent.clone();
+        own.spec
+            .postgresql
+            .parameters
+            .insert("wal_level".into(), "replica".into());
+        assert_eq!(
+            child_cluster(&own, 0).spec.postgresql.parameters["wal_level"],
+            "replica",
+            "the user's own value is kept"
+        );
         let owner = &child.metadata.owner_references.unwrap()[0];
         assert_eq!((owner.name.as_str(), owner.controller), ("db", Some(true)));
     }
