@@ -12,7 +12,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Operator {
     child: Child,
@@ -49,18 +48,9 @@ fn start_operator(env: &Env, identity: &str) -> Operator {
 
 /// GET `path` on the operator: (status code, body), or None while it does not answer.
 async fn get(operator: &Operator, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", operator.port))
+    testbed::http::request(operator.port, "GET", path)
         .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_string();
-    Some((code, body))
+        .ok()
 }
 
 async fn holder(env: &Env) -> Option<String> {

@@ -9,7 +9,6 @@ mod common;
 use std::process::{Child, Command, Stdio};
 
 use common::{Env, spec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A child process killed on drop.
 struct Process(Child);
@@ -83,16 +82,8 @@ fn start_operator(env: &Env, otlp_port: u16) -> (Process, u16) {
 }
 
 async fn metrics(port: u16) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    Some(response.split_once("\r\n\r\n")?.1.to_string())
+    let (_, body) = testbed::http::request(port, "GET", "/metrics").await.ok()?;
+    Some(body)
 }
 
 /// The value of the sample `series` (name and labels, exactly as exposed).
