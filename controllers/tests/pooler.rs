@@ -6,44 +6,25 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use api::pooler::{PgBouncerSpec, Pooler, PoolerSpec, PoolerType};
 use common::{Env, MANAGER_IMAGE, dns_names, secret_text, spec};
-use controllers::metrics::Metrics;
 use controllers::pooler::builders;
-use controllers::postgres_cluster::{Context, Settings};
+use controllers::postgres_cluster::Settings;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
 use serde_json::json;
 
 fn start_pooler_controller(env: &Env) -> tokio::task::JoinHandle<()> {
-    let ctx = Arc::new(Context {
-        client: env.client.clone(),
-        recorder: Recorder::new(
-            env.client.clone(),
-            Reporter {
-                controller: "postgres-operator".into(),
-                instance: Some("test".into()),
-            },
-        ),
-        metrics: Arc::new(Metrics::new()),
-        settings: Settings {
-            instance_manager_image: MANAGER_IMAGE.to_string(),
-            // Short-lived certificates, renewed about every 10 s: the test sees a renewal.
-            tls: controllers::tls::certificates::Lifetimes {
-                leaf: std::time::Duration::from_secs(40),
-                renew_before: std::time::Duration::from_secs(30),
-                ..Default::default()
-            },
-            ..Settings::default()
+    env.start_pooler_controller(Settings {
+        instance_manager_image: MANAGER_IMAGE.to_string(),
+        // Short-lived certificates, renewed about every 10 s: the test sees a renewal.
+        tls: controllers::tls::certificates::Lifetimes {
+            leaf: std::time::Duration::from_secs(40),
+            renew_before: std::time::Duration::from_secs(30),
+            ..Default::default()
         },
-    });
-    let namespace = env.namespace.clone();
-    tokio::spawn(async move {
-        controllers::pooler::run(ctx, Some(namespace), 4, std::future::pending()).await
+        ..Settings::default()
     })
 }
 

@@ -2,7 +2,9 @@
 //! cert-manager Go module): a missing Issuer is a Degraded condition and a Warning event and no
 //! pod is created; with the Issuer the operator applies the two `Certificate`s; once cert-manager
 //! (played by the test) wrote their Secrets, the CA is published for applications and the
-//! instances are created with the Secrets mounted. The operator CA is not used.
+//! instances are created with the Secrets mounted. The operator CA is not used. A Pooler of the
+//! cluster gets its own Certificate from the same issuer, waits for it with a condition, and
+//! mounts it for PgBouncer's clients.
 
 mod common;
 
@@ -11,13 +13,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use api::contract;
+use api::pooler::{PgBouncerSpec, Pooler, PoolerSpec, PoolerType};
 use api::postgres_cluster::{CertManagerTls, IssuerRef, PostgresCluster, TlsMode};
-use common::{Env, spec};
+use common::{Env, MANAGER_IMAGE, spec};
+use controllers::postgres_cluster::Settings;
 use controllers::tls::cert_manager;
 use controllers::tls::certificates::{self, Leaf};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{DynamicObject, PostParams};
@@ -219,4 +223,105 @@ async fn cert_manager_certificates_from_the_named_issuer_and_a_clear_condition_w
             .is_none(),
         "no operator CA in CertManager mode"
     );
+    // A Pooler of this cluster asks the same issuer for its own certificate (the Pooler's
+    // Service names), waits for it with a condition that names the Secret, and mounts it for
+    // PgBouncer's clients once cert-manager wrote it.
+    let _poolers = env.start_pooler_controller(Settings {
+        instance_manager_image: MANAGER_IMAGE.to_string(),
+        ..Settings::default()
+    });
+    let pooler = Pooler::new(
+        "pool",
+        PoolerSpec {
+            cluster: api::common::ClusterReference { name: "db".into() },
+            type_: PoolerType::Rw,
+            instances: 1,
+            pgbouncer: PgBouncerSpec::default(),
+            resources: None,
+        },
+    );
+    env.api::<Pooler>()
+        .create(&PostParams::default(), &pooler)
+        .await
+        .expect("creating the Pooler");
+    let requested: DynamicObject = env
+        .eventually("the Pooler's Certificate", || {
+            let api = certificates_api.clone();
+            async move {
+                api.get_opt(&controllers::tls::pooler::certificate_name("pool"))
+                    .await
+                    .ok()?
+            }
+        })
+        .await;
+    let spec = &requested.data["spec"];
+    assert_eq!(spec["issuerRef"]["name"], "corp-ca");
+    assert_eq!(spec["issuerRef"]["kind"], "Issuer");
+    assert_eq!(spec["secretName"], "pool-pooler-tls");
+    assert!(
+        spec["dnsNames"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("pool.tls-cm.svc")),
+        "{spec}"
+    );
+    let waiting = env
+        .eventually("the Pooler waiting for cert-manager", || {
+            let api = env.api::<Pooler>();
+            async move {
+                let pooler = api.get_opt("pool").await.ok()??;
+                let status = pooler.status?;
+                let condition = api::common::find_condition(&status.conditions, "Degraded")?;
+                (condition.status == "True" && condition.reason == "CertificatePending")
+                    .then(|| condition.message.clone())
+            }
+        })
+        .await;
+    assert!(
+        waiting.contains("pool-pooler-tls") && waiting.contains("Issuer corp-ca"),
+        "{waiting}"
+    );
+    assert!(
+        env.api::<Deployment>()
+            .get_opt("pool")
+            .await
+            .unwrap()
+            .is_none(),
+        "PgBouncer cannot start with client TLS and no certificate"
+    );
+    let issued = certificates::issue(
+        &ca,
+        &Leaf::Pooler {
+            pooler: "pool".into(),
+            namespace: "tls-cm".into(),
+        },
+        now,
+        day,
+    )
+    .unwrap();
+    secrets
+        .create(
+            &PostParams::default(),
+            &issued_secret("pool-pooler-tls", &issued, &ca.certificate_pem),
+        )
+        .await
+        .unwrap();
+    let deployment: Deployment = env.object("pool").await;
+    let volumes = deployment
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .volumes
+        .unwrap();
+    assert!(volumes.iter().any(|volume| {
+        volume
+            .secret
+            .as_ref()
+            .is_some_and(|secret| secret.secret_name.as_deref() == Some("pool-pooler-tls"))
+    }));
+    let config: ConfigMap = env.object("pool").await;
+    let ini = &config.data.unwrap()["pgbouncer.ini"];
+    assert!(ini.contains("client_tls_sslmode = require\n"), "{ini}");
 }

@@ -124,6 +124,27 @@ impl Env {
         self
     }
 
+    /// Runs the Pooler controller in this Env's namespace, with `settings`, beside the cluster
+    /// controller.
+    pub fn start_pooler_controller(&self, settings: Settings) -> tokio::task::JoinHandle<()> {
+        let ctx = Arc::new(Context {
+            client: self.client.clone(),
+            recorder: Recorder::new(
+                self.client.clone(),
+                Reporter {
+                    controller: "postgres-operator".into(),
+                    instance: Some("test".into()),
+                },
+            ),
+            metrics: Arc::new(Metrics::new()),
+            settings,
+        });
+        let namespace = self.namespace.clone();
+        tokio::spawn(async move {
+            controllers::pooler::run(ctx, Some(namespace), 4, std::future::pending()).await
+        })
+    }
+
     pub fn api<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
