@@ -8,17 +8,13 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use std::sync::Arc;
-
 use api::pooler::{PgBouncerSpec, Pooler, PoolerSpec, PoolerType};
 use api::postgres_cluster::{RouterSpec, ShardingSpec};
 use common::{Env, MANAGER_IMAGE, spec};
-use controllers::metrics::Metrics;
 use controllers::monitoring;
-use controllers::postgres_cluster::{Context, Settings};
+use controllers::postgres_cluster::Settings;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
 use serde_json::json;
 
 /// Release of the Prometheus Operator whose CRDs the test installs.
@@ -230,23 +226,8 @@ async fn pod_monitor_and_prometheus_rule_follow_spec_monitoring() {
 }
 
 fn start_pooler_controller(env: &Env) -> tokio::task::JoinHandle<()> {
-    let ctx = Arc::new(Context {
-        client: env.client.clone(),
-        recorder: Recorder::new(
-            env.client.clone(),
-            Reporter {
-                controller: "postgres-operator".into(),
-                instance: Some("test".into()),
-            },
-        ),
-        metrics: Arc::new(Metrics::new()),
-        settings: Settings {
-            instance_manager_image: MANAGER_IMAGE.to_string(),
-            ..Settings::default()
-        },
-    });
-    let namespace = env.namespace.clone();
-    tokio::spawn(async move {
-        controllers::pooler::run(ctx, Some(namespace), 4, std::future::pending()).await
+    env.start_pooler_controller(Settings {
+        instance_manager_image: MANAGER_IMAGE.to_string(),
+        ..Settings::default()
     })
 }
