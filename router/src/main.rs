@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         let _entered = runtime.enter();
         telemetry::init(&TelemetryConfig {
             log_filter: cli.log_level.clone(),
+            log_json: false,
             otlp_endpoint: cli.otlp_endpoint.clone(),
             otlp_traces_endpoint: cli.otlp_traces_endpoint.clone(),
             service_name: cli.service_name.clone(),
