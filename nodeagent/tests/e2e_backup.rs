@@ -4,7 +4,9 @@
 //! completes (the operator exports its time, again after it was killed), and a new cluster
 //! bootstraps from that backup and the archived WAL with exactly the
 //! expected rows; retention deletes the backups outside the recovery window (aged by rewriting
-//! their `backup.info`: the window is days long) and keeps the one the window starts from. Scenarios run in parallel in their own namespaces.
+//! their `backup.info`: the window is days long) and keeps the one the window starts from; a
+//! ScheduledBackup runs at once and then every minute, keeps one finished BackupJob and creates
+//! none while suspended. Scenarios run in parallel in their own namespaces.
 //!
 //! Needs the workspace's `postgres-operator` and `pg-instance` binaries next to this test's
 //! target folder (`cargo build -p controllers -p instance`; `cargo xtask test` builds them), and
@@ -276,6 +278,141 @@ async fn retention_deletes_the_backups_outside_the_recovery_window_and_their_wal
     assert!(
         wals.contains(&b2_begin),
         "the WAL b2 needs is kept: {wals:?}"
+    );
+    Ok(())
+}
+
+/// The BackupJobs a ScheduledBackup created (its label), with their phases, oldest first.
+async fn scheduled_jobs(
+    jobs: &Api<api::BackupJob>,
+    schedule: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut list: Vec<api::BackupJob> = jobs
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("postgres.keiailab.io/scheduled-backup={schedule}")),
+        )
+        .await?
+        .items;
+    list.sort_by_key(|job| job.metadata.creation_timestamp.clone().map(|t| t.0));
+    Ok(list
+        .into_iter()
+        .map(|job| {
+            let phase = job
+                .status
+                .and_then(|status| status.phase)
+                .unwrap_or_default();
+            (job.metadata.name.unwrap_or_default(), phase)
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scheduled_backup_runs_on_time_keeps_its_last_jobs_and_pauses_when_suspended()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let store = store(&e2e)?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-schedule";
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        namespace,
+    )
+    .await?;
+    credentials(&client, namespace).await?;
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "timed",
+        json!({"instances": 1, "backup": {"s3": s3(store, "timed")}, "failover": calm_failover()}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "timed", None, Duration::from_secs(180))
+        .await?;
+
+    // Every minute, a first one right away, keeping one finished BackupJob.
+    let schedule = |suspend: bool| {
+        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "ScheduledBackup",
+               "metadata": {"name": "every-minute", "namespace": namespace},
+               "spec": {"cluster": {"name": "timed"}, "schedule": "* * * * *",
+                        "immediate": true, "keepJobs": 1, "suspend": suspend}})
+    };
+    testbed::manifests::apply(&client, &schedule(false), namespace).await?;
+    let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
+    let first = eventually(
+        "the immediate BackupJob to complete",
+        Duration::from_secs(180),
+        || async {
+            let list = scheduled_jobs(&jobs, "every-minute").await?;
+            Ok(match list.first() {
+                Some((name, phase)) if phase == "Completed" => Ok(name.clone()),
+                Some((_, phase)) if phase == "Failed" => anyhow::bail!("{list:?}"),
+                _ => Err(format!("{list:?}")),
+            })
+        },
+    )
+    .await?;
+    // The next minute's job completes, and the first is deleted: one finished job is kept.
+    let second = eventually(
+        "the next scheduled BackupJob to complete and the first to go",
+        Duration::from_secs(200),
+        || async {
+            let list = scheduled_jobs(&jobs, "every-minute").await?;
+            let finished: Vec<&(String, String)> = list
+                .iter()
+                .filter(|(_, phase)| phase == "Completed" || phase == "Failed")
+                .collect();
+            Ok(match finished.as_slice() {
+                [(name, phase)] if *name != first && phase == "Completed" => Ok(name.clone()),
+                _ => Err(format!("{list:?}")),
+            })
+        },
+    )
+    .await?;
+    let schedules: Api<api::ScheduledBackup> = Api::namespaced(client.clone(), namespace);
+    let status = schedules
+        .get("every-minute")
+        .await?
+        .status
+        .unwrap_or_default();
+    assert!(
+        status.last_backup_job.is_some() && status.next_schedule_time.is_some(),
+        "the status names the last job ({second} or a later one) and the next time: {status:?}"
+    );
+    let keys = store.list_keys(BUCKET, "timed/")?;
+    assert!(
+        keys.iter().filter(|k| k.ends_with("/backup.info")).count() >= 2,
+        "two base backups in the store: {keys:?}"
+    );
+
+    // Suspended: no next time in the status, and no new BackupJob for more than a minute.
+    testbed::manifests::apply(&client, &schedule(true), namespace).await?;
+    eventually(
+        "the suspended schedule to drop its next time",
+        Duration::from_secs(30),
+        || async {
+            let status = schedules
+                .get("every-minute")
+                .await?
+                .status
+                .unwrap_or_default();
+            Ok(match status.next_schedule_time {
+                None => Ok(()),
+                Some(next) => Err(format!("next {next:?}")),
+            })
+        },
+    )
+    .await?;
+    let names = |list: Vec<(String, String)>| -> Vec<String> {
+        list.into_iter().map(|(name, _)| name).collect()
+    };
+    let when_suspended = names(scheduled_jobs(&jobs, "every-minute").await?);
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    let later = names(scheduled_jobs(&jobs, "every-minute").await?);
+    assert!(
+        later.iter().all(|name| when_suspended.contains(name)),
+        "a suspended schedule created a BackupJob: {when_suspended:?} then {later:?}"
     );
     Ok(())
 }
