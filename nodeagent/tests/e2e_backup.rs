@@ -27,28 +27,46 @@ use kube::api::Api;
 use serde_json::json;
 use testbed::object_store::S3Server;
 
+/// A Healthy one-instance cluster `name` in a new `namespace`, with the store's credentials,
+/// archiving to the store under `name/` (`backup` adds to its `spec.backup`).
+async fn cluster_with_store(
+    e2e: &common::E2e,
+    store: &S3Server,
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    backup: serde_json::Value,
+) -> anyhow::Result<()> {
+    testbed::manifests::apply(
+        client,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        namespace,
+    )
+    .await?;
+    credentials(client, namespace).await?;
+    let mut spec_backup = json!({"s3": s3(store, name)});
+    if let (Some(all), Some(more)) = (spec_backup.as_object_mut(), backup.as_object()) {
+        all.extend(more.clone());
+    }
+    let clusters = create_cluster(
+        client,
+        namespace,
+        name,
+        json!({"instances": 1, "backup": spec_backup, "failover": calm_failover()}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, name, None, Duration::from_secs(180))
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()> {
     let e2e = stack()?;
     let store = store(&e2e)?;
     let client = e2e.client().await?;
     let namespace = "e2e-backup";
-    testbed::manifests::apply(
-        &client,
-        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
-        namespace,
-    )
-    .await?;
-    credentials(&client, namespace).await?;
-    let clusters = create_cluster(
-        &client,
-        namespace,
-        "src",
-        json!({"instances": 1, "backup": {"s3": s3(store, "src")}, "failover": calm_failover()}),
-    )
-    .await?;
-    e2e.wait_healthy(&clusters, "src", None, Duration::from_secs(180))
-        .await?;
+    cluster_with_store(&e2e, store, &client, namespace, "src", json!({})).await?;
     let password = superuser_login(&client, namespace, "src").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("src"))?;
     connect_when_served(rw, &password)
@@ -195,22 +213,15 @@ async fn retention_deletes_the_backups_outside_the_recovery_window_and_their_wal
     let store = store(&e2e)?;
     let client = e2e.client().await?;
     let namespace = "e2e-backup-retention";
-    testbed::manifests::apply(
-        &client,
-        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
-        namespace,
-    )
-    .await?;
-    credentials(&client, namespace).await?;
-    let clusters = create_cluster(
+    cluster_with_store(
+        &e2e,
+        store,
         &client,
         namespace,
         "ret",
-        json!({"backup": {"s3": s3(store, "ret"), "retention": "30d"}, "failover": calm_failover()}),
+        json!({"retention": "30d"}),
     )
     .await?;
-    e2e.wait_healthy(&clusters, "ret", None, Duration::from_secs(180))
-        .await?;
     let password = superuser_login(&client, namespace, "ret").await?;
     let rw = e2e.service_port(namespace, &api::contract::rw_service("ret"))?;
     connect_when_served(rw, &password)
@@ -314,22 +325,7 @@ async fn a_scheduled_backup_runs_on_time_keeps_its_last_jobs_and_pauses_when_sus
     let store = store(&e2e)?;
     let client = e2e.client().await?;
     let namespace = "e2e-schedule";
-    testbed::manifests::apply(
-        &client,
-        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
-        namespace,
-    )
-    .await?;
-    credentials(&client, namespace).await?;
-    let clusters = create_cluster(
-        &client,
-        namespace,
-        "timed",
-        json!({"instances": 1, "backup": {"s3": s3(store, "timed")}, "failover": calm_failover()}),
-    )
-    .await?;
-    e2e.wait_healthy(&clusters, "timed", None, Duration::from_secs(180))
-        .await?;
+    cluster_with_store(&e2e, store, &client, namespace, "timed", json!({})).await?;
 
     // Every minute, a first one right away, keeping one finished BackupJob.
     let schedule = |suspend: bool| {

@@ -100,18 +100,7 @@ impl Env {
     }
 
     fn with_settings(mut self, settings: Settings) -> Env {
-        let ctx = Arc::new(Context {
-            client: self.client.clone(),
-            recorder: Recorder::new(
-                self.client.clone(),
-                Reporter {
-                    controller: "postgres-operator".into(),
-                    instance: Some("test".into()),
-                },
-            ),
-            metrics: Arc::new(Metrics::new()),
-            settings,
-        });
+        let ctx = self.context(settings);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let namespace = self.namespace.clone();
         self.controller = Some(tokio::spawn(async move {
@@ -124,10 +113,9 @@ impl Env {
         self
     }
 
-    /// Runs the Pooler controller in this Env's namespace, with `settings`, beside the cluster
-    /// controller.
-    pub fn start_pooler_controller(&self, settings: Settings) -> tokio::task::JoinHandle<()> {
-        let ctx = Arc::new(Context {
+    /// A controller context on this Env's client with `settings`.
+    fn context(&self, settings: Settings) -> Arc<Context> {
+        Arc::new(Context {
             client: self.client.clone(),
             recorder: Recorder::new(
                 self.client.clone(),
@@ -138,7 +126,13 @@ impl Env {
             ),
             metrics: Arc::new(Metrics::new()),
             settings,
-        });
+        })
+    }
+
+    /// Runs the Pooler controller in this Env's namespace, with `settings`, beside the cluster
+    /// controller.
+    pub fn start_pooler_controller(&self, settings: Settings) -> tokio::task::JoinHandle<()> {
+        let ctx = self.context(settings);
         let namespace = self.namespace.clone();
         tokio::spawn(async move {
             controllers::pooler::run(ctx, Some(namespace), 4, std::future::pending()).await
