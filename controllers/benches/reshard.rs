@@ -328,11 +328,11 @@ async fn run() -> anyhow::Result<()> {
         ("shared_buffers", "256MB"),
         ("maintenance_work_mem", "256MB"),
     ];
-    let (cas, shards) = split_bed::start_shards(NAMESPACE, 3, &settings);
+    let (ca, shards) = split_bed::start_shards(NAMESPACE, 3, &settings);
     for shard in &shards[..2] {
         shard.client().await?.batch_execute(SCHEMA).await?;
     }
-    split_bed::two_shard_cluster(&client, NAMESPACE, &cas, &shards).await;
+    split_bed::two_shard_cluster(&client, NAMESPACE, &ca, &shards).await;
 
     let filling = Instant::now();
     let last_key = fill(&shards[0], mib * 1024 * 1024).await?;

@@ -120,6 +120,25 @@ async fn a_sharded_cluster_gets_shards_ranges_and_a_router_and_bad_specs_are_ref
         assert_eq!(password(secret), parent_password);
     }
 
+    // The shards' certificates come from the parent's one CA (a split's subscription verifies
+    // its source with the target's own CA file), and no shard keeps a CA of its own.
+    let parent_ca = secret_text(&env.object::<Secret>("db-ca").await, "ca.crt");
+    for index in 0..3 {
+        let child = format!("db-shard-{index}");
+        let server: Secret = env.object(&format!("{child}-server-tls")).await;
+        assert_eq!(secret_text(&server, "ca.crt"), parent_ca, "{child}");
+        let public: Secret = env.object(&format!("{child}-ca")).await;
+        assert_eq!(secret_text(&public, "ca.crt"), parent_ca, "{child}");
+        assert!(
+            env.api::<Secret>()
+                .get_opt(&format!("{child}-ca-private"))
+                .await
+                .unwrap()
+                .is_none(),
+            "{child} has no CA of its own"
+        );
+    }
+
     // The initial ranges: 3 per table group, owned by the parent, covering the space.
     let ranges = env
         .eventually("six ShardRanges", || async {
