@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod routers;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
