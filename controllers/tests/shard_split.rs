@@ -96,11 +96,15 @@ async fn kill_when_waiting(
     let watcher = shard.client().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
+        // The cut-over is held on an advisory lock: a short wait of the verification's own
+        // fence for the load's writes (a relation lock) must not pass for it.
+        let advisory_only = expected == Some(SplitStep::CutOver);
         let waiting: i64 = watcher
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE application_name = 'postgres-operator-split' AND backend_type = 'client backend' AND wait_event_type = 'Lock'",
-                &[],
+                  WHERE application_name = 'postgres-operator-split' AND backend_type = 'client backend' AND wait_event_type = 'Lock'
+                    AND (NOT $1 OR wait_event = 'advisory')",
+                &[&advisory_only],
             )
             .await
             .unwrap()

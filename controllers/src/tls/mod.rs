@@ -206,6 +206,20 @@ async fn parent_ca(secrets: &Api<Secret>, parent: &str) -> Result<Issued, Error>
         })
 }
 
+/// Deletes the CA a shard made for itself before shards shared their parent's (its key would
+/// stay in the namespace, trusted by nothing).
+async fn forget_own_ca(secrets: &Api<Secret>, cluster: &str) -> Result<(), Error> {
+    let name = contract::tls_ca_private_secret(cluster);
+    match secrets.delete(&name, &Default::default()).await {
+        Ok(_) => {
+            tracing::info!(cluster, secret = %name, "the shard's own CA deleted: it uses its sharded cluster's");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(kube_error(format!("deleting Secret {name}"))(error)),
+    }
+}
+
 /// The operator's CA of the cluster: the stored one while it has more than `renew_before` left,
 /// otherwise a new one (its certificates are then re-issued, since they no longer match).
 async fn operator_ca(
@@ -293,7 +307,10 @@ async fn ensure_operator_ca(
     let now = OffsetDateTime::now_utc();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let ca = match sharded_parent(cluster) {
-        Some(parent) => parent_ca(&secrets, &parent).await?,
+        Some(parent) => {
+            forget_own_ca(&secrets, &name).await?;
+            parent_ca(&secrets, &parent).await?
+        }
         None => operator_ca(cluster, ctx, &secrets, &lifetimes, now).await?,
     };
     apply_secret(&secrets, &public_ca_secret(cluster, &ca.certificate_pem)).await?;
