@@ -22,8 +22,7 @@
 mod split_bed;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -37,6 +36,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
+use split_bed::routers::{self, RouterProcess};
 use split_bed::{Operator, PASSWORD, SCHEMA, hash_of, primary_pod, ranges_in, shard_of};
 use testbed::process::die_with_parent;
 use testbed::{ApiServer, Postgres, paths};
@@ -48,15 +48,6 @@ const WRITER_IDS: i64 = 1 << 40;
 const SLOW: Duration = Duration::from_millis(200);
 /// Shard keys the fill generates per batch (about half land in the range).
 const FILL_BATCH: i64 = 500_000;
-
-struct RouterProcess(Child);
-
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
@@ -200,112 +191,12 @@ async fn plain_copy(
     Ok((elapsed, bytes))
 }
 
-/// What the writers saw.
-#[derive(Default)]
-struct Writes {
-    acknowledged: Vec<(i64, i64)>,
-    /// Longest wait for one insert into the moving half, and into the rest.
-    moving_max: Duration,
-    staying_max: Duration,
-    latencies: Vec<Duration>,
-    /// Writes that waited longer than [`SLOW`]: when they started, how long, moving half or not.
-    slow: Vec<(Instant, Duration, bool)>,
-    retried: u64,
-    failed: Vec<String>,
-}
-
-/// One pgbench-style writer through the router: autocommit inserts of fresh rows at keys of the
-/// source range, retrying (same row) only what the router calls retryable (40001).
-async fn writer(
-    port: u16,
-    number: i64,
-    keys: Arc<Vec<i64>>,
-    split: i64,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<Writes> {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user=postgres password={PASSWORD} dbname=postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .context("connecting to pg-router")?;
-    tokio::spawn(connection);
-    let insert = client
-        .prepare("INSERT INTO orders (customer_id, id, note) VALUES ($1, $2, 'written')")
-        .await?;
-    let mut writes = Writes::default();
-    let mut id = WRITER_IDS + number * 1_000_000_000;
-    let mut state = number as u64 * 0x9e37_79b9_7f4a_7c15 + 1;
-    while !stop.load(Ordering::Relaxed) {
-        // xorshift: a key from the range, spread over both halves.
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let key = keys[(state % keys.len() as u64) as usize];
-        id += 1;
-        let started = Instant::now();
-        let acknowledged = loop {
-            match client.execute(&insert, &[&key, &id]).await {
-                Ok(_) => break true,
-                Err(error)
-                    if error.code()
-                        == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE) =>
-                {
-                    writes.retried += 1;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err(error) => {
-                    let text = match error.as_db_error() {
-                        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-                        None => error.to_string(),
-                    };
-                    writes.failed.push(format!("key {key}: {text}"));
-                    break false;
-                }
-            }
-        };
-        let waited = started.elapsed();
-        if acknowledged {
-            writes.acknowledged.push((key, id));
-        }
-        writes.latencies.push(waited);
-        let moving = hash_of(key) >= i128::from(split);
-        if waited > SLOW {
-            writes.slow.push((started, waited, moving));
-        }
-        if moving {
-            writes.moving_max = writes.moving_max.max(waited);
-        } else {
-            writes.staying_max = writes.staying_max.max(waited);
-        }
-    }
-    Ok(writes)
-}
-
-fn router_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("PG_ROUTER_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe()?;
-    let beside = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("pg-router"))
-        .context("the bench's folder")?;
-    if !beside.exists() {
-        bail!(
-            "{} is missing: build it (cargo build --release -p router --bin pg-router) or set PG_ROUTER_BIN",
-            beside.display()
-        );
-    }
-    Ok(beside)
-}
-
 async fn run() -> anyhow::Result<()> {
     let mib = env_number("BENCH_RESHARD_MIB", 1024)? as i64;
     let writers = env_number("BENCH_RESHARD_WRITERS", 4)? as i64;
     let max_pause = env_number("BENCH_RESHARD_MAX_PAUSE_MS", 1000)? as i32;
-    let router_bin = router_binary()?;
+    // Before the fill: a missing pg-router is known at once.
+    routers::router_binary()?;
 
     let server = ApiServer::start().await?;
     server.install_crds(&api::all_crds()).await?;
@@ -328,11 +219,11 @@ async fn run() -> anyhow::Result<()> {
         ("shared_buffers", "256MB"),
         ("maintenance_work_mem", "256MB"),
     ];
-    let (cas, shards) = split_bed::start_shards(NAMESPACE, 3, &settings);
+    let (ca, shards) = split_bed::start_shards(NAMESPACE, 3, &settings);
     for shard in &shards[..2] {
         shard.client().await?.batch_execute(SCHEMA).await?;
     }
-    split_bed::two_shard_cluster(&client, NAMESPACE, &cas, &shards).await;
+    split_bed::two_shard_cluster(&client, NAMESPACE, &ca, &shards).await;
 
     let filling = Instant::now();
     let last_key = fill(&shards[0], mib * 1024 * 1024).await?;
@@ -355,40 +246,25 @@ async fn run() -> anyhow::Result<()> {
     );
 
     // pg-router in Kubernetes mode, holding writes to a paused range longer than a cut-over.
-    let port = testbed::free_port();
-    let log = server.dir().join("router.log");
-    let mut command = Command::new(&router_bin);
-    command
-        .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--write-pause-hold-ms", "30000"])
-        .env("KUBECONFIG", server.kubeconfig_path())
-        .env("PG_ROUTER_BACKEND_PASSWORD", PASSWORD)
-        .env("LOG_LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?);
-    die_with_parent(&mut command);
-    let _router = RouterProcess(command.spawn().context("starting pg-router")?);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user=postgres password={PASSWORD} dbname=postgres"),
-        tokio_postgres::NoTls,
+    let router = RouterProcess::start(
+        &server.kubeconfig_path(),
+        NAMESPACE,
+        30_000,
+        server.dir().join("router.log"),
     )
-    .await
-    .is_err()
-    {
-        if Instant::now() > deadline {
-            bail!(
-                "pg-router did not accept connections: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    .await?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = (0..writers)
-        .map(|number| tokio::spawn(writer(port, number, keys.clone(), split, stop.clone())))
+        .map(|number| {
+            tokio::spawn(routers::writer(
+                router.port,
+                number,
+                keys.clone(),
+                WRITER_IDS + number * 1_000_000_000,
+                stop.clone(),
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -446,17 +322,29 @@ async fn run() -> anyhow::Result<()> {
     operator.kill().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut writes = Writes::default();
+    let mut writes = routers::Writes::default();
     for task in load {
-        let part = task.await??;
-        writes.acknowledged.extend(part.acknowledged);
-        writes.moving_max = writes.moving_max.max(part.moving_max);
-        writes.staying_max = writes.staying_max.max(part.staying_max);
-        writes.latencies.extend(part.latencies);
-        writes.slow.extend(part.slow);
-        writes.retried += part.retried;
-        writes.failed.extend(part.failed);
+        writes.merge(task.await??);
     }
+    // The longest wait for one insert into the moving half, and into the rest; the slow ones.
+    let moving = |key: i64| hash_of(key) >= i128::from(split);
+    let longest = |in_moving: bool| {
+        writes
+            .writes
+            .iter()
+            .filter(|w| moving(w.key) == in_moving)
+            .map(|w| w.waited)
+            .max()
+            .unwrap_or_default()
+    };
+    let (moving_max, staying_max) = (longest(true), longest(false));
+    let slow: Vec<(Instant, Duration, bool)> = writes
+        .writes
+        .iter()
+        .filter(|w| w.waited > SLOW)
+        .map(|w| (w.started, w.waited, moving(w.key)))
+        .collect();
+    let mut latencies: Vec<Duration> = writes.writes.iter().map(|w| w.waited).collect();
     let status = done.status.clone().unwrap_or_default();
     if status.phase.as_deref() != Some("Succeeded") {
         bail!("the split did not succeed: {status:?}");
@@ -502,7 +390,7 @@ async fn run() -> anyhow::Result<()> {
                 .push(format!("shard-{index}"));
         }
     }
-    let acknowledged: HashSet<(i64, i64)> = writes.acknowledged.iter().copied().collect();
+    let acknowledged: HashSet<(i64, i64)> = writes.acknowledged().collect();
     let lost = acknowledged
         .iter()
         .filter(|row| !places.contains_key(row))
@@ -511,10 +399,9 @@ async fn run() -> anyhow::Result<()> {
         .iter()
         .filter(|((key, _), found)| **found != vec![shard_of(&layout, *key)])
         .count();
-    writes.latencies.sort();
-    let p50 = writes
-        .latencies
-        .get(writes.latencies.len() / 2)
+    latencies.sort();
+    let p50 = latencies
+        .get(latencies.len() / 2)
         .copied()
         .unwrap_or_default();
 
@@ -522,10 +409,7 @@ async fn run() -> anyhow::Result<()> {
     let copy_seconds = copy_ms / 1000.0;
     println!("reshard_range_mib={}", range_bytes >> 20);
     println!("reshard_moved_mib={moved_mib:.0}");
-    println!(
-        "reshard_write_pause_ms_max={}",
-        writes.moving_max.as_millis()
-    );
+    println!("reshard_write_pause_ms_max={}", moving_max.as_millis());
     println!(
         "reshard_cut_over_pause_ms={}",
         status.write_pause_millis.unwrap_or_default()
@@ -533,7 +417,7 @@ async fn run() -> anyhow::Result<()> {
     println!("reshard_write_ms_p50={:.2}", p50.as_secs_f64() * 1000.0);
     println!(
         "reshard_write_ms_max_other_range={}",
-        writes.staying_max.as_millis()
+        staying_max.as_millis()
     );
     println!("reshard_copy_seconds={copy_seconds:.2}");
     println!("reshard_copy_mib_per_s={:.1}", moved_mib / copy_seconds);
@@ -557,7 +441,7 @@ async fn run() -> anyhow::Result<()> {
     println!("reshard_rows_misplaced={misplaced}");
     // Where the slow writes happened: before the job, in which step, or after it.
     let mut slow_by_step: BTreeMap<String, (usize, u128, u128)> = BTreeMap::new();
-    for (at, waited, moving) in &writes.slow {
+    for (at, waited, moving) in &slow {
         let step = if *at < started {
             "before the job".to_string()
         } else if *at > started + total {

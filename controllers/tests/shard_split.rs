@@ -1,7 +1,8 @@
 //! ShardSplitJob on a real API server with real PostgreSQL 18 shards and the split controller
 //! running in-process: pre-flight refusals with clear reasons, rollbacks when a job is deleted
 //! before its cut-over (one that provisioned its target shard deletes it, an existing target
-//! stays), and a split under a steady write load with the operator killed in each of the seven
+//! stays; a target whose CA does not verify the source gets no subscription: verify-full), and
+//! a split under a steady write load with the operator killed in each of the seven
 //! steps, which finishes and leaves every acknowledged row exactly once, on the shard its
 //! range names.
 
@@ -95,11 +96,15 @@ async fn kill_when_waiting(
     let watcher = shard.client().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
+        // The cut-over is held on an advisory lock: a short wait of the verification's own
+        // fence for the load's writes (a relation lock) must not pass for it.
+        let advisory_only = expected == Some(SplitStep::CutOver);
         let waiting: i64 = watcher
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE application_name = 'postgres-operator-split' AND backend_type = 'client backend' AND wait_event_type = 'Lock'",
-                &[],
+                  WHERE application_name = 'postgres-operator-split' AND backend_type = 'client backend' AND wait_event_type = 'Lock'
+                    AND (NOT $1 OR wait_event = 'advisory')",
+                &[&advisory_only],
             )
             .await
             .unwrap()
@@ -280,10 +285,11 @@ async fn write_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
     let env = Env::without_controller("split").await;
-    // The shards speak TLS only, as the operator's clusters do, each shard cluster with its own
-    // CA (the test plays the operator's TLS stage: the certificates and the `<child>-ca`
-    // Secrets); the split controller verifies each like pg-router does.
-    let (cas, shards) = split_bed::start_shards(
+    // The shards speak TLS only, as the operator's clusters do, issued from the one CA of the
+    // sharded cluster (the test plays the operator's TLS stage: the certificates, the CA file
+    // each server keeps and the `<child>-ca` Secrets); the split controller verifies each like
+    // pg-router does, and so does the subscription of a split.
+    let (ca, shards) = split_bed::start_shards(
         &env.namespace,
         3,
         &[("client_connection_check_interval", "100ms")],
@@ -298,7 +304,7 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
             .unwrap();
     }
     // What the operator writes for a two-shard cluster, and the shards' primaries.
-    split_bed::two_shard_cluster(&env.client, &env.namespace, &cas, &shards).await;
+    split_bed::two_shard_cluster(&env.client, &env.namespace, &ca, &shards).await;
     // The load's own connections use the shards' Unix sockets (TCP takes TLS clients only).
     let urls: BTreeMap<String, String> = (0..3)
         .map(|i| {
@@ -492,6 +498,61 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
         "a target shard that existed before the job stays"
     );
 
+    // A target whose CA is not the sharded cluster's (a shard cluster of another sharded
+    // cluster, say) cannot verify the source: its subscription is refused by verify-full, the
+    // job retries in CatchUp saying why, and deleting it rolls everything back.
+    let foreign_ca = testbed::pg_tls::TestCa::new("another CA").unwrap();
+    let foreign = split_bed::start_shard(
+        &env.namespace,
+        3,
+        &foreign_ca,
+        &[("client_connection_check_interval", "100ms")],
+    );
+    env.api::<PostgresCluster>()
+        .create(
+            &PostParams::default(),
+            &controllers::sharded_cluster::builders::child_cluster(&parent, 3),
+        )
+        .await
+        .unwrap();
+    split_bed::superuser_secret(&env.client, &env.namespace, "db-shard-3-superuser").await;
+    split_bed::ca_secret(&env.client, &env.namespace, "db-shard-3", &foreign_ca).await;
+    primary_pod(&env.client, &env.namespace, "db-shard-3", foreign.port()).await;
+    create_job(&env, job("foreign", "db-customers-1", "shard-3", None)).await;
+    let refused = job_where(&env, "foreign", "foreign's subscription refused", |j| {
+        step(j) == Some(SplitStep::CatchUp)
+            && condition_message(j).contains("certificate verify failed")
+    })
+    .await;
+    println!("foreign CA: {}", condition_message(&refused));
+    assert_eq!(
+        scalar(&foreign, "SELECT count(*) FROM pg_subscription").await,
+        0,
+        "no subscription that does not verify its source"
+    );
+    env.api::<ShardSplitJob>()
+        .delete("foreign", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.eventually("the foreign job is gone", || async {
+        env.api::<ShardSplitJob>()
+            .get_opt("foreign")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        rows(&foreign, "orders").await.len(),
+        0,
+        "copied rows removed"
+    );
+    assert_eq!(
+        scalar(&shards[1], "SELECT count(*) FROM pg_replication_slots").await,
+        0
+    );
+
     // (a) + (c): split db-customers-0 onto a new shard-2 under a steady write load, with the
     // operator killed in each of the seven steps (while the step is at work, held there by a
     // lock the step needs) and a fresh one started each time.
@@ -547,6 +608,53 @@ async fn a_range_splits_online_refuses_bad_jobs_and_rolls_back_when_deleted() {
     .await;
     operator.kill().await;
     killed_in.push(SplitStep::CatchUp);
+    // The subscription verifies the source as libpq's verify-full does: the source's `-rw`
+    // name, the target's own CA file (the sharded cluster's CA), the pod IP as `hostaddr`; and
+    // its walsender on the source runs over TLS.
+    let conninfo: String = target
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT subconninfo FROM pg_subscription", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let ca_file: String = target
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT current_setting('ssl_ca_file')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for expected in [
+        "sslmode=verify-full".to_string(),
+        format!("host='db-shard-0-rw.{}.svc'", env.namespace),
+        "hostaddr='127.0.0.1'".to_string(),
+        format!("sslrootcert='{ca_file}'"),
+    ] {
+        assert!(
+            conninfo.contains(&expected),
+            "{expected} in the subscription's conninfo"
+        );
+    }
+    env.eventually("the subscription's walsender on TLS", || async {
+        let ssl: bool = source
+            .client()
+            .await
+            .ok()?
+            .query_one(
+                "SELECT coalesce(bool_and(s.ssl), false) AND count(*) > 0
+                   FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+                  WHERE a.backend_type = 'walsender'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        ssl.then_some(())
+    })
+    .await;
     // Held for the clean-up: dropping the target's barrier waits for this reader.
     let clean_up_hold = lock(target, &format!("SELECT count(*) FROM {barrier}")).await;
     // 5. Verify: the source's orders locked, so the fence of its freeze waits (the range

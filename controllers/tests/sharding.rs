@@ -120,6 +120,25 @@ async fn a_sharded_cluster_gets_shards_ranges_and_a_router_and_bad_specs_are_ref
         assert_eq!(password(secret), parent_password);
     }
 
+    // The shards' certificates come from the parent's one CA (a split's subscription verifies
+    // its source with the target's own CA file), and no shard keeps a CA of its own.
+    let parent_ca = secret_text(&env.object::<Secret>("db-ca").await, "ca.crt");
+    for index in 0..3 {
+        let child = format!("db-shard-{index}");
+        let server: Secret = env.object(&format!("{child}-server-tls")).await;
+        assert_eq!(secret_text(&server, "ca.crt"), parent_ca, "{child}");
+        let public: Secret = env.object(&format!("{child}-ca")).await;
+        assert_eq!(secret_text(&public, "ca.crt"), parent_ca, "{child}");
+        assert!(
+            env.api::<Secret>()
+                .get_opt(&format!("{child}-ca-private"))
+                .await
+                .unwrap()
+                .is_none(),
+            "{child} has no CA of its own"
+        );
+    }
+
     // The initial ranges: 3 per table group, owned by the parent, covering the space.
     let ranges = env
         .eventually("six ShardRanges", || async {
@@ -338,4 +357,54 @@ async fn a_sharded_cluster_gets_shards_ranges_and_a_router_and_bad_specs_are_ref
     assert!(both.contains("not both"), "{both}");
     let zero = refused(&env, "bad6", json!({"shards": 0})).await;
     assert!(zero.contains("between 1 and 256"), "{zero}");
+
+    // The README's walk-through ("Sharding", "Resharding"): its manifests are accepted as
+    // written, every field known (strict field validation), every CEL rule passed (dry run).
+    let manifests = readme_manifests();
+    let kinds: Vec<&str> = manifests
+        .iter()
+        .filter_map(|m| m["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["PostgresCluster", "ShardSplitJob"],
+        "the walk-through's manifests"
+    );
+    let strict = PatchParams {
+        dry_run: true,
+        field_validation: Some(kube::api::ValidationDirective::Strict),
+        ..PatchParams::apply("readme")
+    };
+    for manifest in &manifests {
+        let name = manifest["metadata"]["name"].as_str().unwrap();
+        let result = match manifest["kind"].as_str() {
+            Some("PostgresCluster") => env
+                .api::<PostgresCluster>()
+                .patch(name, &strict, &Patch::Apply(manifest))
+                .await
+                .map(|_| ()),
+            _ => env
+                .api::<api::sharding::ShardSplitJob>()
+                .patch(name, &strict, &Patch::Apply(manifest))
+                .await
+                .map(|_| ()),
+        };
+        result.unwrap_or_else(|error| panic!("README's {name} is refused: {error}"));
+    }
+}
+
+/// The YAML manifests of README.md's sections "Sharding" and "Resharding", in order.
+fn readme_manifests() -> Vec<serde_json::Value> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let start = readme.find("\n## Sharding\n").expect("a Sharding section");
+    let end = start + readme[start + 1..].find("\n## ").expect("a next section") + 1;
+    readme[start..end]
+        .split("```yaml\n")
+        .skip(1)
+        .map(|block| {
+            let yaml = &block[..block.find("```").expect("a closed block")];
+            serde_yaml::from_str(yaml).expect("README YAML")
+        })
+        .collect()
 }

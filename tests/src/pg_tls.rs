@@ -196,6 +196,7 @@ impl TestCa {
         Ok(ServerTls {
             certificate_pem: certificate.pem(),
             key_pem: key.serialize_pem(),
+            ca_pem: None,
         })
     }
 }
@@ -207,4 +208,15 @@ pub struct ServerTls {
     pub certificate_pem: String,
     /// Its private key.
     pub key_pem: String,
+    /// A CA the server keeps as `ssl_ca_file` (as the operator's instances keep their cluster's
+    /// CA): the file its own outgoing connections (a subscription) can verify servers with.
+    pub ca_pem: Option<String>,
+}
+
+impl ServerTls {
+    /// The same certificate, with the server keeping `ca_pem` as its `ssl_ca_file`.
+    pub fn with_ca_file(mut self, ca_pem: &str) -> Self {
+        self.ca_pem = Some(ca_pem.to_string());
+        self
+    }
 }

@@ -123,6 +123,9 @@ impl Postgres {
                 .setting("ssl", "on")
                 .setting("ssl_cert_file", file("server.crt"))
                 .setting("ssl_key_file", file("server.key"));
+            if tls.ca_pem.is_some() {
+                options = options.setting("ssl_ca_file", file("ca.crt"));
+            }
         }
 
         // A port can be taken between picking and binding it; try a few.
@@ -154,10 +157,15 @@ impl Postgres {
         auth_method: &str,
     ) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        for (name, text) in [
-            ("server.crt", &tls.certificate_pem),
-            ("server.key", &tls.key_pem),
-        ] {
+        let files = [
+            ("server.crt", Some(&tls.certificate_pem)),
+            ("server.key", Some(&tls.key_pem)),
+            ("ca.crt", tls.ca_pem.as_ref()),
+        ];
+        for (name, text) in files
+            .iter()
+            .filter_map(|(name, text)| Some((name, (*text)?)))
+        {
             let path = dir.join(name);
             fs::write(&path, text)?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;

@@ -278,12 +278,24 @@ impl Endpoint {
         Ok(client)
     }
 
-    /// Connection string the target's subscription uses to reach this (source) shard.
-    fn conninfo(&self) -> String {
+    /// Connection string the target's subscription uses to reach this (source) shard. With TLS
+    /// it is `verify-full`, as everything else in the project: `hostaddr` is the primary's pod
+    /// IP and `host` the source's `-rw` Service name, which its certificate carries and libpq
+    /// checks; `root_cert` is a CA file on the target's server (the server process reads it),
+    /// the target's own cluster CA, which verifies the source because the shards of one sharded
+    /// cluster share their parent's CA (`tls::sharded_parent`).
+    fn conninfo(&self, root_cert: Option<&str>) -> String {
         let value = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        let host = match &self.tls {
+            Some(tls) => format!(
+                "host={} hostaddr={}",
+                value(tls.server_name()),
+                value(&self.host)
+            ),
+            None => format!("host={}", value(&self.host)),
+        };
         let mut info = format!(
-            "host={} port={} user={} dbname={} application_name=postgres-operator-split",
-            value(&self.host),
+            "{host} port={} user={} dbname={} application_name=postgres-operator-split",
             self.port,
             value(contract::SUPERUSER),
             value(DATABASE)
@@ -291,11 +303,14 @@ impl Endpoint {
         if !self.password.is_empty() {
             info.push_str(&format!(" password={}", value(&self.password)));
         }
-        // Encrypted; not verified: the target's pod has no copy of the source's CA. No client
-        // certificate either: a path that cannot exist (libpq skips a missing one, but fails on
-        // an unreadable default in a home folder it may not enter).
+        // No client certificate: a path that cannot exist (libpq skips a missing one, but fails
+        // on an unreadable default in a home folder it may not enter). Without `root_cert`
+        // libpq looks for ~/.postgresql/root.crt and fails when there is none: never unverified.
         if self.tls.is_some() {
-            info.push_str(" sslmode=require sslcert=/dev/null/none sslkey=/dev/null/none");
+            info.push_str(" sslmode=verify-full sslcert=/dev/null/none sslkey=/dev/null/none");
+            if let Some(root_cert) = root_cert {
+                info.push_str(&format!(" sslrootcert={}", value(root_cert)));
+            }
         }
         info
     }
@@ -874,6 +889,32 @@ pub async fn create_subscription(
     if exists {
         return Ok(());
     }
+    // The CA file the target's server verifies the source with: its own cluster CA, the file
+    // it checks client certificates against (`ssl_ca_file`, the private copy of the mounted
+    // `ca.crt` in the operator's pods), so a path that exists wherever the target runs.
+    let root_cert = match &source_endpoint.tls {
+        None => None,
+        Some(_) => {
+            let path: String = target
+                .query_one("SELECT current_setting('ssl_ca_file')", &[])
+                .await
+                .map_err(sql_error(
+                    target_endpoint,
+                    "reading the target's ssl_ca_file",
+                ))?
+                .get(0);
+            if path.is_empty() {
+                return Err(ShardError::Tls {
+                    shard: target_endpoint.cluster.clone(),
+                    message: format!(
+                        "the target has no CA file (ssl_ca_file) to verify the source {} with",
+                        source_endpoint.cluster
+                    ),
+                });
+            }
+            Some(path)
+        }
+    };
     target
         .batch_execute(
             "SET log_statement = 'none'; SET log_min_duration_statement = -1;
@@ -886,7 +927,7 @@ pub async fn create_subscription(
             "CREATE SUBSCRIPTION {name} CONNECTION {conninfo} PUBLICATION {name}
                WITH (create_slot = false, copy_data = false, slot_name = {slot}, binary = true)",
             name = quote_ident(name),
-            conninfo = quote_literal(&source_endpoint.conninfo()),
+            conninfo = quote_literal(&source_endpoint.conninfo(root_cert.as_deref())),
             slot = quote_literal(name),
         ))
         .await;

@@ -317,6 +317,19 @@ pub async fn apply(
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     ensure_credentials(cluster, ctx, &namespace, 0..sharding.shards).await?;
 
+    // The router serves the cluster's TLS: the same Secrets as a single-shard cluster, with
+    // the `-router` Service among the certificate's names. Its CA is also every shard's
+    // (`tls::sharded_parent`), so it comes before the shards.
+    let tls = crate::tls::ensure(cluster, ctx, &namespace)
+        .await
+        .map_err(|source| Error::Tls {
+            name: name.clone(),
+            source,
+        })?;
+    if let Err(problem) = tls {
+        tracing::warn!(cluster = %name, namespace, ?problem, "the router's TLS certificate cannot be issued yet");
+    }
+
     // Shards: one child PostgresCluster each, reconciled by the single-shard reconciler.
     let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut shards = Vec::new();
@@ -328,17 +341,6 @@ pub async fn apply(
     let created = ensure_ranges(cluster, sharding, ctx, &namespace).await?;
     if created > 0 {
         tracing::info!(cluster = %name, namespace, created, "initial ShardRanges written");
-    }
-    // The router serves the cluster's TLS: the same Secrets as a single-shard cluster, with
-    // the `-router` Service among the certificate's names.
-    let tls = crate::tls::ensure(cluster, ctx, &namespace)
-        .await
-        .map_err(|source| Error::Tls {
-            name: name.clone(),
-            source,
-        })?;
-    if let Err(problem) = tls {
-        tracing::warn!(cluster = %name, namespace, ?problem, "the router's TLS certificate cannot be issued yet");
     }
     let routers_ready = apply_router(cluster, sharding, ctx, &namespace).await?;
     // The router's PodMonitor (the shards have their own, from their copy of the spec).

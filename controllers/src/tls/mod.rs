@@ -41,6 +41,15 @@ pub enum Error {
     /// A certificate could not be made.
     #[error(transparent)]
     Certificate(#[from] CertificateError),
+    /// A shard of a sharded cluster is issued from its parent's CA, which is not there yet
+    /// (the parent's reconciler creates it first; retried).
+    #[error("the CA of sharded cluster {parent} (Secret {secret}) does not exist yet")]
+    ParentCaMissing {
+        /// The sharded (parent) PostgresCluster.
+        parent: String,
+        /// The Secret that holds its CA.
+        secret: String,
+    },
 }
 
 pub(crate) fn kube_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
@@ -154,6 +163,63 @@ pub(crate) async fn publish_typed(
     }
 }
 
+/// The sharded PostgresCluster a shard's child cluster belongs to (its controlling owner of
+/// kind PostgresCluster), whose CA the shard's certificates come from.
+///
+/// Why one CA for all the shards of a sharded cluster: a ShardSplitJob's subscription on the
+/// target shard connects to the source shard with `sslmode=verify-full`, and the target's
+/// PostgreSQL can only read CA files in its own pods; with one CA, the CA every shard has
+/// mounted verifies each of its siblings. The shards are one trust domain already (they share
+/// the parent's superuser password), so a shard's replication certificate being valid at a
+/// sibling gives nothing away that the password does not.
+pub fn sharded_parent(cluster: &PostgresCluster) -> Option<String> {
+    cluster
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|owner| {
+            owner.controller == Some(true)
+                && owner.kind == "PostgresCluster"
+                && owner.api_version == PostgresCluster::api_version(&())
+        })
+        .map(|owner| owner.name.clone())
+}
+
+/// The CA of a shard: its sharded parent's, as the parent's reconciler keeps it (renewed there,
+/// never here, so that two shards never race to replace it).
+async fn parent_ca(secrets: &Api<Secret>, parent: &str) -> Result<Issued, Error> {
+    let secret_name = contract::tls_ca_private_secret(parent);
+    secrets
+        .get_opt(&secret_name)
+        .await
+        .map_err(kube_error(format!("reading Secret {secret_name}")))?
+        .and_then(|secret| {
+            Some(Issued {
+                certificate_pem: text(&secret, tls_keys::CA)?,
+                key_pem: text(&secret, tls_keys::CA_KEY)?,
+            })
+        })
+        .ok_or_else(|| Error::ParentCaMissing {
+            parent: parent.to_string(),
+            secret: secret_name,
+        })
+}
+
+/// Deletes the CA a shard made for itself before shards shared their parent's (its key would
+/// stay in the namespace, trusted by nothing).
+async fn forget_own_ca(secrets: &Api<Secret>, cluster: &str) -> Result<(), Error> {
+    let name = contract::tls_ca_private_secret(cluster);
+    match secrets.delete(&name, &Default::default()).await {
+        Ok(_) => {
+            tracing::info!(cluster, secret = %name, "the shard's own CA deleted: it uses its sharded cluster's");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(kube_error(format!("deleting Secret {name}"))(error)),
+    }
+}
+
 /// The operator's CA of the cluster: the stored one while it has more than `renew_before` left,
 /// otherwise a new one (its certificates are then re-issued, since they no longer match).
 async fn operator_ca(
@@ -240,7 +306,13 @@ async fn ensure_operator_ca(
     let lifetimes = ctx.settings.tls;
     let now = OffsetDateTime::now_utc();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let ca = operator_ca(cluster, ctx, &secrets, &lifetimes, now).await?;
+    let ca = match sharded_parent(cluster) {
+        Some(parent) => {
+            forget_own_ca(&secrets, &name).await?;
+            parent_ca(&secrets, &parent).await?
+        }
+        None => operator_ca(cluster, ctx, &secrets, &lifetimes, now).await?,
+    };
     apply_secret(&secrets, &public_ca_secret(cluster, &ca.certificate_pem)).await?;
     let mut renew_in = certificates::summary(&ca.certificate_pem, "the CA")
         .map(|summary| certificates::until_renewal(summary.not_after, now, lifetimes.renew_before))

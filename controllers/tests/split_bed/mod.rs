@@ -1,10 +1,12 @@
 //! The arrangement a ShardSplitJob runs in, shared by the split test and `cargo xtask bench
-//! reshard`: TLS-only PostgreSQL 18 shards (each shard cluster with its own CA, as the
-//! operator's clusters have), the Secrets and primary pods the operator and the kubelet would
+//! reshard`: TLS-only PostgreSQL 18 shards (the shard clusters issued from one CA, their
+//! sharded parent's, as the operator issues them), the Secrets and primary pods the operator and the kubelet would
 //! leave, the sharded PostgresCluster `db` with its ShardRanges, and the split controller
 //! running in-process so that a test can kill and restart it.
 
 #![allow(dead_code)]
+
+pub mod routers;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -85,35 +87,45 @@ impl Drop for Operator {
     }
 }
 
-/// `count` PostgreSQL 18 shards speaking TLS only, shard `i` with a certificate for
-/// `db-shard-<i>-rw.<namespace>.svc` from its own CA, with `wal_level=logical` and `settings`.
+/// `count` PostgreSQL 18 shards speaking TLS only, issued as the operator issues the shards of
+/// one sharded cluster: shard `i` with a certificate for `db-shard-<i>-rw.<namespace>.svc` from
+/// the one CA of the sharded cluster, which each shard also keeps as its `ssl_ca_file` (the
+/// file a split's subscription verifies the source with); `wal_level=logical` and `settings`.
 pub fn start_shards(
     namespace: &str,
     count: usize,
     settings: &[(&str, &str)],
-) -> (Vec<TestCa>, Vec<Postgres>) {
-    let cas: Vec<TestCa> = (0..count)
-        .map(|i| TestCa::new(&format!("db-shard-{i} CA")).expect("a CA"))
+) -> (TestCa, Vec<Postgres>) {
+    let ca = TestCa::new("db CA").expect("a CA");
+    let shards = (0..count)
+        .map(|i| start_shard(namespace, i, &ca, settings))
         .collect();
-    let shards = tokio::task::block_in_place(|| {
-        (0..count)
-            .map(|i| {
-                let name = format!("db-shard-{i}-rw.{namespace}.svc");
-                let mut options = PostgresOptions {
-                    auth_method: "scram-sha-256".into(),
-                    superuser_password: Some(PASSWORD.into()),
-                    tls: Some(cas[i].issue(&[&name]).expect("a certificate")),
-                    ..PostgresOptions::default()
-                }
-                .setting("wal_level", "logical");
-                for (name, value) in settings {
-                    options = options.setting(name, value);
-                }
-                Postgres::start_with(options).expect("a shard")
-            })
-            .collect()
-    });
-    (cas, shards)
+    (ca, shards)
+}
+
+/// Shard `index` of cluster `db` (TLS only, its certificate and `ssl_ca_file` from `ca`).
+pub fn start_shard(
+    namespace: &str,
+    index: usize,
+    ca: &TestCa,
+    settings: &[(&str, &str)],
+) -> Postgres {
+    let name = format!("db-shard-{index}-rw.{namespace}.svc");
+    let mut options = PostgresOptions {
+        auth_method: "scram-sha-256".into(),
+        superuser_password: Some(PASSWORD.into()),
+        tls: Some(
+            ca.issue(&[&name])
+                .expect("a certificate")
+                .with_ca_file(ca.pem()),
+        ),
+        ..PostgresOptions::default()
+    }
+    .setting("wal_level", "logical");
+    for (name, value) in settings {
+        options = options.setting(name, value);
+    }
+    tokio::task::block_in_place(|| Postgres::start_with(options).expect("a shard"))
 }
 
 fn meta(namespace: &str, name: &str) -> ObjectMeta {
@@ -124,25 +136,20 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
     }
 }
 
-/// The `<child>-ca` Secrets the operator's TLS stage publishes for each shard cluster.
-pub async fn ca_secrets(client: &Client, namespace: &str, cas: &[TestCa]) {
-    for (i, ca) in cas.iter().enumerate() {
-        let mut secret = Secret {
-            metadata: meta(
-                namespace,
-                &contract::tls_ca_secret(&format!("db-shard-{i}")),
-            ),
-            ..Secret::default()
-        };
-        secret.data = Some(BTreeMap::from([(
-            contract::tls_keys::CA.to_string(),
-            ByteString(ca.pem().as_bytes().to_vec()),
-        )]));
-        Api::<Secret>::namespaced(client.clone(), namespace)
-            .create(&PostParams::default(), &secret)
-            .await
-            .expect("a CA Secret");
-    }
+/// The `<child>-ca` Secret the operator's TLS stage publishes for shard cluster `child`.
+pub async fn ca_secret(client: &Client, namespace: &str, child: &str, ca: &TestCa) {
+    let mut secret = Secret {
+        metadata: meta(namespace, &contract::tls_ca_secret(child)),
+        ..Secret::default()
+    };
+    secret.data = Some(BTreeMap::from([(
+        contract::tls_keys::CA.to_string(),
+        ByteString(ca.pem().as_bytes().to_vec()),
+    )]));
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("a CA Secret");
 }
 
 /// A superuser Secret (`postgres` / [`PASSWORD`]).
@@ -244,14 +251,9 @@ pub fn sharding() -> ShardingSpec {
 }
 
 /// What the operator writes for the two-shard cluster `db` (the cluster, the superuser
-/// Secrets, the shards' CA Secrets, four ShardRanges: hashes below 0 on shard-0, the rest on
+/// Secrets, the CA Secret of every shard in `shards` (the one CA), four ShardRanges: hashes below 0 on shard-0, the rest on
 /// shard-1) and the primaries of shards 0 and 1 (`shards[0]`, `shards[1]`).
-pub async fn two_shard_cluster(
-    client: &Client,
-    namespace: &str,
-    cas: &[TestCa],
-    shards: &[Postgres],
-) {
+pub async fn two_shard_cluster(client: &Client, namespace: &str, ca: &TestCa, shards: &[Postgres]) {
     let mut spec = PostgresClusterSpec::with_image(1, "example.org/pg:18");
     spec.sharding = Some(sharding());
     let mut cluster = PostgresCluster::new("db", spec);
@@ -260,7 +262,9 @@ pub async fn two_shard_cluster(
         .create(&PostParams::default(), &cluster)
         .await
         .expect("the PostgresCluster");
-    ca_secrets(client, namespace, cas).await;
+    for i in 0..shards.len() {
+        ca_secret(client, namespace, &format!("db-shard-{i}"), ca).await;
+    }
     for name in [
         "db-superuser",
         "db-shard-0-superuser",
