@@ -21,6 +21,10 @@ const OUTPUT_LINES: usize = 12;
 /// `barman-cloud-wal-restore` read the compression from the file names, so backups and WAL
 /// archived before (uncompressed) stay restorable.
 const COMPRESSION: &str = "--lz4";
+/// The launcher of a Python that imports barman (beside the commands).
+const PYTHON: &str = "barman-cloud-python";
+/// The long-lived WAL uploader (see `wal_uploader.rs`).
+const UPLOADER_SCRIPT: &str = include_str!("wal_uploader.py");
 
 /// The barman-cloud commands in one folder.
 #[derive(Clone, Debug)]
@@ -42,6 +46,14 @@ impl BarmanCloud {
     }
 
     fn command(&self, name: &str, store: &Store) -> Command {
+        let mut command = self.environment(name, store);
+        command.args(store_args(store));
+        command
+    }
+
+    /// `name` as the PostgreSQL user, with the store's environment (keys, region, CA), no
+    /// argument yet.
+    fn environment(&self, name: &str, store: &Store) -> Command {
         let mut command = Command::new(self.program(name));
         if let Some((uid, gid)) = self.ids {
             command
@@ -71,7 +83,6 @@ impl BarmanCloud {
             .env("AWS_DEFAULT_REGION", &store.region)
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        command.args(store_args(store));
         command
     }
 
@@ -121,23 +132,40 @@ impl BarmanCloud {
         words.join(" ")
     }
 
-    /// Uploads one WAL file.
+    /// Uploads one WAL file (one `barman-cloud-wal-archive` process).
     pub async fn archive_wal(&self, store: &Store, wal: &Path) -> Result<()> {
         let mut command = self.command("barman-cloud-wal-archive", store);
-        // Fail fast and let the archiver retry (it backs off and keeps the status): boto3's
-        // default (5 attempts with backoff, a 60 s read timeout) hid an outage for 15 s or more
-        // per file.
-        command
-            .env("AWS_RETRY_MODE", "standard")
-            .env("AWS_MAX_ATTEMPTS", "2")
-            .args(["--read-timeout", "30"])
-            .arg(COMPRESSION)
-            .arg(store.destination())
-            .arg(&store.server_name)
-            .arg(wal);
+        fail_fast(&mut command);
+        command.args(wal_archive_args(store)).arg(wal);
         self.run("barman-cloud-wal-archive", store, &mut command)
             .await?;
         Ok(())
+    }
+
+    /// The long-lived WAL uploader's process (`barman-cloud-python` running
+    /// [`UPLOADER_SCRIPT`] with `barman-cloud-wal-archive`'s arguments), stdin and stdout piped;
+    /// `None` when the folder has no `barman-cloud-python` (then each file is one
+    /// `barman-cloud-wal-archive`).
+    pub fn wal_uploader_command(&self, store: &Store) -> Option<Command> {
+        if !self.program(PYTHON).exists() {
+            return None;
+        }
+        let mut command = self.environment(PYTHON, store);
+        fail_fast(&mut command);
+        command
+            .arg("-c")
+            .arg(UPLOADER_SCRIPT)
+            .args(store_args(store))
+            .args(wal_archive_args(store))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Some(command)
+    }
+
+    /// Removes the store's secret from a text the engine printed.
+    pub fn redact(&self, text: &str, store: &Store) -> String {
+        redact(text, store)
     }
 
     /// Takes a base backup labelled `job-<name>`, then reads its details back.
@@ -255,6 +283,27 @@ impl BarmanCloud {
             .await?;
         Ok(())
     }
+}
+
+/// Fails a WAL upload fast and lets the archiver retry (it backs off and keeps the status):
+/// boto3's default (5 attempts with backoff, a 60 s read timeout) hid an outage for 15 s or more
+/// per file.
+fn fail_fast(command: &mut Command) {
+    command
+        .env("AWS_RETRY_MODE", "standard")
+        .env("AWS_MAX_ATTEMPTS", "2");
+}
+
+/// `barman-cloud-wal-archive`'s arguments but the file: the store (with a 30 s read timeout)
+/// and the compression.
+fn wal_archive_args(store: &Store) -> Vec<String> {
+    vec![
+        "--read-timeout".into(),
+        "30".into(),
+        COMPRESSION.into(),
+        store.destination(),
+        store.server_name.clone(),
+    ]
 }
 
 /// Arguments every command takes to reach the store.

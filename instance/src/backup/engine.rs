@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::barman::BarmanCloud;
 use crate::backup::store::{Store, Target};
+use crate::backup::wal_uploader::WalUploader;
 use crate::error::Result;
 
 /// A backup engine.
@@ -78,6 +79,14 @@ impl Engine {
     pub async fn archive_wal(&self, store: &Store, wal: &Path) -> Result<()> {
         match self {
             Self::BarmanCloud(barman) => barman.archive_wal(store, wal).await,
+        }
+    }
+
+    /// A long-lived uploader of WAL files to `store` (one process for many files, started with
+    /// the first).
+    pub fn wal_uploader(&self, store: &Store) -> WalUploader {
+        match self {
+            Self::BarmanCloud(barman) => WalUploader::new(barman.clone(), store.clone()),
         }
     }
 

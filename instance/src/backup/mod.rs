@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod recovery;
 pub mod service;
 pub mod store;
+pub mod wal_uploader;
 
 use std::path::PathBuf;
 use std::sync::Arc;
