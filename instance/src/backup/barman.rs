@@ -25,6 +25,8 @@ const COMPRESSION: &str = "--lz4";
 const PYTHON: &str = "barman-cloud-python";
 /// The long-lived WAL uploader (see `wal_uploader.rs`).
 const UPLOADER_SCRIPT: &str = include_str!("wal_uploader.py");
+/// barman-cloud-backup and the listing of its result in one process.
+const BACKUP_SCRIPT: &str = include_str!("backup_and_list.py");
 
 /// The barman-cloud commands in one folder.
 #[derive(Clone, Debug)]
@@ -177,18 +179,41 @@ impl BarmanCloud {
     ) -> Result<BackupInfo> {
         // barman reserves some names (first, latest, ...) and anything shaped like a backup id.
         let label = format!("job-{name}");
-        let mut command = self.command("barman-cloud-backup", store);
-        command
-            .args(["--immediate-checkpoint", "--jobs", "4", COMPRESSION])
-            .args(["--name", &label])
-            .args(["--host", &server.socket_dir])
-            .args(["--port", &server.port.to_string()])
-            .args(["--user", &server.user])
-            .args(["--dbname", "postgres"])
-            .arg(store.destination())
-            .arg(&store.server_name);
-        self.run("barman-cloud-backup", store, &mut command).await?;
-        let backups = self.list(store).await?;
+        let arguments = [
+            "--immediate-checkpoint",
+            "--jobs",
+            "4",
+            COMPRESSION,
+            "--name",
+            &label,
+            "--host",
+            &server.socket_dir,
+            "--port",
+            &server.port.to_string(),
+            "--user",
+            &server.user,
+            "--dbname",
+            "postgres",
+            &store.destination(),
+            &store.server_name,
+        ]
+        .map(str::to_string);
+        let backups = if self.program(PYTHON).exists() {
+            // One Python for the backup and the listing that reads its details back.
+            let mut command = self.environment(PYTHON, store);
+            command
+                .arg("-c")
+                .arg(BACKUP_SCRIPT)
+                .args(store_args(store))
+                .args(&arguments);
+            let output = self.run("barman-cloud-backup", store, &mut command).await?;
+            parse_backup_list(output.lines().last().unwrap_or_default())?
+        } else {
+            let mut command = self.command("barman-cloud-backup", store);
+            command.args(&arguments);
+            self.run("barman-cloud-backup", store, &mut command).await?;
+            self.list(store).await?
+        };
         backups
             .into_iter()
             .rev()
