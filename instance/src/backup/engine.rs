@@ -71,7 +71,15 @@ impl Engine {
     /// The `restore_command` that fetches WAL from `store` (run by PostgreSQL, as its user).
     pub fn restore_command(&self, store: &Store) -> String {
         match self {
-            Self::BarmanCloud(barman) => barman.restore_command(store),
+            Self::BarmanCloud(barman) => barman.restore_command(store, None),
+        }
+    }
+
+    /// The `restore_command` of a bootstrap recovery: as [`Self::restore_command`], fetching
+    /// the next segments ahead into `spool` (when it exists) and serving them from there.
+    pub fn restore_command_with_prefetch(&self, store: &Store, spool: &Path) -> String {
+        match self {
+            Self::BarmanCloud(barman) => barman.restore_command(store, Some(spool)),
         }
     }
 

@@ -47,6 +47,9 @@ pub struct BackupSetup {
     pub recovery: Option<recovery::Recovery>,
     /// Folder where the archiver leaves a marker per uploaded segment for `archive_command`.
     pub spool: PathBuf,
+    /// Folder where a bootstrap recovery's `restore_command` keeps the WAL segments it fetched
+    /// ahead (see [`recovery::prepare_restore_spool`]).
+    pub restore_spool: PathBuf,
 }
 
 impl BackupSetup {
@@ -141,6 +144,7 @@ impl BackupSetup {
                 })
                 .transpose()?,
             spool: run_dir.join("archived"),
+            restore_spool: run_dir.join("wal-restore-spool"),
         })))
     }
 
