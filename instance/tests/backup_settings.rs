@@ -93,6 +93,65 @@ async fn without_wal_archiving_only_a_backups_own_wal_is_uploaded_and_it_restore
     assert_eq!(rows, range(1, 10));
 }
 
+/// `walArchiving: false` with `preferReplica`: the BackupJob controller sends the backup to a
+/// replica, whose own `pg_wal` (streamed from the primary) must supply the WAL the backup needs,
+/// and the backup restores alone (the end segment is the one the replica was still receiving).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_wal_archiving_a_backup_from_a_replica_carries_its_wal_and_restores_alone() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = S3Server::start(scratch.path()).unwrap();
+    store.create_bucket(BUCKET).unwrap();
+    let api = Arc::new(ApiServer::start().await.unwrap());
+    let env = backup_env_with(&store, BUCKET, "noarchrep", None, |repository| {
+        repository["walArchiving"] = false.into();
+    });
+    let cluster = TestCluster::start_with(api.clone(), "noarchrep", 2, 0, env)
+        .await
+        .expect("step: start the cluster");
+    let primary = cluster
+        .wait_for_primary_with_replicas(1, STARTUP)
+        .await
+        .expect("step: a primary and a streaming replica");
+    let replica = 1 - primary;
+    let client = cluster.connect(primary).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    insert(&client, 1, 10).await;
+    support::eventually("the replica has the rows", STARTUP, || async {
+        cluster.connect(replica).await.is_ok() && ids(&cluster, replica).await == range(1, 10)
+    })
+    .await
+    .unwrap();
+
+    let run = base_backup(&cluster, replica, "from-replica")
+        .await
+        .expect("step: the base backup on the replica");
+    assert_eq!(run["phase"], "Completed", "{run}\n{}", cluster.logs());
+    let (first, last) = (
+        run["backup"]["beginWal"].as_str().unwrap(),
+        run["backup"]["endWal"].as_str().unwrap(),
+    );
+    assert_eq!(
+        archived_wal(&store, "noarchrep/noarchrep"),
+        segments(first, last),
+        "{run}"
+    );
+    // Written after the backup: not in it.
+    insert(&client, 11, 20).await;
+    switch_wal(&client).await;
+
+    let (_restored, rows) = restore(
+        &api,
+        &store,
+        "noarchrep-restored",
+        recovery_spec(&store, "noarchrep", "noarchrep", None),
+    )
+    .await;
+    assert_eq!(rows, range(1, 10), "{}", cluster.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_region_and_virtual_hosted_addressing_reach_the_store() {
     let scratch = tempfile::tempdir().unwrap();

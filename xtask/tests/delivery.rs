@@ -896,6 +896,78 @@ fn dockerfiles_pass_hadolint_and_run_as_non_root() {
     }
 }
 
+/// The `pg-instance` image ships the backup engine the test bed tests: the very pins file the
+/// test bed installs (every line an exact pin), and a launcher per command the instance manager
+/// runs (`barman-cloud-*` and the long-lived uploader's `barman-cloud-python`), written as the
+/// test bed writes them, at `/usr/local/bin` (`pg-instance --barman-bin`'s default).
+#[test]
+fn pg_instance_image_installs_the_test_beds_barman_pins_and_launchers() {
+    use testbed::object_store::{
+        BARMAN_COMMANDS, BARMAN_PYTHON, BARMAN_REQUIREMENTS, BARMAN_REQUIREMENTS_PATH, launchers,
+        pinned_version,
+    };
+    let dockerfile = std::fs::read_to_string(root().join("images/pg-instance/Dockerfile")).unwrap();
+    let last_stage = dockerfile.rsplit("\nFROM ").next().unwrap();
+    assert!(
+        last_stage.contains(&format!(
+            "COPY {BARMAN_REQUIREMENTS_PATH} /opt/barman/requirements.txt"
+        )),
+        "the image copies the test bed's pins file"
+    );
+    assert!(
+        last_stage.contains("pip install --no-cache-dir --no-deps --target /opt/barman/lib")
+            && last_stage.contains("-r /opt/barman/requirements.txt"),
+        "the image installs exactly those pins"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root().join(BARMAN_REQUIREMENTS_PATH)).unwrap(),
+        BARMAN_REQUIREMENTS
+    );
+    for line in BARMAN_REQUIREMENTS
+        .lines()
+        .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+    {
+        let (_, version) = line
+            .split_once("==")
+            .unwrap_or_else(|| panic!("not pinned: {line}"));
+        assert!(
+            !version.is_empty() && !version.contains(['<', '>', '*', ',']),
+            "not an exact pin: {line}"
+        );
+    }
+    for package in ["barman", "boto3", "botocore", "lz4", "psycopg2-binary"] {
+        assert!(pinned_version(package).is_some(), "{package} is pinned");
+    }
+    // The launchers: the Dockerfile's printf formats are the test bed's scripts.
+    let unquote = |format: &str| format.replace("'\"'\"'", "'").replace("\\n", "\n");
+    let formats: Vec<String> = last_stage
+        .split("printf '")
+        .skip(1)
+        .map(|rest| unquote(&rest[..rest.find("\\n' ").unwrap() + 2]))
+        .collect();
+    assert_eq!(formats.len(), 2, "{formats:?}");
+    let lib = Path::new("/opt/barman/lib");
+    let expected = launchers(lib);
+    assert_eq!(expected.len(), BARMAN_COMMANDS.len() + 1);
+    for (name, script) in expected {
+        match BARMAN_COMMANDS.iter().find(|(command, _)| *command == name) {
+            Some((command, module)) => {
+                assert!(
+                    last_stage.contains(&format!("{command}={module}")),
+                    "the image has no launcher {command} running {module}"
+                );
+                assert_eq!(formats[0].replace("%s", module), script, "{command}");
+            }
+            None => {
+                assert_eq!(name, BARMAN_PYTHON);
+                assert_eq!(formats[1], script);
+                assert!(last_stage.contains(&format!("> /usr/local/bin/{BARMAN_PYTHON}")));
+            }
+        }
+    }
+    assert!(last_stage.contains("> \"/usr/local/bin/${launcher%%=*}\""));
+}
+
 #[test]
 fn license_check_passes_the_workspace_and_refuses_a_planted_gpl_dependency() {
     let ours = xtask(&["licenses"]);

@@ -1,6 +1,7 @@
 //! The instance manager's own WAL archiver. It watches `pg_wal/archive_status/*.ready` (on the
 //! primary, and on replicas, which archive what they receive with `archive_mode = always`) and
-//! uploads up to [`PARALLEL`] files at once, leaving a marker per uploaded file in a
+//! uploads up to [`PARALLEL`] files at once (each slot through a long-lived uploader process,
+//! [`crate::backup::wal_uploader`]), leaving a marker per uploaded file in a
 //! spool folder; PostgreSQL's `archive_command` only waits for that marker. So a busy primary
 //! does not fall behind one upload at a time, and every failure is counted here, where the
 //! metrics and the status live. A new primary (after a failover or a switchover) archives its
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 use crate::backup::BackupSetup;
 use crate::backup::barman::shell_quote;
 use crate::backup::metrics::{BackupMetrics, segment_number};
+use crate::backup::wal_uploader::WalUploader;
 
 /// Uploads at once while the store answers.
 pub const PARALLEL: usize = 4;
@@ -36,6 +38,9 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// a half-open connection (a store that vanished without closing it) would otherwise hold its
 /// slot, and the segment, for as long as the engine's own timeouts and retries allow (minutes).
 pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an uploader (a Python process) may wait for its next file before it is stopped: more
+/// than `archive_timeout` (60 s), so a quiet primary keeps one, and a burst's extra ones go.
+const IDLE_UPLOADER: Duration = Duration::from_secs(90);
 /// How long `archive_command` waits for a marker before it reports a failure (PostgreSQL then
 /// retries).
 const ARCHIVE_COMMAND_WAIT_TENTHS: u32 = 600;
@@ -179,16 +184,26 @@ pub async fn run(
         warn!(%error, spool = %setup.spool.display(), "cannot prepare the archive spool folder");
     }
     let status_dir = wal_dir.join("archive_status");
-    let mut uploads: JoinSet<(String, crate::error::Result<()>)> = JoinSet::new();
+    let mut uploads: JoinSet<Upload> = JoinSet::new();
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
+    // Uploaders between two files, each with when it last served.
+    let mut idle: Vec<(WalUploader, Instant)> = Vec::new();
     let mut retry = Retry::default();
     loop {
         tokio::time::sleep(SCAN_PERIOD).await;
         while let Some(joined) = uploads.try_join_next() {
-            let Ok((name, result)) = joined else {
+            let Ok(Upload {
+                name,
+                result,
+                uploader,
+            }) = joined
+            else {
                 continue;
             };
             in_flight.remove(&name);
+            if let Some(uploader) = uploader {
+                idle.push((uploader, Instant::now()));
+            }
             match result {
                 Ok(()) => {
                     retry.succeeded();
@@ -224,6 +239,7 @@ pub async fn run(
                 }
             }
         }
+        idle.retain(|(_, since)| since.elapsed() < IDLE_UPLOADER);
         if !state.is_active() {
             continue;
         }
@@ -244,26 +260,45 @@ pub async fn run(
                 continue;
             }
             in_flight.insert(name.clone());
-            let engine = setup.engine.clone();
-            let store = store.clone();
+            let mut uploader = idle
+                .pop()
+                .map(|(uploader, _)| uploader)
+                .unwrap_or_else(|| setup.engine.wal_uploader(&store));
             let path = wal_dir.join(name);
             let name = name.clone();
             uploads.spawn(async move {
-                // Dropping the upload on timeout kills the engine's process (kill_on_drop).
-                let result =
-                    match tokio::time::timeout(UPLOAD_TIMEOUT, engine.archive_wal(&store, &path))
-                        .await
-                    {
-                        Ok(result) => result,
-                        Err(_) => Err(crate::error::Error::Invalid(format!(
+                // Dropping the uploader on timeout kills the engine's process (kill_on_drop).
+                match tokio::time::timeout(UPLOAD_TIMEOUT, uploader.upload(&path)).await {
+                    // A spent uploader (after an error) is dropped; a fresh one takes the retry.
+                    Ok(Ok(())) => Upload {
+                        name,
+                        result: Ok(()),
+                        uploader: Some(uploader),
+                    },
+                    Ok(Err(error)) => Upload {
+                        name,
+                        result: Err(error),
+                        uploader: None,
+                    },
+                    Err(_) => Upload {
+                        result: Err(crate::error::Error::Invalid(format!(
                             "uploading {name} took longer than {} s (the store is unreachable or too slow); it was stopped and is retried",
                             UPLOAD_TIMEOUT.as_secs()
                         ))),
-                    };
-                (name, result)
+                        name,
+                        uploader: None,
+                    },
+                }
             });
         }
     }
+}
+
+/// One finished upload: the file, how it went, and the uploader when it may serve again.
+struct Upload {
+    name: String,
+    result: crate::error::Result<()>,
+    uploader: Option<WalUploader>,
 }
 
 /// When uploads may start: all [`PARALLEL`] slots while the store answers; after a failure,

@@ -21,6 +21,15 @@ const OUTPUT_LINES: usize = 12;
 /// `barman-cloud-wal-restore` read the compression from the file names, so backups and WAL
 /// archived before (uncompressed) stay restorable.
 const COMPRESSION: &str = "--lz4";
+/// Segments a bootstrap recovery's `restore_command` fetches at once (the requested one and
+/// those after it).
+const PREFETCH: u32 = 8;
+/// The launcher of a Python that imports barman (beside the commands).
+const PYTHON: &str = "barman-cloud-python";
+/// The long-lived WAL uploader (see `wal_uploader.rs`).
+const UPLOADER_SCRIPT: &str = include_str!("wal_uploader.py");
+/// barman-cloud-backup and the listing of its result in one process.
+const BACKUP_SCRIPT: &str = include_str!("backup_and_list.py");
 
 /// The barman-cloud commands in one folder.
 #[derive(Clone, Debug)]
@@ -42,6 +51,14 @@ impl BarmanCloud {
     }
 
     fn command(&self, name: &str, store: &Store) -> Command {
+        let mut command = self.environment(name, store);
+        command.args(store_args(store));
+        command
+    }
+
+    /// `name` as the PostgreSQL user, with the store's environment (keys, region, CA), no
+    /// argument yet.
+    fn environment(&self, name: &str, store: &Store) -> Command {
         let mut command = Command::new(self.program(name));
         if let Some((uid, gid)) = self.ids {
             command
@@ -71,7 +88,6 @@ impl BarmanCloud {
             .env("AWS_DEFAULT_REGION", &store.region)
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        command.args(store_args(store));
         command
     }
 
@@ -93,8 +109,13 @@ impl BarmanCloud {
     }
 
     /// `restore_command`: environment first (keys from the variables named by the store, so the
-    /// secret itself never lands in the configuration), then the command.
-    pub fn restore_command(&self, store: &Store) -> String {
+    /// secret itself never lands in the configuration), then the command. With `spool` (a
+    /// bootstrap recovery), each call downloads the requested segment and the next
+    /// [`PREFETCH`] - 1 in parallel into `spool` (`--parallel`, barman's own prefetch), and a
+    /// segment found there is moved into place by the shell, without starting Python: replay
+    /// otherwise paid a Python and boto3 start-up (one to three seconds on a loaded machine)
+    /// per segment. Without the folder (not prepared) it fetches one file at a time.
+    pub fn restore_command(&self, store: &Store, spool: Option<&Path>) -> String {
         let mut words = vec![
             format!("HOME={}", shell_quote(&self.home.display().to_string())),
             format!("AWS_DEFAULT_REGION={}", shell_quote(&store.region)),
@@ -114,30 +135,57 @@ impl BarmanCloud {
                 .to_string(),
         ));
         words.extend(store_args(store).iter().map(|arg| shell_quote(arg)));
-        words.push(shell_quote(&store.destination()));
-        words.push(shell_quote(&store.server_name));
-        words.push("%f".into());
-        words.push("%p".into());
-        words.join(" ")
+        let tail = [
+            shell_quote(&store.destination()),
+            shell_quote(&store.server_name),
+            "%f".into(),
+            "%p".into(),
+        ]
+        .join(" ");
+        let command = words.join(" ");
+        let Some(spool) = spool else {
+            return format!("{command} {tail}");
+        };
+        let spool = shell_quote(&spool.display().to_string());
+        format!(
+            "if [ -f {spool}/%f ]; then mv -f {spool}/%f %p; elif [ -d {spool} ]; then {command} --parallel {PREFETCH} --spool-dir {spool} {tail}; else {command} {tail}; fi"
+        )
     }
 
-    /// Uploads one WAL file.
+    /// Uploads one WAL file (one `barman-cloud-wal-archive` process).
     pub async fn archive_wal(&self, store: &Store, wal: &Path) -> Result<()> {
         let mut command = self.command("barman-cloud-wal-archive", store);
-        // Fail fast and let the archiver retry (it backs off and keeps the status): boto3's
-        // default (5 attempts with backoff, a 60 s read timeout) hid an outage for 15 s or more
-        // per file.
-        command
-            .env("AWS_RETRY_MODE", "standard")
-            .env("AWS_MAX_ATTEMPTS", "2")
-            .args(["--read-timeout", "30"])
-            .arg(COMPRESSION)
-            .arg(store.destination())
-            .arg(&store.server_name)
-            .arg(wal);
+        fail_fast(&mut command);
+        command.args(wal_archive_args(store)).arg(wal);
         self.run("barman-cloud-wal-archive", store, &mut command)
             .await?;
         Ok(())
+    }
+
+    /// The long-lived WAL uploader's process (`barman-cloud-python` running
+    /// [`UPLOADER_SCRIPT`] with `barman-cloud-wal-archive`'s arguments), stdin and stdout piped;
+    /// `None` when the folder has no `barman-cloud-python` (then each file is one
+    /// `barman-cloud-wal-archive`).
+    pub fn wal_uploader_command(&self, store: &Store) -> Option<Command> {
+        if !self.program(PYTHON).exists() {
+            return None;
+        }
+        let mut command = self.environment(PYTHON, store);
+        fail_fast(&mut command);
+        command
+            .arg("-c")
+            .arg(UPLOADER_SCRIPT)
+            .args(store_args(store))
+            .args(wal_archive_args(store))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Some(command)
+    }
+
+    /// Removes the store's secret from a text the engine printed.
+    pub fn redact(&self, text: &str, store: &Store) -> String {
+        redact(text, store)
     }
 
     /// Takes a base backup labelled `job-<name>`, then reads its details back.
@@ -149,18 +197,41 @@ impl BarmanCloud {
     ) -> Result<BackupInfo> {
         // barman reserves some names (first, latest, ...) and anything shaped like a backup id.
         let label = format!("job-{name}");
-        let mut command = self.command("barman-cloud-backup", store);
-        command
-            .args(["--immediate-checkpoint", "--jobs", "4", COMPRESSION])
-            .args(["--name", &label])
-            .args(["--host", &server.socket_dir])
-            .args(["--port", &server.port.to_string()])
-            .args(["--user", &server.user])
-            .args(["--dbname", "postgres"])
-            .arg(store.destination())
-            .arg(&store.server_name);
-        self.run("barman-cloud-backup", store, &mut command).await?;
-        let backups = self.list(store).await?;
+        let arguments = [
+            "--immediate-checkpoint",
+            "--jobs",
+            "4",
+            COMPRESSION,
+            "--name",
+            &label,
+            "--host",
+            &server.socket_dir,
+            "--port",
+            &server.port.to_string(),
+            "--user",
+            &server.user,
+            "--dbname",
+            "postgres",
+            &store.destination(),
+            &store.server_name,
+        ]
+        .map(str::to_string);
+        let backups = if self.program(PYTHON).exists() {
+            // One Python for the backup and the listing that reads its details back.
+            let mut command = self.environment(PYTHON, store);
+            command
+                .arg("-c")
+                .arg(BACKUP_SCRIPT)
+                .args(store_args(store))
+                .args(&arguments);
+            let output = self.run("barman-cloud-backup", store, &mut command).await?;
+            parse_backup_list(output.lines().last().unwrap_or_default())?
+        } else {
+            let mut command = self.command("barman-cloud-backup", store);
+            command.args(&arguments);
+            self.run("barman-cloud-backup", store, &mut command).await?;
+            self.list(store).await?
+        };
         backups
             .into_iter()
             .rev()
@@ -255,6 +326,27 @@ impl BarmanCloud {
             .await?;
         Ok(())
     }
+}
+
+/// Fails a WAL upload fast and lets the archiver retry (it backs off and keeps the status):
+/// boto3's default (5 attempts with backoff, a 60 s read timeout) hid an outage for 15 s or more
+/// per file.
+fn fail_fast(command: &mut Command) {
+    command
+        .env("AWS_RETRY_MODE", "standard")
+        .env("AWS_MAX_ATTEMPTS", "2");
+}
+
+/// `barman-cloud-wal-archive`'s arguments but the file: the store (with a 30 s read timeout)
+/// and the compression.
+fn wal_archive_args(store: &Store) -> Vec<String> {
+    vec![
+        "--read-timeout".into(),
+        "30".into(),
+        COMPRESSION.into(),
+        store.destination(),
+        store.server_name.clone(),
+    ]
 }
 
 /// Arguments every command takes to reach the store.
@@ -368,7 +460,7 @@ mod tests {
             secret_key_env: "AWS_SECRET_ACCESS_KEY".into(),
             ca_bundle: None,
         };
-        let command = barman.restore_command(&store);
+        let command = barman.restore_command(&store, None);
         assert!(
             command.contains("AWS_SECRET_ACCESS_KEY=\"$AWS_SECRET_ACCESS_KEY\""),
             "{command}"
@@ -389,17 +481,27 @@ mod tests {
         };
         assert!(
             barman
-                .restore_command(&virtual_hosted)
+                .restore_command(&virtual_hosted, None)
                 .contains("'--addressing-style' 'virtual'")
         );
         assert_eq!(shell_quote("it's 100%"), "'it'\\''s 100%%'");
+        // A bootstrap recovery fetches ahead into its spool and serves from there.
+        let prefetch = barman.restore_command(&store, Some(Path::new("/run/pg/spool")));
+        assert!(
+            prefetch.starts_with("if [ -f '/run/pg/spool'/%f ]; then mv -f '/run/pg/spool'/%f %p; elif [ -d '/run/pg/spool' ]; then HOME="),
+            "{prefetch}"
+        );
+        assert!(
+            prefetch.contains("--parallel 8 --spool-dir '/run/pg/spool' 's3://backups/main' 'main' %f %p; else HOME="),
+            "{prefetch}"
+        );
         let with_ca = Store {
             ca_bundle: Some("/run/pg/backup-ca.crt".into()),
             ..store
         };
         assert!(
             barman
-                .restore_command(&with_ca)
+                .restore_command(&with_ca, None)
                 .contains("AWS_CA_BUNDLE='/run/pg/backup-ca.crt' "),
             "the CA bundle reaches barman-cloud-wal-restore"
         );

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::barman::BarmanCloud;
 use crate::backup::store::{Store, Target};
+use crate::backup::wal_uploader::WalUploader;
 use crate::error::Result;
 
 /// A backup engine.
@@ -70,7 +71,15 @@ impl Engine {
     /// The `restore_command` that fetches WAL from `store` (run by PostgreSQL, as its user).
     pub fn restore_command(&self, store: &Store) -> String {
         match self {
-            Self::BarmanCloud(barman) => barman.restore_command(store),
+            Self::BarmanCloud(barman) => barman.restore_command(store, None),
+        }
+    }
+
+    /// The `restore_command` of a bootstrap recovery: as [`Self::restore_command`], fetching
+    /// the next segments ahead into `spool` (when it exists) and serving them from there.
+    pub fn restore_command_with_prefetch(&self, store: &Store, spool: &Path) -> String {
+        match self {
+            Self::BarmanCloud(barman) => barman.restore_command(store, Some(spool)),
         }
     }
 
@@ -78,6 +87,14 @@ impl Engine {
     pub async fn archive_wal(&self, store: &Store, wal: &Path) -> Result<()> {
         match self {
             Self::BarmanCloud(barman) => barman.archive_wal(store, wal).await,
+        }
+    }
+
+    /// A long-lived uploader of WAL files to `store` (one process for many files, started with
+    /// the first).
+    pub fn wal_uploader(&self, store: &Store) -> WalUploader {
+        match self {
+            Self::BarmanCloud(barman) => WalUploader::new(barman.clone(), store.clone()),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod recovery;
 pub mod service;
 pub mod store;
+pub mod wal_uploader;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub struct BackupSetup {
     pub recovery: Option<recovery::Recovery>,
     /// Folder where the archiver leaves a marker per uploaded segment for `archive_command`.
     pub spool: PathBuf,
+    /// Folder where a bootstrap recovery's `restore_command` keeps the WAL segments it fetched
+    /// ahead (see [`recovery::prepare_restore_spool`]).
+    pub restore_spool: PathBuf,
 }
 
 impl BackupSetup {
@@ -140,6 +144,7 @@ impl BackupSetup {
                 })
                 .transpose()?,
             spool: run_dir.join("archived"),
+            restore_spool: run_dir.join("wal-restore-spool"),
         })))
     }
 

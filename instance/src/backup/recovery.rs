@@ -44,7 +44,9 @@ impl Recovery {
         let mut settings = vec![
             (
                 "restore_command".to_string(),
-                setup.engine.restore_command(&self.store),
+                setup
+                    .engine
+                    .restore_command_with_prefetch(&self.store, &setup.restore_spool),
             ),
             ("recovery_target_timeline".into(), "latest".into()),
             ("recovery_target_action".into(), "promote".into()),
@@ -78,6 +80,8 @@ pub async fn download(
             pgdata,
         )
         .await?;
+    prepare_restore_spool(&setup.restore_spool, pgdata)
+        .map_err(Error::io("preparing the WAL restore spool folder"))?;
     let conf = pgdata.join("postgresql.conf");
     let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
     if !text.contains(managed_config) {
@@ -93,4 +97,18 @@ pub async fn download(
     std::fs::write(pgdata.join("recovery.signal"), b"")
         .map_err(Error::io("writing recovery.signal"))?;
     Ok(())
+}
+
+/// Empties (or creates) the folder where the recovery's `restore_command` keeps the segments it
+/// fetched ahead, owned by the user that owns `pgdata` (the one PostgreSQL runs as): files from
+/// an earlier recovery must not be replayed into this one.
+pub fn prepare_restore_spool(spool: &Path, pgdata: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if spool.exists() {
+        std::fs::remove_dir_all(spool)?;
+    }
+    std::fs::create_dir_all(spool)?;
+    std::fs::set_permissions(spool, std::fs::Permissions::from_mode(0o700))?;
+    let owner = std::fs::metadata(pgdata)?;
+    std::os::unix::fs::chown(spool, Some(owner.uid()), Some(owner.gid()))
 }
