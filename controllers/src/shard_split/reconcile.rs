@@ -476,6 +476,12 @@ impl<'a> Split<'a> {
         };
         let step = shard_step(SplitStep::Plan);
         let client = source_endpoint.connect().await.map_err(step)?;
+        if let Some(refusal) = shards::logical_decoding_refusal(&client, &source_endpoint)
+            .await
+            .map_err(shard_step(SplitStep::Plan))?
+        {
+            return self.refuse("LogicalDecodingOff", refusal).await;
+        }
         let mut source_bytes = 0f64;
         for table in &tables {
             if let Some(refusal) = shards::preflight_refusal(&client, &source_endpoint, table)

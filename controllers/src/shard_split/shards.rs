@@ -509,6 +509,30 @@ pub struct MovingTable {
     pub key: String,
 }
 
+/// Why the source cannot stream the moving rows' changes, for the pre-flight: logical decoding
+/// needs `wal_level = logical` (the operator sets it on every shard it creates; a user's own
+/// value in the parameters wins). `None` when it is on.
+pub async fn logical_decoding_refusal(
+    source: &Client,
+    endpoint: &Endpoint,
+) -> Result<Option<String>, ShardError> {
+    let level: String = source
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(sql_error(endpoint, "reading wal_level"))?
+        .get(0);
+    Ok(wal_level_refusal(&level))
+}
+
+/// The refusal for a source whose `wal_level` is `level`, if it cannot decode logically.
+pub fn wal_level_refusal(level: &str) -> Option<String> {
+    (level != "logical").then(|| {
+        format!(
+            "the source shard runs with wal_level = {level}: a split reads the moving rows' changes by logical decoding; set spec.postgresql.parameters.wal_level: logical on the sharded cluster (or remove your own value), wait for the shards to restart, then create a new ShardSplitJob"
+        )
+    })
+}
+
 /// Why a table cannot move, for the pre-flight; `None` when it can (or does not exist).
 pub async fn preflight_refusal(
     source: &Client,
@@ -1113,4 +1137,16 @@ pub async fn drop_fence(
         .batch_execute(&sql)
         .await
         .map_err(sql_error(endpoint, "removing the fence"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wal_level_refusal;
+
+    #[test]
+    fn a_source_without_logical_decoding_is_refused_with_the_fix() {
+        assert_eq!(wal_level_refusal("logical"), None);
+        let refusal = wal_level_refusal("replica").unwrap();
+        assert!(refusal.contains("wal_level = replica") && refusal.contains("wal_level: logical"));
+    }
 }
