@@ -45,7 +45,8 @@ pub(super) fn exists_conjuncts(topology: &Topology, select: &mut Select) -> bool
         .into_iter()
         .map(|conjunct| match conjunct {
             Expr::Exists { subquery, negated } if is_sharded_exists(conjunct) => {
-                let restriction = |outer: &Expr| outer_restriction(topology, select, &others, outer);
+                let restriction =
+                    |outer: &Expr| outer_restriction(topology, select, &others, outer);
                 match as_in(subquery, *negated, restriction) {
                     Some(expr) => {
                         changed = true;
@@ -91,7 +92,10 @@ fn outer_restriction(
             },
             _ => false,
         })?;
-    let TableFactor::Table { name, args: None, .. } = factor else {
+    let TableFactor::Table {
+        name, args: None, ..
+    } = factor
+    else {
         return None;
     };
     if !topology.is_reference(&super::last_name(name)) {
