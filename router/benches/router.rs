@@ -4,7 +4,9 @@
 //! select-only with `-M prepared` (direct and router: Debian's PgBouncer 1.18 cannot pool
 //! prepared statements). Prints
 //! `name=value` lines: TPS ratios and p50/p99 latencies, and the Pooler path against direct
-//! (`pooler_tps_ratio=` for select-only, with both TPS).
+//! (`pooler_tps_ratio=` for select-only, with both TPS), and for the select-only stage each
+//! proxy's CPU time per transaction (`router_cpu_us_per_query`, `pgbouncer_cpu_us_per_query`:
+//! utime + stime of the proxy process from /proc over its runs, divided by their transactions).
 //!
 //! The three targets run interleaved for `BENCH_ROUNDS` rounds (noisy shared machines): TPS is
 //! the median over rounds, latency percentiles are over every transaction of every round.
@@ -148,9 +150,10 @@ fn start_pgbouncer(shard_port: u16, dir: &Path, clients: u32) -> anyhow::Result<
     Ok((guard, port))
 }
 
-/// One pgbench run: TPS and per-transaction latencies (microseconds).
+/// One pgbench run: TPS, transactions done and per-transaction latencies (microseconds).
 struct Run {
     tps: f64,
+    transactions: u64,
     latencies_us: Vec<u64>,
 }
 
@@ -199,6 +202,12 @@ fn pgbench(
         .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
         .with_context(|| format!("no tps in pgbench output: {stdout}"))?;
+    let transactions = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split(['/', ' ']).next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .with_context(|| format!("no transaction count in pgbench output: {stdout}"))?;
     // Per-transaction log lines: client_id transaction_no time_us script_no time_epoch time_us.
     let mut latencies_us: Vec<u64> = Vec::new();
     for entry in std::fs::read_dir(&log_dir)? {
@@ -210,7 +219,11 @@ fn pgbench(
         );
         std::fs::remove_file(path)?;
     }
-    Ok(Run { tps, latencies_us })
+    Ok(Run {
+        tps,
+        transactions,
+        latencies_us,
+    })
 }
 
 /// Median TPS and latency percentiles (ms) of several runs.
@@ -268,8 +281,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let dir = tempfile::tempdir()?;
-    let (_router, router_port) = start_router(shard.port(), dir.path())?;
-    let (_bouncer, bouncer_port) = start_pgbouncer(shard.port(), dir.path(), clients)?;
+    let (router, router_port) = start_router(shard.port(), dir.path())?;
+    let (bouncer, bouncer_port) = start_pgbouncer(shard.port(), dir.path(), clients)?;
     println!(
         "machine_cpus={}",
         std::thread::available_parallelism()
@@ -287,13 +300,19 @@ fn main() -> anyhow::Result<()> {
         ("select_prepared", true, "prepared", false),
     ];
     for (name, select_only, protocol, with_bouncer) in runs_to_make {
-        let mut targets = vec![("direct", shard.port()), ("router", router_port)];
+        // Each target with the proxy process whose CPU time the run is charged (none for direct).
+        let mut targets = vec![
+            ("direct", shard.port(), None),
+            ("router", router_port, Some(router.0.id())),
+        ];
         if with_bouncer {
-            targets.push(("pgbouncer", bouncer_port));
+            targets.push(("pgbouncer", bouncer_port, Some(bouncer.0.id())));
         }
         let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+        let mut cpu_ticks: Vec<u64> = targets.iter().map(|_| 0).collect();
         for round in 0..rounds {
-            for (i, (target, port)) in targets.iter().enumerate() {
+            for (i, (target, port, proxy)) in targets.iter().enumerate() {
+                let cpu_before = proxy.map_or(0, process_cpu);
                 runs[i].push(pgbench(
                     *port,
                     select_only,
@@ -303,10 +322,25 @@ fn main() -> anyhow::Result<()> {
                     dir.path(),
                     &format!("{target}-{name}-{round}"),
                 )?);
+                cpu_ticks[i] += proxy.map_or(0, process_cpu).saturating_sub(cpu_before);
+            }
+        }
+        if name == "select" {
+            // On a machine where the proxy shares the cores with PostgreSQL and pgbench, CPU
+            // per query is the fair comparison of two proxies.
+            for (i, (target, _, proxy)) in targets.iter().enumerate() {
+                if proxy.is_some() {
+                    let transactions: u64 = runs[i].iter().map(|r| r.transactions).sum();
+                    let cpu_us = cpu_ticks[i] as f64 * 1e6 / clock_ticks() as f64;
+                    println!(
+                        "{target}_cpu_us_per_query={:.1}",
+                        cpu_us / transactions.max(1) as f64
+                    );
+                }
             }
         }
         let summaries: Vec<Summary> = runs.iter().map(|r| summarize(r)).collect();
-        for ((target, _), summary) in targets.iter().zip(&summaries) {
+        for ((target, _, _), summary) in targets.iter().zip(&summaries) {
             println!("{target}_{name}_tps={:.1}", summary.tps);
             println!("{target}_{name}_latency_p50_ms={:.3}", summary.p50_ms);
             println!("{target}_{name}_latency_p99_ms={:.3}", summary.p99_ms);
@@ -338,4 +372,35 @@ fn main() -> anyhow::Result<()> {
     drop(shard);
     tpch::run(dir.path())?;
     Ok(())
+}
+
+/// User plus system CPU time of a process, in clock ticks (from /proc).
+fn process_cpu(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100)
 }

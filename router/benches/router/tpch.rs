@@ -15,7 +15,7 @@ use anyhow::Context;
 use futures::SinkExt;
 use testbed::{Postgres, tpch};
 
-use super::{Guard, env_or, wait_for_port};
+use super::{Guard, clock_ticks, env_or, process_cpu, wait_for_port};
 
 type Rows = Vec<Vec<Option<String>>>;
 
@@ -182,35 +182,4 @@ fn same(sql: &str, got: &Rows, expected: &Rows) -> bool {
 fn median_ms(mut times: Vec<Duration>) -> f64 {
     times.sort();
     times[times.len() / 2].as_secs_f64() * 1000.0
-}
-
-/// User plus system CPU time of a process, in clock ticks (from /proc).
-fn process_cpu(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
-fn clock_ticks() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
-        .unwrap_or(100)
 }
