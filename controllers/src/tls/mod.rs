@@ -186,12 +186,13 @@ pub fn sharded_parent(cluster: &PostgresCluster) -> Option<String> {
         .map(|owner| owner.name.clone())
 }
 
-/// The CA of a shard: its sharded parent's, as the parent's reconciler keeps it (renewed there,
-/// never here, so that two shards never race to replace it).
-async fn parent_ca(secrets: &Api<Secret>, parent: &str) -> Result<Issued, Error> {
-    let secret_name = contract::tls_ca_private_secret(parent);
-    secrets
-        .get_opt(&secret_name)
+/// The CA (certificate and key) kept in Secret `secret_name`, when it is there and complete.
+pub(crate) async fn stored_ca(
+    secrets: &Api<Secret>,
+    secret_name: &str,
+) -> Result<Option<Issued>, Error> {
+    Ok(secrets
+        .get_opt(secret_name)
         .await
         .map_err(kube_error(format!("reading Secret {secret_name}")))?
         .and_then(|secret| {
@@ -199,7 +200,15 @@ async fn parent_ca(secrets: &Api<Secret>, parent: &str) -> Result<Issued, Error>
                 certificate_pem: text(&secret, tls_keys::CA)?,
                 key_pem: text(&secret, tls_keys::CA_KEY)?,
             })
-        })
+        }))
+}
+
+/// The CA of a shard: its sharded parent's, as the parent's reconciler keeps it (renewed there,
+/// never here, so that two shards never race to replace it).
+async fn parent_ca(secrets: &Api<Secret>, parent: &str) -> Result<Issued, Error> {
+    let secret_name = contract::tls_ca_private_secret(parent);
+    stored_ca(secrets, &secret_name)
+        .await?
         .ok_or_else(|| Error::ParentCaMissing {
             parent: parent.to_string(),
             secret: secret_name,
@@ -232,16 +241,7 @@ async fn operator_ca(
     let name = cluster.name_any();
     let namespace = cluster.namespace().unwrap_or_default();
     let secret_name = contract::tls_ca_private_secret(&name);
-    let stored = secrets
-        .get_opt(&secret_name)
-        .await
-        .map_err(kube_error(format!("reading Secret {secret_name}")))?
-        .and_then(|secret| {
-            Some(Issued {
-                certificate_pem: text(&secret, tls_keys::CA)?,
-                key_pem: text(&secret, tls_keys::CA_KEY)?,
-            })
-        });
+    let stored = stored_ca(secrets, &secret_name).await?;
     let usable = stored.filter(|ca| {
         certificates::summary(&ca.certificate_pem, "the CA").is_ok_and(|summary| {
             !certificates::due_for_renewal(summary.not_after, now, lifetimes.renew_before)

@@ -304,16 +304,7 @@ async fn ensure_from_operator_ca(
     let name = pooler.name_any();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let ca_name = contract::tls_ca_private_secret(&cluster.name_any());
-    let ca = secrets
-        .get_opt(&ca_name)
-        .await
-        .map_err(kube_error(format!("reading Secret {ca_name}")))?
-        .and_then(|secret| {
-            Some(Issued {
-                certificate_pem: text(&secret, tls_keys::CA)?,
-                key_pem: text(&secret, tls_keys::CA_KEY)?,
-            })
-        });
+    let ca = super::stored_ca(&secrets, &ca_name).await?;
     let Some(ca) = ca else {
         return Ok(CertificateState::Pending(format!(
             "waiting for the cluster's CA (Secret {ca_name}) to issue the Pooler's certificate"
