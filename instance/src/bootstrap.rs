@@ -52,6 +52,33 @@ pub fn start_again(facts: Facts) -> Option<&'static str> {
     None
 }
 
+/// How long an instance finds itself stranded (see [`stranded`]) before it says so, in Lease
+/// durations: long enough for a replica with data to take an expired Lease first, so a
+/// multi-instance cluster whose primary lost its volume fails over without a false alarm.
+pub const STRANDED_AFTER_LEASES: u32 = 2;
+
+/// Why this instance cannot ever start by itself, when that is so: its data directory is empty,
+/// the cluster was bootstrapped (so it may only clone), and no live primary holds the Lease to
+/// clone from (`facts.holder_is_me_or_nobody` here counts an expired holder as nobody). The
+/// text goes to the instance status (`dataLost`), a `DataLost` event and the cluster's `DataLost`
+/// condition, and says what the user can do.
+pub fn stranded(facts: Facts, lease: &str) -> Option<String> {
+    if facts.has_data || facts.other_marker || facts.initdb_marker || !facts.bootstrapped {
+        return None;
+    }
+    if !facts.holder_is_me_or_nobody {
+        return None;
+    }
+    Some(format!(
+        "the data directory is empty and no instance holds a copy to clone from: the cluster's data is lost \
+         (the Lease {lease} carries {annotation}, so an empty instance may only clone). \
+         To restore it, create the cluster again with spec.bootstrap.recovery from a backup; \
+         if the data is expendable, remove the annotation {annotation} from the Lease {lease} \
+         and this instance bootstraps a new, empty cluster",
+        annotation = contract::ANNOTATION_BOOTSTRAPPED,
+    ))
+}
+
 /// Whether the primary should now mark the Lease bootstrapped: a replica streams from it (the
 /// data exists twice), or it has served alone for [`SINGLE_INSTANCE_GRACE`].
 pub fn now_bootstrapped(streaming_replicas: i64, serving_for: Duration) -> bool {
@@ -118,6 +145,38 @@ mod tests {
                 ..facts()
             });
             assert_eq!(found, None);
+        }
+    }
+
+    #[test]
+    fn only_an_empty_instance_of_a_bootstrapped_cluster_with_no_primary_is_stranded() {
+        let lost = Facts {
+            bootstrapped: true,
+            ..facts()
+        };
+        let text = stranded(lost, "db-primary").unwrap();
+        assert!(text.contains("spec.bootstrap.recovery"), "{text}");
+        assert!(text.contains(contract::ANNOTATION_BOOTSTRAPPED), "{text}");
+        for not_lost in [
+            facts(),
+            Facts {
+                has_data: true,
+                ..lost
+            },
+            Facts {
+                other_marker: true,
+                ..lost
+            },
+            Facts {
+                initdb_marker: true,
+                ..lost
+            },
+            Facts {
+                holder_is_me_or_nobody: false,
+                ..lost
+            },
+        ] {
+            assert_eq!(stranded(not_lost, "db-primary"), None, "{not_lost:?}");
         }
     }
 

@@ -80,8 +80,8 @@ impl LeaseTracker {
     pub fn annotation(&self, key: &str) -> Option<String> {
         self.lease
             .as_ref()
-            .and_then(|lease| lease.metadata.annotations.as_ref())
-            .and_then(|annotations| annotations.get(key).cloned())
+            .and_then(|lease| annotation_of(lease, key))
+            .map(str::to_string)
     }
 
     /// Whether the holder let the Lease expire: no holder, or its record unchanged for the
@@ -162,6 +162,16 @@ pub fn claimed(
         annotations.remove(api::contract::ANNOTATION_RELEASED_BY);
     }
     lease
+}
+
+/// An annotation of `lease`.
+pub fn annotation_of<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(key))
+        .map(String::as_str)
 }
 
 /// Sets (`Some`) or removes (`None`) annotations on a Lease.

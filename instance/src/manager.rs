@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use api::contract;
 use futures::future::join_all;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
@@ -37,6 +38,8 @@ const RESTORE_MARKER: &str = "restore-incomplete";
 const PEER_TIMEOUT: Duration = Duration::from_millis(400);
 /// A replica that has not streamed from a live primary for this long is rewound.
 const STUCK_REPLICA: Duration = Duration::from_secs(15);
+/// Environment variable naming a fault to inject, for tests only (`lose_handover_answer`).
+const FAULT_ENV: &str = "PG_INSTANCE_FAULT";
 /// How often the status annotation is refreshed when nothing important changed.
 const PUBLISH_PERIOD: Duration = Duration::from_secs(2);
 
@@ -168,6 +171,10 @@ pub async fn run(config: Config) -> Result<()> {
         fenced_at: None,
         followed: None,
         poolers,
+        stranded_since: None,
+        data_lost: None,
+        outage_confirmed_at: None,
+        outage_logged: false,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -331,6 +338,15 @@ struct Manager {
     followed: Option<Upstream>,
     /// The cluster's Poolers, paused around a switchover and resumed on the new primary.
     poolers: crate::pooler::pause::Poolers,
+    /// Since when this instance has found itself with no data and no one to clone from.
+    stranded_since: Option<Instant>,
+    /// Why this instance cannot start by itself (see [`bootstrap::stranded`]): a state, not an
+    /// error of the last tick, so it stays until the instance gets data again.
+    data_lost: Option<String>,
+    /// When every peer last confirmed that it cannot reach the API server either (primary).
+    outage_confirmed_at: Option<Instant>,
+    /// Whether the last peers check confirmed an outage (logged on change, not every tick).
+    outage_logged: bool,
 }
 
 impl Manager {
@@ -388,12 +404,25 @@ impl Manager {
         };
         if self.role == Role::Primary && since_renewal >= self.config.renew_deadline() {
             let confirmed_at = Instant::now();
-            seen.peers_confirm_api_outage = self.peers_confirm_api_outage().await;
-            if seen.peers_confirm_api_outage {
+            let confirmed = self.peers_confirm_api_outage().await;
+            if confirmed {
                 // None of them can promote before a whole Lease duration after it reaches the API
                 // server again: the confirmation counts as a renewal.
                 self.watchdog.extend(confirmed_at + self.watchdog_window());
+                self.outage_confirmed_at = Some(confirmed_at);
             }
+            // ... for the run loop too: a peer's answer lost or late (a loaded node) within the
+            // renew deadline of the last confirmation does not fence a primary that nobody can
+            // replace; it fences by then, a Lease duration before any peer may take over.
+            seen.peers_confirm_api_outage = self
+                .outage_confirmed_at
+                .is_some_and(|at| at.elapsed() < self.config.renew_deadline());
+            if confirmed != self.outage_logged {
+                info!(confirmed, "primary cannot renew its Lease; asked its peers");
+                self.outage_logged = confirmed;
+            }
+        } else {
+            self.outage_logged = false;
         }
         let step = next_step(&self.role, &seen, self.config.renew_deadline());
         if step != Step::Stay {
@@ -710,6 +739,10 @@ impl Manager {
             }
             Step::Resolve => {
                 let role = self.resolve().await?;
+                if role != Role::Pending {
+                    self.stranded_since = None;
+                    self.data_lost = None;
+                }
                 if role != self.role {
                     info!(from = ?self.role, to = ?role, "role resolved");
                 }
@@ -855,7 +888,19 @@ impl Manager {
                         upstream: Some(holder),
                     })
                 }
-                _ => Ok(Role::Pending),
+                _ => {
+                    let lease = self.cluster.lease_name();
+                    let facts = bootstrap::Facts {
+                        // An expired holder is nobody to clone from.
+                        holder_is_me_or_nobody: true,
+                        ..facts
+                    };
+                    match bootstrap::stranded(facts, &lease) {
+                        Some(why) => self.report_stranded(why).await,
+                        None => self.stranded_since = None,
+                    }
+                    Ok(Role::Pending)
+                }
             };
         }
         self.postgres.stop(StopMode::Fast).await;
@@ -892,6 +937,23 @@ impl Manager {
                 Ok(Role::Pending)
             }
         }
+    }
+
+    /// Says once, after [`bootstrap::STRANDED_AFTER_LEASES`] Lease durations, that this instance
+    /// lost the cluster's only data: in its status (`dataLost`, which the operator turns into the
+    /// cluster's `DataLost` condition) and in one `DataLost` event per change of the text.
+    async fn report_stranded(&mut self, why: String) {
+        let since = *self.stranded_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < self.config.lease_duration() * bootstrap::STRANDED_AFTER_LEASES
+            || self.data_lost.as_deref() == Some(why.as_str())
+        {
+            return;
+        }
+        warn!(reason = %why, "waiting for the user: the cluster's data is lost");
+        if let Err(error) = self.cluster.warning_event("DataLost", why.clone()).await {
+            debug!(%error, "recording the data loss event failed");
+        }
+        self.data_lost = Some(why);
     }
 
     fn recovery(&self) -> Option<Recovery> {
@@ -1102,7 +1164,7 @@ impl Manager {
         let confirmed = answers
             .iter()
             .all(|answer| matches!(answer, Some(status) if !status.api_reachable));
-        info!(confirmed, "primary cannot renew its Lease; asked its peers");
+        debug!(confirmed, "primary cannot renew its Lease; asked its peers");
         confirmed
     }
 
@@ -1366,21 +1428,63 @@ impl Manager {
                 (contract::ANNOTATION_SWITCHOVER_LSN, Some(lsn.clone())),
             ],
         );
-        match self.cluster.replace_lease(&handed).await {
-            Ok(written) => {
-                self.lease.observe(Some(written), Instant::now());
-                info!(%target, %lsn, "Lease handed over; restarting as a replica");
-                self.role = Role::Replica {
-                    upstream: Some(target),
-                };
-                self.last_renewal = None;
-                self.last_join = Some("switchover".into());
-                self.postgres.start(Duration::from_secs(60)).await
+        let mut outcome = self.cluster.replace_lease(&handed).await;
+        // Fault injection for tests: the API server applies the hand-over, its answer is lost.
+        if outcome.is_ok() && std::env::var(FAULT_ENV).as_deref() == Ok("lose_handover_answer") {
+            outcome = Err(Error::Invalid(
+                "fault injection: the hand-over's answer is lost".into(),
+            ));
+        }
+        let written = match outcome {
+            Ok(written) => written,
+            Err(error) => match self.handed_over_after_all(&target, &lsn).await {
+                // The API server applied the update but its answer was lost (a reset
+                // connection): the target promotes, so this instance must not.
+                Some(written) => written,
+                None => return Err(error),
+            },
+        };
+        self.lease.observe(Some(written), Instant::now());
+        info!(%target, %lsn, "Lease handed over; restarting as a replica");
+        self.role = Role::Replica {
+            upstream: Some(target),
+        };
+        self.last_renewal = None;
+        self.last_join = Some("switchover".into());
+        self.postgres.start(Duration::from_secs(60)).await
+    }
+
+    /// After a failed hand-over write, whether the Lease went to `target` anyway: the write may
+    /// have been applied with its answer lost. Only a Lease read back that is still this
+    /// instance's makes it primary again; when it cannot be read, PostgreSQL stays stopped and
+    /// the next tick resolves the role from the Lease, since restarting as primary while the
+    /// target may be promoting would make two writable primaries.
+    async fn handed_over_after_all(&mut self, target: &str, lsn: &str) -> Option<Lease> {
+        match self.cluster.get_lease().await {
+            Ok(Some(current))
+                if current
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.holder_identity.as_deref())
+                    == Some(target)
+                    && lease::annotation_of(&current, contract::ANNOTATION_SWITCHOVER_LSN)
+                        == Some(lsn) =>
+            {
+                info!(%target, "the Lease hand-over was applied although its answer was lost");
+                Some(current)
+            }
+            Ok(current) => {
+                warn!("handing over the Lease failed; staying primary");
+                self.lease.observe(current, Instant::now());
+                if let Err(error) = self.start_primary().await {
+                    warn!(%error, "starting again as primary failed");
+                }
+                None
             }
             Err(error) => {
-                warn!(%error, "handing over the Lease failed; staying primary");
-                self.start_primary().await?;
-                Err(error)
+                warn!(%error, "handing over the Lease failed and the Lease cannot be read: staying stopped until it can");
+                self.role = Role::Pending;
+                None
             }
         }
     }
@@ -1658,6 +1762,7 @@ impl Manager {
         status.postgres_restarts = self.restarts;
         status.last_join = self.last_join.clone();
         status.last_error = self.last_error.clone();
+        status.data_lost = self.data_lost.clone();
         status.restart_token = self.restart_token.clone().filter(|token| !token.is_empty());
         status.data_disk_available_bytes = self.postgres.available_bytes();
         let gave_up = Role::Fenced {
@@ -1688,7 +1793,7 @@ impl Manager {
             return;
         }
         let key = format!(
-            "{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}",
+            "{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}",
             status.restart_token,
             status.role,
             status.fenced,
@@ -1697,19 +1802,21 @@ impl Manager {
             status.synchronous_standbys,
             status.streaming,
             status.last_join,
-            status.wal_archive.as_ref().map(|archive| &archive.refused)
+            status.wal_archive.as_ref().map(|archive| &archive.refused),
+            status.data_lost,
         );
         let due = match &self.last_published {
             Some((last, at)) => *last != key || at.elapsed() >= PUBLISH_PERIOD,
             None => true,
         };
         // A pending instance has nothing to report, except a refusal to bootstrap (the
-        // operator turns it into the cluster's ContinuousArchiving condition).
+        // operator turns it into the cluster's ContinuousArchiving condition) or a data loss
+        // (the DataLost condition).
         let refused = status
             .wal_archive
             .as_ref()
             .is_some_and(|archive| archive.refused.is_some());
-        if !due || (self.role == Role::Pending && !refused) {
+        if !due || (self.role == Role::Pending && !refused && status.data_lost.is_none()) {
             return;
         }
         match self.cluster.publish(self.role.label(), &status).await {

@@ -78,6 +78,10 @@ pub struct InstanceStatus {
     /// The last error the run loop met (for the operator and the logs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Why this instance cannot start by itself: its data directory is empty, the cluster was
+    /// bootstrapped, and no primary holds a copy to clone from. Says what the user can do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_lost: Option<String>,
     /// WAL archiving to the backup repository (primary with `spec.backup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_archive: Option<crate::backup::archiver::ArchiveStatus>,

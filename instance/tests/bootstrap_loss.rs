@@ -173,3 +173,97 @@ async fn a_first_primary_that_lost_its_volume_before_any_replica_bootstraps_agai
         .get(0);
     assert_eq!(found, 0, "a new cluster, not the lost one");
 }
+
+/// `DataLost` events on `pod`, with each one's series count (an event repeated by the recorder
+/// counts in its series rather than as a new object).
+async fn data_lost_events(cluster: &TestCluster, pod: &str) -> anyhow::Result<Vec<(String, i32)>> {
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    Ok(events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|event| {
+            event.reason.as_deref() == Some("DataLost")
+                && event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+        })
+        .map(|event| {
+            let count = event.series.as_ref().map_or(1, |series| series.count);
+            (event.note.unwrap_or_default(), count)
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_primary_that_lost_its_volume_after_bootstrap_says_so_until_told_to_start_over() {
+    let mut cluster = TestCluster::start("stranded", 1, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(0, STARTUP)
+        .await
+        .unwrap();
+    // What ten minutes of serving alone would write (bootstrap::SINGLE_INSTANCE_GRACE).
+    cluster
+        .annotate_lease(contract::ANNOTATION_BOOTSTRAPPED, "true")
+        .await
+        .unwrap();
+    let name = cluster.instances[primary].name.clone();
+    cluster.kill_instance(primary);
+    let dir = cluster.instances[primary].dir.clone();
+    for folder in ["data", "run"] {
+        let _ = std::fs::remove_dir_all(dir.join(folder));
+    }
+    cluster.start_instance(primary).unwrap();
+
+    // It says why it waits, in its status (the operator's DataLost condition) and one event.
+    let deadline = Instant::now() + STARTUP;
+    let reported = loop {
+        if let Some(lost) = cluster.status(primary).await.and_then(|s| s.data_lost) {
+            break lost;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the instance never reported the lost data\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(reported.contains("spec.bootstrap.recovery"), "{reported}");
+    assert!(
+        reported.contains(contract::ANNOTATION_BOOTSTRAPPED),
+        "{reported}"
+    );
+    // Several more ticks (250 ms each): the report stays, and it is still one event.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = cluster.status(primary).await.unwrap();
+    assert_eq!(status.data_lost.as_deref(), Some(reported.as_str()));
+    assert!(!status.postgres_ready, "{status:?}");
+    assert_ne!(status.role, contract::role::PRIMARY, "{status:?}");
+    let events = data_lost_events(&cluster, &name).await.unwrap();
+    assert_eq!(events, vec![(reported.clone(), 1)], "one event per change");
+    let (_, annotations) = cluster.pod_metadata(primary).await.unwrap();
+    let published = annotations
+        .get(contract::ANNOTATION_INSTANCE_STATUS)
+        .expect("a pending instance that lost the data publishes its status");
+    assert!(published.contains("dataLost"), "{published}");
+
+    // The documented way to start over when the data is expendable: remove the annotation.
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {contract::ANNOTATION_BOOTSTRAPPED: null}}
+    });
+    leases
+        .patch(
+            &contract::lease_name(&cluster.name),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    cluster
+        .wait_for_role(primary, contract::role::PRIMARY, STARTUP)
+        .await
+        .unwrap();
+    let status = cluster.status(primary).await.unwrap();
+    assert_eq!(status.last_join.as_deref(), Some("reinitdb"), "{status:?}");
+    assert_eq!(status.data_lost, None, "{status:?}");
+}

@@ -29,6 +29,9 @@ pub struct InstanceView {
     pub archive: Option<super::archiving::ArchiveView>,
     /// How the instance last got its data (`lastJoin` of its status annotation).
     pub last_join: Option<String>,
+    /// Why the instance cannot start by itself (`dataLost` of its status annotation): the
+    /// cluster's only data is gone.
+    pub data_lost: Option<String>,
 }
 
 impl InstanceView {
@@ -71,6 +74,10 @@ impl InstanceView {
             archive: super::archiving::ArchiveView::from_report(&report),
             last_join: report
                 .get("lastJoin")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            data_lost: report
+                .get("dataLost")
                 .and_then(|v| v.as_str())
                 .map(str::to_string),
         }

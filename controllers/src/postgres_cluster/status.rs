@@ -47,6 +47,10 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Reason of the Ready, Progressing and Degraded conditions when an instance reports that the
+/// cluster's only data is lost (its `dataLost` status) and no primary serves.
+pub const DATA_LOST: &str = "DataLost";
+
 /// Everything the status is computed from.
 #[derive(Clone, Debug)]
 pub struct Observation<'a> {
@@ -97,6 +101,19 @@ pub fn desired_status(
                 (false, "Degraded", problem.message.clone()),
                 (false, "Blocked", problem.message.clone()),
                 (true, leak_reason(&problem.reason), problem.message.clone()),
+            )
+        } else if let Some(lost) = live
+            .iter()
+            .find_map(|instance| instance.data_lost.clone())
+            .filter(|_| current_primary.is_none())
+        {
+            // The instance manager says the only copy is gone: waiting changes nothing, the
+            // message says what the user can do.
+            (
+                Phase::Degraded,
+                (false, DATA_LOST, lost.clone()),
+                (false, DATA_LOST, lost.clone()),
+                (true, DATA_LOST, lost),
             )
         } else if observation.hibernated {
             let message = "hibernated: no pods run, the volumes are kept".to_string();
@@ -309,6 +326,27 @@ mod tests {
     fn condition_of(status: &PostgresClusterStatus, type_: &str) -> (String, String) {
         let c = find_condition(&status.conditions, type_).unwrap();
         (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn an_instance_that_lost_the_only_data_makes_the_cluster_degraded_with_its_reason() {
+        let cluster = cluster();
+        let lost = InstanceView {
+            data_lost: Some("the data is lost: restore with spec.bootstrap.recovery".into()),
+            ..instance(0, "replica", false)
+        };
+        let status = desired_status(None, &observe(&cluster, std::slice::from_ref(&lost)));
+        assert_eq!(status.phase.as_deref(), Some("Degraded"));
+        let degraded = find_condition(&status.conditions, "Degraded").unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", DATA_LOST)
+        );
+        assert!(degraded.message.contains("spec.bootstrap.recovery"));
+        // Once a primary serves again, the report is history.
+        let primary = instance(1, "primary", true);
+        let status = desired_status(Some(&status), &observe(&cluster, &[lost, primary]));
+        assert_ne!(condition_of(&status, "Degraded").1, DATA_LOST);
     }
 
     #[test]
