@@ -38,6 +38,8 @@ const RESTORE_MARKER: &str = "restore-incomplete";
 const PEER_TIMEOUT: Duration = Duration::from_millis(400);
 /// A replica that has not streamed from a live primary for this long is rewound.
 const STUCK_REPLICA: Duration = Duration::from_secs(15);
+/// How long a replica handed the Lease waits, within one tick, for the old primary's last WAL.
+const HANDOVER_WAL_WAIT: Duration = Duration::from_secs(1);
 /// Environment variable naming a fault to inject, for tests only (`lose_handover_answer`).
 const FAULT_ENV: &str = "PG_INSTANCE_FAULT";
 /// How often the status annotation is refreshed when nothing important changed.
@@ -1256,6 +1258,7 @@ impl Manager {
             .and_then(|lsn| decision::parse_lsn(&lsn));
         if let Some(wanted) = wanted
             && local.position().is_none_or(|position| position <= wanted)
+            && !self.receives_past(wanted).await
         {
             debug!(wanted = %decision::format_lsn(wanted), "waiting for the old primary's last WAL");
             return Ok(());
@@ -1264,6 +1267,29 @@ impl Manager {
         self.acquire().await?;
         let previous = self.other_pods();
         self.promote(previous).await
+    }
+
+    /// Whether this replica receives WAL past `wanted` within [`HANDOVER_WAL_WAIT`], asked every
+    /// 20 ms: the old primary's last WAL usually arrives within milliseconds of the hand-over,
+    /// and waiting for the next tick (250 ms) would add to the clients' pause.
+    async fn receives_past(&self, wanted: u64) -> bool {
+        let Ok(client) = self.postgres.connect().await else {
+            return false;
+        };
+        let deadline = Instant::now() + HANDOVER_WAL_WAIT;
+        while Instant::now() < deadline {
+            let received = client
+                .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
+                .await
+                .ok()
+                .and_then(|row| row.get::<_, Option<String>>(0))
+                .and_then(|lsn| decision::parse_lsn(&lsn));
+            if received.is_some_and(|position| position > wanted) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// Promotes the local replica (the Lease is already ours).
@@ -1337,7 +1363,8 @@ impl Manager {
                 self.acquire().await?;
                 renewed = Instant::now();
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Promotion takes tens of milliseconds; clients of a switchover wait for it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -1373,6 +1400,12 @@ impl Manager {
             return Ok(());
         }
         self.switchover_since = None;
+        // Checkpoint while clients still run, so that the shutdown checkpoint inside the pause
+        // has little left to write: the pause lasts the stop, the hand-over and the promotion.
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(Error::postgres("CHECKPOINT before the switchover"))?;
         // Clients of the Poolers wait in PgBouncer instead of failing: paused before the stop,
         // resumed once the rw Service reaches a writable primary again (this one, if the
         // hand-over fails), or when the pause timeout runs out.
@@ -1384,14 +1417,10 @@ impl Manager {
         result
     }
 
-    /// The second half of a switchover: checkpoint, stop, write the standby configuration,
-    /// hand the Lease to `target`, start as its replica.
+    /// The second half of a switchover (checkpointed, poolers paused): stop, write the standby
+    /// configuration, hand the Lease to `target`, start as its replica.
     async fn hand_over(&mut self, target: String, client: tokio_postgres::Client) -> Result<()> {
-        info!(%target, "switchover: checkpoint, then stop and hand over the Lease");
-        client
-            .batch_execute("CHECKPOINT")
-            .await
-            .map_err(Error::postgres("CHECKPOINT before the switchover"))?;
+        info!(%target, "switchover: stop and hand over the Lease");
         drop(client);
         let upstream = self.upstream_of(&target)?;
         // Giving up the role on purpose: the clean shutdown must not be cut short.

@@ -220,6 +220,11 @@ impl PgBouncer {
         self
     }
 
+    /// Its process id, once started (a benchmark reads its CPU time from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ChildGuard::pid)
+    }
+
     /// Port PgBouncer listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port

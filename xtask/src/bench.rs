@@ -10,7 +10,8 @@ pub enum Bench {
     Failover,
     /// Operator: reconcile 1000 PostgresClusters on the real API server.
     Operator,
-    /// pg-router: pgbench direct vs router vs PgBouncer.
+    /// pg-router: pgbench direct vs router vs PgBouncer, then PgBouncer with the Pooler's
+    /// configuration vs direct.
     Router,
     /// Backups: barman-cloud backup and restore throughput vs pg_basebackup, archiving lag.
     Backup,
@@ -45,5 +46,10 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             "pg-router",
         ])?;
     }
-    crate::cargo(&["bench", "--package", package, "--bench", target])
+    crate::cargo(&["bench", "--package", package, "--bench", target])?;
+    if let Bench::Router = bench {
+        // The same pgbench against a PgBouncer running the Pooler reconciler's configuration.
+        crate::cargo(&["bench", "--package", "instance", "--bench", "pooler"])?;
+    }
+    Ok(())
 }

@@ -32,8 +32,9 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
-/// How often the rw Service is probed while Poolers are paused.
-const PROBE_PERIOD: Duration = Duration::from_millis(100);
+/// How often the rw Service is probed while Poolers are paused (clients wait for the first
+/// writable answer; one probe is one SCRAM login, a few milliseconds of CPU).
+const PROBE_PERIOD: Duration = Duration::from_millis(50);
 /// Deadline of one admin or probe connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 

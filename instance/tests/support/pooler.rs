@@ -105,8 +105,21 @@ impl PoolerBed {
     }
 
     /// Once `primary` is writable: the load table, the auth function (applied by the primary)
-    /// awaited, PgBouncer started and its Pod object created.
+    /// awaited, PgBouncer started towards the rw Service and its Pod object created.
     pub async fn start(&mut self, cluster: &TestCluster, primary: usize) -> anyhow::Result<()> {
+        let rw = self.rw.port();
+        self.start_towards(cluster, primary, rw).await
+    }
+
+    /// As [`Self::start`], with PgBouncer's server connections going to `port` on 127.0.0.1
+    /// (a benchmark points it at the primary itself: kube-proxy forwards in the kernel, the
+    /// test bed's rw Service is a user-space proxy that would be measured too).
+    pub async fn start_towards(
+        &mut self,
+        cluster: &TestCluster,
+        primary: usize,
+        port: u16,
+    ) -> anyhow::Result<()> {
         let admin =
             super::connect_port_database(cluster.instances[primary].pg_port, APP_USER).await?;
         admin
@@ -136,7 +149,7 @@ impl PoolerBed {
         let mut bouncer = PgBouncer::prepare()?;
         let target = Target {
             host: "127.0.0.1".into(),
-            port: self.rw.port(),
+            port,
             listen_addr: "127.0.0.1".into(),
             listen_port: bouncer.port(),
             auth_file: bouncer.auth_file().display().to_string(),
@@ -176,6 +189,11 @@ impl PoolerBed {
             .as_ref()
             .map(PgBouncer::port)
             .unwrap_or_default()
+    }
+
+    /// PgBouncer's process id, once started.
+    pub fn pid(&self) -> Option<u32> {
+        self.bouncer.as_ref().and_then(PgBouncer::pid)
     }
 
     /// PgBouncer's log.
