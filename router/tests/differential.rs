@@ -103,6 +103,9 @@ const CORPUS: &[&str] = &[
     "SELECT sum(qty) FROM orders HAVING count(*) > 1000",
     "SELECT bool_and(score > 0), bool_or(score > 98), every(score >= 0) FROM customers",
     "SELECT region, bool_or(score > 90), any_value(region) FROM customers GROUP BY region ORDER BY region",
+    // Variances from count, sum and sum of squares per shard, in numeric.
+    "SELECT region, var_samp(score), stddev_pop(score), count(*) FROM customers GROUP BY region ORDER BY stddev(score) DESC, region LIMIT 4",
+    "SELECT variance(total), stddev(total), var_pop(qty), stddev_samp(qty) FROM orders WHERE customer_id < 20",
     "SELECT note, qty % 2, count(*) FROM orders GROUP BY 1, 2 ORDER BY 1, 2",
     "SELECT score % 3 AS bucket, sum(qty) FROM customers c JOIN orders o ON o.customer_id = c.id GROUP BY 1 ORDER BY bucket",
     // WITH queries and FROM subqueries over sharded tables run first; the outer statement reads

@@ -1,6 +1,6 @@
 //! Partial aggregation: a co-located join with reference tables, grouped by a column of a
 //! reference table (not the shard key), is aggregated on each shard (avg as sum and count,
-//! count(DISTINCT) grouped by its argument) and the partial groups merged by the router. The
+//! variances as count, sum and sum of squares, count(DISTINCT) grouped by its argument) and the partial groups merged by the router. The
 //! shards' `pg_stat_statements` shows the statement they ran and how few rows it returned;
 //! the answers equal one PostgreSQL's over the same rows.
 
@@ -126,6 +126,41 @@ async fn grouped_joins_with_reference_tables_aggregate_on_the_shards() {
             // Expressions over aggregates, ORDER BY and LIMIT after the merge.
             vec!["sum(o.qty)", "count(o.qty)"],
         ),
+        (
+            "SELECT k.name, count(*), variance(o.total), var_samp(o.total), var_pop(o.total), \
+             stddev(o.total), stddev_samp(o.qty), stddev_pop(o.qty), var_pop(c.score) \
+             FROM orders o JOIN customers c ON c.id = o.customer_id JOIN countries k ON k.code = c.region \
+             GROUP BY k.name HAVING stddev(o.total) > 1 ORDER BY var_samp(o.qty) DESC, k.name LIMIT 3",
+            // Variances as count, sum and sum of squares per group, in numeric.
+            vec!["::NUMERIC * ((o.total) +", "var_samp(o.qty) FILTER"],
+        ),
+        (
+            "SELECT region, stddev_samp(total) AS sd, var_pop(qty) FROM orders, customers \
+             WHERE customer_id = customers.id GROUP BY region ORDER BY sd DESC NULLS LAST",
+            vec!["FILTER (WHERE"],
+        ),
+        (
+            // NULL totals, groups of one row (the sample variances are NULL), HAVING on them.
+            "SELECT o.qty, var_samp(o.total), stddev_samp(o.qty), var_pop(o.total), stddev(c.score), count(*) \
+             FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id <= 14 GROUP BY o.qty ORDER BY o.qty",
+            vec![],
+        ),
+        (
+            "SELECT o.qty, stddev_pop(o.total) FROM orders o JOIN customers c ON c.id = o.customer_id \
+             WHERE o.id <= 14 GROUP BY o.qty HAVING var_samp(o.total) IS NULL ORDER BY 1",
+            vec![],
+        ),
+        (
+            // No rows: one row of NULLs (and a count of 0).
+            "SELECT var_samp(o.total), stddev(o.qty), var_pop(o.qty), stddev_pop(o.total), count(*) \
+             FROM orders o WHERE o.qty > 100",
+            vec![],
+        ),
+        (
+            "SELECT variance(qty), stddev_pop(total), round(stddev(total), 4), var_samp(score) * 2 \
+             FROM orders o JOIN customers c ON c.id = o.customer_id",
+            vec![],
+        ),
     ];
     for (sql, partials) in cases {
         let expected = text_rows(&direct, sql).await.unwrap();
@@ -152,6 +187,30 @@ async fn grouped_joins_with_reference_tables_aggregate_on_the_shards() {
                     );
                 }
             }
+        }
+    }
+    // Over floating-point arguments the result is float8, as PostgreSQL's, equal to its
+    // (Youngs-Cramer) result to floating-point tolerance.
+    let sql = "SELECT k.name, stddev(o.total::float8), var_samp(o.qty / 7.0::float8), \
+               var_pop(c.score::real), stddev_pop(o.total::float8) FILTER (WHERE o.qty > 4) \
+               FROM orders o JOIN customers c ON c.id = o.customer_id JOIN countries k ON k.code = c.region \
+               GROUP BY k.name ORDER BY k.name";
+    let floats = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, Vec<Option<f64>>)> {
+        rows.iter()
+            .map(|row| (row.get(0), (1..row.len()).map(|i| row.get(i)).collect()))
+            .collect()
+    };
+    let expected = floats(direct.query(sql, &[]).await.unwrap());
+    let got = floats(routed.query(sql, &[]).await.unwrap());
+    assert_eq!(got.len(), expected.len(), "{sql}");
+    for ((name, got), (expected_name, expected)) in got.iter().zip(&expected) {
+        assert_eq!(name, expected_name);
+        for (g, e) in got.iter().zip(expected) {
+            let (g, e) = (g.expect("a value"), e.expect("a value"));
+            assert!(
+                (g - e).abs() <= 1e-9 * e.abs().max(1.0),
+                "{sql}: {name}: {g} instead of {e}"
+            );
         }
     }
 }

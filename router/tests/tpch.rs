@@ -151,6 +151,19 @@ fn cases() -> Vec<Case> {
              group by l_returnflag, l_linestatus order by l_returnflag, l_linestatus",
             &["1998-12-01", "90"],
         ),
+        variant(
+            "Q1-variances",
+            "select l_returnflag, l_linestatus, stddev(l_quantity), var_samp(l_extendedprice),
+                 stddev_pop(l_extendedprice * l_discount), var_pop(l_tax), stddev_samp(l_linenumber)
+             from lineitem where l_shipdate <= date '1998-12-01' - interval '90' day
+             group by l_returnflag, l_linestatus order by l_returnflag, l_linestatus",
+        ),
+        variant(
+            "Q5-variances",
+            "select n_name, stddev(o_totalprice), variance(l_quantity), count(*) from customer, orders, lineitem, nation
+             where c_custkey = o_custkey and l_orderkey = o_orderkey and c_nationkey = n_nationkey and o_orderdate >= date '1994-01-01'
+             group by n_name having stddev(l_discount) > 0.01 order by variance(l_quantity) desc, n_name limit 10",
+        ),
         prepared(
             "Q3-prepared",
             "select l_orderkey, sum(l_extendedprice * (1 - l_discount)) as revenue, o_orderdate, o_shippriority

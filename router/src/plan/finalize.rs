@@ -21,6 +21,7 @@ use sqlparser::ast::{
     OrderByKind, Query, SelectItem, SetExpr, Value, VisitMut, VisitorMut, visit_expressions_mut,
 };
 
+use super::variance::{self, Variance, variance_of};
 use super::{
     Aggregation, ColumnMerge, MergeSpec, Plan, PlanError, Planned, Renumber, contains_aggregate,
     contains_window, count_of, default_column_name, distinct_per_shard, is_aggregate_call,
@@ -287,6 +288,23 @@ impl Columns {
         })
     }
 
+    /// The final expression of a variance or standard deviation call, its partial sums added
+    /// on first use (shared with the same argument's other variances and its count).
+    fn variance(&mut self, expr: &Expr, variance: Variance) -> Result<Expr, PlanError> {
+        let partials = variance::partials(expr)?;
+        let n = self.aggregate(&partials.count, "count", false)?;
+        let sum = self.aggregate(&partials.sum, "sum", false)?;
+        let squares = self.aggregate(&partials.squares, "sum", false)?;
+        let witness = self.aggregate(&partials.witness, "min", false)?;
+        variance::final_expr(
+            variance,
+            &column_ref(n),
+            &column_ref(sum),
+            &column_ref(squares),
+            &column_ref(witness),
+        )
+    }
+
     /// `expr` over the merged columns: GROUP BY keys and aggregate calls become `__pgr.cN`.
     fn substitute(&mut self, expr: &Expr) -> Result<Expr, PlanError> {
         let mut expr = expr.clone();
@@ -355,11 +373,15 @@ impl VisitorMut for Substitute<'_> {
             ));
             return ControlFlow::Break(());
         }
-        let Some(name) = is_aggregate_name(&last_name(&function.name)) else {
+        let variance = variance_of(&last_name(&function.name));
+        let Some(name) =
+            is_aggregate_name(&last_name(&function.name)).or(variance.map(|_| "variance"))
+        else {
             if is_aggregate_call(function) {
                 self.error = Some(PlanError::Unsupported(format!(
                     "the aggregate {}() across shards (the router merges count, sum, min, max, \
-                     avg, bool_and, bool_or, every, any_value and count(DISTINCT ...))",
+                     avg, bool_and, bool_or, every, any_value, stddev and variance, and \
+                     count(DISTINCT ...))",
                     last_name(&function.name)
                 )));
                 return ControlFlow::Break(());
@@ -385,9 +407,16 @@ impl VisitorMut for Substitute<'_> {
             ));
             return ControlFlow::Break(());
         }
-        match self.columns.aggregate(expr, name, distinct) {
-            Ok(index) => {
-                *expr = column_ref(index);
+        let substituted = match variance {
+            Some(_) if distinct => {
+                unsupported("DISTINCT aggregates other than count(DISTINCT ...) across shards")
+            }
+            Some(variance) => self.columns.variance(expr, variance),
+            None => self.columns.aggregate(expr, name, distinct).map(column_ref),
+        };
+        match substituted {
+            Ok(substituted) => {
+                *expr = substituted;
                 ControlFlow::Continue(())
             }
             Err(error) => {

@@ -35,6 +35,7 @@ mod scatter;
 mod select;
 mod set_operation;
 mod statement;
+mod variance;
 mod write;
 mod write_scope;
 use crate::protocol::values;

@@ -150,7 +150,7 @@ pub(super) fn plan_query(
         })
     };
     // What neither merges (window functions, DISTINCT ON, aggregates such as string_agg or
-    // stddev) runs over the table's matching rows, pulled from the shards first.
+    // percentile_cont) runs over the table's matching rows, pulled from the shards first.
     match planned {
         Err(PlanError::Unsupported(reason)) => {
             intermediate::pull_up(topology, original)?.ok_or(PlanError::Unsupported(reason))
