@@ -2,10 +2,13 @@
 //! manager, against `pg_basebackup` to a local folder in the same run, and the WAL archiving lag
 //! under a pgbench TPC-B load, on real PostgreSQL 18 and moto's S3 server.
 //!
-//! Prints `database_mib`, `backup_mib_per_s`, `basebackup_mib_per_s`,
-//! `backup_vs_basebackup_ratio`, `backup_stored_mib` (the compressed backup in the store),
-//! `restore_mib_per_s` and `archive_lag_seconds_max`, and the seconds each run took
-//! (`archive_backlog_seconds`: archiving the WAL of the initial load, before the backups).
+//! Prints `database_mib`, `backup_mib_per_s`, `basebackup_mib_per_s` (plain and uncompressed),
+//! `backup_vs_basebackup_ratio`, `basebackup_compressed_mib_per_s` and
+//! `backup_vs_compressed_basebackup_ratio` (a gzip-1 tar: compressed, as barman-cloud's lz4 tar),
+//! `backup_stored_mib` (the compressed backup in the store), `restore_mib_per_s` and
+//! `archive_lag_seconds_max`, the seconds each run took (`archive_backlog_seconds`: archiving
+//! the WAL of the initial load, before the backups), what each reference is
+//! (`basebackup_reference`) and the machine's load average (`load_1m_*`).
 //! `BACKUP_BENCH_SCALE` (pgbench scale, default 75: about 1.1 GiB; a smaller one for a quick
 //! run), `BACKUP_BENCH_LOAD_SECONDS` (default 30).
 
@@ -115,6 +118,16 @@ async fn wait_archived(client: &tokio_postgres::Client, http_port: u16) {
     }
 }
 
+/// The 1-minute load average (`/proc/loadavg`), as `uptime` prints it.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}
+
 fn main() {
     let scale: u32 = std::env::var("BACKUP_BENCH_SCALE")
         .ok()
@@ -144,6 +157,7 @@ fn main() {
         let bytes: i64 = client.query_one("SELECT sum(pg_database_size(oid))::bigint FROM pg_database", &[]).await.unwrap().get(0);
         let mib = bytes as f64 / (1024.0 * 1024.0);
         println!("database_mib={mib:.0}");
+        println!("load_1m_at_start={}", load_average());
         assert!(scale != DEFAULT_SCALE || mib >= 1024.0, "the default database is under 1 GiB: raise DEFAULT_SCALE");
 
         // The load's WAL is archived first: the base backup ends by waiting for its last segment
@@ -155,22 +169,33 @@ fn main() {
         // Reference: pg_basebackup to a local folder, twice: the first run reads the files
         // from disk or from the page cache depending on what ran before (83 to 350 MiB/s seen
         // here), the second from a warm cache, as barman-cloud-backup right after it does. The
-        // warm run is the reference, so both sides read the same way.
+        // warm run is the reference, so both sides read the same way. A third run writes a
+        // compressed tar, as barman-cloud does (lz4 there; this PostgreSQL build has no lz4, so
+        // gzip level 1, its fastest), for the second ratio.
+        println!("basebackup_reference=\"pg_basebackup -X stream -c fast --no-sync to a local folder, plain format, uncompressed, warm page cache\"");
+        println!("basebackup_compressed_reference=\"the same with -Ft --compress=client-gzip:1 (tar, gzip level 1)\"");
         let mut basebackup_seconds = 0.0;
-        for run in ["cold", "warm"] {
+        let mut compressed_seconds = 0.0;
+        for (run, format) in [("cold", &[][..]), ("warm", &[][..]), ("compressed", &["-Ft", "--compress=client-gzip:1"][..])] {
             let local = scratch.path().join(format!("basebackup-{run}"));
             let started = Instant::now();
             // Replication connections are for the replication role only (support's Secret).
             let status = pg_tool("pg_basebackup", port)
                 .env("PGUSER", api::contract::REPLICATION_USER)
                 .env("PGPASSWORD", "repl-pass")
-                .arg("-D").arg(&local).args(["-X", "stream", "-c", "fast", "--no-sync"]).status().unwrap();
+                .arg("-D").arg(&local).args(["-X", "stream", "-c", "fast", "--no-sync"]).args(format).status().unwrap();
             assert!(status.success(), "pg_basebackup failed");
-            basebackup_seconds = started.elapsed().as_secs_f64();
-            println!("basebackup_{run}_seconds={basebackup_seconds:.1}");
+            let seconds = started.elapsed().as_secs_f64();
+            println!("basebackup_{run}_seconds={seconds:.1}");
+            match run {
+                "warm" => basebackup_seconds = seconds,
+                "compressed" => compressed_seconds = seconds,
+                _ => {}
+            }
             std::fs::remove_dir_all(&local).unwrap();
         }
         let basebackup = mib / basebackup_seconds;
+        let compressed = mib / compressed_seconds;
 
         // barman-cloud through the instance manager.
         loop {
@@ -189,12 +214,16 @@ fn main() {
             assert!(started.elapsed() < TIMEOUT);
         }
         let backup_seconds = started.elapsed().as_secs_f64();
+        // The machine is shared: the load says how much of it the two runs had.
+        println!("load_1m_after_backup={}", load_average());
         let backup = mib / backup_seconds;
         println!("backup_seconds={backup_seconds:.1}");
         println!("basebackup_seconds={basebackup_seconds:.1}");
         println!("backup_mib_per_s={backup:.1}");
         println!("basebackup_mib_per_s={basebackup:.1}");
         println!("backup_vs_basebackup_ratio={:.2}", backup / basebackup);
+        println!("basebackup_compressed_mib_per_s={compressed:.1}");
+        println!("backup_vs_compressed_basebackup_ratio={:.2}", backup / compressed);
         // What went over the wire: the base backup as stored (lz4-compressed tar).
         let stored = store.stored_bytes("bench", "bench/bench/base/").unwrap() as f64 / (1024.0 * 1024.0);
         println!("backup_stored_mib={stored:.0}");

@@ -392,3 +392,77 @@ async fn a_missing_bucket_is_a_clear_error_that_never_shows_the_secret() {
         );
     }
 }
+
+/// `backup_and_list.py` replaces `pg_backup_stop`'s own wait for the archive (a 1 s poll) by the
+/// same check after the data upload: the files it waits for must be those PostgreSQL would wait
+/// for, its busy test PostgreSQL's, and each change must still apply to the pinned barman (a
+/// barman upgrade that renames what it replaces would silently bring the idle seconds back).
+#[test]
+fn the_backup_waits_for_the_files_postgresql_would_and_the_speed_ups_apply_to_the_pinned_barman() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/backup/backup_and_list.py");
+    let pg_wal = tempfile::tempdir().unwrap();
+    let check = format!(
+        r#"
+import os, types
+m = types.ModuleType("backup_and_list")
+exec(open({script:?}).read(), m.__dict__)
+
+class Info:
+    begin_xlog = "0/5000028"
+def stop(location, in_recovery, mode):
+    return {{"location": location, "timeline": 1, "in_recovery": in_recovery,
+             "archive_mode": mode, "wal_segment_size": 16777216}}
+# A primary waits for the segment holding the byte before the stop point and the history file.
+assert m.files_to_archive(Info, stop("0/5000120", False, "on")) == [
+    "000000010000000000000005", "000000010000000000000005.00000028.backup"], "primary"
+# A stop point on a segment boundary: the previous segment (XLByteToPrevSeg).
+assert m.files_to_archive(Info, stop("0/6000000", False, "always"))[0] == "000000010000000000000005"
+# A standby waits only with archive_mode=always, and has no history file.
+assert m.files_to_archive(Info, stop("0/5000120", True, "on")) == [], "standby, on"
+assert m.files_to_archive(Info, stop("0/5000120", True, "always")) == ["000000010000000000000005"]
+# No archiving, no wait (walArchiving: false uploads the backup's WAL itself).
+assert m.files_to_archive(Info, stop("0/5000120", False, "off")) == [], "off"
+
+# XLogArchiveIsBusy: .done wins, .ready waits, a removed segment was archived.
+pg_wal = {pg_wal:?}
+os.makedirs(os.path.join(pg_wal, "archive_status"))
+seg = "000000010000000000000007"
+open(os.path.join(pg_wal, seg), "w").close()
+assert m.archive_busy(pg_wal, seg), "segment with no status yet"
+open(os.path.join(pg_wal, "archive_status", seg + ".ready"), "w").close()
+assert m.archive_busy(pg_wal, seg), ".ready"
+os.rename(os.path.join(pg_wal, "archive_status", seg + ".ready"),
+          os.path.join(pg_wal, "archive_status", seg + ".done"))
+assert not m.archive_busy(pg_wal, seg), ".done"
+assert not m.archive_busy(pg_wal, "000000010000000000000009"), "removed by a checkpoint"
+
+# Every change applies to the pinned barman.
+from barman import cloud, fs, postgres
+import botocore.session
+stock = (fs._translate_to_regexp, botocore.session.create_loader, cloud.CloudInterface.close,
+         postgres.PostgreSQLConnection.stop_concurrent_backup, cloud.CloudBackupUploader._finalise_copy)
+m.speed_up()
+now = (fs._translate_to_regexp, botocore.session.create_loader, cloud.CloudInterface.close,
+       postgres.PostgreSQLConnection.stop_concurrent_backup, cloud.CloudBackupUploader._finalise_copy)
+unchanged = [f.__qualname__ for f, g in zip(stock, now) if f is g]
+assert not unchanged, "not replaced: %s" % unchanged
+print("ok")
+"#,
+        pg_wal = pg_wal.path().display().to_string(),
+    );
+    let output = std::process::Command::new(
+        testbed::object_store::barman_bin()
+            .unwrap()
+            .join("barman-cloud-python"),
+    )
+    .arg("-c")
+    .arg(&check)
+    .output()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
