@@ -2,7 +2,8 @@
 //! real API server and TLS-only PostgreSQL 18 shards) without a restart, with the router logged
 //! in as its own API user bound to the Role the operator builds for it (RBAC enforced, so the
 //! by-name watch of a password Secret is what that Role allows): a new user logs in within
-//! seconds; after a password change the new password logs in and the old one is refused; a
+//! seconds; after a password change the new password logs in and the old one is refused; after
+//! a rotation the new login role logs in and the previous one for the grace period only; a
 //! removed user is refused; sessions logged in before each change keep working.
 
 mod split_bed;
@@ -29,6 +30,9 @@ const NAMESPACE: &str = "logins";
 const ROUTER_USER: &str = "pg-router";
 const FIRST_PASSWORD: &str = "first-app-password";
 const SECOND_PASSWORD: &str = "second-app-password";
+const ROTATED_PASSWORD: &str = "rotated-app-password";
+/// `password.rotationGraceSeconds` of the user.
+const GRACE: Duration = Duration::from_secs(5);
 
 /// A login through the router as `user`; the error text when refused.
 async fn login(port: u16, user: &str, password: &str) -> Result<tokio_postgres::Client, String> {
@@ -142,7 +146,7 @@ async fn postgres_user_changes_reach_a_running_router() {
         .execute("INSERT INTO orders (customer_id, id) VALUES (1, 1)", &[])
         .await
         .unwrap();
-    assert!(login(router.port, "app", FIRST_PASSWORD).await.is_err());
+    assert!(login(router.port, "app_a", FIRST_PASSWORD).await.is_err());
 
     // A new PostgresUser with its password Secret; the operator updates the Role for it.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
@@ -153,10 +157,14 @@ async fn postgres_user_changes_reach_a_running_router() {
         },
         ..Secret::default()
     };
-    secret.data = Some(BTreeMap::from([(
-        "password".to_string(),
-        ByteString(FIRST_PASSWORD.as_bytes().to_vec()),
-    )]));
+    // As the instance manager writes it for a user with rotation: the login role in use.
+    secret.data = Some(BTreeMap::from([
+        ("username".to_string(), ByteString(b"app_a".to_vec())),
+        (
+            "password".to_string(),
+            ByteString(FIRST_PASSWORD.as_bytes().to_vec()),
+        ),
+    ]));
     secrets
         .create(&PostParams::default(), &secret)
         .await
@@ -165,7 +173,8 @@ async fn postgres_user_changes_reach_a_running_router() {
         "apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresUser",
         "metadata": {"name": "app", "namespace": NAMESPACE},
         "spec": {"cluster": {"name": "db"}, "roleName": "app",
-                 "password": {"secretName": "app-password"}}
+                 "password": {"secretName": "app-password", "generate": true,
+                              "rotationDays": 30, "rotationGraceSeconds": GRACE.as_secs()}}
     }))
     .unwrap();
     let users: Api<PostgresUser> = Api::namespaced(client.clone(), NAMESPACE);
@@ -173,14 +182,14 @@ async fn postgres_user_changes_reach_a_running_router() {
     users.create(&PostParams::default(), &user).await.unwrap();
     apply_router_role(&client, &cluster).await;
     within_seconds("the new user logs in", || async {
-        login(router.port, "app", FIRST_PASSWORD).await.is_ok()
+        login(router.port, "app_a", FIRST_PASSWORD).await.is_ok()
     })
     .await;
     println!(
         "router_logins_new_user_ms={}",
         created.elapsed().as_millis()
     );
-    let first_session = login(router.port, "app", FIRST_PASSWORD).await.unwrap();
+    let first_session = login(router.port, "app_a", FIRST_PASSWORD).await.unwrap();
     still_works(&first_session).await;
 
     // The password changes in the Secret (the PostgresUser stays as it is).
@@ -194,34 +203,70 @@ async fn postgres_user_changes_reach_a_running_router() {
         .await
         .unwrap();
     within_seconds("the new password logs in", || async {
-        login(router.port, "app", SECOND_PASSWORD).await.is_ok()
+        login(router.port, "app_a", SECOND_PASSWORD).await.is_ok()
     })
     .await;
     println!(
         "router_logins_password_change_ms={}",
         changed.elapsed().as_millis()
     );
-    let refused = login(router.port, "app", FIRST_PASSWORD).await.unwrap_err();
+    let refused = login(router.port, "app_a", FIRST_PASSWORD)
+        .await
+        .unwrap_err();
     assert!(
         refused.contains("password authentication failed"),
         "{refused}"
     );
     still_works(&first_session).await;
-    let second_session = login(router.port, "app", SECOND_PASSWORD).await.unwrap();
+    let second_session = login(router.port, "app_a", SECOND_PASSWORD).await.unwrap();
+
+    // A rotation points the Secret at the other login role: it logs in at once, and the
+    // previous one keeps logging in for the grace period (as PostgreSQL accepts it), then not.
+    let rotated = Instant::now();
+    secrets
+        .patch(
+            "app-password",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"stringData": {"username": "app_b", "password": ROTATED_PASSWORD}}),
+            ),
+        )
+        .await
+        .unwrap();
+    within_seconds("the rotated login logs in", || async {
+        login(router.port, "app_b", ROTATED_PASSWORD).await.is_ok()
+    })
+    .await;
+    assert!(
+        login(router.port, "app_a", SECOND_PASSWORD).await.is_ok(),
+        "the previous login works during the grace period"
+    );
+    within_seconds(
+        "the previous login is refused after the grace period",
+        || async { login(router.port, "app_a", SECOND_PASSWORD).await.is_err() },
+    )
+    .await;
+    let elapsed = rotated.elapsed();
+    assert!(
+        elapsed >= GRACE - Duration::from_millis(500),
+        "refused after {elapsed:?}"
+    );
+    println!("router_logins_rotation_grace_ms={}", elapsed.as_millis());
+    still_works(&second_session).await;
 
     // The PostgresUser goes: the role cannot start sessions any more; its open ones go on.
     let removed = Instant::now();
     users.delete("app", &DeleteParams::default()).await.unwrap();
     apply_router_role(&client, &cluster).await;
     within_seconds("the removed user is refused", || async {
-        login(router.port, "app", SECOND_PASSWORD).await.is_err()
+        login(router.port, "app_b", ROTATED_PASSWORD).await.is_err()
     })
     .await;
     println!(
         "router_logins_removed_user_ms={}",
         removed.elapsed().as_millis()
     );
-    let refused = login(router.port, "app", SECOND_PASSWORD)
+    let refused = login(router.port, "app_b", ROTATED_PASSWORD)
         .await
         .unwrap_err();
     assert!(
@@ -242,7 +287,9 @@ async fn postgres_user_changes_reach_a_running_router() {
         "{log_text}"
     );
     assert!(
-        !log_text.contains(FIRST_PASSWORD) && !log_text.contains(SECOND_PASSWORD),
+        [FIRST_PASSWORD, SECOND_PASSWORD, ROTATED_PASSWORD]
+            .iter()
+            .all(|password| !log_text.contains(password)),
         "no password in the router log"
     );
 }

@@ -3,7 +3,9 @@
 //! SCRAM-SHA-256. Followed live: the PostgresUsers of the namespace are watched, and each password
 //! Secret one of them names with a watch of its own (by name: what the router's Role allows, see
 //! the operator's `router_role`); every change swaps the frontend's [`Logins`] for the
-//! connections that log in next. A session already logged in is never dropped.
+//! connections that log in next. A session already logged in is never dropped. After a password
+//! rotation the previous login stays accepted for the PostgresUser's grace period, as PostgreSQL
+//! accepts it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::WatchError;
 use crate::frontend::logins::Logins;
@@ -91,6 +94,17 @@ pub struct LoginSource {
     /// The password Secrets as last read: [`Self::initial`] fills it, so that following starts
     /// from what the router started with (no user missing while the watches start).
     secrets: SecretData,
+    /// Logins a password rotation replaced, still accepted for the user's grace period.
+    rotated: Vec<Rotated>,
+}
+
+/// The login a rotation (`password.rotationDays`) replaced in its Secret: PostgreSQL accepts it
+/// for `rotationGraceSeconds` more, so the router does too (clients that have not read the new
+/// Secret yet keep connecting).
+struct Rotated {
+    secret: String,
+    login: UserConfig,
+    until: Instant,
 }
 
 impl LoginSource {
@@ -107,6 +121,7 @@ impl LoginSource {
             cluster: cluster.to_string(),
             backend,
             secrets: SecretData::new(),
+            rotated: Vec::new(),
         }
     }
 
@@ -161,6 +176,7 @@ impl LoginSource {
         // The store is empty until the first list is complete: no swap before it.
         let mut listed = false;
         loop {
+            let expiry = self.rotated.iter().map(|r| r.until).min();
             tokio::select! {
                 change = user_changes.next() => match change {
                     None => break,
@@ -170,12 +186,13 @@ impl LoginSource {
                     }
                     Some(Ok(event)) => listed |= matches!(event, watcher::Event::InitDone),
                 },
-                Some(change) = secret_changed.recv() => change.apply(&mut self.secrets),
+                Some(change) = secret_changed.recv() => self.absorb(change, &users),
+                () = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {}
             }
             // A burst (a user and its Secret made together) settles into one swap.
             tokio::time::sleep(DEBOUNCE).await;
             while let Ok(change) = secret_changed.try_recv() {
-                change.apply(&mut self.secrets);
+                self.absorb(change, &users);
             }
             while let Some(Some(event)) = futures::FutureExt::now_or_never(user_changes.next()) {
                 listed |= matches!(event, Ok(watcher::Event::InitDone));
@@ -210,14 +227,61 @@ impl LoginSource {
         }
     }
 
-    fn swap(&self, users: &Store<PostgresUser>, logins: &Logins) {
+    /// Takes in a Secret's new data; when a rotation pointed it at another login, the previous
+    /// one stays accepted for the PostgresUser's grace period.
+    fn absorb(&mut self, change: SecretChange, users: &Store<PostgresUser>) {
+        let secret = change.name.clone();
+        let before = change.apply(&mut self.secrets);
+        let login = |data: &BTreeMap<String, ByteString>| {
+            let text = |key: &str| Some(String::from_utf8_lossy(&data.get(key)?.0).into_owned());
+            Some(UserConfig {
+                name: text("username")?,
+                password: text("password")?,
+            })
+        };
+        let (Some(previous), Some(now)) = (
+            before.as_ref().and_then(login),
+            self.secrets.get(&secret).and_then(login),
+        ) else {
+            return;
+        };
+        if previous.name == now.name {
+            return;
+        }
+        let grace = users.state().iter().find_map(|user| {
+            let password = user.spec.password.as_ref()?;
+            (user.spec.cluster.name == self.cluster
+                && password.secret_name == secret
+                && password.rotation_days.is_some())
+            .then_some(password.rotation_grace_seconds)
+        });
+        if let Some(grace) = grace {
+            tracing::info!(cluster = %self.cluster, %secret, previous = %previous.name, current = %now.name, grace_seconds = grace, "password rotated; the previous login stays accepted for the grace period");
+            self.rotated.push(Rotated {
+                secret,
+                login: previous,
+                until: Instant::now() + Duration::from_secs(grace.max(0) as u64),
+            });
+        }
+    }
+
+    fn swap(&mut self, users: &Store<PostgresUser>, logins: &Logins) {
         let state = users.state();
-        let auth = accepted_users(
+        let mut auth = accepted_users(
             state.iter().map(|u| &**u),
             &self.secrets,
             &self.cluster,
             self.backend.clone(),
         );
+        let now = Instant::now();
+        let secrets = &self.secrets;
+        self.rotated
+            .retain(|r| r.until > now && secrets.contains_key(&r.secret));
+        for rotated in &self.rotated {
+            if !auth.users.iter().any(|u| u.name == rotated.login.name) {
+                auth.users.push(rotated.login.clone());
+            }
+        }
         let changes = logins.replace(&auth);
         if !changes.is_empty() {
             tracing::info!(
@@ -291,11 +355,12 @@ struct SecretChange {
 }
 
 impl SecretChange {
-    fn apply(self, secrets: &mut SecretData) {
+    /// Records the change; returns the data it replaced.
+    fn apply(self, secrets: &mut SecretData) -> Option<BTreeMap<String, ByteString>> {
         match self.data {
             Some(data) => secrets.insert(self.name, data),
             None => secrets.remove(&self.name),
-        };
+        }
     }
 }
 
