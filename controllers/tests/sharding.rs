@@ -9,6 +9,7 @@ use api::postgres_cluster::{
     PostgresCluster, RouterAutoscaling, ShardKeyType, ShardedTableSpec, ShardingSpec,
     TableGroupSpec,
 };
+use api::postgres_user::PostgresUser;
 use api::sharding::{ShardRange, VindexKind};
 use common::{Env, dns_names, secret_text, spec};
 use controllers::sharded_cluster::builders;
@@ -262,6 +263,45 @@ async fn a_sharded_cluster_gets_shards_ranges_and_a_router_and_bad_specs_are_ref
         "{resources:?}"
     );
     assert!(resources.contains(&"pods".to_string()), "{resources:?}");
+    // A PostgresUser of the cluster: the Role lets the router watch its password Secret, by
+    // name only (the router follows password changes live), and no other Secret.
+    let user: PostgresUser = serde_json::from_value(json!({
+        "apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresUser",
+        "metadata": {"name": "app", "namespace": env.namespace},
+        "spec": {"cluster": {"name": "db"}, "roleName": "app",
+                 "password": {"secretName": "app-password"}}
+    }))
+    .unwrap();
+    env.api::<PostgresUser>()
+        .create(&PostParams::default(), &user)
+        .await
+        .unwrap();
+    let watched = |role: Role| -> Option<Vec<String>> {
+        role.rules?
+            .into_iter()
+            .find(|rule| {
+                rule.verbs.contains(&"watch".to_string())
+                    && rule.resources.as_deref() == Some(&["secrets".to_string()])
+            })
+            .map(|rule| rule.resource_names.unwrap_or_default())
+    };
+    env.eventually(
+        "the router may watch the user's password Secret",
+        || async {
+            let role = env.api::<Role>().get("db-router").await.ok()?;
+            (watched(role)? == ["app-password"]).then_some(())
+        },
+    )
+    .await;
+    env.api::<PostgresUser>()
+        .delete("app", &Default::default())
+        .await
+        .unwrap();
+    env.eventually("no Secret watch without PostgresUsers", || async {
+        let role = env.api::<Role>().get("db-router").await.ok()?;
+        watched(role).is_none().then_some(())
+    })
+    .await;
 
     // Without autoscaling the Deployment has the replicas and the autoscaler goes.
     env.patch_spec(

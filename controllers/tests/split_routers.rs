@@ -4,7 +4,12 @@
 //! stopped (SIGSTOP) from the catch-up until the job has finished, so that it comes back
 //! stale. Afterwards every acknowledged row exists exactly once, on the shard its range names;
 //! no write failed, and the only errors the writers saw were retryable ones (40001) during a
-//! split; the measured pauses are printed as `name=value`.
+//! split; the measured pauses are printed as `name=value`. Then two routers whose watch lags
+//! (`PG_ROUTER_FAULT=ignore_topology_watch`), still routing the second split's moved range to
+//! its old shard, write to it: the source's fence refuses the write with a retryable 40001 that
+//! names the move (in a transaction the client gets it and nothing is written; retried, the
+//! transaction commits on the new shard), and an autocommit write is retried by the router on
+//! the new shard by itself; each row exists once, on the shard its range names.
 
 mod common;
 mod split_bed;
@@ -173,6 +178,27 @@ async fn splits_through_two_routers_lose_no_write_even_with_a_stale_router() {
     let first = split(&env, &shards, "first", "db-customers-0", 2, || {}).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // Two routers whose watch lags behind (fault injection): they route by the layout after
+    // the first split until a shard's fence makes them read the objects again.
+    let stale_transaction = RouterProcess::start_with_fault(
+        &kubeconfig,
+        &env.namespace,
+        65_000,
+        log("router-stale-transaction"),
+        Some("ignore_topology_watch"),
+    )
+    .await
+    .unwrap();
+    let stale_autocommit = RouterProcess::start_with_fault(
+        &kubeconfig,
+        &env.namespace,
+        65_000,
+        log("router-stale-autocommit"),
+        Some("ignore_topology_watch"),
+    )
+    .await
+    .unwrap();
+
     // 2. Router B stopped from the catch-up of db-customers-1's split onto a new shard-3 until
     // the job has finished (pause, flip, clean-up all happen without it): it comes back with
     // the old topology and its writers' inserts in flight.
@@ -312,5 +338,103 @@ async fn splits_through_two_routers_lose_no_write_even_with_a_stale_router() {
             .iter()
             .any(|w| w.acknowledged && w.started > resumed),
         "router B wrote after it came back"
+    );
+
+    // 3. The stale routers still place second-moving's keys on shard-1, the source, which the
+    // job has fenced: their writes there are refused, never written to the old place.
+    let key = (1..)
+        .find(|key| shard_of(&layout, *key) == "shard-3")
+        .expect("a key of the moved range");
+    let on_shards = |id: i64| {
+        let shards = &shards;
+        async move {
+            let mut found = Vec::new();
+            for (index, shard) in shards.iter().enumerate() {
+                let rows: i64 = shard
+                    .client()
+                    .await
+                    .unwrap()
+                    .query_one(
+                        "SELECT count(*) FROM orders WHERE customer_id = $1 AND id = $2",
+                        &[&key, &id],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                found.extend(std::iter::repeat_n(format!("shard-{index}"), rows as usize));
+            }
+            found
+        }
+    };
+    let insert = "INSERT INTO orders (customer_id, id, note) VALUES ($1, $2, 'stale router')";
+    // In a transaction: the fence's retryable error reaches the client, and nothing is written.
+    let client = split_bed::routers::connect(stale_transaction.port)
+        .await
+        .unwrap();
+    let fenced_id = 9 * IDS;
+    client.batch_execute("BEGIN").await.unwrap();
+    let error = client
+        .execute(insert, &[&key, &fenced_id])
+        .await
+        .expect_err("the source's fence refuses a stale router's write to the moved range");
+    let error = error.as_db_error().expect("an error from the server");
+    assert_eq!(
+        error.code(),
+        &tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+    );
+    assert!(
+        error.message().contains("moved to shard-3") && error.message().contains("retry"),
+        "a clear retryable error: {}",
+        error.message()
+    );
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        on_shards(fenced_id).await,
+        Vec::<String>::new(),
+        "nothing written"
+    );
+    // The fence made the router read its topology again: the transaction, retried as the
+    // error says, commits on the range's new shard.
+    let retried_at = Instant::now();
+    loop {
+        let attempt = async {
+            client.batch_execute("BEGIN").await?;
+            client.execute(insert, &[&key, &fenced_id]).await?;
+            client.batch_execute("COMMIT").await
+        };
+        match attempt.await {
+            Ok(()) => break,
+            Err(error)
+                if error.code()
+                    == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE) =>
+            {
+                client.batch_execute("ROLLBACK").await.unwrap();
+                assert!(
+                    retried_at.elapsed() < Duration::from_secs(10),
+                    "the retry keeps failing: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("the retried transaction failed: {error}"),
+        }
+    }
+    assert_eq!(
+        on_shards(fenced_id).await,
+        ["shard-3"],
+        "once, on the range's shard"
+    );
+    // In autocommit: the router retries once on the new layout itself; the client sees success.
+    let client = split_bed::routers::connect(stale_autocommit.port)
+        .await
+        .unwrap();
+    let retried_id = 9 * IDS + 1;
+    client
+        .execute(insert, &[&key, &retried_id])
+        .await
+        .expect("a stale router's autocommit write is retried after the fence");
+    assert_eq!(
+        on_shards(retried_id).await,
+        ["shard-3"],
+        "once, on the range's shard"
     );
 }

@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Kubernetes mode: the topology from the API server, followed live.
 async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router> {
-    use router::kubernetes::{KubernetesSource, auth};
+    use router::kubernetes::{KubernetesSource, auth::LoginSource};
     use router::topology::{BackendConfig, UserConfig};
     let client = kube::Client::try_default()
         .await
@@ -116,11 +116,11 @@ async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router>
         name: cli.backend_user.clone(),
         password,
     });
+    let mut logins = LoginSource::new(client.clone(), &cli.namespace, cluster, backend_login);
     let config = RouterConfig {
         listen: cli.listen.clone(),
         metrics_listen: cli.metrics_listen.clone(),
-        auth: auth::users_from_postgres_users(&client, &cli.namespace, cluster, backend_login)
-            .await?,
+        auth: logins.initial().await?,
         tls: match (&cli.tls_cert_file, &cli.tls_key_file) {
             (Some(cert_file), Some(key_file)) => Some(router::topology::TlsConfig {
                 cert_file: cert_file.clone(),
@@ -141,6 +141,7 @@ async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router>
     };
     let router = Router::start_with_topology(config, topology, None).await?;
     tokio::spawn(source.follow(router.state().clone()));
+    tokio::spawn(logins.follow(router.logins().clone()));
     Ok(router)
 }
 

@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::exec::twophase;
 use crate::frontend::Frontend;
+use crate::frontend::logins::Logins;
 use crate::frontend::session::RouterState;
 use crate::metrics::Metrics;
 use crate::topology::{RouterConfig, Topology, TopologyError};
@@ -71,6 +72,7 @@ fn tls_acceptor(
 /// A running router.
 pub struct Router {
     state: Arc<RouterState>,
+    logins: Arc<Logins>,
     address: SocketAddr,
     metrics_address: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -119,7 +121,8 @@ impl Router {
             None => (None, None),
         };
         let mut tasks = Vec::new();
-        let frontend = Arc::new(Frontend::new(state.clone(), &config.auth, tls, end_point));
+        let logins = Arc::new(Logins::new(&config.auth));
+        let frontend = Arc::new(Frontend::new(state.clone(), logins.clone(), tls, end_point));
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
@@ -175,6 +178,7 @@ impl Router {
         tracing::info!(%address, shards = state.runtime().topology.shards.len(), "pg-router listening");
         Ok(Self {
             state,
+            logins,
             address,
             metrics_address,
             tasks,
@@ -197,9 +201,17 @@ impl Router {
         &self.state
     }
 
-    /// Replaces the topology with `config`'s (shard endpoints, groups, tables).
+    /// The client logins, which [`Logins::replace`] swaps for new connections (Kubernetes
+    /// mode follows the cluster's PostgresUsers with it).
+    pub fn logins(&self) -> &Arc<Logins> {
+        &self.logins
+    }
+
+    /// Replaces the topology with `config`'s (shard endpoints, groups, tables) and the client
+    /// logins with its `[auth]` (sessions already logged in keep going).
     pub fn reload(&self, config: &RouterConfig) -> Result<(), TopologyError> {
         self.state.reload(Topology::from_config(config)?);
+        self.logins.replace(&config.auth);
         Ok(())
     }
 

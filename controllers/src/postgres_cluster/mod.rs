@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use api::contract;
 use api::postgres_cluster::{ImageCatalogKind, PostgresCluster};
+use api::postgres_user::PostgresUser;
 use api::{ClusterImageCatalog, ImageCatalog};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -186,6 +187,7 @@ pub async fn run(
     );
     let store = controller.store();
     let cluster_catalog_store = store.clone();
+    let sharded_store = store.clone();
     controller
         .owns(scoped::<StatefulSet>(&client, namespace), managed.clone())
         .owns(scoped::<Service>(&client, namespace), managed.clone())
@@ -210,6 +212,19 @@ pub async fn run(
                         None => reference,
                     }
                 })
+            },
+        )
+        // A sharded cluster's router Role names its PostgresUsers' password Secrets.
+        .watches(
+            scoped::<PostgresUser>(&client, namespace),
+            watcher::Config::default(),
+            move |user: PostgresUser| {
+                let reference = ObjectRef::<PostgresCluster>::new(&user.spec.cluster.name)
+                    .within(&user.namespace().unwrap_or_default());
+                let sharded = sharded_store
+                    .get(&reference)
+                    .is_some_and(|cluster| cluster.spec.sharding.is_some());
+                sharded.then_some(reference)
             },
         )
         .watches(

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use api::common::ClusterReference;
 use api::contract;
 use api::postgres_cluster::{PostgresCluster, ShardingSpec, TableGroupSpec};
+use api::postgres_user::PostgresUser;
 use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::autoscaling::v2::{
@@ -187,9 +188,24 @@ pub fn router_service_account(cluster: &PostgresCluster) -> ServiceAccount {
     }
 }
 
+/// The password Secrets of the cluster's login PostgresUsers (what the router watches to follow
+/// client logins), sorted.
+pub fn router_password_secrets(cluster: &PostgresCluster, users: &[PostgresUser]) -> Vec<String> {
+    let parent = cluster.name_any();
+    let names: std::collections::BTreeSet<String> = users
+        .iter()
+        .filter(|user| user.spec.cluster.name == parent && user.spec.attributes.login)
+        .filter_map(|user| Some(user.spec.password.as_ref()?.secret_name.clone()))
+        .collect();
+    names.into_iter().collect()
+}
+
 /// What the router reads: its cluster (table groups and tables), the ShardRanges, the shards'
-/// primaries (pods labelled `role=primary`) and the roles PostgresUser objects declare.
-pub fn router_role(cluster: &PostgresCluster) -> Role {
+/// primaries (pods labelled `role=primary`) and the roles PostgresUser objects declare (`users`:
+/// the namespace's; those of this cluster count). Secrets: `get` (the shards' CA Secrets and the
+/// password Secrets when it starts), and `list`/`watch` of the password Secrets by name only, so
+/// that it follows password changes without being able to list every Secret of the namespace.
+pub fn router_role(cluster: &PostgresCluster, users: &[PostgresUser]) -> Role {
     let parent = cluster.name_any();
     let read = |groups: &[&str], resources: &[&str]| PolicyRule {
         api_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
@@ -200,22 +216,33 @@ pub fn router_role(cluster: &PostgresCluster) -> Role {
             .collect(),
         ..PolicyRule::default()
     };
+    let mut rules = vec![
+        read(
+            &[api::common::GROUP],
+            &["postgresclusters", "shardranges", "postgresusers"],
+        ),
+        read(&[""], &["pods"]),
+        PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".to_string()]),
+            verbs: vec!["get".to_string()],
+            ..PolicyRule::default()
+        },
+    ];
+    let watched = router_password_secrets(cluster, users);
+    // An empty `resourceNames` would mean every Secret: no rule at all then.
+    if !watched.is_empty() {
+        rules.push(PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".to_string()]),
+            resource_names: Some(watched),
+            verbs: vec!["list".to_string(), "watch".to_string()],
+            ..PolicyRule::default()
+        });
+    }
     Role {
         metadata: meta(cluster, router_name(&parent), router_labels(&parent)),
-        rules: Some(vec![
-            read(
-                &[api::common::GROUP],
-                &["postgresclusters", "shardranges", "postgresusers"],
-            ),
-            read(&[""], &["pods"]),
-            // The password Secrets of the PostgresUsers (client logins), by name only.
-            PolicyRule {
-                api_groups: Some(vec![String::new()]),
-                resources: Some(vec!["secrets".to_string()]),
-                verbs: vec!["get".to_string()],
-                ..PolicyRule::default()
-            },
-        ]),
+        rules: Some(rules),
     }
 }
 

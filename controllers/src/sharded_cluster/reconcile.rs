@@ -8,6 +8,7 @@ use std::time::Duration;
 use api::common::{condition, new_condition, set_condition};
 use api::contract;
 use api::postgres_cluster::{PostgresCluster, PostgresClusterStatus, ShardingSpec};
+use api::postgres_user::PostgresUser;
 use api::sharding::ShardRange;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -180,9 +181,18 @@ async fn apply_router(
         &builders::router_service_account(cluster),
     )
     .await?;
+    // The Role names the password Secrets the router watches; a PostgresUser change
+    // reconciles the cluster again (see the controller's watches).
+    let users = Api::<PostgresUser>::namespaced(client.clone(), namespace)
+        .list(&Default::default())
+        .await
+        .map_err(kube_error(format!(
+            "listing the PostgresUsers of {namespace}"
+        )))?
+        .items;
     apply_object::<Role>(
         &Api::namespaced(client.clone(), namespace),
-        &builders::router_role(cluster),
+        &builders::router_role(cluster, &users),
     )
     .await?;
     apply_object::<RoleBinding>(

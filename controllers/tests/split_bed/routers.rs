@@ -58,6 +58,19 @@ impl RouterProcess {
         hold_ms: u64,
         log: PathBuf,
     ) -> anyhow::Result<Self> {
+        Self::start_with_fault(kubeconfig, namespace, hold_ms, log, None).await
+    }
+
+    /// [`Self::start`] with a fault injected (`PG_ROUTER_FAULT`), for example
+    /// `ignore_topology_watch`: a router whose watch lags behind, routing by the topology it
+    /// started with until a shard's fence makes it read the objects again.
+    pub async fn start_with_fault(
+        kubeconfig: &Path,
+        namespace: &str,
+        hold_ms: u64,
+        log: PathBuf,
+        fault: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let port = testbed::free_port();
         let mut command = Command::new(router_binary()?);
         command
@@ -69,6 +82,9 @@ impl RouterProcess {
             .env("LOG_LEVEL", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
+        if let Some(fault) = fault {
+            command.env("PG_ROUTER_FAULT", fault);
+        }
         die_with_parent(&mut command);
         let router = Self {
             child: command.spawn().context("starting pg-router")?,

@@ -12,6 +12,7 @@
 //! A `Describe` of a portal followed by its `Execute` is answered from the execution itself, so
 //! the unnamed-statement cycle (Parse/Bind/Describe/Execute/Sync) costs one shard round trip.
 
+pub mod logins;
 pub mod scram;
 pub mod session;
 pub mod wire;
@@ -32,7 +33,8 @@ use crate::frontend::session::{Outcome, RouterState, Session};
 use crate::plan::{self, PlanError, Planned};
 use crate::protocol::messages::Params;
 use crate::protocol::messages::ServerError;
-use crate::topology::{AuthConfig, AuthMethod};
+use crate::topology::AuthMethod;
+use logins::Logins;
 
 /// Version the router reports to clients.
 pub const SERVER_VERSION: &str = "18.0 (pg-router)";
@@ -43,8 +45,8 @@ const FLUSH_AT: usize = 64 * 1024;
 /// What every client connection of one listener shares.
 pub struct Frontend {
     state: Arc<RouterState>,
-    method: AuthMethod,
-    verifiers: HashMap<String, scram::Verifier>,
+    /// Swapped while the router runs (Kubernetes mode follows the PostgresUsers).
+    logins: Arc<Logins>,
     /// Used for unknown users, so that they go through the same exchange and fail the same way.
     decoy: scram::Verifier,
     tls: Option<TlsAcceptor>,
@@ -53,24 +55,18 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// The frontend for `state`, authenticating as `auth` says, with TLS if `tls` is set
-    /// (and SCRAM channel binding over it when `end_point` is known, see
-    /// [`scram::tls_server_end_point`]).
+    /// The frontend for `state`, authenticating against `logins` as they are when a client
+    /// connects, with TLS if `tls` is set (and SCRAM channel binding over it when `end_point` is
+    /// known, see [`scram::tls_server_end_point`]).
     pub fn new(
         state: Arc<RouterState>,
-        auth: &AuthConfig,
+        logins: Arc<Logins>,
         tls: Option<TlsAcceptor>,
         end_point: Option<Vec<u8>>,
     ) -> Self {
-        let verifiers = auth
-            .users
-            .iter()
-            .map(|u| (u.name.clone(), scram::Verifier::from_secret(&u.password)))
-            .collect();
         Self {
             state,
-            method: auth.method,
-            verifiers,
+            logins,
             decoy: scram::Verifier::from_secret(&format!("{:x}", rand::random::<u128>())),
             end_point: end_point.filter(|_| tls.is_some()),
             tls,
@@ -578,13 +574,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     async fn authenticate(&mut self, user: &str) -> Result<(), Closed> {
-        if self.frontend.method == AuthMethod::Trust {
+        // One table for the whole exchange: a swap in the middle does not mix two.
+        let logins = self.frontend.logins.current();
+        if logins.method() == AuthMethod::Trust {
             wire::authentication(&mut self.output, 0, &[]);
             return Ok(());
         }
+        let found = logins.verifier(user);
+        let known = found.is_some();
         let frontend = self.frontend.clone();
-        let verifier = frontend.verifiers.get(user).unwrap_or(&frontend.decoy);
-        let known = frontend.verifiers.contains_key(user);
+        let verifier = found.as_deref().unwrap_or(&frontend.decoy);
         let mechanisms = match &self.end_point {
             Some(_) => format!("{}\0{}\0\0", scram::MECHANISM_PLUS, scram::MECHANISM),
             None => format!("{}\0\0", scram::MECHANISM),
