@@ -61,16 +61,9 @@ fn pgbouncer_binary() -> anyhow::Result<PathBuf> {
             return Ok(candidate.into());
         }
     }
-    eprintln!("pgbouncer not found: installing Debian's package (apt-get install -y pgbouncer)");
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-q", "pgbouncer"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("running apt-get")?;
-    if !status.success() {
-        bail!("apt-get install pgbouncer failed ({status})");
-    }
-    Ok("/usr/sbin/pgbouncer".into())
+    // The test bed's copy of Debian's package (`cargo xtask setup` extracts it), the same
+    // PgBouncer 1.18 the Pooler image ships.
+    testbed::pgbouncer::install()
 }
 
 fn start_router(shard_port: u16, dir: &Path) -> anyhow::Result<(Guard, u16)> {
