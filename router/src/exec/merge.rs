@@ -63,7 +63,8 @@ pub fn build_row(fields: &[Option<&[u8]>]) -> Row {
     }
 }
 
-fn strip_hidden(row: Row, hidden: usize) -> Row {
+/// The row without its last `hidden` fields.
+pub fn strip_hidden(row: Row, hidden: usize) -> Row {
     if hidden == 0 {
         return row;
     }
@@ -177,7 +178,7 @@ fn concat(cursors: Vec<ShardCursor>) -> RowStream {
 }
 
 /// The bytes of a row's last `count` fields (with their length words).
-fn key_of(row: &Row, count: usize) -> &[u8] {
+pub fn key_of(row: &Row, count: usize) -> &[u8] {
     let data = &row.data[..];
     let visible = (row.fields.max(0) as usize).saturating_sub(count);
     let mut at = 0;

@@ -4,16 +4,20 @@
 //! `SELECT ... FROM customer c WHERE <c only> AND NOT EXISTS (SELECT * FROM orders o WHERE
 //! o.o_custkey = c.c_custkey)`: every shard holds all of `customer` and its own part of
 //! `orders`, so it can run the statement as written and keep the customers without an order *on
-//! that shard*. A customer has no order at all exactly when every shard keeps it. The shards
-//! run the statement with the outer columns the subqueries read (`c.c_custkey`) appended as
-//! hidden key columns, and the router keeps the first shard's rows whose key every other shard
-//! sent too: the rows sharing a key share the subquery's answer on each shard, so a shard keeps
-//! either all of them or none.
+//! that shard*. A customer has no order at all exactly when every shard keeps it. The first
+//! shard runs the statement with the outer columns the subqueries read (`c.c_custkey`) appended
+//! as hidden key columns; the keys it kept go to each other shard in turn as arrays, with a
+//! statement that runs only the subqueries over them (`anti_check`), and the router keeps the
+//! first shard's rows whose key passed everywhere: the rows sharing a key share the subquery's
+//! answer on each shard, so a shard keeps either all of them or none. (For results in binary
+//! format, every shard runs the whole statement at once and the router keeps the first shard's
+//! rows whose key every other shard sent too.)
 //!
 //! TPC-H Q22 (customers of some countries with an above-average balance and no order) then costs
-//! one pass on each shard, in parallel, where the list form (`c_custkey NOT IN (keys with
-//! orders)`, see `decorrelate.rs`) costs one pass to find the keys and another to read the
-//! customers.
+//! one pass over `customer` and a few index probes per shard, where the list form (`c_custkey
+//! NOT IN (keys with orders)`, see `decorrelate.rs`) costs one pass to find the keys and another
+//! to read the customers, and running the whole statement on every shard repeats the pass over
+//! `customer` once per shard (on two cores shared with other work, that is twice the time).
 //!
 //! Only a plain SELECT (no aggregates, GROUP BY, DISTINCT, window functions, ORDER BY or
 //! LIMIT, which would need the kept rows first) whose sharded tables are each the one sharded
@@ -24,7 +28,8 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Expr, GroupByExpr, Ident, Query, SelectItem, SetExpr, TableFactor, Visit, Visitor,
+    Expr, GroupByExpr, Ident, Query, SelectItem, SetExpr, TableFactor, Value, Visit, VisitMut,
+    Visitor, VisitorMut,
 };
 
 use super::{
@@ -62,6 +67,9 @@ const VOLATILE: &[&str] = &[
 /// Prefix of the hidden key columns' names.
 const KEY_ALIAS: &str = "__pgr_anti_";
 
+/// The keys' relation in the check statement.
+const KEYS_ALIAS: &str = "__pgr_keys";
+
 /// The plan described in the module documentation, or `None` when `query` is not of that form.
 pub(super) fn plan(topology: &Topology, query: &Query) -> Option<Planned> {
     if query.with.is_some()
@@ -92,6 +100,7 @@ pub(super) fn plan(topology: &Topology, query: &Query) -> Option<Planned> {
         return None;
     }
     let mut keys: Vec<Expr> = Vec::new();
+    let mut subqueries: Vec<Query> = Vec::new();
     let mut anti = 0;
     for conjunct in conjuncts(select.selection.as_ref()?) {
         let usage = table_use(topology, conjunct);
@@ -113,6 +122,7 @@ pub(super) fn plan(topology: &Topology, query: &Query) -> Option<Planned> {
                 keys.push(key);
             }
         }
+        subqueries.push(subquery.as_ref().clone());
         anti += 1;
     }
     // Uncorrelated, the subquery is better run once first (see `bound.rs`).
@@ -120,6 +130,7 @@ pub(super) fn plan(topology: &Topology, query: &Query) -> Option<Planned> {
         return None;
     }
     let hidden = keys.len();
+    let check = check_sql(&keys, subqueries);
     for (i, key) in keys.into_iter().enumerate() {
         select.projection.push(SelectItem::ExprWithAlias {
             expr: key,
@@ -133,12 +144,64 @@ pub(super) fn plan(topology: &Topology, query: &Query) -> Option<Planned> {
             merge: MergeSpec {
                 hidden,
                 intersect: true,
+                anti_check: check,
                 ..MergeSpec::default()
             },
             write: false,
         },
         returns_rows: true,
     })
+}
+
+/// The statement that tells which of the first shard's keys pass the `NOT EXISTS` subqueries
+/// on another shard: `SELECT k.__k0, ... FROM unnest($1, ...) AS __pgr_keys(__k0, ...) WHERE
+/// NOT EXISTS (<subquery, the outer columns replaced by the keys>) AND ...`, one array
+/// parameter per key column. `None` when a subquery has the client's parameters (their
+/// numbers would clash with the arrays').
+fn check_sql(keys: &[Expr], subqueries: Vec<Query>) -> Option<String> {
+    struct Replace<'k> {
+        keys: &'k [Expr],
+        placeholder: bool,
+    }
+    impl VisitorMut for Replace<'_> {
+        type Break = ();
+        fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+            if let Some(i) = self.keys.iter().position(|key| key == expr) {
+                *expr = Expr::CompoundIdentifier(vec![
+                    Ident::new(KEYS_ALIAS),
+                    Ident::new(format!("__k{i}")),
+                ]);
+            } else if let Expr::Value(value) = expr {
+                self.placeholder |= matches!(value.value, Value::Placeholder(_));
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut conditions = Vec::with_capacity(subqueries.len());
+    for mut subquery in subqueries {
+        let mut replace = Replace {
+            keys,
+            placeholder: false,
+        };
+        let _ = VisitMut::visit(&mut subquery, &mut replace);
+        if replace.placeholder {
+            return None;
+        }
+        conditions.push(format!("NOT EXISTS ({subquery})"));
+    }
+    let columns: Vec<String> = (0..keys.len()).map(|i| format!("__k{i}")).collect();
+    let arrays: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
+    let selected: Vec<String> = columns
+        .iter()
+        .map(|column| format!("{KEYS_ALIAS}.{column}"))
+        .collect();
+    Some(format!(
+        "SELECT {} FROM unnest({}) AS {KEYS_ALIAS}({}) WHERE {}",
+        selected.join(", "),
+        arrays.join(", "),
+        columns.join(", "),
+        conditions.join(" AND ")
+    ))
 }
 
 /// The outer statement's columns a `NOT EXISTS` subquery reads, if each shard can answer it
@@ -269,10 +332,18 @@ mod tests {
         assert_eq!(*shards, None);
         assert!(merge.intersect);
         assert_eq!(merge.hidden, 2);
+        assert_eq!(
+            merge.anti_check.as_deref(),
+            Some(
+                "SELECT __pgr_keys.__k0, __pgr_keys.__k1 FROM unnest($1, $2) \
+                 AS __pgr_keys(__k0, __k1) WHERE NOT EXISTS (SELECT 1 FROM orders o \
+                 WHERE o.note = __pgr_keys.__k0 AND o.qty > __pgr_keys.__k1)"
+            )
+        );
         assert!(
-            planned
-                .sql
-                .starts_with("SELECT c.code, c.name, c.code AS __pgr_anti_0, c.size AS __pgr_anti_1 FROM"),
+            planned.sql.starts_with(
+                "SELECT c.code, c.name, c.code AS __pgr_anti_0, c.size AS __pgr_anti_1 FROM"
+            ),
             "{}",
             planned.sql
         );

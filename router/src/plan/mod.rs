@@ -273,6 +273,10 @@ pub struct MergeSpec {
     /// `NOT EXISTS` answered by each shard (see `plan/anti.rs`): only the first shard's rows
     /// whose key, the `hidden` trailing columns, every other shard sent too are kept.
     pub intersect: bool,
+    /// With `intersect`: the statement that checks the first shard's keys on another shard
+    /// (`$1...`: one text array per key column), so that the shards after the first only probe
+    /// those keys instead of running the whole statement in parallel with it.
+    pub anti_check: Option<String>,
     /// LIMIT.
     pub limit: Option<u64>,
     /// OFFSET.
