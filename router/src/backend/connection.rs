@@ -111,6 +111,47 @@ pub struct Execution<'a> {
     pub cache: bool,
 }
 
+/// The key of a prepared statement, (SQL, parameter types), owned or borrowed: the map is
+/// keyed by the owned pair and looked up with a borrowed one.
+trait StatementKey {
+    fn key(&self) -> (&str, &[u32]);
+}
+
+impl StatementKey for (String, Vec<u32>) {
+    fn key(&self) -> (&str, &[u32]) {
+        (&self.0, &self.1)
+    }
+}
+
+impl StatementKey for (&str, &[u32]) {
+    fn key(&self) -> (&str, &[u32]) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn StatementKey + 'a> for (String, Vec<u32>) {
+    fn borrow(&self) -> &(dyn StatementKey + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn StatementKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for dyn StatementKey + '_ {}
+
+impl std::hash::Hash for dyn StatementKey + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As the owned (String, Vec<u32>) hashes: the two must agree.
+        let (sql, types) = self.key();
+        sql.hash(state);
+        types.hash(state);
+    }
+}
+
 /// A live connection to one shard.
 #[derive(Debug)]
 pub struct BackendConnection {
@@ -519,7 +560,15 @@ impl BackendConnection {
             }
             None => {}
         }
-        let statement_name = if execution.cache {
+        // A statement prepared before (every query of a hot loop) is looked up by its text and
+        // types as borrowed: no key is built for it.
+        let cached = execution.cache
+            && self
+                .prepared
+                .contains_key(&(execution.sql, execution.param_types) as &dyn StatementKey);
+        let statement_name = if cached {
+            String::new()
+        } else if execution.cache {
             let key = (execution.sql.to_string(), execution.param_types.to_vec());
             match self.prepared.get(&key) {
                 Some(name) => name.clone(),
@@ -556,9 +605,16 @@ impl BackendConnection {
             .map_err(|e| self.io(e))?;
             String::new()
         };
+        let statement_name = match cached {
+            true => self
+                .prepared
+                .get(&(execution.sql, execution.param_types) as &dyn StatementKey)
+                .map_or("", String::as_str),
+            false => statement_name.as_str(),
+        };
         let result = frontend::bind(
             "",
-            &statement_name,
+            statement_name,
             execution.param_formats.iter().copied(),
             execution.params.iter(),
             |value, buf| match value {

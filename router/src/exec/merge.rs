@@ -3,7 +3,7 @@
 //! aggregates are merged per group (that needs every group before the first row).
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use bytes::{BufMut, BytesMut};
 use futures::stream::{self, BoxStream, StreamExt};
@@ -63,7 +63,8 @@ pub fn build_row(fields: &[Option<&[u8]>]) -> Row {
     }
 }
 
-fn strip_hidden(row: Row, hidden: usize) -> Row {
+/// The row without its last `hidden` fields.
+pub fn strip_hidden(row: Row, hidden: usize) -> Row {
     if hidden == 0 {
         return row;
     }
@@ -130,7 +131,9 @@ pub fn merge(cursors: Vec<ShardCursor>, columns: Vec<Column>, spec: MergeSpec) -
         .iter()
         .map(|c| (c.type_oid, c.format))
         .collect();
-    let merged: RowStream = if spec.aggregation.is_some() {
+    let merged: RowStream = if spec.intersect {
+        intersect(cursors, hidden)
+    } else if spec.aggregation.is_some() {
         aggregate(cursors, columns, spec)
     } else if spec.order.is_empty() {
         concat(cursors)
@@ -172,6 +175,74 @@ fn concat(cursors: Vec<ShardCursor>) -> RowStream {
             })
         })
         .boxed()
+}
+
+/// The bytes of a row's last `count` fields (with their length words).
+pub fn key_of(row: &Row, count: usize) -> &[u8] {
+    let data = &row.data[..];
+    let visible = (row.fields.max(0) as usize).saturating_sub(count);
+    let mut at = 0;
+    for _ in 0..visible {
+        let Some(word) = data.get(at..at + 4) else {
+            return &[];
+        };
+        let len = i32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        at += 4 + len.max(0) as usize;
+    }
+    data.get(at..).unwrap_or(&[])
+}
+
+/// The first shard's rows whose key (the last `key_columns` fields) every other shard sent
+/// too (see `plan/anti.rs`). The other shards' keys are read first; the first shard's rows
+/// then stream. Rows are compared as bytes: the shards computed them from the same
+/// reference-table rows, in the same session settings.
+fn intersect(mut cursors: Vec<ShardCursor>, key_columns: usize) -> RowStream {
+    if cursors.is_empty() {
+        return stream::empty().boxed();
+    }
+    let first = cursors.remove(0);
+    // `None` until the other shards' keys are read; then their common keys (`None`: one shard).
+    type Common = Option<Option<HashSet<Vec<u8>>>>;
+    let state: (ShardCursor, Vec<ShardCursor>, Common) = (first, cursors, None);
+    stream::unfold(Some(state), move |state| async move {
+        let (mut first, others, mut common) = state?;
+        if common.is_none() {
+            let mut found: Option<HashSet<Vec<u8>>> = None;
+            for mut cursor in others {
+                let mut keys = HashSet::new();
+                loop {
+                    match cursor.next_row().await {
+                        Ok(Some(row)) => {
+                            let key = key_of(&row, key_columns);
+                            if found.as_ref().is_none_or(|f| f.contains(key)) {
+                                keys.insert(key.to_vec());
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(error) => return Some((Err(error), None)),
+                    }
+                }
+                found = Some(keys);
+            }
+            common = Some(found);
+        }
+        loop {
+            match first.next_row().await {
+                Ok(Some(row)) => {
+                    let kept = match common.as_ref().and_then(Option::as_ref) {
+                        Some(keys) => keys.contains(key_of(&row, key_columns)),
+                        None => true,
+                    };
+                    if kept {
+                        return Some((Ok(row), Some((first, Vec::new(), common))));
+                    }
+                }
+                Ok(None) => return None,
+                Err(error) => return Some((Err(error), None)),
+            }
+        }
+    })
+    .boxed()
 }
 
 struct MergeState {

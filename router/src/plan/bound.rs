@@ -77,6 +77,78 @@ pub(super) fn plan(topology: &Topology, mut query: Query) -> Result<Option<Plann
     finish(topology, found, query, plan_query)
 }
 
+/// Plans a SELECT whose FROM subqueries read sharded tables only through their own WHERE
+/// subqueries (Q22: customers with a NOT EXISTS over orders, grouped outside) with those WHERE
+/// subqueries, correlated `[NOT] EXISTS` decorrelated first, bound as parameters of the whole
+/// statement: the subqueries run first and the statement then runs on one shard in one go,
+/// where a FROM subquery run as a stage would take one more round trip to the shards and ship
+/// its rows back to them. `None` when the statement is not of that form.
+pub(super) fn plan_nested(
+    topology: &Topology,
+    mut query: Query,
+) -> Result<Option<Planned>, PlanError> {
+    if query.with.is_some() || !query.locks.is_empty() {
+        return Ok(None);
+    }
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(None);
+    };
+    let mut binder = Binder {
+        topology,
+        found: Vec::new(),
+        error: None,
+    };
+    let mut hoisted = false;
+    for table in &mut select.from {
+        let factors = std::iter::once(&mut table.relation)
+            .chain(table.joins.iter_mut().map(|join| &mut join.relation));
+        for factor in factors {
+            let TableFactor::Derived {
+                lateral: false,
+                subquery,
+                ..
+            } = factor
+            else {
+                continue;
+            };
+            if table_use(topology, subquery.as_ref()).sharded.is_empty() {
+                continue;
+            }
+            // A NOT EXISTS the shards answer at once is cheaper as a stage (Q22).
+            if subquery.with.is_some()
+                || !subquery.locks.is_empty()
+                || super::anti::plan(topology, subquery).is_some()
+            {
+                return Ok(None);
+            }
+            let SetExpr::Select(inner) = subquery.body.as_mut() else {
+                return Ok(None);
+            };
+            if !table_use(topology, &inner.from).sharded.is_empty() {
+                return Ok(None);
+            }
+            super::decorrelate::exists_conjuncts(topology, inner);
+            let Some(selection) = inner.selection.as_mut() else {
+                return Ok(None);
+            };
+            let _ = selection.visit(&mut binder);
+            hoisted = true;
+        }
+    }
+    if !hoisted {
+        return Ok(None);
+    }
+    if let Some(selection) = select.selection.as_mut() {
+        let _ = selection.visit(&mut binder);
+    }
+    // A correlated subquery left, or sharded tables read elsewhere (select list, a JOIN's ON):
+    // the stages plan it, or refuse it, as before.
+    if binder.error.is_some() || !table_use(topology, &query).sharded.is_empty() {
+        return Ok(None);
+    }
+    finish(topology, binder.found, query, plan_query)
+}
+
 /// The same for an UPDATE or DELETE.
 pub(super) fn plan_write(
     topology: &Topology,
@@ -379,6 +451,48 @@ mod tests {
             b.outer_params,
             vec![ParamSource::Client(0), ParamSource::Subquery(0)]
         );
+    }
+
+    #[test]
+    fn from_subqueries_over_sharded_tables_in_where_only_run_whole_after_them() {
+        // The EXISTS inside the FROM subquery becomes a list run first, and the whole
+        // statement (FROM subquery included) then runs once on any shard.
+        let b = bound(
+            "SELECT k.region, count(*) FROM (SELECT c.code AS region FROM countries c \
+             WHERE c.code <> $1 AND EXISTS (SELECT 1 FROM orders o WHERE o.note = c.code)) \
+             AS k WHERE k.region > (SELECT min(o.note) FROM orders o) GROUP BY k.region",
+        );
+        assert_eq!(b.subqueries.len(), 2);
+        assert_eq!(b.subqueries[0].kind, SubqueryKind::List);
+        assert_eq!(b.subqueries[0].stage.params, vec![0]);
+        assert_eq!(b.subqueries[1].kind, SubqueryKind::Scalar);
+        assert_eq!(b.outer.plan, Plan::Single(Target::Any));
+        assert_eq!(
+            b.outer.sql,
+            "SELECT k.region, count(*) FROM (SELECT c.code AS region FROM countries c \
+             WHERE c.code <> $1 AND c.code = ANY($2)) AS k \
+             WHERE k.region > $3 GROUP BY k.region"
+        );
+        assert_eq!(
+            b.outer_params,
+            vec![
+                ParamSource::Client(0),
+                ParamSource::Subquery(0),
+                ParamSource::Subquery(1)
+            ]
+        );
+        // A FROM subquery that reads a sharded table in its own FROM still runs as a stage,
+        // and so does a NOT EXISTS the shards answer at once (Q22, `anti.rs`).
+        for sql in [
+            "SELECT count(*) FROM (SELECT DISTINCT o.note FROM orders o \
+             WHERE o.qty > (SELECT min(c.score) FROM customers c)) AS k",
+            "SELECT k.region, count(*) FROM (SELECT c.code AS region FROM countries c \
+             WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.note = c.code)) AS k \
+             GROUP BY k.region",
+        ] {
+            let planned = plan(sql).unwrap();
+            assert!(matches!(planned.plan, Plan::MultiStage(_)), "{planned:?}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use sqlparser::parser::Parser;
 use crate::topology::{KeyType, Topology};
 
 mod aggregate;
+mod anti;
 pub mod bind;
 mod bound;
 pub mod cache;
@@ -269,6 +270,13 @@ pub struct MergeSpec {
     pub aggregation: Option<Aggregation>,
     /// SELECT DISTINCT.
     pub distinct: bool,
+    /// `NOT EXISTS` answered by each shard (see `plan/anti.rs`): only the first shard's rows
+    /// whose key, the `hidden` trailing columns, every other shard sent too are kept.
+    pub intersect: bool,
+    /// With `intersect`: the statement that checks the first shard's keys on another shard
+    /// (`$1...`: one text array per key column), so that the shards after the first only probe
+    /// those keys instead of running the whole statement in parallel with it.
+    pub anti_check: Option<String>,
     /// LIMIT.
     pub limit: Option<u64>,
     /// OFFSET.
@@ -385,6 +393,9 @@ fn kind_of(merge: &MergeSpec, write: bool) -> String {
     }
     if merge.distinct {
         parts.push("DISTINCT");
+    }
+    if merge.intersect {
+        parts.push("NOT EXISTS on every shard");
     }
     if merge.limit.is_some() || merge.limit_param.is_some() {
         parts.push("LIMIT");

@@ -37,6 +37,11 @@ pub(super) fn plan_query(
     {
         return single(target);
     }
+    // FROM subqueries that read sharded tables only in WHERE subqueries: those run first and
+    // the whole statement after them.
+    if let Some(planned) = bound::plan_nested(topology, query.clone())? {
+        return Ok(planned);
+    }
     // WITH queries and FROM subqueries over sharded tables, read by a statement that reads no
     // sharded table itself: they run first.
     if let Some(planned) = intermediate::plan(topology, query.clone())? {
@@ -61,6 +66,10 @@ pub(super) fn plan_query(
     // A FROM of reference tables only, with subqueries over sharded tables in WHERE: those run
     // first (correlated EXISTS decorrelated into IN), their answers bound as parameters.
     if table_use(topology, &select.from).sharded.is_empty() {
+        // NOT EXISTS alone: every shard answers it over its own rows at once.
+        if let Some(planned) = anti::plan(topology, &query) {
+            return Ok(planned);
+        }
         if let Some(planned) = grouped_joins(topology, &query)? {
             return Ok(planned);
         }

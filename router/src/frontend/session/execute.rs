@@ -376,6 +376,23 @@ impl Session {
                         .run_parts(&runtime, parts, true, false, result_formats)
                         .await;
                 }
+                // NOT EXISTS answered per shard: the first shard's keys are checked on the others
+                // (rows go back in text; other formats take the parallel intersection below).
+                if let Some(check) = &merge.anti_check
+                    && result_formats.iter().all(|format| *format == 0)
+                {
+                    return self
+                        .anti_join(
+                            &runtime,
+                            planned,
+                            merge.hidden,
+                            check,
+                            params,
+                            &shards,
+                            cache,
+                        )
+                        .await;
+                }
                 let mut handles = Vec::with_capacity(shards.len());
                 for shard in &shards {
                     handles.push(self.handle_for(&runtime, *shard).await?);

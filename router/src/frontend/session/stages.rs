@@ -118,6 +118,101 @@ impl Session {
             .await
     }
 
+    /// A `NOT EXISTS` the shards answer over their own rows (`plan/anti.rs`): the statement
+    /// runs on the first shard, whose rows carry their keys (the `hidden` last columns); each
+    /// other shard then gets the keys still kept as arrays and runs `check`, which keeps those
+    /// that pass there. The first shard's rows whose key passed everywhere are the answer. The
+    /// other shards only probe the few keys, where running the whole statement on each would
+    /// repeat its reference-table work once per shard.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn anti_join(
+        &mut self,
+        runtime: &Runtime,
+        planned: &Planned,
+        hidden: usize,
+        check: &str,
+        params: &Params,
+        shards: &[usize],
+        cache: bool,
+    ) -> Result<Outcome, RouterError> {
+        let cancel = self.cancel.clone();
+        let Some((&first, others)) = shards.split_first() else {
+            return Err(RouterError::session("XX000", "a statement on no shard"));
+        };
+        let handle = self.handle_for(runtime, first).await?;
+        let mut cursor =
+            ShardCursor::open(cancel.as_ref(), handle, &planned.sql, params, &[], cache).await?;
+        self.notices.append(&mut cursor.notices);
+        let columns = cursor.columns.take().unwrap_or_default();
+        let mut rows = Vec::new();
+        let mut total = 0;
+        while let Some(row) = cursor.next_row().await? {
+            total += row.data.len();
+            if total > MAX_INTERMEDIATE_BYTES {
+                return Err(RouterError::session(
+                    "54000",
+                    format!(
+                        "the rows of this NOT EXISTS exceed {} MiB in pg-router; restrict them \
+                         with WHERE",
+                        MAX_INTERMEDIATE_BYTES >> 20
+                    ),
+                ));
+            }
+            rows.push(row);
+        }
+        self.notices.append(&mut cursor.notices);
+        drop(cursor);
+        let key_columns = &columns[columns.len().saturating_sub(hidden)..];
+        let mut kept: std::collections::HashSet<Vec<u8>> = rows
+            .iter()
+            .map(|row| merge::key_of(row, hidden).to_vec())
+            .collect();
+        for &shard in others {
+            if kept.is_empty() {
+                break;
+            }
+            let mut types = Vec::with_capacity(key_columns.len());
+            for column in key_columns {
+                types.push(self.array_type(runtime, shard, column.type_oid).await?);
+            }
+            let keys: Vec<Result<Row, RouterError>> = kept
+                .iter()
+                .map(|key| {
+                    Ok(Row {
+                        fields: hidden as i16,
+                        data: bytes::BytesMut::from(&key[..]),
+                    })
+                })
+                .collect();
+            let arrays = collect_arrays(hidden, futures::stream::iter(keys).boxed()).await?;
+            let check_params = Params {
+                types,
+                values: arrays.into_iter().map(Some).collect(),
+                formats: Vec::new(),
+            };
+            let handle = self.handle_for(runtime, shard).await?;
+            let mut cursor =
+                ShardCursor::open(cancel.as_ref(), handle, check, &check_params, &[], cache)
+                    .await?;
+            let mut passed = std::collections::HashSet::with_capacity(kept.len());
+            while let Some(row) = cursor.next_row().await? {
+                passed.insert(row.data.to_vec());
+            }
+            kept = passed;
+        }
+        let answer: Vec<Result<Row, RouterError>> = rows
+            .into_iter()
+            .filter(|row| kept.contains(merge::key_of(row, hidden)))
+            .map(|row| Ok(merge::strip_hidden(row, hidden)))
+            .collect();
+        let visible = columns.len().saturating_sub(hidden);
+        Ok(Outcome::Rows {
+            columns: columns[..visible].to_vec(),
+            rows: futures::stream::iter(answer).boxed(),
+            command: "SELECT".into(),
+        })
+    }
+
     /// Runs one stage: its result columns and their values as text arrays.
     pub(super) async fn run_stage(
         &mut self,
