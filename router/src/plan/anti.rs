@@ -33,8 +33,8 @@ use sqlparser::ast::{
 };
 
 use super::{
-    MergeSpec, Plan, Planned, conjuncts, contains_aggregate, last_name, normalize,
-    projection_exprs, table_use,
+    MergeSpec, Plan, Planned, conjuncts, contains_aggregate, insert_defined_names, last_name,
+    normalize, projection_exprs, table_use,
 };
 use crate::topology::Topology;
 
@@ -235,26 +235,7 @@ fn outer_columns(topology: &Topology, subquery: &Query) -> Option<Vec<Expr>> {
     impl Visitor for Names {
         type Break = ();
         fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-            match factor {
-                TableFactor::Table { name, alias, .. } => {
-                    self.defined.insert(last_name(name));
-                    if let Some(alias) = alias {
-                        self.defined.insert(normalize(&alias.name));
-                    }
-                }
-                TableFactor::Derived {
-                    alias: Some(alias), ..
-                }
-                | TableFactor::Function {
-                    alias: Some(alias), ..
-                }
-                | TableFactor::UNNEST {
-                    alias: Some(alias), ..
-                } => {
-                    self.defined.insert(normalize(&alias.name));
-                }
-                _ => {}
-            }
+            insert_defined_names(factor, &mut self.defined);
             ControlFlow::Continue(())
         }
         fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {

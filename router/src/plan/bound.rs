@@ -18,7 +18,10 @@ use sqlparser::ast::{
 };
 
 use super::intermediate::{Stage, stage};
-use super::{Plan, PlanError, Planned, Renumber, normalize, plan_query, plan_statement, table_use};
+use super::{
+    Plan, PlanError, Planned, Renumber, insert_defined_names, normalize, plan_query,
+    plan_statement, table_use,
+};
 use crate::topology::Topology;
 
 /// A statement whose WHERE subqueries over sharded tables run first.
@@ -337,28 +340,7 @@ fn correlated(subquery: &Query) -> bool {
     impl Visitor for Names {
         type Break = ();
         fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-            match factor {
-                TableFactor::Table { name, alias, .. } => {
-                    if let Some(sqlparser::ast::ObjectNamePart::Identifier(last)) = name.0.last() {
-                        self.defined.insert(normalize(last));
-                    }
-                    if let Some(alias) = alias {
-                        self.defined.insert(normalize(&alias.name));
-                    }
-                }
-                TableFactor::Derived {
-                    alias: Some(alias), ..
-                }
-                | TableFactor::Function {
-                    alias: Some(alias), ..
-                }
-                | TableFactor::UNNEST {
-                    alias: Some(alias), ..
-                } => {
-                    self.defined.insert(normalize(&alias.name));
-                }
-                _ => {}
-            }
+            insert_defined_names(factor, &mut self.defined);
             ControlFlow::Continue(())
         }
         fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {

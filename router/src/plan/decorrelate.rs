@@ -23,7 +23,7 @@ use sqlparser::ast::{
     BinaryOperator, Expr, InTarget, Query, Select, SelectItem, SetExpr, TableFactor, Visit, Visitor,
 };
 
-use super::{conjuncts, normalize, table_use};
+use super::{conjuncts, insert_defined_names, normalize, table_use};
 use crate::topology::Topology;
 
 /// Rewrites the correlated `[NOT] EXISTS` conjuncts over sharded tables of `select`'s WHERE as
@@ -126,20 +126,7 @@ fn reads_only(topology: &Topology, conjunct: &Expr, qualifier: &str) -> bool {
     impl Visitor for Names {
         type Break = ();
         fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-            match factor {
-                TableFactor::Table { name, alias, .. } => {
-                    self.defined.insert(super::last_name(name));
-                    if let Some(alias) = alias {
-                        self.defined.insert(normalize(&alias.name));
-                    }
-                }
-                TableFactor::Derived {
-                    alias: Some(alias), ..
-                } => {
-                    self.defined.insert(normalize(&alias.name));
-                }
-                _ => {}
-            }
+            insert_defined_names(factor, &mut self.defined);
             ControlFlow::Continue(())
         }
         fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {

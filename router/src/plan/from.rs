@@ -9,6 +9,34 @@ pub(super) fn last_name(name: &ObjectName) -> String {
     }
 }
 
+/// Adds the names `factor` makes visible to the query it sits in (its table's name and alias,
+/// a derived table's, function's or unnest's alias): a qualifier outside these is correlation.
+pub(super) fn insert_defined_names(
+    factor: &TableFactor,
+    defined: &mut std::collections::HashSet<String>,
+) {
+    match factor {
+        TableFactor::Table { name, alias, .. } => {
+            defined.insert(last_name(name));
+            if let Some(alias) = alias {
+                defined.insert(normalize(&alias.name));
+            }
+        }
+        TableFactor::Derived {
+            alias: Some(alias), ..
+        }
+        | TableFactor::Function {
+            alias: Some(alias), ..
+        }
+        | TableFactor::UNNEST {
+            alias: Some(alias), ..
+        } => {
+            defined.insert(normalize(&alias.name));
+        }
+        _ => {}
+    }
+}
+
 pub(super) fn normalize(ident: &Ident) -> String {
     if ident.quote_style.is_some() {
         ident.value.clone()
