@@ -27,6 +27,7 @@ pub struct Metrics {
     write_paused_ranges: Gauge,
     write_pause_holds: Counter,
     write_pause_hold_seconds: Histogram,
+    forwarded: Counter,
     query_handles: std::sync::RwLock<Vec<(&'static str, Counter, Histogram)>>,
 }
 
@@ -95,8 +96,15 @@ impl Metrics {
             "How long statements were held for a paused range (released or timed out)",
             write_pause_hold_seconds.clone(),
         );
+        let forwarded = Counter::default();
+        registry.register(
+            "forwarded",
+            "Statements answered by forwarding their shard's messages as sent (one shard, outside a transaction)",
+            forwarded.clone(),
+        );
         Self {
             registry,
+            forwarded,
             topology_epoch,
             write_paused_ranges,
             write_pause_holds,
@@ -132,7 +140,12 @@ impl Metrics {
             .push((plan, counter, histogram));
     }
 
-    /// Counts a failed statement.
+    /// Counts a statement answered by the forwarding fast path.
+    pub fn observe_forwarded(&self) {
+        self.forwarded.inc();
+    }
+
+    /// Counts a failed statement by its SQLSTATE class.
     pub fn observe_error(&self, sqlstate: &str) {
         let class = sqlstate.get(..2).unwrap_or("XX").to_string();
         self.errors

@@ -8,6 +8,8 @@
 //! session only records it. The query text never contains a literal of the statement: literals
 //! are replaced by `?`, and a statement the scanner cannot strip with certainty has no text.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tracing::Span;
 use tracing::level_filters::LevelFilter;
 
@@ -30,7 +32,7 @@ pub use telemetry::{Telemetry, TelemetryConfig, TelemetryError, traces_endpoint}
 /// endpoint is configured. With an endpoint it must run inside the tokio runtime (the batch span
 /// processor is a task on it).
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
-    telemetry::init(
+    let telemetry = telemetry::init(
         config,
         telemetry::ExportedSpan {
             name: ROUTED_QUERY_SPAN,
@@ -38,7 +40,19 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
             max_level: LevelFilter::DEBUG,
             tracer: "pg-router",
         },
-    )
+    )?;
+    EXPORTING.store(telemetry.exporting(), Ordering::Relaxed);
+    Ok(telemetry)
+}
+
+/// Set by [`init`] when spans are exported.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`ROUTED_QUERY_SPAN`] spans are exported (an OTLP endpoint is configured):
+/// statements then take the general path, which records them. (A flag rather than a probe span:
+/// a probe would itself be exported.)
+pub fn routed_query_spans_enabled() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
 }
 
 /// `db.query.text` of a statement: every integer and string literal replaced by `?`, bind

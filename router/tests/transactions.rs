@@ -193,7 +193,7 @@ async fn cross_shard_transactions_are_atomic() {
         .await
         .unwrap();
     assert_eq!(updated, 2);
-    let metrics = reqwest_metrics(&cluster).await;
+    let metrics = cluster.metrics().await;
     assert!(
         metrics.contains("pg_router_two_phase_commits_total{outcome=\"committed\"}"),
         "{metrics}"
@@ -202,19 +202,6 @@ async fn cross_shard_transactions_are_atomic() {
         metrics.contains("pg_router_queries_total{plan=\"single_shard\"}"),
         "{metrics}"
     );
-}
-
-async fn reqwest_metrics(cluster: &Cluster) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let address = cluster.router.metrics_address().expect("metrics enabled");
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 struct RouterProcess {

@@ -94,6 +94,28 @@ pub enum BackendMessage {
     Other(u8),
 }
 
+/// Where [`BackendConnection::relay`] stopped.
+#[derive(Debug)]
+pub enum Relayed {
+    /// At ReadyForQuery: the statement is done, the connection idle.
+    Ready,
+    /// The output reached its flush size: write it out and relay again.
+    Full,
+    /// The statement failed; the connection still has its ReadyForQuery to read.
+    Error(ServerError),
+}
+
+/// Which description of its result a relayed statement's client gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Header {
+    /// None (an extended-protocol Execute without Describe).
+    None,
+    /// A RowDescription when it returns rows (the simple protocol).
+    Rows,
+    /// RowDescription or NoData (an Execute of a portal the client described).
+    Always,
+}
+
 /// One statement execution request.
 #[derive(Debug, Clone, Default)]
 pub struct Execution<'a> {
@@ -438,31 +460,43 @@ impl BackendConnection {
         }
     }
 
+    /// The bookkeeping of every message read, decoded or relayed: prepared statements join
+    /// `prepared` at their ParseComplete, a BEGIN sent in front of the statement has its
+    /// completion swallowed. `false`: the message was the router's own and goes no further.
+    fn note(&mut self, kind: u8) -> bool {
+        match kind {
+            // The completion of a BEGIN sent in front of the statement.
+            b'C' if self.skip_commands > 0 => {
+                self.skip_commands -= 1;
+                false
+            }
+            b'1' if self.parses_before > 0 => {
+                self.parses_before -= 1;
+                true
+            }
+            b'1' => {
+                if let Some((key, name)) = self.parsing.take() {
+                    self.prepared.insert(key, name);
+                }
+                true
+            }
+            b'E' | b'Z' => {
+                self.skip_commands = 0;
+                // No ParseComplete before the error: the statement is not prepared.
+                self.parsing = None;
+                self.parses_before = 0;
+                true
+            }
+            _ => true,
+        }
+    }
+
     /// Reads and decodes the next message.
     pub async fn next_message(&mut self) -> Result<BackendMessage, BackendError> {
         let (kind, mut body) = loop {
             let (kind, body) = self.read_raw().await?;
-            match kind {
-                // The completion of a BEGIN sent in front of the statement.
-                b'C' if self.skip_commands > 0 => self.skip_commands -= 1,
-                b'1' if self.parses_before > 0 => {
-                    self.parses_before -= 1;
-                    break (kind, body);
-                }
-                b'1' => {
-                    if let Some((key, name)) = self.parsing.take() {
-                        self.prepared.insert(key, name);
-                    }
-                    break (kind, body);
-                }
-                b'E' | b'Z' => {
-                    self.skip_commands = 0;
-                    // No ParseComplete before the error: the statement is not prepared.
-                    self.parsing = None;
-                    self.parses_before = 0;
-                    break (kind, body);
-                }
-                _ => break (kind, body),
+            if self.note(kind) {
+                break (kind, body);
             }
         };
         Ok(match kind {
@@ -507,6 +541,79 @@ impl BackendConnection {
             },
             other => BackendMessage::Other(other),
         })
+    }
+
+    /// Copies the answer to a statement sent with [`send_execution`](Self::send_execution)
+    /// into `out` as the shard wrote it: DataRows, CommandComplete, EmptyQueryResponse and
+    /// notices, and the description (RowDescription, NoData) as `header` asks, whole
+    /// messages, byte for byte (the forwarding fast path: nothing is decoded). ParseComplete,
+    /// BindComplete and ParameterStatus are dropped, as the decoding readers drop them for a
+    /// single statement. Stops at ReadyForQuery, at an ErrorResponse (decoded; its
+    /// ReadyForQuery is still to read, see [`drain`](Self::drain)), or once `out` holds
+    /// `full_at` bytes (the caller writes them out and calls again).
+    pub async fn relay(
+        &mut self,
+        out: &mut BytesMut,
+        full_at: usize,
+        header: Header,
+    ) -> Result<Relayed, BackendError> {
+        let (row_description, no_data) = match header {
+            Header::None => (false, false),
+            Header::Rows => (true, false),
+            Header::Always => (true, true),
+        };
+        loop {
+            while self.read.len() >= 5 {
+                let len =
+                    u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]])
+                        as usize;
+                if len < 4 {
+                    return Err(self.protocol("message length below 4"));
+                }
+                if self.read.len() <= len {
+                    self.read.reserve(len + 1 - self.read.len());
+                    break;
+                }
+                let kind = self.read[0];
+                if self.note(kind) {
+                    match kind {
+                        b'D' | b'C' | b'I' | b'N' => out.extend_from_slice(&self.read[..=len]),
+                        b'T' if row_description => out.extend_from_slice(&self.read[..=len]),
+                        b'n' if no_data => out.extend_from_slice(&self.read[..=len]),
+                        b'E' => {
+                            let mut body = self.read.split_to(len + 1);
+                            body.advance(5);
+                            return Ok(Relayed::Error(parse_error_fields(body)));
+                        }
+                        b'Z' => {
+                            self.status = if len > 4 { self.read[5] } else { b'I' };
+                            self.pending = false;
+                            self.read.advance(len + 1);
+                            return Ok(Relayed::Ready);
+                        }
+                        _ => {}
+                    }
+                }
+                self.read.advance(len + 1);
+                if out.len() >= full_at {
+                    return Ok(Relayed::Full);
+                }
+            }
+            if self.read.capacity() - self.read.len() < 1024 {
+                self.read.reserve(8 * 1024);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read)
+                .await
+                .map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Err(self.io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the shard closed the connection",
+                )));
+            }
+        }
     }
 
     /// Sends Parse (unless cached) / Bind / Describe portal / Execute / Sync. The caller then

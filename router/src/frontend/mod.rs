@@ -12,6 +12,7 @@
 //! A `Describe` of a portal followed by its `Execute` is answered from the execution itself, so
 //! the unnamed-statement cycle (Parse/Bind/Describe/Execute/Sync) costs one shard round trip.
 
+mod forward;
 pub mod logins;
 pub mod scram;
 pub mod session;
@@ -26,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::backend::connection::{BackendError, CopyOutData, Description};
+use crate::backend::connection::{BackendError, CopyOutData, Description, Header};
 use crate::error::RouterError;
 use crate::exec::merge::RowStream;
 use crate::frontend::session::{Outcome, RouterState, Session};
@@ -263,6 +264,23 @@ async fn topology_after_column_error(
         return Some(topology);
     }
     (runtime.version != before).then(|| (*runtime.topology).clone())
+}
+
+/// A shard's error about an auto-prepared statement points into the shape the shard saw; the
+/// client wrote the literals: the position moves to the same place in the client's `sql`.
+fn at_client_position(
+    error: &mut RouterError,
+    prepared: Option<&plan::cache::AutoPrepared>,
+    shape: &str,
+    sql: &str,
+) {
+    if let (Some(prepared), RouterError::Backend(BackendError::Server { error, .. })) =
+        (prepared, error)
+        && let Some(position) = error.position.as_deref().and_then(|p| p.parse().ok())
+    {
+        let position = prepared.client_position(shape, sql, position);
+        error.position = Some(position.to_string());
+    }
 }
 
 fn session_error(code: &'static str, message: impl Into<String>) -> RouterError {
@@ -717,7 +735,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Some(prepared) => (&prepared.params, true),
                     None => (&no_params, false),
                 };
-                for statement in &simple.planned {
+                let forwarded = match simple.planned.as_slice() {
+                    [statement] => {
+                        self.forward(&forward::Forwarding {
+                            statement,
+                            params,
+                            result_formats: &[],
+                            cache,
+                            auto_prepared: simple.prepared.as_ref().map(|p| (p, sql.as_str())),
+                            header: Header::Rows,
+                            extended: false,
+                        })
+                        .await?
+                    }
+                    _ => forward::Forward::Declined,
+                };
+                let statements = match forwarded {
+                    forward::Forward::Done => &[][..],
+                    forward::Forward::Declined => &simple.planned[..],
+                };
+                for statement in statements {
                     let result = self.session.execute(statement, params, &[], cache).await;
                     self.send_notices();
                     let sent = match result {
@@ -725,17 +762,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         Err(error) => Err(error),
                     };
                     if let Err(mut error) = sent {
-                        if let (
-                            Some(prepared),
-                            RouterError::Backend(BackendError::Server { error, .. }),
-                        ) = (&simple.prepared, &mut error)
-                            && let Some(position) =
-                                error.position.as_deref().and_then(|p| p.parse().ok())
-                        {
-                            // The shard saw the shape; the client wrote the literals.
-                            let position = prepared.client_position(&statement.sql, &sql, position);
-                            error.position = Some(position.to_string());
-                        }
+                        at_client_position(
+                            &mut error,
+                            simple.prepared.as_ref(),
+                            &statement.sql,
+                            &sql,
+                        );
                         self.send_error(error);
                         break;
                     }
@@ -1129,6 +1161,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             cached.1.clone()
         };
         let cache = !statement.name.is_empty();
+        if max_rows == 0 {
+            // A portal read to the end in one Execute: the shard's answer can be forwarded.
+            let forwarded = self
+                .forward(&forward::Forwarding {
+                    statement: &planned,
+                    params: &params,
+                    result_formats: &result_formats,
+                    cache,
+                    auto_prepared: None,
+                    header: if describe {
+                        Header::Always
+                    } else {
+                        Header::None
+                    },
+                    extended: true,
+                })
+                .await?;
+            if let forward::Forward::Done = forwarded {
+                return Ok(());
+            }
+        }
         let result = self
             .session
             .execute(&planned, &params, &result_formats, cache)

@@ -120,6 +120,20 @@ impl Cluster {
         connect(&self.router_url()).await
     }
 
+    /// The router's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self.router.metrics_address().expect("metrics enabled");
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
     /// Creates the standard tables through the router (DDL is broadcast).
     pub async fn create_schema(&self) {
         let client = self.client().await;

@@ -30,6 +30,7 @@ use crate::vindex::KeyValue;
 
 mod copy;
 mod execute;
+mod forward;
 mod pause;
 mod settings;
 mod stages;
@@ -37,6 +38,7 @@ mod state;
 mod transaction;
 use copy::*;
 pub use execute::*;
+pub(in crate::frontend) use pause::is_fence;
 use stages::*;
 pub use state::*;
 use transaction::*;

@@ -13,7 +13,7 @@
 use super::*;
 
 /// Is `error` a source shard's fence: a serialization failure (40001) saying the range moved?
-pub(super) fn is_fence(error: &RouterError) -> bool {
+pub(in crate::frontend) fn is_fence(error: &RouterError) -> bool {
     let RouterError::Backend(crate::backend::connection::BackendError::Server { error, .. }) =
         error
     else {
