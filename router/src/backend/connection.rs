@@ -184,7 +184,7 @@ pub struct BackendConnection {
     /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
     pub status: u8,
     /// Statements prepared on this connection: (SQL, parameter types) -> statement name.
-    prepared: HashMap<(String, Vec<u32>), String>,
+    prepared: HashMap<(String, Vec<u32>), String, foldhash::fast::RandomState>,
     /// A Parse sent and not answered yet: it joins `prepared` at its ParseComplete only, since
     /// a Parse that fails, or that PostgreSQL skips after an earlier error in the same pipeline,
     /// prepares nothing (a name recorded at send time would poison the next use with 26000).
@@ -269,7 +269,7 @@ impl BackendConnection {
             read: BytesMut::with_capacity(16 * 1024),
             write: BytesMut::with_capacity(4 * 1024),
             status: b'I',
-            prepared: HashMap::new(),
+            prepared: HashMap::default(),
             parsing: None,
             parses_before: 0,
             settings_tag: 0,

@@ -96,14 +96,19 @@ impl ShardPool {
 
     /// Checks out a connection: an idle one, or a new one. Waits up to 30 s for a free slot.
     pub async fn get(self: &Arc<Self>) -> Result<Leased, BackendError> {
-        let slot =
-            tokio::time::timeout(Duration::from_secs(30), self.slots.clone().acquire_owned())
-                .await
-                .map_err(|_| BackendError::Protocol {
-                    shard: self.endpoint.name.clone(),
-                    message: "timed out waiting for a free pooled connection".into(),
-                })?
-                .expect("pool semaphore is never closed");
+        // A free slot is the common case: taken without arming the wait's timer.
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                tokio::time::timeout(Duration::from_secs(30), self.slots.clone().acquire_owned())
+                    .await
+                    .map_err(|_| BackendError::Protocol {
+                        shard: self.endpoint.name.clone(),
+                        message: "timed out waiting for a free pooled connection".into(),
+                    })?
+                    .expect("pool semaphore is never closed")
+            }
+        };
         let idle = loop {
             let candidate = self.idle.lock().expect("pool lock").pop();
             match candidate {
