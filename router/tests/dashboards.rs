@@ -6,19 +6,6 @@ mod common;
 
 use common::Cluster;
 use testbed::dashboards;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn scrape(cluster: &Cluster) -> String {
-    let address = cluster.router.metrics_address().expect("metrics enabled");
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_dashboard_queries_only_metrics_pg_router_exports() {
@@ -46,7 +33,7 @@ async fn router_dashboard_queries_only_metrics_pg_router_exports() {
     );
 
     // Act
-    let exposition = scrape(&cluster).await;
+    let exposition = cluster.metrics().await;
     let exported = dashboards::exported_names(&exposition);
 
     // Assert

@@ -423,8 +423,11 @@ impl BackendConnection {
     }
 
     async fn flush(&mut self) -> Result<(), BackendError> {
-        let data = self.write.split();
-        self.stream.write_all(&data).await.map_err(|e| self.io(e))
+        // Written from the buffer and cleared, not split off: the buffer keeps its allocation
+        // for the next statement.
+        let written = self.stream.write_all(&self.write).await;
+        self.write.clear();
+        written.map_err(|e| self.io(e))
     }
 
     async fn read_raw(&mut self) -> Result<(u8, BytesMut), BackendError> {
@@ -446,18 +449,25 @@ impl BackendConnection {
             } else {
                 self.read.reserve(8 * 1024);
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.read)
-                .await
-                .map_err(|e| self.io(e))?;
-            if n == 0 {
-                return Err(self.io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the shard closed the connection",
-                )));
-            }
+            self.fill().await?;
         }
+    }
+
+    /// Reads what the shard sent next into the read buffer; the shard closing the connection
+    /// is an error (a statement's answer was still due).
+    async fn fill(&mut self) -> Result<(), BackendError> {
+        let n = self
+            .stream
+            .read_buf(&mut self.read)
+            .await
+            .map_err(|e| self.io(e))?;
+        if n == 0 {
+            return Err(self.io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the shard closed the connection",
+            )));
+        }
+        Ok(())
     }
 
     /// The bookkeeping of every message read, decoded or relayed: prepared statements join
@@ -602,17 +612,7 @@ impl BackendConnection {
             if self.read.capacity() - self.read.len() < 1024 {
                 self.read.reserve(8 * 1024);
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.read)
-                .await
-                .map_err(|e| self.io(e))?;
-            if n == 0 {
-                return Err(self.io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the shard closed the connection",
-                )));
-            }
+            self.fill().await?;
         }
     }
 
