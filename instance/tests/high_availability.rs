@@ -8,10 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use api::contract;
-use support::{TestCluster, connect_port, eventually};
-
-const STARTUP: Duration = Duration::from_secs(120);
-const FAILOVER: Duration = Duration::from_secs(60);
+use support::ha::{FAILOVER, STARTUP, count_present, replicated, started};
+use support::{TestCluster, eventually};
 
 /// Inserts ids from `first` through `client` with synchronous commit until an insert fails or
 /// `stop` is set; counts acknowledgements in `progress`; returns the acknowledged ids.
@@ -47,14 +45,6 @@ async fn wait_for_progress(progress: &Arc<AtomicUsize>, count: usize) {
     })
     .await
     .unwrap();
-}
-
-async fn count_present(cluster: &TestCluster, index: usize, ids: &[i64]) -> anyhow::Result<i64> {
-    let client = cluster.connect(index).await?;
-    let row = client
-        .query_one("SELECT count(*) FROM acked WHERE id = ANY($1)", &[&ids])
-        .await?;
-    Ok(row.get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,24 +193,14 @@ async fn three_instances_bootstrap_fail_over_without_losing_commits_and_rejoin_w
     );
     assert!(cluster.instances[primary].log().contains("pg_rewind done"));
     let client = cluster.connect(new_primary).await.unwrap();
-    client
-        .execute("INSERT INTO acked (id) VALUES (-1)", &[])
-        .await
-        .unwrap();
-    eventually(
+    replicated(
+        &cluster,
+        &client,
+        primary,
+        -1,
         "the rejoined instance replicates new writes",
-        FAILOVER,
-        || {
-            let cluster = &cluster;
-            async move {
-                count_present(cluster, primary, &[-1])
-                    .await
-                    .is_ok_and(|n| n == 1)
-            }
-        },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         count_present(&cluster, primary, &acknowledged)
             .await
@@ -258,43 +238,22 @@ async fn three_instances_bootstrap_fail_over_without_losing_commits_and_rejoin_w
         cluster.lease_holder().await.unwrap().as_deref(),
         Some(cluster.instances[new_primary].name.as_str())
     );
-    client
-        .execute("INSERT INTO acked (id) VALUES (-2)", &[])
-        .await
-        .unwrap();
-    eventually(
+    replicated(
+        &cluster,
+        &client,
+        rogue,
+        -2,
         "the rewound replica replicates new writes",
-        FAILOVER,
-        || {
-            let cluster = &cluster;
-            async move {
-                count_present(cluster, rogue, &[-2])
-                    .await
-                    .is_ok_and(|n| n == 1)
-            }
-        },
     )
-    .await
-    .unwrap();
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_to_a_named_replica_keeps_every_write_and_fencing_stops_an_instance() {
-    let cluster = TestCluster::start("so", 3, 1).await.unwrap();
-    let primary = cluster
-        .wait_for_primary_with_replicas(2, STARTUP)
-        .await
-        .unwrap();
-    let old_primary = cluster.instances[primary].name.clone();
+    let (cluster, primary, old_primary) =
+        started("so", 3, 1, "CREATE TABLE acked (id bigint PRIMARY KEY)").await;
     let target = (0..3).find(|index| *index != primary).unwrap();
     let target_name = cluster.instances[target].name.clone();
-    cluster
-        .connect(primary)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
 
     // Supervision: a crashed postgres is restarted by its instance manager, still primary.
     let postmaster = cluster.instances[primary].postmaster_pid().unwrap();
@@ -460,46 +419,6 @@ async fn switchover_to_a_named_replica_keeps_every_write_and_fencing_stops_an_in
         .unwrap();
 }
 
-/// Writes to every instance each round and records which accepted the write in `rounds` (one
-/// entry per instance, true when the write was acknowledged).
-async fn check_single_writer(
-    ports: Vec<u16>,
-    stop: Arc<AtomicBool>,
-    rounds: Arc<std::sync::Mutex<Vec<Vec<bool>>>>,
-) {
-    let mut clients: Vec<Option<tokio_postgres::Client>> = ports.iter().map(|_| None).collect();
-    let mut id: i64 = 10_000_000;
-    while !stop.load(Ordering::SeqCst) {
-        let mut round = Vec::new();
-        for (slot, port) in clients.iter_mut().zip(&ports) {
-            if slot.as_ref().is_none_or(|client| client.is_closed()) {
-                *slot = tokio::time::timeout(Duration::from_secs(2), connect_port(*port))
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
-            }
-            let accepted = match slot {
-                Some(client) => {
-                    id += 1;
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-                    let insert = client.execute("INSERT INTO checker (id) VALUES ($1)", &params);
-                    matches!(
-                        tokio::time::timeout(Duration::from_millis(1500), insert).await,
-                        Ok(Ok(1))
-                    )
-                }
-                None => false,
-            };
-            if !accepted {
-                *slot = None;
-            }
-            round.push(accepted);
-        }
-        rounds.lock().unwrap().push(round);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A switchover whose Lease write the API server applies but whose answer never arrives (a
 /// reset connection): the old primary must not start again as a primary while the target
 /// promotes; it reads the Lease back and follows the target, as after any switchover.
@@ -553,190 +472,6 @@ async fn a_switchover_whose_lease_answer_is_lost_never_restarts_the_old_primary_
             .contains("the Lease hand-over was applied although its answer was lost"),
         "the fault was injected"
     );
-}
-
-/// How long the API server stays out of reach in the outage test (issue #16: "a minute").
-const API_OUTAGE: Duration = Duration::from_secs(60);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_api_server_out_of_reach_for_a_minute_changes_nothing_while_postgres_is_healthy() {
-    let cluster = TestCluster::start("outage", 3, 1).await.unwrap();
-    let primary = cluster
-        .wait_for_primary_with_replicas(2, STARTUP)
-        .await
-        .unwrap();
-    let old_primary = cluster.instances[primary].name.clone();
-    let client = cluster.connect(primary).await.unwrap();
-    client
-        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
-    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-        kube::Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let transitions = |lease: k8s_openapi::api::coordination::v1::Lease| {
-        lease.spec.and_then(|spec| spec.lease_transitions)
-    };
-    let lease_name = contract::lease_name(&cluster.name);
-    let transitions_before = transitions(leases.get(&lease_name).await.unwrap());
-    let mut before = Vec::new();
-    for index in 0..cluster.instances.len() {
-        before.push(cluster.status(index).await.unwrap());
-    }
-
-    // Every instance manager loses the API server; a writer commits through the primary
-    // (synchronous quorum: each acknowledgement also waits for a replica) all along.
-    for instance in &cluster.instances {
-        instance.proxy.cut();
-    }
-    let started = std::time::Instant::now();
-    let mut acknowledged = 0_i64;
-    let mut slowest = Duration::ZERO;
-    while started.elapsed() < API_OUTAGE {
-        let at = std::time::Instant::now();
-        let id = acknowledged;
-        let result = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.execute("INSERT INTO acked (id) VALUES ($1)", &[&id]),
-        )
-        .await;
-        match result {
-            Ok(Ok(1)) => acknowledged += 1,
-            other => panic!(
-                "write {acknowledged} not acknowledged {:?} into the outage: {other:?}\n{}",
-                started.elapsed(),
-                cluster.logs()
-            ),
-        }
-        slowest = slowest.max(at.elapsed());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for (index, before) in before.iter().enumerate() {
-        let status = cluster.status(index).await.unwrap();
-        assert!(!status.api_reachable, "{status:?}");
-        assert_eq!(
-            (status.role.as_str(), status.fenced),
-            (before.role.as_str(), false),
-            "instance {index} at the end of the outage: {status:?}"
-        );
-    }
-    println!(
-        "api_outage_seconds={} api_outage_acked_writes={acknowledged} api_outage_slowest_commit_ms={}",
-        API_OUTAGE.as_secs(),
-        slowest.as_millis()
-    );
-
-    // The API server comes back: same holder, no Lease transition, same roles, no restart.
-    for instance in &cluster.instances {
-        instance.proxy.restore();
-    }
-    tokio::time::sleep(Duration::from_secs(support::LEASE_DURATION_SECONDS * 2)).await;
-    let lease = leases.get(&lease_name).await.unwrap();
-    assert_eq!(
-        lease
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.holder_identity.as_deref()),
-        Some(old_primary.as_str())
-    );
-    assert_eq!(
-        transitions(lease),
-        transitions_before,
-        "no Lease transition"
-    );
-    for (index, before) in before.iter().enumerate() {
-        let status = cluster.status(index).await.unwrap();
-        assert!(status.api_reachable, "{status:?}");
-        assert_eq!(status.role, before.role, "{status:?}");
-        assert_eq!(status.timeline, before.timeline, "{status:?}");
-        assert_eq!(
-            status.postgres_restarts, before.postgres_restarts,
-            "{status:?}"
-        );
-        if index != primary {
-            assert!(
-                status.streaming,
-                "replica {index} streams again: {status:?}"
-            );
-        }
-    }
-    let count: i64 = client
-        .query_one("SELECT count(*) FROM acked", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(count, acknowledged, "the same connection, every write kept");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_cut_off_from_the_api_server_fences_itself_before_another_is_promoted() {
-    let cluster = TestCluster::start("part", 3, 1).await.unwrap();
-    let primary = cluster
-        .wait_for_primary_with_replicas(2, STARTUP)
-        .await
-        .unwrap();
-    let old_primary = cluster.instances[primary].name.clone();
-    cluster
-        .connect(primary)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE checker (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
-    let ports: Vec<u16> = cluster.instances.iter().map(|i| i.pg_port).collect();
-
-    // Partition the primary alone from the API server, with a checker writing to every instance.
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let checker = tokio::spawn(check_single_writer(ports, stop.clone(), rounds.clone()));
-    eventually("the checker wrote to the primary", FAILOVER, || {
-        let rounds = rounds.clone();
-        async move { rounds.lock().unwrap().iter().any(|round| round[primary]) }
-    })
-    .await
-    .unwrap();
-    cluster.instances[primary].proxy.cut();
-    let new_primary = cluster
-        .wait_for_new_primary(&old_primary, FAILOVER)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::SeqCst);
-    checker.await.unwrap();
-    let rounds = rounds.lock().unwrap().clone();
-
-    for (number, round) in rounds.iter().enumerate() {
-        assert!(
-            round.iter().filter(|accepted| **accepted).count() <= 1,
-            "round {number}: two instances accepted writes: {round:?}"
-        );
-    }
-    let last_old = rounds.iter().rposition(|round| round[primary]);
-    let first_new = rounds.iter().position(|round| round[new_primary]);
-    assert!(
-        last_old.is_some(),
-        "the old primary accepted writes before the cut"
-    );
-    assert!(first_new.is_some(), "the new primary accepted writes");
-    assert!(
-        last_old < first_new,
-        "the old primary stopped accepting writes before the new one started"
-    );
-    let status = cluster.status(primary).await.unwrap();
-    assert!(
-        status.fenced,
-        "the partitioned primary fenced itself: {status:?}"
-    );
-
-    // The partition heals: the old primary rejoins as a replica.
-    cluster.instances[primary].proxy.restore();
-    let status = cluster
-        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
-        .await
-        .unwrap();
-    assert!(matches!(
-        status.last_join.as_deref(),
-        Some("rewind" | "reclone")
-    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -859,19 +594,8 @@ async fn a_changed_included_configuration_is_reloaded_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_whose_postgres_cannot_restart_releases_its_lease_at_once() {
-    let cluster = TestCluster::start("crash", 3, 1).await.unwrap();
-    let primary = cluster
-        .wait_for_primary_with_replicas(2, STARTUP)
-        .await
-        .unwrap();
-    let old_primary = cluster.instances[primary].name.clone();
-    cluster
-        .connect(primary)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (cluster, primary, old_primary) =
+        started("crash", 3, 1, "CREATE TABLE acked (id bigint PRIMARY KEY)").await;
     eventually("both replicas are synchronous standbys", STARTUP, || {
         let cluster = &cluster;
         async move {
@@ -1005,20 +729,14 @@ async fn replicas_follow_a_primary_whose_pod_comes_back_with_another_ip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_former_primary_whose_wal_is_gone_reclones_and_says_so() {
-    let mut cluster = TestCluster::start("reclone", 2, 0).await.unwrap();
-    let primary = cluster
-        .wait_for_primary_with_replicas(1, STARTUP)
-        .await
-        .unwrap();
-    let old_primary = cluster.instances[primary].name.clone();
+    let (mut cluster, primary, old_primary) = started(
+        "reclone",
+        2,
+        0,
+        "CREATE TABLE acked (id bigint PRIMARY KEY); INSERT INTO acked VALUES (1)",
+    )
+    .await;
     let replica = 1 - primary;
-    cluster
-        .connect(primary)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY); INSERT INTO acked VALUES (1)")
-        .await
-        .unwrap();
     eventually("the row reached the replica", FAILOVER, || {
         let cluster = &cluster;
         async move {
@@ -1072,80 +790,6 @@ async fn a_former_primary_whose_wal_is_gone_reclones_and_says_so() {
             .is_some_and(|note| note.contains("pg_rewind failed")),
         "{recloned:?}"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_cut_off_from_the_primary_is_not_elected() {
-    let mut cluster = TestCluster::start("cutrep", 3, 1).await.unwrap();
-    let primary = cluster
-        .wait_for_primary_with_replicas(2, STARTUP)
-        .await
-        .unwrap();
-    let old_primary = cluster.instances[primary].name.clone();
-    eventually("both replicas are synchronous standbys", STARTUP, || {
-        let cluster = &cluster;
-        async move {
-            cluster.status(primary).await.is_some_and(|status| {
-                status.synchronous_standbys.len() == 2 && status.streaming_replicas.len() == 2
-            })
-        }
-    })
-    .await
-    .unwrap();
-    let cut = (0..3).find(|index| *index != primary).unwrap();
-    let healthy = (0..3)
-        .find(|index| *index != primary && *index != cut)
-        .unwrap();
-
-    // The cut replica receives nothing more from the primary (its WAL receiver is frozen, as
-    // behind a partition); the other one acknowledges every commit (ANY 1).
-    let receiver: i32 = cluster
-        .connect(cut)
-        .await
-        .unwrap()
-        .query_one("SELECT pid FROM pg_stat_wal_receiver", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let receiver = nix::unistd::Pid::from_raw(receiver);
-    nix::sys::signal::kill(receiver, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let client = cluster.connect(primary).await.unwrap();
-    client
-        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
-    let ids: Vec<i64> = (1..=50).collect();
-    for id in &ids {
-        client
-            .execute("INSERT INTO acked (id) VALUES ($1)", &[id])
-            .await
-            .unwrap();
-    }
-
-    cluster.kill_instance(primary);
-    let new_primary = cluster.wait_for_new_primary(&old_primary, FAILOVER).await;
-    let _ = nix::sys::signal::kill(receiver, nix::sys::signal::Signal::SIGCONT);
-    let new_primary = new_primary.unwrap();
-    assert_eq!(
-        new_primary, healthy,
-        "the replica that missed acknowledged commits is not elected"
-    );
-    assert_eq!(
-        count_present(&cluster, new_primary, &ids).await.unwrap(),
-        ids.len() as i64
-    );
-    // Healed, the cut replica catches up from the new primary.
-    eventually("the cut replica catches up", FAILOVER, || {
-        let cluster = &cluster;
-        let ids = &ids;
-        async move {
-            count_present(cluster, cut, ids)
-                .await
-                .is_ok_and(|n| n == ids.len() as i64)
-        }
-    })
-    .await
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,7 @@ const HEAVY: &[&str] = &[
     "controllers/backup_job",
     "instance/backup",
     "instance/high_availability",
+    "instance/partitions",
 ];
 
 /// Most heavy binaries (end-to-end ones included) running at once.
@@ -47,6 +48,7 @@ const LONG_FIRST: &[&str] = &[
     "instance/backup",
     "nodeagent/e2e_backup_store",
     "instance/high_availability",
+    "instance/partitions",
     "nodeagent/e2e_operations",
     "nodeagent/e2e",
     "nodeagent/e2e_backup",

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod backup;
+pub mod ha;
 pub mod pooler;
 
 use std::collections::BTreeMap;

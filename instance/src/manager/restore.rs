@@ -1,0 +1,137 @@
+//! Starting PostgreSQL in its role: a new cluster from a backup, a replica rejoining (rewind) or
+//! re-cloned from its upstream, a primary or replica start. Apart from the run loop because these
+//! are the long-running steps `act` hands off to, each one a sequence on the data directory.
+
+use super::*;
+
+impl Manager {
+    pub(super) fn recovery(&self) -> Option<Recovery> {
+        self.backup
+            .as_ref()
+            .and_then(|backup| backup.setup.recovery.clone())
+    }
+
+    /// Creates the cluster from a backup (`spec.bootstrap.recovery`): download, archive recovery
+    /// up to the target, promotion; the Lease is renewed while PostgreSQL replays.
+    pub(super) async fn bootstrap_from_backup(&mut self, recovery: Recovery) -> Result<()> {
+        let Some(setup) = self.backup.as_ref().map(|backup| backup.setup.clone()) else {
+            return Ok(());
+        };
+        let marker = self.config.run_dir().join(RESTORE_MARKER);
+        std::fs::write(&marker, b"").map_err(Error::io("writing the restore marker"))?;
+        info!(
+            source = %recovery.store.destination(),
+            source_cluster = %recovery.store.server_name,
+            backup = ?recovery.backup_id,
+            target = ?recovery.target,
+            "bootstrapping the cluster from a backup"
+        );
+        self.postgres.stop(StopMode::Fast).await;
+        self.postgres.empty_data_dir()?;
+        recovery::download(&setup, &recovery, self.postgres.pgdata(), MANAGED_CONFIG).await?;
+        let mut settings = setup.archive_settings();
+        settings.extend(recovery.settings(&setup));
+        self.postgres.set_backup_settings(settings);
+        let managed = ManagedSettings {
+            upstream: None,
+            synchronous_standby_names: String::new(),
+        };
+        self.postgres
+            .write_config(&managed, false, &self.replication.username)?;
+        self.acquire().await?;
+        self.postgres.start(Duration::from_secs(3600)).await?;
+        loop {
+            if !self.postgres.is_running() {
+                return Err(Error::Invalid(
+                    "PostgreSQL stopped during the recovery (is the target inside the archived WAL, after the backup? see its log)".into(),
+                ));
+            }
+            if let Ok(client) = self.postgres.connect().await
+                && let Ok(row) = client.query_one("SELECT pg_is_in_recovery()", &[]).await
+                && !row.get::<_, bool>(0)
+            {
+                break;
+            }
+            self.acquire().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        info!("recovery finished and promoted: archiving to this cluster's own repository");
+        self.postgres.set_backup_settings(setup.archive_settings());
+        self.postgres
+            .write_config(&managed, false, &self.replication.username)?;
+        self.postgres.signal(Signal::SIGHUP);
+        self.roles_ensured = false;
+        let _ = std::fs::remove_file(&marker);
+        Ok(())
+    }
+
+    /// A former primary becomes a replica of `upstream`: pg_rewind, or a new clone when rewinding
+    /// is impossible.
+    pub(super) async fn rejoin(&mut self, upstream: &Upstream) -> Result<()> {
+        info!(primary = %upstream.host, port = upstream.port, "former primary: running pg_rewind");
+        match self.postgres.rewind(upstream).await {
+            Ok(output) => {
+                info!(output = %output.trim(), "pg_rewind done");
+                self.last_join = Some("rewind".into());
+            }
+            Err(error) => {
+                warn!(%error, "pg_rewind failed; cloning the primary again");
+                self.reclone(upstream, &format!("pg_rewind failed: {error}"))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the data directory with a new clone of the primary at `upstream`, and says so
+    /// (`lastJoin: reclone` in the status, a `Recloned` event on the pod with `why`).
+    pub(super) async fn reclone(&mut self, upstream: &Upstream, why: &str) -> Result<()> {
+        let note = format!("data directory replaced by a new clone of the primary: {why}");
+        let note: String = note.chars().take(1000).collect();
+        if let Err(error) = self.cluster.warning_event("Recloned", note).await {
+            debug!(%error, "recording the reclone event failed");
+        }
+        let marker = self.config.run_dir().join("clone-incomplete");
+        std::fs::write(&marker, b"").map_err(Error::io("writing the clone marker"))?;
+        self.postgres
+            .basebackup(upstream, &self.replication.username)
+            .await?;
+        let _ = std::fs::remove_file(&marker);
+        self.last_join = Some("reclone".into());
+        Ok(())
+    }
+
+    pub(super) async fn start_primary(&mut self) -> Result<()> {
+        let settings = ManagedSettings {
+            upstream: None,
+            synchronous_standby_names: decision::standby_names(
+                &self.synchronous_set,
+                self.config.sync_policy(),
+            ),
+        };
+        self.postgres
+            .write_config(&settings, false, &self.replication.username)?;
+        self.roles_ensured = false;
+        self.postgres
+            .start(self.config.renew_deadline() / 2)
+            .await
+            .or_else(|error| {
+                // Crash recovery may take longer than a tick; readiness is checked every tick.
+                debug!(%error, "primary not ready yet");
+                Ok::<(), Error>(())
+            })?;
+        let _ = self.reconcile_primary().await;
+        Ok(())
+    }
+
+    pub(super) async fn start_replica(&mut self, upstream: Option<Upstream>) -> Result<()> {
+        self.followed = upstream.clone();
+        let settings = ManagedSettings {
+            upstream,
+            synchronous_standby_names: String::new(),
+        };
+        self.postgres
+            .write_config(&settings, true, &self.replication.username)?;
+        self.postgres.start(Duration::from_secs(60)).await
+    }
+}
