@@ -7,11 +7,13 @@
 //! SCRAM-SHA-256 authentication ([`scram`]), and applies the client's startup settings
 //! (`application_name`, `TimeZone`, `options=-c ...`) as session settings.
 //!
-//! The extended protocol keeps prepared statements (planned once at Parse, re-planned only when
-//! the topology changed) and portals (a portal run with a row limit is suspended and resumed).
-//! A `Describe` of a portal followed by its `Execute` is answered from the execution itself, so
-//! the unnamed-statement cycle (Parse/Bind/Describe/Execute/Sync) costs one shard round trip.
+//! The extended protocol (`extended.rs`) keeps prepared statements (planned once at Parse,
+//! re-planned only when the topology changed) and portals (a portal run with a row limit is
+//! suspended and resumed). A `Describe` of a portal followed by its `Execute` is answered from
+//! the execution itself, so the unnamed-statement cycle (Parse/Bind/Describe/Execute/Sync)
+//! costs one shard round trip.
 
+mod extended;
 mod forward;
 pub mod logins;
 pub mod scram;
@@ -19,7 +21,7 @@ pub mod session;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -27,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::backend::connection::{BackendError, CopyOutData, Description, Header};
+use crate::backend::connection::{BackendError, CopyOutData, Header};
 use crate::error::RouterError;
 use crate::exec::merge::RowStream;
 use crate::frontend::session::{Outcome, RouterState, Session};
@@ -35,6 +37,7 @@ use crate::plan::{self, PlanError, Planned};
 use crate::protocol::messages::Params;
 use crate::protocol::messages::ServerError;
 use crate::topology::AuthMethod;
+use extended::{Portal, Statement};
 use logins::Logins;
 
 /// Version the router reports to clients.
@@ -204,28 +207,6 @@ async fn negotiate(socket: &mut TcpStream, frontend: Arc<Frontend>) -> Result<()
             }
         }
     }
-}
-
-/// A prepared statement (extended protocol): planned once, its route cached.
-struct Statement {
-    /// Statement name (empty: unnamed; named ones are also prepared on the shards).
-    name: String,
-    /// The client's SQL (what shards describe and what a re-plan starts from).
-    sql: String,
-    /// Its plan and the topology version it was made for.
-    planned: Mutex<(u64, Arc<Planned>)>,
-    /// Parameter type OIDs from Parse.
-    param_types: Vec<u32>,
-    /// Parameter types and columns, from a shard, on the first Describe.
-    description: OnceLock<Description>,
-}
-
-/// A bound statement; a running one holds its remaining rows.
-struct Portal {
-    statement: Arc<Statement>,
-    params: Params,
-    result_formats: Vec<i16>,
-    running: Option<Running>,
 }
 
 /// A result being streamed to the client.
@@ -939,293 +920,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             }
         }
-    }
-
-    async fn parse(&mut self, body: Bytes) {
-        let message = match wire::parse(body) {
-            Ok(message) => message,
-            Err(violation) => return self.extended_error(session_error("08P01", violation.0)),
-        };
-        if !message.name.is_empty() && self.statements.contains_key(&message.name) {
-            return self.extended_error(session_error(
-                "42P05",
-                format!("prepared statement \"{}\" already exists", message.name),
-            ));
-        }
-        let mut planned = plan_one(&self.frontend.state, &message.sql);
-        if let Err(PlanError::Column(_)) = planned
-            && let Some(topology) =
-                topology_after_column_error(&self.frontend.state, self.session.in_transaction())
-                    .await
-        {
-            planned = plan::plan_sql(&topology, &message.sql).and_then(|mut planned| {
-                if planned.len() != 1 {
-                    return Err(PlanError::Syntax(
-                        "cannot insert multiple commands into a prepared statement".into(),
-                    ));
-                }
-                Ok((
-                    self.frontend.state.runtime().version,
-                    Arc::new(planned.remove(0)),
-                ))
-            });
-        }
-        match planned {
-            Ok(planned) => {
-                let statement = Statement {
-                    name: message.name.clone(),
-                    sql: message.sql,
-                    planned: Mutex::new(planned),
-                    param_types: message.param_types,
-                    description: OnceLock::new(),
-                };
-                self.statements.insert(message.name, Arc::new(statement));
-                wire::empty(&mut self.output, b'1');
-            }
-            Err(error) => {
-                let error = RouterError::from(error);
-                self.frontend
-                    .state
-                    .metrics
-                    .observe_error(&error.to_server_error().code);
-                self.extended_error(error);
-            }
-        }
-    }
-
-    fn statement(&self, name: &str) -> Result<Arc<Statement>, RouterError> {
-        self.statements.get(name).cloned().ok_or_else(|| {
-            if name.is_empty() {
-                session_error("26000", "unnamed prepared statement does not exist")
-            } else {
-                session_error(
-                    "26000",
-                    format!("prepared statement \"{name}\" does not exist"),
-                )
-            }
-        })
-    }
-
-    fn bind(&mut self, body: Bytes) {
-        let message = match wire::bind(body) {
-            Ok(message) => message,
-            Err(violation) => return self.extended_error(session_error("08P01", violation.0)),
-        };
-        let statement = match self.statement(&message.statement) {
-            Ok(statement) => statement,
-            Err(error) => return self.extended_error(error),
-        };
-        if !message.portal.is_empty() && self.portals.contains_key(&message.portal) {
-            return self.extended_error(session_error(
-                "42P03",
-                format!("portal \"{}\" already exists", message.portal),
-            ));
-        }
-        let mut types = statement.param_types.clone();
-        types.resize(message.params.len().max(types.len()), 0);
-        let portal = Portal {
-            statement,
-            params: Params {
-                types,
-                values: message.params,
-                formats: message.param_formats,
-            },
-            result_formats: message.result_formats,
-            running: None,
-        };
-        self.portals.insert(message.portal, portal);
-        wire::empty(&mut self.output, b'2');
-    }
-
-    /// The statement's description from a shard (once per statement).
-    async fn description(&mut self, statement: &Statement) -> Result<Description, RouterError> {
-        if let Some(description) = statement.description.get() {
-            return Ok(description.clone());
-        }
-        // Through the session: its settings (search_path, ...) apply to name lookup.
-        let description = self
-            .session
-            .describe(&statement.sql, &statement.param_types)
-            .await?;
-        let _ = statement.description.set(description.clone());
-        Ok(description)
-    }
-
-    async fn describe(&mut self, body: Bytes) {
-        let (kind, name) = match wire::target(body) {
-            Ok(target) => target,
-            Err(violation) => return self.extended_error(session_error("08P01", violation.0)),
-        };
-        if kind == b'P' {
-            match self.portals.get(&name) {
-                None => self.extended_error(session_error(
-                    "34000",
-                    format!("portal \"{name}\" does not exist"),
-                )),
-                // Answered by the Execute that should follow, or before the next other message.
-                Some(_) => self.pending_describe = Some(name),
-            }
-            return;
-        }
-        let statement = match self.statement(&name) {
-            Ok(statement) => statement,
-            Err(error) => return self.extended_error(error),
-        };
-        match self.description(&statement).await {
-            Ok(description) => {
-                wire::parameter_description(&mut self.output, &description.params);
-                match &description.columns {
-                    Some(columns) => wire::row_description(&mut self.output, columns, Some(&[])),
-                    None => wire::empty(&mut self.output, b'n'),
-                }
-            }
-            Err(error) => self.extended_error(error),
-        }
-    }
-
-    /// A portal Describe not followed by its Execute: describe it on a shard.
-    async fn answer_pending_describe(&mut self) {
-        let Some(name) = self.pending_describe.take() else {
-            return;
-        };
-        let Some((statement, formats)) = self
-            .portals
-            .get(&name)
-            .map(|p| (p.statement.clone(), p.result_formats.clone()))
-        else {
-            return;
-        };
-        match self.description(&statement).await {
-            Ok(description) => match &description.columns {
-                Some(columns) => wire::row_description(&mut self.output, columns, Some(&formats)),
-                None => wire::empty(&mut self.output, b'n'),
-            },
-            Err(error) => self.extended_error(error),
-        }
-    }
-
-    async fn execute(&mut self, body: Bytes) -> Result<(), Closed> {
-        let (name, max_rows) = match wire::execute(body) {
-            Ok(message) => message,
-            Err(violation) => {
-                self.answer_pending_describe().await;
-                self.extended_error(session_error("08P01", violation.0));
-                return Ok(());
-            }
-        };
-        if self.pending_describe.as_deref() != Some(name.as_str()) {
-            self.answer_pending_describe().await;
-            if self.skip_to_sync {
-                return Ok(());
-            }
-        }
-        let describe = self.pending_describe.take().is_some();
-        let Some(portal) = self.portals.get_mut(&name) else {
-            self.extended_error(session_error(
-                "34000",
-                format!("portal \"{name}\" does not exist"),
-            ));
-            return Ok(());
-        };
-        if let Some(running) = portal.running.take() {
-            return match self.stream_rows(running, max_rows).await? {
-                Ok(rest) => {
-                    if let Some(portal) = self.portals.get_mut(&name) {
-                        portal.running = rest;
-                    }
-                    Ok(())
-                }
-                Err(error) => {
-                    self.extended_error(error);
-                    Ok(())
-                }
-            };
-        }
-        let statement = portal.statement.clone();
-        let params = portal.params.clone();
-        let result_formats = portal.result_formats.clone();
-        // Fast path: the plan made at Parse is reused unless the topology was reloaded since.
-        let planned = {
-            let version = self.frontend.state.runtime().version;
-            let mut cached = statement.planned.lock().expect("plan lock");
-            if cached.0 != version {
-                match plan_one(&self.frontend.state, &statement.sql) {
-                    Ok(planned) => *cached = planned,
-                    Err(error) => {
-                        drop(cached);
-                        self.extended_error(error.into());
-                        return Ok(());
-                    }
-                }
-            }
-            cached.1.clone()
-        };
-        let cache = !statement.name.is_empty();
-        if max_rows == 0 {
-            // A portal read to the end in one Execute: the shard's answer can be forwarded.
-            let forwarded = self
-                .forward(&forward::Forwarding {
-                    statement: &planned,
-                    params: &params,
-                    result_formats: &result_formats,
-                    cache,
-                    auto_prepared: None,
-                    header: if describe {
-                        Header::Always
-                    } else {
-                        Header::None
-                    },
-                    extended: true,
-                })
-                .await?;
-            if let forward::Forward::Done = forwarded {
-                return Ok(());
-            }
-        }
-        let result = self
-            .session
-            .execute(&planned, &params, &result_formats, cache)
-            .await;
-        self.send_notices();
-        self.describing_portal = describe;
-        let sent = match result {
-            Ok(outcome) => self.send_outcome(outcome, describe, max_rows).await,
-            Err(error) => Ok(Err(error)),
-        };
-        self.describing_portal = false;
-        match sent? {
-            Ok(rest) => {
-                if let Some(portal) = self.portals.get_mut(&name) {
-                    portal.running = rest;
-                }
-            }
-            Err(error) => self.extended_error(error),
-        }
-        Ok(())
-    }
-
-    fn close(&mut self, body: Bytes) {
-        match wire::target(body) {
-            Ok((b'S', name)) => {
-                self.statements.remove(&name);
-            }
-            Ok((_, name)) => {
-                self.portals.remove(&name);
-            }
-            Err(violation) => return self.extended_error(session_error("08P01", violation.0)),
-        }
-        wire::empty(&mut self.output, b'3');
-    }
-
-    async fn sync(&mut self) -> Result<(), Closed> {
-        self.skip_to_sync = false;
-        // Portals live until their transaction ends; outside one, that is now.
-        if !self.session.in_transaction() {
-            self.portals.clear();
-        }
-        let status = self.transaction_status();
-        wire::ready_for_query(&mut self.output, status);
-        self.flush().await?;
-        Ok(())
     }
 }
