@@ -26,7 +26,9 @@ pub struct CancelTarget {
 /// The backends one client session is using right now.
 #[derive(Debug, Default)]
 pub struct SessionCancel {
-    targets: Mutex<HashMap<u64, CancelTarget>>,
+    /// By registration id. A list, not a map: it holds one entry per shard a statement runs on
+    /// (usually one), and it is written twice for every statement.
+    targets: Mutex<Vec<(u64, Arc<CancelTarget>)>>,
     next: AtomicU64,
     /// Wakes a statement the router itself keeps waiting (held for a paused range).
     interrupt: tokio::sync::Notify,
@@ -41,19 +43,18 @@ pub struct CancelGuard {
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        self.session
-            .targets
-            .lock()
-            .expect("cancel lock")
-            .remove(&self.id);
+        let mut targets = self.session.targets.lock().expect("cancel lock");
+        if let Some(at) = targets.iter().position(|(id, _)| *id == self.id) {
+            targets.swap_remove(at);
+        }
     }
 }
 
 impl SessionCancel {
     /// Marks `target` as running this session's statement until the guard drops.
-    pub fn register(self: &Arc<Self>, target: CancelTarget) -> CancelGuard {
+    pub fn register(self: &Arc<Self>, target: Arc<CancelTarget>) -> CancelGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.targets.lock().expect("cancel lock").insert(id, target);
+        self.targets.lock().expect("cancel lock").push((id, target));
         CancelGuard {
             session: self.clone(),
             id,
@@ -66,12 +67,12 @@ impl SessionCancel {
         self.interrupt.notified()
     }
 
-    fn targets(&self) -> Vec<CancelTarget> {
+    fn targets(&self) -> Vec<Arc<CancelTarget>> {
         self.targets
             .lock()
             .expect("cancel lock")
-            .values()
-            .cloned()
+            .iter()
+            .map(|(_, target)| target.clone())
             .collect()
     }
 }

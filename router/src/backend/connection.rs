@@ -197,7 +197,7 @@ pub struct BackendConnection {
     pub pending: bool,
     next_statement: u64,
     /// Where and how to cancel this backend's running statement.
-    pub cancel_target: Option<crate::backend::cancel::CancelTarget>,
+    pub cancel_target: Option<std::sync::Arc<crate::backend::cancel::CancelTarget>>,
     /// Transaction start (BEGIN and replayed SAVEPOINTs, with their count) not sent yet: it
     /// goes in front of the next statement, saving a round trip.
     pub begin_pending: Option<(String, u32)>,
@@ -302,12 +302,13 @@ impl BackendConnection {
                 (b'K', mut body) if body.len() >= 8 => {
                     let pid = body.get_i32();
                     let secret = body.get_i32();
-                    connection.cancel_target = Some(crate::backend::cancel::CancelTarget {
-                        host: endpoint.host.clone(),
-                        port: endpoint.port,
-                        pid,
-                        secret,
-                    });
+                    connection.cancel_target =
+                        Some(std::sync::Arc::new(crate::backend::cancel::CancelTarget {
+                            host: endpoint.host.clone(),
+                            port: endpoint.port,
+                            pid,
+                            secret,
+                        }));
                 }
                 _ => {}
             }

@@ -17,7 +17,13 @@ pub struct ShardPool {
     pub index: usize,
     endpoint: Endpoint,
     config: BackendConfig,
-    idle: Mutex<Vec<BackendConnection>>,
+    /// Boxed: a connection (its buffers, its prepared statements) is large, and it moves
+    /// between this list and a lease for every statement.
+    #[expect(
+        clippy::vec_box,
+        reason = "moved in and out per statement; boxed, a move is a pointer"
+    )]
+    idle: Mutex<Vec<Box<BackendConnection>>>,
     slots: Arc<Semaphore>,
     in_use: prometheus_client::metrics::gauge::Gauge,
 }
@@ -25,7 +31,7 @@ pub struct ShardPool {
 /// A connection checked out of a pool; goes back on drop if it is idle and clean.
 #[derive(Debug)]
 pub struct Leased {
-    connection: Option<BackendConnection>,
+    connection: Option<Box<BackendConnection>>,
     discarded: bool,
     pool: Arc<ShardPool>,
     _slot: OwnedSemaphorePermit,
@@ -129,7 +135,7 @@ impl ShardPool {
             None => {
                 let connect = BackendConnection::connect(&self.endpoint, &self.config);
                 match tokio::time::timeout(Duration::from_secs(10), connect).await {
-                    Ok(result) => result?,
+                    Ok(result) => Box::new(result?),
                     Err(_) => {
                         return Err(BackendError::Io {
                             shard: self.endpoint.name.clone(),

@@ -18,14 +18,14 @@ pub struct BackendHandle(Option<HandleInner>);
 
 #[derive(Debug)]
 enum HandleInner {
-    Pooled(Box<Leased>),
+    Pooled(Leased),
     Transaction(OwnedMutexGuard<Leased>),
 }
 
 impl BackendHandle {
     /// A pooled connection.
     pub fn pooled(leased: Leased) -> Self {
-        Self(Some(HandleInner::Pooled(Box::new(leased))))
+        Self(Some(HandleInner::Pooled(leased)))
     }
 
     /// A transaction's connection (locked while the statement runs). A result still being

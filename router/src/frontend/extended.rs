@@ -36,8 +36,10 @@ pub(super) struct Statement {
 /// A bound statement; a running one holds its remaining rows.
 pub(super) struct Portal {
     pub(super) statement: Arc<Statement>,
-    pub(super) params: Params,
-    pub(super) result_formats: Vec<i16>,
+    // Shared, not owned: every Execute hands them to the session while the portal stays
+    // borrowable, and a clone of the values themselves would allocate per Execute.
+    pub(super) params: Arc<Params>,
+    pub(super) result_formats: Arc<[i16]>,
     pub(super) running: Option<Running>,
 }
 
@@ -126,12 +128,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         types.resize(message.params.len().max(types.len()), 0);
         let portal = Portal {
             statement,
-            params: Params {
+            params: Arc::new(Params {
                 types,
                 values: message.params,
                 formats: message.param_formats,
-            },
-            result_formats: message.result_formats,
+            }),
+            result_formats: message.result_formats.into(),
             running: None,
         };
         self.portals.insert(message.portal, portal);

@@ -323,8 +323,10 @@ struct Connection<S> {
     output: BytesMut,
     frontend: Arc<Frontend>,
     session: Session,
-    statements: HashMap<String, Arc<Statement>>,
-    portals: HashMap<String, Portal>,
+    // foldhash (seeded per process): looked up for every Bind and Execute, and cleared of the
+    // unnamed entries for every simple query.
+    statements: HashMap<String, Arc<Statement>, foldhash::fast::RandomState>,
+    portals: HashMap<String, Portal, foldhash::fast::RandomState>,
     /// After an error in an extended-protocol message: discard everything up to Sync.
     skip_to_sync: bool,
     /// A portal whose Describe waits for its Execute (answered with the result's own columns).
@@ -352,8 +354,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             output: BytesMut::with_capacity(8 * 1024),
             session: Session::new(frontend.state.clone()),
             frontend,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            statements: HashMap::default(),
+            portals: HashMap::default(),
             skip_to_sync: false,
             pending_describe: None,
             describing_portal: false,
