@@ -55,7 +55,8 @@ pub struct Normalized {
 /// when the text has anything the simple scanner does not handle exactly (comments, parameters,
 /// escape strings, dollar quoting, non-integer numbers, several statements).
 pub fn normalize(sql: &str) -> Option<Normalized> {
-    /// The bytes [`normalize`] looks at; digits too.
+    /// The first bytes of the `match` arms below other than `_` (digits too): a run of text
+    /// copied in one piece stops before each of them. An arm added there belongs here too.
     const SPECIAL: &[u8] = b"$\\-/;\"'";
     let bytes = sql.as_bytes();
     let mut shape = String::with_capacity(sql.len());
