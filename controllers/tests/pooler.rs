@@ -194,14 +194,24 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
         }
     })
     .await;
-    let deployment: Deployment = env.object("pool").await;
+    // The ConfigMap is written before the Deployment in the same reconcile: wait for the
+    // Deployment's new config hash rather than reading it right after the ConfigMap changed.
+    let api = env.api::<Deployment>();
+    let deployment = env
+        .eventually("the config hash follows pgbouncer.ini", || {
+            let (api, hash_before) = (api.clone(), &hash_before);
+            async move {
+                let deployment = api.get("pool").await.ok()?;
+                let hash = deployment.metadata.annotations.as_ref()?
+                    [builders::ANNOTATION_CONFIG_HASH]
+                    .clone();
+                (hash != *hash_before).then_some(deployment)
+            }
+        })
+        .await;
     assert_eq!(
         template_without_certificate_hash(&deployment),
         template_before
-    );
-    assert_ne!(
-        deployment.metadata.annotations.unwrap()[builders::ANNOTATION_CONFIG_HASH],
-        hash_before
     );
 
     // The certificate is renewed before it expires (here within seconds): a new certificate,
