@@ -686,6 +686,18 @@ impl Manager {
         })
     }
 
+    /// A primary's managed settings: no upstream, and `synchronous_standby_names` from the
+    /// current synchronous set under the cluster's policy (the same on promotion and on start).
+    fn primary_settings(&self) -> ManagedSettings {
+        ManagedSettings {
+            upstream: None,
+            synchronous_standby_names: decision::standby_names(
+                &self.synchronous_set,
+                self.config.sync_policy(),
+            ),
+        }
+    }
+
     fn other_pods(&self) -> Vec<String> {
         self.members
             .iter()

@@ -170,13 +170,7 @@ impl Manager {
         let pods = self.other_pods();
         self.synchronous_set =
             decision::next_synchronous_set(&inherited_set, &[], &pods, self.me());
-        let settings = ManagedSettings {
-            upstream: None,
-            synchronous_standby_names: decision::standby_names(
-                &self.synchronous_set,
-                self.config.sync_policy(),
-            ),
-        };
+        let settings = self.primary_settings();
         // synchronous_standby_names is in place before the first write is accepted.
         self.postgres
             .write_config(&settings, true, &self.replication.username)?;

@@ -102,13 +102,7 @@ impl Manager {
     }
 
     pub(super) async fn start_primary(&mut self) -> Result<()> {
-        let settings = ManagedSettings {
-            upstream: None,
-            synchronous_standby_names: decision::standby_names(
-                &self.synchronous_set,
-                self.config.sync_policy(),
-            ),
-        };
+        let settings = self.primary_settings();
         self.postgres
             .write_config(&settings, false, &self.replication.username)?;
         self.roles_ensured = false;
