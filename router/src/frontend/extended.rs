@@ -85,14 +85,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.statements.insert(message.name, Arc::new(statement));
                 wire::empty(&mut self.output, b'1');
             }
-            Err(error) => {
-                let error = RouterError::from(error);
-                self.frontend
-                    .state
-                    .metrics
-                    .observe_error(&error.to_server_error().code);
-                self.extended_error(error);
-            }
+            Err(error) => self.plan_failed(error, true),
         }
     }
 

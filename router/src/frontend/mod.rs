@@ -675,14 +675,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// A statement that could not be planned: counted by its SQLSTATE and reported (in the
+    /// extended protocol, everything up to Sync is then skipped).
+    fn plan_failed(&mut self, error: PlanError, extended: bool) {
+        let error = RouterError::from(error).to_server_error();
+        self.frontend.state.metrics.observe_error(&error.code);
+        wire::error_fields(&mut self.output, b'E', &error);
+        self.skip_to_sync |= extended;
+    }
+
     /// An error in an extended-protocol message: reported, then everything up to Sync skipped.
     fn extended_error(&mut self, error: RouterError) {
         self.send_error(error);
         self.skip_to_sync = true;
     }
 
-    async fn simple_query(&mut self, mut body: Bytes) -> Result<(), Closed> {
-        let sql = wire::cstr(&mut body)?;
+    async fn simple_query(&mut self, body: Bytes) -> Result<(), Closed> {
+        let sql = wire::cstr_in(&body)?;
         // A simple query closes the unnamed statement and portal.
         self.statements.remove("");
         self.portals.remove("");
@@ -690,26 +699,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let auto_prepare = self.frontend.state.auto_prepare();
         let mut planned = runtime
             .plan_cache
-            .plan_simple(&runtime.topology, &sql, auto_prepare);
+            .plan_simple(&runtime.topology, sql, auto_prepare);
         if let Err(PlanError::Column(_)) = planned
             && let Some(topology) =
                 topology_after_column_error(&self.frontend.state, self.session.in_transaction())
                     .await
         {
-            planned = plan::plan_sql(&topology, &sql).map(|planned| plan::cache::SimplePlan {
+            planned = plan::plan_sql(&topology, sql).map(|planned| plan::cache::SimplePlan {
                 planned,
                 prepared: None,
             });
         }
         match planned {
-            Err(error) => {
-                let error = RouterError::from(error);
-                self.frontend
-                    .state
-                    .metrics
-                    .observe_error(&error.to_server_error().code);
-                self.send_error(error);
-            }
+            Err(error) => self.plan_failed(error, false),
             Ok(simple) if simple.planned.is_empty() => wire::empty(&mut self.output, b'I'),
             Ok(simple) => {
                 drop(runtime);
@@ -725,7 +727,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                             params,
                             result_formats: &[],
                             cache,
-                            auto_prepared: simple.prepared.as_ref().map(|p| (p, sql.as_str())),
+                            auto_prepared: simple.prepared.as_ref().map(|p| (p, sql)),
                             header: Header::Rows,
                             extended: false,
                         })
@@ -749,7 +751,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                             &mut error,
                             simple.prepared.as_ref(),
                             &statement.sql,
-                            &sql,
+                            sql,
                         );
                         self.send_error(error);
                         break;

@@ -34,15 +34,19 @@ fn violation(what: impl Into<String>) -> ProtocolViolation {
 
 /// Reads a NUL-terminated UTF-8 string.
 pub fn cstr(body: &mut Bytes) -> Result<String> {
+    let text = cstr_in(body)?.to_string();
+    body.advance(text.len() + 1);
+    Ok(text)
+}
+
+/// The NUL-terminated string at the start of `body`, borrowed: a Query's text is read in place
+/// (no copy per simple query).
+pub fn cstr_in(body: &[u8]) -> Result<&str> {
     let end = body
         .iter()
         .position(|b| *b == 0)
         .ok_or_else(|| violation("string without its terminating NUL"))?;
-    let text = std::str::from_utf8(&body[..end])
-        .map_err(|_| violation("string is not valid UTF-8"))?
-        .to_string();
-    body.advance(end + 1);
-    Ok(text)
+    std::str::from_utf8(&body[..end]).map_err(|_| violation("string is not valid UTF-8"))
 }
 
 fn i16_of(body: &mut Bytes) -> Result<i16> {

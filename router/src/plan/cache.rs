@@ -10,6 +10,7 @@
 //! `numeric` by size; a string stays `unknown`). The shard then skips parsing and analysis, as for
 //! a client's own prepared statement; the client still sees the simple protocol's answer.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -21,13 +22,14 @@ use crate::vindex::KeyValue;
 /// Most shapes kept (the cache is cleared when full).
 const CAPACITY: usize = 4096;
 
-/// A literal taken out of a statement.
+/// A literal taken out of a statement, borrowed from its text (a string whose quotes are
+/// doubled inside is the one kind that needs a copy, to unescape it).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Literal {
+pub enum Literal<'a> {
     /// An integer.
-    Integer(String),
+    Integer(&'a str),
     /// A string (unescaped).
-    Text(String),
+    Text(Cow<'a, str>),
 }
 
 /// Where a literal stood in the client's text and where its placeholder stands in the shape
@@ -42,11 +44,11 @@ pub struct Span {
 
 /// A statement split into its shape and its literals.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Normalized {
+pub struct Normalized<'a> {
     /// The statement with each literal replaced by `$1`, `$2`, ...
     pub shape: String,
     /// The literals, in order.
-    pub literals: Vec<Literal>,
+    pub literals: Vec<Literal<'a>>,
     /// Where each literal was and where its placeholder is.
     pub spans: Vec<Span>,
 }
@@ -54,7 +56,7 @@ pub struct Normalized {
 /// Splits `sql` into its shape (literals replaced by `$1`, `$2`, ...) and the literals. `None`
 /// when the text has anything the simple scanner does not handle exactly (comments, parameters,
 /// escape strings, dollar quoting, non-integer numbers, several statements).
-pub fn normalize(sql: &str) -> Option<Normalized> {
+pub fn normalize(sql: &str) -> Option<Normalized<'_>> {
     /// The first bytes of the `match` arms below other than `_` (digits too): a run of text
     /// copied in one piece stops before each of them. An arm added there belongs here too.
     const SPECIAL: &[u8] = b"$\\-/;\"'";
@@ -97,15 +99,21 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                     // E'...', B'...', X'...', U&'...': not a plain string.
                     return None;
                 }
-                let mut value = String::new();
+                let mut value = Cow::Borrowed("");
                 let mut j = i + 1;
                 loop {
                     let next = sql[j..].find('\'')? + j;
-                    value.push_str(&sql[j..next]);
                     if bytes.get(next + 1) == Some(&b'\'') {
-                        value.push('\'');
+                        // A doubled quote: the value is no longer a slice of the text.
+                        let owned = value.to_mut();
+                        owned.push_str(&sql[j..next]);
+                        owned.push('\'');
                         j = next + 2;
                     } else {
+                        match &mut value {
+                            Cow::Borrowed(_) => value = Cow::Borrowed(&sql[j..next]),
+                            Cow::Owned(owned) => owned.push_str(&sql[j..next]),
+                        }
                         i = next + 1;
                         break;
                     }
@@ -121,7 +129,7 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                 if i < bytes.len() && (is_word(bytes[i]) || bytes[i] == b'.') {
                     return None;
                 }
-                literals.push(Literal::Integer(sql[start..i].to_string()));
+                literals.push(Literal::Integer(&sql[start..i]));
                 placeholder(&mut shape, start..i, literals.len());
             }
             _ => {
@@ -226,7 +234,7 @@ fn literal_type(literal: &Literal) -> u32 {
 /// `int4` literal, but `2147483648` an `int8`).
 fn integer_operand(literal: &Literal) -> bool {
     matches!(literal, Literal::Integer(text)
-        if text != "2147483648" && text != "9223372036854775808")
+        if *text != "2147483648" && *text != "9223372036854775808")
 }
 
 /// Which of the first 64 literals are [`integer_operand`]s (bit `i` for literal `i`): with
@@ -246,10 +254,12 @@ fn literal_params(literals: &[Literal]) -> Params {
         types: literals.iter().map(literal_type).collect(),
         values: literals
             .iter()
-            .map(|literal| match literal {
-                Literal::Integer(text) | Literal::Text(text) => {
-                    Some(bytes::Bytes::copy_from_slice(text.as_bytes()))
-                }
+            .map(|literal| {
+                let text: &str = match literal {
+                    Literal::Integer(text) => text,
+                    Literal::Text(text) => text,
+                };
+                Some(bytes::Bytes::copy_from_slice(text.as_bytes()))
             })
             .collect(),
         formats: Vec::new(),
@@ -514,7 +524,7 @@ impl PlanCache {
                         text.trim().parse().ok().map(KeyValue::Int)
                     }
                     (Some(Literal::Text(text)), KeyType::Text) => {
-                        Some(KeyValue::Text(text.clone()))
+                        Some(KeyValue::Text(text.to_string()))
                     }
                     _ => None,
                 };
@@ -560,9 +570,9 @@ mod tests {
         assert_eq!(
             literals,
             vec![
-                Literal::Integer("12".into()),
+                Literal::Integer("12"),
                 Literal::Text("it's".into()),
-                Literal::Integer("7".into())
+                Literal::Integer("7")
             ]
         );
         let original = "UPDATE t SET b = b + -12, s = 'it''s' WHERE \"id2\" = 7;";
@@ -577,6 +587,32 @@ mod tests {
         assert!(normalize("SELECT E'x'").is_none());
         assert!(normalize("SELECT 1; SELECT 2").is_none());
         assert!(normalize("SELECT $1").is_none());
+    }
+
+    /// Strings are borrowed from the text unless they hold doubled quotes, which are unescaped
+    /// wherever they stand (first, last, alone, repeated).
+    #[test]
+    fn strings_are_unescaped_wherever_their_quotes_stand() {
+        let Normalized { literals, .. } =
+            normalize("SELECT '''', '', 'plain', 'a''b''c', '''x', 'y'''").unwrap();
+        let texts: Vec<(&str, bool)> = literals
+            .iter()
+            .map(|literal| match literal {
+                Literal::Text(text) => (&**text, matches!(text, Cow::Borrowed(_))),
+                Literal::Integer(_) => unreachable!("only strings here"),
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                ("'", false),
+                ("", true),
+                ("plain", true),
+                ("a'b'c", false),
+                ("'x", false),
+                ("y'", false)
+            ]
+        );
     }
 
     /// Text between literals is copied in runs: identifiers with digits, multi-byte
@@ -595,9 +631,9 @@ mod tests {
         assert_eq!(
             literals,
             vec![
-                Literal::Integer("10".into()),
+                Literal::Integer("10"),
                 Literal::Text("ä'b".into()),
-                Literal::Integer("7".into())
+                Literal::Integer("7")
             ]
         );
         let many: String = (1..=12).map(|n| format!(" AND c = {n}")).collect();
@@ -699,9 +735,9 @@ mod tests {
     #[test]
     fn literals_become_parameters_of_their_own_types() {
         let literals = [
-            Literal::Integer("2147483647".into()),
-            Literal::Integer("2147483648".into()),
-            Literal::Integer("99999999999999999999".into()),
+            Literal::Integer("2147483647"),
+            Literal::Integer("2147483648"),
+            Literal::Integer("99999999999999999999"),
             Literal::Text("it's".into()),
         ];
         let params = literal_params(&literals);
