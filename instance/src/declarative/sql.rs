@@ -6,6 +6,11 @@ use std::time::Duration;
 use super::error::{DeclarativeError, Result};
 use super::statement::Statement;
 
+/// How long the socket connect may take; the whole handshake gets twice as long
+/// (tokio-postgres's `connect_timeout` covers only the socket, and a server that accepts and
+/// does not answer the startup would otherwise hold the reconcile without end).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Opens superuser connections to one server (the instance manager's Unix socket; in tests any
 /// libpq configuration).
 #[derive(Clone)]
@@ -21,7 +26,7 @@ impl Connector {
             // A primary whose synchronous standbys are gone must still be managed; a statement
             // stuck on a lock must not stall every other object.
             .options("-c synchronous_commit=local -c statement_timeout=30000 -c lock_timeout=10000")
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(CONNECT_TIMEOUT);
         Self { config }
     }
 
@@ -36,17 +41,24 @@ impl Connector {
     pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client> {
         let mut config = self.config.clone();
         config.dbname(database);
-        let (client, connection) =
-            config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|error| DeclarativeError::Connect {
-                    database: database.to_string(),
-                    message: error
-                        .as_db_error()
-                        .map(|db| format!("SQLSTATE {}: {}", db.code().code(), db.message()))
-                        .unwrap_or_else(|| error.to_string()),
-                })?;
+        let connecting =
+            tokio::time::timeout(CONNECT_TIMEOUT * 2, config.connect(tokio_postgres::NoTls));
+        let (client, connection) = connecting
+            .await
+            .map_err(|_| DeclarativeError::Connect {
+                database: database.to_string(),
+                message: format!(
+                    "no answer to the startup in {} s",
+                    (CONNECT_TIMEOUT * 2).as_secs()
+                ),
+            })?
+            .map_err(|error| DeclarativeError::Connect {
+                database: database.to_string(),
+                message: error
+                    .as_db_error()
+                    .map(|db| format!("SQLSTATE {}: {}", db.code().code(), db.message()))
+                    .unwrap_or_else(|| error.to_string()),
+            })?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -102,4 +114,34 @@ pub async fn run_alone(client: &tokio_postgres::Client, statement: &Statement) -
         .batch_execute(&statement.sql)
         .await
         .map_err(DeclarativeError::sql(statement.summary.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that accepts and never answers the startup: the declarative reconcile gets a
+    /// Connect error naming the database at the bound, instead of waiting without end.
+    #[tokio::test]
+    async fn a_silent_server_gives_a_connect_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::UnixListener::bind(dir.path().join(".s.PGSQL.5432")).unwrap();
+        let silent = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            drop(stream);
+        });
+        let connector = Connector::local(dir.path(), 5432, "postgres");
+        let outcome = tokio::time::timeout(Duration::from_secs(60), connector.connect("app"))
+            .await
+            .expect("the connect must give up on its own");
+        let error = outcome
+            .expect_err("a silent server is an error")
+            .to_string();
+        assert!(
+            error.contains("app") && error.contains("no answer"),
+            "{error}"
+        );
+        silent.abort();
+    }
 }
