@@ -625,8 +625,8 @@ const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connects with the whole handshake bounded by `limit`. tokio-postgres's `connect_timeout`
 /// covers only the socket's connect: a server that accepts and then does not answer the startup
-/// message (seen under load on 2 cores) held the manager's run loop for 41 s, past its Lease's
-/// renew deadline, and the watchdog fenced a healthy primary.
+/// message would hold the manager's run loop past its Lease's renew deadline, and the watchdog
+/// would fence a healthy primary.
 async fn connect_bounded(
     config: &tokio_postgres::Config,
     limit: Duration,
