@@ -154,6 +154,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("set --config or --kubernetes-cluster"),
     };
+    // Read back by whoever started the router on port 0 (the tests do): the metrics line first,
+    // so that it is there once the frontend's line is.
+    if let Some(metrics) = router.metrics_address() {
+        println!("pg-router metrics on {metrics}");
+    }
     println!("pg-router listening on {}", router.address());
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -3,8 +3,10 @@
 //! the topology comes from the PostgresCluster, its ShardRanges and the shards' primary pods;
 //! clients log in with the roles PostgresUser objects declare; moving a range or a primary in the API changes where statements go, without a restart.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use api::common::ClusterReference;
@@ -24,6 +26,8 @@ use router::vindex::{KeyValue, key_hash};
 use serde_json::json;
 use testbed::pg_tls::TestCa;
 use testbed::{ApiServer, Postgres, PostgresOptions};
+
+use common::process;
 
 const NAMESPACE: &str = "routing";
 const BACKEND_PASSWORD: &str = "router-backend-pw";
@@ -252,24 +256,21 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
     std::fs::write(&key_file, &router_tls.key_pem).unwrap();
 
     // The real pg-router binary in Kubernetes mode.
-    let port = testbed::free_port();
     let log = server.dir().join("router.log");
-    let router = RouterProcess(
-        Command::new(env!("CARGO_BIN_EXE_pg-router"))
-            .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--tls-cert-file")
-            .arg(&cert_file)
-            .arg("--tls-key-file")
-            .arg(&key_file)
-            .env("KUBECONFIG", server.kubeconfig_path())
-            .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
-            .env("LOG_LEVEL", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting pg-router"),
-    );
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pg-router"));
+    command
+        .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--tls-cert-file")
+        .arg(&cert_file)
+        .arg("--tls-key-file")
+        .arg(&key_file)
+        .env("KUBECONFIG", server.kubeconfig_path())
+        .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
+        .env("LOG_LEVEL", "info");
+    process::log_to(&mut command, &log);
+    let mut router = RouterProcess(command.spawn().expect("starting pg-router"));
+    let port = process::listening(&mut router.0, &log).await.port;
     let app = eventually("the router accepts the app login", || async {
         connect(port, "app", "app-pw").await.ok()
     })
@@ -477,19 +478,17 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
     .await;
     let key_0 = (1000..).find(|k| initial_shard(*k) == 0).unwrap();
     let key_1 = (1000..).find(|k| initial_shard(*k) == 1).unwrap();
-    let stalled_port = testbed::free_port();
-    let mut stalled = RouterProcess(
-        Command::new(env!("CARGO_BIN_EXE_pg-router"))
-            .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
-            .args(["--listen", &format!("127.0.0.1:{stalled_port}")])
-            .env("KUBECONFIG", server.kubeconfig_path())
-            .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
-            .env("PG_ROUTER_FAULT", "stall_after_prepare")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the second pg-router"),
-    );
+    let stalled_log = server.dir().join("router-stalled.log");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pg-router"));
+    command
+        .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
+        .args(["--listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", server.kubeconfig_path())
+        .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
+        .env("PG_ROUTER_FAULT", "stall_after_prepare");
+    process::log_to(&mut command, &stalled_log);
+    let mut stalled = RouterProcess(command.spawn().expect("starting the second pg-router"));
+    let stalled_port = process::listening(&mut stalled.0, &stalled_log).await.port;
     let doomed = eventually("the second router accepts logins", || async {
         connect(stalled_port, "app", "app-pw").await.ok()
     })

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
-use common::{SCHEMA_TOML, config_toml, connect, shard_options, start_shards};
+use common::{SCHEMA_TOML, config_toml, connect, process, shard_options, start_shards};
 use nix::sys::signal::Signal;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -139,13 +139,8 @@ async fn routed_queries_are_exported_as_spans_without_literals() {
     let (endpoint, received) = start_receiver().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("router.toml");
-    let port = testbed::free_port();
-    let toml = config_toml(&shards, SCHEMA_TOML).replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-        1,
-    );
-    std::fs::write(&config, toml).unwrap();
+    std::fs::write(&config, config_toml(&shards, SCHEMA_TOML)).unwrap();
+    let log = dir.path().join("router.log");
     let mut command = Command::new(env!("CARGO_BIN_EXE_pg-router"));
     command
         .arg("--config")
@@ -153,15 +148,12 @@ async fn routed_queries_are_exported_as_spans_without_literals() {
         .env("LOG_LEVEL", "info")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env_remove("OTEL_SERVICE_NAME")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .env_remove("OTEL_SERVICE_NAME");
+    process::log_to(&mut command, &log);
     die_with_parent(&mut command);
-    let mut router = ChildGuard::new(
-        command.spawn().expect("spawning pg-router"),
-        Signal::SIGTERM,
-        Duration::from_secs(20),
-    );
+    let mut child = command.spawn().expect("spawning pg-router");
+    let port = process::listening(&mut child, &log).await.port;
+    let mut router = ChildGuard::new(child, Signal::SIGTERM, Duration::from_secs(20));
 
     // Act: DDL, a single-shard insert and read, a parameterized read, a scatter read and a
     // failing statement, all through the router; then stop it.

@@ -3,10 +3,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, SCHEMA_TOML, config_toml, connect};
+use common::{Cluster, SCHEMA_TOML, config_toml, connect, process};
 use router::vindex::KeyValue;
 
 /// Two customer ids on different shards, the first on the lower shard.
@@ -210,20 +211,18 @@ struct RouterProcess {
 }
 
 impl RouterProcess {
-    fn start(config: &std::path::Path, port: u16, fault: Option<&str>) -> Self {
+    /// Starts pg-router on `config` (which listens on port 0) and waits until it listens; its
+    /// output goes to `log`.
+    async fn start(config: &Path, log: &Path, fault: Option<&str>) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_pg-router"));
-        command
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        command.arg("--config").arg(config);
         if let Some(fault) = fault {
             command.env("PG_ROUTER_FAULT", fault);
         }
-        Self {
-            child: command.spawn().expect("spawning pg-router"),
-            port,
-        }
+        process::log_to(&mut command, log);
+        let mut child = command.spawn().expect("spawning pg-router");
+        let port = process::listening(&mut child, log).await.port;
+        Self { child, port }
     }
 
     fn url(&self) -> String {
@@ -247,15 +246,10 @@ async fn crash_and_recover(fault: &str) -> (Cluster, i64) {
     let (a, b) = ids_on_two_shards(&cluster);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("router.toml");
-    let port = testbed::free_port();
-    let toml = config_toml(&cluster.shards, SCHEMA_TOML).replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-        1,
-    );
-    std::fs::write(&path, toml).unwrap();
+    std::fs::write(&path, config_toml(&cluster.shards, SCHEMA_TOML)).unwrap();
+    let log = dir.path().join("router.log");
 
-    let process = RouterProcess::start(&path, port, Some(fault));
+    let process = RouterProcess::start(&path, &log, Some(fault)).await;
     let client = connect(&process.url()).await;
     client.batch_execute("BEGIN").await.unwrap();
     client
@@ -282,7 +276,8 @@ async fn crash_and_recover(fault: &str) -> (Cluster, i64) {
     );
 
     // A new router instance resolves it from the decision record.
-    let _process = RouterProcess::start(&path, port, None);
+    let restarted_log = dir.path().join("router-restarted.log");
+    let _process = RouterProcess::start(&path, &restarted_log, None).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if count_everywhere(&cluster, "SELECT count(*) FROM pg_prepared_xacts").await == 0 {

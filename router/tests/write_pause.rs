@@ -6,7 +6,9 @@
 //! has not seen the flip hits the source's fence, re-reads its topology and lands on the new
 //! shard.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use api::common::ClusterReference;
@@ -24,6 +26,8 @@ use router::vindex::{KeyValue, key_hash};
 use serde_json::json;
 use testbed::{ApiServer, Postgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::process;
 
 const NAMESPACE: &str = "cutover";
 const BACKEND_PASSWORD: &str = "router-backend-pw";
@@ -46,28 +50,36 @@ impl Drop for RouterProcess {
     }
 }
 
-/// Starts the real pg-router for cluster `db`, with a hold bound and an optional fault.
-fn start_router(server: &ApiServer, hold_ms: u64, fault: Option<&str>) -> RouterProcess {
-    let port = testbed::free_port();
-    let metrics_port = testbed::free_port();
+/// Starts the real pg-router `name` for cluster `db`, with a hold bound and an optional fault;
+/// returns once it listens (its log is `router-<name>.log` beside the API server's).
+async fn start_router(
+    server: &ApiServer,
+    name: &str,
+    hold_ms: u64,
+    fault: Option<&str>,
+) -> RouterProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pg-router"));
     command
         .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .args(["--write-pause-hold-ms", &hold_ms.to_string()])
         .env("KUBECONFIG", server.kubeconfig_path())
         .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
-        .env("LOG_LEVEL", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .env("LOG_LEVEL", "info");
     if let Some(fault) = fault {
         command.env("PG_ROUTER_FAULT", fault);
     }
+    let log = server.dir().join(format!("router-{name}.log"));
+    process::log_to(&mut command, &log);
+    let mut child = command.spawn().expect("starting pg-router");
+    let listening = process::listening(&mut child, &log).await;
     RouterProcess {
-        child: command.spawn().expect("starting pg-router"),
-        port,
-        metrics_port,
+        child,
+        port: listening.port,
+        metrics_port: listening
+            .metrics_port
+            .expect("the router reports its metrics address"),
     }
 }
 
@@ -300,10 +312,10 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
     // Router A follows the API (long hold bound); router B too, with a short bound; routers
     // S1 and S2 model routers whose watch lags: they keep their first topology until a
     // shard's fence makes them read the objects again.
-    let router_a = start_router(&server, 30_000, None);
-    let router_b = start_router(&server, 700, None);
-    let router_s1 = start_router(&server, 5_000, Some("ignore_topology_watch"));
-    let router_s2 = start_router(&server, 5_000, Some("ignore_topology_watch"));
+    let router_a = start_router(&server, "a", 30_000, None).await;
+    let router_b = start_router(&server, "b", 700, None).await;
+    let router_s1 = start_router(&server, "s1", 5_000, Some("ignore_topology_watch")).await;
+    let router_s2 = start_router(&server, "s2", 5_000, Some("ignore_topology_watch")).await;
     let a = eventually("router A accepts logins", || connect(&router_a)).await;
     let b = eventually("router B accepts logins", || connect(&router_b)).await;
     let s1 = eventually("router S1 accepts logins", || connect(&router_s1)).await;
