@@ -5,7 +5,8 @@
 //! # Modules
 //! - [`decision`]: the pure part (role state machine, candidacy, synchronous standbys).
 //! - [`manager`]: the run loop that observes and acts.
-//! - [`postgres`]: the local PostgreSQL (files, programs, child process).
+//! - [`postgres`]: the local PostgreSQL (files, programs, child process); [`connect`]: connects
+//!   bounded as a whole.
 //! - [`cluster`] and [`lease`]: the Kubernetes objects (Lease, pods, Secrets).
 //! - [`http`], [`metrics`], [`status`]: what the instance publishes.
 //! - [`declarative`]: PostgresUser and PostgresDatabase, applied by the primary.
@@ -40,6 +41,7 @@ pub mod backup;
 pub mod bootstrap;
 pub mod cluster;
 pub mod config;
+pub mod connect;
 pub mod database_metrics;
 pub mod decision;
 pub mod declarative;

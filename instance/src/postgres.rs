@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 
 use crate::cluster::Credentials;
 use crate::config::Config;
+use crate::connect::{ConnectError, connect_within};
 use crate::error::{Error, Result};
 use crate::quote;
 use crate::tls::{self, TlsFiles};
@@ -585,7 +586,18 @@ impl LocalPostgres {
             // standbys are gone must still be managed) and never hang the run loop.
             .options("-c synchronous_commit=local -c statement_timeout=10000")
             .connect_timeout(LOCAL_CONNECT_TIMEOUT);
-        connect_bounded(&config, LOCAL_CONNECT_TIMEOUT * 2).await
+        connect_within(&config, LOCAL_CONNECT_TIMEOUT * 2)
+            .await
+            .map_err(|error| match error {
+                ConnectError::Postgres(source) => Error::Postgres {
+                    what: "connecting to the local PostgreSQL".into(),
+                    source,
+                },
+                timed_out @ ConnectError::TimedOut(_) => Error::Io {
+                    what: format!("connecting to the local PostgreSQL: {timed_out}"),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                },
+            })
     }
 
     /// "Latest checkpoint location" of the server, from pg_controldata, when it was shut down
@@ -623,30 +635,6 @@ fn libc_prctl_pdeathsig() -> i32 {
 /// twice as long).
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Connects with the whole handshake bounded by `limit`. tokio-postgres's `connect_timeout`
-/// covers only the socket's connect: a server that accepts and then does not answer the startup
-/// message would hold the manager's run loop past its Lease's renew deadline, and the watchdog
-/// would fence a healthy primary.
-async fn connect_bounded(
-    config: &tokio_postgres::Config,
-    limit: Duration,
-) -> Result<tokio_postgres::Client> {
-    let (client, connection) = tokio::time::timeout(limit, config.connect(tokio_postgres::NoTls))
-        .await
-        .map_err(|_| Error::Io {
-            what: format!(
-                "connecting to the local PostgreSQL: no answer to the startup in {} s",
-                limit.as_secs_f64()
-            ),
-            source: std::io::ErrorKind::TimedOut.into(),
-        })?
-        .map_err(Error::postgres("connecting to the local PostgreSQL"))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -661,38 +649,5 @@ mod tests {
             initdb_options("LATIN1", "en_US", false),
             ["--encoding=LATIN1", "--locale=en_US", "--no-data-checksums"]
         );
-    }
-
-    /// A server that accepts the connection and never answers the startup message: the
-    /// connect gives up at its limit instead of holding the caller (the run loop) forever.
-    #[tokio::test]
-    async fn a_silent_server_does_not_hold_the_connect() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join(".s.PGSQL.5432");
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let silent = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            // Keep the connection open without a word.
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            drop(stream);
-        });
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host_path(dir.path())
-            .port(5432)
-            .user("postgres")
-            .connect_timeout(Duration::from_secs(1));
-        let outcome = tokio::time::timeout(
-            Duration::from_secs(20),
-            connect_bounded(&config, Duration::from_millis(300)),
-        )
-        .await
-        .expect("the connect must give up on its own");
-        let error = outcome.expect_err("a silent server is an error");
-        assert!(
-            error.to_string().contains("no answer to the startup"),
-            "{error}"
-        );
-        silent.abort();
     }
 }

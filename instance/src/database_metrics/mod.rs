@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::warn;
 
+use crate::connect::connect_within;
 use exposition::{Exposition, MetricType};
 use query::Query;
 
@@ -156,21 +157,11 @@ impl DatabaseMetrics {
         };
         if client.as_ref().is_none_or(Client::is_closed) {
             *client = None;
-            let connect = settings.connection.connect(tokio_postgres::NoTls);
-            match tokio::time::timeout_at(deadline, connect).await {
-                Ok(Ok((new_client, connection))) => {
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    *client = Some(new_client);
-                }
-                Ok(Err(error)) => {
+            let limit = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match connect_within(&settings.connection, limit).await {
+                Ok(new_client) => *client = Some(new_client),
+                Err(error) => {
                     warn!(%error, "metrics: cannot connect to PostgreSQL");
-                    fail_all(exposition);
-                    return false;
-                }
-                Err(_) => {
-                    warn!("metrics: connecting to PostgreSQL timed out");
                     fail_all(exposition);
                     return false;
                 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::error::{DeclarativeError, Result};
 use super::statement::Statement;
+use crate::connect::connect_within;
 
 /// How long the socket connect may take; the whole handshake gets twice as long
 /// (tokio-postgres's `connect_timeout` covers only the socket, and a server that accepts and
@@ -41,28 +42,12 @@ impl Connector {
     pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client> {
         let mut config = self.config.clone();
         config.dbname(database);
-        let connecting =
-            tokio::time::timeout(CONNECT_TIMEOUT * 2, config.connect(tokio_postgres::NoTls));
-        let (client, connection) = connecting
+        connect_within(&config, CONNECT_TIMEOUT * 2)
             .await
-            .map_err(|_| DeclarativeError::Connect {
-                database: database.to_string(),
-                message: format!(
-                    "no answer to the startup in {} s",
-                    (CONNECT_TIMEOUT * 2).as_secs()
-                ),
-            })?
             .map_err(|error| DeclarativeError::Connect {
                 database: database.to_string(),
-                message: error
-                    .as_db_error()
-                    .map(|db| format!("SQLSTATE {}: {}", db.code().code(), db.message()))
-                    .unwrap_or_else(|| error.to_string()),
-            })?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+                message: error.to_string(),
+            })
     }
 }
 
