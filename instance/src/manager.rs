@@ -35,6 +35,7 @@ use crate::status::InstanceStatus;
 use crate::watchdog::Watchdog;
 
 mod election;
+mod phases;
 mod primary;
 mod restore;
 mod status;
@@ -185,6 +186,7 @@ pub async fn run(config: Config) -> Result<()> {
         data_lost: None,
         outage_confirmed_at: None,
         outage_logged: false,
+        local_client: None,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::io("SIGTERM handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::io("SIGINT handler"))?;
@@ -357,6 +359,9 @@ struct Manager {
     outage_confirmed_at: Option<Instant>,
     /// Whether the last peers check confirmed an outage (logged on change, not every tick).
     outage_logged: bool,
+    /// The run loop's connection to the local PostgreSQL, kept across ticks (see
+    /// [`Manager::local_client`]).
+    local_client: Option<Arc<tokio_postgres::Client>>,
 }
 
 impl Manager {
@@ -366,15 +371,21 @@ impl Manager {
 
     async fn tick(&mut self) {
         let now = Instant::now();
+        let mut phases = phases::Phases::start();
         self.observe_lease(now).await;
+        phases.end("lease");
         if self.api_reachable {
             self.observe_members().await;
         }
+        phases.end("members");
         self.restart_on_request().await;
+        phases.end("restart_request");
         self.reload_on_config_change();
         self.reload_on_certificate_change();
         self.supervise().await;
+        phases.end("supervise");
         self.local = self.query_local().await;
+        phases.end("local_status");
         if self.local.is_some() {
             self.restarts_since_ready = 0;
             self.postgres_down_since = None;
@@ -415,6 +426,7 @@ impl Manager {
         if self.role == Role::Primary && since_renewal >= self.config.renew_deadline() {
             let confirmed_at = Instant::now();
             let confirmed = self.peers_confirm_api_outage().await;
+            phases.end("peers");
             if confirmed {
                 // None of them can promote before a whole Lease duration after it reaches the API
                 // server again: the confirmation counts as a renewal.
@@ -445,6 +457,7 @@ impl Manager {
                 self.last_error = Some(error.to_string());
             }
         }
+        phases.end("act");
         let writable = self.role == Role::Primary
             && self
                 .local
@@ -458,6 +471,16 @@ impl Manager {
             None
         });
         self.publish().await;
+        phases.end("publish");
+        // Half the renew deadline: a primary's next renewal is then already late.
+        if phases.total() >= self.config.renew_deadline() / 2 {
+            warn!(
+                took_ms = phases.total().as_millis() as u64,
+                slowest = %phases.summary(),
+                role = ?self.role,
+                "slow tick"
+            );
+        }
     }
 
     /// Whether this replica cannot follow: it accepts writes (promoted by someone else), or it has
@@ -537,6 +560,7 @@ impl Manager {
                 }
                 Err(error) if error.is_conflict() => {
                     // Changed since we read it (an annotation, or another holder): read again.
+                    debug!("renewing the Lease: changed since it was read; reading it again");
                 }
                 Err(error) => {
                     debug!(%error, "renewing the Lease failed");

@@ -847,3 +847,46 @@ async fn preferred_durability_keeps_writing_when_the_standbys_are_gone() {
         .get(0);
     assert_eq!(names, "", "asynchronous while no standby streams");
 }
+
+/// The run loop keeps one connection to its PostgreSQL across ticks (four a second): a new
+/// backend per tick costs a fork and a login each, which on a saturated node took seconds out of
+/// ticks whose Lease renewal cannot wait (the watchdog then fenced a healthy primary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_loop_keeps_one_connection_to_its_postgres() {
+    let cluster = TestCluster::start("keep", 1, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(0, STARTUP)
+        .await
+        .unwrap();
+    let client = cluster.connect(primary).await.unwrap();
+    let run_loop_backends = || {
+        let client = &client;
+        async move {
+            let rows = client
+                .query(
+                    "SELECT pid, backend_start::text FROM pg_stat_activity \
+                     WHERE application_name = 'pg-instance'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|row| (row.get::<_, i32>(0), row.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+        }
+    };
+    eventually("the run loop's connection is there", STARTUP, || async {
+        run_loop_backends().await.len() == 1
+    })
+    .await
+    .unwrap();
+    let first = run_loop_backends().await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            run_loop_backends().await,
+            first,
+            "the run loop opened another backend"
+        );
+    }
+}

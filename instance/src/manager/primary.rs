@@ -60,15 +60,24 @@ impl Manager {
         if !local.postgres_ready || local.in_recovery != Some(false) {
             return Ok(());
         }
-        let client = self.postgres.connect().await?;
+        let client = self.local_client().await?;
+        let upkeep = self.primary_upkeep(&client).await;
+        if upkeep.is_err() {
+            // A broken connection is replaced on the next tick.
+            self.local_client = None;
+        }
+        upkeep
+    }
+
+    async fn primary_upkeep(&mut self, client: &tokio_postgres::Client) -> Result<()> {
         if !self.roles_ensured {
-            self.ensure_roles(&client).await?;
+            self.ensure_roles(client).await?;
             self.roles_ensured = true;
         }
         if !self.api_reachable {
             return Ok(());
         }
-        self.mark_bootstrapped(&client).await?;
+        self.mark_bootstrapped(client).await?;
         let pods = self.other_pods();
         let wanted_slots: Vec<String> = pods.iter().map(|pod| quote::slot_name(pod)).collect();
         let slots = client

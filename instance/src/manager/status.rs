@@ -7,14 +7,10 @@ impl Manager {
     /// Reads role, timeline, LSNs, lag and counters from the local PostgreSQL.
     pub(super) async fn query_local(&mut self) -> Option<InstanceStatus> {
         if !self.postgres.is_running() {
+            self.local_client = None;
             return None;
         }
-        let client = self.postgres.connect().await.ok()?;
-        let row = client
-            .query_one(LOCAL_STATUS_QUERY, &[])
-            .await
-            .map_err(|error| debug!(%error, "status query failed"))
-            .ok()?;
+        let row = self.local_status_row().await?;
         let in_recovery: bool = row.get(0);
         let streaming_applications: Vec<String> = row.get(12);
         let streaming_replicas = self
@@ -40,6 +36,40 @@ impl Manager {
             wal_bytes: row.get(11),
             ..InstanceStatus::default()
         })
+    }
+
+    /// The run loop's connection to the local PostgreSQL, kept across ticks: a new backend twice
+    /// a tick (status, primary upkeep) costs a fork and a login each, and on a saturated node
+    /// (2 cores under pgbench) that took up to 2 s of a tick whose Lease renewal cannot wait.
+    pub(super) async fn local_client(&mut self) -> Result<Arc<tokio_postgres::Client>> {
+        if let Some(client) = &self.local_client
+            && !client.is_closed()
+        {
+            return Ok(client.clone());
+        }
+        self.local_client = None;
+        let client = Arc::new(self.postgres.connect().await?);
+        self.local_client = Some(client.clone());
+        Ok(client)
+    }
+
+    /// The status row; a kept connection that fails (PostgreSQL restarted since) is replaced
+    /// once, so that a restart does not show as a tick without status.
+    async fn local_status_row(&mut self) -> Option<tokio_postgres::Row> {
+        loop {
+            let reused = self.local_client.is_some();
+            let client = self.local_client().await.ok()?;
+            match client.query_one(LOCAL_STATUS_QUERY, &[]).await {
+                Ok(row) => return Some(row),
+                Err(error) => {
+                    self.local_client = None;
+                    if !reused {
+                        debug!(%error, "status query failed");
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Updates `/status`, the metrics, the pod's role label and status annotation.
