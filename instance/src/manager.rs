@@ -372,6 +372,7 @@ impl Manager {
     async fn tick(&mut self) {
         let now = Instant::now();
         let mut phases = phases::Phases::start();
+        let was_primary = self.role == Role::Primary;
         self.observe_lease(now).await;
         phases.end("lease");
         if self.api_reachable {
@@ -472,14 +473,16 @@ impl Manager {
         });
         self.publish().await;
         phases.end("publish");
-        // Half the renew deadline: a primary's next renewal is then already late.
+        // Half the renew deadline: a primary's next renewal is then already late. Other roles
+        // have long steps by design (initdb, a clone, a rewind): only a primary's is a warning.
         if phases.total() >= self.config.renew_deadline() / 2 {
-            warn!(
-                took_ms = phases.total().as_millis() as u64,
-                slowest = %phases.summary(),
-                role = ?self.role,
-                "slow tick"
-            );
+            let took_ms = phases.total().as_millis() as u64;
+            let slowest = phases.summary();
+            if was_primary {
+                warn!(took_ms, %slowest, "slow tick: the primary's next Lease renewal is late");
+            } else {
+                debug!(took_ms, %slowest, role = ?self.role, "slow tick");
+            }
         }
     }
 
