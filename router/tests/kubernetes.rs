@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use api::common::ClusterReference;
@@ -27,19 +27,10 @@ use serde_json::json;
 use testbed::pg_tls::TestCa;
 use testbed::{ApiServer, Postgres, PostgresOptions};
 
-use common::process;
+use common::process::RouterProcess;
 
 const NAMESPACE: &str = "routing";
 const BACKEND_PASSWORD: &str = "router-backend-pw";
-
-struct RouterProcess(Child);
-
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn meta(name: &str) -> ObjectMeta {
     ObjectMeta {
@@ -268,9 +259,8 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         .env("KUBECONFIG", server.kubeconfig_path())
         .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
         .env("LOG_LEVEL", "info");
-    process::log_to(&mut command, &log);
-    let mut router = RouterProcess(command.spawn().expect("starting pg-router"));
-    let port = process::listening(&mut router.0, &log).await.port;
+    let router = RouterProcess::start(command, &log).await;
+    let port = router.port;
     let app = eventually("the router accepts the app login", || async {
         connect(port, "app", "app-pw").await.ok()
     })
@@ -486,9 +476,8 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         .env("KUBECONFIG", server.kubeconfig_path())
         .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
         .env("PG_ROUTER_FAULT", "stall_after_prepare");
-    process::log_to(&mut command, &stalled_log);
-    let mut stalled = RouterProcess(command.spawn().expect("starting the second pg-router"));
-    let stalled_port = process::listening(&mut stalled.0, &stalled_log).await.port;
+    let mut stalled = RouterProcess::start(command, &stalled_log).await;
+    let stalled_port = stalled.port;
     let doomed = eventually("the second router accepts logins", || async {
         connect(stalled_port, "app", "app-pw").await.ok()
     })
@@ -514,8 +503,8 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         on_shards, 1,
         "one branch prepared, the coordinator's still open"
     );
-    stalled.0.kill().expect("kill -9 the router");
-    let _ = stalled.0.wait();
+    stalled.child.kill().expect("kill -9 the router");
+    let _ = stalled.child.wait();
     assert!(
         transaction.await.unwrap().is_err(),
         "the client saw its router die"

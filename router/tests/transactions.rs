@@ -4,10 +4,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, SCHEMA_TOML, config_toml, connect, process};
+use common::process::RouterProcess;
+use common::{Cluster, SCHEMA_TOML, config_toml, connect};
 use router::vindex::KeyValue;
 
 /// Two customer ids on different shards, the first on the lower shard.
@@ -205,39 +206,15 @@ async fn cross_shard_transactions_are_atomic() {
     );
 }
 
-struct RouterProcess {
-    child: Child,
-    port: u16,
-}
-
-impl RouterProcess {
-    /// Starts pg-router on `config` (which listens on port 0) and waits until it listens; its
-    /// output goes to `log`.
-    async fn start(config: &Path, log: &Path, fault: Option<&str>) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pg-router"));
-        command.arg("--config").arg(config);
-        if let Some(fault) = fault {
-            command.env("PG_ROUTER_FAULT", fault);
-        }
-        process::log_to(&mut command, log);
-        let mut child = command.spawn().expect("spawning pg-router");
-        let port = process::listening(&mut child, log).await.port;
-        Self { child, port }
+/// Starts pg-router on `config` (which listens on port 0) and waits until it listens; its
+/// output goes to `log`.
+async fn start_router(config: &Path, log: &Path, fault: Option<&str>) -> RouterProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pg-router"));
+    command.arg("--config").arg(config);
+    if let Some(fault) = fault {
+        command.env("PG_ROUTER_FAULT", fault);
     }
-
-    fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
-    }
-}
-
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    RouterProcess::start(command, log).await
 }
 
 async fn crash_and_recover(fault: &str) -> (Cluster, i64) {
@@ -249,8 +226,12 @@ async fn crash_and_recover(fault: &str) -> (Cluster, i64) {
     std::fs::write(&path, config_toml(&cluster.shards, SCHEMA_TOML)).unwrap();
     let log = dir.path().join("router.log");
 
-    let process = RouterProcess::start(&path, &log, Some(fault)).await;
-    let client = connect(&process.url()).await;
+    let process = start_router(&path, &log, Some(fault)).await;
+    let client = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        process.port
+    ))
+    .await;
     client.batch_execute("BEGIN").await.unwrap();
     client
         .execute(
@@ -277,7 +258,7 @@ async fn crash_and_recover(fault: &str) -> (Cluster, i64) {
 
     // A new router instance resolves it from the decision record.
     let restarted_log = dir.path().join("router-restarted.log");
-    let _process = RouterProcess::start(&path, &restarted_log, None).await;
+    let _process = start_router(&path, &restarted_log, None).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if count_everywhere(&cluster, "SELECT count(*) FROM pg_prepared_xacts").await == 0 {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use api::common::ClusterReference;
@@ -27,7 +27,7 @@ use serde_json::json;
 use testbed::{ApiServer, Postgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::process;
+use common::process::RouterProcess;
 
 const NAMESPACE: &str = "cutover";
 const BACKEND_PASSWORD: &str = "router-backend-pw";
@@ -36,19 +36,6 @@ const SPLIT_AT: i64 = 1 << 62;
 const MOVING: &str = "db-customers-1b";
 const TABLE: &str = "CREATE TABLE orders (customer_id bigint, id bigint, note text, \
                      PRIMARY KEY (customer_id, id))";
-
-struct RouterProcess {
-    child: Child,
-    port: u16,
-    metrics_port: u16,
-}
-
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Starts the real pg-router `name` for cluster `db`, with a hold bound and an optional fault;
 /// returns once it listens (its log is `router-<name>.log` beside the API server's).
@@ -71,20 +58,16 @@ async fn start_router(
         command.env("PG_ROUTER_FAULT", fault);
     }
     let log = server.dir().join(format!("router-{name}.log"));
-    process::log_to(&mut command, &log);
-    let mut child = command.spawn().expect("starting pg-router");
-    let listening = process::listening(&mut child, &log).await;
-    RouterProcess {
-        child,
-        port: listening.port,
-        metrics_port: listening
-            .metrics_port
-            .expect("the router reports its metrics address"),
-    }
+    let router = RouterProcess::start(command, &log).await;
+    assert!(
+        router.metrics_port.is_some(),
+        "the router reports its metrics address"
+    );
+    router
 }
 
 async fn scrape(router: &RouterProcess) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", router.metrics_port))
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", router.metrics_port?))
         .await
         .ok()?;
     stream

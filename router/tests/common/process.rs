@@ -73,3 +73,35 @@ pub async fn listening(child: &mut Child, log: &Path) -> Listening {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A pg-router started by [`RouterProcess::start`], killed (SIGKILL) when dropped.
+pub struct RouterProcess {
+    /// The process.
+    pub child: Child,
+    /// Its PostgreSQL frontend.
+    pub port: u16,
+    /// Its metrics endpoint, when it has one.
+    pub metrics_port: Option<u16>,
+}
+
+impl RouterProcess {
+    /// Spawns `command` (a pg-router listening on port 0) with its output in `log`, and waits
+    /// until it listens.
+    pub async fn start(mut command: Command, log: &Path) -> Self {
+        log_to(&mut command, log);
+        let mut child = command.spawn().expect("starting pg-router");
+        let Listening { port, metrics_port } = listening(&mut child, log).await;
+        Self {
+            child,
+            port,
+            metrics_port,
+        }
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
