@@ -21,10 +21,7 @@ impl std::fmt::Display for ConnectError {
             ConnectError::TimedOut(limit) => {
                 write!(f, "no answer to the startup in {} s", limit.as_secs_f64())
             }
-            ConnectError::Postgres(error) => match error.as_db_error() {
-                Some(db) => write!(f, "SQLSTATE {}: {}", db.code().code(), db.message()),
-                None => write!(f, "{error}"),
-            },
+            ConnectError::Postgres(error) => f.write_str(&crate::error::describe_postgres(error)),
         }
     }
 }

@@ -16,7 +16,7 @@ pub enum Error {
     #[error("Kubernetes API call timed out ({0}); is the API server reachable?")]
     KubeTimeout(String),
     /// A query to the local PostgreSQL failed.
-    #[error("PostgreSQL query failed ({what}): {source}")]
+    #[error("PostgreSQL query failed ({what}): {}", describe_postgres(source))]
     Postgres {
         /// The query's purpose.
         what: String,
@@ -73,5 +73,42 @@ impl Error {
     }
 }
 
+/// A driver error with what PostgreSQL said (SQLSTATE and message) or why the connection failed:
+/// the driver's own text is only "db error" for an error the server sent.
+pub fn describe_postgres(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        },
+    }
+}
+
 /// Result of the instance manager's operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_driver_error_says_why_the_connection_failed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let error = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=nobody connect_timeout=2"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .err()
+        .expect("nothing listens there");
+        let text = Error::postgres("connecting")(error).to_string();
+        assert!(
+            text.starts_with("PostgreSQL query failed (connecting): error connecting to server: ")
+                && text.contains("Connection refused"),
+            "{text}"
+        );
+    }
+}

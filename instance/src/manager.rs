@@ -38,6 +38,7 @@ mod election;
 mod phases;
 mod primary;
 mod restore;
+mod roles;
 mod status;
 mod switchover;
 
@@ -141,6 +142,12 @@ pub async fn run(config: Config) -> Result<()> {
 
     let watchdog = Arc::new(Watchdog::default());
     tokio::spawn(watchdog.clone().run(Duration::from_millis(100)));
+    let bootstrap_roles = Arc::new(roles::BootstrapRoles {
+        superuser: superuser.clone(),
+        replication: replication.clone(),
+        app,
+        app_database: config.app_database.clone(),
+    });
     let mut manager = Manager {
         watchdog,
         tick: config.tick(),
@@ -152,9 +159,9 @@ pub async fn run(config: Config) -> Result<()> {
         lease: LeaseTracker::default(),
         last_renewal: None,
         members: Vec::new(),
+        bootstrap_roles,
         superuser,
         replication,
-        app,
         api_reachable: false,
         fence_requested: false,
         cluster_fence: None,
@@ -165,7 +172,7 @@ pub async fn run(config: Config) -> Result<()> {
         last_join: None,
         last_error: None,
         switchover_since: None,
-        roles_ensured: false,
+        roles: roles::RoleUpkeep::default(),
         serving_since: None,
         synchronous_set: Vec::new(),
         last_wait_reason: None,
@@ -308,7 +315,6 @@ struct Manager {
     members: Vec<Member>,
     superuser: Credentials,
     replication: Credentials,
-    app: Option<Credentials>,
     api_reachable: bool,
     fence_requested: bool,
     cluster_fence: Option<String>,
@@ -319,7 +325,9 @@ struct Manager {
     last_join: Option<String>,
     last_error: Option<String>,
     switchover_since: Option<(String, Instant)>,
-    roles_ensured: bool,
+    /// The bootstrap roles and the application database (primary).
+    roles: roles::RoleUpkeep,
+    bootstrap_roles: Arc<roles::BootstrapRoles>,
     /// First primary upkeep of this process (see [`bootstrap::SINGLE_INSTANCE_GRACE`]).
     serving_since: Option<Instant>,
     synchronous_set: Vec<String>,
@@ -643,7 +651,7 @@ impl Manager {
         if let Err(error) = self.postgres.start(self.config.renew_deadline() / 2).await {
             debug!(%error, "postgres not ready yet after the requested restart");
         }
-        self.roles_ensured = false;
+        self.roles.reset();
         self.restart_token = Some(requested);
     }
 
@@ -751,7 +759,7 @@ impl Manager {
         self.restarts += 1;
         self.restarts_since_ready += 1;
         self.postgres_down_since.get_or_insert_with(Instant::now);
-        self.roles_ensured = false;
+        self.roles.reset();
         if let Err(error) = self.postgres.start(Duration::ZERO).await {
             debug!(%error, "postgres restart pending");
             self.last_error = Some(format!("restarting PostgreSQL: {error}"));

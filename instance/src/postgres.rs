@@ -575,29 +575,24 @@ impl LocalPostgres {
 
     /// A connection over the private Unix socket, as the superuser.
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        self.connector("pg-instance").connect().await
+    }
+
+    /// What [`Self::connect`] does, for a task that runs beside the run loop (it cannot borrow
+    /// the server); `application_name` tells its backends apart in pg_stat_activity.
+    pub fn connector(&self, application_name: &str) -> LocalConnector {
         let mut config = tokio_postgres::Config::new();
         config
             .host_path(&self.run_dir)
             .port(self.port)
             .user(&self.superuser)
             .dbname("postgres")
-            .application_name("pg-instance")
+            .application_name(application_name)
             // The instance manager's own statements never wait for standbys (a primary whose
             // standbys are gone must still be managed) and never hang the run loop.
             .options("-c synchronous_commit=local -c statement_timeout=10000")
             .connect_timeout(LOCAL_CONNECT_TIMEOUT);
-        connect_within(&config, LOCAL_CONNECT_TIMEOUT * 2)
-            .await
-            .map_err(|error| match error {
-                ConnectError::Postgres(source) => Error::Postgres {
-                    what: "connecting to the local PostgreSQL".into(),
-                    source,
-                },
-                timed_out @ ConnectError::TimedOut(_) => Error::Io {
-                    what: format!("connecting to the local PostgreSQL: {timed_out}"),
-                    source: std::io::ErrorKind::TimedOut.into(),
-                },
-            })
+        LocalConnector { config }
     }
 
     /// "Latest checkpoint location" of the server, from pg_controldata, when it was shut down
@@ -634,6 +629,31 @@ fn libc_prctl_pdeathsig() -> i32 {
 /// How long the socket connect to the local PostgreSQL may take (the whole handshake gets
 /// twice as long).
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to the local PostgreSQL as the superuser over the private socket.
+#[derive(Clone)]
+pub struct LocalConnector {
+    config: tokio_postgres::Config,
+}
+
+impl LocalConnector {
+    /// A new connection, or an error within twice the connect timeout (a server that accepts
+    /// the socket and never answers does not hold the caller).
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        connect_within(&self.config, LOCAL_CONNECT_TIMEOUT * 2)
+            .await
+            .map_err(|error| match error {
+                ConnectError::Postgres(source) => Error::Postgres {
+                    what: "connecting to the local PostgreSQL".into(),
+                    source,
+                },
+                timed_out @ ConnectError::TimedOut(_) => Error::Io {
+                    what: format!("connecting to the local PostgreSQL: {timed_out}"),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                },
+            })
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -890,3 +890,128 @@ async fn the_run_loop_keeps_one_connection_to_its_postgres() {
         );
     }
 }
+
+/// A bootstrap role statement that waits (ALTER ROLE behind a prepared transaction that holds the
+/// role's row, across the restart that makes the roles again) runs beside the run loop: the
+/// primary keeps its Lease and its PostgreSQL, its status says what waits, and the roles are made
+/// once the lock is gone. Held in the run loop, the statement kept the Lease from being renewed
+/// and the watchdog fenced the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_statement_that_waits_does_not_hold_the_run_loop() {
+    let cluster = TestCluster::start("rolewait", 1, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(0, STARTUP)
+        .await
+        .unwrap();
+    let restarted = |token: &'static str| {
+        let cluster = &cluster;
+        async move {
+            cluster
+                .annotate_pod(primary, contract::ANNOTATION_RESTART, Some(token))
+                .await
+                .unwrap();
+            eventually("PostgreSQL restarted on request", STARTUP, || async move {
+                cluster.status(primary).await.is_some_and(|status| {
+                    status.restart_token.as_deref() == Some(token) && status.postgres_ready
+                })
+            })
+            .await
+            .unwrap();
+        }
+    };
+    std::fs::write(
+        cluster.instances[primary].included_config(),
+        "max_prepared_transactions = 2\n",
+    )
+    .unwrap();
+    restarted("prepared").await;
+    let client = cluster.connect(primary).await.unwrap();
+    client
+        .batch_execute(
+            "BEGIN; ALTER ROLE app CONNECTION LIMIT 50; PREPARE TRANSACTION 'hold-app-role'",
+        )
+        .await
+        .unwrap();
+    drop(client);
+
+    let before = cluster.instances[primary].postmaster_pid();
+    cluster
+        .annotate_pod(primary, contract::ANNOTATION_RESTART, Some("held"))
+        .await
+        .unwrap();
+    eventually("PostgreSQL restarted on request", STARTUP, || async {
+        cluster.instances[primary].postmaster_pid() != before
+            && cluster.connect(primary).await.is_ok()
+    })
+    .await
+    .unwrap();
+    // The manager's ALTER ROLE app waits 10 s (its statement timeout) on the prepared
+    // transaction, more than three times the watchdog's window.
+    let watcher = cluster.connect(primary).await.unwrap();
+    let restarted_at = std::time::Instant::now();
+    let mut published_after = None;
+    while restarted_at.elapsed() < Duration::from_secs(12) {
+        if let Err(error) = watcher.simple_query("SELECT 1").await {
+            panic!(
+                "PostgreSQL was stopped after {:?}: {error}\n{}",
+                restarted_at.elapsed(),
+                cluster.logs()
+            );
+        }
+        if published_after.is_none()
+            && cluster
+                .status(primary)
+                .await
+                .is_some_and(|status| status.restart_token.as_deref() == Some("held"))
+        {
+            published_after = Some(restarted_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        published_after.is_some_and(|after| after < Duration::from_secs(3)),
+        "the run loop published its status while the statement waited: {published_after:?}"
+    );
+    eventually(
+        "the status says which role statement failed",
+        Duration::from_secs(10),
+        || async {
+            cluster.status(primary).await.is_some_and(|status| {
+                status
+                    .last_error
+                    .as_deref()
+                    // query_canceled: the statement timeout, with PostgreSQL's words.
+                    .is_some_and(|error| {
+                        error.contains("ALTER ROLE app") && error.contains("57014")
+                    })
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let status = cluster.status(primary).await.unwrap();
+    assert_eq!(status.role, contract::role::PRIMARY, "{status:?}");
+    assert!(!status.fenced, "{status:?}");
+    assert_eq!(
+        cluster.lease_holder().await.unwrap().as_deref(),
+        Some(status.pod.as_str())
+    );
+
+    let client = cluster.connect(primary).await.unwrap();
+    client
+        .batch_execute("ROLLBACK PREPARED 'hold-app-role'")
+        .await
+        .unwrap();
+    eventually(
+        "the roles are made once the lock is gone",
+        STARTUP,
+        || async {
+            cluster
+                .status(primary)
+                .await
+                .is_some_and(|status| status.last_error.is_none())
+        },
+    )
+    .await
+    .unwrap();
+}

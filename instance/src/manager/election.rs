@@ -197,7 +197,7 @@ impl Manager {
         self.poolers.resume_all_when_writable();
         self.role = Role::Primary;
         self.watchdog.guard(self.postgres.pid());
-        self.roles_ensured = false;
+        self.roles.reset();
         self.last_join.get_or_insert_with(|| "promote".into());
         let _ = self.reconcile_primary().await;
         Ok(())

@@ -60,20 +60,24 @@ impl Manager {
         if !local.postgres_ready || local.in_recovery != Some(false) {
             return Ok(());
         }
+        // In a task of its own (see roles.rs); its error, which the status says, does not stop
+        // the rest of the upkeep.
+        let connector = self.postgres.connector("pg-instance roles");
+        let patience = self.config.renew_deadline() / 4;
+        let roles = self
+            .roles
+            .advance(&connector, &self.bootstrap_roles, patience)
+            .await;
         let client = self.local_client().await?;
         let upkeep = self.primary_upkeep(&client).await;
         if upkeep.is_err() {
             // A broken connection is replaced on the next tick.
             self.local_client = None;
         }
-        upkeep
+        upkeep.and(roles)
     }
 
     async fn primary_upkeep(&mut self, client: &tokio_postgres::Client) -> Result<()> {
-        if !self.roles_ensured {
-            self.ensure_roles(client).await?;
-            self.roles_ensured = true;
-        }
         if !self.api_reachable {
             return Ok(());
         }
@@ -155,78 +159,6 @@ impl Manager {
                     .await
                     .map_err(Error::postgres("reloading the configuration"))?;
                 info!(synchronous_standby_names = %names, "synchronous standbys updated");
-            }
-        }
-        Ok(())
-    }
-
-    /// Creates (or updates the password of) the replication and application roles.
-    pub(super) async fn ensure_roles(&self, client: &tokio_postgres::Client) -> Result<()> {
-        // The statements hold passwords: keep them out of the server log.
-        client
-            .batch_execute("SET log_statement TO 'none'; SET log_min_duration_statement TO -1")
-            .await
-            .map_err(Error::postgres("hiding role statements from the log"))?;
-        // The superuser too: a cluster restored from a backup starts with the source's password.
-        let mut roles = vec![
-            (&self.superuser, "SUPERUSER LOGIN"),
-            (&self.replication, "LOGIN REPLICATION"),
-        ];
-        if let Some(app) = &self.app {
-            roles.push((app, "LOGIN"));
-        }
-        for (user, attributes) in roles {
-            let stored: Option<Option<String>> = client
-                .query_opt(
-                    "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
-                    &[&user.username],
-                )
-                .await
-                .map_err(Error::postgres("looking up a role"))?
-                .map(|row| row.get(0));
-            let verb = if stored.is_some() { "ALTER" } else { "CREATE" };
-            // A right verifier is kept: a new one (new salt) for the same password would fail
-            // the server logins PgBouncer makes with the SCRAM keys of its connected clients.
-            let password = match stored.flatten() {
-                Some(stored) if crate::declarative::scram::matches(&stored, &user.password) => {
-                    String::new()
-                }
-                // A verifier, never the cleartext (see declarative::scram).
-                _ => format!(
-                    " PASSWORD {}",
-                    quote::literal(&crate::declarative::scram::verifier(&user.password))
-                ),
-            };
-            client
-                .batch_execute(&format!(
-                    "{verb} ROLE {} WITH {attributes}{password}",
-                    quote::identifier(&user.username),
-                ))
-                .await
-                .map_err(Error::postgres(format!("{verb} ROLE {}", user.username)))?;
-        }
-        if let Some(app) = &self.app {
-            let database = self
-                .config
-                .app_database
-                .clone()
-                .or_else(|| app.dbname.clone())
-                .unwrap_or_else(|| app.username.clone());
-            let exists = client
-                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
-                .await
-                .map_err(Error::postgres("looking up the application database"))?
-                .is_some();
-            if !exists {
-                client
-                    .batch_execute(&format!(
-                        "CREATE DATABASE {} OWNER {}",
-                        quote::identifier(&database),
-                        quote::identifier(&app.username)
-                    ))
-                    .await
-                    .map_err(Error::postgres(format!("CREATE DATABASE {database}")))?;
-                info!(%database, "application database created");
             }
         }
         Ok(())

@@ -60,7 +60,7 @@ impl Manager {
         self.postgres
             .write_config(&managed, false, &self.replication.username)?;
         self.postgres.signal(Signal::SIGHUP);
-        self.roles_ensured = false;
+        self.roles.reset();
         let _ = std::fs::remove_file(&marker);
         Ok(())
     }
@@ -105,7 +105,7 @@ impl Manager {
         let settings = self.primary_settings();
         self.postgres
             .write_config(&settings, false, &self.replication.username)?;
-        self.roles_ensured = false;
+        self.roles.reset();
         self.postgres
             .start(self.config.renew_deadline() / 2)
             .await
