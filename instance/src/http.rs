@@ -100,13 +100,18 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Serves the endpoints on `address` until the process ends.
-pub async fn serve(address: SocketAddr, shared: Arc<Shared>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(address)
+/// The endpoints' listener: a port already taken is an error at start, not an instance manager
+/// that runs without its probes and `/status`.
+pub async fn bind(address: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
         .await
         .map_err(Error::io(format!(
             "binding the HTTP endpoints on {address}"
-        )))?;
+        )))
+}
+
+/// Serves the endpoints on `listener` until an accept loop error.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> Result<()> {
     axum::serve(listener, router(shared))
         .await
         .map_err(Error::io("serving the HTTP endpoints"))

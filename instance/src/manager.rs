@@ -10,14 +10,10 @@ use std::time::{Duration, Instant};
 use api::contract;
 use futures::future::join_all;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
-use crate::backup::BackupSetup;
-use crate::backup::archiver::{self, ArchiveState};
-use crate::backup::engine::LocalServer;
 use crate::backup::recovery::{self, Recovery};
 use crate::backup::service::BackupService;
 use crate::bootstrap;
@@ -39,6 +35,7 @@ mod phases;
 mod primary;
 mod restore;
 mod roles;
+mod setup;
 mod status;
 mod switchover;
 
@@ -60,7 +57,7 @@ pub async fn run(config: Config) -> Result<()> {
     // A hanging call must leave time, within the renew deadline, for the peers check and the stop.
     let api_timeout =
         Duration::from_millis((config.renew_deadline_seconds * 1000 / 4).clamp(250, 1000));
-    let client = kube_client(&config, api_timeout).await?;
+    let client = setup::kube_client(&config, api_timeout).await?;
     let cluster = Cluster::new(
         client,
         &config.namespace,
@@ -68,12 +65,12 @@ pub async fn run(config: Config) -> Result<()> {
         &config.pod_name,
         api_timeout,
     );
-    let (superuser, replication, app) = wait_for_credentials(&cluster, &config).await;
+    let (superuser, replication, app) = setup::wait_for_credentials(&cluster, &config).await;
     let mut postgres = LocalPostgres::new(&config, &superuser.username)?;
     postgres.write_passfile(&superuser, &replication)?;
     // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
     let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
-    let declarative_client = kube_client(&config, Duration::from_secs(60)).await?;
+    let declarative_client = setup::kube_client(&config, Duration::from_secs(60)).await?;
     let poolers = crate::pooler::pause::Poolers::new(
         declarative_client.clone(),
         &config.namespace,
@@ -108,7 +105,7 @@ pub async fn run(config: Config) -> Result<()> {
         config.max_lag_bytes,
         config.renew_deadline() / 2,
     );
-    let backup = start_backups(&config, &mut postgres, &shared)?;
+    let backup = setup::start_backups(&config, &mut postgres, &shared)?;
     // Before PostgreSQL starts, so the follower starts at the end of an older log.
     crate::postgres_log::spawn(
         &config.run_dir(),
@@ -132,13 +129,8 @@ pub async fn run(config: Config) -> Result<()> {
                 custom_queries: config.metrics_custom_queries.clone(),
             });
     }
-    let http_address = config.http_address;
-    let http_shared = shared.clone();
-    tokio::spawn(async move {
-        if let Err(error) = http::serve(http_address, http_shared).await {
-            tracing::error!(%error, "HTTP endpoints stopped");
-        }
-    });
+    let listener = http::bind(config.http_address).await?;
+    let mut endpoints = tokio::spawn(http::serve(listener, shared.clone()));
 
     let watchdog = Arc::new(Watchdog::default());
     tokio::spawn(watchdog.clone().run(Duration::from_millis(100)));
@@ -200,105 +192,32 @@ pub async fn run(config: Config) -> Result<()> {
     let mut hangup = signal(SignalKind::hangup()).map_err(Error::io("SIGHUP handler"))?;
     let mut interval = tokio::time::interval(manager.tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    // Without its endpoints the instance has no probes and peers cannot read its status: it
+    // stops, PostgreSQL with it, and the process exits with the error (the pod restarts).
+    let outcome = loop {
         tokio::select! {
             _ = interval.tick() => manager.tick().await,
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
             _ = hangup.recv() => manager.postgres.signal(Signal::SIGHUP),
+            served = &mut endpoints => {
+                let error = match served {
+                    Ok(Err(error)) => error,
+                    Ok(Ok(())) => Error::Invalid("the HTTP endpoints stopped".into()),
+                    Err(error) => Error::Invalid(format!("the HTTP endpoints task ended: {error}")),
+                };
+                tracing::error!(%error, "HTTP endpoints stopped: shutting down");
+                break Err(error);
+            }
         }
-    }
+    };
     info!("shutting down: stopping PostgreSQL");
     manager.watchdog.guard(None);
     manager.postgres.stop(StopMode::Fast).await;
     if manager.role == Role::Primary {
         manager.release_lease().await;
     }
-    Ok(())
-}
-
-/// Sets up WAL archiving, WAL restore and the backup endpoints when the cluster has a backup
-/// repository or a recovery source; starts the archiver.
-fn start_backups(
-    config: &Config,
-    postgres: &mut LocalPostgres,
-    shared: &Arc<Shared>,
-) -> Result<Option<Arc<BackupService>>> {
-    let Some(setup) = BackupSetup::from_config(config, postgres.run_as_ids())? else {
-        return Ok(None);
-    };
-    postgres.set_backup_settings(setup.archive_settings());
-    let archive = Arc::new(ArchiveState::default());
-    let metrics = shared.metrics.backup.clone();
-    tokio::spawn(archiver::run(
-        setup.clone(),
-        postgres.pgdata().join("pg_wal"),
-        archive.clone(),
-        metrics.clone(),
-        postgres.run_as_ids(),
-    ));
-    let service = BackupService::new(
-        setup,
-        archive,
-        LocalServer {
-            socket_dir: postgres.socket_dir().display().to_string(),
-            port: postgres.port(),
-            user: postgres.superuser().to_string(),
-        },
-        postgres.pgdata().join("pg_wal"),
-        metrics,
-    );
-    let _ = shared.backup.set(service.clone());
-    Ok(Some(service))
-}
-
-async fn kube_client(config: &Config, timeout: Duration) -> Result<kube::Client> {
-    let invalid = |error: &dyn std::fmt::Display| {
-        Error::Invalid(format!("Kubernetes client configuration: {error}"))
-    };
-    let mut kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path).map_err(|e| invalid(&e))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| invalid(&e))?
-        }
-        None => kube::Config::infer().await.map_err(|e| invalid(&e))?,
-    };
-    kube_config.connect_timeout = Some(timeout);
-    kube_config.read_timeout = Some(timeout);
-    kube_config.write_timeout = Some(timeout);
-    kube::Client::try_from(kube_config).map_err(|e| invalid(&e))
-}
-
-async fn wait_for_credentials(
-    cluster: &Cluster,
-    config: &Config,
-) -> (Credentials, Credentials, Option<Credentials>) {
-    loop {
-        let superuser = cluster
-            .credentials(&contract::superuser_secret(&config.cluster))
-            .await;
-        let replication = cluster
-            .credentials(&contract::replication_secret(&config.cluster))
-            .await;
-        let app = cluster
-            .credentials(&contract::app_secret(&config.cluster))
-            .await;
-        match (superuser, replication, app) {
-            (Ok(Some(superuser)), Ok(Some(replication)), Ok(app)) => {
-                return (superuser, replication, app);
-            }
-            (superuser, replication, _) => {
-                warn!(
-                    superuser_found = matches!(superuser, Ok(Some(_))),
-                    replication_found = matches!(replication, Ok(Some(_))),
-                    "waiting for the superuser and replication Secrets"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
+    outcome
 }
 
 struct Manager {

@@ -1015,3 +1015,43 @@ async fn a_role_statement_that_waits_does_not_hold_the_run_loop() {
     .await
     .unwrap();
 }
+
+/// A `pg-instance` whose HTTP port is taken exits at once, non-zero, and says why: it does not run
+/// PostgreSQL without the probes the kubelet reads and the `/status` its peers read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_http_port_is_taken_exits_and_says_why() {
+    let mut cluster = TestCluster::start("httpport", 1, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(0, STARTUP)
+        .await
+        .unwrap();
+    cluster.stop_instance(primary);
+    let http_port = cluster.instances[primary].http_port;
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", http_port)).unwrap();
+    cluster.start_instance(primary).unwrap();
+    let started = std::time::Instant::now();
+    let exited = loop {
+        if let Some(status) = cluster.exit_status(primary) {
+            break status;
+        }
+        assert!(
+            started.elapsed() < STARTUP,
+            "pg-instance still runs with its HTTP port taken\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!exited.success(), "{exited:?}");
+    let log = cluster.instances[primary].log();
+    assert!(
+        log.contains(&format!(
+            "binding the HTTP endpoints on 127.0.0.1:{http_port}"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        cluster.instances[primary].postmaster_pid(),
+        None,
+        "PostgreSQL was not started"
+    );
+}

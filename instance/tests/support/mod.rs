@@ -353,6 +353,11 @@ impl TestCluster {
         }
     }
 
+    /// How the `pg-instance` of instance `index` exited, once it has.
+    pub fn exit_status(&mut self, index: usize) -> Option<std::process::ExitStatus> {
+        self.instances[index].process.as_mut()?.try_wait()
+    }
+
     /// `kill -9` of the instance's postmaster and of its `pg-instance`.
     pub fn kill_instance(&mut self, index: usize) {
         let instance = &mut self.instances[index];
