@@ -30,6 +30,7 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
+use tokio_postgres::config::SslMode;
 use tracing::{info, warn};
 
 /// How often the rw Service is probed while Poolers are paused (clients wait for the first
@@ -284,21 +285,10 @@ pub async fn is_writable(rw_address: &str, tls: Option<&RwTls>, password: &str) 
         .application_name("pg-instance-pooler-probe")
         .connect_timeout(CONNECT_TIMEOUT);
     let probe = async {
-        let client = match tls {
-            None => {
-                let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
-                tokio::spawn(connection);
-                client
-            }
-            Some(tls) => {
-                let ca = tokio::fs::read(&tls.ca_file).await.ok()?;
-                let verify = super::verify::VerifyFull::new(&ca, &tls.server_name).ok()?;
-                config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let (client, connection) = config.connect(verify).await.ok()?;
-                tokio::spawn(connection);
-                client
-            }
-        };
+        let tls = tls.map(|tls| (tls.ca_file.as_path(), tls.server_name.as_str()));
+        let (client, _) = super::verify::connect(&mut config, tls, SslMode::Require)
+            .await
+            .ok()?;
         let rows = client
             .simple_query("SELECT pg_catalog.pg_is_in_recovery()")
             .await
@@ -326,31 +316,14 @@ async fn admin_command(target: &Target, password: &str, command: &str) -> Result
         .password(password)
         .dbname("pgbouncer")
         .connect_timeout(CONNECT_TIMEOUT);
+    let tls = target
+        .tls
+        .as_ref()
+        .map(|tls| (tls.ca_file.as_path(), tls.server_name.as_str()));
     let connected = async {
-        match &target.tls {
-            None => {
-                let (client, connection) = config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|error| describe(&error))?;
-                tokio::spawn(connection);
-                Ok::<_, String>(client)
-            }
-            Some(tls) => {
-                let ca = tokio::fs::read(&tls.ca_file).await.map_err(|error| {
-                    format!("reading the CA file {}: {error}", tls.ca_file.display())
-                })?;
-                let verify = super::verify::VerifyFull::new(&ca, &tls.server_name)
-                    .map_err(|error| error.to_string())?;
-                config.ssl_mode(tokio_postgres::config::SslMode::Prefer);
-                let (client, connection) = config
-                    .connect(verify)
-                    .await
-                    .map_err(|error| describe(&error))?;
-                tokio::spawn(connection);
-                Ok(client)
-            }
-        }
+        super::verify::connect(&mut config, tls, SslMode::Prefer)
+            .await
+            .map(|(client, _)| client)
     };
     let client = tokio::time::timeout(CONNECT_TIMEOUT, connected)
         .await
@@ -359,14 +332,7 @@ async fn admin_command(target: &Target, password: &str, command: &str) -> Result
         .simple_query(command)
         .await
         .map(|_| ())
-        .map_err(|error| describe(&error))
-}
-
-fn describe(error: &tokio_postgres::Error) -> String {
-    error
-        .as_db_error()
-        .map(|db| db.message().to_string())
-        .unwrap_or_else(|| error.to_string())
+        .map_err(|error| super::verify::describe(&error))
 }
 
 /// PgBouncer's address on a running pod: its IP and the container port named

@@ -1,10 +1,12 @@
 //! TLS for the instance manager's own client connections through a Service (the pooler
 //! probe of the rw Service): a `tokio-postgres` connector over rustls that trusts the cluster's
 //! CA only and checks the server certificate against the Service's name (as libpq's
-//! `sslmode=verify-full` does), whatever address the connection goes to.
+//! `sslmode=verify-full` does), whatever address the connection goes to; and [`connect`], TLS or
+//! plain text, for the probe, the pause and the exporter.
 
 use std::future::Future;
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,6 +16,53 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream}
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+
+/// Connects with `config`: over TLS with sslmode `mode` when `tls` gives the CA file to trust and
+/// the name the certificate must carry (`Prefer` lets a PgBouncer without TLS answer in plain
+/// text), in plain text otherwise; the connection's task is spawned. The error is the server's
+/// message or why the connection failed, never a secret.
+pub async fn connect(
+    config: &mut tokio_postgres::Config,
+    tls: Option<(&Path, &str)>,
+    mode: tokio_postgres::config::SslMode,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    String,
+> {
+    let (client, connection) = match tls {
+        None => {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|error| describe(&error))?;
+            (client, tokio::spawn(connection))
+        }
+        Some((ca_file, server_name)) => {
+            let ca = tokio::fs::read(ca_file)
+                .await
+                .map_err(|error| format!("reading the CA file {}: {error}", ca_file.display()))?;
+            let verify = VerifyFull::new(&ca, server_name).map_err(|error| error.to_string())?;
+            config.ssl_mode(mode);
+            let (client, connection) = config
+                .connect(verify)
+                .await
+                .map_err(|error| describe(&error))?;
+            (client, tokio::spawn(connection))
+        }
+    };
+    Ok((client, connection))
+}
+
+/// The server's message of a driver error, or the driver's words.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map(|db| db.message().to_string())
+        .unwrap_or_else(|| error.to_string())
+}
 
 /// Makes TLS connections that verify the server against a CA and a name.
 #[derive(Clone)]

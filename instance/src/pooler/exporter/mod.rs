@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
 use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::config::SslMode;
 
 use crate::error::{Error, Result};
 use families::{Console, Table};
@@ -155,34 +156,19 @@ impl Exporter {
             })?;
             config.password(text.trim_end_matches(['\n', '\r']));
         }
-        let (client, connection) = match &self.config.tls_ca_file {
-            None => {
-                let (client, connection) = config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|error| describe(&error))?;
-                (client, tokio::spawn(connection))
-            }
-            Some(path) => {
-                let ca = tokio::fs::read(path)
-                    .await
-                    .map_err(|error| format!("reading the CA file {}: {error}", path.display()))?;
-                let verify = super::verify::VerifyFull::new(&ca, &self.config.tls_server_name)
-                    .map_err(|error| error.to_string())?;
-                config.ssl_mode(tokio_postgres::config::SslMode::Prefer);
-                let (client, connection) = config
-                    .connect(verify)
-                    .await
-                    .map_err(|error| describe(&error))?;
-                (client, tokio::spawn(connection))
-            }
-        };
+        let tls = self
+            .config
+            .tls_ca_file
+            .as_deref()
+            .map(|ca_file| (ca_file, self.config.tls_server_name.as_str()));
+        let (client, connection) =
+            super::verify::connect(&mut config, tls, SslMode::Prefer).await?;
         let mut tables = Vec::with_capacity(COMMANDS.len());
         for command in COMMANDS {
             let table = match client.simple_query(command).await {
                 Ok(messages) => Some(table(&messages)),
                 Err(error) => {
-                    tracing::debug!(command, error = %describe(&error), "admin console command failed");
+                    tracing::debug!(command, error = %super::verify::describe(&error), "admin console command failed");
                     None
                 }
             };
@@ -229,13 +215,6 @@ fn table(messages: &[SimpleQueryMessage]) -> Table {
 }
 
 /// PgBouncer's own message where there is one (it never holds the password).
-fn describe(error: &tokio_postgres::Error) -> String {
-    error
-        .as_db_error()
-        .map(|db| db.message().to_string())
-        .unwrap_or_else(|| error.to_string())
-}
-
 /// The endpoints: `/metrics` (a scrape of the admin console) and `/healthz`.
 pub fn router(exporter: Arc<Exporter>) -> Router {
     Router::new()
