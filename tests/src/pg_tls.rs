@@ -1,131 +1,20 @@
-//! TLS for test clients of PostgreSQL: a `tokio-postgres` connector over rustls that verifies
-//! the server against a given CA and a given name (as libpq's `sslmode=verify-full` does, even
-//! when the test reaches the server by a loopback address), and a probe that returns the
-//! certificate a server presents.
+//! TLS for test clients of PostgreSQL: the `tokio-postgres` connector of [`pgtls`], which
+//! verifies the server against a given CA and a given name (as libpq's `sslmode=verify-full`
+//! does, even when the test reaches the server by a loopback address), a probe that returns the
+//! certificate a server presents, and a test CA.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use anyhow::Context as _;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::pki_types::ServerName;
+
+pub use pgtls::VerifyFull;
 
 /// A client configuration that trusts `ca_pem` only (TLS 1.2 and 1.3, ring).
 pub fn client_config(ca_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(certificate.context("parsing the CA certificate")?)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
-}
-
-/// Makes TLS connections for `tokio-postgres`, checking the server certificate against the CA
-/// and `server_name` (not the address connected to).
-#[derive(Clone)]
-pub struct VerifyFull {
-    config: Arc<rustls::ClientConfig>,
-    server_name: String,
-}
-
-impl VerifyFull {
-    /// Trusts `ca_pem` and expects the server to be `server_name`.
-    pub fn new(ca_pem: &str, server_name: &str) -> anyhow::Result<Self> {
-        Ok(Self {
-            config: client_config(ca_pem)?,
-            server_name: server_name.to_string(),
-        })
-    }
-}
-
-/// One connection's TLS handshake.
-pub struct Connector {
-    config: Arc<rustls::ClientConfig>,
-    server_name: ServerName<'static>,
-}
-
-impl<S> MakeTlsConnect<S> for VerifyFull
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = Stream<S>;
-    type TlsConnect = Connector;
-    type Error = io::Error;
-
-    fn make_tls_connect(&mut self, _domain: &str) -> io::Result<Connector> {
-        let server_name = ServerName::try_from(self.server_name.clone())
-            .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
-        Ok(Connector {
-            config: self.config.clone(),
-            server_name,
-        })
-    }
-}
-
-impl<S> TlsConnect<S> for Connector
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = Stream<S>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Stream<S>>> + Send>>;
-
-    fn connect(self, stream: S) -> Self::Future {
-        Box::pin(async move {
-            let stream = tokio_rustls::TlsConnector::from(self.config)
-                .connect(self.server_name, stream)
-                .await?;
-            Ok(Stream(stream))
-        })
-    }
-}
-
-/// A TLS stream to PostgreSQL (no channel binding: SCRAM without `-PLUS`).
-pub struct Stream<S>(tokio_rustls::client::TlsStream<S>);
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for Stream<S> {
-    fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
-    }
+    pgtls::client_config(ca_pem).context("parsing the CA certificate")
 }
 
 /// The certificate (DER) PostgreSQL at `host:port` presents, after verifying it against

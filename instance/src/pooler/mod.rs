@@ -10,9 +10,9 @@
 //! Every instance runs the loop; only a writable primary acts, so a failover moves the work.
 
 pub mod auth;
+pub mod client;
 pub mod exporter;
 pub mod pause;
-pub mod verify;
 
 use std::time::Duration;
 

@@ -162,13 +162,13 @@ impl Exporter {
             .as_deref()
             .map(|ca_file| (ca_file, self.config.tls_server_name.as_str()));
         let (client, connection) =
-            super::verify::connect(&mut config, tls, SslMode::Prefer).await?;
+            super::client::connect(&mut config, tls, SslMode::Prefer).await?;
         let mut tables = Vec::with_capacity(COMMANDS.len());
         for command in COMMANDS {
             let table = match client.simple_query(command).await {
                 Ok(messages) => Some(table(&messages)),
                 Err(error) => {
-                    tracing::debug!(command, error = %super::verify::describe(&error), "admin console command failed");
+                    tracing::debug!(command, error = %super::client::describe(&error), "admin console command failed");
                     None
                 }
             };
