@@ -86,6 +86,7 @@ impl Shared {
 pub fn is_ready(status: &InstanceStatus, max_lag_bytes: u64) -> bool {
     status.postgres_ready
         && !status.fenced
+        && !status.bootstrapping
         && (status.in_recovery != Some(true) || status.lag_bytes.unwrap_or(0) <= max_lag_bytes)
 }
 
@@ -178,6 +179,10 @@ mod tests {
         status.in_recovery = Some(false);
         assert!(is_ready(&status, 100));
         status.fenced = true;
+        assert!(!is_ready(&status, 100));
+        // A new cluster's primary is ready once its application role and database exist.
+        status.fenced = false;
+        status.bootstrapping = true;
         assert!(!is_ready(&status, 100));
     }
 }

@@ -386,7 +386,11 @@ impl Manager {
             }
         }
         phases.end("act");
+        // On a new cluster the declarative and pooler auth loops start once the bootstrap roles
+        // and the application database exist: a PostgresDatabase may be owned by the
+        // application role, and the pooler's lookup function goes into the databases there are.
         let writable = self.role == Role::Primary
+            && !self.roles.new_cluster_pending()
             && self
                 .local
                 .as_ref()
@@ -825,6 +829,7 @@ impl Manager {
                     backup.check_repository_unused().await?;
                 }
                 if let Some(recovery) = self.recovery() {
+                    self.roles.new_cluster();
                     self.bootstrap_from_backup(recovery).await?;
                     self.last_join = Some("restore".into());
                     return Ok(Role::Primary);
@@ -832,6 +837,7 @@ impl Manager {
                 info!("bootstrapping a new cluster with initdb");
                 std::fs::write(&initdb_marker, b"")
                     .map_err(Error::io("writing the initdb marker"))?;
+                self.roles.new_cluster();
                 self.postgres.initdb(&self.superuser).await?;
                 // The repository check and initdb can outlast the Lease on a loaded machine:
                 // renew before accepting writes, or the watchdog stops the new primary at once.

@@ -75,6 +75,10 @@ pub struct InstanceStatus {
     /// started after it was set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_token: Option<String>,
+    /// A new cluster's primary whose application role and database are not made yet: not ready,
+    /// so that no client is sent to it before they exist.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bootstrapping: bool,
     /// The last error the run loop met (for the operator and the logs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,

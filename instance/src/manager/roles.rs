@@ -30,6 +30,9 @@ pub(super) struct BootstrapRoles {
 #[derive(Default)]
 pub(super) struct RoleUpkeep {
     state: State,
+    /// This process made the cluster (initdb, a restore) and no run has succeeded yet: the
+    /// application role and database do not exist.
+    new_cluster: bool,
     /// Why the last run failed, until one succeeds: the instance's status says it every tick
     /// while the next run is on its way.
     failed: Option<String>,
@@ -51,6 +54,18 @@ impl RoleUpkeep {
             task.abort();
         }
         self.state = State::Pending;
+    }
+
+    /// This process makes a new cluster (initdb, a restore): until a run succeeds the instance
+    /// is not ready and the declarative loops wait (see [`Self::new_cluster_pending`]).
+    pub(super) fn new_cluster(&mut self) {
+        self.new_cluster = true;
+    }
+
+    /// Whether this process made a new cluster whose application role and database do not exist
+    /// yet. A primary that was promoted or restarted has them from before.
+    pub(super) fn new_cluster_pending(&self) -> bool {
+        self.new_cluster
     }
 
     /// Starts a run when none is under way or done, and waits up to `patience` for it: the
@@ -85,6 +100,7 @@ impl RoleUpkeep {
             match outcome {
                 Ok(()) => {
                     self.state = State::Done;
+                    self.new_cluster = false;
                     self.failed = None;
                 }
                 Err(error) => {

@@ -82,6 +82,7 @@ impl Manager {
         status.postgres_restarts = self.restarts;
         status.last_join = self.last_join.clone();
         status.last_error = self.last_error.clone();
+        status.bootstrapping = self.role == Role::Primary && self.roles.new_cluster_pending();
         status.data_lost = self.data_lost.clone();
         status.restart_token = self.restart_token.clone().filter(|token| !token.is_empty());
         status.data_disk_available_bytes = self.postgres.available_bytes();
@@ -113,11 +114,12 @@ impl Manager {
             return;
         }
         let key = format!(
-            "{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}",
+            "{:?}|{}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}",
             status.restart_token,
             status.role,
             status.fenced,
             status.postgres_ready,
+            status.bootstrapping,
             status.timeline,
             status.synchronous_standbys,
             status.streaming,
