@@ -109,3 +109,36 @@ where
         })
     }
 }
+
+/// Runs `controller` until `shutdown` resolves (in-flight reconciles finish first) with
+/// `reconcile` (one of [`traced`], [`traced_and_measured`]); the controller's own stream
+/// errors (a watch that restarts, a reconcile error already logged by `error_policy`) are logged
+/// at debug under `name`.
+pub async fn run_until_shutdown<K, E>(
+    controller: kube::runtime::Controller<K>,
+    name: &'static str,
+    reconcile: impl FnMut(Arc<K>, Arc<Context>) -> ReconcileFuture<E>,
+    error_policy: impl Fn(Arc<K>, &E, Arc<Context>) -> Action,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) where
+    K: Clone
+        + Resource<DynamicType = ()>
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    use futures::StreamExt;
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, controller = name, "controller event");
+            }
+        })
+        .await;
+}

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::BackupJob;
-use futures::StreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -63,22 +62,16 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let jobs: Api<BackupJob> = match &namespace {
-        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
-        None => Api::all(ctx.client.clone()),
-    };
-    Controller::new(jobs, watcher::Config::default())
-        .with_config(ControllerConfig::default().concurrency(8))
-        .graceful_shutdown_on(shutdown)
-        .run(
-            crate::telemetry::traced_and_measured(reconcile::reconcile),
-            error_policy,
-            ctx,
-        )
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "backup job controller event");
-            }
-        })
-        .await;
+    let jobs: Api<BackupJob> = crate::postgres_cluster::scoped(&ctx.client, namespace.as_deref());
+    let controller = Controller::new(jobs, watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(8));
+    crate::telemetry::run_until_shutdown(
+        controller,
+        "backupjob",
+        crate::telemetry::traced_and_measured(reconcile::reconcile),
+        error_policy,
+        ctx,
+        shutdown,
+    )
+    .await;
 }

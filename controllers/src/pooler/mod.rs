@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use api::contract;
 use api::pooler::Pooler;
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::ResourceExt;
@@ -101,7 +100,7 @@ pub async fn run(
         contract::MANAGED_BY,
         builders::LABEL_POOLER
     ));
-    Controller::new(
+    let controller = Controller::new(
         scoped::<Pooler>(&client, namespace),
         watcher::Config::default().any_semantic(),
     )
@@ -112,17 +111,14 @@ pub async fn run(
         ControllerConfig::default()
             .debounce(Duration::from_millis(200))
             .concurrency(concurrency),
-    )
-    .graceful_shutdown_on(shutdown)
-    .run(
+    );
+    crate::telemetry::run_until_shutdown(
+        controller,
+        "pooler",
         crate::telemetry::traced(reconcile::reconcile),
         error_policy,
         ctx,
+        shutdown,
     )
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::debug!(%error, "pooler controller event");
-        }
-    })
     .await;
 }

@@ -23,7 +23,6 @@ use api::contract;
 use api::postgres_cluster::{ImageCatalogKind, PostgresCluster};
 use api::postgres_user::PostgresUser;
 use api::{ClusterImageCatalog, ImageCatalog};
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -188,7 +187,7 @@ pub async fn run(
     let store = controller.store();
     let cluster_catalog_store = store.clone();
     let sharded_store = store.clone();
-    controller
+    let controller = controller
         .owns(scoped::<StatefulSet>(&client, namespace), managed.clone())
         .owns(scoped::<Service>(&client, namespace), managed.clone())
         .owns(scoped::<ConfigMap>(&client, namespace), managed.clone())
@@ -255,17 +254,14 @@ pub async fn run(
             ControllerConfig::default()
                 .debounce(Duration::from_millis(200))
                 .concurrency(concurrency),
-        )
-        .graceful_shutdown_on(shutdown)
-        .run(
-            crate::telemetry::traced(reconcile::reconcile),
-            error_policy,
-            ctx,
-        )
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "controller event");
-            }
-        })
-        .await;
+        );
+    crate::telemetry::run_until_shutdown(
+        controller,
+        "postgrescluster",
+        crate::telemetry::traced(reconcile::reconcile),
+        error_policy,
+        ctx,
+        shutdown,
+    )
+    .await;
 }

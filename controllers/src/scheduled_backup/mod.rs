@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use api::backup::{BackupJob, ScheduledBackup, ScheduledBackupStatus};
 use api::common::{new_condition, set_condition};
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -290,28 +289,21 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (schedules, jobs): (Api<ScheduledBackup>, Api<BackupJob>) = match &namespace {
-        Some(namespace) => (
-            Api::namespaced(ctx.client.clone(), namespace),
-            Api::namespaced(ctx.client.clone(), namespace),
-        ),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
-    };
-    Controller::new(schedules, watcher::Config::default())
+    let namespace = namespace.as_deref();
+    let schedules: Api<ScheduledBackup> = crate::postgres_cluster::scoped(&ctx.client, namespace);
+    let jobs: Api<BackupJob> = crate::postgres_cluster::scoped(&ctx.client, namespace);
+    let controller = Controller::new(schedules, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(LABEL_SCHEDULE))
-        .with_config(ControllerConfig::default().concurrency(4))
-        .graceful_shutdown_on(shutdown)
-        .run(
-            crate::telemetry::traced_and_measured(reconcile),
-            error_policy,
-            ctx,
-        )
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "scheduled backup controller event");
-            }
-        })
-        .await;
+        .with_config(ControllerConfig::default().concurrency(4));
+    crate::telemetry::run_until_shutdown(
+        controller,
+        "scheduledbackup",
+        crate::telemetry::traced_and_measured(reconcile),
+        error_policy,
+        ctx,
+        shutdown,
+    )
+    .await;
 }
 
 #[cfg(test)]

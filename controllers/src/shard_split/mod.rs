@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::sharding::{ShardSplitJob, SplitStep};
-use futures::StreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -106,22 +105,17 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let jobs: Api<ShardSplitJob> = match &namespace {
-        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
-        None => Api::all(ctx.client.clone()),
-    };
-    Controller::new(jobs, watcher::Config::default())
-        .with_config(ControllerConfig::default().concurrency(4))
-        .graceful_shutdown_on(shutdown)
-        .run(
-            crate::telemetry::traced_and_measured(reconcile::reconcile),
-            error_policy,
-            ctx,
-        )
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "shard split controller event");
-            }
-        })
-        .await;
+    let jobs: Api<ShardSplitJob> =
+        crate::postgres_cluster::scoped(&ctx.client, namespace.as_deref());
+    let controller = Controller::new(jobs, watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(4));
+    crate::telemetry::run_until_shutdown(
+        controller,
+        "shardsplitjob",
+        crate::telemetry::traced_and_measured(reconcile::reconcile),
+        error_policy,
+        ctx,
+        shutdown,
+    )
+    .await;
 }
