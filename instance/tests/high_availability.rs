@@ -1055,3 +1055,84 @@ async fn an_instance_whose_http_port_is_taken_exits_and_says_why() {
         "PostgreSQL was not started"
     );
 }
+
+/// A new cluster's primary whose application role and database cannot be made yet (here every
+/// transaction is read-only) is not ready, so that no client is sent to it, and says why; it is
+/// ready once they are made, and the application logs in to its database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_primary_is_ready_once_its_application_role_and_database_exist() {
+    let cluster = TestCluster::start_with_args(
+        "notyet",
+        1,
+        0,
+        &["--postgres-setting=default_transaction_read_only=on"],
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the new primary says why it is not ready",
+        STARTUP,
+        || async {
+            cluster.status(0).await.is_some_and(|status| {
+                status.role == contract::role::PRIMARY
+                && status.bootstrapping
+                // read_only_sql_transaction
+                && status
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|error| error.contains("25006"))
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let (code, _) = cluster.http_get(0, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "{:?}", cluster.status(0).await);
+
+    let client = cluster.connect(0).await.unwrap();
+    client
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    client
+        .batch_execute("ALTER SYSTEM SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    eventually(
+        "the primary is ready once the roles are made",
+        STARTUP,
+        || async {
+            cluster
+                .status(0)
+                .await
+                .is_some_and(|status| !status.bootstrapping && status.last_error.is_none())
+                && cluster
+                    .http_get(0, "/readyz")
+                    .await
+                    .is_ok_and(|(code, _)| code == 200)
+        },
+    )
+    .await
+    .unwrap();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(cluster.instances[0].pg_port)
+        .user("app")
+        .password("app-pass")
+        .dbname("app");
+    let (app, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = app
+        .query_one("SELECT current_user::text, current_database()::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("app".to_string(), "app".to_string())
+    );
+}
