@@ -81,6 +81,12 @@ pub async fn run_in_transaction(
         .transaction()
         .await
         .map_err(DeclarativeError::sql("BEGIN"))?;
+    if statements.iter().any(Statement::holds_secret) {
+        transaction
+            .batch_execute(super::statement::HIDE_IN_TRANSACTION)
+            .await
+            .map_err(DeclarativeError::sql("hiding the statements from the log"))?;
+    }
     for statement in statements {
         transaction
             .batch_execute(&statement.sql)

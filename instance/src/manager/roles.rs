@@ -122,9 +122,9 @@ impl RoleUpkeep {
 /// Creates (or updates the password of) the superuser, replication and application roles, and
 /// creates the application database.
 async fn ensure_roles(client: &tokio_postgres::Client, roles: &BootstrapRoles) -> Result<()> {
-    // The statements hold passwords: keep them out of the server log.
+    // The statements hold verifiers: keep them out of the server log and pg_stat_statements.
     client
-        .batch_execute("SET log_statement TO 'none'; SET log_min_duration_statement TO -1")
+        .batch_execute(crate::declarative::statement::HIDE_IN_SESSION)
         .await
         .map_err(Error::postgres("hiding role statements from the log"))?;
     // The superuser too: a cluster restored from a backup starts with the source's password.

@@ -135,13 +135,7 @@ pub async fn ensure(connector: &Connector, password: &str) -> Result<Applied> {
             verifier: row.get(1),
         });
     if let Some(statement) = role_statement(current.as_ref(), password) {
-        // The statement holds a verifier: keep it out of the server log all the same.
-        client
-            .batch_execute("SET log_statement TO 'none'; SET log_min_duration_statement TO -1")
-            .await
-            .map_err(DeclarativeError::sql(
-                "hiding the role statement from the log",
-            ))?;
+        // A secret statement: run_in_transaction keeps it out of the log.
         run_in_transaction(&mut client, &[statement]).await?;
         applied.role = true;
     }
