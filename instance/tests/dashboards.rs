@@ -8,87 +8,24 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use api::contract;
 use api::pooler::Pooler;
 use controllers::pooler::builders::{Target, auth_file_line, pgbouncer_ini};
 use instance::database_metrics::Settings;
 use instance::status::InstanceStatus;
-use nix::sys::signal::Signal;
 use serde_json::json;
 use testbed::dashboards;
 use testbed::pgbouncer::PgBouncer;
 use testbed::pooler_exporter::PoolerExporter;
-use testbed::process::{ChildGuard, chown_to_unprivileged, unprivileged_command};
 use testbed::{Postgres, PostgresOptions, paths};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The dashboards fed by the instance managers' `/metrics`.
 const POSTGRES_DASHBOARDS: &[&str] = &["cluster-overview", "instance", "replication"];
-
-/// A streaming replica of `primary` (pg_basebackup `-R -C -S`), stopped on drop.
-struct Replica {
-    _server: ChildGuard,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Replica {
-    fn start(primary: &Postgres, slot: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("pgtest-dashboards-")
-            .tempdir()?;
-        chown_to_unprivileged(dir.path())?;
-        let data = dir.path().join("data");
-        let output = unprivileged_command(paths::pg_bin().join("pg_basebackup"))?
-            .arg("-D")
-            .arg(&data)
-            .args(["-R", "-C", "-S", slot, "-X", "stream", "-c", "fast"])
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
-            .arg(primary.port().to_string())
-            .output()
-            .context("running pg_basebackup")?;
-        if !output.status.success() {
-            bail!("pg_basebackup: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let port = testbed::free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log"))?;
-        let child = unprivileged_command(paths::pg_bin().join("postgres"))?
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
-            .args(["-c", "fsync=off", "-c", "archive_mode=off"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let server = ChildGuard::new(child, Signal::SIGINT, Duration::from_secs(10));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = Command::new(paths::pg_bin().join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
-                .status()
-                .is_ok_and(|status| status.success());
-            if ready {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("replica on port {port} not ready after 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(Self {
-            _server: server,
-            port,
-            _dir: dir,
-        })
-    }
-}
 
 /// Serves an instance manager's HTTP router for the PostgreSQL on `port`; returns its port.
 async fn instance_manager(pod: &str, role: &str, port: u16) -> anyhow::Result<u16> {
@@ -147,12 +84,12 @@ async fn postgres_dashboards_query_only_metrics_the_instance_manager_exports() -
             .setting("max_slot_wal_keep_size", "1GB"),
     )?;
     primary.psql("CREATE EXTENSION pg_stat_statements")?;
-    let replica = Replica::start(&primary, "replica1")?;
+    let replica = testbed::replica::Replica::start(&primary, "replica1")?;
     primary.psql(
         "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal()",
     )?;
     let primary_http = instance_manager("db-0", contract::role::PRIMARY, primary.port()).await?;
-    let replica_http = instance_manager("db-1", contract::role::REPLICA, replica.port).await?;
+    let replica_http = instance_manager("db-1", contract::role::REPLICA, replica.port()).await?;
 
     // Act: scrape both, as Prometheus would.
     let deadline = Instant::now() + Duration::from_secs(20);

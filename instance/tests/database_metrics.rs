@@ -5,85 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use instance::database_metrics::{DatabaseMetrics, Settings};
-use nix::sys::signal::Signal;
-use testbed::process::{ChildGuard, chown_to_unprivileged, unprivileged_command};
 use testbed::{Postgres, PostgresOptions, paths};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A streaming replica made with pg_basebackup (`-R -C -S <slot>`), stopped on drop.
-struct Replica {
-    server: Option<ChildGuard>,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Replica {
-    fn start(primary: &Postgres, slot: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("pgtest-replica-")
-            .tempdir()?;
-        chown_to_unprivileged(dir.path())?;
-        let data = dir.path().join("data");
-        let output = unprivileged_command(paths::pg_bin().join("pg_basebackup"))?
-            .arg("-D")
-            .arg(&data)
-            .args(["-R", "-C", "-S", slot, "-X", "stream", "-c", "fast"])
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
-            .arg(primary.port().to_string())
-            .output()
-            .context("running pg_basebackup")?;
-        if !output.status.success() {
-            bail!("pg_basebackup: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let port = testbed::free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log"))?;
-        let child = unprivileged_command(paths::pg_bin().join("postgres"))?
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
-            .args(["-c", "fsync=off", "-c", "archive_mode=off"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let server = ChildGuard::new(child, Signal::SIGINT, Duration::from_secs(10));
-        wait_ready(port)?;
-        Ok(Self {
-            server: Some(server),
-            port,
-            _dir: dir,
-        })
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            server.stop();
-        }
-    }
-}
-
-fn wait_ready(port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let ready = Command::new(paths::pg_bin().join("pg_isready"))
-            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ready {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("PostgreSQL on port {port} not ready after 30 s")
-}
 
 fn collector(port: u16, timeout: Duration, custom_queries: Option<PathBuf>) -> DatabaseMetrics {
     let metrics = DatabaseMetrics::default();
@@ -200,7 +129,7 @@ async fn families_are_present_and_move_under_load_with_a_replica() -> anyhow::Re
             .setting("archive_command", "/bin/false"),
     )?;
     primary.psql("CREATE EXTENSION pg_stat_statements")?;
-    let mut replica = Replica::start(&primary, "replica1")?;
+    let mut replica = testbed::replica::Replica::start(&primary, "replica1")?;
     pgbench(primary.port(), &["-i", "-s", "2", "-q"])?;
     primary.psql("SELECT pg_switch_wal()")?;
 
@@ -296,7 +225,7 @@ async fn families_are_present_and_move_under_load_with_a_replica() -> anyhow::Re
     holder.batch_execute("COMMIT").await?;
 
     // The replica reports itself as one.
-    let on_replica = collector(replica.port, Duration::from_secs(5), None)
+    let on_replica = collector(replica.port(), Duration::from_secs(5), None)
         .collect()
         .await;
     assert_eq!(value(&on_replica, "pg_replication_is_replica", &[]), 1.0);
@@ -311,7 +240,7 @@ async fn families_are_present_and_move_under_load_with_a_replica() -> anyhow::Re
     let replica_client = {
         let (client, connection) = format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            replica.port
+            replica.port()
         )
         .parse::<tokio_postgres::Config>()?
         .connect(tokio_postgres::NoTls)
@@ -341,7 +270,7 @@ async fn families_are_present_and_move_under_load_with_a_replica() -> anyhow::Re
             &["stage=\"replay\""]
         ) > 0.0
     );
-    let on_paused_replica = collector(replica.port, Duration::from_secs(5), None)
+    let on_paused_replica = collector(replica.port(), Duration::from_secs(5), None)
         .collect()
         .await;
     assert!(

@@ -22,6 +22,7 @@ pub mod pgbouncer;
 pub mod pooler_exporter;
 pub mod postgres;
 pub mod process;
+pub mod replica;
 pub mod service_proxy;
 pub mod tcp_proxy;
 pub mod tpch;
