@@ -18,8 +18,7 @@ use api::PostgresCluster;
 use api::postgres_cluster::PostgresClusterSpec;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
@@ -272,18 +271,7 @@ async fn main() -> anyhow::Result<()> {
     let plane = ControlPlane::start()?;
     let client = plane.wait_ready().await?;
     install_crds(&client).await?;
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(NAMESPACE.to_string()),
-                    ..ObjectMeta::default()
-                },
-                ..Namespace::default()
-            },
-        )
-        .await?;
+    testbed::apiserver::create_namespace(&client, NAMESPACE).await?;
 
     let http_port = testbed::free_port();
     let mut operator = Command::new(env!("CARGO_BIN_EXE_postgres-operator"));

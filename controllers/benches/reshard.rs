@@ -31,9 +31,8 @@ use anyhow::{Context as _, bail};
 use api::postgres_cluster::{PostgresCluster, ShardKeyType};
 use api::sharding::{ShardRange, ShardSplitJob, VindexKind};
 use controllers::shard_split::plan;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use split_bed::routers::{self, RouterProcess};
@@ -201,18 +200,7 @@ async fn run() -> anyhow::Result<()> {
     let server = ApiServer::start().await?;
     server.install_crds(&api::all_crds()).await?;
     let client = server.client().await?;
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(NAMESPACE.into()),
-                    ..ObjectMeta::default()
-                },
-                ..Namespace::default()
-            },
-        )
-        .await?;
+    testbed::apiserver::create_namespace(&client, NAMESPACE).await?;
     let settings = [
         ("max_wal_size", "2GB"),
         ("checkpoint_timeout", "30min"),

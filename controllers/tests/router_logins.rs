@@ -15,7 +15,7 @@ use api::postgres_cluster::PostgresCluster;
 use api::postgres_user::PostgresUser;
 use controllers::sharded_cluster::builders;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding, Subject};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -101,10 +101,7 @@ async fn postgres_user_changes_reach_a_running_router() {
     .expect("API server");
     server.install_crds(&api::all_crds()).await.expect("CRDs");
     let client = server.client().await.unwrap();
-    let namespace: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
+    testbed::apiserver::create_namespace(&client, NAMESPACE)
         .await
         .unwrap();
     let (ca, shards) = start_shards(NAMESPACE, 2, &[]);

@@ -18,7 +18,7 @@ use api::postgres_cluster::{
 use api::postgres_user::PostgresUser;
 use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState, VindexKind};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -146,17 +146,7 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
     let server = ApiServer::start().await.expect("API server");
     server.install_crds(&api::all_crds()).await.expect("CRDs");
     let client = server.client().await.unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(NAMESPACE.into()),
-                    ..ObjectMeta::default()
-                },
-                ..Namespace::default()
-            },
-        )
+    testbed::apiserver::create_namespace(&client, NAMESPACE)
         .await
         .unwrap();
     // The shards speak TLS only, as the operator's clusters do: each shard cluster has its own

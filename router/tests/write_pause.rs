@@ -18,8 +18,7 @@ use api::postgres_cluster::{
     TableGroupSpec,
 };
 use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState, VindexKind};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use router::vindex::{KeyValue, key_hash};
@@ -214,17 +213,7 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
     let server = ApiServer::start().await.expect("API server");
     server.install_crds(&api::all_crds()).await.expect("CRDs");
     let client = server.client().await.unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(NAMESPACE.into()),
-                    ..ObjectMeta::default()
-                },
-                ..Namespace::default()
-            },
-        )
+    testbed::apiserver::create_namespace(&client, NAMESPACE)
         .await
         .unwrap();
     let shards: Vec<Postgres> = tokio::task::block_in_place(|| {
