@@ -135,6 +135,7 @@ pub async fn run(config: Config) -> Result<()> {
     let watchdog = Arc::new(Watchdog::default());
     tokio::spawn(watchdog.clone().run(Duration::from_millis(100)));
     let bootstrap_roles = Arc::new(roles::BootstrapRoles {
+        connector: postgres.connector("pg-instance roles"),
         superuser: superuser.clone(),
         replication: replication.clone(),
         app,

@@ -83,7 +83,7 @@ pub async fn run_in_transaction(
         .map_err(DeclarativeError::sql("BEGIN"))?;
     if statements.iter().any(Statement::holds_secret) {
         transaction
-            .batch_execute(super::statement::HIDE_IN_TRANSACTION)
+            .batch_execute(&super::statement::hide_from_logs(true))
             .await
             .map_err(DeclarativeError::sql("hiding the statements from the log"))?;
     }

@@ -12,20 +12,29 @@ pub struct Statement {
     secret: bool,
 }
 
-/// Keeps the statements that follow in the transaction out of the server log (as statements, by
-/// duration, by sampling, and as the statement of an error) and out of pg_stat_statements: run
-/// before a statement that holds a verifier, which lets anyone who reads it try passwords
-/// offline. Superuser settings, as the instance manager's connections are.
-pub const HIDE_IN_TRANSACTION: &str = "SET LOCAL log_statement TO 'none'; \
-    SET LOCAL log_min_duration_statement TO -1; SET LOCAL log_min_duration_sample TO -1; \
-    SET LOCAL log_transaction_sample_rate TO 0; SET LOCAL log_min_error_statement TO panic; \
-    SET LOCAL pg_stat_statements.track_utility TO off";
+/// What keeps a statement out of the server log (as a statement, by duration, by sampling, and
+/// as the statement of an error) and out of pg_stat_statements.
+const UNLOGGED: [(&str, &str); 6] = [
+    ("log_statement", "'none'"),
+    ("log_min_duration_statement", "-1"),
+    ("log_min_duration_sample", "-1"),
+    ("log_transaction_sample_rate", "0"),
+    ("log_min_error_statement", "panic"),
+    ("pg_stat_statements.track_utility", "off"),
+];
 
-/// [`HIDE_IN_TRANSACTION`] for the rest of a session.
-pub const HIDE_IN_SESSION: &str = "SET log_statement TO 'none'; \
-    SET log_min_duration_statement TO -1; SET log_min_duration_sample TO -1; \
-    SET log_transaction_sample_rate TO 0; SET log_min_error_statement TO panic; \
-    SET pg_stat_statements.track_utility TO off";
+/// The statements that keep those that follow out of the server log and pg_stat_statements, to
+/// the end of the transaction (`local`) or of the session: run before a statement that holds a
+/// verifier, which lets anyone who reads it try passwords offline. Superuser settings, as the
+/// instance manager's connections are.
+pub fn hide_from_logs(local: bool) -> String {
+    let set = if local { "SET LOCAL" } else { "SET" };
+    UNLOGGED
+        .iter()
+        .map(|(name, value)| format!("{set} {name} TO {value}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 impl Statement {
     /// A statement whose summary is its text (it holds no secret).
@@ -46,7 +55,7 @@ impl Statement {
         }
     }
 
-    /// Whether the text holds a secret (run after [`HIDE_IN_TRANSACTION`]).
+    /// Whether the text holds a secret (run after [`hide_from_logs`]).
     pub fn holds_secret(&self) -> bool {
         self.secret
     }

@@ -62,12 +62,8 @@ impl Manager {
         }
         // In a task of its own (see roles.rs); its error, which the status says, does not stop
         // the rest of the upkeep.
-        let connector = self.postgres.connector("pg-instance roles");
         let patience = self.config.renew_deadline() / 4;
-        let roles = self
-            .roles
-            .advance(&connector, &self.bootstrap_roles, patience)
-            .await;
+        let roles = self.roles.advance(&self.bootstrap_roles, patience).await;
         let client = self.local_client().await?;
         let upkeep = self.primary_upkeep(&client).await;
         if upkeep.is_err() {

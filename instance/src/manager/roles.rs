@@ -17,8 +17,11 @@ use crate::error::{Error, Result};
 use crate::postgres::LocalConnector;
 use crate::quote;
 
-/// The roles of the cluster's Secrets and the application database.
+/// The roles of the cluster's Secrets and the application database, and how to reach the server
+/// that holds them.
 pub(super) struct BootstrapRoles {
+    /// The task's own connection (never the run loop's: its statements may wait).
+    pub connector: LocalConnector,
     pub superuser: Credentials,
     pub replication: Credentials,
     pub app: Option<Credentials>,
@@ -74,7 +77,6 @@ impl RoleUpkeep {
     /// until one succeeds.
     pub(super) async fn advance(
         &mut self,
-        connector: &LocalConnector,
         roles: &Arc<BootstrapRoles>,
         patience: Duration,
     ) -> Result<()> {
@@ -82,10 +84,9 @@ impl RoleUpkeep {
             return Ok(());
         }
         if matches!(self.state, State::Pending) {
-            let connector = connector.clone();
             let roles = roles.clone();
             self.state = State::Running(tokio::spawn(async move {
-                let client = connector.connect().await?;
+                let client = roles.connector.connect().await?;
                 ensure_roles(&client, &roles).await
             }));
         }
@@ -124,7 +125,7 @@ impl RoleUpkeep {
 async fn ensure_roles(client: &tokio_postgres::Client, roles: &BootstrapRoles) -> Result<()> {
     // The statements hold verifiers: keep them out of the server log and pg_stat_statements.
     client
-        .batch_execute(crate::declarative::statement::HIDE_IN_SESSION)
+        .batch_execute(&crate::declarative::statement::hide_from_logs(false))
         .await
         .map_err(Error::postgres("hiding role statements from the log"))?;
     // The superuser too: a cluster restored from a backup starts with the source's password.

@@ -45,7 +45,8 @@ pub async fn connect(
     Ok((client, connection))
 }
 
-/// The server's message of a driver error, or the driver's words.
+/// The server's message of a driver error (PgBouncer's or PostgreSQL's: it never holds the
+/// password), or the driver's words.
 pub fn describe(error: &tokio_postgres::Error) -> String {
     error
         .as_db_error()

@@ -214,7 +214,6 @@ fn table(messages: &[SimpleQueryMessage]) -> Table {
     table
 }
 
-/// PgBouncer's own message where there is one (it never holds the password).
 /// The endpoints: `/metrics` (a scrape of the admin console) and `/healthz`.
 pub fn router(exporter: Arc<Exporter>) -> Router {
     Router::new()
