@@ -895,7 +895,7 @@ async fn the_run_loop_keeps_one_connection_to_its_postgres() {
 /// role's row, across the restart that makes the roles again) runs beside the run loop: the
 /// primary keeps its Lease and its PostgreSQL, its status says what waits, and the roles are made
 /// once the lock is gone. Held in the run loop, the statement kept the Lease from being renewed
-/// and the watchdog fenced the primary.
+/// and the status from being published for 10 s (and the watchdog could fence the primary).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_statement_that_waits_does_not_hold_the_run_loop() {
     let cluster = TestCluster::start("rolewait", 1, 0).await.unwrap();
@@ -903,28 +903,22 @@ async fn a_role_statement_that_waits_does_not_hold_the_run_loop() {
         .wait_for_primary_with_replicas(0, STARTUP)
         .await
         .unwrap();
-    let restarted = |token: &'static str| {
-        let cluster = &cluster;
-        async move {
-            cluster
-                .annotate_pod(primary, contract::ANNOTATION_RESTART, Some(token))
-                .await
-                .unwrap();
-            eventually("PostgreSQL restarted on request", STARTUP, || async move {
-                cluster.status(primary).await.is_some_and(|status| {
-                    status.restart_token.as_deref() == Some(token) && status.postgres_ready
-                })
-            })
-            .await
-            .unwrap();
-        }
-    };
     std::fs::write(
         cluster.instances[primary].included_config(),
         "max_prepared_transactions = 2\n",
     )
     .unwrap();
-    restarted("prepared").await;
+    cluster
+        .annotate_pod(primary, contract::ANNOTATION_RESTART, Some("prepared"))
+        .await
+        .unwrap();
+    eventually("PostgreSQL restarted on request", STARTUP, || async {
+        cluster.status(primary).await.is_some_and(|status| {
+            status.restart_token.as_deref() == Some("prepared") && status.postgres_ready
+        })
+    })
+    .await
+    .unwrap();
     let client = cluster.connect(primary).await.unwrap();
     client
         .batch_execute(
