@@ -347,13 +347,27 @@ pub struct BootstrapSpec {
 pub struct InitdbBootstrap {
     /// Application database to create.
     #[serde(default = "default_app_name")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z_][a-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z_][a-z0-9_]*$"),
+        extend("x-kubernetes-validations" = [
+            {"rule": "!(self in ['postgres', 'template0', 'template1'])", "message": "database may not be postgres, template0 or template1: those exist in every cluster and belong to the superuser"}
+        ])
+    )]
     pub database: String,
     /// Owner of the application database; a login role with a generated password in `<cluster>-app`.
     #[serde(default = "default_app_name")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z_][a-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z_][a-z0-9_]*$"),
+        extend("x-kubernetes-validations" = [
+            {"rule": "!self.startsWith('pg_')", "message": "owner may not start with pg_: PostgreSQL reserves those role names"},
+            {"rule": "!(self in ['postgres', 'streaming_replica', 'pgbouncer_auth'])", "message": "owner may not be postgres, streaming_replica or pgbouncer_auth: those roles belong to the operator"}
+        ])
+    )]
     pub owner: String,
-    /// Secret (keys `username`, `password`) for the owner; generated when unset.
+    /// Secret (keys `username`, `password`) for the owner; generated when unset. Its `username`
+    /// must be `owner`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<LocalObjectReference>,
     /// Enable data page checksums.
@@ -781,6 +795,13 @@ pub struct InstanceStatus {
     /// over), `restore`, `basebackup`, `rewind`, `reclone` or `restart`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_join: Option<String>,
+    /// A new cluster's primary that is still making the application role and database: not
+    /// ready until they exist.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bootstrapping: bool,
+    /// The last error the instance manager met, until a later step succeeds (shortened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 impl PostgresClusterSpec {

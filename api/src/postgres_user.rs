@@ -33,7 +33,7 @@ pub struct PostgresUserSpec {
     #[schemars(length(min = 1, max = 63), extend("x-kubernetes-validations" = [
         {"rule": "self == oldSelf", "message": "roleName is immutable: create another PostgresUser to get a role of another name"},
         {"rule": "!self.startsWith('pg_')", "message": "role names starting with pg_ are reserved by PostgreSQL"},
-        {"rule": "!(self in ['postgres', 'streaming_replica'])", "message": "roleName may not be postgres or streaming_replica: those roles belong to the operator"}
+        {"rule": "!(self in ['postgres', 'streaming_replica', 'pgbouncer_auth'])", "message": "roleName may not be postgres, streaming_replica or pgbouncer_auth: those roles belong to the operator"}
     ]))]
     pub role_name: String,
     /// Role attributes.

@@ -55,20 +55,40 @@ async fn a_missing_secret_is_a_degraded_condition_until_it_exists() {
     let secrets: Api<Secret> = env.api();
     assert!(secrets.get_opt("db-app").await.unwrap().is_none());
 
+    let credentials = |username: &str| Secret {
+        metadata: ObjectMeta {
+            name: Some("shop-credentials".into()),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(BTreeMap::from([
+            ("username".into(), username.into()),
+            ("password".into(), "s3cret-from-the-user".into()),
+        ])),
+        ..Secret::default()
+    };
+    // A Secret for another user than the owner the spec names is refused, with what to change.
     secrets
-        .create(
+        .create(&PostParams::default(), &credentials("buyer"))
+        .await
+        .unwrap();
+    let cluster = env
+        .cluster_where("db", "the Secret found and refused", |cluster| {
+            degraded(cluster).is_some_and(|(_, reason, _)| reason == "SecretInvalid")
+        })
+        .await;
+    let (_, _, message) = degraded(&cluster).unwrap();
+    assert!(
+        message.contains("\"buyer\"") && message.contains("make its username \"shop\""),
+        "{message}"
+    );
+    assert!(!message.contains("s3cret"), "{message}");
+    assert!(statefulsets.get_opt("db").await.unwrap().is_none());
+
+    secrets
+        .replace(
+            "shop-credentials",
             &PostParams::default(),
-            &Secret {
-                metadata: ObjectMeta {
-                    name: Some("shop-credentials".into()),
-                    ..ObjectMeta::default()
-                },
-                string_data: Some(BTreeMap::from([
-                    ("username".into(), "shop".into()),
-                    ("password".into(), "s3cret-from-the-user".into()),
-                ])),
-                ..Secret::default()
-            },
+            &credentials("shop"),
         )
         .await
         .unwrap();

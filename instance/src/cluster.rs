@@ -201,6 +201,17 @@ impl Cluster {
     /// Records a Warning event on this instance's pod (what the instance manager did on its own
     /// that an operator should know about).
     pub async fn warning_event(&self, reason: &str, note: String) -> Result<()> {
+        // The API server refuses a note longer than 1 kB.
+        const MAX_NOTE: usize = 1000;
+        let note = if note.len() > MAX_NOTE {
+            let mut end = MAX_NOTE - 3;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}...", &note[..end])
+        } else {
+            note
+        };
         let event = Event {
             type_: EventType::Warning,
             reason: reason.to_string(),

@@ -184,6 +184,7 @@ pub async fn run(config: Config) -> Result<()> {
         poolers,
         stranded_since: None,
         data_lost: None,
+        initdb_failed: false,
         outage_confirmed_at: None,
         outage_logged: false,
         local_client: None,
@@ -283,6 +284,9 @@ struct Manager {
     /// Why this instance cannot start by itself (see [`bootstrap::stranded`]): a state, not an
     /// error of the last tick, so it stays until the instance gets data again.
     data_lost: Option<String>,
+    /// The last initdb of this process failed (a setting initdb refuses, such as an unknown
+    /// locale): the next attempt is a retry of a known failure, not a bootstrap cut short.
+    initdb_failed: bool,
     /// When every peer last confirmed that it cannot reach the API server either (primary).
     outage_confirmed_at: Option<Instant>,
     /// Whether the last peers check confirmed an outage (logged on change, not every tick).
@@ -816,7 +820,7 @@ impl Manager {
             let again = bootstrap::start_again(facts).filter(|_| self.lease.ever_held());
             if !self.lease.ever_held() || restoring || again.is_some() {
                 self.acquire().await?;
-                if let Some(why) = again {
+                if let Some(why) = again.filter(|_| !self.initdb_failed) {
                     warn!(reason = why, "starting the bootstrap over");
                     if let Err(error) = self
                         .cluster
@@ -839,7 +843,20 @@ impl Manager {
                 std::fs::write(&initdb_marker, b"")
                     .map_err(Error::io("writing the initdb marker"))?;
                 self.roles.new_cluster();
-                self.postgres.initdb(&self.superuser).await?;
+                if let Err(error) = self.postgres.initdb(&self.superuser).await {
+                    // Said once as an event (the recorder counts repeats) and every tick in the
+                    // status; retried, as a cause outside the spec (a full disk) may go away.
+                    self.initdb_failed = true;
+                    if let Err(event_error) = self
+                        .cluster
+                        .warning_event("InitdbFailed", error.to_string())
+                        .await
+                    {
+                        debug!(error = %event_error, "recording the initdb event failed");
+                    }
+                    return Err(error);
+                }
+                self.initdb_failed = false;
                 // The repository check and initdb can outlast the Lease on a loaded machine:
                 // renew before accepting writes, or the watchdog stops the new primary at once.
                 self.acquire().await?;

@@ -69,6 +69,32 @@ pub struct LocalPostgres {
     tls: Option<TlsFiles>,
 }
 
+/// The lines of a PostgreSQL program's output that say what went wrong (`initdb: error: ...`,
+/// `pg_rewind: hint: ...`, a server's `FATAL:`), or the whole output when none does: the rest
+/// is progress (`The files belonging to this database system will be owned by ...`).
+pub fn diagnosis(output: &str) -> String {
+    const MARKS: [&str; 8] = [
+        ": error:",
+        ": fatal:",
+        ": hint:",
+        ": detail:",
+        "FATAL:",
+        "ERROR:",
+        "PANIC:",
+        "HINT:",
+    ];
+    let lines: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|line| MARKS.iter().any(|mark| line.contains(mark)))
+        .collect();
+    if lines.is_empty() {
+        output.trim().to_string()
+    } else {
+        lines.join("\n")
+    }
+}
+
 /// initdb options for the encoding, locale and checksums of a new cluster.
 pub fn initdb_options(encoding: &str, locale: &str, data_checksums: bool) -> Vec<String> {
     let mut options = vec![
@@ -234,10 +260,13 @@ impl LocalPostgres {
             String::from_utf8_lossy(&output.stderr)
         );
         if !output.status.success() {
+            // The whole output goes to the log; the error (which the instance's status and the
+            // cluster's conditions repeat) keeps the lines that say what went wrong.
+            tracing::warn!(program, status = %output.status, output = %text, "program failed");
             return Err(Error::Program {
                 program: program.to_string(),
                 status: output.status.to_string(),
-                output: text,
+                output: diagnosis(&text),
             });
         }
         Ok(text)
@@ -658,6 +687,20 @@ impl LocalConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_program_is_described_by_its_error_lines() {
+        let initdb = "The files belonging to this database system will be owned by user \"postgres\".\n\
+            This user must also own the server process.\n\n\
+            initdb: error: invalid locale name \"xx_XX.UTF-8\"\n\
+            initdb: hint: If the locale name is specific to ICU, use --icu-locale.\n";
+        assert_eq!(
+            diagnosis(initdb),
+            "initdb: error: invalid locale name \"xx_XX.UTF-8\"\ninitdb: hint: If the locale name is specific to ICU, use --icu-locale."
+        );
+        // Without such a line, nothing is dropped.
+        assert_eq!(diagnosis("  something odd\n"), "something odd");
+    }
 
     #[test]
     fn initdb_options_follow_the_bootstrap_spec() {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{connect, connect_when_served, stack};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 
@@ -204,6 +204,79 @@ async fn deleting_a_cluster_garbage_collects_what_it_owned_and_keeps_its_volumes
     // deleteVolumesOnDeletion is false by default: the claim (and its data) stays.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     assert_eq!(claims.list(&ListParams::default()).await?.items.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_whose_initdb_fails_says_why_in_its_status() -> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let clusters = common::create_cluster(
+        &client,
+        "e2e-locale",
+        "badlocale",
+        json!({"bootstrap": {"initdb": {"locale": "xx_XX.UTF-8"}}}),
+    )
+    .await?;
+    // The instance manager's error reaches the cluster's conditions and its instance entry, on
+    // one line and without initdb's progress text.
+    let wanted = r#"initdb: error: invalid locale name "xx_XX.UTF-8""#;
+    let (message, entry) = common::eventually(
+        "the initdb error in the cluster status",
+        Duration::from_secs(150),
+        || async {
+            let status = clusters.get("badlocale").await?.status.unwrap_or_default();
+            let ready = api::common::find_condition(&status.conditions, "Ready")
+                .map(|condition| condition.message.clone())
+                .unwrap_or_default();
+            let entry = status
+                .instances
+                .first()
+                .and_then(|instance| instance.last_error.clone())
+                .unwrap_or_default();
+            Ok(if ready.contains(wanted) && entry.contains(wanted) {
+                Ok((ready, entry))
+            } else {
+                Err(format!("{status:?}"))
+            })
+        },
+    )
+    .await
+    .map_err(|error| error.context(e2e.cluster_logs("e2e-locale", "badlocale", 1)))?;
+    assert!(
+        message.starts_with("creating instances: 0 of 1 ready; badlocale-0: initdb failed"),
+        "{message}"
+    );
+    assert!(
+        !entry.contains('\n') && !entry.contains("will be owned by"),
+        "{entry}"
+    );
+    // And in one event on the pod (repeats are counted in it); a retry of a failed initdb is
+    // not reported as a bootstrap cut short.
+    let events: Api<Event> = Api::namespaced(client.clone(), "e2e-locale");
+    let reasons = |events: &[Event], reason: &str| {
+        events
+            .iter()
+            .filter(|event| event.reason.as_deref() == Some(reason))
+            .map(|event| event.message.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    let failed = common::eventually("an InitdbFailed event", Duration::from_secs(30), || async {
+        let events = events.list(&ListParams::default()).await?.items;
+        let failed = reasons(&events, "InitdbFailed");
+        Ok(if failed.is_empty() {
+            Err(format!("{:?}", reasons(&events, "BootstrapRestarted")))
+        } else {
+            Ok(failed)
+        })
+    })
+    .await?;
+    assert!(
+        failed.len() == 1 && failed[0].contains(wanted),
+        "{failed:?}"
+    );
+    let all = events.list(&ListParams::default()).await?.items;
+    assert!(reasons(&all, "BootstrapRestarted").is_empty());
     Ok(())
 }
 

@@ -395,7 +395,43 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
                 "repl",
                 json!({"spec": {"roleName": "streaming_replica"}}),
             ),
-            "roleName may not be postgres or streaming_replica",
+            "roleName may not be postgres, streaming_replica or pgbouncer_auth",
+        ),
+        (
+            "the pooler's role",
+            variant(
+                "PostgresUser",
+                "pooler",
+                json!({"spec": {"roleName": "pgbouncer_auth"}}),
+            ),
+            "those roles belong to the operator",
+        ),
+        (
+            "application owner with a reserved name",
+            variant(
+                "PostgresCluster",
+                "pgowner",
+                json!({"spec": {"bootstrap": {"initdb": {"owner": "pg_app"}}}}),
+            ),
+            "owner may not start with pg_",
+        ),
+        (
+            "the superuser as application owner",
+            variant(
+                "PostgresCluster",
+                "suowner",
+                json!({"spec": {"bootstrap": {"initdb": {"owner": "postgres"}}}}),
+            ),
+            "owner may not be postgres, streaming_replica or pgbouncer_auth",
+        ),
+        (
+            "a template as application database",
+            variant(
+                "PostgresCluster",
+                "tpldb",
+                json!({"spec": {"bootstrap": {"initdb": {"database": "template1"}}}}),
+            ),
+            "database may not be postgres, template0 or template1",
         ),
         (
             "rotation of a password the operator does not generate",

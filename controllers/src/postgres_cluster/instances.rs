@@ -32,6 +32,28 @@ pub struct InstanceView {
     /// Why the instance cannot start by itself (`dataLost` of its status annotation): the
     /// cluster's only data is gone.
     pub data_lost: Option<String>,
+    /// A new cluster's primary still making its application role and database (`bootstrapping`
+    /// of its status annotation).
+    pub bootstrapping: bool,
+    /// The instance manager's last error (`lastError` of its status annotation), shortened to
+    /// one line of at most [`MAX_ERROR_CHARS`] characters.
+    pub last_error: Option<String>,
+}
+
+/// Longest instance error the cluster status repeats: the status stays small and a condition
+/// message readable; the whole text is in the pod's annotation and the instance's log.
+pub const MAX_ERROR_CHARS: usize = 400;
+
+/// `text` on one line (runs of white space, new lines included, become one space), cut to
+/// `max` characters with an ellipsis.
+pub fn one_line(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= max {
+        return line;
+    }
+    let mut cut: String = line.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 impl InstanceView {
@@ -80,6 +102,14 @@ impl InstanceView {
                 .get("dataLost")
                 .and_then(|v| v.as_str())
                 .map(str::to_string),
+            bootstrapping: report
+                .get("bootstrapping")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            last_error: report
+                .get("lastError")
+                .and_then(|v| v.as_str())
+                .map(|text| one_line(text, MAX_ERROR_CHARS)),
         }
     }
 
@@ -140,7 +170,7 @@ mod tests {
                     (contract::ANNOTATION_SPEC_HASH.into(), "abc".into()),
                     (
                         contract::ANNOTATION_INSTANCE_STATUS.into(),
-                        r#"{"role":"primary","timeline":3,"lsn":"0/3000060","lastJoin":"reinitdb"}"#
+                        r#"{"role":"primary","timeline":3,"lsn":"0/3000060","lastJoin":"reinitdb","bootstrapping":true,"lastError":"initdb failed (exit status: 1):\n  initdb: error: invalid locale name"}"#
                             .into(),
                     ),
                 ])),
@@ -162,6 +192,18 @@ mod tests {
         assert_eq!(view.spec_hash.as_deref(), Some("abc"));
         assert_eq!(view.timeline, Some(3));
         assert_eq!(view.last_join.as_deref(), Some("reinitdb"));
+        assert!(view.bootstrapping);
+        assert_eq!(
+            view.last_error.as_deref(),
+            Some("initdb failed (exit status: 1): initdb: error: invalid locale name")
+        );
+    }
+
+    #[test]
+    fn an_error_is_put_on_one_line_and_cut_at_a_character_boundary() {
+        assert_eq!(one_line("a\n\n b\tc ", 10), "a b c");
+        assert_eq!(one_line("ééééé", 4), "ééé…");
+        assert_eq!(one_line("abcd", 4), "abcd");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod monitoring;
 pub mod parameters;
 pub mod reconcile;
 pub mod rolling;
+mod secrets;
 pub mod status;
 pub mod volumes;
 

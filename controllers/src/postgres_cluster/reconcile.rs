@@ -12,13 +12,11 @@ use api::postgres_cluster::{
 use api::{ClusterImageCatalog, ImageCatalog};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{Event, finalizer};
@@ -31,6 +29,7 @@ use super::builders::{self, Resolved, ServiceKind};
 use super::instances::{self, InstanceView};
 use super::parameters::{self, ParameterChange};
 use super::rolling::{self, RollingStep, ScaleDown};
+use super::secrets;
 use super::status::{self, Observation, Phase, Problem};
 use super::volumes;
 use super::{CONTROLLER, Context, Error, FIELD_MANAGER, FINALIZER, kube_error};
@@ -99,7 +98,7 @@ where
     .map_err(kube_error(format!("applying {} {name}", K::kind(&()))))
 }
 
-fn is_status(error: &kube::Error, code: u16) -> bool {
+pub(super) fn is_status(error: &kube::Error, code: u16) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == code)
 }
 
@@ -182,82 +181,6 @@ async fn resolve_image(
                 ),
             }),
         },
-    })
-}
-
-/// Creates the generated credentials Secrets that do not exist yet (existing ones are kept as
-/// they are) and checks a user-named application Secret. Returns the application Secret's name.
-async fn ensure_secrets(
-    cluster: &PostgresCluster,
-    ctx: &Context,
-    namespace: &str,
-) -> Result<Result<String, Problem>, Error> {
-    let name = cluster.name_any();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut generated = vec![
-        (
-            contract::superuser_secret(&name),
-            contract::SUPERUSER.to_string(),
-        ),
-        (
-            contract::replication_secret(&name),
-            contract::REPLICATION_USER.to_string(),
-        ),
-    ];
-    let user_secret = builders::user_app_secret(cluster);
-    if user_secret.is_none() {
-        generated.push((contract::app_secret(&name), builders::app_owner(cluster)));
-    }
-    for (secret_name, username) in generated {
-        if api
-            .get_metadata_opt(&secret_name)
-            .await
-            .map_err(kube_error(format!("reading Secret {secret_name}")))?
-            .is_some()
-        {
-            continue;
-        }
-        let secret = builders::credentials_secret(
-            cluster,
-            secret_name.clone(),
-            &username,
-            builders::generate_password(),
-        );
-        match api.create(&PostParams::default(), &secret).await {
-            Ok(_) => {
-                tracing::info!(cluster = %name, namespace, secret = %secret_name, "generated credentials Secret");
-            }
-            Err(error) if is_status(&error, 409) => {}
-            Err(error) => return Err(kube_error(format!("creating Secret {secret_name}"))(error)),
-        }
-    }
-    let Some(user_secret) = user_secret else {
-        return Ok(Ok(contract::app_secret(&name)));
-    };
-    let secret = api
-        .get_opt(&user_secret)
-        .await
-        .map_err(kube_error(format!("reading Secret {user_secret}")))?;
-    Ok(match secret {
-        None => Err(Problem {
-            reason: "SecretNotFound".to_string(),
-            message: format!(
-                "Secret {user_secret} (spec.bootstrap.initdb.secret) not found in namespace {namespace}: create it with the keys username and password"
-            ),
-        }),
-        Some(secret) => {
-            let data = secret.data.unwrap_or_default();
-            if data.contains_key("username") && data.contains_key("password") {
-                Ok(user_secret)
-            } else {
-                Err(Problem {
-                    reason: "SecretInvalid".to_string(),
-                    message: format!(
-                        "Secret {user_secret} (spec.bootstrap.initdb.secret) must have the keys username and password"
-                    ),
-                })
-            }
-        }
     })
 }
 
@@ -806,7 +729,7 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
         .await?
         .map_err(|found| problem = Some(found))
         .ok();
-    let app_secret = match ensure_secrets(cluster, ctx, &namespace).await? {
+    let app_secret = match secrets::ensure_secrets(cluster, ctx, &namespace).await? {
         Ok(secret) => secret,
         Err(found) => {
             problem.get_or_insert(found);

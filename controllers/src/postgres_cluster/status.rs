@@ -167,7 +167,10 @@ pub fn desired_status(
                 (false, "AsExpected", "no problem found".to_string()),
             )
         } else if still_creating || (previous_primary.is_none() && current_primary.is_none()) {
-            let message = format!("creating instances: {ready} of {instances} ready");
+            let message = format!(
+                "creating instances: {ready} of {instances} ready{}",
+                waiting_on(&live)
+            );
             (
                 Phase::Creating,
                 (false, "InstancesNotReady", message.clone()),
@@ -178,7 +181,7 @@ pub fn desired_status(
             let message = match current_primary {
                 None => format!("no primary: {ready} of {instances} instances ready"),
                 Some(_) => format!("{ready} of {instances} instances ready"),
-            };
+            } + &waiting_on(&live);
             let reason = if current_primary.is_none() {
                 "NoPrimary"
             } else {
@@ -234,6 +237,8 @@ pub fn desired_status(
             timeline: instance.timeline,
             lag_bytes: instance.lag_bytes,
             last_join: instance.last_join.clone(),
+            bootstrapping: instance.bootstrapping,
+            last_error: instance.last_error.clone(),
         })
         .collect();
     reported.sort_by_key(|instance| instance.name.clone());
@@ -259,6 +264,25 @@ pub fn desired_status(
         conditions,
         observed_generation: generation,
     }
+}
+
+/// What the instances that are not ready say about themselves, for the end of a condition
+/// message: `; db-0: <its last error>` or `; db-0: making the application role and database`.
+/// Empty when none says anything (it is starting, or cloning).
+fn waiting_on(live: &[&InstanceView]) -> String {
+    let mut names: Vec<&&InstanceView> = live.iter().filter(|i| !i.ready).collect();
+    names.sort_by_key(|instance| instance.name.clone());
+    names
+        .iter()
+        .filter_map(|instance| {
+            let what = match (&instance.last_error, instance.bootstrapping) {
+                (Some(error), _) => error.as_str(),
+                (None, true) => "making the application role and database",
+                (None, false) => return None,
+            };
+            Some(format!("; {}: {what}", instance.name))
+        })
+        .collect()
 }
 
 /// Reasons come from a small fixed set; this keeps `Problem` owned while the tuple above wants
@@ -387,6 +411,65 @@ mod tests {
         assert_eq!(healthy.phase.as_deref(), Some("Healthy"));
         let status = desired_status(Some(&healthy), &observe(&cluster, &pods));
         assert_eq!(status.phase.as_deref(), Some("Degraded"));
+    }
+
+    #[test]
+    fn what_an_instance_that_is_not_ready_reports_is_in_the_conditions_and_its_entry() {
+        let cluster = cluster();
+        let failing = InstanceView {
+            role: None,
+            last_error: Some("initdb failed (exit status: 1): invalid locale name".into()),
+            ..instance(0, "primary", false)
+        };
+        let status = desired_status(None, &observe(&cluster, std::slice::from_ref(&failing)));
+        assert_eq!(status.phase.as_deref(), Some("Creating"));
+        let ready = find_condition(&status.conditions, "Ready").unwrap();
+        assert_eq!(
+            ready.message,
+            "creating instances: 0 of 2 ready; db-0: initdb failed (exit status: 1): invalid locale name"
+        );
+        assert_eq!(status.instances[0].last_error, failing.last_error);
+
+        // A primary still making the application role says so; a ready instance's error (a
+        // step that failed once) is in its entry, not in the conditions.
+        let pods = [
+            InstanceView {
+                bootstrapping: true,
+                ..instance(0, "primary", false)
+            },
+            InstanceView {
+                last_error: Some("a retried step".into()),
+                ..instance(1, "replica", true)
+            },
+        ];
+        let status = desired_status(Some(&status), &observe(&cluster, &pods));
+        let progressing = find_condition(&status.conditions, "Progressing").unwrap();
+        assert_eq!(
+            progressing.message,
+            "creating instances: 1 of 2 ready; db-0: making the application role and database"
+        );
+        assert!(status.instances[0].bootstrapping);
+        assert_eq!(
+            status.instances[1].last_error.as_deref(),
+            Some("a retried step")
+        );
+
+        // After the cluster was healthy, the Degraded condition names the cause too.
+        let healthy = [instance(0, "primary", true), instance(1, "replica", true)];
+        let healthy = desired_status(Some(&status), &observe(&cluster, &healthy));
+        let pods = [
+            instance(0, "primary", true),
+            InstanceView {
+                last_error: Some("pg_rewind failed".into()),
+                ..instance(1, "replica", false)
+            },
+        ];
+        let status = desired_status(Some(&healthy), &observe(&cluster, &pods));
+        let degraded = find_condition(&status.conditions, "Degraded").unwrap();
+        assert_eq!(
+            degraded.message,
+            "1 of 2 instances ready; db-1: pg_rewind failed"
+        );
     }
 
     #[test]

@@ -113,8 +113,10 @@ impl Manager {
         if !self.api_reachable {
             return;
         }
+        // An error's appearance and end are published at once; a change of its text waits for
+        // the period (an error that alternates would otherwise write the pod every tick).
         let key = format!(
-            "{:?}|{}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}",
+            "{:?}|{}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{}",
             status.restart_token,
             status.role,
             status.fenced,
@@ -126,19 +128,22 @@ impl Manager {
             status.last_join,
             status.wal_archive.as_ref().map(|archive| &archive.refused),
             status.data_lost,
+            status.last_error.is_some(),
         );
         let due = match &self.last_published {
             Some((last, at)) => *last != key || at.elapsed() >= PUBLISH_PERIOD,
             None => true,
         };
         // A pending instance has nothing to report, except a refusal to bootstrap (the
-        // operator turns it into the cluster's ContinuousArchiving condition) or a data loss
-        // (the DataLost condition).
+        // operator turns it into the cluster's ContinuousArchiving condition), a data loss
+        // (the DataLost condition) or the error that keeps it from starting (an initdb that
+        // fails: the cluster's conditions repeat it).
         let refused = status
             .wal_archive
             .as_ref()
             .is_some_and(|archive| archive.refused.is_some());
-        if !due || (self.role == Role::Pending && !refused && status.data_lost.is_none()) {
+        let stuck = refused || status.data_lost.is_some() || status.last_error.is_some();
+        if !due || (self.role == Role::Pending && !stuck) {
             return;
         }
         match self.cluster.publish(self.role.label(), &status).await {
