@@ -161,25 +161,7 @@ async fn deleting_a_cluster_garbage_collects_what_it_owned_and_keeps_its_volumes
     let e2e = stack()?;
     let client = e2e.client().await?;
     let namespace = "e2e-delete";
-    let objects = [
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
-        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "ImageCatalog",
-               "metadata": {"name": "postgresql", "namespace": namespace},
-               "spec": {"images": [{"major": 18, "image": "ghcr.io/keiailab/pg-instance:18.6"}]}}),
-        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresCluster",
-        "metadata": {"name": "gone", "namespace": namespace},
-        "spec": {
-            "instances": 1,
-            "postgresVersion": 18,
-            "imageCatalogRef": {"kind": "ImageCatalog", "name": "postgresql"},
-            "storage": {"size": "1Gi"},
-            "postgresql": {"parameters": {"shared_buffers": "32MB"}},
-        }}),
-    ];
-    for object in &objects {
-        testbed::manifests::apply(&client, object, namespace).await?;
-    }
-    let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), namespace);
+    let clusters = common::create_cluster(&client, namespace, "gone", json!({})).await?;
     e2e.wait_healthy(&clusters, "gone", None, Duration::from_secs(150))
         .await?;
 
@@ -310,25 +292,7 @@ async fn scale_switchover_hibernate_and_resume_keep_the_data() -> anyhow::Result
     let e2e = stack()?;
     let client = e2e.client().await?;
     let namespace = "e2e-scale";
-    let objects = [
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
-        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "ImageCatalog",
-               "metadata": {"name": "postgresql", "namespace": namespace},
-               "spec": {"images": [{"major": 18, "image": "ghcr.io/keiailab/pg-instance:18.6"}]}}),
-        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresCluster",
-        "metadata": {"name": "sc", "namespace": namespace},
-        "spec": {
-            "instances": 1,
-            "postgresVersion": 18,
-            "imageCatalogRef": {"kind": "ImageCatalog", "name": "postgresql"},
-            "storage": {"size": "1Gi"},
-            "postgresql": {"parameters": {"shared_buffers": "32MB"}},
-        }}),
-    ];
-    for object in &objects {
-        testbed::manifests::apply(&client, object, namespace).await?;
-    }
-    let clusters: Api<api::PostgresCluster> = Api::namespaced(client.clone(), namespace);
+    let clusters = common::create_cluster(&client, namespace, "sc", json!({})).await?;
     e2e.wait_healthy(&clusters, "sc", None, Duration::from_secs(150))
         .await?;
     let password = common::superuser_login(&client, namespace, "sc").await?;
