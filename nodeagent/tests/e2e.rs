@@ -288,7 +288,7 @@ async fn wait_primary(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn scale_switchover_hibernate_and_resume_keep_the_data() -> anyhow::Result<()> {
+async fn scale_switchover_fence_hibernate_and_resume_keep_the_data() -> anyhow::Result<()> {
     let e2e = stack()?;
     let client = e2e.client().await?;
     let namespace = "e2e-scale";
@@ -319,13 +319,38 @@ async fn scale_switchover_hibernate_and_resume_keep_the_data() -> anyhow::Result
     e2e.wait_healthy(&clusters, "sc", None, Duration::from_secs(150))
         .await?;
 
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     // Switchover to the last replica.
     patch(json!({"switchoverTo": "sc-2"})).await?;
     wait_primary(&clusters, "sc", "sc-2", Duration::from_secs(120)).await?;
 
+    // Fence a replica: its PostgreSQL stops, its pod stays and is not ready, the cluster says
+    // so and the primary keeps taking writes; unfenced, it rejoins.
+    patch(json!({"fencedInstances": ["sc-0"]})).await?;
+    common::eventually("sc-0 fenced", Duration::from_secs(60), || async {
+        let status = clusters.get("sc").await?.status.unwrap_or_default();
+        let fenced = status
+            .instances
+            .iter()
+            .any(|i| i.name == "sc-0" && i.role == "fenced" && !i.ready);
+        Ok(if fenced && status.phase.as_deref() == Some("Degraded") {
+            Ok(())
+        } else {
+            Err(format!("{:?} {:?}", status.phase, status.instances))
+        })
+    })
+    .await?;
+    assert_eq!(pods.list(&ListParams::default()).await?.items.len(), 3);
+    connect(rw, &password)
+        .await?
+        .batch_execute("INSERT INTO kept VALUES ('while fenced')")
+        .await?;
+    patch(json!({"fencedInstances": []})).await?;
+    e2e.wait_healthy(&clusters, "sc", None, Duration::from_secs(120))
+        .await?;
+
     // Hibernate: every pod goes away; resume: the cluster comes back with its data.
     patch(json!({"hibernation": true})).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !pods.list(&ListParams::default()).await?.items.is_empty() {
         anyhow::ensure!(
@@ -340,9 +365,11 @@ async fn scale_switchover_hibernate_and_resume_keep_the_data() -> anyhow::Result
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(client) = connect(rw, &password).await
-            && let Ok(row) = client.query_one("SELECT note FROM kept", &[]).await
+            && let Ok(row) = client
+                .query_one("SELECT string_agg(note, ',' ORDER BY note) FROM kept", &[])
+                .await
         {
-            assert_eq!(row.get::<_, String>(0), "before");
+            assert_eq!(row.get::<_, String>(0), "before,while fenced");
             break;
         }
         anyhow::ensure!(
