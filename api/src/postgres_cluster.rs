@@ -54,8 +54,8 @@ pub const HIBERNATION_ANNOTATION: &str = "postgres.keiailab.io/hibernation";
         "message": "sharding cannot be turned on for an existing cluster: create a sharded cluster and move the data"
     },
     {
-        "rule": "self.postgresVersion == oldSelf.postgresVersion || self.postgresVersion == oldSelf.postgresVersion + 1",
-        "message": "postgresVersion can only move up by one major version at a time, and never down"
+        "rule": "self.postgresVersion == oldSelf.postgresVersion",
+        "message": "postgresVersion is immutable: this operator does not run major upgrades (pg_upgrade) yet, and an image of another major version cannot start on this data; move the data to a new cluster (pg_dump, or logical replication). Minor upgrades change the catalog's image for the same major version"
     }
 ]))]
 pub struct PostgresClusterSpec {
@@ -68,6 +68,7 @@ pub struct PostgresClusterSpec {
     pub instances: i32,
 
     /// PostgreSQL major version. 18 or newer; with imageCatalogRef it selects the catalog's image.
+    /// Immutable: major upgrades are not run by the operator yet.
     #[serde(default = "default_postgres_version")]
     #[schemars(extend("x-kubernetes-validations" = [
         {"rule": "self >= 18", "message": "PostgreSQL major versions below 18 are not supported: set postgresVersion to 18 or newer"}

@@ -549,9 +549,14 @@ async fn transition_rules_guard_immutable_fields_and_allow_valid_changes() {
             "sharding.shards cannot be changed (nor sharding removed): a ShardSplitJob adds a shard",
         ),
         (
-            "a jump of two major versions",
-            changed(json!({"spec": {"postgresVersion": 20}})),
-            "postgresVersion can only move up by one major version at a time",
+            "a major upgrade, which the operator cannot run",
+            changed(json!({"spec": {"postgresVersion": 19}})),
+            "postgresVersion is immutable: this operator does not run major upgrades",
+        ),
+        (
+            "a major downgrade",
+            changed(json!({"spec": {"postgresVersion": 17}})),
+            "postgresVersion is immutable",
         ),
         (
             "a new bootstrap",
