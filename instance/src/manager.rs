@@ -315,7 +315,7 @@ impl Manager {
         phases.end("restart_request");
         self.reload_on_config_change();
         self.reload_on_certificate_change();
-        self.supervise().await;
+        let restart_failed = self.supervise().await;
         phases.end("supervise");
         self.local = self.query_local().await;
         phases.end("local_status");
@@ -384,7 +384,8 @@ impl Manager {
             debug!(role = ?self.role, ?step, "step");
         }
         match self.act(step).await {
-            Ok(()) => self.last_error = None,
+            // A step that succeeds does not hide a restart that failed this tick.
+            Ok(()) => self.last_error = restart_failed,
             Err(error) => {
                 warn!(%error, role = ?self.role, "step failed; retrying on the next tick");
                 self.last_error = Some(error.to_string());
@@ -669,11 +670,11 @@ impl Manager {
             .collect()
     }
 
-    /// Restarts a crashed PostgreSQL (primary or replica).
-    async fn supervise(&mut self) {
+    /// Restarts a crashed PostgreSQL (primary or replica). Why the restart failed, if it did.
+    async fn supervise(&mut self) -> Option<String> {
         let should_run = matches!(self.role, Role::Primary | Role::Replica { .. });
         if !should_run || self.postgres.is_running() {
-            return;
+            return None;
         }
         let renewed_recently = self
             .last_renewal
@@ -681,16 +682,21 @@ impl Manager {
         if self.role == Role::Primary
             && (self.lease.holder().as_deref() != Some(self.me()) || !renewed_recently)
         {
-            return;
+            return None;
         }
         warn!(role = ?self.role, "postgres is not running; restarting it");
         self.restarts += 1;
         self.restarts_since_ready += 1;
         self.postgres_down_since.get_or_insert_with(Instant::now);
         self.roles.reset();
-        if let Err(error) = self.postgres.start(Duration::ZERO).await {
-            debug!(%error, "postgres restart pending");
-            self.last_error = Some(format!("restarting PostgreSQL: {error}"));
+        match self.postgres.start(Duration::ZERO).await {
+            Ok(()) => None,
+            // Started, still recovering: readiness is checked every tick.
+            Err(_) if self.postgres.is_running() => None,
+            Err(error) => {
+                debug!(%error, "postgres restart failed");
+                Some(format!("restarting PostgreSQL: {error}"))
+            }
         }
     }
 

@@ -69,6 +69,23 @@ pub struct LocalPostgres {
     tls: Option<TlsFiles>,
 }
 
+/// The major version in a `PG_VERSION` file's text (`18`).
+fn major_of(text: &str) -> Option<u32> {
+    text.split('.').next()?.parse().ok()
+}
+
+/// The major version in `postgres --version`'s output (`postgres (PostgreSQL) 18.6`, or a
+/// vendor's `postgres (PostgreSQL) 19beta1 (Debian ...)`).
+fn server_major(output: &str) -> Option<u32> {
+    let version = output
+        .split("(PostgreSQL)")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
+    let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 /// The lines of a PostgreSQL program's output that say what went wrong (`initdb: error: ...`,
 /// `pg_rewind: hint: ...`, a server's `FATAL:`), or the whole output when none does: the rest
 /// is progress (`The files belonging to this database system will be owned by ...`).
@@ -176,6 +193,27 @@ impl LocalPostgres {
     /// Whether the data directory holds a cluster.
     pub fn has_data(&self) -> bool {
         self.pgdata.join("PG_VERSION").exists()
+    }
+
+    /// Refuses to start a server of another major version than the data directory's (an image
+    /// of the next major put in the catalog's entry, or in `spec.image`): PostgreSQL would exit
+    /// with "database files are incompatible with server" on its standard error, which the
+    /// status never sees; this says what to change instead. The data is left as it is.
+    pub async fn check_major_version(&self) -> Result<()> {
+        let Ok(text) = fs::read_to_string(self.pgdata.join("PG_VERSION")) else {
+            return Ok(());
+        };
+        let output = self
+            .run_program("postgres", self.command("postgres").arg("--version"))
+            .await?;
+        match (major_of(text.trim()), server_major(&output)) {
+            (Some(data), Some(server)) if data != server => Err(Error::Invalid(format!(
+                "the data directory holds PostgreSQL {data} data and this image runs PostgreSQL {server}; \
+                 the operator does not run major upgrades: run an image of PostgreSQL {data} \
+                 (spec.image, or the catalog's image for postgresVersion {data})"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Whether the data directory is set up as a standby (`standby.signal`).
@@ -506,6 +544,7 @@ impl LocalPostgres {
         if self.is_running() {
             return Ok(());
         }
+        self.check_major_version().await?;
         let mut command = self.command("postgres");
         command
             .arg("-D")
@@ -687,6 +726,17 @@ impl LocalConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn major_versions_are_read_from_pg_version_and_the_server_banner() {
+        assert_eq!(major_of("18"), Some(18));
+        assert_eq!(server_major("postgres (PostgreSQL) 18.6\n"), Some(18));
+        assert_eq!(
+            server_major("postgres (PostgreSQL) 19beta1 (Debian 19~beta1-1)"),
+            Some(19)
+        );
+        assert_eq!(server_major("something else"), None);
+    }
 
     #[test]
     fn a_failed_program_is_described_by_its_error_lines() {

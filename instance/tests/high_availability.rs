@@ -1130,3 +1130,54 @@ async fn a_new_primary_is_ready_once_its_application_role_and_database_exist() {
         ("app".to_string(), "app".to_string())
     );
 }
+
+/// Data of another major version than the image's (an image of the next major put in the
+/// catalog, or in `spec.image`) is not started: the instance says which version each is and
+/// what to run, in its status (the operator repeats it in the cluster's conditions), and leaves
+/// the data alone; back on a server of the data's version, it serves the same data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_of_another_major_version_is_not_started_and_the_status_says_why() {
+    let mut cluster = TestCluster::start("major", 1, 0).await.unwrap();
+    let primary = cluster
+        .wait_for_primary_with_replicas(0, STARTUP)
+        .await
+        .unwrap();
+    cluster
+        .connect(primary)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE kept AS SELECT 1 AS id")
+        .await
+        .unwrap();
+    cluster.stop_instance(primary);
+    let version_file = cluster.instances[primary].pgdata().join("PG_VERSION");
+    let version = std::fs::read_to_string(&version_file).unwrap();
+    // As if this data were written by PostgreSQL 17 and the image now ran 18.
+    std::fs::write(&version_file, "17\n").unwrap();
+    cluster.start_instance(primary).unwrap();
+    let wanted = "the data directory holds PostgreSQL 17 data and this image runs PostgreSQL 18";
+    eventually("the version mismatch in the status", STARTUP, || async {
+        cluster.status(primary).await.is_some_and(|status| {
+            !status.postgres_ready
+                && status
+                    .last_error
+                    .is_some_and(|error| error.contains(wanted))
+        })
+    })
+    .await
+    .unwrap_or_else(|error| panic!("{error}\n{}", cluster.logs()));
+    assert_eq!(cluster.instances[primary].postmaster_pid(), None);
+
+    std::fs::write(&version_file, version).unwrap();
+    eventually("the data served again", STARTUP, || async {
+        match cluster.connect(primary).await {
+            Ok(client) => client
+                .query_one("SELECT id FROM kept", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, i32>(0) == 1),
+            Err(_) => false,
+        }
+    })
+    .await
+    .unwrap();
+}

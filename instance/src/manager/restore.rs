@@ -106,6 +106,8 @@ impl Manager {
         self.postgres
             .write_config(&settings, false, &self.replication.username)?;
         self.roles.reset();
+        // Not a wait for crash recovery: this server cannot start on the data at all.
+        self.postgres.check_major_version().await?;
         self.postgres
             .start(self.config.renew_deadline() / 2)
             .await
