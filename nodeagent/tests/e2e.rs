@@ -262,6 +262,69 @@ async fn a_cluster_whose_initdb_fails_says_why_in_its_status() -> anyhow::Result
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_storage_puts_each_instances_wal_on_its_own_volume() -> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-walvolume";
+    let clusters = common::create_cluster(
+        &client,
+        namespace,
+        "w",
+        json!({"instances": 2, "walStorage": {"size": "1Gi"}}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "w", None, Duration::from_secs(180))
+        .await?;
+    let login = common::superuser_login(&client, namespace, "w").await?;
+    let rw = e2e.service_port(namespace, &api::contract::rw_service("w"))?;
+    let primary = common::connect_writable(rw, &login).await?;
+    let row = primary
+        .query_one(
+            "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_walfile_name(pg_switch_wal())",
+            &[],
+        )
+        .await?;
+    let (_, switched): (String, String) = (row.get(0), row.get(1));
+
+    // Each pod has its WAL claim, and the segments are in that volume's pg_wal folder (the
+    // primary's from initdb --waldir, the replica's from pg_basebackup --waldir); the segment
+    // just switched out reaches both.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let volumes: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    for pod in ["w-0", "w-1"] {
+        let claim = claims.get(&format!("pg-wal-{pod}")).await?;
+        let volume = claim
+            .spec
+            .and_then(|spec| spec.volume_name)
+            .ok_or_else(|| anyhow::anyhow!("pg-wal-{pod} is not bound"))?;
+        let folder = volumes
+            .get(&volume)
+            .await?
+            .spec
+            .and_then(|spec| spec.host_path)
+            .map(|host| std::path::PathBuf::from(host.path).join("pg_wal"))
+            .ok_or_else(|| anyhow::anyhow!("{volume} has no hostPath"))?;
+        common::eventually(
+            &format!("segment {switched} in {}", folder.display()),
+            Duration::from_secs(30),
+            || async {
+                let names: Vec<String> = std::fs::read_dir(&folder)?
+                    .flatten()
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .collect();
+                Ok(if names.contains(&switched) {
+                    Ok(())
+                } else {
+                    Err(format!("{names:?}"))
+                })
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Waits until the cluster's current primary is `primary` and it is Healthy.
 async fn wait_primary(
     clusters: &Api<api::PostgresCluster>,
