@@ -263,6 +263,53 @@ async fn a_cluster_whose_initdb_fails_says_why_in_its_status() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_whose_pod_cannot_be_scheduled_says_why_and_recovers_when_fixed()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let clusters = common::create_cluster(
+        &client,
+        "e2e-unschedulable",
+        "big",
+        json!({"resources": {"requests": {"cpu": "64"}}}),
+    )
+    .await?;
+    // The real scheduler's reason reaches the cluster's conditions.
+    let message = common::eventually(
+        "the scheduler's reason in the cluster status",
+        Duration::from_secs(90),
+        || async {
+            let status = clusters.get("big").await?.status.unwrap_or_default();
+            let ready = api::common::find_condition(&status.conditions, "Ready")
+                .map(|condition| condition.message.clone())
+                .unwrap_or_default();
+            Ok(if ready.contains("Insufficient cpu") {
+                Ok(ready)
+            } else {
+                Err(ready)
+            })
+        },
+    )
+    .await?;
+    assert!(
+        message.starts_with(
+            "creating instances: 0 of 1 ready; big-0: not scheduled: 0/1 nodes are available"
+        ),
+        "{message}"
+    );
+    // Fixed, the pod that never ran is replaced with one of the new spec.
+    common::patch_spec(
+        &clusters,
+        "big",
+        json!({"resources": {"requests": {"cpu": "100m"}}}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "big", None, Duration::from_secs(150))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn wal_storage_puts_each_instances_wal_on_its_own_volume() -> anyhow::Result<()> {
     let e2e = stack()?;
     let client = e2e.client().await?;

@@ -385,19 +385,24 @@ pub fn is_hibernated(cluster: &PostgresCluster) -> bool {
             .is_some_and(|value| value == "on" || value == "true")
 }
 
-/// Hash of everything that needs a restart to change: the image and the restart-only parameters.
-/// Pods whose [`contract::ANNOTATION_SPEC_HASH`] differs are rolled.
+/// Hash of everything that needs a restart to change: the pod spec the instances are made from
+/// (image, resources, scheduling, environment, mounts) and the restart-only parameters (which
+/// live in the ConfigMap, not the pod). Pods whose [`contract::ANNOTATION_SPEC_HASH`] differs
+/// are rolled: with `OnDelete` nothing else would bring a new template to them.
 pub fn spec_hash(cluster: &PostgresCluster, resolved: &Resolved) -> String {
-    let mut text = format!(
-        "image={}\nmanager={}\n",
-        resolved.image, resolved.instance_manager_image
-    );
+    pod_template(cluster, resolved)
+        .metadata
+        .and_then(|metadata| metadata.annotations)
+        .and_then(|mut annotations| annotations.remove(contract::ANNOTATION_SPEC_HASH))
+        .unwrap_or_default()
+}
+
+/// [`spec_hash`] of a built pod spec (the template's metadata is left out: it carries the hash).
+fn hash_of(cluster: &PostgresCluster, pod: &PodSpec) -> String {
+    let mut text = serde_json::to_string(pod).unwrap_or_default();
+    text.push('\n');
     for (name, value) in parameters::restart_only(&effective_parameters(cluster)) {
         text.push_str(&format!("{name}={value}\n"));
-    }
-    // Turning TLS on or off changes the pods' mounts: the instances roll.
-    if !crate::tls::pod::enabled(cluster) {
-        text.push_str("tls=disabled\n");
     }
     format!("{:016x}", fnv1a64(text.as_bytes()))
 }
@@ -728,10 +733,7 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
     let mut template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels),
-            annotations: Some(BTreeMap::from([(
-                contract::ANNOTATION_SPEC_HASH.to_string(),
-                spec_hash(cluster, resolved),
-            )])),
+            annotations: Some(BTreeMap::new()),
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
@@ -788,6 +790,17 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
     };
     super::monitoring::configure_pod(&mut template, &spec.monitoring);
     crate::tls::pod::configure_pod(&mut template, cluster);
+    let hash = template
+        .spec
+        .as_ref()
+        .map(|pod| hash_of(cluster, pod))
+        .unwrap_or_default();
+    template
+        .metadata
+        .get_or_insert_with(ObjectMeta::default)
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(contract::ANNOTATION_SPEC_HASH.to_string(), hash);
     template
 }
 

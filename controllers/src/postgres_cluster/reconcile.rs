@@ -638,6 +638,18 @@ async fn take_rolling_step(
             )
             .await;
         }
+        RollingStep::ReplaceStuck { pod, problem } => {
+            tracing::info!(cluster = %cluster.name_any(), namespace, instance = %pod, %problem, "recreating an instance that cannot run on the old spec");
+            delete_pod(&Api::namespaced(ctx.client.clone(), namespace), pod).await?;
+            publish(
+                ctx,
+                cluster,
+                EventType::Normal,
+                "InstanceRecreated",
+                format!("recreating {pod} from the new template: on the old one it could not run ({problem})"),
+            )
+            .await;
+        }
         RollingStep::Switchover { from, to } => {
             let why =
                 format!("rolling update: switchover from {from} to {to}, then {from} is updated");

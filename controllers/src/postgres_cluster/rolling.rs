@@ -31,6 +31,15 @@ pub enum RollingStep {
         /// Pod name.
         pod: String,
     },
+    /// An outdated pod that cannot run (not scheduled, its image cannot be pulled, a crash
+    /// loop): recreate it at once, whatever the others do. It serves nothing, its volumes stay,
+    /// and the new spec may be the user's fix for what keeps it from running.
+    ReplaceStuck {
+        /// Pod name.
+        pod: String,
+        /// What keeps it from running.
+        problem: String,
+    },
 }
 
 impl RollingStep {
@@ -57,6 +66,16 @@ pub fn plan(
     };
     if switchover_in_flight {
         return wait("waiting for the switchover to complete");
+    }
+    if let Some((stuck, problem)) = instances
+        .iter()
+        .filter(|i| outdated(i) && !i.terminating)
+        .find_map(|i| Some((i, i.pod_problem.as_ref()?)))
+    {
+        return RollingStep::ReplaceStuck {
+            pod: stuck.name.clone(),
+            problem: problem.clone(),
+        };
     }
     let present = instances.iter().filter(|i| !i.terminating).count();
     if instances.iter().any(|i| i.terminating || !i.ready) || (present as i32) < expected {
@@ -229,6 +248,43 @@ mod tests {
         );
         pods[0] = instance(0, "replica", "new");
         assert_eq!(plan(&pods, 3, "new", false), RollingStep::UpToDate);
+    }
+
+    #[test]
+    fn an_outdated_pod_that_cannot_run_is_replaced_at_once() {
+        // The only pod was never scheduled: nothing is ready and no one is primary, yet the new
+        // spec (the user's fix) reaches it.
+        let stuck = InstanceView {
+            role: None,
+            ready: false,
+            pod_problem: Some("not scheduled: 0/1 nodes are available".into()),
+            ..instance(0, "primary", "old")
+        };
+        assert_eq!(
+            plan(std::slice::from_ref(&stuck), 1, "new", false),
+            RollingStep::ReplaceStuck {
+                pod: "db-0".into(),
+                problem: "not scheduled: 0/1 nodes are available".into()
+            }
+        );
+        // A replica whose new image cannot be pulled is not "outdated" and waits for the user;
+        // one on the old spec is replaced even while another replica is not ready.
+        let pods = [
+            instance(0, "primary", "old"),
+            InstanceView {
+                ready: false,
+                ..instance(1, "replica", "new")
+            },
+            InstanceView {
+                ready: false,
+                pod_problem: Some("container postgres: ImagePullBackOff".into()),
+                ..instance(2, "replica", "old")
+            },
+        ];
+        assert!(matches!(
+            plan(&pods, 3, "new", false),
+            RollingStep::ReplaceStuck { pod, .. } if pod == "db-2"
+        ));
     }
 
     #[test]

@@ -140,6 +140,9 @@ pub fn desired_status(
                 RollingStep::Switchover { to, .. } => {
                     format!("rolling update: switching over to {to}")
                 }
+                RollingStep::ReplaceStuck { pod, problem } => {
+                    format!("recreating {pod} from the new spec: on the old one {problem}")
+                }
                 RollingStep::RecreatePrimary { pod } => {
                     format!("rolling update: recreating primary {pod}")
                 }
@@ -266,8 +269,9 @@ pub fn desired_status(
     }
 }
 
-/// What the instances that are not ready say about themselves, for the end of a condition
-/// message: `; db-0: <its last error>` or `; db-0: making the application role and database`.
+/// Why the instances that are not ready are not, for the end of a condition message: what
+/// their pod's status says (`; db-0: not scheduled: ...`), else what their instance manager
+/// says (`; db-0: <its last error>`, `; db-0: making the application role and database`).
 /// Empty when none says anything (it is starting, or cloning).
 fn waiting_on(live: &[&InstanceView]) -> String {
     let mut names: Vec<&&InstanceView> = live.iter().filter(|i| !i.ready).collect();
@@ -275,10 +279,13 @@ fn waiting_on(live: &[&InstanceView]) -> String {
     names
         .iter()
         .filter_map(|instance| {
-            let what = match (&instance.last_error, instance.bootstrapping) {
-                (Some(error), _) => error.as_str(),
-                (None, true) => "making the application role and database",
-                (None, false) => return None,
+            let what = match (&instance.pod_problem, &instance.last_error) {
+                (Some(problem), _) => problem.as_str(),
+                (None, Some(error)) => error.as_str(),
+                (None, None) if instance.bootstrapping => {
+                    "making the application role and database"
+                }
+                (None, None) => return None,
             };
             Some(format!("; {}: {what}", instance.name))
         })

@@ -388,7 +388,7 @@ fn hibernation_scales_to_zero_by_field_or_annotation() {
 }
 
 #[test]
-fn spec_hash_changes_with_the_image_and_restart_parameters_only() {
+fn spec_hash_changes_with_the_image_restart_parameters_and_pod_spec_only() {
     let mut cluster = cluster(3);
     let base = spec_hash(&cluster, &resolved());
     cluster
@@ -415,6 +415,25 @@ fn spec_hash_changes_with_the_image_and_restart_parameters_only() {
     other.image = "pg:18.2".into();
     assert_ne!(
         spec_hash(&cluster, &other),
+        spec_hash(&cluster, &resolved())
+    );
+    // Resources and scheduling are in the pod spec: with OnDelete, only a roll brings them to
+    // the pods. The template carries the same hash the rolling plan compares with.
+    let before = spec_hash(&cluster, &resolved());
+    cluster.spec.resources =
+        Some(serde_json::from_value(serde_json::json!({"requests": {"cpu": "2"}})).unwrap());
+    let after = spec_hash(&cluster, &resolved());
+    assert_ne!(after, before, "resources roll the pods");
+    cluster.spec.scheduling =
+        Some(serde_json::from_value(serde_json::json!({"nodeSelector": {"disk": "ssd"}})).unwrap());
+    assert_ne!(
+        spec_hash(&cluster, &resolved()),
+        after,
+        "scheduling rolls the pods"
+    );
+    let template = pod_template(&cluster, &resolved());
+    assert_eq!(
+        template.metadata.unwrap().annotations.unwrap()[contract::ANNOTATION_SPEC_HASH],
         spec_hash(&cluster, &resolved())
     );
 }
