@@ -625,38 +625,30 @@ async fn take_rolling_step(
     step: &RollingStep,
     observed: &mut Observed,
 ) -> Result<(), Error> {
-    match step {
-        RollingStep::RecreateReplica { pod } | RollingStep::RecreatePrimary { pod } => {
-            tracing::info!(cluster = %cluster.name_any(), namespace, instance = %pod, "rolling update: recreating instance");
-            delete_pod(&Api::namespaced(ctx.client.clone(), namespace), pod).await?;
-            publish(
-                ctx,
-                cluster,
-                EventType::Normal,
-                "InstanceRecreated",
-                format!("rolling update: recreating {pod} from the new template"),
-            )
-            .await;
-        }
-        RollingStep::ReplaceStuck { pod, problem } => {
-            tracing::info!(cluster = %cluster.name_any(), namespace, instance = %pod, %problem, "recreating an instance that cannot run on the old spec");
-            delete_pod(&Api::namespaced(ctx.client.clone(), namespace), pod).await?;
-            publish(
-                ctx,
-                cluster,
-                EventType::Normal,
-                "InstanceRecreated",
-                format!("recreating {pod} from the new template: on the old one it could not run ({problem})"),
-            )
-            .await;
-        }
+    let (pod, note) = match step {
+        RollingStep::RecreateReplica { pod } | RollingStep::RecreatePrimary { pod } => (
+            pod,
+            format!("rolling update: recreating {pod} from the new template"),
+        ),
+        RollingStep::ReplaceStuck { pod, problem } => (
+            pod,
+            format!(
+                "recreating {pod} from the new template: on the old one it could not run ({problem})"
+            ),
+        ),
         RollingStep::Switchover { from, to } => {
             let why =
                 format!("rolling update: switchover from {from} to {to}, then {from} is updated");
-            observed.request_switchover(cluster, ctx, to, why).await?;
+            return observed
+                .request_switchover(cluster, ctx, to, why)
+                .await
+                .map(drop);
         }
-        RollingStep::UpToDate | RollingStep::Wait { .. } => {}
-    }
+        RollingStep::UpToDate | RollingStep::Wait { .. } => return Ok(()),
+    };
+    tracing::info!(cluster = %cluster.name_any(), namespace, instance = %pod, "{note}");
+    delete_pod(&Api::namespaced(ctx.client.clone(), namespace), pod).await?;
+    publish(ctx, cluster, EventType::Normal, "InstanceRecreated", note).await;
     Ok(())
 }
 
