@@ -111,9 +111,10 @@ pub mod env {
 }
 
 /// Annotation on the StatefulSet's pod template (and so on every pod made from it): a hash of
-/// everything that needs a PostgreSQL restart to change (image, restart-only parameters). The
-/// operator rolls pods whose value differs from the template's: replicas first, then a switchover,
-/// then the old primary.
+/// everything that needs a new pod or a PostgreSQL restart to change (the pod spec: image,
+/// resources, scheduling, environment; the restart-only parameters). The operator rolls pods
+/// whose value differs from the template's: replicas first, then a switchover, then the old
+/// primary.
 pub const ANNOTATION_SPEC_HASH: &str = "postgres.keiailab.io/spec-hash";
 
 /// ServiceAccount the instance managers of a cluster run as.

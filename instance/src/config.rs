@@ -79,6 +79,10 @@ pub struct Config {
     /// `dbname`, then to its user name.
     #[arg(long, env = "APP_DATABASE")]
     pub app_database: Option<String>,
+    /// Secret with the application owner's `username` and `password`: the user's
+    /// (`bootstrap.initdb.secret`) or the generated `<cluster>-app` (when unset).
+    #[arg(long, env = "APP_SECRET")]
+    pub app_secret: Option<String>,
     /// Encoding of a new cluster (initdb `-E`; `bootstrap.initdb.encoding`).
     #[arg(long, env = "INITDB_ENCODING", default_value = "UTF8")]
     pub initdb_encoding: String,

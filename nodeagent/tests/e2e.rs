@@ -310,6 +310,61 @@ async fn a_cluster_whose_pod_cannot_be_scheduled_says_why_and_recovers_when_fixe
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_users_own_application_secret_makes_the_owner_and_its_database() -> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-ownsecret";
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        namespace,
+    )
+    .await?;
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "shop-credentials", "namespace": namespace},
+                "stringData": {"username": "shop", "password": "chosen-by-the-user"}}),
+        namespace,
+    )
+    .await?;
+    let clusters = common::create_cluster(
+        &client,
+        namespace,
+        "own",
+        json!({"bootstrap": {"initdb": {
+            "database": "shop", "owner": "shop", "secret": {"name": "shop-credentials"}}}}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "own", None, Duration::from_secs(150))
+        .await?;
+    // The owner logs in with the password the user chose, to the database it owns.
+    let login = common::superuser_login(&client, namespace, "own")
+        .await?
+        .with_password("chosen-by-the-user");
+    let rw = e2e.service_port(namespace, &api::contract::rw_service("own"))?;
+    let shop = common::eventually("the owner's login", Duration::from_secs(30), || async {
+        Ok(common::connect_as(rw, "shop", &login, "shop")
+            .await
+            .map_err(|error| format!("{error:#}")))
+    })
+    .await?;
+    let row = shop
+        .query_one(
+            "SELECT current_user::text, (SELECT pg_get_userbyid(datdba)::text FROM pg_database \
+             WHERE datname = current_database())",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("shop".to_string(), "shop".to_string())
+    );
+    shop.batch_execute("CREATE TABLE orders (id int)").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn wal_storage_puts_each_instances_wal_on_its_own_volume() -> anyhow::Result<()> {
     let e2e = stack()?;
     let client = e2e.client().await?;

@@ -623,6 +623,7 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
             .to_string(),
         ),
         value_env("APP_DATABASE", initdb.database.clone()),
+        value_env("APP_SECRET", resolved.app_secret.clone()),
         value_env("INITDB_ENCODING", initdb.encoding.clone()),
         value_env("INITDB_LOCALE", initdb.locale.clone()),
         value_env("INITDB_DATA_CHECKSUMS", initdb.data_checksums.to_string()),

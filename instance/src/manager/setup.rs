@@ -84,18 +84,27 @@ pub(super) async fn wait_for_credentials(
         let replication = cluster
             .credentials(&contract::replication_secret(&config.cluster))
             .await;
-        let app = cluster
-            .credentials(&contract::app_secret(&config.cluster))
-            .await;
+        let app_secret = config
+            .app_secret
+            .clone()
+            .unwrap_or_else(|| contract::app_secret(&config.cluster));
+        let app = cluster.credentials(&app_secret).await;
         match (superuser, replication, app) {
             (Ok(Some(superuser)), Ok(Some(replication)), Ok(app)) => {
                 return (superuser, replication, app);
             }
-            (superuser, replication, _) => {
+            (superuser, replication, app) => {
+                let problem = |read: &Result<Option<Credentials>>| match read {
+                    Ok(Some(_)) => "found".to_string(),
+                    Ok(None) => "not found".to_string(),
+                    Err(error) => error.to_string(),
+                };
                 warn!(
-                    superuser_found = matches!(superuser, Ok(Some(_))),
-                    replication_found = matches!(replication, Ok(Some(_))),
-                    "waiting for the superuser and replication Secrets"
+                    superuser = problem(&superuser),
+                    replication = problem(&replication),
+                    application = problem(&app),
+                    %app_secret,
+                    "waiting for the cluster's Secrets"
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
