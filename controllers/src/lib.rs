@@ -7,6 +7,7 @@ pub mod leader;
 pub mod metrics;
 pub mod monitoring;
 pub mod operator;
+pub mod pods;
 pub mod pooler;
 pub mod postgres_cluster;
 pub mod scheduled_backup;

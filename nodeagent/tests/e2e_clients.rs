@@ -223,6 +223,35 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
         .is_some(),
         "{metrics}"
     );
+
+    // A Pooler whose pod the scheduler cannot place says why in its Ready condition.
+    let big = json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "Pooler",
+                     "metadata": {"name": "big-pool", "namespace": namespace},
+                     "spec": {"cluster": {"name": "app"}, "type": "rw", "instances": 1,
+                              "resources": {"requests": {"cpu": "64"}}}});
+    testbed::manifests::apply(&client, &big, namespace).await?;
+    let poolers: kube::Api<api::Pooler> = kube::Api::namespaced(client.clone(), namespace);
+    let message = eventually(
+        "the scheduler's reason in the Pooler's Ready condition",
+        Duration::from_secs(90),
+        || async {
+            let status = poolers.get("big-pool").await?.status.unwrap_or_default();
+            let ready = api::common::find_condition(&status.conditions, "Ready")
+                .map(|condition| condition.message.clone())
+                .unwrap_or_default();
+            Ok(if ready.contains("Insufficient cpu") {
+                Ok(ready)
+            } else {
+                Err(ready)
+            })
+        },
+    )
+    .await?;
+    assert!(
+        message.starts_with("0 of 1 PgBouncer pods ready; big-pool-")
+            && message.contains(": not scheduled: "),
+        "{message}"
+    );
     Ok(())
 }
 

@@ -13,6 +13,9 @@ pub enum Outcome {
     Applied {
         /// Ready PgBouncer pods.
         ready: i32,
+        /// Why the pods that do not run do not (`; <pod>: not scheduled: ...`), from their own
+        /// status; empty when none is stuck.
+        waiting: String,
     },
     /// The spec or its surroundings need the user's attention: reason and message say what.
     Blocked {
@@ -31,7 +34,7 @@ pub fn desired_status(pooler: &Pooler, outcome: &Outcome) -> PoolerStatus {
     status.endpoint = Some(builders::endpoint(pooler));
     let wanted = pooler.spec.instances;
     let conditions = match outcome {
-        Outcome::Applied { ready } => {
+        Outcome::Applied { ready, waiting } => {
             status.ready_instances = *ready;
             let all = *ready >= wanted;
             [
@@ -43,7 +46,7 @@ pub fn desired_status(pooler: &Pooler, outcome: &Outcome) -> PoolerStatus {
                     } else {
                         "InstancesNotReady"
                     },
-                    format!("{ready} of {wanted} PgBouncer pods ready"),
+                    format!("{ready} of {wanted} PgBouncer pods ready{waiting}"),
                     generation,
                 ),
                 new_condition(
@@ -105,13 +108,27 @@ mod tests {
     #[test]
     fn ready_when_every_pod_is_ready_degraded_when_blocked() {
         let mut pooler = pooler();
-        let status = desired_status(&pooler, &Outcome::Applied { ready: 1 });
+        let status = desired_status(
+            &pooler,
+            &Outcome::Applied {
+                ready: 1,
+                waiting: "; pool-abc: not scheduled: 0/1 nodes are available".into(),
+            },
+        );
+        let ready = find_condition(&status.conditions, "Ready").unwrap();
+        assert_eq!(ready.status, "False");
         assert_eq!(
-            find_condition(&status.conditions, "Ready").unwrap().status,
-            "False"
+            ready.message,
+            "1 of 2 PgBouncer pods ready; pool-abc: not scheduled: 0/1 nodes are available"
         );
         assert_eq!(status.endpoint.as_deref(), Some("pool.ns.svc:5432"));
-        let status = desired_status(&pooler, &Outcome::Applied { ready: 2 });
+        let status = desired_status(
+            &pooler,
+            &Outcome::Applied {
+                ready: 2,
+                waiting: String::new(),
+            },
+        );
         assert_eq!(
             find_condition(&status.conditions, "Ready").unwrap().status,
             "True"

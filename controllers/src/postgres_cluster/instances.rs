@@ -4,6 +4,8 @@
 use api::contract;
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::pods::{MAX_ERROR_CHARS, one_line, pod_problem};
+
 /// One instance pod as the operator sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstanceView {
@@ -42,66 +44,6 @@ pub struct InstanceView {
     /// or a container waiting for a reason that needs the user (an image that cannot be
     /// pulled, a crash loop). Shortened like [`Self::last_error`].
     pub pod_problem: Option<String>,
-}
-
-/// Waiting reasons of a container that do not go away by themselves.
-const STUCK_REASONS: [&str; 7] = [
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CrashLoopBackOff",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "RunContainerError",
-];
-
-/// See [`InstanceView::pod_problem`].
-fn pod_problem(pod: &Pod) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    let unscheduled = status.conditions.iter().flatten().find(|condition| {
-        condition.type_ == "PodScheduled"
-            && condition.status == "False"
-            && condition.reason.as_deref() == Some("Unschedulable")
-    });
-    if let Some(condition) = unscheduled {
-        let message = condition.message.as_deref().unwrap_or("no reason given");
-        return Some(one_line(
-            &format!("not scheduled: {message}"),
-            MAX_ERROR_CHARS,
-        ));
-    }
-    let containers = status.init_container_statuses.iter().flatten();
-    containers
-        .chain(status.container_statuses.iter().flatten())
-        .find_map(|container| {
-            let waiting = container.state.as_ref()?.waiting.as_ref()?;
-            let reason = waiting.reason.as_deref()?;
-            STUCK_REASONS.contains(&reason).then(|| {
-                let message = waiting.message.as_deref().unwrap_or_default();
-                one_line(
-                    &format!("container {}: {reason}: {message}", container.name),
-                    MAX_ERROR_CHARS,
-                )
-                .trim_end_matches([' ', ':'])
-                .to_string()
-            })
-        })
-}
-
-/// Longest instance error the cluster status repeats: the status stays small and a condition
-/// message readable; the whole text is in the pod's annotation and the instance's log.
-pub const MAX_ERROR_CHARS: usize = 400;
-
-/// `text` on one line (runs of white space, new lines included, become one space), cut to
-/// `max` characters with an ellipsis.
-pub fn one_line(text: &str, max: usize) -> String {
-    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if line.chars().count() <= max {
-        return line;
-    }
-    let mut cut: String = line.chars().take(max.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
 }
 
 impl InstanceView {
@@ -246,46 +188,6 @@ mod tests {
             view.last_error.as_deref(),
             Some("initdb failed (exit status: 1): initdb: error: invalid locale name")
         );
-    }
-
-    #[test]
-    fn a_pod_that_cannot_run_says_why() {
-        let pod = |status: serde_json::Value| -> Pod {
-            serde_json::from_value(
-                serde_json::json!({"metadata": {"name": "db-0"}, "status": status}),
-            )
-            .unwrap()
-        };
-        let unscheduled = pod(serde_json::json!({"conditions": [{
-            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-            "message": "0/1 nodes are available: 1 Insufficient cpu."}]}));
-        assert_eq!(
-            InstanceView::from_pod("db", &unscheduled)
-                .pod_problem
-                .as_deref(),
-            Some("not scheduled: 0/1 nodes are available: 1 Insufficient cpu.")
-        );
-        let pulling = pod(serde_json::json!({"containerStatuses": [{
-            "name": "postgres", "image": "pg:19", "imageID": "", "ready": false, "restartCount": 0,
-            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"pg:19\""}}}]}));
-        assert_eq!(
-            InstanceView::from_pod("db", &pulling)
-                .pod_problem
-                .as_deref(),
-            Some("container postgres: ImagePullBackOff: Back-off pulling image \"pg:19\"")
-        );
-        // Starting is no problem.
-        let creating = pod(serde_json::json!({"containerStatuses": [{
-            "name": "postgres", "image": "pg:18", "imageID": "", "ready": false, "restartCount": 0,
-            "state": {"waiting": {"reason": "ContainerCreating"}}}]}));
-        assert_eq!(InstanceView::from_pod("db", &creating).pod_problem, None);
-    }
-
-    #[test]
-    fn an_error_is_put_on_one_line_and_cut_at_a_character_boundary() {
-        assert_eq!(one_line("a\n\n b\tc ", 10), "a b c");
-        assert_eq!(one_line("ééééé", 4), "ééé…");
-        assert_eq!(one_line("abcd", 4), "abcd");
     }
 
     #[test]
