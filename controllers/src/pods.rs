@@ -1,7 +1,9 @@
 //! What a pod's own status says about why it does not run, for the conditions of the objects
-//! whose pods they are (PostgresCluster instances, Pooler pods). Pure.
+//! whose pods they are (PostgresCluster instances, Pooler and router pods).
 
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 
 /// Waiting reasons of a container that do not go away by themselves.
 const STUCK_REASONS: [&str; 7] = [
@@ -47,6 +49,32 @@ pub fn pod_problem(pod: &Pod) -> Option<String> {
                 .to_string()
             })
         })
+}
+
+/// Why the pods of `selector` in `namespace` that cannot run do not, for the end of a condition
+/// message: `; <pod>: <problem>` each (see [`pod_problem`]), by pod name. A failed list says
+/// nothing: the count of ready pods the message starts with stands on its own.
+pub async fn stuck(client: &kube::Client, namespace: &str, selector: &str) -> String {
+    let pods = match Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(selector))
+        .await
+    {
+        Ok(pods) => pods.items,
+        Err(error) => {
+            tracing::debug!(namespace, selector, %error, "listing pods failed");
+            return String::new();
+        }
+    };
+    let mut stuck: Vec<(String, String)> = pods
+        .iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter_map(|pod| Some((pod.name_any(), pod_problem(pod)?)))
+        .collect();
+    stuck.sort();
+    stuck
+        .iter()
+        .map(|(pod, problem)| format!("; {pod}: {problem}"))
+        .collect()
 }
 
 /// Longest error a status repeats: the status stays small and a condition message readable;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use api::pooler::{ClientTlsMode, Pooler};
 use api::postgres_cluster::PostgresCluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -170,7 +170,8 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
         .and_then(|status| status.ready_replicas)
         .unwrap_or(0);
     let waiting = if ready < pooler.spec.instances {
-        stuck_pods(ctx, pooler, &namespace).await
+        let selector = format!("{}={}", builders::LABEL_POOLER, pooler.name_any());
+        crate::pods::stuck(&ctx.client, &namespace, &selector).await
     } else {
         String::new()
     };
@@ -182,32 +183,6 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
         renew_in,
     )
     .await
-}
-
-/// Why the Pooler's pods that do not run do not (`; <pod>: <problem>`, see
-/// [`crate::pods::pod_problem`]). A failed list says nothing: the count of ready pods stands.
-async fn stuck_pods(ctx: &Context, pooler: &Pooler, namespace: &str) -> String {
-    let selector = format!("{}={}", builders::LABEL_POOLER, pooler.name_any());
-    let pods = match Api::<Pod>::namespaced(ctx.client.clone(), namespace)
-        .list(&ListParams::default().labels(&selector))
-        .await
-    {
-        Ok(pods) => pods.items,
-        Err(error) => {
-            tracing::debug!(pooler = %pooler.name_any(), %error, "listing the Pooler's pods failed");
-            return String::new();
-        }
-    };
-    let mut stuck: Vec<(String, String)> = pods
-        .iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter_map(|pod| Some((pod.name_any(), crate::pods::pod_problem(pod)?)))
-        .collect();
-    stuck.sort();
-    stuck
-        .iter()
-        .map(|(pod, problem)| format!("; {pod}: {problem}"))
-        .collect()
 }
 
 /// Server-side applies `object` with the operator's field manager.

@@ -235,11 +235,13 @@ async fn apply_router(
         .unwrap_or(0))
 }
 
-/// The parent's status from its shards' and the router's.
+/// The parent's status from its shards' and the router's. `routers_waiting` says why router
+/// pods do not run (see [`crate::pods::stuck`]).
 pub fn desired_status(
     cluster: &PostgresCluster,
     shards: &[Option<PostgresCluster>],
     routers_ready: i32,
+    routers_waiting: &str,
 ) -> PostgresClusterStatus {
     let mut status = cluster.status.clone().unwrap_or_default();
     let generation = cluster.metadata.generation;
@@ -275,11 +277,31 @@ pub fn desired_status(
             ),
         )
     } else if healthy < all || routers_ready == 0 {
+        // What each shard that is not healthy yet says about itself (its own Ready message),
+        // then why router pods do not run.
+        let shards_waiting: String = shards
+            .iter()
+            .flatten()
+            .filter(|child| {
+                child.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Healthy")
+            })
+            .filter_map(|child| {
+                let status = child.status.as_ref()?;
+                let ready = api::common::find_condition(&status.conditions, condition::READY)?;
+                Some(format!(
+                    "; {}: {}",
+                    child.name_any(),
+                    crate::pods::one_line(&ready.message, crate::pods::MAX_ERROR_CHARS)
+                ))
+            })
+            .collect();
         (
             "Creating",
             false,
             "ShardsStarting",
-            format!("{healthy} of {all} shards healthy, {routers_ready} routers ready"),
+            format!(
+                "{healthy} of {all} shards healthy, {routers_ready} routers ready{shards_waiting}{routers_waiting}"
+            ),
         )
     } else {
         (
@@ -358,7 +380,13 @@ pub async fn apply(
         tracing::warn!(cluster = %name, namespace, %error, "monitoring objects of the router");
     }
 
-    let desired = desired_status(cluster, &shards, routers_ready);
+    let routers_waiting = if routers_ready < sharding.router.replicas {
+        let selector = format!("{}={name}", builders::LABEL_ROUTER);
+        crate::pods::stuck(&ctx.client, &namespace, &selector).await
+    } else {
+        String::new()
+    };
+    let desired = desired_status(cluster, &shards, routers_ready, &routers_waiting);
     let previous = cluster.status.clone().unwrap_or_default();
     let comparable = |s: &PostgresClusterStatus| {
         let conditions: BTreeMap<String, (String, String, String)> = s
@@ -400,4 +428,53 @@ pub async fn apply(
     } else {
         Action::requeue(BUSY_REQUEUE)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::postgres_cluster::PostgresClusterSpec;
+
+    fn child(name: &str, phase: &str, ready_message: &str) -> Option<PostgresCluster> {
+        let mut child = PostgresCluster::new(name, PostgresClusterSpec::with_image(1, "pg:18"));
+        child.status = Some(PostgresClusterStatus {
+            phase: Some(phase.into()),
+            conditions: vec![new_condition(
+                condition::READY,
+                phase == "Healthy",
+                "InstancesNotReady",
+                ready_message.to_string(),
+                Some(1),
+            )],
+            ..PostgresClusterStatus::default()
+        });
+        Some(child)
+    }
+
+    #[test]
+    fn a_starting_sharded_cluster_says_what_its_shards_and_routers_wait_for() {
+        let parent = PostgresCluster::new("shop", PostgresClusterSpec::with_image(1, "pg:18"));
+        let shards = [
+            child("shop-0", "Healthy", "1 of 1 instances ready"),
+            child(
+                "shop-1",
+                "Creating",
+                "creating instances: 0 of 1 ready; shop-1-0: not scheduled: 0/1 nodes are available",
+            ),
+        ];
+        let status = desired_status(
+            &parent,
+            &shards,
+            0,
+            "; shop-router-abc: container pg-router: ImagePullBackOff",
+        );
+        let ready = api::common::find_condition(&status.conditions, condition::READY).unwrap();
+        assert_eq!(
+            ready.message,
+            "1 of 2 shards healthy, 0 routers ready; shop-1: creating instances: 0 of 1 ready; \
+             shop-1-0: not scheduled: 0/1 nodes are available; shop-router-abc: container \
+             pg-router: ImagePullBackOff"
+        );
+        assert_eq!(status.phase.as_deref(), Some("Creating"));
+    }
 }
