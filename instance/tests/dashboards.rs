@@ -98,8 +98,12 @@ async fn postgres_dashboards_query_only_metrics_the_instance_manager_exports() -
         let replica_text = scrape(replica_http).await?;
         let mut exported = dashboards::exported_names(&primary_text);
         exported.extend(dashboards::exported_names(&replica_text));
-        // The replica's WAL receiver and the standby's row appear once it streams.
+        // The replica's WAL receiver and the standby's row appear once it streams; the lag
+        // figures a moment later, with the standby's first reply (its replay_lsn is NULL until
+        // then, and a NULL is no sample).
         let streaming = primary_text.contains("pg_instance_standby_streaming{")
+            && primary_text.contains("pg_instance_standby_lag_bytes{")
+            && primary_text.contains("pg_stat_replication_pg_wal_lsn_diff{")
             && replica_text.contains("pg_instance_replica_streaming");
         if streaming || Instant::now() > deadline {
             break exported;
