@@ -67,6 +67,9 @@ pub struct LocalPostgres {
     backup_settings: Vec<(String, String)>,
     /// TLS from the mounted certificate Secrets; `None` runs without TLS.
     tls: Option<TlsFiles>,
+    /// The server's major version (`postgres --version`), read at the first start: the binary
+    /// does not change under a running instance manager.
+    server_major: std::sync::OnceLock<Option<u32>>,
 }
 
 /// The major version in a `PG_VERSION` file's text (`18`).
@@ -164,6 +167,7 @@ impl LocalPostgres {
                 .tls_dir
                 .as_ref()
                 .map(|mounted| TlsFiles::new(mounted, &config.run_dir())),
+            server_major: std::sync::OnceLock::new(),
         };
         postgres.private_dir(&postgres.run_dir)?;
         Ok(postgres)
@@ -203,10 +207,16 @@ impl LocalPostgres {
         let Ok(text) = fs::read_to_string(self.pgdata.join("PG_VERSION")) else {
             return Ok(());
         };
-        let output = self
-            .run_program("postgres", self.command("postgres").arg("--version"))
-            .await?;
-        match (major_of(text.trim()), server_major(&output)) {
+        let server = match self.server_major.get() {
+            Some(known) => *known,
+            None => {
+                let output = self
+                    .run_program("postgres", self.command("postgres").arg("--version"))
+                    .await?;
+                *self.server_major.get_or_init(|| server_major(&output))
+            }
+        };
+        match (major_of(text.trim()), server) {
             (Some(data), Some(server)) if data != server => Err(Error::Invalid(format!(
                 "the data directory holds PostgreSQL {data} data and this image runs PostgreSQL {server}; \
                  the operator does not run major upgrades: run an image of PostgreSQL {data} \

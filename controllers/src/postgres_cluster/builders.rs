@@ -390,10 +390,25 @@ pub fn is_hibernated(cluster: &PostgresCluster) -> bool {
 /// live in the ConfigMap, not the pod). Pods whose [`contract::ANNOTATION_SPEC_HASH`] differs
 /// are rolled: with `OnDelete` nothing else would bring a new template to them.
 pub fn spec_hash(cluster: &PostgresCluster, resolved: &Resolved) -> String {
-    pod_template(cluster, resolved)
+    hash_annotation(&pod_template(cluster, resolved))
+}
+
+/// The spec hash a built StatefulSet's pod template carries (see [`spec_hash`]).
+pub fn template_hash(stateful_set: &StatefulSet) -> String {
+    stateful_set
+        .spec
+        .as_ref()
+        .map(|spec| hash_annotation(&spec.template))
+        .unwrap_or_default()
+}
+
+fn hash_annotation(template: &PodTemplateSpec) -> String {
+    template
         .metadata
-        .and_then(|metadata| metadata.annotations)
-        .and_then(|mut annotations| annotations.remove(contract::ANNOTATION_SPEC_HASH))
+        .as_ref()
+        .and_then(|metadata| metadata.annotations.as_ref())
+        .and_then(|annotations| annotations.get(contract::ANNOTATION_SPEC_HASH))
+        .cloned()
         .unwrap_or_default()
 }
 

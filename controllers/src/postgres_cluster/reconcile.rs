@@ -556,13 +556,15 @@ async fn apply_instances(
             observed.request_switchover(cluster, ctx, &to, why).await?;
         }
     }
+    // The template carries the hash the rolling plan compares pods with.
+    let hash = builders::template_hash(&stateful_set);
     apply_stateful_set(
         &Api::namespaced(ctx.client.clone(), namespace),
         stateful_set,
     )
     .await?;
     grow_volumes(cluster, ctx, namespace).await?;
-    Ok(builders::spec_hash(cluster, resolved))
+    Ok(hash)
 }
 
 /// Passes a user's switchover request on once: the cluster remembers the target it passed on,

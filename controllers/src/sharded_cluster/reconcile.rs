@@ -281,10 +281,8 @@ pub fn desired_status(
         // then why router pods do not run.
         let shards_waiting: String = shards
             .iter()
+            .filter(|child| phase_of(child).as_deref() != Some("Healthy"))
             .flatten()
-            .filter(|child| {
-                child.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Healthy")
-            })
             .filter_map(|child| {
                 let status = child.status.as_ref()?;
                 let ready = api::common::find_condition(&status.conditions, condition::READY)?;

@@ -436,6 +436,10 @@ fn spec_hash_changes_with_the_image_restart_parameters_and_pod_spec_only() {
         template.metadata.unwrap().annotations.unwrap()[contract::ANNOTATION_SPEC_HASH],
         spec_hash(&cluster, &resolved())
     );
+    assert_eq!(
+        template_hash(&stateful_set(&cluster, &resolved())),
+        spec_hash(&cluster, &resolved())
+    );
 }
 
 #[test]
