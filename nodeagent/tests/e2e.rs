@@ -275,22 +275,11 @@ async fn a_cluster_whose_pod_cannot_be_scheduled_says_why_and_recovers_when_fixe
     )
     .await?;
     // The real scheduler's reason reaches the cluster's conditions.
-    let message = common::eventually(
-        "the scheduler's reason in the cluster status",
-        Duration::from_secs(90),
-        || async {
-            let status = clusters.get("big").await?.status.unwrap_or_default();
-            let ready = api::common::find_condition(&status.conditions, "Ready")
-                .map(|condition| condition.message.clone())
-                .unwrap_or_default();
-            Ok(if ready.contains("Insufficient cpu") {
-                Ok(ready)
-            } else {
-                Err(ready)
-            })
-        },
-    )
-    .await?;
+    let message =
+        common::ready_message_containing(&clusters, "big", "Insufficient cpu", |cluster| {
+            cluster.status.unwrap_or_default().conditions
+        })
+        .await?;
     assert!(
         message.starts_with(
             "creating instances: 0 of 1 ready; big-0: not scheduled: 0/1 nodes are available"

@@ -231,22 +231,11 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
                               "resources": {"requests": {"cpu": "64"}}}});
     testbed::manifests::apply(&client, &big, namespace).await?;
     let poolers: kube::Api<api::Pooler> = kube::Api::namespaced(client.clone(), namespace);
-    let message = eventually(
-        "the scheduler's reason in the Pooler's Ready condition",
-        Duration::from_secs(90),
-        || async {
-            let status = poolers.get("big-pool").await?.status.unwrap_or_default();
-            let ready = api::common::find_condition(&status.conditions, "Ready")
-                .map(|condition| condition.message.clone())
-                .unwrap_or_default();
-            Ok(if ready.contains("Insufficient cpu") {
-                Ok(ready)
-            } else {
-                Err(ready)
-            })
-        },
-    )
-    .await?;
+    let message =
+        common::ready_message_containing(&poolers, "big-pool", "Insufficient cpu", |pooler| {
+            pooler.status.unwrap_or_default().conditions
+        })
+        .await?;
     assert!(
         message.starts_with("0 of 1 PgBouncer pods ready; big-pool-")
             && message.contains(": not scheduled: "),

@@ -495,6 +495,34 @@ pub async fn connect_writable(port: u16, login: &Login) -> anyhow::Result<tokio_
     .await
 }
 
+/// Waits up to 90 s until the Ready condition of `name` (its conditions read by `conditions`)
+/// has a message that contains `wanted`; returns the message.
+pub async fn ready_message_containing<K>(
+    api: &Api<K>,
+    name: &str,
+    wanted: &str,
+    conditions: impl Fn(K) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+) -> anyhow::Result<String>
+where
+    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(
+        &format!("{wanted:?} in the Ready condition of {name}"),
+        Duration::from_secs(90),
+        || async {
+            let ready = api::common::find_condition(&conditions(api.get(name).await?), "Ready")
+                .map(|condition| condition.message.clone())
+                .unwrap_or_default();
+            Ok(if ready.contains(wanted) {
+                Ok(ready)
+            } else {
+                Err(ready)
+            })
+        },
+    )
+    .await
+}
+
 /// Polls `check` every 500 ms until it returns `Some`, or fails after `timeout` with `what` and
 /// the last state it saw.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
