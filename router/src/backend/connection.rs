@@ -747,42 +747,29 @@ impl BackendConnection {
 
     /// Starts `COPY ... FROM STDIN` (simple protocol); returns the number of columns.
     pub async fn start_copy_in(&mut self, sql: &str) -> Result<i16, BackendError> {
-        let sql = match self.begin_pending.take() {
-            Some((begin, commands)) => {
-                self.skip_commands = commands;
-                format!("{begin}; {sql}")
-            }
-            None => sql.to_string(),
-        };
-        frontend::query(&sql, &mut self.write).map_err(|e| self.io(e))?;
-        self.pending = true;
-        self.flush().await?;
-        loop {
-            let (kind, mut body) = self.read_raw().await?;
-            match kind {
-                b'G' => {
-                    let _format = body.get_i8();
-                    return Ok(body.get_i16());
-                }
-                b'C' if self.skip_commands > 0 => self.skip_commands -= 1,
-                b'E' => {
-                    let error = parse_error_fields(body);
-                    self.skip_commands = 0;
-                    self.drain().await?;
-                    return Err(self.server_error(error));
-                }
-                b'Z' => {
-                    self.pending = false;
-                    return Err(self.protocol("COPY ended before CopyInResponse"));
-                }
-                _ => {}
-            }
-        }
+        let mut body = self.start_copy(sql, b'G', "CopyInResponse").await?;
+        let _format = body.get_i8();
+        Ok(body.get_i16())
     }
 
     /// Starts `COPY ... TO STDOUT` (simple protocol); returns the overall format (0 text, 1
     /// binary) and the column formats. Read the data with [`copy_out_data`](Self::copy_out_data).
     pub async fn start_copy_out(&mut self, sql: &str) -> Result<(i8, Vec<i16>), BackendError> {
+        let mut body = self.start_copy(sql, b'H', "CopyOutResponse").await?;
+        let format = body.get_i8();
+        let count = body.get_i16();
+        let formats = (0..count).map(|_| body.get_i16()).collect();
+        Ok((format, formats))
+    }
+
+    /// Sends a COPY statement (after a pending BEGIN, whose CommandCompletes are skipped) and
+    /// reads up to the server's Copy{In,Out}Response (`response`), returning its body.
+    async fn start_copy(
+        &mut self,
+        sql: &str,
+        response: u8,
+        name: &str,
+    ) -> Result<BytesMut, BackendError> {
         let sql = match self.begin_pending.take() {
             Some((begin, commands)) => {
                 self.skip_commands = commands;
@@ -794,14 +781,9 @@ impl BackendConnection {
         self.pending = true;
         self.flush().await?;
         loop {
-            let (kind, mut body) = self.read_raw().await?;
+            let (kind, body) = self.read_raw().await?;
             match kind {
-                b'H' => {
-                    let format = body.get_i8();
-                    let count = body.get_i16();
-                    let formats = (0..count).map(|_| body.get_i16()).collect();
-                    return Ok((format, formats));
-                }
+                kind if kind == response => return Ok(body),
                 b'C' if self.skip_commands > 0 => self.skip_commands -= 1,
                 b'E' => {
                     let error = parse_error_fields(body);
@@ -811,7 +793,7 @@ impl BackendConnection {
                 }
                 b'Z' => {
                     self.pending = false;
-                    return Err(self.protocol("COPY ended before CopyOutResponse"));
+                    return Err(self.protocol(&format!("COPY ended before {name}")));
                 }
                 _ => {}
             }
