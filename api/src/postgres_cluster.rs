@@ -152,6 +152,59 @@ pub struct PostgresClusterSpec {
     /// Delete the PersistentVolumeClaims when the cluster is deleted. By default they are kept.
     #[serde(default)]
     pub delete_volumes_on_deletion: bool,
+
+    /// Labels and annotations put on every object the operator creates for the cluster: pods,
+    /// PersistentVolumeClaims, Services, the StatefulSet, ConfigMaps, Secrets, the
+    /// PodDisruptionBudget and, when sharded, the shards and the router. Running pods and
+    /// existing claims are updated in place (no restart); a key removed here is removed from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inherited_metadata: Option<InheritedMetadata>,
+}
+
+/// Labels and annotations the operator copies onto the objects it creates for a cluster. Keys
+/// under `postgres.keiailab.io/` and the `app.kubernetes.io/` labels the operator sets are its own.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InheritedMetadata {
+    /// Labels (keys and values as Kubernetes labels take them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 63},
+        "x-kubernetes-validations" = [
+            {
+                "rule": "self.all(k, !k.startsWith('postgres.keiailab.io/') && !(k in ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/managed-by']))",
+                "message": "inheritedMetadata.labels may not set the operator's own labels (keys under postgres.keiailab.io/, app.kubernetes.io/name, app.kubernetes.io/instance, app.kubernetes.io/managed-by)"
+            },
+            {
+                "rule": "self.all(k, k.size() <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))",
+                "message": "each inheritedMetadata.labels key must be a Kubernetes label key: an optional DNS prefix and '/', then a name of at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+            },
+            {
+                "rule": "self.all(k, self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$'))",
+                "message": "each inheritedMetadata.labels value must be a Kubernetes label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (or empty)"
+            }
+        ]
+    ))]
+    pub labels: BTreeMap<String, String>,
+
+    /// Annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 4096},
+        "x-kubernetes-validations" = [
+            {
+                "rule": "self.all(k, !k.startsWith('postgres.keiailab.io/'))",
+                "message": "inheritedMetadata.annotations may not set the operator's own annotations (keys under postgres.keiailab.io/)"
+            },
+            {
+                "rule": "self.all(k, k.size() <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))",
+                "message": "each inheritedMetadata.annotations key must be a Kubernetes annotation key: an optional DNS prefix and '/', then a name of at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+            }
+        ]
+    ))]
+    pub annotations: BTreeMap<String, String>,
 }
 
 fn default_instances() -> i32 {
@@ -829,6 +882,7 @@ impl PostgresClusterSpec {
             scheduling: None,
             sharding: None,
             delete_volumes_on_deletion: false,
+            inherited_metadata: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! [`operator::run`].
 
 pub mod backup_job;
+pub mod inherited;
 pub mod leader;
 pub mod metrics;
 pub mod monitoring;

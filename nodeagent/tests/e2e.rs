@@ -416,6 +416,113 @@ async fn wal_storage_puts_each_instances_wal_on_its_own_volume() -> anyhow::Resu
     Ok(())
 }
 
+/// Labels and annotations of an object, as one "k=v" list for assertions and failure output.
+fn metadata_text(meta: &kube::api::ObjectMeta) -> String {
+    let mut pairs: Vec<String> = Vec::new();
+    for (kind, map) in [("label", &meta.labels), ("annotation", &meta.annotations)] {
+        for (key, value) in map.iter().flatten() {
+            pairs.push(format!("{kind} {key}={value}"));
+        }
+    }
+    pairs.join(", ")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inherited_metadata_reaches_pods_claims_and_services_and_changes_in_place()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-inherited";
+    let clusters = common::create_cluster(
+        &client,
+        namespace,
+        "im",
+        json!({"inheritedMetadata": {
+            "labels": {"team": "payments", "tier": "gold"},
+            "annotations": {"example.com/cost-center": "42"}
+        }}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "im", None, Duration::from_secs(180))
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let metas = || async {
+        Ok::<_, anyhow::Error>(vec![
+            ("pod", pods.get("im-0").await?.metadata),
+            ("claim", claims.get("pgdata-im-0").await?.metadata),
+            (
+                "service",
+                services
+                    .get(&api::contract::rw_service("im"))
+                    .await?
+                    .metadata,
+            ),
+            ("statefulset", sets.get("im").await?.metadata),
+        ])
+    };
+    // Created with it: the pod and claim from the StatefulSet's templates (the real controller
+    // made them), the Service and StatefulSet as applied.
+    for (what, meta) in metas().await? {
+        let text = metadata_text(&meta);
+        for expected in [
+            "label team=payments",
+            "label tier=gold",
+            "annotation example.com/cost-center=42",
+        ] {
+            assert!(text.contains(expected), "{what}: {text}");
+        }
+    }
+    let pod = pods.get("im-0").await?;
+    let uid = pod.metadata.uid.clone();
+
+    // Changed: a value, a label and an annotation dropped, an annotation added. Running pods
+    // and existing claims follow in place; the instance manager's role label stays.
+    common::patch_spec(
+        &clusters,
+        "im",
+        json!({"inheritedMetadata": {
+            "labels": {"team": "billing", "tier": null},
+            "annotations": {"example.com/cost-center": null, "example.com/owner": "dba"}
+        }}),
+    )
+    .await?;
+    common::eventually(
+        "the new inherited metadata on the pod, claim, Service and StatefulSet",
+        Duration::from_secs(60),
+        || async {
+            let mut wrong = Vec::new();
+            for (what, meta) in metas().await? {
+                let text = metadata_text(&meta);
+                let right = text.contains("label team=billing")
+                    && text.contains("annotation example.com/owner=dba")
+                    && !text.contains("tier=")
+                    && !text.contains("cost-center");
+                if !right {
+                    wrong.push(format!("{what}: {text}"));
+                }
+            }
+            Ok(if wrong.is_empty() {
+                Ok(())
+            } else {
+                Err(wrong.join("; "))
+            })
+        },
+    )
+    .await?;
+    let pod = pods.get("im-0").await?;
+    assert_eq!(pod.metadata.uid, uid, "a metadata change restarts no pod");
+    let labels = pod.metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels.get(api::contract::LABEL_ROLE).map(String::as_str),
+        Some(api::contract::role::PRIMARY),
+        "labels the user never inherited stay"
+    );
+    Ok(())
+}
+
 /// Waits until the cluster's current primary is `primary` and it is Healthy.
 async fn wait_primary(
     clusters: &Api<api::PostgresCluster>,

@@ -479,6 +479,42 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "catalog entries must be 18 or newer",
         ),
         (
+            "inherited label that is the operator's own",
+            variant(
+                "PostgresCluster",
+                "ownlabel",
+                json!({"spec": {"inheritedMetadata": {"labels": {"postgres.keiailab.io/role": "primary"}}}}),
+            ),
+            "inheritedMetadata.labels may not set the operator's own labels",
+        ),
+        (
+            "inherited label with a value Kubernetes refuses",
+            variant(
+                "PostgresCluster",
+                "badvalue",
+                json!({"spec": {"inheritedMetadata": {"labels": {"team": "pay ments"}}}}),
+            ),
+            "each inheritedMetadata.labels value must be a Kubernetes label value",
+        ),
+        (
+            "inherited annotation with a key Kubernetes refuses",
+            variant(
+                "PostgresCluster",
+                "badkey",
+                json!({"spec": {"inheritedMetadata": {"annotations": {"-cost": "1"}}}}),
+            ),
+            "each inheritedMetadata.annotations key must be a Kubernetes annotation key",
+        ),
+        (
+            "inherited annotation that is the operator's own",
+            variant(
+                "PostgresCluster",
+                "ownannotation",
+                json!({"spec": {"inheritedMetadata": {"annotations": {"postgres.keiailab.io/fenced": "true"}}}}),
+            ),
+            "inheritedMetadata.annotations may not set the operator's own annotations",
+        ),
+        (
             "empty shard range",
             variant(
                 "ShardRange",
@@ -491,6 +527,20 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
     for (what, object, message) in &cases {
         expect_rejected(&client, what, object, message).await;
     }
+
+    expect_accepted(
+        &client,
+        "inherited labels and annotations as teams write them",
+        &variant(
+            "PostgresCluster",
+            "inherited",
+            json!({"spec": {"inheritedMetadata": {
+                "labels": {"team": "payments", "example.com/cost-center": "cc-42", "empty": ""},
+                "annotations": {"sidecar.istio.io/inject": "false", "note": "any text, even with spaces"}
+            }}}),
+        ),
+    )
+    .await;
 
     // Plain schema checks (types, enums) answer clearly too.
     expect_rejected(

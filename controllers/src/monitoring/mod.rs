@@ -7,6 +7,8 @@
 pub mod alerts;
 pub mod pooler;
 
+use std::collections::BTreeMap;
+
 use api::contract;
 use api::postgres_cluster::PostgresCluster;
 use kube::api::{
@@ -64,13 +66,18 @@ pub fn resource(kind: &str) -> ApiResource {
 
 fn metadata(cluster: &PostgresCluster) -> serde_json::Value {
     let name = cluster.name_any();
+    let own = BTreeMap::from([
+        (contract::LABEL_CLUSTER.to_string(), name.clone()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            contract::MANAGED_BY.to_string(),
+        ),
+    ]);
     json!({
         "name": name,
         "namespace": cluster.namespace(),
-        "labels": {
-            contract::LABEL_CLUSTER: name,
-            "app.kubernetes.io/managed-by": contract::MANAGED_BY,
-        },
+        "labels": crate::inherited::labels_with(cluster, own),
+        "annotations": crate::inherited::annotations(cluster).unwrap_or_default(),
         "ownerReferences": cluster.controller_owner_ref(&()).map(|owner| vec![owner]),
     })
 }

@@ -29,6 +29,7 @@ use kube::Resource;
 use rand::Rng;
 
 use super::parameters;
+use crate::inherited;
 
 /// User and group id the PostgreSQL container runs as (the `postgres` user of the official
 /// Debian-based PostgreSQL images). The restricted Pod Security Standard forbids root.
@@ -86,12 +87,14 @@ fn name_of(cluster: &PostgresCluster) -> String {
     cluster.metadata.name.clone().unwrap_or_default()
 }
 
-/// Metadata of an owned object: name, namespace, labels and the controller owner reference.
-fn owned_meta(cluster: &PostgresCluster, name: String) -> ObjectMeta {
+/// Metadata of an owned object: name, namespace, labels (the user's inherited ones under the
+/// operator's), inherited annotations and the controller owner reference.
+pub(crate) fn owned_meta(cluster: &PostgresCluster, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: cluster.metadata.namespace.clone(),
-        labels: Some(labels(&name_of(cluster))),
+        labels: Some(inherited::labels_with(cluster, labels(&name_of(cluster)))),
+        annotations: inherited::annotations(cluster),
         owner_references: cluster.controller_owner_ref(&()).map(|owner| vec![owner]),
         ..ObjectMeta::default()
     }
@@ -526,7 +529,9 @@ fn claim_template(
     PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
-            labels: Some(labels(&name_of(cluster))),
+            labels: Some(inherited::labels_with(cluster, labels(&name_of(cluster)))),
+            annotations: Some(inherited::template_annotations(cluster))
+                .filter(|annotations| !annotations.is_empty()),
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -746,10 +751,12 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
     let scheduling = spec.scheduling.clone().unwrap_or_default();
     let mut pod_labels = labels(&name);
     pod_labels.extend(instance_selector(&name));
+    // Inherited metadata is in the template for new pods; running pods get it in place
+    // (`inherited.rs`), so it is not in the spec hash and a change restarts nothing.
     let mut template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
-            labels: Some(pod_labels),
-            annotations: Some(BTreeMap::new()),
+            labels: Some(inherited::labels_with(cluster, pod_labels)),
+            annotations: Some(inherited::template_annotations(cluster)),
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {

@@ -760,6 +760,18 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
     apply_parameters(cluster, ctx, &namespace).await?;
     apply_supporting_objects(cluster, ctx, &namespace, &app_secret).await?;
 
+    // The user's labels and annotations onto running pods and existing claims, in place.
+    crate::inherited::apply_in_place(
+        &ctx.client,
+        cluster,
+        &namespace,
+        &builders::instance_selector_string(&name),
+    )
+    .await
+    .map_err(kube_error(format!(
+        "labelling the pods and claims of {name} (spec.inheritedMetadata)"
+    )))?;
+
     let mut observed = Observed::read(cluster, ctx, &namespace).await?;
     sync_fencing(
         cluster,

@@ -23,6 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
+use crate::inherited;
 use crate::postgres_cluster::builders::restricted_container_security;
 
 pub use api::contract::LABEL_ROUTER;
@@ -64,11 +65,14 @@ fn owner(cluster: &PostgresCluster) -> Option<Vec<OwnerReference>> {
     cluster.controller_owner_ref(&()).map(|owner| vec![owner])
 }
 
+/// Metadata of an object the sharded cluster owns: `labels` over the user's inherited ones,
+/// the inherited annotations.
 fn meta(cluster: &PostgresCluster, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: cluster.namespace(),
-        labels: Some(labels),
+        labels: Some(inherited::labels_with(cluster, labels)),
+        annotations: inherited::annotations(cluster),
         owner_references: owner(cluster),
         ..ObjectMeta::default()
     }
@@ -369,7 +373,8 @@ pub fn router_deployment(cluster: &PostgresCluster, sharding: &ShardingSpec) -> 
             },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels),
+                    labels: Some(inherited::labels_with(cluster, labels)),
+                    annotations: inherited::annotations(cluster),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -568,6 +573,48 @@ mod tests {
         );
         let owner = &child.metadata.owner_references.unwrap()[0];
         assert_eq!((owner.name.as_str(), owner.controller), ("db", Some(true)));
+    }
+
+    #[test]
+    fn inherited_metadata_reaches_the_shards_and_the_routers_objects_and_pods() {
+        let sharding = ShardingSpec {
+            shards: 2,
+            router: Default::default(),
+            table_groups: Vec::new(),
+            sharded_tables: Vec::new(),
+            reference_tables: Vec::new(),
+        };
+        let mut spec = api::PostgresClusterSpec::with_image(1, "example.org/pg:18");
+        spec.sharding = Some(sharding.clone());
+        spec.inherited_metadata = Some(api::postgres_cluster::InheritedMetadata {
+            labels: BTreeMap::from([("team".to_string(), "payments".to_string())]),
+            annotations: BTreeMap::from([("cost-center".to_string(), "42".to_string())]),
+        });
+        let mut parent = PostgresCluster::new("db", spec);
+        parent.metadata.namespace = Some("ns".into());
+        let child = child_cluster(&parent, 0);
+        // The shard's own objects get it from its spec.
+        assert_eq!(
+            child.spec.inherited_metadata,
+            parent.spec.inherited_metadata
+        );
+        let deployment = router_deployment(&parent, &sharding);
+        let template = deployment.spec.unwrap().template.metadata.unwrap();
+        for meta in [
+            child.metadata,
+            deployment.metadata,
+            template,
+            router_service(&parent).metadata,
+            router_service_account(&parent).metadata,
+        ] {
+            assert_eq!(
+                meta.labels.as_ref().unwrap()["team"],
+                "payments",
+                "{:?}",
+                meta.name
+            );
+            assert_eq!(meta.annotations.as_ref().unwrap()["cost-center"], "42");
+        }
     }
 
     #[test]

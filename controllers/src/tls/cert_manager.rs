@@ -64,7 +64,10 @@ pub fn certificates(
             "usages": usages,
             "privateKey": {"algorithm": "ECDSA", "size": 256, "encoding": "PKCS8", "rotationPolicy": "Always"},
             "issuerRef": {"name": issuer.name, "kind": issuer.kind, "group": GROUP},
-            "secretTemplate": {"labels": crate::postgres_cluster::builders::labels(&name)},
+            "secretTemplate": {
+                "labels": crate::inherited::labels_with(cluster, crate::postgres_cluster::builders::labels(&name)),
+                "annotations": crate::inherited::annotations(cluster).unwrap_or_default(),
+            },
         })
     };
     let mut server = common(

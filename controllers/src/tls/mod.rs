@@ -81,15 +81,7 @@ pub async fn ensure(
 
 /// Metadata of a Secret the cluster owns (garbage-collected with it).
 pub(crate) fn owned_meta(cluster: &PostgresCluster, name: String) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: cluster.metadata.namespace.clone(),
-        labels: Some(crate::postgres_cluster::builders::labels(
-            &cluster.name_any(),
-        )),
-        owner_references: cluster.controller_owner_ref(&()).map(|owner| vec![owner]),
-        ..ObjectMeta::default()
-    }
+    crate::postgres_cluster::builders::owned_meta(cluster, name)
 }
 
 /// A Secret of `type_` with `data` (PEM texts), owned by the cluster.

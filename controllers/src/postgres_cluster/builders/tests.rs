@@ -46,6 +46,65 @@ fn every_owned_object_carries_the_labels_and_a_controller_owner_reference() {
 }
 
 #[test]
+fn inherited_metadata_reaches_every_object_pods_and_claims_without_changing_the_spec_hash() {
+    let plain = cluster(3);
+    let mut cluster = cluster(3);
+    cluster.spec.inherited_metadata = Some(api::postgres_cluster::InheritedMetadata {
+        labels: BTreeMap::from([("team".to_string(), "payments".to_string())]),
+        annotations: BTreeMap::from([("cost-center".to_string(), "42".to_string())]),
+    });
+    let sts = stateful_set(&cluster, &resolved());
+    let spec = sts.spec.clone().unwrap();
+    let mut metas = vec![
+        service_account(&cluster).metadata,
+        role(&cluster, "db-app").metadata,
+        role_binding(&cluster).metadata,
+        config_map(&cluster).metadata,
+        service(&cluster, ServiceKind::ReadWrite).metadata,
+        service(&cluster, ServiceKind::ReadOnly).metadata,
+        sts.metadata.clone(),
+        pod_disruption_budget(&cluster).metadata,
+        network_policy(&cluster).metadata,
+        credentials_secret(&cluster, "db-superuser".into(), "postgres", "x".into()).metadata,
+        spec.template.metadata.clone().unwrap(),
+    ];
+    metas.extend(
+        spec.volume_claim_templates
+            .unwrap()
+            .into_iter()
+            .map(|claim| claim.metadata),
+    );
+    for meta in &metas {
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels["team"], "payments", "{:?}", meta.name);
+        assert_eq!(labels[contract::LABEL_CLUSTER], "db", "{:?}", meta.name);
+        assert_eq!(
+            meta.annotations.as_ref().unwrap()["cost-center"],
+            "42",
+            "{:?}",
+            meta.name
+        );
+    }
+    // Pods and claims created from the templates record what they inherited.
+    let template = spec.template.metadata.unwrap();
+    assert!(template.annotations.unwrap()[crate::inherited::ANNOTATION_KEYS].contains("team"));
+    // The metadata does not roll the pods: running ones are updated in place.
+    assert_eq!(
+        spec_hash(&cluster, &resolved()),
+        spec_hash(&plain, &resolved())
+    );
+    let plain_template = stateful_set(&plain, &resolved()).spec.unwrap().template;
+    assert!(
+        !plain_template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap_or_default()
+            .contains_key(crate::inherited::ANNOTATION_KEYS)
+    );
+}
+
+#[test]
 fn stateful_set_rolls_on_delete_and_keeps_volumes_by_default() {
     let mut cluster = cluster(3);
     cluster.spec.wal_storage = Some(api::common::StorageSpec {
