@@ -449,6 +449,8 @@ async fn inherited_metadata_reaches_pods_claims_and_services_and_changes_in_plac
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), namespace);
     let metas = || async {
         Ok::<_, anyhow::Error>(vec![
             ("pod", pods.get("im-0").await?.metadata),
@@ -461,6 +463,13 @@ async fn inherited_metadata_reaches_pods_claims_and_services_and_changes_in_plac
                     .metadata,
             ),
             ("statefulset", sets.get("im").await?.metadata),
+            (
+                "secret",
+                secrets
+                    .get_metadata(&api::contract::superuser_secret("im"))
+                    .await?
+                    .metadata,
+            ),
         ])
     };
     // Created with it: the pod and claim from the StatefulSet's templates (the real controller
@@ -490,7 +499,7 @@ async fn inherited_metadata_reaches_pods_claims_and_services_and_changes_in_plac
     )
     .await?;
     common::eventually(
-        "the new inherited metadata on the pod, claim, Service and StatefulSet",
+        "the new inherited metadata on the pod, claim, Service, StatefulSet and Secret",
         Duration::from_secs(60),
         || async {
             let mut wrong = Vec::new();

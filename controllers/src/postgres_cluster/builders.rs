@@ -117,15 +117,20 @@ pub fn generate_password() -> String {
         .collect()
 }
 
-/// A `kubernetes.io/basic-auth` Secret with `username` and `password`.
+/// A `kubernetes.io/basic-auth` Secret with `username` and `password`. It is created once and
+/// never applied again, so its inherited metadata is kept up to date like a pod's (it carries
+/// the record of its inherited keys).
 pub fn credentials_secret(
     cluster: &PostgresCluster,
     secret_name: String,
     username: &str,
     password: String,
 ) -> Secret {
+    let mut metadata = owned_meta(cluster, secret_name);
+    metadata.annotations = Some(inherited::template_annotations(cluster))
+        .filter(|annotations| !annotations.is_empty());
     Secret {
-        metadata: owned_meta(cluster, secret_name),
+        metadata,
         type_: Some("kubernetes.io/basic-auth".to_string()),
         string_data: Some(BTreeMap::from([
             ("username".to_string(), username.to_string()),

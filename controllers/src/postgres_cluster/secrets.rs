@@ -7,7 +7,7 @@ use api::contract;
 use api::postgres_cluster::PostgresCluster;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 
 use super::builders;
@@ -39,12 +39,17 @@ pub(super) async fn ensure_secrets(
         generated.push((contract::app_secret(&name), builders::app_owner(cluster)));
     }
     for (secret_name, username) in generated {
-        if api
+        if let Some(existing) = api
             .get_metadata_opt(&secret_name)
             .await
             .map_err(kube_error(format!("reading Secret {secret_name}")))?
-            .is_some()
         {
+            // Kept as it is, but for the user's inherited labels and annotations.
+            if let Some(patch) = crate::inherited::metadata_patch(cluster, &existing.metadata) {
+                api.patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(kube_error(format!("labelling Secret {secret_name}")))?;
+            }
             continue;
         }
         let secret = builders::credentials_secret(
