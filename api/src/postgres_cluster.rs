@@ -153,6 +153,15 @@ pub struct PostgresClusterSpec {
     #[serde(default)]
     pub delete_volumes_on_deletion: bool,
 
+    /// Who updates the primary in a rolling update (a new image, resources, a restart-only
+    /// parameter...). `unsupervised`: the operator switches over to an updated replica and
+    /// updates the old primary. `supervised`: the replicas are updated, then the cluster waits
+    /// (`Progressing` reason `WaitingForUser`) until someone switches over (`kubectl pg
+    /// switchover`, `spec.switchoverTo`), for example in a maintenance window; a single instance
+    /// waits for its pod to be deleted.
+    #[serde(default)]
+    pub primary_update_strategy: PrimaryUpdateStrategy,
+
     /// Labels and annotations put on every object the operator creates for the cluster: pods,
     /// PersistentVolumeClaims, Services, the StatefulSet, ConfigMaps, Secrets, the
     /// PodDisruptionBudget and, when sharded, the shards and the router. Running pods and
@@ -318,6 +327,17 @@ pub enum SynchronousMethod {
     Any,
     /// `FIRST n (...)`: priority commit.
     First,
+}
+
+/// Who updates the primary in a rolling update.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PrimaryUpdateStrategy {
+    /// The operator switches over and updates the old primary.
+    #[default]
+    Unsupervised,
+    /// The operator waits for a user's switchover.
+    Supervised,
 }
 
 /// What wins when too few synchronous standbys are healthy.
@@ -882,6 +902,7 @@ impl PostgresClusterSpec {
             scheduling: None,
             sharding: None,
             delete_volumes_on_deletion: false,
+            primary_update_strategy: PrimaryUpdateStrategy::Unsupervised,
             inherited_metadata: None,
         }
     }

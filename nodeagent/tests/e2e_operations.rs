@@ -3,7 +3,8 @@
 //! PodDisruptionBudget and the Services follow, connections through `-ro` spread over every
 //! replica; a scale down past the primary switches over first), the operator killed in the middle of a reconcile (it converges, nothing is created
 //! twice), and a rolling image update (replicas first, then a switchover, the old primary last,
-//! no acknowledged write lost). Scenarios run in parallel in their own namespaces.
+//! no acknowledged write lost), and a supervised update (replicas, then it waits for the user's
+//! switchover before the primary). Scenarios run in parallel in their own namespaces.
 //!
 //! Needs the workspace's `postgres-operator` and `pg-instance` binaries next to this test's
 //! target folder (`cargo build -p controllers -p instance`; `cargo xtask test` builds them).
@@ -583,5 +584,110 @@ async fn rolling_image_update_goes_replicas_first_then_switchover_then_primary()
     assert!(!acknowledged.is_empty(), "the writer wrote nothing");
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     let _ = connect(rw, &password).await?;
+    Ok(())
+}
+
+/// The Progressing condition of a cluster: (reason, message).
+async fn progressing(
+    clusters: &Api<api::PostgresCluster>,
+    name: &str,
+) -> anyhow::Result<(String, String)> {
+    let status = clusters.get(name).await?.status.unwrap_or_default();
+    Ok(
+        api::common::find_condition(&status.conditions, "Progressing")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+            .unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_supervised_update_waits_for_the_users_switchover_before_the_primary()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-supervised";
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "su",
+        json!({"instances": 2, "failover": calm_failover(), "primaryUpdateStrategy": "supervised"}),
+    )
+    .await?;
+    let primary = e2e
+        .wait_healthy(&clusters, "su", None, Duration::from_secs(180))
+        .await?;
+    let replica = if primary == "su-0" { "su-1" } else { "su-0" };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let uid = |pod: Pod| pod.metadata.uid.unwrap_or_default();
+    let primary_uid = uid(pods.get(&primary).await?);
+    let replica_uid = uid(pods.get(replica).await?);
+
+    // A pod spec change (resources): the replica is recreated, then the update waits at the
+    // primary and says what to run.
+    patch_spec(
+        &clusters,
+        "su",
+        json!({"resources": {"requests": {"memory": "80Mi"}}}),
+    )
+    .await?;
+    let message = eventually(
+        "the update to wait for the user at the primary",
+        Duration::from_secs(180),
+        || async {
+            let (reason, message) = progressing(&clusters, "su").await?;
+            Ok(if reason == "WaitingForUser" {
+                Ok(message)
+            } else {
+                Err(format!("{reason}: {message}"))
+            })
+        },
+    )
+    .await?;
+    assert!(
+        message.contains(&format!("kubectl pg switchover su --to {replica}")),
+        "{message}"
+    );
+    assert_ne!(
+        uid(pods.get(replica).await?),
+        replica_uid,
+        "the replica was updated"
+    );
+    // It keeps waiting: the primary is not touched by the operator.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(uid(pods.get(&primary).await?), primary_uid);
+    assert_eq!(progressing(&clusters, "su").await?.0, "WaitingForUser");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), namespace);
+    let notes: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .filter(|event| event.reason.as_deref() == Some("SwitchoverNeeded"))
+        .filter_map(|event| event.message)
+        .collect();
+    assert_eq!(notes.len(), 1, "one SwitchoverNeeded event: {notes:?}");
+
+    // The user's switchover: the old primary, now a replica, is updated and the cluster is
+    // Healthy on the new spec.
+    patch_spec(&clusters, "su", json!({"switchoverTo": replica})).await?;
+    let now = e2e
+        .wait_healthy(&clusters, "su", Some(&primary), Duration::from_secs(180))
+        .await?;
+    assert_eq!(now, replica);
+    eventually(
+        "the old primary to be recreated and the update to finish",
+        Duration::from_secs(180),
+        || async {
+            let (reason, message) = progressing(&clusters, "su").await?;
+            let recreated = uid(pods.get(&primary).await?) != primary_uid;
+            Ok(if recreated && reason == "UpToDate" {
+                Ok(())
+            } else {
+                Err(format!("recreated {recreated}, {reason}: {message}"))
+            })
+        },
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "su", None, Duration::from_secs(120))
+        .await?;
     Ok(())
 }

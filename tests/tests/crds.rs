@@ -556,6 +556,17 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
     .await;
     expect_rejected(
         &client,
+        "unknown primary update strategy",
+        &variant(
+            "PostgresCluster",
+            "strategy",
+            json!({"spec": {"primaryUpdateStrategy": "manual"}}),
+        ),
+        "supported values: \"unsupervised\", \"supervised\"",
+    )
+    .await;
+    expect_rejected(
+        &client,
         "unknown pool mode",
         &variant(
             "Pooler",

@@ -646,7 +646,9 @@ async fn take_rolling_step(
                 .await
                 .map(drop);
         }
-        RollingStep::UpToDate | RollingStep::Wait { .. } => return Ok(()),
+        RollingStep::UpToDate | RollingStep::Wait { .. } | RollingStep::Supervised { .. } => {
+            return Ok(());
+        }
     };
     tracing::info!(cluster = %cluster.name_any(), namespace, instance = %pod, "{note}");
     delete_pod(&Api::namespaced(ctx.client.clone(), namespace), pod).await?;
@@ -696,6 +698,17 @@ async fn write_status(
             != Some(reason.clone())
     {
         publish(ctx, cluster, EventType::Warning, &reason, message).await;
+    }
+    // A supervised update that reaches the primary says so once, with what to run.
+    let waiting = |conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        api::common::find_condition(conditions, api::common::condition::PROGRESSING)
+            .filter(|condition| condition.reason == status::WAITING_FOR_USER)
+            .map(|condition| condition.message.clone())
+    };
+    if let Some(message) = waiting(&desired.conditions)
+        && previous.and_then(|s| waiting(&s.conditions)).is_none()
+    {
+        publish(ctx, cluster, EventType::Normal, "SwitchoverNeeded", message).await;
     }
     let old_phase = previous.and_then(|s| s.phase.clone());
     if old_phase == desired.phase {
@@ -796,11 +809,14 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
 
     // Rolling update: one step per reconciliation.
     let step = match (&desired_hash, hibernated) {
-        (Some(hash), false) => rolling::plan(
-            &observed.instances,
-            cluster.spec.instances,
-            hash,
-            observed.switchover_to.is_some(),
+        (Some(hash), false) => rolling::supervise(
+            rolling::plan(
+                &observed.instances,
+                cluster.spec.instances,
+                hash,
+                observed.switchover_to.is_some(),
+            ),
+            cluster.spec.primary_update_strategy,
         ),
         _ => RollingStep::UpToDate,
     };

@@ -2,6 +2,8 @@
 //! Replicas first (highest ordinal first, one at a time, each ready before the next), then a
 //! switchover to an updated replica, then the old primary.
 
+use api::postgres_cluster::PrimaryUpdateStrategy;
+
 use super::instances::{InstanceView, primary};
 
 /// The next step of a rolling update.
@@ -30,6 +32,14 @@ pub enum RollingStep {
     RecreatePrimary {
         /// Pod name.
         pod: String,
+    },
+    /// Only the primary is outdated and `primaryUpdateStrategy` is `supervised`: a user
+    /// switches over (to `to`, an updated ready replica) or, without replicas, deletes the pod.
+    Supervised {
+        /// The current (outdated) primary.
+        primary: String,
+        /// The replica the operator would have switched over to.
+        to: Option<String>,
     },
     /// An outdated pod that cannot run (not scheduled, its image cannot be pulled, a crash
     /// loop): recreate it at once, whatever the others do. It serves nothing, its volumes stay,
@@ -111,6 +121,26 @@ pub fn plan(
         };
     }
     wait("no updated replica is ready to take over as primary")
+}
+
+/// The step `plan` chose, under the cluster's primary update strategy: with `supervised`, what
+/// would update the primary (a switchover, recreating a lone primary) waits for the user.
+pub fn supervise(step: RollingStep, strategy: PrimaryUpdateStrategy) -> RollingStep {
+    match (strategy, step) {
+        (PrimaryUpdateStrategy::Supervised, RollingStep::Switchover { from, to }) => {
+            RollingStep::Supervised {
+                primary: from,
+                to: Some(to),
+            }
+        }
+        (PrimaryUpdateStrategy::Supervised, RollingStep::RecreatePrimary { pod }) => {
+            RollingStep::Supervised {
+                primary: pod,
+                to: None,
+            }
+        }
+        (_, step) => step,
+    }
 }
 
 /// What scaling down to `replicas` must do first: the StatefulSet removes the highest
@@ -292,6 +322,56 @@ mod tests {
         let pods = [instance(0, "primary", "old")];
         assert_eq!(
             plan(&pods, 1, "new", false),
+            RollingStep::RecreatePrimary { pod: "db-0".into() }
+        );
+    }
+
+    #[test]
+    fn a_supervised_update_stops_before_the_primary_and_goes_on_after_the_users_switchover() {
+        let supervised = |pods: &[InstanceView]| {
+            supervise(
+                plan(pods, 2, "new", false),
+                PrimaryUpdateStrategy::Supervised,
+            )
+        };
+        let mut pods = [instance(0, "primary", "old"), instance(1, "replica", "old")];
+        // Replicas are updated as usual.
+        assert_eq!(
+            supervised(&pods),
+            RollingStep::RecreateReplica { pod: "db-1".into() }
+        );
+        pods[1] = instance(1, "replica", "new");
+        assert_eq!(
+            supervised(&pods),
+            RollingStep::Supervised {
+                primary: "db-0".into(),
+                to: Some("db-1".into())
+            }
+        );
+        // The user switched over: the old primary is an outdated replica, updated as usual.
+        pods[0].role = Some("replica".into());
+        pods[1].role = Some("primary".into());
+        assert_eq!(
+            supervised(&pods),
+            RollingStep::RecreateReplica { pod: "db-0".into() }
+        );
+        // A lone primary waits for its pod to be deleted; unsupervised changes nothing.
+        let lone = [instance(0, "primary", "old")];
+        assert_eq!(
+            supervise(
+                plan(&lone, 1, "new", false),
+                PrimaryUpdateStrategy::Supervised
+            ),
+            RollingStep::Supervised {
+                primary: "db-0".into(),
+                to: None
+            }
+        );
+        assert_eq!(
+            supervise(
+                plan(&lone, 1, "new", false),
+                PrimaryUpdateStrategy::Unsupervised
+            ),
             RollingStep::RecreatePrimary { pod: "db-0".into() }
         );
     }

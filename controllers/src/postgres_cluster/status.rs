@@ -3,6 +3,8 @@
 use api::common::{condition, new_condition, set_condition};
 use api::postgres_cluster::{InstanceStatus, PostgresCluster, PostgresClusterStatus};
 
+use kube::ResourceExt;
+
 use super::instances::{InstanceView, primary};
 use super::rolling::RollingStep;
 
@@ -50,6 +52,22 @@ pub struct Problem {
 /// Reason of the Ready, Progressing and Degraded conditions when an instance reports that the
 /// cluster's only data is lost (its `dataLost` status) and no primary serves.
 pub const DATA_LOST: &str = "DataLost";
+
+/// Reason of the Ready and Progressing conditions while a supervised update waits for a user's
+/// switchover (`primaryUpdateStrategy: supervised`).
+pub const WAITING_FOR_USER: &str = "WaitingForUser";
+
+/// What a supervised update waits for, and how to give it.
+pub fn supervised_message(cluster: &str, primary: &str, to: Option<&str>) -> String {
+    match to {
+        Some(to) => format!(
+            "rolling update: every replica runs the new spec; primaryUpdateStrategy is supervised, so primary {primary} is updated after a switchover: run `kubectl pg switchover {cluster} --to {to}` (or set spec.switchoverTo: {to})"
+        ),
+        None => format!(
+            "rolling update: primaryUpdateStrategy is supervised and {primary} is the only instance: delete pod {primary} to update it (PostgreSQL is down until the new pod is ready)"
+        ),
+    }
+}
 
 /// Everything the status is computed from.
 #[derive(Clone, Debug)]
@@ -146,12 +164,19 @@ pub fn desired_status(
                 RollingStep::RecreatePrimary { pod } => {
                     format!("rolling update: recreating primary {pod}")
                 }
+                RollingStep::Supervised { primary, to } => {
+                    supervised_message(&observation.cluster.name_any(), primary, to.as_deref())
+                }
                 RollingStep::UpToDate => String::new(),
+            };
+            let reason = match &observation.step {
+                RollingStep::Supervised { .. } => WAITING_FOR_USER,
+                _ => "RollingUpdate",
             };
             (
                 Phase::Upgrading,
-                (all_ready, "RollingUpdate", message.clone()),
-                (true, "RollingUpdate", message),
+                (all_ready, reason, message.clone()),
+                (true, reason, message),
                 (false, "AsExpected", "no problem found".to_string()),
             )
         } else if all_ready {
@@ -530,6 +555,25 @@ mod tests {
         assert_eq!(
             condition_of(&status, "Progressing"),
             ("True".into(), "RollingUpdate".into())
+        );
+        // A supervised update waiting at the primary says what to run.
+        observation.step = RollingStep::Supervised {
+            primary: "db-0".into(),
+            to: Some("db-1".into()),
+        };
+        let status = desired_status(None, &observation);
+        assert_eq!(status.phase.as_deref(), Some("Upgrading"));
+        assert_eq!(
+            condition_of(&status, "Progressing"),
+            ("True".into(), WAITING_FOR_USER.into())
+        );
+        let progressing = api::common::find_condition(&status.conditions, "Progressing").unwrap();
+        assert!(
+            progressing
+                .message
+                .contains("kubectl pg switchover db --to db-1"),
+            "{}",
+            progressing.message
         );
     }
 }
