@@ -532,6 +532,95 @@ async fn inherited_metadata_reaches_pods_claims_and_services_and_changes_in_plac
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn services_are_exposed_as_load_balancer_or_node_port_and_back() -> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-exposed";
+    // Hibernated: the Services are what this scenario is about, no pod needs to run.
+    let clusters = common::create_cluster(
+        &client,
+        namespace,
+        "ex",
+        json!({"hibernation": true, "services": {
+            "readWrite": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"],
+                          "annotations": {"service.beta.kubernetes.io/aws-load-balancer-internal": "true"}},
+            "readOnly": {"type": "NodePort"}
+        }}),
+    )
+    .await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    // (type, node ports the API server allocated, source ranges, the LB annotation) per Service.
+    let shape = |service: Service| {
+        let spec = service.spec.unwrap_or_default();
+        let node_ports = spec
+            .ports
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|port| port.node_port)
+            .count();
+        let annotated = service
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("service.beta.kubernetes.io/aws-load-balancer-internal");
+        (
+            spec.type_.unwrap_or_default(),
+            node_ports,
+            spec.load_balancer_source_ranges.unwrap_or_default(),
+            annotated,
+        )
+    };
+    let expect = |wanted: Vec<(&'static str, (&'static str, usize, Vec<&'static str>, bool))>| {
+        let services = services.clone();
+        async move {
+            let mut wrong = Vec::new();
+            for (name, (type_, ports, ranges, annotated)) in wanted {
+                let Some(service) = services.get_opt(name).await? else {
+                    wrong.push(format!("{name}: missing"));
+                    continue;
+                };
+                let seen = shape(service);
+                let ranges: Vec<String> = ranges.into_iter().map(String::from).collect();
+                if seen != (type_.to_string(), ports, ranges, annotated) {
+                    wrong.push(format!("{name}: {seen:?}"));
+                }
+            }
+            Ok::<_, anyhow::Error>(if wrong.is_empty() {
+                Ok(())
+            } else {
+                Err(wrong.join("; "))
+            })
+        }
+    };
+    common::eventually(
+        "the -rw Service as a LoadBalancer and -ro as a NodePort",
+        Duration::from_secs(60),
+        || {
+            expect(vec![
+                ("ex-rw", ("LoadBalancer", 1, vec!["10.0.0.0/8"], true)),
+                ("ex-ro", ("NodePort", 1, vec![], false)),
+                ("ex-r", ("ClusterIP", 0, vec![], false)),
+            ])
+        },
+    )
+    .await?;
+    // Back inside: the node ports and the source ranges go, and so does the annotation.
+    common::patch_spec(&clusters, "ex", json!({"services": null})).await?;
+    common::eventually(
+        "every Service back to ClusterIP",
+        Duration::from_secs(60),
+        || {
+            expect(vec![
+                ("ex-rw", ("ClusterIP", 0, vec![], false)),
+                ("ex-ro", ("ClusterIP", 0, vec![], false)),
+            ])
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// Waits until the cluster's current primary is `primary` and it is Healthy.
 async fn wait_primary(
     clusters: &Api<api::PostgresCluster>,

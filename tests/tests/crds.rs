@@ -515,6 +515,24 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "inheritedMetadata.annotations may not set the operator's own annotations",
         ),
         (
+            "source ranges on a ClusterIP Service",
+            variant(
+                "PostgresCluster",
+                "ranges",
+                json!({"spec": {"services": {"readWrite": {"loadBalancerSourceRanges": ["10.0.0.0/8"]}}}}),
+            ),
+            "loadBalancerSourceRanges needs type: LoadBalancer",
+        ),
+        (
+            "a source range that is no CIDR",
+            variant(
+                "PostgresCluster",
+                "cidr",
+                json!({"spec": {"services": {"readWrite": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.300/8"]}}}}),
+            ),
+            "each loadBalancerSourceRanges entry must be a CIDR",
+        ),
+        (
             "empty shard range",
             variant(
                 "ShardRange",
@@ -537,6 +555,11 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             json!({"spec": {"inheritedMetadata": {
                 "labels": {"team": "payments", "example.com/cost-center": "cc-42", "empty": ""},
                 "annotations": {"sidecar.istio.io/inject": "false", "note": "any text, even with spaces"}
+            },
+            "services": {
+                "readWrite": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8", "2001:db8::/32"],
+                              "annotations": {"service.beta.kubernetes.io/aws-load-balancer-internal": "true"}},
+                "readOnly": {"type": "NodePort"}
             }}}),
         ),
     )

@@ -353,10 +353,25 @@ pub fn service(cluster: &PostgresCluster, kind: ServiceKind) -> Service {
         }
         ServiceKind::Any => contract::any_service(&cluster_name),
     };
+    let services = cluster.spec.services.as_ref();
+    let exposure = match kind {
+        ServiceKind::ReadWrite => services.and_then(|services| services.read_write.clone()),
+        ServiceKind::ReadOnly => services.and_then(|services| services.read_only.clone()),
+        ServiceKind::Any => None,
+    }
+    .unwrap_or_default();
+    let mut metadata = owned_meta(cluster, name);
+    if !exposure.annotations.is_empty() {
+        let mut annotations = metadata.annotations.take().unwrap_or_default();
+        annotations.extend(exposure.annotations);
+        metadata.annotations = Some(annotations);
+    }
     Service {
-        metadata: owned_meta(cluster, name),
+        metadata,
         spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".to_string()),
+            type_: Some(exposure.type_.as_str().to_string()),
+            load_balancer_source_ranges: (!exposure.load_balancer_source_ranges.is_empty())
+                .then_some(exposure.load_balancer_source_ranges),
             selector: Some(selector),
             ports: Some(vec![ServicePort {
                 name: Some("postgresql".to_string()),

@@ -105,6 +105,61 @@ fn inherited_metadata_reaches_every_object_pods_and_claims_without_changing_the_
 }
 
 #[test]
+fn services_are_exposed_as_the_spec_says_and_the_any_service_stays_internal() {
+    let mut cluster = cluster(2);
+    assert_eq!(
+        service(&cluster, ServiceKind::ReadWrite)
+            .spec
+            .unwrap()
+            .type_
+            .as_deref(),
+        Some("ClusterIP")
+    );
+    cluster.spec.inherited_metadata = Some(api::postgres_cluster::InheritedMetadata {
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::from([("team".to_string(), "payments".to_string())]),
+    });
+    cluster.spec.services = Some(api::postgres_cluster::ServicesSpec {
+        read_write: Some(api::postgres_cluster::ServiceExposure {
+            type_: api::postgres_cluster::ServiceType::LoadBalancer,
+            annotations: BTreeMap::from([(
+                "service.beta.kubernetes.io/aws-load-balancer-internal".to_string(),
+                "true".to_string(),
+            )]),
+            load_balancer_source_ranges: vec!["10.0.0.0/8".to_string()],
+        }),
+        read_only: Some(api::postgres_cluster::ServiceExposure {
+            type_: api::postgres_cluster::ServiceType::NodePort,
+            ..Default::default()
+        }),
+    });
+    let rw = service(&cluster, ServiceKind::ReadWrite);
+    let annotations = rw.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations["service.beta.kubernetes.io/aws-load-balancer-internal"],
+        "true"
+    );
+    assert_eq!(annotations["team"], "payments", "inherited ones too");
+    let spec = rw.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        spec.load_balancer_source_ranges,
+        Some(vec!["10.0.0.0/8".to_string()])
+    );
+    let ro = service(&cluster, ServiceKind::ReadOnly).spec.unwrap();
+    assert_eq!(ro.type_.as_deref(), Some("NodePort"));
+    assert_eq!(ro.load_balancer_source_ranges, None);
+    let any = service(&cluster, ServiceKind::Any);
+    assert_eq!(any.spec.unwrap().type_.as_deref(), Some("ClusterIP"));
+    assert!(
+        !any.metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("service.beta.kubernetes.io/aws-load-balancer-internal")
+    );
+}
+
+#[test]
 fn stateful_set_rolls_on_delete_and_keeps_volumes_by_default() {
     let mut cluster = cluster(3);
     cluster.spec.wal_storage = Some(api::common::StorageSpec {
