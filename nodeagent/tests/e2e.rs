@@ -532,6 +532,10 @@ async fn inherited_metadata_reaches_pods_claims_and_services_and_changes_in_plac
     Ok(())
 }
 
+/// What the exposure scenario checks of a Service: its type, how many node ports the API
+/// server allocated, its load balancer source ranges, whether it has the load balancer annotation.
+type ServiceShape = (&'static str, usize, &'static [&'static str], bool);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn services_are_exposed_as_load_balancer_or_node_port_and_back() -> anyhow::Result<()> {
     let e2e = stack()?;
@@ -571,7 +575,7 @@ async fn services_are_exposed_as_load_balancer_or_node_port_and_back() -> anyhow
             annotated,
         )
     };
-    let expect = |wanted: Vec<(&'static str, (&'static str, usize, Vec<&'static str>, bool))>| {
+    let expect = |wanted: Vec<(&'static str, ServiceShape)>| {
         let services = services.clone();
         async move {
             let mut wrong = Vec::new();
@@ -581,7 +585,7 @@ async fn services_are_exposed_as_load_balancer_or_node_port_and_back() -> anyhow
                     continue;
                 };
                 let seen = shape(service);
-                let ranges: Vec<String> = ranges.into_iter().map(String::from).collect();
+                let ranges: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
                 if seen != (type_.to_string(), ports, ranges, annotated) {
                     wrong.push(format!("{name}: {seen:?}"));
                 }
@@ -598,9 +602,9 @@ async fn services_are_exposed_as_load_balancer_or_node_port_and_back() -> anyhow
         Duration::from_secs(60),
         || {
             expect(vec![
-                ("ex-rw", ("LoadBalancer", 1, vec!["10.0.0.0/8"], true)),
-                ("ex-ro", ("NodePort", 1, vec![], false)),
-                ("ex-r", ("ClusterIP", 0, vec![], false)),
+                ("ex-rw", ("LoadBalancer", 1, &["10.0.0.0/8"], true)),
+                ("ex-ro", ("NodePort", 1, &[], false)),
+                ("ex-r", ("ClusterIP", 0, &[], false)),
             ])
         },
     )
@@ -612,8 +616,8 @@ async fn services_are_exposed_as_load_balancer_or_node_port_and_back() -> anyhow
         Duration::from_secs(60),
         || {
             expect(vec![
-                ("ex-rw", ("ClusterIP", 0, vec![], false)),
-                ("ex-ro", ("ClusterIP", 0, vec![], false)),
+                ("ex-rw", ("ClusterIP", 0, &[], false)),
+                ("ex-ro", ("ClusterIP", 0, &[], false)),
             ])
         },
     )
