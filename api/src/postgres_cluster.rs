@@ -633,7 +633,8 @@ fn default_retention() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.mode != 'CertManager' || has(self.certManager)", "message": "tls.mode CertManager needs tls.certManager.issuerRef"}
+    {"rule": "self.mode != 'CertManager' || has(self.certManager)", "message": "tls.mode CertManager needs tls.certManager.issuerRef"},
+    {"rule": "!has(self.serverAltDnsNames) || size(self.serverAltDnsNames) == 0 || self.mode != 'Disabled'", "message": "tls.serverAltDnsNames needs TLS: set mode OperatorCA or CertManager"}
 ]))]
 pub struct TlsSpec {
     /// `OperatorCA` (the operator's own CA signs the server certificate), `CertManager`, or `Disabled`.
@@ -642,6 +643,20 @@ pub struct TlsSpec {
     /// cert-manager issuer, for mode CertManager.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_manager: Option<CertManagerTls>,
+    /// More DNS names for the server certificate, beside the Services' own: the names clients
+    /// use from outside the Kubernetes cluster (a load balancer's, see `services`) to verify the
+    /// server (`sslmode=verify-full`). A change reissues the certificate; PostgreSQL reloads it
+    /// without a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("items" = {
+        "type": "string",
+        "maxLength": 253,
+        "x-kubernetes-validations": [{
+            "rule": "self.matches('^(\\\\*\\\\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "each serverAltDnsNames entry must be a lowercase DNS name such as db.example.com (a leading *. for a wildcard)"
+        }]
+    }))]
+    pub server_alt_dns_names: Vec<String>,
 }
 
 /// Who issues the server certificate.

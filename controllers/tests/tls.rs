@@ -163,3 +163,47 @@ async fn operator_ca_issues_the_clusters_certificates_and_renews_them_before_exp
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_extra_dns_names_are_in_the_server_certificate_and_a_change_reissues_it() {
+    let env = Env::start("tls-names").await;
+    let mut with_names = spec(1, "postgres:18");
+    with_names.tls.server_alt_dns_names = vec!["db.example.com".to_string()];
+    env.create_cluster("db", with_names).await;
+    let server: Secret = env.object(&contract::tls_server_secret("db")).await;
+    let first = certificates::summary(&text(&server, "tls.crt"), "server").unwrap();
+    assert!(first.dns_names.contains(&"db-rw.tls-names.svc".to_string()));
+    assert_eq!(
+        first.dns_names.last().map(String::as_str),
+        Some("db.example.com")
+    );
+
+    // Another name: issued again (a new serial) with both, from the same CA.
+    let clusters = env.api::<api::PostgresCluster>();
+    clusters
+        .patch(
+            "db",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"tls": {
+                "serverAltDnsNames": ["db.example.com", "*.db.example.org"]
+            }}})),
+        )
+        .await
+        .unwrap();
+    let secrets = env.api::<Secret>();
+    let reissued = env
+        .eventually("the server certificate with the new name", || {
+            let secrets = secrets.clone();
+            async move {
+                let secret = secrets.get(&contract::tls_server_secret("db")).await.ok()?;
+                let now = certificates::summary(&text(&secret, "tls.crt"), "server").ok()?;
+                now.dns_names
+                    .contains(&"*.db.example.org".to_string())
+                    .then_some(now)
+            }
+        })
+        .await;
+    assert_ne!(reissued.serial, first.serial);
+    assert_eq!(reissued.issuer, first.issuer);
+    assert!(reissued.dns_names.contains(&"db.example.com".to_string()));
+}

@@ -182,7 +182,7 @@ async fn cert_manager_certificates_from_the_named_issuer_and_a_clear_condition_w
             contract::tls_server_secret("db"),
             Leaf::Server {
                 cluster: "db".into(),
-                namespace: "tls-cm".into(),
+                names: certificates::server_dns_names("db", "tls-cm"),
             },
         ),
         (

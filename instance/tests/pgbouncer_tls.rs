@@ -58,7 +58,7 @@ fn mount_certificates(dir: &Path, ca: &Issued) {
     let lifetime = Duration::from_secs(3600);
     let server = Leaf::Server {
         cluster: NAME.into(),
-        namespace: NAMESPACE.into(),
+        names: certificates::server_dns_names(NAME, NAMESPACE),
     };
     let replication = Leaf::Client {
         user: contract::REPLICATION_USER.into(),

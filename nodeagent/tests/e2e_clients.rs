@@ -537,3 +537,75 @@ async fn kubectl_pg_shows_status_and_switches_over() -> anyhow::Result<()> {
     assert!(errors.contains("kp-9"), "the error names the pod: {errors}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_outside_verify_the_server_by_the_extra_dns_names_and_a_new_one_is_served() {
+    let e2e = stack().unwrap();
+    let client = e2e.client().await.unwrap();
+    let namespace = "e2e-altnames";
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "an",
+        json!({"tls": {"serverAltDnsNames": ["db.example.com"]}}),
+    )
+    .await
+    .unwrap();
+    e2e.wait_healthy(&clusters, "an", None, Duration::from_secs(180))
+        .await
+        .unwrap();
+    let ca_pem = secret_value(
+        &client,
+        namespace,
+        &api::contract::tls_ca_secret("an"),
+        api::contract::tls_keys::CA,
+    )
+    .await
+    .unwrap();
+    let rw = e2e
+        .service_port(namespace, &api::contract::rw_service("an"))
+        .unwrap();
+    // What PostgreSQL presents verifies under the extra name, as a client outside the
+    // Kubernetes cluster checks it (sslmode=verify-full to the load balancer's name).
+    let verified = |name: &'static str| {
+        let ca_pem = ca_pem.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                match testbed::pg_tls::server_certificate("127.0.0.1", rw, &ca_pem, name).await {
+                    Ok(_) => Ok(()),
+                    Err(error) => Err(format!("{error:#}")),
+                },
+            )
+        }
+    };
+    eventually(
+        "the certificate to verify as db.example.com",
+        Duration::from_secs(30),
+        || verified("db.example.com"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        verified("pg.example.org").await.unwrap().is_err(),
+        "a name not asked for does not verify"
+    );
+    // A new name: the certificate is issued again and PostgreSQL serves it without a restart.
+    let pod_uid = |pod: Pod| pod.metadata.uid;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
+    let before = pod_uid(pods.get("an-0").await.unwrap());
+    common::patch_spec(
+        &clusters,
+        "an",
+        json!({"tls": {"serverAltDnsNames": ["db.example.com", "pg.example.org"]}}),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the certificate to verify as pg.example.org",
+        Duration::from_secs(90),
+        || verified("pg.example.org"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pod_uid(pods.get("an-0").await.unwrap()), before);
+}

@@ -533,6 +533,24 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "each loadBalancerSourceRanges entry must be a CIDR",
         ),
         (
+            "extra certificate names without TLS",
+            variant(
+                "PostgresCluster",
+                "notls",
+                json!({"spec": {"tls": {"mode": "Disabled", "serverAltDnsNames": ["db.example.com"]}}}),
+            ),
+            "tls.serverAltDnsNames needs TLS",
+        ),
+        (
+            "an extra certificate name that is no DNS name",
+            variant(
+                "PostgresCluster",
+                "badname",
+                json!({"spec": {"tls": {"serverAltDnsNames": ["DB Example"]}}}),
+            ),
+            "each serverAltDnsNames entry must be a lowercase DNS name",
+        ),
+        (
             "empty shard range",
             variant(
                 "ShardRange",
@@ -556,6 +574,7 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
                 "labels": {"team": "payments", "example.com/cost-center": "cc-42", "empty": ""},
                 "annotations": {"sidecar.istio.io/inject": "false", "note": "any text, even with spaces"}
             },
+            "tls": {"serverAltDnsNames": ["db.example.com", "*.db.example.org"]},
             "services": {
                 "readWrite": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8", "2001:db8::/32"],
                               "annotations": {"service.beta.kubernetes.io/aws-load-balancer-internal": "true"}},

@@ -15,7 +15,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::certificates::server_dns_names;
+use super::certificates::server_names;
 use super::{Error, Outcome, apply_secret, kube_error, public_ca_secret, text};
 use crate::postgres_cluster::status::Problem;
 use crate::postgres_cluster::{Context, FIELD_MANAGER};
@@ -54,7 +54,6 @@ pub fn certificates(
     renew_before: Duration,
 ) -> Vec<DynamicObject> {
     let name = cluster.name_any();
-    let namespace = cluster.namespace().unwrap_or_default();
     let meta = super::owned_meta;
     let common = |secret: String, usages: [&str; 3]| {
         json!({
@@ -75,7 +74,7 @@ pub fn certificates(
         ["server auth", "digital signature", "key encipherment"],
     );
     server["commonName"] = json!(contract::rw_service(&name));
-    server["dnsNames"] = json!(server_dns_names(&name, &namespace));
+    server["dnsNames"] = json!(server_names(cluster));
     let mut replication = common(
         contract::tls_replication_secret(&name),
         ["client auth", "digital signature", "key encipherment"],
@@ -252,7 +251,24 @@ mod tests {
         let spec = &server.data["spec"];
         assert_eq!(spec["secretName"], "db-server-tls");
         assert_eq!(spec["commonName"], "db-rw");
-        assert_eq!(spec["dnsNames"], json!(server_dns_names("db", "team-a")));
+        assert_eq!(
+            spec["dnsNames"],
+            json!(super::super::certificates::server_dns_names("db", "team-a"))
+        );
+        // The user's names follow the Services'.
+        let mut named = cluster.clone();
+        named.spec.tls.server_alt_dns_names = vec!["db.example.com".into()];
+        let objects = certificates(
+            &named,
+            &issuer,
+            Duration::from_secs(90 * 86400),
+            Duration::from_secs(30 * 86400),
+        );
+        let names = objects[0].data["spec"]["dnsNames"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(names.last().unwrap(), "db.example.com");
         assert_eq!(
             spec["issuerRef"],
             json!({"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})

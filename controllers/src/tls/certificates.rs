@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use api::contract;
+use api::postgres_cluster::PostgresCluster;
+use kube::ResourceExt;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
@@ -97,6 +99,21 @@ pub fn server_dns_names(cluster: &str, namespace: &str) -> Vec<String> {
     .collect()
 }
 
+/// The server certificate's DNS names: the Services' ([`server_dns_names`]) and then the
+/// user's `spec.tls.serverAltDnsNames`, each once.
+pub fn server_names(cluster: &PostgresCluster) -> Vec<String> {
+    let mut names = server_dns_names(
+        &cluster.name_any(),
+        &cluster.namespace().unwrap_or_default(),
+    );
+    for extra in &cluster.spec.tls.server_alt_dns_names {
+        if !names.contains(extra) {
+            names.push(extra.clone());
+        }
+    }
+    names
+}
+
 /// The DNS names of a Pooler's Service (`<pooler>`, `<pooler>.<ns>`, `<pooler>.<ns>.svc`,
 /// `<pooler>.<ns>.svc.cluster.local`): what its clients verify with `sslmode=verify-full`.
 pub fn pooler_dns_names(pooler: &str, namespace: &str) -> Vec<String> {
@@ -162,12 +179,12 @@ pub fn new_ca(
 /// Which leaf certificate to issue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Leaf {
-    /// PostgreSQL's server certificate: CN the `-rw` Service, SANs from [`server_dns_names`].
+    /// PostgreSQL's server certificate: CN the `-rw` Service, SANs from [`server_names`].
     Server {
         /// Cluster name.
         cluster: String,
-        /// Namespace.
-        namespace: String,
+        /// Its DNS names.
+        names: Vec<String>,
     },
     /// A Pooler's server certificate (PgBouncer's `client_tls_cert_file`): CN the Pooler,
     /// SANs from [`pooler_dns_names`]. For servers only, so it cannot log in anywhere.
@@ -201,9 +218,9 @@ pub fn issue(
         .map_err(generate_error("the CA certificate"))?;
     let key = KeyPair::generate().map_err(generate_error(&what))?;
     let mut params = match leaf {
-        Leaf::Server { cluster, namespace } => {
-            let mut params = CertificateParams::new(server_dns_names(cluster, namespace))
-                .map_err(generate_error(&what))?;
+        Leaf::Server { cluster, names } => {
+            let mut params =
+                CertificateParams::new(names.clone()).map_err(generate_error(&what))?;
             common_name(&mut params, &contract::rw_service(cluster));
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             params
@@ -247,6 +264,8 @@ pub struct Summary {
     pub serial: String,
     /// Issuer distinguished name.
     pub issuer: String,
+    /// DNS names of its subject alternative names, in order.
+    pub dns_names: Vec<String>,
 }
 
 /// Reads a PEM certificate's validity end, serial and issuer.
@@ -257,10 +276,26 @@ pub fn summary(certificate_pem: &str, what: &str) -> Result<Summary, Certificate
     let (_, pem) =
         x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes()).map_err(|_| parse())?;
     let certificate = pem.parse_x509().map_err(|_| parse())?;
+    let dns_names = certificate
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    x509_parser::extensions::GeneralName::DNSName(name) => Some(name.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Summary {
         not_after: certificate.validity().not_after.to_datetime(),
         serial: certificate.raw_serial_as_string(),
         issuer: certificate.issuer().to_string(),
+        dns_names,
     })
 }
 
@@ -343,7 +378,7 @@ mod tests {
             &ca,
             &Leaf::Server {
                 cluster: "db".into(),
-                namespace: "team-a".into(),
+                names: server_dns_names("db", "team-a"),
             },
             start,
             90 * DAY,
@@ -364,6 +399,12 @@ mod tests {
             }
         }
         assert_eq!(names, server_dns_names("db", "team-a"));
+        assert_eq!(
+            summary(&server.certificate_pem, "server")
+                .unwrap()
+                .dns_names,
+            names
+        );
         let extended = certificate.extended_key_usage().unwrap().unwrap().value;
         assert!(extended.server_auth && !extended.client_auth);
         let usage = certificate.key_usage().unwrap().unwrap().value;

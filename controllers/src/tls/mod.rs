@@ -276,6 +276,7 @@ async fn operator_ca(
 pub(crate) fn still_good(
     stored: Option<&Secret>,
     ca: &Issued,
+    names: &[String],
     lifetimes: &Lifetimes,
     now: OffsetDateTime,
 ) -> Option<Duration> {
@@ -285,6 +286,10 @@ pub(crate) fn still_good(
         return None;
     }
     let summary = certificates::summary(&text(stored, tls_keys::CERTIFICATE)?, "stored").ok()?;
+    // Names added or removed (`tls.serverAltDnsNames`): issued again.
+    if summary.dns_names != names {
+        return None;
+    }
     let left = certificates::until_renewal(summary.not_after, now, lifetimes.renew_before);
     (!left.is_zero()).then_some(left)
 }
@@ -314,7 +319,7 @@ async fn ensure_operator_ca(
             contract::tls_server_secret(&name),
             Leaf::Server {
                 cluster: name.clone(),
-                namespace: namespace.to_string(),
+                names: certificates::server_names(cluster),
             },
         ),
         (
@@ -329,7 +334,11 @@ async fn ensure_operator_ca(
             .get_opt(&secret_name)
             .await
             .map_err(kube_error(format!("reading Secret {secret_name}")))?;
-        if let Some(left) = still_good(stored.as_ref(), &ca, &lifetimes, now) {
+        let names = match &leaf {
+            Leaf::Server { names, .. } => names.clone(),
+            _ => Vec::new(),
+        };
+        if let Some(left) = still_good(stored.as_ref(), &ca, &names, &lifetimes, now) {
             renew_in = Some(renew_in.map_or(left, |earliest| earliest.min(left)));
             continue;
         }

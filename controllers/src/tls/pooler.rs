@@ -329,7 +329,8 @@ async fn ensure_from_operator_ca(
     }
     let lifetimes = ctx.settings.tls;
     let now = OffsetDateTime::now_utc();
-    if let Some(left) = super::still_good(stored.as_ref(), &ca, &lifetimes, now) {
+    let names = certificates::pooler_dns_names(&name, namespace);
+    if let Some(left) = super::still_good(stored.as_ref(), &ca, &names, &lifetimes, now) {
         let pem = stored
             .as_ref()
             .and_then(|secret| text(secret, tls_keys::CERTIFICATE))
