@@ -42,6 +42,10 @@ pub struct PoolerSpec {
     /// Resources of the PgBouncer container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// How the Pooler's Service is exposed: ClusterIP (the default), NodePort or LoadBalancer,
+    /// with annotations for the cloud's load balancer and the client ranges it admits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<crate::common::ServiceExposure>,
 }
 
 fn default_instances() -> i32 {

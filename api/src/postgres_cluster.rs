@@ -335,6 +335,8 @@ pub enum SynchronousMethod {
     First,
 }
 
+pub use crate::common::{ServiceExposure, ServiceType};
+
 /// Exposure of the cluster's client Services.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -345,63 +347,6 @@ pub struct ServicesSpec {
     /// The `-ro` Service (the replicas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<ServiceExposure>,
-}
-
-/// How one Service is exposed.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!has(self.loadBalancerSourceRanges) || size(self.loadBalancerSourceRanges) == 0 || self.type == 'LoadBalancer'", "message": "loadBalancerSourceRanges needs type: LoadBalancer"}
-]))]
-pub struct ServiceExposure {
-    /// Service type.
-    #[serde(rename = "type", default)]
-    pub type_: ServiceType,
-    /// Annotations of this Service only (for example the cloud's load balancer settings), beside
-    /// `inheritedMetadata`'s.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend(
-        "maxProperties" = 64,
-        "x-kubernetes-validations" = [{
-            "rule": "self.all(k, !k.startsWith('postgres.keiailab.io/'))",
-            "message": "service annotations may not set the operator's own annotations (keys under postgres.keiailab.io/)"
-        }]
-    ))]
-    pub annotations: BTreeMap<String, String>,
-    /// Client address ranges (CIDRs) the load balancer admits; every client when empty.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), extend("items" = {
-        "type": "string",
-        "maxLength": 64,
-        "x-kubernetes-validations": [{
-            "rule": "isCIDR(self)",
-            "message": "each loadBalancerSourceRanges entry must be a CIDR such as 10.0.0.0/8 or 2001:db8::/32"
-        }]
-    }))]
-    pub load_balancer_source_ranges: Vec<String>,
-}
-
-/// Kubernetes Service types the operator creates.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum ServiceType {
-    /// Reachable inside the Kubernetes cluster.
-    #[default]
-    ClusterIP,
-    /// Also on a port of every node.
-    NodePort,
-    /// Also through the cloud's load balancer.
-    LoadBalancer,
-}
-
-impl ServiceType {
-    /// The Service's `spec.type`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ServiceType::ClusterIP => "ClusterIP",
-            ServiceType::NodePort => "NodePort",
-            ServiceType::LoadBalancer => "LoadBalancer",
-        }
-    }
 }
 
 /// Who updates the primary in a rolling update.

@@ -125,6 +125,7 @@ async fn pod_monitor_and_prometheus_rule_follow_spec_monitoring() {
             instances: 1,
             pgbouncer: PgBouncerSpec::default(),
             resources: None,
+            service: None,
         },
     );
     pooler.metadata.namespace = Some(env.namespace.clone());

@@ -60,6 +60,7 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
             instances: 2,
             pgbouncer: PgBouncerSpec::default(),
             resources: None,
+            service: None,
         },
     );
     pooler.metadata.namespace = Some(env.namespace.clone());
@@ -173,6 +174,54 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
     })
     .await;
     assert_eq!(ready.status.unwrap().ready_instances, 0);
+
+    // Exposed through a load balancer: the API server allocates its node port; back to
+    // ClusterIP, the port goes.
+    let services = env.api::<Service>();
+    let exposed = |wanted: &'static str| {
+        let services = services.clone();
+        async move {
+            let spec = services.get("pool").await.ok()?.spec?;
+            let node_ports = spec.ports?.iter().filter(|p| p.node_port.is_some()).count();
+            let ranges = spec.load_balancer_source_ranges.unwrap_or_default();
+            let shape = (spec.type_?, node_ports, ranges);
+            let expected = match wanted {
+                "LoadBalancer" => (
+                    "LoadBalancer".to_string(),
+                    1,
+                    vec!["10.0.0.0/8".to_string()],
+                ),
+                _ => ("ClusterIP".to_string(), 0, vec![]),
+            };
+            (shape == expected).then_some(())
+        }
+    };
+    poolers
+        .patch(
+            "pool",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"service": {
+                "type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]
+            }}})),
+        )
+        .await
+        .unwrap();
+    env.eventually("the Pooler's Service as a LoadBalancer", || {
+        exposed("LoadBalancer")
+    })
+    .await;
+    poolers
+        .patch(
+            "pool",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"service": null}})),
+        )
+        .await
+        .unwrap();
+    env.eventually("the Pooler's Service back to ClusterIP", || {
+        exposed("ClusterIP")
+    })
+    .await;
 
     // A pool mode change rewrites pgbouncer.ini; the pod template stays as it was (no rollout).
     poolers

@@ -238,6 +238,7 @@ async fn cert_manager_certificates_from_the_named_issuer_and_a_clear_condition_w
             instances: 1,
             pgbouncer: PgBouncerSpec::default(),
             resources: None,
+            service: None,
         },
     );
     env.api::<Pooler>()

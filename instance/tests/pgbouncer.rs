@@ -50,6 +50,7 @@ fn pooler(mode: PoolMode) -> Pooler {
                 ..PgBouncerSpec::default()
             },
             resources: None,
+            service: None,
         },
     );
     pooler.metadata.namespace = Some("default".into());

@@ -85,6 +85,7 @@ fn pooler() -> Pooler {
                 ..PgBouncerSpec::default()
             },
             resources: None,
+            service: None,
         },
     );
     pooler.metadata.namespace = Some(NAMESPACE.into());

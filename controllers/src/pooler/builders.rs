@@ -514,9 +514,17 @@ pub fn deployment(
 
 /// The Service clients connect to.
 pub fn service(pooler: &Pooler) -> Service {
+    let exposure = pooler.spec.service.clone().unwrap_or_default();
+    let mut metadata = owned_meta(pooler);
+    if !exposure.annotations.is_empty() {
+        metadata.annotations = Some(exposure.annotations);
+    }
     Service {
-        metadata: owned_meta(pooler),
+        metadata,
         spec: Some(ServiceSpec {
+            type_: Some(exposure.type_.as_str().to_string()),
+            load_balancer_source_ranges: (!exposure.load_balancer_source_ranges.is_empty())
+                .then_some(exposure.load_balancer_source_ranges),
             selector: Some(selector(pooler)),
             ports: Some(vec![ServicePort {
                 name: Some("pgbouncer".to_string()),
@@ -556,6 +564,7 @@ mod tests {
                 instances: 2,
                 pgbouncer: PgBouncerSpec::default(),
                 resources: None,
+                service: None,
             },
         );
         pooler.metadata.namespace = Some("ns".to_string());
@@ -732,5 +741,27 @@ mod tests {
         let before = config_hash(&pgbouncer_ini(&pooler, &target));
         pooler.spec.pgbouncer.default_pool_size = 3;
         assert_ne!(before, config_hash(&pgbouncer_ini(&pooler, &target)));
+    }
+
+    #[test]
+    fn the_service_is_exposed_as_the_spec_says() {
+        let mut pooler = pooler();
+        assert_eq!(
+            service(&pooler).spec.unwrap().type_.as_deref(),
+            Some("ClusterIP")
+        );
+        pooler.spec.service = Some(api::common::ServiceExposure {
+            type_: api::common::ServiceType::LoadBalancer,
+            annotations: BTreeMap::from([("lb".to_string(), "internal".to_string())]),
+            load_balancer_source_ranges: vec!["10.0.0.0/8".to_string()],
+        });
+        let built = service(&pooler);
+        assert_eq!(built.metadata.annotations.unwrap()["lb"], "internal");
+        let spec = built.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(
+            spec.load_balancer_source_ranges,
+            Some(vec!["10.0.0.0/8".to_string()])
+        );
     }
 }

@@ -98,6 +98,7 @@ mod tests {
                 instances: 2,
                 pgbouncer: PgBouncerSpec::default(),
                 resources: None,
+                service: None,
             },
         );
         pooler.metadata.namespace = Some("ns".into());

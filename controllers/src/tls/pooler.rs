@@ -455,6 +455,7 @@ mod tests {
                     ..Default::default()
                 },
                 resources: None,
+                service: None,
             },
         );
         pooler.metadata.namespace = Some("ns".into());

@@ -71,6 +71,7 @@ impl PoolerBed {
                     ..PgBouncerSpec::default()
                 },
                 resources: None,
+                service: None,
             },
         );
         let poolers: Api<Pooler> = Api::namespaced(client.clone(), "default");
