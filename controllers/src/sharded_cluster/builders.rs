@@ -514,6 +514,22 @@ pub fn router_autoscaler(
 mod tests {
     use super::*;
 
+    /// A sharded parent `db` in namespace `ns` with two shards of `instances` instances.
+    fn parent(instances: i32) -> (PostgresCluster, ShardingSpec) {
+        let sharding = ShardingSpec {
+            shards: 2,
+            router: Default::default(),
+            table_groups: Vec::new(),
+            sharded_tables: Vec::new(),
+            reference_tables: Vec::new(),
+        };
+        let mut spec = api::PostgresClusterSpec::with_image(instances, "example.org/pg:18");
+        spec.sharding = Some(sharding.clone());
+        let mut parent = PostgresCluster::new("db", spec);
+        parent.metadata.namespace = Some("ns".into());
+        (parent, sharding)
+    }
+
     #[test]
     fn equal_ranges_cover_the_signed_space_without_gaps_or_overlaps() {
         for shards in [1, 2, 3, 7, 256] {
@@ -536,16 +552,7 @@ mod tests {
 
     #[test]
     fn a_child_cluster_has_the_parent_spec_without_sharding_and_an_owner() {
-        let mut spec = api::PostgresClusterSpec::with_image(3, "example.org/pg:18");
-        spec.sharding = Some(ShardingSpec {
-            shards: 2,
-            router: Default::default(),
-            table_groups: Vec::new(),
-            sharded_tables: Vec::new(),
-            reference_tables: Vec::new(),
-        });
-        let mut parent = PostgresCluster::new("db", spec);
-        parent.metadata.namespace = Some("ns".into());
+        let (mut parent, _) = parent(3);
         parent.metadata.uid = Some("uid-1".into());
         let child = child_cluster(&parent, 1);
         assert_eq!(child.name_any(), "db-shard-1");
@@ -577,21 +584,11 @@ mod tests {
 
     #[test]
     fn inherited_metadata_reaches_the_shards_and_the_routers_objects_and_pods() {
-        let sharding = ShardingSpec {
-            shards: 2,
-            router: Default::default(),
-            table_groups: Vec::new(),
-            sharded_tables: Vec::new(),
-            reference_tables: Vec::new(),
-        };
-        let mut spec = api::PostgresClusterSpec::with_image(1, "example.org/pg:18");
-        spec.sharding = Some(sharding.clone());
-        spec.inherited_metadata = Some(api::postgres_cluster::InheritedMetadata {
+        let (mut parent, sharding) = parent(1);
+        parent.spec.inherited_metadata = Some(api::postgres_cluster::InheritedMetadata {
             labels: BTreeMap::from([("team".to_string(), "payments".to_string())]),
             annotations: BTreeMap::from([("cost-center".to_string(), "42".to_string())]),
         });
-        let mut parent = PostgresCluster::new("db", spec);
-        parent.metadata.namespace = Some("ns".into());
         let child = child_cluster(&parent, 0);
         // The shard's own objects get it from its spec.
         assert_eq!(
@@ -619,17 +616,7 @@ mod tests {
 
     #[test]
     fn the_router_holds_a_paused_write_longer_than_any_cut_over_may_pause() {
-        let sharding = ShardingSpec {
-            shards: 2,
-            router: Default::default(),
-            table_groups: Vec::new(),
-            sharded_tables: Vec::new(),
-            reference_tables: Vec::new(),
-        };
-        let mut spec = api::PostgresClusterSpec::with_image(1, "example.org/pg:18");
-        spec.sharding = Some(sharding.clone());
-        let mut parent = PostgresCluster::new("db", spec);
-        parent.metadata.namespace = Some("ns".into());
+        let (parent, sharding) = parent(1);
         let deployment = router_deployment(&parent, &sharding);
         let args = deployment.spec.unwrap().template.spec.unwrap().containers[0]
             .args
