@@ -153,6 +153,18 @@ pub struct PostgresClusterSpec {
     #[serde(default)]
     pub delete_volumes_on_deletion: bool,
 
+    /// More environment variables of the PostgreSQL container: the instance manager, PostgreSQL
+    /// and what they run (archive and restore commands, backups) see them. For example a proxy
+    /// to the object store (`HTTPS_PROXY`, `NO_PROXY`). A value may come from a Secret or a
+    /// ConfigMap (`valueFrom`). A change rolls the cluster. The variables the operator sets are
+    /// its own (see `RESERVED_ENV`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-validations" = [{
+        "rule": "self.all(e, !(e.name in ['POD_NAME', 'POD_NAMESPACE', 'POD_IP', 'CLUSTER_NAME', 'PGDATA', 'PGWAL', 'PG_BIN', 'LOG_JSON', 'TLS_DIR', 'APP_DATABASE', 'APP_SECRET', 'DECLARATIVE_RESYNC_SECONDS', 'FAILOVER_DELAY_SECONDS', 'HTTP_ADDRESS', 'INITDB_DATA_CHECKSUMS', 'INITDB_ENCODING', 'INITDB_LOCALE', 'KUBECONFIG', 'LEASE_DURATION_SECONDS', 'LOG_LEVEL', 'MAX_LAG_BYTES', 'METRICS_CUSTOM_QUERIES', 'METRICS_DATABASE', 'METRICS_TIMEOUT_MILLIS', 'PG_LISTEN_ADDRESS', 'PG_PORT', 'PG_RUN_AS_USER', 'PG_RUN_DIR', 'RENEW_DEADLINE_SECONDS', 'RW_SERVICE_ADDRESS', 'SWITCHOVER_TIMEOUT_SECONDS', 'SYNCHRONOUS_DURABILITY', 'SYNCHRONOUS_METHOD', 'SYNCHRONOUS_STANDBYS', 'TICK_MILLIS', 'BARMAN_BIN', 'BACKUP_REPOSITORY', 'BOOTSTRAP_RECOVERY', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'RECOVERY_AWS_ACCESS_KEY_ID', 'RECOVERY_AWS_SECRET_ACCESS_KEY', 'BACKUP_CA_BUNDLE', 'RECOVERY_CA_BUNDLE']))",
+        "message": "env may not set a variable the operator sets for the instance manager (POD_*, PG*, the instance manager's settings, backup credentials): use the matching spec field instead"
+    }]))]
+    pub env: Vec<k8s_openapi::api::core::v1::EnvVar>,
+
     /// How the `-rw` and `-ro` Services are exposed: ClusterIP (the default, inside the
     /// Kubernetes cluster), NodePort or LoadBalancer, with annotations for the cloud's load
     /// balancer and the client ranges it admits. The `-r` Service stays ClusterIP.
@@ -336,6 +348,57 @@ pub enum SynchronousMethod {
 }
 
 pub use crate::common::{ServiceExposure, ServiceType};
+
+/// Environment variables the operator sets on the PostgreSQL container (the instance manager's
+/// settings and the contract between them): `spec.env` may not set them. The instance manager's
+/// tests check that every variable it reads is here, and the API's that the CEL rule on
+/// `spec.env` names each.
+pub const RESERVED_ENV: &[&str] = &[
+    "POD_NAME",
+    "POD_NAMESPACE",
+    "POD_IP",
+    "CLUSTER_NAME",
+    "PGDATA",
+    "PGWAL",
+    "PG_BIN",
+    "LOG_JSON",
+    "TLS_DIR",
+    "APP_DATABASE",
+    "APP_SECRET",
+    "DECLARATIVE_RESYNC_SECONDS",
+    "FAILOVER_DELAY_SECONDS",
+    "HTTP_ADDRESS",
+    "INITDB_DATA_CHECKSUMS",
+    "INITDB_ENCODING",
+    "INITDB_LOCALE",
+    "KUBECONFIG",
+    "LEASE_DURATION_SECONDS",
+    "LOG_LEVEL",
+    "MAX_LAG_BYTES",
+    "METRICS_CUSTOM_QUERIES",
+    "METRICS_DATABASE",
+    "METRICS_TIMEOUT_MILLIS",
+    "PG_LISTEN_ADDRESS",
+    "PG_PORT",
+    "PG_RUN_AS_USER",
+    "PG_RUN_DIR",
+    "RENEW_DEADLINE_SECONDS",
+    "RW_SERVICE_ADDRESS",
+    "SWITCHOVER_TIMEOUT_SECONDS",
+    "SYNCHRONOUS_DURABILITY",
+    "SYNCHRONOUS_METHOD",
+    "SYNCHRONOUS_STANDBYS",
+    "TICK_MILLIS",
+    "BARMAN_BIN",
+    "BACKUP_REPOSITORY",
+    "BOOTSTRAP_RECOVERY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "RECOVERY_AWS_ACCESS_KEY_ID",
+    "RECOVERY_AWS_SECRET_ACCESS_KEY",
+    "BACKUP_CA_BUNDLE",
+    "RECOVERY_CA_BUNDLE",
+];
 
 /// Exposure of the cluster's client Services.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -937,9 +1000,32 @@ impl PostgresClusterSpec {
             scheduling: None,
             sharding: None,
             delete_volumes_on_deletion: false,
+            env: Vec::new(),
             services: None,
             primary_update_strategy: PrimaryUpdateStrategy::Unsupervised,
             inherited_metadata: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    /// The CEL rule on `spec.env` is written out by hand: it must name every reserved variable.
+    #[test]
+    fn the_env_rule_refuses_every_reserved_variable() {
+        let crd = serde_json::to_string(&PostgresCluster::crd()).unwrap();
+        let start = crd.find("self.all(e, !(e.name in [").expect("the env rule");
+        let rule = &crd[start..start + crd[start..].find(']').unwrap()];
+        for name in RESERVED_ENV {
+            assert!(
+                rule.contains(&format!("'{name}'")),
+                "{name} missing from {rule}"
+            );
+        }
+        assert_eq!(rule.matches('\'').count(), RESERVED_ENV.len() * 2, "{rule}");
     }
 }

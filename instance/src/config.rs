@@ -215,3 +215,29 @@ impl Config {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Config;
+
+    /// A variable the instance manager reads that a user could also set through the cluster's
+    /// `spec.env` would override what the operator passes: every one is reserved in the API.
+    #[test]
+    fn every_variable_the_instance_manager_reads_is_reserved_from_the_users_env() {
+        let command = Config::command();
+        let names: Vec<String> = command
+            .get_arguments()
+            .filter_map(|argument| argument.get_env())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect();
+        assert!(names.len() > 20, "{names:?}");
+        for name in names {
+            assert!(
+                api::postgres_cluster::RESERVED_ENV.contains(&name.as_str()),
+                "{name} is read by the instance manager but missing from RESERVED_ENV"
+            );
+        }
+    }
+}

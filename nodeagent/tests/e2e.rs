@@ -532,6 +532,37 @@ async fn inherited_metadata_reaches_pods_claims_and_services_and_changes_in_plac
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_users_env_reaches_postgresql_and_what_it_runs() -> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-env";
+    let clusters = common::create_cluster(
+        &client,
+        namespace,
+        "ev",
+        json!({"env": [{"name": "HTTPS_PROXY", "value": "http://proxy.example:3128"}]}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "ev", None, Duration::from_secs(180))
+        .await?;
+    let login = common::superuser_login(&client, namespace, "ev").await?;
+    let rw = e2e.service_port(namespace, &api::contract::rw_service("ev"))?;
+    let primary = common::connect_writable(rw, &login).await?;
+    // A program PostgreSQL runs (as an archive command would) sees the variable.
+    primary
+        .batch_execute(
+            "CREATE TEMP TABLE seen (line text); COPY seen FROM PROGRAM 'printenv HTTPS_PROXY'",
+        )
+        .await?;
+    let line: String = primary
+        .query_one("SELECT line FROM seen", &[])
+        .await?
+        .get(0);
+    assert_eq!(line, "http://proxy.example:3128");
+    Ok(())
+}
+
 /// What the exposure scenario checks of a Service: its type, how many node ports the API
 /// server allocated, its load balancer source ranges, whether it has the load balancer annotation.
 type ServiceShape = (&'static str, usize, &'static [&'static str], bool);

@@ -551,6 +551,15 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "each serverAltDnsNames entry must be a lowercase DNS name",
         ),
         (
+            "an env variable the operator sets",
+            variant(
+                "PostgresCluster",
+                "ownenv",
+                json!({"spec": {"env": [{"name": "PGDATA", "value": "/elsewhere"}]}}),
+            ),
+            "env may not set a variable the operator sets",
+        ),
+        (
             "empty shard range",
             variant(
                 "ShardRange",
@@ -575,6 +584,8 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
                 "annotations": {"sidecar.istio.io/inject": "false", "note": "any text, even with spaces"}
             },
             "tls": {"serverAltDnsNames": ["db.example.com", "*.db.example.org"]},
+            "env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"},
+                    {"name": "NO_PROXY", "valueFrom": {"configMapKeyRef": {"name": "proxy", "key": "no_proxy"}}}],
             "services": {
                 "readWrite": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8", "2001:db8::/32"],
                               "annotations": {"service.beta.kubernetes.io/aws-load-balancer-internal": "true"}},

@@ -714,6 +714,8 @@ pub fn pod_template(cluster: &PostgresCluster, resolved: &Resolved) -> PodTempla
         mounts.push(mount(WAL_VOLUME, contract::WAL_MOUNT_PATH, false));
     }
     env.extend(super::backup_env::instance_env(cluster));
+    // The user's own last (the API refuses the names above).
+    env.extend(spec.env.iter().cloned());
     let postgres = Container {
         name: POSTGRES_CONTAINER.to_string(),
         image: Some(resolved.image.clone()),

@@ -160,6 +160,56 @@ fn services_are_exposed_as_the_spec_says_and_the_any_service_stays_internal() {
 }
 
 #[test]
+fn the_users_env_reaches_the_container_and_the_operators_names_are_all_reserved() {
+    let mut cluster = cluster(1);
+    // Everything the operator may set: WAL volume, backups with a CA, TLS, metrics.
+    cluster.spec.wal_storage = Some(api::common::StorageSpec {
+        size: "1Gi".into(),
+        storage_class: None,
+    });
+    cluster.spec.backup = Some(
+        serde_json::from_value(serde_json::json!({"s3": {
+            "endpoint": "https://s3.example.com", "bucket": "b", "region": "r",
+            "credentialsSecret": {"name": "s3"}, "caSecret": {"name": "ca", "key": "ca.crt"}
+        }}))
+        .unwrap(),
+    );
+    cluster.spec.monitoring.custom_queries = Some(
+        serde_json::from_value(serde_json::json!({"name": "q", "key": "queries.yaml"})).unwrap(),
+    );
+    let before = spec_hash(&cluster, &resolved());
+    let env_of = |cluster: &PostgresCluster| {
+        pod_template(cluster, &resolved()).spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap()
+    };
+    for var in env_of(&cluster) {
+        assert!(
+            api::postgres_cluster::RESERVED_ENV.contains(&var.name.as_str()),
+            "{} is set by the operator but spec.env may set it too",
+            var.name
+        );
+    }
+    cluster.spec.env = vec![EnvVar {
+        name: "HTTPS_PROXY".into(),
+        value: Some("http://proxy:3128".into()),
+        ..EnvVar::default()
+    }];
+    let env = env_of(&cluster);
+    assert!(
+        env.iter()
+            .any(|var| var.name == "HTTPS_PROXY"
+                && var.value.as_deref() == Some("http://proxy:3128"))
+    );
+    assert_ne!(
+        spec_hash(&cluster, &resolved()),
+        before,
+        "a change rolls the pods"
+    );
+}
+
+#[test]
 fn stateful_set_rolls_on_delete_and_keeps_volumes_by_default() {
     let mut cluster = cluster(3);
     cluster.spec.wal_storage = Some(api::common::StorageSpec {
