@@ -101,6 +101,19 @@ pub struct PgBouncerSpec {
     /// (condition Degraded, reason `InvalidSpec`): there is no CA to issue from.
     #[serde(default, rename = "clientTLS", skip_serializing_if = "Option::is_none")]
     pub client_tls: Option<ClientTlsMode>,
+    /// More DNS names in the Pooler's certificate, beside its Service's: the names clients use
+    /// from outside the Kubernetes cluster (its load balancer's, see `spec.service`) with
+    /// `sslmode=verify-full`. A change reissues the certificate (the PgBouncer pods roll).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("items" = {
+        "type": "string",
+        "maxLength": 253,
+        "x-kubernetes-validations": [{
+            "rule": "self.matches('^(\\\\*\\\\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "each serverAltDnsNames entry must be a lowercase DNS name such as pool.example.com (a leading *. for a wildcard)"
+        }]
+    }))]
+    pub server_alt_dns_names: Vec<String>,
     /// Other pgbouncer.ini settings of the [pgbouncer] section.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
@@ -115,6 +128,7 @@ impl Default for PgBouncerSpec {
             max_client_conn: default_max_client_conn(),
             pause_timeout_seconds: default_pause_timeout_seconds(),
             client_tls: None,
+            server_alt_dns_names: Vec::new(),
             parameters: BTreeMap::new(),
         }
     }

@@ -223,6 +223,33 @@ async fn a_pooler_gets_pgbouncer_objects_and_reloads_config_without_a_new_pod_te
     })
     .await;
 
+    // A name clients outside use: the certificate is issued again with it, after the Service's.
+    poolers
+        .patch(
+            "pool",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"pgbouncer": {"serverAltDnsNames": ["pool.example.com"]}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let secrets = env.api::<Secret>();
+    let names = env
+        .eventually("the Pooler's certificate with pool.example.com", || {
+            let secrets = secrets.clone();
+            async move {
+                let secret = secrets.get("pool-pooler-tls").await.ok()?;
+                let names = dns_names(&secret_text(&secret, "tls.crt"));
+                names
+                    .contains(&"pool.example.com".to_string())
+                    .then_some(names)
+            }
+        })
+        .await;
+    assert_eq!(names.first().map(String::as_str), Some("pool"));
+    assert_eq!(names.last().map(String::as_str), Some("pool.example.com"));
+
     // A pool mode change rewrites pgbouncer.ini; the pod template stays as it was (no rollout).
     poolers
         .patch(

@@ -294,7 +294,7 @@ async fn cert_manager_certificates_from_the_named_issuer_and_a_clear_condition_w
         &ca,
         &Leaf::Pooler {
             pooler: "pool".into(),
-            namespace: "tls-cm".into(),
+            names: certificates::pooler_dns_names("pool", "tls-cm"),
         },
         now,
         day,

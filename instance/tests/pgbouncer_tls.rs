@@ -96,7 +96,7 @@ fn pooler() -> Pooler {
 fn mount_pooler_certificate(dir: &Path, ca: &Issued) {
     let leaf = Leaf::Pooler {
         pooler: "pool".into(),
-        namespace: NAMESPACE.into(),
+        names: certificates::pooler_dns_names("pool", NAMESPACE),
     };
     let now = time::OffsetDateTime::now_utc();
     let issued = certificates::issue(ca, &leaf, now, Duration::from_secs(3600)).unwrap();

@@ -560,6 +560,15 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "env may not set a variable the operator sets",
         ),
         (
+            "a Pooler certificate name that is no DNS name",
+            variant(
+                "Pooler",
+                "poolname",
+                json!({"spec": {"pgbouncer": {"serverAltDnsNames": ["pool_example"]}}}),
+            ),
+            "each serverAltDnsNames entry must be a lowercase DNS name",
+        ),
+        (
             "empty shard range",
             variant(
                 "ShardRange",

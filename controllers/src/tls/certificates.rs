@@ -114,6 +114,18 @@ pub fn server_names(cluster: &PostgresCluster) -> Vec<String> {
     names
 }
 
+/// A Pooler certificate's DNS names: its Service's ([`pooler_dns_names`]) and then the user's
+/// `spec.pgbouncer.serverAltDnsNames`, each once.
+pub fn pooler_names(pooler: &api::pooler::Pooler) -> Vec<String> {
+    let mut names = pooler_dns_names(&pooler.name_any(), &pooler.namespace().unwrap_or_default());
+    for extra in &pooler.spec.pgbouncer.server_alt_dns_names {
+        if !names.contains(extra) {
+            names.push(extra.clone());
+        }
+    }
+    names
+}
+
 /// The DNS names of a Pooler's Service (`<pooler>`, `<pooler>.<ns>`, `<pooler>.<ns>.svc`,
 /// `<pooler>.<ns>.svc.cluster.local`): what its clients verify with `sslmode=verify-full`.
 pub fn pooler_dns_names(pooler: &str, namespace: &str) -> Vec<String> {
@@ -187,12 +199,12 @@ pub enum Leaf {
         names: Vec<String>,
     },
     /// A Pooler's server certificate (PgBouncer's `client_tls_cert_file`): CN the Pooler,
-    /// SANs from [`pooler_dns_names`]. For servers only, so it cannot log in anywhere.
+    /// SANs from [`pooler_names`]. For servers only, so it cannot log in anywhere.
     Pooler {
         /// Pooler name.
         pooler: String,
-        /// Namespace.
-        namespace: String,
+        /// Its DNS names.
+        names: Vec<String>,
     },
     /// A client certificate whose CN is the PostgreSQL role it logs in as (`cert` auth).
     Client {
@@ -225,9 +237,9 @@ pub fn issue(
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             params
         }
-        Leaf::Pooler { pooler, namespace } => {
-            let mut params = CertificateParams::new(pooler_dns_names(pooler, namespace))
-                .map_err(generate_error(&what))?;
+        Leaf::Pooler { pooler, names } => {
+            let mut params =
+                CertificateParams::new(names.clone()).map_err(generate_error(&what))?;
             common_name(&mut params, pooler);
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             params
@@ -340,6 +352,28 @@ mod tests {
     }
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    #[test]
+    fn the_users_extra_names_follow_the_services_once() {
+        let mut cluster = PostgresCluster::new(
+            "db",
+            api::postgres_cluster::PostgresClusterSpec::with_image(1, "pg"),
+        );
+        cluster.metadata.namespace = Some("ns".into());
+        cluster.spec.tls.server_alt_dns_names = vec!["db.example.com".into(), "db-rw".into()];
+        let names = server_names(&cluster);
+        assert_eq!(&names[..16], &server_dns_names("db", "ns")[..]);
+        assert_eq!(&names[16..], ["db.example.com"], "db-rw is there once");
+        let mut pooler = api::pooler::Pooler::new(
+            "pool",
+            serde_json::from_value(serde_json::json!({"cluster": {"name": "db"}})).unwrap(),
+        );
+        pooler.metadata.namespace = Some("ns".into());
+        pooler.spec.pgbouncer.server_alt_dns_names = vec!["pool.example.com".into()];
+        let names = pooler_names(&pooler);
+        assert_eq!(&names[..4], &pooler_dns_names("pool", "ns")[..]);
+        assert_eq!(&names[4..], ["pool.example.com"]);
+    }
 
     #[test]
     fn server_names_cover_every_service_in_every_form() {

@@ -241,7 +241,6 @@ pub fn certificate_object(
     renew_before: Duration,
 ) -> DynamicObject {
     let name = pooler.name_any();
-    let namespace = pooler.namespace().unwrap_or_default();
     let object_name = certificate_name(&name);
     let mut object =
         DynamicObject::new(&object_name, &super::cert_manager::resource("Certificate"));
@@ -249,7 +248,7 @@ pub fn certificate_object(
     object.data = json!({"spec": {
         "secretName": certificate_secret(&name),
         "commonName": name,
-        "dnsNames": certificates::pooler_dns_names(&name, &namespace),
+        "dnsNames": certificates::pooler_names(pooler),
         "duration": super::cert_manager::go_duration(lifetime),
         "renewBefore": super::cert_manager::go_duration(renew_before),
         "usages": ["server auth", "digital signature", "key encipherment"],
@@ -329,7 +328,7 @@ async fn ensure_from_operator_ca(
     }
     let lifetimes = ctx.settings.tls;
     let now = OffsetDateTime::now_utc();
-    let names = certificates::pooler_dns_names(&name, namespace);
+    let names = certificates::pooler_names(pooler);
     if let Some(left) = super::still_good(stored.as_ref(), &ca, &names, &lifetimes, now) {
         let pem = stored
             .as_ref()
@@ -342,7 +341,7 @@ async fn ensure_from_operator_ca(
     }
     let leaf = Leaf::Pooler {
         pooler: name.clone(),
-        namespace: namespace.to_string(),
+        names,
     };
     let issued = certificates::issue(&ca, &leaf, now, lifetimes.leaf)?;
     super::apply_secret(&secrets, &certificate_secret_object(pooler, &ca, &issued)).await?;
@@ -507,7 +506,7 @@ mod tests {
         .unwrap();
         let leaf = Leaf::Pooler {
             pooler: "pool".into(),
-            namespace: "ns".into(),
+            names: certificates::pooler_dns_names("pool", "ns"),
         };
         let issued = certificates::issue(
             &ca,
