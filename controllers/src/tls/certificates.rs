@@ -102,25 +102,29 @@ pub fn server_dns_names(cluster: &str, namespace: &str) -> Vec<String> {
 /// The server certificate's DNS names: the Services' ([`server_dns_names`]) and then the
 /// user's `spec.tls.serverAltDnsNames`, each once.
 pub fn server_names(cluster: &PostgresCluster) -> Vec<String> {
-    let mut names = server_dns_names(
-        &cluster.name_any(),
-        &cluster.namespace().unwrap_or_default(),
-    );
-    for extra in &cluster.spec.tls.server_alt_dns_names {
-        if !names.contains(extra) {
-            names.push(extra.clone());
-        }
-    }
-    names
+    with_extra_names(
+        server_dns_names(
+            &cluster.name_any(),
+            &cluster.namespace().unwrap_or_default(),
+        ),
+        &cluster.spec.tls.server_alt_dns_names,
+    )
 }
 
 /// A Pooler certificate's DNS names: its Service's ([`pooler_dns_names`]) and then the user's
 /// `spec.pgbouncer.serverAltDnsNames`, each once.
 pub fn pooler_names(pooler: &api::pooler::Pooler) -> Vec<String> {
-    let mut names = pooler_dns_names(&pooler.name_any(), &pooler.namespace().unwrap_or_default());
-    for extra in &pooler.spec.pgbouncer.server_alt_dns_names {
-        if !names.contains(extra) {
-            names.push(extra.clone());
+    with_extra_names(
+        pooler_dns_names(&pooler.name_any(), &pooler.namespace().unwrap_or_default()),
+        &pooler.spec.pgbouncer.server_alt_dns_names,
+    )
+}
+
+/// `names`, then each of the user's `extra` names that is not there yet.
+fn with_extra_names(mut names: Vec<String>, extra: &[String]) -> Vec<String> {
+    for name in extra {
+        if !names.contains(name) {
+            names.push(name.clone());
         }
     }
     names
