@@ -213,6 +213,9 @@ pub mod instance_env {
     pub const BACKUP_REPOSITORY: &str = "BACKUP_REPOSITORY";
     /// `spec.bootstrap.recovery` of the PostgresCluster, as JSON.
     pub const BOOTSTRAP_RECOVERY: &str = "BOOTSTRAP_RECOVERY";
+    /// `true` while `spec.replica.enabled`: the instances keep following the recovery source's
+    /// WAL archive instead of promoting at its end.
+    pub const REPLICA_CLUSTER: &str = "REPLICA_CLUSTER";
     /// Access key id of the repository (from `spec.backup.s3.credentialsSecret`).
     pub const AWS_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
     /// Secret access key of the repository.

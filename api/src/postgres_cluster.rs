@@ -59,6 +59,26 @@ pub const HIBERNATION_ANNOTATION: &str = "postgres.keiailab.io/hibernation";
         "message": "sharding cannot be turned on for an existing cluster: create a sharded cluster and move the data"
     },
     {
+        "rule": "!has(self.replica) || !self.replica.enabled || (has(self.bootstrap) && has(self.bootstrap.recovery))",
+        "message": "replica.enabled needs bootstrap.recovery: a replica cluster is restored from its source's backup (bootstrap.recovery.source, sourceCluster) and then follows that source's WAL archive"
+    },
+    {
+        "rule": "!has(self.replica) || !self.replica.enabled || !has(self.bootstrap) || !has(self.bootstrap.recovery) || !has(self.bootstrap.recovery.target)",
+        "message": "a replica cluster follows its source to the end of the WAL archive, so bootstrap.recovery.target does not apply: remove the target, or turn replica.enabled off for a point-in-time recovery"
+    },
+    {
+        "rule": "!has(self.replica) || !self.replica.enabled || self.tls.mode != 'Disabled'",
+        "message": "a replica cluster needs TLS (tls.mode OperatorCA or CertManager): until it is promoted its roles are the source's, with the source's passwords, so its instances replicate with certificates"
+    },
+    {
+        "rule": "!has(self.replica) || !self.replica.enabled || !has(self.sharding)",
+        "message": "a sharded cluster cannot be a replica cluster: make each shard's source a replica cluster of its own instead"
+    },
+    {
+        "rule": "!has(self.replica) || !self.replica.enabled || (has(oldSelf.replica) && oldSelf.replica.enabled)",
+        "message": "replica.enabled can be turned off (which promotes the cluster) but not on: a replica cluster is created as one, from its source's backup, and a promoted cluster has a history of its own"
+    },
+    {
         "rule": "self.postgresVersion == oldSelf.postgresVersion",
         "message": "postgresVersion is immutable: this operator does not run major upgrades (pg_upgrade) yet, and an image of another major version cannot start on this data; move the data to a new cluster (pg_dump, or logical replication). Minor upgrades change the catalog's image for the same major version"
     }
@@ -118,6 +138,12 @@ pub struct PostgresClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<BootstrapSpec>,
 
+    /// A replica cluster (disaster recovery in another Kubernetes cluster or region): restored
+    /// from `bootstrap.recovery`'s source, it keeps replaying the source's WAL archive, read-only,
+    /// until `replica.enabled` is turned off, which promotes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaSpec>,
+
     /// Where WAL archives and base backups go, and how long they are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupRepositorySpec>,
@@ -165,7 +191,7 @@ pub struct PostgresClusterSpec {
     /// its own (see `RESERVED_ENV`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-validations" = [{
-        "rule": "self.all(e, !(e.name in ['POD_NAME', 'POD_NAMESPACE', 'POD_IP', 'CLUSTER_NAME', 'PGDATA', 'PGWAL', 'PG_BIN', 'LOG_JSON', 'TLS_DIR', 'APP_DATABASE', 'APP_SECRET', 'DECLARATIVE_RESYNC_SECONDS', 'FAILOVER_DELAY_SECONDS', 'HTTP_ADDRESS', 'INITDB_DATA_CHECKSUMS', 'INITDB_ENCODING', 'INITDB_LOCALE', 'KUBECONFIG', 'LEASE_DURATION_SECONDS', 'LOG_LEVEL', 'MAX_LAG_BYTES', 'METRICS_CUSTOM_QUERIES', 'METRICS_DATABASE', 'METRICS_TIMEOUT_MILLIS', 'PG_LISTEN_ADDRESS', 'PG_PORT', 'PG_RUN_AS_USER', 'PG_RUN_DIR', 'RENEW_DEADLINE_SECONDS', 'RW_SERVICE_ADDRESS', 'SWITCHOVER_TIMEOUT_SECONDS', 'SYNCHRONOUS_DURABILITY', 'SYNCHRONOUS_METHOD', 'SYNCHRONOUS_STANDBYS', 'TICK_MILLIS', 'BARMAN_BIN', 'BACKUP_REPOSITORY', 'BOOTSTRAP_RECOVERY', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'RECOVERY_AWS_ACCESS_KEY_ID', 'RECOVERY_AWS_SECRET_ACCESS_KEY', 'BACKUP_CA_BUNDLE', 'RECOVERY_CA_BUNDLE']))",
+        "rule": "self.all(e, !(e.name in ['POD_NAME', 'POD_NAMESPACE', 'POD_IP', 'CLUSTER_NAME', 'PGDATA', 'PGWAL', 'PG_BIN', 'LOG_JSON', 'TLS_DIR', 'APP_DATABASE', 'APP_SECRET', 'DECLARATIVE_RESYNC_SECONDS', 'FAILOVER_DELAY_SECONDS', 'HTTP_ADDRESS', 'INITDB_DATA_CHECKSUMS', 'INITDB_ENCODING', 'INITDB_LOCALE', 'KUBECONFIG', 'LEASE_DURATION_SECONDS', 'LOG_LEVEL', 'MAX_LAG_BYTES', 'METRICS_CUSTOM_QUERIES', 'METRICS_DATABASE', 'METRICS_TIMEOUT_MILLIS', 'PG_LISTEN_ADDRESS', 'PG_PORT', 'PG_RUN_AS_USER', 'PG_RUN_DIR', 'RENEW_DEADLINE_SECONDS', 'RW_SERVICE_ADDRESS', 'SWITCHOVER_TIMEOUT_SECONDS', 'SYNCHRONOUS_DURABILITY', 'SYNCHRONOUS_METHOD', 'SYNCHRONOUS_STANDBYS', 'TICK_MILLIS', 'BARMAN_BIN', 'BACKUP_REPOSITORY', 'BOOTSTRAP_RECOVERY', 'REPLICA_CLUSTER', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'RECOVERY_AWS_ACCESS_KEY_ID', 'RECOVERY_AWS_SECRET_ACCESS_KEY', 'BACKUP_CA_BUNDLE', 'RECOVERY_CA_BUNDLE']))",
         "message": "env may not set a variable the operator sets for the instance manager (POD_*, PG*, the instance manager's settings, backup credentials): use the matching spec field instead"
     }]))]
     pub env: Vec<k8s_openapi::api::core::v1::EnvVar>,
@@ -397,6 +423,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "BARMAN_BIN",
     "BACKUP_REPOSITORY",
     "BOOTSTRAP_RECOVERY",
+    "REPLICA_CLUSTER",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "RECOVERY_AWS_ACCESS_KEY_ID",
@@ -501,6 +528,16 @@ pub struct BootstrapSpec {
     /// Restore from a backup, optionally to a point in time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<RecoveryBootstrap>,
+}
+
+/// Replica cluster settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaSpec {
+    /// While true, the cluster replays `bootstrap.recovery.source`'s WAL archive and accepts no
+    /// writes (its primary is a designated primary: a standby its replicas stream from). Set to
+    /// false to promote the cluster: it then accepts writes and archives to its own `backup`.
+    pub enabled: bool,
 }
 
 /// initdb options.
@@ -854,6 +891,7 @@ impl PostgresClusterSpec {
             replication: None,
             failover: FailoverSpec::default(),
             bootstrap: None,
+            replica: None,
             backup: None,
             tls: TlsSpec::default(),
             monitoring: MonitoringSpec::default(),

@@ -121,6 +121,10 @@ pub struct Config {
     /// RECOVERY_AWS_ACCESS_KEY_ID / RECOVERY_AWS_SECRET_ACCESS_KEY.
     #[arg(long, env = api::backup::instance_env::BOOTSTRAP_RECOVERY)]
     pub bootstrap_recovery: Option<String>,
+    /// A replica cluster (`spec.replica.enabled`): the primary is a designated primary that keeps
+    /// replaying the recovery source's WAL archive instead of promoting at its end.
+    #[arg(long, env = api::backup::instance_env::REPLICA_CLUSTER, default_value_t = false, action = clap::ArgAction::Set)]
+    pub replica_cluster: bool,
     /// Read figures from PostgreSQL on `/metrics` (`spec.monitoring.enabled`).
     #[arg(long, env = "METRICS_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics_database: bool,

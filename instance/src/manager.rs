@@ -840,7 +840,11 @@ impl Manager {
                     backup.check_repository_unused().await?;
                 }
                 if let Some(recovery) = self.recovery() {
-                    self.roles.new_cluster();
+                    // A replica cluster's roles are its source's until it is promoted: none to
+                    // make now (its primary is read-only), so none is waited for.
+                    if !self.follows_source() {
+                        self.roles.new_cluster();
+                    }
                     self.bootstrap_from_backup(recovery).await?;
                     self.last_join = Some("restore".into());
                     return Ok(Role::Primary);
@@ -913,7 +917,7 @@ impl Manager {
         let standby = self.postgres.is_standby_configured();
         match holder {
             Some(holder) if holder == me => {
-                if standby {
+                if standby && !self.follows_source() {
                     self.start_replica(None).await?;
                     Ok(Role::Replica { upstream: None })
                 } else {

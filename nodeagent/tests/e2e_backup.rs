@@ -6,7 +6,9 @@
 //! expected rows; retention deletes the backups outside the recovery window (aged by rewriting
 //! their `backup.info`: the window is days long) and keeps the one the window starts from; a
 //! ScheduledBackup runs at once and then every minute, keeps one finished BackupJob and creates
-//! none while suspended. Scenarios run in parallel in their own namespaces.
+//! none while suspended; a replica cluster restored from one cluster's backup replays its
+//! archive read-only (primary and replica) until `replica.enabled` is turned off, which
+//! promotes it. Scenarios run in parallel in their own namespaces.
 //!
 //! Needs the workspace's `postgres-operator` and `pg-instance` binaries next to this test's
 //! target folder (`cargo build -p controllers -p instance`; `cargo xtask test` builds them), and
@@ -20,8 +22,8 @@ use common::backup::{
     BUCKET, archive_current_wal, backup_job, calm_failover, completed, credentials, s3, store,
 };
 use common::{
-    connect_when_served, create_cluster, eventually, kill_operator, operator_backup_figure, stack,
-    superuser_login,
+    connect_when_served, create_cluster, eventually, kill_operator, operator_backup_figure,
+    patch_spec, stack, superuser_login,
 };
 use kube::api::Api;
 use serde_json::json;
@@ -161,6 +163,164 @@ async fn backup_job_then_a_new_cluster_restores_the_rows() -> anyhow::Result<()>
         ),
         (150, 1, 150),
         "the restored cluster has every row of the source"
+    );
+    Ok(())
+}
+
+/// `(status, reason, message)` of the condition `type_` of the cluster `name`.
+async fn condition_of(
+    clusters: &Api<api::PostgresCluster>,
+    name: &str,
+    type_: &str,
+) -> anyhow::Result<(String, String, String)> {
+    let conditions = clusters
+        .get(name)
+        .await?
+        .status
+        .unwrap_or_default()
+        .conditions;
+    Ok(api::common::find_condition(&conditions, type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        .unwrap_or_default())
+}
+
+/// `SELECT count(*) FROM rows` behind the local port `port`.
+async fn count_rows(port: u16, login: &common::Login) -> anyhow::Result<i64> {
+    Ok(connect_when_served(port, login)
+        .await?
+        .query_one("SELECT count(*) FROM rows", &[])
+        .await?
+        .get(0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cluster_follows_its_sources_archive_read_only_until_it_is_promoted()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let store = store(&e2e)?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-replica-cluster";
+    cluster_with_store(&e2e, store, &client, namespace, "main", json!({})).await?;
+    let main_login = superuser_login(&client, namespace, "main").await?;
+    let main_rw = e2e.service_port(namespace, &api::contract::rw_service("main"))?;
+    connect_when_served(main_rw, &main_login)
+        .await?
+        .batch_execute(
+            "CREATE TABLE rows (id int PRIMARY KEY); INSERT INTO rows SELECT generate_series(1, 100)",
+        )
+        .await?;
+    let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
+    backup_job(&client, namespace, "base", "main").await?;
+    completed(&jobs, "base").await?;
+
+    // Two instances: the second streams from the designated primary.
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "dr",
+        json!({"instances": 2,
+               "bootstrap": {"recovery": {"source": s3(store, "main"), "sourceCluster": "main"}},
+               "replica": {"enabled": true},
+               "backup": {"s3": s3(store, "dr")},
+               "failover": calm_failover()}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "dr", None, Duration::from_secs(300))
+        .await?;
+    // Until it is promoted its roles are the source's: main's password, dr's certificate.
+    let dr_login = superuser_login(&client, namespace, "dr").await?;
+    let as_source = dr_login.with_password(&main_login.password);
+    let dr_rw = e2e.service_port(namespace, &api::contract::rw_service("dr"))?;
+    let dr_ro = e2e.service_port(namespace, &api::contract::ro_service("dr"))?;
+
+    // Rows main writes after the backup reach both of dr's instances through main's archive.
+    connect_when_served(main_rw, &main_login)
+        .await?
+        .batch_execute("INSERT INTO rows SELECT generate_series(101, 150)")
+        .await?;
+    archive_current_wal(main_rw, &main_login).await?;
+    eventually(
+        "main's archived rows on dr's designated primary and its replica",
+        Duration::from_secs(120),
+        || async {
+            let seen = (
+                count_rows(dr_rw, &as_source).await?,
+                count_rows(dr_ro, &as_source).await?,
+            );
+            Ok(if seen == (150, 150) {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            })
+        },
+    )
+    .await?;
+    let refused = connect_when_served(dr_rw, &as_source)
+        .await?
+        .batch_execute("INSERT INTO rows VALUES (1000)")
+        .await
+        .expect_err("a replica cluster accepts no writes");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{refused}"
+    );
+    let (status, reason, message) = condition_of(&clusters, "dr", "ReplicaCluster").await?;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "FollowingSource"),
+        "{message}"
+    );
+    assert!(message.contains("main"), "{message}");
+
+    // Promotion: dr accepts writes (with its own passwords now), keeps main's rows, and
+    // archives to its own repository; main goes on.
+    patch_spec(&clusters, "dr", json!({"replica": {"enabled": false}})).await?;
+    let promoted = eventually(
+        "dr to be promoted and accept writes",
+        Duration::from_secs(300),
+        || async {
+            let Ok(client) = connect_when_served(dr_rw, &dr_login).await else {
+                return Ok(Err("no connection with dr's own password yet".to_string()));
+            };
+            let recovering: bool = client
+                .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+                .await?
+                .get(0);
+            Ok(if recovering {
+                Err("in recovery".to_string())
+            } else {
+                Ok(client)
+            })
+        },
+    )
+    .await?;
+    promoted
+        .batch_execute("INSERT INTO rows SELECT generate_series(151, 160)")
+        .await?;
+    e2e.wait_healthy(&clusters, "dr", None, Duration::from_secs(300))
+        .await?;
+    assert_eq!(count_rows(dr_rw, &dr_login).await?, 160);
+    let (status, reason, message) = condition_of(&clusters, "dr", "ReplicaCluster").await?;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "Promoted"),
+        "{message}"
+    );
+    archive_current_wal(dr_rw, &dr_login).await?;
+    let own = store.list_keys(BUCKET, "dr/dr/wals/")?;
+    assert!(
+        !own.is_empty(),
+        "the promoted cluster archives to its own repository"
+    );
+    connect_when_served(main_rw, &main_login)
+        .await?
+        .batch_execute("INSERT INTO rows VALUES (1000)")
+        .await?;
+    assert_eq!(
+        count_rows(main_rw, &main_login).await?,
+        151,
+        "main is untouched"
     );
     Ok(())
 }

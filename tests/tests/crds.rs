@@ -560,6 +560,37 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "env may not set a variable the operator sets",
         ),
         (
+            "a replica cluster without a source",
+            variant(
+                "PostgresCluster",
+                "replicanosource",
+                json!({"spec": {"replica": {"enabled": true}}}),
+            ),
+            "replica.enabled needs bootstrap.recovery",
+        ),
+        (
+            "a replica cluster with a recovery target",
+            variant(
+                "PostgresCluster",
+                "replicatarget",
+                json!({"spec": {"replica": {"enabled": true}, "bootstrap": {"initdb": null, "recovery": {
+                    "source": {"endpoint": "http://s3:9000", "bucket": "backups", "credentialsSecret": {"name": "keys"}},
+                    "sourceCluster": "main", "target": {"name": "before"}}}}}),
+            ),
+            "a replica cluster follows its source to the end of the WAL archive",
+        ),
+        (
+            "a replica cluster without TLS",
+            variant(
+                "PostgresCluster",
+                "replicanotls",
+                json!({"spec": {"replica": {"enabled": true}, "tls": {"mode": "Disabled"}, "bootstrap": {"initdb": null, "recovery": {
+                    "source": {"endpoint": "http://s3:9000", "bucket": "backups", "credentialsSecret": {"name": "keys"}},
+                    "sourceCluster": "main"}}}}),
+            ),
+            "a replica cluster needs TLS",
+        ),
+        (
             "a Pooler certificate name that is no DNS name",
             variant(
                 "Pooler",
@@ -710,6 +741,41 @@ async fn transition_rules_guard_immutable_fields_and_allow_valid_changes() {
         "sharding turned on later",
         &sharding_on,
         "sharding cannot be turned on for an existing cluster",
+    )
+    .await;
+
+    // A replica cluster is created as one and may only be promoted.
+    let replica = variant(
+        "PostgresCluster",
+        "dr",
+        json!({"spec": {"replica": {"enabled": true}, "bootstrap": {"initdb": null, "recovery": {
+            "source": {"endpoint": "http://s3:9000", "bucket": "backups", "credentialsSecret": {"name": "keys"}},
+            "sourceCluster": "main"}}}}),
+    );
+    expect_accepted(&client, "a replica cluster", &replica).await;
+    let mut promoted = replica.clone();
+    merge(
+        &mut promoted,
+        &json!({"spec": {"replica": {"enabled": false}}}),
+    );
+    expect_accepted(&client, "a promoted replica cluster", &promoted).await;
+    expect_rejected(
+        &client,
+        "a promoted cluster made a replica again",
+        &replica,
+        "replica.enabled can be turned off (which promotes the cluster) but not on",
+    )
+    .await;
+    let mut made_replica = unsharded.clone();
+    merge(
+        &mut made_replica,
+        &json!({"spec": {"replica": {"enabled": true}}}),
+    );
+    expect_rejected(
+        &client,
+        "an existing cluster made a replica cluster",
+        &made_replica,
+        "replica.enabled needs bootstrap.recovery",
     )
     .await;
 

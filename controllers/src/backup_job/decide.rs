@@ -31,8 +31,9 @@ struct PublishedStatus {
     in_recovery: Option<bool>,
 }
 
-/// The candidate of a pod, when it has an IP.
-pub fn candidate(pod: &Pod) -> Option<Candidate> {
+/// The candidate of a pod, when it has an IP. In a replica cluster (`designated`) the primary is
+/// a standby replaying the source's archive, and is backed up as a replica is.
+pub fn candidate(pod: &Pod, designated: bool) -> Option<Candidate> {
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let ip = pod
@@ -58,7 +59,7 @@ pub fn candidate(pod: &Pod) -> Option<Candidate> {
         .unwrap_or_default();
     let healthy = published.postgres_ready
         && match role.as_str() {
-            contract::role::PRIMARY => published.in_recovery == Some(false),
+            contract::role::PRIMARY => published.in_recovery == Some(designated),
             contract::role::REPLICA => published.streaming,
             _ => false,
         };
@@ -181,6 +182,28 @@ mod tests {
         ];
         assert_eq!(pick(&no_replica, true).unwrap().name, "c-1");
         assert!(pick(&[candidate("c-1", "primary", false)], false).is_none());
+    }
+
+    #[test]
+    fn a_replica_clusters_designated_primary_is_a_candidate_only_there() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "dr-0",
+                "labels": {(contract::LABEL_ROLE): "primary"},
+                "annotations": {(contract::ANNOTATION_INSTANCE_STATUS): r#"{"postgresReady":true,"inRecovery":true}"#}
+            },
+            "status": {"podIP": "10.0.0.7"}
+        }))
+        .unwrap();
+        assert!(candidate_of(&pod, true).healthy, "designated primary");
+        assert!(
+            !candidate_of(&pod, false).healthy,
+            "a primary in recovery of an ordinary cluster is not one to back up"
+        );
+    }
+
+    fn candidate_of(pod: &Pod, designated: bool) -> Candidate {
+        super::candidate(pod, designated).unwrap()
     }
 
     #[test]

@@ -90,8 +90,12 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
             what: format!("pods of PostgresCluster {namespace}/{cluster_name}"),
             source,
         })?;
-    let candidates: Vec<decide::Candidate> =
-        list.items.iter().filter_map(decide::candidate).collect();
+    let designated = crate::postgres_cluster::backup_env::is_replica_cluster(&cluster);
+    let candidates: Vec<decide::Candidate> = list
+        .items
+        .iter()
+        .filter_map(|pod| decide::candidate(pod, designated))
+        .collect();
     let Some(chosen) = decide::pick(&candidates, job.spec.prefer_replica) else {
         return wait(
             &job,
@@ -206,7 +210,8 @@ async fn follow(
             what: format!("pod {namespace}/{instance}"),
             source,
         })?;
-    let Some(candidate) = pod.as_ref().and_then(decide::candidate) else {
+    // Only its address is used here (its health was judged when the job started).
+    let Some(candidate) = pod.as_ref().and_then(|pod| decide::candidate(pod, false)) else {
         return fail(
             job,
             ctx,
@@ -303,7 +308,8 @@ async fn apply_retention(job: &BackupJob, ctx: &Context, instance: &str) {
         .ok()
         .flatten()
         .as_ref()
-        .and_then(decide::candidate)
+        // Only its address is used here.
+        .and_then(|pod| decide::candidate(pod, false))
     else {
         return;
     };

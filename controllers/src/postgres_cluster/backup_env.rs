@@ -74,8 +74,31 @@ pub fn instance_env(cluster: &PostgresCluster) -> Vec<EnvVar> {
         if let Some(ca) = &recovery.source.ca_secret {
             vars.push(secret_env(env::RECOVERY_CA_BUNDLE, &ca.name, &ca.key));
         }
+        // Turning it off changes the pods' spec: the rolling update that follows promotes the
+        // cluster (the instance that takes over as primary without it promotes PostgreSQL).
+        if is_replica_cluster(cluster) {
+            vars.push(EnvVar {
+                name: env::REPLICA_CLUSTER.to_string(),
+                value: Some("true".to_string()),
+                value_from: None,
+            });
+        }
     }
     vars
+}
+
+/// Whether the cluster is a replica cluster now (`spec.replica.enabled` with a recovery source).
+pub fn is_replica_cluster(cluster: &PostgresCluster) -> bool {
+    cluster
+        .spec
+        .replica
+        .as_ref()
+        .is_some_and(|replica| replica.enabled)
+        && cluster
+            .spec
+            .bootstrap
+            .as_ref()
+            .is_some_and(|bootstrap| bootstrap.recovery.is_some())
 }
 
 #[cfg(test)]
@@ -119,5 +142,36 @@ mod tests {
             .unwrap();
         assert_eq!(reference.name, "old-keys");
         assert_eq!(reference.key, "ACCESS_SECRET_KEY");
+        assert_eq!(value(env::REPLICA_CLUSTER), None, "not a replica cluster");
+    }
+
+    #[test]
+    fn a_replica_cluster_says_so_until_it_is_promoted() {
+        let mut cluster: PostgresCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "postgres.keiailab.io/v1alpha1",
+            "kind": "PostgresCluster",
+            "metadata": {"name": "dr", "namespace": "default"},
+            "spec": {
+                "image": "postgres:18",
+                "replica": {"enabled": true},
+                "bootstrap": {"recovery": {"source": {"endpoint": "http://s3:9000", "bucket": "main", "credentialsSecret": {"name": "keys"}}, "sourceCluster": "main"}}
+            }
+        }))
+        .unwrap();
+        let flag = |cluster: &PostgresCluster| {
+            instance_env(cluster)
+                .into_iter()
+                .find(|var| var.name == env::REPLICA_CLUSTER)
+                .and_then(|var| var.value)
+        };
+        assert!(is_replica_cluster(&cluster));
+        assert_eq!(flag(&cluster).as_deref(), Some("true"));
+        cluster.spec.replica = Some(api::postgres_cluster::ReplicaSpec { enabled: false });
+        assert!(!is_replica_cluster(&cluster));
+        assert_eq!(
+            flag(&cluster),
+            None,
+            "promoted: the instances drop the flag"
+        );
     }
 }

@@ -25,6 +25,9 @@ pub struct InstanceView {
     pub fenced: bool,
     /// Timeline from the instance manager's status annotation.
     pub timeline: Option<i64>,
+    /// PostgreSQL is in recovery (`inRecovery` of the status annotation): a replica, or a replica
+    /// cluster's designated primary.
+    pub in_recovery: Option<bool>,
     /// Replication lag (bytes) from the instance manager's status annotation.
     pub lag_bytes: Option<i64>,
     /// The WAL archiver's report from the status annotation (primary with `spec.backup`).
@@ -82,6 +85,7 @@ impl InstanceView {
                 .get(contract::ANNOTATION_FENCED)
                 .is_some_and(|value| value == "true"),
             timeline: number(&["timeline"]),
+            in_recovery: report.get("inRecovery").and_then(|v| v.as_bool()),
             lag_bytes: number(&["lagBytes", "lag_bytes", "replicationLagBytes"]),
             archive: super::archiving::ArchiveView::from_report(&report),
             last_join: report

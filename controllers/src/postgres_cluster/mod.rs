@@ -12,6 +12,7 @@ pub mod instances;
 pub mod monitoring;
 pub mod parameters;
 pub mod reconcile;
+pub mod replica;
 pub mod rolling;
 mod secrets;
 pub mod status;

@@ -249,6 +249,21 @@ pub fn desired_status(
         );
     }
 
+    if let Some((status, reason, message)) =
+        super::replica::condition(observation.cluster, current_primary)
+    {
+        set_condition(
+            &mut conditions,
+            new_condition(
+                super::replica::REPLICA_CLUSTER,
+                status,
+                reason,
+                message,
+                generation,
+            ),
+        );
+    }
+
     let mut reported: Vec<InstanceStatus> = live
         .iter()
         .map(|instance| InstanceStatus {

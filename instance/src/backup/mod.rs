@@ -45,6 +45,9 @@ pub struct BackupSetup {
     pub retention: Option<String>,
     /// Recovery at bootstrap (`spec.bootstrap.recovery`), when configured.
     pub recovery: Option<recovery::Recovery>,
+    /// A replica cluster: every instance restores WAL from the recovery source's archive (not
+    /// the own repository, which has none yet) and the primary never promotes.
+    pub follows_source: bool,
     /// Folder where the archiver leaves a marker per uploaded segment for `archive_command`.
     pub spool: PathBuf,
     /// Folder where a bootstrap recovery's `restore_command` keeps the WAL segments it fetched
@@ -81,6 +84,13 @@ impl BackupSetup {
                 })
             })
             .transpose()?;
+        if config.replica_cluster && recovery.is_none() {
+            return Err(Error::Invalid(format!(
+                "{} is set without {}: a replica cluster follows the source it was restored from (spec.bootstrap.recovery)",
+                api::backup::instance_env::REPLICA_CLUSTER,
+                api::backup::instance_env::BOOTSTRAP_RECOVERY
+            )));
+        }
         if repository.is_none() && recovery.is_none() {
             return Ok(None);
         }
@@ -129,6 +139,7 @@ impl BackupSetup {
                 .as_ref()
                 .and_then(|spec| store::retention_policy(&spec.retention)),
             repository: store,
+            follows_source: config.replica_cluster,
             recovery: recovery
                 .map(|spec| -> Result<recovery::Recovery> {
                     let mut recovery = recovery::Recovery::from_spec(&spec);
@@ -167,6 +178,22 @@ impl BackupSetup {
             settings.push(("archive_timeout".into(), "60s".into()));
         }
         settings.push(("restore_command".into(), self.engine.restore_command(store)));
+        settings
+    }
+
+    /// PostgreSQL settings of every instance: [`Self::archive_settings`], and in a replica
+    /// cluster the source's archive as `restore_command` (the own repository has no WAL of the
+    /// source's history; with `archive_mode = always` the designated primary archives what it
+    /// replays there, so the own repository is ready when the cluster is promoted).
+    pub fn instance_settings(&self) -> Vec<(String, String)> {
+        let mut settings = self.archive_settings();
+        if let Some(recovery) = self.recovery.as_ref().filter(|_| self.follows_source) {
+            settings.retain(|(name, _)| name != "restore_command");
+            settings.push((
+                "restore_command".into(),
+                self.engine.restore_command(&recovery.store),
+            ));
+        }
         settings
     }
 }

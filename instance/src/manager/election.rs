@@ -167,6 +167,9 @@ impl Manager {
 
     /// Promotes the local replica (the Lease is already ours).
     pub(super) async fn promote(&mut self, inherited_set: Vec<String>) -> Result<()> {
+        if self.follows_source() {
+            return self.designate().await;
+        }
         let pods = self.other_pods();
         self.synchronous_set =
             decision::next_synchronous_set(&inherited_set, &[], &pods, self.me());
@@ -198,6 +201,29 @@ impl Manager {
         self.role = Role::Primary;
         self.watchdog.guard(self.postgres.pid());
         self.roles.reset();
+        self.last_join.get_or_insert_with(|| "promote".into());
+        let _ = self.reconcile_primary().await;
+        Ok(())
+    }
+
+    /// Takes the primary role in a replica cluster (the Lease is already ours): PostgreSQL stays
+    /// a standby and stops streaming from the former designated primary; it replays the source's
+    /// archive from where it is (`primary_conninfo` is reloaded, no restart).
+    pub(super) async fn designate(&mut self) -> Result<()> {
+        self.synchronous_set.clear();
+        self.postgres.write_config(
+            &ManagedSettings {
+                upstream: None,
+                synchronous_standby_names: String::new(),
+            },
+            true,
+            &self.replication.username,
+        )?;
+        self.postgres.signal(Signal::SIGHUP);
+        self.followed = None;
+        info!("designated primary: replaying the source's WAL archive (replica cluster)");
+        self.role = Role::Primary;
+        self.watchdog.guard(self.postgres.pid());
         self.last_join.get_or_insert_with(|| "promote".into());
         let _ = self.reconcile_primary().await;
         Ok(())

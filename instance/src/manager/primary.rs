@@ -57,7 +57,13 @@ impl Manager {
         let Some(local) = &self.local else {
             return Ok(());
         };
-        if !local.postgres_ready || local.in_recovery != Some(false) {
+        if !local.postgres_ready {
+            return Ok(());
+        }
+        if local.in_recovery != Some(false) {
+            if local.in_recovery == Some(true) && self.follows_source() {
+                return self.designated_upkeep().await;
+            }
             return Ok(());
         }
         // In a task of its own (see roles.rs); its error, which the status says, does not stop
@@ -73,11 +79,35 @@ impl Manager {
         upkeep.and(roles)
     }
 
+    /// A replica cluster's designated primary is read-only: no roles, no synchronous standbys;
+    /// only the slots its replicas stream from (created on a standby as on a primary) and the
+    /// bootstrapped mark.
+    async fn designated_upkeep(&mut self) -> Result<()> {
+        if !self.api_reachable {
+            return Ok(());
+        }
+        let client = self.local_client().await?;
+        let upkeep = match self.mark_bootstrapped(&client).await {
+            Ok(()) => self.keep_slots(&client).await,
+            Err(error) => Err(error),
+        };
+        if upkeep.is_err() {
+            self.local_client = None;
+        }
+        upkeep
+    }
+
     async fn primary_upkeep(&mut self, client: &tokio_postgres::Client) -> Result<()> {
         if !self.api_reachable {
             return Ok(());
         }
         self.mark_bootstrapped(client).await?;
+        self.keep_slots(client).await?;
+        self.keep_synchronous_standbys(client).await
+    }
+
+    /// One physical slot per other member; slots of former members are dropped.
+    async fn keep_slots(&self, client: &tokio_postgres::Client) -> Result<()> {
         let pods = self.other_pods();
         let wanted_slots: Vec<String> = pods.iter().map(|pod| quote::slot_name(pod)).collect();
         let slots = client
@@ -110,6 +140,12 @@ impl Manager {
                 info!(slot = %name, "replication slot of a former member dropped");
             }
         }
+        Ok(())
+    }
+
+    /// synchronous_standby_names from the streaming members under the cluster's policy.
+    async fn keep_synchronous_standbys(&mut self, client: &tokio_postgres::Client) -> Result<()> {
+        let pods = self.other_pods();
         if self.config.synchronous_standbys > 0 {
             let streaming_apps: Vec<String> = client
                 .query(

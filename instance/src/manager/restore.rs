@@ -11,6 +11,14 @@ impl Manager {
             .and_then(|backup| backup.setup.recovery.clone())
     }
 
+    /// A replica cluster (`spec.replica.enabled`): the primary is a designated primary, a standby
+    /// replaying the recovery source's WAL archive, and taking over never promotes PostgreSQL.
+    pub(super) fn follows_source(&self) -> bool {
+        self.backup
+            .as_ref()
+            .is_some_and(|backup| backup.setup.follows_source)
+    }
+
     /// Creates the cluster from a backup (`spec.bootstrap.recovery`): download, archive recovery
     /// up to the target, promotion; the Lease is renewed while PostgreSQL replays.
     pub(super) async fn bootstrap_from_backup(&mut self, recovery: Recovery) -> Result<()> {
@@ -29,6 +37,9 @@ impl Manager {
         self.postgres.stop(StopMode::Fast).await;
         self.postgres.empty_data_dir()?;
         recovery::download(&setup, &recovery, self.postgres.pgdata(), MANAGED_CONFIG).await?;
+        if setup.follows_source {
+            return self.start_designated_after_restore(&marker).await;
+        }
         let mut settings = setup.archive_settings();
         settings.extend(recovery.settings(&setup));
         self.postgres.set_backup_settings(settings);
@@ -62,6 +73,28 @@ impl Manager {
         self.postgres.signal(Signal::SIGHUP);
         self.roles.reset();
         let _ = std::fs::remove_file(&marker);
+        Ok(())
+    }
+
+    /// The end of a replica cluster's bootstrap: the restored data starts as a standby
+    /// (`standby.signal`, not `recovery.signal`) that replays the source's archive with no end.
+    async fn start_designated_after_restore(&mut self, marker: &std::path::Path) -> Result<()> {
+        let _ = std::fs::remove_file(self.postgres.pgdata().join("recovery.signal"));
+        self.postgres.write_config(
+            &ManagedSettings {
+                upstream: None,
+                synchronous_standby_names: String::new(),
+            },
+            true,
+            &self.replication.username,
+        )?;
+        self.acquire().await?;
+        // Accepting connections means consistent: the backup's WAL is replayed.
+        self.postgres.start(Duration::from_secs(3600)).await?;
+        info!(
+            "restored: the designated primary replays the source's WAL archive (replica cluster)"
+        );
+        let _ = std::fs::remove_file(marker);
         Ok(())
     }
 
@@ -102,9 +135,20 @@ impl Manager {
     }
 
     pub(super) async fn start_primary(&mut self) -> Result<()> {
-        let settings = self.primary_settings();
+        // A replica cluster's designated primary stays a standby; data that was promoted already
+        // (the instance restarted inside the rolling update that promotes the cluster) is not
+        // turned back into one: its writes have no place in the source's history.
+        let designated = self.follows_source() && self.postgres.is_standby_configured();
+        let settings = if designated {
+            ManagedSettings {
+                upstream: None,
+                synchronous_standby_names: String::new(),
+            }
+        } else {
+            self.primary_settings()
+        };
         self.postgres
-            .write_config(&settings, false, &self.replication.username)?;
+            .write_config(&settings, designated, &self.replication.username)?;
         self.roles.reset();
         // Not a wait for crash recovery: this server cannot start on the data at all.
         self.postgres.check_major_version().await?;

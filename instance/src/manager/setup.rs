@@ -28,7 +28,7 @@ pub(super) fn start_backups(
     let Some(setup) = BackupSetup::from_config(config, postgres.run_as_ids())? else {
         return Ok(None);
     };
-    postgres.set_backup_settings(setup.archive_settings());
+    postgres.set_backup_settings(setup.instance_settings());
     let archive = Arc::new(ArchiveState::default());
     let metrics = shared.metrics.backup.clone();
     tokio::spawn(archiver::run(

@@ -100,7 +100,10 @@ impl Manager {
             status.synchronous_number = self.config.synchronous_standbys;
         }
         if let Some(backup) = &self.backup {
-            let primary = self.role == Role::Primary && status.in_recovery == Some(false);
+            // A designated primary (replica cluster) archives what it replays to the own
+            // repository (`archive_mode = always`), as a primary would.
+            let primary = self.role == Role::Primary
+                && (status.in_recovery == Some(false) || self.follows_source());
             let replica = matches!(self.role, Role::Replica { .. }) && status.postgres_ready;
             backup.archive.set_active(primary || replica);
             backup.set_role(&status.role, status.postgres_ready);

@@ -112,12 +112,18 @@ impl Manager {
         // Giving up the role on purpose: the clean shutdown must not be cut short.
         self.watchdog.guard(None);
         self.postgres.stop(StopMode::Fast).await;
-        let lsn = match self.postgres.shutdown_checkpoint_lsn().await {
-            Ok(lsn) => lsn,
-            Err(error) => {
-                warn!(%error, "no clean shutdown checkpoint; staying primary");
-                self.start_primary().await?;
-                return Err(error);
+        // A designated primary (replica cluster) wrote nothing: the target replays the source's
+        // archive from where it is, there is no last WAL of this one's to wait for.
+        let lsn = if self.follows_source() {
+            None
+        } else {
+            match self.postgres.shutdown_checkpoint_lsn().await {
+                Ok(lsn) => Some(lsn),
+                Err(error) => {
+                    warn!(%error, "no clean shutdown checkpoint; staying primary");
+                    self.start_primary().await?;
+                    return Err(error);
+                }
             }
         };
         self.postgres.write_config(
@@ -140,7 +146,7 @@ impl Manager {
             &mut handed,
             &[
                 (contract::ANNOTATION_SWITCHOVER_TO, None),
-                (contract::ANNOTATION_SWITCHOVER_LSN, Some(lsn.clone())),
+                (contract::ANNOTATION_SWITCHOVER_LSN, lsn.clone()),
             ],
         );
         let mut outcome = self.cluster.replace_lease(&handed).await;
@@ -152,7 +158,7 @@ impl Manager {
         }
         let written = match outcome {
             Ok(written) => written,
-            Err(error) => match self.handed_over_after_all(&target, &lsn).await {
+            Err(error) => match self.handed_over_after_all(&target, lsn.as_deref()).await {
                 // The API server applied the update but its answer was lost (a reset
                 // connection): the target promotes, so this instance must not.
                 Some(written) => written,
@@ -160,7 +166,7 @@ impl Manager {
             },
         };
         self.lease.observe(Some(written), Instant::now());
-        info!(%target, %lsn, "Lease handed over; restarting as a replica");
+        info!(%target, lsn = ?lsn, "Lease handed over; restarting as a replica");
         self.role = Role::Replica {
             upstream: Some(target),
         };
@@ -174,7 +180,11 @@ impl Manager {
     /// instance's makes it primary again; when it cannot be read, PostgreSQL stays stopped and
     /// the next tick resolves the role from the Lease, since restarting as primary while the
     /// target may be promoting would make two writable primaries.
-    pub(super) async fn handed_over_after_all(&mut self, target: &str, lsn: &str) -> Option<Lease> {
+    pub(super) async fn handed_over_after_all(
+        &mut self,
+        target: &str,
+        lsn: Option<&str>,
+    ) -> Option<Lease> {
         match self.cluster.get_lease().await {
             Ok(Some(current))
                 if current
@@ -183,7 +193,7 @@ impl Manager {
                     .and_then(|s| s.holder_identity.as_deref())
                     == Some(target)
                     && lease::annotation_of(&current, contract::ANNOTATION_SWITCHOVER_LSN)
-                        == Some(lsn) =>
+                        == lsn =>
             {
                 info!(%target, "the Lease hand-over was applied although its answer was lost");
                 Some(current)
