@@ -70,6 +70,7 @@ pub async fn run(config: Config) -> Result<()> {
     postgres.write_passfile(&superuser, &replication)?;
     // PostgresUser / PostgresDatabase: watched with a client whose timeouts suit watches.
     let (declarative_primary, primary_watch) = tokio::sync::watch::channel(false);
+    let (declarative_designated, designated_watch) = tokio::sync::watch::channel(false);
     let declarative_client = setup::kube_client(&config, Duration::from_secs(60)).await?;
     let poolers = crate::pooler::pause::Poolers::new(
         declarative_client.clone(),
@@ -99,6 +100,7 @@ pub async fn run(config: Config) -> Result<()> {
         &config,
         &superuser.username,
         primary_watch,
+        designated_watch,
     );
     let shared = Shared::new(
         &config.pod_name,
@@ -176,6 +178,7 @@ pub async fn run(config: Config) -> Result<()> {
         included_config: None,
         tls_fingerprint: None,
         declarative_primary,
+        declarative_designated,
         backup,
         restarts_since_ready: 0,
         postgres_down_since: None,
@@ -267,6 +270,8 @@ struct Manager {
     tls_fingerprint: Option<Vec<Option<Vec<u8>>>>,
     /// Tells the declarative reconcilers whether this instance is a writable primary.
     declarative_primary: tokio::sync::watch::Sender<bool>,
+    /// Whether this instance is a replica cluster's designated primary (read-only).
+    declarative_designated: tokio::sync::watch::Sender<bool>,
     /// Backups (archiving, base backups, recovery), when configured.
     backup: Option<Arc<BackupService>>,
     /// Restarts of PostgreSQL since it last accepted connections.
@@ -403,6 +408,14 @@ impl Manager {
                 .is_some_and(|local| local.in_recovery == Some(false));
         self.declarative_primary
             .send_if_modified(|primary| std::mem::replace(primary, writable) != writable);
+        let designated = self.role == Role::Primary
+            && self.follows_source()
+            && self
+                .local
+                .as_ref()
+                .is_some_and(|local| local.in_recovery == Some(true));
+        self.declarative_designated
+            .send_if_modified(|current| std::mem::replace(current, designated) != designated);
         self.watchdog.guard(if self.role == Role::Primary {
             self.postgres.pid()
         } else {

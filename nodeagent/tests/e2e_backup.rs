@@ -272,6 +272,47 @@ async fn a_replica_cluster_follows_its_sources_archive_read_only_until_it_is_pro
         "{message}"
     );
     assert!(message.contains("main"), "{message}");
+    // A database declared for dr is answered, not ignored: read-only until the promotion.
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "PostgresDatabase",
+                "metadata": {"name": "dr-reports", "namespace": namespace},
+                "spec": {"cluster": {"name": "dr"}, "name": "reports", "owner": "postgres"}}),
+        namespace,
+    )
+    .await?;
+    let databases: Api<api::PostgresDatabase> = Api::namespaced(client.clone(), namespace);
+    let database_ready = |wanted: &'static str| {
+        let databases = databases.clone();
+        async move {
+            eventually(
+                &format!("the PostgresDatabase's Ready reason {wanted}"),
+                Duration::from_secs(120),
+                || async {
+                    let conditions = databases
+                        .get("dr-reports")
+                        .await?
+                        .status
+                        .unwrap_or_default()
+                        .conditions;
+                    let ready = api::common::find_condition(&conditions, "Ready")
+                        .map(|c| (c.reason.clone(), c.message.clone()))
+                        .unwrap_or_default();
+                    Ok(if ready.0 == wanted {
+                        Ok(ready.1)
+                    } else {
+                        Err(format!("{ready:?}"))
+                    })
+                },
+            )
+            .await
+        }
+    };
+    let waiting = database_ready("ReplicaCluster").await?;
+    assert!(
+        waiting.contains("once the cluster is promoted"),
+        "{waiting}"
+    );
 
     // Promotion: dr accepts writes (with its own passwords now), keeps main's rows, and
     // archives to its own repository; main goes on.
@@ -301,6 +342,19 @@ async fn a_replica_cluster_follows_its_sources_archive_read_only_until_it_is_pro
     e2e.wait_healthy(&clusters, "dr", None, Duration::from_secs(300))
         .await?;
     assert_eq!(count_rows(dr_rw, &dr_login).await?, 160);
+    database_ready("Applied").await?;
+    let exists: i64 = connect_when_served(dr_rw, &dr_login)
+        .await?
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = 'reports'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        exists, 1,
+        "the declared database exists after the promotion"
+    );
     let (status, reason, message) = condition_of(&clusters, "dr", "ReplicaCluster").await?;
     assert_eq!(
         (status.as_str(), reason.as_str()),

@@ -28,6 +28,11 @@ pub async fn reconcile(database: Arc<PostgresDatabase>, context: Arc<Context>) -
     if database.spec.cluster.name != context.cluster {
         return Ok(Action::await_change());
     }
+    if let Some(error) = context.read_only("database") {
+        let api = Api::namespaced(context.client.clone(), &context.namespace);
+        fail(&api, &database, &context, &error).await;
+        return Err(error);
+    }
     if !context.is_primary() {
         return Ok(Action::requeue(NOT_PRIMARY_RETRY));
     }

@@ -43,6 +43,9 @@ pub enum DeclarativeError {
     /// A create-only field differs from the database that exists.
     #[error("{0}")]
     Immutable(String),
+    /// The cluster is a replica cluster: read-only until it is promoted.
+    #[error("{0}")]
+    ReplicaCluster(String),
 }
 
 impl DeclarativeError {
@@ -56,14 +59,19 @@ impl DeclarativeError {
             DeclarativeError::DeleteRefused(_) => "DeleteRefused",
             DeclarativeError::Kube { .. } => "KubernetesError",
             DeclarativeError::Immutable(_) => "CreateOnlyFieldChanged",
+            DeclarativeError::ReplicaCluster(_) => "ReplicaCluster",
         }
     }
 
-    /// Whether retrying without a change to the object (or its Secret) cannot help soon.
+    /// Whether retrying without a change to the object (or its Secret, or the cluster: a
+    /// replica cluster's promotion restarts its instances, which reconcile again) cannot help
+    /// soon.
     pub fn needs_change(&self) -> bool {
         matches!(
             self,
-            DeclarativeError::Invalid(_) | DeclarativeError::Immutable(_)
+            DeclarativeError::Invalid(_)
+                | DeclarativeError::Immutable(_)
+                | DeclarativeError::ReplicaCluster(_)
         )
     }
 

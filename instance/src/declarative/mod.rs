@@ -41,6 +41,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use error::DeclarativeError;
 use sql::Connector;
 
 /// Finalizer that keeps an object with `reclaimPolicy: Delete` until its role or database is
@@ -59,6 +60,9 @@ pub struct Context {
     pub connector: Connector,
     /// Whether this instance is the primary now (set by the run loop every tick).
     pub primary: watch::Receiver<bool>,
+    /// Whether this instance is a replica cluster's designated primary now: it cannot apply
+    /// anything (read-only), and says so on each object instead of leaving it unanswered.
+    pub designated: watch::Receiver<bool>,
     /// Period of the drift-repairing reconcile.
     pub resync: Duration,
     /// Host and port written into generated Secrets (the read-write Service).
@@ -74,16 +78,34 @@ impl Context {
     pub fn is_primary(&self) -> bool {
         *self.primary.borrow()
     }
+
+    /// What a replica cluster's designated primary answers instead of applying `what`; `None`
+    /// on any other instance.
+    pub fn read_only(&self, what: &str) -> Option<DeclarativeError> {
+        (*self.designated.borrow()).then(|| {
+            DeclarativeError::ReplicaCluster(format!(
+                "PostgresCluster {} is a replica cluster (spec.replica.enabled): it is read-only and has its source's {what}s; this {what} is applied once the cluster is promoted (declare it on the source to have it in both)",
+                self.cluster
+            ))
+        })
+    }
 }
 
 /// Starts the PostgresUser (and PostgresDatabase) controllers in the background.
-pub fn spawn(client: Client, config: &Config, superuser: &str, primary: watch::Receiver<bool>) {
+pub fn spawn(
+    client: Client,
+    config: &Config,
+    superuser: &str,
+    primary: watch::Receiver<bool>,
+    designated: watch::Receiver<bool>,
+) {
     let context = Arc::new(Context {
         client: client.clone(),
         namespace: config.namespace.clone(),
         cluster: config.cluster.clone(),
         connector: Connector::local(&config.run_dir(), config.port, superuser),
         primary,
+        designated,
         resync: Duration::from_secs(config.declarative_resync_seconds.max(1)),
         service_host: format!(
             "{}.{}.svc",

@@ -45,6 +45,11 @@ pub async fn reconcile(user: Arc<PostgresUser>, context: Arc<Context>) -> Result
     if user.spec.cluster.name != context.cluster {
         return Ok(Action::await_change());
     }
+    if let Some(error) = context.read_only("role") {
+        let api = Api::namespaced(context.client.clone(), &context.namespace);
+        fail(&api, &user, &context, &error).await;
+        return Err(error);
+    }
     if !context.is_primary() {
         return Ok(Action::requeue(NOT_PRIMARY_RETRY));
     }
