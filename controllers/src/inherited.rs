@@ -163,21 +163,22 @@ fn changes(
     patch
 }
 
-/// Brings the cluster's existing pods and claims to its inherited metadata, in place. Returns
-/// how many objects were patched.
+/// Brings the cluster's existing pods (`pods`, as the reconcile listed them with `selector`)
+/// and claims to its inherited metadata, in place. Returns how many objects were patched.
 pub async fn apply_in_place(
     client: &Client,
     cluster: &PostgresCluster,
     namespace: &str,
     selector: &str,
+    pods: &[Pod],
 ) -> Result<usize, kube::Error> {
     let list = ListParams::default().labels(selector);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let mut patched = 0;
-    for pod in pods.list(&list).await?.items {
+    for pod in pods {
         if let Some(patch) = metadata_patch(cluster, &pod.metadata) {
-            patch_one(&pods, &pod.name_any(), &patch).await?;
+            patch_one(&pod_api, &pod.name_any(), &patch).await?;
             patched += 1;
         }
     }

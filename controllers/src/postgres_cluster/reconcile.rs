@@ -362,6 +362,8 @@ async fn delete_pod(pods: &Api<Pod>, pod: &str) -> Result<(), Error> {
 
 /// What the instance pods and the cluster's Lease say, read once per reconciliation.
 struct Observed {
+    /// The instance pods as listed.
+    pods: Vec<Pod>,
     instances: Vec<InstanceView>,
     /// The Lease `<cluster>-primary`, once the first primary created it.
     lease: Option<Lease>,
@@ -377,11 +379,12 @@ impl Observed {
     ) -> Result<Self, Error> {
         let name = cluster.name_any();
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-        let instances: Vec<InstanceView> = pods
+        let pods = pods
             .list(&ListParams::default().labels(&builders::instance_selector_string(&name)))
             .await
             .map_err(kube_error(format!("listing pods of {name}")))?
-            .items
+            .items;
+        let instances: Vec<InstanceView> = pods
             .iter()
             .map(|pod| InstanceView::from_pod(&name, pod))
             .collect();
@@ -399,6 +402,7 @@ impl Observed {
             .and_then(|lease| lease.annotations().get(SWITCHOVER_ANNOTATION).cloned())
             .filter(|target| !target.is_empty());
         Ok(Self {
+            pods,
             instances,
             lease,
             switchover_to,
@@ -773,19 +777,19 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
     apply_parameters(cluster, ctx, &namespace).await?;
     apply_supporting_objects(cluster, ctx, &namespace, &app_secret).await?;
 
+    let mut observed = Observed::read(cluster, ctx, &namespace).await?;
     // The user's labels and annotations onto running pods and existing claims, in place.
     crate::inherited::apply_in_place(
         &ctx.client,
         cluster,
         &namespace,
         &builders::instance_selector_string(&name),
+        &observed.pods,
     )
     .await
     .map_err(kube_error(format!(
         "labelling the pods and claims of {name} (spec.inheritedMetadata)"
     )))?;
-
-    let mut observed = Observed::read(cluster, ctx, &namespace).await?;
     sync_fencing(
         cluster,
         &Api::namespaced(ctx.client.clone(), &namespace),
