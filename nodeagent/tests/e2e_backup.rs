@@ -23,7 +23,7 @@ use common::backup::{
 };
 use common::{
     connect_when_served, create_cluster, eventually, kill_operator, operator_backup_figure,
-    patch_spec, stack, superuser_login,
+    patch_spec, ready_message_containing, stack, superuser_login,
 };
 use kube::api::Api;
 use serde_json::json;
@@ -313,6 +313,24 @@ async fn a_replica_cluster_follows_its_sources_archive_read_only_until_it_is_pro
         waiting.contains("once the cluster is promoted"),
         "{waiting}"
     );
+    // So is a Pooler: it waits for the promotion (PgBouncer could not log in before).
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "Pooler",
+                "metadata": {"name": "dr-pool", "namespace": namespace},
+                "spec": {"cluster": {"name": "dr"}, "type": "rw", "instances": 1}}),
+        namespace,
+    )
+    .await?;
+    let poolers: Api<api::Pooler> = Api::namespaced(client.clone(), namespace);
+    let pooler_conditions = |pooler: api::Pooler| pooler.status.unwrap_or_default().conditions;
+    ready_message_containing(
+        &poolers,
+        "dr-pool",
+        "the Pooler is deployed once the cluster is promoted",
+        pooler_conditions,
+    )
+    .await?;
 
     // Promotion: dr accepts writes (with its own passwords now), keeps main's rows, and
     // archives to its own repository; main goes on.
@@ -355,6 +373,13 @@ async fn a_replica_cluster_follows_its_sources_archive_read_only_until_it_is_pro
         exists, 1,
         "the declared database exists after the promotion"
     );
+    ready_message_containing(
+        &poolers,
+        "dr-pool",
+        "1 of 1 PgBouncer pods ready",
+        pooler_conditions,
+    )
+    .await?;
     let (status, reason, message) = condition_of(&clusters, "dr", "ReplicaCluster").await?;
     assert_eq!(
         (status.as_str(), reason.as_str()),

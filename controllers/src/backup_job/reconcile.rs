@@ -90,7 +90,7 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
             what: format!("pods of PostgresCluster {namespace}/{cluster_name}"),
             source,
         })?;
-    let designated = crate::postgres_cluster::backup_env::is_replica_cluster(&cluster);
+    let designated = crate::postgres_cluster::replica::is_replica_cluster(&cluster);
     let candidates: Vec<decide::Candidate> = list
         .items
         .iter()

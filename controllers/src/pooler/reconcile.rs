@@ -60,6 +60,17 @@ async fn reconcile_stages(pooler: &Pooler, ctx: &Context) -> Result<Action, Erro
         };
         return finish(pooler, ctx, &namespace, outcome, None).await;
     };
+    // PgBouncer logs in as the auth role with this cluster's password, which a replica cluster's
+    // read-only copy of its source's roles does not have: it could serve nobody yet.
+    if crate::postgres_cluster::replica::is_replica_cluster(&cluster) {
+        let outcome = Outcome::Blocked {
+            reason: "ReplicaCluster".to_string(),
+            message: format!(
+                "PostgresCluster {cluster_name} is a replica cluster (spec.replica.enabled): it is read-only and its roles are its source's, so PgBouncer could not log in; the Pooler is deployed once the cluster is promoted"
+            ),
+        };
+        return finish(pooler, ctx, &namespace, outcome, None).await;
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let secret_name = builders::auth_secret(cluster_name);
     if secrets

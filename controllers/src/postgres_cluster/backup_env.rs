@@ -7,6 +7,8 @@ use api::backup::instance_env as env;
 use api::postgres_cluster::PostgresCluster;
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
 
+use super::replica::is_replica_cluster;
+
 fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.to_string(),
@@ -85,20 +87,6 @@ pub fn instance_env(cluster: &PostgresCluster) -> Vec<EnvVar> {
         }
     }
     vars
-}
-
-/// Whether the cluster is a replica cluster now (`spec.replica.enabled` with a recovery source).
-pub fn is_replica_cluster(cluster: &PostgresCluster) -> bool {
-    cluster
-        .spec
-        .replica
-        .as_ref()
-        .is_some_and(|replica| replica.enabled)
-        && cluster
-            .spec
-            .bootstrap
-            .as_ref()
-            .is_some_and(|bootstrap| bootstrap.recovery.is_some())
 }
 
 #[cfg(test)]

@@ -3,11 +3,24 @@
 
 use api::postgres_cluster::PostgresCluster;
 
-use super::backup_env::is_replica_cluster;
 use super::instances::InstanceView;
 
 /// Condition type.
 pub const REPLICA_CLUSTER: &str = "ReplicaCluster";
+
+/// Whether the cluster is a replica cluster now (`spec.replica.enabled` with a recovery source).
+pub fn is_replica_cluster(cluster: &PostgresCluster) -> bool {
+    cluster
+        .spec
+        .replica
+        .as_ref()
+        .is_some_and(|replica| replica.enabled)
+        && cluster
+            .spec
+            .bootstrap
+            .as_ref()
+            .is_some_and(|bootstrap| bootstrap.recovery.is_some())
+}
 
 /// `(status, reason, message)` of the condition; `None` without `spec.replica`.
 pub fn condition(
