@@ -211,14 +211,7 @@ impl Manager {
     /// archive from where it is (`primary_conninfo` is reloaded, no restart).
     pub(super) async fn designate(&mut self) -> Result<()> {
         self.synchronous_set.clear();
-        self.postgres.write_config(
-            &ManagedSettings {
-                upstream: None,
-                synchronous_standby_names: String::new(),
-            },
-            true,
-            &self.replication.username,
-        )?;
+        self.write_designated_config()?;
         self.postgres.signal(Signal::SIGHUP);
         self.followed = None;
         info!("designated primary: replaying the source's WAL archive (replica cluster)");

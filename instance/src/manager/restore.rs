@@ -76,10 +76,9 @@ impl Manager {
         Ok(())
     }
 
-    /// The end of a replica cluster's bootstrap: the restored data starts as a standby
-    /// (`standby.signal`, not `recovery.signal`) that replays the source's archive with no end.
-    async fn start_designated_after_restore(&mut self, marker: &std::path::Path) -> Result<()> {
-        let _ = std::fs::remove_file(self.postgres.pgdata().join("recovery.signal"));
+    /// A designated primary's configuration: a standby with no upstream (it replays the source's
+    /// archive through `restore_command`) and no synchronous standbys (it commits nothing).
+    pub(super) fn write_designated_config(&self) -> Result<()> {
         self.postgres.write_config(
             &ManagedSettings {
                 upstream: None,
@@ -87,7 +86,14 @@ impl Manager {
             },
             true,
             &self.replication.username,
-        )?;
+        )
+    }
+
+    /// The end of a replica cluster's bootstrap: the restored data starts as a standby
+    /// (`standby.signal`, not `recovery.signal`) that replays the source's archive with no end.
+    async fn start_designated_after_restore(&mut self, marker: &std::path::Path) -> Result<()> {
+        let _ = std::fs::remove_file(self.postgres.pgdata().join("recovery.signal"));
+        self.write_designated_config()?;
         self.acquire().await?;
         // Accepting connections means consistent: the backup's WAL is replayed.
         self.postgres.start(Duration::from_secs(3600)).await?;
@@ -139,16 +145,13 @@ impl Manager {
         // (the instance restarted inside the rolling update that promotes the cluster) is not
         // turned back into one: its writes have no place in the source's history.
         let designated = self.follows_source() && self.postgres.is_standby_configured();
-        let settings = if designated {
-            ManagedSettings {
-                upstream: None,
-                synchronous_standby_names: String::new(),
-            }
+        if designated {
+            self.write_designated_config()?;
         } else {
-            self.primary_settings()
-        };
-        self.postgres
-            .write_config(&settings, designated, &self.replication.username)?;
+            let settings = self.primary_settings();
+            self.postgres
+                .write_config(&settings, false, &self.replication.username)?;
+        }
         self.roles.reset();
         // Not a wait for crash recovery: this server cannot start on the data at all.
         self.postgres.check_major_version().await?;
