@@ -197,3 +197,74 @@ impl BackupSetup {
         settings
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    const REPOSITORY: &str = r#"{"s3": {"endpoint": "http://s3:9000", "bucket": "backups", "path": "dr", "credentialsSecret": {"name": "keys"}}}"#;
+    const SOURCE: &str = r#"{"source": {"endpoint": "http://s3:9000", "bucket": "backups", "path": "main", "credentialsSecret": {"name": "keys"}}, "sourceCluster": "main"}"#;
+
+    fn setup_of(replica_cluster: &str, recovery: bool) -> Result<Option<Arc<BackupSetup>>> {
+        let mut args = vec![
+            "pg-instance",
+            "--pod-name",
+            "dr-1",
+            "--cluster",
+            "dr",
+            "--pgdata",
+            "/nonexistent/dr-1/data",
+            "--backup-repository",
+            REPOSITORY,
+            "--replica-cluster",
+            replica_cluster,
+        ];
+        if recovery {
+            args.extend(["--bootstrap-recovery", SOURCE]);
+        }
+        BackupSetup::from_config(&Config::parse_from(args), None)
+    }
+
+    fn restore_command(settings: &[(String, String)]) -> String {
+        let commands: Vec<&String> = settings
+            .iter()
+            .filter(|(name, _)| name == "restore_command")
+            .map(|(_, value)| value)
+            .collect();
+        assert_eq!(commands.len(), 1, "{settings:?}");
+        commands[0].clone()
+    }
+
+    #[test]
+    fn a_replica_cluster_restores_wal_from_its_source_and_archives_to_its_own_repository() {
+        let setup = setup_of("true", true).unwrap().unwrap();
+        assert!(setup.follows_source);
+        let settings = setup.instance_settings();
+        let command = restore_command(&settings);
+        assert!(command.contains("'s3://backups/main'"), "{command}");
+        assert!(command.contains("$RECOVERY_AWS_ACCESS_KEY_ID"), "{command}");
+        assert!(
+            settings
+                .iter()
+                .any(|(name, value)| name == "archive_mode" && value == "always"),
+            "{settings:?}"
+        );
+
+        // An ordinary restored cluster's instances restore from their own repository.
+        let own = setup_of("false", true).unwrap().unwrap();
+        assert!(!own.follows_source);
+        let command = restore_command(&own.instance_settings());
+        assert!(command.contains("'s3://backups/dr'"), "{command}");
+    }
+
+    #[test]
+    fn a_replica_cluster_without_a_recovery_source_is_refused_at_start() {
+        let error = setup_of("true", false).unwrap_err().to_string();
+        assert!(
+            error.contains("REPLICA_CLUSTER is set without BOOTSTRAP_RECOVERY"),
+            "{error}"
+        );
+    }
+}
