@@ -216,6 +216,11 @@ pub mod instance_env {
     /// `true` while `spec.replica.enabled`: the instances keep following the recovery source's
     /// WAL archive instead of promoting at its end.
     pub const REPLICA_CLUSTER: &str = "REPLICA_CLUSTER";
+    /// Host of the source's primary a replica cluster streams from (`spec.replica.streaming`);
+    /// its certificates are mounted in the TLS folder's `source/`.
+    pub const REPLICA_SOURCE_HOST: &str = "REPLICA_SOURCE_HOST";
+    /// Port of the source's primary.
+    pub const REPLICA_SOURCE_PORT: &str = "REPLICA_SOURCE_PORT";
     /// Access key id of the repository (from `spec.backup.s3.credentialsSecret`).
     pub const AWS_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
     /// Secret access key of the repository.

@@ -191,7 +191,7 @@ pub struct PostgresClusterSpec {
     /// its own (see `RESERVED_ENV`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-validations" = [{
-        "rule": "self.all(e, !(e.name in ['POD_NAME', 'POD_NAMESPACE', 'POD_IP', 'CLUSTER_NAME', 'PGDATA', 'PGWAL', 'PG_BIN', 'LOG_JSON', 'TLS_DIR', 'APP_DATABASE', 'APP_SECRET', 'DECLARATIVE_RESYNC_SECONDS', 'FAILOVER_DELAY_SECONDS', 'HTTP_ADDRESS', 'INITDB_DATA_CHECKSUMS', 'INITDB_ENCODING', 'INITDB_LOCALE', 'KUBECONFIG', 'LEASE_DURATION_SECONDS', 'LOG_LEVEL', 'MAX_LAG_BYTES', 'METRICS_CUSTOM_QUERIES', 'METRICS_DATABASE', 'METRICS_TIMEOUT_MILLIS', 'PG_LISTEN_ADDRESS', 'PG_PORT', 'PG_RUN_AS_USER', 'PG_RUN_DIR', 'RENEW_DEADLINE_SECONDS', 'RW_SERVICE_ADDRESS', 'SWITCHOVER_TIMEOUT_SECONDS', 'SYNCHRONOUS_DURABILITY', 'SYNCHRONOUS_METHOD', 'SYNCHRONOUS_STANDBYS', 'TICK_MILLIS', 'BARMAN_BIN', 'BACKUP_REPOSITORY', 'BOOTSTRAP_RECOVERY', 'REPLICA_CLUSTER', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'RECOVERY_AWS_ACCESS_KEY_ID', 'RECOVERY_AWS_SECRET_ACCESS_KEY', 'BACKUP_CA_BUNDLE', 'RECOVERY_CA_BUNDLE']))",
+        "rule": "self.all(e, !(e.name in ['POD_NAME', 'POD_NAMESPACE', 'POD_IP', 'CLUSTER_NAME', 'PGDATA', 'PGWAL', 'PG_BIN', 'LOG_JSON', 'TLS_DIR', 'APP_DATABASE', 'APP_SECRET', 'DECLARATIVE_RESYNC_SECONDS', 'FAILOVER_DELAY_SECONDS', 'HTTP_ADDRESS', 'INITDB_DATA_CHECKSUMS', 'INITDB_ENCODING', 'INITDB_LOCALE', 'KUBECONFIG', 'LEASE_DURATION_SECONDS', 'LOG_LEVEL', 'MAX_LAG_BYTES', 'METRICS_CUSTOM_QUERIES', 'METRICS_DATABASE', 'METRICS_TIMEOUT_MILLIS', 'PG_LISTEN_ADDRESS', 'PG_PORT', 'PG_RUN_AS_USER', 'PG_RUN_DIR', 'RENEW_DEADLINE_SECONDS', 'RW_SERVICE_ADDRESS', 'SWITCHOVER_TIMEOUT_SECONDS', 'SYNCHRONOUS_DURABILITY', 'SYNCHRONOUS_METHOD', 'SYNCHRONOUS_STANDBYS', 'TICK_MILLIS', 'BARMAN_BIN', 'BACKUP_REPOSITORY', 'BOOTSTRAP_RECOVERY', 'REPLICA_CLUSTER', 'REPLICA_SOURCE_HOST', 'REPLICA_SOURCE_PORT', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'RECOVERY_AWS_ACCESS_KEY_ID', 'RECOVERY_AWS_SECRET_ACCESS_KEY', 'BACKUP_CA_BUNDLE', 'RECOVERY_CA_BUNDLE']))",
         "message": "env may not set a variable the operator sets for the instance manager (POD_*, PG*, the instance manager's settings, backup credentials): use the matching spec field instead"
     }]))]
     pub env: Vec<k8s_openapi::api::core::v1::EnvVar>,
@@ -424,6 +424,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "BACKUP_REPOSITORY",
     "BOOTSTRAP_RECOVERY",
     "REPLICA_CLUSTER",
+    "REPLICA_SOURCE_HOST",
+    "REPLICA_SOURCE_PORT",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "RECOVERY_AWS_ACCESS_KEY_ID",
@@ -538,6 +540,35 @@ pub struct ReplicaSpec {
     /// writes (its primary is a designated primary: a standby its replicas stream from). Set to
     /// false to promote the cluster: it then accepts writes and archives to its own `backup`.
     pub enabled: bool,
+    /// Stream the source's WAL from its primary as well as replaying its archive: the replica
+    /// cluster then trails the source by seconds, not by the archive's pace (`archive_timeout`).
+    /// The archive stays the fallback while the source cannot be reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<ReplicaStreaming>,
+}
+
+/// Where the source's primary is, and the certificates to stream from it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStreaming {
+    /// Host name of the source's read-write endpoint as this cluster's pods reach it (its
+    /// `<source>-rw.<namespace>.svc` in the same Kubernetes cluster, or a load balancer's name
+    /// listed in the source's `tls.serverAltDnsNames`): the source's server certificate must
+    /// name it (`sslmode=verify-full`).
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// Port.
+    #[serde(default = "default_postgres_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Secret with the source's CA certificate (`ca.crt`) and a client certificate of the
+    /// source's `streaming_replica` role signed by that CA (`tls.crt`, `tls.key`): the source's
+    /// `<source>-replication-tls` Secret holds all three.
+    pub certificate_secret: LocalObjectReference,
+}
+
+fn default_postgres_port() -> i32 {
+    5432
 }
 
 /// initdb options.

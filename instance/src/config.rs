@@ -125,6 +125,13 @@ pub struct Config {
     /// replaying the recovery source's WAL archive instead of promoting at its end.
     #[arg(long, env = api::backup::instance_env::REPLICA_CLUSTER, default_value_t = false, action = clap::ArgAction::Set)]
     pub replica_cluster: bool,
+    /// A replica cluster's source primary to stream from (`spec.replica.streaming.host`); its CA
+    /// and client certificate are in the TLS folder's `source/`.
+    #[arg(long, env = api::backup::instance_env::REPLICA_SOURCE_HOST)]
+    pub replica_source_host: Option<String>,
+    /// Port of the source's primary.
+    #[arg(long, env = api::backup::instance_env::REPLICA_SOURCE_PORT, default_value_t = 5432)]
+    pub replica_source_port: u16,
     /// Read figures from PostgreSQL on `/metrics` (`spec.monitoring.enabled`).
     #[arg(long, env = "METRICS_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics_database: bool,

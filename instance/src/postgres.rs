@@ -70,6 +70,8 @@ pub struct LocalPostgres {
     /// The server's major version (`postgres --version`), read at the first start: the binary
     /// does not change under a running instance manager.
     server_major: std::sync::OnceLock<Option<u32>>,
+    /// A replica cluster's source primary (host, port) to stream from, when it streams.
+    replica_source: Option<(String, u16)>,
 }
 
 /// The major version in a `PG_VERSION` file's text (`18`).
@@ -168,6 +170,11 @@ impl LocalPostgres {
                 .as_ref()
                 .map(|mounted| TlsFiles::new(mounted, &config.run_dir())),
             server_major: std::sync::OnceLock::new(),
+            replica_source: config
+                .replica_source_host
+                .clone()
+                .filter(|_| config.replica_cluster)
+                .map(|host| (host, config.replica_source_port)),
         };
         postgres.private_dir(&postgres.run_dir)?;
         Ok(postgres)
@@ -445,6 +452,23 @@ impl LocalPostgres {
         text
     }
 
+    /// `primary_conninfo` of a replica cluster streaming from its source's primary, when it does
+    /// (`spec.replica.streaming`, certificates mounted).
+    fn source_conninfo(&self, replication_user: &str) -> Option<String> {
+        let (host, port) = self.replica_source.as_ref()?;
+        let tls = self.tls.as_ref().filter(|tls| tls.has_source())?;
+        let mut text = format!(
+            "host={} port={port} user={} application_name={} connect_timeout=2",
+            quote::conninfo_value(host),
+            quote::conninfo_value(replication_user),
+            quote::conninfo_value(&quote::slot_name(&self.pod)),
+        );
+        for (name, value) in tls.source_client_options() {
+            text.push_str(&format!(" {name}={}", quote::conninfo_value(&value)));
+        }
+        Some(text)
+    }
+
     /// The TLS files in use, when TLS is on.
     pub fn tls(&self) -> Option<&TlsFiles> {
         self.tls.as_ref()
@@ -521,7 +545,13 @@ impl LocalPostgres {
                 lines.push(("primary_slot_name".into(), quote::slot_name(&self.pod)));
             }
             None => {
-                lines.push(("primary_conninfo".into(), String::new()));
+                // A standby with no upstream in the cluster is a replica cluster's designated
+                // primary: it streams from the source's primary when told where it is (no slot
+                // there: the source's archive covers what the source recycles).
+                let source = standby
+                    .then(|| self.source_conninfo(replication_user))
+                    .flatten();
+                lines.push(("primary_conninfo".into(), source.unwrap_or_default()));
                 lines.push(("primary_slot_name".into(), String::new()));
             }
         }

@@ -32,6 +32,14 @@ const FILES: [(&str, &str); 6] = [
     ("replication", tls_keys::CA),
 ];
 
+/// A replica cluster's source certificates (`spec.replica.streaming.certificateSecret`),
+/// mounted only when it streams from its source.
+const SOURCE_FILES: [(&str, &str); 3] = [
+    ("source", tls_keys::CA),
+    ("source", tls_keys::CERTIFICATE),
+    ("source", tls_keys::KEY),
+];
+
 impl TlsFiles {
     /// TLS from the Secrets mounted at `mounted`, copied into `run_dir/tls`.
     pub fn new(mounted: &Path, run_dir: &Path) -> Self {
@@ -50,14 +58,44 @@ impl TlsFiles {
     pub fn fingerprint(&self) -> Vec<Option<Vec<u8>>> {
         FILES
             .iter()
+            .chain(SOURCE_FILES.iter())
             .map(|(folder, key)| std::fs::read(self.mounted.join(folder).join(key)).ok())
             .collect()
     }
 
-    /// The private copies to write: (target path, content), or the first missing file.
+    /// Whether a replica cluster's source certificates are mounted (`source/`).
+    pub fn has_source(&self) -> bool {
+        self.mounted
+            .join(SOURCE_FILES[1].0)
+            .join(SOURCE_FILES[1].1)
+            .exists()
+    }
+
+    /// libpq options of a replica cluster's connection to its source's primary: verified
+    /// against the source's CA and the host name (`verify-full`: the source is reached by its
+    /// Service's or load balancer's name, which its certificate lists), with the source's
+    /// replication client certificate.
+    pub fn source_client_options(&self) -> Vec<(String, String)> {
+        let path = |key| self.private_file("source", key).display().to_string();
+        vec![
+            ("sslmode".to_string(), "verify-full".to_string()),
+            ("sslrootcert".to_string(), path(tls_keys::CA)),
+            ("sslcert".to_string(), path(tls_keys::CERTIFICATE)),
+            ("sslkey".to_string(), path(tls_keys::KEY)),
+        ]
+    }
+
+    /// The private copies to write: (target path, content), or the first missing file. The
+    /// source's files are copied when they are mounted.
     pub fn copies(&self) -> Result<Vec<(PathBuf, Vec<u8>)>, PathBuf> {
+        let source: &[(&str, &str)] = if self.has_source() {
+            &SOURCE_FILES
+        } else {
+            &[]
+        };
         FILES
             .iter()
+            .chain(source.iter())
             .map(|(folder, key)| {
                 let source = self.mounted.join(folder).join(key);
                 std::fs::read(&source)
@@ -191,10 +229,31 @@ mod tests {
         }
         let files = TlsFiles::new(dir.path(), Path::new("/run/pg"));
         let before = files.fingerprint();
-        assert!(before.iter().all(Option::is_some));
+        assert!(before[..6].iter().all(Option::is_some));
+        assert!(!files.has_source(), "no source certificates mounted");
         assert_eq!(files.copies().unwrap().len(), 6);
         std::fs::write(dir.path().join("server/tls.crt"), "renewed").unwrap();
         assert_ne!(files.fingerprint(), before);
+        // A replica cluster's source certificates join the copies and the fingerprint.
+        let with_source = files.fingerprint();
+        std::fs::create_dir_all(dir.path().join("source")).unwrap();
+        for key in ["tls.crt", "tls.key", "ca.crt"] {
+            std::fs::write(dir.path().join("source").join(key), key).unwrap();
+        }
+        assert!(files.has_source());
+        assert_eq!(files.copies().unwrap().len(), 9);
+        assert_ne!(files.fingerprint(), with_source);
+        let options = files.source_client_options();
+        assert!(
+            options.contains(&("sslmode".to_string(), "verify-full".to_string())),
+            "{options:?}"
+        );
+        assert!(
+            options
+                .iter()
+                .any(|(key, value)| key == "sslkey" && value == "/run/pg/tls/source-tls.key"),
+            "{options:?}"
+        );
         std::fs::remove_file(dir.path().join("replication/tls.key")).unwrap();
         assert_eq!(
             files.copies().unwrap_err(),

@@ -8,7 +8,7 @@
 //! ScheduledBackup runs at once and then every minute, keeps one finished BackupJob and creates
 //! none while suspended; a replica cluster restored from one cluster's backup replays its
 //! archive read-only (primary and replica) until `replica.enabled` is turned off, which
-//! promotes it. Scenarios run in parallel in their own namespaces.
+//! promotes it; one with `replica.streaming` streams from its source's primary too. Scenarios run in parallel in their own namespaces.
 //!
 //! Needs the workspace's `postgres-operator` and `pg-instance` binaries next to this test's
 //! target folder (`cargo build -p controllers -p instance`; `cargo xtask test` builds them), and
@@ -401,6 +401,84 @@ async fn a_replica_cluster_follows_its_sources_archive_read_only_until_it_is_pro
         151,
         "main is untouched"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cluster_streams_from_its_sources_primary_with_the_sources_certificate()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let store = store(&e2e)?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-replica-streaming";
+    cluster_with_store(&e2e, store, &client, namespace, "origin", json!({})).await?;
+    let origin_login = superuser_login(&client, namespace, "origin").await?;
+    let origin_rw = e2e.service_port(namespace, &api::contract::rw_service("origin"))?;
+    connect_when_served(origin_rw, &origin_login)
+        .await?
+        .batch_execute("CREATE TABLE rows (id int PRIMARY KEY); INSERT INTO rows VALUES (1)")
+        .await?;
+    let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
+    backup_job(&client, namespace, "base", "origin").await?;
+    completed(&jobs, "base").await?;
+
+    // The source's own replication Secret holds its CA and a streaming_replica certificate.
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "near",
+        json!({"instances": 1,
+               "bootstrap": {"recovery": {"source": s3(store, "origin"), "sourceCluster": "origin"}},
+               "replica": {"enabled": true, "streaming": {
+                   "host": format!("{}.{namespace}.svc", api::contract::rw_service("origin")),
+                   "certificateSecret": {"name": api::contract::tls_replication_secret("origin")}}},
+               "failover": calm_failover()}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "near", None, Duration::from_secs(300))
+        .await?;
+    let near_login = superuser_login(&client, namespace, "near")
+        .await?
+        .with_password(&origin_login.password);
+    let near_rw = e2e.service_port(namespace, &api::contract::rw_service("near"))?;
+
+    // No WAL switch: the row arrives by streaming, and origin sees near's receiver.
+    connect_when_served(origin_rw, &origin_login)
+        .await?
+        .batch_execute("INSERT INTO rows VALUES (2)")
+        .await?;
+    eventually(
+        "the row to reach near by streaming, its receiver connected to origin",
+        Duration::from_secs(60),
+        || async {
+            let near = connect_when_served(near_rw, &near_login).await?;
+            let rows: i64 = near
+                .query_one("SELECT count(*) FROM rows", &[])
+                .await?
+                .get(0);
+            let receiving: Option<String> = near
+                .query_opt(
+                    "SELECT sender_host FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                    &[],
+                )
+                .await?
+                .map(|row| row.get(0));
+            Ok(match (rows, receiving) {
+                (2, Some(host)) if host.starts_with("origin-rw") => Ok(()),
+                other => Err(format!("{other:?}")),
+            })
+        },
+    )
+    .await?;
+    let senders: i64 = connect_when_served(origin_rw, &origin_login)
+        .await?
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'near_0' AND state = 'streaming'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(senders, 1, "origin streams to near's designated primary");
     Ok(())
 }
 

@@ -79,11 +79,21 @@ pub fn instance_env(cluster: &PostgresCluster) -> Vec<EnvVar> {
         // Turning it off changes the pods' spec: the rolling update that follows promotes the
         // cluster (the instance that takes over as primary without it promotes PostgreSQL).
         if is_replica_cluster(cluster) {
-            vars.push(EnvVar {
-                name: env::REPLICA_CLUSTER.to_string(),
-                value: Some("true".to_string()),
+            let plain = |name: &str, value: String| EnvVar {
+                name: name.to_string(),
+                value: Some(value),
                 value_from: None,
-            });
+            };
+            vars.push(plain(env::REPLICA_CLUSTER, "true".to_string()));
+            if let Some(streaming) = cluster
+                .spec
+                .replica
+                .as_ref()
+                .and_then(|replica| replica.streaming.as_ref())
+            {
+                vars.push(plain(env::REPLICA_SOURCE_HOST, streaming.host.clone()));
+                vars.push(plain(env::REPLICA_SOURCE_PORT, streaming.port.to_string()));
+            }
         }
     }
     vars
@@ -141,25 +151,38 @@ mod tests {
             "metadata": {"name": "dr", "namespace": "default"},
             "spec": {
                 "image": "postgres:18",
-                "replica": {"enabled": true},
+                "replica": {"enabled": true, "streaming": {"host": "main-rw.eu.svc", "certificateSecret": {"name": "main-replication-tls"}}},
                 "bootstrap": {"recovery": {"source": {"endpoint": "http://s3:9000", "bucket": "main", "credentialsSecret": {"name": "keys"}}, "sourceCluster": "main"}}
             }
         }))
         .unwrap();
-        let flag = |cluster: &PostgresCluster| {
+        let value = |cluster: &PostgresCluster, name: &str| {
             instance_env(cluster)
                 .into_iter()
-                .find(|var| var.name == env::REPLICA_CLUSTER)
+                .find(|var| var.name == name)
                 .and_then(|var| var.value)
         };
+        let flag = |cluster: &PostgresCluster| value(cluster, env::REPLICA_CLUSTER);
         assert!(is_replica_cluster(&cluster));
         assert_eq!(flag(&cluster).as_deref(), Some("true"));
-        cluster.spec.replica = Some(api::postgres_cluster::ReplicaSpec { enabled: false });
+        assert_eq!(
+            value(&cluster, env::REPLICA_SOURCE_HOST).as_deref(),
+            Some("main-rw.eu.svc")
+        );
+        assert_eq!(
+            value(&cluster, env::REPLICA_SOURCE_PORT).as_deref(),
+            Some("5432")
+        );
+        cluster.spec.replica = Some(api::postgres_cluster::ReplicaSpec {
+            enabled: false,
+            ..Default::default()
+        });
         assert!(!is_replica_cluster(&cluster));
         assert_eq!(
             flag(&cluster),
             None,
             "promoted: the instances drop the flag"
         );
+        assert_eq!(value(&cluster, env::REPLICA_SOURCE_HOST), None);
     }
 }

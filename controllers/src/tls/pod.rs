@@ -31,10 +31,22 @@ pub fn configure_pod(template: &mut PodTemplateSpec, cluster: &PostgresCluster) 
         value: Some(contract::TLS_MOUNT_PATH.to_string()),
         value_from: None,
     });
-    for (volume, secret) in [
+    let mut secrets = vec![
         ("tls-server", contract::tls_server_secret(&name)),
         ("tls-replication", contract::tls_replication_secret(&name)),
-    ] {
+    ];
+    // A replica cluster streaming from its source: the source's CA and replication client
+    // certificate, in `source/` beside the cluster's own.
+    if let Some(streaming) = cluster
+        .spec
+        .replica
+        .as_ref()
+        .filter(|_| crate::postgres_cluster::replica::is_replica_cluster(cluster))
+        .and_then(|replica| replica.streaming.as_ref())
+    {
+        secrets.push(("tls-source", streaming.certificate_secret.name.clone()));
+    }
+    for (volume, secret) in secrets {
         let folder = volume.trim_start_matches("tls-");
         container
             .volume_mounts
@@ -113,5 +125,38 @@ mod tests {
         let mut without = template();
         configure_pod(&mut without, &cluster);
         assert_eq!(without, template());
+    }
+
+    #[test]
+    fn a_streaming_replica_cluster_mounts_the_sources_certificates_until_promoted() {
+        let mut cluster: PostgresCluster = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "dr"},
+            "spec": {
+                "image": "pg",
+                "replica": {"enabled": true, "streaming": {"host": "main-rw.eu.svc", "certificateSecret": {"name": "main-replication-tls"}}},
+                "bootstrap": {"recovery": {"source": {"endpoint": "http://s3:9000", "bucket": "main", "credentialsSecret": {"name": "keys"}}, "sourceCluster": "main"}}
+            }
+        }))
+        .unwrap();
+        let mounted = |cluster: &PostgresCluster| {
+            let mut pod = template();
+            configure_pod(&mut pod, cluster);
+            pod.spec.unwrap().containers[0]
+                .volume_mounts
+                .clone()
+                .unwrap_or_default()
+                .iter()
+                .map(|mount| mount.mount_path.clone())
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            mounted(&cluster).contains(&"/etc/postgres-operator/tls/source".to_string()),
+            "{:?}",
+            mounted(&cluster)
+        );
+        if let Some(replica) = cluster.spec.replica.as_mut() {
+            replica.enabled = false;
+        }
+        assert_eq!(mounted(&cluster).len(), 2, "promoted: no source mounted");
     }
 }
