@@ -97,6 +97,10 @@ impl Manager {
         self.acquire().await?;
         // Accepting connections means consistent: the backup's WAL is replayed.
         self.postgres.start(Duration::from_secs(3600)).await?;
+        // Fetching that WAL can outlast the Lease on a loaded machine: renew before the run loop
+        // guards this primary, or its watchdog stops PostgreSQL at once (seen in a CI run: the
+        // restart then replayed for over 5 s and the instance gave the role up).
+        self.acquire().await?;
         info!(
             "restored: the designated primary replays the source's WAL archive (replica cluster)"
         );
