@@ -400,20 +400,14 @@ impl Manager {
         // On a new cluster the declarative and pooler auth loops start once the bootstrap roles
         // and the application database exist: a PostgresDatabase may be owned by the
         // application role, and the pooler's lookup function goes into the databases there are.
+        let in_recovery = self.local.as_ref().and_then(|local| local.in_recovery);
         let writable = self.role == Role::Primary
             && !self.roles.new_cluster_pending()
-            && self
-                .local
-                .as_ref()
-                .is_some_and(|local| local.in_recovery == Some(false));
+            && in_recovery == Some(false);
         self.declarative_primary
             .send_if_modified(|primary| std::mem::replace(primary, writable) != writable);
-        let designated = self.role == Role::Primary
-            && self.follows_source()
-            && self
-                .local
-                .as_ref()
-                .is_some_and(|local| local.in_recovery == Some(true));
+        let designated =
+            self.role == Role::Primary && self.follows_source() && in_recovery == Some(true);
         self.declarative_designated
             .send_if_modified(|current| std::mem::replace(current, designated) != designated);
         self.watchdog.guard(if self.role == Role::Primary {

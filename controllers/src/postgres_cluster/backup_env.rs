@@ -7,7 +7,7 @@ use api::backup::instance_env as env;
 use api::postgres_cluster::PostgresCluster;
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
 
-use super::replica::is_replica_cluster;
+use super::replica::{is_replica_cluster, streaming_source};
 
 fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
@@ -85,12 +85,7 @@ pub fn instance_env(cluster: &PostgresCluster) -> Vec<EnvVar> {
                 value_from: None,
             };
             vars.push(plain(env::REPLICA_CLUSTER, "true".to_string()));
-            if let Some(streaming) = cluster
-                .spec
-                .replica
-                .as_ref()
-                .and_then(|replica| replica.streaming.as_ref())
-            {
+            if let Some(streaming) = streaming_source(cluster) {
                 vars.push(plain(env::REPLICA_SOURCE_HOST, streaming.host.clone()));
                 vars.push(plain(env::REPLICA_SOURCE_PORT, streaming.port.to_string()));
             }

@@ -1,7 +1,7 @@
 //! The `ReplicaCluster` condition of a PostgresCluster with `spec.replica`: whether it follows its
 //! source's WAL archive (read-only), is being promoted, or was promoted. Pure.
 
-use api::postgres_cluster::PostgresCluster;
+use api::postgres_cluster::{PostgresCluster, ReplicaStreaming};
 
 use super::instances::InstanceView;
 
@@ -20,6 +20,17 @@ pub fn is_replica_cluster(cluster: &PostgresCluster) -> bool {
             .bootstrap
             .as_ref()
             .is_some_and(|bootstrap| bootstrap.recovery.is_some())
+}
+
+/// The source's primary a replica cluster streams from (`spec.replica.streaming`), while it is
+/// a replica cluster.
+pub fn streaming_source(cluster: &PostgresCluster) -> Option<&ReplicaStreaming> {
+    cluster
+        .spec
+        .replica
+        .as_ref()
+        .filter(|_| is_replica_cluster(cluster))
+        .and_then(|replica| replica.streaming.as_ref())
 }
 
 /// `(status, reason, message)` of the condition; `None` without `spec.replica`.

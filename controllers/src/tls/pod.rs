@@ -37,13 +37,7 @@ pub fn configure_pod(template: &mut PodTemplateSpec, cluster: &PostgresCluster) 
     ];
     // A replica cluster streaming from its source: the source's CA and replication client
     // certificate, in `source/` beside the cluster's own.
-    if let Some(streaming) = cluster
-        .spec
-        .replica
-        .as_ref()
-        .filter(|_| crate::postgres_cluster::replica::is_replica_cluster(cluster))
-        .and_then(|replica| replica.streaming.as_ref())
-    {
+    if let Some(streaming) = crate::postgres_cluster::replica::streaming_source(cluster) {
         secrets.push(("tls-source", streaming.certificate_secret.name.clone()));
     }
     for (volume, secret) in secrets {
