@@ -184,6 +184,35 @@ async fn condition_of(
         .unwrap_or_default())
 }
 
+/// A replica cluster's source: a Healthy cluster `name` archiving to the store, with a table
+/// `rows` of ids 1 to `rows` and a completed base backup; its superuser login and rw port.
+async fn source_with_backup(
+    e2e: &common::E2e,
+    store: &S3Server,
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    rows: i32,
+) -> anyhow::Result<(common::Login, u16)> {
+    cluster_with_store(e2e, store, client, namespace, name, json!({})).await?;
+    let login = superuser_login(client, namespace, name).await?;
+    let rw = e2e.service_port(namespace, &api::contract::rw_service(name))?;
+    let source = connect_when_served(rw, &login).await?;
+    source
+        .batch_execute("CREATE TABLE rows (id int PRIMARY KEY)")
+        .await?;
+    source
+        .execute(
+            "INSERT INTO rows SELECT generate_series(1, $1::int)",
+            &[&rows],
+        )
+        .await?;
+    let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
+    backup_job(client, namespace, "base", name).await?;
+    completed(&jobs, "base").await?;
+    Ok((login, rw))
+}
+
 /// `SELECT count(*) FROM rows` behind the local port `port`.
 async fn count_rows(port: u16, login: &common::Login) -> anyhow::Result<i64> {
     Ok(connect_when_served(port, login)
@@ -200,18 +229,8 @@ async fn a_replica_cluster_follows_its_sources_archive_read_only_until_it_is_pro
     let store = store(&e2e)?;
     let client = e2e.client().await?;
     let namespace = "e2e-replica-cluster";
-    cluster_with_store(&e2e, store, &client, namespace, "main", json!({})).await?;
-    let main_login = superuser_login(&client, namespace, "main").await?;
-    let main_rw = e2e.service_port(namespace, &api::contract::rw_service("main"))?;
-    connect_when_served(main_rw, &main_login)
-        .await?
-        .batch_execute(
-            "CREATE TABLE rows (id int PRIMARY KEY); INSERT INTO rows SELECT generate_series(1, 100)",
-        )
-        .await?;
-    let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
-    backup_job(&client, namespace, "base", "main").await?;
-    completed(&jobs, "base").await?;
+    let (main_login, main_rw) =
+        source_with_backup(&e2e, store, &client, namespace, "main", 100).await?;
 
     // Two instances: the second streams from the designated primary.
     let clusters = create_cluster(
@@ -411,16 +430,8 @@ async fn a_replica_cluster_streams_from_its_sources_primary_with_the_sources_cer
     let store = store(&e2e)?;
     let client = e2e.client().await?;
     let namespace = "e2e-replica-streaming";
-    cluster_with_store(&e2e, store, &client, namespace, "origin", json!({})).await?;
-    let origin_login = superuser_login(&client, namespace, "origin").await?;
-    let origin_rw = e2e.service_port(namespace, &api::contract::rw_service("origin"))?;
-    connect_when_served(origin_rw, &origin_login)
-        .await?
-        .batch_execute("CREATE TABLE rows (id int PRIMARY KEY); INSERT INTO rows VALUES (1)")
-        .await?;
-    let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
-    backup_job(&client, namespace, "base", "origin").await?;
-    completed(&jobs, "base").await?;
+    let (origin_login, origin_rw) =
+        source_with_backup(&e2e, store, &client, namespace, "origin", 1).await?;
 
     // The source's own replication Secret holds its CA and a streaming_replica certificate.
     let clusters = create_cluster(
