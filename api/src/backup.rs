@@ -5,9 +5,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::ClusterReference;
+use crate::common::{ClusterReference, StorageSpec};
 
-/// One backup, restore or point-in-time-recovery run against a PostgresCluster's backup repository.
+/// One backup, restore or point-in-time-recovery run against a PostgresCluster's backup repository,
+/// or a base backup into a volume of its own.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[kube(
     group = "postgres.keiailab.io",
@@ -30,13 +31,15 @@ use crate::common::ClusterReference;
     {"rule": "self.backupType == 'full'", "message": "barman-cloud takes full backups only: remove backupType or set it to full"}
 ]))]
 pub struct BackupJobSpec {
-    /// Cluster whose backup repository (spec.backup) receives the backup.
+    /// Cluster to back up; its backup repository (spec.backup) receives the backup unless
+    /// `volume` is set.
     pub cluster: ClusterReference,
     /// `Backup` takes a base backup. `Restore` is refused: a restore never overwrites a running
     /// cluster; create a new PostgresCluster with `spec.bootstrap.recovery` instead.
     #[serde(default)]
     pub action: BackupAction,
-    /// Engine that moves the data: `barmanCloud` (pgBackRest is refused, see the README).
+    /// Engine that moves the data to the object store: `barmanCloud` (pgBackRest is refused, see
+    /// the README). A backup to a `volume` is pg_basebackup's.
     #[serde(default)]
     pub method: BackupMethod,
     /// `full` only (barman-cloud takes full backups).
@@ -46,6 +49,14 @@ pub struct BackupJobSpec {
     /// from the primary otherwise.
     #[serde(default)]
     pub prefer_replica: bool,
+    /// Take the backup into a new PersistentVolumeClaim of this size (and StorageClass) instead
+    /// of the cluster's object store, which the cluster then needs not have: a Kubernetes Job
+    /// runs pg_basebackup (with the WAL the copy needs to be consistent) against the chosen
+    /// instance, and `status.volumeClaim` names the claim (the BackupJob's name). A new cluster
+    /// restores it with `spec.bootstrap.volume.claimName`. The claim outlives the BackupJob:
+    /// delete the claim to delete the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<StorageSpec>,
 }
 
 /// What a BackupJob does.
@@ -89,9 +100,13 @@ pub struct BackupJobStatus {
     /// Pending, Running, Completed or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
-    /// Backup label in the repository.
+    /// Backup label in the repository (for a backup to a volume, the label pg_basebackup wrote).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_id: Option<String>,
+    /// PersistentVolumeClaim holding a backup taken to a volume (`spec.volume`): the name to give
+    /// `spec.bootstrap.volume.claimName` of a new cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_claim: Option<String>,
     /// WAL location where the backup starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub begin_lsn: Option<String>,

@@ -241,3 +241,55 @@ pub fn router_service(cluster: &str) -> String {
 
 /// Where pg-router's TLS certificate (the cluster's server certificate Secret) is mounted.
 pub const ROUTER_TLS_MOUNT_PATH: &str = "/etc/pg-router/tls";
+
+/// Base backups to and from a volume (a BackupJob's `spec.volume`, a cluster's
+/// `spec.bootstrap.volume`): what the operator's Jobs run and what they report back.
+pub mod volume_backup {
+    use serde::{Deserialize, Serialize};
+
+    /// `pg-instance volume-backup`: pg_basebackup from an instance into the mounted claim.
+    pub const BACKUP_SUBCOMMAND: &str = "volume-backup";
+    /// `pg-instance volume-restore`: the claim's backup into the first instance's volumes.
+    pub const RESTORE_SUBCOMMAND: &str = "volume-restore";
+    /// Where the Jobs mount the backup's claim.
+    pub const MOUNT_PATH: &str = "/backup";
+    /// Folder of the claim with the copied data directory (`pg_basebackup -D`).
+    pub const DATA_FOLDER: &str = "data";
+    /// File of the claim with the [`Report`] of the backup.
+    pub const REPORT_FILE: &str = "backup.json";
+    /// File beside PGDATA (on the data volume) that says the data was restored from a volume
+    /// and has never run: the first instance manager takes the Lease and starts it as the new
+    /// cluster's primary, then removes the file.
+    pub const RESTORED_MARKER: &str = "restored-from-volume";
+
+    /// What a backup Job reports in its container's termination message (and in
+    /// [`REPORT_FILE`]): the backup, or why it failed.
+    #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Report {
+        /// The label pg_basebackup wrote (the BackupJob's name).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub backup_id: Option<String>,
+        /// WAL location where the backup starts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub begin_lsn: Option<String>,
+        /// WAL location where it ends: the restored cluster starts consistent from here.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub end_lsn: Option<String>,
+        /// Timeline of the backup.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub timeline: Option<u32>,
+        /// When pg_basebackup started (RFC 3339).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub begin_time: Option<String>,
+        /// When it finished (RFC 3339).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub end_time: Option<String>,
+        /// Bytes of the copied data directory (WAL included).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub size_bytes: Option<i64>,
+        /// Why the backup failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub error: Option<String>,
+    }
+}

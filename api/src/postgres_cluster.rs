@@ -71,6 +71,10 @@ pub const HIBERNATION_ANNOTATION: &str = "postgres.keiailab.io/hibernation";
         "message": "a replica cluster needs TLS (tls.mode OperatorCA or CertManager): until it is promoted its roles are the source's, with the source's passwords, so its instances replicate with certificates"
     },
     {
+        "rule": "!has(self.sharding) || !has(self.bootstrap) || !has(self.bootstrap.volume)",
+        "message": "a sharded cluster cannot be restored from one volume: each shard has its own data; restore the shards from their object store backups (bootstrap.recovery)"
+    },
+    {
         "rule": "!has(self.replica) || !self.replica.enabled || !has(self.sharding)",
         "message": "a sharded cluster cannot be a replica cluster: make each shard's source a replica cluster of its own instead"
     },
@@ -516,11 +520,12 @@ fn default_switchover_timeout() -> i32 {
     60
 }
 
-/// How the cluster's data comes to be. Exactly one of initdb and recovery.
+/// How the cluster's data comes to be: at most one of initdb, recovery and volume (initdb when
+/// none is set).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!(has(self.initdb) && has(self.recovery))", "message": "bootstrap takes either initdb or recovery, not both"},
+    {"rule": "[has(self.initdb), has(self.recovery), has(self.volume)].filter(x, x).size() <= 1", "message": "bootstrap takes one of initdb, recovery (from an object store) or volume (from a BackupJob's volume), not several"},
     {"rule": "self == oldSelf", "message": "bootstrap is immutable: it only describes how the cluster was first created"}
 ]))]
 pub struct BootstrapSpec {
@@ -530,6 +535,21 @@ pub struct BootstrapSpec {
     /// Restore from a backup, optionally to a point in time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<RecoveryBootstrap>,
+    /// Restore from a base backup a BackupJob took to a volume (its `status.volumeClaim`): the
+    /// first instance's data volume is filled from that claim by a Job before the instance
+    /// starts, and the cluster starts at the backup's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeBootstrap>,
+}
+
+/// A backup on a volume to restore.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeBootstrap {
+    /// PersistentVolumeClaim in the cluster's namespace holding the backup (a BackupJob's
+    /// `status.volumeClaim`). It is only read.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
 }
 
 /// Replica cluster settings.

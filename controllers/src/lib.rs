@@ -16,3 +16,4 @@ pub mod shard_split;
 pub mod sharded_cluster;
 pub mod telemetry;
 pub mod tls;
+pub mod volume_backup;

@@ -15,6 +15,7 @@
 //! - [`tls`]: PostgreSQL's TLS from the mounted certificate Secrets (settings, pg_hba, renewal).
 //! - [`pooler`]: the Poolers' auth role and function, PAUSE/RESUME around a switchover.
 //! - [`watchdog`]: stops a primary whose Lease lapsed while the run loop was busy.
+//! - [`volume_backup`]: the Jobs of base backups to a volume and of restores from one.
 //!
 //! # How instances find each other
 //! The Lease `<cluster>-primary` names the primary's pod; the instance pods carry the label
@@ -56,6 +57,7 @@ pub mod postgres_log;
 pub mod quote;
 pub mod status;
 pub mod tls;
+pub mod volume_backup;
 pub mod watchdog;
 
 pub use config::Config;

@@ -1,6 +1,7 @@
 //! `pg-instance`: the instance manager that supervises PostgreSQL in one pod (election,
-//! failover, fencing), and with `pooler-exporter` as first argument the Pooler pods' metrics
-//! exporter. This file only parses the configuration and starts the run loop.
+//! failover, fencing); with `pooler-exporter` as first argument the Pooler pods' metrics
+//! exporter; with `volume-backup` / `volume-restore` the operator's Jobs that take a base backup
+//! into a volume and restore one. This file only parses the configuration and starts the run loop.
 
 use clap::Parser;
 
@@ -13,6 +14,23 @@ fn main() -> anyhow::Result<()> {
         return pooler_exporter(exporter::ExporterConfig::parse_from(
             std::env::args_os().skip(1),
         ));
+    }
+    use api::contract::volume_backup::{BACKUP_SUBCOMMAND, RESTORE_SUBCOMMAND};
+    let first = std::env::args_os().nth(1);
+    if first.as_deref().is_some_and(|arg| arg == BACKUP_SUBCOMMAND) {
+        let config = instance::volume_backup::BackupConfig::parse_from(std::env::args_os().skip(1));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(instance::volume_backup::backup(config));
+    }
+    if first
+        .as_deref()
+        .is_some_and(|arg| arg == RESTORE_SUBCOMMAND)
+    {
+        return instance::volume_backup::restore(
+            &instance::volume_backup::RestoreConfig::parse_from(std::env::args_os().skip(1)),
+        );
     }
     let config = instance::Config::parse();
     init_logs(&config.log_level, config.log_json);

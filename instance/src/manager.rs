@@ -920,6 +920,10 @@ impl Manager {
                 }
             };
         }
+        let restored = crate::volume_backup::restored_marker(self.postgres.pgdata());
+        if holder.is_none() && !self.lease.ever_held() && restored.exists() {
+            return self.start_restored_volume(&restored).await;
+        }
         self.postgres.stop(StopMode::Fast).await;
         let standby = self.postgres.is_standby_configured();
         match holder {

@@ -467,6 +467,7 @@ pub fn backup_job(
                 BackupKind::Incr => BackupType::Incr,
             },
             prefer_replica,
+            volume: None,
         },
     );
     job.metadata.labels = Some(BTreeMap::from([(

@@ -41,6 +41,8 @@ struct ContainerRun {
     started_at: Option<String>,
     restart_count: i32,
     last_exit: Option<(i32, String, String)>,
+    /// What the last run wrote to its `terminationMessagePath`.
+    termination_message: Option<String>,
     started: bool,
     ready: bool,
     liveness_failures: i32,
@@ -242,6 +244,20 @@ impl PodRun {
             128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(9)
         });
         run.last_exit = Some((code, run.started_at.clone().unwrap_or_default(), now()));
+        let spec = self.pod.spec.as_ref();
+        let name = if init {
+            spec.and_then(|spec| spec.init_containers.as_ref())
+                .and_then(|containers| containers.get(index))
+                .map(|container| container.name.clone())
+        } else {
+            spec.and_then(|spec| spec.containers.get(index))
+                .map(|container| container.name.clone())
+        };
+        // As the kubelet: at most 4096 bytes of the file, into the terminated state.
+        run.termination_message = name
+            .and_then(|name| std::fs::read(self.dir.join("termination").join(name)).ok())
+            .filter(|bytes| !bytes.is_empty())
+            .map(|bytes| String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned());
         run.ready = false;
         run.started = false;
         let restart = match policy {
@@ -342,6 +358,19 @@ impl PodRun {
         }
         let hosts = self.write_hosts()?;
         mounts.push((hosts, "/etc/hosts".to_string(), true));
+        // The termination message file, empty at each start (the kubelet's terminationMessagePath).
+        if let Some(path) = container
+            .termination_message_path
+            .as_deref()
+            .filter(|path| !path.is_empty())
+        {
+            let folder = self.dir.join("termination");
+            std::fs::create_dir_all(&folder)?;
+            let file = folder.join(&container.name);
+            std::fs::write(&file, b"")?;
+            crate::volumes::chown(&file, self.owner)?;
+            mounts.push((file, path.to_string(), false));
+        }
 
         // Parents before children; the pod's files must not live under a mount target (/tmp).
         mounts.sort_by_key(|(_, target, _)| Path::new(target).components().count());
@@ -543,7 +572,11 @@ impl PodRun {
                             json!({"running": {"startedAt": run.started_at}})
                         }
                         (None, Some((code, started, finished))) if run.completed || run.restart_at.is_none() => {
-                            json!({"terminated": {"exitCode": code, "reason": if *code == 0 {"Completed"} else {"Error"}, "startedAt": started, "finishedAt": finished}})
+                            let mut terminated = json!({"exitCode": code, "reason": if *code == 0 {"Completed"} else {"Error"}, "startedAt": started, "finishedAt": finished});
+                            if let Some(message) = &run.termination_message {
+                                terminated["message"] = json!(message);
+                            }
+                            json!({ "terminated": terminated })
                         }
                         (None, Some(_)) => json!({"waiting": {"reason": "CrashLoopBackOff"}}),
                         (None, None) => json!({"waiting": {"reason": "PodInitializing"}}),

@@ -8,7 +8,9 @@
 //! ScheduledBackup runs at once and then every minute, keeps one finished BackupJob and creates
 //! none while suspended; a replica cluster restored from one cluster's backup replays its
 //! archive read-only (primary and replica) until `replica.enabled` is turned off, which
-//! promotes it; one with `replica.streaming` streams from its source's primary too. Scenarios run in parallel in their own namespaces.
+//! promotes it; one with `replica.streaming` streams from its source's primary too; a BackupJob
+//! to a volume (no object store) is restored into a new cluster with exactly the backup's rows.
+//! Scenarios run in parallel in their own namespaces.
 //!
 //! Needs the workspace's `postgres-operator` and `pg-instance` binaries next to this test's
 //! target folder (`cargo build -p controllers -p instance`; `cargo xtask test` builds them), and
@@ -490,6 +492,187 @@ async fn a_replica_cluster_streams_from_its_sources_primary_with_the_sources_cer
         .await?
         .get(0);
     assert_eq!(senders, 1, "origin streams to near's designated primary");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_to_a_volume_restores_into_a_new_cluster_without_an_object_store()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-volume-backup";
+    // No spec.backup anywhere: the volume is the only place the backup goes.
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "vsrc",
+        json!({"instances": 2, "failover": calm_failover()}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "vsrc", None, Duration::from_secs(240))
+        .await?;
+    let login = superuser_login(&client, namespace, "vsrc").await?;
+    let rw = e2e.service_port(namespace, &api::contract::rw_service("vsrc"))?;
+    let source = connect_when_served(rw, &login).await?;
+    source
+        .batch_execute(
+            "CREATE TABLE rows (id int PRIMARY KEY); INSERT INTO rows SELECT generate_series(1, 100)",
+        )
+        .await?;
+    // The replica has the rows before the backup is taken from it.
+    let lsn: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    eventually("the replica to replay the rows", Duration::from_secs(60), || async {
+        let replayed: bool = source
+            .query_one(
+                "SELECT coalesce(bool_and(replay_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication",
+                &[&lsn],
+            )
+            .await?
+            .get(0);
+        Ok(if replayed { Ok(()) } else { Err("behind".to_string()) })
+    })
+    .await?;
+
+    let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
+    let job = |name: &str| {
+        json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "BackupJob",
+               "metadata": {"name": name, "namespace": namespace},
+               "spec": {"cluster": {"name": "vsrc"}, "preferReplica": true,
+                        "volume": {"size": "1Gi"}}})
+    };
+    testbed::manifests::apply(&client, &job("nightly"), namespace).await?;
+    let backup = completed(&jobs, "nightly").await?;
+    let primary = clusters
+        .get("vsrc")
+        .await?
+        .status
+        .unwrap_or_default()
+        .current_primary
+        .unwrap_or_default();
+    assert_eq!(
+        backup.volume_claim.as_deref(),
+        Some("nightly"),
+        "{backup:?}"
+    );
+    assert_eq!(backup.backup_id.as_deref(), Some("nightly"), "{backup:?}");
+    assert!(
+        backup.instance.is_some() && backup.instance.as_deref() != Some(primary.as_str()),
+        "taken from the replica (preferReplica), not {primary}: {backup:?}"
+    );
+    assert!(
+        backup.begin_lsn.is_some() && backup.end_lsn.is_some() && backup.begin_time.is_some(),
+        "the Job's report reaches the status: {backup:?}"
+    );
+    assert!(
+        backup.size_bytes.unwrap_or(0) > 1_000_000,
+        "a data directory's size: {backup:?}"
+    );
+
+    // Rows after the backup are not in it.
+    source
+        .batch_execute("INSERT INTO rows SELECT generate_series(101, 150)")
+        .await?;
+
+    // A claim of that name that is not the BackupJob's: refused, and left as it was.
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "taken", "namespace": namespace},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
+        namespace,
+    )
+    .await?;
+    testbed::manifests::apply(&client, &job("taken"), namespace).await?;
+    let refused = eventually(
+        "BackupJob taken to fail",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get("taken").await?.status.unwrap_or_default();
+            Ok(match status.phase.as_deref() {
+                Some("Failed") => Ok(status),
+                other => Err(format!("{other:?}")),
+            })
+        },
+    )
+    .await?;
+    assert!(
+        refused
+            .failure_reason
+            .as_deref()
+            .is_some_and(|why| why.contains("PersistentVolumeClaim named taken exists already")),
+        "{refused:?}"
+    );
+
+    // A new cluster from the claim: the backup's rows, its own passwords, writable.
+    let copies = create_cluster(
+        &client,
+        namespace,
+        "vcopy",
+        json!({"instances": 2, "bootstrap": {"volume": {"claimName": "nightly"}},
+               "failover": calm_failover()}),
+    )
+    .await?;
+    e2e.wait_healthy(&copies, "vcopy", None, Duration::from_secs(300))
+        .await?;
+    let copy_login = superuser_login(&client, namespace, "vcopy").await?;
+    assert_ne!(
+        copy_login.password, login.password,
+        "vcopy has passwords of its own"
+    );
+    let copy_rw = e2e.service_port(namespace, &api::contract::rw_service("vcopy"))?;
+    let copy = connect_when_served(copy_rw, &copy_login).await?;
+    let row = copy
+        .query_one("SELECT count(*), max(id) FROM rows", &[])
+        .await?;
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i32>(1)),
+        (100, 100),
+        "the restored cluster has the rows of the backup, not those written after it"
+    );
+    copy.batch_execute("INSERT INTO rows VALUES (1000)").await?;
+    let streaming: i64 = copy
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        streaming, 1,
+        "vcopy's second instance cloned the restored primary"
+    );
+
+    // A claim that does not exist: the cluster says which, and starts nothing.
+    let missing = create_cluster(
+        &client,
+        namespace,
+        "vnone",
+        json!({"instances": 1, "bootstrap": {"volume": {"claimName": "nope"}}}),
+    )
+    .await?;
+    let (_, reason, message) = eventually(
+        "vnone to say its claim is missing",
+        Duration::from_secs(60),
+        || async {
+            let degraded = condition_of(&missing, "vnone", "Degraded").await?;
+            Ok(if degraded.1 == "BackupVolumeNotFound" {
+                Ok(degraded)
+            } else {
+                Err(format!("{degraded:?}"))
+            })
+        },
+    )
+    .await?;
+    assert!(message.contains("nope"), "{reason}: {message}");
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(client.clone(), namespace);
+    assert!(
+        sets.get_opt("vnone").await?.is_none(),
+        "no instance starts without its data"
+    );
     Ok(())
 }
 

@@ -247,7 +247,7 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
                     "sourceCluster": "old"
                 }}}}),
             ),
-            "bootstrap takes either initdb or recovery, not both",
+            "bootstrap takes one of initdb, recovery (from an object store) or volume",
         ),
         (
             "two recovery targets",
@@ -314,6 +314,36 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
                 json!({"spec": {"sharding": {"shards": 0}}}),
             ),
             "sharding.shards must be between 1 and 256",
+        ),
+        (
+            "recovery and volume together",
+            variant(
+                "PostgresCluster",
+                "bootvol",
+                json!({"spec": {"bootstrap": {"initdb": null, "volume": {"claimName": "nightly"}, "recovery": {
+                    "source": {"endpoint": "http://s3:9000", "bucket": "backups", "credentialsSecret": {"name": "s3"}},
+                    "sourceCluster": "old"
+                }}}}),
+            ),
+            "bootstrap takes one of initdb, recovery (from an object store) or volume",
+        ),
+        (
+            "a sharded cluster restored from one volume",
+            variant(
+                "PostgresCluster",
+                "shardvol",
+                json!({"spec": {"sharding": {"shards": 2}, "bootstrap": {"initdb": null, "volume": {"claimName": "nightly"}}}}),
+            ),
+            "a sharded cluster cannot be restored from one volume",
+        ),
+        (
+            "a backup volume of no size",
+            variant(
+                "BackupJob",
+                "volsize",
+                json!({"spec": {"volume": {"size": "0"}}}),
+            ),
+            "size must be a positive Kubernetes quantity",
         ),
         (
             "restore over a running cluster",
@@ -656,6 +686,26 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             json!({"spec": {"primaryUpdateStrategy": "manual"}}),
         ),
         "supported values: \"unsupervised\", \"supervised\"",
+    )
+    .await;
+    expect_accepted(
+        &client,
+        "a backup to a volume",
+        &variant(
+            "BackupJob",
+            "tovolume",
+            json!({"spec": {"volume": {"size": "2Gi", "storageClass": "fast"}}}),
+        ),
+    )
+    .await;
+    expect_accepted(
+        &client,
+        "a cluster restored from a volume",
+        &variant(
+            "PostgresCluster",
+            "fromvolume",
+            json!({"spec": {"bootstrap": {"initdb": null, "volume": {"claimName": "tovolume"}}}}),
+        ),
     )
     .await;
     expect_rejected(

@@ -14,6 +14,8 @@ pub struct Candidate {
     pub ip: String,
     /// Port of the instance manager's HTTP endpoints.
     pub http_port: u16,
+    /// PostgreSQL's port (where a backup to a volume copies from).
+    pub postgres_port: u16,
     /// `primary`, `replica` or `fenced` (the role label).
     pub role: String,
     /// PostgreSQL serves, and (replicas) streams from the primary.
@@ -41,14 +43,17 @@ pub fn candidate(pod: &Pod, designated: bool) -> Option<Candidate> {
         .as_ref()
         .and_then(|status| status.pod_ip.clone())
         .filter(|ip| !ip.is_empty())?;
-    let http_port = pod
-        .spec
-        .iter()
-        .flat_map(|spec| spec.containers.iter())
-        .flat_map(|container| container.ports.iter().flatten())
-        .find(|port| port.name.as_deref() == Some(contract::PORT_NAME_STATUS))
-        .and_then(|port| u16::try_from(port.container_port).ok())
-        .unwrap_or(contract::INSTANCE_HTTP_PORT);
+    let port = |name: &str, default: u16| {
+        pod.spec
+            .iter()
+            .flat_map(|spec| spec.containers.iter())
+            .flat_map(|container| container.ports.iter().flatten())
+            .find(|port| port.name.as_deref() == Some(name))
+            .and_then(|port| u16::try_from(port.container_port).ok())
+            .unwrap_or(default)
+    };
+    let http_port = port(contract::PORT_NAME_STATUS, contract::INSTANCE_HTTP_PORT);
+    let postgres_port = port(contract::PORT_NAME_POSTGRES, contract::POSTGRES_PORT);
     let role = labels
         .get(contract::LABEL_ROLE)
         .cloned()
@@ -67,6 +72,7 @@ pub fn candidate(pod: &Pod, designated: bool) -> Option<Candidate> {
         name: pod.metadata.name.clone().unwrap_or_default(),
         ip,
         http_port,
+        postgres_port,
         role,
         healthy,
     })
@@ -162,6 +168,7 @@ mod tests {
             name: name.into(),
             ip: "10.0.0.1".into(),
             http_port: 8000,
+            postgres_port: 5432,
             role: role.into(),
             healthy,
         }

@@ -9,6 +9,7 @@
 
 pub mod decide;
 pub mod reconcile;
+mod volume;
 
 use std::sync::Arc;
 use std::time::Duration;

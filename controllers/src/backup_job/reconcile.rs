@@ -60,6 +60,9 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
             return Ok(Action::await_change());
         }
         Some(phase::FAILED) => return Ok(Action::await_change()),
+        Some(phase::RUNNING) if job.spec.volume.is_some() => {
+            return super::volume::follow(&job, &ctx, &namespace, status).await;
+        }
         Some(phase::RUNNING) => return follow(&job, &ctx, &namespace, status).await,
         _ => {}
     }
@@ -77,8 +80,8 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
     let Some(cluster) = cluster else {
         return wait(&job, &ctx, status, "ClusterNotFound", format!("PostgresCluster {cluster_name} does not exist (yet): create it, or fix spec.cluster.name")).await;
     };
-    if cluster.spec.backup.is_none() {
-        return fail(&job, &ctx, status, "NoBackupRepository", format!("PostgresCluster {cluster_name} has no spec.backup: add a backup repository (s3 endpoint, bucket, credentialsSecret), then create a new BackupJob")).await;
+    if cluster.spec.backup.is_none() && job.spec.volume.is_none() {
+        return fail(&job, &ctx, status, "NoBackupRepository", format!("PostgresCluster {cluster_name} has no spec.backup: add a backup repository (s3 endpoint, bucket, credentialsSecret), or back up to a volume (spec.volume), in a new BackupJob")).await;
     }
 
     // Start: pick the instance and ask it.
@@ -106,6 +109,9 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
         )
         .await;
     };
+    if let Some(storage) = &job.spec.volume {
+        return super::volume::start(&job, &ctx, &namespace, chosen, storage, status).await;
+    }
     match call(
         &chosen.ip,
         chosen.http_port,
@@ -350,7 +356,7 @@ async fn apply_retention(job: &BackupJob, ctx: &Context, instance: &str) {
     }
 }
 
-async fn fail(
+pub(super) async fn fail(
     job: &BackupJob,
     ctx: &Context,
     mut status: BackupJobStatus,
@@ -375,7 +381,7 @@ async fn fail(
     Ok(Action::await_change())
 }
 
-async fn wait(
+pub(super) async fn wait(
     job: &BackupJob,
     ctx: &Context,
     mut status: BackupJobStatus,
@@ -397,7 +403,7 @@ async fn wait(
     Ok(Action::requeue(Duration::from_secs(5)))
 }
 
-async fn write_status(
+pub(super) async fn write_status(
     job: &BackupJob,
     ctx: &Context,
     mut status: BackupJobStatus,
@@ -421,7 +427,13 @@ async fn write_status(
     Ok(())
 }
 
-async fn publish(ctx: &Context, job: &BackupJob, type_: EventType, reason: &str, note: String) {
+pub(super) async fn publish(
+    ctx: &Context,
+    job: &BackupJob,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.to_string(),

@@ -83,7 +83,7 @@ pub fn instance_selector_string(cluster: &str) -> String {
     format!("{}={}", contract::LABEL_CLUSTER, cluster)
 }
 
-fn name_of(cluster: &PostgresCluster) -> String {
+pub(crate) fn name_of(cluster: &PostgresCluster) -> String {
     cluster.metadata.name.clone().unwrap_or_default()
 }
 

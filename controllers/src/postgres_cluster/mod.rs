@@ -16,6 +16,7 @@ pub mod replica;
 pub mod rolling;
 mod secrets;
 pub mod status;
+mod volume_restore;
 pub mod volumes;
 
 use std::sync::Arc;

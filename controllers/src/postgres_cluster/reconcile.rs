@@ -31,6 +31,7 @@ use super::parameters::{self, ParameterChange};
 use super::rolling::{self, RollingStep, ScaleDown};
 use super::secrets;
 use super::status::{self, Observation, Phase, Problem};
+use super::volume_restore;
 use super::volumes;
 use super::{CONTROLLER, Context, Error, FIELD_MANAGER, FINALIZER, kube_error};
 
@@ -797,15 +798,24 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
     )
     .await?;
 
-    // The StatefulSet only when its pods could start (image resolved, Secrets present).
-    let desired_hash = match (&image, &problem) {
-        (Some(image), None) => {
-            let resolved = Resolved {
-                image: image.clone(),
-                instance_manager_image: ctx.settings.instance_manager_image.clone(),
-                app_secret,
-            };
-            Some(apply_instances(cluster, ctx, &namespace, &resolved, &mut observed).await?)
+    // The StatefulSet only when its pods could start (image resolved, Secrets present, and the
+    // first instance's volume restored when the cluster starts from a backup volume).
+    let resolved = image
+        .clone()
+        .filter(|_| problem.is_none())
+        .map(|image| Resolved {
+            image,
+            instance_manager_image: ctx.settings.instance_manager_image.clone(),
+            app_secret,
+        });
+    if let Some(resolved) = &resolved
+        && let Some(waiting) = volume_restore::ensure(cluster, ctx, &namespace, resolved).await?
+    {
+        problem = Some(waiting);
+    }
+    let desired_hash = match (&resolved, &problem) {
+        (Some(resolved), None) => {
+            Some(apply_instances(cluster, ctx, &namespace, resolved, &mut observed).await?)
         }
         _ => None,
     };

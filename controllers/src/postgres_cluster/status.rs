@@ -49,6 +49,10 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Reason of the Ready and Progressing conditions while a Job restores the first instance's
+/// volume from a BackupJob's claim (`spec.bootstrap.volume`): the cluster is being created.
+pub const RESTORING_FROM_VOLUME: &str = "RestoringFromVolume";
+
 /// Reason of the Ready, Progressing and Degraded conditions when an instance reports that the
 /// cluster's only data is lost (its `dataLost` status) and no primary serves.
 pub const DATA_LOST: &str = "DataLost";
@@ -113,7 +117,19 @@ pub fn desired_status(
     // (phase, ready, progressing, degraded), each condition with its reason and message.
     type Cond = (bool, &'static str, String);
     let (phase, ready_cond, progressing, degraded): (Phase, Cond, Cond, Cond) =
-        if let Some(problem) = &observation.problem {
+        if let Some(problem) = observation
+            .problem
+            .as_ref()
+            .filter(|problem| problem.reason == RESTORING_FROM_VOLUME)
+        {
+            // Not a problem: the first instance's volume is being filled (spec.bootstrap.volume).
+            (
+                Phase::Creating,
+                (false, RESTORING_FROM_VOLUME, problem.message.clone()),
+                (true, RESTORING_FROM_VOLUME, problem.message.clone()),
+                (false, "AsExpected", "no problem found".to_string()),
+            )
+        } else if let Some(problem) = &observation.problem {
             (
                 Phase::Degraded,
                 (false, "Degraded", problem.message.clone()),
@@ -342,6 +358,8 @@ fn leak_reason(reason: &str) -> &'static str {
         "ImageNotInCatalog" => "ImageNotInCatalog",
         "IssuerNotFound" => "IssuerNotFound",
         "CertificatesPending" => "CertificatesPending",
+        "BackupVolumeNotFound" => "BackupVolumeNotFound",
+        "VolumeRestoreFailed" => "VolumeRestoreFailed",
         _ => "Blocked",
     }
 }

@@ -76,6 +76,23 @@ impl Manager {
         Ok(())
     }
 
+    /// Starts the data a Job restored from a BackupJob's volume (`spec.bootstrap.volume`) as
+    /// the new cluster's first primary: the copy's backup_label makes PostgreSQL replay the WAL
+    /// the backup holds, up to the backup's end, and the cluster goes on from there. The
+    /// marker goes once the Lease is ours (a restart then finds its own Lease).
+    pub(super) async fn start_restored_volume(&mut self, marker: &std::path::Path) -> Result<Role> {
+        self.acquire().await?;
+        if let Some(backup) = self.backup.as_ref() {
+            backup.check_repository_unused().await?;
+        }
+        info!("starting the data restored from a backup volume as the new cluster's primary");
+        self.roles.new_cluster();
+        self.start_primary().await?;
+        let _ = std::fs::remove_file(marker);
+        self.last_join = Some("restore".into());
+        Ok(Role::Primary)
+    }
+
     /// A designated primary's configuration: a standby with no upstream (it replays the source's
     /// archive through `restore_command`) and no synchronous standbys (it commits nothing).
     pub(super) fn write_designated_config(&self) -> Result<()> {
