@@ -179,13 +179,19 @@ pub struct ScheduledBackupSpec {
     #[serde(default)]
     pub backup_type: BackupType,
     /// Finished BackupJobs to keep; older ones are deleted (the backups stay in the repository
-    /// until `spec.backup.retention` of the cluster expires them).
+    /// until `spec.backup.retention` of the cluster expires them; with `volume`, their claims
+    /// are deleted with them).
     #[serde(default = "default_keep")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep_jobs: i32,
     /// Take the backups from a healthy replica when there is one (as BackupJob.preferReplica).
     #[serde(default)]
     pub prefer_replica: bool,
+    /// Take each backup into a new volume of this size (as BackupJob.volume) instead of the
+    /// cluster's object store. `keepJobs` then counts the backup volumes kept: the claim of each
+    /// BackupJob the schedule prunes is deleted with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<StorageSpec>,
     /// Pause the schedule without deleting it.
     #[serde(default)]
     pub suspend: bool,

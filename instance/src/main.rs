@@ -28,9 +28,12 @@ fn main() -> anyhow::Result<()> {
         .as_deref()
         .is_some_and(|arg| arg == RESTORE_SUBCOMMAND)
     {
-        return instance::volume_backup::restore(
-            &instance::volume_backup::RestoreConfig::parse_from(std::env::args_os().skip(1)),
-        );
+        let config =
+            instance::volume_backup::RestoreConfig::parse_from(std::env::args_os().skip(1));
+        return instance::volume_backup::restore(&config).inspect_err(|error| {
+            // What the operator shows in the cluster's condition (the kubelet keeps the file).
+            let _ = std::fs::write("/dev/termination-log", format!("{error:#}"));
+        });
     }
     let config = instance::Config::parse();
     init_logs(&config.log_level, config.log_json);

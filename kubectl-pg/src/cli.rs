@@ -130,6 +130,13 @@ pub enum Command {
         /// Take it from a healthy replica.
         #[arg(long)]
         prefer_replica: bool,
+        /// Take it into a new PersistentVolumeClaim of this size (for example 10Gi) instead of
+        /// the object store: restore it with `spec.bootstrap.volume.claimName`.
+        #[arg(long)]
+        volume_size: Option<String>,
+        /// StorageClass of that claim (the cluster default when unset).
+        #[arg(long, requires = "volume_size")]
+        storage_class: Option<String>,
     },
     /// Open psql as the application owner (the app Secret's credentials) on the primary (the rw
     /// Service), a replica (`--replica`, the ro Service) or one pod (`--pod`). Arguments after
@@ -308,6 +315,24 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_storage_class_needs_a_volume_size() {
+        let cli = parse(&[
+            "backup",
+            "db",
+            "--volume-size",
+            "10Gi",
+            "--storage-class",
+            "fast",
+        ]);
+        assert!(matches!(
+            cli.unwrap().command,
+            Command::Backup { volume_size: Some(size), storage_class: Some(class), .. }
+                if size == "10Gi" && class == "fast"
+        ));
+        assert!(parse(&["backup", "db", "--storage-class", "fast"]).is_err());
     }
 
     #[test]

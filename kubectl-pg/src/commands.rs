@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use api::backup::{BackupAction, BackupJob, BackupJobSpec, BackupMethod, BackupType};
-use api::common::ClusterReference;
+use api::common::{ClusterReference, StorageSpec};
 use api::contract;
 use api::postgres_cluster::{FENCED_ANNOTATION, HIBERNATION_ANNOTATION, PostgresCluster};
 use futures::{AsyncBufReadExt, StreamExt};
@@ -130,7 +130,25 @@ pub async fn run(context: &Context, command: Command) -> Result<i32, Error> {
             method,
             backup_type,
             prefer_replica,
-        } => backup(context, &cluster, name, method, backup_type, prefer_replica).await,
+            volume_size,
+            storage_class,
+        } => {
+            let volume = volume_size.map(|size| StorageSpec {
+                size,
+                storage_class,
+            });
+            let job = |name: &str| {
+                backup_job(
+                    name,
+                    &cluster,
+                    method,
+                    backup_type,
+                    prefer_replica,
+                    volume.clone(),
+                )
+            };
+            backup(context, &cluster, name, job).await
+        }
         Command::Psql {
             cluster,
             replica,
@@ -408,23 +426,21 @@ async fn backup(
     context: &Context,
     cluster_name: &str,
     name: Option<String>,
-    method: Method,
-    kind: BackupKind,
-    prefer_replica: bool,
+    job: impl Fn(&str) -> BackupJob,
 ) -> Result<i32, Error> {
     let cluster = context.cluster(cluster_name).await?;
-    if cluster.spec.backup.is_none() {
-        return Err(Error::Refused(format!(
-            "PostgresCluster {cluster_name} has no backup repository: set spec.backup (an S3 store) first"
-        )));
-    }
     let name = name.unwrap_or_else(|| {
         format!(
             "{cluster_name}-{}",
             Timestamp::now().strftime("%Y%m%d%H%M%S")
         )
     });
-    let job = backup_job(&name, cluster_name, method, kind, prefer_replica);
+    let job = job(&name);
+    if cluster.spec.backup.is_none() && job.spec.volume.is_none() {
+        return Err(Error::Refused(format!(
+            "PostgresCluster {cluster_name} has no backup repository: set spec.backup (an S3 store) first, or back up to a volume with --volume-size"
+        )));
+    }
     match context
         .api::<BackupJob>()
         .create(&PostParams::default(), &job)
@@ -449,6 +465,7 @@ pub fn backup_job(
     method: Method,
     kind: BackupKind,
     prefer_replica: bool,
+    volume: Option<StorageSpec>,
 ) -> BackupJob {
     let mut job = BackupJob::new(
         name,
@@ -467,7 +484,7 @@ pub fn backup_job(
                 BackupKind::Incr => BackupType::Incr,
             },
             prefer_replica,
-            volume: None,
+            volume,
         },
     );
     job.metadata.labels = Some(BTreeMap::from([(

@@ -510,6 +510,27 @@ async fn fence_hibernate_and_backup_write_the_requests_the_operator_reads(
     plugin
         .fails(ns, &["backup", "nobackup"], "has no backup repository")
         .await;
+    // To a volume, a cluster needs no repository.
+    plugin
+        .ok(
+            ns,
+            &[
+                "backup",
+                "nobackup",
+                "--name",
+                "to-volume",
+                "--volume-size",
+                "2Gi",
+            ],
+        )
+        .await;
+    let volume = Api::<BackupJob>::namespaced(client.clone(), ns)
+        .get("to-volume")
+        .await
+        .unwrap()
+        .spec
+        .volume;
+    assert_eq!(volume.map(|v| v.size).as_deref(), Some("2Gi"));
 
     // Without a kubelet (the pod has no node) the API server has no lines to give, and the
     // plugin returns rather than hangs; an unknown pod is an error.

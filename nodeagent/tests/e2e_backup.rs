@@ -509,6 +509,15 @@ async fn a_backup_to_a_volume_restores_into_a_new_cluster_without_an_object_stor
         json!({"instances": 2, "failover": calm_failover()}),
     )
     .await?;
+    // Without TLS, the backup Job logs in with the replication password (started now, backed
+    // up below).
+    create_cluster(
+        &client,
+        namespace,
+        "vplain",
+        json!({"instances": 1, "tls": {"mode": "Disabled"}, "failover": calm_failover()}),
+    )
+    .await?;
     e2e.wait_healthy(&clusters, "vsrc", None, Duration::from_secs(240))
         .await?;
     let login = superuser_login(&client, namespace, "vsrc").await?;
@@ -570,6 +579,38 @@ async fn a_backup_to_a_volume_restores_into_a_new_cluster_without_an_object_stor
         backup.size_bytes.unwrap_or(0) > 1_000_000,
         "a data directory's size: {backup:?}"
     );
+
+    // Every minute into a volume, keeping one: the pruned BackupJob's claim goes with it.
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "ScheduledBackup",
+                "metadata": {"name": "vsched", "namespace": namespace},
+                "spec": {"cluster": {"name": "vsrc"}, "schedule": "* * * * *", "immediate": true,
+                         "keepJobs": 1, "volume": {"size": "1Gi"}}}),
+        namespace,
+    )
+    .await?;
+    let schedules: Api<api::ScheduledBackup> = Api::namespaced(client.clone(), namespace);
+    let last_scheduled = || async {
+        anyhow::Ok(
+            schedules
+                .get("vsched")
+                .await?
+                .status
+                .unwrap_or_default()
+                .last_backup_job,
+        )
+    };
+    let first_scheduled = eventually(
+        "vsched's first BackupJob",
+        Duration::from_secs(30),
+        || async {
+            Ok(last_scheduled()
+                .await?
+                .ok_or_else(|| "none yet".to_string()))
+        },
+    )
+    .await?;
 
     // Rows after the backup are not in it.
     source
@@ -645,6 +686,52 @@ async fn a_backup_to_a_volume_restores_into_a_new_cluster_without_an_object_stor
         "vcopy's second instance cloned the restored primary"
     );
 
+    e2e.wait_healthy(&clusters, "vplain", None, Duration::from_secs(120))
+        .await?;
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "postgres.keiailab.io/v1alpha1", "kind": "BackupJob",
+                "metadata": {"name": "plain", "namespace": namespace},
+                "spec": {"cluster": {"name": "vplain"}, "volume": {"size": "1Gi"}}}),
+        namespace,
+    )
+    .await?;
+    let plain = completed(&jobs, "plain").await?;
+    assert!(
+        plain.end_lsn.is_some() && plain.size_bytes.is_some(),
+        "{plain:?}"
+    );
+
+    // By now the schedule made a second backup and pruned the first with its claim.
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), namespace);
+    let kept = eventually(
+        "vsched to keep one completed backup volume, a later one than its first",
+        Duration::from_secs(180),
+        || async {
+            let scheduled: Vec<String> = jobs
+                .list(&kube::api::ListParams::default().labels("postgres.keiailab.io/scheduled-backup=vsched"))
+                .await?
+                .items
+                .into_iter()
+                .filter(|job| job.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Completed"))
+                .map(|job| kube::ResourceExt::name_any(&job))
+                .collect();
+            let first_claim = claims.get_opt(&first_scheduled).await?.is_some();
+            let last = last_scheduled().await?;
+            let last_claim = match &last {
+                Some(last) => claims.get_opt(last).await?.is_some(),
+                None => false,
+            };
+            Ok(match (&scheduled[..], &last) {
+                ([only], Some(last)) if only == last && *last != first_scheduled && !first_claim && last_claim => Ok(last.clone()),
+                _ => Err(format!("completed {scheduled:?}, last {last:?} (claim {last_claim}), first {first_scheduled} (claim {first_claim})")),
+            })
+        },
+    )
+    .await?;
+    assert!(kept.starts_with("vsched-"), "{kept}");
+
     // A claim that does not exist: the cluster says which, and starts nothing.
     let missing = create_cluster(
         &client,
@@ -672,6 +759,36 @@ async fn a_backup_to_a_volume_restores_into_a_new_cluster_without_an_object_stor
     assert!(
         sets.get_opt("vnone").await?.is_none(),
         "no instance starts without its data"
+    );
+
+    // A claim with no backup in it (the empty one above): the restore Job fails and says why.
+    let empty = create_cluster(
+        &client,
+        namespace,
+        "vempty",
+        json!({"instances": 1, "bootstrap": {"volume": {"claimName": "taken"}}}),
+    )
+    .await?;
+    let (_, _, message) = eventually(
+        "vempty to say its restore failed",
+        Duration::from_secs(120),
+        || async {
+            let degraded = condition_of(&empty, "vempty", "Degraded").await?;
+            Ok(if degraded.1 == "VolumeRestoreFailed" {
+                Ok(degraded)
+            } else {
+                Err(format!("{degraded:?}"))
+            })
+        },
+    )
+    .await?;
+    assert!(
+        message.contains("holds no backup") && message.contains("vempty-restore"),
+        "{message}"
+    );
+    assert!(
+        sets.get_opt("vempty").await?.is_none(),
+        "nothing starts on it"
     );
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! each time the cron schedule fires, right away when `immediate`, never while `suspend`, and
 //! deletes finished BackupJobs beyond `keepJobs`. The backups themselves stay in the repository
 //! until the cluster's retention (`spec.backup.retention`) expires them: the BackupJob reconciler
-//! applies it after each completed backup.
+//! applies it after each completed backup. A schedule of backups to a volume (`spec.volume`)
+//! deletes the claim of each BackupJob it prunes: `keepJobs` is then the number of backups kept.
 //!
 //! Stages: validate (the schedule) → plan ([`plan`], pure) → apply (create, delete) → update
 //! status.
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use api::backup::{BackupJob, ScheduledBackup, ScheduledBackupStatus};
 use api::common::{new_condition, set_condition};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -197,6 +199,7 @@ pub async fn reconcile(schedule: Arc<ScheduledBackup>, ctx: Arc<Context>) -> Res
                 "method": schedule.spec.method,
                 "backupType": schedule.spec.backup_type,
                 "preferReplica": schedule.spec.prefer_replica,
+                "volume": schedule.spec.volume,
             },
         }))
         .expect("a BackupJob built from a valid ScheduledBackup");
@@ -223,6 +226,9 @@ pub async fn reconcile(schedule: Arc<ScheduledBackup>, ctx: Arc<Context>) -> Res
                     source,
                 });
             }
+        }
+        if schedule.spec.volume.is_some() {
+            delete_backup_claim(&ctx, &namespace, old).await?;
         }
     }
     status.next_schedule_time = decided.next.map(Time);
@@ -255,6 +261,36 @@ pub async fn reconcile(schedule: Arc<ScheduledBackup>, ctx: Arc<Context>) -> Res
         .unwrap_or(Duration::from_secs(3600));
     // Jobs finish on their own time: look again soon to prune them.
     Ok(Action::requeue(wait.min(Duration::from_secs(30))))
+}
+
+/// Deletes the claim holding the backup of the pruned BackupJob `job` (a backup to a volume),
+/// only if that BackupJob made it: the backup count is the schedule's `keepJobs`.
+async fn delete_backup_claim(ctx: &Context, namespace: &str, job: &str) -> Result<(), Error> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let apply_error = |what: String| move |source| Error::Apply { what, source };
+    let Some(claim) = claims
+        .get_opt(job)
+        .await
+        .map_err(apply_error(format!("reading PersistentVolumeClaim {job}")))?
+    else {
+        return Ok(());
+    };
+    if claim
+        .labels()
+        .get(crate::volume_backup::LABEL_BACKUP_JOB)
+        .map(String::as_str)
+        != Some(job)
+    {
+        return Ok(());
+    }
+    match claims.delete(job, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Apply {
+            what: format!("deleting PersistentVolumeClaim {job}"),
+            source,
+        }),
+    }
 }
 
 async fn write_status(
