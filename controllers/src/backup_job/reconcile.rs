@@ -277,16 +277,29 @@ async fn complete(
     run: Run,
 ) -> Result<Action, Error> {
     let backup = run.backup.unwrap_or_default();
-    status.phase = Some(phase::COMPLETED.into());
     status.backup_id = Some(backup.backup_id.clone());
     status.begin_lsn = backup.begin_lsn;
     status.end_lsn = backup.end_lsn;
     status.begin_time = backup.begin_time;
     status.end_time = backup.end_time;
     status.size_bytes = backup.size_bytes;
+    let message = format!("backup {} taken on {instance}", backup.backup_id);
+    mark_completed(job, ctx, status, message).await?;
+    apply_retention(job, ctx, instance).await;
+    Ok(Action::await_change())
+}
+
+/// Ends the job as Completed (the backup's figures are in `status` already), with the
+/// condition and the event saying `message`.
+pub(super) async fn mark_completed(
+    job: &BackupJob,
+    ctx: &Context,
+    mut status: BackupJobStatus,
+    message: String,
+) -> Result<(), Error> {
+    status.phase = Some(phase::COMPLETED.into());
     status.completed_at = Some(Time(k8s_openapi::jiff::Timestamp::now()));
     status.failure_reason = None;
-    let message = format!("backup {} taken on {instance}", backup.backup_id);
     set_condition(
         &mut status.conditions,
         new_condition(
@@ -299,8 +312,7 @@ async fn complete(
     );
     write_status(job, ctx, status).await?;
     publish(ctx, job, EventType::Normal, "Completed", message).await;
-    apply_retention(job, ctx, instance).await;
-    Ok(Action::await_change())
+    Ok(())
 }
 
 /// Applies the cluster's `spec.backup.retention` after a completed backup, on the instance that

@@ -16,7 +16,9 @@ use kube::{Api, ResourceExt};
 
 use super::Error;
 use super::decide::Candidate;
-use super::reconcile::{CONDITION_COMPLETED, fail, phase, publish, wait, write_status};
+use super::reconcile::{
+    CONDITION_COMPLETED, fail, mark_completed, phase, publish, wait, write_status,
+};
 use crate::postgres_cluster::Context;
 use crate::volume_backup::{self, LABEL_BACKUP_JOB, LABEL_JOB_NAME, Outcome};
 
@@ -183,30 +185,16 @@ pub(super) async fn follow(
                 Err(why) => return fail(job, ctx, status, "NoReport", why).await,
             };
             let claim = volume_backup::backup_claim_name(job);
-            status.phase = Some(phase::COMPLETED.into());
             status.backup_id = report.backup_id;
             status.begin_lsn = report.begin_lsn;
             status.end_lsn = report.end_lsn;
             status.begin_time = report.begin_time;
             status.end_time = report.end_time;
             status.size_bytes = report.size_bytes;
-            status.completed_at = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-            status.failure_reason = None;
             let message = format!(
                 "base backup of {instance} in claim {claim}: restore it with spec.bootstrap.volume.claimName: {claim}"
             );
-            set_condition(
-                &mut status.conditions,
-                new_condition(
-                    CONDITION_COMPLETED,
-                    true,
-                    "Completed",
-                    message.clone(),
-                    job.metadata.generation,
-                ),
-            );
-            write_status(job, ctx, status).await?;
-            publish(ctx, job, EventType::Normal, "Completed", message).await;
+            mark_completed(job, ctx, status, message).await?;
             Ok(Action::await_change())
         }
     }

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 
-use crate::postgres_cluster::builders::{self, POSTGRES_CONTAINER};
+use crate::postgres_cluster::builders::{self, POSTGRES_CONTAINER, mount};
 
 /// Label on a backup's claim and Job: the BackupJob that made them.
 pub const LABEL_BACKUP_JOB: &str = "postgres.keiailab.io/backup-job";
@@ -409,15 +409,6 @@ fn secret_volume(name: &str, secret: String, only_key: Option<&str>) -> Volume {
             ..SecretVolumeSource::default()
         }),
         ..Volume::default()
-    }
-}
-
-fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
-    VolumeMount {
-        name: name.to_string(),
-        mount_path: path.to_string(),
-        read_only: read_only.then_some(true),
-        ..VolumeMount::default()
     }
 }
 
