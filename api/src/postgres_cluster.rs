@@ -14,7 +14,8 @@ use crate::common::{LocalObjectReference, S3Store, StorageSpec, default_true};
 
 mod sharded;
 pub use sharded::{
-    RouterAutoscaling, RouterSpec, ShardKeyType, ShardedTableSpec, ShardingSpec, TableGroupSpec,
+    LookupVindexSpec, RouterAutoscaling, RouterSpec, ShardKeyType, ShardedTableSpec, ShardingSpec,
+    TableGroupSpec,
 };
 
 /// Annotation that asks the instance managers for a switchover to the named instance (pod name).

@@ -48,6 +48,7 @@ fn sharding(shards: i32) -> ShardingSpec {
             name: "orders".into(),
             table_group: "customers".into(),
             shard_key: "customer_id".into(),
+            lookups: Vec::new(),
         }],
         reference_tables: vec!["countries".into()],
     }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use api::common::ClusterReference;
 use api::contract;
 use api::postgres_cluster::{
-    PostgresCluster, PostgresClusterSpec, ShardKeyType, ShardedTableSpec, ShardingSpec,
-    TableGroupSpec,
+    LookupVindexSpec, PostgresCluster, PostgresClusterSpec, ShardKeyType, ShardedTableSpec,
+    ShardingSpec, TableGroupSpec,
 };
 use api::postgres_user::PostgresUser;
 use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState, VindexKind};
@@ -162,7 +162,9 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
                 let name = format!("db-shard-{child}-rw.{NAMESPACE}.svc");
                 let options = PostgresOptions {
                     tls: Some(cas[child].issue(&[&name]).expect("a certificate")),
-                    ..PostgresOptions::default().setting("max_prepared_transactions", 10)
+                    ..PostgresOptions::default()
+                        .setting("max_prepared_transactions", 10)
+                        .setting("log_statement", "all")
                 };
                 Postgres::start_with(options).expect("a shard")
             })
@@ -191,11 +193,24 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
             vindex: VindexKind::Hash,
             key_type: ShardKeyType::Bigint,
         }],
-        sharded_tables: vec![ShardedTableSpec {
-            name: "orders".into(),
-            table_group: "customers".into(),
-            shard_key: "customer_id".into(),
-        }],
+        sharded_tables: vec![
+            ShardedTableSpec {
+                name: "orders".into(),
+                table_group: "customers".into(),
+                shard_key: "customer_id".into(),
+                lookups: Vec::new(),
+            },
+            // Found by email through a lookup vindex.
+            ShardedTableSpec {
+                name: "customers".into(),
+                table_group: "customers".into(),
+                shard_key: "id".into(),
+                lookups: vec![LookupVindexSpec {
+                    column: "email".into(),
+                    table: "customers_email_lookup".into(),
+                }],
+            },
+        ],
         reference_tables: vec!["countries".into()],
     });
     let mut cluster = PostgresCluster::new("db", spec);
@@ -290,6 +305,49 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         .unwrap()
         .get(0);
     assert_eq!(total, 100);
+
+    // A lookup vindex declared in the cluster's spec: the router keeps the lookup table (on the
+    // first shard) with every INSERT and reads a row by email from its one shard.
+    app.batch_execute(
+        "CREATE TABLE customers (id bigint PRIMARY KEY, email text NOT NULL);
+         CREATE TABLE customers_email_lookup (value text PRIMARY KEY, key bigint NOT NULL)",
+    )
+    .await
+    .expect("DDL through the router");
+    for key in 1..=20i64 {
+        app.execute(
+            "INSERT INTO customers (id, email) VALUES ($1, $2)",
+            &[&key, &format!("c{key}@example.com")],
+        )
+        .await
+        .expect("insert through the router");
+    }
+    assert_eq!(
+        count(&shards[0], "SELECT count(*) FROM customers_email_lookup").await,
+        20,
+        "the lookup table on the first shard maps every email"
+    );
+    for key in [3i64, 14] {
+        let marker = format!("marker_email_{key}");
+        let rows = app
+            .query(
+                &format!("SELECT /* {marker} */ id FROM customers WHERE email = $1"),
+                &[&format!("c{key}@example.com")],
+            )
+            .await
+            .expect("a read by email");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, i64>(0), key);
+        // Only the owner ran it: without the lookup vindex both shards would have.
+        let owner = initial_shard(key);
+        for (index, shard) in shards.iter().take(2).enumerate() {
+            let log = std::fs::read_to_string(shard.log_path()).unwrap();
+            let executed = log
+                .lines()
+                .any(|line| line.contains("execute") && line.contains(&marker));
+            assert_eq!(executed, index == owner, "read of {key} on shard {index}");
+        }
+    }
     // Clients speak TLS to the router, verified against the cluster's CA and the router's name.
     let verify = testbed::pg_tls::VerifyFull::new(db_ca.pem(), &router_name).unwrap();
     let (secure, connection) = tokio_postgres::connect(

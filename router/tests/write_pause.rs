@@ -248,6 +248,7 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
             name: "orders".into(),
             table_group: "customers".into(),
             shard_key: "customer_id".into(),
+            lookups: Vec::new(),
         }],
         reference_tables: Vec::new(),
     });

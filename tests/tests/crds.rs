@@ -337,6 +337,31 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "a sharded cluster cannot be restored from one volume",
         ),
         (
+            "a lookup vindex on the shard key",
+            variant(
+                "PostgresCluster",
+                "lookupkey",
+                json!({"spec": {"sharding": {"shards": 2,
+                    "tableGroups": [{"name": "users"}],
+                    "shardedTables": [{"name": "users", "tableGroup": "users", "shardKey": "id",
+                                       "lookups": [{"column": "id", "table": "users_id_lookup"}]}]}}}),
+            ),
+            "the shard key routes by itself",
+        ),
+        (
+            "a lookup table that is a reference table",
+            variant(
+                "PostgresCluster",
+                "lookupref",
+                json!({"spec": {"sharding": {"shards": 2,
+                    "tableGroups": [{"name": "users"}],
+                    "shardedTables": [{"name": "users", "tableGroup": "users", "shardKey": "id",
+                                       "lookups": [{"column": "email", "table": "countries"}]}],
+                    "referenceTables": ["countries"]}}}),
+            ),
+            "so it may not be a reference table",
+        ),
+        (
             "a backup volume of no size",
             variant(
                 "BackupJob",
@@ -686,6 +711,19 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             json!({"spec": {"primaryUpdateStrategy": "manual"}}),
         ),
         "supported values: \"unsupervised\", \"supervised\"",
+    )
+    .await;
+    expect_accepted(
+        &client,
+        "a sharded table with a lookup vindex",
+        &variant(
+            "PostgresCluster",
+            "lookup",
+            json!({"spec": {"sharding": {"shards": 2,
+                "tableGroups": [{"name": "users"}],
+                "shardedTables": [{"name": "users", "tableGroup": "users", "shardKey": "id",
+                                   "lookups": [{"column": "email", "table": "users_email_lookup"}]}]}}}),
+        ),
     )
     .await;
     expect_accepted(

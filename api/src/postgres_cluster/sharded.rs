@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
     {"rule": "!has(self.tableGroups) || self.tableGroups.all(g, self.tableGroups.exists_one(o, o.name == g.name))", "message": "sharding.tableGroups: every table group needs a unique name"},
     {"rule": "!has(self.shardedTables) || (has(self.tableGroups) && self.shardedTables.all(t, self.tableGroups.exists(g, g.name == t.tableGroup)))", "message": "sharding.shardedTables: every table's tableGroup must name an entry of sharding.tableGroups"},
     {"rule": "!has(self.shardedTables) || self.shardedTables.all(t, self.shardedTables.exists_one(o, o.name == t.name))", "message": "sharding.shardedTables: a table is listed once"},
-    {"rule": "!has(self.shardedTables) || !has(self.referenceTables) || self.shardedTables.all(t, !(t.name in self.referenceTables))", "message": "sharding: a table is either sharded (shardedTables) or a reference table (referenceTables), not both"}
+    {"rule": "!has(self.shardedTables) || !has(self.referenceTables) || self.shardedTables.all(t, !(t.name in self.referenceTables))", "message": "sharding: a table is either sharded (shardedTables) or a reference table (referenceTables), not both"},
+    {"rule": "!has(self.shardedTables) || self.shardedTables.all(t, !has(t.lookups) || t.lookups.all(l, !self.shardedTables.exists(o, o.name == l.table)))", "message": "sharding.shardedTables[].lookups[].table: a lookup table lives on the first shard only, so it may not be a sharded table"},
+    {"rule": "!has(self.shardedTables) || !has(self.referenceTables) || self.shardedTables.all(t, !has(t.lookups) || t.lookups.all(l, !(l.table in self.referenceTables)))", "message": "sharding.shardedTables[].lookups[].table: a lookup table lives on the first shard only, so it may not be a reference table"}
 ]))]
 pub struct ShardingSpec {
     /// Number of shards. Changed only by a ShardSplitJob.
@@ -42,7 +44,7 @@ pub struct ShardingSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.vindex == 'hash' || self.vindex == 'range'", "message": "tableGroups[].vindex: hash and range are supported for table groups on Kubernetes (consistent-hash and lookup are not yet)"},
+    {"rule": "self.vindex == 'hash' || self.vindex == 'range'", "message": "tableGroups[].vindex: hash and range are supported for table groups on Kubernetes (consistent-hash is not yet; lookup vindexes are per column: shardedTables[].lookups)"},
     {"rule": "self.vindex != 'range' || self.keyType == 'bigint'", "message": "tableGroups[].vindex range needs keyType bigint: its ranges are integer key values"}
 ]))]
 pub struct TableGroupSpec {
@@ -75,6 +77,10 @@ pub enum ShardKeyType {
 /// A sharded table.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.lookups) || self.lookups.all(l, l.column != self.shardKey)", "message": "shardedTables[].lookups[].column: the shard key routes by itself; a lookup vindex is for another column"},
+    {"rule": "!has(self.lookups) || self.lookups.all(l, self.lookups.exists_one(o, o.column == l.column))", "message": "shardedTables[].lookups: one lookup vindex per column"}
+]))]
 pub struct ShardedTableSpec {
     /// Table name (unqualified, lower case).
     #[schemars(length(min = 1, max = 63))]
@@ -85,6 +91,27 @@ pub struct ShardedTableSpec {
     /// Its shard-key column.
     #[schemars(length(min = 1, max = 63))]
     pub shard_key: String,
+    /// Lookup vindexes: other columns whose value pg-router resolves to the shard key through a
+    /// lookup table, so that a statement restricted by such a column (`WHERE email = $1`) goes to
+    /// one shard instead of all. The router writes the lookup rows with every INSERT into the
+    /// table, in the same transaction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub lookups: Vec<LookupVindexSpec>,
+}
+
+/// A lookup vindex of a sharded table.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LookupVindexSpec {
+    /// The looked-up column (not the shard key).
+    #[schemars(length(min = 1, max = 63))]
+    pub column: String,
+    /// The lookup table, created by the application on every shard (DDL through the router goes
+    /// to all) and kept by the router on the first shard: columns `value` (the column's type,
+    /// primary key) and `key` (the shard key's type).
+    #[schemars(length(min = 1, max = 63))]
+    pub table: String,
 }
 
 /// HorizontalPodAutoscaler of the pg-router Deployment.

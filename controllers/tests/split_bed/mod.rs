@@ -236,6 +236,7 @@ pub fn sharding() -> ShardingSpec {
         name: name.into(),
         table_group: group.into(),
         shard_key: "customer_id".into(),
+        lookups: Vec::new(),
     };
     ShardingSpec {
         shards: 2,

@@ -250,7 +250,11 @@ pub fn build(
             ShardedTable {
                 group,
                 shard_key: table.shard_key.to_lowercase(),
-                lookups: HashMap::new(),
+                lookups: table
+                    .lookups
+                    .iter()
+                    .map(|lookup| (lookup.column.to_lowercase(), lookup.table.to_lowercase()))
+                    .collect(),
             },
         );
     }
@@ -293,6 +297,7 @@ mod tests {
                 name: "t".into(),
                 table_group: "g".into(),
                 shard_key: "id".into(),
+                lookups: Vec::new(),
             }],
             reference_tables: vec!["r".into()],
         });
