@@ -17,6 +17,9 @@ pub enum Bench {
     Backup,
     /// ShardSplitJob: a 1 GiB range split under writes through pg-router (`BENCH_RESHARD_MIB`).
     Reshard,
+    /// Chaos and soak: random faults (lost pods, switchovers, API partitions, crashes) under a
+    /// writer for `CHAOS_SECONDS` (default 300); no acknowledged write may be lost.
+    Chaos,
 }
 
 impl Bench {
@@ -27,6 +30,7 @@ impl Bench {
             Bench::Router => ("router", "router"),
             Bench::Backup => ("instance", "backup"),
             Bench::Reshard => ("controllers", "reshard"),
+            Bench::Chaos => ("instance", "chaos"),
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod ha;
 pub mod pooler;
+pub mod writer;
 
 use std::collections::BTreeMap;
 use std::fs;
