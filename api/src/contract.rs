@@ -224,6 +224,18 @@ pub const POOLER_AUTH_FUNCTION: &str = "pgbouncer_user_lookup";
 /// Label with the Pooler name on its objects and PgBouncer pods: the instance managers find the
 /// pods of their cluster's Poolers by it, to PAUSE and RESUME them around a primary change.
 pub const LABEL_POOLER: &str = "postgres.keiailab.io/pooler";
+/// The container port named `name` of `pod` (`postgresql`, `status`), or `default` when no
+/// container declares it: how the operator and the instance managers find a peer's ports.
+pub fn container_port(pod: &k8s_openapi::api::core::v1::Pod, name: &str, default: u16) -> u16 {
+    pod.spec
+        .iter()
+        .flat_map(|spec| spec.containers.iter())
+        .flat_map(|container| container.ports.iter().flatten())
+        .find(|port| port.name.as_deref() == Some(name))
+        .and_then(|port| u16::try_from(port.container_port).ok())
+        .unwrap_or(default)
+}
+
 /// Name of the container port of PgBouncer on Pooler pods (its admin console is on it too).
 pub const PORT_NAME_PGBOUNCER: &str = "pgbouncer";
 /// Port of the Pooler pods' metrics exporter (`pg-instance pooler-exporter`, container port

@@ -275,15 +275,6 @@ impl std::fmt::Debug for Credentials {
 
 fn member_of(pod: &Pod) -> Member {
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let port_named = |name: &str, default: u16| {
-        pod.spec
-            .iter()
-            .flat_map(|spec| spec.containers.iter())
-            .flat_map(|container| container.ports.iter().flatten())
-            .find(|port| port.name.as_deref() == Some(name))
-            .and_then(|port| u16::try_from(port.container_port).ok())
-            .unwrap_or(default)
-    };
     Member {
         name: pod.metadata.name.clone().unwrap_or_default(),
         ip: pod
@@ -291,8 +282,8 @@ fn member_of(pod: &Pod) -> Member {
             .as_ref()
             .and_then(|status| status.pod_ip.clone())
             .filter(|ip| !ip.is_empty()),
-        postgres_port: port_named(PORT_NAME_POSTGRES, contract::POSTGRES_PORT),
-        http_port: port_named(PORT_NAME_STATUS, contract::INSTANCE_HTTP_PORT),
+        postgres_port: contract::container_port(pod, PORT_NAME_POSTGRES, contract::POSTGRES_PORT),
+        http_port: contract::container_port(pod, PORT_NAME_STATUS, contract::INSTANCE_HTTP_PORT),
         status: annotations
             .get(contract::ANNOTATION_INSTANCE_STATUS)
             .and_then(|json| serde_json::from_str(json).ok()),

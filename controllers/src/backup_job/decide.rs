@@ -43,17 +43,13 @@ pub fn candidate(pod: &Pod, designated: bool) -> Option<Candidate> {
         .as_ref()
         .and_then(|status| status.pod_ip.clone())
         .filter(|ip| !ip.is_empty())?;
-    let port = |name: &str, default: u16| {
-        pod.spec
-            .iter()
-            .flat_map(|spec| spec.containers.iter())
-            .flat_map(|container| container.ports.iter().flatten())
-            .find(|port| port.name.as_deref() == Some(name))
-            .and_then(|port| u16::try_from(port.container_port).ok())
-            .unwrap_or(default)
-    };
-    let http_port = port(contract::PORT_NAME_STATUS, contract::INSTANCE_HTTP_PORT);
-    let postgres_port = port(contract::PORT_NAME_POSTGRES, contract::POSTGRES_PORT);
+    let http_port = contract::container_port(
+        pod,
+        contract::PORT_NAME_STATUS,
+        contract::INSTANCE_HTTP_PORT,
+    );
+    let postgres_port =
+        contract::container_port(pod, contract::PORT_NAME_POSTGRES, contract::POSTGRES_PORT);
     let role = labels
         .get(contract::LABEL_ROLE)
         .cloned()

@@ -121,29 +121,15 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
     .await
     {
         Ok((202, _)) => {
-            let mut status = status;
-            status.phase = Some(phase::RUNNING.into());
-            status.instance = Some(chosen.name.clone());
-            status.started_at = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-            set_condition(
-                &mut status.conditions,
-                new_condition(
-                    CONDITION_COMPLETED,
-                    false,
-                    "Running",
-                    format!("base backup running on {} ({})", chosen.name, chosen.role),
-                    job.metadata.generation,
-                ),
-            );
-            write_status(&job, &ctx, status).await?;
-            publish(
-                &ctx,
+            mark_running(
                 &job,
-                EventType::Normal,
-                "Started",
+                &ctx,
+                status,
+                &chosen.name,
+                format!("base backup running on {} ({})", chosen.name, chosen.role),
                 format!("base backup started on {} ({})", chosen.name, chosen.role),
             )
-            .await;
+            .await?;
             Ok(Action::requeue(POLL))
         }
         Ok((code, body)) if code == 409 || code == 0 => {
@@ -287,6 +273,34 @@ async fn complete(
     mark_completed(job, ctx, status, message).await?;
     apply_retention(job, ctx, instance).await;
     Ok(Action::await_change())
+}
+
+/// Marks the job Running on `instance` (the fields a start adds are in `status` already), with
+/// `condition` in its Completed condition and `event` as the Started event.
+pub(super) async fn mark_running(
+    job: &BackupJob,
+    ctx: &Context,
+    mut status: BackupJobStatus,
+    instance: &str,
+    condition: String,
+    event: String,
+) -> Result<(), Error> {
+    status.phase = Some(phase::RUNNING.into());
+    status.instance = Some(instance.to_string());
+    status.started_at = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            CONDITION_COMPLETED,
+            false,
+            "Running",
+            condition,
+            job.metadata.generation,
+        ),
+    );
+    write_status(job, ctx, status).await?;
+    publish(ctx, job, EventType::Normal, "Started", event).await;
+    Ok(())
 }
 
 /// Ends the job as Completed (the backup's figures are in `status` already), with the

@@ -4,21 +4,17 @@
 
 use api::BackupJob;
 use api::backup::BackupJobStatus;
-use api::common::{StorageSpec, new_condition, set_condition};
+use api::common::StorageSpec;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
 use super::Error;
 use super::decide::Candidate;
-use super::reconcile::{
-    CONDITION_COMPLETED, fail, mark_completed, phase, publish, wait, write_status,
-};
+use super::reconcile::{fail, mark_completed, mark_running, wait};
 use crate::postgres_cluster::Context;
 use crate::volume_backup::{self, LABEL_BACKUP_JOB, LABEL_JOB_NAME, Outcome};
 
@@ -82,22 +78,8 @@ pub(super) async fn start(
         chosen.role,
         kube_job.name_any()
     );
-    status.phase = Some(phase::RUNNING.into());
-    status.instance = Some(chosen.name.clone());
     status.volume_claim = Some(claim_name);
-    status.started_at = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-    set_condition(
-        &mut status.conditions,
-        new_condition(
-            CONDITION_COMPLETED,
-            false,
-            "Running",
-            message.clone(),
-            job.metadata.generation,
-        ),
-    );
-    write_status(job, ctx, status).await?;
-    publish(ctx, job, EventType::Normal, "Started", message).await;
+    mark_running(job, ctx, status, &chosen.name, message.clone(), message).await?;
     Ok(Action::requeue(POLL))
 }
 
