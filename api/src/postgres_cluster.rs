@@ -521,24 +521,30 @@ fn default_switchover_timeout() -> i32 {
     60
 }
 
-/// How the cluster's data comes to be: at most one of initdb, recovery and volume (initdb when
-/// none is set).
+/// How the cluster's data comes to be: initdb, recovery from an object store, or a volume
+/// (initdb when none is set). Recovery and volume together restore the base backup from the
+/// volume and then replay the source's WAL archive (`recovery.source`) to `recovery.target`, or
+/// follow it as a replica cluster.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "[has(self.initdb), has(self.recovery), has(self.volume)].filter(x, x).size() <= 1", "message": "bootstrap takes one of initdb, recovery (from an object store) or volume (from a BackupJob's volume), not several"},
+    {"rule": "!has(self.initdb) || (!has(self.recovery) && !has(self.volume))", "message": "bootstrap.initdb creates an empty cluster: it cannot be combined with recovery (from an object store) or volume (from a BackupJob's volume)"},
+    {"rule": "!has(self.volume) || !has(self.recovery) || !has(self.recovery.backupId)", "message": "with bootstrap.volume the base backup is the volume: remove recovery.backupId (recovery then only names the WAL archive to replay, and the target)"},
     {"rule": "self == oldSelf", "message": "bootstrap is immutable: it only describes how the cluster was first created"}
 ]))]
 pub struct BootstrapSpec {
     /// Create a new database cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initdb: Option<InitdbBootstrap>,
-    /// Restore from a backup, optionally to a point in time.
+    /// Restore from a backup, optionally to a point in time. With `volume`, only the WAL archive
+    /// of `source` and the `target` are read from it: the base backup is the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<RecoveryBootstrap>,
     /// Restore from a base backup a BackupJob took to a volume (its `status.volumeClaim`): the
     /// first instance's data volume is filled from that claim by a Job before the instance
-    /// starts, and the cluster starts at the backup's end.
+    /// starts, and the cluster starts at the backup's end; with `recovery` as well, it replays
+    /// the source's archived WAL from there (to `recovery.target`, or with no end as a replica
+    /// cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeBootstrap>,
 }

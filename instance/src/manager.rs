@@ -921,8 +921,11 @@ impl Manager {
             };
         }
         let restored = crate::volume_backup::restored_marker(self.postgres.pgdata());
-        if holder.is_none() && !self.lease.ever_held() && restored.exists() {
-            return self.start_restored_volume(&restored).await;
+        // Restored and not started yet: the first start, or a restart of the manager during
+        // the archive recovery that follows it (its own Lease then).
+        let resuming = holder.as_deref() == Some(me.as_str());
+        if restored.exists() && (resuming || (holder.is_none() && !self.lease.ever_held())) {
+            return self.start_restored_volume(&restored, resuming).await;
         }
         self.postgres.stop(StopMode::Fast).await;
         let standby = self.postgres.is_standby_configured();

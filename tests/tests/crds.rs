@@ -247,7 +247,7 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
                     "sourceCluster": "old"
                 }}}}),
             ),
-            "bootstrap takes one of initdb, recovery (from an object store) or volume",
+            "bootstrap.initdb creates an empty cluster: it cannot be combined with recovery",
         ),
         (
             "two recovery targets",
@@ -316,16 +316,25 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "sharding.shards must be between 1 and 256",
         ),
         (
-            "recovery and volume together",
+            "a volume and an object-store backup to restore",
             variant(
                 "PostgresCluster",
                 "bootvol",
                 json!({"spec": {"bootstrap": {"initdb": null, "volume": {"claimName": "nightly"}, "recovery": {
                     "source": {"endpoint": "http://s3:9000", "bucket": "backups", "credentialsSecret": {"name": "s3"}},
-                    "sourceCluster": "old"
+                    "sourceCluster": "old", "backupId": "20261206T000000"
                 }}}}),
             ),
-            "bootstrap takes one of initdb, recovery (from an object store) or volume",
+            "with bootstrap.volume the base backup is the volume: remove recovery.backupId",
+        ),
+        (
+            "initdb and a volume",
+            variant(
+                "PostgresCluster",
+                "initvol",
+                json!({"spec": {"bootstrap": {"volume": {"claimName": "nightly"}}}}),
+            ),
+            "bootstrap.initdb creates an empty cluster",
         ),
         (
             "a sharded cluster restored from one volume",
@@ -743,6 +752,19 @@ async fn cel_rules_reject_invalid_new_objects_with_a_message_that_says_what_to_f
             "PostgresCluster",
             "fromvolume",
             json!({"spec": {"bootstrap": {"initdb": null, "volume": {"claimName": "tovolume"}}}}),
+        ),
+    )
+    .await;
+    expect_accepted(
+        &client,
+        "a volume replayed to a point in time from its cluster's archive",
+        &variant(
+            "PostgresCluster",
+            "volumepitr",
+            json!({"spec": {"bootstrap": {"initdb": null, "volume": {"claimName": "tovolume"}, "recovery": {
+                "source": {"endpoint": "http://s3:9000", "bucket": "backups", "credentialsSecret": {"name": "s3"}},
+                "sourceCluster": "old", "target": {"name": "before-migration"}
+            }}}}),
         ),
     )
     .await;

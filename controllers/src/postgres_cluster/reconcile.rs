@@ -133,7 +133,7 @@ async fn resolve_image(
     }
     let Some(reference) = &cluster.spec.image_catalog_ref else {
         return Ok(Err(Problem {
-            reason: "Blocked".to_string(),
+            reason: "Blocked",
             message: "neither spec.image nor spec.imageCatalogRef is set".to_string(),
         }));
     };
@@ -161,7 +161,7 @@ async fn resolve_image(
     let major = cluster.spec.postgres_version;
     Ok(match images {
         None => Err(Problem {
-            reason: "ImageCatalogNotFound".to_string(),
+            reason: "ImageCatalogNotFound",
             message: format!(
                 "{kind} {} not found{}: create it or fix spec.imageCatalogRef",
                 reference.name,
@@ -175,7 +175,7 @@ async fn resolve_image(
         Some(images) => match image_for_major(&images, major) {
             Some(image) => Ok(image.to_string()),
             None => Err(Problem {
-                reason: "ImageNotInCatalog".to_string(),
+                reason: "ImageNotInCatalog",
                 message: format!(
                     "{kind} {} has no image for PostgreSQL {major}: add an entry with major {major}",
                     reference.name
@@ -838,7 +838,7 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
 
     if let Err(error) = crate::monitoring::reconcile(&ctx.client, cluster).await {
         problem.get_or_insert(Problem {
-            reason: "MonitoringFailed".to_string(),
+            reason: "MonitoringFailed",
             message: error.to_string(),
         });
     }

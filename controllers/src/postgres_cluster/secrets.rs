@@ -75,7 +75,7 @@ pub(super) async fn ensure_secrets(
         .map_err(kube_error(format!("reading Secret {user_secret}")))?;
     Ok(match secret {
         None => Err(Problem {
-            reason: "SecretNotFound".to_string(),
+            reason: "SecretNotFound",
             message: format!(
                 "Secret {user_secret} (spec.bootstrap.initdb.secret) not found in namespace {namespace}: create it with the keys username and password"
             ),
@@ -98,7 +98,7 @@ fn check_user_secret(
     owner: &str,
 ) -> Result<(), Problem> {
     let invalid = |message: String| Problem {
-        reason: "SecretInvalid".to_string(),
+        reason: "SecretInvalid",
         message,
     };
     let text = |key: &str| data.get(key).map(|value| String::from_utf8_lossy(&value.0));

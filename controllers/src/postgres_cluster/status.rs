@@ -43,8 +43,8 @@ impl Phase {
 /// a catalog without the requested version): the cluster is Degraded until it is fixed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
-    /// Condition reason (CamelCase).
-    pub reason: String,
+    /// Condition reason (CamelCase), also the Degraded condition's reason as it is.
+    pub reason: &'static str,
     /// What is wrong and what to do.
     pub message: String,
 }
@@ -134,7 +134,7 @@ pub fn desired_status(
                 Phase::Degraded,
                 (false, "Degraded", problem.message.clone()),
                 (false, "Blocked", problem.message.clone()),
-                (true, leak_reason(&problem.reason), problem.message.clone()),
+                (true, problem.reason, problem.message.clone()),
             )
         } else if let Some(lost) = live
             .iter()
@@ -348,22 +348,6 @@ fn waiting_on(live: &[&InstanceView]) -> String {
         .collect()
 }
 
-/// Reasons come from a small fixed set; this keeps `Problem` owned while the tuple above wants
-/// `&'static str`.
-fn leak_reason(reason: &str) -> &'static str {
-    match reason {
-        "SecretNotFound" => "SecretNotFound",
-        "SecretInvalid" => "SecretInvalid",
-        "ImageCatalogNotFound" => "ImageCatalogNotFound",
-        "ImageNotInCatalog" => "ImageNotInCatalog",
-        "IssuerNotFound" => "IssuerNotFound",
-        "CertificatesPending" => "CertificatesPending",
-        "BackupVolumeNotFound" => "BackupVolumeNotFound",
-        "VolumeRestoreFailed" => "VolumeRestoreFailed",
-        _ => "Blocked",
-    }
-}
-
 /// Whether two statuses differ in anything but condition timestamps.
 pub fn differs(a: &PostgresClusterStatus, b: &PostgresClusterStatus) -> bool {
     let strip = |status: &PostgresClusterStatus| {
@@ -542,7 +526,7 @@ mod tests {
         let cluster = cluster();
         let mut observation = observe(&cluster, &[]);
         observation.problem = Some(Problem {
-            reason: "SecretNotFound".into(),
+            reason: "SecretNotFound",
             message: "Secret mine not found".into(),
         });
         let status = desired_status(None, &observation);

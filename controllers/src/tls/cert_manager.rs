@@ -119,7 +119,7 @@ pub async fn ensure(
     let Some(settings) = &cluster.spec.tls.cert_manager else {
         // The CRD's validation requires certManager with this mode.
         return Ok(Err(Problem {
-            reason: "InvalidSpec".to_string(),
+            reason: "InvalidSpec",
             message: "spec.tls.mode CertManager needs spec.tls.certManager.issuerRef".to_string(),
         }));
     };
@@ -159,7 +159,7 @@ pub async fn ensure(
         )
         .await;
         return Ok(Err(Problem {
-            reason: "IssuerNotFound".to_string(),
+            reason: "IssuerNotFound",
             message,
         }));
     }
@@ -214,7 +214,7 @@ pub async fn ensure(
             message.push_str(&format!(" ({})", pending.join("; ")));
         }
         return Ok(Err(Problem {
-            reason: "CertificatesPending".to_string(),
+            reason: "CertificatesPending",
             message,
         }));
     }

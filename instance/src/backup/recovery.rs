@@ -80,6 +80,16 @@ pub async fn download(
             pgdata,
         )
         .await?;
+    ask_for_archive_recovery(setup, pgdata, managed_config)
+}
+
+/// Makes a restored data directory (downloaded, or copied from a volume) ready for an archive
+/// recovery: an empty restore spool, the managed configuration included, `recovery.signal`.
+pub fn ask_for_archive_recovery(
+    setup: &BackupSetup,
+    pgdata: &Path,
+    managed_config: &str,
+) -> Result<()> {
     prepare_restore_spool(&setup.restore_spool, pgdata)
         .map_err(Error::io("preparing the WAL restore spool folder"))?;
     let conf = pgdata.join("postgresql.conf");

@@ -3,6 +3,7 @@
 //! are the long-running steps `act` hands off to, each one a sequence on the data directory.
 
 use super::*;
+use crate::backup::BackupSetup;
 
 impl Manager {
     pub(super) fn recovery(&self) -> Option<Recovery> {
@@ -37,11 +38,24 @@ impl Manager {
         self.postgres.stop(StopMode::Fast).await;
         self.postgres.empty_data_dir()?;
         recovery::download(&setup, &recovery, self.postgres.pgdata(), MANAGED_CONFIG).await?;
+        self.recover_restored(&setup, &recovery, &marker).await
+    }
+
+    /// The archive recovery of restored data (`recovery.signal` written): a replica cluster's
+    /// designated primary starts replaying with no end; any other cluster replays to the target
+    /// (or the archive's end), promotes and then archives to its own repository. `marker` goes
+    /// once that is done.
+    async fn recover_restored(
+        &mut self,
+        setup: &BackupSetup,
+        recovery: &Recovery,
+        marker: &std::path::Path,
+    ) -> Result<()> {
         if setup.follows_source {
-            return self.start_designated_after_restore(&marker).await;
+            return self.start_designated_after_restore(marker).await;
         }
         let mut settings = setup.archive_settings();
-        settings.extend(recovery.settings(&setup));
+        settings.extend(recovery.settings(setup));
         self.postgres.set_backup_settings(settings);
         let managed = ManagedSettings {
             upstream: None,
@@ -72,7 +86,7 @@ impl Manager {
             .write_config(&managed, false, &self.replication.username)?;
         self.postgres.signal(Signal::SIGHUP);
         self.roles.reset();
-        let _ = std::fs::remove_file(&marker);
+        let _ = std::fs::remove_file(marker);
         Ok(())
     }
 
@@ -80,10 +94,41 @@ impl Manager {
     /// the new cluster's first primary: the copy's backup_label makes PostgreSQL replay the WAL
     /// the backup holds, up to the backup's end, and the cluster goes on from there. The
     /// marker goes once the Lease is ours (a restart then finds its own Lease).
-    pub(super) async fn start_restored_volume(&mut self, marker: &std::path::Path) -> Result<Role> {
+    ///
+    /// With `spec.bootstrap.recovery` as well (CloudNativePG's recovery from a volume snapshot
+    /// plus a WAL archive), the data is an archive recovery's starting point instead: the
+    /// source's WAL is replayed from the backup's end to the target and the cluster promoted,
+    /// or, in a replica cluster, followed with no end. A restart in the middle finds the marker
+    /// and its own Lease (`resuming`) and starts that recovery again from PostgreSQL's last
+    /// restartpoint; the own repository is not checked again then (the recovery may have
+    /// archived into it already).
+    pub(super) async fn start_restored_volume(
+        &mut self,
+        marker: &std::path::Path,
+        resuming: bool,
+    ) -> Result<Role> {
         self.acquire().await?;
-        if let Some(backup) = self.backup.as_ref() {
+        if let Some(backup) = self.backup.as_ref().filter(|_| !resuming) {
             backup.check_repository_unused().await?;
+        }
+        if let (Some(setup), Some(recovery)) = (
+            self.backup.as_ref().map(|backup| backup.setup.clone()),
+            self.recovery(),
+        ) {
+            info!(
+                source = %recovery.store.destination(),
+                source_cluster = %recovery.store.server_name,
+                target = ?recovery.target,
+                "replaying the source's WAL archive on the data restored from a backup volume"
+            );
+            if !setup.follows_source {
+                self.roles.new_cluster();
+            }
+            self.postgres.stop(StopMode::Fast).await;
+            recovery::ask_for_archive_recovery(&setup, self.postgres.pgdata(), MANAGED_CONFIG)?;
+            self.recover_restored(&setup, &recovery, marker).await?;
+            self.last_join = Some("restore".into());
+            return Ok(Role::Primary);
         }
         info!("starting the data restored from a backup volume as the new cluster's primary");
         self.roles.new_cluster();
