@@ -13,7 +13,10 @@
 //! - `partition`: the primary's instance manager loses the API server for 8 s (its proxy is cut);
 //!   it must fence itself and a replica takes over;
 //! - `postgres_crash`: `kill -9` of the primary's postmaster only; its instance manager restarts it
-//!   (or a replica takes over).
+//!   (or a replica takes over);
+//! - `hung_manager`: the primary's instance manager is stopped (SIGSTOP) for 8 s, its PostgreSQL
+//!   left running: its fence process must stop PostgreSQL before a replica takes over, and the
+//!   resumed manager rejoins.
 //!
 //! Figures: `chaos_faults`, one `chaos_<fault>` count each, `chaos_write_gap_seconds_max` and
 //! `_median` (the longest pause between two acknowledged commits around each fault),
@@ -22,7 +25,7 @@
 //! when both replicas hold exactly the primary's rows at the end), and for the soak the instance
 //! managers' resident memory at the start and the end (`chaos_manager_rss_kib_start` / `_end`,
 //! the largest of the three).
-//! Defaults: `CHAOS_SECONDS=300`.
+//! Defaults: `CHAOS_SECONDS=300`; `CHAOS_FAULTS` (comma-separated names) draws from a subset.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -36,12 +39,13 @@ use support::TestCluster;
 use support::writer::{Writer, wait_for_full_quorum};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-const FAULTS: [&str; 5] = [
+const FAULTS: [&str; 6] = [
     "primary_loss",
     "replica_loss",
     "switchover",
     "partition",
     "postgres_crash",
+    "hung_manager",
 ];
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -134,6 +138,11 @@ async fn inject(
                 )?;
             }
         }
+        "hung_manager" => {
+            cluster.signal_manager(primary, nix::sys::signal::Signal::SIGSTOP);
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            cluster.signal_manager(primary, nix::sys::signal::Signal::SIGCONT);
+        }
         other => anyhow::bail!("unknown fault {other}"),
     }
     wait_for_full_quorum(cluster).await?;
@@ -146,6 +155,23 @@ async fn chaos() -> anyhow::Result<()> {
     let seed = env_number("CHAOS_SEED", rand::rng().random());
     println!("chaos_seed={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // A subset to draw from (`CHAOS_FAULTS=hung_manager,partition`); all of them by default.
+    let faults: Vec<&str> = match std::env::var("CHAOS_FAULTS") {
+        Ok(names) if !names.trim().is_empty() => names
+            .split(',')
+            .map(|name| {
+                let name = name.trim();
+                FAULTS
+                    .iter()
+                    .find(|fault| **fault == name)
+                    .copied()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("unknown fault {name} in CHAOS_FAULTS: one of {FAULTS:?}")
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        _ => FAULTS.to_vec(),
+    };
     let name = "chaos";
     let mut cluster = TestCluster::start(name, 3, 1).await?;
     let primary = wait_for_full_quorum(&cluster).await?;
@@ -162,7 +188,7 @@ async fn chaos() -> anyhow::Result<()> {
     let mut recoveries = Vec::new();
     while began.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_secs(interval)).await;
-        let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+        let fault = faults[rng.random_range(0..faults.len())];
         let at = Instant::now();
         let recovery = inject(&mut cluster, fault, &mut rng).await?;
         println!(

@@ -37,6 +37,8 @@ fn main() -> anyhow::Result<()> {
     }
     let config = instance::Config::parse();
     init_logs(&config.log_level, config.log_json);
+    // Forked while this process has one thread: before the runtime's threads exist.
+    let fence = instance::watchdog::Fence::start()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -48,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         instance = %config.pod_name
     );
     let _entered = span.enter();
-    runtime.block_on(instance::run(config))?;
+    runtime.block_on(instance::run(config, Some(fence)))?;
     Ok(())
 }
 

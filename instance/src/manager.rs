@@ -52,8 +52,9 @@ const FAULT_ENV: &str = "PG_INSTANCE_FAULT";
 /// How often the status annotation is refreshed when nothing important changed.
 const PUBLISH_PERIOD: Duration = Duration::from_secs(2);
 
-/// Runs the instance manager until SIGTERM / SIGINT.
-pub async fn run(config: Config) -> Result<()> {
+/// Runs the instance manager until SIGTERM / SIGINT. `fence` is the fence process started
+/// before the runtime (see [`crate::watchdog`]); without it only the watchdog task guards.
+pub async fn run(config: Config, fence: Option<crate::watchdog::Fence>) -> Result<()> {
     // A hanging call must leave time, within the renew deadline, for the peers check and the stop.
     let api_timeout =
         Duration::from_millis((config.renew_deadline_seconds * 1000 / 4).clamp(250, 1000));
@@ -134,7 +135,7 @@ pub async fn run(config: Config) -> Result<()> {
     let listener = http::bind(config.http_address).await?;
     let mut endpoints = tokio::spawn(http::serve(listener, shared.clone()));
 
-    let watchdog = Arc::new(Watchdog::default());
+    let watchdog = Arc::new(fence.map_or_else(Watchdog::default, Watchdog::with_fence));
     tokio::spawn(watchdog.clone().run(Duration::from_millis(100)));
     let bootstrap_roles = Arc::new(roles::BootstrapRoles {
         connector: postgres.connector("pg-instance roles"),

@@ -1,6 +1,7 @@
 //! Partitions on real PostgreSQL 18 and a real kube-apiserver: the API server out of reach of
-//! every instance, a primary cut off from it, a replica cut off from the primary. Each instance
-//! is a `pg-instance` process behind its own cuttable proxy (see `support`).
+//! every instance, a primary cut off from it, a primary whose instance manager hangs (SIGSTOP),
+//! a replica cut off from the primary. Each instance is a `pg-instance` process behind its own
+//! cuttable proxy (see `support`).
 
 mod support;
 
@@ -181,24 +182,7 @@ async fn a_primary_cut_off_from_the_api_server_fences_itself_before_another_is_p
     stop.store(true, Ordering::SeqCst);
     checker.await.unwrap();
     let rounds = rounds.lock().unwrap().clone();
-
-    for (number, round) in rounds.iter().enumerate() {
-        assert!(
-            round.iter().filter(|accepted| **accepted).count() <= 1,
-            "round {number}: two instances accepted writes: {round:?}"
-        );
-    }
-    let last_old = rounds.iter().rposition(|round| round[primary]);
-    let first_new = rounds.iter().position(|round| round[new_primary]);
-    assert!(
-        last_old.is_some(),
-        "the old primary accepted writes before the cut"
-    );
-    assert!(first_new.is_some(), "the new primary accepted writes");
-    assert!(
-        last_old < first_new,
-        "the old primary stopped accepting writes before the new one started"
-    );
+    single_writer_handover(&rounds, primary, new_primary);
     let status = cluster.status(primary).await.unwrap();
     assert!(
         status.fenced,
@@ -207,6 +191,84 @@ async fn a_primary_cut_off_from_the_api_server_fences_itself_before_another_is_p
 
     // The partition heals: the old primary rejoins as a replica.
     cluster.instances[primary].proxy.restore();
+    let status = cluster
+        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert!(matches!(
+        status.last_join.as_deref(),
+        Some("rewind" | "reclone")
+    ));
+}
+
+/// Which instances accepted writes in `rounds`, checked: never two in one round, `old` before
+/// `new` only; the old primary's last round and the new one's first.
+fn single_writer_handover(rounds: &[Vec<bool>], old: usize, new: usize) -> (usize, usize) {
+    for (number, round) in rounds.iter().enumerate() {
+        assert!(
+            round.iter().filter(|accepted| **accepted).count() <= 1,
+            "round {number}: two instances accepted writes: {round:?}"
+        );
+    }
+    let last_old = rounds.iter().rposition(|round| round[old]);
+    let first_new = rounds.iter().position(|round| round[new]);
+    let (Some(last_old), Some(first_new)) = (last_old, first_new) else {
+        panic!("both primaries accepted writes in turn: old {last_old:?}, new {first_new:?}");
+    };
+    assert!(
+        last_old < first_new,
+        "the old primary stopped accepting writes (round {last_old}) before the new one started (round {first_new})"
+    );
+    (last_old, first_new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_instance_manager_hangs_is_stopped_by_its_fence_before_another_is_promoted()
+{
+    // Asynchronous replication: nothing but the fence stops the old primary's commits.
+    let (cluster, primary, old_primary) =
+        started("hung", 2, 0, "CREATE TABLE checker (id bigint PRIMARY KEY)").await;
+    let ports: Vec<u16> = cluster.instances.iter().map(|i| i.pg_port).collect();
+    let postmaster = cluster.instances[primary]
+        .postmaster_pid()
+        .expect("the primary's postmaster runs");
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let checker = tokio::spawn(check_single_writer(ports, stop.clone(), rounds.clone()));
+    eventually("the checker wrote to the primary", FAILOVER, || {
+        let rounds = rounds.clone();
+        async move { rounds.lock().unwrap().iter().any(|round| round[primary]) }
+    })
+    .await
+    .unwrap();
+    // The whole manager stops: its run loop and its watchdog task with it.
+    cluster.signal_manager(primary, nix::sys::signal::Signal::SIGSTOP);
+    let new_primary = cluster.wait_for_new_primary(&old_primary, FAILOVER).await;
+    // Written once the new primary is known, before anything can fail: a hung manager must
+    // not be left stopped.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    checker.await.unwrap();
+    // Exited is enough: a zombie until the stopped manager reaps it.
+    let postmaster_alive =
+        std::fs::read_to_string(format!("/proc/{postmaster}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or_default()
+                .trim_start()
+                .starts_with('Z')
+        });
+    cluster.signal_manager(primary, nix::sys::signal::Signal::SIGCONT);
+    let new_primary = new_primary.unwrap();
+    let rounds = rounds.lock().unwrap().clone();
+    single_writer_handover(&rounds, primary, new_primary);
+    assert!(
+        !postmaster_alive,
+        "the fence process stopped the old primary's PostgreSQL while its manager was stopped"
+    );
+
+    // Resumed, the manager finds its PostgreSQL stopped and the Lease gone: it rejoins.
     let status = cluster
         .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
         .await

@@ -359,6 +359,15 @@ impl TestCluster {
         self.instances[index].process.as_mut()?.try_wait()
     }
 
+    /// Sends `signal` to the `pg-instance` process of instance `index` alone (its PostgreSQL
+    /// and its fence process are other processes): SIGSTOP makes a hung instance manager,
+    /// SIGCONT ends the hang.
+    pub fn signal_manager(&self, index: usize, signal: Signal) {
+        if let Some(process) = &self.instances[index].process {
+            let _ = kill(Pid::from_raw(process.pid() as i32), signal);
+        }
+    }
+
     /// `kill -9` of the instance's postmaster and of its `pg-instance`.
     pub fn kill_instance(&mut self, index: usize) {
         let instance = &mut self.instances[index];
