@@ -53,6 +53,36 @@ async fn check_single_writer(
     }
 }
 
+/// [`check_single_writer`] running on `ports`, once it wrote to the primary `primary`.
+struct Checker {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<std::sync::Mutex<Vec<Vec<bool>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Checker {
+    async fn start(cluster: &TestCluster, primary: usize) -> Self {
+        let ports: Vec<u16> = cluster.instances.iter().map(|i| i.pg_port).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = tokio::spawn(check_single_writer(ports, stop.clone(), rounds.clone()));
+        eventually("the checker wrote to the primary", FAILOVER, || {
+            let rounds = rounds.clone();
+            async move { rounds.lock().unwrap().iter().any(|round| round[primary]) }
+        })
+        .await
+        .unwrap();
+        Self { stop, rounds, task }
+    }
+
+    /// Stops it; its rounds.
+    async fn finish(self) -> Vec<Vec<bool>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap();
+        self.rounds.lock().unwrap().clone()
+    }
+}
+
 /// How long the API server stays out of reach in the outage test (issue #16: "a minute").
 const API_OUTAGE: Duration = Duration::from_secs(60);
 
@@ -161,27 +191,16 @@ async fn an_api_server_out_of_reach_for_a_minute_changes_nothing_while_postgres_
 async fn a_primary_cut_off_from_the_api_server_fences_itself_before_another_is_promoted() {
     let (cluster, primary, old_primary) =
         started("part", 3, 1, "CREATE TABLE checker (id bigint PRIMARY KEY)").await;
-    let ports: Vec<u16> = cluster.instances.iter().map(|i| i.pg_port).collect();
 
     // Partition the primary alone from the API server, with a checker writing to every instance.
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let checker = tokio::spawn(check_single_writer(ports, stop.clone(), rounds.clone()));
-    eventually("the checker wrote to the primary", FAILOVER, || {
-        let rounds = rounds.clone();
-        async move { rounds.lock().unwrap().iter().any(|round| round[primary]) }
-    })
-    .await
-    .unwrap();
+    let checker = Checker::start(&cluster, primary).await;
     cluster.instances[primary].proxy.cut();
     let new_primary = cluster
         .wait_for_new_primary(&old_primary, FAILOVER)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::SeqCst);
-    checker.await.unwrap();
-    let rounds = rounds.lock().unwrap().clone();
+    let rounds = checker.finish().await;
     single_writer_handover(&rounds, primary, new_primary);
     let status = cluster.status(primary).await.unwrap();
     assert!(
@@ -228,27 +247,17 @@ async fn a_primary_whose_instance_manager_hangs_is_stopped_by_its_fence_before_a
     // Asynchronous replication: nothing but the fence stops the old primary's commits.
     let (cluster, primary, old_primary) =
         started("hung", 2, 0, "CREATE TABLE checker (id bigint PRIMARY KEY)").await;
-    let ports: Vec<u16> = cluster.instances.iter().map(|i| i.pg_port).collect();
     let postmaster = cluster.instances[primary]
         .postmaster_pid()
         .expect("the primary's postmaster runs");
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let checker = tokio::spawn(check_single_writer(ports, stop.clone(), rounds.clone()));
-    eventually("the checker wrote to the primary", FAILOVER, || {
-        let rounds = rounds.clone();
-        async move { rounds.lock().unwrap().iter().any(|round| round[primary]) }
-    })
-    .await
-    .unwrap();
+    let checker = Checker::start(&cluster, primary).await;
     // The whole manager stops: its run loop and its watchdog task with it.
     cluster.signal_manager(primary, nix::sys::signal::Signal::SIGSTOP);
     let new_primary = cluster.wait_for_new_primary(&old_primary, FAILOVER).await;
     // Written once the new primary is known, before anything can fail: a hung manager must
     // not be left stopped.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::SeqCst);
-    checker.await.unwrap();
+    let rounds = checker.finish().await;
     // Exited is enough: a zombie until the stopped manager reaps it.
     let postmaster_alive =
         std::fs::read_to_string(format!("/proc/{postmaster}/stat")).is_ok_and(|stat| {
@@ -261,7 +270,6 @@ async fn a_primary_whose_instance_manager_hangs_is_stopped_by_its_fence_before_a
         });
     cluster.signal_manager(primary, nix::sys::signal::Signal::SIGCONT);
     let new_primary = new_primary.unwrap();
-    let rounds = rounds.lock().unwrap().clone();
     single_writer_handover(&rounds, primary, new_primary);
     assert!(
         !postmaster_alive,

@@ -188,9 +188,9 @@ async fn condition_of(
         .unwrap_or_default())
 }
 
-/// A replica cluster's source: a Healthy cluster `name` archiving to the store, with a table
-/// `rows` of ids 1 to `rows` and a completed base backup; its superuser login and rw port.
-async fn source_with_backup(
+/// A Healthy cluster `name` archiving to the store, with a table `rows` of ids 1 to `rows`;
+/// its superuser login and rw port.
+async fn source_with_rows(
     e2e: &common::E2e,
     store: &S3Server,
     client: &kube::Client,
@@ -211,6 +211,19 @@ async fn source_with_backup(
             &[&rows],
         )
         .await?;
+    Ok((login, rw))
+}
+
+/// A replica cluster's source: [`source_with_rows`] and a completed base backup.
+async fn source_with_backup(
+    e2e: &common::E2e,
+    store: &S3Server,
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    rows: i32,
+) -> anyhow::Result<(common::Login, u16)> {
+    let (login, rw) = source_with_rows(e2e, store, client, namespace, name, rows).await?;
     let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
     backup_job(client, namespace, "base", name).await?;
     completed(&jobs, "base").await?;

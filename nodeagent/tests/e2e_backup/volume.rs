@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::common::backup::{archive_current_wal, calm_failover, completed, s3, store};
 use super::common::{connect_when_served, create_cluster, eventually, stack, superuser_login};
-use super::{cluster_with_store, condition_of, count_rows};
+use super::{condition_of, count_rows, source_with_rows};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_to_a_volume_restores_into_a_new_cluster_without_an_object_store()
@@ -317,15 +317,7 @@ async fn a_volume_backup_replays_its_clusters_archive_to_a_restore_point_or_foll
     let store = store(&e2e)?;
     let client = e2e.client().await?;
     let namespace = "e2e-volume-pitr";
-    cluster_with_store(&e2e, store, &client, namespace, "psrc", json!({})).await?;
-    let login = superuser_login(&client, namespace, "psrc").await?;
-    let rw = e2e.service_port(namespace, &api::contract::rw_service("psrc"))?;
-    connect_when_served(rw, &login)
-        .await?
-        .batch_execute(
-            "CREATE TABLE rows (id int PRIMARY KEY); INSERT INTO rows SELECT generate_series(1, 100)",
-        )
-        .await?;
+    let (login, rw) = source_with_rows(&e2e, store, &client, namespace, "psrc", 100).await?;
     let jobs: Api<api::BackupJob> = Api::namespaced(client.clone(), namespace);
     testbed::manifests::apply(
         &client,
