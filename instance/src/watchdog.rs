@@ -13,7 +13,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -90,11 +90,15 @@ impl Watchdog {
         }
     }
 
-    /// Checks every `period` and stops (immediate shutdown) a primary whose right lapsed.
+    /// Checks every `period` and stops (immediate shutdown) a primary whose right lapsed; starts
+    /// the fence process again when it is gone.
     pub async fn run(self: std::sync::Arc<Self>, period: Duration) {
         let mut interval = tokio::time::interval(period);
         loop {
             interval.tick().await;
+            if let Some(fence) = &self.fence {
+                fence.keep_alive();
+            }
             if let Some(pid) = self.lapsed(Instant::now()) {
                 tracing::error!(
                     pid,
@@ -111,6 +115,10 @@ impl Watchdog {
 #[derive(Debug)]
 pub struct Fence {
     word: &'static AtomicU64,
+    /// The fence process now (another one after a restart).
+    child: AtomicI32,
+    /// This process, which the fence process watches for.
+    parent: Pid,
 }
 
 /// Bits of the deadline in a [`Fence`] word (milliseconds of `CLOCK_MONOTONIC`, about 34 years
@@ -122,13 +130,13 @@ const DEADLINE_BITS: u32 = 40;
 const FENCE_PERIOD: Duration = Duration::from_millis(50);
 
 impl Fence {
-    /// Forks the fence process. Called while this process has a single thread (before the async
-    /// runtime starts): the child then only sleeps, reads the shared word and signals. It dies
-    /// with its parent (`PR_SET_PDEATHSIG`).
+    /// Makes the shared word and forks the fence process. Called before the async runtime
+    /// starts, on the thread that lives as long as the process: the child's
+    /// `PR_SET_PDEATHSIG` follows the thread that forked it.
     pub fn start() -> std::io::Result<Self> {
         let size = NonZeroUsize::new(std::mem::size_of::<AtomicU64>()).expect("not zero");
         // SAFETY: a new anonymous mapping, aligned to a page, zeroed, never unmapped: a valid
-        // `AtomicU64` for the life of the process (and of the child, which inherits it).
+        // `AtomicU64` for the life of the process (and of the children, which inherit it).
         let word: &'static AtomicU64 = unsafe {
             let page = nix::sys::mman::mmap_anonymous(
                 None,
@@ -139,13 +147,54 @@ impl Fence {
             &*page.as_ptr().cast::<AtomicU64>()
         };
         let parent = nix::unistd::getpid();
-        // SAFETY: the caller has one thread, so no lock is held across the fork; the child runs
-        // `watch`, which allocates nothing it did not have and never returns.
+        let child = Self::spawn(word, parent)?;
+        tracing::debug!(pid = child.as_raw(), "fence process started");
+        Ok(Self {
+            word,
+            child: AtomicI32::new(child.as_raw()),
+            parent,
+        })
+    }
+
+    /// Forks a fence process on `word`. Sound from any thread: the child only makes
+    /// async-signal-safe calls (sleep, clock, kill, write, `_exit`) and takes no lock and no
+    /// memory from the allocator, so locks other threads held at the fork do not matter.
+    fn spawn(word: &'static AtomicU64, parent: Pid) -> std::io::Result<Pid> {
+        // SAFETY: see above; the child runs `watch`, which never returns.
         match unsafe { nix::unistd::fork() }? {
             nix::unistd::ForkResult::Child => watch(word, parent),
-            nix::unistd::ForkResult::Parent { child } => {
-                tracing::debug!(pid = child.as_raw(), "fence process started");
-                Ok(Self { word })
+            nix::unistd::ForkResult::Parent { child } => Ok(child),
+        }
+    }
+
+    /// The fence process now.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.load(Ordering::SeqCst))
+    }
+
+    /// Starts the fence process again when it is gone (killed, out of memory), and says so;
+    /// whether it did. Called by the watchdog task, on a runtime worker thread, which lives as
+    /// long as the runtime.
+    pub fn keep_alive(&self) -> bool {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let gone = match waitpid(self.pid(), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return false,
+            Ok(status) => format!("{status:?}"),
+            Err(error) => error.to_string(),
+        };
+        match Self::spawn(self.word, self.parent) {
+            Ok(child) => {
+                self.child.store(child.as_raw(), Ordering::SeqCst);
+                tracing::error!(
+                    gone,
+                    pid = child.as_raw(),
+                    "the fence process was gone: started it again"
+                );
+                true
+            }
+            Err(error) => {
+                tracing::error!(gone, %error, "the fence process is gone and cannot be started again");
+                false
             }
         }
     }
@@ -184,12 +233,15 @@ fn monotonic_ms() -> u64 {
 }
 
 /// The fence process: stops a guarded postmaster whose deadline passed (immediate shutdown, as
-/// the watchdog task does), and exits when its parent is gone.
+/// the watchdog task does), and exits when its parent is gone. Async-signal-safe calls only (see
+/// [`Fence::spawn`]): its one message is a fixed line written to stderr.
 fn watch(word: &AtomicU64, parent: Pid) -> ! {
+    const STOPPED: &[u8] = b"pg-instance fence process: the primary's right to accept writes lapsed while the instance manager did not run; PostgreSQL stopped (SIGQUIT)\n";
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     loop {
         if nix::unistd::getppid() != parent {
-            std::process::exit(0);
+            // SAFETY: ends this process at once, running nothing of the parent's.
+            unsafe { nix::libc::_exit(0) };
         }
         let seen = word.load(Ordering::SeqCst);
         if let Some((pid, deadline)) = decode(seen)
@@ -198,11 +250,10 @@ fn watch(word: &AtomicU64, parent: Pid) -> ! {
                 .compare_exchange(seen, 0, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         {
-            tracing::error!(
-                pid,
-                "the primary's right to accept writes lapsed while the instance manager did not run: the fence process stops PostgreSQL"
-            );
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGQUIT);
+            // SAFETY: stderr stays open for the life of the process.
+            let stderr = unsafe { std::os::fd::BorrowedFd::borrow_raw(2) };
+            let _ = nix::unistd::write(stderr, STOPPED);
         }
         std::thread::sleep(FENCE_PERIOD);
     }
@@ -211,6 +262,59 @@ fn watch(word: &AtomicU64, parent: Pid) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits up to 5 s for `child` to end; its signal.
+    fn ended_by(child: &mut std::process::Child) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        for _ in 0..100 {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.signal();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        None
+    }
+
+    #[test]
+    fn the_fence_process_stops_a_process_past_its_deadline_and_comes_back_when_killed() {
+        let fence = Fence::start().expect("fence process");
+        let mut guarded = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        fence.publish(Some((
+            guarded.id(),
+            Instant::now() + Duration::from_secs(2),
+        )));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            guarded.try_wait().expect("wait").is_none(),
+            "stopped before its deadline"
+        );
+        assert_eq!(ended_by(&mut guarded), Some(Signal::SIGQUIT as i32));
+        assert_eq!(fence.word.load(Ordering::SeqCst), 0, "the guard is cleared");
+
+        // Killed, it is started again by the next look, and guards as before.
+        let first = fence.pid();
+        kill(first, Signal::SIGKILL).expect("kill the fence process");
+        let mut restarted = false;
+        for _ in 0..100 {
+            restarted |= fence.keep_alive();
+            if restarted {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(restarted && fence.pid() != first, "a new fence process");
+        assert!(!fence.keep_alive(), "alive: nothing to do");
+        let mut next = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        fence.publish(Some((next.id(), Instant::now())));
+        assert_eq!(ended_by(&mut next), Some(Signal::SIGQUIT as i32));
+    }
 
     #[test]
     fn a_fence_word_holds_the_pid_and_the_deadline_on_the_monotonic_clock() {
