@@ -246,6 +246,16 @@ pub fn restore(config: &RestoreConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the archive recovery of data restored from a volume has ended in a promotion: the
+/// copy's `backup_label` was consumed and PostgreSQL removed `recovery.signal` as it promoted
+/// (and no `standby.signal` says it follows a source). Read when the manager restarts before it
+/// removed its marker: such data must not be put back into recovery.
+pub fn recovery_finished(pgdata: &Path) -> bool {
+    ["backup_label", "recovery.signal", "standby.signal"]
+        .iter()
+        .all(|file| !pgdata.join(file).exists())
+}
+
 /// The marker beside `pgdata` (see [`volume_backup::RESTORED_MARKER`]).
 pub fn restored_marker(pgdata: &Path) -> PathBuf {
     pgdata
@@ -299,6 +309,22 @@ fn truncated(text: &str, limit: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_promoted_volume_recovery_is_told_from_one_to_start_or_resume() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pgdata = dir.path();
+        std::fs::write(pgdata.join("backup_label"), "START WAL LOCATION").unwrap();
+        assert!(!recovery_finished(pgdata), "a fresh copy");
+        std::fs::remove_file(pgdata.join("backup_label")).unwrap();
+        std::fs::write(pgdata.join("recovery.signal"), "").unwrap();
+        assert!(!recovery_finished(pgdata), "in the middle of the replay");
+        std::fs::remove_file(pgdata.join("recovery.signal")).unwrap();
+        std::fs::write(pgdata.join("standby.signal"), "").unwrap();
+        assert!(!recovery_finished(pgdata), "a replica cluster's standby");
+        std::fs::remove_file(pgdata.join("standby.signal")).unwrap();
+        assert!(recovery_finished(pgdata), "promoted");
+    }
 
     #[test]
     fn the_manifest_gives_the_first_start_and_the_last_end() {

@@ -111,9 +111,12 @@ impl Manager {
         if let Some(backup) = self.backup.as_ref().filter(|_| !resuming) {
             backup.check_repository_unused().await?;
         }
-        if let (Some(setup), Some(recovery)) = (
+        // A restart after the promotion but before the marker went: the replay is over.
+        let replayed = resuming && crate::volume_backup::recovery_finished(self.postgres.pgdata());
+        if let (Some(setup), Some(recovery), false) = (
             self.backup.as_ref().map(|backup| backup.setup.clone()),
             self.recovery(),
+            replayed,
         ) {
             info!(
                 source = %recovery.store.destination(),
