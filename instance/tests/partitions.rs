@@ -187,6 +187,18 @@ async fn an_api_server_out_of_reach_for_a_minute_changes_nothing_while_postgres_
     assert_eq!(count, acknowledged, "the same connection, every write kept");
 }
 
+/// Waits for the former primary `index` to be a replica again, by rewind or a new clone.
+async fn rejoins_as_replica(cluster: &TestCluster, index: usize) {
+    let status = cluster
+        .wait_for_role(index, contract::role::REPLICA, FAILOVER)
+        .await
+        .unwrap();
+    assert!(matches!(
+        status.last_join.as_deref(),
+        Some("rewind" | "reclone")
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_from_the_api_server_fences_itself_before_another_is_promoted() {
     let (cluster, primary, old_primary) =
@@ -210,14 +222,7 @@ async fn a_primary_cut_off_from_the_api_server_fences_itself_before_another_is_p
 
     // The partition heals: the old primary rejoins as a replica.
     cluster.instances[primary].proxy.restore();
-    let status = cluster
-        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
-        .await
-        .unwrap();
-    assert!(matches!(
-        status.last_join.as_deref(),
-        Some("rewind" | "reclone")
-    ));
+    rejoins_as_replica(&cluster, primary).await;
 }
 
 /// Which instances accepted writes in `rounds`, checked: never two in one round, `old` before
@@ -277,14 +282,7 @@ async fn a_primary_whose_instance_manager_hangs_is_stopped_by_its_fence_before_a
     );
 
     // Resumed, the manager finds its PostgreSQL stopped and the Lease gone: it rejoins.
-    let status = cluster
-        .wait_for_role(primary, contract::role::REPLICA, FAILOVER)
-        .await
-        .unwrap();
-    assert!(matches!(
-        status.last_join.as_deref(),
-        Some("rewind" | "reclone")
-    ));
+    rejoins_as_replica(&cluster, primary).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
