@@ -170,6 +170,38 @@ fn cases() -> Vec<Case> {
             )],
         },
         Case {
+            alert: "PostgresReplicaClusterBehind",
+            // Waiting a minute more every minute: past 900 s at minute 16, for 5 minutes.
+            eval_minutes: 30,
+            firing: &[(
+                "pg_instance_source_archive_lag_seconds",
+                &[DB0, ("source", "main")],
+                "0+60x40",
+            )],
+            labels: &[DB0, ("source", "main")],
+            quiet: &[(
+                "pg_instance_source_archive_lag_seconds",
+                &[DB0, ("source", "main")],
+                // Segments arrive and are replayed: never a minute and a half behind.
+                "0 30 60 90 0 30 60 90 0 30 60 90 0 30 60 90 0 30 60 90 0 30 60 90 0 30 60 90 0 30 60 90",
+            )],
+        },
+        Case {
+            alert: "PostgresReplicaClusterSourceUnreadable",
+            eval_minutes: 20,
+            firing: &[(
+                "pg_instance_source_archive_check_failing",
+                &[DB0, ("source", "main")],
+                "1x30",
+            )],
+            labels: &[DB0, ("source", "main")],
+            quiet: &[(
+                "pg_instance_source_archive_check_failing",
+                &[DB0, ("source", "main")],
+                "0x30",
+            )],
+        },
+        Case {
             alert: "PostgresConnectionsNearLimit",
             eval_minutes: 20,
             firing: &[

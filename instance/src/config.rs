@@ -125,6 +125,10 @@ pub struct Config {
     /// replaying the recovery source's WAL archive instead of promoting at its end.
     #[arg(long, env = api::backup::instance_env::REPLICA_CLUSTER, default_value_t = false, action = clap::ArgAction::Set)]
     pub replica_cluster: bool,
+    /// How often a replica cluster's designated primary lists its source's WAL archive to
+    /// measure how far behind it is, in seconds.
+    #[arg(long, env = "SOURCE_ARCHIVE_CHECK_SECONDS", default_value_t = 30)]
+    pub source_archive_check_seconds: u64,
     /// A replica cluster's source primary to stream from (`spec.replica.streaming.host`); its CA
     /// and client certificate are in the TLS folder's `source/`.
     #[arg(long, env = api::backup::instance_env::REPLICA_SOURCE_HOST)]

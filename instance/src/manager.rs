@@ -101,7 +101,7 @@ pub async fn run(config: Config, fence: Option<crate::watchdog::Fence>) -> Resul
         &config,
         &superuser.username,
         primary_watch,
-        designated_watch,
+        designated_watch.clone(),
     );
     let shared = Shared::new(
         &config.pod_name,
@@ -109,6 +109,14 @@ pub async fn run(config: Config, fence: Option<crate::watchdog::Fence>) -> Resul
         config.renew_deadline() / 2,
     );
     let backup = setup::start_backups(&config, &mut postgres, &shared)?;
+    if let Some(service) = &backup {
+        tokio::spawn(crate::backup::source_lag::run(
+            service.clone(),
+            shared.clone(),
+            designated_watch,
+            Duration::from_secs(config.source_archive_check_seconds.max(1)),
+        ));
+    }
     // Before PostgreSQL starts, so the follower starts at the end of an older log.
     crate::postgres_log::spawn(
         &config.run_dir(),

@@ -16,6 +16,23 @@ pub struct RoleLabel {
     pub role: String,
 }
 
+/// Label set of a replica cluster's distance to its source.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// The source cluster (`bootstrap.recovery.sourceCluster`).
+    pub source: String,
+}
+
+/// A replica cluster's distance to its source's WAL archive: series only on its designated
+/// primary (a family, so that no other instance shows a zero that would read as "caught up").
+#[derive(Default)]
+struct SourceArchive {
+    bytes: Family<SourceLabel, Gauge>,
+    seconds: Family<SourceLabel, Gauge<f64, AtomicU64>>,
+    segments: Family<SourceLabel, Gauge>,
+    failing: Family<SourceLabel, Gauge>,
+}
+
 /// The metrics.
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +47,7 @@ pub struct Metrics {
     wal_bytes: Gauge,
     restarts: Gauge,
     disk_available: Gauge,
+    source_archive: SourceArchive,
     /// Backup metrics (WAL archiving, base backups).
     pub backup: crate::backup::metrics::BackupMetrics,
 }
@@ -56,6 +74,7 @@ impl Metrics {
             wal_bytes: Gauge::default(),
             restarts: Gauge::default(),
             disk_available: Gauge::default(),
+            source_archive: SourceArchive::default(),
             backup: Default::default(),
             registry: Registry::default(),
         };
@@ -115,6 +134,26 @@ impl Metrics {
             "Free bytes on the data directory's file system",
             metrics.disk_available.clone(),
         );
+        registry.register(
+            "source_archive_lag_bytes",
+            "Replica cluster: WAL in the source's archive not replayed yet, in bytes",
+            metrics.source_archive.bytes.clone(),
+        );
+        registry.register(
+            "source_archive_lag_seconds",
+            "Replica cluster: how long the oldest archived WAL segment not replayed yet has waited",
+            metrics.source_archive.seconds.clone(),
+        );
+        registry.register(
+            "source_archive_lag_segments",
+            "Replica cluster: WAL segments in the source's archive not replayed yet",
+            metrics.source_archive.segments.clone(),
+        );
+        registry.register(
+            "source_archive_check_failing",
+            "Replica cluster: 1 when the last listing of the source's archive failed",
+            metrics.source_archive.failing.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -145,6 +184,30 @@ impl Metrics {
         self.restarts.set(status.postgres_restarts as i64);
         self.disk_available
             .set(status.data_disk_available_bytes.unwrap_or(0) as i64);
+        let source = &self.source_archive;
+        match &status.source_archive {
+            Some(lag) => {
+                let label = SourceLabel {
+                    source: lag.source.clone(),
+                };
+                source.bytes.get_or_create(&label).set(lag.bytes as i64);
+                source.seconds.get_or_create(&label).set(lag.seconds);
+                source
+                    .segments
+                    .get_or_create(&label)
+                    .set(lag.segments as i64);
+                source
+                    .failing
+                    .get_or_create(&label)
+                    .set(i64::from(lag.error.is_some()));
+            }
+            None => {
+                source.bytes.clear();
+                source.seconds.clear();
+                source.segments.clear();
+                source.failing.clear();
+            }
+        }
     }
 
     /// OpenMetrics text.
@@ -158,6 +221,39 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_designated_primary_shows_its_distance_to_the_source() {
+        let metrics = Metrics::new();
+        let mut status = InstanceStatus {
+            role: "primary".into(),
+            source_archive: Some(crate::backup::source_lag::SourceArchiveLag {
+                source: "main".into(),
+                segments: 3,
+                bytes: 50_331_648,
+                seconds: 12.5,
+                error: Some("timeout".into()),
+                ..Default::default()
+            }),
+            ..InstanceStatus::default()
+        };
+        metrics.update(&status);
+        let text = metrics.encode();
+        for line in [
+            "pg_instance_source_archive_lag_bytes{source=\"main\"} 50331648",
+            "pg_instance_source_archive_lag_seconds{source=\"main\"} 12.5",
+            "pg_instance_source_archive_lag_segments{source=\"main\"} 3",
+            "pg_instance_source_archive_check_failing{source=\"main\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        status.source_archive = None;
+        metrics.update(&status);
+        assert!(
+            !metrics.encode().contains("source=\"main\""),
+            "promoted: no series"
+        );
+    }
 
     #[test]
     fn metrics_show_role_and_lag() {

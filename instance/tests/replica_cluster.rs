@@ -2,13 +2,15 @@
 //! real S3 server (moto) and a real kube-apiserver: restored from another cluster's backup, its
 //! designated primary keeps replaying that cluster's WAL archive (read-only) and its replica
 //! streams from it; when the designated primary dies, the replica takes the role over without
-//! promoting PostgreSQL, and goes on following the source.
+//! promoting PostgreSQL, and goes on following the source. The designated primary says how far
+//! behind the source's archive it is (caught up, or paused with segments waiting).
 
 mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use instance::backup::source_lag::SourceArchiveLag;
 use support::backup::*;
 use support::{TestCluster, eventually};
 use testbed::ApiServer;
@@ -31,6 +33,32 @@ async fn follows_to(cluster: &TestCluster, index: usize, last: i32) -> bool {
     row.get::<_, bool>(0)
         && row.get::<_, i64>(1) == i64::from(last)
         && row.get::<_, Option<i32>>(2) == Some(last)
+}
+
+/// Waits until the designated primary `index` of `cluster` publishes a distance to its source's
+/// archive that `check` accepts (for source `main`), and returns it.
+async fn source_lag_is(
+    cluster: &TestCluster,
+    index: usize,
+    what: &str,
+    check: impl Fn(&SourceArchiveLag) -> bool,
+) -> SourceArchiveLag {
+    let found = eventually(what, Duration::from_secs(90), || async {
+        cluster
+            .status(index)
+            .await
+            .and_then(|status| status.source_archive)
+            .is_some_and(|lag| lag.source == "main" && check(&lag))
+    })
+    .await;
+    let last = cluster
+        .status(index)
+        .await
+        .and_then(|status| status.source_archive);
+    if let Err(error) = found {
+        panic!("{error}: {last:?}\n{}", cluster.logs());
+    }
+    last.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,6 +99,7 @@ async fn a_replica_cluster_follows_the_sources_archive_and_a_failover_inside_it_
         Some(recovery_spec(&store, "main", "main", None)),
     );
     env.push(("REPLICA_CLUSTER".into(), "true".into()));
+    env.push(("SOURCE_ARCHIVE_CHECK_SECONDS".into(), "1".into()));
     let mut dr = TestCluster::start_with(api.clone(), "dr", 2, 0, env)
         .await
         .unwrap();
@@ -131,6 +160,78 @@ async fn a_replica_cluster_follows_the_sources_archive_and_a_failover_inside_it_
     .await
     .unwrap_or_else(|error| panic!("{error}\n{}", dr.logs()));
 
+    // How far behind main's archive dr is: nothing once it replayed all, then, with replay
+    // paused on the designated primary, the segments main archived since, ageing.
+    source_lag_is(
+        &dr,
+        primary,
+        "step 3: caught up with main's archive",
+        |lag| lag.segments == 0 && lag.bytes == 0 && lag.seconds == 0.0,
+    )
+    .await;
+    assert_eq!(
+        dr.status(replica)
+            .await
+            .and_then(|status| status.source_archive),
+        None,
+        "only the designated primary measures"
+    );
+    let designated = dr.connect(primary).await.unwrap();
+    designated
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    insert(&client, 31, 35).await;
+    switch_and_wait_archived(&main, source).await.unwrap();
+    insert(&client, 36, 40).await;
+    switch_and_wait_archived(&main, source).await.unwrap();
+    let behind = source_lag_is(
+        &dr,
+        primary,
+        "step 3b: two of main's segments waiting, the oldest for a second or more",
+        |lag| {
+            lag.segments >= 2
+                && lag.bytes > 16 * 1024 * 1024
+                && lag.seconds >= 1.0
+                && lag.error.is_none()
+        },
+    )
+    .await;
+    // The same figures on /metrics, labelled with the source (the replay is still paused).
+    let (_, metrics) = dr.http_get(primary, "/metrics").await.unwrap();
+    let segments = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("pg_instance_source_archive_lag_segments{source=\"main\"} ")
+        })
+        .and_then(|value| value.parse::<u64>().ok());
+    assert!(
+        segments.is_some_and(|segments| segments >= behind.segments.min(2)),
+        "{behind:?}\n{metrics}"
+    );
+    assert!(
+        metrics.contains("pg_instance_source_archive_check_failing{source=\"main\"} 0"),
+        "{metrics}"
+    );
+    designated
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    source_lag_is(
+        &dr,
+        primary,
+        "step 3c: caught up again once replay resumed",
+        |lag| lag.segments == 0 && lag.bytes == 0,
+    )
+    .await;
+    eventually(
+        "step 3c: main's rows 31-40 on dr",
+        Duration::from_secs(90),
+        || async { follows_to(&dr, primary, 40).await },
+    )
+    .await
+    .unwrap_or_else(|error| panic!("{error}\n{}", dr.logs()));
+
     // The designated primary dies: the replica takes the Lease, stays a standby, and follows
     // main's archive on its own.
     let old = dr.instances[primary].name.clone();
@@ -148,12 +249,12 @@ async fn a_replica_cluster_follows_the_sources_archive_and_a_failover_inside_it_
     )
     .await
     .unwrap_or_else(|error| panic!("{error}\n{}", dr.logs()));
-    insert(&client, 31, 40).await;
+    insert(&client, 41, 50).await;
     switch_and_wait_archived(&main, source).await.unwrap();
     eventually(
         "step 5: the new designated primary replays main's archive, still in recovery",
         Duration::from_secs(90),
-        || async { follows_to(&dr, replica, 40).await },
+        || async { follows_to(&dr, replica, 50).await },
     )
     .await
     .unwrap_or_else(|error| panic!("{error}\n{}", dr.logs()));

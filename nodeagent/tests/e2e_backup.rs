@@ -301,13 +301,25 @@ async fn a_replica_cluster_follows_its_sources_archive_read_only_until_it_is_pro
         Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
         "{refused}"
     );
-    let (status, reason, message) = condition_of(&clusters, "dr", "ReplicaCluster").await?;
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("True", "FollowingSource"),
-        "{message}"
-    );
-    assert!(message.contains("main"), "{message}");
+    // Following, and caught up with main's archive (its designated primary lists it every 30 s).
+    eventually(
+        "dr's ReplicaCluster condition: following main, caught up with its archive",
+        Duration::from_secs(120),
+        || async {
+            let (status, reason, message) = condition_of(&clusters, "dr", "ReplicaCluster").await?;
+            Ok(
+                if (status.as_str(), reason.as_str()) == ("True", "FollowingSource")
+                    && message.contains("main")
+                    && message.contains("(caught up with the archive)")
+                {
+                    Ok(())
+                } else {
+                    Err(format!("{status} {reason}: {message}"))
+                },
+            )
+        },
+    )
+    .await?;
     // A database declared for dr is answered, not ignored: read-only until the promotion.
     testbed::manifests::apply(
         &client,

@@ -110,6 +110,22 @@ pub fn alerts() -> Vec<Alert> {
             severity: "warning",
             summary: "An instance is fenced: PostgreSQL is stopped on it until the fence is lifted",
         },
+        // A replica cluster's designated primary lists its source's WAL archive (every 30 s)
+        // and exports the distance; no other instance has these series.
+        Alert {
+            name: "PostgresReplicaClusterBehind",
+            expr: "max by (namespace, cluster, pod, source) (pg_instance_source_archive_lag_seconds{SEL}) > 900",
+            for_: "5m",
+            severity: "warning",
+            summary: "A replica cluster has not replayed WAL its source archived more than 15 minutes ago: promoted now, it would miss those writes",
+        },
+        Alert {
+            name: "PostgresReplicaClusterSourceUnreadable",
+            expr: "pg_instance_source_archive_check_failing{SEL} == 1",
+            for_: "10m",
+            severity: "warning",
+            summary: "A replica cluster cannot list its source's WAL archive: it cannot follow the source, and its distance to it is unknown",
+        },
         // The Poolers' figures come from their exporter (`pg-instance pooler-exporter`), which
         // their PodMonitors label with `cluster` and `pooler`.
         Alert {

@@ -47,6 +47,36 @@ pub struct InstanceView {
     /// or a container waiting for a reason that needs the user (an image that cannot be
     /// pulled, a crash loop). Shortened like [`Self::last_error`].
     pub pod_problem: Option<String>,
+    /// A replica cluster's designated primary: how far behind its source's WAL archive it is
+    /// (`sourceArchive` of its status annotation).
+    pub source_archive: Option<SourceArchiveView>,
+}
+
+/// A designated primary's distance to its source's archive, as the operator reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceArchiveView {
+    /// Archived WAL segments not replayed yet.
+    pub segments: u64,
+    /// Bytes not replayed yet.
+    pub bytes: u64,
+    /// Why the last listing of the source's archive failed.
+    pub error: Option<String>,
+}
+
+impl SourceArchiveView {
+    /// Reads `sourceArchive` from an instance status report.
+    fn from_report(report: &serde_json::Value) -> Option<Self> {
+        let lag = report.get("sourceArchive")?;
+        let number = |key: &str| lag.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
+        Some(Self {
+            segments: number("segments"),
+            bytes: number("bytes"),
+            error: lag
+                .get("error")
+                .and_then(|v| v.as_str())
+                .map(|text| one_line(text, MAX_ERROR_CHARS)),
+        })
+    }
 }
 
 impl InstanceView {
@@ -105,6 +135,7 @@ impl InstanceView {
                 .and_then(|v| v.as_str())
                 .map(|text| one_line(text, MAX_ERROR_CHARS)),
             pod_problem: pod_problem(pod),
+            source_archive: SourceArchiveView::from_report(&report),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use api::postgres_cluster::{PostgresCluster, ReplicaStreaming};
 
-use super::instances::InstanceView;
+use super::instances::{InstanceView, SourceArchiveView};
 
 /// Condition type.
 pub const REPLICA_CLUSTER: &str = "ReplicaCluster";
@@ -33,6 +33,22 @@ pub fn streaming_source(cluster: &PostgresCluster) -> Option<&ReplicaStreaming> 
         .and_then(|replica| replica.streaming.as_ref())
 }
 
+/// The designated primary's distance to the source's archive, as a clause of the message (in
+/// segments, not seconds: the message changes when a segment arrives or is replayed, not at
+/// every check).
+fn distance(lag: &SourceArchiveView) -> String {
+    if let Some(error) = &lag.error {
+        return format!(" (its distance to the archive is unknown: listing it failed: {error})");
+    }
+    match lag.segments {
+        0 => " (caught up with the archive)".to_string(),
+        segments => format!(
+            " ({segments} archived WAL segment(s), {} MiB, not replayed yet)",
+            lag.bytes.div_ceil(1024 * 1024)
+        ),
+    }
+}
+
 /// `(status, reason, message)` of the condition; `None` without `spec.replica`.
 pub fn condition(
     cluster: &PostgresCluster,
@@ -51,12 +67,16 @@ pub fn condition(
         recovery.source.path.as_deref().unwrap_or_default()
     );
     if is_replica_cluster(cluster) {
+        let distance = primary
+            .and_then(|primary| primary.source_archive.as_ref())
+            .map(distance)
+            .unwrap_or_default();
         let primary = primary.map_or_else(|| "no instance yet".to_string(), |p| p.name.clone());
         return Some((
             true,
             "FollowingSource",
             format!(
-                "a replica cluster: its designated primary ({primary}) replays the WAL archive of {source} and accepts no writes; set spec.replica.enabled to false to promote it"
+                "a replica cluster: its designated primary ({primary}) replays the WAL archive of {source} and accepts no writes{distance}; set spec.replica.enabled to false to promote it"
             ),
         ));
     }
@@ -114,6 +134,43 @@ mod tests {
         assert!(message.contains("dr-0"), "{message}");
         assert!(message.contains("main (s3://main/eu)"), "{message}");
         assert!(message.contains("spec.replica.enabled"), "{message}");
+    }
+
+    #[test]
+    fn the_message_says_how_far_behind_the_archive_the_designated_primary_is() {
+        let message = |lag: Option<SourceArchiveView>| {
+            let primary = InstanceView {
+                source_archive: lag,
+                ..primary(true)
+            };
+            condition(&cluster(true), Some(&primary)).unwrap().2
+        };
+        assert!(
+            !message(None).contains("archive is unknown") && !message(None).contains("caught up"),
+            "not measured yet: nothing said"
+        );
+        let caught_up = message(Some(SourceArchiveView::default()));
+        assert!(
+            caught_up.contains("(caught up with the archive)"),
+            "{caught_up}"
+        );
+        let behind = message(Some(SourceArchiveView {
+            segments: 3,
+            bytes: 40 * 1024 * 1024 + 1,
+            error: None,
+        }));
+        assert!(
+            behind.contains("(3 archived WAL segment(s), 41 MiB, not replayed yet)"),
+            "{behind}"
+        );
+        let failing = message(Some(SourceArchiveView {
+            error: Some("AccessDenied".into()),
+            ..SourceArchiveView::default()
+        }));
+        assert!(
+            failing.contains("listing it failed: AccessDenied"),
+            "{failing}"
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ const PYTHON: &str = "barman-cloud-python";
 const UPLOADER_SCRIPT: &str = include_str!("wal_uploader.py");
 /// barman-cloud-backup and the listing of its result in one process.
 const BACKUP_SCRIPT: &str = include_str!("backup_and_list.py");
+/// The WAL an archive holds past a segment (see `source_lag.rs`).
+const ARCHIVE_TAIL_SCRIPT: &str = include_str!("archive_tail.py");
 
 /// The barman-cloud commands in one folder.
 #[derive(Clone, Debug)]
@@ -181,6 +183,31 @@ impl BarmanCloud {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         Some(command)
+    }
+
+    /// What `store`'s WAL archive holds past the segment `after`: [`ARCHIVE_TAIL_SCRIPT`] on
+    /// barman's Python, which lists only the keys after that segment's.
+    pub async fn archive_tail(
+        &self,
+        store: &Store,
+        after: &str,
+    ) -> Result<crate::backup::source_lag::ArchiveTail> {
+        let mut command = self.environment(PYTHON, store);
+        fail_fast(&mut command);
+        command
+            .arg("-c")
+            .arg(ARCHIVE_TAIL_SCRIPT)
+            .args(store_args(store))
+            .arg(store.destination())
+            .arg(&store.server_name)
+            .arg(after);
+        let output = self.run("archive listing", store, &mut command).await?;
+        serde_json::from_str(output.lines().last().unwrap_or_default()).map_err(|error| {
+            Error::Invalid(format!(
+                "the archive listing printed no JSON ({error}): {}",
+                redact(&last_lines(&output, OUTPUT_LINES), store)
+            ))
+        })
     }
 
     /// Removes the store's secret from a text the engine printed.

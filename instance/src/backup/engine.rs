@@ -83,6 +83,18 @@ impl Engine {
         }
     }
 
+    /// What `store`'s WAL archive holds past the segment `after` (a replica cluster's distance
+    /// to its source).
+    pub async fn archive_tail(
+        &self,
+        store: &Store,
+        after: &str,
+    ) -> Result<crate::backup::source_lag::ArchiveTail> {
+        match self {
+            Self::BarmanCloud(barman) => barman.archive_tail(store, after).await,
+        }
+    }
+
     /// Uploads one WAL file (segment, `.partial` or `.history`).
     pub async fn archive_wal(&self, store: &Store, wal: &Path) -> Result<()> {
         match self {

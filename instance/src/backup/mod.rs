@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod recovery;
 pub mod service;
+pub mod source_lag;
 pub mod store;
 pub mod wal_uploader;
 

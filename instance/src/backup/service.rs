@@ -63,6 +63,8 @@ pub struct BackupService {
     role: Mutex<String>,
     /// When the repository was last found in use (the check is not repeated every tick).
     refused_at: Mutex<Option<(std::time::Instant, String)>>,
+    /// A replica cluster's distance to its source's archive (designated primary only).
+    source_lag: Mutex<Option<crate::backup::source_lag::SourceArchiveLag>>,
 }
 
 impl BackupService {
@@ -83,7 +85,20 @@ impl BackupService {
             runs: Mutex::new(BTreeMap::new()),
             role: Mutex::new(String::new()),
             refused_at: Mutex::new(None),
+            source_lag: Mutex::new(None),
         })
+    }
+
+    /// The last measure of the replica cluster's distance to its source's archive.
+    pub fn source_lag(&self) -> Option<crate::backup::source_lag::SourceArchiveLag> {
+        self.source_lag.lock().ok()?.clone()
+    }
+
+    /// Records (or forgets, with `None`) the distance to the source's archive.
+    pub fn set_source_lag(&self, lag: Option<crate::backup::source_lag::SourceArchiveLag>) {
+        if let Ok(mut current) = self.source_lag.lock() {
+            *current = lag;
+        }
     }
 
     /// Records the current role (`primary`, `replica`, ...) and whether PostgreSQL serves.

@@ -111,6 +111,9 @@ impl Manager {
             if (primary && backup.setup.wal_archiving) || archive.refused.is_some() {
                 status.wal_archive = Some(archive);
             }
+            if self.role == Role::Primary && self.follows_source() {
+                status.source_archive = backup.source_lag();
+            }
         }
         self.shared.set_status(status.clone());
         if !self.api_reachable {
@@ -119,7 +122,7 @@ impl Manager {
         // An error's appearance and end are published at once; a change of its text waits for
         // the period (an error that alternates would otherwise write the pod every tick).
         let key = format!(
-            "{:?}|{}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{}",
+            "{:?}|{}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{}|{:?}",
             status.restart_token,
             status.role,
             status.fenced,
@@ -132,6 +135,11 @@ impl Manager {
             status.wal_archive.as_ref().map(|archive| &archive.refused),
             status.data_lost,
             status.last_error.is_some(),
+            // The replica cluster's distance in segments, and whether the listing fails.
+            status
+                .source_archive
+                .as_ref()
+                .map(|lag| (lag.segments, lag.error.is_some())),
         );
         let due = match &self.last_published {
             Some((last, at)) => *last != key || at.elapsed() >= PUBLISH_PERIOD,
