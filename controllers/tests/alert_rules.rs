@@ -170,6 +170,13 @@ fn cases() -> Vec<Case> {
             )],
         },
         Case {
+            alert: "PostgresFenceProcessDown",
+            eval_minutes: 20,
+            firing: &[("pg_instance_fence_running", &[DB0], "0x30")],
+            labels: &[DB0],
+            quiet: &[("pg_instance_fence_running", &[DB0], "1x30")],
+        },
+        Case {
             alert: "PostgresReplicaClusterBehind",
             // Waiting a minute more every minute: past 900 s at minute 16, for 5 minutes.
             eval_minutes: 30,

@@ -47,6 +47,8 @@ pub struct Metrics {
     wal_bytes: Gauge,
     restarts: Gauge,
     disk_available: Gauge,
+    fence_running: Gauge,
+    fence_restarts: Gauge,
     source_archive: SourceArchive,
     /// Backup metrics (WAL archiving, base backups).
     pub backup: crate::backup::metrics::BackupMetrics,
@@ -74,6 +76,8 @@ impl Metrics {
             wal_bytes: Gauge::default(),
             restarts: Gauge::default(),
             disk_available: Gauge::default(),
+            fence_running: Gauge::default(),
+            fence_restarts: Gauge::default(),
             source_archive: SourceArchive::default(),
             backup: Default::default(),
             registry: Registry::default(),
@@ -135,6 +139,16 @@ impl Metrics {
             metrics.disk_available.clone(),
         );
         registry.register(
+            "fence_running",
+            "1 when the fence process runs (it stops a primary whose instance manager hangs)",
+            metrics.fence_running.clone(),
+        );
+        registry.register(
+            "fence_restarts",
+            "Times the fence process was found gone and started again",
+            metrics.fence_restarts.clone(),
+        );
+        registry.register(
             "source_archive_lag_bytes",
             "Replica cluster: WAL in the source's archive not replayed yet, in bytes",
             metrics.source_archive.bytes.clone(),
@@ -184,6 +198,9 @@ impl Metrics {
         self.restarts.set(status.postgres_restarts as i64);
         self.disk_available
             .set(status.data_disk_available_bytes.unwrap_or(0) as i64);
+        let fence = status.fence.unwrap_or_default();
+        self.fence_running.set(i64::from(fence.running));
+        self.fence_restarts.set(fence.restarts as i64);
         let source = &self.source_archive;
         match &status.source_archive {
             Some(lag) => {
@@ -221,6 +238,21 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fence_process_is_reported() {
+        let metrics = Metrics::new();
+        metrics.update(&InstanceStatus {
+            fence: Some(crate::watchdog::FenceReport {
+                running: true,
+                restarts: 2,
+            }),
+            ..InstanceStatus::default()
+        });
+        let text = metrics.encode();
+        assert!(text.contains("pg_instance_fence_running 1"), "{text}");
+        assert!(text.contains("pg_instance_fence_restarts 2"), "{text}");
+    }
 
     #[test]
     fn only_a_designated_primary_shows_its_distance_to_the_source() {
@@ -266,6 +298,7 @@ mod tests {
         });
         let text = metrics.encode();
         assert!(text.contains("pg_instance_up 1"), "{text}");
+        assert!(text.contains("pg_instance_fence_running 0"), "{text}");
         assert!(
             text.contains("pg_instance_role{role=\"replica\"} 1"),
             "{text}"

@@ -89,6 +89,10 @@ pub struct InstanceStatus {
     /// WAL archiving to the backup repository (primary with `spec.backup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_archive: Option<crate::backup::archiver::ArchiveStatus>,
+    /// The fence process that stops a primary whose manager hangs (none when the manager runs
+    /// inside a test).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<crate::watchdog::FenceReport>,
     /// A replica cluster's designated primary: how far it is behind its source's WAL archive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_archive: Option<crate::backup::source_lag::SourceArchiveLag>,

@@ -83,6 +83,11 @@ impl Watchdog {
         }
     }
 
+    /// The fence process's report; `None` without one (tests that run the manager in-process).
+    pub fn fence_report(&self) -> Option<FenceReport> {
+        self.fence.as_ref().map(Fence::report)
+    }
+
     /// Hands the guard to the fence process (under the lock, so publications keep its order).
     fn publish(&self, guard: &Guard) {
         if let Some(fence) = &self.fence {
@@ -110,13 +115,26 @@ impl Watchdog {
     }
 }
 
+/// How the fence process fares, for the status and the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FenceReport {
+    /// A fence process runs.
+    pub running: bool,
+    /// Times it was found gone (killed, out of memory) and started again.
+    pub restarts: u64,
+}
+
 /// The fence process's view of the guard: one word in memory shared with it (a `MAP_SHARED`
 /// page made before the fork), so that it is never read half-written.
 #[derive(Debug)]
 pub struct Fence {
     word: &'static AtomicU64,
-    /// The fence process now (another one after a restart).
+    /// The fence process now (another one after a restart); 0 when it is gone and could not
+    /// be started again.
     child: AtomicI32,
+    /// Times it was found gone and started again.
+    restarts: AtomicU64,
     /// This process, which the fence process watches for.
     parent: Pid,
 }
@@ -152,6 +170,7 @@ impl Fence {
         Ok(Self {
             word,
             child: AtomicI32::new(child.as_raw()),
+            restarts: AtomicU64::new(0),
             parent,
         })
     }
@@ -177,14 +196,21 @@ impl Fence {
     /// long as the runtime.
     pub fn keep_alive(&self) -> bool {
         use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-        let gone = match waitpid(self.pid(), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => return false,
-            Ok(status) => format!("{status:?}"),
-            Err(error) => error.to_string(),
+        let pid = self.pid();
+        // Never `waitpid(0)`: that would reap any child of the process group (PostgreSQL's).
+        let gone = if pid.as_raw() == 0 {
+            "could not be started again before".to_string()
+        } else {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => return false,
+                Ok(status) => format!("{status:?}"),
+                Err(error) => error.to_string(),
+            }
         };
         match Self::spawn(self.word, self.parent) {
             Ok(child) => {
                 self.child.store(child.as_raw(), Ordering::SeqCst);
+                self.restarts.fetch_add(1, Ordering::SeqCst);
                 tracing::error!(
                     gone,
                     pid = child.as_raw(),
@@ -193,9 +219,20 @@ impl Fence {
                 true
             }
             Err(error) => {
+                // Started again on the next round.
+                self.child.store(0, Ordering::SeqCst);
                 tracing::error!(gone, %error, "the fence process is gone and cannot be started again");
                 false
             }
+        }
+    }
+
+    /// Whether a fence process runs (as of the last [`Self::keep_alive`]), and how many times it
+    /// was started again.
+    pub fn report(&self) -> FenceReport {
+        FenceReport {
+            running: self.child.load(Ordering::SeqCst) != 0,
+            restarts: self.restarts.load(Ordering::SeqCst),
         }
     }
 
@@ -295,6 +332,13 @@ mod tests {
         assert_eq!(ended_by(&mut guarded), Some(Signal::SIGQUIT as i32));
         assert_eq!(fence.word.load(Ordering::SeqCst), 0, "the guard is cleared");
 
+        assert_eq!(
+            fence.report(),
+            FenceReport {
+                running: true,
+                restarts: 0
+            }
+        );
         // Killed, it is started again by the next look, and guards as before.
         let first = fence.pid();
         kill(first, Signal::SIGKILL).expect("kill the fence process");
@@ -307,6 +351,13 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(restarted && fence.pid() != first, "a new fence process");
+        assert_eq!(
+            fence.report(),
+            FenceReport {
+                running: true,
+                restarts: 1
+            }
+        );
         assert!(!fence.keep_alive(), "alive: nothing to do");
         let mut next = std::process::Command::new("sleep")
             .arg("30")

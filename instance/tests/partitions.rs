@@ -1,7 +1,8 @@
 //! Partitions on real PostgreSQL 18 and a real kube-apiserver: the API server out of reach of
-//! every instance, a primary cut off from it, a primary whose instance manager hangs (SIGSTOP),
-//! a replica cut off from the primary. Each instance is a `pg-instance` process behind its own
-//! cuttable proxy (see `support`).
+//! every instance, a primary cut off from it, a primary whose instance manager hangs (SIGSTOP;
+//! its fence process is killed first, so the one started again does the work), a replica cut off
+//! from the primary. Each instance is a `pg-instance` process behind its own cuttable proxy (see
+//! `support`).
 
 mod support;
 
@@ -10,6 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use api::contract;
+use instance::watchdog::FenceReport;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use support::ha::{FAILOVER, STARTUP, count_present, started};
 use support::{TestCluster, connect_port, eventually};
 
@@ -255,9 +259,35 @@ async fn a_primary_whose_instance_manager_hangs_is_stopped_by_its_fence_before_a
     let postmaster = cluster.instances[primary]
         .postmaster_pid()
         .expect("the primary's postmaster runs");
+    // The fence process, killed, is started again (and counted); the new one does the work.
+    let fence = cluster
+        .fence_pid(primary)
+        .expect("the primary's fence process");
+    kill(Pid::from_raw(fence), Signal::SIGKILL).unwrap();
+    let restarted = eventually(
+        "the fence process started again and counted",
+        Duration::from_secs(10),
+        || async {
+            cluster
+                .status(primary)
+                .await
+                .and_then(|status| status.fence)
+                == Some(FenceReport {
+                    running: true,
+                    restarts: 1,
+                })
+                && cluster
+                    .fence_pid(primary)
+                    .is_some_and(|again| again != fence)
+        },
+    )
+    .await;
+    if let Err(error) = restarted {
+        panic!("{error}: {:?}", cluster.status(primary).await);
+    }
     let checker = Checker::start(&cluster, primary).await;
     // The whole manager stops: its run loop and its watchdog task with it.
-    cluster.signal_manager(primary, nix::sys::signal::Signal::SIGSTOP);
+    cluster.signal_manager(primary, Signal::SIGSTOP);
     let new_primary = cluster.wait_for_new_primary(&old_primary, FAILOVER).await;
     // Written once the new primary is known, before anything can fail: a hung manager must
     // not be left stopped.
@@ -273,7 +303,7 @@ async fn a_primary_whose_instance_manager_hangs_is_stopped_by_its_fence_before_a
                 .trim_start()
                 .starts_with('Z')
         });
-    cluster.signal_manager(primary, nix::sys::signal::Signal::SIGCONT);
+    cluster.signal_manager(primary, Signal::SIGCONT);
     let new_primary = new_primary.unwrap();
     single_writer_handover(&rounds, primary, new_primary);
     assert!(
@@ -319,7 +349,7 @@ async fn a_replica_cut_off_from_the_primary_is_not_elected() {
         .unwrap()
         .get(0);
     let receiver = nix::unistd::Pid::from_raw(receiver);
-    nix::sys::signal::kill(receiver, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    kill(receiver, Signal::SIGSTOP).unwrap();
     let client = cluster.connect(primary).await.unwrap();
     client
         .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
@@ -335,7 +365,7 @@ async fn a_replica_cut_off_from_the_primary_is_not_elected() {
 
     cluster.kill_instance(primary);
     let new_primary = cluster.wait_for_new_primary(&old_primary, FAILOVER).await;
-    let _ = nix::sys::signal::kill(receiver, nix::sys::signal::Signal::SIGCONT);
+    let _ = kill(receiver, Signal::SIGCONT);
     let new_primary = new_primary.unwrap();
     assert_eq!(
         new_primary, healthy,

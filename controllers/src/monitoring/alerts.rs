@@ -110,6 +110,15 @@ pub fn alerts() -> Vec<Alert> {
             severity: "warning",
             summary: "An instance is fenced: PostgreSQL is stopped on it until the fence is lifted",
         },
+        Alert {
+            name: "PostgresFenceProcessDown",
+            // Every instance manager forks one at start and starts it again when it is gone;
+            // 0 means that failed (out of memory, a process limit).
+            expr: "pg_instance_fence_running{SEL} == 0",
+            for_: "5m",
+            severity: "warning",
+            summary: "An instance manager runs without its fence process: were it to hang, its primary would keep accepting writes beside a new one",
+        },
         // A replica cluster's designated primary lists its source's WAL archive (every 30 s)
         // and exports the distance; no other instance has these series.
         Alert {

@@ -80,6 +80,7 @@ impl Manager {
         status.fenced = matches!(self.role, Role::Fenced { .. });
         status.api_reachable = self.api_reachable;
         status.postgres_restarts = self.restarts;
+        status.fence = self.watchdog.fence_report();
         status.last_join = self.last_join.clone();
         status.last_error = self.last_error.clone();
         status.bootstrapping = self.role == Role::Primary && self.roles.new_cluster_pending();

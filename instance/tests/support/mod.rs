@@ -368,6 +368,28 @@ impl TestCluster {
         }
     }
 
+    /// The fence process of instance `index`: the child of its `pg-instance` that runs the
+    /// same program (a fork; a re-fork comes from a runtime thread, so every thread's
+    /// children are read).
+    pub fn fence_pid(&self, index: usize) -> Option<i32> {
+        let manager = self.instances[index].process.as_ref()?.pid();
+        let exe = std::fs::read_link(format!("/proc/{manager}/exe")).ok()?;
+        let tasks = std::fs::read_dir(format!("/proc/{manager}/task")).ok()?;
+        tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+            .flat_map(|children| {
+                children
+                    .split_whitespace()
+                    .filter_map(|pid| pid.parse::<i32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .find(|child| {
+                // Not by name: a fork from a runtime thread has that thread's name.
+                std::fs::read_link(format!("/proc/{child}/exe")).ok() == Some(exe.clone())
+            })
+    }
+
     /// `kill -9` of the instance's postmaster and of its `pg-instance`.
     pub fn kill_instance(&mut self, index: usize) {
         let instance = &mut self.instances[index];
