@@ -1,7 +1,9 @@
 //! pg-router in Kubernetes mode, as a real process against a real API server and real
 //! PostgreSQL 18 shards (TLS only, each shard cluster with its own CA, verified by the router):
 //! the topology comes from the PostgresCluster, its ShardRanges and the shards' primary pods;
-//! clients log in with the roles PostgresUser objects declare; moving a range or a primary in the API changes where statements go, without a restart.
+//! clients log in with the roles PostgresUser objects declare; moving a range or a primary in the
+//! API changes where statements go, without a restart; a shard's CA renewed in its Secret is
+//! trusted beside the old one until the shard presents a certificate from it.
 
 mod common;
 
@@ -572,6 +574,65 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         .await
         .expect("the keys are free: no lock left behind");
     }
+    // The operator renews shard-0's CA: its Secret changes at once, the shard's certificate only
+    // once its instance manager reloads. New router connections are made at each step (the
+    // shard's client backends are ended): the old certificate stays trusted beside the new CA,
+    // and the new one is trusted without any other change to the topology.
+    let applied = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("topology from Kubernetes applied")
+            .count()
+    };
+    let before = applied();
+    let renewed = TestCa::new("db-shard-0 CA, renewed").expect("a CA");
+    Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .patch(
+            &contract::tls_ca_secret("db-shard-0"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {contract::tls_keys::CA: ByteString(renewed.pem().as_bytes().to_vec())}})),
+        )
+        .await
+        .unwrap();
+    eventually("the router read the renewed CA", || async {
+        (applied() > before).then_some(())
+    })
+    .await;
+    let shard_0_key = (1..=100).find(|k| initial_shard(*k) == 0).unwrap();
+    let through_new_connections = |step: &'static str| {
+        let app = &app;
+        let shard = &shards[0];
+        async move {
+            eventually(step, || async {
+                shard
+                    .client()
+                    .await
+                    .ok()?
+                    .batch_execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE backend_type = 'client backend' AND client_addr IS NOT NULL",
+                    )
+                    .await
+                    .ok()?;
+                app.query_one(
+                    "SELECT count(*) FROM orders WHERE customer_id = $1",
+                    &[&shard_0_key],
+                )
+                .await
+                .ok()
+                .map(|_| ())
+            })
+            .await
+        }
+    };
+    through_new_connections("shard-0's old certificate, still trusted during the rotation").await;
+    let name = format!("db-shard-0-rw.{NAMESPACE}.svc");
+    shards[0]
+        .replace_tls(&renewed.issue(&[&name]).expect("a certificate"))
+        .await
+        .unwrap();
+    through_new_connections("shard-0's certificate from the renewed CA").await;
+
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         !log_text.contains(BACKEND_PASSWORD) && !log_text.contains("app-pw"),

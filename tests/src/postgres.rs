@@ -315,6 +315,20 @@ impl Postgres {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     }
 
+    /// Replaces the server's certificate and key (as an instance manager does when its Secret
+    /// is renewed) and reloads the configuration: new connections get the new certificate.
+    pub async fn replace_tls(&self, tls: &crate::pg_tls::ServerTls) -> anyhow::Result<()> {
+        anyhow::ensure!(self.tls, "this server was started without TLS");
+        // Written over the files in place: they keep the owner and mode PostgreSQL demands.
+        fs::write(self.dir.path().join("server.crt"), &tls.certificate_pem)?;
+        fs::write(self.dir.path().join("server.key"), &tls.key_pem)?;
+        self.client()
+            .await?
+            .batch_execute("SELECT pg_reload_conf()")
+            .await?;
+        Ok(())
+    }
+
     /// Kills the postmaster with SIGKILL (a crash).
     pub fn kill_hard(&mut self) {
         self.server.kill_hard();

@@ -5,11 +5,12 @@
 //! it live with `RouterState::reload` whenever one of them changes. A statement holds the
 //! runtime (topology and pools) it started with, so statements in flight finish on the old one.
 //!
-//! [`topology`] is pure; [`watch`] and [`auth`] (client logins from PostgresUser objects) talk to
-//! the API server.
+//! [`topology`] and [`trust`] (the shards' CAs while one is rotated) are pure; [`watch`] and
+//! [`auth`] (client logins from PostgresUser objects) talk to the API server.
 
 pub mod auth;
 pub mod topology;
+pub mod trust;
 pub mod watch;
 
 pub use watch::{KubernetesSource, WatchError};

@@ -1,6 +1,8 @@
 //! The acting half of Kubernetes mode: watches the cluster, its ShardRanges and the shards'
 //! primary pods, rebuilds the topology on every change and reloads it when it differs; reads
-//! them all again when a session asks (a shard's fence said this router's epoch is old).
+//! them all again when a session asks (a shard's fence said this router's epoch is old). The
+//! shards' CA Secrets are read again every [`CA_RECHECK`] (the router's Role may `get` them,
+//! not watch them), so a rotated CA reaches the router without waiting for another change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use super::topology;
+use super::trust::TrustedCas;
 use crate::frontend::session::RouterState;
 use crate::topology::Topology;
 
@@ -25,6 +28,9 @@ type Built = (Topology, String, BTreeMap<String, i64>);
 
 /// Changes closer together than this are applied as one reload.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// How often the shards' CA Secrets are read again (one `get` a shard).
+const CA_RECHECK: Duration = Duration::from_secs(10);
 
 /// Errors of Kubernetes mode.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +62,8 @@ pub struct KubernetesSource {
     client: Client,
     namespace: String,
     cluster: String,
+    /// The CAs trusted per shard, across a rotation.
+    trusted: Arc<std::sync::Mutex<TrustedCas>>,
 }
 
 /// The primaries of `cluster`'s shards from their pods (the instance manager labels its own pod
@@ -116,6 +124,7 @@ impl KubernetesSource {
             client,
             namespace: namespace.to_string(),
             cluster: cluster.to_string(),
+            trusted: Arc::default(),
         }
     }
 
@@ -150,9 +159,10 @@ impl KubernetesSource {
         Ok(self.build(&cluster, &ranges, &pods, &ca_pems))
     }
 
-    /// The CA certificate of each shard cluster that has a primary: `ca.crt` of its
+    /// The CA certificates each shard cluster that has a primary may chain to: `ca.crt` of its
     /// `<child>-ca` Secret (absent when the cluster's TLS is disabled or the Secret is not
-    /// written yet; [`topology::secure`] decides whether that is a problem).
+    /// written yet; [`topology::secure`] decides whether that is a problem), and a CA it
+    /// replaced during the overlap of a rotation ([`TrustedCas`]).
     async fn ca_pems(&self, pods: &[Arc<Pod>]) -> Result<BTreeMap<String, String>, WatchError> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut pems = BTreeMap::new();
@@ -170,7 +180,11 @@ impl KubernetesSource {
                 pems.insert(child, pem);
             }
         }
-        Ok(pems)
+        let mut trusted = self
+            .trusted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(trusted.update(pems, std::time::Instant::now()))
     }
 
     /// The topology, a fingerprint of what it was built from, and the epoch of each range.
@@ -272,6 +286,8 @@ impl KubernetesSource {
             pod_stream.boxed(),
         ]);
         let mut applied = Applied::default();
+        let mut ca_recheck = tokio::time::interval(CA_RECHECK);
+        ca_recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Fault injection for tests: a router whose watch lags behind (it routes by its first
         // topology until a shard's fence makes it read the objects again).
         let ignore_watch =
@@ -293,6 +309,18 @@ impl KubernetesSource {
                             self.apply(&state, &clusters, &ranges, &pods, &ca_pems, &mut applied);
                         }
                         Err(error) => tracing::warn!(cluster = %self.cluster, %error, "reading the shards' CA Secrets; keeping the current topology"),
+                    }
+                }
+                _ = ca_recheck.tick() => {
+                    if ignore_watch {
+                        continue;
+                    }
+                    // A rotated CA: the fingerprint holds the PEMs, so only a change reloads.
+                    match self.ca_pems(&pods.state()).await {
+                        Ok(ca_pems) => {
+                            self.apply(&state, &clusters, &ranges, &pods, &ca_pems, &mut applied);
+                        }
+                        Err(error) => tracing::debug!(cluster = %self.cluster, %error, "reading the shards' CA Secrets again"),
                     }
                 }
                 () = state.refresh_requested() => {
