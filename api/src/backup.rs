@@ -21,6 +21,8 @@ use crate::common::{ClusterReference, StorageSpec};
     printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.cluster.name"}"#,
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Backup","type":"string","priority":1,"jsonPath":".status.backupId"}"#,
+    printcolumn = r#"{"name":"Claim","type":"string","priority":1,"jsonPath":".status.volumeClaim"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

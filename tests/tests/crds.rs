@@ -152,6 +152,48 @@ async fn generated_crds_install_and_every_example_is_stored_with_defaults() {
     let poolers: kube::Api<api::Pooler> = kube::Api::namespaced(client.clone(), "default");
     let pooler = serde_json::to_value(poolers.get("demo-pooler-rw").await.unwrap()).unwrap();
     assert_eq!(pooler["spec"]["pgbouncer"]["parameters"], Value::Null);
+    // `kubectl get pgbackup -o wide` names the backup and, for a volume, the claim to restore
+    // from (the API server computes the columns; read as kubectl reads them, as a Table).
+    let jobs: kube::Api<api::BackupJob> = kube::Api::namespaced(client.clone(), "default");
+    jobs.patch_status(
+        "demo-manual-backup",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"status": {"phase": "Completed",
+            "backupId": "20261206T101500", "volumeClaim": "demo-manual-backup"}})),
+    )
+    .await
+    .unwrap();
+    let request = http::Request::get(
+        "/apis/postgres.keiailab.io/v1alpha1/namespaces/default/backupjobs/demo-manual-backup",
+    )
+    .header(
+        "Accept",
+        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+    )
+    .body(Vec::new())
+    .unwrap();
+    let table: Value = client.request(request).await.unwrap();
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|column| column["name"].as_str().unwrap())
+        .collect();
+    let cell = |name: &str| {
+        let index = columns.iter().position(|column| *column == name);
+        index.map(|index| table["rows"][0]["cells"][index].clone())
+    };
+    assert_eq!(cell("Phase"), Some(json!("Completed")), "{columns:?}");
+    assert_eq!(
+        cell("Backup"),
+        Some(json!("20261206T101500")),
+        "{columns:?}"
+    );
+    assert_eq!(
+        cell("Claim"),
+        Some(json!("demo-manual-backup")),
+        "{columns:?}"
+    );
     let users: kube::Api<api::PostgresUser> = kube::Api::namespaced(client, "default");
     let user = serde_json::to_value(users.get("demo-inventory").await.unwrap()).unwrap();
     assert_eq!(
