@@ -1,7 +1,8 @@
 //! The Grafana dashboards of `deploy/grafana/dashboards/` against what the code really exports:
 //! the PostgreSQL dashboards (cluster overview, instance, replication) read only metrics that the
 //! instance manager's `/metrics` serves, scraped from a real primary and a streaming replica on
-//! PostgreSQL 18 (with pg_stat_statements and WAL archiving); the pooler dashboard only metrics the
+//! PostgreSQL 18 (with pg_stat_statements and WAL archiving), and a replica cluster's designated
+//! primary; the pooler dashboard only metrics the
 //! pooler exporter (`pg-instance pooler-exporter`) serves, scraped in front of a real PgBouncer;
 //! every dashboard passes the dashboard-linter rules and its PromQL
 //! parses under the real promtool.
@@ -29,14 +30,23 @@ const POSTGRES_DASHBOARDS: &[&str] = &["cluster-overview", "instance", "replicat
 
 /// Serves an instance manager's HTTP router for the PostgreSQL on `port`; returns its port.
 async fn instance_manager(pod: &str, role: &str, port: u16) -> anyhow::Result<u16> {
-    let shared = instance::http::Shared::new(pod, 1024, Duration::from_secs(2));
+    instance_manager_with(
+        InstanceStatus {
+            pod: pod.to_string(),
+            role: role.to_string(),
+            postgres_ready: true,
+            ..InstanceStatus::default()
+        },
+        port,
+    )
+    .await
+}
+
+/// As [`instance_manager`], publishing `status`.
+async fn instance_manager_with(status: InstanceStatus, port: u16) -> anyhow::Result<u16> {
+    let shared = instance::http::Shared::new(&status.pod, 1024, Duration::from_secs(2));
     // What the manager's loop publishes after each probe of PostgreSQL.
-    shared.set_status(InstanceStatus {
-        pod: pod.to_string(),
-        role: role.to_string(),
-        postgres_ready: true,
-        ..InstanceStatus::default()
-    });
+    shared.set_status(status);
     shared.database.configure(Settings {
         connection: format!("host=127.0.0.1 port={port} user=postgres dbname=postgres").parse()?,
         timeout: Duration::from_secs(5),
@@ -90,6 +100,26 @@ async fn postgres_dashboards_query_only_metrics_the_instance_manager_exports() -
     )?;
     let primary_http = instance_manager("db-0", contract::role::PRIMARY, primary.port()).await?;
     let replica_http = instance_manager("db-1", contract::role::REPLICA, replica.port()).await?;
+    // A replica cluster's designated primary (its PostgreSQL is the replica's here: what the
+    // dashboards need is its distance to the source's archive, which the manager's loop
+    // publishes after each listing).
+    let designated_http = instance_manager_with(
+        InstanceStatus {
+            pod: "dr-0".into(),
+            role: contract::role::PRIMARY.into(),
+            postgres_ready: true,
+            source_archive: Some(instance::backup::source_lag::SourceArchiveLag {
+                source: "db".into(),
+                segments: 2,
+                bytes: 20 << 20,
+                seconds: 42.0,
+                ..Default::default()
+            }),
+            ..InstanceStatus::default()
+        },
+        replica.port(),
+    )
+    .await?;
 
     // Act: scrape both, as Prometheus would.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -98,6 +128,7 @@ async fn postgres_dashboards_query_only_metrics_the_instance_manager_exports() -
         let replica_text = scrape(replica_http).await?;
         let mut exported = dashboards::exported_names(&primary_text);
         exported.extend(dashboards::exported_names(&replica_text));
+        exported.extend(dashboards::exported_names(&scrape(designated_http).await?));
         // The replica's WAL receiver and the standby's row appear once it streams; the lag
         // figures a moment later, with the standby's first reply (its replay_lsn is NULL until
         // then, and a NULL is no sample).
