@@ -115,10 +115,23 @@ pub fn status(view: &ClusterView, now: Timestamp) -> String {
             .instance_pods
             .iter()
             .map(|i| {
-                let lag = match (i.lag_bytes, i.lag_seconds) {
-                    (Some(b), Some(s)) if s >= 1.0 => format!("{} ({s:.0}s)", bytes(b)),
-                    (Some(b), _) => bytes(b),
-                    (None, _) => NONE.to_string(),
+                let lag = match (i.lag_bytes, i.lag_seconds, &i.source_archive) {
+                    (Some(b), Some(s), _) if s >= 1.0 => format!("{} ({s:.0}s)", bytes(b)),
+                    (Some(b), _, _) => bytes(b),
+                    // A replica cluster's designated primary: behind its source's archive.
+                    (None, _, Some(archive)) if archive.error.is_some() => {
+                        format!("? (cannot list {}'s archive)", archive.source)
+                    }
+                    (None, _, Some(archive)) if archive.seconds >= 1.0 => format!(
+                        "{} ({:.0}s) behind {}",
+                        bytes(archive.bytes),
+                        archive.seconds,
+                        archive.source
+                    ),
+                    (None, _, Some(archive)) => {
+                        format!("{} behind {}", bytes(archive.bytes), archive.source)
+                    }
+                    (None, _, None) => NONE.to_string(),
                 };
                 vec![
                     i.pod.clone(),
@@ -231,6 +244,50 @@ mod tests {
         assert_eq!(age(now, at("2026-12-04T09:48:00Z")), "12m");
         assert_eq!(age(now, at("2026-12-04T05:00:00Z")), "5h");
         assert_eq!(age(now, at("2026-12-01T10:00:00Z")), "3d");
+    }
+
+    #[test]
+    fn a_designated_primary_shows_how_far_behind_its_sources_archive_it_is() {
+        let now: Timestamp = "2026-12-04T10:00:00Z".parse().unwrap();
+        let row = |archive: crate::view::SourceArchive| InstanceRow {
+            pod: "dr-0".into(),
+            role: "primary".into(),
+            status: "ready".into(),
+            source_archive: Some(archive),
+            ..InstanceRow::default()
+        };
+        let text = |archive| {
+            status(
+                &ClusterView {
+                    name: "dr".into(),
+                    instance_pods: vec![row(archive)],
+                    ..ClusterView::default()
+                },
+                now,
+            )
+        };
+        let caught_up = text(crate::view::SourceArchive {
+            source: "db".into(),
+            ..Default::default()
+        });
+        assert!(caught_up.contains("0 B behind db"), "{caught_up}");
+        let behind = text(crate::view::SourceArchive {
+            source: "db".into(),
+            segments: 2,
+            bytes: 24 << 20,
+            seconds: 75.4,
+            error: None,
+        });
+        assert!(behind.contains("24.0 MiB (75s) behind db"), "{behind}");
+        let failing = text(crate::view::SourceArchive {
+            source: "db".into(),
+            error: Some("AccessDenied".into()),
+            ..Default::default()
+        });
+        assert!(
+            failing.contains("? (cannot list db's archive)"),
+            "{failing}"
+        );
     }
 
     #[test]

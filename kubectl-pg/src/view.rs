@@ -42,6 +42,25 @@ pub struct Reported {
     pub restart_token: Option<String>,
     /// Last error of the instance manager's run loop.
     pub last_error: Option<String>,
+    /// A replica cluster's designated primary: its distance to the source's WAL archive.
+    pub source_archive: Option<SourceArchive>,
+}
+
+/// The `sourceArchive` of a designated primary's status.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SourceArchive {
+    /// The source cluster.
+    pub source: String,
+    /// Archived WAL segments not replayed yet.
+    pub segments: u64,
+    /// Bytes not replayed yet.
+    pub bytes: u64,
+    /// How long the oldest of them has waited.
+    pub seconds: f64,
+    /// Why the last listing of the source's archive failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Reported {
@@ -96,6 +115,9 @@ pub struct InstanceRow {
     /// Last error the instance manager reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// A replica cluster's designated primary: how far behind its source's archive it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_archive: Option<SourceArchive>,
 }
 
 impl InstanceRow {
@@ -156,6 +178,7 @@ impl InstanceRow {
             ip: status.pod_ip,
             restart_token: reported.restart_token,
             last_error: reported.last_error,
+            source_archive: is_primary.then_some(reported.source_archive).flatten(),
             role,
         }
     }
@@ -434,6 +457,24 @@ pub(crate) mod tests {
         assert!(row.is_primary());
         assert_eq!(row.lsn.as_deref(), Some("0/5000100"));
         assert_eq!(row.lag_bytes, None);
+    }
+
+    #[test]
+    fn a_designated_primary_row_shows_its_distance_to_the_sources_archive() {
+        let row = InstanceRow::from_pod(&pod(
+            "dr-0",
+            "primary",
+            true,
+            json!({"role": "primary", "inRecovery": true, "sourceArchive": {"source": "db",
+                   "segments": 2, "bytes": 25165824, "seconds": 75.5,
+                   "checkedAt": "2026-12-04T10:00:00Z"}}),
+        ));
+        let lag = row.source_archive.expect("the distance");
+        assert_eq!(
+            (lag.source.as_str(), lag.segments, lag.bytes),
+            ("db", 2, 25165824)
+        );
+        assert_eq!(lag.seconds, 75.5);
     }
 
     #[test]
