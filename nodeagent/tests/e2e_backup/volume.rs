@@ -287,15 +287,18 @@ async fn a_backup_to_a_volume_restores_into_a_new_cluster_without_an_object_stor
         json!({"instances": 1, "bootstrap": {"volume": {"claimName": "taken"}}}),
     )
     .await?;
+    // Up to five minutes: on a loaded machine (a CI run building release binaries beside it)
+    // the restore Job's pod was still running after two.
     let (_, _, message) = eventually(
         "vempty to say its restore failed",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         || async {
             let degraded = condition_of(&empty, "vempty", "Degraded").await?;
             Ok(if degraded.1 == "VolumeRestoreFailed" {
                 Ok(degraded)
             } else {
-                Err(format!("{degraded:?}"))
+                let progressing = condition_of(&empty, "vempty", "Progressing").await?;
+                Err(format!("{degraded:?}, Progressing {progressing:?}"))
             })
         },
     )
