@@ -169,9 +169,27 @@ pub fn tls_ca_secret(cluster: &str) -> String {
 }
 
 /// Secret with the operator CA's certificate and private key (`ca.crt`, `ca.key`); read by the
-/// operator only, never mounted into a pod.
+/// operator only, never mounted into a pod. While the CA is being renewed it also holds the next
+/// CA (`next-ca.crt`, `next-ca.key`) or, once that signs, the previous CA's certificate
+/// (`previous-ca.crt`) until it expires: every `ca.crt` the operator publishes is then the
+/// bundle of all of them, so that peers and clients trust both sides of the change.
 pub fn tls_ca_private_secret(cluster: &str) -> String {
     format!("{cluster}-ca-private")
+}
+
+/// FNV-1a, 64 bits: stable across releases (unlike `DefaultHasher`), which a hash stored in the
+/// API must be. Not a security measure: it compares public texts.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Digest of a CA bundle (`ca.crt`) as the instance manager reports the one PostgreSQL has
+/// loaded (`tlsCa` of its status annotation) and the operator compares with the one it
+/// published, before it lets a renewed CA sign.
+pub fn ca_bundle_digest(pem: &[u8]) -> String {
+    format!("{:016x}", fnv1a64(pem))
 }
 
 /// Secret (`kubernetes.io/tls`: `tls.crt`, `tls.key`, `ca.crt`) with PostgreSQL's server
@@ -200,10 +218,16 @@ pub mod tls_keys {
     pub const CERTIFICATE: &str = "tls.crt";
     /// Its private key (PEM).
     pub const KEY: &str = "tls.key";
-    /// The CA that signed it (PEM).
+    /// The CAs to trust (PEM): the one that signed it, and during a CA renewal the other one.
     pub const CA: &str = "ca.crt";
     /// The CA's private key (PEM), in the operator's private CA Secret only.
     pub const CA_KEY: &str = "ca.key";
+    /// A renewed CA not signing yet (private CA Secret, during a renewal).
+    pub const NEXT_CA: &str = "next-ca.crt";
+    /// Its private key.
+    pub const NEXT_CA_KEY: &str = "next-ca.key";
+    /// The CA a renewal replaced, trusted until it expires (private CA Secret).
+    pub const PREVIOUS_CA: &str = "previous-ca.crt";
 }
 
 /// Secret (per cluster) with the credentials of [`POOLER_AUTH_USER`]: the operator creates it

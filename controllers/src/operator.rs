@@ -90,6 +90,14 @@ pub struct Config {
     /// A certificate with less than this left is renewed, in seconds (30 days).
     #[arg(long, env = "TLS_RENEW_BEFORE_SECONDS", default_value_t = 30 * 86400)]
     pub tls_renew_before_seconds: u64,
+    /// Validity of each cluster's operator CA, in seconds (10 years).
+    #[arg(long, env = "TLS_CA_SECONDS", default_value_t = 10 * 365 * 86400)]
+    pub tls_ca_seconds: u64,
+    /// How long a renewed CA is published next to the old one (in every `ca.crt`) before it
+    /// signs the certificates, in seconds (7 days; at most half of the renewal threshold).
+    /// Applications that read `<cluster>-ca` must read it again within this time.
+    #[arg(long, env = "TLS_CA_OVERLAP_SECONDS", default_value_t = 7 * 86400)]
+    pub tls_ca_overlap_seconds: u64,
 }
 
 /// Errors that stop the operator.
@@ -248,7 +256,8 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
             tls: crate::tls::certificates::Lifetimes {
                 leaf: Duration::from_secs(config.tls_certificate_seconds),
                 renew_before: Duration::from_secs(config.tls_renew_before_seconds),
-                ..Default::default()
+                ca: Duration::from_secs(config.tls_ca_seconds),
+                ca_overlap: Duration::from_secs(config.tls_ca_overlap_seconds),
             },
         },
     });

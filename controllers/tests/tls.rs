@@ -207,3 +207,197 @@ async fn the_users_extra_dns_names_are_in_the_server_certificate_and_a_change_re
     assert_eq!(reissued.issuer, first.issuer);
     assert!(reissued.dns_names.contains(&"db.example.com".to_string()));
 }
+
+/// A key of a Secret, empty when it is not there.
+fn optional(secret: &Secret, key: &str) -> String {
+    secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .map(|value| String::from_utf8(value.0.clone()).unwrap())
+        .unwrap_or_default()
+}
+
+fn certificate_count(pem: &str) -> usize {
+    pem.matches("BEGIN CERTIFICATE").count()
+}
+
+/// A CA renewal with an overlap: the renewed CA is published next to the old one in every
+/// `ca.crt` while the old one still signs; it signs only once the overlap is over and every
+/// ready instance reports the bundle loaded; the old one stays trusted until it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_one_retires() {
+    let env = Env::start_with_settings(
+        "tls-r",
+        Settings {
+            instance_manager_image: MANAGER_IMAGE.to_string(),
+            tls: Lifetimes {
+                ca: Duration::from_secs(3600),
+                leaf: Duration::from_secs(3600),
+                renew_before: Duration::from_secs(40),
+                ca_overlap: Duration::from_secs(6),
+            },
+            ..Settings::default()
+        },
+    )
+    .await;
+    // A CA that is due in 30 s (70 s left, renewed with 40 s left), as a CA made ten years
+    // ago would be: the user's own, placed before the cluster.
+    let now = time::OffsetDateTime::now_utc();
+    let old = certificates::new_ca("db", "tls-r", now, Duration::from_secs(70)).unwrap();
+    let secrets = env.api::<Secret>();
+    let seeded = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(contract::tls_ca_private_secret("db")),
+            ..Default::default()
+        },
+        string_data: Some(
+            [
+                ("ca.crt".to_string(), old.certificate_pem.clone()),
+                ("ca.key".to_string(), old.key_pem.clone()),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    };
+    secrets
+        .create(&kube::api::PostParams::default(), &seeded)
+        .await
+        .unwrap();
+    env.create_cluster("db", spec(1, "postgres:18")).await;
+    let server: Secret = env.object(&contract::tls_server_secret("db")).await;
+    let old_summary = certificates::summary(&old.certificate_pem, "old").unwrap();
+    let first = certificates::summary(&text(&server, "tls.crt"), "server").unwrap();
+    assert!(
+        certificates::signed_by(&first, &old_summary),
+        "the seeded CA signs"
+    );
+    // The instance, ready, has not reported any bundle.
+    env.play_pod("db", 0, "primary", true).await;
+
+    // Staged: both CAs in every ca.crt, the old one still signs.
+    let staged = env
+        .eventually("a next CA is published", || {
+            let secrets = secrets.clone();
+            async move {
+                let private = secrets
+                    .get(&contract::tls_ca_private_secret("db"))
+                    .await
+                    .ok()?;
+                let next = optional(&private, "next-ca.crt");
+                (!next.is_empty()).then_some(next)
+            }
+        })
+        .await;
+    let bundle = env
+        .eventually("the bundle reaches the leaves' ca.crt", || {
+            let secrets = secrets.clone();
+            async move {
+                let server = secrets.get(&contract::tls_server_secret("db")).await.ok()?;
+                let ca = text(&server, "ca.crt");
+                (certificate_count(&ca) == 2).then_some(ca)
+            }
+        })
+        .await;
+    assert!(
+        bundle.starts_with(old.certificate_pem.trim_end()),
+        "the signing CA first"
+    );
+    assert!(bundle.contains(staged.trim_end()));
+    let public: Secret = env.object(&contract::tls_ca_secret("db")).await;
+    assert_eq!(text(&public, "ca.crt"), bundle, "applications get both");
+    let replication: Secret = env.object(&contract::tls_replication_secret("db")).await;
+    assert_eq!(text(&replication, "ca.crt"), bundle);
+    let server: Secret = env.object(&contract::tls_server_secret("db")).await;
+    assert_eq!(
+        certificates::summary(&text(&server, "tls.crt"), "server")
+            .unwrap()
+            .serial,
+        first.serial,
+        "the same certificate: only its trust changed"
+    );
+
+    // The overlap (6 s) is over, but db-0 has not loaded the bundle: the old CA still signs.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let private: Secret = env.object(&contract::tls_ca_private_secret("db")).await;
+    assert_eq!(
+        text(&private, "ca.crt"),
+        old.certificate_pem,
+        "not promoted"
+    );
+    assert_eq!(optional(&private, "next-ca.crt"), staged);
+
+    // db-0 reports the bundle loaded: the renewed CA signs, the leaves are issued again.
+    let pods = env.api::<k8s_openapi::api::core::v1::Pod>();
+    let report = serde_json::json!({"role": "primary", "tlsCa": contract::ca_bundle_digest(bundle.as_bytes())});
+    pods.patch(
+        "db-0",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+            contract::ANNOTATION_INSTANCE_STATUS: report.to_string()
+        }}})),
+    )
+    .await
+    .unwrap();
+    let (server, promoted_bundle) = env
+        .eventually("the renewed CA signs the server certificate", || {
+            let secrets = secrets.clone();
+            let staged = staged.clone();
+            async move {
+                let server = secrets.get(&contract::tls_server_secret("db")).await.ok()?;
+                let summary = certificates::summary(&text(&server, "tls.crt"), "server").ok()?;
+                let next = certificates::summary(&staged, "next").ok()?;
+                certificates::signed_by(&summary, &next).then(|| {
+                    let ca = text(&server, "ca.crt");
+                    (server, ca)
+                })
+            }
+        })
+        .await;
+    assert!(
+        promoted_bundle.starts_with(staged.trim_end()),
+        "the renewed CA first"
+    );
+    assert!(
+        promoted_bundle.contains(old.certificate_pem.trim_end()),
+        "the old CA stays trusted until it expires"
+    );
+    assert_ne!(
+        certificates::summary(&text(&server, "tls.crt"), "server")
+            .unwrap()
+            .serial,
+        first.serial
+    );
+    let private: Secret = env.object(&contract::tls_ca_private_secret("db")).await;
+    assert_eq!(text(&private, "ca.crt"), staged);
+    assert_eq!(optional(&private, "next-ca.crt"), "");
+    assert_eq!(optional(&private, "previous-ca.crt"), old.certificate_pem);
+
+    // The old CA expires (70 s after it was made): out of every ca.crt.
+    let retired = env
+        .eventually("the expired CA leaves the bundle", || {
+            let secrets = secrets.clone();
+            async move {
+                let public = secrets.get(&contract::tls_ca_secret("db")).await.ok()?;
+                let ca = text(&public, "ca.crt");
+                (certificate_count(&ca) == 1).then_some(ca)
+            }
+        })
+        .await;
+    assert_eq!(retired.trim_end(), staged.trim_end());
+    assert!(
+        time::OffsetDateTime::now_utc() >= old_summary.not_after,
+        "not before it expired"
+    );
+    let reasons = env.event_reasons("db").await;
+    for reason in ["CARenewalStarted", "CARenewed", "CARetired"] {
+        assert!(
+            reasons.contains(&reason.to_string()),
+            "{reason} in {reasons:?}"
+        );
+    }
+    assert!(
+        !reasons.contains(&"CARenewalForced".to_string()),
+        "{reasons:?}"
+    );
+}

@@ -186,6 +186,7 @@ pub async fn run(config: Config, fence: Option<crate::watchdog::Fence>) -> Resul
         rewound_while_stuck: false,
         included_config: None,
         tls_fingerprint: None,
+        tls_ca: None,
         declarative_primary,
         declarative_designated,
         backup,
@@ -277,6 +278,8 @@ struct Manager {
     included_config: Option<Vec<Option<String>>>,
     /// Contents of the mounted certificate Secrets last installed (TLS on).
     tls_fingerprint: Option<Vec<Option<Vec<u8>>>>,
+    /// Digest of the CA bundle last installed and loaded (`tlsCa` of the status).
+    tls_ca: Option<String>,
     /// Tells the declarative reconcilers whether this instance is a writable primary.
     declarative_primary: tokio::sync::watch::Sender<bool>,
     /// Whether this instance is a replica cluster's designated primary (read-only).
@@ -645,6 +648,7 @@ impl Manager {
             info!("certificates installed: reloading PostgreSQL");
             self.postgres.signal(Signal::SIGHUP);
         }
+        self.tls_ca = tls.installed_ca_digest();
         self.tls_fingerprint = Some(fingerprint);
     }
 

@@ -96,6 +96,11 @@ pub struct InstanceStatus {
     /// A replica cluster's designated primary: how far it is behind its source's WAL archive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_archive: Option<crate::backup::source_lag::SourceArchiveLag>,
+    /// Digest of the CA bundle PostgreSQL was last given (`ca.crt` of the mounted TLS Secrets,
+    /// [`api::contract::ca_bundle_digest`]): the operator lets a renewed CA sign once every
+    /// instance reports the bundle that trusts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
 }
 
 impl InstanceStatus {

@@ -63,6 +63,15 @@ impl TlsFiles {
             .collect()
     }
 
+    /// [`api::contract::ca_bundle_digest`] of the CA bundle the installed copies trust, when
+    /// the server's and the replication client's are the same (they are two Secrets the
+    /// operator writes one after the other; between the two writes there is no one bundle).
+    pub fn installed_ca_digest(&self) -> Option<String> {
+        let server = std::fs::read(self.private_file("server", tls_keys::CA)).ok()?;
+        let replication = std::fs::read(self.private_file("replication", tls_keys::CA)).ok()?;
+        (server == replication).then(|| api::contract::ca_bundle_digest(&server))
+    }
+
     /// Whether a replica cluster's source certificates are mounted (`source/`).
     pub fn has_source(&self) -> bool {
         self.mounted
@@ -258,6 +267,25 @@ mod tests {
         assert_eq!(
             files.copies().unwrap_err(),
             dir.path().join("replication/tls.key")
+        );
+    }
+
+    #[test]
+    fn the_installed_bundle_is_reported_only_when_both_copies_agree() {
+        let run = tempfile::tempdir().unwrap();
+        let files = TlsFiles::new(Path::new("/mnt/tls"), run.path());
+        assert_eq!(files.installed_ca_digest(), None, "nothing installed yet");
+        std::fs::create_dir_all(&files.private).unwrap();
+        let write = |folder: &str, text: &str| {
+            std::fs::write(files.private_file(folder, tls_keys::CA), text).unwrap()
+        };
+        write("server", "old\nnew\n");
+        write("replication", "old\n");
+        assert_eq!(files.installed_ca_digest(), None, "mid-renewal");
+        write("replication", "old\nnew\n");
+        assert_eq!(
+            files.installed_ca_digest(),
+            Some(api::contract::ca_bundle_digest(b"old\nnew\n"))
         );
     }
 }

@@ -609,3 +609,249 @@ async fn clients_outside_verify_the_server_by_the_extra_dns_names_and_a_new_one_
     .unwrap();
     assert_eq!(pod_uid(pods.get("an-0").await.unwrap()), before);
 }
+
+/// The certificates of a PEM bundle, each as its own PEM text.
+fn split_bundle(bundle: &str) -> Vec<String> {
+    bundle
+        .split_inclusive("-----END CERTIFICATE-----")
+        .map(str::trim)
+        .filter(|pem| pem.starts_with("-----BEGIN CERTIFICATE-----"))
+        .map(|pem| format!("{pem}\n"))
+        .collect()
+}
+
+/// A CA renewal under a streaming cluster: the renewed CA is published beside the old one in
+/// every `ca.crt` while the old one still signs, so an application that has not read the
+/// Secret again still verifies the server; it signs once both instances loaded the bundle;
+/// an application that follows `<cluster>-ca` never fails a connection, and replication
+/// reconnects across CAs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewed_ca_is_trusted_everywhere_before_it_signs_so_no_connection_fails() {
+    use controllers::tls::certificates;
+    let e2e = stack().unwrap();
+    let client = e2e.client().await.unwrap();
+    let namespace = "e2e-carenew";
+    let name = "cr";
+    // The cluster's own CA, placed before the cluster and due for renewal 200 s from now under
+    // the chart's 30-day threshold, as a CA made ten years ago would be.
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        namespace,
+    )
+    .await
+    .unwrap();
+    let lifetime = Duration::from_secs(30 * 86400 + 200);
+    let old =
+        certificates::new_ca(name, namespace, time::OffsetDateTime::now_utc(), lifetime).unwrap();
+    testbed::manifests::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": api::contract::tls_ca_private_secret(name), "namespace": namespace},
+                "stringData": {"ca.crt": old.certificate_pem, "ca.key": old.key_pem}}),
+        namespace,
+    )
+    .await
+    .unwrap();
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        name,
+        json!({"instances": 2, "failover": calm_failover()}),
+    )
+    .await
+    .unwrap();
+    e2e.wait_healthy(&clusters, name, None, Duration::from_secs(180))
+        .await
+        .unwrap();
+    let public_ca = {
+        let client = client.clone();
+        move || {
+            let client = client.clone();
+            async move {
+                secret_value(
+                    &client,
+                    namespace,
+                    &api::contract::tls_ca_secret(name),
+                    api::contract::tls_keys::CA,
+                )
+                .await
+            }
+        }
+    };
+    assert_eq!(
+        public_ca().await.unwrap().trim_end(),
+        old.certificate_pem.trim_end(),
+        "the cluster became healthy after its CA was due: the scenario needs a larger margin"
+    );
+    let login = common::superuser_login(&client, namespace, name)
+        .await
+        .unwrap();
+    let server_name = login.server_name.clone();
+    // The superuser's login verified against a given ca.crt.
+    let trusting = {
+        let login = login.clone();
+        move |ca_pem: String| -> anyhow::Result<common::Login> {
+            Ok(common::Login {
+                tls: testbed::pg_tls::VerifyFull::new(&ca_pem, &login.server_name)?,
+                ca_pem,
+                ..login.clone()
+            })
+        }
+    };
+    let rw = e2e
+        .service_port(namespace, &api::contract::rw_service(name))
+        .unwrap();
+    let ro = e2e
+        .service_port(namespace, &api::contract::ro_service(name))
+        .unwrap();
+    common::connect_when_served(rw, &login)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE renewal (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    // An application that follows `<cluster>-ca` (as a mounted Secret is followed): a new
+    // connection every 300 ms, verified against the ca.crt of the moment.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = tokio::spawn({
+        let stop = stop.clone();
+        let public_ca = public_ca.clone();
+        let trusting = trusting.clone();
+        async move {
+            let (mut attempts, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(ca_pem) = public_ca().await {
+                    attempts += 1;
+                    let result = async {
+                        let client = common::connect(rw, &trusting(ca_pem)?).await?;
+                        client.simple_query("SELECT 1").await?;
+                        anyhow::Ok(())
+                    };
+                    if let Err(error) = result.await {
+                        failures.push(format!("{error:#}"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            (attempts, failures)
+        }
+    });
+
+    // Staged: both CAs published; the old one still signs, so a client that kept the old
+    // ca.crt still verifies the server.
+    let bundle = eventually(
+        "the renewed CA to be published",
+        Duration::from_secs(300),
+        || async {
+            let ca = public_ca().await?;
+            Ok(if split_bundle(&ca).len() == 2 {
+                Ok(ca)
+            } else {
+                Err(format!("{} certificates", split_bundle(&ca).len()))
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let next = split_bundle(&bundle)[1].clone();
+    testbed::pg_tls::server_certificate("127.0.0.1", rw, &old.certificate_pem, &server_name)
+        .await
+        .expect("the old CA still signs while the renewed one is published");
+
+    // Promoted after the overlap (20 s in the e2e chart values) once both instances loaded the
+    // bundle: PostgreSQL serves a certificate of the renewed CA (reloaded, not restarted).
+    eventually(
+        "the renewed CA to sign the server certificate",
+        Duration::from_secs(120),
+        || async {
+            Ok(
+                match testbed::pg_tls::server_certificate("127.0.0.1", rw, &next, &server_name)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(error) => Err(format!("{error:#}")),
+                },
+            )
+        },
+    )
+    .await
+    .unwrap();
+    let instances = clusters.get(name).await.unwrap().status.unwrap().instances;
+    assert!(
+        instances
+            .iter()
+            .all(|instance| instance.last_join.as_deref() != Some("reclone")),
+        "nobody was cloned again: {instances:?}"
+    );
+
+    // Replication reconnects across the change: its connection dropped, the replica logs in
+    // again with its client certificate, whichever CA signed the one it has loaded.
+    let primary = common::connect_when_served(rw, &trusting(public_ca().await.unwrap()).unwrap())
+        .await
+        .unwrap();
+    primary
+        .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+        .await
+        .unwrap();
+    eventually(
+        "the replica to stream again",
+        Duration::from_secs(60),
+        || async {
+            let row = primary
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                    &[],
+                )
+                .await?;
+            let streaming: i64 = row.get(0);
+            Ok(if streaming == 1 {
+                Ok(())
+            } else {
+                Err(format!("{streaming} streaming"))
+            })
+        },
+    )
+    .await
+    .unwrap();
+    primary
+        .batch_execute("INSERT INTO renewal VALUES (1)")
+        .await
+        .unwrap();
+    let replica_login = trusting(public_ca().await.unwrap()).unwrap();
+    eventually(
+        "the replica to replay the new row",
+        Duration::from_secs(30),
+        || async {
+            let replica = common::connect(ro, &replica_login).await?;
+            let rows = replica.query("SELECT id FROM renewal", &[]).await?;
+            Ok(if rows.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!("{} rows", rows.len()))
+            })
+        },
+    )
+    .await
+    .unwrap();
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (attempts, failures) = follower.await.unwrap();
+    println!(
+        "ca_renewal_follower_connections={attempts} ca_renewal_follower_failures={}",
+        failures.len()
+    );
+    assert!(attempts > 20, "{attempts} connections only");
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} failed: {failures:?}",
+        failures.len()
+    );
+    // A client that never read the Secret again fails now: what the overlap was for.
+    assert!(
+        testbed::pg_tls::server_certificate("127.0.0.1", rw, &old.certificate_pem, &server_name)
+            .await
+            .is_err()
+    );
+}

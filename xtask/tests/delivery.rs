@@ -446,6 +446,25 @@ fn helm_values_set_json_logs_and_the_otlp_endpoint() {
         "http://collector.observability:4318"
     );
     assert_eq!(env_value(deployment, "LOG_JSON")["value"], "false");
+    // The CA renewal settings reach the operator; the defaults are the operator's own.
+    assert_eq!(
+        env_value(deployment, "TLS_CA_OVERLAP_SECONDS")["value"],
+        "604800"
+    );
+    assert_eq!(
+        env_value(deployment, "TLS_CA_SECONDS")["value"],
+        "315360000"
+    );
+    let tuned = render("tls.caOverlapSeconds=3600,tls.renewBeforeSeconds=86400");
+    let deployment = named(&tuned, "Deployment", "postgres-operator");
+    assert_eq!(
+        env_value(deployment, "TLS_CA_OVERLAP_SECONDS")["value"],
+        "3600"
+    );
+    assert_eq!(
+        env_value(deployment, "TLS_RENEW_BEFORE_SECONDS")["value"],
+        "86400"
+    );
 
     let output = run(
         &paths::helm(),

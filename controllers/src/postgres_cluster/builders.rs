@@ -445,13 +445,7 @@ fn hash_of(cluster: &PostgresCluster, pod: &PodSpec) -> String {
     format!("{:016x}", fnv1a64(text.as_bytes()))
 }
 
-/// FNV-1a, 64 bits: stable across releases (unlike `DefaultHasher`), which a hash stored in the
-/// API must be.
-pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+pub(crate) use api::contract::fnv1a64;
 
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {

@@ -50,6 +50,9 @@ pub struct InstanceView {
     /// A replica cluster's designated primary: how far behind its source's WAL archive it is
     /// (`sourceArchive` of its status annotation).
     pub source_archive: Option<SourceArchiveView>,
+    /// Digest of the CA bundle PostgreSQL has loaded (`tlsCa` of its status annotation,
+    /// [`contract::ca_bundle_digest`]).
+    pub tls_ca: Option<String>,
 }
 
 /// A designated primary's distance to its source's archive, as the operator reports it.
@@ -136,6 +139,10 @@ impl InstanceView {
                 .map(|text| one_line(text, MAX_ERROR_CHARS)),
             pod_problem: pod_problem(pod),
             source_archive: SourceArchiveView::from_report(&report),
+            tls_ca: report
+                .get("tlsCa")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
         }
     }
 

@@ -59,6 +59,17 @@ pub struct Lifetimes {
     pub leaf: Duration,
     /// A certificate with less than this left is replaced.
     pub renew_before: Duration,
+    /// How long a renewed CA is published next to the old one before it signs (see
+    /// [`super::rotation`]).
+    pub ca_overlap: Duration,
+}
+
+impl Lifetimes {
+    /// The overlap in use: at most half of `renew_before`, so that the old CA still has half
+    /// of it left when the renewed one starts to sign.
+    pub fn effective_overlap(&self) -> Duration {
+        self.ca_overlap.min(self.renew_before / 2)
+    }
 }
 
 impl Default for Lifetimes {
@@ -68,13 +79,14 @@ impl Default for Lifetimes {
             ca: Duration::from_secs(10 * 365 * DAY),
             leaf: Duration::from_secs(90 * DAY),
             renew_before: Duration::from_secs(30 * DAY),
+            ca_overlap: Duration::from_secs(7 * DAY),
         }
     }
 }
 
 /// Clock tolerance: certificates are valid from a little before they are made, so that a peer
 /// whose clock is slightly behind still accepts them.
-const BACKDATE: Duration = Duration::from_secs(300);
+pub const BACKDATE: Duration = Duration::from_secs(300);
 
 /// The DNS names of the cluster's Services, each as `<svc>`, `<svc>.<ns>`, `<svc>.<ns>.svc` and
 /// `<svc>.<ns>.svc.cluster.local`, for `-rw`, `-ro`, `-r` and `-router` (pg-router, when the
@@ -274,6 +286,8 @@ pub fn issue(
 /// What the operator needs to know of a stored certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Summary {
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
     /// End of validity.
     pub not_after: OffsetDateTime,
     /// Serial number, hexadecimal with colons.
@@ -282,6 +296,10 @@ pub struct Summary {
     pub issuer: String,
     /// DNS names of its subject alternative names, in order.
     pub dns_names: Vec<String>,
+    /// Subject key identifier (a CA's).
+    pub subject_key_id: Option<Vec<u8>>,
+    /// Authority key identifier: the subject key identifier of the CA that signed it.
+    pub authority_key_id: Option<Vec<u8>>,
 }
 
 /// Reads a PEM certificate's validity end, serial and issuer.
@@ -307,12 +325,34 @@ pub fn summary(certificate_pem: &str, what: &str) -> Result<Summary, Certificate
                 .collect()
         })
         .unwrap_or_default();
+    let mut subject_key_id = None;
+    let mut authority_key_id = None;
+    for extension in certificate.extensions() {
+        match extension.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                subject_key_id = Some(id.0.to_vec());
+            }
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                authority_key_id = aki.key_identifier.as_ref().map(|id| id.0.to_vec());
+            }
+            _ => {}
+        }
+    }
     Ok(Summary {
+        not_before: certificate.validity().not_before.to_datetime(),
         not_after: certificate.validity().not_after.to_datetime(),
         serial: certificate.raw_serial_as_string(),
         issuer: certificate.issuer().to_string(),
         dns_names,
+        subject_key_id,
+        authority_key_id,
     })
+}
+
+/// Whether the certificate `leaf` was signed by the CA `ca` (by key identifiers, which the
+/// operator's certificates all carry).
+pub fn signed_by(leaf: &Summary, ca: &Summary) -> bool {
+    leaf.authority_key_id.is_some() && leaf.authority_key_id == ca.subject_key_id
 }
 
 /// Whether a certificate that ends at `not_after` must be replaced now: less than

@@ -9,22 +9,25 @@ pub mod cert_manager;
 pub mod certificates;
 pub mod pod;
 pub mod pooler;
+pub mod rotation;
 
 use std::time::Duration;
 
 use api::contract::{self, tls_keys};
 use api::postgres_cluster::{PostgresCluster, TlsMode};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use time::OffsetDateTime;
 
+use crate::postgres_cluster::instances::InstanceView;
 use crate::postgres_cluster::status::Problem;
 use crate::postgres_cluster::{Context, FIELD_MANAGER};
-use certificates::{CertificateError, Issued, Leaf, Lifetimes};
+use certificates::{CertificateError, Leaf, Lifetimes};
+use rotation::{CaSet, Step};
 
 /// Errors of the TLS stage of a reconciliation.
 #[derive(Debug, thiserror::Error)]
@@ -178,26 +181,21 @@ pub fn sharded_parent(cluster: &PostgresCluster) -> Option<String> {
         .map(|owner| owner.name.clone())
 }
 
-/// The CA (certificate and key) kept in Secret `secret_name`, when it is there and complete.
+/// The CAs kept in the private CA Secret `secret_name`, when its signing CA is there.
 pub(crate) async fn stored_ca(
     secrets: &Api<Secret>,
     secret_name: &str,
-) -> Result<Option<Issued>, Error> {
+) -> Result<Option<CaSet>, Error> {
     Ok(secrets
         .get_opt(secret_name)
         .await
         .map_err(kube_error(format!("reading Secret {secret_name}")))?
-        .and_then(|secret| {
-            Some(Issued {
-                certificate_pem: text(&secret, tls_keys::CA)?,
-                key_pem: text(&secret, tls_keys::CA_KEY)?,
-            })
-        }))
+        .and_then(|secret| CaSet::from_secret(&secret)))
 }
 
-/// The CA of a shard: its sharded parent's, as the parent's reconciler keeps it (renewed there,
-/// never here, so that two shards never race to replace it).
-async fn parent_ca(secrets: &Api<Secret>, parent: &str) -> Result<Issued, Error> {
+/// The CAs of a shard: its sharded parent's, as the parent's reconciler keeps them (renewed
+/// there, never here, so that two shards never race to replace them).
+async fn parent_ca(secrets: &Api<Secret>, parent: &str) -> Result<CaSet, Error> {
     let secret_name = contract::tls_ca_private_secret(parent);
     stored_ca(secrets, &secret_name)
         .await?
@@ -221,77 +219,196 @@ async fn forget_own_ca(secrets: &Api<Secret>, cluster: &str) -> Result<(), Error
     }
 }
 
-/// The operator's CA of the cluster: the stored one while it has more than `renew_before` left,
-/// otherwise a new one (its certificates are then re-issued, since they no longer match).
+/// The ready instances that trust the cluster's CAs and have not loaded `bundle` yet: the
+/// cluster's own, and for a sharded cluster its shards' (they are issued from its CA).
+async fn instances_pending(
+    cluster: &PostgresCluster,
+    ctx: &Context,
+    namespace: &str,
+    bundle: &str,
+) -> Result<rotation::Pending, Error> {
+    let name = cluster.name_any();
+    let mut clusters = vec![name.clone()];
+    if cluster.spec.sharding.is_some() {
+        let all = Api::<PostgresCluster>::namespaced(ctx.client.clone(), namespace)
+            .list(&ListParams::default())
+            .await
+            .map_err(kube_error(format!(
+                "listing the PostgresClusters of {namespace}"
+            )))?;
+        clusters.extend(
+            all.items
+                .iter()
+                .filter(|child| sharded_parent(child).as_deref() == Some(name.as_str()))
+                .map(ResourceExt::name_any),
+        );
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut views = Vec::new();
+    for member in clusters {
+        let selector = crate::postgres_cluster::builders::instance_selector_string(&member);
+        let listed = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(kube_error(format!("listing pods of {member}")))?;
+        views.extend(
+            listed
+                .items
+                .iter()
+                .map(|pod| InstanceView::from_pod(&member, pod)),
+        );
+    }
+    Ok(rotation::pending(&views, bundle))
+}
+
+/// The operator's CAs of the cluster, after this pass's step of their renewal
+/// ([`rotation::plan`]), and when the reconciler must come back for the next step.
 async fn operator_ca(
     cluster: &PostgresCluster,
     ctx: &Context,
     secrets: &Api<Secret>,
     lifetimes: &Lifetimes,
     now: OffsetDateTime,
-) -> Result<Issued, Error> {
+) -> Result<(CaSet, Option<Duration>), Error> {
     let name = cluster.name_any();
     let namespace = cluster.namespace().unwrap_or_default();
     let secret_name = contract::tls_ca_private_secret(&name);
     let stored = stored_ca(secrets, &secret_name).await?;
-    let usable = stored.filter(|ca| {
-        certificates::summary(&ca.certificate_pem, "the CA").is_ok_and(|summary| {
-            !certificates::due_for_renewal(summary.not_after, now, lifetimes.renew_before)
-        })
-    });
-    if let Some(ca) = usable {
-        return Ok(ca);
-    }
-    let ca = certificates::new_ca(&name, &namespace, now, lifetimes.ca)?;
+    let pending = match &stored {
+        Some(set) if set.next.is_some() => {
+            instances_pending(cluster, ctx, &namespace, &set.bundle()).await?
+        }
+        _ => Vec::new(),
+    };
+    let step = rotation::plan(stored.as_ref(), now, lifetimes, &pending);
+    let new_ca = || certificates::new_ca(&name, &namespace, now, lifetimes.ca);
+    let set = match (&step, stored) {
+        (Step::Keep(back), Some(set)) => return Ok((set, *back)),
+        (Step::Stage, Some(set)) => rotation::apply(&step, &set, Some(new_ca()?)),
+        (Step::Promote { .. } | Step::Retire, Some(set)) => rotation::apply(&step, &set, None),
+        (Step::Create, _) | (_, None) => CaSet::new(new_ca()?),
+    };
+    let data = set.secret_data();
+    let data: Vec<(&str, &str)> = data
+        .iter()
+        .map(|(key, value)| (*key, value.as_str()))
+        .collect();
     apply_secret(
         secrets,
-        &secret(
-            cluster,
-            secret_name.clone(),
-            "Opaque",
-            &[
-                (tls_keys::CA, &ca.certificate_pem),
-                (tls_keys::CA_KEY, &ca.key_pem),
-            ],
-        ),
+        &secret(cluster, secret_name.clone(), "Opaque", &data),
     )
     .await?;
-    let summary = certificates::summary(&ca.certificate_pem, "the CA")?;
-    tracing::info!(cluster = %name, namespace, secret = %secret_name, serial = %summary.serial, "operator CA created");
-    publish(
-        ctx,
-        cluster,
-        "CACreated",
-        format!(
-            "CA {} (serial {}) created, valid until {}",
-            summary.issuer, summary.serial, summary.not_after
+    let describe = |pem: &str| {
+        certificates::summary(pem, "a CA").map(|summary| {
+            format!(
+                "{} (serial {}, valid until {})",
+                summary.issuer, summary.serial, summary.not_after
+            )
+        })
+    };
+    let current = describe(&set.current.certificate_pem)?;
+    let (type_, reason, note) = match &step {
+        Step::Stage => {
+            let next = describe(
+                &set.next
+                    .as_ref()
+                    .map(|ca| ca.certificate_pem.clone())
+                    .unwrap_or_default(),
+            )?;
+            (
+                EventType::Normal,
+                "CARenewalStarted",
+                format!(
+                    "CA {next} published next to CA {current} in every ca.crt; it signs the certificates after {} s once every instance has loaded both",
+                    lifetimes.effective_overlap().as_secs()
+                ),
+            )
+        }
+        Step::Promote { forced } => {
+            let previous = describe(set.previous.as_deref().unwrap_or_default())?;
+            if *forced {
+                (
+                    EventType::Warning,
+                    "CARenewalForced",
+                    format!(
+                        "CA {current} signs the certificates from now on, before instances {} reported loading it: the previous CA {previous} expires soon",
+                        pending.join(", ")
+                    ),
+                )
+            } else {
+                (
+                    EventType::Normal,
+                    "CARenewed",
+                    format!(
+                        "CA {current} signs the certificates from now on; the previous CA {previous} stays trusted until it expires"
+                    ),
+                )
+            }
+        }
+        Step::Retire => (
+            EventType::Normal,
+            "CARetired",
+            format!("the previous CA expired and left every ca.crt; CA {current} remains"),
         ),
-    )
-    .await;
-    Ok(ca)
+        Step::Create | Step::Keep(_) => (
+            EventType::Normal,
+            "CACreated",
+            format!("CA {current} created"),
+        ),
+    };
+    tracing::info!(cluster = %name, namespace, secret = %secret_name, reason, "{note}");
+    publish_typed(ctx, cluster, type_, reason, note).await;
+    // Back at once for the leaves and the next step's time.
+    Ok((set, Some(Duration::from_secs(1))))
 }
 
-/// Whether a stored leaf Secret can stay: complete, signed by `ca`, and not due for renewal.
-/// Returns the time until it is due when it can.
-pub(crate) fn still_good(
+/// Where a stored leaf Secret stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum LeafCheck {
+    /// Complete, signed by the signing CA, the right names, not due: due in this long.
+    Good(Duration),
+    /// Good, but its `ca.crt` is not the current bundle: rewritten, not reissued.
+    Trust(Duration),
+    /// Missing, incomplete, from another CA, other names, or due: issued again.
+    Reissue,
+}
+
+/// Checks a stored leaf Secret against the CAs `set`.
+pub(crate) fn check_leaf(
     stored: Option<&Secret>,
-    ca: &Issued,
+    set: &CaSet,
     names: &[String],
     lifetimes: &Lifetimes,
     now: OffsetDateTime,
-) -> Option<Duration> {
-    let stored = stored?;
-    text(stored, tls_keys::KEY)?;
-    if text(stored, tls_keys::CA)? != ca.certificate_pem {
-        return None;
-    }
-    let summary = certificates::summary(&text(stored, tls_keys::CERTIFICATE)?, "stored").ok()?;
-    // Names added or removed (`tls.serverAltDnsNames`): issued again.
-    if summary.dns_names != names {
-        return None;
-    }
-    let left = certificates::until_renewal(summary.not_after, now, lifetimes.renew_before);
-    (!left.is_zero()).then_some(left)
+) -> LeafCheck {
+    let check = || {
+        let stored = stored?;
+        text(stored, tls_keys::KEY)?;
+        let summary =
+            certificates::summary(&text(stored, tls_keys::CERTIFICATE)?, "stored").ok()?;
+        let ca = certificates::summary(&set.current.certificate_pem, "the CA").ok()?;
+        if !certificates::signed_by(&summary, &ca) {
+            return None;
+        }
+        // Names added or removed (`tls.serverAltDnsNames`): issued again.
+        if summary.dns_names != names {
+            return None;
+        }
+        let left = certificates::until_renewal(summary.not_after, now, lifetimes.renew_before);
+        if left.is_zero() {
+            return None;
+        }
+        Some(if text(stored, tls_keys::CA)? == set.bundle() {
+            LeafCheck::Good(left)
+        } else {
+            LeafCheck::Trust(left)
+        })
+    };
+    check().unwrap_or(LeafCheck::Reissue)
+}
+
+fn earliest(renew_in: &mut Option<Duration>, left: Duration) {
+    *renew_in = Some(renew_in.map_or(left, |earliest| earliest.min(left)));
 }
 
 async fn ensure_operator_ca(
@@ -303,17 +420,15 @@ async fn ensure_operator_ca(
     let lifetimes = ctx.settings.tls;
     let now = OffsetDateTime::now_utc();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let ca = match sharded_parent(cluster) {
+    let (set, mut renew_in) = match sharded_parent(cluster) {
         Some(parent) => {
             forget_own_ca(&secrets, &name).await?;
-            parent_ca(&secrets, &parent).await?
+            (parent_ca(&secrets, &parent).await?, None)
         }
         None => operator_ca(cluster, ctx, &secrets, &lifetimes, now).await?,
     };
-    apply_secret(&secrets, &public_ca_secret(cluster, &ca.certificate_pem)).await?;
-    let mut renew_in = certificates::summary(&ca.certificate_pem, "the CA")
-        .map(|summary| certificates::until_renewal(summary.not_after, now, lifetimes.renew_before))
-        .ok();
+    let bundle = set.bundle();
+    apply_secret(&secrets, &public_ca_secret(cluster, &bundle)).await?;
     let leaves = [
         (
             contract::tls_server_secret(&name),
@@ -338,22 +453,41 @@ async fn ensure_operator_ca(
             Leaf::Server { names, .. } => names.clone(),
             _ => Vec::new(),
         };
-        if let Some(left) = still_good(stored.as_ref(), &ca, &names, &lifetimes, now) {
-            renew_in = Some(renew_in.map_or(left, |earliest| earliest.min(left)));
-            continue;
+        let keep = |stored: &Secret| {
+            let pair = (
+                text(stored, tls_keys::CERTIFICATE)?,
+                text(stored, tls_keys::KEY)?,
+            );
+            Some(pair)
+        };
+        match check_leaf(stored.as_ref(), &set, &names, &lifetimes, now) {
+            LeafCheck::Good(left) => {
+                earliest(&mut renew_in, left);
+                continue;
+            }
+            LeafCheck::Trust(left) => {
+                if let Some((certificate, key)) = stored.as_ref().and_then(keep) {
+                    apply_secret(
+                        &secrets,
+                        &leaf_secret(cluster, &secret_name, &certificate, &key, &bundle),
+                    )
+                    .await?;
+                    tracing::info!(cluster = %name, namespace, secret = %secret_name, "ca.crt brought to the CA bundle");
+                }
+                earliest(&mut renew_in, left);
+                continue;
+            }
+            LeafCheck::Reissue => {}
         }
-        let issued = certificates::issue(&ca, &leaf, now, lifetimes.leaf)?;
+        let issued = certificates::issue(&set.current, &leaf, now, lifetimes.leaf)?;
         apply_secret(
             &secrets,
-            &secret(
+            &leaf_secret(
                 cluster,
-                secret_name.clone(),
-                "kubernetes.io/tls",
-                &[
-                    (tls_keys::CERTIFICATE, &issued.certificate_pem),
-                    (tls_keys::KEY, &issued.key_pem),
-                    (tls_keys::CA, &ca.certificate_pem),
-                ],
+                &secret_name,
+                &issued.certificate_pem,
+                &issued.key_pem,
+                &bundle,
             ),
         )
         .await?;
@@ -374,10 +508,32 @@ async fn ensure_operator_ca(
             ),
         )
         .await;
-        let left = certificates::until_renewal(summary.not_after, now, lifetimes.renew_before);
-        renew_in = Some(renew_in.map_or(left, |earliest| earliest.min(left)));
+        earliest(
+            &mut renew_in,
+            certificates::until_renewal(summary.not_after, now, lifetimes.renew_before),
+        );
     }
     Ok(Outcome { renew_in })
+}
+
+/// A leaf certificate's Secret: the certificate, its key and the CA bundle to trust.
+fn leaf_secret(
+    cluster: &PostgresCluster,
+    secret_name: &str,
+    certificate: &str,
+    key: &str,
+    bundle: &str,
+) -> Secret {
+    secret(
+        cluster,
+        secret_name.to_string(),
+        "kubernetes.io/tls",
+        &[
+            (tls_keys::CERTIFICATE, certificate),
+            (tls_keys::KEY, key),
+            (tls_keys::CA, bundle),
+        ],
+    )
 }
 
 /// Whether a Secret somebody else wrote (cert-manager) has a certificate and a key.
@@ -385,4 +541,66 @@ pub(crate) fn has_tls_keys(secret: &Secret) -> bool {
     [tls_keys::CERTIFICATE, tls_keys::KEY]
         .iter()
         .all(|key| text(secret, key).is_some_and(|value| !value.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use certificates::Issued;
+
+    fn leaf_secret_of(certificate: &Issued, bundle: &str) -> Secret {
+        Secret {
+            data: Some(
+                [
+                    (tls_keys::CERTIFICATE, certificate.certificate_pem.as_str()),
+                    (tls_keys::KEY, certificate.key_pem.as_str()),
+                    (tls_keys::CA, bundle),
+                ]
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), ByteString(value.as_bytes().to_vec())))
+                .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn a_leaf_is_kept_while_the_signing_ca_signed_it_and_only_its_trust_follows_the_bundle() {
+        let now = OffsetDateTime::now_utc();
+        let lifetimes = Lifetimes::default();
+        let year = Duration::from_secs(365 * 86400);
+        let old = certificates::new_ca("db", "ns", now, year).unwrap();
+        let new = certificates::new_ca("db", "ns", now, year).unwrap();
+        let client = Leaf::Client {
+            user: "streaming_replica".into(),
+        };
+        let from_old = certificates::issue(&old, &client, now, lifetimes.leaf).unwrap();
+        let from_new = certificates::issue(&new, &client, now, lifetimes.leaf).unwrap();
+        let staged = CaSet {
+            current: old.clone(),
+            next: Some(new.clone()),
+            previous: None,
+        };
+        let check =
+            |set: &CaSet, secret: &Secret| check_leaf(Some(secret), set, &[], &lifetimes, now);
+        // Staged: the old CA still signs; a Secret with the old ca.crt gets the bundle only.
+        let with_old_trust = leaf_secret_of(&from_old, &old.certificate_pem);
+        assert!(matches!(
+            check(&staged, &with_old_trust),
+            LeafCheck::Trust(_)
+        ));
+        let with_bundle = leaf_secret_of(&from_old, &staged.bundle());
+        assert!(matches!(check(&staged, &with_bundle), LeafCheck::Good(_)));
+        // Promoted: the same subject name, another key: the old CA's leaf is issued again.
+        let promoted = rotation::apply(&Step::Promote { forced: false }, &staged, None);
+        let stale = leaf_secret_of(&from_old, &promoted.bundle());
+        assert_eq!(check(&promoted, &stale), LeafCheck::Reissue);
+        let fresh = leaf_secret_of(&from_new, &promoted.bundle());
+        assert!(matches!(check(&promoted, &fresh), LeafCheck::Good(_)));
+        // Nothing stored, or a Secret without a key: issued.
+        assert_eq!(
+            check_leaf(None, &promoted, &[], &lifetimes, now),
+            LeafCheck::Reissue
+        );
+    }
 }

@@ -95,11 +95,12 @@ pub fn certificate_name(pooler: &str) -> String {
     format!("{pooler}-pooler")
 }
 
-/// Stable hash of a certificate (the pod template annotation).
-pub fn certificate_hash(certificate_pem: &str) -> String {
+/// Stable hash of a certificate and the CAs PgBouncer trusts with it (the pod template
+/// annotation: a renewal, or a CA renewal's new bundle, rolls the pods).
+pub fn certificate_hash(certificate_pem: &str, bundle: &str) -> String {
     format!(
         "{:016x}",
-        crate::postgres_cluster::builders::fnv1a64(certificate_pem.as_bytes())
+        crate::postgres_cluster::builders::fnv1a64(format!("{certificate_pem}{bundle}").as_bytes())
     )
 }
 
@@ -213,16 +214,17 @@ fn owned_meta(pooler: &Pooler, name: String) -> ObjectMeta {
     }
 }
 
-/// The Secret with the Pooler's certificate issued by the operator's CA `ca`.
-pub fn certificate_secret_object(pooler: &Pooler, ca: &Issued, issued: &Issued) -> Secret {
+/// The Secret with the Pooler's certificate issued by the operator's CA, and the CA bundle
+/// `bundle` to trust.
+pub fn certificate_secret_object(pooler: &Pooler, bundle: &str, issued: &Issued) -> Secret {
     Secret {
         metadata: owned_meta(pooler, certificate_secret(&pooler.name_any())),
         type_: Some("kubernetes.io/tls".to_string()),
         data: Some(
             [
-                (tls_keys::CERTIFICATE, &issued.certificate_pem),
-                (tls_keys::KEY, &issued.key_pem),
-                (tls_keys::CA, &ca.certificate_pem),
+                (tls_keys::CERTIFICATE, issued.certificate_pem.as_str()),
+                (tls_keys::KEY, issued.key_pem.as_str()),
+                (tls_keys::CA, bundle),
             ]
             .into_iter()
             .map(|(key, value)| (key.to_string(), ByteString(value.as_bytes().to_vec())))
@@ -303,12 +305,12 @@ async fn ensure_from_operator_ca(
     let name = pooler.name_any();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let ca_name = contract::tls_ca_private_secret(&cluster.name_any());
-    let ca = super::stored_ca(&secrets, &ca_name).await?;
-    let Some(ca) = ca else {
+    let Some(set) = super::stored_ca(&secrets, &ca_name).await? else {
         return Ok(CertificateState::Pending(format!(
             "waiting for the cluster's CA (Secret {ca_name}) to issue the Pooler's certificate"
         )));
     };
+    let bundle = set.bundle();
     let secret_name = certificate_secret(&name);
     let stored = secrets
         .get_opt(&secret_name)
@@ -329,22 +331,44 @@ async fn ensure_from_operator_ca(
     let lifetimes = ctx.settings.tls;
     let now = OffsetDateTime::now_utc();
     let names = certificates::pooler_names(pooler);
-    if let Some(left) = super::still_good(stored.as_ref(), &ca, &names, &lifetimes, now) {
-        let pem = stored
-            .as_ref()
-            .and_then(|secret| text(secret, tls_keys::CERTIFICATE))
-            .unwrap_or_default();
-        return Ok(CertificateState::Ready {
-            hash: certificate_hash(&pem),
-            renew_in: Some(left),
-        });
+    let stored_pair = stored.as_ref().and_then(|secret| {
+        Some(Issued {
+            certificate_pem: text(secret, tls_keys::CERTIFICATE)?,
+            key_pem: text(secret, tls_keys::KEY)?,
+        })
+    });
+    match (
+        super::check_leaf(stored.as_ref(), &set, &names, &lifetimes, now),
+        stored_pair,
+    ) {
+        (super::LeafCheck::Good(left), Some(pair)) => {
+            return Ok(CertificateState::Ready {
+                hash: certificate_hash(&pair.certificate_pem, &bundle),
+                renew_in: Some(left),
+            });
+        }
+        (super::LeafCheck::Trust(left), Some(pair)) => {
+            // A CA renewal changed the bundle: the same certificate, the new trust; the hash
+            // changes, so PgBouncer's pods roll and read both.
+            super::apply_secret(&secrets, &certificate_secret_object(pooler, &bundle, &pair))
+                .await?;
+            return Ok(CertificateState::Ready {
+                hash: certificate_hash(&pair.certificate_pem, &bundle),
+                renew_in: Some(left),
+            });
+        }
+        _ => {}
     }
     let leaf = Leaf::Pooler {
         pooler: name.clone(),
         names,
     };
-    let issued = certificates::issue(&ca, &leaf, now, lifetimes.leaf)?;
-    super::apply_secret(&secrets, &certificate_secret_object(pooler, &ca, &issued)).await?;
+    let issued = certificates::issue(&set.current, &leaf, now, lifetimes.leaf)?;
+    super::apply_secret(
+        &secrets,
+        &certificate_secret_object(pooler, &bundle, &issued),
+    )
+    .await?;
     let summary = certificates::summary(&issued.certificate_pem, &secret_name)?;
     let (reason, verb) = if stored.is_some() {
         ("CertificateRenewed", "renewed")
@@ -366,7 +390,7 @@ async fn ensure_from_operator_ca(
         tracing::warn!(pooler = %name, %error, "publishing an event failed");
     }
     Ok(CertificateState::Ready {
-        hash: certificate_hash(&issued.certificate_pem),
+        hash: certificate_hash(&issued.certificate_pem, &bundle),
         renew_in: Some(certificates::until_renewal(
             summary.not_after,
             now,
@@ -414,12 +438,12 @@ async fn ensure_from_cert_manager(
         .get_opt(&secret_name)
         .await
         .map_err(kube_error(format!("reading Secret {secret_name}")))?;
-    match stored
-        .filter(super::has_tls_keys)
-        .and_then(|secret| text(&secret, tls_keys::CERTIFICATE))
-    {
-        Some(pem) => Ok(CertificateState::Ready {
-            hash: certificate_hash(&pem),
+    match stored.filter(super::has_tls_keys).and_then(|secret| {
+        let ca = text(&secret, tls_keys::CA).unwrap_or_default();
+        Some((text(&secret, tls_keys::CERTIFICATE)?, ca))
+    }) {
+        Some((pem, ca)) => Ok(CertificateState::Ready {
+            hash: certificate_hash(&pem, &ca),
             renew_in: None,
         }),
         None => {
@@ -539,7 +563,7 @@ mod tests {
         assert!(extended.server_auth && !extended.client_auth);
 
         let pooler = pooler(None);
-        let secret = certificate_secret_object(&pooler, &ca, &issued);
+        let secret = certificate_secret_object(&pooler, &ca.certificate_pem, &issued);
         assert_eq!(secret.metadata.name.as_deref(), Some("pool-pooler-tls"));
         assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "uid-1");
         let object = certificate_object(

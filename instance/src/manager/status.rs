@@ -87,6 +87,7 @@ impl Manager {
         status.data_lost = self.data_lost.clone();
         status.restart_token = self.restart_token.clone().filter(|token| !token.is_empty());
         status.data_disk_available_bytes = self.postgres.available_bytes();
+        status.tls_ca = self.tls_ca.clone();
         let gave_up = Role::Fenced {
             reason: FenceReason::PostgresFailed,
         };
@@ -123,7 +124,7 @@ impl Manager {
         // An error's appearance and end are published at once; a change of its text waits for
         // the period (an error that alternates would otherwise write the pod every tick).
         let key = format!(
-            "{:?}|{}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{}|{:?}",
+            "{:?}|{}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}",
             status.restart_token,
             status.role,
             status.fenced,
@@ -141,6 +142,8 @@ impl Manager {
                 .source_archive
                 .as_ref()
                 .map(|lag| (lag.segments, lag.error.is_some())),
+            // A CA renewal waits for every instance to report its new bundle.
+            status.tls_ca,
         );
         let due = match &self.last_published {
             Some((last, at)) => *last != key || at.elapsed() >= PUBLISH_PERIOD,

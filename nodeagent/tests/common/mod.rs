@@ -56,6 +56,8 @@ fn helm_install(plane: &ControlPlane) -> anyhow::Result<()> {
         .arg(&chart)
         .args(["--namespace", OPERATOR_NAMESPACE, "--create-namespace"])
         .args(["--set", "watchAllNamespaces=true"])
+        // A CA renewal's overlap short enough to watch (e2e_clients renews one).
+        .args(["--set", "tls.caOverlapSeconds=20"])
         .arg("--kubeconfig")
         .arg(plane.kubeconfig_path())
         .env("HELM_CACHE_HOME", plane.dir().join("helm-cache"))
