@@ -218,6 +218,25 @@ fn optional(secret: &Secret, key: &str) -> String {
         .unwrap_or_default()
 }
 
+fn condition_reason(cluster: &api::PostgresCluster) -> Option<String> {
+    let status = cluster.status.as_ref()?;
+    api::common::find_condition(&status.conditions, "CertificateAuthority")
+        .map(|condition| condition.reason.clone())
+}
+
+/// The cluster's `CertificateAuthority` condition (reason, message), once it has one.
+async fn ca_condition(env: &Env) -> (String, String) {
+    let cluster = env
+        .cluster_where("db", "a CertificateAuthority condition", |cluster| {
+            condition_reason(cluster).is_some()
+        })
+        .await;
+    let status = cluster.status.unwrap();
+    let condition =
+        api::common::find_condition(&status.conditions, "CertificateAuthority").unwrap();
+    (condition.reason.clone(), condition.message.clone())
+}
+
 fn certificate_count(pem: &str) -> usize {
     pem.matches("BEGIN CERTIFICATE").count()
 }
@@ -317,8 +336,15 @@ async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_on
         "the same certificate: only its trust changed"
     );
 
-    // The overlap (6 s) is over, but db-0 has not loaded the bundle: the old CA still signs.
+    // The overlap (6 s) is over, but db-0 has not loaded the bundle: the old CA still signs,
+    // and the cluster's condition says what the renewal waits for.
     tokio::time::sleep(Duration::from_secs(10)).await;
+    let (reason, message) = ca_condition(&env).await;
+    assert_eq!(reason, "RenewalStaged");
+    assert!(
+        message.ends_with("waiting for db-0 to load both"),
+        "{message}"
+    );
     let private: Secret = env.object(&contract::tls_ca_private_secret("db")).await;
     assert_eq!(
         text(&private, "ca.crt"),
@@ -372,6 +398,12 @@ async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_on
     assert_eq!(text(&private, "ca.crt"), staged);
     assert_eq!(optional(&private, "next-ca.crt"), "");
     assert_eq!(optional(&private, "previous-ca.crt"), old.certificate_pem);
+    env.cluster_where(
+        "db",
+        "the condition to say the previous CA is trusted",
+        |cluster| condition_reason(cluster).as_deref() == Some("PreviousTrusted"),
+    )
+    .await;
 
     // The old CA expires (70 s after it was made): out of every ca.crt.
     let retired = env
@@ -389,6 +421,10 @@ async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_on
         time::OffsetDateTime::now_utc() >= old_summary.not_after,
         "not before it expired"
     );
+    env.cluster_where("db", "the condition to say one CA signs", |cluster| {
+        condition_reason(cluster).as_deref() == Some("Valid")
+    })
+    .await;
     let reasons = env.event_reasons("db").await;
     for reason in ["CARenewalStarted", "CARenewed", "CARetired"] {
         assert!(

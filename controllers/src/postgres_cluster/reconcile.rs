@@ -851,6 +851,7 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
         step,
         switchover_to: observed.switchover_to.clone(),
         hibernated,
+        certificate_authority: tls.certificate_authority.clone(),
     };
     write_status(cluster, ctx, &observation).await?;
     let requeue = if busy {

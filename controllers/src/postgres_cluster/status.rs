@@ -90,6 +90,8 @@ pub struct Observation<'a> {
     pub switchover_to: Option<String>,
     /// Whether the cluster is hibernated.
     pub hibernated: bool,
+    /// The `CertificateAuthority` condition, with the operator's CA.
+    pub certificate_authority: Option<crate::tls::rotation::Condition>,
 }
 
 /// The status for `observation`, keeping condition transition times of `previous`.
@@ -280,6 +282,21 @@ pub fn desired_status(
         );
     }
 
+    match &observation.certificate_authority {
+        Some((status, reason, message)) => set_condition(
+            &mut conditions,
+            new_condition(
+                crate::tls::rotation::CERTIFICATE_AUTHORITY,
+                *status,
+                reason,
+                message.clone(),
+                generation,
+            ),
+        ),
+        // TLS turned off or handed to cert-manager: no CA of the operator's to speak of.
+        None => conditions.retain(|c| c.type_ != crate::tls::rotation::CERTIFICATE_AUTHORITY),
+    }
+
     let mut reported: Vec<InstanceStatus> = live
         .iter()
         .map(|instance| InstanceStatus {
@@ -393,6 +410,7 @@ mod tests {
             step: RollingStep::UpToDate,
             switchover_to: None,
             hibernated: false,
+            certificate_authority: None,
         }
     }
 

@@ -65,6 +65,8 @@ pub(crate) fn kube_error(what: impl Into<String>) -> impl FnOnce(kube::Error) ->
 pub struct Outcome {
     /// Time until the earliest certificate is due for renewal (the reconciler comes back then).
     pub renew_in: Option<Duration>,
+    /// The `CertificateAuthority` condition (operator CA).
+    pub certificate_authority: Option<rotation::Condition>,
 }
 
 /// Makes sure the cluster's TLS Secrets exist and are valid for a while: the operator CA and
@@ -269,7 +271,7 @@ async fn operator_ca(
     secrets: &Api<Secret>,
     lifetimes: &Lifetimes,
     now: OffsetDateTime,
-) -> Result<(CaSet, Option<Duration>), Error> {
+) -> Result<(CaSet, Option<Duration>, rotation::Condition), Error> {
     let name = cluster.name_any();
     let namespace = cluster.namespace().unwrap_or_default();
     let secret_name = contract::tls_ca_private_secret(&name);
@@ -283,7 +285,10 @@ async fn operator_ca(
     let step = rotation::plan(stored.as_ref(), now, lifetimes, &pending);
     let new_ca = || certificates::new_ca(&name, &namespace, now, lifetimes.ca);
     let set = match (&step, stored) {
-        (Step::Keep(back), Some(set)) => return Ok((set, *back)),
+        (Step::Keep(back), Some(set)) => {
+            let condition = rotation::condition(&set, &pending, lifetimes);
+            return Ok((set, *back, condition));
+        }
         (Step::Stage, Some(set)) => rotation::apply(&step, &set, Some(new_ca()?)),
         (Step::Promote { .. } | Step::Retire, Some(set)) => rotation::apply(&step, &set, None),
         (Step::Create, _) | (_, None) => CaSet::new(new_ca()?),
@@ -359,7 +364,8 @@ async fn operator_ca(
     tracing::info!(cluster = %name, namespace, secret = %secret_name, reason, "{note}");
     publish_typed(ctx, cluster, type_, reason, note).await;
     // Back at once for the leaves and the next step's time.
-    Ok((set, Some(Duration::from_secs(1))))
+    let condition = rotation::condition(&set, &Vec::new(), lifetimes);
+    Ok((set, Some(Duration::from_secs(1)), condition))
 }
 
 /// Where a stored leaf Secret stands.
@@ -420,10 +426,13 @@ async fn ensure_operator_ca(
     let lifetimes = ctx.settings.tls;
     let now = OffsetDateTime::now_utc();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let (set, mut renew_in) = match sharded_parent(cluster) {
+    let (set, mut renew_in, condition) = match sharded_parent(cluster) {
         Some(parent) => {
             forget_own_ca(&secrets, &name).await?;
-            (parent_ca(&secrets, &parent).await?, None)
+            let set = parent_ca(&secrets, &parent).await?;
+            // The parent renews; what it waits for is on the parent's condition.
+            let condition = rotation::condition(&set, &Vec::new(), &lifetimes);
+            (set, None, condition)
         }
         None => operator_ca(cluster, ctx, &secrets, &lifetimes, now).await?,
     };
@@ -513,7 +522,10 @@ async fn ensure_operator_ca(
             certificates::until_renewal(summary.not_after, now, lifetimes.renew_before),
         );
     }
-    Ok(Outcome { renew_in })
+    Ok(Outcome {
+        renew_in,
+        certificate_authority: Some(condition),
+    })
 }
 
 /// A leaf certificate's Secret: the certificate, its key and the CA bundle to trust.

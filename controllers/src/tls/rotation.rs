@@ -217,6 +217,54 @@ pub fn apply(step: &Step, stored: &CaSet, made: Option<Issued>) -> CaSet {
     set
 }
 
+/// Condition type of the cluster's CA (operator CA only).
+pub const CERTIFICATE_AUTHORITY: &str = "CertificateAuthority";
+
+/// A condition (status, reason, message).
+pub type Condition = (bool, &'static str, String);
+
+/// The `CertificateAuthority` condition: which CA signs until when, and where a renewal stands
+/// (what it waits for). Stable between steps, so that the status is not rewritten each pass.
+pub fn condition(set: &CaSet, pending: &Pending, lifetimes: &Lifetimes) -> Condition {
+    let describe = |pem: &str| match certificates::summary(pem, "a CA") {
+        Ok(summary) => format!(
+            "serial {}, valid until {}",
+            summary.serial, summary.not_after
+        ),
+        Err(_) => "unreadable".to_string(),
+    };
+    let current = describe(&set.current.certificate_pem);
+    if let Some(next) = &set.next {
+        let signs = staged_at(next)
+            .map(|at| format!("after {}", at + lifetimes.effective_overlap()))
+            .unwrap_or_else(|| "later".to_string());
+        let waiting = if pending.is_empty() {
+            String::new()
+        } else {
+            format!("; waiting for {} to load both", pending.join(", "))
+        };
+        return (
+            true,
+            "RenewalStaged",
+            format!(
+                "a renewed CA ({}) is in every ca.crt beside the signing CA ({current}); it signs {signs} once every ready instance has loaded both{waiting}",
+                describe(&next.certificate_pem)
+            ),
+        );
+    }
+    if let Some(previous) = &set.previous {
+        return (
+            true,
+            "PreviousTrusted",
+            format!(
+                "the renewed CA ({current}) signs; the previous CA ({}) stays in every ca.crt until it expires",
+                describe(previous)
+            ),
+        );
+    }
+    (true, "Valid", format!("the CA ({current}) signs"))
+}
+
 /// Ready instances (of `views`) whose reported `tlsCa` is not `bundle`'s digest.
 pub fn pending(
     views: &[crate::postgres_cluster::instances::InstanceView],
@@ -394,6 +442,26 @@ mod tests {
             plan(Some(&set), now(), &lifetimes(), &vec!["db-0".to_string()]),
             Step::Promote { forced: true }
         );
+    }
+
+    #[test]
+    fn the_condition_says_where_a_renewal_stands_and_what_it_waits_for() {
+        let old = ca(now() - days(340), 365 * DAY);
+        let set = CaSet::new(old.clone());
+        let (status, reason, message) = condition(&set, &Vec::new(), &lifetimes());
+        assert!(status);
+        assert_eq!(reason, "Valid");
+        assert!(message.contains("valid until"), "{message}");
+        let staged = apply(&Step::Stage, &set, Some(ca(now(), 365 * DAY)));
+        let (_, reason, message) = condition(&staged, &vec!["db-1".into()], &lifetimes());
+        assert_eq!(reason, "RenewalStaged");
+        assert!(
+            message.ends_with("waiting for db-1 to load both"),
+            "{message}"
+        );
+        let promoted = apply(&Step::Promote { forced: false }, &staged, None);
+        let (_, reason, _) = condition(&promoted, &Vec::new(), &lifetimes());
+        assert_eq!(reason, "PreviousTrusted");
     }
 
     #[test]
