@@ -437,3 +437,135 @@ async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_on
         "{reasons:?}"
     );
 }
+
+/// A sharded cluster's CA signs its shards' certificates, so its renewal waits for the shards'
+/// instances: the shards publish the parent's bundle, and the parent promotes the renewed CA
+/// only once the shard's ready instance reports it loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_clusters_ca_renewal_waits_for_its_shards_instances() {
+    let env = Env::start_with_settings(
+        "tls-s",
+        Settings {
+            instance_manager_image: MANAGER_IMAGE.to_string(),
+            // The shards read the parent's CAs when they reconcile (at the latest each resync).
+            resync: Duration::from_secs(3),
+            tls: Lifetimes {
+                ca: Duration::from_secs(3600),
+                leaf: Duration::from_secs(3600),
+                renew_before: Duration::from_secs(40),
+                ca_overlap: Duration::from_secs(6),
+            },
+        },
+    )
+    .await;
+    let now = time::OffsetDateTime::now_utc();
+    let old = certificates::new_ca("db", "tls-s", now, Duration::from_secs(60)).unwrap();
+    let secrets = env.api::<Secret>();
+    secrets
+        .create(
+            &kube::api::PostParams::default(),
+            &Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(contract::tls_ca_private_secret("db")),
+                    ..Default::default()
+                },
+                string_data: Some(
+                    [
+                        ("ca.crt".to_string(), old.certificate_pem.clone()),
+                        ("ca.key".to_string(), old.key_pem.clone()),
+                    ]
+                    .into(),
+                ),
+                ..Secret::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut sharded = spec(1, "postgres:18");
+    sharded.sharding = Some(api::postgres_cluster::ShardingSpec {
+        shards: 1,
+        router: Default::default(),
+        table_groups: vec![api::postgres_cluster::TableGroupSpec {
+            name: "customers".into(),
+            vindex: api::sharding::VindexKind::Hash,
+            key_type: api::postgres_cluster::ShardKeyType::Bigint,
+        }],
+        sharded_tables: Vec::new(),
+        reference_tables: Vec::new(),
+    });
+    env.create_cluster("db", sharded).await;
+    let _: StatefulSet = env.object("db-shard-0").await;
+    env.play_pod("db-shard-0", 0, "primary", true).await;
+
+    // Staged by the parent; the shard's own Secrets carry the bundle.
+    let bundle = env
+        .eventually("the shard's server Secret to carry both CAs", || {
+            let secrets = secrets.clone();
+            async move {
+                let server = secrets
+                    .get(&contract::tls_server_secret("db-shard-0"))
+                    .await
+                    .ok()?;
+                let ca = text(&server, "ca.crt");
+                (certificate_count(&ca) == 2).then_some(ca)
+            }
+        })
+        .await;
+    // Past the overlap, the shard's instance has not reported the bundle: not promoted.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let private: Secret = env.object(&contract::tls_ca_private_secret("db")).await;
+    assert_eq!(
+        text(&private, "ca.crt"),
+        old.certificate_pem,
+        "not promoted"
+    );
+    let parent = env
+        .cluster_where("db", "the parent's condition", |cluster| {
+            condition_reason(cluster).as_deref() == Some("RenewalStaged")
+        })
+        .await;
+    let status = parent.status.unwrap();
+    let message = &api::common::find_condition(&status.conditions, "CertificateAuthority")
+        .unwrap()
+        .message;
+    assert!(
+        message.ends_with("waiting for db-shard-0-0 to load both"),
+        "{message}"
+    );
+
+    // The shard's instance loads it: promoted; the shard's certificate is issued again from
+    // the renewed CA.
+    let report = serde_json::json!({"role": "primary", "tlsCa": contract::ca_bundle_digest(bundle.as_bytes())});
+    env.api::<k8s_openapi::api::core::v1::Pod>()
+        .patch(
+            "db-shard-0-0",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                contract::ANNOTATION_INSTANCE_STATUS: report.to_string()
+            }}})),
+        )
+        .await
+        .unwrap();
+    let old_summary = certificates::summary(&old.certificate_pem, "old").unwrap();
+    env.eventually("the shard's certificate from the renewed CA", || {
+        let secrets = secrets.clone();
+        let old_summary = old_summary.clone();
+        async move {
+            let server = secrets
+                .get(&contract::tls_server_secret("db-shard-0"))
+                .await
+                .ok()?;
+            let summary = certificates::summary(&text(&server, "tls.crt"), "server").ok()?;
+            let private = secrets
+                .get(&contract::tls_ca_private_secret("db"))
+                .await
+                .ok()?;
+            let signing = certificates::summary(&text(&private, "ca.crt"), "ca").ok()?;
+            (signing.serial != old_summary.serial && certificates::signed_by(&summary, &signing))
+                .then_some(())
+        }
+    })
+    .await;
+    let reasons = env.event_reasons("db").await;
+    assert!(reasons.contains(&"CARenewed".to_string()), "{reasons:?}");
+}

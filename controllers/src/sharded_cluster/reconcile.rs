@@ -356,9 +356,13 @@ pub async fn apply(
             name: name.clone(),
             source,
         })?;
-    if let Err(problem) = tls {
-        tracing::warn!(cluster = %name, namespace, ?problem, "the router's TLS certificate cannot be issued yet");
-    }
+    let tls = match tls {
+        Ok(outcome) => outcome,
+        Err(problem) => {
+            tracing::warn!(cluster = %name, namespace, ?problem, "the router's TLS certificate cannot be issued yet");
+            crate::tls::Outcome::default()
+        }
+    };
 
     // Shards: one child PostgresCluster each, reconciled by the single-shard reconciler.
     let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -384,7 +388,20 @@ pub async fn apply(
     } else {
         String::new()
     };
-    let desired = desired_status(cluster, &shards, routers_ready, &routers_waiting);
+    let mut desired = desired_status(cluster, &shards, routers_ready, &routers_waiting);
+    // The CA the shards' certificates come from is renewed here (see `tls::rotation`).
+    if let Some((status, reason, message)) = tls.certificate_authority {
+        set_condition(
+            &mut desired.conditions,
+            new_condition(
+                crate::tls::rotation::CERTIFICATE_AUTHORITY,
+                status,
+                reason,
+                message,
+                cluster.metadata.generation,
+            ),
+        );
+    }
     let previous = cluster.status.clone().unwrap_or_default();
     let comparable = |s: &PostgresClusterStatus| {
         let conditions: BTreeMap<String, (String, String, String)> = s
@@ -421,11 +438,16 @@ pub async fn apply(
                 "writing the status of PostgresCluster {name}"
             )))?;
     }
-    Ok(if desired.phase.as_deref() == Some("Healthy") {
-        Action::requeue(ctx.settings.resync)
+    let requeue = if desired.phase.as_deref() == Some("Healthy") {
+        ctx.settings.resync
     } else {
-        Action::requeue(BUSY_REQUEUE)
-    })
+        BUSY_REQUEUE
+    };
+    // Back for the next certificate or CA renewal step when it comes first.
+    Ok(Action::requeue(match tls.renew_in {
+        Some(renew_in) => requeue.min(renew_in.max(Duration::from_secs(1))),
+        None => requeue,
+    }))
 }
 
 #[cfg(test)]
