@@ -237,6 +237,62 @@ async fn ca_condition(env: &Env) -> (String, String) {
     (condition.reason.clone(), condition.message.clone())
 }
 
+/// Settings of the renewal scenarios: certificates of an hour, renewed with 40 s left, the
+/// renewed CA signing 6 s after it is published (once the instances loaded it).
+fn renewal_settings(resync: Duration) -> Settings {
+    Settings {
+        instance_manager_image: MANAGER_IMAGE.to_string(),
+        resync,
+        tls: Lifetimes {
+            ca: Duration::from_secs(3600),
+            leaf: Duration::from_secs(3600),
+            renew_before: Duration::from_secs(40),
+            ca_overlap: Duration::from_secs(6),
+        },
+    }
+}
+
+/// Places a CA of `lifetime` as cluster `db`'s, before the cluster exists (as a user's own
+/// CA, or one made ten years ago, would be there).
+async fn seed_ca(env: &Env, namespace: &str, lifetime: Duration) -> certificates::Issued {
+    let now = time::OffsetDateTime::now_utc();
+    let ca = certificates::new_ca("db", namespace, now, lifetime).unwrap();
+    let seeded = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(contract::tls_ca_private_secret("db")),
+            ..Default::default()
+        },
+        string_data: Some(
+            [
+                ("ca.crt".to_string(), ca.certificate_pem.clone()),
+                ("ca.key".to_string(), ca.key_pem.clone()),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    };
+    env.api::<Secret>()
+        .create(&kube::api::PostParams::default(), &seeded)
+        .await
+        .unwrap();
+    ca
+}
+
+/// Writes what an instance manager reports once it loaded `bundle` on `pod`.
+async fn report_loaded(env: &Env, pod: &str, bundle: &str) {
+    let report = serde_json::json!({"role": "primary", "tlsCa": contract::ca_bundle_digest(bundle.as_bytes())});
+    env.api::<k8s_openapi::api::core::v1::Pod>()
+        .patch(
+            pod,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                contract::ANNOTATION_INSTANCE_STATUS: report.to_string()
+            }}})),
+        )
+        .await
+        .unwrap();
+}
+
 fn certificate_count(pem: &str) -> usize {
     pem.matches("BEGIN CERTIFICATE").count()
 }
@@ -246,43 +302,10 @@ fn certificate_count(pem: &str) -> usize {
 /// ready instance reports the bundle loaded; the old one stays trusted until it expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_one_retires() {
-    let env = Env::start_with_settings(
-        "tls-r",
-        Settings {
-            instance_manager_image: MANAGER_IMAGE.to_string(),
-            tls: Lifetimes {
-                ca: Duration::from_secs(3600),
-                leaf: Duration::from_secs(3600),
-                renew_before: Duration::from_secs(40),
-                ca_overlap: Duration::from_secs(6),
-            },
-            ..Settings::default()
-        },
-    )
-    .await;
-    // A CA that is due in 30 s (70 s left, renewed with 40 s left), as a CA made ten years
-    // ago would be: the user's own, placed before the cluster.
-    let now = time::OffsetDateTime::now_utc();
-    let old = certificates::new_ca("db", "tls-r", now, Duration::from_secs(70)).unwrap();
+    let env = Env::start_with_settings("tls-r", renewal_settings(Duration::from_secs(300))).await;
+    // A CA that is due in 30 s (70 s left, renewed with 40 s left).
+    let old = seed_ca(&env, "tls-r", Duration::from_secs(70)).await;
     let secrets = env.api::<Secret>();
-    let seeded = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(contract::tls_ca_private_secret("db")),
-            ..Default::default()
-        },
-        string_data: Some(
-            [
-                ("ca.crt".to_string(), old.certificate_pem.clone()),
-                ("ca.key".to_string(), old.key_pem.clone()),
-            ]
-            .into(),
-        ),
-        ..Secret::default()
-    };
-    secrets
-        .create(&kube::api::PostParams::default(), &seeded)
-        .await
-        .unwrap();
     env.create_cluster("db", spec(1, "postgres:18")).await;
     let server: Secret = env.object(&contract::tls_server_secret("db")).await;
     let old_summary = certificates::summary(&old.certificate_pem, "old").unwrap();
@@ -354,17 +377,7 @@ async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_on
     assert_eq!(optional(&private, "next-ca.crt"), staged);
 
     // db-0 reports the bundle loaded: the renewed CA signs, the leaves are issued again.
-    let pods = env.api::<k8s_openapi::api::core::v1::Pod>();
-    let report = serde_json::json!({"role": "primary", "tlsCa": contract::ca_bundle_digest(bundle.as_bytes())});
-    pods.patch(
-        "db-0",
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
-            contract::ANNOTATION_INSTANCE_STATUS: report.to_string()
-        }}})),
-    )
-    .await
-    .unwrap();
+    report_loaded(&env, "db-0", &bundle).await;
     let (server, promoted_bundle) = env
         .eventually("the renewed CA signs the server certificate", || {
             let secrets = secrets.clone();
@@ -443,44 +456,10 @@ async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_on
 /// only once the shard's ready instance reports it loaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sharded_clusters_ca_renewal_waits_for_its_shards_instances() {
-    let env = Env::start_with_settings(
-        "tls-s",
-        Settings {
-            instance_manager_image: MANAGER_IMAGE.to_string(),
-            // The shards read the parent's CAs when they reconcile (at the latest each resync).
-            resync: Duration::from_secs(3),
-            tls: Lifetimes {
-                ca: Duration::from_secs(3600),
-                leaf: Duration::from_secs(3600),
-                renew_before: Duration::from_secs(40),
-                ca_overlap: Duration::from_secs(6),
-            },
-        },
-    )
-    .await;
-    let now = time::OffsetDateTime::now_utc();
-    let old = certificates::new_ca("db", "tls-s", now, Duration::from_secs(60)).unwrap();
+    // The shards read the parent's CAs when they reconcile (at the latest each resync).
+    let env = Env::start_with_settings("tls-s", renewal_settings(Duration::from_secs(3))).await;
+    let old = seed_ca(&env, "tls-s", Duration::from_secs(60)).await;
     let secrets = env.api::<Secret>();
-    secrets
-        .create(
-            &kube::api::PostParams::default(),
-            &Secret {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(contract::tls_ca_private_secret("db")),
-                    ..Default::default()
-                },
-                string_data: Some(
-                    [
-                        ("ca.crt".to_string(), old.certificate_pem.clone()),
-                        ("ca.key".to_string(), old.key_pem.clone()),
-                    ]
-                    .into(),
-                ),
-                ..Secret::default()
-            },
-        )
-        .await
-        .unwrap();
     let mut sharded = spec(1, "postgres:18");
     sharded.sharding = Some(api::postgres_cluster::ShardingSpec {
         shards: 1,
@@ -535,17 +514,7 @@ async fn a_sharded_clusters_ca_renewal_waits_for_its_shards_instances() {
 
     // The shard's instance loads it: promoted; the shard's certificate is issued again from
     // the renewed CA.
-    let report = serde_json::json!({"role": "primary", "tlsCa": contract::ca_bundle_digest(bundle.as_bytes())});
-    env.api::<k8s_openapi::api::core::v1::Pod>()
-        .patch(
-            "db-shard-0-0",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
-                contract::ANNOTATION_INSTANCE_STATUS: report.to_string()
-            }}})),
-        )
-        .await
-        .unwrap();
+    report_loaded(&env, "db-shard-0-0", &bundle).await;
     let old_summary = certificates::summary(&old.certificate_pem, "old").unwrap();
     env.eventually("the shard's certificate from the renewed CA", || {
         let secrets = secrets.clone();
