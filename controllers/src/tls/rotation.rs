@@ -122,14 +122,10 @@ pub enum Step {
 /// Ready instances that have not loaded the published bundle yet (pod names).
 pub type Pending = Vec<String>;
 
-fn left(pem: &str, now: OffsetDateTime) -> Option<time::Duration> {
+fn not_after(pem: &str) -> Option<OffsetDateTime> {
     certificates::summary(pem, "a CA")
         .ok()
-        .map(|summary| summary.not_after - now)
-}
-
-fn positive(duration: time::Duration) -> Duration {
-    duration.max(time::Duration::ZERO).unsigned_abs()
+        .map(|summary| summary.not_after)
 }
 
 /// When the CA in `next` was made (its validity starts [`certificates::BACKDATE`] before).
@@ -139,7 +135,9 @@ fn staged_at(next: &Issued) -> Option<OffsetDateTime> {
         .map(|summary| summary.not_before + certificates::BACKDATE)
 }
 
-/// Decides the next step for the CAs in `stored` at `now`.
+/// Decides the next step for the CAs in `stored` at `now`. Times are the certificates'
+/// renewal arithmetic ([`certificates::due_for_renewal`], [`certificates::until_renewal`])
+/// with other thresholds: `renew_before` to stage, a quarter of it to force, none to retire.
 pub fn plan(
     stored: Option<&CaSet>,
     now: OffsetDateTime,
@@ -149,29 +147,37 @@ pub fn plan(
     let Some(set) = stored else {
         return Step::Create;
     };
-    let Some(current_left) = left(&set.current.certificate_pem, now) else {
+    let Some(current_end) = not_after(&set.current.certificate_pem) else {
         return Step::Create;
     };
-    if let Some(previous) = &set.previous
-        && left(previous, now).is_none_or(|left| left <= time::Duration::ZERO)
+    let previous_end = set.previous.as_deref().map(not_after);
+    if let Some(end) = previous_end
+        && end.is_none_or(|end| certificates::due_for_renewal(end, now, Duration::ZERO))
     {
         return Step::Retire;
     }
     let renew_before = lifetimes.renew_before;
     let force_below = renew_before / 4;
     match &set.next {
-        None if positive(current_left) <= renew_before => Step::Stage,
-        None => Step::Keep(Some(next_time(
-            positive(current_left) - renew_before,
-            set.previous.as_ref().and_then(|pem| left(pem, now)),
-        ))),
+        None if certificates::due_for_renewal(current_end, now, renew_before) => Step::Stage,
+        None => {
+            let until_due = certificates::until_renewal(current_end, now, renew_before);
+            Step::Keep(Some(match previous_end.flatten() {
+                Some(end) => until_due.min(certificates::until_renewal(end, now, Duration::ZERO)),
+                None => until_due,
+            }))
+        }
         Some(next) => {
             let Some(staged) = staged_at(next) else {
                 // An unreadable next CA is made again.
                 return Step::Stage;
             };
-            let overlap_left = positive(staged + lifetimes.effective_overlap() - now);
-            let expiring = positive(current_left) <= force_below;
+            let overlap_left = certificates::until_renewal(
+                staged + lifetimes.effective_overlap(),
+                now,
+                Duration::ZERO,
+            );
+            let expiring = certificates::due_for_renewal(current_end, now, force_below);
             if overlap_left.is_zero() && pending.is_empty() {
                 Step::Promote { forced: false }
             } else if expiring {
@@ -181,7 +187,7 @@ pub fn plan(
             } else {
                 // Back when the overlap ends, or at the latest when promotion is forced; a pod
                 // that reports the bundle loaded brings the reconciler back by itself.
-                let until_forced = positive(current_left) - force_below;
+                let until_forced = certificates::until_renewal(current_end, now, force_below);
                 Step::Keep(Some(if overlap_left.is_zero() {
                     until_forced
                 } else {
@@ -189,14 +195,6 @@ pub fn plan(
                 }))
             }
         }
-    }
-}
-
-/// The earlier of the CA's due time and the previous CA's expiry.
-fn next_time(until_due: Duration, previous_left: Option<time::Duration>) -> Duration {
-    match previous_left {
-        Some(left) => until_due.min(positive(left)),
-        None => until_due,
     }
 }
 
