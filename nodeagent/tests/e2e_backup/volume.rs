@@ -173,7 +173,9 @@ async fn a_backup_to_a_volume_restores_into_a_new_cluster_without_an_object_stor
                "failover": calm_failover()}),
     )
     .await?;
-    e2e.wait_healthy(&copies, "vcopy", None, Duration::from_secs(300))
+    // Eight minutes: a copy Job, then two instances one after the other (the second cloned
+    // from the first); beside two other test binaries on two cores this took over five.
+    e2e.wait_healthy(&copies, "vcopy", None, Duration::from_secs(480))
         .await?;
     let copy_login = superuser_login(&client, namespace, "vcopy").await?;
     assert_ne!(
