@@ -46,6 +46,7 @@ pub struct Metrics {
     durations: HistogramFamily,
     leader: Gauge<i64, AtomicI64>,
     last_backup: Family<ClusterLabels, Gauge<f64, AtomicU64>>,
+    ca_renewals_forced: Family<ClusterLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,6 +74,7 @@ impl Metrics {
         let durations: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let leader = Gauge::<i64, AtomicI64>::default();
         let last_backup = Family::<ClusterLabels, Gauge<f64, AtomicU64>>::default();
+        let ca_renewals_forced = Family::<ClusterLabels, Counter>::default();
         registry.register(
             "reconciles",
             "Reconciliations run, by controller and result",
@@ -98,6 +100,11 @@ impl Metrics {
             "Unix time of the newest completed BackupJob of each cluster, read from the BackupJobs' status (so it survives restarts of the operator and of the instances); the PostgresBackupTooOld alert reads it",
             last_backup.clone(),
         );
+        registry.register(
+            "ca_renewals_forced",
+            "Renewed operator CAs that had to sign before every instance reported loading them (the CARenewalForced event); the PostgresCARenewalForced alert reads it",
+            ca_renewals_forced.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -105,6 +112,7 @@ impl Metrics {
             durations,
             leader,
             last_backup,
+            ca_renewals_forced,
         }
     }
 
@@ -144,6 +152,35 @@ impl Metrics {
         }
     }
 
+    fn cluster_labels(namespace: &str, cluster: &str) -> ClusterLabels {
+        ClusterLabels {
+            namespace: namespace.to_string(),
+            cluster: cluster.to_string(),
+        }
+    }
+
+    /// Makes the cluster's forced-renewal counter exist (at 0), so that its first forced
+    /// renewal is an increase an alert sees.
+    pub fn track_ca_renewals(&self, namespace: &str, cluster: &str) {
+        let _created = self
+            .ca_renewals_forced
+            .get_or_create(&Self::cluster_labels(namespace, cluster));
+    }
+
+    /// Counts a forced promotion of the cluster's renewed CA.
+    pub fn observe_ca_renewal_forced(&self, namespace: &str, cluster: &str) {
+        self.ca_renewals_forced
+            .get_or_create(&Self::cluster_labels(namespace, cluster))
+            .inc();
+    }
+
+    /// Drops the series of a deleted cluster.
+    pub fn forget_cluster(&self, namespace: &str, cluster: &str) {
+        let labels = Self::cluster_labels(namespace, cluster);
+        self.last_backup.remove(&labels);
+        self.ca_renewals_forced.remove(&labels);
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -174,6 +211,22 @@ mod tests {
             "postgres_operator_reconcile_duration_seconds_count{controller=\"postgrescluster\"} 2"
         ));
         assert!(text.contains("postgres_operator_leader 1"));
+    }
+
+    #[test]
+    fn forced_ca_renewals_count_from_zero_and_leave_with_the_cluster() {
+        let metrics = Metrics::new();
+        metrics.track_ca_renewals("prod", "db");
+        let series =
+            "postgres_operator_ca_renewals_forced_total{namespace=\"prod\",cluster=\"db\"}";
+        assert!(metrics.encode().contains(&format!("{series} 0")));
+        metrics.observe_ca_renewal_forced("prod", "db");
+        metrics.track_ca_renewals("prod", "db");
+        assert!(metrics.encode().contains(&format!("{series} 1")));
+        metrics.observe_backup_completed("prod", "db", 2000.0);
+        metrics.forget_cluster("prod", "db");
+        let text = metrics.encode();
+        assert!(!text.contains("cluster=\"db\""), "{text}");
     }
 
     #[test]

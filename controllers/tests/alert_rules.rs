@@ -208,6 +208,61 @@ fn cases() -> Vec<Case> {
                 "0x30",
             )],
         },
+        // At minute 20 (time() = 1200): a 90-day certificate with 6 days left fires; one with
+        // 8 days left, or a 1-day certificate with 6 hours left (more than a fifth of its
+        // lifetime), does not.
+        Case {
+            alert: "PostgresCertificateExpiresSoon",
+            eval_minutes: 20,
+            firing: &[
+                (
+                    "pg_instance_certificate_not_after_timestamp_seconds",
+                    &[DB0, ("certificate", "server")],
+                    "519600x30",
+                ),
+                (
+                    "pg_instance_certificate_not_before_timestamp_seconds",
+                    &[DB0, ("certificate", "server")],
+                    "-7256400x30",
+                ),
+            ],
+            labels: &[DB0, ("certificate", "server")],
+            quiet: &[
+                (
+                    "pg_instance_certificate_not_after_timestamp_seconds",
+                    &[DB0, ("certificate", "server")],
+                    "692400x30",
+                ),
+                (
+                    "pg_instance_certificate_not_before_timestamp_seconds",
+                    &[DB0, ("certificate", "server")],
+                    "-7083600x30",
+                ),
+                (
+                    "pg_instance_certificate_not_after_timestamp_seconds",
+                    &[DB0, ("certificate", "replication")],
+                    "22800x30",
+                ),
+                (
+                    "pg_instance_certificate_not_before_timestamp_seconds",
+                    &[DB0, ("certificate", "replication")],
+                    "-63600x30",
+                ),
+            ],
+        },
+        // A renewal forced at minute 10 fires; one counted before (the counter at 1 all
+        // along) does not.
+        Case {
+            alert: "PostgresCARenewalForced",
+            eval_minutes: 20,
+            firing: &[(
+                "postgres_operator_ca_renewals_forced_total",
+                &[],
+                "0x10 1x20",
+            )],
+            labels: &[],
+            quiet: &[("postgres_operator_ca_renewals_forced_total", &[], "1x30")],
+        },
         Case {
             alert: "PostgresConnectionsNearLimit",
             eval_minutes: 20,

@@ -456,8 +456,10 @@ async fn a_due_ca_is_published_beside_the_old_one_before_it_signs_and_the_old_on
 /// only once the shard's ready instance reports it loaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sharded_clusters_ca_renewal_waits_for_its_shards_instances() {
-    // The shards read the parent's CAs when they reconcile (at the latest each resync).
-    let env = Env::start_with_settings("tls-s", renewal_settings(Duration::from_secs(3))).await;
+    // The default resync (5 minutes), longer than the whole test: a step of the parent's
+    // renewal reaches its shard through the watch of the private CA Secret, and the parent,
+    // which its shard's pods do not wake, looks again while it waits for them.
+    let env = Env::start_with_settings("tls-s", renewal_settings(Duration::from_secs(300))).await;
     let old = seed_ca(&env, "tls-s", Duration::from_secs(60)).await;
     let secrets = env.api::<Secret>();
     let mut sharded = spec(1, "postgres:18");

@@ -187,6 +187,7 @@ pub async fn run(config: Config, fence: Option<crate::watchdog::Fence>) -> Resul
         included_config: None,
         tls_fingerprint: None,
         tls_ca: None,
+        certificates: Vec::new(),
         declarative_primary,
         declarative_designated,
         backup,
@@ -280,6 +281,8 @@ struct Manager {
     tls_fingerprint: Option<Vec<Option<Vec<u8>>>>,
     /// Digest of the CA bundle last installed and loaded (`tlsCa` of the status).
     tls_ca: Option<String>,
+    /// Validity of the certificates last installed (`certificates` of the status).
+    certificates: Vec<crate::tls::CertificateValidity>,
     /// Tells the declarative reconcilers whether this instance is a writable primary.
     declarative_primary: tokio::sync::watch::Sender<bool>,
     /// Whether this instance is a replica cluster's designated primary (read-only).
@@ -649,6 +652,7 @@ impl Manager {
             self.postgres.signal(Signal::SIGHUP);
         }
         self.tls_ca = tls.installed_ca_digest();
+        self.certificates = tls.installed_validity();
         self.tls_fingerprint = Some(fingerprint);
     }
 

@@ -23,6 +23,21 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+/// Label set of an installed certificate's validity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabel {
+    /// `server`, `replication`, `ca`, `source` or `source-ca`.
+    pub certificate: String,
+}
+
+/// The validity of the installed certificates (the `PostgresCertificateExpiresSoon` alert
+/// compares what is left with the certificate's lifetime).
+#[derive(Default)]
+struct Certificates {
+    not_before: Family<CertificateLabel, Gauge>,
+    not_after: Family<CertificateLabel, Gauge>,
+}
+
 /// A replica cluster's distance to its source's WAL archive: series only on its designated
 /// primary (a family, so that no other instance shows a zero that would read as "caught up").
 #[derive(Default)]
@@ -50,6 +65,7 @@ pub struct Metrics {
     fence_running: Gauge,
     fence_restarts: Gauge,
     source_archive: SourceArchive,
+    certificates: Certificates,
     /// Backup metrics (WAL archiving, base backups).
     pub backup: crate::backup::metrics::BackupMetrics,
 }
@@ -79,6 +95,7 @@ impl Metrics {
             fence_running: Gauge::default(),
             fence_restarts: Gauge::default(),
             source_archive: SourceArchive::default(),
+            certificates: Certificates::default(),
             backup: Default::default(),
             registry: Registry::default(),
         };
@@ -168,6 +185,16 @@ impl Metrics {
             "Replica cluster: 1 when the last listing of the source's archive failed",
             metrics.source_archive.failing.clone(),
         );
+        registry.register(
+            "certificate_not_before_timestamp_seconds",
+            "Start of validity of an installed certificate (TLS on), Unix time",
+            metrics.certificates.not_before.clone(),
+        );
+        registry.register(
+            "certificate_not_after_timestamp_seconds",
+            "Expiry of an installed certificate (TLS on; for `ca`, the CA of the bundle that expires last), Unix time",
+            metrics.certificates.not_after.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -225,6 +252,27 @@ impl Metrics {
                 source.failing.clear();
             }
         }
+        self.update_certificates(&status.certificates);
+    }
+
+    fn update_certificates(&self, installed: &[crate::tls::CertificateValidity]) {
+        let families = &self.certificates;
+        // A certificate no longer installed (a replica cluster promoted, TLS turned off) leaves.
+        families.not_before.clear();
+        families.not_after.clear();
+        for validity in installed {
+            let label = CertificateLabel {
+                certificate: validity.certificate.clone(),
+            };
+            families
+                .not_before
+                .get_or_create(&label)
+                .set(validity.not_before);
+            families
+                .not_after
+                .get_or_create(&label)
+                .set(validity.not_after);
+        }
     }
 
     /// OpenMetrics text.
@@ -238,6 +286,38 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn installed_certificates_are_reported_and_leave_when_uninstalled() {
+        let metrics = Metrics::new();
+        let validity = |certificate: &str, not_after| crate::tls::CertificateValidity {
+            certificate: certificate.to_string(),
+            not_before: 1_000,
+            not_after,
+        };
+        metrics.update(&InstanceStatus {
+            certificates: vec![validity("server", 9_000), validity("source-ca", 5_000)],
+            ..InstanceStatus::default()
+        });
+        let text = metrics.encode();
+        for line in [
+            "pg_instance_certificate_not_after_timestamp_seconds{certificate=\"server\"} 9000",
+            "pg_instance_certificate_not_after_timestamp_seconds{certificate=\"source-ca\"} 5000",
+            "pg_instance_certificate_not_before_timestamp_seconds{certificate=\"server\"} 1000",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        metrics.update(&InstanceStatus {
+            certificates: vec![validity("server", 9_500)],
+            ..InstanceStatus::default()
+        });
+        let text = metrics.encode();
+        assert!(text.contains("{certificate=\"server\"} 9500"), "{text}");
+        assert!(
+            !text.contains("source-ca"),
+            "promoted: no source any more: {text}"
+        );
+    }
 
     #[test]
     fn the_fence_process_is_reported() {

@@ -101,6 +101,11 @@ pub struct InstanceStatus {
     /// instance reports the bundle that trusts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<String>,
+    /// Validity of the installed certificates (TLS on): the server's, the replication
+    /// client's, the latest-expiring CA of the bundle, and a replica cluster's copies of its
+    /// source's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<crate::tls::CertificateValidity>,
 }
 
 impl InstanceStatus {

@@ -72,6 +72,43 @@ impl TlsFiles {
         (server == replication).then(|| api::contract::ca_bundle_digest(&server))
     }
 
+    /// The validity of the installed certificates, for the status and the metrics (the
+    /// `PostgresCertificateExpiresSoon` alert): the server's, the replication client's, the
+    /// CA of the installed bundle that expires last (during a CA renewal the bundle holds the
+    /// old and the renewed CA; the cluster stays trusted as long as the latest one is valid),
+    /// and, on a replica cluster that streams from its source, the source's client certificate
+    /// and CA (a copy the operator does not renew: its expiry must be watched).
+    pub fn installed_validity(&self) -> Vec<CertificateValidity> {
+        let installed = [
+            ("server", "server", tls_keys::CERTIFICATE),
+            ("replication", "replication", tls_keys::CERTIFICATE),
+            ("ca", "server", tls_keys::CA),
+            ("source", "source", tls_keys::CERTIFICATE),
+            ("source-ca", "source", tls_keys::CA),
+        ];
+        installed
+            .iter()
+            .filter_map(|(certificate, folder, key)| {
+                let pem = std::fs::read(self.private_file(folder, key)).ok()?;
+                let validities = pem_validities(&pem);
+                // A certificate file's first entry is the certificate (a chain may follow); of
+                // a CA bundle, the CA that expires last.
+                let (not_before, not_after) = if *key == tls_keys::CA {
+                    validities
+                        .into_iter()
+                        .max_by_key(|(_, not_after)| *not_after)?
+                } else {
+                    validities.into_iter().next()?
+                };
+                Some(CertificateValidity {
+                    certificate: certificate.to_string(),
+                    not_before,
+                    not_after,
+                })
+            })
+            .collect()
+    }
+
     /// Whether a replica cluster's source certificates are mounted (`source/`).
     pub fn has_source(&self) -> bool {
         self.mounted
@@ -149,6 +186,39 @@ impl TlsFiles {
         }
         options
     }
+}
+
+/// When an installed certificate is valid (status `certificates`, metrics
+/// `pg_instance_certificate_not_{before,after}_timestamp_seconds`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateValidity {
+    /// `server`, `replication`, `ca`, `source` or `source-ca` (see
+    /// [`TlsFiles::installed_validity`]).
+    pub certificate: String,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+}
+
+/// (not before, not after) in Unix seconds of each certificate of a PEM file, in file order;
+/// blocks that are not X.509 certificates are skipped.
+fn pem_validities(pem: &[u8]) -> Vec<(i64, i64)> {
+    x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter_map(|block| {
+            let block = block.ok()?;
+            if block.label != "CERTIFICATE" {
+                return None;
+            }
+            let certificate = block.parse_x509().ok()?;
+            let validity = certificate.validity();
+            Some((
+                validity.not_before.timestamp(),
+                validity.not_after.timestamp(),
+            ))
+        })
+        .collect()
 }
 
 /// pg_hba.conf. With TLS, every TCP connection must use it (`hostssl`; a client without TLS
@@ -268,6 +338,47 @@ mod tests {
             files.copies().unwrap_err(),
             dir.path().join("replication/tls.key")
         );
+    }
+
+    #[test]
+    fn installed_validity_reads_each_certificate_and_the_ca_that_expires_last() {
+        use controllers::tls::certificates::{Leaf, issue, new_ca};
+        let day = std::time::Duration::from_secs(86_400);
+        let now = time::OffsetDateTime::now_utc();
+        let old = new_ca("db", "ns", now, 30 * day).unwrap();
+        let renewed = new_ca("db", "ns", now, 3650 * day).unwrap();
+        let server = issue(
+            &old,
+            &Leaf::Server {
+                cluster: "db".into(),
+                names: vec!["db-rw".into()],
+            },
+            now,
+            90 * day,
+        )
+        .unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let files = TlsFiles::new(Path::new("/mnt/tls"), run.path());
+        assert_eq!(files.installed_validity(), Vec::new(), "nothing installed");
+        std::fs::create_dir_all(&files.private).unwrap();
+        // A chain after the server's certificate is not the server's.
+        let chain = format!("{}{}", server.certificate_pem, renewed.certificate_pem);
+        std::fs::write(files.private_file("server", tls_keys::CERTIFICATE), chain).unwrap();
+        let bundle = format!("{}{}", renewed.certificate_pem, old.certificate_pem);
+        std::fs::write(files.private_file("server", tls_keys::CA), bundle).unwrap();
+        std::fs::write(
+            files.private_file("replication", tls_keys::CERTIFICATE),
+            "not a certificate",
+        )
+        .unwrap();
+        let validity = files.installed_validity();
+        let names: Vec<&str> = validity.iter().map(|v| v.certificate.as_str()).collect();
+        assert_eq!(names, ["server", "ca"], "{validity:?}");
+        let lifetime = |v: &CertificateValidity| (v.not_after - v.not_before) / 86_400;
+        // Issued certificates start a little before `now` (clock tolerance): whole days round.
+        assert_eq!(lifetime(&validity[0]), 90, "{validity:?}");
+        assert_eq!(lifetime(&validity[1]), 3650, "the renewed CA: {validity:?}");
+        assert!((validity[0].not_after - now.unix_timestamp() - 90 * 86_400).abs() < 600);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Service name succeeds, a client without TLS is refused, the replica streams over TLS and
 //! logs in with the `streaming_replica` client certificate; a renewal swaps the certificate
 //! PostgreSQL presents (a client sees the new serial) with no client error, no restart and no
-//! failover.
+//! failover, and every instance exports the validity of what it installed.
 
 mod support;
 
@@ -46,6 +46,20 @@ fn mount_certificates(dir: &Path, ca: &Issued) {
         write_atomically(&folder.join("tls.key"), &issued.key_pem);
         write_atomically(&folder.join("tls.crt"), &issued.certificate_pem);
     }
+}
+
+/// A certificate's expiry, Unix seconds.
+fn not_after_of(der: &[u8]) -> i64 {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der).unwrap();
+    certificate.validity().not_after.timestamp()
+}
+
+/// `metric{certificate="<certificate>"}` from an instance's `/metrics` text.
+fn certificate_metric(text: &str, metric: &str, certificate: &str) -> Option<i64> {
+    let prefix = format!("{metric}{{certificate=\"{certificate}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 fn serial_of(der: &[u8]) -> String {
@@ -178,14 +192,14 @@ async fn tls_verify_full_clients_certificate_replication_and_renewal_without_res
     tokio::time::sleep(Duration::from_millis(1500)).await;
     mount_certificates(dir.path(), &ca);
     let renewed_at = Instant::now();
-    let serial_after = loop {
+    let (serial_after, renewed) = loop {
         if let Ok(der) =
             testbed::pg_tls::server_certificate("127.0.0.1", port, &ca.certificate_pem, &service)
                 .await
         {
             let serial = serial_of(&der);
             if serial != serial_before {
-                break serial;
+                break (serial, der);
             }
         }
         assert!(
@@ -237,4 +251,51 @@ async fn tls_verify_full_clients_certificate_replication_and_renewal_without_res
         .unwrap()
         .get(0);
     assert_eq!(streaming, 1);
+
+    // Each instance exports the validity of what it installed: the renewed server certificate,
+    // the replication client's, and the CA's (the PostgresCertificateExpiresSoon alert).
+    let ca_der = x509_parser::pem::parse_x509_pem(ca.certificate_pem.as_bytes())
+        .unwrap()
+        .1
+        .contents;
+    let expected = [
+        ("server", not_after_of(&renewed)),
+        ("ca", not_after_of(&ca_der)),
+    ];
+    for index in [primary, replica] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, text) = cluster.http_get(index, "/metrics").await.unwrap();
+            let after = |certificate| {
+                certificate_metric(
+                    &text,
+                    "pg_instance_certificate_not_after_timestamp_seconds",
+                    certificate,
+                )
+            };
+            let seen = expected.map(|(certificate, _)| after(certificate));
+            if seen == expected.map(|(_, not_after)| Some(not_after)) {
+                // The replication certificate was issued beside the server's: the same hour.
+                let replication = after("replication").expect("replication's expiry");
+                assert!((replication - expected[0].1).abs() < 60, "{text}");
+                let before = certificate_metric(
+                    &text,
+                    "pg_instance_certificate_not_before_timestamp_seconds",
+                    "server",
+                )
+                .expect("server's start of validity");
+                assert_eq!(
+                    expected[0].1 - before,
+                    3600 + 300,
+                    "lifetime and backdating"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance {index} exports {seen:?}, not {expected:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }

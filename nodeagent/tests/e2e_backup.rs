@@ -26,8 +26,9 @@ use common::backup::{
     BUCKET, archive_current_wal, backup_job, calm_failover, completed, credentials, s3, store,
 };
 use common::{
-    connect_when_served, create_cluster, eventually, kill_operator, operator_backup_figure,
-    patch_spec, ready_message_containing, stack, superuser_login,
+    connect_when_served, create_cluster, eventually, installed_certificates, kill_operator,
+    not_after, operator_backup_figure, patch_spec, ready_message_containing, secret_value, stack,
+    superuser_login,
 };
 use kube::api::Api;
 use serde_json::json;
@@ -519,6 +520,33 @@ async fn a_replica_cluster_streams_from_its_sources_primary_with_the_sources_cer
         .await?
         .get(0);
     assert_eq!(senders, 1, "origin streams to near's designated primary");
+
+    // The copy of origin's certificate is the user's to renew: near's instance reports its
+    // validity (metrics and the PostgresCertificateExpiresSoon alert), beside its own.
+    let origin_secret = api::contract::tls_replication_secret("origin");
+    let expected = [
+        (
+            "source",
+            not_after(&secret_value(&client, namespace, &origin_secret, "tls.crt").await?)?,
+        ),
+        (
+            "source-ca",
+            not_after(&secret_value(&client, namespace, &origin_secret, "ca.crt").await?)?,
+        ),
+    ];
+    let installed = installed_certificates(&client, namespace, "near-0").await?;
+    for (certificate, not_after) in expected {
+        assert!(
+            installed.contains(&(certificate.to_string(), not_after)),
+            "{certificate} until {not_after} in {installed:?}"
+        );
+    }
+    for own in ["server", "replication", "ca"] {
+        assert!(
+            installed.iter().any(|(certificate, _)| certificate == own),
+            "{own} in {installed:?}"
+        );
+    }
     Ok(())
 }
 

@@ -866,4 +866,37 @@ async fn a_renewed_ca_is_trusted_everywhere_before_it_signs_so_no_connection_fai
             .await
             .is_err()
     );
+
+    // Each instance reports what it installed (`certificates` in its status; the same figures
+    // feed the metrics the PostgresCertificateExpiresSoon alert reads): the bundle's CA that
+    // expires last is the renewed one.
+    let renewed_expiry = common::not_after(&next).unwrap();
+    eventually(
+        "both instances to report the renewed CA's expiry",
+        Duration::from_secs(60),
+        || async {
+            let mut seen = Vec::new();
+            for ordinal in 0..2 {
+                let installed = common::installed_certificates(
+                    &client,
+                    namespace,
+                    &format!("{name}-{ordinal}"),
+                )
+                .await?;
+                seen.push(
+                    installed
+                        .into_iter()
+                        .find(|(certificate, _)| certificate == "ca")
+                        .map(|(_, not_after)| not_after),
+                );
+            }
+            Ok(if seen.iter().all(|ca| *ca == Some(renewed_expiry)) {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}, renewed CA until {renewed_expiry}"))
+            })
+        },
+    )
+    .await
+    .unwrap();
 }

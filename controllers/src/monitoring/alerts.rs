@@ -135,6 +135,26 @@ pub fn alerts() -> Vec<Alert> {
             severity: "warning",
             summary: "A replica cluster cannot list its source's WAL archive: it cannot follow the source, and its distance to it is unknown",
         },
+        // What is left of an installed certificate, against a fifth of its lifetime, at most 7
+        // days: the operator renews at 30 days left by default (cert-manager at a third of the
+        // lifetime), so this fires only when renewal failed, or for the copy of a source's
+        // certificate a replica cluster streams with, which nothing here renews.
+        Alert {
+            name: "PostgresCertificateExpiresSoon",
+            expr: "(pg_instance_certificate_not_after_timestamp_seconds{SEL} - time()) < clamp_max((pg_instance_certificate_not_after_timestamp_seconds{SEL} - pg_instance_certificate_not_before_timestamp_seconds{SEL}) / 5, 7 * 86400)",
+            for_: "10m",
+            severity: "warning",
+            summary: "A certificate an instance uses expires within a fifth of its lifetime (7 days at most) and was not renewed: at expiry clients and replicas are refused",
+        },
+        // A forced promotion is an event; the operator counts them (from 0 for every cluster
+        // with the operator's CA, so that the first one is an increase).
+        Alert {
+            name: "PostgresCARenewalForced",
+            expr: "increase(postgres_operator_ca_renewals_forced_total{SEL}[1h]) > 0",
+            for_: "0m",
+            severity: "warning",
+            summary: "The renewed operator CA had to sign before every instance had loaded it: instances that had not may refuse their peers until restarted",
+        },
         // The Poolers' figures come from their exporter (`pg-instance pooler-exporter`), which
         // their PodMonitors label with `cluster` and `pooler`.
         Alert {

@@ -169,6 +169,28 @@ fn clusters_using_catalog(
         .collect()
 }
 
+/// The shards of the sharded cluster whose private CA Secret `secret` is (none for any other
+/// Secret).
+fn shards_of_ca_owner(
+    store: &Store<PostgresCluster>,
+    secret: &Secret,
+) -> Vec<ObjectRef<PostgresCluster>> {
+    let name = secret.name_any();
+    let namespace = secret.namespace();
+    let Some(parent) = name.strip_suffix(&contract::tls_ca_private_secret("")) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter(|cluster| {
+            cluster.namespace() == namespace
+                && crate::tls::sharded_parent(cluster).as_deref() == Some(parent)
+        })
+        .map(|cluster| ObjectRef::from_obj(cluster.as_ref()))
+        .collect()
+}
+
 /// Runs the PostgresCluster controller until `shutdown` resolves. With `namespace`, only that
 /// namespace is watched; otherwise every namespace.
 pub async fn run(
@@ -183,6 +205,7 @@ pub async fn run(
         "app.kubernetes.io/managed-by={}",
         contract::MANAGED_BY
     ));
+    let managed_secrets = managed.clone();
     let controller = Controller::new(
         scoped::<PostgresCluster>(&client, namespace),
         watcher::Config::default().any_semantic(),
@@ -190,11 +213,15 @@ pub async fn run(
     let store = controller.store();
     let cluster_catalog_store = store.clone();
     let sharded_store = store.clone();
+    let shards_store = store.clone();
     let controller = controller
         .owns(scoped::<StatefulSet>(&client, namespace), managed.clone())
         .owns(scoped::<Service>(&client, namespace), managed.clone())
         .owns(scoped::<ConfigMap>(&client, namespace), managed.clone())
-        .owns(scoped::<Secret>(&client, namespace), managed.clone())
+        .owns(
+            scoped::<Secret>(&client, namespace),
+            managed_secrets.clone(),
+        )
         // A sharded cluster's shards (child clusters) and router.
         .owns(
             scoped::<PostgresCluster>(&client, namespace),
@@ -215,6 +242,13 @@ pub async fn run(
                     }
                 })
             },
+        )
+        // A sharded cluster's shards are issued from its CA: a step of its renewal (the
+        // private CA Secret changes) reaches their Secrets at once, not at their resync.
+        .watches(
+            scoped::<Secret>(&client, namespace),
+            managed_secrets,
+            move |secret: Secret| shards_of_ca_owner(&shards_store, &secret),
         )
         // A sharded cluster's router Role names its PostgresUsers' password Secrets.
         .watches(

@@ -872,6 +872,7 @@ async fn cleanup(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Err
     let namespace = cluster
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    ctx.metrics.forget_cluster(&namespace, &name);
     let lease_name = contract::lease_name(&name);
     match Api::<Lease>::namespaced(ctx.client.clone(), &namespace)
         .delete(&lease_name, &DeleteParams::default())

@@ -275,6 +275,7 @@ async fn operator_ca(
     let name = cluster.name_any();
     let namespace = cluster.namespace().unwrap_or_default();
     let secret_name = contract::tls_ca_private_secret(&name);
+    ctx.metrics.track_ca_renewals(&namespace, &name);
     let stored = stored_ca(secrets, &secret_name).await?;
     let pending = match &stored {
         Some(set) if set.next.is_some() => {
@@ -332,6 +333,7 @@ async fn operator_ca(
         Step::Promote { forced } => {
             let previous = describe(set.previous.as_deref().unwrap_or_default())?;
             if *forced {
+                ctx.metrics.observe_ca_renewal_forced(&namespace, &name);
                 (
                     EventType::Warning,
                     "CARenewalForced",

@@ -185,17 +185,28 @@ pub fn plan(
                     forced: !pending.is_empty(),
                 }
             } else {
-                // Back when the overlap ends, or at the latest when promotion is forced; a pod
-                // that reports the bundle loaded brings the reconciler back by itself.
+                // Back when the overlap ends, or at the latest when promotion is forced. Past the
+                // overlap, instances are awaited: their own cluster's pods bring the reconciler
+                // back when they report, but a sharded cluster's shards' pods wake their shard,
+                // not it, so it looks again every little while (this state is short, or an
+                // instance is broken and the condition says which).
                 let until_forced = certificates::until_renewal(current_end, now, force_below);
                 Step::Keep(Some(if overlap_left.is_zero() {
-                    until_forced
+                    until_forced.min(pending_poll(lifetimes))
                 } else {
                     overlap_left.min(until_forced)
                 }))
             }
         }
     }
+}
+
+/// How often a CA renewal past its overlap looks again at the instances it waits for: 15 s, or
+/// the overlap when shorter (tests), at least 1 s.
+fn pending_poll(lifetimes: &Lifetimes) -> Duration {
+    Duration::from_secs(15)
+        .min(lifetimes.effective_overlap())
+        .max(Duration::from_secs(1))
 }
 
 /// Applies `step` to `stored`; `made` is the new CA a [`Step::Stage`] publishes (`Create`
@@ -379,13 +390,14 @@ mod tests {
             panic!("kept during the overlap");
         };
         assert!(back <= Duration::from_secs(6 * DAY) && back > Duration::from_secs(6 * DAY - 60));
-        // Overlap over, one instance has not loaded the bundle: wait (for its report).
+        // Overlap over, one instance has not loaded the bundle: wait for its report, looking
+        // again every 15 s (a shard's pod does not wake its sharded parent).
         let later = now() + days(7);
         let pending = vec!["db-1".to_string()];
-        assert!(matches!(
+        assert_eq!(
             plan(Some(&set), later, &lifetimes(), &pending),
-            Step::Keep(Some(_))
-        ));
+            Step::Keep(Some(Duration::from_secs(15)))
+        );
         assert_eq!(
             plan(Some(&set), later, &lifetimes(), &Vec::new()),
             Step::Promote { forced: false }

@@ -88,6 +88,7 @@ impl Manager {
         status.restart_token = self.restart_token.clone().filter(|token| !token.is_empty());
         status.data_disk_available_bytes = self.postgres.available_bytes();
         status.tls_ca = self.tls_ca.clone();
+        status.certificates = self.certificates.clone();
         let gave_up = Role::Fenced {
             reason: FenceReason::PostgresFailed,
         };

@@ -374,6 +374,48 @@ pub async fn secret_value(
         .ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{name} has no key {key}"))
 }
 
+/// The certificates a pod's instance reports as installed (`certificates` of its status
+/// annotation): (certificate, notAfter in Unix seconds).
+pub async fn installed_certificates(
+    client: &kube::Client,
+    namespace: &str,
+    pod: &str,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    let pod = Api::<Pod>::namespaced(client.clone(), namespace)
+        .get(pod)
+        .await?;
+    let status: Value = serde_json::from_str(
+        pod.metadata
+            .annotations
+            .unwrap_or_default()
+            .get(api::contract::ANNOTATION_INSTANCE_STATUS)
+            .map_or("{}", String::as_str),
+    )?;
+    Ok(status["certificates"]
+        .as_array()
+        .map(|installed| {
+            installed
+                .iter()
+                .filter_map(|validity| {
+                    Some((
+                        validity["certificate"].as_str()?.to_string(),
+                        validity["notAfter"].as_i64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// A PEM certificate's expiry, Unix seconds.
+pub fn not_after(certificate_pem: &str) -> anyhow::Result<i64> {
+    Ok(
+        controllers::tls::certificates::summary(certificate_pem, "a certificate")?
+            .not_after
+            .unix_timestamp(),
+    )
+}
+
 /// How a test logs in to a cluster: a password, and TLS verified as libpq's
 /// `sslmode=verify-full` does, against the cluster's CA Secret (`<cluster>-ca`) and its `-rw`
 /// Service name (TLS is on by default; PostgreSQL refuses clients without it). The server
