@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 use crate::postgres_cluster::instances::InstanceView;
 use crate::postgres_cluster::status::Problem;
 use crate::postgres_cluster::{Context, FIELD_MANAGER};
-use certificates::{CertificateError, Leaf, Lifetimes};
+use certificates::{CertificateError, Issued, Leaf, Lifetimes};
 use rotation::{CaSet, Step};
 
 /// Errors of the TLS stage of a reconciliation.
@@ -112,6 +112,14 @@ pub(crate) fn secret(
 pub(crate) fn text(secret: &Secret, key: &str) -> Option<String> {
     let bytes = secret.data.as_ref()?.get(key)?;
     String::from_utf8(bytes.0.clone()).ok()
+}
+
+/// The certificate and key a stored leaf Secret holds, when it has both.
+pub(crate) fn stored_certificate(secret: &Secret) -> Option<Issued> {
+    Some(Issued {
+        certificate_pem: text(secret, tls_keys::CERTIFICATE)?,
+        key_pem: text(secret, tls_keys::KEY)?,
+    })
 }
 
 /// Server-side applies a Secret (its data never reaches a log: errors name the Secret only).
@@ -464,23 +472,22 @@ async fn ensure_operator_ca(
             Leaf::Server { names, .. } => names.clone(),
             _ => Vec::new(),
         };
-        let keep = |stored: &Secret| {
-            let pair = (
-                text(stored, tls_keys::CERTIFICATE)?,
-                text(stored, tls_keys::KEY)?,
-            );
-            Some(pair)
-        };
         match check_leaf(stored.as_ref(), &set, &names, &lifetimes, now) {
             LeafCheck::Good(left) => {
                 earliest(&mut renew_in, left);
                 continue;
             }
             LeafCheck::Trust(left) => {
-                if let Some((certificate, key)) = stored.as_ref().and_then(keep) {
+                if let Some(pair) = stored.as_ref().and_then(stored_certificate) {
                     apply_secret(
                         &secrets,
-                        &leaf_secret(cluster, &secret_name, &certificate, &key, &bundle),
+                        &leaf_secret(
+                            cluster,
+                            &secret_name,
+                            &pair.certificate_pem,
+                            &pair.key_pem,
+                            &bundle,
+                        ),
                     )
                     .await?;
                     tracing::info!(cluster = %name, namespace, secret = %secret_name, "ca.crt brought to the CA bundle");
@@ -560,7 +567,6 @@ pub(crate) fn has_tls_keys(secret: &Secret) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use certificates::Issued;
 
     fn leaf_secret_of(certificate: &Issued, bundle: &str) -> Secret {
         Secret {

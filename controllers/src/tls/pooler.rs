@@ -331,12 +331,7 @@ async fn ensure_from_operator_ca(
     let lifetimes = ctx.settings.tls;
     let now = OffsetDateTime::now_utc();
     let names = certificates::pooler_names(pooler);
-    let stored_pair = stored.as_ref().and_then(|secret| {
-        Some(Issued {
-            certificate_pem: text(secret, tls_keys::CERTIFICATE)?,
-            key_pem: text(secret, tls_keys::KEY)?,
-        })
-    });
+    let stored_pair = stored.as_ref().and_then(super::stored_certificate);
     match (
         super::check_leaf(stored.as_ref(), &set, &names, &lifetimes, now),
         stored_pair,
