@@ -250,6 +250,36 @@ fn cases() -> Vec<Case> {
                 ),
             ],
         },
+        // The same for a Pooler's certificate, as its exporter saw PgBouncer present it.
+        Case {
+            alert: "PostgresCertificateExpiresSoon",
+            eval_minutes: 20,
+            firing: &[
+                (
+                    "pg_pooler_certificate_not_after_timestamp_seconds",
+                    &[POOL0, ("pooler", "pool"), ("certificate", "server")],
+                    "519600x30",
+                ),
+                (
+                    "pg_pooler_certificate_not_before_timestamp_seconds",
+                    &[POOL0, ("pooler", "pool"), ("certificate", "server")],
+                    "-7256400x30",
+                ),
+            ],
+            labels: &[POOL0, ("pooler", "pool"), ("certificate", "server")],
+            quiet: &[
+                (
+                    "pg_pooler_certificate_not_after_timestamp_seconds",
+                    &[POOL0, ("pooler", "pool"), ("certificate", "server")],
+                    "692400x30",
+                ),
+                (
+                    "pg_pooler_certificate_not_before_timestamp_seconds",
+                    &[POOL0, ("pooler", "pool"), ("certificate", "server")],
+                    "-7083600x30",
+                ),
+            ],
+        },
         // A renewal forced at minute 10 fires; one counted before (the counter at 1 all
         // along) does not.
         Case {

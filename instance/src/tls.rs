@@ -90,15 +90,12 @@ impl TlsFiles {
             .iter()
             .filter_map(|(certificate, folder, key)| {
                 let pem = std::fs::read(self.private_file(folder, key)).ok()?;
-                let validities = pem_validities(&pem);
                 // A certificate file's first entry is the certificate (a chain may follow); of
                 // a CA bundle, the CA that expires last.
                 let (not_before, not_after) = if *key == tls_keys::CA {
-                    validities
-                        .into_iter()
-                        .max_by_key(|(_, not_after)| *not_after)?
+                    bundle_validity(&pem)?
                 } else {
-                    validities.into_iter().next()?
+                    pem_validities(&pem).into_iter().next()?
                 };
                 Some(CertificateValidity {
                     certificate: certificate.to_string(),
@@ -208,17 +205,29 @@ fn pem_validities(pem: &[u8]) -> Vec<(i64, i64)> {
     x509_parser::pem::Pem::iter_from_buffer(pem)
         .filter_map(|block| {
             let block = block.ok()?;
-            if block.label != "CERTIFICATE" {
-                return None;
-            }
-            let certificate = block.parse_x509().ok()?;
-            let validity = certificate.validity();
-            Some((
-                validity.not_before.timestamp(),
-                validity.not_after.timestamp(),
-            ))
+            (block.label == "CERTIFICATE")
+                .then(|| der_validity(&block.contents))
+                .flatten()
         })
         .collect()
+}
+
+/// (not before, not after) in Unix seconds of a DER certificate.
+pub fn der_validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
+    let validity = certificate.validity();
+    Some((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
+}
+
+/// The validity of the CA of a PEM bundle that expires last (during a CA renewal a bundle holds
+/// the old and the renewed CA: trust lasts as long as the latest).
+pub fn bundle_validity(pem: &[u8]) -> Option<(i64, i64)> {
+    pem_validities(pem)
+        .into_iter()
+        .max_by_key(|(_, not_after)| *not_after)
 }
 
 /// pg_hba.conf. With TLS, every TCP connection must use it (`hostssl`; a client without TLS

@@ -165,6 +165,27 @@ async fn declarative_database_and_user_serve_psql_through_the_rw_service() -> an
             .is_some_and(|value| value > 0.0),
         "{metrics}"
     );
+    // The exporter reports the certificate PgBouncer presented to it (the Pooler's, from the
+    // operator's CA) and the CA it trusts: the PostgresCertificateExpiresSoon alert reads them.
+    let pooler_certificate = secret_value(
+        &client,
+        namespace,
+        &controllers::tls::pooler::certificate_secret("app-pool"),
+        api::contract::tls_keys::CERTIFICATE,
+    )
+    .await?;
+    let cluster_ca = std::fs::read_to_string(&ca_file)?;
+    for (certificate, pem) in [("server", &pooler_certificate), ("ca", &cluster_ca)] {
+        assert_eq!(
+            testbed::pooler_exporter::sample(
+                &metrics,
+                "pg_pooler_certificate_not_after_timestamp_seconds",
+                &[("certificate", certificate)]
+            ),
+            Some(common::not_after(pem)? as f64),
+            "{certificate}: {metrics}"
+        );
+    }
 
     // The declared user's queries through the Pooler's Service show in the exporter's figures
     // for its database and pool.

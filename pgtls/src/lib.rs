@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -40,6 +40,25 @@ pub fn client_config(ca_pem: impl AsRef<[u8]>) -> io::Result<Arc<rustls::ClientC
 pub struct VerifyFull {
     config: Arc<rustls::ClientConfig>,
     server_name: ServerName<'static>,
+    presented: Option<PresentedCertificate>,
+}
+
+/// Where a [`VerifyFull`] keeps the certificate the server presented at its last handshake
+/// (DER): a metrics exporter reports its validity, as clients see it. Shared by clones.
+#[derive(Clone, Debug, Default)]
+pub struct PresentedCertificate(Arc<Mutex<Option<Vec<u8>>>>);
+
+impl PresentedCertificate {
+    /// The certificate of the last handshake, if one completed.
+    pub fn get(&self) -> Option<Vec<u8>> {
+        self.0.lock().ok()?.clone()
+    }
+
+    fn set(&self, der: Vec<u8>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(der);
+        }
+    }
 }
 
 impl VerifyFull {
@@ -50,7 +69,14 @@ impl VerifyFull {
         Ok(Self {
             config: client_config(ca_pem)?,
             server_name,
+            presented: None,
         })
+    }
+
+    /// Keeps the server's certificate of each handshake in `presented`.
+    pub fn recording(mut self, presented: PresentedCertificate) -> Self {
+        self.presented = Some(presented);
+        self
     }
 }
 
@@ -80,6 +106,15 @@ where
             let stream = tokio_rustls::TlsConnector::from(self.config)
                 .connect(self.server_name, stream)
                 .await?;
+            if let Some(presented) = &self.presented
+                && let Some(leaf) = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+            {
+                presented.set(leaf.to_vec());
+            }
             Ok(Stream(stream))
         })
     }

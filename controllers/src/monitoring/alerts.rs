@@ -141,10 +141,12 @@ pub fn alerts() -> Vec<Alert> {
         // certificate a replica cluster streams with, which nothing here renews.
         Alert {
             name: "PostgresCertificateExpiresSoon",
-            expr: "(pg_instance_certificate_not_after_timestamp_seconds{SEL} - time()) < clamp_max((pg_instance_certificate_not_after_timestamp_seconds{SEL} - pg_instance_certificate_not_before_timestamp_seconds{SEL}) / 5, 7 * 86400)",
+            // The instances' certificates, or a Pooler's (the one PgBouncer presented to its
+            // exporter, and the CA bundle it trusts).
+            expr: "(pg_instance_certificate_not_after_timestamp_seconds{SEL} - time()) < clamp_max((pg_instance_certificate_not_after_timestamp_seconds{SEL} - pg_instance_certificate_not_before_timestamp_seconds{SEL}) / 5, 7 * 86400) or (pg_pooler_certificate_not_after_timestamp_seconds{SEL} - time()) < clamp_max((pg_pooler_certificate_not_after_timestamp_seconds{SEL} - pg_pooler_certificate_not_before_timestamp_seconds{SEL}) / 5, 7 * 86400)",
             for_: "10m",
             severity: "warning",
-            summary: "A certificate an instance uses expires within a fifth of its lifetime (7 days at most) and was not renewed: at expiry clients and replicas are refused",
+            summary: "A certificate an instance or a Pooler uses expires within a fifth of its lifetime (7 days at most) and was not renewed: at expiry clients and replicas are refused",
         },
         // A forced promotion is an event; the operator counts them (from 0 for every cluster
         // with the operator's CA, so that the first one is an increase).

@@ -4,16 +4,18 @@
 
 use std::path::Path;
 
-use pgtls::VerifyFull;
+use pgtls::{PresentedCertificate, VerifyFull};
 
 /// Connects with `config`: over TLS with sslmode `mode` when `tls` gives the CA file to trust and
 /// the name the certificate must carry (`Prefer` lets a PgBouncer without TLS answer in plain
 /// text), in plain text otherwise; the connection's task is spawned. The error is the server's
-/// message or why the connection failed, never a secret.
+/// message or why the connection failed, never a secret. With `presented`, the certificate the
+/// server presented is kept there.
 pub async fn connect(
     config: &mut tokio_postgres::Config,
     tls: Option<(&Path, &str)>,
     mode: tokio_postgres::config::SslMode,
+    presented: Option<&PresentedCertificate>,
 ) -> Result<
     (
         tokio_postgres::Client,
@@ -33,7 +35,11 @@ pub async fn connect(
             let ca = tokio::fs::read(ca_file)
                 .await
                 .map_err(|error| format!("reading the CA file {}: {error}", ca_file.display()))?;
-            let verify = VerifyFull::new(&ca, server_name).map_err(|error| error.to_string())?;
+            let mut verify =
+                VerifyFull::new(&ca, server_name).map_err(|error| error.to_string())?;
+            if let Some(presented) = presented {
+                verify = verify.recording(presented.clone());
+            }
             config.ssl_mode(mode);
             let (client, connection) = config
                 .connect(verify)

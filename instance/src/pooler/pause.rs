@@ -286,7 +286,7 @@ pub async fn is_writable(rw_address: &str, tls: Option<&RwTls>, password: &str) 
         .connect_timeout(CONNECT_TIMEOUT);
     let probe = async {
         let tls = tls.map(|tls| (tls.ca_file.as_path(), tls.server_name.as_str()));
-        let (client, _) = super::client::connect(&mut config, tls, SslMode::Require)
+        let (client, _) = super::client::connect(&mut config, tls, SslMode::Require, None)
             .await
             .ok()?;
         let rows = client
@@ -321,7 +321,7 @@ async fn admin_command(target: &Target, password: &str, command: &str) -> Result
         .as_ref()
         .map(|tls| (tls.ca_file.as_path(), tls.server_name.as_str()));
     let connected = async {
-        super::client::connect(&mut config, tls, SslMode::Prefer)
+        super::client::connect(&mut config, tls, SslMode::Prefer, None)
             .await
             .map(|(client, _)| client)
     };

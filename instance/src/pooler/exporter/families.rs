@@ -51,6 +51,9 @@ pub struct Console {
     pub config: Option<Table>,
     /// `SHOW CLIENTS`: one row per client connection.
     pub clients: Option<Table>,
+    /// With TLS: the certificate PgBouncer presented (`server`) and the CA bundle's latest CA
+    /// (`ca`), not part of the console's answers (they do not decide `pgbouncer_up`).
+    pub certificates: Vec<crate::tls::CertificateValidity>,
 }
 
 impl Console {
@@ -359,6 +362,12 @@ const CONFIG: &[(&str, &str, &str)] = &[
 /// Name of the scrape-success gauge.
 pub const UP: &str = "pgbouncer_up";
 
+/// Names of the certificate validity gauges (ours, not pgbouncer_exporter's; the
+/// `PostgresCertificateExpiresSoon` alert reads them beside the instances').
+pub const CERTIFICATE_NOT_BEFORE: &str = "pg_pooler_certificate_not_before_timestamp_seconds";
+/// See [`CERTIFICATE_NOT_BEFORE`].
+pub const CERTIFICATE_NOT_AFTER: &str = "pg_pooler_certificate_not_after_timestamp_seconds";
+
 /// The exposition of one scrape: `pgbouncer_up` (1 when every command answered) and the
 /// families of each table that was read.
 pub fn render(console: &Console) -> Exposition {
@@ -402,6 +411,23 @@ pub fn render(console: &Console) -> Exposition {
     if let Some(clients) = &console.clients {
         add_client_counts(&mut exposition, clients);
     }
+    for validity in &console.certificates {
+        let labels = vec![("certificate".to_string(), validity.certificate.clone())];
+        exposition.add(
+            CERTIFICATE_NOT_BEFORE,
+            "Start of validity of the certificate PgBouncer presents (server) or of the CA bundle's latest CA (ca), Unix time",
+            MetricType::Gauge,
+            labels.clone(),
+            validity.not_before as f64,
+        );
+        exposition.add(
+            CERTIFICATE_NOT_AFTER,
+            "Expiry of the certificate PgBouncer presents (server) or of the CA bundle's latest CA (ca), Unix time",
+            MetricType::Gauge,
+            labels,
+            validity.not_after as f64,
+        );
+    }
     exposition
 }
 
@@ -413,6 +439,8 @@ pub fn metric_names() -> Vec<&'static str> {
         "pgbouncer_version_info",
         "pgbouncer_pools_client_maxwait_seconds",
         "pgbouncer_client_connections",
+        CERTIFICATE_NOT_BEFORE,
+        CERTIFICATE_NOT_AFTER,
     ];
     for table in [STATS, POOLS, DATABASES] {
         names.extend(table.iter().map(|metric| metric.name));
@@ -644,6 +672,11 @@ mod tests {
                     &[Some("C"), Some("bob"), Some("app"), Some("waiting"), None],
                 ],
             )),
+            certificates: vec![crate::tls::CertificateValidity {
+                certificate: "server".into(),
+                not_before: 1_000,
+                not_after: 9_000,
+            }],
         }
     }
 
@@ -669,6 +702,8 @@ mod tests {
             "pgbouncer_client_connections{database=\"app\",user=\"alice\",application_name=\"psql\",state=\"active\"} 2\n",
             "pgbouncer_client_connections{database=\"app\",user=\"bob\",application_name=\"\",state=\"waiting\"} 1\n",
             "# TYPE pgbouncer_stats_queries_pooled counter\n",
+            "pg_pooler_certificate_not_before_timestamp_seconds{certificate=\"server\"} 1000\n",
+            "pg_pooler_certificate_not_after_timestamp_seconds{certificate=\"server\"} 9000\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");
         }

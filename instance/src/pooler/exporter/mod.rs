@@ -102,7 +102,8 @@ impl Exporter {
     /// PgBouncer gives `pgbouncer_up 0`.
     pub async fn scrape(&self) -> String {
         let timeout = Duration::from_millis(self.config.timeout_millis.max(1));
-        let console = match tokio::time::timeout(timeout, self.read_console()).await {
+        let presented = pgtls::PresentedCertificate::default();
+        let mut console = match tokio::time::timeout(timeout, self.read_console(&presented)).await {
             Ok(Ok(console)) => console,
             Ok(Err(problem)) => {
                 self.note_down(&problem);
@@ -123,6 +124,7 @@ impl Exporter {
                 "PgBouncer's admin console answers again"
             );
         }
+        console.certificates = self.certificates(&presented).await;
         let mut text = families::render(&console).encode();
         text.push_str("# EOF\n");
         text
@@ -141,8 +143,41 @@ impl Exporter {
         }
     }
 
-    /// Logs in and runs [`COMMANDS`]; a command that fails leaves its table out.
-    async fn read_console(&self) -> std::result::Result<Console, String> {
+    /// With TLS: the validity of the certificate PgBouncer presented at this scrape's handshake
+    /// (what its clients see) and of the latest CA of the bundle the exporter trusts.
+    async fn certificates(
+        &self,
+        presented: &pgtls::PresentedCertificate,
+    ) -> Vec<crate::tls::CertificateValidity> {
+        let Some(ca_file) = &self.config.tls_ca_file else {
+            return Vec::new();
+        };
+        let ca = tokio::fs::read(ca_file)
+            .await
+            .ok()
+            .and_then(|pem| crate::tls::bundle_validity(&pem));
+        let server = presented
+            .get()
+            .and_then(|der| crate::tls::der_validity(&der));
+        [("server", server), ("ca", ca)]
+            .into_iter()
+            .filter_map(|(certificate, validity)| {
+                let (not_before, not_after) = validity?;
+                Some(crate::tls::CertificateValidity {
+                    certificate: certificate.to_string(),
+                    not_before,
+                    not_after,
+                })
+            })
+            .collect()
+    }
+
+    /// Logs in and runs [`COMMANDS`]; a command that fails leaves its table out. The
+    /// certificate PgBouncer presents is kept in `presented`.
+    async fn read_console(
+        &self,
+        presented: &pgtls::PresentedCertificate,
+    ) -> std::result::Result<Console, String> {
         let mut config = tokio_postgres::Config::new();
         config
             .host(&self.config.pgbouncer_host)
@@ -162,7 +197,7 @@ impl Exporter {
             .as_deref()
             .map(|ca_file| (ca_file, self.config.tls_server_name.as_str()));
         let (client, connection) =
-            super::client::connect(&mut config, tls, SslMode::Prefer).await?;
+            super::client::connect(&mut config, tls, SslMode::Prefer, Some(presented)).await?;
         let mut tables = Vec::with_capacity(COMMANDS.len());
         for command in COMMANDS {
             let table = match client.simple_query(command).await {
@@ -186,6 +221,7 @@ impl Exporter {
             lists: next(),
             config: next(),
             clients: next(),
+            certificates: Vec::new(),
         })
     }
 }
