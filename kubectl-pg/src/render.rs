@@ -183,6 +183,31 @@ pub fn status(view: &ClusterView, now: Timestamp) -> String {
         ));
     }
 
+    if !view.certificates.is_empty() {
+        out.push_str("\nCertificates\n");
+        let rows: Vec<Vec<String>> = view
+            .certificates
+            .iter()
+            .map(|c| {
+                let left = if c.expires <= now {
+                    "expired".to_string()
+                } else {
+                    age(c.expires, now)
+                };
+                vec![
+                    c.certificate.clone(),
+                    c.expires.to_string(),
+                    left,
+                    c.instances.join(", "),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["CERTIFICATE", "EXPIRES", "IN", "INSTANCES"],
+            &rows,
+        ));
+    }
+
     out.push_str("\nBackups\n");
     if view.backups.is_empty() {
         out.push_str("  (no BackupJobs; take one with `kubectl pg backup ");
@@ -219,7 +244,7 @@ pub fn status(view: &ClusterView, now: Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{BackupRow, ConditionRow, InstanceRow};
+    use crate::view::{BackupRow, CertificateRow, ConditionRow, InstanceRow};
 
     #[test]
     fn tables_align_columns_and_trim_line_ends() {
@@ -339,6 +364,18 @@ mod tests {
                 backup_id: Some("20261204-070000F".into()),
                 ..BackupRow::default()
             }],
+            certificates: vec![
+                CertificateRow {
+                    certificate: "server".into(),
+                    expires: "2026-12-06T10:00:00Z".parse().unwrap(),
+                    instances: vec!["db-0".into(), "db-1".into()],
+                },
+                CertificateRow {
+                    certificate: "source-ca".into(),
+                    expires: "2026-12-04T09:00:00Z".parse().unwrap(),
+                    instances: vec!["db-0".into()],
+                },
+            ],
             ..ClusterView::default()
         };
         let text = status(&view, now);
@@ -353,6 +390,9 @@ mod tests {
             "db-1  replica  ready   0/5000000  2.0 KiB  3         -     -",
             "Ready  True    AllInstancesReady  60m",
             "db-nightly  Backup  pgBackRest  Completed  3h ago  20261204-070000F",
+            "CERTIFICATE  EXPIRES               IN       INSTANCES",
+            "server       2026-12-06T10:00:00Z  2d       db-0, db-1",
+            "source-ca    2026-12-04T09:00:00Z  expired  db-0",
         ] {
             assert!(text.contains(expected), "{expected:?} in:\n{text}");
         }

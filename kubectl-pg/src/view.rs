@@ -44,6 +44,18 @@ pub struct Reported {
     pub last_error: Option<String>,
     /// A replica cluster's designated primary: its distance to the source's WAL archive.
     pub source_archive: Option<SourceArchive>,
+    /// The certificates it installed (TLS on), with their validity.
+    pub certificates: Vec<ReportedCertificate>,
+}
+
+/// One entry of an instance's `certificates`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ReportedCertificate {
+    /// `server`, `replication`, `ca`, `source` or `source-ca`.
+    pub certificate: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
 }
 
 /// The `sourceArchive` of a designated primary's status.
@@ -257,6 +269,66 @@ fn api_spelling<T: Serialize>(value: &T) -> String {
         .unwrap_or_default()
 }
 
+/// One kind of certificate the instances use, at its earliest expiry among them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRow {
+    /// `server`, `replication`, `ca` (the latest CA of the bundle), `source`, `source-ca`.
+    pub certificate: String,
+    /// The earliest expiry any instance reports for it.
+    pub expires: Timestamp,
+    /// The instances that report that expiry.
+    pub instances: Vec<String>,
+}
+
+/// The certificates the pods' instances report, one row per kind in a fixed order, each at
+/// the earliest expiry (the one that breaks first) with the instances that have it.
+fn certificate_rows(pods: &[Pod]) -> Vec<CertificateRow> {
+    const ORDER: [&str; 5] = ["server", "replication", "ca", "source", "source-ca"];
+    let mut rows: Vec<CertificateRow> = Vec::new();
+    for pod in pods {
+        let Some(reported) = Reported::of(pod) else {
+            continue;
+        };
+        for installed in reported.certificates {
+            let Ok(expires) = Timestamp::from_second(installed.not_after) else {
+                continue;
+            };
+            match rows
+                .iter_mut()
+                .find(|row| row.certificate == installed.certificate)
+            {
+                Some(row) if expires < row.expires => {
+                    row.expires = expires;
+                    row.instances = vec![pod.name_any()];
+                }
+                Some(row) if expires == row.expires => row.instances.push(pod.name_any()),
+                Some(_) => {}
+                None => rows.push(CertificateRow {
+                    certificate: installed.certificate,
+                    expires,
+                    instances: vec![pod.name_any()],
+                }),
+            }
+        }
+    }
+    let rank = |name: &str| {
+        ORDER
+            .iter()
+            .position(|known| *known == name)
+            .unwrap_or(ORDER.len())
+    };
+    rows.sort_by(|a, b| {
+        rank(&a.certificate)
+            .cmp(&rank(&b.certificate))
+            .then_with(|| a.certificate.cmp(&b.certificate))
+    });
+    for row in &mut rows {
+        row.instances.sort_by_key(|pod| natural_key(pod));
+    }
+    rows
+}
+
 /// Everything `status` shows about a cluster.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -297,6 +369,9 @@ pub struct ClusterView {
     pub instance_pods: Vec<InstanceRow>,
     /// BackupJobs of the cluster, newest first.
     pub backups: Vec<BackupRow>,
+    /// The certificates the instances use (TLS on), each at its earliest expiry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateRow>,
 }
 
 /// Builds the view from the objects the API returned.
@@ -368,6 +443,7 @@ pub fn cluster_view(
             .collect(),
         instance_pods,
         backups,
+        certificates: certificate_rows(pods),
     }
 }
 
@@ -475,6 +551,41 @@ pub(crate) mod tests {
             ("db", 2, 25165824)
         );
         assert_eq!(lag.seconds, 75.5);
+    }
+
+    #[test]
+    fn each_certificate_shows_its_earliest_expiry_and_the_instances_that_have_it() {
+        let certificates = |server: i64| {
+            json!({"role": "replica", "certificates": [
+                {"certificate": "ca", "notBefore": 0, "notAfter": 9_000_000},
+                {"certificate": "server", "notBefore": 0, "notAfter": server},
+                {"certificate": "custom", "notBefore": 0, "notAfter": 5}]})
+        };
+        let pods = [
+            pod("db-10", "replica", true, certificates(2_000_000)),
+            pod("db-2", "replica", true, certificates(1_000_000)),
+            pod("db-1", "primary", true, certificates(1_000_000)),
+            pod("db-3", "replica", true, json!({"role": "replica"})),
+        ];
+        let rows = certificate_rows(&pods);
+        let seen: Vec<(&str, i64, Vec<&str>)> = rows
+            .iter()
+            .map(|row| {
+                (
+                    row.certificate.as_str(),
+                    row.expires.as_second(),
+                    row.instances.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("server", 1_000_000, vec!["db-1", "db-2"]),
+                ("ca", 9_000_000, vec!["db-1", "db-2", "db-10"]),
+                ("custom", 5, vec!["db-1", "db-2", "db-10"]),
+            ]
+        );
     }
 
     #[test]

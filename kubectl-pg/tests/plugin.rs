@@ -147,13 +147,21 @@ async fn create_instance(
 async fn three_instances(client: &Client, namespace: &str, name: &str, extra_spec: Value) {
     create_cluster(client, namespace, name, extra_spec).await;
     let p = |i: u32| format!("{name}-{i}");
+    // The primary's server certificate was renewed; the first replica still has one that
+    // expires in 30 days (and an hour).
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let certificates = |server_days: i64| {
+        json!([{"certificate": "server", "notBefore": now, "notAfter": now + server_days * 86400 + 3600},
+               {"certificate": "ca", "notBefore": now, "notAfter": now + 3650 * 86400 + 3600}])
+    };
     create_instance(
         client,
         namespace,
         name,
         &p(0),
         "primary",
-        json!({"role": "primary", "postgresReady": true, "timeline": 2, "currentLsn": "0/9000100"}),
+        json!({"role": "primary", "postgresReady": true, "timeline": 2, "currentLsn": "0/9000100",
+               "certificates": certificates(90)}),
         5432,
     )
     .await;
@@ -164,7 +172,7 @@ async fn three_instances(client: &Client, namespace: &str, name: &str, extra_spe
         &p(1),
         "replica",
         json!({"role": "replica", "postgresReady": true, "timeline": 2, "receivedLsn": "0/8000000",
-               "replayLsn": "0/7F00000", "lagBytes": 1048576}),
+               "replayLsn": "0/7F00000", "lagBytes": 1048576, "certificates": certificates(30)}),
         5432,
     )
     .await;
@@ -266,6 +274,7 @@ async fn status_shows_the_cluster_instances_conditions_and_backups(
         "Ready  True    AllInstancesReady",
         "db-nightly  Backup  barmanCloud  Completed",
         "20261204-000000F",
+        "CERTIFICATE  EXPIRES",
     ] {
         assert!(text.contains(expected), "{expected:?} in:\n{text}");
     }
@@ -273,6 +282,19 @@ async fn status_shows_the_cluster_instances_conditions_and_backups(
         !text.contains("other-nightly"),
         "only this cluster's backups:\n{text}"
     );
+    // Each certificate at its earliest expiry, and which instances have it.
+    let line = |certificate: &str| {
+        text.lines()
+            .find(|line| line.starts_with(&format!("{certificate} ")))
+            .map(|line| {
+                line.split_whitespace()
+                    .skip(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+    };
+    assert_eq!(line("server").as_deref(), Some("30d db-1"), "{text}");
+    assert_eq!(line("ca").as_deref(), Some("3650d db-0, db-1"), "{text}");
 
     let json: Value =
         serde_json::from_str(&plugin.ok(ns, &["status", "db", "-o", "json"]).await).unwrap();
@@ -280,6 +302,8 @@ async fn status_shows_the_cluster_instances_conditions_and_backups(
     assert_eq!(json["instancePods"][2]["pod"], "db-2");
     assert_eq!(json["instancePods"][2]["lsn"], "0/9000000");
     assert_eq!(json["backups"][0]["name"], "db-nightly");
+    assert_eq!(json["certificates"][0]["certificate"], "server");
+    assert_eq!(json["certificates"][0]["instances"], json!(["db-1"]));
 
     plugin
         .fails(
