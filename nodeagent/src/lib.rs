@@ -474,20 +474,25 @@ fn pod_owner(pod: &Pod, fallback: (u32, u32)) -> (u32, u32) {
     (uid, gid)
 }
 
-/// Where the pods of `agent` keep their files (for a test's failure message).
+/// The log of `container` of pod `namespace/pod` as the node agent `dir` kept it, every
+/// incarnation of the pod in turn (for a test's failure message).
 pub fn pod_log(dir: &Path, namespace: &str, pod: &str, container: &str) -> String {
     let Ok(entries) = std::fs::read_dir(dir.join("pods")) else {
         return String::new();
     };
     let prefix = format!("{namespace}_{pod}_");
-    let mut text = String::new();
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let log = entry.path().join("logs").join(format!("{container}.log"));
-            text.push_str(&std::fs::read_to_string(log).unwrap_or_default());
-        }
-    }
-    text
+    // A pod recreated under the same name (a rolling update) has a folder per incarnation:
+    // oldest first, so that the end of the text is the latest incarnation's.
+    let mut logs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|entry| entry.path().join("logs").join(format!("{container}.log")))
+        .filter_map(|log| Some((std::fs::metadata(&log).ok()?.modified().ok()?, log)))
+        .collect();
+    logs.sort();
+    logs.iter()
+        .map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default())
+        .collect()
 }
 
 /// `path` itself when it is not under /tmp; else a copy of it (file or folder) in

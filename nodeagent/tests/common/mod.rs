@@ -206,7 +206,16 @@ impl E2e {
             for container in ["install-instance-manager", "postgres"] {
                 let pod = format!("{name}-{ordinal}");
                 let text = nodeagent::pod_log(&self.agent_dir(), namespace, &pod, container);
-                logs.push_str(&format!("--- {pod}/{container}:\n{}\n", tail(&text, 30)));
+                // Without the readiness probe's refusals while PostgreSQL starts ("the database
+                // system is starting up", 57P03), which would fill the tail.
+                let told: Vec<&str> = text
+                    .lines()
+                    .filter(|line| !line.contains("\"state_code\":\"57P03\""))
+                    .collect();
+                logs.push_str(&format!(
+                    "--- {pod}/{container} (latest incarnation last):\n{}\n",
+                    tail(&told.join("\n"), 40)
+                ));
             }
         }
         logs.push_str(&format!(
@@ -214,6 +223,49 @@ impl E2e {
             tail(&self.operator_lines(namespace, name), 30)
         ));
         logs
+    }
+
+    /// Each instance pod of the cluster as the API server has it: phase, readiness, and what
+    /// its instance manager last reported (the status annotation: role, lastError, ...).
+    pub async fn instance_reports(&self, namespace: &str, name: &str) -> String {
+        let listed = match self.client().await {
+            Ok(client) => {
+                Api::<Pod>::namespaced(client, namespace)
+                    .list(
+                        &ListParams::default()
+                            .labels(&format!("{}={name}", api::contract::LABEL_CLUSTER)),
+                    )
+                    .await
+            }
+            Err(error) => return format!("--- pods of {name}: {error}\n"),
+        };
+        let Ok(listed) = listed else {
+            return format!("--- pods of {name}: not listed\n");
+        };
+        let mut text = format!("--- pods of {name}:\n");
+        for pod in listed.items {
+            let status = pod.status.clone().unwrap_or_default();
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|condition| condition.type_ == "Ready" && condition.status == "True");
+            let reported = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(api::contract::ANNOTATION_INSTANCE_STATUS))
+                .map(|text| text.chars().take(800).collect::<String>())
+                .unwrap_or_default();
+            text.push_str(&format!(
+                "{} (uid {}): phase {:?}, ready {ready}, deleting {}; reports {reported}\n",
+                pod.metadata.name.clone().unwrap_or_default(),
+                pod.metadata.uid.clone().unwrap_or_default(),
+                status.phase.unwrap_or_default(),
+                pod.metadata.deletion_timestamp.is_some(),
+            ));
+        }
+        text
     }
 
     /// The operator pods' log lines that name the cluster (in its namespace): what a reconcile
@@ -281,7 +333,8 @@ impl E2e {
             if Instant::now() > deadline {
                 let namespace = namespace_of(clusters);
                 anyhow::bail!(
-                    "cluster {name} not Healthy after {timeout:?}: {last}\n{}",
+                    "cluster {name} not Healthy after {timeout:?}: {last}\n{}{}",
+                    self.instance_reports(&namespace, name).await,
                     self.cluster_logs(&namespace, name, instances)
                 );
             }
