@@ -50,16 +50,15 @@ fn mount_certificates(dir: &Path, ca: &Issued) {
 
 /// A certificate's expiry, Unix seconds.
 fn not_after_of(der: &[u8]) -> i64 {
-    let (_, certificate) = x509_parser::parse_x509_certificate(der).unwrap();
-    certificate.validity().not_after.timestamp()
+    instance::tls::der_validity(der)
+        .expect("an X.509 certificate")
+        .1
 }
 
-/// `metric{certificate="<certificate>"}` from an instance's `/metrics` text.
+/// `metric{certificate="<certificate>"}` from an instance's `/metrics` text (a Unix time).
 fn certificate_metric(text: &str, metric: &str, certificate: &str) -> Option<i64> {
-    let prefix = format!("{metric}{{certificate=\"{certificate}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|value| value.trim().parse().ok())
+    testbed::pooler_exporter::sample(text, metric, &[("certificate", certificate)])
+        .map(|seconds| seconds as i64)
 }
 
 fn serial_of(der: &[u8]) -> String {
