@@ -539,4 +539,39 @@ async fn a_sharded_clusters_ca_renewal_waits_for_its_shards_instances() {
     .await;
     let reasons = env.event_reasons("db").await;
     assert!(reasons.contains(&"CARenewed".to_string()), "{reasons:?}");
+
+    // Once the old CA (a minute's lifetime) has retired, nothing is due for most of an hour.
+    // A managed Secret that goes away then is issued again at once: the Secret watch wakes the
+    // cluster that owns it (the resync is 5 minutes, longer than `eventually` waits).
+    let server_name = contract::tls_server_secret("db-shard-0");
+    let before = env
+        .eventually("the old CA to leave the shard's ca.crt", || {
+            let secrets = secrets.clone();
+            let server_name = server_name.clone();
+            async move {
+                let server = secrets.get(&server_name).await.ok()?;
+                (certificate_count(&text(&server, "ca.crt")) == 1).then_some(server)
+            }
+        })
+        .await;
+    // The shard's pass that wrote it has ended (its debounce and writes are well under this).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    secrets
+        .delete(&server_name, &Default::default())
+        .await
+        .unwrap();
+    let before_serial = certificates::summary(&text(&before, "tls.crt"), "before")
+        .unwrap()
+        .serial;
+    env.eventually("the shard's deleted server Secret issued again", || {
+        let secrets = secrets.clone();
+        let server_name = server_name.clone();
+        let before_serial = before_serial.clone();
+        async move {
+            let server = secrets.get(&server_name).await.ok()?;
+            let summary = certificates::summary(&text(&server, "tls.crt"), "server").ok()?;
+            (summary.serial != before_serial).then_some(())
+        }
+    })
+    .await;
 }

@@ -191,6 +191,22 @@ fn shards_of_ca_owner(
         .collect()
 }
 
+/// The cluster that owns managed Secret `secret` (its owner reference) and, for a sharded
+/// cluster's private CA Secret, that cluster's shards.
+fn owner_and_shards(
+    store: &Store<PostgresCluster>,
+    secret: &Secret,
+) -> Vec<ObjectRef<PostgresCluster>> {
+    let namespace = secret.namespace();
+    let mut clusters: Vec<ObjectRef<PostgresCluster>> = secret
+        .owner_references()
+        .iter()
+        .filter_map(|owner| ObjectRef::from_owner_ref(namespace.as_deref(), owner, ()))
+        .collect();
+    clusters.extend(shards_of_ca_owner(store, secret));
+    clusters
+}
+
 /// Runs the PostgresCluster controller until `shutdown` resolves. With `namespace`, only that
 /// namespace is watched; otherwise every namespace.
 pub async fn run(
@@ -218,10 +234,6 @@ pub async fn run(
         .owns(scoped::<StatefulSet>(&client, namespace), managed.clone())
         .owns(scoped::<Service>(&client, namespace), managed.clone())
         .owns(scoped::<ConfigMap>(&client, namespace), managed.clone())
-        .owns(
-            scoped::<Secret>(&client, namespace),
-            managed_secrets.clone(),
-        )
         // A sharded cluster's shards (child clusters) and router.
         .owns(
             scoped::<PostgresCluster>(&client, namespace),
@@ -243,12 +255,14 @@ pub async fn run(
                 })
             },
         )
-        // A sharded cluster's shards are issued from its CA: a step of its renewal (the
-        // private CA Secret changes) reaches their Secrets at once, not at their resync.
+        // Managed Secrets wake the cluster that owns them (as `owns` would) and, for a sharded
+        // cluster's private CA Secret, its shards too: they are issued from that CA, so a step
+        // of its renewal reaches their Secrets at once, not at their resync. One watch for
+        // both: the API server lists and sends each Secret (certificates, keys) once, not twice.
         .watches(
             scoped::<Secret>(&client, namespace),
             managed_secrets,
-            move |secret: Secret| shards_of_ca_owner(&shards_store, &secret),
+            move |secret: Secret| owner_and_shards(&shards_store, &secret),
         )
         // A sharded cluster's router Role names its PostgresUsers' password Secrets.
         .watches(
@@ -301,4 +315,86 @@ pub async fn run(
         shutdown,
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use kube::runtime::reflector::store::Writer;
+
+    fn owned_by(name: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: PostgresCluster::api_version(&()).to_string(),
+            kind: "PostgresCluster".to_string(),
+            name: name.to_string(),
+            uid: format!("uid-{name}"),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
+    }
+
+    fn cluster(name: &str, parent: Option<&str>) -> PostgresCluster {
+        let mut cluster: PostgresCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": PostgresCluster::api_version(&()),
+            "kind": "PostgresCluster",
+            "metadata": {"name": name, "namespace": "apps"},
+            "spec": {"image": "postgres:18"},
+        }))
+        .expect("a minimal cluster");
+        cluster.metadata.owner_references = parent.map(|parent| vec![owned_by(parent)]);
+        cluster
+    }
+
+    fn secret(name: &str, owner: &str) -> Secret {
+        let mut secret = Secret::default();
+        secret.metadata.name = Some(name.to_string());
+        secret.metadata.namespace = Some("apps".to_string());
+        secret.metadata.owner_references = Some(vec![owned_by(owner)]);
+        secret
+    }
+
+    fn names(refs: Vec<ObjectRef<PostgresCluster>>) -> Vec<String> {
+        let mut names: Vec<String> = refs
+            .into_iter()
+            .map(|reference| {
+                assert_eq!(reference.namespace.as_deref(), Some("apps"));
+                reference.name
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The one Secret watch does what `owns` did (the owner wakes) and, for a sharded
+    /// cluster's private CA Secret, wakes its shards as well.
+    #[test]
+    fn a_managed_secret_wakes_its_owner_and_a_private_ca_its_shards_too() {
+        let mut writer: Writer<PostgresCluster> = Writer::default();
+        for cluster in [
+            cluster("big", None),
+            cluster("big-0", Some("big")),
+            cluster("big-1", Some("big")),
+            cluster("db", None),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(cluster));
+        }
+        let store = writer.as_reader();
+        assert_eq!(
+            names(owner_and_shards(&store, &secret("db-server", "db"))),
+            ["db"]
+        );
+        assert_eq!(
+            names(owner_and_shards(
+                &store,
+                &secret(&contract::tls_ca_private_secret("big"), "big")
+            )),
+            ["big", "big-0", "big-1"]
+        );
+        // A Secret of a shard is the shard's own business.
+        assert_eq!(
+            names(owner_and_shards(&store, &secret("big-0-server", "big-0"))),
+            ["big-0"]
+        );
+    }
 }

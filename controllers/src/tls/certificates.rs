@@ -302,6 +302,17 @@ pub struct Summary {
     pub authority_key_id: Option<Vec<u8>>,
 }
 
+/// A CA in the words of events and the `CertificateAuthority` condition: its issuer, serial and
+/// end of validity, what an administrator compares with `openssl x509 -noout -text`.
+pub fn describe_ca(certificate_pem: &str) -> Result<String, CertificateError> {
+    summary(certificate_pem, "a CA").map(|summary| {
+        format!(
+            "{} (serial {}, valid until {})",
+            summary.issuer, summary.serial, summary.not_after
+        )
+    })
+}
+
 /// Reads a PEM certificate's validity end, serial and issuer.
 pub fn summary(certificate_pem: &str, what: &str) -> Result<Summary, CertificateError> {
     let parse = || CertificateError::Parse {

@@ -312,14 +312,7 @@ async fn operator_ca(
         &secret(cluster, secret_name.clone(), "Opaque", &data),
     )
     .await?;
-    let describe = |pem: &str| {
-        certificates::summary(pem, "a CA").map(|summary| {
-            format!(
-                "{} (serial {}, valid until {})",
-                summary.issuer, summary.serial, summary.not_after
-            )
-        })
-    };
+    let describe = certificates::describe_ca;
     let current = describe(&set.current.certificate_pem)?;
     let (type_, reason, note) = match &step {
         Step::Stage => {

@@ -235,13 +235,8 @@ pub type Condition = (bool, &'static str, String);
 /// The `CertificateAuthority` condition: which CA signs until when, and where a renewal stands
 /// (what it waits for). Stable between steps, so that the status is not rewritten each pass.
 pub fn condition(set: &CaSet, pending: &Pending, lifetimes: &Lifetimes) -> Condition {
-    let describe = |pem: &str| match certificates::summary(pem, "a CA") {
-        Ok(summary) => format!(
-            "serial {}, valid until {}",
-            summary.serial, summary.not_after
-        ),
-        Err(_) => "unreadable".to_string(),
-    };
+    let describe =
+        |pem: &str| certificates::describe_ca(pem).unwrap_or_else(|_| "unreadable".to_string());
     let current = describe(&set.current.certificate_pem);
     if let Some(next) = &set.next {
         let signs = staged_at(next)
@@ -256,7 +251,7 @@ pub fn condition(set: &CaSet, pending: &Pending, lifetimes: &Lifetimes) -> Condi
             true,
             "RenewalStaged",
             format!(
-                "a renewed CA ({}) is in every ca.crt beside the signing CA ({current}); it signs {signs} once every ready instance has loaded both{waiting}",
+                "a renewed CA {} is in every ca.crt beside the signing CA {current}; it signs {signs} once every ready instance has loaded both{waiting}",
                 describe(&next.certificate_pem)
             ),
         );
@@ -266,12 +261,12 @@ pub fn condition(set: &CaSet, pending: &Pending, lifetimes: &Lifetimes) -> Condi
             true,
             "PreviousTrusted",
             format!(
-                "the renewed CA ({current}) signs; the previous CA ({}) stays in every ca.crt until it expires",
+                "the renewed CA {current} signs; the previous CA {} stays in every ca.crt until it expires",
                 describe(previous)
             ),
         );
     }
-    (true, "Valid", format!("the CA ({current}) signs"))
+    (true, "Valid", format!("the CA {current} signs"))
 }
 
 /// Ready instances (of `views`) whose reported `tlsCa` is not `bundle`'s digest.
