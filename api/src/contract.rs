@@ -5,7 +5,8 @@
 pub const LABEL_CLUSTER: &str = "postgres.keiailab.io/cluster";
 /// Label with the instance (pod) name, on instance pods.
 pub const LABEL_INSTANCE: &str = "postgres.keiailab.io/instance";
-/// Label the instance manager sets on its own pod: `primary`, `replica` or `fenced`.
+/// Label the instance manager sets on its own pod: `primary`, `replica` or `fenced` (and the
+/// operator `unknown`, on a stale primary: [`role::UNKNOWN`]).
 /// The `<cluster>-rw` Service selects `primary`, `<cluster>-ro` selects `replica`.
 pub const LABEL_ROLE: &str = "postgres.keiailab.io/role";
 /// Label with the shard name, on pods of a sharded cluster.
@@ -21,6 +22,11 @@ pub mod role {
     pub const REPLICA: &str = "replica";
     /// An instance whose PostgreSQL is stopped on request or by self-fencing.
     pub const FENCED: &str = "fenced";
+    /// Set by the operator on a pod still labelled primary after another pod took the Lease
+    /// and labelled itself primary: its instance manager cannot reach the API server to take
+    /// the label off (a network partition) and has fenced it. Both Services leave the pod;
+    /// its instance manager labels it again once it reports.
+    pub const UNKNOWN: &str = "unknown";
 }
 
 /// Annotation the instance manager writes on its own pod: JSON of its `/status` (role, timeline,

@@ -10,10 +10,10 @@ pub mod pod;
 pub mod services;
 pub mod volumes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -51,7 +51,12 @@ pub struct NodeAgent {
     node_name: String,
     services: Arc<ServiceTable>,
     gateway: std::net::Ipv4Addr,
+    partitions: Partitions,
 }
+
+/// The pods (namespace, name) a test has cut off from the network; the agent applies it to
+/// each pod of that name on its next pass, a pod created again included.
+type Partitions = Arc<Mutex<BTreeSet<(String, String)>>>;
 
 impl std::fmt::Debug for NodeAgent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,6 +76,8 @@ impl NodeAgent {
         let flag = stop.clone();
         let services = Arc::new(ServiceTable::default());
         let table = services.clone();
+        let partitions = Partitions::default();
+        let cut = partitions.clone();
         let thread = std::thread::Builder::new()
             .name(format!("node-agent-{node_name}"))
             .spawn(move || {
@@ -86,7 +93,7 @@ impl NodeAgent {
                     }
                 };
                 runtime.block_on(async move {
-                    let mut agent = match Agent::new(config, table).await {
+                    let mut agent = match Agent::new(config, table, cut).await {
                         Ok(agent) => {
                             let _ = sender.send(Ok(agent.network.gateway()));
                             agent
@@ -106,6 +113,7 @@ impl NodeAgent {
                 thread: Some(thread),
                 node_name,
                 services,
+                partitions,
             }),
             Ok(Err(error)) => anyhow::bail!("starting the node agent: {error}"),
             Err(_) => anyhow::bail!("the node agent's thread died"),
@@ -132,6 +140,21 @@ impl NodeAgent {
     /// Every Service port the agent forwards: (namespace, name, port) -> local port.
     pub fn service_ports(&self) -> BTreeMap<services::ServiceKey, u16> {
         self.services.all()
+    }
+
+    /// Cuts pod `namespace/name` off from the network (see [`PodRun::set_partitioned`]) from
+    /// the agent's next pass (within about a second) until [`Self::heal`].
+    pub fn partition(&self, namespace: &str, name: &str) {
+        if let Ok(mut cut) = self.partitions.lock() {
+            cut.insert((namespace.to_string(), name.to_string()));
+        }
+    }
+
+    /// Reconnects pod `namespace/name` on the agent's next pass.
+    pub fn heal(&self, namespace: &str, name: &str) {
+        if let Ok(mut cut) = self.partitions.lock() {
+            cut.remove(&(namespace.to_string(), name.to_string()));
+        }
     }
 
     /// Stops every pod's processes and the agent.
@@ -161,10 +184,15 @@ struct Agent {
     services_synced: Instant,
     /// The last error printed per pod (each is printed once, not every pass).
     reported: BTreeMap<String, String>,
+    partitions: Partitions,
 }
 
 impl Agent {
-    async fn new(config: NodeAgentConfig, services: Arc<ServiceTable>) -> anyhow::Result<Self> {
+    async fn new(
+        config: NodeAgentConfig,
+        services: Arc<ServiceTable>,
+        partitions: Partitions,
+    ) -> anyhow::Result<Self> {
         let kubeconfig = kube::config::Kubeconfig::read_from(&config.kubeconfig)?;
         let client_config = kube::Config::from_custom_kubeconfig(
             kubeconfig,
@@ -194,6 +222,7 @@ impl Agent {
             services,
             services_synced: Instant::now(),
             reported: BTreeMap::new(),
+            partitions,
         };
         agent.register().await?;
         agent.renew().await?;
@@ -410,6 +439,13 @@ impl Agent {
             }
             let run = self.pods.get_mut(&uid).expect("inserted above");
             run.update(pod);
+            let cut = self
+                .partitions
+                .lock()
+                .is_ok_and(|cut| cut.contains(&(namespace.clone(), name.clone())));
+            if let Err(error) = run.set_partitioned(cut) {
+                report(&mut self.reported, &uid, &namespace, &name, &error);
+            }
             let refreshed = self.volumes_refreshed.get(&uid).copied();
             if refreshed.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
                 match run.refresh_volumes(&self.client, &self.config.ca).await {

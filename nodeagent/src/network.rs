@@ -144,6 +144,14 @@ impl PodNetwork {
         ])
     }
 
+    /// Connects the pod to the bridge (`true`) or cuts it off (`false`): the host side of its
+    /// veth pair goes down, so every packet to and from the pod is dropped, as in a network
+    /// partition (connections hang rather than fail).
+    pub fn set_connected(&self, connected: bool) -> anyhow::Result<()> {
+        let state = if connected { "up" } else { "down" };
+        run_ip(&["link", "set", &self.host_side, state])
+    }
+
     /// Binds a TCP listener inside the pod's network namespace.
     pub fn listen(&self, address: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
         let path = format!("/var/run/netns/{}", self.namespace);

@@ -67,6 +67,9 @@ pub struct PodRun {
     start_time: String,
     terminating: Option<Instant>,
     forwarder: tokio::task::JoinHandle<()>,
+    /// True while the pod is cut off ([`Self::set_partitioned`]); its API server forwarder
+    /// reads it.
+    partitioned: tokio::sync::watch::Sender<bool>,
     last_status: Value,
     /// The Services' lines of `/etc/hosts` ([`crate::services::ServiceTable::hosts_entries`]).
     service_hosts: String,
@@ -97,9 +100,11 @@ impl PodRun {
         std::fs::create_dir_all(dir.join("logs"))?;
         network.add_local_address(KUBERNETES_SERVICE_IP)?;
         let listener = network.listen(SocketAddr::from((KUBERNETES_SERVICE_IP, 443)))?;
+        let (partitioned, cut) = tokio::sync::watch::channel(false);
         let forwarder = tokio::spawn(forward(
             listener,
             SocketAddr::from(([127, 0, 0, 1], api_port)),
+            cut,
         ));
         let spec = pod.spec.clone().unwrap_or_default();
         let init = spec.init_containers.as_ref().map_or(0, Vec::len);
@@ -120,9 +125,23 @@ impl PodRun {
             start_time: now(),
             terminating: None,
             forwarder,
+            partitioned,
             last_status: Value::Null,
             service_hosts: String::new(),
         })
+    }
+
+    /// Cuts the pod off from the network (`true`) or reconnects it: its packets are dropped
+    /// (peers, Services and the agent's probes reach nothing) and its connections to the API
+    /// server hang, as in a partition of the pod's node from the rest of the cluster; the
+    /// agent itself, as a kubelet on the other side, still reports the pod's status.
+    pub fn set_partitioned(&mut self, partitioned: bool) -> anyhow::Result<()> {
+        if *self.partitioned.borrow() == partitioned {
+            return Ok(());
+        }
+        self.network.set_connected(!partitioned)?;
+        self.partitioned.send_replace(partitioned);
+        Ok(())
     }
 
     /// The pod's IP.
@@ -754,17 +773,38 @@ async fn run_exec(command: &[String], target: &Target, timeout: Duration) -> boo
 }
 
 /// Forwards connections accepted on `listener` (inside a pod) to `target` (on the host).
-async fn forward(listener: std::net::TcpListener, target: SocketAddr) {
+async fn forward(
+    listener: std::net::TcpListener,
+    target: SocketAddr,
+    partitioned: tokio::sync::watch::Receiver<bool>,
+) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         return;
     };
-    while let Ok((mut inbound, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            }
-        });
+    while let Ok((inbound, _)) = listener.accept().await {
+        tokio::spawn(forward_one(inbound, target, partitioned.clone()));
     }
+}
+
+/// One connection from the pod to the API server. While the pod is partitioned it is a black
+/// hole: nothing passes either way and the pod's side stays open, so a client waits on its own
+/// timeouts as it would for dropped packets (a refused connection would tell it at once). It is
+/// closed when the partition heals, as TCP gives up on a connection that long silent.
+async fn forward_one(
+    mut inbound: tokio::net::TcpStream,
+    target: SocketAddr,
+    mut partitioned: tokio::sync::watch::Receiver<bool>,
+) {
+    if !*partitioned.borrow_and_update() {
+        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+            _ = partitioned.wait_for(|cut| *cut) => {}
+        }
+    }
+    let _ = partitioned.wait_for(|cut| !*cut).await;
 }
 
 fn shell_quote(text: &str) -> String {

@@ -3,8 +3,10 @@
 //! PodDisruptionBudget and the Services follow, connections through `-ro` spread over every
 //! replica; a scale down past the primary switches over first), the operator killed in the middle of a reconcile (it converges, nothing is created
 //! twice), and a rolling image update (replicas first, then a switchover, the old primary last,
-//! no acknowledged write lost), and a supervised update (replicas, then it waits for the user's
-//! switchover before the primary). Scenarios run in parallel in their own namespaces.
+//! no acknowledged write lost), a supervised update (replicas, then it waits for the user's
+//! switchover before the primary), and a network partition of the primary's pod (a replica
+//! takes over and the `-rw` Service follows; healed, the old primary rejoins as a replica; no
+//! acknowledged write lost). Scenarios run in parallel in their own namespaces.
 //!
 //! Needs the workspace's `postgres-operator` and `pg-instance` binaries next to this test's
 //! target folder (`cargo build -p controllers -p instance`; `cargo xtask test` builds them).
@@ -23,6 +25,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
@@ -689,5 +692,166 @@ async fn a_supervised_update_waits_for_the_users_switchover_before_the_primary()
     .await?;
     e2e.wait_healthy(&clusters, "su", None, Duration::from_secs(120))
         .await?;
+    Ok(())
+}
+
+/// The cluster's current primary once it is another pod than `old`, with the seconds it took.
+async fn new_primary(
+    clusters: &Api<api::PostgresCluster>,
+    name: &str,
+    old: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    eventually("a new primary in the cluster's status", timeout, || async {
+        let status = clusters.get(name).await?.status.unwrap_or_default();
+        Ok(match status.current_primary {
+            Some(primary) if primary != old && !primary.is_empty() => Ok(primary),
+            other => Err(format!("primary {other:?}, phase {:?}", status.phase)),
+        })
+    })
+    .await
+}
+
+/// Whether the pod's Ready condition is True.
+async fn pod_ready(pods: &Api<Pod>, name: &str) -> anyhow::Result<bool> {
+    Ok(pods
+        .get(name)
+        .await?
+        .status
+        .and_then(|status| status.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|condition| condition.type_ == "Ready" && condition.status == "True"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_primary_is_replaced_and_rejoins_as_a_replica_without_losing_writes()
+-> anyhow::Result<()> {
+    let e2e = stack()?;
+    let client = e2e.client().await?;
+    let namespace = "e2e-partition";
+    let clusters = create_cluster(
+        &client,
+        namespace,
+        "pt",
+        json!({"instances": 3,
+               "replication": {"synchronous": {"method": "any", "number": 1, "dataDurability": "required"}}}),
+    )
+    .await?;
+    e2e.wait_healthy(&clusters, "pt", None, Duration::from_secs(180))
+        .await?;
+    let login = superuser_login(&client, namespace, "pt").await?;
+    let rw = e2e.service_port(namespace, &api::contract::rw_service("pt"))?;
+    connect_writable(rw, &login)
+        .await?
+        .batch_execute("CREATE TABLE acks (id bigint PRIMARY KEY)")
+        .await?;
+    let writer = Writer::start(rw, &login, "acks");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The primary's pod loses the network: its replicas, the Services, the kubelet's probes and
+    // the API server reach it no more, and it reaches none of them.
+    let old = e2e
+        .wait_healthy(&clusters, "pt", None, Duration::from_secs(60))
+        .await?;
+    let cut_at = Instant::now();
+    e2e.partition(namespace, &old);
+    let new = new_primary(&clusters, "pt", &old, Duration::from_secs(90)).await;
+    let new = match new {
+        Ok(new) => new,
+        Err(error) => {
+            e2e.heal(namespace, &old);
+            anyhow::bail!(
+                "{error:#}\n{}{}",
+                e2e.instance_reports(namespace, "pt").await,
+                e2e.cluster_logs(namespace, "pt", 3)
+            );
+        }
+    };
+    let replaced_after = cut_at.elapsed();
+    // The old pod cannot take its primary label off; the operator relabels it, so the -rw
+    // Service leaves it before its readiness probe fails.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    eventually(
+        "the operator to relabel the cut-off primary",
+        Duration::from_secs(30),
+        || async {
+            let role = pods
+                .get(&old)
+                .await?
+                .labels()
+                .get(api::contract::LABEL_ROLE)
+                .cloned();
+            Ok(match role.as_deref() {
+                Some(api::contract::role::UNKNOWN) => Ok(()),
+                other => Err(format!("role label {other:?}")),
+            })
+        },
+    )
+    .await?;
+    let relabelled_after = cut_at.elapsed();
+    // The -rw Service follows the new primary (the real EndpointSlice controller, from the pods'
+    // labels and readiness): writes go on while the old primary is still cut off.
+    let during = connect_writable(rw, &login).await?;
+    during
+        .execute("INSERT INTO acks (id) VALUES (-1)", &[])
+        .await?;
+    eventually(
+        "the partitioned pod not ready (its probes reach nothing)",
+        Duration::from_secs(60),
+        || async {
+            Ok(if pod_ready(&pods, &old).await? {
+                Err("still ready".to_string())
+            } else {
+                Ok(())
+            })
+        },
+    )
+    .await?;
+
+    // The partition heals: the old primary finds the new one's Lease and rejoins as a replica.
+    let healed_at = Instant::now();
+    e2e.heal(namespace, &old);
+    let primary = e2e
+        .wait_healthy(&clusters, "pt", Some(&old), Duration::from_secs(180))
+        .await?;
+    let rejoined_after = healed_at.elapsed();
+    let (acknowledged, outage) = writer.stop().await?;
+    let lost = lost_writes(rw, &login, "acks", &acknowledged).await?;
+    let status = clusters.get("pt").await?.status.unwrap_or_default();
+    let rejoined = status
+        .instances
+        .iter()
+        .find(|instance| instance.name == old)
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "e2e partition: primary {old} cut off, {new} primary after {:.1} s, {old} relabelled after {:.1} s, writes unavailable {:.1} s; healed, Healthy again after {:.1} s ({old}: {} by {:?}); acknowledged {}, lost {}",
+        replaced_after.as_secs_f64(),
+        relabelled_after.as_secs_f64(),
+        outage.as_secs_f64(),
+        rejoined_after.as_secs_f64(),
+        rejoined.role,
+        rejoined.last_join,
+        acknowledged.len(),
+        lost.len()
+    );
+    assert_eq!(primary, new, "the primary stays where the failover put it");
+    assert_eq!(rejoined.role, api::contract::role::REPLICA, "{status:?}");
+    assert!(
+        matches!(rejoined.last_join.as_deref(), Some("rewind" | "reclone")),
+        "the old primary rejoined by rewind or a new clone: {status:?}"
+    );
+    assert!(
+        acknowledged.iter().any(|id| *id > 1_000_000),
+        "the writer wrote nothing"
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let reader = connect_writable(rw, &login).await?;
+    let kept: i64 = reader
+        .query_one("SELECT count(*) FROM acks WHERE id = -1", &[])
+        .await?
+        .get(0);
+    assert_eq!(kept, 1, "the write made during the partition is kept");
     Ok(())
 }

@@ -157,6 +157,29 @@ pub fn primary(instances: &[InstanceView]) -> Option<&InstanceView> {
     instances.iter().find(|instance| instance.is_primary())
 }
 
+/// Pods labelled primary while another pod, labelled primary too, holds the cluster's Lease
+/// (`holder`): a primary cut off from the API server cannot take its own label off, and its
+/// instance manager fenced it before the Lease could pass (the renew deadline is shorter than
+/// the Lease). Nothing is stale while the holder has not labelled itself yet.
+pub fn stale_primaries<'a>(
+    instances: &'a [InstanceView],
+    holder: Option<&str>,
+) -> Vec<&'a InstanceView> {
+    let Some(holder) = holder else {
+        return Vec::new();
+    };
+    if !instances
+        .iter()
+        .any(|instance| instance.name == holder && instance.is_primary() && !instance.terminating)
+    {
+        return Vec::new();
+    }
+    instances
+        .iter()
+        .filter(|instance| instance.is_primary() && instance.name != holder)
+        .collect()
+}
+
 /// Instances to fence, from `spec.fencedInstances` and the cluster's fenced annotation (`"*"` or
 /// comma-separated pod names).
 pub fn fenced_names(
@@ -241,5 +264,34 @@ mod tests {
         );
         assert_eq!(fenced_names(&[], Some("*"), &pods), pods);
         assert!(fenced_names(&[], None, &pods).is_empty());
+    }
+
+    #[test]
+    fn a_primary_label_is_stale_only_once_the_lease_holder_labelled_itself_primary() {
+        let view = |name: &str, role: &str| InstanceView {
+            name: name.to_string(),
+            role: Some(role.to_string()),
+            ..InstanceView::default()
+        };
+        let names = |stale: Vec<&InstanceView>| -> Vec<String> {
+            stale.iter().map(|i| i.name.clone()).collect()
+        };
+        // The partitioned db-0 still claims it; db-1 took the Lease and labelled itself.
+        let after = [
+            view("db-0", "primary"),
+            view("db-1", "primary"),
+            view("db-2", "replica"),
+        ];
+        assert_eq!(names(stale_primaries(&after, Some("db-1"))), ["db-0"]);
+        // db-1 holds the Lease but has not labelled itself yet: db-0's label stays.
+        let promoting = [
+            view("db-0", "primary"),
+            view("db-1", "replica"),
+            view("db-2", "replica"),
+        ];
+        assert!(stale_primaries(&promoting, Some("db-1")).is_empty());
+        // One primary, the holder; no Lease yet.
+        assert!(stale_primaries(&after[1..], Some("db-1")).is_empty());
+        assert!(stale_primaries(&after, None).is_empty());
     }
 }

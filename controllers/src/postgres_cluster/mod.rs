@@ -15,6 +15,7 @@ pub mod reconcile;
 pub mod replica;
 pub mod rolling;
 mod secrets;
+mod stale_primary;
 pub mod status;
 mod volume_restore;
 pub mod volumes;

@@ -103,7 +103,7 @@ pub(super) fn is_status(error: &kube::Error, code: u16) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == code)
 }
 
-async fn publish(
+pub(super) async fn publish(
     ctx: &Context,
     cluster: &PostgresCluster,
     type_: EventType,
@@ -797,6 +797,14 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
         &observed.instances,
     )
     .await?;
+    let stale_check_in = super::stale_primary::release(
+        cluster,
+        ctx,
+        &Api::namespaced(ctx.client.clone(), &namespace),
+        &mut observed.instances,
+        observed.lease.as_ref(),
+    )
+    .await?;
 
     // The StatefulSet only when its pods could start (image resolved, Secrets present, and the
     // first instance's volume restored when the cluster starts from a backup volume).
@@ -859,8 +867,12 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
     } else {
         ctx.settings.resync
     };
-    Ok(Action::requeue(match tls.renew_in {
+    let requeue = match tls.renew_in {
         Some(renew_in) => requeue.min(renew_in.max(Duration::from_secs(1))),
+        None => requeue,
+    };
+    Ok(Action::requeue(match stale_check_in {
+        Some(check_in) => requeue.min(check_in),
         None => requeue,
     }))
 }

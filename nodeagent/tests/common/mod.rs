@@ -148,6 +148,21 @@ impl E2e {
         self.plane.client().await
     }
 
+    /// Cuts pod `namespace/name` off from the network: peers, Services, probes and the API
+    /// server reach it no more (the node agent drops its packets) until [`Self::heal`].
+    pub fn partition(&self, namespace: &str, name: &str) {
+        if let Some(stack) = self.stack.lock().expect("lock").as_ref() {
+            stack.agent.partition(namespace, name);
+        }
+    }
+
+    /// Reconnects pod `namespace/name`.
+    pub fn heal(&self, namespace: &str, name: &str) {
+        if let Some(stack) = self.stack.lock().expect("lock").as_ref() {
+            stack.agent.heal(namespace, name);
+        }
+    }
+
     /// The node agent's folder (pods' logs and volumes).
     pub fn agent_dir(&self) -> PathBuf {
         self.stack
@@ -545,7 +560,12 @@ pub async fn connect_as(
         .dbname(dbname)
         .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_secs(3));
-    let (client, connection) = config.connect(login.tls.clone()).await?;
+    // connect_timeout bounds the TCP connect only, which the Service's local port accepts at
+    // once: a server out of reach behind it (a partitioned pod) would hang the handshake.
+    let (client, connection) =
+        tokio::time::timeout(Duration::from_secs(10), config.connect(login.tls.clone()))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer from 127.0.0.1:{port} within 10 s"))??;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -697,12 +717,22 @@ impl Writer {
             let mut first_failure: Option<Instant> = None;
             let mut outage = Duration::ZERO;
             let mut next = 1_000_000i64;
+            // A primary out of reach (partitioned) answers nothing: give up on a connection
+            // or a write after a while, as an application's timeouts would. A write given up on
+            // is not acknowledged.
+            let patience = Duration::from_secs(5);
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
                 if client.is_none() {
-                    client = connect(port, &login).await.ok();
+                    client = tokio::time::timeout(patience, connect(port, &login))
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
                 }
                 let result = match &client {
-                    Some(c) => c.execute(&statement, &[&next]).await.ok(),
+                    Some(c) => tokio::time::timeout(patience, c.execute(&statement, &[&next]))
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
                     None => None,
                 };
                 match result {

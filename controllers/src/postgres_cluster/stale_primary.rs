@@ -1,0 +1,85 @@
+//! A primary that lost the network keeps its `role=primary` label: its instance manager cannot
+//! reach the API server to take it off. Once another instance holds the Lease and has labelled
+//! itself primary, the operator relabels the old pod `unknown`, so that the `-rw` Service has one
+//! endpoint at once rather than two until the old pod's readiness probe fails (15 s by default),
+//! and the cluster's status names the right primary.
+
+use std::time::Duration;
+
+use api::contract;
+use api::postgres_cluster::PostgresCluster;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::instances::{self, InstanceView};
+use super::reconcile::{is_status, publish};
+use super::{Context, Error, kube_error};
+
+/// Relabels each stale primary of `instances` ([`instances::stale_primaries`]) `unknown`, with
+/// a Warning event, and updates `instances` to match, once the holder has held the Lease for a
+/// whole Lease duration: in a switchover the old primary's instance manager relabels itself
+/// within a second of the handover, and must not be mistaken for one out of reach. Returns when
+/// to look again while that wait runs.
+pub async fn release(
+    cluster: &PostgresCluster,
+    ctx: &Context,
+    pods: &Api<Pod>,
+    instances: &mut [InstanceView],
+    lease: Option<&Lease>,
+) -> Result<Option<Duration>, Error> {
+    let spec = lease.and_then(|lease| lease.spec.as_ref());
+    let holder = spec.and_then(|spec| spec.holder_identity.as_deref());
+    let stale: Vec<String> = instances::stale_primaries(instances, holder)
+        .iter()
+        .map(|instance| instance.name.clone())
+        .collect();
+    if stale.is_empty() {
+        return Ok(None);
+    }
+    let grace = Duration::from_secs(cluster.spec.failover.lease_duration_seconds.max(1) as u64);
+    let held_for = spec
+        .and_then(|spec| spec.acquire_time.as_ref())
+        .map(|acquired| {
+            let seconds = Timestamp::now().duration_since(acquired.0).as_secs().max(0);
+            Duration::from_secs(seconds as u64)
+        })
+        .unwrap_or(grace);
+    if held_for < grace {
+        return Ok(Some(grace - held_for + Duration::from_millis(200)));
+    }
+    let holder = holder.unwrap_or_default();
+    for name in stale {
+        let patch =
+            json!({"metadata": {"labels": {(contract::LABEL_ROLE): contract::role::UNKNOWN}}});
+        match pods
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(error) if is_status(&error, 404) => continue,
+            Err(error) => {
+                return Err(kube_error(format!("relabelling stale primary {name}"))(
+                    error,
+                ));
+            }
+        }
+        let note = format!(
+            "{name} is still labelled primary but {holder} has held the Lease for {} s: its \
+             instance manager has not reached the API server since (a network partition?) and \
+             fenced it; relabelled {} so that the -rw Service leaves it until it reports again",
+            held_for.as_secs(),
+            contract::role::UNKNOWN
+        );
+        tracing::warn!(cluster = %cluster.name_any(), instance = %name, %holder, "stale primary relabelled");
+        publish(ctx, cluster, EventType::Warning, "StalePrimary", note).await;
+        for instance in instances.iter_mut().filter(|i| i.name == name) {
+            instance.role = Some(contract::role::UNKNOWN.to_string());
+        }
+    }
+    Ok(None)
+}
