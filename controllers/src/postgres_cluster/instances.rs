@@ -93,6 +93,8 @@ impl InstanceView {
             .unwrap_or(-1);
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        // A pod the operator relabelled `unknown` (a stale primary, see `stale_primary`) is not
+        // counted ready, whatever its probe says, until its instance manager labels it again.
         let ready = pod
             .status
             .as_ref()
@@ -101,7 +103,9 @@ impl InstanceView {
                 conditions
                     .iter()
                     .any(|c| c.type_ == "Ready" && c.status == "True")
-            });
+            })
+            && labels.get(contract::LABEL_ROLE).map(String::as_str)
+                != Some(contract::role::UNKNOWN);
         let report: serde_json::Value = annotations
             .get(contract::ANNOTATION_INSTANCE_STATUS)
             .and_then(|text| serde_json::from_str(text).ok())
@@ -253,6 +257,31 @@ mod tests {
             view.last_error.as_deref(),
             Some("initdb failed (exit status: 1): initdb: error: invalid locale name")
         );
+    }
+
+    #[test]
+    fn a_pod_relabelled_unknown_is_not_ready_whatever_its_probe_says() {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("db-0".into()),
+                labels: Some(BTreeMap::from([(
+                    contract::LABEL_ROLE.into(),
+                    contract::role::UNKNOWN.into(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..PodCondition::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        let view = InstanceView::from_pod("db", &pod);
+        assert!(!view.ready && !view.is_primary());
     }
 
     #[test]

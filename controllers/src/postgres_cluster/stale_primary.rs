@@ -20,11 +20,11 @@ use super::instances::{self, InstanceView};
 use super::reconcile::{is_status, publish};
 use super::{Context, Error, kube_error};
 
-/// Relabels each stale primary of `instances` ([`instances::stale_primaries`]) `unknown`, with
-/// a Warning event, and updates `instances` to match, once the holder has held the Lease for a
-/// whole Lease duration: in a switchover the old primary's instance manager relabels itself
-/// within a second of the handover, and must not be mistaken for one out of reach. Returns when
-/// to look again while that wait runs.
+/// Takes each stale primary of `instances` ([`instances::stale_primaries`]) for `unknown` and
+/// not ready in `instances` at once, and relabels its pod so (with a Warning event) once the
+/// holder has held the Lease for a whole Lease duration: in a switchover the old primary's instance manager relabels itself
+/// once PostgreSQL runs as a replica, a second or two after the handover. Returns when to look
+/// again while that wait runs.
 pub async fn release(
     cluster: &PostgresCluster,
     ctx: &Context,
@@ -40,6 +40,12 @@ pub async fn release(
         .collect();
     if stale.is_empty() {
         return Ok(None);
+    }
+    // In this pass's view, at once: the holder is the primary, the stale claim neither primary
+    // nor ready (the status names the new primary; no step takes the old one for it).
+    for instance in instances.iter_mut().filter(|i| stale.contains(&i.name)) {
+        instance.role = Some(contract::role::UNKNOWN.to_string());
+        instance.ready = false;
     }
     let grace = Duration::from_secs(cluster.spec.failover.lease_duration_seconds.max(1) as u64);
     let held_for = spec
@@ -70,16 +76,14 @@ pub async fn release(
         }
         let note = format!(
             "{name} is still labelled primary but {holder} has held the Lease for {} s: its \
-             instance manager has not reached the API server since (a network partition?) and \
-             fenced it; relabelled {} so that the -rw Service leaves it until it reports again",
+             instance manager has not relabelled it (out of reach of the API server, or still \
+             restarting as a replica); relabelled {} so that the -rw Service leaves it until it \
+             reports again",
             held_for.as_secs(),
             contract::role::UNKNOWN
         );
         tracing::warn!(cluster = %cluster.name_any(), instance = %name, %holder, "stale primary relabelled");
         publish(ctx, cluster, EventType::Warning, "StalePrimary", note).await;
-        for instance in instances.iter_mut().filter(|i| i.name == name) {
-            instance.role = Some(contract::role::UNKNOWN.to_string());
-        }
     }
     Ok(None)
 }

@@ -1,6 +1,7 @@
 //! The status a cluster should report, computed from what was observed (pure).
 
 use api::common::{condition, new_condition, set_condition};
+use api::contract;
 use api::postgres_cluster::{InstanceStatus, PostgresCluster, PostgresClusterStatus};
 
 use kube::ResourceExt;
@@ -358,6 +359,10 @@ fn waiting_on(live: &[&InstanceView]) -> String {
                 (None, None) if instance.bootstrapping => {
                     "making the application role and database"
                 }
+                (None, None) if instance.role.as_deref() == Some(contract::role::UNKNOWN) => {
+                    "was labelled primary when another instance took the Lease; waiting for its \
+                     instance manager to report (out of reach of the API server?)"
+                }
                 (None, None) => return None,
             };
             Some(format!("; {}: {what}", instance.name))
@@ -552,6 +557,25 @@ mod tests {
         assert_eq!(
             condition_of(&status, "Degraded"),
             ("True".into(), "SecretNotFound".into())
+        );
+    }
+
+    #[test]
+    fn an_old_primary_relabelled_unknown_keeps_the_cluster_from_healthy_and_says_why() {
+        let cluster = cluster();
+        let pods = [instance(0, "primary", true), instance(1, "replica", true)];
+        let healthy = desired_status(None, &observe(&cluster, &pods));
+        // db-1 took over; db-0 is out of reach, its label taken off by the operator.
+        let pods = [instance(0, "unknown", false), instance(1, "primary", true)];
+        let status = desired_status(Some(&healthy), &observe(&cluster, &pods));
+        assert_eq!(status.phase.as_deref(), Some("Degraded"));
+        assert_eq!(status.ready_instances, 1);
+        assert_eq!(status.current_primary.as_deref(), Some("db-1"));
+        let ready = find_condition(&status.conditions, "Ready").unwrap();
+        assert!(
+            ready.message.contains("db-0: was labelled primary"),
+            "{}",
+            ready.message
         );
     }
 
