@@ -217,23 +217,12 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use std::collections::BTreeMap;
 
-    #[test]
-    fn reads_role_readiness_hash_and_reported_timeline() {
-        let pod = Pod {
+    /// A pod whose probe passes (Ready), labelled `role`.
+    fn ready_pod(name: &str, role: &str) -> Pod {
+        Pod {
             metadata: ObjectMeta {
-                name: Some("db-2".into()),
-                labels: Some(BTreeMap::from([(
-                    contract::LABEL_ROLE.into(),
-                    "primary".into(),
-                )])),
-                annotations: Some(BTreeMap::from([
-                    (contract::ANNOTATION_SPEC_HASH.into(), "abc".into()),
-                    (
-                        contract::ANNOTATION_INSTANCE_STATUS.into(),
-                        r#"{"role":"primary","timeline":3,"lsn":"0/3000060","lastJoin":"reinitdb","bootstrapping":true,"lastError":"initdb failed (exit status: 1):\n  initdb: error: invalid locale name"}"#
-                            .into(),
-                    ),
-                ])),
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([(contract::LABEL_ROLE.into(), role.into())])),
                 ..ObjectMeta::default()
             },
             status: Some(PodStatus {
@@ -245,7 +234,20 @@ mod tests {
                 ..PodStatus::default()
             }),
             ..Pod::default()
-        };
+        }
+    }
+
+    #[test]
+    fn reads_role_readiness_hash_and_reported_timeline() {
+        let mut pod = ready_pod("db-2", "primary");
+        pod.metadata.annotations = Some(BTreeMap::from([
+            (contract::ANNOTATION_SPEC_HASH.into(), "abc".into()),
+            (
+                contract::ANNOTATION_INSTANCE_STATUS.into(),
+                r#"{"role":"primary","timeline":3,"lsn":"0/3000060","lastJoin":"reinitdb","bootstrapping":true,"lastError":"initdb failed (exit status: 1):\n  initdb: error: invalid locale name"}"#
+                    .into(),
+            ),
+        ]));
         let view = InstanceView::from_pod("db", &pod);
         assert_eq!(view.ordinal, 2);
         assert!(view.is_primary() && view.ready && !view.terminating && !view.fenced);
@@ -261,25 +263,7 @@ mod tests {
 
     #[test]
     fn a_pod_relabelled_unknown_is_not_ready_whatever_its_probe_says() {
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some("db-0".into()),
-                labels: Some(BTreeMap::from([(
-                    contract::LABEL_ROLE.into(),
-                    contract::role::UNKNOWN.into(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            status: Some(PodStatus {
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".into(),
-                    status: "True".into(),
-                    ..PodCondition::default()
-                }]),
-                ..PodStatus::default()
-            }),
-            ..Pod::default()
-        };
+        let pod = ready_pod("db-0", contract::role::UNKNOWN);
         let view = InstanceView::from_pod("db", &pod);
         assert!(!view.ready && !view.is_primary());
     }
