@@ -78,9 +78,11 @@ pub async fn completed(
     jobs: &Api<api::BackupJob>,
     name: &str,
 ) -> anyhow::Result<api::backup::BackupJobStatus> {
+    // Generous: a volume backup schedules a pod, provisions its claim and clones the primary,
+    // which on a loaded two-core machine (a release build beside it) took over 180 s once.
     eventually(
         &format!("BackupJob {name} to complete"),
-        Duration::from_secs(180),
+        Duration::from_secs(300),
         || async {
             let status = jobs.get(name).await?.status.unwrap_or_default();
             match status.phase.as_deref() {
@@ -88,7 +90,20 @@ pub async fn completed(
                 Some("Failed") => {
                     anyhow::bail!("BackupJob {name} failed: {:?}", status.failure_reason)
                 }
-                other => Ok(Err(format!("{other:?}"))),
+                other => {
+                    // What the reconciler says, for the message if it never completes.
+                    let said: Vec<String> = status
+                        .conditions
+                        .iter()
+                        .map(|c| format!("{} {} {}: {}", c.type_, c.status, c.reason, c.message))
+                        .collect();
+                    Ok(Err(format!(
+                        "{other:?} on {:?} (claim {:?}); {}",
+                        status.instance,
+                        status.volume_claim,
+                        said.join("; ")
+                    )))
+                }
             }
         },
     )
