@@ -801,6 +801,7 @@ async fn apply(cluster: &PostgresCluster, ctx: &Context) -> Result<Action, Error
         cluster,
         ctx,
         &Api::namespaced(ctx.client.clone(), &namespace),
+        &observed.pods,
         &mut observed.instances,
         observed.lease.as_ref(),
     )

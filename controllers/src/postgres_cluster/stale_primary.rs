@@ -28,7 +28,8 @@ use super::{Context, Error, kube_error};
 pub async fn release(
     cluster: &PostgresCluster,
     ctx: &Context,
-    pods: &Api<Pod>,
+    api: &Api<Pod>,
+    pods: &[Pod],
     instances: &mut [InstanceView],
     lease: Option<&Lease>,
 ) -> Result<Option<Duration>, Error> {
@@ -60,14 +61,23 @@ pub async fn release(
     }
     let holder = holder.unwrap_or_default();
     for name in stale {
-        let patch =
-            json!({"metadata": {"labels": {(contract::LABEL_ROLE): contract::role::UNKNOWN}}});
-        match pods
+        // Only the pod as read: had its instance manager relabelled it since (a switchover's
+        // old primary, a second late), the API server refuses the patch (409) and the change
+        // of label brings the next reconcile.
+        let version = pods
+            .iter()
+            .find(|pod| pod.metadata.name.as_deref() == Some(name.as_str()))
+            .and_then(|pod| pod.metadata.resource_version.clone());
+        let patch = json!({"metadata": {
+            "resourceVersion": version,
+            "labels": {(contract::LABEL_ROLE): contract::role::UNKNOWN},
+        }});
+        match api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => {}
-            Err(error) if is_status(&error, 404) => continue,
+            Err(error) if is_status(&error, 404) || is_status(&error, 409) => continue,
             Err(error) => {
                 return Err(kube_error(format!("relabelling stale primary {name}"))(
                     error,
