@@ -22,10 +22,11 @@ pub mod role {
     pub const REPLICA: &str = "replica";
     /// An instance whose PostgreSQL is stopped on request or by self-fencing.
     pub const FENCED: &str = "fenced";
-    /// Set by the operator on a pod still labelled primary after another pod took the Lease
-    /// and labelled itself primary: its instance manager cannot reach the API server to take
-    /// the label off (a network partition) and has fenced it. Both Services leave the pod;
-    /// its instance manager labels it again once it reports.
+    /// Set by the operator on a pod still labelled primary a Lease duration after another pod
+    /// took the Lease and labelled itself primary: its instance manager cannot reach the API
+    /// server to take the label off (a network partition; it fenced itself) or is still
+    /// restarting as a replica. Both Services leave the pod; its instance manager labels it
+    /// again once it reports.
     pub const UNKNOWN: &str = "unknown";
 }
 

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     INSTANCE_IMAGE, OPERATOR_NAMESPACE, Writer, calm_failover, connect, connect_when_served,
-    connect_writable, create_cluster, eventually, kill_operator, lost_writes, patch_spec, stack,
-    superuser_login,
+    connect_writable, create_cluster, eventually, kill_operator, lost_writes, patch_spec,
+    pod_is_ready, stack, superuser_login,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
@@ -695,7 +695,7 @@ async fn a_supervised_update_waits_for_the_users_switchover_before_the_primary()
     Ok(())
 }
 
-/// The cluster's current primary once it is another pod than `old`, with the seconds it took.
+/// The cluster's current primary once its status names another pod than `old`.
 async fn new_primary(
     clusters: &Api<api::PostgresCluster>,
     name: &str,
@@ -710,18 +710,6 @@ async fn new_primary(
         })
     })
     .await
-}
-
-/// Whether the pod's Ready condition is True.
-async fn pod_ready(pods: &Api<Pod>, name: &str) -> anyhow::Result<bool> {
-    Ok(pods
-        .get(name)
-        .await?
-        .status
-        .and_then(|status| status.conditions)
-        .unwrap_or_default()
-        .iter()
-        .any(|condition| condition.type_ == "Ready" && condition.status == "True"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -800,7 +788,7 @@ async fn a_partitioned_primary_is_replaced_and_rejoins_as_a_replica_without_losi
         "the partitioned pod not ready (its probes reach nothing)",
         Duration::from_secs(60),
         || async {
-            Ok(if pod_ready(&pods, &old).await? {
+            Ok(if pod_is_ready(&pods.get(&old).await?) {
                 Err("still ready".to_string())
             } else {
                 Ok(())

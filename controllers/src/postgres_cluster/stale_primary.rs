@@ -22,9 +22,9 @@ use super::{Context, Error, kube_error};
 
 /// Takes each stale primary of `instances` ([`instances::stale_primaries`]) for `unknown` and
 /// not ready in `instances` at once, and relabels its pod so (with a Warning event) once the
-/// holder has held the Lease for a whole Lease duration: in a switchover the old primary's instance manager relabels itself
-/// once PostgreSQL runs as a replica, a second or two after the handover. Returns when to look
-/// again while that wait runs.
+/// holder has held the Lease for a whole Lease duration: in a switchover the old primary's
+/// instance manager relabels itself once PostgreSQL runs as a replica, a second or two after
+/// the handover. Returns when to look again while that wait runs.
 pub async fn release(
     cluster: &PostgresCluster,
     ctx: &Context,

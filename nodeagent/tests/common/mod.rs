@@ -259,12 +259,8 @@ impl E2e {
         };
         let mut text = format!("--- pods of {name}:\n");
         for pod in listed.items {
+            let ready = pod_is_ready(&pod);
             let status = pod.status.clone().unwrap_or_default();
-            let ready = status
-                .conditions
-                .iter()
-                .flatten()
-                .any(|condition| condition.type_ == "Ready" && condition.status == "True");
             let reported = pod
                 .metadata
                 .annotations
@@ -356,6 +352,14 @@ impl E2e {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// Whether the pod's Ready condition is True (as the kubelet, here the node agent, set it).
+pub fn pod_is_ready(pod: &Pod) -> bool {
+    pod.status
+        .iter()
+        .flat_map(|status| status.conditions.iter().flatten())
+        .any(|condition| condition.type_ == "Ready" && condition.status == "True")
 }
 
 /// The namespace an `Api` is bound to.
