@@ -137,16 +137,6 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
-    // The e2e tests (nodeagent) run the workspace's binaries as the pods' images, and kubectl-pg.
-    cargo(&[
-        "build",
-        "--package",
-        "controllers",
-        "--package",
-        "instance",
-        "--package",
-        "kubectl-pg",
-    ])?;
     test_runner::run(&testbed::paths::workspace_root())?;
     step("cargo xtask demo --once (the operator and a three-instance cluster, end to end)");
     demo::run(true)?;

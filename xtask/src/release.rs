@@ -46,6 +46,12 @@ pub struct Options {
     /// Do not build and ship the binaries (`cargo build --release`), for a quick artifact check.
     #[arg(long)]
     pub skip_binaries: bool,
+    /// The Cargo profile the binaries are built with. `release` is what ships; the delivery test
+    /// passes `dev` to sign the binaries `cargo xtask test` has built already, as what it checks
+    /// (signatures, SBOMs, manifest) does not depend on the optimisation level and an optimised
+    /// build costs eleven minutes of a two-core machine.
+    #[arg(long, default_value = "release")]
+    pub profile: String,
 }
 
 struct Progress {
@@ -117,7 +123,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if options.skip_binaries {
         crate::step("skipped (--skip-binaries)");
     } else {
-        artifacts.extend(build_binaries(&root, &out.join("bin"))?);
+        artifacts.extend(build_binaries(&root, &options.profile, &out.join("bin"))?);
     }
 
     progress.next("writing the manifest and signing every artifact");
@@ -225,16 +231,36 @@ fn collect_files(folder: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_binaries(root: &Path, folder: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut args = vec!["build", "--release", "--locked"];
+/// The `cargo build` arguments that build every binary of a release with Cargo profile `profile`.
+/// `cargo xtask test` builds the binaries for its end-to-end tests with these same arguments, so
+/// that the delivery test's `release --profile dev` finds them built (the same packages give the
+/// same feature set, hence the same artifacts).
+pub fn build_args(profile: &str) -> Vec<&str> {
+    let mut args = vec!["build", "--locked", "--profile", profile];
     for (krate, _) in BINARIES {
         args.extend(["-p", krate]);
     }
-    crate::cargo(&args)?;
+    args
+}
+
+/// The folder under `target/` where Cargo puts what profile `profile` builds.
+fn profile_folder(profile: &str) -> &str {
+    match profile {
+        "dev" | "test" => "debug",
+        "bench" => "release",
+        other => other,
+    }
+}
+
+fn build_binaries(root: &Path, profile: &str, folder: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    crate::cargo(&build_args(profile))?;
     fs::create_dir_all(folder)?;
     let mut out = Vec::new();
     for (_, binary) in BINARIES {
-        let built = root.join("target").join("release").join(binary);
+        let built = root
+            .join("target")
+            .join(profile_folder(profile))
+            .join(binary);
         if !built.exists() {
             bail!("{} was not built", built.display());
         }

@@ -7,9 +7,13 @@
 //! default), the longest first, with two limits that keep a two-core machine from timing out:
 //! - at most one end-to-end binary (`nodeagent/tests/e2e*`: a control plane, a node agent and
 //!   several PostgreSQL pods each) at a time;
-//! - at most two heavy binaries at a time: the end-to-end ones, the release build of the delivery
-//!   test, and the instance manager's backup and HA suites (a dozen PostgreSQL servers each).
-//!   The third slot takes the light ones.
+//! - at most two heavy binaries at a time: the end-to-end ones and the instance manager's backup,
+//!   HA and partition suites (a dozen PostgreSQL servers each). The third slot takes the light
+//!   ones.
+//!
+//! The delivery test signs the binaries built for the end-to-end tests (`release --profile dev`)
+//! rather than building optimised ones: beside the end-to-end tests that build took 52 minutes
+//! and held a heavy slot throughout, which queued every other heavy binary behind one lane.
 //!
 //! Each binary's output goes to `target/test-logs/<package>-<target>.log`; a failure prints the
 //! tail of its log. A binary that failed runs once more, alone, at the end: the step fails when it
@@ -28,8 +32,7 @@ const E2E_PREFIX: &str = "nodeagent/e2e";
 
 /// Other binaries that load the machine for minutes (see the module comment).
 const HEAVY: &[&str] = &[
-    "xtask/delivery",
-    "controllers/backup_job",
+    "instance/backup_job",
     "instance/backup",
     "instance/high_availability",
     "instance/partitions",
@@ -39,20 +42,22 @@ const HEAVY: &[&str] = &[
 const MAX_HEAVY: usize = 2;
 
 /// Binaries known to run for minutes, started first so that they do not end the run alone.
-/// Measured on 2026-12-04 (seconds, sequential run): delivery 493 (a release build), backup_job
-/// 182, e2e_clients 179, backup 174, e2e_backup_store 163.
+/// The end-to-end binaries come first: one at a time, they are the longest chain of the run
+/// (2026-12-07, in parallel lanes, seconds: e2e 580, e2e_operations 456, e2e_backup about 400,
+/// e2e_clients 251, e2e_backup_store 115, e2e_sharding 72; backup 157, backup_job 155, tpch 141).
 const LONG_FIRST: &[&str] = &[
-    "xtask/delivery",
-    "controllers/backup_job",
-    "nodeagent/e2e_clients",
-    "instance/backup",
-    "nodeagent/e2e_backup_store",
-    "instance/high_availability",
-    "instance/partitions",
-    "nodeagent/e2e_operations",
     "nodeagent/e2e",
+    "instance/backup",
+    "nodeagent/e2e_operations",
+    "instance/backup_job",
     "nodeagent/e2e_backup",
+    "instance/high_availability",
+    "nodeagent/e2e_clients",
+    "instance/partitions",
+    "nodeagent/e2e_backup_store",
     "nodeagent/e2e_sharding",
+    "router/tpch",
+    "xtask/delivery",
 ];
 
 /// One test executable and where cargo would run it.
@@ -95,6 +100,23 @@ struct Outcome {
 /// parallel lanes; fails naming each binary that failed.
 pub fn run(root: &Path) -> anyhow::Result<()> {
     let binaries = build(root)?;
+    // A renamed binary would silently leave the limits above: say so instead.
+    let unknown: Vec<&str> = HEAVY
+        .iter()
+        .chain(LONG_FIRST)
+        .filter(|label| !binaries.iter().any(|binary| binary.label == **label))
+        .copied()
+        .collect();
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "xtask/src/test_runner.rs names test binaries that do not exist (renamed?): {unknown:?}"
+    );
+    // The end-to-end tests (nodeagent) run the workspace's binaries as the pods' images, and
+    // kubectl-pg; the delivery test signs them (`release --profile dev`). They are built after the
+    // test targets, with the release's own arguments: `cargo test --workspace` unifies features
+    // over the whole workspace and links `target/debug/<binary>` from its own build, and the
+    // release would then link them again, under end-to-end tests that start pods from them.
+    crate::cargo(&crate::release::build_args("dev"))?;
     crate::cargo(&["test", "--workspace", "--doc"])?;
     let jobs = std::env::var("XTASK_TEST_JOBS")
         .ok()
