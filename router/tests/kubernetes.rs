@@ -20,6 +20,7 @@ use api::postgres_cluster::{
 use api::postgres_user::PostgresUser;
 use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState, VindexKind};
 use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -62,6 +63,22 @@ async fn primary_pod(client: &Client, name: &str, child: &str, port: u16) {
     pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .expect("pod status");
+}
+
+/// Shard cluster `child`'s Lease held by pod `holder`, as its instance manager writes it.
+async fn shard_lease(client: &Client, child: &str, holder: &str) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": contract::lease_name(child), "namespace": NAMESPACE},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 10}});
+    leases
+        .patch(
+            &contract::lease_name(child),
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(lease),
+        )
+        .await
+        .expect("writing a Lease");
 }
 
 fn range(name: &str, shard: &str, start: Option<i64>, end: Option<i64>) -> ShardRange {
@@ -222,6 +239,7 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
     create(&client, &range("db-customers-1", "shard-1", Some(0), None)).await;
     primary_pod(&client, "db-shard-0-0", "db-shard-0", shards[0].port()).await;
     primary_pod(&client, "db-shard-1-0", "db-shard-1", shards[1].port()).await;
+    shard_lease(&client, "db-shard-1", "db-shard-1-0").await;
     // A login declared by a PostgresUser, with its password Secret.
     let mut secret = Secret {
         metadata: meta("app-password"),
@@ -453,19 +471,29 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         .await
         .unwrap();
 
-    // The primary of shard-1 moves (a failover: the old pod is a replica now, another pod is
-    // the primary): writes follow.
-    Api::<Pod>::namespaced(client.clone(), NAMESPACE)
-        .patch(
-            "db-shard-1-0",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"labels": {contract::LABEL_ROLE: contract::role::REPLICA}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    // The primary of shard-1 moves (a failover): another pod labels itself primary while the
+    // old one, cut off from the API server, keeps its label and stays ready. The shard's Lease
+    // decides: writes stay on its holder, then follow it to the new pod.
     primary_pod(&client, "db-shard-1-1", "db-shard-1", shards[2].port()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..5 {
+        let found: Option<i64> = app
+            .query_one(
+                "SELECT count(*) FROM orders WHERE customer_id = $1",
+                &[&moved_key],
+            )
+            .await
+            .ok()
+            .map(|row| row.get(0));
+        // db-shard-1-1 has no `orders` table yet: a statement sent there fails.
+        assert_eq!(
+            found,
+            Some(1),
+            "the Lease holder db-shard-1-0 is still the primary"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shard_lease(&client, "db-shard-1", "db-shard-1-1").await;
     shards[2]
         .client()
         .await
@@ -494,6 +522,16 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
     .await
     .unwrap();
     assert_eq!(count(&shards[2], "SELECT count(*) FROM orders").await, 1);
+    Api::<Pod>::namespaced(client.clone(), NAMESPACE)
+        .patch(
+            "db-shard-1-0",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {contract::LABEL_ROLE: contract::role::REPLICA}}}),
+            ),
+        )
+        .await
+        .unwrap();
     // 2PC: a router killed (-9) between PREPARE and COMMIT PREPARED leaves prepared branches;
     // another router replica resolves them, so no lock stays held.
     ranges

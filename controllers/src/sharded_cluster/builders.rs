@@ -205,7 +205,7 @@ pub fn router_password_secrets(cluster: &PostgresCluster, users: &[PostgresUser]
 }
 
 /// What the router reads: its cluster (table groups and tables), the ShardRanges, the shards'
-/// primaries (pods labelled `role=primary`) and the roles PostgresUser objects declare (`users`:
+/// primaries (pods labelled `role=primary` and their Leases) and the roles PostgresUser objects declare (`users`:
 /// the namespace's; those of this cluster count). Secrets: `get` (the shards' CA Secrets and the
 /// password Secrets when it starts), and `list`/`watch` of the password Secrets by name only, so
 /// that it follows password changes without being able to list every Secret of the namespace.
@@ -226,6 +226,9 @@ pub fn router_role(cluster: &PostgresCluster, users: &[PostgresUser]) -> Role {
             &["postgresclusters", "shardranges", "postgresusers"],
         ),
         read(&[""], &["pods"]),
+        // The shards' Leases: a pod labelled primary is the primary only while it holds its
+        // shard's Lease (a primary cut off from the API server keeps its label).
+        read(&["coordination.k8s.io"], &["leases"]),
         PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["secrets".to_string()]),

@@ -1,8 +1,9 @@
-//! The acting half of Kubernetes mode: watches the cluster, its ShardRanges and the shards'
-//! primary pods, rebuilds the topology on every change and reloads it when it differs; reads
-//! them all again when a session asks (a shard's fence said this router's epoch is old). The
-//! shards' CA Secrets are read again every [`CA_RECHECK`] (the router's Role may `get` them,
-//! not watch them), so a rotated CA reaches the router without waiting for another change.
+//! The acting half of Kubernetes mode: watches the cluster, its ShardRanges, the shards'
+//! primary pods and their Leases, rebuilds the topology on every change and reloads it when it
+//! differs; reads them all again when a session asks (a shard's fence said this router's epoch
+//! is old). The shards' CA Secrets are read again every [`CA_RECHECK`] (the router's Role may
+//! `get` them, not watch them), so a rotated CA reaches the router without waiting for another
+//! change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use api::contract;
 use api::postgres_cluster::PostgresCluster;
 use api::sharding::ShardRange;
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -66,21 +68,63 @@ pub struct KubernetesSource {
     trusted: Arc<std::sync::Mutex<TrustedCas>>,
 }
 
+/// The holder of each of `cluster`'s shard Leases: child cluster name -> pod name. A released
+/// Lease (a switchover hands it over) has no holder and is left out.
+fn holders(cluster: &str, leases: &[Arc<Lease>]) -> BTreeMap<String, String> {
+    leases
+        .iter()
+        .filter_map(|lease| {
+            let (child, holder) = shard_lease(cluster, lease)?;
+            Some((child, holder?))
+        })
+        .collect()
+}
+
+/// The shard cluster of `cluster` whose Lease `lease` is, and the pod holding it; `None` for any
+/// other Lease of the namespace.
+fn shard_lease(cluster: &str, lease: &Lease) -> Option<(String, Option<String>)> {
+    // `contract::lease_name(child)` is the child's name and a fixed suffix.
+    let child = lease
+        .metadata
+        .name
+        .as_deref()?
+        .strip_suffix(&contract::lease_name(""))?;
+    if !child.starts_with(&format!("{cluster}-shard-")) {
+        return None;
+    }
+    let holder = lease
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.holder_identity.clone())
+        .filter(|holder| !holder.is_empty());
+    Some((child.to_string(), holder))
+}
+
 /// The primaries of `cluster`'s shards from their pods (the instance manager labels its own pod
 /// `role=primary` when it holds the shard's Lease): child cluster name -> (pod IP, PostgreSQL
-/// port). A terminating pod is skipped; of two pods labelled primary (a failover in flight) a
-/// ready one wins.
-fn primaries(cluster: &str, pods: &[Arc<Pod>]) -> BTreeMap<String, (String, u16)> {
+/// port). A terminating pod is skipped, and so is a pod labelled primary while its shard's Lease
+/// names another pod (`holders`): a primary cut off from the API server cannot take its label
+/// off, and another pod has taken over. Without a holder (a Lease handed over), of two pods
+/// labelled primary a ready one wins.
+fn primaries(
+    cluster: &str,
+    pods: &[Arc<Pod>],
+    holders: &BTreeMap<String, String>,
+) -> BTreeMap<String, (String, u16)> {
     let prefix = format!("{cluster}-shard-");
     let mut found: BTreeMap<String, ((String, u16), bool)> = BTreeMap::new();
     for pod in pods {
         let Some(child) = pod.labels().get(contract::LABEL_CLUSTER) else {
             continue;
         };
+        let stale = holders
+            .get(child)
+            .is_some_and(|holder| pod.metadata.name.as_deref() != Some(holder.as_str()));
         if !child.starts_with(&prefix)
             || pod.labels().get(contract::LABEL_ROLE).map(String::as_str)
                 != Some(contract::role::PRIMARY)
             || pod.metadata.deletion_timestamp.is_some()
+            || stale
         {
             continue;
         }
@@ -155,18 +199,32 @@ impl KubernetesSource {
             .into_iter()
             .map(Arc::new)
             .collect();
-        let ca_pems = self.ca_pems(&pods).await?;
-        Ok(self.build(&cluster, &ranges, &pods, &ca_pems))
+        let leases: Vec<Arc<Lease>> =
+            Api::<Lease>::namespaced(self.client.clone(), &self.namespace)
+                .list(&Default::default())
+                .await
+                .map_err(self.kube_error("the shards' Leases"))?
+                .items
+                .into_iter()
+                .map(Arc::new)
+                .collect();
+        let holders = holders(&self.cluster, &leases);
+        let ca_pems = self.ca_pems(&pods, &holders).await?;
+        Ok(self.build(&cluster, &ranges, &pods, &holders, &ca_pems))
     }
 
     /// The CA certificates each shard cluster that has a primary may chain to: `ca.crt` of its
     /// `<child>-ca` Secret (absent when the cluster's TLS is disabled or the Secret is not
     /// written yet; [`topology::secure`] decides whether that is a problem), and a CA it
     /// replaced during the overlap of a rotation ([`TrustedCas`]).
-    async fn ca_pems(&self, pods: &[Arc<Pod>]) -> Result<BTreeMap<String, String>, WatchError> {
+    async fn ca_pems(
+        &self,
+        pods: &[Arc<Pod>],
+        holders: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, WatchError> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut pems = BTreeMap::new();
-        for child in primaries(&self.cluster, pods).into_keys() {
+        for child in primaries(&self.cluster, pods, holders).into_keys() {
             let name = contract::tls_ca_secret(&child);
             let secret = secrets
                 .get_opt(&name)
@@ -193,9 +251,10 @@ impl KubernetesSource {
         cluster: &PostgresCluster,
         ranges: &[ShardRange],
         pods: &[Arc<Pod>],
+        holders: &BTreeMap<String, String>,
         ca_pems: &BTreeMap<String, String>,
     ) -> Result<Built, String> {
-        let primaries = primaries(&self.cluster, pods);
+        let primaries = primaries(&self.cluster, pods, holders);
         let topology = topology::build(cluster, ranges, &primaries)
             .and_then(|topology| topology::secure(topology, cluster, ca_pems))
             .map_err(|e| e.to_string())?;
@@ -252,6 +311,7 @@ impl KubernetesSource {
         let (clusters, clusters_writer) = reflector::store::<PostgresCluster>();
         let (ranges, ranges_writer) = reflector::store::<ShardRange>();
         let (pods, pods_writer) = reflector::store::<Pod>();
+        let (leases, leases_writer) = reflector::store::<Lease>();
         let namespace = self.namespace.clone();
         let cluster_stream = reflector::reflector(
             clusters_writer,
@@ -280,11 +340,39 @@ impl KubernetesSource {
         )
         .default_backoff()
         .map(|_| ());
+        // A Lease changes at every renewal (every few seconds a shard): only a new holder counts.
+        let cluster = self.cluster.clone();
+        let mut seen_holders = BTreeMap::new();
+        let lease_stream = reflector::reflector(
+            leases_writer,
+            watcher(
+                Api::<Lease>::namespaced(self.client.clone(), &namespace),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .touched_objects()
+        .filter_map(move |lease| {
+            let changed = lease
+                .ok()
+                .and_then(|lease| shard_lease(&cluster, &lease))
+                .is_some_and(|(child, holder)| {
+                    seen_holders.insert(child, holder.clone()) != Some(holder)
+                });
+            futures::future::ready(changed.then_some(()))
+        });
         let mut changes = futures::stream::select_all(vec![
             cluster_stream.boxed(),
             range_stream.boxed(),
             pod_stream.boxed(),
+            lease_stream.boxed(),
         ]);
+        let stores = Stores {
+            clusters,
+            ranges,
+            pods,
+            leases,
+        };
         let mut applied = Applied::default();
         let mut ca_recheck = tokio::time::interval(CA_RECHECK);
         ca_recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -304,11 +392,8 @@ impl KubernetesSource {
                     if ignore_watch {
                         continue;
                     }
-                    match self.ca_pems(&pods.state()).await {
-                        Ok(ca_pems) => {
-                            self.apply(&state, &clusters, &ranges, &pods, &ca_pems, &mut applied);
-                        }
-                        Err(error) => tracing::warn!(cluster = %self.cluster, %error, "reading the shards' CA Secrets; keeping the current topology"),
+                    if let Err(error) = self.apply(&state, &stores, &mut applied).await {
+                        tracing::warn!(cluster = %self.cluster, %error, "reading the shards' CA Secrets; keeping the current topology");
                     }
                 }
                 _ = ca_recheck.tick() => {
@@ -316,11 +401,8 @@ impl KubernetesSource {
                         continue;
                     }
                     // A rotated CA: the fingerprint holds the PEMs, so only a change reloads.
-                    match self.ca_pems(&pods.state()).await {
-                        Ok(ca_pems) => {
-                            self.apply(&state, &clusters, &ranges, &pods, &ca_pems, &mut applied);
-                        }
-                        Err(error) => tracing::debug!(cluster = %self.cluster, %error, "reading the shards' CA Secrets again"),
+                    if let Err(error) = self.apply(&state, &stores, &mut applied).await {
+                        tracing::debug!(cluster = %self.cluster, %error, "reading the shards' CA Secrets again");
                     }
                 }
                 () = state.refresh_requested() => {
@@ -349,24 +431,32 @@ impl KubernetesSource {
         }
     }
 
-    fn apply(
+    /// Builds the topology from the watched objects (and the shards' CA Secrets, read now) and
+    /// applies it when it is complete and new; fails only when a CA Secret cannot be read.
+    async fn apply(
         &self,
         state: &RouterState,
-        clusters: &Store<PostgresCluster>,
-        ranges: &Store<ShardRange>,
-        pods: &Store<Pod>,
-        ca_pems: &BTreeMap<String, String>,
+        stores: &Stores,
         applied: &mut Applied,
-    ) {
-        let Some(cluster) = clusters
+    ) -> Result<(), WatchError> {
+        let pods = stores.pods.state();
+        let holders = holders(&self.cluster, &stores.leases.state());
+        let ca_pems = self.ca_pems(&pods, &holders).await?;
+        let Some(cluster) = stores
+            .clusters
             .state()
             .into_iter()
             .find(|c| c.name_any() == self.cluster)
         else {
-            return;
+            return Ok(());
         };
-        let ranges: Vec<ShardRange> = ranges.state().iter().map(|r| (**r).clone()).collect();
-        match self.build(&cluster, &ranges, &pods.state(), ca_pems) {
+        let ranges: Vec<ShardRange> = stores
+            .ranges
+            .state()
+            .iter()
+            .map(|r| (**r).clone())
+            .collect();
+        match self.build(&cluster, &ranges, &pods, &holders, &ca_pems) {
             Ok((topology, fingerprint, epochs)) => {
                 applied.last_error.clear();
                 applied.apply(state, &self.cluster, topology, fingerprint, epochs);
@@ -378,7 +468,16 @@ impl KubernetesSource {
                 }
             }
         }
+        Ok(())
     }
+}
+
+/// What the watches of [`KubernetesSource::follow`] hold.
+struct Stores {
+    clusters: Store<PostgresCluster>,
+    ranges: Store<ShardRange>,
+    pods: Store<Pod>,
+    leases: Store<Lease>,
 }
 
 /// What the router applied last, from the watch or a re-read.
@@ -420,5 +519,85 @@ impl Applied {
             tracing::info!(cluster, epoch, "topology from Kubernetes applied");
             self.fingerprint = fingerprint;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, child: &str, ip: &str, ready: bool) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": {
+                    contract::LABEL_CLUSTER: child, contract::LABEL_ROLE: contract::role::PRIMARY}},
+                "status": {"podIP": ip, "conditions": [
+                    {"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn lease(child: &str, holder: Option<&str>) -> Arc<Lease> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": contract::lease_name(child)},
+                "spec": {"holderIdentity": holder},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn addresses(pods: &[Arc<Pod>], leases: &[Arc<Lease>]) -> Vec<(String, String)> {
+        primaries("db", pods, &holders("db", leases))
+            .into_iter()
+            .map(|(child, (address, _))| (child, address))
+            .collect()
+    }
+
+    #[test]
+    fn the_lease_holder_is_the_primary_of_two_pods_labelled_primary() {
+        // Both labelled and ready (the old primary is cut off from the API server and keeps its
+        // label), in either order: the Lease decides.
+        let old = pod("db-shard-0-0", "db-shard-0", "10.0.0.1", true);
+        let new = pod("db-shard-0-1", "db-shard-0", "10.0.0.2", true);
+        for pods in [[old.clone(), new.clone()], [new.clone(), old.clone()]] {
+            assert_eq!(
+                addresses(&pods, &[lease("db-shard-0", Some("db-shard-0-1"))]),
+                [("db-shard-0".to_string(), "10.0.0.2".to_string())]
+            );
+            assert_eq!(
+                addresses(&pods, &[lease("db-shard-0", Some("db-shard-0-0"))]),
+                [("db-shard-0".to_string(), "10.0.0.1".to_string())]
+            );
+        }
+    }
+
+    #[test]
+    fn a_pod_labelled_primary_that_does_not_hold_the_lease_is_no_primary() {
+        // The new holder has not labelled itself yet: no primary for that shard (the router
+        // keeps its last complete topology) rather than the stale one.
+        let old = pod("db-shard-0-0", "db-shard-0", "10.0.0.1", true);
+        let other = pod("db-shard-1-0", "db-shard-1", "10.0.1.1", true);
+        assert_eq!(
+            addresses(&[old, other], &[lease("db-shard-0", Some("db-shard-0-1"))]),
+            [("db-shard-1".to_string(), "10.0.1.1".to_string())]
+        );
+    }
+
+    #[test]
+    fn without_a_holder_a_ready_pod_wins_and_other_clusters_leases_do_not_count() {
+        let unready = pod("db-shard-0-0", "db-shard-0", "10.0.0.1", false);
+        let ready = pod("db-shard-0-1", "db-shard-0", "10.0.0.2", true);
+        let leases = [
+            lease("db-shard-0", None),
+            lease("db", Some("db-shard-0-0")),
+            lease("other-shard-0", Some("db-shard-0-0")),
+        ];
+        assert!(holders("db", &leases).is_empty());
+        assert_eq!(
+            addresses(&[unready, ready], &leases),
+            [("db-shard-0".to_string(), "10.0.0.2".to_string())]
+        );
     }
 }
