@@ -47,9 +47,87 @@ struct ContainerRun {
     ready: bool,
     liveness_failures: i32,
     readiness_failures: i32,
+    /// When the next startup or readiness check is due (a period after the last one began).
     next_probe: Option<Instant>,
+    /// When the next liveness check is due (liveness has a period of its own).
+    next_liveness: Option<Instant>,
+    /// The probe checks in flight, with the process they probe. A check runs for up to its
+    /// timeout (a pod cut off from the network answers nothing); the agent goes on meanwhile,
+    /// with its other pods and its Services, as the kubelet's probe workers run on their own.
+    checks: Vec<(ProbeKind, u32, tokio::task::JoinHandle<bool>)>,
     restart_at: Option<Instant>,
     completed: bool,
+}
+
+/// Which of a container's probes a check is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProbeKind {
+    Startup,
+    Readiness,
+    Liveness,
+}
+
+impl ContainerRun {
+    /// Starts one probe check of the process `pid`, in its own task.
+    fn start_check(
+        &mut self,
+        kind: ProbeKind,
+        probe: &Probe,
+        target: Target,
+        container: &Container,
+    ) {
+        let (probe, container) = (probe.clone(), container.clone());
+        let handle = tokio::spawn(async move { check(&probe, &target, &container).await });
+        self.checks.push((kind, target.pid, handle));
+    }
+
+    /// What a finished check means, as the kubelet counts it.
+    fn apply(&mut self, kind: ProbeKind, passed: bool, container: &Container) {
+        match kind {
+            ProbeKind::Startup => {
+                if passed {
+                    // Started: the readiness and liveness probes take over at once.
+                    self.started = true;
+                    self.next_probe = None;
+                }
+            }
+            ProbeKind::Readiness => {
+                let threshold = container
+                    .readiness_probe
+                    .as_ref()
+                    .and_then(|p| p.failure_threshold)
+                    .unwrap_or(3);
+                if passed {
+                    self.ready = true;
+                    self.readiness_failures = 0;
+                } else {
+                    self.readiness_failures += 1;
+                    if self.readiness_failures >= threshold || !self.ready {
+                        self.ready = false;
+                    }
+                }
+            }
+            ProbeKind::Liveness => {
+                let threshold = container
+                    .liveness_probe
+                    .as_ref()
+                    .and_then(|p| p.failure_threshold)
+                    .unwrap_or(3);
+                if passed {
+                    self.liveness_failures = 0;
+                } else {
+                    self.liveness_failures += 1;
+                    if self.liveness_failures >= threshold {
+                        // The kubelet kills a container that fails its liveness probe.
+                        self.liveness_failures = 0;
+                        if let Some(child) = self.child.as_ref() {
+                            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A pod the agent runs.
@@ -221,6 +299,10 @@ impl PodRun {
                         run.started_at = Some(now());
                         run.started = false;
                         run.ready = false;
+                        run.next_liveness = container.liveness_probe.as_ref().map(|p| {
+                            Instant::now()
+                                + Duration::from_secs(p.initial_delay_seconds.unwrap_or(0) as u64)
+                        });
                         run.next_probe = Some(
                             Instant::now()
                                 + Duration::from_secs(
@@ -475,6 +557,9 @@ impl PodRun {
         Ok(())
     }
 
+    /// Collects the probe checks that have finished and starts those due: the startup probe
+    /// until it passes, then readiness and liveness, each every period of its own (or when its
+    /// last check ends, if that ran longer), as the kubelet's probe workers do.
     async fn probe(&mut self, containers: &[Container]) {
         let address = self.address();
         let owner = self.owner;
@@ -483,61 +568,55 @@ impl PodRun {
             let Some(pid) = run.child.as_ref().map(Child::id) else {
                 continue;
             };
+            let mut running = Vec::new();
+            for (kind, probed, handle) in std::mem::take(&mut run.checks) {
+                if probed != pid {
+                    // A check of a process that has been restarted since counts no more.
+                    handle.abort();
+                } else if handle.is_finished() {
+                    let passed = handle.await.unwrap_or(false);
+                    run.apply(kind, passed, container);
+                } else {
+                    running.push((kind, probed, handle));
+                }
+            }
+            run.checks = running;
             let target = Target {
                 address,
                 pid,
                 owner,
             };
-            if run.next_probe.is_some_and(|at| Instant::now() < at) {
-                continue;
-            }
+            let now = Instant::now();
+            let due = |run: &ContainerRun, kind: ProbeKind, at: Option<Instant>| {
+                at.is_none_or(|at| now >= at) && !run.checks.iter().any(|(k, ..)| *k == kind)
+            };
             if !run.started {
                 match &container.startup_probe {
                     None => run.started = true,
                     Some(probe) => {
-                        if check(probe, &target, container).await {
-                            run.started = true;
-                        } else {
-                            run.next_probe = Some(Instant::now() + period(probe));
-                            continue;
+                        if due(run, ProbeKind::Startup, run.next_probe) {
+                            run.start_check(ProbeKind::Startup, probe, target, container);
+                            run.next_probe = Some(now + period(probe));
                         }
+                        continue;
                     }
                 }
             }
-            let mut next = Duration::from_secs(10);
             match &container.readiness_probe {
                 None => run.ready = true,
                 Some(probe) => {
-                    if check(probe, &target, container).await {
-                        run.ready = true;
-                        run.readiness_failures = 0;
-                    } else {
-                        run.readiness_failures += 1;
-                        if run.readiness_failures >= probe.failure_threshold.unwrap_or(3)
-                            || !run.ready
-                        {
-                            run.ready = false;
-                        }
-                    }
-                    next = next.min(period(probe));
-                }
-            }
-            if let Some(probe) = &container.liveness_probe {
-                if check(probe, &target, container).await {
-                    run.liveness_failures = 0;
-                } else {
-                    run.liveness_failures += 1;
-                    if run.liveness_failures >= probe.failure_threshold.unwrap_or(3) {
-                        // The kubelet kills a container that fails its liveness probe.
-                        run.liveness_failures = 0;
-                        if let Some(child) = run.child.as_ref() {
-                            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-                        }
+                    if due(run, ProbeKind::Readiness, run.next_probe) {
+                        run.start_check(ProbeKind::Readiness, probe, target, container);
+                        run.next_probe = Some(now + period(probe));
                     }
                 }
-                next = next.min(period(probe));
             }
-            run.next_probe = Some(Instant::now() + next);
+            if let Some(probe) = &container.liveness_probe
+                && due(run, ProbeKind::Liveness, run.next_liveness)
+            {
+                run.start_check(ProbeKind::Liveness, probe, target, container);
+                run.next_liveness = Some(now + period(probe));
+            }
         }
     }
 
@@ -684,6 +763,7 @@ fn port_of(port: &IntOrString, container: &Container) -> Option<u16> {
 /// What a probe runs against: the pod's address (httpGet, tcpSocket) and the container's process
 /// (exec: the command runs in its network and mount namespaces, with its environment, as its
 /// user, as `kubectl exec` would).
+#[derive(Clone, Copy)]
 struct Target {
     address: IpAddr,
     pid: u32,

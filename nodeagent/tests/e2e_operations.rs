@@ -712,8 +712,11 @@ async fn new_primary(
     .await
 }
 
+/// The network cut from the primary's pod (another instance takes over, the old one is
+/// relabelled and rejoins by rewind), then from a replica's (writes go on, the -ro Service leaves
+/// it, it catches up): no acknowledged write is lost.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_partitioned_primary_is_replaced_and_rejoins_as_a_replica_without_losing_writes()
+async fn partitions_of_the_primary_and_of_a_replica_lose_no_acknowledged_write()
 -> anyhow::Result<()> {
     let e2e = stack()?;
     let client = e2e.client().await?;
@@ -841,5 +844,115 @@ async fn a_partitioned_primary_is_replaced_and_rejoins_as_a_replica_without_losi
         .await?
         .get(0);
     assert_eq!(kept, 1, "the write made during the partition is kept");
+
+    // Then a replica loses the network: writes go on (the other replica answers the `ANY 1`
+    // quorum), nobody fails over, the -ro Service leaves it; healed, it streams again and
+    // replays every write made while it was cut off.
+    let replica = status
+        .instances
+        .iter()
+        .map(|instance| instance.name.clone())
+        .find(|name| *name != old && *name != new)
+        .ok_or_else(|| anyhow::anyhow!("no third instance in {status:?}"))?;
+    let replica_ip = pods
+        .get(&replica)
+        .await?
+        .status
+        .and_then(|s| s.pod_ip)
+        .unwrap_or_default();
+    reader
+        .batch_execute("CREATE TABLE replica_acks (id bigint PRIMARY KEY)")
+        .await?;
+    let writer = Writer::start(rw, &login, "replica_acks");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cut_at = Instant::now();
+    e2e.partition(namespace, &replica);
+    let ro = api::contract::ro_service("pt");
+    eventually(
+        "the -ro Service to leave the partitioned replica",
+        Duration::from_secs(60),
+        || async {
+            let ready = ready_endpoints(&client, namespace, &ro).await?;
+            Ok(if ready.contains(&replica_ip) {
+                Err(format!("-ro endpoints {ready:?}"))
+            } else {
+                Ok(())
+            })
+        },
+    )
+    .await?;
+    let left_ro_after = cut_at.elapsed();
+    // The status says so too.
+    let during = eventually(
+        "the status to count the partitioned replica out",
+        Duration::from_secs(30),
+        || async {
+            let status = clusters.get("pt").await?.status.unwrap_or_default();
+            let counted = status
+                .instances
+                .iter()
+                .any(|instance| instance.name == replica && instance.ready);
+            Ok(if counted || status.ready_instances != 2 {
+                Err(format!("{status:?}"))
+            } else {
+                Ok(status)
+            })
+        },
+    )
+    .await?;
+    // Longer than a Lease duration (4 s) has passed: nobody took the primary's place.
+    assert_eq!(
+        during.current_primary.as_deref(),
+        Some(new.as_str()),
+        "a replica's partition moves no primary: {during:?}"
+    );
+    let healed_at = Instant::now();
+    e2e.heal(namespace, &replica);
+    e2e.wait_healthy(&clusters, "pt", None, Duration::from_secs(180))
+        .await?;
+    let ready_after = healed_at.elapsed();
+    let (acknowledged, outage) = writer.stop().await?;
+    let lost = lost_writes(rw, &login, "replica_acks", &acknowledged).await?;
+    // Every write, the last included, replayed on the healed replica (the primary's view of
+    // its stream).
+    let last_lsn: String = reader
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    eventually(
+        "the healed replica to replay every write",
+        Duration::from_secs(60),
+        || async {
+            let replayed: Option<bool> = reader
+                .query_opt(
+                    "SELECT replay_lsn >= $2::text::pg_lsn FROM pg_stat_replication \
+                     WHERE host(client_addr) = $1",
+                    &[&replica_ip, &last_lsn],
+                )
+                .await?
+                .and_then(|row| row.get(0));
+            Ok(match replayed {
+                Some(true) => Ok(()),
+                other => Err(format!("replayed up to {last_lsn}: {other:?}")),
+            })
+        },
+    )
+    .await?;
+    println!(
+        "e2e partition: replica {replica} cut off, out of -ro after {:.1} s (status then: {:?}, {} ready), longest write outage {:.1} s; healed, Healthy again after {:.1} s; acknowledged {}, lost {}",
+        left_ro_after.as_secs_f64(),
+        during.phase,
+        during.ready_instances,
+        outage.as_secs_f64(),
+        ready_after.as_secs_f64(),
+        acknowledged.len(),
+        lost.len()
+    );
+    assert!(
+        outage < Duration::from_secs(5),
+        "writes went on while a replica was cut off (longest outage {outage:?})"
+    );
+    assert!(acknowledged.len() > 10, "the writer wrote {acknowledged:?}");
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     Ok(())
 }
