@@ -189,6 +189,22 @@ async fn backup_jobs_run_on_the_instances_and_a_killed_manager_fails_only_its_jo
         "writes stopped during the backup"
     );
 
+    // Two BackupJobs at once (a ScheduledBackup's immediate job, late, and its first tick): two
+    // backups, one after the other, each under its own name in the repository.
+    create_job(&client, "twin-a", "db", false).await;
+    create_job(&client, "twin-b", "db", false).await;
+    let mut ids = Vec::new();
+    for twin in ["twin-a", "twin-b"] {
+        let status = wait_phase(&client, twin, &["Completed", "Failed"], STARTUP).await;
+        assert_eq!(
+            status.phase.as_deref(),
+            Some("Completed"),
+            "{twin}: {status:?}"
+        );
+        ids.push(status.backup_id.unwrap_or_default());
+    }
+    assert_ne!(ids[0], ids[1], "two jobs, two backups");
+
     // A kill of the instance manager during the backup fails that job cleanly.
     create_job(&client, "killed", "db", false).await;
     let status = wait_phase(

@@ -83,6 +83,12 @@ impl ContainerRun {
 
     /// What a finished check means, as the kubelet counts it.
     fn apply(&mut self, kind: ProbeKind, passed: bool, container: &Container) {
+        let probe = match kind {
+            ProbeKind::Startup => container.startup_probe.as_ref(),
+            ProbeKind::Readiness => container.readiness_probe.as_ref(),
+            ProbeKind::Liveness => container.liveness_probe.as_ref(),
+        };
+        let threshold = probe.and_then(|p| p.failure_threshold).unwrap_or(3);
         match kind {
             ProbeKind::Startup => {
                 if passed {
@@ -92,11 +98,6 @@ impl ContainerRun {
                 }
             }
             ProbeKind::Readiness => {
-                let threshold = container
-                    .readiness_probe
-                    .as_ref()
-                    .and_then(|p| p.failure_threshold)
-                    .unwrap_or(3);
                 if passed {
                     self.ready = true;
                     self.readiness_failures = 0;
@@ -108,11 +109,6 @@ impl ContainerRun {
                 }
             }
             ProbeKind::Liveness => {
-                let threshold = container
-                    .liveness_probe
-                    .as_ref()
-                    .and_then(|p| p.failure_threshold)
-                    .unwrap_or(3);
                 if passed {
                     self.liveness_failures = 0;
                 } else {

@@ -60,6 +60,10 @@ pub struct BackupService {
     wal_dir: std::path::PathBuf,
     metrics: BackupMetrics,
     runs: Mutex<BTreeMap<String, BackupRun>>,
+    /// One base backup at a time: barman names a backup by the second it starts, so two started
+    /// in the same second (a ScheduledBackup's `immediate` job late under load, and its first
+    /// tick) would write the same files in the repository and both report that one backup.
+    one_at_a_time: tokio::sync::Mutex<()>,
     role: Mutex<String>,
     /// When the repository was last found in use (the check is not repeated every tick).
     refused_at: Mutex<Option<(std::time::Instant, String)>>,
@@ -83,6 +87,7 @@ impl BackupService {
             wal_dir,
             metrics,
             runs: Mutex::new(BTreeMap::new()),
+            one_at_a_time: tokio::sync::Mutex::new(()),
             role: Mutex::new(String::new()),
             refused_at: Mutex::new(None),
             source_lag: Mutex::new(None),
@@ -156,6 +161,7 @@ impl BackupService {
         let service = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
+            let turn = service.one_at_a_time.lock().await;
             info!(backup = %name, destination = %store.destination(), "base backup started");
             let result = service.take_backup(&store, &name).await;
             let completed_at = Some(k8s_openapi::jiff::Timestamp::now().to_string());
@@ -181,6 +187,9 @@ impl BackupService {
                     }
                 }
             }
+            // The next backup starts in a later second, hence under another name.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            drop(turn);
         });
         Ok(run)
     }
