@@ -5,8 +5,8 @@
 //! - `postgres-operator-<version>.tgz`: the Helm chart package (`helm install` / `helm lint` read it);
 //! - `postgres-operator-bundle-<version>.tar.gz`: the OLM bundle (`bundle/`);
 //! - `sbom/*.cdx.json`: CycloneDX 1.5 SBOMs of the workspace and of each binary (schema-validated);
-//! - `bin/<binary>`: the release builds of `postgres-operator`, `pg-instance`, `pg-router` and
-//!   `kubectl-pg`;
+//! - `bin/<binary>`: `postgres-operator`, `pg-instance`, `pg-router` and `kubectl-pg`, built with
+//!   the `release` profile (or the one `--profile` names);
 //! - `release-manifest.json`: name, size and SHA-256 of every artifact;
 //! - `<artifact>.sig` for each of the above and `cosign.pub`: verify with
 //!   `cosign verify-blob --key cosign.pub --signature <artifact>.sig --insecure-ignore-tlog=true <artifact>`.
@@ -43,7 +43,8 @@ pub struct Options {
     /// never enters `--out`).
     #[arg(long, env = "RELEASE_SIGNING_KEY")]
     pub key: Option<PathBuf>,
-    /// Do not build and ship the binaries (`cargo build --release`), for a quick artifact check.
+    /// Do not build and ship the binaries (`cargo build --profile <profile>`), for a quick
+    /// artifact check.
     #[arg(long)]
     pub skip_binaries: bool,
     /// The Cargo profile the binaries are built with. `release` is what ships; the delivery test
