@@ -15,8 +15,9 @@
 //! rather than building optimised ones: beside the end-to-end tests that build took 52 minutes
 //! and held a heavy slot throughout, which queued every other heavy binary behind one lane.
 //!
-//! Each binary's output goes to `target/test-logs/<package>-<target>.log`; a failure prints the
-//! tail of its log. A binary that failed runs once more, alone, at the end: the step fails when it
+//! Each binary's output goes to `target/test-logs/<package>-<target>.log`; its `test result:` line
+//! is printed as `cargo test` prints it, and a last line adds them all up (a run in which no test
+//! passed fails: it would say nothing). A failure prints the tail of its log. A binary that failed runs once more, alone, at the end: the step fails when it
 //! fails again, and names it FLAKY when it passes alone (both logs are kept).
 
 use std::collections::VecDeque;
@@ -94,6 +95,73 @@ struct Outcome {
     passed: bool,
     elapsed: Duration,
     log: PathBuf,
+    /// What the binary's `test result:` lines counted.
+    counts: Counts,
+}
+
+/// The numbers of a libtest `test result:` line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    measured: u64,
+    filtered_out: u64,
+}
+
+impl Counts {
+    /// Adds up the `test result:` lines of a test binary's output (one per binary; none when it
+    /// crashed before its summary).
+    fn read(output: &str) -> Counts {
+        let mut counts = Counts::default();
+        for line in output.lines() {
+            let Some(summary) = line.strip_prefix("test result: ") else {
+                continue;
+            };
+            for part in summary.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                let (Some(number), Some(name)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Ok(number) = number.parse::<u64>() else {
+                    continue;
+                };
+                match name {
+                    "passed" => counts.passed += number,
+                    "failed" => counts.failed += number,
+                    "ignored" => counts.ignored += number,
+                    "measured" => counts.measured += number,
+                    "filtered" => counts.filtered_out += number,
+                    _ => {}
+                }
+            }
+        }
+        counts
+    }
+
+    fn add(self, other: Counts) -> Counts {
+        Counts {
+            passed: self.passed + other.passed,
+            failed: self.failed + other.failed,
+            ignored: self.ignored + other.ignored,
+            measured: self.measured + other.measured,
+            filtered_out: self.filtered_out + other.filtered_out,
+        }
+    }
+
+    /// The line libtest prints, so that whoever reads a `cargo test` log reads this one alike.
+    fn summary(&self, ok: bool, elapsed: Duration) -> String {
+        format!(
+            "test result: {}. {} passed; {} failed; {} ignored; {} measured; {} filtered out; finished in {:.2}s",
+            if ok { "ok" } else { "FAILED" },
+            self.passed,
+            self.failed,
+            self.ignored,
+            self.measured,
+            self.filtered_out,
+            elapsed.as_secs_f64()
+        )
+    }
 }
 
 /// Builds all test targets of the workspace, runs the doc tests, then every test binary in
@@ -142,6 +210,15 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         failed.len()
     ));
+    let total = outcomes
+        .iter()
+        .fold(Counts::default(), |total, o| total.add(o.counts));
+    println!("{}", total.summary(failed.is_empty(), started.elapsed()));
+    anyhow::ensure!(
+        total.passed > 0,
+        "{} test binaries ran and not one test passed: the run checked nothing",
+        outcomes.len()
+    );
     // A binary that failed beside others runs once more, alone: on two cores a scenario with a
     // dozen PostgreSQL servers can miss a timeout because of its neighbours. It counts as passed
     // only if it passes alone, and it is named as flaky either way so that nobody mistakes it
@@ -325,10 +402,17 @@ fn run_lanes(binaries: Vec<TestBinary>, jobs: usize, logs: &Path) -> Vec<Outcome
                         queue.heavy_running -= usize::from(binary.heavy());
                     }
                     eprintln!(
-                        "==> {} {:>6.1} s  {}",
+                        "==> {} {:>6.1} s  {} ({} passed, {} failed, {} ignored)",
                         if outcome.passed { "ok    " } else { "FAILED" },
                         outcome.elapsed.as_secs_f64(),
-                        outcome.label
+                        outcome.label,
+                        outcome.counts.passed,
+                        outcome.counts.failed,
+                        outcome.counts.ignored
+                    );
+                    println!(
+                        "{}",
+                        outcome.counts.summary(outcome.passed, outcome.elapsed)
                     );
                     outcomes.lock().expect("outcomes lock").push(outcome);
                 }
@@ -360,12 +444,14 @@ fn run_one(binary: &TestBinary, logs: &Path) -> Outcome {
         })
         .map(|status| status.success())
         .unwrap_or(false);
+    let counts = Counts::read(&std::fs::read_to_string(&log).unwrap_or_default());
     Outcome {
         label: binary.label.clone(),
         binary: binary.clone(),
         passed,
         elapsed: started.elapsed(),
         log,
+        counts,
     }
 }
 
@@ -393,6 +479,31 @@ mod tests {
     }
 
     #[test]
+    fn test_result_lines_are_counted_and_added_up() {
+        let output = "running 3 tests\ntest a ... ok\n\
+            test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 4 filtered out; finished in 0.01s\n";
+        let one = Counts::read(output);
+        assert_eq!(
+            one,
+            Counts {
+                passed: 2,
+                ignored: 1,
+                filtered_out: 4,
+                ..Counts::default()
+            }
+        );
+        let failed = Counts::read(
+            "test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s",
+        );
+        let total = one.add(failed).add(Counts::read("thread 'main' panicked"));
+        assert_eq!((total.passed, total.failed, total.ignored), (7, 2, 1));
+        assert_eq!(
+            total.summary(false, Duration::from_millis(1500)),
+            "test result: FAILED. 7 passed; 2 failed; 1 ignored; 0 measured; 4 filtered out; finished in 1.50s"
+        );
+    }
+
+    #[test]
     fn only_one_end_to_end_binary_runs_at_a_time_and_failures_are_reported() {
         // Two end-to-end binaries that each hold a marker file while they run: the second fails when
         // it finds the first one's marker.
@@ -402,7 +513,8 @@ mod tests {
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\n[ -e {m} ] && exit 3\ntouch {m}; sleep 0.3; rm {m}\n",
+                "#!/bin/sh\n[ -e {m} ] && exit 3\ntouch {m}; sleep 0.3; rm {m}\n\
+                 echo 'test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.30s'\n",
                 m = marker.display()
             ),
         )
@@ -441,6 +553,8 @@ mod tests {
         );
         let log = std::fs::read_to_string(&outcomes[0].log).unwrap();
         assert_eq!(log.trim(), "broken");
+        let passed_tests: Vec<u64> = outcomes.iter().map(|o| o.counts.passed).collect();
+        assert_eq!(passed_tests, [0, 1, 1]);
     }
 
     #[test]
