@@ -45,6 +45,7 @@ struct ContainerRun {
     termination_message: Option<String>,
     started: bool,
     ready: bool,
+    startup_failures: i32,
     liveness_failures: i32,
     readiness_failures: i32,
     /// When the next startup or readiness check is due (a period after the last one began).
@@ -81,6 +82,14 @@ impl ContainerRun {
         self.checks.push((kind, target.pid, handle));
     }
 
+    /// Kills the container's process (a failed startup or liveness probe): the pod's restart
+    /// policy then restarts it, as after any other exit.
+    fn kill(&self) {
+        if let Some(child) = self.child.as_ref() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        }
+    }
+
     /// What a finished check means, as the kubelet counts it.
     fn apply(&mut self, kind: ProbeKind, passed: bool, container: &Container) {
         let probe = match kind {
@@ -94,7 +103,16 @@ impl ContainerRun {
                 if passed {
                     // Started: the readiness and liveness probes take over at once.
                     self.started = true;
+                    self.startup_failures = 0;
                     self.next_probe = None;
+                } else {
+                    self.startup_failures += 1;
+                    if self.startup_failures >= threshold {
+                        // The kubelet kills a container that has not started within
+                        // failureThreshold x periodSeconds; its restart policy decides the rest.
+                        self.startup_failures = 0;
+                        self.kill();
+                    }
                 }
             }
             ProbeKind::Readiness => {
@@ -116,9 +134,7 @@ impl ContainerRun {
                     if self.liveness_failures >= threshold {
                         // The kubelet kills a container that fails its liveness probe.
                         self.liveness_failures = 0;
-                        if let Some(child) = self.child.as_ref() {
-                            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-                        }
+                        self.kill();
                     }
                 }
             }
@@ -294,6 +310,7 @@ impl PodRun {
                         run.child = Some(child);
                         run.started_at = Some(now());
                         run.started = false;
+                        run.startup_failures = 0;
                         run.ready = false;
                         run.next_liveness = container.liveness_probe.as_ref().map(|p| {
                             Instant::now()

@@ -2,7 +2,8 @@
 //! env from a Secret and the downward API, ConfigMap and claim volumes, the service-account token
 //! reaching the API server in-cluster) become Ready in order, and a deleted pod comes back with
 //! its claim's data; exec probes run inside the container (its mount namespace, environment and
-//! user): a passing one makes the pod Ready, a failing liveness probe restarts the container.
+//! user): a passing one makes the pod Ready; a failing liveness probe, or a startup probe that
+//! never passes, restarts the container.
 
 use std::time::{Duration, Instant};
 
@@ -217,24 +218,36 @@ async fn exec_probes_run_inside_the_container(
                "readinessProbe": {"exec": {"command": ["test", "-e", "/tmp/absent"]}, "periodSeconds": 1},
                "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2}}),
     );
-    for object in [probed, failing] {
+    // Never started: its startup probe fails, so its readiness probe (which would pass) never
+    // runs, and after failureThreshold x periodSeconds the container is killed and restarted.
+    let never_started = pod(
+        "never-started",
+        json!({"name": "web", "image": "registry.example/python:3",
+               "args": ["-m", "http.server", "8080"],
+               "startupProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2},
+               "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1}}),
+    );
+    for object in [probed, failing, never_started] {
         testbed::manifests::apply(client, &object, NAMESPACE).await?;
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     wait_ready(&pods, "probed", None, dir).await?;
+    restarted_never_ready(&pods, "failing", "exec liveness probe fails").await?;
+    restarted_never_ready(&pods, "never-started", "startup probe never passes").await
+}
+
+/// Waits until the pod's container has been restarted, checking meanwhile that it is never Ready.
+async fn restarted_never_ready(pods: &Api<Pod>, name: &str, why: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let pod = pods.get("failing").await?;
+        let pod = pods.get(name).await?;
         let status = pod.status.unwrap_or_default();
         let ready = status
             .conditions
             .unwrap_or_default()
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True");
-        assert!(
-            !ready,
-            "a pod whose exec readiness probe fails is never Ready"
-        );
+        assert!(!ready, "{name} is Ready, but its {why}");
         let restarts = status
             .container_statuses
             .unwrap_or_default()
@@ -245,7 +258,7 @@ async fn exec_probes_run_inside_the_container(
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the container whose exec liveness probe fails was not restarted in 60 s"
+            "{name}: the container whose {why} was not restarted in 60 s"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
