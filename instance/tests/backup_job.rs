@@ -1,9 +1,10 @@
 //! The BackupJob reconciler (the operator's `backup_job` controller) against a real kube-apiserver,
 //! real `pg-instance` processes on PostgreSQL 18 and a real S3 server: it picks a streaming
 //! replica when `preferReplica`, drives the base backup over the instance manager's HTTP API and
-//! reports it; a killed instance manager fails its job cleanly and the next job succeeds; a
-//! cluster without `spec.backup` fails the job with a reason; a ScheduledBackup creates jobs
-//! (immediate, then on its cron schedule), keeps `keepJobs` finished ones, and stops on `suspend`.
+//! reports it; jobs of one cluster run one at a time, oldest first; a killed instance manager
+//! fails its job cleanly and the next job succeeds; a cluster without `spec.backup` fails the job
+//! with a reason; a ScheduledBackup creates jobs (immediate, then on its cron schedule), keeps
+//! `keepJobs` finished ones, and stops on `suspend`.
 
 mod support;
 
@@ -189,21 +190,40 @@ async fn backup_jobs_run_on_the_instances_and_a_killed_manager_fails_only_its_jo
         "writes stopped during the backup"
     );
 
-    // Two BackupJobs at once (a ScheduledBackup's immediate job, late, and its first tick): two
-    // backups, one after the other, each under its own name in the repository.
-    create_job(&client, "twin-a", "db", false).await;
-    create_job(&client, "twin-b", "db", false).await;
-    let mut ids = Vec::new();
-    for twin in ["twin-a", "twin-b"] {
+    // Three BackupJobs at once (a ScheduledBackup's immediate job, late, its first tick, and a
+    // manual one from the replica): three backups, one after the other in the order the jobs
+    // were created, each under its own name in the repository.
+    let twins = ["twin-a", "twin-b", "twin-c"];
+    for twin in twins {
+        create_job(&client, twin, "db", twin == "twin-c").await;
+    }
+    let mut runs = Vec::new();
+    for twin in twins {
         let status = wait_phase(&client, twin, &["Completed", "Failed"], STARTUP).await;
         assert_eq!(
             status.phase.as_deref(),
             Some("Completed"),
             "{twin}: {status:?}"
         );
-        ids.push(status.backup_id.unwrap_or_default());
+        runs.push(status);
     }
-    assert_ne!(ids[0], ids[1], "two jobs, two backups");
+    let ids: std::collections::BTreeSet<_> = runs.iter().map(|s| s.backup_id.clone()).collect();
+    assert_eq!(ids.len(), 3, "three jobs, three backups: {ids:?}");
+    assert_eq!(
+        runs[2].instance.as_deref(),
+        Some(cluster.instances[replica].name.as_str())
+    );
+    for pair in runs.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        let ended = before.completed_at.as_ref().unwrap().0;
+        let started = after.started_at.as_ref().unwrap().0;
+        assert!(
+            started >= ended,
+            "a cluster takes one backup at a time, in the jobs' order: one ran on {:?} until {ended}, the next started on {:?} at {started}",
+            before.instance,
+            after.instance
+        );
+    }
 
     // A kill of the instance manager during the backup fails that job cleanly.
     create_job(&client, "killed", "db", false).await;

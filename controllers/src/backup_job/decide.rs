@@ -1,6 +1,7 @@
 //! The pure part of the BackupJob reconciler: which instance takes the backup, and what an
 //! instance manager's answer means for the job's status.
 
+use api::BackupJob;
 use api::contract;
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
@@ -87,6 +88,61 @@ pub fn pick(candidates: &[Candidate], prefer_replica: bool) -> Option<&Candidate
         return Some(replica);
     }
     healthy(contract::role::PRIMARY)
+}
+
+/// Why a job of a cluster waits for another one: base backups of a cluster run one at a time,
+/// oldest first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// The job may start.
+    Go,
+    /// This job (its name) is running.
+    Running(String),
+    /// This older job (its name) has not run yet, and goes first.
+    Queued(String),
+}
+
+/// Whether `job` may start now, given the BackupJobs of its namespace. A cluster takes one base
+/// backup at a time: two at once double the load on the instances and the store, and barman
+/// names a backup by the second it starts, so two that start in the same second, on two
+/// instances, would write one backup. Jobs queue in the order they were created (then by name);
+/// finished and deleted ones do not count.
+pub fn turn(job: &BackupJob, jobs: &[BackupJob]) -> Turn {
+    let key = |job: &BackupJob| {
+        (
+            job.metadata.creation_timestamp.clone().map(|t| t.0),
+            job.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let mine = key(job);
+    let phase = |job: &BackupJob| {
+        job.status
+            .as_ref()
+            .and_then(|status| status.phase.clone())
+            .unwrap_or_default()
+    };
+    let rivals = jobs.iter().filter(|other| {
+        other.metadata.name != job.metadata.name
+            && other.spec.cluster.name == job.spec.cluster.name
+            && other.metadata.deletion_timestamp.is_none()
+            && !matches!(phase(other).as_str(), "Completed" | "Failed")
+    });
+    let mut queued: Option<(_, String)> = None;
+    for other in rivals {
+        let name = other.metadata.name.clone().unwrap_or_default();
+        if phase(other) == "Running" {
+            return Turn::Running(name);
+        }
+        let other_key = key(other);
+        if other_key < mine
+            && queued
+                .as_ref()
+                .is_none_or(|(oldest, _)| other_key < *oldest)
+        {
+            queued = Some((other_key, name));
+        }
+    }
+    queued.map_or(Turn::Go, |(_, name)| Turn::Queued(name))
 }
 
 /// A base backup run as the instance manager reports it (`GET /backups/{name}`).
@@ -207,6 +263,49 @@ mod tests {
 
     fn candidate_of(pod: &Pod, designated: bool) -> Candidate {
         super::candidate(pod, designated).unwrap()
+    }
+
+    fn job(name: &str, cluster: &str, created: &str, phase: Option<&str>) -> BackupJob {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "postgres.keiailab.io/v1alpha1",
+            "kind": "BackupJob",
+            "metadata": {"name": name, "namespace": "default", "creationTimestamp": created},
+            "spec": {"cluster": {"name": cluster}},
+            "status": phase.map(|phase| serde_json::json!({"phase": phase})),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_cluster_takes_one_backup_at_a_time_oldest_first() {
+        let early = "2026-12-07T10:00:00Z";
+        let late = "2026-12-07T10:00:01Z";
+        let me = job("b", "db", early, None);
+        // Alone, or beside finished jobs and other clusters' running ones: go.
+        let others = [
+            job("done", "db", "2026-12-07T09:00:00Z", Some("Completed")),
+            job("broken", "db", "2026-12-07T09:00:00Z", Some("Failed")),
+            job("elsewhere", "other", early, Some("Running")),
+            me.clone(),
+        ];
+        assert_eq!(turn(&me, &others), Turn::Go);
+        // A running job of the cluster, even a younger one, goes on first.
+        let running = [me.clone(), job("z", "db", late, Some("Running"))];
+        assert_eq!(turn(&me, &running), Turn::Running("z".into()));
+        // An older job that waits goes first (the oldest of them), a younger one after.
+        let queue = [
+            job("c", "db", late, Some("Pending")),
+            job("a2", "db", early, None),
+            job("a1", "db", early, Some("Pending")),
+            job("old", "db", "2026-12-07T09:59:59Z", Some("Pending")),
+        ];
+        assert_eq!(turn(&me, &queue), Turn::Queued("old".into()));
+        assert_eq!(
+            turn(&me, &queue[..2]),
+            Turn::Queued("a2".into()),
+            "created in the same second: by name"
+        );
+        assert_eq!(turn(&me, &queue[..1]), Turn::Go, "a younger job waits");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! failure reason. A run lost with its instance manager (killed, restarted) fails the job; the
 //! next BackupJob starts afresh.
 //!
-//! Stages: dereference (the cluster) → validate (`spec.backup`) → start (pick the instance,
+//! A cluster takes one base backup at a time: a job waits (Pending, reason `BackupRunning` or
+//! `Queued`) while another job of its cluster runs or an older one waits ([`decide::turn`]).
+//!
+//! Stages: wait for its turn → dereference (the cluster) → validate (`spec.backup`) → start (pick the instance,
 //! `POST /backups/{name}`) → follow (`GET /backups/{name}`) → update status. [`decide`] is pure.
 
 pub mod decide;

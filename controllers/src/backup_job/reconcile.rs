@@ -67,9 +67,31 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
         _ => {}
     }
 
+    // One base backup of a cluster at a time, oldest job first (`decide::turn`). The start lock
+    // makes "no other job runs" and "this one runs now" one step: two jobs reconciled at once
+    // would both see the other still Pending.
+    let cluster_name = &job.spec.cluster.name;
+    let start_lock = start_lock(&namespace, cluster_name);
+    let _starting = start_lock.lock().await;
+    let all_jobs = Api::<BackupJob>::namespaced(ctx.client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::Dereference {
+            what: format!("BackupJobs of {namespace}"),
+            source,
+        })?;
+    match decide::turn(&job, &all_jobs.items) {
+        decide::Turn::Go => {}
+        decide::Turn::Running(other) => {
+            return wait(&job, &ctx, status, "BackupRunning", format!("BackupJob {other} is backing up {cluster_name}; this one starts when it ends (one base backup of a cluster at a time)")).await;
+        }
+        decide::Turn::Queued(other) => {
+            return wait(&job, &ctx, status, "Queued", format!("BackupJob {other} of {cluster_name} is older and goes first; this one follows (one base backup of a cluster at a time)")).await;
+        }
+    }
+
     // Dereference and validate.
     let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), &namespace);
-    let cluster_name = &job.spec.cluster.name;
     let cluster = clusters
         .get_opt(cluster_name)
         .await
@@ -174,6 +196,23 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
             .await
         }
     }
+}
+
+/// The lock under which a job of the cluster `namespace/cluster` decides to start and starts.
+/// One per cluster, for the operator process (the elected leader is the only one reconciling).
+fn start_lock(namespace: &str, cluster: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let mut locks = LOCKS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Locks nobody holds or waits for are dropped, so that deleted clusters leave none behind.
+    locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+    locks
+        .entry(format!("{namespace}/{cluster}"))
+        .or_default()
+        .clone()
 }
 
 /// Follows a running backup on its instance.
