@@ -435,6 +435,7 @@ impl Agent {
                     "node agent: running pod {namespace}/{name} at {}",
                     run.address()
                 );
+                run.note(&format!("running at {}", run.address()));
                 self.pods.insert(uid.clone(), run);
             }
             let run = self.pods.get_mut(&uid).expect("inserted above");
@@ -457,12 +458,22 @@ impl Agent {
             }
             match run.step(&self.client, &self.config.images).await {
                 Ok(Some(status)) => {
+                    let summary = status_summary(&status);
                     let patch = json!({"status": status});
-                    if let Err(error) = pods
+                    match pods
                         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await
                     {
-                        eprintln!("node agent: status of {namespace}/{name}: {error}");
+                        Ok(_) => run.note(&format!("status written: {summary}")),
+                        Err(error) => {
+                            // Written on the next pass: a status is written when it changes,
+                            // and a lost write (an API server under load) would otherwise
+                            // leave the pod as it was (a ready pod never Ready) until the next
+                            // change. The kubelet's status manager retries alike.
+                            eprintln!("node agent: status of {namespace}/{name}: {error}");
+                            run.note(&format!("status not written ({error}): {summary}"));
+                            run.forget_status();
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -475,6 +486,35 @@ impl Agent {
         self.reported.retain(|uid, _| seen.contains(uid));
         Ok(())
     }
+}
+
+/// A pod status in a few words: phase, Ready, and each container's started/ready/restarts.
+fn status_summary(status: &serde_json::Value) -> String {
+    let ready = status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|condition| condition["type"] == "Ready")
+        .map_or("?", |condition| condition["status"].as_str().unwrap_or("?"));
+    let containers: Vec<String> = status["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|container| {
+            format!(
+                "{} started={} ready={} restarts={}",
+                container["name"].as_str().unwrap_or("?"),
+                container["started"],
+                container["ready"],
+                container["restartCount"]
+            )
+        })
+        .collect();
+    format!(
+        "phase {}, Ready {ready}; {}",
+        status["phase"].as_str().unwrap_or("?"),
+        containers.join(", ")
+    )
 }
 
 /// Prints a pod's error when it differs from the last one printed for that pod.
@@ -591,4 +631,22 @@ pub fn work_dir() -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/nodeagent"));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_reads_in_a_few_words() {
+        let status = json!({
+            "phase": "Running",
+            "conditions": [{"type": "Initialized", "status": "True"}, {"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "postgres", "started": true, "ready": false, "restartCount": 2}],
+        });
+        assert_eq!(
+            status_summary(&status),
+            "phase Running, Ready False; postgres started=true ready=false restarts=2"
+        );
+    }
 }

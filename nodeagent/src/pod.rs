@@ -60,6 +60,10 @@ struct ContainerRun {
     completed: bool,
 }
 
+/// The agent's own lines about a pod ([`PodRun::note`]) are a log beside the containers' under
+/// this name: `crate::pod_log(dir, namespace, pod, AGENT_LOG)` reads them.
+pub const AGENT_LOG: &str = "node-agent";
+
 /// Which of a container's probes a check is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ProbeKind {
@@ -90,14 +94,16 @@ impl ContainerRun {
         }
     }
 
-    /// What a finished check means, as the kubelet counts it.
-    fn apply(&mut self, kind: ProbeKind, passed: bool, container: &Container) {
+    /// What a finished check means, as the kubelet counts it; what changed, in words, when the
+    /// container started, became ready or unready, or was killed.
+    fn apply(&mut self, kind: ProbeKind, passed: bool, container: &Container) -> Option<String> {
         let probe = match kind {
             ProbeKind::Startup => container.startup_probe.as_ref(),
             ProbeKind::Readiness => container.readiness_probe.as_ref(),
             ProbeKind::Liveness => container.liveness_probe.as_ref(),
         };
         let threshold = probe.and_then(|p| p.failure_threshold).unwrap_or(3);
+        let name = &container.name;
         match kind {
             ProbeKind::Startup => {
                 if passed {
@@ -105,17 +111,21 @@ impl ContainerRun {
                     self.started = true;
                     self.startup_failures = 0;
                     self.next_probe = None;
-                } else {
-                    self.startup_failures += 1;
-                    if self.startup_failures >= threshold {
-                        // The kubelet kills a container that has not started within
-                        // failureThreshold x periodSeconds; its restart policy decides the rest.
-                        self.startup_failures = 0;
-                        self.kill();
-                    }
+                    return Some(format!("{name}: started (startup probe passed)"));
+                }
+                self.startup_failures += 1;
+                if self.startup_failures >= threshold {
+                    // The kubelet kills a container that has not started within
+                    // failureThreshold x periodSeconds; its restart policy decides the rest.
+                    self.startup_failures = 0;
+                    self.kill();
+                    return Some(format!(
+                        "{name}: startup probe failed {threshold} times: killed"
+                    ));
                 }
             }
             ProbeKind::Readiness => {
+                let was = self.ready;
                 if passed {
                     self.ready = true;
                     self.readiness_failures = 0;
@@ -124,6 +134,19 @@ impl ContainerRun {
                     if self.readiness_failures >= threshold || !self.ready {
                         self.ready = false;
                     }
+                }
+                if was != self.ready {
+                    return Some(format!(
+                        "{name}: {}",
+                        if self.ready {
+                            "ready (readiness probe passed)".to_string()
+                        } else {
+                            format!(
+                                "not ready (readiness probe failed {} times)",
+                                self.readiness_failures
+                            )
+                        }
+                    ));
                 }
             }
             ProbeKind::Liveness => {
@@ -135,10 +158,14 @@ impl ContainerRun {
                         // The kubelet kills a container that fails its liveness probe.
                         self.liveness_failures = 0;
                         self.kill();
+                        return Some(format!(
+                            "{name}: liveness probe failed {threshold} times: killed"
+                        ));
                     }
                 }
             }
         }
+        None
     }
 }
 
@@ -576,6 +603,7 @@ impl PodRun {
     async fn probe(&mut self, containers: &[Container]) {
         let address = self.address();
         let owner = self.owner;
+        let mut notes = Vec::new();
         for (index, container) in containers.iter().enumerate() {
             let run = &mut self.containers[index];
             let Some(pid) = run.child.as_ref().map(Child::id) else {
@@ -588,7 +616,9 @@ impl PodRun {
                     handle.abort();
                 } else if handle.is_finished() {
                     let passed = handle.await.unwrap_or(false);
-                    run.apply(kind, passed, container);
+                    if let Some(change) = run.apply(kind, passed, container) {
+                        notes.push(change);
+                    }
                 } else {
                     running.push((kind, probed, handle));
                 }
@@ -631,6 +661,28 @@ impl PodRun {
                 run.next_liveness = Some(now + period(probe));
             }
         }
+        for note in notes {
+            self.note(&note);
+        }
+    }
+
+    /// Appends a line to the agent's own log of this pod ([`AGENT_LOG`], read by
+    /// [`crate::pod_log`] as if it were a container's): what the agent
+    /// saw and did (probe outcomes that changed something, statuses written or not), which a
+    /// test's failure message shows beside the containers' logs.
+    pub fn note(&self, text: &str) {
+        use std::io::Write;
+        let line = format!("{} {text}\n", now());
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("logs").join(format!("{AGENT_LOG}.log")))
+            .and_then(|mut file| file.write_all(line.as_bytes()));
+    }
+
+    /// Forgets the last status written, so that the next pass writes it again (the write failed).
+    pub fn forget_status(&mut self) {
+        self.last_status = Value::Null;
     }
 
     /// Starts the graceful stop (SIGTERM now, SIGKILL after the grace period); whether every

@@ -233,7 +233,24 @@ async fn exec_probes_run_inside_the_container(
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     wait_ready(&pods, "probed", None, dir).await?;
     restarted_never_ready(&pods, "failing", "exec liveness probe fails").await?;
-    restarted_never_ready(&pods, "never-started", "startup probe never passes").await
+    restarted_never_ready(&pods, "never-started", "startup probe never passes").await?;
+    // The agent's own lines about each pod say what it saw and did (a failure message shows them).
+    for (pod, expected) in [
+        ("never-started", "web: startup probe failed 2 times: killed"),
+        (
+            "never-started",
+            "status written: phase Running, Ready False",
+        ),
+        ("probed", "web: ready (readiness probe passed)"),
+        ("probed", "status written: phase Running, Ready True"),
+    ] {
+        let notes = nodeagent::pod_log(dir, NAMESPACE, pod, nodeagent::pod::AGENT_LOG);
+        anyhow::ensure!(
+            notes.contains(expected),
+            "the node agent's lines about {pod} lack {expected:?}:\n{notes}"
+        );
+    }
+    Ok(())
 }
 
 /// Waits until the pod's container has been restarted, checking meanwhile that it is never Ready.

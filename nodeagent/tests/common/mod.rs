@@ -218,7 +218,11 @@ impl E2e {
     pub fn cluster_logs(&self, namespace: &str, name: &str, instances: i32) -> String {
         let mut logs = String::new();
         for ordinal in 0..instances.max(1) {
-            for container in ["install-instance-manager", "postgres"] {
+            for container in [
+                "install-instance-manager",
+                "postgres",
+                nodeagent::pod::AGENT_LOG,
+            ] {
                 let pod = format!("{name}-{ordinal}");
                 let text = nodeagent::pod_log(&self.agent_dir(), namespace, &pod, container);
                 // Without the readiness probe's refusals while PostgreSQL starts ("the database
