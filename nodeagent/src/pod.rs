@@ -360,11 +360,31 @@ impl PodRun {
             }
         }
         let status = self.status(&spec.containers, spec.init_containers.as_deref());
-        if status != self.last_status {
+        // Written when it changes, and again when the API server's copy (read this pass) says
+        // another phase or readiness: a write lost on the way is not lost for good, as the
+        // kubelet's status manager re-syncs a pod whose stored status differs from its own.
+        if status != self.last_status || self.stored_status_differs(&status) {
             self.last_status = status.clone();
             return Ok(Some(status));
         }
         Ok(None)
+    }
+
+    /// Whether the pod as last read from the API server has another phase or Ready condition
+    /// than `status`.
+    fn stored_status_differs(&self, status: &Value) -> bool {
+        let stored = self.pod.status.as_ref();
+        let stored_phase = stored.and_then(|s| s.phase.as_deref()).unwrap_or_default();
+        let stored_ready = stored
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|conditions| conditions.iter().find(|c| c.type_ == "Ready"))
+            .map_or("", |c| c.status.as_str());
+        let ready = status["conditions"]
+            .as_array()
+            .and_then(|conditions| conditions.iter().find(|c| c["type"] == "Ready"))
+            .and_then(|c| c["status"].as_str())
+            .unwrap_or_default();
+        status["phase"].as_str().unwrap_or_default() != stored_phase || ready != stored_ready
     }
 
     /// Collects an exited container and schedules its restart per the pod's policy.

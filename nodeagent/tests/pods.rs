@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use nodeagent::{ImageTable, LocalImage, NodeAgent, NodeAgentConfig};
 use serde_json::json;
 use testbed::ControlPlane;
@@ -232,6 +232,24 @@ async fn exec_probes_run_inside_the_container(
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     wait_ready(&pods, "probed", None, dir).await?;
+    // A status write that was lost (or overwritten) is written again: the stored status says
+    // not Ready, the agent's own says Ready, and the agent puts its own back.
+    let unready = json!({"status": {"conditions": [
+        {"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}]}});
+    pods.patch_status("probed", &PatchParams::default(), &Patch::Merge(&unready))
+        .await?;
+    anyhow::ensure!(
+        ready_pod(&pods, "probed", None).await.is_none(),
+        "the stored status was not changed"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ready_pod(&pods, "probed", None).await.is_none() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agent did not write its status (Ready) again within 15 s of a lost write"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     restarted_never_ready(&pods, "failing", "exec liveness probe fails").await?;
     restarted_never_ready(&pods, "never-started", "startup probe never passes").await?;
     // The agent's own lines about each pod say what it saw and did (a failure message shows them).
