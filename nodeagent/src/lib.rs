@@ -300,26 +300,26 @@ impl Agent {
             if self.heartbeat.elapsed() > Duration::from_secs(10) {
                 self.heartbeat = Instant::now();
                 if let Err(error) = self.renew().await {
-                    eprintln!("node agent: {error:#}");
+                    say(&self.config.dir, &format!("{error:#}"));
                 }
             }
             if self.services_synced.elapsed() > Duration::from_millis(700) {
                 self.services_synced = Instant::now();
                 if let Err(error) = self.services.sync(&self.client, &self.network).await {
-                    eprintln!("node agent: services: {error:#}");
+                    say(&self.config.dir, &format!("services: {error:#}"));
                 }
                 for run in self.pods.values_mut() {
                     let entries = self.services.hosts_entries(&run.namespace());
                     if let Err(error) = run.set_service_hosts(entries) {
-                        eprintln!("node agent: /etc/hosts of a pod: {error:#}");
+                        say(&self.config.dir, &format!("/etc/hosts of a pod: {error:#}"));
                     }
                 }
             }
             if let Err(error) = self.provision_volumes().await {
-                eprintln!("node agent: {error:#}");
+                say(&self.config.dir, &format!("volumes: {error:#}"));
             }
             if let Err(error) = self.sync_pods().await {
-                eprintln!("node agent: {error:#}");
+                say(&self.config.dir, &format!("pods: {error:#}"));
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -445,7 +445,7 @@ impl Agent {
                 .lock()
                 .is_ok_and(|cut| cut.contains(&(namespace.clone(), name.clone())));
             if let Err(error) = run.set_partitioned(cut) {
-                report(&mut self.reported, &uid, &namespace, &name, &error);
+                report(&mut self.reported, run, &namespace, &name, &error);
             }
             let refreshed = self.volumes_refreshed.get(&uid).copied();
             if refreshed.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
@@ -453,7 +453,7 @@ impl Agent {
                     Ok(()) => {
                         self.volumes_refreshed.insert(uid.clone(), Instant::now());
                     }
-                    Err(error) => report(&mut self.reported, &uid, &namespace, &name, &error),
+                    Err(error) => report(&mut self.reported, run, &namespace, &name, &error),
                 }
             }
             match run.step(&self.client, &self.config.images).await {
@@ -470,14 +470,17 @@ impl Agent {
                             // and a lost write (an API server under load) would otherwise
                             // leave the pod as it was (a ready pod never Ready) until the next
                             // change. The kubelet's status manager retries alike.
-                            eprintln!("node agent: status of {namespace}/{name}: {error}");
+                            say(
+                                &self.config.dir,
+                                &format!("status of {namespace}/{name}: {error}"),
+                            );
                             run.note(&format!("status not written ({error}): {summary}"));
                             run.forget_status();
                         }
                     }
                 }
                 Ok(None) => {}
-                Err(error) => report(&mut self.reported, &uid, &namespace, &name, &error),
+                Err(error) => report(&mut self.reported, run, &namespace, &name, &error),
             }
         }
         // Pods deleted at once (grace 0) or bound elsewhere: stop their processes.
@@ -517,19 +520,42 @@ fn status_summary(status: &serde_json::Value) -> String {
     )
 }
 
-/// Prints a pod's error when it differs from the last one printed for that pod.
+/// Prints a pod's error, and notes it in the pod's own log, when it differs from the last one
+/// for that pod.
 fn report(
     reported: &mut BTreeMap<String, String>,
-    uid: &str,
+    run: &PodRun,
     namespace: &str,
     name: &str,
     error: &anyhow::Error,
 ) {
     let text = format!("{error:#}");
-    if reported.get(uid) != Some(&text) {
+    if reported.get(&run.uid) != Some(&text) {
         eprintln!("node agent: pod {namespace}/{name}: {text}");
-        reported.insert(uid.to_string(), text);
+        run.note(&format!("error: {text}"));
+        reported.insert(run.uid.clone(), text);
     }
+}
+
+/// The agent's own log (beside its pods' folders): what went wrong outside any one pod
+/// (volumes, Services, the Node's heartbeat), for a test's failure message ([`agent_log`]).
+const AGENT_LOG_FILE: &str = "agent.log";
+
+/// Prints a line of the agent's and appends it to its log in `dir`.
+fn say(dir: &Path, text: &str) {
+    use std::io::Write;
+    eprintln!("node agent: {text}");
+    let line = format!("{} {text}\n", pod::now());
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(AGENT_LOG_FILE))
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+}
+
+/// The agent `dir`'s own log ([`say`]).
+pub fn agent_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join(AGENT_LOG_FILE)).unwrap_or_default()
 }
 
 /// The uid/gid a pod's processes run as: its runAsUser/runAsGroup (fsGroup), else `fallback`

@@ -55,7 +55,9 @@ struct ContainerRun {
     /// The probe checks in flight, with the process they probe. A check runs for up to its
     /// timeout (a pod cut off from the network answers nothing); the agent goes on meanwhile,
     /// with its other pods and its Services, as the kubelet's probe workers run on their own.
-    checks: Vec<(ProbeKind, u32, tokio::task::JoinHandle<bool>)>,
+    checks: Vec<(ProbeKind, u32, tokio::task::JoinHandle<CheckOutcome>)>,
+    /// Why the last check of each kind failed (by `ProbeKind as usize`), while it fails.
+    last_failure: [Option<String>; 3],
     restart_at: Option<Instant>,
     completed: bool,
 }
@@ -63,6 +65,9 @@ struct ContainerRun {
 /// The agent's own lines about a pod ([`PodRun::note`]) are a log beside the containers' under
 /// this name: `crate::pod_log(dir, namespace, pod, AGENT_LOG)` reads them.
 pub const AGENT_LOG: &str = "node-agent";
+
+/// A probe check's outcome: passed, or why not.
+type CheckOutcome = Result<(), String>;
 
 /// Which of a container's probes a check is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +101,12 @@ impl ContainerRun {
 
     /// What a finished check means, as the kubelet counts it; what changed, in words, when the
     /// container started, became ready or unready, or was killed.
-    fn apply(&mut self, kind: ProbeKind, passed: bool, container: &Container) -> Option<String> {
+    fn apply(
+        &mut self,
+        kind: ProbeKind,
+        outcome: CheckOutcome,
+        container: &Container,
+    ) -> Vec<String> {
         let probe = match kind {
             ProbeKind::Startup => container.startup_probe.as_ref(),
             ProbeKind::Readiness => container.readiness_probe.as_ref(),
@@ -104,6 +114,19 @@ impl ContainerRun {
         };
         let threshold = probe.and_then(|p| p.failure_threshold).unwrap_or(3);
         let name = &container.name;
+        let mut notes = Vec::new();
+        // Why a check failed, said once per reason (a probe failing the same way every period
+        // would fill the log), so that a pod that never gets ready says why.
+        let last = &mut self.last_failure[kind as usize];
+        match &outcome {
+            Err(reason) if last.as_ref() != Some(reason) => {
+                notes.push(format!("{name}: {kind:?} probe failed: {reason}"));
+                *last = Some(reason.clone());
+            }
+            Err(_) => {}
+            Ok(()) => *last = None,
+        }
+        let passed = outcome.is_ok();
         match kind {
             ProbeKind::Startup => {
                 if passed {
@@ -111,7 +134,8 @@ impl ContainerRun {
                     self.started = true;
                     self.startup_failures = 0;
                     self.next_probe = None;
-                    return Some(format!("{name}: started (startup probe passed)"));
+                    notes.push(format!("{name}: started (startup probe passed)"));
+                    return notes;
                 }
                 self.startup_failures += 1;
                 if self.startup_failures >= threshold {
@@ -119,7 +143,7 @@ impl ContainerRun {
                     // failureThreshold x periodSeconds; its restart policy decides the rest.
                     self.startup_failures = 0;
                     self.kill();
-                    return Some(format!(
+                    notes.push(format!(
                         "{name}: startup probe failed {threshold} times: killed"
                     ));
                 }
@@ -136,7 +160,7 @@ impl ContainerRun {
                     }
                 }
                 if was != self.ready {
-                    return Some(format!(
+                    notes.push(format!(
                         "{name}: {}",
                         if self.ready {
                             "ready (readiness probe passed)".to_string()
@@ -158,14 +182,14 @@ impl ContainerRun {
                         // The kubelet kills a container that fails its liveness probe.
                         self.liveness_failures = 0;
                         self.kill();
-                        return Some(format!(
+                        notes.push(format!(
                             "{name}: liveness probe failed {threshold} times: killed"
                         ));
                     }
                 }
             }
         }
-        None
+        notes
     }
 }
 
@@ -635,10 +659,10 @@ impl PodRun {
                     // A check of a process that has been restarted since counts no more.
                     handle.abort();
                 } else if handle.is_finished() {
-                    let passed = handle.await.unwrap_or(false);
-                    if let Some(change) = run.apply(kind, passed, container) {
-                        notes.push(change);
-                    }
+                    let outcome = handle
+                        .await
+                        .unwrap_or_else(|error| Err(format!("the check's task failed: {error}")));
+                    notes.extend(run.apply(kind, outcome, container));
                 } else {
                     running.push((kind, probed, handle));
                 }
@@ -856,52 +880,65 @@ struct Target {
 }
 
 /// Runs one probe (httpGet: 2xx/3xx; tcpSocket: connects; exec: exits 0, all within the probe's
-/// timeout).
-async fn check(probe: &Probe, target: &Target, container: &Container) -> bool {
+/// timeout); why it failed otherwise.
+async fn check(probe: &Probe, target: &Target, container: &Container) -> CheckOutcome {
     let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
     let address = target.address;
+    let late = || format!("no answer within {} s", timeout.as_secs());
     if let Some(exec) = &probe.exec {
         return run_exec(exec.command.as_deref().unwrap_or_default(), target, timeout).await;
     }
     if let Some(get) = &probe.http_get {
-        let Some(port) = port_of(&get.port, container) else {
-            return false;
-        };
+        let port = port_of(&get.port, container)
+            .ok_or_else(|| format!("no port {:?} in the container", get.port))?;
         let path = get.path.clone().unwrap_or_else(|| "/".to_string());
         let attempt = async {
-            let mut stream = tokio::net::TcpStream::connect((address, port)).await.ok()?;
+            let mut stream = tokio::net::TcpStream::connect((address, port))
+                .await
+                .map_err(|error| format!("connecting to {address}:{port}: {error}"))?;
             stream
                 .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
                 .await
-                .ok()?;
+                .map_err(|error| format!("sending GET {path}: {error}"))?;
             let mut head = [0u8; 12];
-            stream.read_exact(&mut head).await.ok()?;
-            Some(head.starts_with(b"HTTP/1.") && matches!(head[9], b'2' | b'3'))
+            stream
+                .read_exact(&mut head)
+                .await
+                .map_err(|error| format!("reading the answer to GET {path}: {error}"))?;
+            if head.starts_with(b"HTTP/1.") && matches!(head[9], b'2' | b'3') {
+                Ok(())
+            } else {
+                Err(format!(
+                    "GET {path} answered {:?}",
+                    String::from_utf8_lossy(&head)
+                ))
+            }
         };
         return tokio::time::timeout(timeout, attempt)
             .await
-            .ok()
-            .flatten()
-            .unwrap_or(false);
+            .unwrap_or_else(|_| Err(late()));
     }
     if let Some(socket) = &probe.tcp_socket {
-        let Some(port) = port_of(&socket.port, container) else {
-            return false;
-        };
-        return tokio::time::timeout(timeout, tokio::net::TcpStream::connect((address, port)))
+        let port = port_of(&socket.port, container)
+            .ok_or_else(|| format!("no port {:?} in the container", socket.port))?;
+        return match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((address, port)))
             .await
-            .is_ok_and(|r| r.is_ok());
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("connecting to {address}:{port}: {error}")),
+            Err(_) => Err(late()),
+        };
     }
     // A probe with no handler is refused by the API server; nothing to run.
-    true
+    Ok(())
 }
 
-/// An exec probe: `command` inside the container (its namespaces, environment and user); true
+/// An exec probe: `command` inside the container (its namespaces, environment and user); passes
 /// when it exits 0 before `timeout` (then it is killed and counts as a failure, as the kubelet
 /// does).
-async fn run_exec(command: &[String], target: &Target, timeout: Duration) -> bool {
+async fn run_exec(command: &[String], target: &Target, timeout: Duration) -> CheckOutcome {
     if command.is_empty() {
-        return false;
+        return Err("an exec probe without a command".into());
     }
     // The container's own environment (what `kubectl exec` gives a command).
     let environment = std::fs::read(format!("/proc/{}/environ", target.pid)).unwrap_or_default();
@@ -928,13 +965,18 @@ async fn run_exec(command: &[String], target: &Target, timeout: Duration) -> boo
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
-    let Ok(mut child) = process.spawn() else {
-        return false;
-    };
-    matches!(
-        tokio::time::timeout(timeout, child.wait()).await,
-        Ok(Ok(status)) if status.success()
-    )
+    let mut child = process
+        .spawn()
+        .map_err(|error| format!("starting {command:?}: {error}"))?;
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("{command:?} ended with {status}")),
+        Ok(Err(error)) => Err(format!("waiting for {command:?}: {error}")),
+        Err(_) => Err(format!(
+            "{command:?} did not end within {} s",
+            timeout.as_secs()
+        )),
+    }
 }
 
 /// Forwards connections accepted on `listener` (inside a pod) to `target` (on the host).

@@ -257,6 +257,14 @@ async fn exec_probes_run_inside_the_container(
         ("never-started", "web: startup probe failed 2 times: killed"),
         (
             "never-started",
+            "web: Startup probe failed: [\"false\"] ended with exit status: 1",
+        ),
+        (
+            "failing",
+            "web: Readiness probe failed: [\"test\", \"-e\", \"/tmp/absent\"] ended with exit status: 1",
+        ),
+        (
+            "never-started",
             "status written: phase Running, Ready False",
         ),
         ("probed", "web: ready (readiness probe passed)"),

@@ -241,6 +241,10 @@ impl E2e {
             "--- the operator's lines about {namespace}/{name}:\n{}\n",
             tail(&self.operator_lines(namespace, name), 30)
         ));
+        logs.push_str(&format!(
+            "--- the node agent's own last lines:\n{}\n",
+            tail(&nodeagent::agent_log(&self.agent_dir()), 20)
+        ));
         logs
     }
 
@@ -272,10 +276,27 @@ impl E2e {
                 .and_then(|annotations| annotations.get(api::contract::ANNOTATION_INSTANCE_STATUS))
                 .map(|text| text.chars().take(800).collect::<String>())
                 .unwrap_or_default();
+            // Conditions that are not True, with their reasons (an unscheduled pod says why).
+            let unmet: Vec<String> = status
+                .conditions
+                .clone()
+                .unwrap_or_default()
+                .iter()
+                .filter(|c| c.status != "True")
+                .map(|c| {
+                    format!(
+                        "{} {} {}",
+                        c.type_,
+                        c.reason.clone().unwrap_or_default(),
+                        c.message.clone().unwrap_or_default()
+                    )
+                })
+                .collect();
             text.push_str(&format!(
-                "{} (uid {}): phase {:?}, ready {ready}, deleting {}; reports {reported}\n",
+                "{} (uid {}): node {:?}, phase {:?}, ready {ready}, deleting {}, not met {unmet:?}; reports {reported}\n",
                 pod.metadata.name.clone().unwrap_or_default(),
                 pod.metadata.uid.clone().unwrap_or_default(),
+                pod.spec.as_ref().and_then(|spec| spec.node_name.clone()),
                 status.phase.unwrap_or_default(),
                 pod.metadata.deletion_timestamp.is_some(),
             ));
