@@ -102,11 +102,11 @@ pub enum Turn {
     Queued(String),
 }
 
-/// Whether `job` may start now, given the BackupJobs of its namespace. A cluster takes one base
-/// backup at a time: two at once double the load on the instances and the store, and barman
-/// names a backup by the second it starts, so two that start in the same second, on two
-/// instances, would write one backup. Jobs queue in the order they were created (then by name);
-/// finished and deleted ones do not count.
+/// Whether `job` (a backup to the cluster's object store) may start now, given the BackupJobs of
+/// its namespace. A cluster takes one base backup to its store at a time: barman names a backup
+/// by the second it starts, so two that start in the same second, on two instances, would write
+/// one backup. Jobs queue in the order they were created (then by name); finished and deleted
+/// ones, and backups to a volume (each into a claim of its own), do not count.
 pub fn turn(job: &BackupJob, jobs: &[BackupJob]) -> Turn {
     let key = |job: &BackupJob| {
         (
@@ -124,6 +124,7 @@ pub fn turn(job: &BackupJob, jobs: &[BackupJob]) -> Turn {
     let rivals = jobs.iter().filter(|other| {
         other.metadata.name != job.metadata.name
             && other.spec.cluster.name == job.spec.cluster.name
+            && other.spec.volume.is_none()
             && other.metadata.deletion_timestamp.is_none()
             && !matches!(phase(other).as_str(), "Completed" | "Failed")
     });
@@ -277,12 +278,16 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_takes_one_backup_at_a_time_oldest_first() {
+    fn a_cluster_takes_one_backup_to_its_store_at_a_time_oldest_first() {
         let early = "2026-12-07T10:00:00Z";
         let late = "2026-12-07T10:00:01Z";
         let me = job("b", "db", early, None);
-        // Alone, or beside finished jobs and other clusters' running ones: go.
+        // Alone, or beside finished jobs, a backup to a volume and other clusters' running
+        // ones: go.
+        let mut to_volume = job("copy", "db", "2026-12-07T09:00:00Z", Some("Running"));
+        to_volume.spec.volume = Some(Default::default());
         let others = [
+            to_volume,
             job("done", "db", "2026-12-07T09:00:00Z", Some("Completed")),
             job("broken", "db", "2026-12-07T09:00:00Z", Some("Failed")),
             job("elsewhere", "other", early, Some("Running")),

@@ -4,10 +4,12 @@
 //! failure reason. A run lost with its instance manager (killed, restarted) fails the job; the
 //! next BackupJob starts afresh.
 //!
-//! A cluster takes one base backup at a time: a job waits (Pending, reason `BackupRunning` or
-//! `Queued`) while another job of its cluster runs or an older one waits ([`decide::turn`]).
+//! A cluster takes one base backup to its store at a time: such a job waits (Pending, reason
+//! `BackupRunning` or `Queued`) while another one of its cluster runs or an older one waits
+//! ([`decide::turn`]). Backups to a volume go each into a claim of their own and do not queue.
 //!
-//! Stages: wait for its turn → dereference (the cluster) → validate (`spec.backup`) → start (pick the instance,
+//! Stages: dereference (the cluster) → validate (`spec.backup`, a volume's claim name: problems
+//! are said at once, not after the queue) → wait for its turn → start (pick the instance,
 //! `POST /backups/{name}`) → follow (`GET /backups/{name}`) → update status. [`decide`] is pure.
 
 pub mod decide;

@@ -67,30 +67,8 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
         _ => {}
     }
 
-    // One base backup of a cluster at a time, oldest job first (`decide::turn`). The start lock
-    // makes "no other job runs" and "this one runs now" one step: two jobs reconciled at once
-    // would both see the other still Pending.
-    let cluster_name = &job.spec.cluster.name;
-    let start_lock = start_lock(&namespace, cluster_name);
-    let _starting = start_lock.lock().await;
-    let all_jobs = Api::<BackupJob>::namespaced(ctx.client.clone(), &namespace)
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| Error::Dereference {
-            what: format!("BackupJobs of {namespace}"),
-            source,
-        })?;
-    match decide::turn(&job, &all_jobs.items) {
-        decide::Turn::Go => {}
-        decide::Turn::Running(other) => {
-            return wait(&job, &ctx, status, "BackupRunning", format!("BackupJob {other} is backing up {cluster_name}; this one starts when it ends (one base backup of a cluster at a time)")).await;
-        }
-        decide::Turn::Queued(other) => {
-            return wait(&job, &ctx, status, "Queued", format!("BackupJob {other} of {cluster_name} is older and goes first; this one follows (one base backup of a cluster at a time)")).await;
-        }
-    }
-
     // Dereference and validate.
+    let cluster_name = &job.spec.cluster.name;
     let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), &namespace);
     let cluster = clusters
         .get_opt(cluster_name)
@@ -104,6 +82,37 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
     };
     if cluster.spec.backup.is_none() && job.spec.volume.is_none() {
         return fail(&job, &ctx, status, "NoBackupRepository", format!("PostgresCluster {cluster_name} has no spec.backup: add a backup repository (s3 endpoint, bucket, credentialsSecret), or back up to a volume (spec.volume), in a new BackupJob")).await;
+    }
+
+    if job.spec.volume.is_some()
+        && let Some(problem) = super::volume::claim_taken(&job, &ctx, &namespace).await?
+    {
+        // Said at once, not after the jobs queued before this one.
+        return fail(&job, &ctx, status, "ClaimExists", problem).await;
+    }
+
+    // One base backup of a cluster to its store at a time, oldest job first (`decide::turn`).
+    // The start lock makes "no other job runs" and "this one runs now" one step: two jobs
+    // reconciled at once would both see the other still Pending.
+    let start_lock = start_lock(&namespace, cluster_name);
+    let _starting = start_lock.lock().await;
+    if job.spec.volume.is_none() {
+        let all_jobs = Api::<BackupJob>::namespaced(ctx.client.clone(), &namespace)
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| Error::Dereference {
+                what: format!("BackupJobs of {namespace}"),
+                source,
+            })?;
+        match decide::turn(&job, &all_jobs.items) {
+            decide::Turn::Go => {}
+            decide::Turn::Running(other) => {
+                return wait(&job, &ctx, status, "BackupRunning", format!("BackupJob {other} is backing up {cluster_name} to its store; this one starts when it ends (one base backup of a cluster to its store at a time)")).await;
+            }
+            decide::Turn::Queued(other) => {
+                return wait(&job, &ctx, status, "Queued", format!("BackupJob {other} of {cluster_name} is older and goes first; this one follows (one base backup of a cluster to its store at a time)")).await;
+            }
+        }
     }
 
     // Start: pick the instance and ask it.

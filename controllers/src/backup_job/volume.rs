@@ -83,6 +83,41 @@ pub(super) async fn start(
     Ok(Action::requeue(POLL))
 }
 
+/// Why the job's claim cannot be made, when a claim of its name exists that is not the job's.
+pub(super) async fn claim_taken(
+    job: &BackupJob,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Option<String>, Error> {
+    let name = volume_backup::backup_claim_name(job);
+    let existing = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(&name)
+        .await
+        .map_err(|source| Error::Dereference {
+            what: format!("PersistentVolumeClaim {namespace}/{name}"),
+            source,
+        })?;
+    Ok(existing
+        .filter(|claim| !made_for(claim, job))
+        .map(|_| taken("PersistentVolumeClaim", &name)))
+}
+
+/// Whether `object` was made for `job` (its label and owner).
+fn made_for<K: kube::Resource>(object: &K, job: &BackupJob) -> bool {
+    object.labels().get(LABEL_BACKUP_JOB) == Some(&job.name_any())
+        && object
+            .owner_references()
+            .iter()
+            .all(|owner| owner.uid == job.uid().unwrap_or_default())
+}
+
+/// The problem of an object of the job's name that is not the job's.
+fn taken(kind: &str, name: &str) -> String {
+    format!(
+        "a {kind} named {name} exists already and is not this BackupJob's: a backup to a volume goes into a new claim of the BackupJob's name; delete that {kind} or give the BackupJob another name"
+    )
+}
+
 /// Creates `object` unless it exists. One of that name made for this BackupJob (a reconcile that
 /// was cut short) is fine; another is a problem to report.
 async fn create_once<K>(
@@ -102,16 +137,7 @@ where
                 what: format!("{kind} {name}"),
                 source,
             })?;
-            let ours = existing.labels().get(LABEL_BACKUP_JOB) == Some(&job.name_any())
-                && existing
-                    .owner_references()
-                    .iter()
-                    .all(|owner| owner.uid == job.uid().unwrap_or_default());
-            Ok((!ours).then(|| {
-                format!(
-                    "a {kind} named {name} exists already and is not this BackupJob's: a backup to a volume goes into a new claim of the BackupJob's name; delete that {kind} or give the BackupJob another name"
-                )
-            }))
+            Ok((!made_for(&existing, job)).then(|| taken(kind, &name)))
         }
         Err(source) => Err(Error::Dereference {
             what: format!("creating {kind} {name}"),
