@@ -16,8 +16,9 @@
 //! and held a heavy slot throughout, which queued every other heavy binary behind one lane.
 //!
 //! Each binary's output goes to `target/test-logs/<package>-<target>.log`; its `test result:` line
-//! is printed as `cargo test` prints it, and a last line adds them all up (a run in which no test
-//! passed fails: it would say nothing). A failure prints the tail of its log. A binary that failed runs once more, alone, at the end: the step fails when it
+//! is printed as `cargo test` prints it (a failed binary's after its second run, below), and a
+//! last line adds up each binary's last attempt (a run in which no test passed fails: it would
+//! say nothing). A failure prints the tail of its log. A binary that failed runs once more, alone, at the end: the step fails when it
 //! fails again, and names it FLAKY when it passes alone (both logs are kept).
 
 use std::collections::VecDeque;
@@ -210,20 +211,27 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         failed.len()
     ));
+    // A binary that failed beside others runs once more, alone: on two cores a scenario with a
+    // dozen PostgreSQL servers can miss a timeout because of its neighbours. It counts as passed
+    // only if it passes alone, and it is named as flaky either way so that nobody mistakes it
+    // for a clean run; its first log is kept beside the second.
+    let (flaky, still_failing, again) = run_again_alone(&failed, &logs);
+    // The last line adds up each binary's last attempt (a binary that passed alone counts as
+    // its second run; the FLAKY line above names it).
     let total = outcomes
         .iter()
+        .filter(|o| o.passed)
+        .chain(&again)
         .fold(Counts::default(), |total, o| total.add(o.counts));
-    println!("{}", total.summary(failed.is_empty(), started.elapsed()));
+    println!(
+        "{}",
+        total.summary(still_failing.is_empty(), started.elapsed())
+    );
     anyhow::ensure!(
         total.passed > 0,
         "{} test binaries ran and not one test passed: the run checked nothing",
         outcomes.len()
     );
-    // A binary that failed beside others runs once more, alone: on two cores a scenario with a
-    // dozen PostgreSQL servers can miss a timeout because of its neighbours. It counts as passed
-    // only if it passes alone, and it is named as flaky either way so that nobody mistakes it
-    // for a clean run; its first log is kept beside the second.
-    let (flaky, still_failing) = run_again_alone(&failed, &logs);
     if !flaky.is_empty() {
         crate::step(&format!(
             "FLAKY under load (failed beside others, passed alone): {}",
@@ -238,10 +246,12 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs each failed binary once more, one at a time; `(passed alone, failed again)` labels.
-fn run_again_alone(failed: &[&Outcome], logs: &Path) -> (Vec<String>, Vec<String>) {
+/// Runs each failed binary once more, one at a time; `(passed alone, failed again)` labels and
+/// the second attempts.
+fn run_again_alone(failed: &[&Outcome], logs: &Path) -> (Vec<String>, Vec<String>, Vec<Outcome>) {
     let mut flaky = Vec::new();
     let mut still_failing = Vec::new();
+    let mut again_all = Vec::new();
     for outcome in failed {
         let first = outcome.log.with_extension("first-attempt.log");
         let _ = std::fs::rename(&outcome.log, &first);
@@ -251,21 +261,28 @@ fn run_again_alone(failed: &[&Outcome], logs: &Path) -> (Vec<String>, Vec<String
             first.display()
         ));
         let again = run_one(&outcome.binary, logs);
+        println!("{}", again.counts.summary(again.passed, again.elapsed));
         if again.passed {
             flaky.push(outcome.label.clone());
         } else {
             print_tail(&again);
             still_failing.push(outcome.label.clone());
         }
+        again_all.push(again);
     }
-    (flaky, still_failing)
+    (flaky, still_failing, again_all)
 }
 
 /// Prints the end of a failed binary's log.
 fn print_tail(outcome: &Outcome) {
     let text = std::fs::read_to_string(&outcome.log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(200)..].join("\n");
+    // Quoted with "| ": the binary's own `test result:` line in it is not the run's.
+    let tail: Vec<String> = lines[lines.len().saturating_sub(200)..]
+        .iter()
+        .map(|line| format!("| {line}"))
+        .collect();
+    let tail = tail.join("\n");
     eprintln!(
         "\n==> FAILED {} (last 200 lines of {}):\n{tail}",
         outcome.label,
@@ -410,10 +427,13 @@ fn run_lanes(binaries: Vec<TestBinary>, jobs: usize, logs: &Path) -> Vec<Outcome
                         outcome.counts.failed,
                         outcome.counts.ignored
                     );
-                    println!(
-                        "{}",
-                        outcome.counts.summary(outcome.passed, outcome.elapsed)
-                    );
+                    // A failed binary's line waits for its second run (`run_again_alone`).
+                    if outcome.passed {
+                        println!(
+                            "{}",
+                            outcome.counts.summary(outcome.passed, outcome.elapsed)
+                        );
+                    }
                     outcomes.lock().expect("outcomes lock").push(outcome);
                 }
             })
@@ -588,7 +608,8 @@ mod tests {
         );
         let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed).collect();
         assert_eq!(failed.len(), 2);
-        let (passed_alone, failed_again) = run_again_alone(&failed, dir.path());
+        let (passed_alone, failed_again, again) = run_again_alone(&failed, dir.path());
+        assert_eq!(again.len(), 2, "both second attempts are returned");
         assert_eq!(passed_alone, ["api/flaky"]);
         assert_eq!(failed_again, ["api/broken"]);
         // Both attempts' logs are kept.
