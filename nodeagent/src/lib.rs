@@ -493,12 +493,7 @@ impl Agent {
 
 /// A pod status in a few words: phase, Ready, and each container's started/ready/restarts.
 fn status_summary(status: &serde_json::Value) -> String {
-    let ready = status["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|condition| condition["type"] == "Ready")
-        .map_or("?", |condition| condition["status"].as_str().unwrap_or("?"));
+    let ready = pod::ready_condition(status).unwrap_or("?");
     let containers: Vec<String> = status["containerStatuses"]
         .as_array()
         .into_iter()
@@ -543,14 +538,8 @@ const AGENT_LOG_FILE: &str = "agent.log";
 
 /// Prints a line of the agent's and appends it to its log in `dir`.
 fn say(dir: &Path, text: &str) {
-    use std::io::Write;
     eprintln!("node agent: {text}");
-    let line = format!("{} {text}\n", pod::now());
-    let _ = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(AGENT_LOG_FILE))
-        .and_then(|mut file| file.write_all(line.as_bytes()));
+    pod::append_line(&dir.join(AGENT_LOG_FILE), text);
 }
 
 /// The agent `dir`'s own log ([`say`]).

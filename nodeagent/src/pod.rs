@@ -403,11 +403,7 @@ impl PodRun {
             .and_then(|s| s.conditions.as_ref())
             .and_then(|conditions| conditions.iter().find(|c| c.type_ == "Ready"))
             .map_or("", |c| c.status.as_str());
-        let ready = status["conditions"]
-            .as_array()
-            .and_then(|conditions| conditions.iter().find(|c| c["type"] == "Ready"))
-            .and_then(|c| c["status"].as_str())
-            .unwrap_or_default();
+        let ready = ready_condition(status).unwrap_or_default();
         status["phase"].as_str().unwrap_or_default() != stored_phase || ready != stored_ready
     }
 
@@ -715,13 +711,10 @@ impl PodRun {
     /// saw and did (probe outcomes that changed something, statuses written or not), which a
     /// test's failure message shows beside the containers' logs.
     pub fn note(&self, text: &str) {
-        use std::io::Write;
-        let line = format!("{} {text}\n", now());
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("logs").join(format!("{AGENT_LOG}.log")))
-            .and_then(|mut file| file.write_all(line.as_bytes()));
+        append_line(
+            &self.dir.join("logs").join(format!("{AGENT_LOG}.log")),
+            text,
+        );
     }
 
     /// Forgets the last status written, so that the next pass writes it again (the write failed).
@@ -851,6 +844,27 @@ impl PodRun {
             "containerStatuses": statuses(containers, &self.containers),
         })
     }
+}
+
+/// The status of the Ready condition in a pod status the agent wrote (JSON), if it has one.
+pub(crate) fn ready_condition(status: &Value) -> Option<&str> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|condition| condition["type"] == "Ready")?["status"]
+        .as_str()
+}
+
+/// Appends `text` as a timestamped line to the log at `path` (the agent's own logs: losing a
+/// line is better than stopping a pod over it).
+pub(crate) fn append_line(path: &Path, text: &str) {
+    use std::io::Write;
+    let line = format!("{} {text}\n", now());
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
 }
 
 fn period(probe: &Probe) -> Duration {
