@@ -156,6 +156,20 @@ fn primaries(
         .collect()
 }
 
+/// A watch of `api` (narrowed by `config`) that keeps `writer`'s store current and opens
+/// again, with kube's default backoff, after an error.
+fn reflected<K>(
+    writer: reflector::store::Writer<K>,
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Clone + Default + Eq + std::hash::Hash,
+{
+    reflector::reflector(writer, watcher(api, config)).default_backoff()
+}
+
 /// Label selector of primary pods.
 fn primary_selector() -> String {
     format!("{}={}", contract::LABEL_ROLE, contract::role::PRIMARY)
@@ -172,6 +186,15 @@ impl KubernetesSource {
         }
     }
 
+    /// The namespaced API of `K` in the cluster's namespace.
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
     fn kube_error(&self, what: &str) -> impl FnOnce(kube::Error) -> WatchError {
         let what = format!("{what} of {}/{}", self.namespace, self.cluster);
         move |source| WatchError::Kube { what, source }
@@ -179,19 +202,22 @@ impl KubernetesSource {
 
     /// Reads everything once and builds the topology.
     async fn read(&self) -> Result<Result<Built, String>, WatchError> {
-        let cluster = Api::<PostgresCluster>::namespaced(self.client.clone(), &self.namespace)
+        let cluster = self
+            .api::<PostgresCluster>()
             .get_opt(&self.cluster)
             .await
             .map_err(self.kube_error("the PostgresCluster"))?;
         let Some(cluster) = cluster else {
             return Ok(Err(format!("PostgresCluster {} not found", self.cluster)));
         };
-        let ranges = Api::<ShardRange>::namespaced(self.client.clone(), &self.namespace)
+        let ranges = self
+            .api::<ShardRange>()
             .list(&Default::default())
             .await
             .map_err(self.kube_error("the ShardRanges"))?
             .items;
-        let pods: Vec<Arc<Pod>> = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+        let pods: Vec<Arc<Pod>> = self
+            .api::<Pod>()
             .list(&kube::api::ListParams::default().labels(&primary_selector()))
             .await
             .map_err(self.kube_error("the primary pods"))?
@@ -199,15 +225,15 @@ impl KubernetesSource {
             .into_iter()
             .map(Arc::new)
             .collect();
-        let leases: Vec<Arc<Lease>> =
-            Api::<Lease>::namespaced(self.client.clone(), &self.namespace)
-                .list(&Default::default())
-                .await
-                .map_err(self.kube_error("the shards' Leases"))?
-                .items
-                .into_iter()
-                .map(Arc::new)
-                .collect();
+        let leases: Vec<Arc<Lease>> = self
+            .api::<Lease>()
+            .list(&Default::default())
+            .await
+            .map_err(self.kube_error("the shards' Leases"))?
+            .items
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         let holders = holders(&self.cluster, &leases);
         let ca_pems = self.ca_pems(&pods, &holders).await?;
         Ok(self.build(&cluster, &ranges, &pods, &holders, &ca_pems))
@@ -222,7 +248,7 @@ impl KubernetesSource {
         pods: &[Arc<Pod>],
         holders: &BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, String>, WatchError> {
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let secrets: Api<Secret> = self.api();
         let mut pems = BTreeMap::new();
         for child in primaries(&self.cluster, pods, holders).into_keys() {
             let name = contract::tls_ca_secret(&child);
@@ -312,55 +338,34 @@ impl KubernetesSource {
         let (ranges, ranges_writer) = reflector::store::<ShardRange>();
         let (pods, pods_writer) = reflector::store::<Pod>();
         let (leases, leases_writer) = reflector::store::<Lease>();
-        let namespace = self.namespace.clone();
-        let cluster_stream = reflector::reflector(
+        let cluster_stream = reflected(
             clusters_writer,
-            watcher(
-                Api::<PostgresCluster>::namespaced(self.client.clone(), &namespace),
-                watcher::Config::default().fields(&format!("metadata.name={}", self.cluster)),
-            ),
+            self.api(),
+            watcher::Config::default().fields(&format!("metadata.name={}", self.cluster)),
         )
-        .default_backoff()
         .map(|_| ());
-        let range_stream = reflector::reflector(
-            ranges_writer,
-            watcher(
-                Api::<ShardRange>::namespaced(self.client.clone(), &namespace),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .map(|_| ());
-        let pod_stream = reflector::reflector(
+        let range_stream =
+            reflected(ranges_writer, self.api(), watcher::Config::default()).map(|_| ());
+        let pod_stream = reflected(
             pods_writer,
-            watcher(
-                Api::<Pod>::namespaced(self.client.clone(), &namespace),
-                watcher::Config::default().labels(&primary_selector()),
-            ),
+            self.api(),
+            watcher::Config::default().labels(&primary_selector()),
         )
-        .default_backoff()
         .map(|_| ());
         // A Lease changes at every renewal (every few seconds a shard): only a new holder counts.
         let cluster = self.cluster.clone();
         let mut seen_holders = BTreeMap::new();
-        let lease_stream = reflector::reflector(
-            leases_writer,
-            watcher(
-                Api::<Lease>::namespaced(self.client.clone(), &namespace),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .touched_objects()
-        .filter_map(move |lease| {
-            let changed = lease
-                .ok()
-                .and_then(|lease| shard_lease(&cluster, &lease))
-                .is_some_and(|(child, holder)| {
-                    seen_holders.insert(child, holder.clone()) != Some(holder)
-                });
-            futures::future::ready(changed.then_some(()))
-        });
+        let lease_stream = reflected(leases_writer, self.api(), watcher::Config::default())
+            .touched_objects()
+            .filter_map(move |lease| {
+                let changed = lease
+                    .ok()
+                    .and_then(|lease| shard_lease(&cluster, &lease))
+                    .is_some_and(|(child, holder)| {
+                        seen_holders.insert(child, holder.clone()) != Some(holder)
+                    });
+                futures::future::ready(changed.then_some(()))
+            });
         let mut changes = futures::stream::select_all(vec![
             cluster_stream.boxed(),
             range_stream.boxed(),
