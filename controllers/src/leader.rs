@@ -153,23 +153,49 @@ impl LeaderElector {
 
     /// Renews the Lease every retry period; returns [`LeaderError::Lost`] when renewal fails for
     /// longer than the renew deadline or another candidate holds it.
+    ///
+    /// Each attempt is bounded by the time left before the deadline: an API server that stops
+    /// answering (a partition that drops packets) would otherwise hold the request for the
+    /// client's read timeout, minutes, while a standby takes the expired Lease and two leaders
+    /// reconcile. A renewal counts from when its attempt started, since the Lease's renewTime is
+    /// taken then too.
     pub async fn keep(&self) -> LeaderError {
         let mut last_renewal = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.timing.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => return LeaderError::Lost(self.name.clone()),
-                Err(error) => tracing::warn!(%error, "renewing the leader Lease failed"),
+            let started = tokio::time::Instant::now();
+            let left = self
+                .timing
+                .renew_deadline
+                .saturating_sub(last_renewal.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewal = started,
+                Ok(Ok(false)) => return LeaderError::Lost(self.name.clone()),
+                Ok(Err(error)) => tracing::warn!(%error, "renewing the leader Lease failed"),
+                Err(_) => tracing::warn!(
+                    lease = %self.name,
+                    "renewing the leader Lease got no answer before the renew deadline"
+                ),
             }
-            if last_renewal.elapsed() > self.timing.renew_deadline {
+            if last_renewal.elapsed() >= self.timing.renew_deadline {
                 return LeaderError::Lost(self.name.clone());
             }
         }
     }
 
-    /// Gives the Lease up (on shutdown) so that another replica takes over at once.
+    /// Gives the Lease up (on shutdown) so that another replica takes over at once; within the
+    /// renew deadline (an API server that does not answer must not hold up a shutdown: the Lease
+    /// then expires as after a crash).
     pub async fn release(&self) {
+        if tokio::time::timeout(self.timing.renew_deadline, self.release_now())
+            .await
+            .is_err()
+        {
+            tracing::warn!(lease = %self.name, "releasing the leader Lease got no answer in time");
+        }
+    }
+
+    async fn release_now(&self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
             return;
         };

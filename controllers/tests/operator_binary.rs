@@ -1,6 +1,7 @@
 //! The `postgres-operator` binary against a real API server: /healthz, /readyz and /metrics,
-//! leader election between two replicas (only the holder reconciles; a crash hands over), and a
-//! clean shutdown that releases the Lease.
+//! leader election between two replicas (only the holder reconciles; a crash hands over; a
+//! leader cut off from the API server steps down before a standby takes over), and a clean
+//! shutdown that releases the Lease.
 
 mod common;
 
@@ -9,9 +10,11 @@ use std::process::{Child, Command, Stdio};
 use common::{Env, spec};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use testbed::tcp_proxy::TcpProxy;
 
 struct Operator {
     child: Child,
@@ -26,11 +29,16 @@ impl Drop for Operator {
 }
 
 fn start_operator(env: &Env, identity: &str) -> Operator {
+    start_operator_with(env, identity, &env.server.kubeconfig_path())
+}
+
+/// An operator replica that reaches the API server through `kubeconfig`.
+fn start_operator_with(env: &Env, identity: &str, kubeconfig: &std::path::Path) -> Operator {
     let port = testbed::free_port();
     let log = std::fs::File::create(env.server.dir().join(format!("{identity}.log"))).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_postgres-operator"));
     command
-        .env("KUBECONFIG", env.server.kubeconfig_path())
+        .env("KUBECONFIG", kubeconfig)
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
         .args(["--identity", identity])
         .args(["--lease-namespace", "default"])
@@ -152,4 +160,82 @@ async fn two_replicas_elect_one_leader_serve_health_and_metrics_and_hand_over() 
         holder(&env).await.is_none().then_some(())
     })
     .await;
+}
+
+/// When the leader's line "leadership lost" was logged (its JSON log's timestamp).
+fn leadership_lost_at(log: &str) -> Option<Timestamp> {
+    log.lines()
+        .filter(|line| line.contains("leadership lost"))
+        .find_map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+            entry["timestamp"].as_str()?.parse().ok()
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_api_server_steps_down_before_a_standby_takes_over() {
+    let env = Env::without_controller("apps").await;
+    // The leader reaches the API server through a proxy the test can black-hole: requests are
+    // neither answered nor refused, as when packets are dropped.
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], env.server.port()).into();
+    let proxy = TcpProxy::start(address).unwrap();
+    let kubeconfig = env.server.dir().join("kubeconfig-through-proxy");
+    let text = std::fs::read_to_string(env.server.kubeconfig_path()).unwrap();
+    let original = format!("https://127.0.0.1:{}", env.server.port());
+    assert!(text.contains(&original), "the kubeconfig names {original}");
+    std::fs::write(
+        &kubeconfig,
+        text.replace(&original, &format!("https://127.0.0.1:{}", proxy.port())),
+    )
+    .unwrap();
+    let mut leader = start_operator_with(&env, "operator-cut", &kubeconfig);
+    env.eventually("operator-cut holds the Lease", || async {
+        (holder(&env).await? == "operator-cut").then_some(())
+    })
+    .await;
+    let standby = start_operator(&env, "operator-standby");
+    env.eventually("operator-standby ready as a standby", || async {
+        (get(&standby, "/readyz").await? == (200, "ok".to_string())).then_some(())
+    })
+    .await;
+    assert_eq!(holder(&env).await.as_deref(), Some("operator-cut"));
+
+    proxy.black_hole();
+    let cut_at = Timestamp::now();
+    env.eventually("operator-standby takes over", || async {
+        (holder(&env).await? == "operator-standby").then_some(())
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+    let lease = leases.get("postgres-operator-leader").await.unwrap();
+    let taken_at = lease.spec.unwrap().acquire_time.unwrap().0;
+
+    // The cut-off leader gave up within its renew deadline (2 s of a 3 s Lease) and exited,
+    // before the standby's takeover: never two leaders at once.
+    let log_path = env.server.dir().join("operator-cut.log");
+    let lost_at = env
+        .eventually("operator-cut logs that it lost leadership", || async {
+            leadership_lost_at(&std::fs::read_to_string(&log_path).ok()?)
+        })
+        .await;
+    assert!(
+        lost_at < taken_at,
+        "operator-cut stepped down at {lost_at}, after operator-standby took the Lease at {taken_at}"
+    );
+    println!(
+        "leader_stepped_down_after_cut_ms={} standby_took_over_after_cut_ms={}",
+        lost_at.duration_since(cut_at).as_millis(),
+        taken_at.duration_since(cut_at).as_millis()
+    );
+    let exited = env
+        .eventually("operator-cut exits", || {
+            let status = leader.child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+    assert!(
+        !exited.success(),
+        "losing leadership is a failure exit: {exited:?}"
+    );
+    proxy.restore();
 }

@@ -1,5 +1,7 @@
 //! A TCP proxy on loopback that a test can cut and restore: a network partition between one
-//! client (for example an instance manager) and one server (for example the API server).
+//! client (for example an instance manager) and one server (for example the API server). A cut
+//! closes the connections (the peers learn of it at once); a black hole holds every byte and
+//! answers nothing (the peers learn of it only from their own timeouts), as dropped packets do.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -18,6 +20,8 @@ pub struct TcpProxy {
 #[derive(Debug, Default)]
 struct State {
     cut: AtomicBool,
+    /// Black-holed: nothing is forwarded, nothing is closed; held bytes go on at the restore.
+    hole: AtomicBool,
     stopped: AtomicBool,
     /// Milliseconds each new connection waits before it reaches the target.
     latency_ms: AtomicU64,
@@ -45,6 +49,7 @@ impl TcpProxy {
                 let state = accept_state.clone();
                 // A thread per connection, so that a slow start delays only its own connection.
                 thread::spawn(move || {
+                    state.wait_out_the_hole();
                     let latency = state.latency_ms.load(Ordering::SeqCst);
                     if latency > 0 {
                         thread::sleep(Duration::from_millis(latency));
@@ -60,8 +65,8 @@ impl TcpProxy {
                         open.push(a);
                         open.push(b);
                     }
-                    pipe(&client, &server);
-                    pipe(&server, &client);
+                    pipe(&client, &server, state.clone());
+                    pipe(&server, &client, state);
                 });
             }
         });
@@ -91,13 +96,29 @@ impl TcpProxy {
             .store(latency.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Partitions without a word: open connections stay open and forward nothing, new ones are
+    /// accepted and never reach the target, until [`Self::restore`] (then held bytes go on).
+    pub fn black_hole(&self) {
+        self.state.hole.store(true, Ordering::SeqCst);
+    }
+
     /// Heals the partition.
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
+        self.state.hole.store(false, Ordering::SeqCst);
     }
 }
 
-fn pipe(from: &TcpStream, to: &TcpStream) {
+impl State {
+    /// Returns once the proxy is not black-holed (or is stopped).
+    fn wait_out_the_hole(&self) {
+        while self.hole.load(Ordering::SeqCst) && !self.stopped.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn pipe(from: &TcpStream, to: &TcpStream, state: Arc<State>) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
         return;
     };
@@ -107,6 +128,7 @@ fn pipe(from: &TcpStream, to: &TcpStream) {
             match from.read(&mut buffer) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    state.wait_out_the_hole();
                     if to.write_all(&buffer[..n]).is_err() {
                         break;
                     }
