@@ -14,7 +14,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use testbed::tcp_proxy::TcpProxy;
 
 struct Operator {
     child: Child,
@@ -177,17 +176,8 @@ async fn a_leader_cut_off_from_the_api_server_steps_down_before_a_standby_takes_
     let env = Env::without_controller("apps").await;
     // The leader reaches the API server through a proxy the test can black-hole: requests are
     // neither answered nor refused, as when packets are dropped.
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], env.server.port()).into();
-    let proxy = TcpProxy::start(address).unwrap();
     let kubeconfig = env.server.dir().join("kubeconfig-through-proxy");
-    let text = std::fs::read_to_string(env.server.kubeconfig_path()).unwrap();
-    let original = format!("https://127.0.0.1:{}", env.server.port());
-    assert!(text.contains(&original), "the kubeconfig names {original}");
-    std::fs::write(
-        &kubeconfig,
-        text.replace(&original, &format!("https://127.0.0.1:{}", proxy.port())),
-    )
-    .unwrap();
+    let proxy = env.server.proxied_kubeconfig(&kubeconfig).unwrap();
     let mut leader = start_operator_with(&env, "operator-cut", &kubeconfig);
     env.eventually("operator-cut holds the Lease", || async {
         (holder(&env).await? == "operator-cut").then_some(())

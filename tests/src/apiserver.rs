@@ -16,6 +16,7 @@ use tempfile::TempDir;
 
 use crate::paths;
 use crate::process::{ChildGuard, die_with_parent};
+use crate::tcp_proxy::TcpProxy;
 
 /// Field manager the test bed uses for server-side apply.
 pub const FIELD_MANAGER: &str = "testbed";
@@ -133,6 +134,16 @@ impl ApiServer {
 
     fn kubeconfig_yaml(&self) -> String {
         kubeconfig_yaml(&self.url(), &self.token)
+    }
+
+    /// Starts a [`TcpProxy`] to this API server and writes at `path` a kubeconfig (admin token)
+    /// that reaches the server through it, so that a test can partition that one client from
+    /// the server (cut it, or black-hole it).
+    pub fn proxied_kubeconfig(&self, path: &Path) -> anyhow::Result<TcpProxy> {
+        let proxy = TcpProxy::start(([127, 0, 0, 1], self.port).into())?;
+        let url = format!("https://127.0.0.1:{}", proxy.port());
+        fs::write(path, kubeconfig_yaml(&url, &self.token))?;
+        Ok(proxy)
     }
 
     /// Writes a kubeconfig for `user` (one of [`ApiServerOptions::users`]) into the server's

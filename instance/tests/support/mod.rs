@@ -210,8 +210,6 @@ impl TestCluster {
             secrets.create(&PostParams::default(), &object).await?;
         }
 
-        let apiserver_address: std::net::SocketAddr = ([127, 0, 0, 1], api.port()).into();
-        let kubeconfig_text = fs::read_to_string(api.kubeconfig_path())?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
         let mut instances = Vec::new();
         for index in 1..=count {
@@ -249,15 +247,8 @@ impl TestCluster {
             let instance_dir = dir.path().join(&instance_name);
             fs::create_dir_all(&instance_dir)?;
             fs::set_permissions(&instance_dir, fs::Permissions::from_mode(0o755))?;
-            let proxy = TcpProxy::start(apiserver_address)?;
             let kubeconfig = instance_dir.join("kubeconfig");
-            fs::write(
-                &kubeconfig,
-                kubeconfig_text.replace(
-                    &format!("https://127.0.0.1:{}", api.port()),
-                    &format!("https://127.0.0.1:{}", proxy.port()),
-                ),
-            )?;
+            let proxy = api.proxied_kubeconfig(&kubeconfig)?;
             instances.push(Instance {
                 name: instance_name,
                 pg_port,
