@@ -92,28 +92,32 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
     }
 
     // One base backup of a cluster to its store at a time, oldest job first (`decide::turn`).
-    // The start lock makes "no other job runs" and "this one runs now" one step: two jobs
-    // reconciled at once would both see the other still Pending.
-    let start_lock = start_lock(&namespace, cluster_name);
-    let _starting = start_lock.lock().await;
-    if job.spec.volume.is_none() {
-        let all_jobs = Api::<BackupJob>::namespaced(ctx.client.clone(), &namespace)
-            .list(&ListParams::default())
-            .await
-            .map_err(|source| Error::Dereference {
-                what: format!("BackupJobs of {namespace}"),
-                source,
-            })?;
-        match decide::turn(&job, &all_jobs.items) {
-            decide::Turn::Go => {}
-            decide::Turn::Running(other) => {
-                return wait(&job, &ctx, status, "BackupRunning", format!("BackupJob {other} is backing up {cluster_name} to its store; this one starts when it ends (one base backup of a cluster to its store at a time)")).await;
+    // The start lock, held until the backup has started, makes "no other job runs" and "this
+    // one runs now" one step: two jobs reconciled at once would both see the other still
+    // Pending. A backup to a volume goes into a claim of its own: it neither queues nor locks.
+    let _starting = match &job.spec.volume {
+        Some(_) => None,
+        None => {
+            let starting = start_lock(&namespace, cluster_name).lock_owned().await;
+            let all_jobs = Api::<BackupJob>::namespaced(ctx.client.clone(), &namespace)
+                .list(&ListParams::default())
+                .await
+                .map_err(|source| Error::Dereference {
+                    what: format!("BackupJobs of {namespace}"),
+                    source,
+                })?;
+            match decide::turn(&job, &all_jobs.items) {
+                decide::Turn::Go => {}
+                decide::Turn::Running(other) => {
+                    return wait(&job, &ctx, status, "BackupRunning", format!("BackupJob {other} is backing up {cluster_name} to its store; this one starts when it ends (one base backup of a cluster to its store at a time)")).await;
+                }
+                decide::Turn::Queued(other) => {
+                    return wait(&job, &ctx, status, "Queued", format!("BackupJob {other} of {cluster_name} is older and goes first; this one follows (one base backup of a cluster to its store at a time)")).await;
+                }
             }
-            decide::Turn::Queued(other) => {
-                return wait(&job, &ctx, status, "Queued", format!("BackupJob {other} of {cluster_name} is older and goes first; this one follows (one base backup of a cluster to its store at a time)")).await;
-            }
+            Some(starting)
         }
-    }
+    };
 
     // Start: pick the instance and ask it.
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
