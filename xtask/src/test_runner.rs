@@ -215,7 +215,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     // dozen PostgreSQL servers can miss a timeout because of its neighbours. It counts as passed
     // only if it passes alone, and it is named as flaky either way so that nobody mistakes it
     // for a clean run; its first log is kept beside the second.
-    let (flaky, still_failing, again) = run_again_alone(&failed, &logs);
+    let again = run_again_alone(&failed, &logs);
+    let (flaky, still_failing) = labels_by_outcome(&again);
     // The last line adds up each binary's last attempt (a binary that passed alone counts as
     // its second run; the FLAKY line above names it).
     let total = outcomes
@@ -246,11 +247,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs each failed binary once more, one at a time; `(passed alone, failed again)` labels and
-/// the second attempts.
-fn run_again_alone(failed: &[&Outcome], logs: &Path) -> (Vec<String>, Vec<String>, Vec<Outcome>) {
-    let mut flaky = Vec::new();
-    let mut still_failing = Vec::new();
+/// Runs each failed binary once more, one at a time; the second attempts.
+fn run_again_alone(failed: &[&Outcome], logs: &Path) -> Vec<Outcome> {
     let mut again_all = Vec::new();
     for outcome in failed {
         let first = outcome.log.with_extension("first-attempt.log");
@@ -262,15 +260,20 @@ fn run_again_alone(failed: &[&Outcome], logs: &Path) -> (Vec<String>, Vec<String
         ));
         let again = run_one(&outcome.binary, logs);
         println!("{}", again.counts.summary(again.passed, again.elapsed));
-        if again.passed {
-            flaky.push(outcome.label.clone());
-        } else {
+        if !again.passed {
             print_tail(&again);
-            still_failing.push(outcome.label.clone());
         }
         again_all.push(again);
     }
-    (flaky, still_failing, again_all)
+    again_all
+}
+
+/// The labels of `outcomes` that passed and of those that failed.
+fn labels_by_outcome(outcomes: &[Outcome]) -> (Vec<String>, Vec<String>) {
+    let (passed, failed): (Vec<&Outcome>, Vec<&Outcome>) =
+        outcomes.iter().partition(|outcome| outcome.passed);
+    let labels = |outcomes: Vec<&Outcome>| outcomes.into_iter().map(|o| o.label.clone()).collect();
+    (labels(passed), labels(failed))
 }
 
 /// Prints the end of a failed binary's log.
@@ -608,8 +611,9 @@ mod tests {
         );
         let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed).collect();
         assert_eq!(failed.len(), 2);
-        let (passed_alone, failed_again, again) = run_again_alone(&failed, dir.path());
+        let again = run_again_alone(&failed, dir.path());
         assert_eq!(again.len(), 2, "both second attempts are returned");
+        let (passed_alone, failed_again) = labels_by_outcome(&again);
         assert_eq!(passed_alone, ["api/flaky"]);
         assert_eq!(failed_again, ["api/broken"]);
         // Both attempts' logs are kept.
