@@ -49,6 +49,11 @@ struct Cli {
     /// (`[backend] write_pause_hold_ms` in the TOML file).
     #[arg(long, env = "PG_ROUTER_WRITE_PAUSE_HOLD_MS", default_value_t = 5000)]
     write_pause_hold_ms: u64,
+    /// Kubernetes mode: seconds the router waits on a silent API server connection before it
+    /// gives up on it and opens another (a connection that died without a word would otherwise
+    /// hold a read forever); its watches are renewed 5 seconds before that.
+    #[arg(long, env = "PG_ROUTER_API_TIMEOUT_SECONDS", default_value_t = router::kubernetes::DEFAULT_API_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(6..))]
+    api_timeout_seconds: u64,
     /// Worker threads of the async runtime. 1: a single-threaded runtime (no cross-thread
     /// wake-ups); 0 (auto): single-threaded on up to 2 CPUs, where the router shares the cores with
     /// its clients and shards and measured fastest that way, else one worker per CPU.
@@ -105,10 +110,12 @@ fn main() -> anyhow::Result<()> {
 async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router> {
     use router::kubernetes::{KubernetesSource, auth::LoginSource};
     use router::topology::{BackendConfig, UserConfig};
-    let client = kube::Client::try_default()
+    let api_timeout = std::time::Duration::from_secs(cli.api_timeout_seconds);
+    let client = router::kubernetes::client(api_timeout)
         .await
         .context("connecting to the Kubernetes API server")?;
-    let source = KubernetesSource::new(client.clone(), &cli.namespace, cluster);
+    let source = KubernetesSource::new(client.clone(), &cli.namespace, cluster)
+        .with_api_timeout(api_timeout);
     let topology = source
         .initial_topology(std::time::Duration::from_secs(600))
         .await?;
@@ -116,7 +123,8 @@ async fn start_in_kubernetes(cli: &Cli, cluster: &str) -> anyhow::Result<Router>
         name: cli.backend_user.clone(),
         password,
     });
-    let mut logins = LoginSource::new(client.clone(), &cli.namespace, cluster, backend_login);
+    let mut logins = LoginSource::new(client.clone(), &cli.namespace, cluster, backend_login)
+        .with_api_timeout(api_timeout);
     let config = RouterConfig {
         listen: cli.listen.clone(),
         metrics_listen: cli.metrics_listen.clone(),

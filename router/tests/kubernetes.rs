@@ -3,7 +3,8 @@
 //! the topology comes from the PostgresCluster, its ShardRanges and the shards' primary pods;
 //! clients log in with the roles PostgresUser objects declare; moving a range or a primary in the
 //! API changes where statements go, without a restart; a shard's CA renewed in its Secret is
-//! trusted beside the old one until the shard presents a certificate from it.
+//! trusted beside the old one until the shard presents a certificate from it; a router whose
+//! API server connections die without a word follows a new primary over new ones.
 
 mod common;
 
@@ -15,7 +16,7 @@ use api::common::ClusterReference;
 use api::contract;
 use api::postgres_cluster::{
     LookupVindexSpec, PostgresCluster, PostgresClusterSpec, ShardKeyType, ShardedTableSpec,
-    ShardingSpec, TableGroupSpec,
+    ShardingSpec, TableGroupSpec, TlsMode,
 };
 use api::postgres_user::PostgresUser;
 use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState, VindexKind};
@@ -160,14 +161,75 @@ where
         .expect("creating an object");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
+/// Creates `orders` on one shard directly (as a shard added or promoted has it).
+async fn create_orders(shard: &Postgres) {
+    shard
+        .client()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE orders (customer_id bigint, id bigint, PRIMARY KEY (customer_id, id))",
+        )
+        .await
+        .unwrap();
+}
+
+/// A fresh API server with the CRDs and the test's namespace, and a client of it.
+async fn api_server() -> (ApiServer, Client) {
     let server = ApiServer::start().await.expect("API server");
     server.install_crds(&api::all_crds()).await.expect("CRDs");
     let client = server.client().await.unwrap();
     testbed::apiserver::create_namespace(&client, NAMESPACE)
         .await
         .unwrap();
+    (server, client)
+}
+
+/// `orders`, sharded by `customer_id` in table group `customers`.
+fn orders() -> ShardedTableSpec {
+    ShardedTableSpec {
+        name: "orders".into(),
+        table_group: "customers".into(),
+        shard_key: "customer_id".into(),
+        lookups: Vec::new(),
+    }
+}
+
+/// A 2-shard cluster's spec with one hashed bigint table group, `customers`.
+fn two_shards(
+    tls: TlsMode,
+    sharded_tables: Vec<ShardedTableSpec>,
+    reference_tables: Vec<String>,
+) -> PostgresClusterSpec {
+    let mut spec = PostgresClusterSpec::with_image(1, "example.org/pg:18");
+    spec.tls.mode = tls;
+    spec.sharding = Some(ShardingSpec {
+        shards: 2,
+        router: Default::default(),
+        table_groups: vec![TableGroupSpec {
+            name: "customers".into(),
+            vindex: VindexKind::Hash,
+            key_type: ShardKeyType::Bigint,
+        }],
+        sharded_tables,
+        reference_tables,
+    });
+    spec
+}
+
+/// What the operator writes for a sharded cluster `db`: the cluster and its two ShardRanges
+/// (negative hashes on shard-0, the rest on shard-1).
+async fn create_cluster(client: &Client, spec: PostgresClusterSpec) {
+    let mut cluster = PostgresCluster::new("db", spec);
+    cluster.metadata.namespace = Some(NAMESPACE.into());
+    create(client, &cluster).await;
+    create(client, &range("db-customers-0", "shard-0", None, Some(0))).await;
+    create(client, &range("db-customers-1", "shard-1", Some(0), None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
+    let (server, client) = api_server().await;
     // The shards speak TLS only, as the operator's clusters do: each shard cluster has its own
     // CA, and its primary a certificate for the cluster's -rw Service (shards[2] becomes
     // db-shard-1's primary later, so it has db-shard-1's).
@@ -203,22 +265,10 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
 
     // What the operator writes for a 2-shard cluster (no operator runs here: the router is
     // under test), and the shards' primary pods as their instance managers label them.
-    let mut spec = PostgresClusterSpec::with_image(1, "example.org/pg:18");
-    spec.sharding = Some(ShardingSpec {
-        shards: 2,
-        router: Default::default(),
-        table_groups: vec![TableGroupSpec {
-            name: "customers".into(),
-            vindex: VindexKind::Hash,
-            key_type: ShardKeyType::Bigint,
-        }],
-        sharded_tables: vec![
-            ShardedTableSpec {
-                name: "orders".into(),
-                table_group: "customers".into(),
-                shard_key: "customer_id".into(),
-                lookups: Vec::new(),
-            },
+    let spec = two_shards(
+        TlsMode::OperatorCA,
+        vec![
+            orders(),
             // Found by email through a lookup vindex.
             ShardedTableSpec {
                 name: "customers".into(),
@@ -230,13 +280,9 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
                 }],
             },
         ],
-        reference_tables: vec!["countries".into()],
-    });
-    let mut cluster = PostgresCluster::new("db", spec);
-    cluster.metadata.namespace = Some(NAMESPACE.into());
-    create(&client, &cluster).await;
-    create(&client, &range("db-customers-0", "shard-0", None, Some(0))).await;
-    create(&client, &range("db-customers-1", "shard-1", Some(0), None)).await;
+        vec!["countries".into()],
+    );
+    create_cluster(&client, spec).await;
     primary_pod(&client, "db-shard-0-0", "db-shard-0", shards[0].port()).await;
     primary_pod(&client, "db-shard-1-0", "db-shard-1", shards[1].port()).await;
     shard_lease(&client, "db-shard-1", "db-shard-1-0").await;
@@ -494,15 +540,7 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     shard_lease(&client, "db-shard-1", "db-shard-1-1").await;
-    shards[2]
-        .client()
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE TABLE orders (customer_id bigint, id bigint, PRIMARY KEY (customer_id, id))",
-        )
-        .await
-        .unwrap();
+    create_orders(&shards[2]).await;
     eventually("writes go to the new primary", || async {
         let found: i64 = app
             .query_one(
@@ -677,4 +715,94 @@ async fn the_router_routes_by_shard_ranges_and_follows_their_changes_live() {
         "no password in the router log"
     );
     drop(router);
+}
+
+/// The router's connections to the API server die without a word (a load balancer or NAT that
+/// forgot them; every packet on them is dropped while new connections go through), and then a
+/// shard's primary moves. The router's watches and reads on those connections fail after its
+/// API timeout and it follows the move over new ones, instead of routing to the old primary
+/// until kube's watch idle limit (295 s), or for ever for a read on a pooled connection (kube's
+/// client has no read timeout and no HTTP/2 health ping).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_whose_api_connections_die_silently_follows_a_new_primary_over_new_ones() {
+    let (server, client) = api_server().await;
+    // shards[2] becomes shard-1's primary after the connections died.
+    let shards: Vec<Postgres> = tokio::task::block_in_place(|| {
+        (0..3)
+            .map(|_| Postgres::start().expect("a shard"))
+            .collect()
+    });
+    create_cluster(
+        &client,
+        two_shards(TlsMode::Disabled, vec![orders()], Vec::new()),
+    )
+    .await;
+    primary_pod(&client, "db-shard-0-0", "db-shard-0", shards[0].port()).await;
+    primary_pod(&client, "db-shard-1-0", "db-shard-1", shards[1].port()).await;
+    shard_lease(&client, "db-shard-1", "db-shard-1-0").await;
+    for shard in &shards {
+        create_orders(shard).await;
+    }
+
+    // The router reaches the API server through a proxy that can strand its connections.
+    let kubeconfig = server.dir().join("router-proxied.kubeconfig");
+    let proxy = server.proxied_kubeconfig(&kubeconfig).expect("a proxy");
+    let log = server.dir().join("router-stranded.log");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pg-router"));
+    command
+        .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--api-timeout-seconds", "8"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
+        .env("LOG_LEVEL", "info");
+    let router = RouterProcess::start(command, &log).await;
+    let app = eventually("the router accepts the backend login", || async {
+        connect(router.port, "postgres", BACKEND_PASSWORD)
+            .await
+            .ok()
+    })
+    .await;
+    let key = (1..1000i64)
+        .find(|k| initial_shard(*k) == 1)
+        .expect("a key of shard-1");
+    app.execute(
+        "INSERT INTO orders (customer_id, id) VALUES ($1, 1)",
+        &[&key],
+    )
+    .await
+    .expect("a write through the router");
+    assert_eq!(count(&shards[1], "SELECT count(*) FROM orders").await, 1);
+    // Let the watches settle on their connections (and a read leave one idle in the pool).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    proxy.strand();
+    let stranded = tokio::time::Instant::now();
+    primary_pod(&client, "db-shard-1-1", "db-shard-1", shards[2].port()).await;
+    shard_lease(&client, "db-shard-1", "db-shard-1-1").await;
+    let mut id = 1i64;
+    let deadline = stranded + Duration::from_secs(60);
+    loop {
+        id += 1;
+        app.execute(
+            "INSERT INTO orders (customer_id, id) VALUES ($1, $2)",
+            &[&key, &id],
+        )
+        .await
+        .expect("a write through the router");
+        if count(&shards[2], "SELECT count(*) FROM orders").await > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the router still writes to the old primary 60 s after its API connections died:\n{}",
+            common::process::log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "followed_new_primary_after_stranding_ms={}",
+        stranded.elapsed().as_millis()
+    );
+    drop(proxy);
 }

@@ -1,7 +1,9 @@
 //! A TCP proxy on loopback that a test can cut and restore: a network partition between one
 //! client (for example an instance manager) and one server (for example the API server). A cut
 //! closes the connections (the peers learn of it at once); a black hole holds every byte and
-//! answers nothing (the peers learn of it only from their own timeouts), as dropped packets do.
+//! answers nothing (the peers learn of it only from their own timeouts), as dropped packets do;
+//! stranded connections are black-holed for good while new ones go through (a load balancer or
+//! NAT that forgot its connections without a word).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -25,6 +27,10 @@ struct State {
     stopped: AtomicBool,
     /// Milliseconds each new connection waits before it reaches the target.
     latency_ms: AtomicU64,
+    /// Number of the next connection accepted.
+    next_connection: AtomicU64,
+    /// Connections numbered below it are stranded: they forward nothing, ever.
+    stranded_below: AtomicU64,
     open: Mutex<Vec<TcpStream>>,
 }
 
@@ -41,6 +47,7 @@ impl TcpProxy {
                     break;
                 }
                 let Ok(client) = incoming else { continue };
+                let number = accept_state.next_connection.fetch_add(1, Ordering::SeqCst);
                 if accept_state.cut.load(Ordering::SeqCst) {
                     // Partitioned: the connection dies at once.
                     let _ = client.shutdown(Shutdown::Both);
@@ -65,8 +72,8 @@ impl TcpProxy {
                         open.push(a);
                         open.push(b);
                     }
-                    pipe(&client, &server, state.clone());
-                    pipe(&server, &client, state);
+                    pipe(&client, &server, state.clone(), number);
+                    pipe(&server, &client, state, number);
                 });
             }
         });
@@ -102,7 +109,14 @@ impl TcpProxy {
         self.state.hole.store(true, Ordering::SeqCst);
     }
 
-    /// Heals the partition.
+    /// Strands every open connection: it stays open and forwards nothing from now on, while
+    /// connections opened later go through. Peers learn of it only from their own timeouts.
+    pub fn strand(&self) {
+        let next = self.state.next_connection.load(Ordering::SeqCst);
+        self.state.stranded_below.store(next, Ordering::SeqCst);
+    }
+
+    /// Heals the partition (stranded connections stay stranded).
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
         self.state.hole.store(false, Ordering::SeqCst);
@@ -118,7 +132,7 @@ impl State {
     }
 }
 
-fn pipe(from: &TcpStream, to: &TcpStream, state: Arc<State>) {
+fn pipe(from: &TcpStream, to: &TcpStream, state: Arc<State>, number: u64) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
         return;
     };
@@ -129,6 +143,11 @@ fn pipe(from: &TcpStream, to: &TcpStream, state: Arc<State>) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     state.wait_out_the_hole();
+                    while number < state.stranded_below.load(Ordering::SeqCst)
+                        && !state.stopped.load(Ordering::SeqCst)
+                    {
+                        thread::sleep(Duration::from_millis(20));
+                    }
                     if to.write_all(&buffer[..n]).is_err() {
                         break;
                     }

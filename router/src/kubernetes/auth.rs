@@ -96,6 +96,8 @@ pub struct LoginSource {
     secrets: SecretData,
     /// Logins a password rotation replaced, still accepted for the user's grace period.
     rotated: Vec<Rotated>,
+    /// The client's read timeout, which the watches stay below (see [`super::watch_config`]).
+    api_timeout: Duration,
 }
 
 /// The login a rotation (`password.rotationDays`) replaced in its Secret: PostgreSQL accepts it
@@ -122,7 +124,14 @@ impl LoginSource {
             backend,
             secrets: SecretData::new(),
             rotated: Vec::new(),
+            api_timeout: super::DEFAULT_API_TIMEOUT,
         }
+    }
+
+    /// The read timeout of the client given to [`Self::new`] (made by [`super::client`]).
+    pub fn with_api_timeout(mut self, timeout: Duration) -> Self {
+        self.api_timeout = timeout;
+        self
     }
 
     /// Reads the users the router accepts now (see [`accepted_users`]).
@@ -166,7 +175,7 @@ impl LoginSource {
             users_writer,
             watcher(
                 Api::<PostgresUser>::namespaced(self.client.clone(), &self.namespace),
-                watcher::Config::default(),
+                super::watch_config(self.api_timeout),
             ),
         )
         .default_backoff()
@@ -213,6 +222,7 @@ impl LoginSource {
                 if !secret_watches.contains_key(name) {
                     let task = tokio::spawn(watch_secret(
                         Api::namespaced(self.client.clone(), &self.namespace),
+                        super::watch_config(self.api_timeout),
                         self.cluster.clone(),
                         name.clone(),
                         secret_changes.clone(),
@@ -301,13 +311,14 @@ impl LoginSource {
 /// user can log in before the operator has updated the Role.
 async fn watch_secret(
     secrets: Api<Secret>,
+    config: watcher::Config,
     cluster: String,
     name: String,
     changes: mpsc::UnboundedSender<SecretChange>,
 ) {
     let mut stream = watcher(
         secrets.clone(),
-        watcher::Config::default().fields(&format!("metadata.name={name}")),
+        config.fields(&format!("metadata.name={name}")),
     )
     .default_backoff()
     .boxed();

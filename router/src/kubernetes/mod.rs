@@ -15,3 +15,31 @@ pub mod trust;
 pub mod watch;
 
 pub use watch::{KubernetesSource, WatchError};
+
+use std::time::Duration;
+
+use kube::runtime::watcher;
+
+/// How long the router waits on an API server connection that says nothing (`--api-timeout-seconds`).
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The router's API client: a read that waits `timeout` without a byte fails, and the request's
+/// connection is dropped. A connection that died without a word (a load balancer or NAT that
+/// forgot it, a control plane that moved) otherwise holds a request forever: kube's client has
+/// no read timeout of its own and no HTTP/2 health ping like client-go's, and its pooled idle
+/// connections are reused as if alive. Watches are kept below that silence by [`watch_config`].
+pub async fn client(timeout: Duration) -> Result<kube::Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.read_timeout = Some(timeout);
+    kube::Client::try_from(config)
+}
+
+/// A watch the API server ends (and the watcher opens again, from where it was) 5 seconds
+/// before [`client`]'s read timeout, so a quiet watch is never mistaken for a dead connection
+/// and a dead one is replaced within `timeout`.
+pub fn watch_config(timeout: Duration) -> watcher::Config {
+    let seconds = timeout.as_secs().saturating_sub(5).max(1);
+    watcher::Config::default().timeout(u32::try_from(seconds).unwrap_or(u32::MAX))
+}

@@ -66,6 +66,8 @@ pub struct KubernetesSource {
     cluster: String,
     /// The CAs trusted per shard, across a rotation.
     trusted: Arc<std::sync::Mutex<TrustedCas>>,
+    /// The client's read timeout, which the watches stay below (see [`super::watch_config`]).
+    api_timeout: Duration,
 }
 
 /// The holder of each of `cluster`'s shard Leases: child cluster name -> pod name. A released
@@ -183,7 +185,14 @@ impl KubernetesSource {
             namespace: namespace.to_string(),
             cluster: cluster.to_string(),
             trusted: Arc::default(),
+            api_timeout: super::DEFAULT_API_TIMEOUT,
         }
+    }
+
+    /// The read timeout of the client given to [`Self::new`] (made by [`super::client`]).
+    pub fn with_api_timeout(mut self, timeout: Duration) -> Self {
+        self.api_timeout = timeout;
+        self
     }
 
     /// The namespaced API of `K` in the cluster's namespace.
@@ -341,31 +350,40 @@ impl KubernetesSource {
         let cluster_stream = reflected(
             clusters_writer,
             self.api(),
-            watcher::Config::default().fields(&format!("metadata.name={}", self.cluster)),
+            super::watch_config(self.api_timeout)
+                .fields(&format!("metadata.name={}", self.cluster)),
         )
         .map(|_| ());
-        let range_stream =
-            reflected(ranges_writer, self.api(), watcher::Config::default()).map(|_| ());
+        let range_stream = reflected(
+            ranges_writer,
+            self.api(),
+            super::watch_config(self.api_timeout),
+        )
+        .map(|_| ());
         let pod_stream = reflected(
             pods_writer,
             self.api(),
-            watcher::Config::default().labels(&primary_selector()),
+            super::watch_config(self.api_timeout).labels(&primary_selector()),
         )
         .map(|_| ());
         // A Lease changes at every renewal (every few seconds a shard): only a new holder counts.
         let cluster = self.cluster.clone();
         let mut seen_holders = BTreeMap::new();
-        let lease_stream = reflected(leases_writer, self.api(), watcher::Config::default())
-            .touched_objects()
-            .filter_map(move |lease| {
-                let changed = lease
-                    .ok()
-                    .and_then(|lease| shard_lease(&cluster, &lease))
-                    .is_some_and(|(child, holder)| {
-                        seen_holders.insert(child, holder.clone()) != Some(holder)
-                    });
-                futures::future::ready(changed.then_some(()))
-            });
+        let lease_stream = reflected(
+            leases_writer,
+            self.api(),
+            super::watch_config(self.api_timeout),
+        )
+        .touched_objects()
+        .filter_map(move |lease| {
+            let changed = lease
+                .ok()
+                .and_then(|lease| shard_lease(&cluster, &lease))
+                .is_some_and(|(child, holder)| {
+                    seen_holders.insert(child, holder.clone()) != Some(holder)
+                });
+            futures::future::ready(changed.then_some(()))
+        });
         let mut changes = futures::stream::select_all(vec![
             cluster_stream.boxed(),
             range_stream.boxed(),
