@@ -15,8 +15,7 @@ use std::time::Duration;
 use api::common::ClusterReference;
 use api::contract;
 use api::postgres_cluster::{
-    LookupVindexSpec, PostgresCluster, PostgresClusterSpec, ShardKeyType, ShardedTableSpec,
-    ShardingSpec, TableGroupSpec, TlsMode,
+    LookupVindexSpec, PostgresCluster, PostgresClusterSpec, ShardedTableSpec, TlsMode,
 };
 use api::postgres_user::PostgresUser;
 use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState, VindexKind};
@@ -31,6 +30,7 @@ use serde_json::json;
 use testbed::pg_tls::TestCa;
 use testbed::{ApiServer, Postgres, PostgresOptions};
 
+use common::cluster::{orders, two_shards};
 use common::process::RouterProcess;
 
 const NAMESPACE: &str = "routing";
@@ -183,38 +183,6 @@ async fn api_server() -> (ApiServer, Client) {
         .await
         .unwrap();
     (server, client)
-}
-
-/// `orders`, sharded by `customer_id` in table group `customers`.
-fn orders() -> ShardedTableSpec {
-    ShardedTableSpec {
-        name: "orders".into(),
-        table_group: "customers".into(),
-        shard_key: "customer_id".into(),
-        lookups: Vec::new(),
-    }
-}
-
-/// A 2-shard cluster's spec with one hashed bigint table group, `customers`.
-fn two_shards(
-    tls: TlsMode,
-    sharded_tables: Vec<ShardedTableSpec>,
-    reference_tables: Vec<String>,
-) -> PostgresClusterSpec {
-    let mut spec = PostgresClusterSpec::with_image(1, "example.org/pg:18");
-    spec.tls.mode = tls;
-    spec.sharding = Some(ShardingSpec {
-        shards: 2,
-        router: Default::default(),
-        table_groups: vec![TableGroupSpec {
-            name: "customers".into(),
-            vindex: VindexKind::Hash,
-            key_type: ShardKeyType::Bigint,
-        }],
-        sharded_tables,
-        reference_tables,
-    });
-    spec
 }
 
 /// What the operator writes for a sharded cluster `db`: the cluster and its two ShardRanges

@@ -13,10 +13,7 @@ use std::time::Duration;
 
 use api::common::ClusterReference;
 use api::contract;
-use api::postgres_cluster::{
-    PostgresCluster, PostgresClusterSpec, ShardKeyType, ShardedTableSpec, ShardingSpec,
-    TableGroupSpec,
-};
+use api::postgres_cluster::{PostgresCluster, TlsMode};
 use api::sharding::{ShardRange, ShardRangeSpec, ShardRangeState, VindexKind};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -26,6 +23,7 @@ use serde_json::json;
 use testbed::{ApiServer, Postgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use common::cluster::{orders, two_shards};
 use common::process::RouterProcess;
 
 const NAMESPACE: &str = "cutover";
@@ -233,25 +231,8 @@ async fn writes_to_a_paused_range_wait_for_the_flip_and_stale_routers_hit_the_fe
 
     // Two shards; the operator has split shard-1's range in two (same shard) before moving the
     // upper one to shard-2, whose primary is up.
-    let mut spec = PostgresClusterSpec::with_image(1, "example.org/pg:18");
     // Plain TCP to the shards: TLS to them is router/tests/kubernetes.rs's subject.
-    spec.tls.mode = api::postgres_cluster::TlsMode::Disabled;
-    spec.sharding = Some(ShardingSpec {
-        shards: 2,
-        router: Default::default(),
-        table_groups: vec![TableGroupSpec {
-            name: "customers".into(),
-            vindex: VindexKind::Hash,
-            key_type: ShardKeyType::Bigint,
-        }],
-        sharded_tables: vec![ShardedTableSpec {
-            name: "orders".into(),
-            table_group: "customers".into(),
-            shard_key: "customer_id".into(),
-            lookups: Vec::new(),
-        }],
-        reference_tables: Vec::new(),
-    });
+    let spec = two_shards(TlsMode::Disabled, vec![orders()], Vec::new());
     let mut cluster = PostgresCluster::new("db", spec);
     cluster.metadata.namespace = Some(NAMESPACE.into());
     let ranges = [
