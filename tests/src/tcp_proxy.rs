@@ -56,7 +56,7 @@ impl TcpProxy {
                 let state = accept_state.clone();
                 // A thread per connection, so that a slow start delays only its own connection.
                 thread::spawn(move || {
-                    state.wait_out_the_hole();
+                    state.wait_to_forward(number);
                     let latency = state.latency_ms.load(Ordering::SeqCst);
                     if latency > 0 {
                         thread::sleep(Duration::from_millis(latency));
@@ -124,9 +124,13 @@ impl TcpProxy {
 }
 
 impl State {
-    /// Returns once the proxy is not black-holed (or is stopped).
-    fn wait_out_the_hole(&self) {
-        while self.hole.load(Ordering::SeqCst) && !self.stopped.load(Ordering::SeqCst) {
+    /// Returns once connection `number` may forward: the proxy is not black-holed and the
+    /// connection not stranded (or the proxy is stopped).
+    fn wait_to_forward(&self, number: u64) {
+        while (self.hole.load(Ordering::SeqCst)
+            || number < self.stranded_below.load(Ordering::SeqCst))
+            && !self.stopped.load(Ordering::SeqCst)
+        {
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -142,12 +146,7 @@ fn pipe(from: &TcpStream, to: &TcpStream, state: Arc<State>, number: u64) {
             match from.read(&mut buffer) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    state.wait_out_the_hole();
-                    while number < state.stranded_below.load(Ordering::SeqCst)
-                        && !state.stopped.load(Ordering::SeqCst)
-                    {
-                        thread::sleep(Duration::from_millis(20));
-                    }
+                    state.wait_to_forward(number);
                     if to.write_all(&buffer[..n]).is_err() {
                         break;
                     }
