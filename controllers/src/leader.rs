@@ -156,26 +156,40 @@ impl LeaderElector {
     ///
     /// Each attempt is bounded by the time left before the deadline: an API server that stops
     /// answering (a partition that drops packets) would otherwise hold the request for the
-    /// client's read timeout, minutes, while a standby takes the expired Lease and two leaders
-    /// reconcile. A renewal counts from when its attempt started, since the Lease's renewTime is
-    /// taken then too.
+    /// client's read timeout while a standby takes the expired Lease and two leaders reconcile.
+    /// It is bounded by half the deadline too, and a failed attempt is followed by another a
+    /// retry period after it started, at once when it took longer: it may have gone to a
+    /// connection that died without a word (a load balancer or NAT forgot it; the client's read
+    /// timeout or this bound ends it) while a new one would get through, and one such connection
+    /// must not cost the leadership. A renewal counts from when its attempt started, since the
+    /// Lease's renewTime is taken then too.
     pub async fn keep(&self) -> LeaderError {
         let mut last_renewal = tokio::time::Instant::now();
+        let mut pause = self.timing.retry_period;
         loop {
-            tokio::time::sleep(self.timing.retry_period).await;
+            tokio::time::sleep(pause).await;
+            pause = self.timing.retry_period;
             let started = tokio::time::Instant::now();
             let left = self
                 .timing
                 .renew_deadline
                 .saturating_sub(last_renewal.elapsed());
-            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+            let bound = left.min(self.timing.renew_deadline / 2);
+            match tokio::time::timeout(bound, self.try_acquire_or_renew()).await {
                 Ok(Ok(true)) => last_renewal = started,
                 Ok(Ok(false)) => return LeaderError::Lost(self.name.clone()),
-                Ok(Err(error)) => tracing::warn!(%error, "renewing the leader Lease failed"),
-                Err(_) => tracing::warn!(
-                    lease = %self.name,
-                    "renewing the leader Lease got no answer before the renew deadline"
-                ),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "renewing the leader Lease failed");
+                    pause = self.timing.retry_period.saturating_sub(started.elapsed());
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        lease = %self.name,
+                        seconds = bound.as_secs_f64(),
+                        "renewing the leader Lease got no answer"
+                    );
+                    pause = self.timing.retry_period.saturating_sub(started.elapsed());
+                }
             }
             if last_renewal.elapsed() >= self.timing.renew_deadline {
                 return LeaderError::Lost(self.name.clone());

@@ -17,3 +17,4 @@ pub mod sharded_cluster;
 pub mod telemetry;
 pub mod tls;
 pub mod volume_backup;
+pub mod watches;

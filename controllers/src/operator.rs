@@ -73,6 +73,13 @@ pub struct Config {
     /// Periodic resync of a healthy cluster, in seconds.
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300)]
     pub resync_seconds: u64,
+    /// Seconds the operator waits on a silent API server connection before it gives up on it
+    /// and opens another (a connection that died without a word would otherwise hold a request
+    /// forever); the API server ends its watches 10 seconds before that (at least 15). The
+    /// default is the API server's own limit on a request (`--request-timeout`, 60 s): an
+    /// answer that has not begun by then is not coming.
+    #[arg(long, env = "API_TIMEOUT_SECONDS", default_value_t = DEFAULT_API_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(crate::watches::MIN_API_TIMEOUT.as_secs()..))]
+    pub api_timeout_seconds: u64,
     /// Base OTLP/HTTP endpoint (`http://otel-collector:4318`): reconcile spans are exported to
     /// its `/v1/traces`. No traces are exported when unset.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -98,6 +105,23 @@ pub struct Config {
     /// Applications that read `<cluster>-ca` must read it again within this time.
     #[arg(long, env = "TLS_CA_OVERLAP_SECONDS", default_value_t = 7 * 86400)]
     pub tls_ca_overlap_seconds: u64,
+}
+
+/// The default of `--api-timeout-seconds`.
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An API client on which a read that waits `timeout` without a byte fails and the request's
+/// connection is dropped. kube's client has no read timeout of its own and no HTTP/2 health
+/// ping like client-go's: a request sent on a pooled connection that a load balancer or NAT
+/// forgot waited for ever (and watches are ended before this timeout: see `crate::watches`).
+/// Each call builds its own connection pool.
+async fn api_client(timeout: Duration) -> Result<kube::Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    kube::Client::try_from(config)
 }
 
 /// Errors that stop the operator.
@@ -187,7 +211,8 @@ fn default_identity() -> String {
 
 /// Runs the operator until SIGTERM / Ctrl-C (`Ok`) or the loss of leadership (`Err`).
 pub async fn run(config: Config) -> Result<(), OperatorError> {
-    let client = kube::Client::try_default()
+    let api_timeout = Duration::from_secs(config.api_timeout_seconds);
+    let client = api_client(api_timeout)
         .await
         .map_err(OperatorError::Client)?;
     let metrics = Arc::new(Metrics::new());
@@ -217,10 +242,16 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
     health.ready.store(true, Ordering::Relaxed);
 
     let identity = config.identity.clone().unwrap_or_else(default_identity);
+    // The Lease has a client of its own: its renewals then never wait behind, or reuse, the
+    // controllers' pooled connections, so a connection that dies without a word costs at most
+    // one renewal attempt (see `LeaderElector::keep`), not leadership.
+    let lease_client = api_client(api_timeout)
+        .await
+        .map_err(OperatorError::Client)?;
     let elector = config.leader_elect.then(|| {
         let lease_duration = Duration::from_secs(config.lease_duration_seconds.max(2));
         LeaderElector::new(
-            Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
+            Api::<Lease>::namespaced(lease_client, &config.lease_namespace),
             &config.lease_name,
             &identity,
             LeaseTiming {
@@ -253,6 +284,7 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
         settings: Settings {
             instance_manager_image: config.instance_manager_image.clone(),
             resync: Duration::from_secs(config.resync_seconds.max(10)),
+            api_timeout,
             tls: crate::tls::certificates::Lifetimes {
                 leaf: Duration::from_secs(config.tls_certificate_seconds),
                 renew_before: Duration::from_secs(config.tls_renew_before_seconds),

@@ -1,7 +1,8 @@
 //! The `postgres-operator` binary against a real API server: /healthz, /readyz and /metrics,
 //! leader election between two replicas (only the holder reconciles; a crash hands over; a
 //! leader cut off from the API server steps down before a standby takes over), and a clean
-//! shutdown that releases the Lease.
+//! shutdown that releases the Lease; a leader whose connections die without a word keeps the
+//! Lease and its watches.
 
 mod common;
 
@@ -31,8 +32,23 @@ fn start_operator(env: &Env, identity: &str) -> Operator {
     start_operator_with(env, identity, &env.server.kubeconfig_path())
 }
 
-/// An operator replica that reaches the API server through `kubeconfig`.
+/// An operator replica that reaches the API server through `kubeconfig`, with a 3 s Lease.
 fn start_operator_with(env: &Env, identity: &str, kubeconfig: &std::path::Path) -> Operator {
+    start_operator_args(
+        env,
+        identity,
+        kubeconfig,
+        &["--lease-duration-seconds", "3"],
+    )
+}
+
+/// An operator replica that reaches the API server through `kubeconfig`, with `args` added.
+fn start_operator_args(
+    env: &Env,
+    identity: &str,
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+) -> Operator {
     let port = testbed::free_port();
     let log = std::fs::File::create(env.server.dir().join(format!("{identity}.log"))).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_postgres-operator"));
@@ -41,7 +57,7 @@ fn start_operator_with(env: &Env, identity: &str, kubeconfig: &std::path::Path) 
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
         .args(["--identity", identity])
         .args(["--lease-namespace", "default"])
-        .args(["--lease-duration-seconds", "3"])
+        .args(args)
         .args(["--log-json"])
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -61,13 +77,12 @@ async fn get(operator: &Operator, path: &str) -> Option<(u16, String)> {
 }
 
 async fn holder(env: &Env) -> Option<String> {
+    lease(env).await?.holder_identity
+}
+
+async fn lease(env: &Env) -> Option<k8s_openapi::api::coordination::v1::LeaseSpec> {
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), "default");
-    leases
-        .get_opt("postgres-operator-leader")
-        .await
-        .ok()??
-        .spec?
-        .holder_identity
+    leases.get_opt("postgres-operator-leader").await.ok()??.spec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,4 +243,58 @@ async fn a_leader_cut_off_from_the_api_server_steps_down_before_a_standby_takes_
         "losing leadership is a failure exit: {exited:?}"
     );
     proxy.restore();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_api_connections_die_silently_keeps_the_lease_and_sees_new_clusters() {
+    let env = Env::without_controller("stranded").await;
+    // Every connection the operator has open goes silent at once while new ones go through, as
+    // when a load balancer or NAT forgets them: its watches, its pooled connections and the one
+    // its Lease renewals use.
+    let kubeconfig = env.server.dir().join("kubeconfig-through-proxy");
+    let proxy = env.server.proxied_kubeconfig(&kubeconfig).unwrap();
+    let identity = "operator-stranded";
+    let mut operator = start_operator_args(
+        &env,
+        identity,
+        &kubeconfig,
+        &[
+            "--lease-duration-seconds",
+            "15",
+            "--api-timeout-seconds",
+            "15",
+        ],
+    );
+    env.eventually("operator-stranded holds the Lease", || async {
+        (holder(&env).await? == identity).then_some(())
+    })
+    .await;
+    env.create_cluster("before", spec(1, "pg:18.1")).await;
+    let _: StatefulSet = env.object("before").await;
+    let transitions = lease(&env).await.unwrap().lease_transitions;
+
+    proxy.strand();
+    let stranded_at = std::time::Instant::now();
+    env.create_cluster("after", spec(1, "pg:18.1")).await;
+    let _: StatefulSet = env.object("after").await;
+    println!(
+        "stranded_new_cluster_reconciled_after_ms={}",
+        stranded_at.elapsed().as_millis()
+    );
+
+    // Still the leader it was: no exit, no handover, not even to itself.
+    assert!(
+        operator.child.try_wait().unwrap().is_none(),
+        "the operator exited"
+    );
+    let after = lease(&env).await.unwrap();
+    assert_eq!(after.holder_identity.as_deref(), Some(identity));
+    assert_eq!(after.lease_transitions, transitions);
+    // A renewal went to a dead connection, was given up and made again in time.
+    let log = std::fs::read_to_string(env.server.dir().join(format!("{identity}.log"))).unwrap();
+    assert!(
+        log.contains("renewing the leader Lease got no answer")
+            || log.contains("renewing the leader Lease failed"),
+        "no renewal went to a dead connection: the test did not test it"
+    );
 }

@@ -249,6 +249,7 @@ fn renewal_settings(resync: Duration) -> Settings {
             renew_before: Duration::from_secs(40),
             ca_overlap: Duration::from_secs(6),
         },
+        ..Settings::default()
     }
 }
 

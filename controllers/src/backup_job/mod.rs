@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use api::BackupJob;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
 use crate::postgres_cluster::Context;
@@ -69,7 +68,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let jobs: Api<BackupJob> = crate::postgres_cluster::scoped(&ctx.client, namespace.as_deref());
-    let controller = Controller::new(jobs, watcher::Config::default())
+    let controller = Controller::new(jobs, ctx.settings.watch_config())
+        .trigger_backoff(crate::watches::TriggerBackoff::default())
         .with_config(ControllerConfig::default().concurrency(8));
     crate::telemetry::run_until_shutdown(
         controller,

@@ -17,7 +17,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::ResourceExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::watcher;
 
 use crate::postgres_cluster::scoped;
 
@@ -93,20 +92,22 @@ pub async fn run(
     concurrency: u16,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let watch = ctx.settings.watch_config();
     let client = ctx.client.clone();
     let namespace = namespace.as_deref();
-    let managed = watcher::Config::default().labels(&format!(
+    let managed = watch.clone().labels(&format!(
         "app.kubernetes.io/managed-by={},{}",
         contract::MANAGED_BY,
         builders::LABEL_POOLER
     ));
     let controller = Controller::new(
         scoped::<Pooler>(&client, namespace),
-        watcher::Config::default().any_semantic(),
+        watch.clone().any_semantic(),
     )
     .owns(scoped::<Deployment>(&client, namespace), managed.clone())
     .owns(scoped::<Service>(&client, namespace), managed.clone())
     .owns(scoped::<ConfigMap>(&client, namespace), managed)
+    .trigger_backoff(crate::watches::TriggerBackoff::default())
     .with_config(
         ControllerConfig::default()
             .debounce(Duration::from_millis(200))

@@ -54,6 +54,15 @@ pub struct Settings {
     /// Validity and renewal threshold of the certificates the operator issues (or asks
     /// cert-manager for).
     pub tls: crate::tls::certificates::Lifetimes,
+    /// How long the operator's API client waits on a silent connection (its read timeout).
+    pub api_timeout: Duration,
+}
+
+impl Settings {
+    /// How the controllers watch the API server with this read timeout: see [`crate::watches`].
+    pub fn watch_config(&self) -> watcher::Config {
+        crate::watches::config(self.api_timeout)
+    }
 }
 
 impl Default for Settings {
@@ -63,6 +72,7 @@ impl Default for Settings {
                 .to_string(),
             resync: Duration::from_secs(300),
             tls: crate::tls::certificates::Lifetimes::default(),
+            api_timeout: crate::operator::DEFAULT_API_TIMEOUT,
         }
     }
 }
@@ -216,16 +226,17 @@ pub async fn run(
     concurrency: u16,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let watch = ctx.settings.watch_config();
     let client = ctx.client.clone();
     let namespace = namespace.as_deref();
-    let managed = watcher::Config::default().labels(&format!(
+    let managed = watch.clone().labels(&format!(
         "app.kubernetes.io/managed-by={}",
         contract::MANAGED_BY
     ));
     let managed_secrets = managed.clone();
     let controller = Controller::new(
         scoped::<PostgresCluster>(&client, namespace),
-        watcher::Config::default().any_semantic(),
+        watch.clone().any_semantic(),
     );
     let store = controller.store();
     let cluster_catalog_store = store.clone();
@@ -238,12 +249,12 @@ pub async fn run(
         // A sharded cluster's shards (child clusters) and router.
         .owns(
             scoped::<PostgresCluster>(&client, namespace),
-            watcher::Config::default().labels(contract::LABEL_SHARD),
+            watch.clone().labels(contract::LABEL_SHARD),
         )
         .owns(scoped::<Deployment>(&client, namespace), managed)
         .watches(
             scoped::<Pod>(&client, namespace),
-            watcher::Config::default().labels(contract::LABEL_CLUSTER),
+            watch.clone().labels(contract::LABEL_CLUSTER),
             |pod: Pod| {
                 let cluster = pod.labels().get(contract::LABEL_CLUSTER).cloned();
                 let namespace = pod.namespace();
@@ -268,7 +279,7 @@ pub async fn run(
         // A sharded cluster's router Role names its PostgresUsers' password Secrets.
         .watches(
             scoped::<PostgresUser>(&client, namespace),
-            watcher::Config::default(),
+            watch.clone(),
             move |user: PostgresUser| {
                 let reference = ObjectRef::<PostgresCluster>::new(&user.spec.cluster.name)
                     .within(&user.namespace().unwrap_or_default());
@@ -280,7 +291,7 @@ pub async fn run(
         )
         .watches(
             scoped::<ImageCatalog>(&client, namespace),
-            watcher::Config::default(),
+            watch.clone(),
             move |catalog: ImageCatalog| {
                 clusters_using_catalog(
                     &store,
@@ -292,7 +303,7 @@ pub async fn run(
         )
         .watches(
             Api::<ClusterImageCatalog>::all(client.clone()),
-            watcher::Config::default(),
+            watch.clone(),
             move |catalog: ClusterImageCatalog| {
                 clusters_using_catalog(
                     &cluster_catalog_store,
@@ -302,6 +313,7 @@ pub async fn run(
                 )
             },
         )
+        .trigger_backoff(crate::watches::TriggerBackoff::default())
         .with_config(
             ControllerConfig::default()
                 .debounce(Duration::from_millis(200))

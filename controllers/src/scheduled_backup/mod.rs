@@ -20,7 +20,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::postgres_cluster::{Context, FIELD_MANAGER};
@@ -328,8 +327,9 @@ pub async fn run(
     let namespace = namespace.as_deref();
     let schedules: Api<ScheduledBackup> = crate::postgres_cluster::scoped(&ctx.client, namespace);
     let jobs: Api<BackupJob> = crate::postgres_cluster::scoped(&ctx.client, namespace);
-    let controller = Controller::new(schedules, watcher::Config::default())
-        .owns(jobs, watcher::Config::default().labels(LABEL_SCHEDULE))
+    let controller = Controller::new(schedules, ctx.settings.watch_config())
+        .owns(jobs, ctx.settings.watch_config().labels(LABEL_SCHEDULE))
+        .trigger_backoff(crate::watches::TriggerBackoff::default())
         .with_config(ControllerConfig::default().concurrency(4));
     crate::telemetry::run_until_shutdown(
         controller,

@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use api::sharding::{ShardSplitJob, SplitStep};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
 use crate::postgres_cluster::Context;
@@ -107,7 +106,8 @@ pub async fn run(
 ) {
     let jobs: Api<ShardSplitJob> =
         crate::postgres_cluster::scoped(&ctx.client, namespace.as_deref());
-    let controller = Controller::new(jobs, watcher::Config::default())
+    let controller = Controller::new(jobs, ctx.settings.watch_config())
+        .trigger_backoff(crate::watches::TriggerBackoff::default())
         .with_config(ControllerConfig::default().concurrency(4));
     crate::telemetry::run_until_shutdown(
         controller,
