@@ -51,8 +51,8 @@ struct Cli {
     write_pause_hold_ms: u64,
     /// Kubernetes mode: seconds the router waits on a silent API server connection before it
     /// gives up on it and opens another (a connection that died without a word would otherwise
-    /// hold a read forever); its watches are renewed 5 seconds before that.
-    #[arg(long, env = "PG_ROUTER_API_TIMEOUT_SECONDS", default_value_t = router::kubernetes::DEFAULT_API_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(6..))]
+    /// hold a read forever); its watches are renewed 10 seconds before that (at least 15).
+    #[arg(long, env = "PG_ROUTER_API_TIMEOUT_SECONDS", default_value_t = router::kubernetes::DEFAULT_API_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(router::kubernetes::MIN_API_TIMEOUT.as_secs()..))]
     api_timeout_seconds: u64,
     /// Worker threads of the async runtime. 1: a single-threaded runtime (no cross-thread
     /// wake-ups); 0 (auto): single-threaded on up to 2 CPUs, where the router shares the cores with

@@ -720,7 +720,7 @@ async fn a_router_whose_api_connections_die_silently_follows_a_new_primary_over_
     command
         .args(["--kubernetes-cluster", "db", "--namespace", NAMESPACE])
         .args(["--listen", "127.0.0.1:0"])
-        .args(["--api-timeout-seconds", "8"])
+        .args(["--api-timeout-seconds", "15"])
         .env("KUBECONFIG", &kubeconfig)
         .env("PG_ROUTER_BACKEND_PASSWORD", BACKEND_PASSWORD)
         .env("LOG_LEVEL", "info");

@@ -36,10 +36,15 @@ pub async fn client(timeout: Duration) -> Result<kube::Client, kube::Error> {
     kube::Client::try_from(config)
 }
 
-/// A watch the API server ends (and the watcher opens again, from where it was) 5 seconds
-/// before [`client`]'s read timeout, so a quiet watch is never mistaken for a dead connection
-/// and a dead one is replaced within `timeout`.
+/// The narrowest `--api-timeout-seconds`: it leaves [`watch_config`] a 5 s watch.
+pub const MIN_API_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A watch the API server ends (and the watcher opens again, from where it was) 10 seconds
+/// before [`client`]'s read timeout, so a quiet watch is never mistaken for a dead connection.
+/// kube's watcher gives up on a watch whose end has not come 5 s after it was due, quietly (it
+/// opens the watch again), and that must come before the read timeout, which ends the watch
+/// with an error and a pause (the operator's `controllers/src/watches.rs` measured why).
 pub fn watch_config(timeout: Duration) -> watcher::Config {
-    let seconds = timeout.as_secs().saturating_sub(5).max(1);
+    let seconds = timeout.as_secs().saturating_sub(10).max(1);
     watcher::Config::default().timeout(u32::try_from(seconds).unwrap_or(u32::MAX))
 }
