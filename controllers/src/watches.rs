@@ -17,14 +17,15 @@ use std::time::Duration;
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher;
 
-/// The narrowest read timeout that leaves a watch a server-side timeout of 5 s.
-pub const MIN_API_TIMEOUT: Duration = Duration::from_secs(15);
+/// The narrowest read timeout that leaves a watch a server-side timeout of 5 s (pg-router's:
+/// its watches follow the same rule).
+pub const MIN_API_TIMEOUT: Duration = router::kubernetes::MIN_API_TIMEOUT;
 
 /// A watch the API server ends after `api_timeout` less 10 s (kube's watcher then opens it again
-/// from the last resourceVersion, and gives up on it 5 s later if even the end never came).
+/// from the last resourceVersion, and gives up on it 5 s later if even the end never came): the
+/// rule pg-router's watches follow, from its `kubernetes::watch_config`.
 pub fn config(api_timeout: Duration) -> watcher::Config {
-    let seconds = api_timeout.as_secs().saturating_sub(10).max(1);
-    watcher::Config::default().timeout(u32::try_from(seconds).unwrap_or(u32::MAX))
+    router::kubernetes::watch_config(api_timeout)
 }
 
 /// The pause after a failed watch: kube's (client-go's) 0.8 s doubling with jitter, up to
